@@ -1,0 +1,112 @@
+"""Recompute and check a release's privacy guarantee from the file alone."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .accounting import autodp_eps, eps_for_delta, gdp_mu
+from .errors import MepfError
+from .format import read_raw, recompute_checksum
+from .ledger import RELATIONS, SENSITIVITY_RULES
+
+REL_TOL = 1e-6
+
+
+@dataclass
+class AuditReport:
+    path: str
+    checks: list = field(default_factory=list)  # (name, ok, detail)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.checks.append((name, bool(ok), detail))
+        return ok
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "summary": self.summary,
+                "checks": [{"name": n, "ok": o, "detail": d} for n, o, d in self.checks]}
+
+
+def _close(a: float, b: float, tol: float = REL_TOL) -> bool:
+    return abs(a - b) <= tol * max(abs(a), abs(b))
+
+
+def audit(path) -> AuditReport:
+    """Run every check; never raises for an inconsistent file (the report says what failed)."""
+    release = read_raw(path)  # unreadable or foreign files raise MepfError
+    rep = AuditReport(path=str(path))
+    rep.check("checksum", recompute_checksum(release) == release.checksum,
+              "arrays and ledger match the stored SHA-256" if recompute_checksum(release) == release.checksum
+              else "stored SHA-256 does not match the content: the file was altered")
+    rep.check("fields", not release.extra_fields,
+              "only documented fields" if not release.extra_fields
+              else f"undocumented fields present: {', '.join(release.extra_fields)}")
+    try:
+        _check_ledger(release, rep)
+    except (KeyError, TypeError, ValueError) as e:
+        rep.check("ledger-structure", False, f"ledger is malformed: {type(e).__name__}: {e}")
+    return rep
+
+
+def _check_ledger(release, rep: AuditReport) -> None:
+    led, spec = release.ledger, release.feature_spec
+    relation = led["relation"]
+    if not rep.check("relation", relation in RELATIONS, f"relation {relation!r}"):
+        return
+    c1, c2 = float(spec["C1"]), float(spec["C2"])
+    releases = led["releases"]
+    names = [r["name"] for r in releases]
+    rep.check("releases-match-arrays", sorted(names) == sorted(release.arrays),
+              f"ledger releases {names}, file arrays {sorted(release.arrays)}")
+    k, d = len(release.class_names), int(spec["dim"])
+    for r in releases:
+        arr = release.arrays.get(r["name"])
+        want = [k] if r["name"] == "counts" else [k, d]
+        rep.check(f"shape:{r['name']}", arr is not None and list(arr.shape) == want == list(r["shape"]),
+                  f"expected {want} (K={k} classes, D={d}), array {None if arr is None else list(arr.shape)}, "
+                  f"ledger {r['shape']}")
+        formula, fn = SENSITIVITY_RULES[relation][r["name"]]
+        expected = fn(c1, c2)
+        rep.check(f"sensitivity:{r['name']}", r["sensitivity_formula"] == formula and _close(r["sensitivity"], expected, 1e-12),
+                  f"{r['sensitivity']} ({r['sensitivity_formula']}); {relation} with C1={c1}, C2={c2} requires "
+                  f"{expected} ({formula})")
+        rep.check(f"mechanism:{r['name']}", r["mechanism"] == "gaussian" and r["sigma"] > 0,
+                  f"{r['mechanism']}, sigma={r['sigma']}")
+    sens = [r["sensitivity"] for r in releases]
+    sigmas = [r["sigma"] for r in releases]
+    weights = [r["weight"] for r in releases]
+    mu = gdp_mu(sens, sigmas)
+    rep.check("mu", _close(mu, led["mu"], 1e-9), f"recomputed mu {mu:.12g}, ledger {led['mu']:.12g}")
+    rep.check("weights", _close(sum(weights), 1.0, 1e-9) and all(w > 0 for w in weights),
+              f"weights {weights} sum to {sum(weights):.12g}")
+    for r in releases:
+        implied = r["sensitivity"] / (mu * math.sqrt(r["weight"]))
+        rep.check(f"sigma:{r['name']}", _close(r["sigma"], implied, 1e-9),
+                  f"sigma {r['sigma']:.12g}; sensitivity/(mu*sqrt(weight)) = {implied:.12g}")
+    delta = float(led["achieved"]["delta"])
+    target_eps, target_delta = float(led["target"]["epsilon"]), float(led["target"]["delta"])
+    eps_autodp = autodp_eps(sens, sigmas, delta)
+    eps_closed = eps_for_delta(delta, mu)
+    ledger_eps = float(led["achieved"]["epsilon"])
+    rep.check("eps:autodp", _close(eps_autodp, ledger_eps),
+              f"autodp {eps_autodp:.9g} vs ledger {ledger_eps:.9g} at delta={delta:g}")
+    rep.check("eps:closed-form", _close(eps_closed, ledger_eps),
+              f"closed form {eps_closed:.9g} vs ledger {ledger_eps:.9g}")
+    rep.check("target", delta == target_delta and max(eps_autodp, eps_closed) <= target_eps * (1 + 1e-12),
+              f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, {target_delta:g})")
+    rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
+                   "delta": delta, "mu": mu, "relation": relation, "releases": names,
+                   "target": {"epsilon": target_eps, "delta": target_delta}}
+
+
+def composed_total(log_entries: list, delta: float) -> dict:
+    """eps at `delta` of several Gaussian releases from one dataset (GDP: mu adds in quadrature)."""
+    mus = [float(e["mu"]) for e in log_entries]
+    if not mus:
+        raise MepfError("no release of this dataset is in the log")
+    mu = math.sqrt(sum(m * m for m in mus))
+    return {"releases": len(mus), "mu": mu, "delta": delta, "epsilon": eps_for_delta(delta, mu)}

@@ -1,0 +1,203 @@
+"""The released HDF5 file: schema, atomic writing, checksum and a validating reader.
+
+Documented field by field in docs/artifact-format.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MepfError
+from .ledger import canonical_json
+
+FORMAT_NAME = "mepf-release"
+SCHEMA_VERSION = 1
+ARRAY_NAMES = ("S1", "S2", "counts")
+TEXT_NAMES = ("feature_spec", "data_spec", "ledger")
+ROOT_ATTRS = ("format", "schema_version", "checksum_sha256", "checksum_covers", "description")
+ALLOWED_FIELDS = set(ARRAY_NAMES) | set(TEXT_NAMES) | {"class_names"}
+CHECKSUM_COVERS = ("SHA-256 over, in this order: for each of S1, S2, counts present: name, dtype, shape, "
+                   "little-endian C-order bytes; then class_names, feature_spec, data_spec, ledger as UTF-8, "
+                   "each prefixed by its name and byte length")
+
+
+@dataclass
+class Release:
+    """A loaded released file. Arrays are the noisy releases; nothing in it is exact private data."""
+
+    path: Path
+    arrays: dict
+    class_names: list
+    feature_spec: dict
+    data_spec: dict
+    ledger: dict
+    checksum: str
+    file_sha256: str
+    extra_fields: list = field(default_factory=list)
+
+    @property
+    def epsilon(self) -> float:
+        return self.ledger["achieved"]["epsilon"]
+
+    @property
+    def delta(self) -> float:
+        return self.ledger["achieved"]["delta"]
+
+    @property
+    def moments(self) -> list:
+        return [n for n in ("S1", "S2") if n in self.arrays]
+
+    @property
+    def labelled(self) -> bool:
+        return self.data_spec.get("labelled", False)
+
+    def class_means(self) -> dict:
+        """Stage-2 target per moment: S~[c] / max(n~[c], 1) (post-processing)."""
+        denom = np.maximum(self.arrays["counts"].astype(np.float64), 1.0)[:, None]
+        return {m: self.arrays[m].astype(np.float64) / denom for m in self.moments}
+
+    def label_prior(self) -> np.ndarray:
+        """Label prior proportional to max(n~[c], 0); uniform if every noisy count is <= 0."""
+        c = np.maximum(self.arrays["counts"].astype(np.float64), 0.0)
+        return c / c.sum() if c.sum() > 0 else np.full(len(c), 1.0 / len(c))
+
+
+def content_checksum(arrays: dict, class_names, feature_spec: str, data_spec: str, ledger: str) -> str:
+    h = hashlib.sha256()
+    for name in ARRAY_NAMES:
+        if name not in arrays:
+            continue
+        a = np.ascontiguousarray(arrays[name])
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        h.update(f"{name}|{a.dtype.str}|{list(a.shape)}|".encode())
+        h.update(a.tobytes())
+    for name, text in (("class_names", canonical_json(list(class_names))), ("feature_spec", feature_spec),
+                       ("data_spec", data_spec), ("ledger", ledger)):
+        b = text.encode("utf-8")
+        h.update(f"{name}|{len(b)}|".encode())
+        h.update(b)
+    return h.hexdigest()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output_path(path, overwrite: bool) -> Path:
+    """Refuse an output in a missing folder, or an existing one without overwrite, before any work."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MepfError(f"output folder {path.parent} does not exist; create it or choose another --out")
+    if path.is_dir():
+        raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
+    if path.exists() and not overwrite:
+        raise MepfError(f"output {path} already exists; pass --overwrite to replace it or choose another --out")
+    return path
+
+
+def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
+                  overwrite: bool = False) -> str:
+    """Write the file atomically (temporary file, fsync, rename); return its SHA-256."""
+    import h5py
+
+    path = check_output_path(path, overwrite)
+    texts = {"feature_spec": canonical_json(feature_spec), "data_spec": canonical_json(data_spec),
+             "ledger": canonical_json(ledger)}
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["description"] = ("DP-MEPF release: noisy feature sums and class counts; "
+                                      "see docs/artifact-format.md")
+            f.attrs["checksum_sha256"] = checksum
+            f.attrs["checksum_covers"] = CHECKSUM_COVERS
+            for name in ARRAY_NAMES:
+                if name in arrays:
+                    f.create_dataset(name, data=arrays[name])
+            f.create_dataset("class_names", data=np.array(list(class_names), dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+            for name, text in texts.items():
+                f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return file_sha256(path)
+
+
+def read_raw(path) -> Release:
+    """Read every field without verifying the checksum (the audit reports that itself)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise MepfError(f"{path} does not exist; pass the .h5 file written by `mepf embed`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise MepfError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}") from None
+    try:
+        with f:
+            fmt = f.attrs.get("format")
+            if fmt != FORMAT_NAME:
+                raise MepfError(f"{path} is not an mepf release (format {fmt!r}); pass a file from `mepf embed`")
+            version = int(f.attrs.get("schema_version", -1))
+            if version != SCHEMA_VERSION:
+                raise MepfError(f"{path} has schema version {version}, this mepf reads version {SCHEMA_VERSION}; "
+                                "use the mepf version that wrote it")
+            missing = [n for n in ("counts", "class_names", *TEXT_NAMES) if n not in f]
+            if missing:
+                raise MepfError(f"{path} lacks {', '.join(missing)}; the file is incomplete, re-run `mepf embed`")
+            arrays = {n: f[n][()] for n in ARRAY_NAMES if n in f}
+            class_names = [s for s in f["class_names"].asstr()[()]]
+            texts = {n: f[n].asstr()[()] for n in TEXT_NAMES}
+            extra = sorted(set(f.keys()) - ALLOWED_FIELDS) + [
+                f"@{a}" for a in sorted(set(f.attrs.keys()) - set(ROOT_ATTRS))]
+            checksum = str(f.attrs.get("checksum_sha256", ""))
+    except MepfError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise MepfError(f"{path} could not be read (truncated or corrupt?): {e}") from None
+    try:
+        specs = {n: json.loads(t) for n, t in texts.items()}
+    except json.JSONDecodeError as e:
+        raise MepfError(f"{path}: a JSON field is corrupt ({e}); the file cannot be trusted") from None
+    release = Release(path=path, arrays=arrays, class_names=class_names, feature_spec=specs["feature_spec"],
+                      data_spec=specs["data_spec"], ledger=specs["ledger"], checksum=checksum,
+                      file_sha256=file_sha256(path), extra_fields=extra)
+    release._texts = texts
+    return release
+
+
+def recompute_checksum(release: Release) -> str:
+    t = release._texts
+    return content_checksum(release.arrays, release.class_names, t["feature_spec"], t["data_spec"], t["ledger"])
+
+
+def load(path, verify: bool = True) -> Release:
+    """Load a released file, validating its schema and (by default) its checksum."""
+    release = read_raw(path)
+    if verify and recompute_checksum(release) != release.checksum:
+        raise MepfError(f"{path}: checksum mismatch: the arrays or ledger were altered after release; "
+                        "do not use this file, ask the data owner for the original")
+    return release

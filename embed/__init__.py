@@ -1,0 +1,1 @@
+"""Stage 1 (data owner): data sources, the feature map, and the private release."""

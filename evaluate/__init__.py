@@ -1,0 +1,1 @@
+"""Stage 3: evaluation of generated images (not yet built: issue 4)."""

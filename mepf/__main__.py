@@ -1,0 +1,3 @@
+from mepf.cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""The `mepf` command line. User errors print one line and exit 2; no traceback."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from mepf.artifacts.errors import MepfError
+
+
+def user_errors(fn):
+    """Turn MepfError (and Ctrl-C) into a one-line message and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MepfError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing was written.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _image_size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise click.BadParameter("give N or HxW, e.g. 32 or 28x28") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 8 or max(parts) > 1024:
+        raise click.BadParameter("give N or HxW with sides in 8..1024")
+    return tuple(parts)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="mepf")
+def main():
+    """DP-MEPF: release a private feature embedding once; train generators from it freely."""
+
+
+@main.command()
+@click.option("--data", required=True, help="Image folder (one subfolder per class, or flat), .npz/.h5 "
+              "arrays, or a named dataset: mnist-5k, mnist, fashion-mnist, cifar10, celeba, with :train/:test.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .h5 file.")
+@click.option("--epsilon", required=True, type=float, help="Target epsilon (> 0).")
+@click.option("--delta", required=True, type=float, help="Target delta, in (0, 1) and below 1/n.")
+@click.option("--relation", type=click.Choice(["add-remove", "replace-one"]), default="add-remove",
+              help="Neighbouring relation; add-remove keeps n private.")
+@click.option("--moments", type=click.Choice(["mean", "mean+second"]), default="mean+second",
+              help="Release phi1 sums, or phi1 and phi2 sums.")
+@click.option("--budget-split", default=None, help="Share of mu^2 per release, e.g. counts=0.01,S1=0.5; "
+              "unnamed releases share the rest.  [default: counts=0.01, rest equal]")
+@click.option("--backbone", type=click.Choice(["vgg19", "resnet18", "resnet50", "efficientnet-lite0"]),
+              default="efficientnet-lite0", help="Feature extractor.")
+@click.option("--weights", default="pretrained", help="'pretrained' (ImageNet), 'random' (tests), or a PATH.")
+@click.option("--weights-seed", type=click.IntRange(0), default=0, help="Seed for --weights random.")
+@click.option("--layers", default=None, help="Comma-separated layers to use.  [default: the backbone's list]")
+@click.option("--pooling", type=click.Choice(["none", "mean"]), default=None,
+              help="Per-layer pooling.  [default: the backbone's, none]")
+@click.option("--image-size", callback=_image_size, default=None, help="Resize to N or HxW.  [default: native]")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.  "
+              "[default: native]")
+@click.option("--classes", default=None, help="Label set of .npz/.h5 data: a count or comma-separated names.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Where named datasets are found or downloaded.  [default: ~/.cache/mepf/datasets]")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=128)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--release-log", type=click.Path(dir_okay=False), default=None,
+              help="Owner's local log (never released).  [default: ~/.local/share/mepf/releases.jsonl]")
+@click.option("--allow-repeat", is_flag=True, help="Allow a second release of the same data (budgets compose).")
+@click.option("--force", is_flag=True, help="Allow delta >= 1/n.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
+          pooling, image_size, channels, classes, data_root, batch_size, device, release_log, allow_repeat, force,
+          overwrite, quiet):
+    """Stage 1 (data owner): read the private images once and write the privatised embedding."""
+    from mepf.artifacts.accounting import validate_target
+    from mepf.artifacts.format import check_output_path
+    from mepf.embed.features import build_feature_map
+    from mepf.embed.release import embed_to_file, resolve_device
+    from mepf.embed.sources import open_source, parse_classes
+    from mepf.embed.transform import Transform
+
+    validate_target(epsilon, delta)
+    check_output_path(out, overwrite)
+    source = open_source(data, parse_classes(classes), data_root, int(channels) if channels else None,
+                         resize=image_size is not None)
+    h, w, c = source.shape
+    size = image_size or (h, w)
+    ch = int(channels) if channels else c
+    extractor, spec = build_feature_map(backbone, weights, layers.split(",") if layers else None, pooling,
+                                        size, ch, weights_seed)
+    dev = resolve_device(device)
+    result = embed_to_file(source, Transform(size, ch), extractor, spec, out=out, epsilon=epsilon, delta=delta,
+                           relation=relation, moments=moments, budget_split=budget_split, batch_size=batch_size,
+                           device=dev, overwrite=overwrite, force=force, release_log_path=release_log,
+                           allow_repeat=allow_repeat, progress=not quiet)
+    eps = result.ledger["achieved"]["epsilon"]
+    click.echo(f"wrote {result.path} ({eps:.4g}, {delta:g})-DP, {relation}; {spec['backbone']} D={spec['dim']}; "
+               f"{result.records_per_second:.0f} img/s; sha256 {result.sha256[:16]}")
+    if weights == "random":
+        click.echo("note: random (not pretrained) extractor weights: for tests and benchmarks only")
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--release-log", type=click.Path(dir_okay=False), default=None,
+              help="Owner's log: also show the composed total over every release of the same data.")
+@user_errors
+def audit(file, as_json, release_log):
+    """Auditor: verify the file and recompute its (eps, delta) from the ledger alone."""
+    from mepf.artifacts.audit import audit as run_audit
+    from mepf.artifacts.audit import composed_total
+
+    rep = run_audit(file)
+    out = rep.to_dict()
+    if release_log:
+        from mepf.embed.release_log import read_log
+
+        entries = read_log(release_log)
+        mine = [e for e in entries if e.get("output_sha256") == _sha(file)]
+        if not mine:
+            raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
+        same = [e for e in entries if e["fingerprint"] == mine[0]["fingerprint"]]
+        out["composed"] = composed_total(same, float(rep.summary.get("delta", mine[0]["delta"])))
+    if as_json:
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        for c in out["checks"]:
+            click.echo(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}")
+        s = rep.summary
+        if s:
+            click.echo(f"({s['epsilon']:.6g}, {s['delta']:g})-DP under {s['relation']} "
+                       f"(autodp {s['epsilon_autodp']:.9g}, closed form {s['epsilon_closed_form']:.9g}; "
+                       f"mu={s['mu']:.6g}; target eps {s['target']['epsilon']:g})")
+        if "composed" in out:
+            t = out["composed"]
+            click.echo(f"this dataset, all {t['releases']} release(s) composed: ({t['epsilon']:.6g}, {t['delta']:g})-DP")
+        click.echo("AUDIT PASSED" if rep.ok else "AUDIT FAILED")
+    sys.exit(0 if rep.ok else 1)
+
+
+def _sha(path) -> str:
+    from mepf.artifacts.format import file_sha256
+
+    return file_sha256(path)
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@user_errors
+def info(file):
+    """Describe a released file: backbone, geometry, classes, moments, privacy, sizes."""
+    from mepf.artifacts import load
+
+    r = load(file)
+    fs, ds = r.feature_spec, r.data_spec
+    size = Path(file).stat().st_size
+    lines = [
+        f"file        {file} ({size / 1e6:.1f} MB, sha256 {r.file_sha256[:16]})",
+        f"privacy     ({r.epsilon:.4g}, {r.delta:g})-DP, {r.ledger['relation']}",
+        f"data        {ds['dataset']}, {ds['transform']['image_size'][0]}x{ds['transform']['image_size'][1]}"
+        f"x{ds['transform']['channels']}",
+        f"classes     {len(r.class_names)}: {', '.join(r.class_names)}" if r.labelled else "classes     unlabelled",
+        f"moments     {', '.join(r.moments)}",
+        f"features    {fs['backbone']} ({fs['weight_source']}), {len(fs['layers'])} layers, pooling "
+        f"{fs['pooling']}, D={fs['dim']}",
+        f"noisy n     {max(float(r.arrays['counts'].sum()), 0):.0f} (noisy count)",
+    ]
+    click.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
