@@ -20,9 +20,10 @@ from mepf.artifacts.errors import MepfError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("none", "mean")
-#: normalised feature vectors are scaled to C * (1 - NORM_MARGIN) so that float rounding can never
-#: push a record's norm, and so the sensitivity, above C
-NORM_MARGIN = 2.0 ** -40
+#: stage 1 sums records on an integer grid of step C * 2**-QUANT_BITS (exact, order-free int64 sums)
+QUANT_BITS = 32
+#: relative room left below C for the float work after normalisation
+NORM_MARGIN = 2.0 ** -20
 
 _VGG19_CONVS = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
 _VGG19_NAMES = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for i in range(1, n + 1)]
@@ -224,12 +225,29 @@ class FeatureExtractor(nn.Module):
         return torch.cat([o.flatten(1) for o in outs], dim=1)
 
 
+def norm_target(c: float, dim: int) -> float:
+    """The norm rows are scaled to: C less room for quantisation (at most sqrt(D)/2 grid steps in L2)
+    and for rounding, so that a quantised record provably has norm below C."""
+    return c * (1 - NORM_MARGIN) - math.sqrt(dim) * c * 2.0 ** -(QUANT_BITS + 1)
+
+
 def normalise(features: torch.Tensor, c: float) -> torch.Tensor:
-    """Scale each row to L2 norm C (a zero row stays zero), in float64. Bounds the sensitivity by C."""
+    """Scale each row to norm just below C (a zero row stays zero), in float64. Bounds the sensitivity."""
     f = features.to(torch.float64)
     norms = f.norm(dim=1, keepdim=True)
-    scale = torch.where(norms > 0, (c * (1 - NORM_MARGIN)) / norms.clamp_min(1e-300), torch.zeros_like(norms))
-    return f * scale
+    target = norm_target(c, f.shape[1])
+    return torch.where(norms > 0, f * (target / norms.clamp_min(1e-300)), torch.zeros_like(f))
+
+
+def quantise(phi: torch.Tensor, c: float) -> torch.Tensor:
+    """Round to the int64 grid of step C * 2**-QUANT_BITS. Integer sums are exact, so a dataset's sum
+    is the same whatever the order or batching, and adding a record adds exactly its quantised vector,
+    whose norm is at most norm_target + sqrt(D) C 2**-(QUANT_BITS+1) < C."""
+    return torch.round(phi * (2.0 ** QUANT_BITS / c)).to(torch.int64)
+
+
+def dequantise(q: torch.Tensor, c: float) -> torch.Tensor:
+    return q.to(torch.float64) * (c / 2.0 ** QUANT_BITS)
 
 
 def phi1(features: torch.Tensor, c1: float) -> torch.Tensor:
@@ -282,7 +300,7 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
         "mode": "eval",
         "C1": c1,
         "C2": c2,
-        "norm_margin": NORM_MARGIN,
+        "norm_target": "C*(1-2^-20) - sqrt(D)*C*2^-33; summed on an int64 grid of step C*2^-32",
         "dim": dim,
         "versions": _versions(),
     }
@@ -321,8 +339,3 @@ def _versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def feature_dim_check(dim: int) -> None:
-    if dim <= 0 or not math.isfinite(dim):
-        raise MepfError("the chosen layers give no features")

@@ -22,7 +22,7 @@ from mepf.artifacts.format import check_output_path, write_release
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import release_log
-from .features import phi1, phi2
+from .features import dequantise, phi1, phi2, quantise
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 
@@ -64,6 +64,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                device="cpu", progress: bool = True) -> Sums:
     """One pass over `source`: per-class float64 sums of phi1 (and phi2) and exact counts."""
     names = MOMENTS[moments]
+    cs = {"S1": c1, "S2": c2}
     k = len(source.classes) if source.classes else 1
     device = torch.device(device)
     extractor = extractor.to(device)
@@ -72,7 +73,6 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     sums = {}
     counts = torch.zeros(k, dtype=torch.int64, device=device)
     fp = hashlib.sha256(f"mepf-dataset-fingerprint-v1|{source.description}|".encode())
-    acc_dtype = torch.float64 if device.type != "mps" else torch.float32
     with torch.no_grad(), tqdm(total=len(source), unit="img", desc="embed", disable=not progress,
                                dynamic_ncols=True) as bar:
         for images, labels in source.batches(batch_size):
@@ -82,21 +82,23 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
             if labels is None:
                 labels = np.zeros(b, dtype=np.int64)
             fp.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-            x = transform(images).to(device, non_blocking=True)
-            f = extractor(x)
+            x = transform(images)
+            if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
+                x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
+            f = extractor(x.to(device, non_blocking=True))[:b]
             y = torch.from_numpy(labels).to(device)
-            feats = {"S1": lambda: phi1(f, c1), "S2": lambda: phi2(f, c2)}
             for name in names:
-                v = feats[name]().to(acc_dtype)
+                phi = phi1(f, c1) if name == "S1" else phi2(f, c2)
+                q = quantise(phi, cs[name])
                 if name not in sums:
-                    sums[name] = torch.zeros(k, v.shape[1], dtype=acc_dtype, device=device)
-                sums[name].index_add_(0, y, v)
+                    sums[name] = torch.zeros(k, q.shape[1], dtype=torch.int64, device=device)
+                sums[name].index_add_(0, y, q)
             counts += torch.bincount(y, minlength=k)
             bar.update(b)
     if int(counts.sum()) == 0:
         raise MepfError("the data source yielded no records")
-    return Sums(sums={n: s.double().cpu().numpy() for n, s in sums.items()}, counts=counts.cpu().numpy(),
-                fingerprint=fp.hexdigest())
+    return Sums(sums={n: dequantise(s.cpu(), cs[n]).numpy() for n, s in sums.items()},
+                counts=counts.cpu().numpy(), fingerprint=fp.hexdigest())
 
 
 def privatise(values: dict, sigmas: dict) -> dict:

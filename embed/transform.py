@@ -40,6 +40,6 @@ class Transform:
             return torch.cat([self(a[None]) for a in images])
         if images.ndim != 4:
             raise MepfError(f"records have shape {images.shape[1:]}; expected (H, W, C)")
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2)
         x = x.float() / 255.0 if images.dtype == np.uint8 else x.float()
         return self._one(x)
