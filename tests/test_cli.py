@@ -1,0 +1,116 @@
+"""The command line: the done-when commands, and every bad input as one clear line, no file left."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mepf.cli import main
+from tests.conftest import make_images
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def embed_args(data, out, log, *extra):
+    return ["embed", "--data", data, "--out", out, "--epsilon", "10", "--delta", "1e-3", "--release-log", log,
+            "--quiet", *extra]
+
+
+def test_embed_audit_info_on_mnist5k_with_vgg19_random(tmp_path):
+    out = tmp_path / "X.h5"
+    r = cli(*embed_args("mnist-5k", out, tmp_path / "log.jsonl", "--backbone", "vgg19", "--weights", "random",
+                        "--delta", "1e-5", "--image-size", "32"))
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "random" in r.output
+    a = cli("audit", out)
+    assert a.exit_code == 0 and "AUDIT PASSED" in a.output and "(10, 1e-05)-DP" in a.output
+    j = cli("audit", out, "--json", "--release-log", tmp_path / "log.jsonl")
+    report = json.loads(j.output)
+    assert report["ok"] and report["composed"]["releases"] == 1
+    i = cli("info", out)
+    assert i.exit_code == 0 and "vgg19" in i.output and "32x32x1" in i.output and "D=303104" in i.output
+
+
+def test_python_m_mepf_audit_fails_on_tampered_file_without_traceback(tmp_path, labelled_npz):
+    out = tmp_path / "X.h5"
+    assert cli(*embed_args(labelled_npz[0], out, tmp_path / "l.jsonl", "--classes", "3")).exit_code == 0
+    import h5py
+
+    with h5py.File(out, "r+") as f:
+        f["counts"][0] += 1
+    p = subprocess.run([sys.executable, "-m", "mepf", "audit", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1 and "AUDIT FAILED" in p.stdout and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "mepf", "info", str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "checksum mismatch" in p.stderr
+
+
+def _folder(tmp_path, name, sizes=(28,), extra=None, corrupt=False):
+    root = tmp_path / name
+    (root / "a").mkdir(parents=True)
+    for i, s in enumerate(sizes * 2):
+        Image.fromarray(make_images(1, size=s)[0, :, :, 0]).save(root / "a" / f"{i}.png")
+    if extra:
+        (root / "a" / extra).write_text("not an image")
+    if corrupt:
+        (root / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
+
+
+def _npz(tmp_path, name, images, labels=None):
+    path = tmp_path / name
+    np.savez(path, **({"images": images} if labels is None else {"images": images, "labels": labels}))
+    return path
+
+
+BAD = {
+    "missing path": (lambda t: ["--data", t / "nope"], "no such file or folder"),
+    "empty folder": (lambda t: ["--data", (t / "empty").mkdir() or t / "empty"], "holds no images"),
+    "corrupt image": (lambda t: ["--data", _folder(t, "c", corrupt=True)], "cannot read image"),
+    "mixed sizes": (lambda t: ["--data", _folder(t, "m", sizes=(28, 32))], "pass --image-size"),
+    "non-image file": (lambda t: ["--data", _folder(t, "n", extra="notes.txt")], "not a PNG or JPEG"),
+    "labels out of range": (lambda t: ["--data", _npz(t, "l.npz", make_images(5), np.array([0, 1, 2, 3, 9])),
+                                       "--classes", "4"], "outside 0..3"),
+    "labels undeclared": (lambda t: ["--data", _npz(t, "u.npz", make_images(5), np.arange(5))], "--classes"),
+    "nan in npz": (lambda t: ["--data", _npz(t, "nan.npz", np.full((5, 28, 28), np.nan, np.float32))], "NaN"),
+    "wrong dtype": (lambda t: ["--data", _npz(t, "i.npz", np.zeros((5, 28, 28), np.int32))], "dtype int32"),
+    "eps zero": (lambda t: ["--data", "mnist-5k", "--epsilon", "0"], "--epsilon must be > 0"),
+    "eps negative": (lambda t: ["--data", "mnist-5k", "--epsilon", "-1"], "--epsilon must be > 0"),
+    "delta one": (lambda t: ["--data", "mnist-5k", "--delta", "1"], "--delta must be in (0, 1)"),
+    "delta zero": (lambda t: ["--data", "mnist-5k", "--delta", "0"], "--delta must be in (0, 1)"),
+    "out in missing folder": (lambda t: ["--data", "mnist-5k", "--out", t / "no" / "x.h5"], "does not exist"),
+    "unknown dataset": (lambda t: ["--data", "imagenet"], "not a folder"),
+    "bad budget split": (lambda t: ["--data", "mnist-5k", "--budget-split", "S9=0.1"], "unknown release"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_clear_line(tmp_path, case):
+    make, message = BAD[case]
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    args = {"--out": outdir / "x.h5", "--epsilon": "10", "--delta": "1e-5", "--release-log": tmp_path / "log.jsonl"}
+    given = make(tmp_path)
+    for i in range(0, len(given), 2):
+        args[given[i]] = given[i + 1]
+    r = cli("embed", "--quiet", *[v for kv in args.items() for v in kv])
+    assert r.exit_code == 2, (r.output, r.stderr, r.exception)
+    assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr
+    assert list(outdir.iterdir()) == []
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, labelled_npz):
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"precious")
+    r = cli(*embed_args(labelled_npz[0], out, tmp_path / "log.jsonl", "--classes", "3"))
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and out.read_bytes() == b"precious"
+    r = cli(*embed_args(labelled_npz[0], out, tmp_path / "log.jsonl", "--classes", "3", "--overwrite"))
+    assert r.exit_code == 0 and out.read_bytes() != b"precious"

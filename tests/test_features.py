@@ -1,0 +1,112 @@
+"""The feature map: batch independence, layer selection, spec round trip, weight checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mepf.artifacts.errors import MepfError
+from mepf.embed.features import BACKBONES, build_feature_map, feature_map_from_spec
+from mepf.embed.transform import Transform
+from tests.conftest import make_images
+
+
+@pytest.mark.parametrize("backbone,weights", [("efficientnet-lite0", "pretrained"), ("vgg19", "random"),
+                                              ("resnet18", "random")])
+def test_record_features_do_not_depend_on_batch_mates(backbone, weights):
+    """At the fixed batch shape that stage 1 uses, a record's features are bitwise the same whatever
+    its batch-mates or position; across batch sizes they differ only by float rounding."""
+    ex, _ = build_feature_map(backbone, weights, image_size=(28, 28), channels=1)
+    x = Transform((28, 28), 1)(make_images(8, seed=5))
+    other = Transform((28, 28), 1)(make_images(8, seed=6))
+    with torch.no_grad():
+        first = ex(x)[:1]
+        mixed = ex(torch.cat([other[:3], x[:1], other[4:]]))[3:4]
+        padded = ex(torch.cat([x[:1], torch.zeros_like(other[1:])]))[:1]
+        ex.train()  # must stay in eval mode: BN never uses batch statistics
+        after_train_call = ex(torch.cat([x[:1], other[1:]]))[:1]
+        alone = ex(x[:1])
+    assert not ex.training
+    for y in (mixed, padded, after_train_call):
+        assert torch.equal(y, first)
+    assert float((alone - first).abs().max()) <= 1e-5 * float(first.abs().max())
+
+
+def test_vgg19_layout_matches_paper():
+    ex, spec = build_feature_map("vgg19", "random", image_size=(32, 32), channels=3)
+    assert len(spec["layers"]) == 16 and spec["pooling"] == "none"
+    assert spec["dim"] == 303_104  # the paper's count at 32x32
+
+
+def test_truncated_after_last_layer_and_mean_pooling():
+    ex, spec = build_feature_map("resnet18", "random", layers=["stem", "layer2"], pooling="mean",
+                                 image_size=(32, 32), channels=3)
+    assert spec["dim"] == 64 + 128
+    assert ex.body.names == ["stem", "layer1", "layer2"]
+
+
+def test_spec_round_trip_gives_identical_features(eff28):
+    ex, spec = eff28
+    again = feature_map_from_spec(spec)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(ex(x), again(x))
+
+
+def test_random_weights_are_seeded_and_recorded():
+    _, a = build_feature_map("resnet18", "random", image_size=(32, 32), seed=1)
+    _, b = build_feature_map("resnet18", "random", image_size=(32, 32), seed=1)
+    _, c = build_feature_map("resnet18", "random", image_size=(32, 32), seed=2)
+    assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
+    assert "NOT pretrained" in a["weight_source"]
+
+
+def test_weight_mismatch_refused(eff28):
+    _, spec = eff28
+    bad = dict(spec, weights_sha256="0" * 64)
+    with pytest.raises(MepfError, match="weights differ"):
+        feature_map_from_spec(bad)
+
+
+def test_weights_from_file(tmp_path):
+    ex, spec = build_feature_map("resnet18", "random", image_size=(32, 32), seed=3)
+    import torchvision
+
+    torch.manual_seed(3)
+    m = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "w.pt"
+    torch.save(m.state_dict(), path)
+    ex2, spec2 = build_feature_map("resnet18", str(path), image_size=(32, 32))
+    assert spec2["weights"] == "file" and "w.pt" in spec2["weight_source"]
+    with pytest.raises(MepfError, match="--weights PATH"):
+        feature_map_from_spec(spec2)
+    assert feature_map_from_spec(spec2, str(path)) is not None
+    with pytest.raises(MepfError, match="does not exist"):
+        build_feature_map("resnet18", str(tmp_path / "missing.pt"), image_size=(32, 32))
+
+
+def test_greyscale_is_repeated_to_rgb(eff28):
+    ex, _ = eff28
+    ex3, _ = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=3)
+    g = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ex(g), ex3(g.expand(-1, 3, -1, -1)))
+
+
+def test_unknown_layer_and_backbone():
+    with pytest.raises(MepfError, match="no layer"):
+        build_feature_map("resnet18", "random", layers=["layer9"])
+    with pytest.raises(MepfError, match="unknown backbone"):
+        build_feature_map("alexnet", "random")
+    assert set(BACKBONES) == {"vgg19", "resnet18", "resnet50", "efficientnet-lite0"}
+
+
+def test_transform_resize_and_channels():
+    t = Transform((16, 16), 3)
+    x = t(make_images(2, size=28, channels=1))
+    assert x.shape == (2, 3, 16, 16) and float(x.min()) >= 0 and float(x.max()) <= 1
+    g = Transform((28, 28), 1)(make_images(2, channels=3))
+    assert g.shape == (2, 1, 28, 28)
+    ragged = Transform((16, 16), 1)([make_images(1, size=28)[0], make_images(1, size=20)[0]])
+    assert ragged.shape == (2, 1, 16, 16)
+    np.testing.assert_allclose(Transform((28, 28), 1)(np.full((1, 28, 28, 1), 255, np.uint8)).numpy(), 1.0)

@@ -1,0 +1,217 @@
+"""The released file: nothing forbidden in it, noise of the declared scale, round trip, tampering,
+single pass over the data, the owner's release log and the delta < 1/n rule."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from mepf.artifacts import load
+from mepf.artifacts.audit import audit
+from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import content_checksum
+from mepf.embed import release_log
+from mepf.embed.release import accumulate, embed_to_file
+from mepf.embed.sources import ArraySource, FolderSource
+from mepf.embed.transform import Transform
+
+LEDGER_KEYS = {"relation", "relation_text", "releases", "composition", "mu", "accountant", "target", "achieved",
+               "noise", "post_processing"}
+RELEASE_KEYS = {"name", "mechanism", "shape", "sensitivity", "sensitivity_formula", "sigma", "weight"}
+FEATURE_KEYS = {"backbone", "weights", "weight_source", "weight_seed", "weights_sha256", "layers", "pooling", "input",
+                "preprocessing", "mode", "C1", "C2", "norm_target", "dim", "versions"}
+DATA_KEYS = {"dataset", "labelled", "num_classes", "transform", "moments"}
+
+
+def run(source, extractor_spec, out, log, **kw):
+    ex, spec = extractor_spec
+    kw = {"epsilon": 10.0, "delta": 1e-3, **kw}
+    return embed_to_file(source, Transform((28, 28), 1), ex, spec, out=out, release_log_path=log, progress=False,
+                         batch_size=8, **kw)
+
+
+def walk(path):
+    """Every (name, value) in the file: root and dataset attributes and every dataset."""
+    items = []
+    with h5py.File(path, "r") as f:
+        items += [(f"@{k}", v) for k, v in f.attrs.items()]
+
+        def visit(name, obj):
+            items.extend((f"{name}@{k}", v) for k, v in obj.attrs.items())
+            if isinstance(obj, h5py.Dataset):
+                items.append((name, obj.asstr()[()] if obj.dtype.kind == "O" else obj[()]))
+
+        f.visititems(visit)
+    return items
+
+
+def json_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from json_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from json_numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_forbidden_content_absent(tmp_path, image_folder, labelled_npz, eff28):
+    log = tmp_path / "log.jsonl"
+    for name, source in (("folder", FolderSource(image_folder)), ("npz", ArraySource(labelled_npz[0], ["a", "b", "c"]))):
+        out = tmp_path / f"{name}.h5"
+        run(source, eff28, out, log)
+        exact = accumulate(source, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False)
+        entry = release_log.read_log(log)[-1]
+        forbidden_text = [str(tmp_path), "secret_clinic", "patient_", ".png", labelled_npz[0].name,
+                          entry["fingerprint"]]
+        for where, value in walk(out):
+            texts = [value] if isinstance(value, str) else [str(v) for v in np.ravel(value)] if np.ndim(value) else [str(value)]
+            for t in texts:
+                for bad in forbidden_text:
+                    assert bad not in t, f"{bad!r} found in {where}"
+        r = load(out)
+        # only documented fields and keys (a new field must be reviewed and documented first)
+        assert set(r.ledger) == LEDGER_KEYS and all(set(x) == RELEASE_KEYS for x in r.ledger["releases"])
+        assert set(r.feature_spec) == FEATURE_KEYS and set(r.data_spec) == DATA_KEYS and not r.extra_fields
+        # no exact n, no exact counts, no un-noised statistic
+        n = exact.n
+        assert n not in list(json_numbers(r.ledger)) + list(json_numbers(r.data_spec))
+        counts = r.arrays["counts"]
+        assert not np.allclose(counts, exact.counts) and not np.allclose(counts, np.round(counts))
+        for m in ("S1", "S2"):
+            d = np.linalg.norm(r.arrays[m].astype(np.float64) - exact.sums[m], axis=1)
+            sigma = {x["name"]: x["sigma"] for x in r.ledger["releases"]}[m]
+            assert (d > 0.9 * sigma * np.sqrt(r.arrays[m].shape[1])).all()
+        assert r.ledger["noise"]["seed_stored"] is False
+
+
+def test_noise_has_declared_scale_and_differs_between_runs(tmp_path, labelled_npz, eff28):
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    log = tmp_path / "log.jsonl"
+    a = load(run(src, eff28, tmp_path / "a.h5", log, epsilon=1.0).path)
+    b = load(run(src, eff28, tmp_path / "b.h5", log, epsilon=1.0, allow_repeat=True).path)
+    exact = accumulate(src, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False)
+    sig = {x["name"]: x["sigma"] for x in a.ledger["releases"]}
+    for m in ("S1", "S2"):
+        z = (a.arrays[m].astype(np.float64) - exact.sums[m]) / sig[m]
+        assert abs(z.mean()) < 5 / np.sqrt(z.size)
+        assert 0.97 < z.std() < 1.03
+        diff = (a.arrays[m].astype(np.float64) - b.arrays[m]) / (sig[m] * np.sqrt(2))
+        assert 0.97 < diff.std() < 1.03
+    zc = (a.arrays["counts"] - exact.counts) / sig["counts"]
+    assert np.all(np.abs(zc) < 6)
+
+
+def test_round_trip_and_tampering(tmp_path, labelled_npz, eff28):
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    out = run(src, eff28, tmp_path / "r.h5", tmp_path / "log.jsonl", relation="replace-one").path
+    r = load(out)
+    assert audit(out).ok
+    sens = {x["name"]: x["sensitivity"] for x in r.ledger["releases"]}
+    assert sens == pytest.approx({"S1": 2.0, "S2": 2.0, "counts": np.sqrt(2)})
+    assert r.class_names == ["a", "b", "c"] and r.arrays["S1"].dtype == np.float32
+    assert r.class_means()["S1"].shape == (3, r.feature_spec["dim"])
+
+    # a flipped byte inside S1's stored data
+    flipped = tmp_path / "flipped.h5"
+    flipped.write_bytes(out.read_bytes())
+    with h5py.File(flipped, "r") as f:
+        offset = f["S1"].id.get_offset()
+    data = bytearray(flipped.read_bytes())
+    data[offset + 1001] ^= 0x40
+    flipped.write_bytes(bytes(data))
+    rep = audit(flipped)
+    assert not rep.ok and not dict((n, o) for n, o, _ in rep.checks)["checksum"]
+    with pytest.raises(MepfError, match="checksum"):
+        load(flipped)
+
+    # an edited epsilon in the ledger, with the checksum naively recomputed to match
+    edited = tmp_path / "edited.h5"
+    edited.write_bytes(out.read_bytes())
+    with h5py.File(edited, "r+") as f:
+        led = json.loads(f["ledger"].asstr()[()])
+        led["achieved"]["epsilon"] = led["target"]["epsilon"] = 0.5
+        text = json.dumps(led, sort_keys=True, separators=(",", ":"))
+        del f["ledger"]
+        f.create_dataset("ledger", data=text, dtype=h5py.string_dtype("utf-8"))
+        arrays = {n: f[n][()] for n in ("S1", "S2", "counts")}
+        f.attrs["checksum_sha256"] = content_checksum(arrays, list(f["class_names"].asstr()[()]),
+                                                      f["feature_spec"].asstr()[()], f["data_spec"].asstr()[()], text)
+    rep = audit(edited)
+    failed = {n for n, o, _ in rep.checks if not o}
+    assert "checksum" not in failed and {"eps:autodp", "eps:closed-form"} <= failed
+
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    with pytest.raises(MepfError, match="truncated or corrupt"):
+        load(truncated)
+
+
+class CountingFolder(FolderSource):
+    """The real folder source, counting how often each image file is decoded."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.reads, self.passes = {}, 0
+
+    def _read_image(self, path):
+        self.reads[path] = self.reads.get(path, 0) + 1
+        return super()._read_image(path)
+
+    def batches(self, batch_size):
+        self.passes += 1
+        yield from super().batches(batch_size)
+
+
+def test_each_record_read_exactly_once(tmp_path, image_folder, eff28):
+    src = CountingFolder(image_folder)
+    run(src, eff28, tmp_path / "x.h5", tmp_path / "log.jsonl")
+    assert src.passes == 1
+    assert len(src.reads) == 12 and set(src.reads.values()) == {1}
+
+
+def test_repeat_release_refused_then_composed(tmp_path, labelled_npz, eff28):
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    log = tmp_path / "log.jsonl"
+    run(src, eff28, tmp_path / "one.h5", log)
+    with pytest.raises(MepfError, match="already released"):
+        run(src, eff28, tmp_path / "two.h5", log)
+    assert not (tmp_path / "two.h5").exists()
+    run(src, eff28, tmp_path / "two.h5", log, allow_repeat=True)
+    entries = release_log.read_log(log)
+    assert len(entries) == 2 and entries[0]["fingerprint"] == entries[1]["fingerprint"] and entries[1]["repeat"]
+    from mepf.artifacts.audit import composed_total
+
+    total = composed_total(entries, 1e-3)
+    assert total["releases"] == 2 and 10.0 < total["epsilon"] < 20.0
+
+
+def test_delta_must_be_below_one_over_n(tmp_path, labelled_npz, eff28):
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    with pytest.raises(MepfError, match="not below 1/n"):
+        run(src, eff28, tmp_path / "d.h5", tmp_path / "log.jsonl", delta=0.2)
+    assert not (tmp_path / "d.h5").exists() and not list(tmp_path.glob(".*tmp*"))
+    run(src, eff28, tmp_path / "d.h5", tmp_path / "log2.jsonl", delta=0.2, force=True)
+    assert audit(tmp_path / "d.h5").ok
+
+
+def test_unlabelled_and_mean_only(tmp_path, eff28):
+    x = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "u.npz", x=x)
+    out = run(ArraySource(tmp_path / "u.npz", None), eff28, tmp_path / "u.h5", tmp_path / "log.jsonl",
+              moments="mean", budget_split="counts=0.1").path
+    r = load(out)
+    assert r.moments == ["S1"] and r.arrays["counts"].shape == (1,) and not r.labelled
+    assert {x["name"]: x["weight"] for x in r.ledger["releases"]} == pytest.approx({"S1": 0.9, "counts": 0.1})
+    assert audit(out).ok
+
+
+def test_empty_class_still_gets_its_row(tmp_path, eff28):
+    x = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "e.npz", images=x, labels=np.zeros(20, dtype=np.int64))
+    r = load(run(ArraySource(tmp_path / "e.npz", ["a", "b", "c", "d"]), eff28, tmp_path / "e.h5",
+                 tmp_path / "log.jsonl").path)
+    assert r.arrays["S1"].shape[0] == 4 and np.all(r.arrays["S1"][1:] != 0)

@@ -1,0 +1,65 @@
+"""Data sources stream the declared records with the declared label set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mepf.embed.sources import DEBIAN_FASHION_DIRS, ArraySource, FolderSource, named_source, open_source
+
+
+def collect(src, bs=7):
+    xs, ys = [], []
+    for x, y in src.batches(bs):
+        assert len(x) <= bs
+        xs.append(np.asarray(x))
+        ys.append(y)
+    return np.concatenate(xs), (np.concatenate(ys) if ys[0] is not None else None)
+
+
+def test_npz_and_h5_stream_the_same_records(tmp_path, labelled_npz):
+    path, x, y = labelled_npz
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["images"], f["labels"] = x, y
+    for p in (path, tmp_path / "d.h5"):
+        xs, ys = collect(ArraySource(p, ["a", "b", "c"]))
+        np.testing.assert_array_equal(xs, x)
+        np.testing.assert_array_equal(ys, y)
+    np.savez_compressed(tmp_path / "c.npz", images=x[..., 0], labels=y)
+    xs, _ = collect(ArraySource(tmp_path / "c.npz", ["a", "b", "c"]), bs=5)
+    np.testing.assert_array_equal(xs, x)
+
+
+def test_folder_labelled_and_flat(tmp_path, image_folder):
+    src = FolderSource(image_folder)
+    assert src.classes == ["cats", "dogs"] and len(src) == 12 and src.shape == (28, 28, 1)
+    xs, ys = collect(src, bs=5)
+    assert xs.shape == (12, 28, 28, 1) and sorted(np.bincount(ys)) == [6, 6]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (image_folder / "cats").iterdir():
+        (flat / p.name).write_bytes(p.read_bytes())
+    src = open_source(str(flat))
+    assert src.classes is None and collect(src)[1] is None
+
+
+def test_mnist5k_splits_are_fixed_and_disjoint():
+    tr, te = named_source("mnist-5k:train"), named_source("mnist-5k")
+    assert te.split == "train"
+    xtr, ytr = collect(tr, 500)
+    xte, yte = collect(named_source("mnist-5k:test"), 500)
+    assert xtr.shape == (4000, 28, 28, 1) and xte.shape == (1000, 28, 28, 1)
+    assert list(np.bincount(ytr)) == [400] * 10 and list(np.bincount(yte)) == [100] * 10
+    train_rows = {r.tobytes() for r in xtr}
+    assert sum(r.tobytes() in train_rows for r in xte) <= 5  # the subset has a few duplicate digits at most
+
+
+@pytest.mark.skipif(not any(Path(d).is_dir() for d in DEBIAN_FASHION_DIRS),
+                    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_from_debian_package(tmp_path):
+    src = named_source("fashion-mnist:test", data_root=tmp_path, download=False)
+    assert len(src) == 10000 and src.shape == (28, 28, 1) and len(src.classes) == 10
+    x, y = next(src.batches(256))
+    assert x.shape == (256, 28, 28, 1) and x.dtype == np.uint8 and y.max() <= 9
