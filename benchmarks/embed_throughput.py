@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from mepf.embed.features import build_feature_map
-from mepf.embed.release import embed_to_file, resolve_device
+from mepf.embed.device import resolve_device
+from mepf.embed.release import embed_to_file
 from mepf.embed.sources import ArraySource
 from mepf.embed.transform import Transform
 

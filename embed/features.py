@@ -231,12 +231,13 @@ def norm_target(c: float, dim: int) -> float:
     return c * (1 - NORM_MARGIN) - math.sqrt(dim) * c * 2.0 ** -(QUANT_BITS + 1)
 
 
-def normalise(features: torch.Tensor, c: float) -> torch.Tensor:
-    """Scale each row to norm just below C (a zero row stays zero), in float64. Bounds the sensitivity."""
-    f = features.to(torch.float64)
+def normalise(features: torch.Tensor, c: float, dtype=torch.float64) -> torch.Tensor:
+    """Scale each row to norm just below C (a zero row stays zero). Stage 1 works in float64 (it bounds
+    the sensitivity); stage 2 may pass float32 for speed, differentiably."""
+    f = features.to(dtype)
     norms = f.norm(dim=1, keepdim=True)
     target = norm_target(c, f.shape[1])
-    return torch.where(norms > 0, f * (target / norms.clamp_min(1e-300)), torch.zeros_like(f))
+    return torch.where(norms > 0, f * (target / norms.clamp_min(torch.finfo(f.dtype).tiny)), torch.zeros_like(f))
 
 
 def quantise(phi: torch.Tensor, c: float) -> torch.Tensor:
@@ -250,15 +251,20 @@ def dequantise(q: torch.Tensor, c: float) -> torch.Tensor:
     return q.to(torch.float64) * (c / 2.0 ** QUANT_BITS)
 
 
-def phi1(features: torch.Tensor, c1: float) -> torch.Tensor:
+def phi1(features: torch.Tensor, c1: float, dtype=torch.float64) -> torch.Tensor:
     """phi1(x) = C1 f(x) / ||f(x)||."""
-    return normalise(features, c1)
+    return normalise(features, c1, dtype)
 
 
-def phi2(features: torch.Tensor, c2: float) -> torch.Tensor:
+def phi2(features: torch.Tensor, c2: float, dtype=torch.float64) -> torch.Tensor:
     """phi2(x) = C2 (f*f) / ||f*f||: the elementwise square, normalised (not the square of phi1)."""
-    f = features.to(torch.float64)
-    return normalise(f * f, c2)
+    f = features.to(dtype)
+    return normalise(f * f, c2, dtype)
+
+
+def phi(name: str, features: torch.Tensor, spec: dict, dtype=torch.float64) -> torch.Tensor:
+    """The feature vector behind release `name` ('S1' or 'S2') under a file's feature spec."""
+    return phi1(features, spec["C1"], dtype) if name == "S1" else phi2(features, spec["C2"], dtype)
 
 
 def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, pooling=None,

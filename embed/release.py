@@ -46,20 +46,6 @@ def release_names(moments: str) -> list:
     return [*MOMENTS[moments], "counts"]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MepfError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MepfError("--device mps: MPS is not available; use --device cpu or auto")
-    return torch.device(device)
-
-
 def accumulate(source, transform, extractor, moments: str, c1: float, c2: float, batch_size: int = 128,
                device="cpu", progress: bool = True) -> Sums:
     """One pass over `source`: per-class float64 sums of phi1 (and phi2) and exact counts."""

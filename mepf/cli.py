@@ -90,7 +90,8 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     from mepf.artifacts.accounting import validate_target
     from mepf.artifacts.format import check_output_path
     from mepf.embed.features import build_feature_map
-    from mepf.embed.release import embed_to_file, resolve_device
+    from mepf.embed.device import resolve_device
+    from mepf.embed.release import embed_to_file
     from mepf.embed.sources import open_source, parse_classes
     from mepf.embed.transform import Transform
 
@@ -182,6 +183,95 @@ def info(file):
         f"noisy n     {max(float(r.arrays['counts'].sum()), 0):.0f} (noisy count)",
     ]
     click.echo("\n".join(lines))
+
+
+def _moment_weights(ctx, param, value):
+    out = {}
+    for part in filter(None, (value or "").split(",")):
+        name, _, w = part.partition("=")
+        try:
+            out[name.strip()] = float(w)
+        except ValueError:
+            raise click.BadParameter("give NAME=WEIGHT pairs, e.g. S1=1,S2=0.5") from None
+    return out
+
+
+@main.command()
+@click.argument("file", type=click.Path(), required=False)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder to create.")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue this run folder from its latest snapshot (FILE and options come from it).")
+@click.option("--generator", type=click.Choice(["auto", "conv", "resnet"]), default="auto",
+              help="auto: conv up to 32 px, resnet above.")
+@click.option("--width", type=click.IntRange(0, 4096), default=0, help="Generator width.  [default: 0 = "
+              "the generator's own, 64 conv / 256 resnet]")
+@click.option("--objective", type=click.Choice(["mavg", "plain"]), default="mavg",
+              help="mavg: the paper's Adam moving average; plain: squared distance.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, help="Generator Adam lr.")
+@click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=1e-3, help="Moving-average Adam lr.")
+@click.option("--batch-size", type=click.IntRange(1, 100000), default=100)
+@click.option("--steps", type=click.IntRange(1), default=2000)
+@click.option("--seed", type=click.IntRange(0), default=0, help="Training seed (unrelated to the DP noise).")
+@click.option("--labels", type=click.Choice(["balanced", "prior"]), default="balanced",
+              help="Training labels: class-balanced or from the noisy class prior.")
+@click.option("--moment-weights", callback=_moment_weights, default="", help="e.g. S1=1,S2=0.5.  [default: 1 each]")
+@click.option("--grid-every", type=click.IntRange(0), default=500, help="Sample grid PNG every N steps (0: end only).")
+@click.option("--snapshot-every", type=click.IntRange(0), default=500, help="Snapshot every N steps.")
+@click.option("--log-every", type=click.IntRange(1), default=50, help="stats.jsonl record every N steps.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Extractor weights file, if the release was embedded with --weights PATH.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, batch_size, steps, seed, labels,
+               moment_weights, grid_every, snapshot_every, log_every, device, weights, dry_run, quiet):
+    """Stage 2: train a generator from the released FILE alone."""
+    from dataclasses import asdict
+
+    from mepf.synthesize import train
+
+    if resume:
+        if dry_run:
+            click.echo((Path(resume) / "options.json").read_text())
+            return
+        t = train.resume(resume, steps if "--steps" in sys.argv else None, progress=not quiet)
+        click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / 'generator.pt'}")
+        return
+    if not file or not out:
+        raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
+    opts = train.TrainOptions(release=file, out=out, generator=generator, width=width, objective=objective, lr=lr,
+                              lr_mavg=lr_mavg, batch_size=batch_size, steps=steps, seed=seed, labels=labels,
+                              moment_weights=moment_weights, grid_every=grid_every, snapshot_every=snapshot_every,
+                              log_every=log_every, device=device, weights=weights)
+    if dry_run:
+        release, _, arch, dev = train.prepare(opts)
+        click.echo(json.dumps({**asdict(opts), "generator_arch": arch, "device_resolved": str(dev),
+                               "epsilon": release.epsilon, "delta": release.delta}, indent=2, sort_keys=True))
+        return
+    t = train.start(opts, progress=not quiet)
+    click.echo(f"trained {t.step} steps; run folder {out}; generator {Path(out) / 'generator.pt'} "
+               f"(inherits ({t.release.epsilon:.4g}, {t.release.delta:g})-DP)")
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("-n", "n", type=click.IntRange(1), required=True, help="Number of images.")
+@click.option("--out", required=True, type=click.Path(), help="An .npz file, or a folder for PNGs.")
+@click.option("--seed", type=click.IntRange(0), default=0)
+@click.option("--labels", type=click.Choice(["balanced", "prior"]), default="balanced")
+@click.option("--batch-size", type=click.IntRange(1), default=500)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def sample(source, n, out, seed, labels, batch_size, device, overwrite):
+    """Draw N images from a run folder or generator.pt, as .npz or a folder of PNGs (one subfolder per class)."""
+    from mepf.embed.device import resolve_device
+    from mepf.synthesize.sampling import write_samples
+
+    write_samples(source, n, out, seed=seed, labels=labels, batch_size=batch_size,
+                  device=resolve_device(device), overwrite=overwrite)
+    click.echo(f"wrote {n} images to {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""Generators: images in [0, 1] from z (100 dims) and, when labelled, a one-hot label concatenated to z."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from mepf.artifacts.errors import MepfError
+
+Z_DIM = 100
+
+
+class ConvGenerator(nn.Module):
+    """Small conditional conv generator for 28x28/32x32, 1 or 3 channels: FC to (S/4)x(S/4), two
+    nearest-upsample + conv3x3 stages (resize-conv: no checkerboard artefacts), sigmoid."""
+
+    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 128):
+        super().__init__()
+        if image_size % 4:
+            raise MepfError(f"the conv generator needs a size divisible by 4 (got {image_size})")
+        self.s0 = image_size // 4
+        self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
+        cond = num_classes if num_classes > 1 else 0
+        self.fc = nn.Sequential(nn.Linear(z_dim + cond, 2 * width * self.s0 ** 2), nn.BatchNorm1d(2 * width * self.s0 ** 2),
+                                nn.ReLU(True))
+        self.body = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2 * width, width, 3, padding=1),
+            nn.BatchNorm2d(width), nn.ReLU(True),
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width // 2, 3, padding=1),
+            nn.BatchNorm2d(width // 2), nn.ReLU(True),
+            nn.Conv2d(width // 2, channels, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, z, y=None):
+        h = self.fc(_condition(z, y, self.num_classes))
+        return self.body(h.view(len(z), -1, self.s0, self.s0))
+
+
+class _UpBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResNetGenerator(nn.Module):
+    """GFMN-style ResNet generator for 32x32/64x64: 4x4 transposed conv start, one residual up-block
+    per doubling, BN-ReLU-conv3x3 to the output channels, sigmoid."""
+
+    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 256):
+        super().__init__()
+        ups = math.log2(image_size / 4)
+        if ups != int(ups) or ups < 1:
+            raise MepfError(f"the resnet generator needs a power-of-two size >= 8 (got {image_size})")
+        self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
+        cond = num_classes if num_classes > 1 else 0
+        self.start = nn.ConvTranspose2d(z_dim + cond, width, 4)
+        self.blocks = nn.Sequential(*[_UpBlock(width, width) for _ in range(int(ups))])
+        self.out = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(True), nn.Conv2d(width, channels, 3, padding=1),
+                                 nn.Sigmoid())
+
+    def forward(self, z, y=None):
+        h = _condition(z, y, self.num_classes)
+        return self.out(self.blocks(self.start(h[:, :, None, None])))
+
+
+def _condition(z, y, num_classes):
+    if num_classes <= 1:
+        return z
+    return torch.cat([z, F.one_hot(y, num_classes).to(z.dtype)], dim=1)
+
+
+GENERATORS = {"conv": ConvGenerator, "resnet": ResNetGenerator}
+
+
+def default_generator(image_size: int, channels: int) -> str:
+    """conv for small images (28/32 px), resnet for 64 px and larger."""
+    return "conv" if image_size <= 32 else "resnet"
+
+
+def build_generator(arch: dict) -> nn.Module:
+    """arch: {name, image_size, channels, num_classes, z_dim, width}; stored in every checkpoint."""
+    name = arch["name"]
+    if name not in GENERATORS:
+        raise MepfError(f"unknown generator {name!r}; choose one of {', '.join(GENERATORS)}")
+    return GENERATORS[name](arch["image_size"], arch["channels"], arch["num_classes"], arch["z_dim"], arch["width"])

@@ -1,0 +1,45 @@
+"""Writing samples: an .npz (uint8 images, int labels) or a folder of PNGs, one subfolder per class."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mepf.artifacts.errors import MepfError
+
+from .checkpoint import load_generator
+
+
+def _folder_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "class"
+
+
+def write_samples(source, n: int, out, seed: int = 0, labels: str = "balanced", batch_size: int = 500,
+                  device="cpu", overwrite: bool = False) -> Path:
+    g = load_generator(source)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise MepfError(f"folder {out.parent} does not exist; create it or choose another --out")
+    if out.exists() and not overwrite:
+        raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
+    images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)
+    if out.suffix == ".npz":
+        tmp = out.with_name(out.name + ".tmp.npz")
+        np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y)
+        os.replace(tmp, out)
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    names = [_folder_name(c) for c in g.info["class_names"]] if g.info.get("labelled") else None
+    for i, (img, label) in enumerate(zip(images, y)):
+        d = tmp / names[label] if names else tmp
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:06d}.png")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,255 @@
+"""Train a generator from a released file alone, in a run folder (options.json, stats.jsonl, log,
+grid PNGs, snapshots with every RNG state, generator.pt). Resumable; the result is the last step."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mepf.artifacts import load
+from mepf.artifacts.errors import MepfError
+from mepf.embed.features import feature_map_from_spec
+from mepf.embed.device import resolve_device
+
+from .checkpoint import save_generator
+from .generators import Z_DIM, build_generator, default_generator
+from .grid import save_grid
+from .objective import Target, fake_embeddings, squared_distance
+
+OBJECTIVES = ("mavg", "plain")
+
+
+@dataclass
+class TrainOptions:
+    release: str
+    out: str
+    generator: str = "auto"
+    width: int = 0  # 0: the generator's default
+    objective: str = "mavg"
+    lr: float = 3e-4
+    lr_mavg: float = 1e-3
+    batch_size: int = 100
+    steps: int = 2000
+    seed: int = 0
+    labels: str = "balanced"
+    moment_weights: dict = field(default_factory=dict)
+    grid_every: int = 500
+    snapshot_every: int = 500
+    log_every: int = 50
+    device: str = "auto"
+    weights: str | None = None  # extractor weights file, when the release was made from one
+
+
+def prepare(opts: TrainOptions):
+    """Everything that can fail on bad input, before any file is written."""
+    release = load(opts.release)
+    if opts.objective not in OBJECTIVES:
+        raise MepfError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    if opts.labels not in ("balanced", "prior"):
+        raise MepfError("--labels must be balanced or prior")
+    extra = set(opts.moment_weights) - set(release.moments)
+    if extra:
+        raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
+                        f"{', '.join(release.moments)}")
+    device = resolve_device(opts.device)
+    extractor = feature_map_from_spec(release.feature_spec, opts.weights).to(device)
+    inp = release.feature_spec["input"]
+    if inp["height"] != inp["width"]:
+        raise MepfError("generators need square images; this file's geometry is not square")
+    name = default_generator(inp["height"], inp["channels"]) if opts.generator == "auto" else opts.generator
+    arch = {"name": name, "image_size": inp["height"], "channels": inp["channels"],
+            "num_classes": len(release.class_names), "z_dim": Z_DIM,
+            "width": opts.width or (64 if name == "conv" else 256)}
+    build_generator(arch)  # validates the geometry for this generator
+    return release, extractor, arch, device
+
+
+def _versions():
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "torchvision", "mepf", "h5py", "numpy")}
+
+
+def _atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latest_snapshot(run: Path):
+    snaps = sorted(run.glob("snapshot-*.pt"))
+    return snaps[-1] if snaps else None
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions, release, extractor, arch, device):
+        self.opts, self.release, self.extractor, self.arch, self.device = opts, release, extractor, arch, device
+        self.run = Path(opts.out)
+        self.target = Target(release, device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed)
+            self.G = build_generator(arch).to(device)
+        self.rng = torch.Generator().manual_seed(opts.seed + 1)  # labels and z of training batches
+        self.grid_z = torch.randn(10 * arch["num_classes"], Z_DIM, generator=torch.Generator().manual_seed(opts.seed + 2))
+        betas = (0.5, 0.999)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=opts.lr, betas=betas)
+        self.mavg = {m: torch.zeros_like(self.target.means[m], requires_grad=True) for m in self.target.moments}
+        self.opt_m = torch.optim.Adam(list(self.mavg.values()), lr=opts.lr_mavg, betas=betas)
+        self.weights = {m: float(opts.moment_weights.get(m, 1.0)) for m in self.target.moments}
+        self.step = 0
+        self.amp = device.type == "cuda"
+        if self.amp:
+            self.G = self.G.to(memory_format=torch.channels_last)
+            self.extractor = self.extractor.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {"step": self.step, "generator": self.G.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_m": self.opt_m.state_dict(), "mavg": {m: t.detach().cpu() for m, t in self.mavg.items()},
+                "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state(self, s: dict):
+        self.step = s["step"]
+        self.G.load_state_dict(s["generator"])
+        with torch.no_grad():
+            for m, t in s["mavg"].items():
+                self.mavg[m].copy_(t)
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_m.load_state_dict(s["opt_m"])
+        self.rng.set_state(s["rng"])
+        torch.set_rng_state(s["torch_rng"])
+        if s["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda_rng"])
+
+    # ---------------------------------------------------------------- training
+    def sample_labels(self, b: int) -> torch.Tensor:
+        k = self.arch["num_classes"]
+        if self.opts.labels == "prior":
+            return torch.multinomial(self.target.prior, b, replacement=True, generator=self.rng)
+        return (torch.arange(b) % k)[torch.randperm(b, generator=self.rng)]
+
+    def train_step(self) -> dict:
+        b = self.opts.batch_size
+        y = self.sample_labels(b).to(self.device)
+        z = torch.randn(b, Z_DIM, generator=self.rng).to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            x = self.G(z, y)
+            if self.amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fake = fake_embeddings(self.extractor, x, y, self.target)
+        dist = squared_distance(self.target, fake)
+        stats = {f"dist_{m}": float(d.detach()) for m, d in dist.items()}
+        if self.opts.objective == "plain":
+            loss = sum(self.weights[m] * dist[m] for m in dist)
+        else:
+            mloss = 0.0
+            for m, (mu, p) in fake.items():
+                diff = (self.target.means[m] - mu).detach()
+                mloss = mloss + ((self.mavg[m][p] - diff[p]) ** 2).mean()
+            self.opt_m.zero_grad(set_to_none=True)
+            mloss.backward()
+            self.opt_m.step()
+            stats["mavg_loss"] = float(mloss.detach())
+            loss = sum(self.weights[m] * -(self.mavg[m][p].detach() * mu[p]).sum(1).mean()
+                       for m, (mu, p) in fake.items())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        self.step += 1
+        return stats
+
+    def save_grid(self):
+        k = self.arch["num_classes"]
+        y = torch.arange(k).repeat_interleave(10)
+        self.G.eval()
+        with torch.no_grad():
+            x = self.G(self.grid_z.to(self.device), y.to(self.device)).float().cpu()
+        self.G.train()
+        save_grid(x, k, self.run / f"grid-{self.step:07d}.png")
+
+    def snapshot(self):
+        _atomic_torch_save(self.state(), self.run / f"snapshot-{self.step:07d}.pt")
+        for old in sorted(self.run.glob("snapshot-*.pt"))[:-2]:
+            old.unlink()
+
+    def fit(self, progress: bool = True):
+        o = self.opts
+        stats_path = self.run / "stats.jsonl"
+        log = open(self.run / "log.txt", "a")
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} training from step {self.step} to {o.steps}\n")
+        t_last, s_last = time.perf_counter(), self.step
+        with tqdm(total=o.steps, initial=self.step, desc="synthesize", unit="step", disable=not progress,
+                  dynamic_ncols=True) as bar, open(stats_path, "a") as sf:
+            while self.step < o.steps:
+                stats = self.train_step()
+                bar.update(1)
+                if self.step % o.log_every == 0 or self.step == o.steps:
+                    now = time.perf_counter()
+                    rate = (self.step - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, self.step
+                    rec = {"step": self.step, **stats, "steps_per_s": rate}
+                    sf.write(json.dumps(rec) + "\n")
+                    sf.flush()
+                    log.write(json.dumps(rec) + "\n")
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k.startswith("dist")} |
+                                    {"it/s": f"{rate:.1f}"})
+                if o.grid_every and self.step % o.grid_every == 0:
+                    self.save_grid()
+                if o.snapshot_every and self.step % o.snapshot_every == 0:
+                    self.snapshot()
+        if not (o.grid_every and self.step % o.grid_every == 0):
+            self.save_grid()
+        self.snapshot()
+        save_generator(self.run / "generator.pt", self.G, self.arch, self.release, self.step)
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done at step {self.step}\n")
+        log.close()
+
+
+def start(opts: TrainOptions, progress: bool = True) -> Trainer:
+    """A new run: validate, then create the run folder and write options.json before training."""
+    release, extractor, arch, device = prepare(opts)
+    run = Path(opts.out)
+    if run.exists() and any(run.iterdir()):
+        raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with --resume {run}")
+    if not run.parent.is_dir():
+        raise MepfError(f"folder {run.parent} does not exist; create it or choose another --out")
+    run.mkdir(exist_ok=True)
+    resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
+                "device_resolved": str(device), "release_sha256": release.file_sha256,
+                "release_checksum": release.checksum, "epsilon": release.epsilon, "delta": release.delta,
+                "versions": _versions()}
+    (run / "options.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    trainer = Trainer(opts, release, extractor, arch, device)
+    trainer.fit(progress)
+    return trainer
+
+
+def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
+    """Continue a run from its latest snapshot (to `steps`, default the run's own)."""
+    run = Path(run_dir)
+    if not (run / "options.json").is_file():
+        raise MepfError(f"{run} is not a run folder (no options.json); start one with `mepf synthesize FILE --out {run}`")
+    saved = json.loads((run / "options.json").read_text())
+    fields = TrainOptions.__dataclass_fields__
+    opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})
+    if steps is not None:
+        opts.steps = steps
+    release, extractor, arch, device = prepare(opts)
+    if release.file_sha256 != saved["release_sha256"]:
+        raise MepfError(f"the released file {opts.release} changed since this run started; resume needs the same file")
+    trainer = Trainer(opts, release, extractor, arch, device)
+    snap = latest_snapshot(run)
+    if snap is not None:
+        trainer.load_state(torch.load(snap, map_location="cpu", weights_only=False))
+    stats = run / "stats.jsonl"
+    if stats.exists():  # drop records past the snapshot: they will be written again
+        keep = [l for l in stats.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.step]
+        stats.write_text("".join(l + "\n" for l in keep))
+    trainer.fit(progress)
+    return trainer

@@ -1,0 +1,181 @@
+"""Stage 2: training from the released file alone, resume, refusals, feature-map parity, sampling."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mepf.artifacts import load
+from mepf.artifacts.format import content_checksum
+from mepf.cli import main
+from mepf.embed.features import build_feature_map, feature_map_from_spec, phi
+from mepf.embed.release import accumulate, embed_to_file
+from mepf.embed.sources import ArraySource, named_source
+from mepf.embed.transform import Transform
+from mepf.synthesize import load_generator
+from mepf.synthesize.objective import Target, embedding_distance
+from mepf.synthesize.train import TrainOptions, prepare, resume, start
+
+FAST = {"width": 32, "batch_size": 40, "grid_every": 0, "snapshot_every": 0, "log_every": 5, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def release_file(tmp_path_factory):
+    """A release made from 300 real MNIST digits (mnist-5k); the data file is deleted afterwards.
+    eps=1000 keeps the noise floor of the distance low, so that learning is visible in a short run."""
+    d = tmp_path_factory.mktemp("rel")
+    xs, ys = [], []
+    for x, y in named_source("mnist-5k:train").batches(500):
+        xs.append(x), ys.append(y)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    idx = np.random.default_rng(0).permutation(len(x))[:300]
+    np.savez(d / "private.npz", images=x[idx], labels=y[idx])
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
+    embed_to_file(ArraySource(d / "private.npz", [str(i) for i in range(10)]), Transform((28, 28), 1), ex, spec,
+                  out=d / "r.h5", epsilon=1000, delta=1e-5, release_log_path=d / "log.jsonl", progress=False)
+    (d / "private.npz").unlink()  # stage 2 must not need it
+    return d / "r.h5"
+
+
+def test_training_lowers_embedding_distance(release_file, tmp_path):
+    opts = TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=40, lr=1e-3, **FAST)
+    release, ex, arch, dev = prepare(opts)
+    target = Target(release, dev)
+    from mepf.synthesize.train import Trainer
+
+    before = Trainer(opts, release, ex, arch, dev)
+    d0 = embedding_distance(before.G, ex, target, n=200)
+    t = start(opts, progress=False)
+    d1 = embedding_distance(t.G, ex, target, n=200)
+    for m in ("S1", "S2"):
+        assert d1[m] < 0.5 * d0[m], (m, d0, d1)
+    run = tmp_path / "run"
+    opts_json = json.loads((run / "options.json").read_text())
+    assert opts_json["release_sha256"] == release.file_sha256 and opts_json["epsilon"] == release.epsilon
+    stats = [json.loads(l) for l in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == list(range(5, 41, 5))
+    assert {"dist_S1", "dist_S2", "mavg_loss", "steps_per_s"} <= set(stats[0])
+    assert (run / "grid-0000040.png").is_file() and (run / "generator.pt").is_file()
+    g = load_generator(run)
+    assert g.epsilon == release.epsilon and g.info["release_sha256"] == release.file_sha256
+
+
+def test_plain_objective_also_learns(release_file, tmp_path):
+    opts = TrainOptions(release=str(release_file), out=str(tmp_path / "p"), steps=30, objective="plain", lr=1e-3,
+                        **FAST)
+    release, ex, arch, dev = prepare(opts)
+    first = None
+    t = start(opts, progress=False)
+    stats = [json.loads(l) for l in (tmp_path / "p" / "stats.jsonl").read_text().splitlines()]
+    first, last = stats[0]["dist_S1"], stats[-1]["dist_S1"]
+    assert last < 0.7 * first
+
+
+def test_resume_is_bitwise_identical(release_file, tmp_path):
+    base = dict(FAST, snapshot_every=10)
+    a = start(TrainOptions(release=str(release_file), out=str(tmp_path / "a"), steps=20, **base), progress=False)
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "b"), steps=10, **base), progress=False)
+    b = resume(tmp_path / "b", steps=20, progress=False)
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    for m in a.mavg:
+        assert torch.equal(a.mavg[m], b.mavg[m])
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_stage2_imports_no_data_reader():
+    code = ("import sys, mepf.synthesize.train, mepf.synthesize.sampling, mepf.synthesize.objective;"
+            "bad = [m for m in sys.modules if m in ('mepf.embed.sources', 'mepf.embed.release')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _rewrite(src, dst, edit):
+    dst.write_bytes(src.read_bytes())
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+
+
+def _with_spec(f, change):
+    spec = json.loads(f["feature_spec"].asstr()[()])
+    change(spec)
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    del f["feature_spec"]
+    f.create_dataset("feature_spec", data=text, dtype=h5py.string_dtype("utf-8"))
+    arrays = {n: f[n][()] for n in ("S1", "S2", "counts")}
+    f.attrs["checksum_sha256"] = content_checksum(arrays, list(f["class_names"].asstr()[()]), text,
+                                                  f["data_spec"].asstr()[()], f["ledger"].asstr()[()])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("weights", "weights differ"), ("truncated", "truncated or corrupt"), ("checksum", "checksum mismatch"),
+    ("schema", "schema version 7")])
+def test_bad_release_refused_with_one_line(release_file, tmp_path, case, message):
+    bad = tmp_path / "bad.h5"
+    if case == "truncated":
+        bad.write_bytes(release_file.read_bytes()[:5000])
+    elif case == "weights":
+        _rewrite(release_file, bad, lambda f: _with_spec(f, lambda s: s.update(weights_sha256="ab" * 32)))
+    elif case == "checksum":
+        _rewrite(release_file, bad, lambda f: f["S1"].__setitem__((0, 0), 5.0))
+    else:
+        _rewrite(release_file, bad, lambda f: f.attrs.__setitem__("schema_version", 7))
+    r = CliRunner().invoke(main, ["synthesize", str(bad), "--out", str(tmp_path / "run"), "--steps", "2", "--quiet"])
+    assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_feature_map_is_the_same_in_both_stages(release_file, tmp_path):
+    """Stage 1's per-record vector (via the real accumulation of one record per class) equals stage 2's
+    phi of the same image given as a float tensor, through the map rebuilt from the file's spec."""
+    images = np.stack([np.asarray(x) for x, _ in named_source("mnist-5k:test").batches(10)][0])
+    labels = np.arange(10)
+    np.savez(tmp_path / "ten.npz", images=images[:10], labels=labels)
+    spec = load(release_file).feature_spec
+    ex1 = feature_map_from_spec(spec)
+    sums = accumulate(ArraySource(tmp_path / "ten.npz", [str(i) for i in range(10)]), Transform((28, 28), 1), ex1,
+                      "mean+second", spec["C1"], spec["C2"], batch_size=128, progress=False)
+    ex2 = feature_map_from_spec(spec)
+    x = torch.from_numpy(images[:10]).permute(0, 3, 1, 2).float() / 255  # what a generator outputs
+    with torch.no_grad():
+        f = ex2(x)
+    for m in ("S1", "S2"):
+        stage2 = phi(m, f, spec, torch.float32).double().numpy()
+        np.testing.assert_allclose(sums.sums[m], stage2, atol=1e-6)
+
+
+def test_sample_outputs(release_file, tmp_path):
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
+    r = CliRunner()
+    assert r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "95", "--out", str(tmp_path / "a.npz"),
+                           "--seed", "3"]).exit_code == 0
+    assert r.invoke(main, ["sample", str(tmp_path / "run" / "generator.pt"), "-n", "95", "--out",
+                           str(tmp_path / "b.npz"), "--seed", "3"]).exit_code == 0
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["images"].shape == (95, 28, 28) and a["images"].dtype == np.uint8 and a["labels"].dtype == np.int64
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    assert sorted(np.bincount(a["labels"])) == [9] * 5 + [10] * 5
+    res = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "20", "--out", str(tmp_path / "pngs"), "--seed", "4"])
+    assert res.exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [str(i) for i in range(10)]
+    assert len(list((tmp_path / "pngs").rglob("*.png"))) == 20
+    c = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "95", "--out", str(tmp_path / "c.npz"), "--seed", "4"])
+    assert c.exit_code == 0 and not np.array_equal(np.load(tmp_path / "c.npz")["images"], a["images"])
+    prior = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "50", "--out", str(tmp_path / "p.npz"),
+                            "--labels", "prior"])
+    assert prior.exit_code == 0
+
+
+def test_dry_run_writes_nothing(release_file, tmp_path):
+    r = CliRunner().invoke(main, ["synthesize", str(release_file), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert r.exit_code == 0 and json.loads(r.output)["generator_arch"]["name"] == "conv"
+    assert not (tmp_path / "run").exists()
