@@ -179,3 +179,18 @@ def test_dry_run_writes_nothing(release_file, tmp_path):
     r = CliRunner().invoke(main, ["synthesize", str(release_file), "--out", str(tmp_path / "run"), "--dry-run"])
     assert r.exit_code == 0 and json.loads(r.output)["generator_arch"]["name"] == "conv"
     assert not (tmp_path / "run").exists()
+
+
+def test_resnet_generator_on_rgb_32(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", images=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(40) % 2)
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(32, 32), channels=3)
+    embed_to_file(ArraySource(tmp_path / "rgb.npz", ["a", "b"]), Transform((32, 32), 3), ex, spec,
+                  out=tmp_path / "rgb.h5", epsilon=10, delta=1e-3, release_log_path=tmp_path / "l.jsonl",
+                  progress=False)
+    t = start(TrainOptions(release=str(tmp_path / "rgb.h5"), out=str(tmp_path / "run"), steps=2, generator="resnet",
+                           **dict(FAST, width=16, batch_size=8)), progress=False)
+    assert t.arch["name"] == "resnet"
+    images, labels = load_generator(tmp_path / "run").sample(6, seed=1)
+    assert images.shape == (6, 32, 32, 3) and list(labels) == [0, 1, 0, 1, 0, 1]
