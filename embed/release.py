@@ -5,7 +5,6 @@ declared specs and the ledger; the exact sums, n, the fingerprint and the noise 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import time
@@ -22,6 +21,7 @@ from mepf.artifacts.format import check_output_path, write_release
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import release_log
+from .fingerprint import Fingerprint
 from .features import dequantise, phi1, phi2, quantise
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
@@ -58,16 +58,14 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
         extractor = extractor.to(memory_format=torch.channels_last)
     sums = {}
     counts = torch.zeros(k, dtype=torch.int64, device=device)
-    fp = hashlib.sha256(f"mepf-dataset-fingerprint-v1|{source.description}|".encode())
+    fp = Fingerprint(source.description)
     with torch.no_grad(), tqdm(total=len(source), unit="img", desc="embed", disable=not progress,
                                dynamic_ncols=True) as bar:
         for images, labels in source.batches(batch_size):
-            for a in images if isinstance(images, list) else [images]:
-                fp.update(np.ascontiguousarray(a).tobytes())
+            fp.update(images, labels)
             b = len(images)
             if labels is None:
                 labels = np.zeros(b, dtype=np.int64)
-            fp.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
             x = transform(images)
             if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
                 x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])

@@ -26,8 +26,10 @@ DATA_KEYS = {"dataset", "labelled", "num_classes", "transform", "moments"}
 
 
 def run(source, extractor_spec, out, log, **kw):
+    """Embed with test defaults. force=True: with a dozen records the noisy n can fall near 0 and the
+    (correct) delta < 1/n refusal would make tests flaky; test_delta_must_be_below_one_over_n covers it."""
     ex, spec = extractor_spec
-    kw = {"epsilon": 10.0, "delta": 1e-3, **kw}
+    kw = {"epsilon": 10.0, "delta": 1e-3, "force": True, **kw}
     return embed_to_file(source, Transform((28, 28), 1), ex, spec, out=out, release_log_path=log, progress=False,
                          batch_size=8, **kw)
 
@@ -192,7 +194,7 @@ def test_repeat_release_refused_then_composed(tmp_path, labelled_npz, eff28):
 def test_delta_must_be_below_one_over_n(tmp_path, labelled_npz, eff28):
     src = ArraySource(labelled_npz[0], ["a", "b", "c"])
     with pytest.raises(MepfError, match="not below 1/n"):
-        run(src, eff28, tmp_path / "d.h5", tmp_path / "log.jsonl", delta=0.2)
+        run(src, eff28, tmp_path / "d.h5", tmp_path / "log.jsonl", delta=0.2, force=False)
     assert not (tmp_path / "d.h5").exists() and not list(tmp_path.glob(".*tmp*"))
     run(src, eff28, tmp_path / "d.h5", tmp_path / "log2.jsonl", delta=0.2, force=True)
     assert audit(tmp_path / "d.h5").ok
@@ -212,7 +214,6 @@ def test_unlabelled_and_mean_only(tmp_path, eff28):
 def test_empty_class_still_gets_its_row(tmp_path, eff28):
     x = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "e.npz", images=x, labels=np.zeros(20, dtype=np.int64))
-    # force: with 20 records the noisy n can fall to 0 and trip the (correct) delta < 1/n refusal
     r = load(run(ArraySource(tmp_path / "e.npz", ["a", "b", "c", "d"]), eff28, tmp_path / "e.h5",
-                 tmp_path / "log.jsonl", force=True).path)
+                 tmp_path / "log.jsonl").path)
     assert r.arrays["S1"].shape[0] == 4 and np.all(r.arrays["S1"][1:] != 0)

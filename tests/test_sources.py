@@ -63,3 +63,15 @@ def test_fashion_mnist_from_debian_package(tmp_path):
     assert len(src) == 10000 and src.shape == (28, 28, 1) and len(src.classes) == 10
     x, y = next(src.batches(256))
     assert x.shape == (256, 28, 28, 1) and x.dtype == np.uint8 and y.max() <= 9
+
+
+def test_fingerprint_ignores_batching_and_sees_changes(labelled_npz, tmp_path):
+    from mepf.embed.fingerprint import fingerprint_of
+
+    path, x, y = labelled_npz
+    src = ArraySource(path, ["a", "b", "c"])
+    assert fingerprint_of(src, 5) == fingerprint_of(src, 37) == fingerprint_of(src, 1000)
+    y2 = y.copy()
+    y2[0] = (y2[0] + 1) % 3
+    np.savez(tmp_path / "flip.npz", images=x, labels=y2)
+    assert fingerprint_of(ArraySource(tmp_path / "flip.npz", ["a", "b", "c"])) != fingerprint_of(src)
