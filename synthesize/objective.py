@@ -42,26 +42,40 @@ def squared_distance(target: Target, fake: dict) -> dict:
 
 
 @torch.no_grad()
-def embedding_distance(generator, extractor, target: Target, n: int = 500, batch_size: int = 100, seed: int = 0,
-                       device="cpu") -> dict:
-    """Privacy-free quality signal: squared distance between the generator's class-balanced embedding
-    of n samples and the released one, per moment (needs only the released file)."""
-    g = torch.Generator().manual_seed(seed)
+def distance_of_batches(batches, extractor, target: Target, device="cpu") -> dict:
+    """Squared distance, per moment and averaged over the classes present, between the class-conditional
+    mean embedding of images given as (x in [0,1] (B,C,H,W), y) batches and the released one."""
     k = target.num_classes
     sums = {m: torch.zeros_like(target.means[m]) for m in target.moments}
-    counts = torch.zeros(k, device=device)
-    was_training = generator.training
-    generator.eval()
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        y = (torch.arange(start, start + b) % k)
-        z = torch.randn(b, generator.z_dim, generator=g)
-        f = extractor(generator(z.to(device), y.to(device))).float()
+    counts = torch.zeros(k, device=target.means[target.moments[0]].device)
+    for x, y in batches:
+        y = y.to(counts.device)
+        f = extractor(x.to(device)).float().to(counts.device)
+        onehot = F.one_hot(y, k).float()
         for m in target.moments:
-            onehot = F.one_hot(y.to(device), k).float()
             sums[m] += onehot.T @ phi(m, f, target.spec, torch.float32)
-        counts += torch.bincount(y.to(device), minlength=k).float()
-    generator.train(was_training)
+        counts += onehot.sum(0)
     present = counts > 0
     return {m: float(((target.means[m] - sums[m] / counts.clamp_min(1)[:, None])[present] ** 2).sum(1).mean())
             for m in target.moments}
+
+
+def embedding_distance(generator, extractor, target: Target, n: int = 500, batch_size: int = 100, seed: int = 0,
+                       device="cpu") -> dict:
+    """Privacy-free quality signal of a generator: distance_of_batches for n class-balanced samples."""
+    g = torch.Generator().manual_seed(seed)
+    k = target.num_classes
+    was_training = generator.training
+    generator.eval()
+
+    def batches():
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            y = torch.arange(start, start + b) % k
+            z = torch.randn(b, generator.z_dim, generator=g)
+            yield generator(z.to(device), y.to(device)), y
+
+    with torch.no_grad():
+        out = distance_of_batches(batches(), extractor, target, device)
+    generator.train(was_training)
+    return out

@@ -1,0 +1,115 @@
+"""The two sides of an evaluation: synthetic images (a run, a generator, an .npz or a PNG folder) and a
+reference (a named split, a folder, an .npz, or precomputed FID statistics). Never the private data."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mepf.artifacts.errors import MepfError
+from mepf.embed.fingerprint import Fingerprint
+from mepf.embed.sources import open_source
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray | None
+    class_names: list | None
+    description: str
+    fingerprint: str | None = None
+    run_dir: Path | None = None
+    generator: object = None
+
+    @property
+    def shape(self):
+        return self.images.shape[1:]
+
+
+@dataclass
+class FidStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    description: str
+
+
+def read_source(source) -> ImageSet:
+    """Read a whole (small, public) source into memory, fingerprinting it as stage 1 would."""
+    fp = Fingerprint(source.description)
+    xs, ys = [], []
+    for images, labels in source.batches(1000):
+        fp.update(images, labels)
+        if isinstance(images, list):
+            raise MepfError(f"{source.description}: images have different sizes; resize them to one size first")
+        xs.append(np.asarray(images))
+        if labels is not None:
+            ys.append(labels)
+    images = np.concatenate(xs)
+    if images.dtype != np.uint8:
+        images = np.round(images * 255).astype(np.uint8)
+    return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp.hexdigest())
+
+
+def load_npz_images(path: Path) -> ImageSet:
+    d = np.load(path)
+    key = "images" if "images" in d else "x" if "x" in d else None
+    if key is None:
+        raise MepfError(f"{path} has no 'images' array (found {', '.join(d.files) or 'none'})")
+    x = d[key]
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) == 0:
+        raise MepfError(f"{path}: images must be a non-empty uint8 (N,H,W) or (N,H,W,C) array, got {x.dtype} {x.shape}")
+    y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
+    names = [str(i) for i in range(int(y.max()) + 1)] if y is not None else None
+    return ImageSet(x, None if y is None else y.astype(np.int64), names, f"array file {path.name}")
+
+
+def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
+    """A run folder or generator.pt (samples n class-balanced images), an .npz, or a PNG folder."""
+    from mepf.synthesize import load_generator
+
+    p = Path(spec)
+    if not p.exists():
+        raise MepfError(f"{spec}: no such run folder, generator, .npz or image folder")
+    if (p.is_dir() and (p / "generator.pt").is_file()) or p.suffix == ".pt":
+        g = load_generator(p)
+        images, labels = g.sample(n, seed=seed, device=device)
+        run = p if p.is_dir() else (p.parent if (p.parent / "options.json").is_file() else None)
+        names = g.info["class_names"] if g.info.get("labelled") else None
+        return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g)
+    if p.is_dir() and (p / "options.json").is_file():
+        raise MepfError(f"{p} has no generator.pt yet; finish training (mepf synthesize --resume {p})")
+    if p.suffix == ".npz":
+        return load_npz_images(p)
+    if p.is_dir():
+        s = read_source(open_source(str(p)))
+        s.fingerprint = None
+        return s
+    raise MepfError(f"{spec}: expected a run folder, generator.pt, .npz or a folder of PNGs")
+
+
+def load_reference(spec: str, data_root=None):
+    """A named split, a folder, an .npz of images, or an .npz of FID statistics (mu, sigma)."""
+    p = Path(spec)
+    if p.suffix == ".npz" and p.is_file():
+        d = np.load(p)
+        if "mu" in d and "sigma" in d:
+            return FidStats(d["mu"], d["sigma"], f"FID statistics {p.name}")
+        y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
+        classes = [str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None
+        from mepf.embed.sources import ArraySource
+
+        return read_source(ArraySource(p, classes))  # as stage 1 reads it, so fingerprints compare
+    try:
+        return read_source(open_source(spec, data_root=data_root))
+    except MepfError as e:
+        raise MepfError(f"--reference: {e}") from None
+
+
+def run_stats(run_dir: Path | None) -> list:
+    if run_dir is None or not (run_dir / "stats.jsonl").is_file():
+        return []
+    return [json.loads(l) for l in (run_dir / "stats.jsonl").read_text().splitlines() if l.strip()]

