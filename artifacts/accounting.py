@@ -152,7 +152,7 @@ def calibrate(eps: float, delta: float, sensitivities: dict, weights: dict) -> C
 
     mu^2 is split over the releases by `weights`: release j gets (Delta_j / sigma_j)^2 = w_j mu^2.
     """
-    validate_target(eps, delta)
+    validate_target(eps, delta)  # refuses inf: a non-private release is never calibrated
     mu = mu_for_target(eps, delta) * (1 - CALIBRATION_MARGIN)
     sigmas = {n: sensitivities[n] / (mu * math.sqrt(weights[n])) for n in sensitivities}
     names = list(sensitivities)
@@ -165,8 +165,17 @@ def calibrate(eps: float, delta: float, sensitivities: dict, weights: dict) -> C
     return Calibration(mu=gdp_mu(sens, sig), sigmas=sigmas, achieved_eps=achieved, closed_form_eps=closed)
 
 
-def validate_target(eps: float, delta: float) -> None:
+def non_private(names) -> Calibration:
+    """The noise-off 'calibration' of a non-private baseline (eps = inf): every sigma is 0."""
+    return Calibration(mu=math.inf, sigmas={n: 0.0 for n in names}, achieved_eps=math.inf,
+                       closed_form_eps=math.inf)
+
+
+def validate_target(eps: float, delta: float, allow_inf: bool = False) -> None:
+    """eps > 0 and finite (inf only where a non-private baseline is allowed), 0 < delta < 1."""
     if not (eps > 0) or math.isnan(eps):
         raise MepfError(f"--epsilon must be > 0 (got {eps}); typical values are 1 to 10")
+    if math.isinf(eps) and not allow_inf:
+        raise MepfError("--epsilon inf means no privacy; it is only accepted by `mepf embed` for baselines")
     if not (0 < delta < 1):
         raise MepfError(f"--delta must be in (0, 1) (got {delta}); typical is 1e-5, below 1/n")

@@ -54,6 +54,12 @@ def audit(path) -> AuditReport:
 
 def _check_ledger(release, rep: AuditReport) -> None:
     led, spec = release.ledger, release.feature_spec
+    if not rep.check("private", led.get("private", True) is True,
+                     "the ledger declares a DP release" if led.get("private", True) is True else
+                     "NON-PRIVATE baseline (eps = inf): exact sums and counts, no noise; never publish this file"):
+        rep.summary = {"epsilon": math.inf, "delta": led["achieved"]["delta"], "relation": led["relation"],
+                       "private": False}
+        return
     relation = led["relation"]
     if not rep.check("relation", relation in RELATIONS, f"relation {relation!r}"):
         return
@@ -105,7 +111,7 @@ def _check_ledger(release, rep: AuditReport) -> None:
 
 def composed_total(log_entries: list, delta: float) -> dict:
     """eps at `delta` of several Gaussian releases from one dataset (GDP: mu adds in quadrature)."""
-    mus = [float(e["mu"]) for e in log_entries]
+    mus = [math.inf if e["mu"] is None else float(e["mu"]) for e in log_entries]  # None: non-private
     if not mus:
         raise MepfError("no release of this dataset is in the log")
     mu = math.sqrt(sum(m * m for m in mus))

@@ -42,8 +42,14 @@ class Release:
     extra_fields: list = field(default_factory=list)
 
     @property
+    def private(self) -> bool:
+        return self.ledger.get("private", True)
+
+    @property
     def epsilon(self) -> float:
-        return self.ledger["achieved"]["epsilon"]
+        """The achieved epsilon; inf for a non-private baseline."""
+        eps = self.ledger["achieved"]["epsilon"]
+        return float("inf") if eps is None else eps
 
     @property
     def delta(self) -> float:

@@ -45,13 +45,15 @@ def canonical_json(obj) -> str:
 
 
 def build_ledger(relation, names, shapes, c1, c2, weights, calibration: Calibration, eps, delta) -> dict:
-    """The ledger as a plain dict, ready for canonical JSON."""
+    """The ledger as a plain dict, ready for canonical JSON. A non-private baseline (eps = inf) says so:
+    private false, mechanism none, sigma 0, and null where a number would be infinite."""
+    private = math.isfinite(eps)
     releases = []
     for name in names:
         value, formula = sensitivity(relation, name, c1, c2)
         releases.append({
             "name": name,
-            "mechanism": "gaussian",
+            "mechanism": "gaussian" if private else "none (non-private: exact value, no noise)",
             "shape": list(shapes[name]),
             "sensitivity": value,
             "sensitivity_formula": formula,
@@ -59,18 +61,19 @@ def build_ledger(relation, names, shapes, c1, c2, weights, calibration: Calibrat
             "weight": weights[name],
         })
     return {
+        "private": private,
         "relation": relation,
         "relation_text": RELATION_TEXT[relation],
         "releases": releases,
         "composition": "exact: independent Gaussian releases form one Gaussian mechanism, "
                        "mu = sqrt(sum (sensitivity/sigma)^2); "
                        "delta(eps) = Phi(-eps/mu + mu/2) - exp(eps) Phi(-eps/mu - mu/2)",
-        "mu": calibration.mu,
+        "mu": calibration.mu if private else None,
         "accountant": {"name": "autodp ComposeGaussian of ExactGaussianMechanism", "library": "autodp",
                        "version": autodp_version()},
-        "target": {"epsilon": eps, "delta": delta},
-        "achieved": {"epsilon": calibration.achieved_eps, "delta": delta,
-                     "epsilon_closed_form": calibration.closed_form_eps},
+        "target": {"epsilon": eps if private else None, "delta": delta},
+        "achieved": {"epsilon": calibration.achieved_eps if private else None, "delta": delta,
+                     "epsilon_closed_form": calibration.closed_form_eps if private else None},
         "noise": {"source": "OS entropy: secrets.randbits(128) seeds numpy PCG64DXSM; float64 noise added "
                             "to float64 sums, stored as float32",
                   "seed_stored": False},

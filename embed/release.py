@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mepf.artifacts.accounting import calibrate, parse_budget_split, validate_target
+from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import check_output_path, write_release
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
@@ -110,8 +110,9 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                   relation: str = "add-remove", moments: str = "mean+second", budget_split: str | None = None,
                   batch_size: int = 128, device="cpu", overwrite: bool = False, force: bool = False,
                   release_log_path=None, allow_repeat: bool = False, progress: bool = True) -> EmbedResult:
-    """The whole private release, from a source to a written file and a log entry."""
-    validate_target(epsilon, delta)
+    """The whole private release, from a source to a written file and a log entry. epsilon = inf is a
+    non-private baseline: the same path with the noise off, declared in the ledger."""
+    validate_target(epsilon, delta, allow_inf=True)
     if relation not in RELATIONS:
         raise MepfError(f"--relation must be one of {', '.join(RELATIONS)}")
     out = check_output_path(out, overwrite)
@@ -119,7 +120,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     weights = parse_budget_split(budget_split, names)
     c1, c2 = feature_spec["C1"], feature_spec["C2"]
     sens = {n: sensitivity(relation, n, c1, c2)[0] for n in names}
-    calib = calibrate(epsilon, delta, sens, weights)  # before any private record is read
+    # before any private record is read
+    calib = calibrate(epsilon, delta, sens, weights) if math.isfinite(epsilon) else non_private(names)
     log_path = Path(release_log_path) if release_log_path else release_log.default_log_path()
     release_log.read_log(log_path)  # a corrupt log fails now, not after the pass
 
@@ -147,7 +149,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     release_log.append(log_path, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": sums.fingerprint,
         "dataset": source.description, "output": str(Path(out).resolve()), "output_sha256": sha,
-        "epsilon": ledger["achieved"]["epsilon"], "delta": delta, "mu": calib.mu, "relation": relation,
+        "epsilon": ledger["achieved"]["epsilon"], "delta": delta, "mu": ledger["mu"], "relation": relation,
         "repeat": bool(previous)})
     rate = sums.n / elapsed if elapsed > 0 else math.inf
     return EmbedResult(path=out, sha256=sha, ledger=ledger, records_per_second=rate, repeat_of=len(previous))

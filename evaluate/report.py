@@ -15,6 +15,9 @@ def privacy_in_words(release: dict | None) -> str:
     if release is None:
         return ("Privacy guarantee unknown: the synthetic images were given as files, not as a generator "
                 "that carries its release's guarantee.")
+    if release["epsilon"] == float("inf"):
+        return ("NOT PRIVATE: the generator was trained on a non-private baseline release (eps = inf), for "
+                "comparison only.")
     rel = "adding or removing" if release["relation"] == "add-remove" else "replacing"
     return (f"The generator was trained only on a released embedding that is ({release['epsilon']:.4g}, "
             f"{release['delta']:g})-differentially private: {rel} any one person's image changes the probability "

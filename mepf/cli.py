@@ -95,8 +95,11 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     from mepf.embed.sources import open_source, parse_classes
     from mepf.embed.transform import Transform
 
-    validate_target(epsilon, delta)
+    validate_target(epsilon, delta, allow_inf=True)
     check_output_path(out, overwrite)
+    if math.isinf(epsilon):
+        click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
+                   err=True)
     source = open_source(data, parse_classes(classes), data_root, int(channels) if channels else None,
                          resize=image_size is not None)
     h, w, c = source.shape
@@ -110,7 +113,8 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
                            device=dev, overwrite=overwrite, force=force, release_log_path=release_log,
                            allow_repeat=allow_repeat, progress=not quiet)
     eps = result.ledger["achieved"]["epsilon"]
-    click.echo(f"wrote {result.path} ({eps:.4g}, {delta:g})-DP, {relation}; {spec['backbone']} D={spec['dim']}; "
+    guarantee = f"({eps:.4g}, {delta:g})-DP" if eps is not None else "NON-PRIVATE"
+    click.echo(f"wrote {result.path} {guarantee}, {relation}; {spec['backbone']} D={spec['dim']}; "
                f"{result.records_per_second:.0f} img/s; sha256 {result.sha256[:16]}")
     if weights == "random":
         click.echo("note: random (not pretrained) extractor weights: for tests and benchmarks only")
@@ -144,7 +148,9 @@ def audit(file, as_json, release_log):
         for c in out["checks"]:
             click.echo(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}")
         s = rep.summary
-        if s:
+        if s and not s.get("private", True):
+            click.echo("NOT PRIVATE: a non-private baseline (eps = inf)")
+        elif s:
             click.echo(f"({s['epsilon']:.6g}, {s['delta']:g})-DP under {s['relation']} "
                        f"(autodp {s['epsilon_autodp']:.9g}, closed form {s['epsilon_closed_form']:.9g}; "
                        f"mu={s['mu']:.6g}; target eps {s['target']['epsilon']:g})")
@@ -173,7 +179,8 @@ def info(file):
     size = Path(file).stat().st_size
     lines = [
         f"file        {file} ({size / 1e6:.1f} MB, sha256 {r.file_sha256[:16]})",
-        f"privacy     ({r.epsilon:.4g}, {r.delta:g})-DP, {r.ledger['relation']}",
+        (f"privacy     ({r.epsilon:.4g}, {r.delta:g})-DP, {r.ledger['relation']}" if r.private else
+         "privacy     NONE: a non-private baseline (eps = inf), exact statistics"),
         f"data        {ds['dataset']}, {ds['transform']['image_size'][0]}x{ds['transform']['image_size'][1]}"
         f"x{ds['transform']['channels']}",
         f"classes     {len(r.class_names)}: {', '.join(r.class_names)}" if r.labelled else "classes     unlabelled",

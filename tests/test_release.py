@@ -17,7 +17,7 @@ from mepf.embed.release import accumulate, embed_to_file
 from mepf.embed.sources import ArraySource, FolderSource
 from mepf.embed.transform import Transform
 
-LEDGER_KEYS = {"relation", "relation_text", "releases", "composition", "mu", "accountant", "target", "achieved",
+LEDGER_KEYS = {"private", "relation", "relation_text", "releases", "composition", "mu", "accountant", "target", "achieved",
                "noise", "post_processing"}
 RELEASE_KEYS = {"name", "mechanism", "shape", "sensitivity", "sensitivity_formula", "sigma", "weight"}
 FEATURE_KEYS = {"backbone", "weights", "weight_source", "weight_seed", "weights_sha256", "layers", "pooling", "input",
@@ -217,3 +217,29 @@ def test_empty_class_still_gets_its_row(tmp_path, eff28):
     r = load(run(ArraySource(tmp_path / "e.npz", ["a", "b", "c", "d"]), eff28, tmp_path / "e.h5",
                  tmp_path / "log.jsonl").path)
     assert r.arrays["S1"].shape[0] == 4 and np.all(r.arrays["S1"][1:] != 0)
+
+
+def test_non_private_baseline_is_exact_and_declared(tmp_path, labelled_npz, eff28):
+    from mepf.cli import main
+    from click.testing import CliRunner
+
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    out = run(src, eff28, tmp_path / "np.h5", tmp_path / "log.jsonl", epsilon=float("inf")).path
+    r = load(out)
+    exact = accumulate(src, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False)
+    assert not r.private and r.epsilon == float("inf") and r.ledger["achieved"]["epsilon"] is None
+    assert all(x["sigma"] == 0 and x["mechanism"].startswith("none") for x in r.ledger["releases"])
+    np.testing.assert_allclose(r.arrays["S1"], exact.sums["S1"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(r.arrays["counts"], exact.counts)
+    rep = audit(out)
+    assert not rep.ok and [n for n, ok, _ in rep.checks if not ok] == ["private"]
+    res = CliRunner().invoke(main, ["audit", str(out)])
+    assert res.exit_code == 1 and "NOT PRIVATE" in res.output
+    assert "NONE" in CliRunner().invoke(main, ["info", str(out)]).output
+
+
+def test_calibrate_refuses_infinite_epsilon():
+    from mepf.artifacts.accounting import calibrate
+
+    with pytest.raises(MepfError, match="no privacy"):
+        calibrate(float("inf"), 1e-5, {"S1": 1.0}, {"S1": 1.0})
