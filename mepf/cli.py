@@ -217,7 +217,8 @@ def _moment_weights(ctx, param, value):
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, help="Generator Adam lr.")
 @click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=1e-3, help="Moving-average Adam lr.")
 @click.option("--batch-size", type=click.IntRange(1, 100000), default=100)
-@click.option("--steps", type=click.IntRange(1), default=2000)
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Training steps.  [default: 2000; with --resume, the run's own]")
 @click.option("--seed", type=click.IntRange(0), default=0, help="Training seed (unrelated to the DP noise).")
 @click.option("--labels", type=click.Choice(["balanced", "prior"]), default="balanced",
               help="Training labels: class-balanced or from the noisy class prior.")
@@ -242,13 +243,13 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, batc
         if dry_run:
             click.echo((Path(resume) / "options.json").read_text())
             return
-        t = train.resume(resume, steps if "--steps" in sys.argv else None, progress=not quiet)
+        t = train.resume(resume, steps, progress=not quiet)
         click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / 'generator.pt'}")
         return
     if not file or not out:
         raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
     opts = train.TrainOptions(release=file, out=out, generator=generator, width=width, objective=objective, lr=lr,
-                              lr_mavg=lr_mavg, batch_size=batch_size, steps=steps, seed=seed, labels=labels,
+                              lr_mavg=lr_mavg, batch_size=batch_size, steps=steps or 2000, seed=seed, labels=labels,
                               moment_weights=moment_weights, grid_every=grid_every, snapshot_every=snapshot_every,
                               log_every=log_every, device=device, weights=weights)
     if dry_run:

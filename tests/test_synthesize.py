@@ -194,3 +194,15 @@ def test_resnet_generator_on_rgb_32(tmp_path):
     assert t.arch["name"] == "resnet"
     images, labels = load_generator(tmp_path / "run").sample(6, seed=1)
     assert images.shape == (6, 32, 32, 3) and list(labels) == [0, 1, 0, 1, 0, 1]
+
+
+def test_cli_resume_extends_a_run(release_file, tmp_path):
+    run = tmp_path / "run"
+    r = CliRunner()
+    assert r.invoke(main, ["synthesize", str(release_file), "--out", str(run), "--steps", "3", "--width", "16",
+                           "--batch-size", "20", "--log-every", "1", "--device", "cpu", "--quiet"]).exit_code == 0
+    res = r.invoke(main, ["synthesize", "--resume", str(run), "--steps", "5", "--quiet"])
+    assert res.exit_code == 0 and "step 5" in res.output
+    assert [json.loads(l)["step"] for l in (run / "stats.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    again = r.invoke(main, ["synthesize", str(release_file), "--out", str(run), "--quiet"])
+    assert again.exit_code == 2 and "--resume" in again.stderr
