@@ -48,7 +48,9 @@ def release_names(moments: str) -> list:
 
 def accumulate(source, transform, extractor, moments: str, c1: float, c2: float, batch_size: int = 128,
                device="cpu", progress: bool = True) -> Sums:
-    """One pass over `source`: per-class float64 sums of phi1 (and phi2) and exact counts."""
+    """One pass over `source`: exact per-class sums of the quantised phi1 (and phi2), returned as float64,
+    and exact counts. The extractor runs on `device`; normalisation and sums need float64 and int64,
+    so on MPS (no float64) they run on the CPU."""
     names = MOMENTS[moments]
     cs = {"S1": c1, "S2": c2}
     k = len(source.classes) if source.classes else 1
@@ -56,8 +58,9 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     extractor = extractor.to(device)
     if device.type == "cuda":
         extractor = extractor.to(memory_format=torch.channels_last)
+    acc = torch.device("cpu") if device.type == "mps" else device
     sums = {}
-    counts = torch.zeros(k, dtype=torch.int64, device=device)
+    counts = torch.zeros(k, dtype=torch.int64, device=acc)
     fp = Fingerprint(source.description)
     with torch.no_grad(), tqdm(total=len(source), unit="img", desc="embed", disable=not progress,
                                dynamic_ncols=True) as bar:
@@ -69,13 +72,13 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
             x = transform(images)
             if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
                 x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
-            f = extractor(x.to(device, non_blocking=True))[:b]
-            y = torch.from_numpy(labels).to(device)
+            f = extractor(x.to(device, non_blocking=True))[:b].to(acc)
+            y = torch.from_numpy(labels).to(acc)
             for name in names:
                 phi = phi1(f, c1) if name == "S1" else phi2(f, c2)
                 q = quantise(phi, cs[name])
                 if name not in sums:
-                    sums[name] = torch.zeros(k, q.shape[1], dtype=torch.int64, device=device)
+                    sums[name] = torch.zeros(k, q.shape[1], dtype=torch.int64, device=acc)
                 sums[name].index_add_(0, y, q)
             counts += torch.bincount(y, minlength=k)
             bar.update(b)
