@@ -68,7 +68,7 @@ def write_report(out: Path, report: dict, images, labels, stats: list) -> None:
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
     os.replace(tmp, out / "report.json")
     m = report["metrics"]
-    lines = [f"# mepf evaluation report", ""]
+    lines = ["# mepf evaluation report", ""]
     if report["not_for_publication"]:
         lines += ["> **NOT FOR PUBLICATION**: the reference set is the private training data (its fingerprint is in "
                   "the owner's release log). Metrics against it are not private.", ""]
