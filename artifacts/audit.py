@@ -54,8 +54,8 @@ def audit(path) -> AuditReport:
 
 def _check_ledger(release, rep: AuditReport) -> None:
     led, spec = release.ledger, release.feature_spec
-    if not rep.check("private", led.get("private", True) is True,
-                     "the ledger declares a DP release" if led.get("private", True) is True else
+    private = led.get("private", True) is True
+    if not rep.check("private", private, "the ledger declares a DP release" if private else
                      "NON-PRIVATE baseline (eps = inf): exact sums and counts, no noise; never publish this file"):
         rep.summary = {"epsilon": math.inf, "delta": led["achieved"]["delta"], "relation": led["relation"],
                        "private": False}

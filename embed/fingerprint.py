@@ -24,10 +24,3 @@ class Fingerprint:
         return hashlib.sha256(f"mepf-dataset-fingerprint-v1|{self.description}|{self._images.hexdigest()}|"
                               f"{self._labels.hexdigest()}".encode()).hexdigest()
 
-
-def fingerprint_of(source, batch_size: int = 1000) -> str:
-    """Fingerprint of a whole source (one pass)."""
-    fp = Fingerprint(source.description)
-    for images, labels in source.batches(batch_size):
-        fp.update(images, labels)
-    return fp.hexdigest()

@@ -22,7 +22,7 @@ from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import release_log
 from .fingerprint import Fingerprint
-from .features import dequantise, phi1, phi2, quantise
+from .features import dequantise, phi, quantise
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 
@@ -52,6 +52,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     and exact counts. The extractor runs on `device`; normalisation and sums need float64 and int64,
     so on MPS (no float64) they run on the CPU."""
     names = MOMENTS[moments]
+    spec = {"C1": c1, "C2": c2}
     cs = {"S1": c1, "S2": c2}
     k = len(source.classes) if source.classes else 1
     device = torch.device(device)
@@ -75,8 +76,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
             f = extractor(x.to(device, non_blocking=True))[:b].to(acc)
             y = torch.from_numpy(labels).to(acc)
             for name in names:
-                phi = phi1(f, c1) if name == "S1" else phi2(f, c2)
-                q = quantise(phi, cs[name])
+                q = quantise(phi(name, f, spec), cs[name])
                 if name not in sums:
                     sums[name] = torch.zeros(k, q.shape[1], dtype=torch.int64, device=acc)
                 sums[name].index_add_(0, y, q)

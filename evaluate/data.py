@@ -10,7 +10,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 from mepf.embed.fingerprint import Fingerprint
-from mepf.embed.sources import open_source
+from mepf.embed.sources import ArraySource, open_source
 
 
 @dataclass
@@ -52,19 +52,12 @@ def read_source(source) -> ImageSet:
     return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp.hexdigest())
 
 
-def load_npz_images(path: Path) -> ImageSet:
-    d = np.load(path)
-    key = "images" if "images" in d else "x" if "x" in d else None
-    if key is None:
-        raise MepfError(f"{path} has no 'images' array (found {', '.join(d.files) or 'none'})")
-    x = d[key]
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.dtype != np.uint8 or x.ndim != 4 or len(x) == 0:
-        raise MepfError(f"{path}: images must be a non-empty uint8 (N,H,W) or (N,H,W,C) array, got {x.dtype} {x.shape}")
-    y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
-    names = [str(i) for i in range(int(y.max()) + 1)] if y is not None else None
-    return ImageSet(x, None if y is None else y.astype(np.int64), names, f"array file {path.name}")
+def read_npz(path: Path) -> ImageSet:
+    """An .npz of images (and optional labels 0..K-1), read as stage 1 reads it, so fingerprints compare."""
+    with np.load(path) as d:
+        y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
+        classes = [str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None
+    return read_source(ArraySource(path, classes))
 
 
 def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
@@ -83,11 +76,9 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
     if p.is_dir() and (p / "options.json").is_file():
         raise MepfError(f"{p} has no generator.pt yet; finish training (mepf synthesize --resume {p})")
     if p.suffix == ".npz":
-        return load_npz_images(p)
+        return read_npz(p)
     if p.is_dir():
-        s = read_source(open_source(str(p)))
-        s.fingerprint = None
-        return s
+        return read_source(open_source(str(p)))
     raise MepfError(f"{spec}: expected a run folder, generator.pt, .npz or a folder of PNGs")
 
 
@@ -98,11 +89,7 @@ def load_reference(spec: str, data_root=None):
         d = np.load(p)
         if "mu" in d and "sigma" in d:
             return FidStats(d["mu"], d["sigma"], f"FID statistics {p.name}")
-        y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
-        classes = [str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None
-        from mepf.embed.sources import ArraySource
-
-        return read_source(ArraySource(p, classes))  # as stage 1 reads it, so fingerprints compare
+        return read_npz(p)
     try:
         return read_source(open_source(spec, data_root=data_root))
     except MepfError as e:

@@ -66,7 +66,13 @@ def test_fashion_mnist_from_debian_package(tmp_path):
 
 
 def test_fingerprint_ignores_batching_and_sees_changes(labelled_npz, tmp_path):
-    from mepf.embed.fingerprint import fingerprint_of
+    from mepf.embed.fingerprint import Fingerprint
+
+    def fingerprint_of(src, batch_size=1000):
+        fp = Fingerprint(src.description)
+        for images, labels in src.batches(batch_size):
+            fp.update(images, labels)
+        return fp.hexdigest()
 
     path, x, y = labelled_npz
     src = ArraySource(path, ["a", "b", "c"])
