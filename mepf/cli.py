@@ -216,6 +216,10 @@ def _moment_weights(ctx, param, value):
               help="mavg: the paper's Adam moving average; plain: squared distance.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, help="Generator Adam lr.")
 @click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=1e-3, help="Moving-average Adam lr.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              help="Generator lr: constant, or cosine-annealed to 0 at the last step.")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="Decay of a moving average of the generator's weights, which then makes the samples (0: off).")
 @click.option("--batch-size", type=click.IntRange(1, 100000), default=100)
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="Training steps.  [default: 2000; with --resume, the run's own]")
@@ -232,8 +236,8 @@ def _moment_weights(ctx, param, value):
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, batch_size, steps, seed, labels,
-               moment_weights, grid_every, snapshot_every, log_every, device, weights, dry_run, quiet):
+def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_schedule, ema, batch_size, steps,
+               seed, labels, moment_weights, grid_every, snapshot_every, log_every, device, weights, dry_run, quiet):
     """Stage 2: train a generator from the released FILE alone."""
     from dataclasses import asdict
 
@@ -249,7 +253,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, batc
     if not file or not out:
         raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
     opts = train.TrainOptions(release=file, out=out, generator=generator, width=width, objective=objective, lr=lr,
-                              lr_mavg=lr_mavg, batch_size=batch_size, steps=steps or 2000, seed=seed, labels=labels,
+                              lr_mavg=lr_mavg, lr_schedule=lr_schedule, ema=ema, batch_size=batch_size,
+                              steps=steps or 2000, seed=seed, labels=labels,
                               moment_weights=moment_weights, grid_every=grid_every, snapshot_every=snapshot_every,
                               log_every=log_every, device=device, weights=weights)
     if dry_run:

@@ -2,7 +2,9 @@
 grid PNGs, snapshots with every RNG state, generator.pt). Resumable; the result is the last step."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ from .grid import save_grid
 from .objective import Target, fake_embeddings, squared_distance
 
 OBJECTIVES = ("mavg", "plain")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -33,6 +36,8 @@ class TrainOptions:
     objective: str = "mavg"
     lr: float = 3e-4
     lr_mavg: float = 1e-3
+    lr_schedule: str = "constant"
+    ema: float = 0.0  # decay of an exponential moving average of the generator's weights; 0: off
     batch_size: int = 100
     steps: int = 2000
     seed: int = 0
@@ -50,6 +55,10 @@ def prepare(opts: TrainOptions):
     release = load(opts.release)
     if opts.objective not in OBJECTIVES:
         raise MepfError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    if opts.lr_schedule not in LR_SCHEDULES:
+        raise MepfError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
+    if not 0 <= opts.ema < 1:
+        raise MepfError("--ema must be in [0, 1): the decay of the weight average (0 turns it off)")
     if opts.labels not in ("balanced", "prior"):
         raise MepfError("--labels must be balanced or prior")
     extra = set(opts.moment_weights) - set(release.moments)
@@ -94,6 +103,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
             self.G = build_generator(arch).to(device)
+        self.G_ema = copy.deepcopy(self.G).eval() if opts.ema > 0 else None
         self.rng = torch.Generator().manual_seed(opts.seed + 1)  # labels and z of training batches
         self.grid_z = torch.randn(10 * arch["num_classes"], Z_DIM, generator=torch.Generator().manual_seed(opts.seed + 2))
         betas = (0.5, 0.999)
@@ -109,7 +119,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
-        return {"step": self.step, "generator": self.G.state_dict(), "opt_g": self.opt_g.state_dict(),
+        return {"step": self.step, "generator": self.G.state_dict(),
+                "generator_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
+                "opt_g": self.opt_g.state_dict(),
                 "opt_m": self.opt_m.state_dict(), "mavg": {m: t.detach().cpu() for m, t in self.mavg.items()},
                 "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -117,6 +129,8 @@ class Trainer:
     def load_state(self, s: dict):
         self.step = s["step"]
         self.G.load_state_dict(s["generator"])
+        if self.G_ema is not None:
+            self.G_ema.load_state_dict(s.get("generator_ema") or s["generator"])
         with torch.no_grad():
             for m, t in s["mavg"].items():
                 self.mavg[m].copy_(t)
@@ -158,19 +172,48 @@ class Trainer:
             stats["mavg_loss"] = float(mloss.detach())
             loss = sum(self.weights[m] * -(self.mavg[m][p].detach() * mu[p]).sum(1).mean()
                        for m, (mu, p) in fake.items())
+        lr = self.lr_at(self.step)
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
         self.step += 1
+        self.update_ema()
         return stats
+
+    def lr_at(self, step: int) -> float:
+        """The generator's learning rate at `step`: constant, or cosine-annealed to 0 at opts.steps."""
+        if self.opts.lr_schedule == "constant":
+            return self.opts.lr
+        return self.opts.lr * 0.5 * (1 + math.cos(math.pi * min(step, self.opts.steps) / self.opts.steps))
+
+    @torch.no_grad()
+    def update_ema(self):
+        """Weights: exponential average with a warm-up (decay min(ema, (1+t)/(10+t))); buffers (BN
+        statistics): copied, as they are already running averages."""
+        if self.G_ema is None:
+            return
+        d = min(self.opts.ema, (1 + self.step) / (10 + self.step))
+        for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            pe.lerp_(p.detach(), 1 - d)
+        for be, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            be.copy_(b)
+
+    @property
+    def output_generator(self):
+        """What grids, generator.pt and sampling use: the weight average when there is one."""
+        return self.G_ema if self.G_ema is not None else self.G
 
     def save_grid(self):
         k = self.arch["num_classes"]
         y = torch.arange(k).repeat_interleave(10)
-        self.G.eval()
+        g = self.output_generator
+        was_training = g.training
+        g.eval()
         with torch.no_grad():
-            x = self.G(self.grid_z.to(self.device), y.to(self.device)).float().cpu()
-        self.G.train()
+            x = g(self.grid_z.to(self.device), y.to(self.device)).float().cpu()
+        g.train(was_training)
         save_grid(x, k, self.run / f"grid-{self.step:07d}.png")
 
     def snapshot(self):
@@ -206,7 +249,7 @@ class Trainer:
         if not (o.grid_every and self.step % o.grid_every == 0):
             self.save_grid()
         self.snapshot()
-        save_generator(self.run / "generator.pt", self.G, self.arch, self.release, self.step)
+        save_generator(self.run / "generator.pt", self.output_generator, self.arch, self.release, self.step)
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done at step {self.step}\n")
         log.close()
 

@@ -76,16 +76,45 @@ def test_plain_objective_also_learns(release_file, tmp_path):
 
 
 def test_resume_is_bitwise_identical(release_file, tmp_path):
-    base = dict(FAST, snapshot_every=10)
+    base = dict(FAST, snapshot_every=10, ema=0.9)
     a = start(TrainOptions(release=str(release_file), out=str(tmp_path / "a"), steps=20, **base), progress=False)
     start(TrainOptions(release=str(release_file), out=str(tmp_path / "b"), steps=10, **base), progress=False)
     b = resume(tmp_path / "b", steps=20, progress=False)
-    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb), ka
+    for ga, gb in ((a.G, b.G), (a.G_ema, b.G_ema)):
+        for (ka, va), (kb, vb) in zip(ga.state_dict().items(), gb.state_dict().items()):
+            assert ka == kb and torch.equal(va, vb), ka
     for m in a.mavg:
         assert torch.equal(a.mavg[m], b.mavg[m])
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
+
+
+def test_weight_average_and_cosine_schedule(release_file, tmp_path):
+    """The EMA follows its formula step by step and is what generator.pt holds; the cosine lr runs
+    from --lr to 0 and is the lr each step used."""
+    from mepf.synthesize.train import Trainer
+
+    opts = TrainOptions(release=str(release_file), out=str(tmp_path / "e"), steps=8, ema=0.8, lr_schedule="cosine",
+                        lr=1e-3, **FAST)
+    release, ex, arch, dev = prepare(opts)
+    t = Trainer(opts, release, ex, arch, dev)
+    avg = [p.detach().clone() for p in t.G.parameters()]
+    lrs = []
+    for step in range(8):
+        t.train_step()
+        lrs.append(t.opt_g.param_groups[0]["lr"])
+        d = min(0.8, (1 + step + 1) / (10 + step + 1))
+        avg = [d * a + (1 - d) * p.detach() for a, p in zip(avg, t.G.parameters())]
+    for a, pe in zip(avg, t.G_ema.parameters()):
+        assert torch.allclose(a, pe, atol=1e-6)
+    assert lrs[0] == 1e-3 and all(x > y > 0 for x, y in zip(lrs, lrs[1:])) and t.lr_at(8) == 0.0
+    assert lrs[4] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 4 / 8)))
+    assert not all(torch.equal(p, q) for p, q in zip(t.G.parameters(), t.G_ema.parameters()))
+
+    run = start(opts, progress=False)
+    saved = load_generator(tmp_path / "e").module.state_dict()
+    assert all(torch.equal(v, run.G_ema.state_dict()[k]) for k, v in saved.items())
+    assert not all(torch.equal(v, run.G.state_dict()[k]) for k, v in saved.items())
 
 
 def test_stage2_imports_no_data_reader():
