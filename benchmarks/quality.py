@@ -62,6 +62,22 @@ def test_subset(out: Path, n: int, data_root) -> Path:
     return path
 
 
+def write_table(out: Path, rows: list) -> list:
+    """results.md, rewritten after every eps so that an interrupted run keeps its finished rows."""
+    lines = ["| eps | CNN acc | LogReg acc | MLP acc | trained on | FID (samples vs test images) | embed | train | steps "
+             "| evaluate | device | commit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        fid = f"{r['fid']:.1f} ({r['fid_samples']} vs {r['fid_reference']})" if r["fid"] is not None else "not run"
+        lines.append(f"| {r['epsilon']} | {100 * r['cnn']:.1f}% | {100 * r['logreg']:.1f}% | {100 * r['mlp']:.1f}% | "
+                     f"{r['n_synthetic']:,} synthetic | {fid} | {r['embed_s']:.0f} s | {r['train_s'] / 60:.1f} min | "
+                     f"{r['steps']} | "
+                     f"{r.get('eval_s', 0) / 60:.1f} min | {r['device']} | {r['commit']} |")
+    lines += ["", "Published (DPImageBench, CCS 2025), accuracy eps=1 / eps=10, FID eps=10:"]
+    lines += [f"- {n}: {a1} / {a10}" + (f", FID {f}" if f else "") for n, a1, a10, f in PUBLISHED]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -129,19 +145,12 @@ def main() -> None:
         rows.append({"epsilon": tag, "delta": a.delta, "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"],
                      "mlp": m["accuracy"]["mlp"], "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),
                      "fid_reference": None if a.skip_fid else min(a.fid_reference, 10000),
-                     "n_synthetic": a.n_synthetic, "embed_s": embed_s, "train_s": train_s, "eval_s": eval_s, "steps": a.steps,
+                     "n_synthetic": a.n_synthetic, "embed_s": embed_s, "train_s": train_s, "eval_s": eval_s,
+                     "steps": a.steps,
                      "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
                      "commit": commit()})
         (out / "results.json").write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
-    lines = ["| eps | CNN acc | LogReg acc | MLP acc | FID (samples vs test images) | embed time | train time | steps "
-             "| device | commit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['epsilon']} | {100 * r['cnn']:.1f}% | {100 * r['logreg']:.1f}% | {100 * r['mlp']:.1f}% | "
-                     + (f"{r['fid']:.1f} ({r['fid_samples']} vs {r['fid_reference']})" if r["fid"] is not None else "not run") + f" | {r['embed_s']:.0f} s | {r['train_s'] / 60:.1f} min | "
-                     f"{r['steps']} | {r['device']} | {r['commit']} |")
-    lines += ["", "Published (DPImageBench, CCS 2025), accuracy eps=1 / eps=10, FID eps=10:"]
-    lines += [f"- {n}: {a1} / {a10}" + (f", FID {f}" if f else "") for n, a1, a10, f in PUBLISHED]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+        lines = write_table(out, rows)
     print("\n".join(lines))
 
 
