@@ -6,12 +6,14 @@ fixed recipe. Nothing is selected on the test set: each model is trained once an
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 CLASSIFIERS = ("logreg", "mlp", "cnn")
 MIN_STEPS = 500
@@ -63,7 +65,7 @@ def resnet9(channels: int, num_classes: int) -> nn.Module:
 
 
 def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int = 0, epochs: int = 8,
-                 batch_size: int = 128, device="cpu") -> float:
+                 batch_size: int = 128, device="cpu", progress: bool = False) -> float:
     """Fixed recipe: Adam lr 2e-3 with a one-cycle schedule, `epochs` epochs but at least MIN_STEPS steps
     (small training sets would otherwise leave batch norm's running statistics unsettled), random crop for
     augmentation; the last iterate is tested."""
@@ -81,6 +83,7 @@ def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int =
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
+    bar = tqdm(total=steps, desc="cnn", unit="step", disable=not progress, dynamic_ncols=True, leave=False)
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
         for s in range(0, len(xt), batch_size):
@@ -93,6 +96,8 @@ def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int =
             loss.backward()
             opt.step()
             sched.step()
+            bar.update(1)
+    bar.close()
     model.eval()
     xe = torch.from_numpy(x_test).permute(0, 3, 1, 2).float() / 255
     correct = 0
@@ -103,12 +108,14 @@ def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int =
 
 
 def accuracies(train_images, train_labels, test_images, test_labels, num_classes: int, which=CLASSIFIERS,
-               seed: int = 0, device="cpu", cnn_epochs: int = 8) -> dict:
+               seed: int = 0, device="cpu", cnn_epochs: int = 8, progress: bool = False) -> dict:
     out = {}
     for kind in which:
+        if progress:
+            tqdm.write(f"training {kind} on {len(train_images)} images", file=sys.stderr)
         if kind == "cnn":
             out[kind] = cnn_accuracy(train_images, train_labels, test_images, test_labels, num_classes, seed,
-                                     epochs=cnn_epochs, device=device)
+                                     epochs=cnn_epochs, device=device, progress=progress)
         else:
             out[kind] = sklearn_accuracy(kind, train_images, train_labels, test_images, test_labels, seed)
     return out

@@ -109,13 +109,13 @@ def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: i
     if "accuracy" in wanted:
         kk = len(ref.class_names)
         metrics_out["accuracy"] = accuracies(synth.images, synth.labels, ref.images, ref.labels, kk, classifiers,
-                                             seed, device, cnn_epochs)
+                                             seed, device, cnn_epochs, progress)
         if real_train:
             real = read_source(open_source(real_train, data_root=data_root))
             if real.labels is None or real.shape != ref.shape:
                 raise MepfError("--real-train must be labelled and have the reference's geometry")
             metrics_out["accuracy_real_train"] = accuracies(real.images, real.labels, ref.images, ref.labels, kk,
-                                                            classifiers, seed, device, cnn_epochs)
+                                                            classifiers, seed, device, cnn_epochs, progress)
     rel = _release_of(synth, release)
     if "embedding" in wanted and rel is not None and (synth.labels is not None or not rel.labelled):
         from mepf.embed.features import feature_map_from_spec
