@@ -22,6 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
@@ -30,6 +31,7 @@ from mepf.embed.features import build_feature_map
 from mepf.embed.release import embed_to_file
 from mepf.embed.sources import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.transform import Transform
+from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
 from mepf.synthesize.train import TrainOptions, start
 
@@ -49,16 +51,12 @@ def fashion_source(data_root):
         return named_source("fashion-mnist:train", data_root)
 
 
-def test_subset(out: Path, n: int, data_root) -> Path:
+def fid_reference_subset(out: Path, n: int, data_root) -> Path:
     """The first n Fashion-MNIST test images as an .npz: a smaller FID reference when CPU time is short."""
     path = out / f"fashion-mnist-test-first{n}.npz"
     if not path.is_file():
-        import numpy as np
-
-        xs, ys = [], []
-        for x, y in named_source("fashion-mnist:test", data_root).batches(1000):
-            xs.append(x), ys.append(y)
-        np.savez(path, images=np.concatenate(xs)[:n], labels=np.concatenate(ys)[:n])
+        test = read_source(named_source("fashion-mnist:test", data_root))
+        np.savez(path, images=test.images[:n], labels=test.labels[:n])
     return path
 
 
@@ -70,8 +68,7 @@ def write_table(out: Path, rows: list) -> list:
         fid = f"{r['fid']:.1f} ({r['fid_samples']} vs {r['fid_reference']})" if r["fid"] is not None else "not run"
         lines.append(f"| {r['epsilon']} | {100 * r['cnn']:.1f}% | {100 * r['logreg']:.1f}% | {100 * r['mlp']:.1f}% | "
                      f"{r['n_synthetic']:,} synthetic | {fid} | {r['embed_s']:.0f} s | {r['train_s'] / 60:.1f} min | "
-                     f"{r['steps']} | "
-                     f"{r.get('eval_s', 0) / 60:.1f} min | {r['device']} | {r['commit']} |")
+                     f"{r['steps']} | {r['eval_s'] / 60:.1f} min | {r['device']} | {r['commit']} |")
     lines += ["", "Published (DPImageBench, CCS 2025), accuracy eps=1 / eps=10, FID eps=10:"]
     lines += [f"- {n}: {a1} / {a10}" + (f", FID {f}" if f else "") for n, a1, a10, f in PUBLISHED]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -126,8 +123,8 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
         start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                           lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, width=a.width, device=a.device, grid_every=max(1, a.steps // 4),
-                           snapshot_every=max(1, a.steps // 4)))
+                           lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, width=a.width, device=a.device,
+                           grid_every=max(1, a.steps // 4), snapshot_every=max(1, a.steps // 4)))
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         full_fid = not a.skip_fid and a.fid_reference >= 10000
@@ -137,7 +134,7 @@ def main() -> None:
                        metrics=None if full_fid else ["accuracy", "embedding"])
         m = rep["metrics"]
         if not a.skip_fid and not full_fid:
-            fid_rep = evaluate(str(run), str(test_subset(out, a.fid_reference, a.data_root)),
+            fid_rep = evaluate(str(run), str(fid_reference_subset(out, a.fid_reference, a.data_root)),
                                out / f"report-eps{tag}-fid", n=a.fid_samples, data_root=a.data_root, device=dev,
                                release_log=out / "releases.jsonl", metrics=["fid"])
             m.update({k: v for k, v in fid_rep["metrics"].items() if k.startswith("fid")})

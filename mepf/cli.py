@@ -254,7 +254,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
         raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
     opts = train.TrainOptions(release=file, out=out, generator=generator, width=width, objective=objective, lr=lr,
                               lr_mavg=lr_mavg, lr_schedule=lr_schedule, ema=ema, batch_size=batch_size,
-                              steps=steps or 2000, seed=seed, labels=labels,
+                              steps=steps or train.TrainOptions.steps, seed=seed, labels=labels,
                               moment_weights=moment_weights, grid_every=grid_every, snapshot_every=snapshot_every,
                               log_every=log_every, device=device, weights=weights)
     if dry_run:
