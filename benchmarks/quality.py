@@ -68,7 +68,7 @@ def write_table(out: Path, rows: list) -> list:
         fid = f"{r['fid']:.1f} ({r['fid_samples']} vs {r['fid_reference']})" if r["fid"] is not None else "not run"
         lines.append(f"| {r['epsilon']} | {100 * r['cnn']:.1f}% | {100 * r['logreg']:.1f}% | {100 * r['mlp']:.1f}% | "
                      f"{r['n_synthetic']:,} synthetic | {fid} | {r['embed_s']:.0f} s | {r['train_s'] / 60:.1f} min | "
-                     f"{r['steps']} | {r.get('lr', '?')} | {r['eval_s'] / 60:.1f} min | {r['device']} | {r['commit']} |")
+                     f"{r['steps']} | {r['lr']} | {r['eval_s'] / 60:.1f} min | {r['device']} | {r['commit']} |")
     lines += ["", "Published (DPImageBench, CCS 2025), accuracy eps=1 / eps=10, FID eps=10:"]
     lines += [f"- {n}: {a1} / {a10}" + (f", FID {f}" if f else "") for n, a1, a10, f in PUBLISHED]
     (out / "results.md").write_text("\n".join(lines) + "\n")
