@@ -1,7 +1,8 @@
 """The feature map, defined once: stage 1 embeds real images with it, stage 2 embeds generated ones.
 
 Images enter as float tensors in [0, 1], shape (B, C, H, W) with C in {1, 3}; greyscale is repeated to
-three channels, then the backbone's own normalisation is applied. The extractor is a frozen pretrained
+three channels, optionally upsampled (bilinear) to a larger working size, since an ImageNet backbone sees
+little in 28 px, then the backbone's own normalisation is applied. The extractor is a frozen pretrained
 CNN in eval mode, cut after its last used layer; its chosen layer outputs are flattened (pooling
 'none') or spatially averaged ('mean') and concatenated in forward order.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from mepf.artifacts.errors import MepfError
 
@@ -194,9 +196,10 @@ def weights_sha256(module: nn.Module) -> str:
 class FeatureExtractor(nn.Module):
     """f(x): images in [0,1], (B, C, H, W) -> (B, D) float32 features. Frozen, eval mode."""
 
-    def __init__(self, backbone: str, stages: list, layers: list, pooling: str, channels: int):
+    def __init__(self, backbone: str, stages: list, layers: list, pooling: str, channels: int, resize=None):
         super().__init__()
         self.backbone, self.pooling, self.channels = backbone, pooling, channels
+        self.resize = tuple(resize) if resize else None
         self.layers = list(layers)
         self.body = _Stages(stages, layers)
         if BACKBONES[backbone].preprocessing == "imagenet-mean-std":
@@ -218,6 +221,8 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"expected (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
         if self.channels == 1:
             x = x.expand(-1, 3, -1, -1)
+        if self.resize is not None and tuple(x.shape[2:]) != self.resize:
+            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
         outs = self.body(x)
         if self.pooling == "mean":
@@ -268,8 +273,10 @@ def phi(name: str, features: torch.Tensor, spec: dict, dtype=torch.float64) -> t
 
 
 def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, pooling=None,
-                      image_size=(32, 32), channels: int = 3, seed: int = 0, c1: float = 1.0, c2: float = 1.0):
-    """Build the extractor and its spec (the dict stored in the released file)."""
+                      image_size=(32, 32), channels: int = 3, seed: int = 0, c1: float = 1.0, c2: float = 1.0,
+                      feature_size=None):
+    """Build the extractor and its spec (the dict stored in the released file). feature_size (H, W): the
+    working size the images are upsampled to inside the feature map (None: the input size)."""
     if backbone not in BACKBONES:
         raise MepfError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     info = BACKBONES[backbone]
@@ -284,12 +291,17 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
     if channels not in (1, 3):
         raise MepfError(f"--channels must be 1 or 3 (got {channels})")
     h, w = image_size
-    if backbone == "efficientnet-lite0" and h != w:
+    resize = tuple(feature_size) if feature_size and tuple(feature_size) != (h, w) else None
+    if resize is not None and (resize[0] < h or resize[1] < w):
+        raise MepfError(f"--feature-size {resize[0]}x{resize[1]} is smaller than the images ({h}x{w}); the feature "
+                        "map only upsamples: give a larger size, or resize the data itself with --image-size")
+    fh, fw = resize or (h, w)
+    if backbone == "efficientnet-lite0" and fh != fw:
         raise MepfError("efficientnet-lite0 needs square images; pass --image-size N")
-    model, source = _build_model(backbone, weights, h, seed)
+    model, source = _build_model(backbone, weights, fh, seed)
     stages = {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages,
               "efficientnet-lite0": _effnet_stages}[backbone](model)
-    extractor = FeatureExtractor(backbone, stages, layers, pooling, channels)
+    extractor = FeatureExtractor(backbone, stages, layers, pooling, channels, resize)
     with torch.no_grad():
         dim = int(extractor(torch.zeros(1, channels, h, w)).shape[1])
     spec = {
@@ -302,6 +314,8 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
         "pooling": pooling,
         "input": {"height": h, "width": w, "channels": channels, "range": "[0, 1]",
                   "greyscale_to_rgb": "repeat" if channels == 1 else "n/a"},
+        "resize": None if resize is None else {"height": fh, "width": fw,
+                                               "mode": "torch bilinear, align_corners=False, after greyscale_to_rgb"},
         "preprocessing": info.preprocessing,
         "mode": "eval",
         "C1": c1,
@@ -324,7 +338,7 @@ def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> Featur
     extractor, rebuilt = build_feature_map(spec["backbone"], weights, spec["layers"], spec["pooling"],
                                            (spec["input"]["height"], spec["input"]["width"]),
                                            spec["input"]["channels"], spec.get("weight_seed") or 0,
-                                           spec["C1"], spec["C2"])
+                                           spec["C1"], spec["C2"], _feature_size(spec))
     if rebuilt["weights_sha256"] != spec["weights_sha256"]:
         raise MepfError(
             f"extractor weights differ from those the file was made with ({spec['backbone']}, "
@@ -333,6 +347,11 @@ def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> Featur
     if rebuilt["dim"] != spec["dim"]:
         raise MepfError(f"feature dimension {rebuilt['dim']} differs from the file's {spec['dim']}")
     return extractor
+
+
+def _feature_size(spec: dict):
+    r = spec.get("resize")  # absent in files written before the option existed: no resize
+    return None if not r else (r["height"], r["width"])
 
 
 def _versions() -> dict:

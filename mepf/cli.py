@@ -69,6 +69,9 @@ def main():
 @click.option("--pooling", type=click.Choice(["none", "mean"]), default=None,
               help="Per-layer pooling.  [default: the backbone's, none]")
 @click.option("--image-size", callback=_image_size, default=None, help="Resize to N or HxW.  [default: native]")
+@click.option("--feature-size", callback=_image_size, default=None,
+              help="Upsample to N or HxW inside the feature map only (data and generators keep --image-size); "
+              "deeper layers then keep spatial detail.  [default: no upsampling]")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.  "
               "[default: native]")
 @click.option("--classes", default=None, help="Label set of .npz/.h5 data: a count or comma-separated names.")
@@ -84,7 +87,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
-          pooling, image_size, channels, classes, data_root, batch_size, device, release_log, allow_repeat, force,
+          pooling, image_size, feature_size, channels, classes, data_root, batch_size, device, release_log, allow_repeat, force,
           overwrite, quiet):
     """Stage 1 (data owner): read the private images once and write the privatised embedding."""
     from mepf.artifacts.accounting import validate_target
@@ -106,7 +109,7 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     size = image_size or (h, w)
     ch = int(channels) if channels else c
     extractor, spec = build_feature_map(backbone, weights, layers.split(",") if layers else None, pooling,
-                                        size, ch, weights_seed)
+                                        size, ch, weights_seed, feature_size=feature_size)
     dev = resolve_device(device)
     result = embed_to_file(source, Transform(size, ch), extractor, spec, out=out, epsilon=epsilon, delta=delta,
                            relation=relation, moments=moments, budget_split=budget_split, batch_size=batch_size,
@@ -186,7 +189,8 @@ def info(file):
         f"classes     {len(r.class_names)}: {', '.join(r.class_names)}" if r.labelled else "classes     unlabelled",
         f"moments     {', '.join(r.moments)}",
         f"features    {fs['backbone']} ({fs['weight_source']}), {len(fs['layers'])} layers, pooling "
-        f"{fs['pooling']}, D={fs['dim']}",
+        f"{fs['pooling']}, D={fs['dim']}"
+        + (f", at {fs['resize']['height']}x{fs['resize']['width']}" if fs.get("resize") else ""),
         f"noisy n     {max(float(r.arrays['counts'].sum()), 0):.0f} (noisy count)",
     ]
     click.echo("\n".join(lines))

@@ -87,6 +87,7 @@ BAD = {
     "out in missing folder": (lambda t: ["--data", "mnist-5k", "--out", t / "no" / "x.h5"], "does not exist"),
     "unknown dataset": (lambda t: ["--data", "imagenet"], "not a folder"),
     "bad budget split": (lambda t: ["--data", "mnist-5k", "--budget-split", "S9=0.1"], "unknown release"),
+    "feature size below image": (lambda t: ["--data", "mnist-5k", "--feature-size", "16"], "only upsamples"),
 }
 
 

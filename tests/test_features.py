@@ -110,3 +110,33 @@ def test_transform_resize_and_channels():
     ragged = Transform((16, 16), 1)([make_images(1, size=28)[0], make_images(1, size=20)[0]])
     assert ragged.shape == (2, 1, 16, 16)
     np.testing.assert_allclose(Transform((28, 28), 1)(np.full((1, 28, 28, 1), 255, np.uint8)).numpy(), 1.0)
+
+
+def test_feature_size_upsamples_inside_the_map_and_round_trips():
+    """--feature-size: the map takes 28 px images and is the same as the 56 px map applied to the
+    bilinearly upsampled images; the spec records it and rebuilds the identical map."""
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1,
+                                 feature_size=(56, 56))
+    at56, spec56 = build_feature_map("efficientnet-lite0", "pretrained", image_size=(56, 56), channels=1)
+    assert spec["input"]["height"] == 28 and spec["resize"]["height"] == 56 and spec56["resize"] is None
+    assert spec["dim"] == spec56["dim"] > build_feature_map("efficientnet-lite0", "pretrained",
+                                                            image_size=(28, 28), channels=1)[1]["dim"]
+    x = torch.rand(3, 1, 28, 28)
+    up = torch.nn.functional.interpolate(x, size=(56, 56), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(ex(x), at56(up), atol=1e-5)
+        assert torch.equal(ex(x), feature_map_from_spec(spec)(x))
+
+
+def test_spec_without_resize_key_means_no_resize(eff28):
+    """Files written before --feature-size existed carry no 'resize' key and keep their map."""
+    ex, spec = eff28
+    old = {k: v for k, v in spec.items() if k != "resize"}
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(feature_map_from_spec(old)(x), ex(x))
+
+
+def test_feature_size_below_image_size_refused():
+    with pytest.raises(MepfError, match="only upsamples"):
+        build_feature_map("resnet18", "random", image_size=(32, 32), feature_size=(16, 16))

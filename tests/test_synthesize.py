@@ -233,3 +233,26 @@ def test_cli_resume_extends_a_run(release_file, tmp_path):
     assert [json.loads(l)["step"] for l in (run / "stats.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     again = r.invoke(main, ["synthesize", str(release_file), "--out", str(run), "--quiet"])
     assert again.exit_code == 2 and "--resume" in again.stderr
+
+
+def test_feature_size_release_trains_a_native_size_generator(tmp_path):
+    """embed --feature-size 56 on 28 px data: stage 1's per-record vectors equal stage 2's phi of the same
+    28 px images (both upsample inside the one feature map), and the generator still draws 28 px images."""
+    images = np.stack([np.asarray(x) for x, _ in named_source("mnist-5k:test").batches(20)][0])[:20]
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(20) % 10)
+    r = CliRunner().invoke(main, ["embed", "--data", str(tmp_path / "d.npz"), "--classes", "10", "--out",
+                                  str(tmp_path / "r.h5"), "--epsilon", "10", "--delta", "1e-3", "--feature-size", "56",
+                                  "--release-log", str(tmp_path / "log.jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    spec = load(tmp_path / "r.h5").feature_spec
+    assert spec["input"]["height"] == 28 and spec["resize"]["height"] == 56
+    assert "at 56x56" in CliRunner().invoke(main, ["info", str(tmp_path / "r.h5")]).output
+    np.savez(tmp_path / "ten.npz", images=images[:10], labels=np.arange(10))
+    sums = accumulate(ArraySource(tmp_path / "ten.npz", [str(i) for i in range(10)]), Transform((28, 28), 1),
+                      feature_map_from_spec(spec), "mean+second", spec["C1"], spec["C2"], progress=False)
+    with torch.no_grad():
+        f = feature_map_from_spec(spec)(torch.from_numpy(images[:10]).permute(0, 3, 1, 2).float() / 255)
+    for m in ("S1", "S2"):
+        np.testing.assert_allclose(sums.sums[m], phi(m, f, spec, torch.float32).double().numpy(), atol=1e-6)
+    start(TrainOptions(release=str(tmp_path / "r.h5"), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
+    assert load_generator(tmp_path / "run").sample(4, seed=0)[0].shape == (4, 28, 28, 1)
