@@ -218,7 +218,7 @@ def _moment_weights(ctx, param, value):
               "the generator's own, 64 conv / 256 resnet]")
 @click.option("--objective", type=click.Choice(["mavg", "plain"]), default="mavg",
               help="mavg: the paper's Adam moving average; plain: squared distance.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, help="Generator Adam lr.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, help="Generator Adam lr.")
 @click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=1e-3, help="Moving-average Adam lr.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
               help="Generator lr: constant, or cosine-annealed to 0 at the last step.")
@@ -267,8 +267,9 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                                "epsilon": release.epsilon, "delta": release.delta}, indent=2, sort_keys=True))
         return
     t = train.start(opts, progress=not quiet)
-    click.echo(f"trained {t.step} steps; run folder {out}; generator {Path(out) / 'generator.pt'} "
-               f"(inherits ({t.release.epsilon:.4g}, {t.release.delta:g})-DP)")
+    guarantee = (f"inherits ({t.release.epsilon:.4g}, {t.release.delta:g})-DP" if t.release.private else
+                 "NON-PRIVATE: trained on an eps=inf baseline, never release it")
+    click.echo(f"trained {t.step} steps; run folder {out}; generator {Path(out) / 'generator.pt'} ({guarantee})")
 
 
 @main.command()

@@ -34,7 +34,7 @@ class TrainOptions:
     generator: str = "auto"
     width: int = 0  # 0: the generator's default
     objective: str = "mavg"
-    lr: float = 3e-4
+    lr: float = 1e-3  # chosen on the mnist-5k proxy (docs/results.md)
     lr_mavg: float = 1e-3
     lr_schedule: str = "constant"
     ema: float = 0.0  # decay of an exponential moving average of the generator's weights; 0: off

@@ -21,7 +21,7 @@ LEDGER_KEYS = {"private", "relation", "relation_text", "releases", "composition"
                "noise", "post_processing"}
 RELEASE_KEYS = {"name", "mechanism", "shape", "sensitivity", "sensitivity_formula", "sigma", "weight"}
 FEATURE_KEYS = {"backbone", "weights", "weight_source", "weight_seed", "weights_sha256", "layers", "pooling", "input",
-                "preprocessing", "mode", "C1", "C2", "norm_target", "dim", "versions"}
+                "resize", "preprocessing", "mode", "C1", "C2", "norm_target", "dim", "versions"}
 DATA_KEYS = {"dataset", "labelled", "num_classes", "transform", "moments"}
 
 

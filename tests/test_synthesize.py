@@ -204,7 +204,10 @@ def test_sample_outputs(release_file, tmp_path):
 
 def test_dry_run_writes_nothing(release_file, tmp_path):
     r = CliRunner().invoke(main, ["synthesize", str(release_file), "--out", str(tmp_path / "run"), "--dry-run"])
-    assert r.exit_code == 0 and json.loads(r.output)["generator_arch"]["name"] == "conv"
+    resolved = json.loads(r.output)
+    assert r.exit_code == 0 and resolved["generator_arch"]["name"] == "conv"
+    defaults = TrainOptions(release="", out="")
+    assert (resolved["lr"], resolved["steps"]) == (defaults.lr, defaults.steps)  # CLI and library agree
     assert not (tmp_path / "run").exists()
 
 
@@ -226,8 +229,9 @@ def test_resnet_generator_on_rgb_32(tmp_path):
 def test_cli_resume_extends_a_run(release_file, tmp_path):
     run = tmp_path / "run"
     r = CliRunner()
-    assert r.invoke(main, ["synthesize", str(release_file), "--out", str(run), "--steps", "3", "--width", "16",
-                           "--batch-size", "20", "--log-every", "1", "--device", "cpu", "--quiet"]).exit_code == 0
+    first = r.invoke(main, ["synthesize", str(release_file), "--out", str(run), "--steps", "3", "--width", "16",
+                            "--batch-size", "20", "--log-every", "1", "--device", "cpu", "--quiet"])
+    assert first.exit_code == 0 and "inherits (1000, 1e-05)-DP" in first.output
     res = r.invoke(main, ["synthesize", "--resume", str(run), "--steps", "5", "--quiet"])
     assert res.exit_code == 0 and "step 5" in res.output
     assert [json.loads(l)["step"] for l in (run / "stats.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
@@ -256,3 +260,15 @@ def test_feature_size_release_trains_a_native_size_generator(tmp_path):
         np.testing.assert_allclose(sums.sums[m], phi(m, f, spec, torch.float32).double().numpy(), atol=1e-6)
     start(TrainOptions(release=str(tmp_path / "r.h5"), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
     assert load_generator(tmp_path / "run").sample(4, seed=0)[0].shape == (4, 28, 28, 1)
+
+
+def test_generator_from_a_nonprivate_baseline_is_called_so(tmp_path):
+    images = np.stack([np.asarray(x) for x, _ in named_source("mnist-5k:test").batches(20)][0])[:20]
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(20) % 10)
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
+    embed_to_file(ArraySource(tmp_path / "d.npz", [str(i) for i in range(10)]), Transform((28, 28), 1), ex, spec,
+                  out=tmp_path / "inf.h5", epsilon=float("inf"), delta=1e-5, release_log_path=tmp_path / "l.jsonl",
+                  progress=False)
+    r = CliRunner().invoke(main, ["synthesize", str(tmp_path / "inf.h5"), "--out", str(tmp_path / "run"), "--steps",
+                                  "1", "--width", "16", "--batch-size", "10", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0 and "NON-PRIVATE" in r.output and "inherits" not in r.output
