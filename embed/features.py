@@ -221,7 +221,7 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"expected (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
         if self.channels == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.resize is not None and tuple(x.shape[2:]) != self.resize:
+        if self.resize is not None:
             x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
         outs = self.body(x)
@@ -297,7 +297,8 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
                         "map only upsamples: give a larger size, or resize the data itself with --image-size")
     fh, fw = resize or (h, w)
     if backbone == "efficientnet-lite0" and fh != fw:
-        raise MepfError("efficientnet-lite0 needs square images; pass --image-size N")
+        raise MepfError("efficientnet-lite0 needs square images; pass --image-size N"
+                        + (" and --feature-size N" if resize else ""))
     model, source = _build_model(backbone, weights, fh, seed)
     stages = {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages,
               "efficientnet-lite0": _effnet_stages}[backbone](model)
