@@ -90,9 +90,9 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet-lite0")
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-3,
+    ap.add_argument("--lr", type=float, default=TrainOptions.lr,
                     help="Generator Adam lr (the tool's default, chosen as docs/results.md says).")
-    ap.add_argument("--lr-mavg", type=float, default=1e-3)
+    ap.add_argument("--lr-mavg", type=float, default=TrainOptions.lr_mavg)
     ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--ema", type=float, default=0.0, help="Generator weight average decay (0: off).")
     ap.add_argument("--width", type=int, default=0)

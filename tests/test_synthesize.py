@@ -161,23 +161,27 @@ def test_bad_release_refused_with_one_line(release_file, tmp_path, case, message
     assert not (tmp_path / "run").exists()
 
 
-def test_feature_map_is_the_same_in_both_stages(release_file, tmp_path):
+def _test_digits(n: int) -> np.ndarray:
+    """The first n mnist-5k:test images, uint8 (n, 28, 28, 1)."""
+    return next(iter(named_source("mnist-5k:test").batches(n)))[0][:n]
+
+
+def _assert_stages_agree(spec: dict, images: np.ndarray, tmp_path):
     """Stage 1's per-record vector (via the real accumulation of one record per class) equals stage 2's
-    phi of the same image given as a float tensor, through the map rebuilt from the file's spec."""
-    images = np.stack([np.asarray(x) for x, _ in named_source("mnist-5k:test").batches(10)][0])
-    labels = np.arange(10)
-    np.savez(tmp_path / "ten.npz", images=images[:10], labels=labels)
-    spec = load(release_file).feature_spec
-    ex1 = feature_map_from_spec(spec)
-    sums = accumulate(ArraySource(tmp_path / "ten.npz", [str(i) for i in range(10)]), Transform((28, 28), 1), ex1,
-                      "mean+second", spec["C1"], spec["C2"], batch_size=128, progress=False)
-    ex2 = feature_map_from_spec(spec)
+    phi of the same image given as a float tensor, each through a map rebuilt from the file's spec."""
+    np.savez(tmp_path / "ten.npz", images=images[:10], labels=np.arange(10))
+    sums = accumulate(ArraySource(tmp_path / "ten.npz", [str(i) for i in range(10)]), Transform((28, 28), 1),
+                      feature_map_from_spec(spec), "mean+second", spec["C1"], spec["C2"], batch_size=128,
+                      progress=False)
     x = torch.from_numpy(images[:10]).permute(0, 3, 1, 2).float() / 255  # what a generator outputs
     with torch.no_grad():
-        f = ex2(x)
+        f = feature_map_from_spec(spec)(x)
     for m in ("S1", "S2"):
-        stage2 = phi(m, f, spec, torch.float32).double().numpy()
-        np.testing.assert_allclose(sums.sums[m], stage2, atol=1e-6)
+        np.testing.assert_allclose(sums.sums[m], phi(m, f, spec, torch.float32).double().numpy(), atol=1e-6)
+
+
+def test_feature_map_is_the_same_in_both_stages(release_file, tmp_path):
+    _assert_stages_agree(load(release_file).feature_spec, _test_digits(10), tmp_path)
 
 
 def test_sample_outputs(release_file, tmp_path):
@@ -242,7 +246,7 @@ def test_cli_resume_extends_a_run(release_file, tmp_path):
 def test_feature_size_release_trains_a_native_size_generator(tmp_path):
     """embed --feature-size 56 on 28 px data: stage 1's per-record vectors equal stage 2's phi of the same
     28 px images (both upsample inside the one feature map), and the generator still draws 28 px images."""
-    images = np.stack([np.asarray(x) for x, _ in named_source("mnist-5k:test").batches(20)][0])[:20]
+    images = _test_digits(20)
     np.savez(tmp_path / "d.npz", images=images, labels=np.arange(20) % 10)
     r = CliRunner().invoke(main, ["embed", "--data", str(tmp_path / "d.npz"), "--classes", "10", "--out",
                                   str(tmp_path / "r.h5"), "--epsilon", "10", "--delta", "1e-3", "--feature-size", "56",
@@ -252,20 +256,13 @@ def test_feature_size_release_trains_a_native_size_generator(tmp_path):
     spec = load(tmp_path / "r.h5").feature_spec
     assert spec["input"]["height"] == 28 and spec["resize"]["height"] == 56
     assert "at 56x56" in CliRunner().invoke(main, ["info", str(tmp_path / "r.h5")]).output
-    np.savez(tmp_path / "ten.npz", images=images[:10], labels=np.arange(10))
-    sums = accumulate(ArraySource(tmp_path / "ten.npz", [str(i) for i in range(10)]), Transform((28, 28), 1),
-                      feature_map_from_spec(spec), "mean+second", spec["C1"], spec["C2"], progress=False)
-    with torch.no_grad():
-        f = feature_map_from_spec(spec)(torch.from_numpy(images[:10]).permute(0, 3, 1, 2).float() / 255)
-    for m in ("S1", "S2"):
-        np.testing.assert_allclose(sums.sums[m], phi(m, f, spec, torch.float32).double().numpy(), atol=1e-6)
+    _assert_stages_agree(spec, images, tmp_path)
     start(TrainOptions(release=str(tmp_path / "r.h5"), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
     assert load_generator(tmp_path / "run").sample(4, seed=0)[0].shape == (4, 28, 28, 1)
 
 
 def test_generator_from_a_nonprivate_baseline_is_called_so(tmp_path):
-    images = np.stack([np.asarray(x) for x, _ in named_source("mnist-5k:test").batches(20)][0])[:20]
-    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(20) % 10)
+    np.savez(tmp_path / "d.npz", images=_test_digits(20), labels=np.arange(20) % 10)
     ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
     embed_to_file(ArraySource(tmp_path / "d.npz", [str(i) for i in range(10)]), Transform((28, 28), 1), ex, spec,
                   out=tmp_path / "inf.h5", epsilon=float("inf"), delta=1e-5, release_log_path=tmp_path / "l.jsonl",
