@@ -4,7 +4,10 @@ Images enter as float tensors in [0, 1], shape (B, C, H, W) with C in {1, 3}; gr
 three channels, optionally upsampled (bilinear) to a larger working size, since an ImageNet backbone sees
 little in 28 px, then the backbone's own normalisation is applied. The extractor is a frozen pretrained
 CNN in eval mode, cut after its last used layer; its chosen layer outputs are flattened (pooling
-'none') or spatially averaged ('mean') and concatenated in forward order.
+'none') or spatially averaged ('mean') and concatenated in forward order. The optional layer 'pixels'
+comes first: the input image itself in [0, 1] at its own size, times a fixed weight. Per-record
+normalisation makes the network's features nearly blind to an image's brightness (f(x/2) points
+almost where f(x) does); raw pixels are not, so their moments carry the spread of intensities.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from mepf.artifacts.errors import MepfError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("none", "mean")
+PIXELS = "pixels"  # a layer every backbone offers: the input image, before any network stage
 #: stage 1 sums records on an integer grid of step C * 2**-QUANT_BITS (exact, order-free int64 sums)
 QUANT_BITS = 32
 #: relative room left below C for the float work after normalisation
@@ -61,7 +65,7 @@ class _Stages(nn.Module):
 
     def __init__(self, stages: list, wanted: list):
         super().__init__()
-        last = max(i for i, (name, _) in enumerate(stages) if name in wanted)
+        last = max((i for i, (name, _) in enumerate(stages) if name in wanted), default=-1)
         self.names = [name for name, _ in stages[: last + 1]]
         self.stages = nn.ModuleList([m for _, m in stages[: last + 1]])
         self.wanted = set(wanted)
@@ -196,12 +200,14 @@ def weights_sha256(module: nn.Module) -> str:
 class FeatureExtractor(nn.Module):
     """f(x): images in [0,1], (B, C, H, W) -> (B, D) float32 features. Frozen, eval mode."""
 
-    def __init__(self, backbone: str, stages: list, layers: list, pooling: str, channels: int, resize=None):
+    def __init__(self, backbone: str, stages: list, layers: list, pooling: str, channels: int, resize=None,
+                 pixel_weight: float = 1.0):
         super().__init__()
         self.backbone, self.pooling, self.channels = backbone, pooling, channels
         self.resize = tuple(resize) if resize else None
         self.layers = list(layers)
-        self.body = _Stages(stages, layers)
+        self.pixel_weight = float(pixel_weight) if PIXELS in self.layers else None
+        self.body = _Stages(stages, [l for l in layers if l != PIXELS])
         if BACKBONES[backbone].preprocessing == "imagenet-mean-std":
             mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         else:  # efficientnet-lite: (255 x - 127) / 128
@@ -219,12 +225,13 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
+        outs = [x * self.pixel_weight] if self.pixel_weight is not None else []
         if self.channels == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.resize is not None:
             x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
-        outs = self.body(x)
+        outs += self.body(x)
         if self.pooling == "mean":
             return torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1)
         return torch.cat([o.flatten(1) for o in outs], dim=1)
@@ -274,17 +281,21 @@ def phi(name: str, features: torch.Tensor, spec: dict, dtype=torch.float64) -> t
 
 def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, pooling=None,
                       image_size=(32, 32), channels: int = 3, seed: int = 0, c1: float = 1.0, c2: float = 1.0,
-                      feature_size=None):
+                      feature_size=None, pixel_weight: float = 1.0):
     """Build the extractor and its spec (the dict stored in the released file). feature_size (H, W): the
-    working size the images are upsampled to inside the feature map (None: the input size)."""
+    working size the images are upsampled to inside the feature map (None: the input size). pixel_weight:
+    the factor on the 'pixels' layer, when it is used (its share of the norm against the network's layers)."""
     if backbone not in BACKBONES:
         raise MepfError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     info = BACKBONES[backbone]
     layers = list(info.default_layers if not layers else layers)
-    bad = [l for l in layers if l not in info.layers]
+    known = (PIXELS,) + info.layers
+    bad = [l for l in layers if l not in known]
     if bad:
-        raise MepfError(f"backbone {backbone} has no layer {bad[0]!r}; its layers are {', '.join(info.layers)}")
-    layers = [l for l in info.layers if l in layers]  # forward order, no duplicates
+        raise MepfError(f"backbone {backbone} has no layer {bad[0]!r}; its layers are {', '.join(known)}")
+    layers = [l for l in known if l in layers]  # forward order, no duplicates
+    if not (math.isfinite(pixel_weight) and pixel_weight > 0):
+        raise MepfError(f"--pixel-weight must be a positive number (got {pixel_weight})")
     pooling = pooling or info.default_pooling
     if pooling not in POOLINGS:
         raise MepfError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
@@ -302,7 +313,7 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
     model, source = _build_model(backbone, weights, fh, seed)
     stages = {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages,
               "efficientnet-lite0": _effnet_stages}[backbone](model)
-    extractor = FeatureExtractor(backbone, stages, layers, pooling, channels, resize)
+    extractor = FeatureExtractor(backbone, stages, layers, pooling, channels, resize, pixel_weight)
     with torch.no_grad():
         dim = int(extractor(torch.zeros(1, channels, h, w)).shape[1])
     spec = {
@@ -312,6 +323,7 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
         "weight_seed": seed if weights == "random" else None,
         "weights_sha256": weights_sha256(extractor),
         "layers": layers,
+        "pixel_weight": extractor.pixel_weight,
         "pooling": pooling,
         "input": {"height": h, "width": w, "channels": channels, "range": "[0, 1]",
                   "greyscale_to_rgb": "repeat" if channels == 1 else "n/a"},
@@ -339,7 +351,8 @@ def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> Featur
     extractor, rebuilt = build_feature_map(spec["backbone"], weights, spec["layers"], spec["pooling"],
                                            (spec["input"]["height"], spec["input"]["width"]),
                                            spec["input"]["channels"], spec.get("weight_seed") or 0,
-                                           spec["C1"], spec["C2"], _feature_size(spec))
+                                           spec["C1"], spec["C2"], _feature_size(spec),
+                                           spec.get("pixel_weight") or 1.0)
     if rebuilt["weights_sha256"] != spec["weights_sha256"]:
         raise MepfError(
             f"extractor weights differ from those the file was made with ({spec['backbone']}, "

@@ -65,7 +65,10 @@ def main():
               default="efficientnet-lite0", help="Feature extractor.")
 @click.option("--weights", default="pretrained", help="'pretrained' (ImageNet), 'random' (tests), or a PATH.")
 @click.option("--weights-seed", type=click.IntRange(0), default=0, help="Seed for --weights random.")
-@click.option("--layers", default=None, help="Comma-separated layers to use.  [default: the backbone's list]")
+@click.option("--layers", default=None, help="Comma-separated layers to use; 'pixels' (the image itself) is "
+              "offered by every backbone.  [default: the backbone's list]")
+@click.option("--pixel-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Factor on the 'pixels' layer: its share of each record's norm against the network's layers.")
 @click.option("--pooling", type=click.Choice(["none", "mean"]), default=None,
               help="Per-layer pooling.  [default: the backbone's, none]")
 @click.option("--image-size", callback=_image_size, default=None, help="Resize to N or HxW.  [default: native]")
@@ -87,7 +90,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
-          pooling, image_size, feature_size, channels, classes, data_root, batch_size, device, release_log,
+          pixel_weight, pooling, image_size, feature_size, channels, classes, data_root, batch_size, device, release_log,
           allow_repeat, force, overwrite, quiet):
     """Stage 1 (data owner): read the private images once and write the privatised embedding."""
     from mepf.artifacts.accounting import validate_target
@@ -109,7 +112,7 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     size = image_size or (h, w)
     ch = int(channels) if channels else c
     extractor, spec = build_feature_map(backbone, weights, layers.split(",") if layers else None, pooling,
-                                        size, ch, weights_seed, feature_size=feature_size)
+                                        size, ch, weights_seed, feature_size=feature_size, pixel_weight=pixel_weight)
     dev = resolve_device(device)
     result = embed_to_file(source, Transform(size, ch), extractor, spec, out=out, epsilon=epsilon, delta=delta,
                            relation=relation, moments=moments, budget_split=budget_split, batch_size=batch_size,

@@ -53,6 +53,31 @@ def test_spec_round_trip_gives_identical_features(eff28):
         assert torch.equal(ex(x), again(x))
 
 
+def test_pixels_layer_is_the_weighted_image_before_the_network():
+    """'pixels' prepends w * x (the [0, 1] image at its own size) to the network's layers, whatever
+    --feature-size, and the spec rebuilds the same map."""
+    net, _ = build_feature_map("efficientnet-lite0", "pretrained", ["stem", "block0"], image_size=(28, 28),
+                               channels=1, feature_size=(32, 32))
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", ["block0", "pixels", "stem"],
+                                 image_size=(28, 28), channels=1, feature_size=(32, 32), pixel_weight=2.5)
+    assert spec["layers"] == ["pixels", "stem", "block0"] and spec["pixel_weight"] == 2.5
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        f = ex(x)
+        assert torch.equal(f[:, :784], 2.5 * x.flatten(1))
+        assert torch.equal(f[:, 784:], net(x))
+        assert torch.equal(feature_map_from_spec(spec)(x), f)
+    assert spec["dim"] == 784 + net(x).shape[1]
+    _, plain = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
+    assert plain["pixel_weight"] is None and "pixels" not in plain["layers"]
+
+
+@pytest.mark.parametrize("w", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_pixel_weight_refused(w):
+    with pytest.raises(MepfError, match="--pixel-weight"):
+        build_feature_map("resnet18", "random", ["pixels", "stem"], image_size=(32, 32), pixel_weight=w)
+
+
 def test_random_weights_are_seeded_and_recorded():
     _, a = build_feature_map("resnet18", "random", image_size=(32, 32), seed=1)
     _, b = build_feature_map("resnet18", "random", image_size=(32, 32), seed=1)

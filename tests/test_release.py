@@ -20,8 +20,8 @@ from mepf.embed.transform import Transform
 LEDGER_KEYS = {"private", "relation", "relation_text", "releases", "composition", "mu", "accountant", "target", "achieved",
                "noise", "post_processing"}
 RELEASE_KEYS = {"name", "mechanism", "shape", "sensitivity", "sensitivity_formula", "sigma", "weight"}
-FEATURE_KEYS = {"backbone", "weights", "weight_source", "weight_seed", "weights_sha256", "layers", "pooling", "input",
-                "resize", "preprocessing", "mode", "C1", "C2", "norm_target", "dim", "versions"}
+FEATURE_KEYS = {"backbone", "weights", "weight_source", "weight_seed", "weights_sha256", "layers", "pixel_weight",
+                "pooling", "input", "resize", "preprocessing", "mode", "C1", "C2", "norm_target", "dim", "versions"}
 DATA_KEYS = {"dataset", "labelled", "num_classes", "transform", "moments"}
 
 

@@ -23,7 +23,8 @@ ADVERSARIAL = {
     "one-pixel": np.pad(np.full((1, 1, 1), 255, np.uint8), ((13, 14), (13, 14), (0, 0))),
     "checker": ((np.indices((28, 28)).sum(0) % 2) * 255).astype(np.uint8)[:, :, None],
 }
-BACKBONES = [("efficientnet-lite0", "pretrained"), ("vgg19", "random"), ("resnet18", "random")]
+BACKBONES = [("efficientnet-lite0", "pretrained"), ("vgg19", "random"), ("resnet18", "random"),
+             ("efficientnet-lite0+pixels", "pretrained")]  # raw pixels weighted far above the network's layers
 
 
 def sums_of(tmp_path, x, y, extractor, c1, c2, tag):
@@ -41,6 +42,10 @@ def change(a, b):
 @pytest.fixture(scope="module", params=BACKBONES, ids=[b for b, _ in BACKBONES])
 def extractor(request):
     backbone, weights = request.param
+    if backbone.endswith("+pixels"):
+        ex, _ = build_feature_map(backbone.removesuffix("+pixels"), weights, ["pixels", "stem", "block0"],
+                                  image_size=(28, 28), channels=1, pixel_weight=1e4)
+        return ex
     ex, _ = build_feature_map(backbone, weights, image_size=(28, 28), channels=1)
     return ex
 
