@@ -281,6 +281,7 @@ def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
     saved = json.loads((run / "options.json").read_text())
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})
+    opts.out = str(run)  # the folder may have been moved or copied since it was started
     if steps is not None:
         opts.steps = steps
     release, extractor, arch, device = prepare(opts)

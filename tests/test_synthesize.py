@@ -78,8 +78,10 @@ def test_plain_objective_also_learns(release_file, tmp_path):
 def test_resume_is_bitwise_identical(release_file, tmp_path):
     base = dict(FAST, snapshot_every=10, ema=0.9)
     a = start(TrainOptions(release=str(release_file), out=str(tmp_path / "a"), steps=20, **base), progress=False)
-    start(TrainOptions(release=str(release_file), out=str(tmp_path / "b"), steps=10, **base), progress=False)
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "first"), steps=10, **base), progress=False)
+    (tmp_path / "first").rename(tmp_path / "b")  # a moved run folder resumes where it now is
     b = resume(tmp_path / "b", steps=20, progress=False)
+    assert not (tmp_path / "first").exists() and (tmp_path / "b" / "snapshot-0000020.pt").is_file()
     for ga, gb in ((a.G, b.G), (a.G_ema, b.G_ema)):
         for (ka, va), (kb, vb) in zip(ga.state_dict().items(), gb.state_dict().items()):
             assert ka == kb and torch.equal(va, vb), ka
