@@ -5,9 +5,9 @@ three channels, optionally upsampled (bilinear) to a larger working size, since 
 little in 28 px, then the backbone's own normalisation is applied. The extractor is a frozen pretrained
 CNN in eval mode, cut after its last used layer; its chosen layer outputs are flattened (pooling
 'none') or spatially averaged ('mean') and concatenated in forward order. The optional layer 'pixels'
-comes first: the input image itself in [0, 1] at its own size, times a fixed weight. Per-record
-normalisation makes the network's features nearly blind to an image's brightness (f(x/2) points
-almost where f(x) does); raw pixels are not, so their moments carry the spread of intensities.
+comes first: the input image itself in [0, 1] at its own size, times a fixed weight. The network's
+features are nearly blind to an image's brightness (f(x/2) points almost where f(x) does); raw pixels
+are not, so their moments carry the spread of intensities.
 """
 from __future__ import annotations
 
