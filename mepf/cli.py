@@ -90,8 +90,8 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
-          pixel_weight, pooling, image_size, feature_size, channels, classes, data_root, batch_size, device, release_log,
-          allow_repeat, force, overwrite, quiet):
+          pixel_weight, pooling, image_size, feature_size, channels, classes, data_root, batch_size, device,
+          release_log, allow_repeat, force, overwrite, quiet):
     """Stage 1 (data owner): read the private images once and write the privatised embedding."""
     from mepf.artifacts.accounting import validate_target
     from mepf.artifacts.format import check_output_path
