@@ -193,7 +193,8 @@ def info(file):
         f"moments     {', '.join(r.moments)}",
         f"features    {fs['backbone']} ({fs['weight_source']}), {len(fs['layers'])} layers, pooling "
         f"{fs['pooling']}, D={fs['dim']}"
-        + (f", at {fs['resize']['height']}x{fs['resize']['width']}" if fs.get("resize") else ""),
+        + (f", at {fs['resize']['height']}x{fs['resize']['width']}" if fs.get("resize") else "")
+        + (f", pixels x{fs['pixel_weight']:g}" if fs.get("pixel_weight") else ""),
         f"noisy n     {max(float(r.arrays['counts'].sum()), 0):.0f} (noisy count)",
     ]
     click.echo("\n".join(lines))

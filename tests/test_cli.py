@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from mepf.artifacts import load
 from mepf.cli import main
 from tests.conftest import make_images
 
@@ -36,6 +37,19 @@ def test_embed_audit_info_on_mnist5k_with_vgg19_random(tmp_path):
     assert report["ok"] and report["composed"]["releases"] == 1
     i = cli("info", out)
     assert i.exit_code == 0 and "vgg19" in i.output and "32x32x1" in i.output and "D=303104" in i.output
+
+
+def test_embed_with_pixels_layer_records_and_shows_it(tmp_path, labelled_npz):
+    out = tmp_path / "P.h5"
+    r = cli(*embed_args(labelled_npz[0], out, tmp_path / "l.jsonl", "--classes", "3", "--backbone", "resnet18",
+                        "--weights", "random", "--layers", "stem,pixels", "--pixel-weight", "3"))
+    assert r.exit_code == 0, r.output + r.stderr
+    spec = load(out).feature_spec
+    h, w = spec["input"]["height"], spec["input"]["width"]
+    assert spec["layers"] == ["pixels", "stem"] and spec["pixel_weight"] == 3.0
+    assert spec["dim"] == h * w + 64 * (h // 2) * (w // 2)  # resnet18 stem: 64 channels at stride 2
+    assert "AUDIT PASSED" in cli("audit", out).output
+    assert "pixels x3" in cli("info", out).output
 
 
 def test_python_m_mepf_audit_fails_on_tampered_file_without_traceback(tmp_path, labelled_npz):
