@@ -26,7 +26,7 @@ def main():
     x, y = g.sample(a.n, seed=0)
     with np.load(a.reference) as d:
         rx, ry = d["images"], d["labels"]
-    s, r = spread(x, y.numpy() if hasattr(y, "numpy") else y, k), spread(rx, ry, k)
+    s, r = spread(x, y, k), spread(rx, ry, k)
     print("class  synthetic mean +- std   reference mean +- std")
     for c in range(k):
         print(f"{c:5d}  {s[c, 0]:.4f} +- {s[c, 1]:.4f}      {r[c, 0]:.4f} +- {r[c, 1]:.4f}")

@@ -281,10 +281,10 @@ def phi(name: str, features: torch.Tensor, spec: dict, dtype=torch.float64) -> t
 
 def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, pooling=None,
                       image_size=(32, 32), channels: int = 3, seed: int = 0, c1: float = 1.0, c2: float = 1.0,
-                      feature_size=None, pixel_weight: float = 1.0):
+                      feature_size=None, pixel_weight: float | None = None):
     """Build the extractor and its spec (the dict stored in the released file). feature_size (H, W): the
     working size the images are upsampled to inside the feature map (None: the input size). pixel_weight:
-    the factor on the 'pixels' layer, when it is used (its share of the norm against the network's layers)."""
+    the factor on the 'pixels' layer (its share of the norm against the network's layers; None: 1)."""
     if backbone not in BACKBONES:
         raise MepfError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     info = BACKBONES[backbone]
@@ -294,6 +294,10 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
     if bad:
         raise MepfError(f"backbone {backbone} has no layer {bad[0]!r}; its layers are {', '.join(known)}")
     layers = [l for l in known if l in layers]  # forward order, no duplicates
+    if pixel_weight is not None and PIXELS not in layers:
+        raise MepfError("--pixel-weight weights the 'pixels' layer, which --layers does not use; add pixels to "
+                        "--layers or drop --pixel-weight")
+    pixel_weight = 1.0 if pixel_weight is None else pixel_weight
     if not (math.isfinite(pixel_weight) and pixel_weight > 0):
         raise MepfError(f"--pixel-weight must be a positive number (got {pixel_weight})")
     pooling = pooling or info.default_pooling
@@ -352,7 +356,7 @@ def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> Featur
                                            (spec["input"]["height"], spec["input"]["width"]),
                                            spec["input"]["channels"], spec.get("weight_seed") or 0,
                                            spec["C1"], spec["C2"], _feature_size(spec),
-                                           spec.get("pixel_weight") or 1.0)
+                                           spec.get("pixel_weight"))
     if rebuilt["weights_sha256"] != spec["weights_sha256"]:
         raise MepfError(
             f"extractor weights differ from those the file was made with ({spec['backbone']}, "

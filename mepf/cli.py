@@ -67,8 +67,9 @@ def main():
 @click.option("--weights-seed", type=click.IntRange(0), default=0, help="Seed for --weights random.")
 @click.option("--layers", default=None, help="Comma-separated layers to use; 'pixels' (the image itself) is "
               "offered by every backbone.  [default: the backbone's list]")
-@click.option("--pixel-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
-              help="Factor on the 'pixels' layer: its share of each record's norm against the network's layers.")
+@click.option("--pixel-weight", type=click.FloatRange(0, min_open=True), default=None,
+              help="Factor on the 'pixels' layer (only with pixels in --layers): its share of each record's norm "
+              "against the network's layers.  [default: 1]")
 @click.option("--pooling", type=click.Choice(["none", "mean"]), default=None,
               help="Per-layer pooling.  [default: the backbone's, none]")
 @click.option("--image-size", callback=_image_size, default=None, help="Resize to N or HxW.  [default: native]")

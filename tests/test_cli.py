@@ -102,6 +102,7 @@ BAD = {
     "unknown dataset": (lambda t: ["--data", "imagenet"], "not a folder"),
     "bad budget split": (lambda t: ["--data", "mnist-5k", "--budget-split", "S9=0.1"], "unknown release"),
     "feature size below image": (lambda t: ["--data", "mnist-5k", "--feature-size", "16"], "only upsamples"),
+    "pixel weight without pixels": (lambda t: ["--data", "mnist-5k", "--pixel-weight", "2"], "add pixels to --layers"),
 }
 
 

@@ -78,6 +78,11 @@ def test_bad_pixel_weight_refused(w):
         build_feature_map("resnet18", "random", ["pixels", "stem"], image_size=(32, 32), pixel_weight=w)
 
 
+def test_pixel_weight_without_pixels_layer_refused():
+    with pytest.raises(MepfError, match="add pixels to --layers"):
+        build_feature_map("resnet18", "random", ["stem"], image_size=(32, 32), pixel_weight=2.0)
+
+
 def test_random_weights_are_seeded_and_recorded():
     _, a = build_feature_map("resnet18", "random", image_size=(32, 32), seed=1)
     _, b = build_feature_map("resnet18", "random", image_size=(32, 32), seed=1)
