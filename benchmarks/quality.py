@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--eps", default="1,10,inf")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--backbone", default="efficientnet-lite0")
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=12000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=TrainOptions.lr,
                     help="Generator Adam lr (the tool's default, chosen as docs/results.md says).")
