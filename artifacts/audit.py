@@ -4,12 +4,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .accounting import autodp_eps, eps_for_delta, gdp_mu
 from .errors import MepfError
 from .format import read_raw, recompute_checksum
 from .ledger import RELATIONS, SENSITIVITY_RULES
 
 REL_TOL = 1e-6
+#: false-alarm probability of the noise check for a genuine file (all rows and moments together)
+NOISE_ALPHA = 1e-9
 
 
 @dataclass
@@ -104,9 +108,56 @@ def _check_ledger(release, rep: AuditReport) -> None:
               f"closed form {eps_closed:.9g} vs ledger {ledger_eps:.9g}")
     rep.check("target", delta == target_delta and max(eps_autodp, eps_closed) <= target_eps * (1 + 1e-12),
               f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, {target_delta:g})")
+    _check_noise(release, rep, {r["name"]: r for r in releases}, c1, c2)
     rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
                    "delta": delta, "mu": mu, "relation": relation, "releases": names,
                    "target": {"epsilon": target_eps, "delta": target_delta}}
+
+
+def noise_floor(d: int, rows: int, alpha: float = NOISE_ALPHA) -> tuple:
+    """(floor, z, q_hi) for rows of D coordinates with declared noise N(0, sigma^2). Whatever the true sum t,
+    ||t + z||^2 >= ||z||^2 - (sigma z_a)^2 unless <t, z> < -z_a sigma ||t||, so a genuine row's squared norm,
+    in units of sigma^2, is below floor = chi2_D lower quantile - z_a^2 with probability at most alpha
+    (split over the rows and both events). q_hi: an upper quantile of chi2_D, for the power statement."""
+    from scipy.stats import chi2, norm
+
+    a = alpha / (2 * rows)
+    z = float(norm.isf(a))
+    return float(chi2.ppf(a, d)) - z * z, z, float(chi2.isf(a, d))
+
+
+def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:
+    """The released numbers against the declared noise: each noisy row's norm cannot be much smaller than
+    the noise alone makes it. Its power: a row whose true sum (at most n_c C, n_c bounded by the noisy
+    count) is small next to sqrt(D) sigma shows under-noising; a row dominated by its signal cannot."""
+    moments = [m for m in ("S1", "S2") if m in release.arrays and m in releases]
+    counts = np.asarray(release.arrays.get("counts", []), dtype=np.float64)
+    if not moments or "counts" not in releases or releases["counts"]["sigma"] <= 0:
+        return
+    sigma_n = float(releases["counts"]["sigma"])
+    rows = sum(release.arrays[m].shape[0] for m in moments)
+    for m in moments:
+        arr = np.asarray(release.arrays[m], dtype=np.float64)
+        sigma, c = float(releases[m]["sigma"]), (c1 if m == "S1" else c2)
+        if sigma <= 0 or arr.ndim != 2 or len(counts) != arr.shape[0]:
+            continue
+        floor, z, q_hi = noise_floor(arr.shape[1], rows)
+        sq = (arr * arr).sum(axis=1) / sigma ** 2
+        low = [i for i in range(len(sq)) if sq[i] < floor]
+        n_hi = np.maximum(counts + z * sigma_n, 0.0)  # bounds each true count unless the counts' noise is extreme
+        power = np.maximum((np.sqrt(max(floor, 0.0)) - n_hi * c / sigma) / np.sqrt(q_hi), 0.0)
+        best = int(np.argmax(power))
+        if low:
+            names = ", ".join(release.class_names[i] for i in low[:5])
+            detail = (f"{len(low)} row(s) ({names}) have less norm than noise of sigma={sigma:.6g} gives any data "
+                      f"(floor {np.sqrt(floor):.6g} sigma): the file carries less noise than its ledger declares")
+        elif power[best] > 0:
+            detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a mechanism with less than "
+                      f"{power[best]:.0%} of the declared noise would fail this check (row {release.class_names[best]})")
+        else:
+            detail = (f"consistent with sigma={sigma:.6g}, but NO POWER here: every row's true sum (up to n*C) can be "
+                      "as large as the noise, so under-noising cannot be told from the numbers of this file")
+        rep.check(f"noise:{m}", not low, detail)
 
 
 def composed_total(log_entries: list, delta: float) -> dict:

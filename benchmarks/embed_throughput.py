@@ -21,7 +21,7 @@ import torch
 from mepf.embed.features import build_feature_map
 from mepf.embed.device import resolve_device
 from mepf.embed.release import embed_to_file
-from mepf.embed.sources import ArraySource
+from mepf.embed.files import ArraySource
 from mepf.embed.transform import Transform
 
 
@@ -85,7 +85,7 @@ def main() -> None:
           f"batch {a.batch_size}, device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"bare extractor forward : {bare:8.1f} img/s")
     print(f"full embed path        : {full:8.1f} img/s  ({full / bare:.2f} x bare)")
-    for n in (int(s) for s in a.memory_sizes.split(",")):
+    for n in (int(s) for s in a.memory_sizes.split(",") if s.strip()):
         path = tmp / f"m{n}.npz"
         make_npz(path, n, a.image_size, a.channels)
         peak = peak_mb(["embed", "--data", str(path), "--classes", "10",

@@ -29,7 +29,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.embed.device import resolve_device
 from mepf.embed.features import build_feature_map
 from mepf.embed.release import embed_to_file
-from mepf.embed.sources import DEBIAN_FASHION_DIRS, named_source
+from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.transform import Transform
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate

@@ -20,7 +20,7 @@ from mepf.synthesize.train import TrainOptions, Trainer, prepare
 def make_release(tmp: Path) -> Path:
     from mepf.embed.features import build_feature_map
     from mepf.embed.release import embed_to_file
-    from mepf.embed.sources import named_source
+    from mepf.embed.datasets import named_source
     from mepf.embed.transform import Transform
 
     ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)

@@ -151,6 +151,11 @@ def _load_state(model: nn.Module, path) -> None:
         raise MepfError(f"cannot read weights file {path}: {e}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MepfError(f"weights file {path} is not a state dict of tensors; save it with "
+                        "torch.save(model.state_dict(), PATH)")
+    if not all_finite(state.values()):
+        raise MepfError(f"weights file {path} holds NaN or infinite values; pass a file with finite weights")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("_fc.", "fc.", "classifier."))]
     if missing:
@@ -185,6 +190,10 @@ def _build_model(backbone: str, weights: str, image_size: int, seed: int):
     if backbone != "efficientnet-lite0":
         _load_state(model, weights)
     return model, f"file {Path(weights).name}"
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -244,23 +253,24 @@ def norm_target(c: float, dim: int) -> float:
 
 
 def normalise(features: torch.Tensor, c: float, dtype=torch.float64) -> torch.Tensor:
-    """Scale each row to norm just below C (a zero row stays zero). Stage 1 works in float64 (it bounds
-    the sensitivity); stage 2 may pass float32 for speed, differentiably."""
+    """Scale each row to norm just below C. A zero row, and a row with any non-finite entry (a weights file
+    can make activations overflow), becomes the zero vector: a fixed rule, never reported."""
     f = features.to(dtype)
-    norms = f.norm(dim=1, keepdim=True)
-    target = norm_target(c, f.shape[1])
-    return torch.where(norms > 0, f * (target / norms.clamp_min(torch.finfo(f.dtype).tiny)), torch.zeros_like(f))
+    norms = torch.linalg.vector_norm(f, dim=1, keepdim=True)  # inf or nan exactly when an entry is
+    ok = torch.isfinite(norms) & (norms > 0)
+    f = torch.where(ok, f, torch.zeros_like(f))
+    scale = torch.where(ok, norm_target(c, f.shape[1]) / norms.clamp_min(torch.finfo(f.dtype).tiny),
+                        torch.zeros_like(norms))
+    return f * scale
 
 
-def quantise(phi: torch.Tensor, c: float) -> torch.Tensor:
-    """Round to the int64 grid of step C * 2**-QUANT_BITS. Integer sums are exact, so a dataset's sum
-    is the same whatever the order or batching, and adding a record adds exactly its quantised vector,
-    whose norm is at most norm_target + sqrt(D) C 2**-(QUANT_BITS+1) < C."""
-    return torch.round(phi * (2.0 ** QUANT_BITS / c)).to(torch.int64)
-
-
-def dequantise(q: torch.Tensor, c: float) -> torch.Tensor:
-    return q.to(torch.float64) * (c / 2.0 ** QUANT_BITS)
+def _squared_direction(features: torch.Tensor, dtype) -> torch.Tensor:
+    """f*f up to a positive factor per row, without overflow: (f / max|f|)^2. phi2 is scale-free, so this
+    is the same map; a non-finite row stays non-finite and is zeroed by normalise."""
+    f = features.to(dtype)
+    m = f.abs().amax(dim=1, keepdim=True)
+    u = f / torch.where(m > 0, m, torch.ones_like(m))
+    return u * u
 
 
 def phi1(features: torch.Tensor, c1: float, dtype=torch.float64) -> torch.Tensor:
@@ -270,8 +280,29 @@ def phi1(features: torch.Tensor, c1: float, dtype=torch.float64) -> torch.Tensor
 
 def phi2(features: torch.Tensor, c2: float, dtype=torch.float64) -> torch.Tensor:
     """phi2(x) = C2 (f*f) / ||f*f||: the elementwise square, normalised (not the square of phi1)."""
-    f = features.to(dtype)
-    return normalise(f * f, c2, dtype)
+    return normalise(_squared_direction(features, dtype), c2, dtype)
+
+
+def grid_rows(features: torch.Tensor, c: float, second: bool = False) -> torch.Tensor:
+    """Stage 1's contribution of each row: phi1 (phi2 if `second`) on the integer grid of step
+    C * 2**-QUANT_BITS, as float64 integers. The same map as phi1/phi2, computed in float64; then the
+    bound is checked on the integers themselves: a row whose norm is not below C (or that is not finite)
+    becomes zero before anything is summed. Integer-valued float64 sums are exact below 2**53."""
+    x = _squared_direction(features, torch.float64) if second else features.to(torch.float64)
+    q = torch.round(normalise(x, 2.0 ** QUANT_BITS))  # norm_target(2**QUANT_BITS) in grid units
+    return torch.where(within_bound(q), q, torch.zeros_like(q))
+
+
+def within_bound(q: torch.Tensor) -> torch.Tensor:
+    """(B, 1) mask: rows of grid integers (float64 or int64) whose L2 norm is below the grid's C, 2**QUANT_BITS.
+    The squares are summed in float64, relative error far below 2**-30 for any D here; the margin
+    NORM_MARGIN in norm_target is far larger, so every correctly normalised row passes and none above C does."""
+    sq = torch.linalg.vector_norm(q.to(torch.float64), dim=1, keepdim=True)
+    return torch.isfinite(sq) & (sq <= 2.0 ** QUANT_BITS * (1 - NORM_MARGIN / 2))
+
+
+def dequantise(q: torch.Tensor, c: float) -> torch.Tensor:
+    return q.to(torch.float64) * (c / 2.0 ** QUANT_BITS)
 
 
 def phi(name: str, features: torch.Tensor, spec: dict, dtype=torch.float64) -> torch.Tensor:
@@ -318,6 +349,8 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
     stages = {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages,
               "efficientnet-lite0": _effnet_stages}[backbone](model)
     extractor = FeatureExtractor(backbone, stages, layers, pooling, channels, resize, pixel_weight)
+    if not all_finite(extractor.state_dict().values()):
+        raise MepfError(f"the {backbone} weights ({source}) hold NaN or infinite values; use finite weights")
     with torch.no_grad():
         dim = int(extractor(torch.zeros(1, channels, h, w)).shape[1])
     spec = {

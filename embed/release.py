@@ -1,14 +1,17 @@
-"""The private release: one streaming pass of float64 sums, then Gaussian noise from OS entropy, once.
+"""The private release: one streaming pass of exact integer sums, then Gaussian noise from OS entropy, once.
 
 This is the only code that touches private records. What leaves it is the noisy sums and counts, the
-declared specs and the ledger; the exact sums, n, the fingerprint and the noise stay here.
+declared specs and the ledger; the exact sums, n, the fingerprint and the noise stay here. Every
+decision that can refuse a run (delta < 1/n, a repeat release) is made before any noise is drawn, and
+no message, progress display or result carries a number computed from the records.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +24,31 @@ from mepf.artifacts.format import check_output_path, write_release
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import release_log
+from .features import QUANT_BITS, dequantise, grid_rows
 from .fingerprint import Fingerprint
-from .features import dequantise, phi, quantise
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
+#: the progress display shows how far the pass is and for how long, never a count or a rate of records
+PROGRESS_FORMAT = "{desc}: {bar} [{elapsed}<{remaining}]"
 
 
 @dataclass
 class Sums:
     """Exact (pre-noise) statistics: private, never written anywhere."""
 
-    sums: dict  # name -> float64 (K, D)
+    qsums: dict  # name -> int64 (K, D) on the grid of step C * 2**-QUANT_BITS
     counts: np.ndarray  # int64 (K,)
-    fingerprint: str
+    fingerprint: Fingerprint
+    cs: dict = field(default_factory=dict)  # name -> C
 
     @property
     def n(self) -> int:
         return int(self.counts.sum())
+
+    @property
+    def sums(self) -> dict:
+        """name -> float64 (K, D): the exact sums in feature units."""
+        return {n: dequantise(q, self.cs[n]).numpy() for n, q in self.qsums.items()}
 
 
 def release_names(moments: str) -> list:
@@ -46,46 +57,97 @@ def release_names(moments: str) -> list:
     return [*MOMENTS[moments], "counts"]
 
 
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device):
+    """On CUDA: no TF32 and no benchmark-selected algorithms, so that a record's features are the same
+    computation whatever batch position it has. Restores the caller's settings afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    b = torch.backends
+    saved = (b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
+    b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
+
+
+class ExactSums:
+    """Per-class sums of grid rows, exact: float64 holds integers exactly below 2**53 and a grid row's
+    entries are at most 2**QUANT_BITS, so each class's float64 running sum moves into int64 before it has
+    taken FLUSH rows. Any order of additions gives the same integers."""
+
+    FLUSH = 2 ** (52 - QUANT_BITS)
+
+    def __init__(self, k: int, d: int, device):
+        self.running = torch.zeros(k, d, dtype=torch.float64, device=device)
+        self.total = torch.zeros(k, d, dtype=torch.int64, device=device)
+        self.pending = 0
+
+    def add_row(self, q: torch.Tensor, label: int) -> None:
+        self.running[label] += q
+        self._count(1)
+
+    def add_rows(self, q: torch.Tensor, labels: torch.Tensor) -> None:
+        self.running.index_add_(0, labels, q)
+        self._count(len(q))
+
+    def _count(self, rows: int) -> None:
+        self.pending += rows
+        if self.pending >= self.FLUSH:
+            self.flush()
+
+    def flush(self) -> torch.Tensor:
+        self.total += self.running.to(torch.int64)
+        self.running.zero_()
+        self.pending = 0
+        return self.total
+
+
 def accumulate(source, transform, extractor, moments: str, c1: float, c2: float, batch_size: int = 128,
                device="cpu", progress: bool = True) -> Sums:
-    """One pass over `source`: exact per-class sums of the quantised phi1 (and phi2), returned as float64,
-    and exact counts. The extractor runs on `device`; normalisation and sums need float64 and int64,
-    so on MPS (no float64) they run on the CPU."""
+    """One pass over `source`: exact per-class sums of each record's grid row of phi1 (and phi2), exact
+    counts and the dataset's fingerprint. Every forward pass has the same batch shape (the last batch is
+    padded). On the CPU a record's grid row is computed alone (cache-sized, one shape for all); on CUDA for
+    the whole padded batch at once, always the same shape. On MPS (no float64) the rows run on the CPU."""
     names = MOMENTS[moments]
-    spec = {"C1": c1, "C2": c2}
     cs = {"S1": c1, "S2": c2}
     k = len(source.classes) if source.classes else 1
     device = torch.device(device)
     extractor = extractor.to(device)
     if device.type == "cuda":
         extractor = extractor.to(memory_format=torch.channels_last)
-    acc = torch.device("cpu") if device.type == "mps" else device
+    acc = device if device.type == "cuda" else torch.device("cpu")
     sums = {}
-    counts = torch.zeros(k, dtype=torch.int64, device=acc)
-    fp = Fingerprint(source.description)
-    with torch.no_grad(), tqdm(total=len(source), unit="img", desc="embed", disable=not progress,
-                               dynamic_ncols=True) as bar:
+    counts = np.zeros(k, dtype=np.int64)
+    fp = Fingerprint()
+    with torch.no_grad(), deterministic_kernels(device), \
+            tqdm(total=len(source), desc="embed", bar_format=PROGRESS_FORMAT, disable=not progress,
+                 dynamic_ncols=True) as bar:
         for images, labels in source.batches(batch_size):
             fp.update(images, labels)
             b = len(images)
-            if labels is None:
-                labels = np.zeros(b, dtype=np.int64)
+            labels = np.zeros(b, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
             x = transform(images)
             if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
                 x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
-            f = extractor(x.to(device, non_blocking=True))[:b].to(acc)
-            y = torch.from_numpy(labels).to(acc)
+            f = extractor(x.to(device, non_blocking=True)).to(acc)
             for name in names:
-                q = quantise(phi(name, f, spec), cs[name])
                 if name not in sums:
-                    sums[name] = torch.zeros(k, q.shape[1], dtype=torch.int64, device=acc)
-                sums[name].index_add_(0, y, q)
-            counts += torch.bincount(y, minlength=k)
+                    sums[name] = ExactSums(k, f.shape[1], acc)
+                if acc.type == "cuda":
+                    sums[name].add_rows(grid_rows(f, cs[name], name == "S2")[:b],
+                                        torch.from_numpy(labels).to(acc))
+                else:
+                    for j in range(b):
+                        sums[name].add_row(grid_rows(f[j:j + 1], cs[name], name == "S2")[0], int(labels[j]))
+            counts += np.bincount(labels, minlength=k)
             bar.update(b)
     if int(counts.sum()) == 0:
         raise MepfError("the data source yielded no records")
-    return Sums(sums={n: dequantise(s.cpu(), cs[n]).numpy() for n, s in sums.items()},
-                counts=counts.cpu().numpy(), fingerprint=fp.hexdigest())
+    return Sums(qsums={n: s.flush().cpu() for n, s in sums.items()}, counts=counts, fingerprint=fp,
+                cs={n: cs[n] for n in names})
 
 
 def privatise(values: dict, sigmas: dict) -> dict:
@@ -100,13 +162,38 @@ def privatise(values: dict, sigmas: dict) -> dict:
     return out
 
 
+def check_delta(delta: float, n: int, force: bool) -> None:
+    """delta must be below 1/n. Decided from the number of records the source lists, before any record is
+    read or any noise drawn; the refusal names no number computed from the data."""
+    if not force and delta >= 1.0 / max(n, 1):
+        raise MepfError(f"--delta {delta:g} is not below 1/n for this dataset (n: its number of records); choose a "
+                        "smaller --delta, e.g. 1/(10 n), or pass --force if you know why")
+
+
+def check_repeat(found: dict, log_path: Path, allow_repeat: bool) -> list:
+    """Refuse a release of data that was released before (the same records, or mostly the same) unless
+    allowed; return warnings for a smaller overlap. Decided before any noise is drawn."""
+    earlier = found["same"] + found["most"]
+    if earlier and not allow_repeat:
+        what = "this dataset was already released" if found["same"] else "this dataset shares most of its records " \
+            "with data already released"
+        raise MepfError(f"{what} ({len(earlier)} earlier release(s) in {log_path}, the last to "
+                        f"{earlier[-1].get('output')}); a second release spends more privacy budget. Reuse the earlier "
+                        "file, or pass --allow-repeat knowingly (`mepf audit FILE --release-log` then shows the "
+                        "composed total)")
+    if found["some"]:
+        return [f"some records of this dataset were in {len(found['some'])} earlier release(s) in {log_path}; for "
+                "them the guarantee is the composition: see `mepf audit FILE --release-log`"]
+    return []
+
+
 @dataclass
 class EmbedResult:
     path: Path
     sha256: str
     ledger: dict
-    records_per_second: float
     repeat_of: int
+    warnings: list
 
 
 def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsilon: float, delta: float,
@@ -126,22 +213,19 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     # before any private record is read
     calib = calibrate(epsilon, delta, sens, weights) if math.isfinite(epsilon) else non_private(names)
     log_path = Path(release_log_path) if release_log_path else release_log.default_log_path()
-    release_log.read_log(log_path)  # a corrupt log fails now, not after the pass
+    entries = release_log.read_log(log_path)  # a corrupt log fails now, not after the pass
+    listed = len(source)
+    check_delta(delta, listed, force)
 
-    t0 = time.perf_counter()
     sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress)
-    elapsed = time.perf_counter() - t0
-    previous = release_log.releases_of(log_path, sums.fingerprint)
-    if previous and not allow_repeat:
-        raise MepfError(f"this dataset was already released {len(previous)} time(s) (see {log_path}); a second "
-                        "release spends more privacy budget. Reuse the earlier file, or pass --allow-repeat "
-                        "knowingly (`mepf audit FILE --release-log` then shows the composed total)")
+    if sums.n != listed:
+        raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
+                        "run again on data that is not being modified")
+    found = release_log.related(entries, sums.fingerprint.hexdigest(), sums.fingerprint.sketch)
+    warnings = check_repeat(found, log_path, allow_repeat)
+
     k = len(sums.counts)
     noisy = privatise({**sums.sums, "counts": sums.counts.astype(np.float64)}, calib.sigmas)
-    n_noisy = float(noisy["counts"].sum())
-    if not force and (n_noisy <= 0 or delta >= 1.0 / n_noisy):
-        raise MepfError(f"--delta {delta:g} is not below 1/n (n is about {max(n_noisy, 0):.0f} by the noisy count); "
-                        "choose a smaller --delta, e.g. 1/(10 n), or pass --force if you know why")
     shapes = {n: noisy[n].shape for n in names}
     ledger = build_ledger(relation, names, shapes, c1, c2, weights, calib, epsilon, delta)
     data_spec = {"dataset": source.description, "labelled": source.classes is not None, "num_classes": k,
@@ -149,10 +233,9 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     class_names = list(source.classes) if source.classes else ["all"]
     sha = write_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
                         overwrite=overwrite)
-    release_log.append(log_path, {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": sums.fingerprint,
-        "dataset": source.description, "output": str(Path(out).resolve()), "output_sha256": sha,
-        "epsilon": ledger["achieved"]["epsilon"], "delta": delta, "mu": ledger["mu"], "relation": relation,
-        "repeat": bool(previous)})
-    rate = sums.n / elapsed if elapsed > 0 else math.inf
-    return EmbedResult(path=out, sha256=sha, ledger=ledger, records_per_second=rate, repeat_of=len(previous))
+    repeats = found["same"] + found["most"] + found["some"]
+    release_log.append(log_path, release_log.new_entry(
+        sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+        output=str(Path(out).resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
+        mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
+    return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)

@@ -1,4 +1,9 @@
-"""The data owner's local release log (JSONL, never released): which data was embedded, at what cost."""
+"""The data owner's local release log (JSONL, never released): which data was embedded, at what cost.
+
+Each entry holds the dataset's fingerprint and its sketch of record hashes (embed/fingerprint.py), the
+output's SHA-256 and the guarantee. Earlier releases that are the same multiset of records, or share
+records with it, are found from these; their budgets compose.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +11,8 @@ import os
 from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
+
+from .fingerprint import REPEAT_SHARE, Fingerprint, Sketch
 
 
 def default_log_path() -> Path:
@@ -28,8 +35,44 @@ def read_log(path) -> list:
     return entries
 
 
-def releases_of(path, fingerprint: str) -> list:
-    return [e for e in read_log(path) if e.get("fingerprint") == fingerprint]
+def _overlap(entry: dict, sketch: Sketch) -> tuple:
+    if "sketch" not in entry:  # an entry from before sketches: only its exact fingerprint compares
+        return 0, 0.0, 0.0
+    return sketch.overlap(Sketch.from_json(entry["sketch"]))
+
+
+def related(entries: list, fingerprint: str, sketch: Sketch) -> dict:
+    """Earlier releases of this data: 'same' (the same multiset of records), 'most' (sharing at least
+    REPEAT_SHARE of either dataset's sampled records: a subset, superset or relabelled copy) and 'some'
+    (sharing fewer records)."""
+    out = {"same": [], "most": [], "some": []}
+    for e in entries:
+        if e.get("fingerprint") == fingerprint:
+            out["same"].append(e)
+            continue
+        shared, mine, theirs = _overlap(e, sketch)
+        if shared:
+            out["most" if max(mine, theirs) >= REPEAT_SHARE else "some"].append(e)
+    return out
+
+
+def entry_of(entries: list, output_sha256: str) -> dict | None:
+    for e in entries:
+        if e.get("output_sha256") == output_sha256:
+            return e
+    return None
+
+
+def composable(entries: list, entry: dict) -> list:
+    """The releases whose budgets compose with `entry`'s for some record: itself, every release of the
+    same data, and every release that shares any sampled record with it."""
+    sketch = Sketch.from_json(entry["sketch"]) if "sketch" in entry else Sketch()
+    found = related([e for e in entries if e is not entry], entry["fingerprint"], sketch)
+    return [entry, *found["same"], *found["most"], *found["some"]]
+
+
+def new_entry(fingerprint: Fingerprint, **fields) -> dict:
+    return {"fingerprint": fingerprint.hexdigest(), "sketch": fingerprint.sketch.to_json(), **fields}
 
 
 def append(path, entry: dict) -> None:

@@ -12,7 +12,9 @@ LUMA = (0.299, 0.587, 0.114)
 
 class Transform:
     """uint8/255 (or float as stored), channel conversion (repeat grey / ITU-R 601 luma), bilinear
-    antialiased resize to (H, W) when the record's size differs."""
+    antialiased resize to (H, W) when the record's size differs. Every step is a function of the record
+    alone: conversion is elementwise and resizing runs one record at a time, so a record's pixels never
+    depend on the records that share its batch."""
 
     def __init__(self, image_size: tuple, channels: int):
         self.image_size, self.channels = tuple(image_size), channels
@@ -23,23 +25,24 @@ class Transform:
                 "channel_conversion": "grey->RGB: repeat; RGB->grey: ITU-R 601 luma 0.299R+0.587G+0.114B",
                 "resize": "torch bilinear, antialias=True, align_corners=False, when the size differs"}
 
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        if c != self.channels:
-            if c == 1:
-                x = x.expand(-1, 3, -1, -1)
-            else:
-                x = (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        if tuple(x.shape[2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", antialias=True, align_corners=False)
-            x = x.clamp(0, 1)
-        return x.contiguous()
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.channels:
+            return x
+        if x.shape[1] == 1:
+            return x.expand(-1, 3, -1, -1)
+        return x[:, 0:1] * LUMA[0] + x[:, 1:2] * LUMA[1] + x[:, 2:3] * LUMA[2]
 
-    def __call__(self, images) -> torch.Tensor:
-        if isinstance(images, list):
-            return torch.cat([self(a[None]) for a in images])
-        if images.ndim != 4:
-            raise MepfError(f"records have shape {images.shape[1:]}; expected (H, W, C)")
-        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2)
-        x = x.float() / 255.0 if images.dtype == np.uint8 else x.float()
-        return self._one(x)
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) == self.image_size:
+            return x
+        return torch.cat([F.interpolate(x[i:i + 1], size=self.image_size, mode="bilinear", antialias=True,
+                                        align_corners=False).clamp(0, 1) for i in range(len(x))])
+
+    def __call__(self, records) -> torch.Tensor:
+        if isinstance(records, list):
+            return torch.cat([self(a[None]) for a in records])
+        if records.ndim != 4 or records.shape[3] not in (1, 3):
+            raise MepfError(f"records have shape {records.shape[1:]}; expected (H, W, C) with C 1 or 3")
+        x = torch.from_numpy(np.require(records, requirements=["C", "W"])).permute(0, 3, 1, 2)
+        x = x.float() / 255.0 if records.dtype == np.uint8 else x.float()
+        return self._resize(self._channels(x)).contiguous()

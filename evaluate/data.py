@@ -10,7 +10,8 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 from mepf.embed.fingerprint import Fingerprint
-from mepf.embed.sources import ArraySource, open_source
+from mepf.embed.files import ArraySource
+from mepf.embed.sources import open_source
 
 
 @dataclass
@@ -19,7 +20,7 @@ class ImageSet:
     labels: np.ndarray | None
     class_names: list | None
     description: str
-    fingerprint: str | None = None
+    fingerprint: object = None  # mepf.embed.fingerprint.Fingerprint, as stage 1 would take it
     run_dir: Path | None = None
     generator: object = None
 
@@ -37,7 +38,7 @@ class FidStats:
 
 def read_source(source) -> ImageSet:
     """Read a whole (small, public) source into memory, fingerprinting it as stage 1 would."""
-    fp = Fingerprint(source.description)
+    fp = Fingerprint()
     xs, ys = [], []
     for images, labels in source.batches(1000):
         fp.update(images, labels)
@@ -49,7 +50,7 @@ def read_source(source) -> ImageSet:
     images = np.concatenate(xs)
     if images.dtype != np.uint8:
         images = np.round(images * 255).astype(np.uint8)
-    return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp.hexdigest())
+    return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp)
 
 
 def read_npz(path: Path) -> ImageSet:

@@ -41,15 +41,18 @@ def _release_of(synth: ImageSet, release_path: str | None):
 
 
 def private_reference_warning(ref, release_log) -> str | None:
-    from mepf.embed.release_log import default_log_path, read_log
+    """A warning when the reference is, or shares records with, data in the owner's release log."""
+    from mepf.embed.release_log import default_log_path, read_log, related
 
     if not isinstance(ref, ImageSet) or ref.fingerprint is None:
         return None
     log = Path(release_log) if release_log else default_log_path()
-    hits = [e for e in read_log(log) if e.get("fingerprint") == ref.fingerprint]
+    found = related(read_log(log), ref.fingerprint.hexdigest(), ref.fingerprint.sketch)
+    hits = found["same"] + found["most"] + found["some"]
     if hits:
-        return (f"the reference {ref.description} is data that was released privately ({len(hits)} release(s) in "
-                f"{log}): evaluating against private training data is not private; this report is NOT for publication")
+        what = "is data that was released privately" if found["same"] else "shares records with data released privately"
+        return (f"the reference {ref.description} {what} ({len(hits)} release(s) in {log}): evaluating against "
+                "private training data is not private; this report is NOT for publication")
     return None
 
 

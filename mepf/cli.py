@@ -49,22 +49,35 @@ def main():
     """DP-MEPF: release a private feature embedding once; train generators from it freely."""
 
 
+def _default(cls, name):
+    """The one default of an option: the field's default in its options dataclass."""
+    return cls.__dataclass_fields__[name].default
+
+
+def _embed_options():
+    from mepf.embed.run import EmbedOptions as E
+
+    return E
+
+
 @main.command()
 @click.option("--data", required=True, help="Image folder (one subfolder per class, or flat), .npz/.h5 "
               "arrays, or a named dataset: mnist-5k, mnist, fashion-mnist, cifar10, celeba, with :train/:test.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .h5 file.")
 @click.option("--epsilon", required=True, type=float, help="Target epsilon (> 0).")
 @click.option("--delta", required=True, type=float, help="Target delta, in (0, 1) and below 1/n.")
-@click.option("--relation", type=click.Choice(["add-remove", "replace-one"]), default="add-remove",
-              help="Neighbouring relation; add-remove keeps n private.")
-@click.option("--moments", type=click.Choice(["mean", "mean+second"]), default="mean+second",
+@click.option("--relation", type=click.Choice(["add-remove", "replace-one"]),
+              default=_default(_embed_options(), "relation"), help="Neighbouring relation; add-remove keeps n private.")
+@click.option("--moments", type=click.Choice(["mean", "mean+second"]), default=_default(_embed_options(), "moments"),
               help="Release phi1 sums, or phi1 and phi2 sums.")
 @click.option("--budget-split", default=None, help="Share of mu^2 per release, e.g. counts=0.01,S1=0.5; "
               "unnamed releases share the rest.  [default: counts=0.01, rest equal]")
 @click.option("--backbone", type=click.Choice(["vgg19", "resnet18", "resnet50", "efficientnet-lite0"]),
-              default="efficientnet-lite0", help="Feature extractor.")
-@click.option("--weights", default="pretrained", help="'pretrained' (ImageNet), 'random' (tests), or a PATH.")
-@click.option("--weights-seed", type=click.IntRange(0), default=0, help="Seed for --weights random.")
+              default=_default(_embed_options(), "backbone"), help="Feature extractor.")
+@click.option("--weights", default=_default(_embed_options(), "weights"),
+              help="'pretrained' (ImageNet), 'random' (tests), or a PATH.")
+@click.option("--weights-seed", type=click.IntRange(0), default=_default(_embed_options(), "weights_seed"),
+              help="Seed for --weights random.")
 @click.option("--layers", default=None, help="Comma-separated layers to use; 'pixels' (the image itself) is "
               "offered by every backbone.  [default: the backbone's list]")
 @click.option("--pixel-weight", type=click.FloatRange(0, min_open=True), default=None,
@@ -72,20 +85,21 @@ def main():
               "against the network's layers.  [default: 1]")
 @click.option("--pooling", type=click.Choice(["none", "mean"]), default=None,
               help="Per-layer pooling.  [default: the backbone's, none]")
-@click.option("--image-size", callback=_image_size, default=None, help="Resize to N or HxW.  [default: native]")
+@click.option("--image-size", callback=_image_size, default=None, help="Resize every record to N or HxW; required "
+              "for an image folder.  [default: a named dataset's or an array's own size]")
 @click.option("--feature-size", callback=_image_size, default=None,
               help="Upsample to N or HxW inside the feature map only (data and generators keep --image-size); "
               "deeper layers then keep spatial detail.  [default: no upsampling]")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert to 1 or 3 channels.  "
-              "[default: native]")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert every record to 1 or 3 "
+              "channels; required for an image folder.  [default: a named dataset's or an array's own]")
 @click.option("--classes", default=None, help="Label set of .npz/.h5 data: a count or comma-separated names.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Where named datasets are found or downloaded.  [default: ~/.cache/mepf/datasets]")
-@click.option("--batch-size", type=click.IntRange(1, 65536), default=128)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=_default(_embed_options(), "batch_size"))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=_default(_embed_options(), "device"))
 @click.option("--release-log", type=click.Path(dir_okay=False), default=None,
               help="Owner's local log (never released).  [default: ~/.local/share/mepf/releases.jsonl]")
-@click.option("--allow-repeat", is_flag=True, help="Allow a second release of the same data (budgets compose).")
+@click.option("--allow-repeat", is_flag=True, help="Allow a release of data released before (budgets compose).")
 @click.option("--force", is_flag=True, help="Allow delta >= 1/n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -93,36 +107,28 @@ def main():
 def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
           pixel_weight, pooling, image_size, feature_size, channels, classes, data_root, batch_size, device,
           release_log, allow_repeat, force, overwrite, quiet):
-    """Stage 1 (data owner): read the private images once and write the privatised embedding."""
-    from mepf.artifacts.accounting import validate_target
-    from mepf.artifacts.format import check_output_path
-    from mepf.embed.features import build_feature_map
-    from mepf.embed.device import resolve_device
-    from mepf.embed.release import embed_to_file
-    from mepf.embed.sources import open_source, parse_classes
-    from mepf.embed.transform import Transform
+    """Stage 1 (data owner): read the private images once and write the privatised embedding.
 
-    validate_target(epsilon, delta, allow_inf=True)
-    check_output_path(out, overwrite)
+    Nothing it prints is computed from the records: no count, no rate, no statistic."""
+    from mepf.embed.run import EmbedOptions, run_embed
+
+    opts = EmbedOptions(data=data, out=out, epsilon=epsilon, delta=delta, relation=relation, moments=moments,
+                        budget_split=budget_split, backbone=backbone, weights=weights, weights_seed=weights_seed,
+                        layers=tuple(layers.split(",")) if layers else None, pixel_weight=pixel_weight,
+                        pooling=pooling, image_size=image_size, feature_size=feature_size,
+                        channels=int(channels) if channels else None, classes=classes, data_root=data_root,
+                        batch_size=batch_size, device=device, release_log=release_log, allow_repeat=allow_repeat,
+                        force=force, overwrite=overwrite)
     if math.isinf(epsilon):
         click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
                    err=True)
-    source = open_source(data, parse_classes(classes), data_root, int(channels) if channels else None,
-                         resize=image_size is not None)
-    h, w, c = source.shape
-    size = image_size or (h, w)
-    ch = int(channels) if channels else c
-    extractor, spec = build_feature_map(backbone, weights, layers.split(",") if layers else None, pooling,
-                                        size, ch, weights_seed, feature_size=feature_size, pixel_weight=pixel_weight)
-    dev = resolve_device(device)
-    result = embed_to_file(source, Transform(size, ch), extractor, spec, out=out, epsilon=epsilon, delta=delta,
-                           relation=relation, moments=moments, budget_split=budget_split, batch_size=batch_size,
-                           device=dev, overwrite=overwrite, force=force, release_log_path=release_log,
-                           allow_repeat=allow_repeat, progress=not quiet)
+    result = run_embed(opts, progress=not quiet)
+    for w in result.warnings:
+        click.echo(f"WARNING: {w}", err=True)
     eps = result.ledger["achieved"]["epsilon"]
     guarantee = f"({eps:.4g}, {delta:g})-DP" if eps is not None else "NON-PRIVATE"
-    click.echo(f"wrote {result.path} {guarantee}, {relation}; {spec['backbone']} D={spec['dim']}; "
-               f"{result.records_per_second:.0f} img/s; sha256 {result.sha256[:16]}")
+    dim = result.ledger["releases"][0]["shape"][-1]
+    click.echo(f"wrote {result.path} {guarantee}, {relation}; {backbone} D={dim}; sha256 {result.sha256[:16]}")
     if weights == "random":
         click.echo("note: random (not pretrained) extractor weights: for tests and benchmarks only")
 
@@ -141,14 +147,13 @@ def audit(file, as_json, release_log):
     rep = run_audit(file)
     out = rep.to_dict()
     if release_log:
-        from mepf.embed.release_log import read_log
+        from mepf.embed.release_log import composable, entry_of, read_log
 
         entries = read_log(release_log)
-        mine = [e for e in entries if e.get("output_sha256") == _sha(file)]
-        if not mine:
+        mine = entry_of(entries, _sha(file))
+        if mine is None:
             raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
-        same = [e for e in entries if e["fingerprint"] == mine[0]["fingerprint"]]
-        out["composed"] = composed_total(same, float(rep.summary.get("delta", mine[0]["delta"])))
+        out["composed"] = composed_total(composable(entries, mine), float(rep.summary.get("delta", mine["delta"])))
     if as_json:
         click.echo(json.dumps(out, indent=2, sort_keys=True))
     else:
@@ -163,7 +168,8 @@ def audit(file, as_json, release_log):
                        f"mu={s['mu']:.6g}; target eps {s['target']['epsilon']:g})")
         if "composed" in out:
             t = out["composed"]
-            click.echo(f"this dataset, all {t['releases']} release(s) composed: ({t['epsilon']:.6g}, {t['delta']:g})-DP")
+            click.echo(f"this data, all {t['releases']} release(s) that share records with it composed: "
+                       f"({t['epsilon']:.6g}, {t['delta']:g})-DP")
         click.echo("AUDIT PASSED" if rep.ok else "AUDIT FAILED")
     sys.exit(0 if rep.ok else 1)
 

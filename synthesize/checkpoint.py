@@ -20,6 +20,17 @@ FORMAT = "mepf-generator"
 VERSION = 1
 
 
+def load_tensors(path: Path, what: str):
+    """torch.load restricted to tensors and plain containers (weights_only): a generator or snapshot from
+    someone else can carry no code. Anything else is refused with one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable, truncated, or holding objects other than tensors
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise MepfError(f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads "
+                        "only tensors and metadata, never pickled objects: use a file written by mepf") from None
+
+
 def save_generator(path: Path, generator, arch: dict, release, step: int) -> None:
     obj = {"format": FORMAT, "schema_version": VERSION, "arch": arch,
            "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
@@ -74,10 +85,7 @@ def load_generator(path) -> TrainedGenerator:
         path = path / "generator.pt"
     if not path.is_file():
         raise MepfError(f"{path} does not exist; train one with `mepf synthesize FILE --out RUN_DIR`")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a user error
-        raise MepfError(f"cannot read generator {path}: {e}") from None
+    obj = load_tensors(path, "generator")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("schema_version") != VERSION:
         raise MepfError(f"{path} is not an mepf generator (version {VERSION})")
     module = build_generator(obj["arch"])

@@ -18,7 +18,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.embed.features import feature_map_from_spec
 from mepf.embed.device import resolve_device
 
-from .checkpoint import save_generator
+from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
 from .objective import Target, fake_embeddings, squared_distance
@@ -290,7 +290,7 @@ def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
     trainer = Trainer(opts, release, extractor, arch, device)
     snap = latest_snapshot(run)
     if snap is not None:
-        trainer.load_state(torch.load(snap, map_location="cpu", weights_only=False))
+        trainer.load_state(load_tensors(snap, "snapshot"))
     stats = run / "stats.jsonl"
     if stats.exists():  # drop records past the snapshot: they will be written again
         keep = [l for l in stats.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.step]

@@ -86,8 +86,10 @@ def _npz(tmp_path, name, images, labels=None):
 BAD = {
     "missing path": (lambda t: ["--data", t / "nope"], "no such file or folder"),
     "empty folder": (lambda t: ["--data", (t / "empty").mkdir() or t / "empty"], "holds no images"),
-    "corrupt image": (lambda t: ["--data", _folder(t, "c", corrupt=True)], "cannot read image"),
-    "mixed sizes": (lambda t: ["--data", _folder(t, "m", sizes=(28, 32))], "pass --image-size"),
+    "corrupt image": (lambda t: ["--data", _folder(t, "c", corrupt=True), "--image-size", "28", "--channels", "1"],
+                      "cannot read image"),
+    "folder without geometry": (lambda t: ["--data", _folder(t, "m", sizes=(28, 32))], "--image-size (N or HxW) and"),
+    "folder without channels": (lambda t: ["--data", _folder(t, "m"), "--image-size", "28"], "--channels (1 or 3)"),
     "non-image file": (lambda t: ["--data", _folder(t, "n", extra="notes.txt")], "not a PNG or JPEG"),
     "labels out of range": (lambda t: ["--data", _npz(t, "l.npz", make_images(5), np.array([0, 1, 2, 3, 9])),
                                        "--classes", "4"], "outside 0..3"),

@@ -14,7 +14,8 @@ from PIL import Image
 from mepf.cli import main
 from mepf.embed.features import build_feature_map
 from mepf.embed.release import embed_to_file
-from mepf.embed.sources import ArraySource, named_source
+from mepf.embed.datasets import named_source
+from mepf.embed.files import ArraySource
 from mepf.embed.transform import Transform
 from mepf.evaluate.classifiers import accuracies
 from mepf.evaluate.data import read_source

@@ -14,7 +14,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import content_checksum
 from mepf.embed import release_log
 from mepf.embed.release import accumulate, embed_to_file
-from mepf.embed.sources import ArraySource, FolderSource
+from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.transform import Transform
 
 LEDGER_KEYS = {"private", "relation", "relation_text", "releases", "composition", "mu", "accountant", "target", "achieved",
@@ -243,3 +243,40 @@ def test_calibrate_refuses_infinite_epsilon():
 
     with pytest.raises(MepfError, match="no privacy"):
         calibrate(float("inf"), 1e-5, {"S1": 1.0}, {"S1": 1.0})
+
+
+def test_audit_checks_the_numbers_not_only_the_ledger(tmp_path, labelled_npz, eff28):
+    """A file with 1000x less noise than its (genuine) ledger declares, checksum recomputed by the forger,
+    fails the audit's noise check where the check has power; a genuine file passes it."""
+    from mepf.artifacts.format import write_release
+    from mepf.embed.release import privatise
+
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    honest = run(src, eff28, tmp_path / "honest.h5", tmp_path / "log.jsonl", epsilon=1.0).path
+    rep = audit(honest)
+    checks = {n: (ok, d) for n, ok, d in rep.checks}
+    assert rep.ok and checks["noise:S1"][0] and "power" in checks["noise:S1"][1] and "NO POWER" not in checks["noise:S1"][1]
+    r = load(honest)
+    exact = accumulate(src, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False)
+    sig = {x["name"]: x["sigma"] / 1000 for x in r.ledger["releases"]}
+    forged = privatise({**exact.sums, "counts": exact.counts.astype(np.float64)}, sig)
+    write_release(tmp_path / "forged.h5", forged, r.class_names, r.feature_spec, r.data_spec, r.ledger)
+    rep = audit(tmp_path / "forged.h5")
+    failed = {n for n, ok, _ in rep.checks if not ok}
+    assert failed == {"noise:S1", "noise:S2"}, failed  # checksum, ledger, sigmas and eps all look genuine
+
+
+def test_audit_says_where_the_noise_check_has_no_power(tmp_path):
+    from click.testing import CliRunner
+
+    from mepf.cli import main
+
+    x = np.random.default_rng(3).integers(0, 256, (900, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "big.npz", images=x, labels=np.arange(900) % 3)
+    r = CliRunner().invoke(main, ["embed", "--data", str(tmp_path / "big.npz"), "--classes", "3", "--out",
+                                  str(tmp_path / "b.h5"), "--epsilon", "10", "--delta", "1e-5", "--backbone", "resnet18",
+                                  "--weights", "random", "--layers", "pixels", "--release-log", str(tmp_path / "l.jsonl"),
+                                  "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    a = CliRunner().invoke(main, ["audit", str(tmp_path / "b.h5")])
+    assert a.exit_code == 0 and "[ok] noise:S1" in a.output and "NO POWER" in a.output  # 300 records per class, D=64

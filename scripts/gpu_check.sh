@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On a CUDA machine, one command: set up, show the device, run the tests that need CUDA (marked `cuda`,
+# skipped elsewhere), then the embed benchmark on the GPU. Prints the figures to record in the README.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+$PY - <<'PYEOF'
+import torch
+assert torch.cuda.is_available(), "no CUDA device: run this on a GPU machine"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}, "
+      f"{torch.cuda.device_count()} device(s)")
+PYEOF
+$PY -m pytest -q -m cuda -rs tests
+$PY benchmarks/embed_throughput.py --backbone vgg19 --weights random --image-size 32 --device cuda --memory-sizes ""
+$PY benchmarks/embed_throughput.py --backbone efficientnet-lite0 --image-size 32 --device cuda --memory-sizes ""

@@ -1,0 +1,112 @@
+"""The dataset fingerprint behind the repeat-release refusal: a multiset of canonical records, blind to
+order, batching, container, file names and transform options, and a sketch that finds overlaps."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from mepf.embed.files import ArraySource, FolderSource
+from mepf.embed.fingerprint import SKETCH_CAP, Fingerprint, Sketch, canonical
+from tests.conftest import make_images
+
+
+def fingerprint_of(src, batch_size=1000) -> Fingerprint:
+    fp = Fingerprint()
+    for records, labels in src.batches(batch_size):
+        fp.update(records, labels)
+    return fp
+
+
+def write_folder(root, x, y, names=None, rgb=False):
+    for i in range(len(x)):
+        d = root / f"class{y[i]}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = x[i, :, :, 0]
+        im = Image.fromarray(np.stack([img] * 3, -1) if rgb else img)
+        im.save(d / (names[i] if names else f"{i:04d}.png"))
+    return root
+
+
+@pytest.fixture
+def data(tmp_path):
+    x = make_images(30, seed=5)
+    y = np.arange(30) % 3
+    np.savez(tmp_path / "d.npz", images=x, labels=y)
+    return tmp_path, x, y
+
+
+def test_blind_to_order_batching_container_names_and_stored_form(data):
+    tmp, x, y = data
+    ref = fingerprint_of(ArraySource(tmp / "d.npz", ["0", "1", "2"])).hexdigest()
+    assert fingerprint_of(ArraySource(tmp / "d.npz", ["0", "1", "2"]), 7).hexdigest() == ref
+    perm = np.random.default_rng(0).permutation(30)
+    np.savez(tmp / "shuffled.npz", images=x[perm, :, :, 0], labels=y[perm])  # (N, H, W), another order
+    assert fingerprint_of(ArraySource(tmp / "shuffled.npz", ["a", "b", "c"])).hexdigest() == ref
+    with h5py.File(tmp / "d.h5", "w") as f:
+        f["x"], f["y"] = x.astype(np.float32) / 255, y  # float in [0, 1], other keys, other container
+    assert fingerprint_of(ArraySource(tmp / "d.h5", ["0", "1", "2"])).hexdigest() == ref
+    np.savez(tmp / "rgb.npz", images=np.repeat(x, 3, axis=3), labels=y)  # grey stored as three equal channels
+    assert fingerprint_of(ArraySource(tmp / "rgb.npz", ["0", "1", "2"])).hexdigest() == ref
+    names = [f"renamed_{np.random.default_rng(i).integers(1e9)}.png" for i in range(30)]
+    assert fingerprint_of(FolderSource(write_folder(tmp / "f1", x, y, names))).hexdigest() == ref
+    assert fingerprint_of(FolderSource(write_folder(tmp / "f2", x, y, rgb=True))).hexdigest() == ref
+
+
+def test_sees_one_pixel_one_label_and_one_duplicate(data):
+    tmp, x, y = data
+    ref = fingerprint_of(ArraySource(tmp / "d.npz", ["0", "1", "2"])).hexdigest()
+    x2 = x.copy()
+    x2[17, 3, 4, 0] ^= 1
+    y2 = y.copy()
+    y2[0] = (y2[0] + 1) % 3
+    dup_x, dup_y = np.concatenate([x, x[:1]]), np.append(y, y[0])
+    for name, (a, b) in {"pixel": (x2, y), "label": (x, y2), "duplicate": (dup_x, dup_y)}.items():
+        np.savez(tmp / f"{name}.npz", images=a, labels=b)
+        assert fingerprint_of(ArraySource(tmp / f"{name}.npz", ["0", "1", "2"])).hexdigest() != ref, name
+
+
+def test_canonical_form():
+    grey = make_images(1)[0]
+    assert canonical(grey).shape == (28, 28, 1) and canonical(grey[:, :, 0]).shape == (28, 28, 1)
+    np.testing.assert_array_equal(canonical(np.repeat(grey, 3, 2)), canonical(grey))
+    np.testing.assert_array_equal(canonical(grey.astype(np.float32) / 255), grey)
+    off_grid = grey.astype(np.float32) / 255 + 0.3 / 255
+    assert canonical(off_grid).dtype == np.float32  # not an 8-bit image: hashed as the floats it stores
+    colour = make_images(1, channels=3)[0]
+    assert canonical(colour).shape == (28, 28, 3)
+
+
+def test_sketch_finds_subsets_and_supersets_beyond_its_cap():
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (3 * SKETCH_CAP, 4, 4, 1), dtype=np.uint8)
+    other = rng.integers(0, 256, (2000, 4, 4, 1), dtype=np.uint8)
+
+    def fp(records):
+        f = Fingerprint()
+        f.update(records, None)
+        return f
+
+    whole, half, unrelated = fp(big), fp(big[: len(big) // 2]), fp(other)
+    assert len(whole.sketch.hashes) <= SKETCH_CAP and whole.sketch.level >= 1
+    shared, share_half, share_whole = half.sketch.overlap(whole.sketch)
+    assert shared > 0 and share_half == 1.0 and 0.35 < share_whole < 0.65  # a subset: all of it, about half of the other
+    assert unrelated.sketch.overlap(whole.sketch)[0] == 0
+    assert Sketch.from_json(whole.sketch.to_json()).hashes == whole.sketch.hashes
+
+
+def test_shards_merge_to_the_single_pass_fingerprint():
+    rng = np.random.default_rng(1)
+    records = rng.integers(0, 256, (2 * SKETCH_CAP + 100, 4, 4, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, len(records))
+    single = Fingerprint()
+    single.update(records, labels)
+    parts = [Fingerprint() for _ in range(3)]
+    for i, p in enumerate(parts):
+        p.update(records[i::3], labels[i::3])
+    merged = parts[0]
+    merged.merge(parts[1])
+    merged.merge(parts[2])
+    assert merged.hexdigest() == single.hexdigest()
+    assert merged.sketch.level == single.sketch.level and merged.sketch.hashes == single.sketch.hashes

@@ -1,0 +1,252 @@
+"""What someone who controls one record, one file in the folder or the weights file can make stage 1 do.
+Each test is written from the attacker's side and runs the real command line on real files."""
+from __future__ import annotations
+
+import io
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mepf.artifacts import load
+from mepf.cli import main
+from mepf.embed import release_log
+from mepf.embed.features import _effnet_pretrained_path, build_feature_map
+from mepf.embed.files import FolderSource
+from mepf.embed.transform import Transform
+from tests.conftest import make_images
+
+TINY = ["--backbone", "resnet18", "--weights", "random", "--layers", "pixels"]  # a map that costs microseconds
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def embed(data, out, log, *extra):
+    return cli("embed", "--data", data, "--out", out, "--epsilon", "1", "--delta", "1e-6", "--release-log", log,
+               "--quiet", *extra)
+
+
+# --------------------------------------------------------------------------- the weights file
+
+def overflowing_weights(path):
+    """EfficientNet-Lite0's real weights with one channel of block0's last batch norm scaled so that its
+    activations overflow float32 for some images (+inf, -inf) and stay finite for others."""
+    state = torch.load(_effnet_pretrained_path(), map_location="cpu", weights_only=True)
+    w = state["_blocks.0._bn2.weight"].clone()
+    w[7] *= 1.94e37
+    torch.save({**state, "_blocks.0._bn2.weight": w}, path)
+    return path
+
+
+@pytest.mark.parametrize("layers", ["stem,block0", "stem,block0,block1"])  # +-inf alone; then NaN from inf - inf
+def test_overflowing_weights_file_cannot_break_the_bound(tmp_path, layers):
+    weights = overflowing_weights(tmp_path / "hostile.pt")
+    x = np.concatenate([make_images(10, seed=1), np.full((1, 28, 28, 1), 255, np.uint8), np.zeros((1, 28, 28, 1), np.uint8)])
+    y = np.arange(12)  # one record per class: two -2**63 entries in one sum would wrap back and hide a bad row
+    np.savez(tmp_path / "d.npz", images=x, labels=y)
+    ex, _ = build_feature_map("efficientnet-lite0", str(weights), layers.split(","), image_size=(28, 28), channels=1)
+    with torch.no_grad():
+        f = ex(Transform((28, 28), 1)(x))
+    finite = torch.isfinite(f).all(1)
+    assert 0 < int(finite.sum()) < 12 and bool(torch.isinf(f).any())  # a real mix of finite and overflowing rows
+    assert bool(torch.isnan(f).any()) == ("block1" in layers)
+    r = cli("embed", "--data", tmp_path / "d.npz", "--classes", "12", "--out", tmp_path / "x.h5", "--epsilon", "inf",
+            "--delta", "1e-5", "--weights", weights, "--layers", layers, "--release-log",
+            tmp_path / "log.jsonl", "--quiet")
+    assert r.exit_code == 0, r.output + r.stderr
+    rel = load(tmp_path / "x.h5")  # eps = inf: the file holds the exact sums
+    counts = rel.arrays["counts"]
+    np.testing.assert_array_equal(counts, np.ones(12))
+    for m, c in (("S1", 1.0), ("S2", 1.0)):
+        norms = np.linalg.norm(rel.arrays[m].astype(np.float64), axis=1)
+        assert (norms <= counts * c * (1 + 1e-6)).all(), (m, norms, counts)
+    norms = np.linalg.norm(rel.arrays["S1"].astype(np.float64), axis=1)
+    assert (norms[finite.numpy()] > 0.999).all() and (norms[~finite.numpy()] == 0).all()  # the fixed rule, exactly
+
+
+def test_weights_file_with_non_finite_values_is_refused(tmp_path, labelled_npz):
+    state = torch.load(_effnet_pretrained_path(), map_location="cpu", weights_only=True)
+    bad = state["_blocks.0._project_conv.weight"].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    torch.save({**state, "_blocks.0._project_conv.weight": bad}, tmp_path / "nan.pt")
+    r = cli("embed", "--data", labelled_npz[0], "--classes", "3", "--out", tmp_path / "x.h5", "--epsilon", "1",
+            "--delta", "1e-5", "--weights", tmp_path / "nan.pt", "--release-log", tmp_path / "log.jsonl", "--quiet")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "NaN or infinite" in r.stderr
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- the geometry
+
+MODES = ["L", "RGB", "RGBA", "P", "1", "LA", "I;16", "CMYK"]
+
+
+def save_record(path, mode, w, h, seed):
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    else:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    path = path.with_suffix(".jpg" if fmt == "JPEG" else ".png")
+    im.save(path, fmt)
+    return path
+
+
+def release_outcome(root, out, log, declared):
+    r = embed(root, out, log, *TINY, *declared)
+    if r.exit_code != 0:
+        return ("error", r.stderr)
+    rel = load(out)
+    return ("file", rel.feature_spec, rel.data_spec, rel.ledger, {k: v.shape for k, v in rel.arrays.items()},
+            rel.class_names)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 4), base_mode=st.sampled_from(["L", "RGB"]), base_size=st.integers(8, 40),
+       mode=st.sampled_from(MODES), w=st.integers(1, 64), h=st.integers(1, 64), where=st.sampled_from(["0", "m", "~"]),
+       cls=st.integers(0, 1), declare_size=st.booleans(), declare_channels=st.booleans(), seed=st.integers(0, 999))
+def test_property_one_added_record_of_any_mode_or_size_changes_no_shape(tmp_path_factory, n, base_mode, base_size,
+                                                                          mode, w, h, where, cls, declare_size,
+                                                                          declare_channels, seed):
+    tmp = tmp_path_factory.mktemp("geom")
+    d = tmp / "D"
+    for k in range(2):
+        (d / f"class{k}").mkdir(parents=True)
+        for i in range(n):
+            save_record(d / f"class{k}" / f"img{i}", base_mode, base_size, base_size, seed + 10 * k + i)
+    d2 = tmp / "D2"
+    shutil.copytree(d, d2)
+    save_record(d2 / f"class{cls}" / f"{where}added", mode, w, h, seed + 99)  # sorts first, in the middle or last
+    declared = (["--image-size", "28"] if declare_size else []) + (["--channels", "1"] if declare_channels else [])
+    a = release_outcome(d, tmp / "a.h5", tmp / "la.jsonl", declared)
+    b = release_outcome(d2, tmp / "b.h5", tmp / "lb.jsonl", declared)
+    assert a == b
+    assert a[0] == ("file" if declare_size and declare_channels else "error")
+
+
+def test_every_mode_and_size_is_converted_never_refused(tmp_path):
+    root = tmp_path / "zoo" / "all"
+    root.mkdir(parents=True)
+    for i, mode in enumerate(MODES):
+        for j, (w, h) in enumerate(((1, 1), (3, 100), (64, 64))):
+            save_record(root / f"{i}-{j}", mode, w, h, i * 3 + j)
+    for channels in ("1", "3"):
+        out = tmp_path / f"zoo{channels}.h5"
+        r = embed(tmp_path / "zoo", out, tmp_path / f"l{channels}.jsonl", *TINY, "--image-size", "16",
+                  "--channels", channels)
+        assert r.exit_code == 0, r.stderr
+        rel = load(out)
+        assert rel.feature_spec["input"]["channels"] == int(channels) and rel.arrays["S1"].shape == (1, 16 * 16 * int(channels))
+
+
+# --------------------------------------------------------------------------- numbers that could leave
+
+def test_nothing_printed_is_computed_from_the_records(tmp_path):
+    n = 4099
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(8).integers(0, 256, (n, 8, 8), dtype=np.uint8),
+             labels=np.arange(n) % 3)
+    r = cli("embed", "--data", tmp_path / "d.npz", "--classes", "3", "--out", tmp_path / "x.h5", "--epsilon", "2",
+            "--delta", "1e-6", "--release-log", tmp_path / "log.jsonl", *TINY, "--batch-size", "64")  # progress shown
+    assert r.exit_code == 0, r.stderr
+    text = r.output.replace(str(tmp_path / "x.h5"), "OUT")  # stdout and stderr together
+    assert "embed:" in r.stderr  # the progress display was drawn
+    sha = load(tmp_path / "x.h5").file_sha256
+    text = text.replace(f"sha256 {sha[:16]}", "SHA")
+    text = re.sub(r"\d\d:\d\d", "TIME", text)  # elapsed and remaining times of the progress display
+    for declared in ("(2, 1e-06)-DP", "D=64", "resnet18"):
+        assert declared in text
+        text = text.replace(declared, "")
+    assert not re.search(r"\d", text), repr(text)  # no count, rate, percentage or statistic
+
+
+def test_delta_refusal_reads_nothing_and_names_no_number(tmp_path, image_folder):
+    class Counting(FolderSource):
+        decoded = 0
+
+        def _read_image(self, path):
+            Counting.decoded += 1
+            return super()._read_image(path)
+
+    from mepf.embed.release import embed_to_file
+
+    ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(28, 28), channels=1)
+    with pytest.raises(Exception) as e:
+        embed_to_file(Counting(image_folder), Transform((28, 28), 1), ex, spec, out=tmp_path / "x.h5", epsilon=1.0,
+                      delta=0.25, release_log_path=tmp_path / "log.jsonl", progress=False)
+    assert "not below 1/n" in str(e.value) and Counting.decoded == 0
+    assert not re.search(r"\d", str(e.value).replace("0.25", "").replace("1/n", "").replace("1/(10 n)", ""))
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- the repeat-release refusal
+
+def test_repeat_release_is_recognised_whatever_the_container_names_order_or_transform(tmp_path):
+    x = make_images(12, seed=11)
+    y = np.arange(12) % 2
+    first = tmp_path / "first"
+    for i in range(12):
+        (first / f"c{y[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, :, :, 0]).save(first / f"c{y[i]}" / f"patient_{i}.png")
+    log = tmp_path / "log.jsonl"
+    geometry = ["--image-size", "28", "--channels", "1"]
+    assert embed(first, tmp_path / "r0.h5", log, *TINY, *geometry).exit_code == 0
+
+    renamed = tmp_path / "renamed"
+    for i in range(12):
+        (renamed / f"class_{y[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, :, :, 0]).save(renamed / f"class_{y[i]}" / f"{(7 * i) % 12:03d}_x.png")
+    perm = np.random.default_rng(0).permutation(12)
+    np.savez(tmp_path / "same.npz", images=x[perm], labels=y[perm])
+    np.savez(tmp_path / "superset.npz", images=np.concatenate([x, make_images(2, seed=99)]), labels=np.append(y, [0, 1]))
+    np.savez(tmp_path / "subset.npz", images=x[:5], labels=y[:5])
+    np.savez(tmp_path / "relabelled.npz", images=x, labels=1 - y)
+    attempts = {
+        "renamed folder": (renamed, geometry),
+        "as .npz, reordered": (tmp_path / "same.npz", ["--classes", "2"]),
+        "read as RGB at 32 px": (tmp_path / "same.npz", ["--classes", "2", "--channels", "3", "--image-size", "32"]),
+        "superset": (tmp_path / "superset.npz", ["--classes", "2"]),
+        "subset": (tmp_path / "subset.npz", ["--classes", "2"]),
+        "relabelled": (tmp_path / "relabelled.npz", ["--classes", "2"]),
+    }
+    for i, (name, (data, opts)) in enumerate(attempts.items()):
+        r = embed(data, tmp_path / f"r{i + 1}.h5", log, *TINY, *opts)
+        assert r.exit_code == 2 and ("already released" in r.stderr or "shares most" in r.stderr), (name, r.stderr)
+        assert not (tmp_path / f"r{i + 1}.h5").exists(), name
+    assert len(release_log.read_log(log)) == 1
+
+    np.savez(tmp_path / "one_shared.npz", images=np.concatenate([x[:1], make_images(11, seed=50)]),
+             labels=np.arange(12) % 2)
+    r = embed(tmp_path / "one_shared.npz", tmp_path / "shared.h5", log, *TINY, "--classes", "2")
+    assert r.exit_code == 0 and "WARNING: some records of this dataset were in 1 earlier release" in r.stderr
+    a = cli("audit", tmp_path / "shared.h5", "--json", "--release-log", log)
+    import json
+
+    assert json.loads(a.output)["composed"]["releases"] == 2  # its shared record carries both budgets
+
+    r = embed(tmp_path / "same.npz", tmp_path / "again.h5", log, *TINY, "--classes", "2", "--allow-repeat")
+    assert r.exit_code == 0
+    assert json.loads(cli("audit", tmp_path / "again.h5", "--json", "--release-log", log).output)["composed"]["releases"] == 3
+
+
+def test_private_reference_is_flagged_in_another_container(tmp_path, image_folder):
+    from mepf.evaluate.data import load_reference
+    from mepf.evaluate.evaluation import private_reference_warning
+
+    log = tmp_path / "log.jsonl"
+    assert embed(image_folder, tmp_path / "r.h5", log, *TINY, "--image-size", "28", "--channels", "1").exit_code == 0
+    items = sorted(p for p in image_folder.rglob("*.png"))
+    xs = np.stack([np.asarray(Image.open(p)) for p in items])
+    ys = np.array([sorted(d.name for d in image_folder.iterdir()).index(p.parent.name) for p in items])
+    np.savez(tmp_path / "copy.npz", images=xs[::-1], labels=ys[::-1])  # another container, another order
+    warning = private_reference_warning(load_reference(str(tmp_path / "copy.npz")), log)
+    assert warning and "NOT for publication" in warning
+    np.savez(tmp_path / "public.npz", images=make_images(12, seed=77), labels=np.arange(12) % 2)
+    assert private_reference_warning(load_reference(str(tmp_path / "public.npz")), log) is None
