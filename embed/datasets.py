@@ -17,7 +17,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 
-from .sources import Source
+from .sources import Source, kept
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -54,19 +54,23 @@ class IdxSource(Source):
     def __len__(self):
         return self._n
 
-    def batches(self, batch_size):
+    def blocks(self, block_size, keep=None):
         with _open_maybe_gz(self.image_file) as fi, _open_maybe_gz(self.label_file) as fl:
             _read_idx_header(fi, 3)
             (nl,) = _read_idx_header(fl, 1)
             if nl != self._n:
                 raise MepfError(f"{self.image_file.name} and {self.label_file.name} hold different numbers of records; "
-                               "fetch the dataset again")
+                                "fetch the dataset again")
             per = self._h * self._w
-            for start in range(0, self._n, batch_size):
-                b = min(batch_size, self._n - start)
-                x = np.frombuffer(fi.read(per * b), dtype=np.uint8).reshape(b, self._h, self._w, 1)
-                y = np.frombuffer(fl.read(b), dtype=np.uint8).astype(np.int64)
-                yield x, y
+            for b, start in enumerate(range(0, self._n, block_size)):
+                m = min(block_size, self._n - start)
+                if not kept(keep, b):
+                    fi.seek(per * m, 1)
+                    fl.seek(m, 1)
+                    continue
+                x = np.frombuffer(fi.read(per * m), dtype=np.uint8).reshape(m, self._h, self._w, 1)
+                y = np.frombuffer(fl.read(m), dtype=np.uint8).astype(np.int64)
+                yield b, x, y
 
 
 class Mnist5kSource(Source):
@@ -92,9 +96,9 @@ class Mnist5kSource(Source):
     def __len__(self):
         return 4000 if self.split == "train" else 1000
 
-    def batches(self, batch_size):
+    def blocks(self, block_size, keep=None):
         seen = [0] * 10
-        xs, ys = [], []
+        rows, b = [], 0
         with gzip.open(self.path, "rt") as f:
             for row in csv.reader(f):
                 y = int(row[-1])
@@ -102,13 +106,18 @@ class Mnist5kSource(Source):
                 seen[y] += 1
                 if is_train != (self.split == "train"):
                     continue
-                xs.append(np.array(row[:-1], dtype=np.uint8).reshape(28, 28, 1))
-                ys.append(y)
-                if len(xs) == batch_size:
-                    yield np.stack(xs), np.array(ys, dtype=np.int64)
-                    xs, ys = [], []
-        if xs:
-            yield np.stack(xs), np.array(ys, dtype=np.int64)
+                rows.append(row)
+                if len(rows) == block_size:
+                    if kept(keep, b):
+                        yield b, *self._decode(rows)
+                    rows, b = [], b + 1
+        if rows and kept(keep, b):
+            yield b, *self._decode(rows)
+
+    @staticmethod
+    def _decode(rows):
+        return (np.stack([np.array(r[:-1], dtype=np.uint8).reshape(28, 28, 1) for r in rows]),
+                np.array([int(r[-1]) for r in rows], dtype=np.int64))
 
 
 class CifarSource(Source):
@@ -125,14 +134,19 @@ class CifarSource(Source):
     def __len__(self):
         return 10000 * len(self.files)
 
-    def batches(self, batch_size):
-        for path in self.files:
+    def blocks(self, block_size, keep=None):
+        for i, path in enumerate(self.files):  # 10,000 records per file; a file with no kept block is not read
+            wanted = [b for b in range(i * 10000 // block_size, -(-(i + 1) * 10000 // block_size)) if kept(keep, b)]
+            if not wanted:
+                continue
             with open(path, "rb") as f:
                 d = pickle.load(f, encoding="latin1")
             x = d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             y = np.asarray(d["labels"], dtype=np.int64)
-            for s in range(0, len(x), batch_size):
-                yield np.ascontiguousarray(x[s:s + batch_size]), y[s:s + batch_size]
+            for b in wanted:  # blocks run across file boundaries: each file yields its own part of a block
+                lo, hi = max(b * block_size - i * 10000, 0), min((b + 1) * block_size - i * 10000, 10000)
+                if lo < hi:
+                    yield b, np.ascontiguousarray(x[lo:hi]), y[lo:hi]
             del d, x
 
 
@@ -156,18 +170,17 @@ class CelebASource(Source):
     def __len__(self):
         return len(self.ds)
 
-    def batches(self, batch_size):
-        xs = []
-        for i in range(len(self.ds)):
-            im = self.ds[i][0]
-            w, h = im.size
-            top = (h - 178) // 2
-            xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))
-            if len(xs) == batch_size:
-                yield np.stack(xs), None
-                xs = []
-        if xs:
-            yield np.stack(xs), None
+    def blocks(self, block_size, keep=None):
+        for b, start in enumerate(range(0, len(self.ds), block_size)):
+            if not kept(keep, b):
+                continue
+            xs = []
+            for i in range(start, min(start + block_size, len(self.ds))):
+                im = self.ds[i][0]
+                w, h = im.size
+                top = (h - 178) // 2
+                xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))
+            yield b, np.stack(xs), None
 
 
 def default_data_root() -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 
-from .sources import Source
+from .sources import Source, kept
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 #: Pillow modes decoded as one channel; everything else (RGB, RGBA, P, CMYK, YCbCr, ...) as RGB, alpha dropped
@@ -76,13 +76,15 @@ class FolderSource(Source):
     def __len__(self) -> int:
         return len(self.items)
 
-    def batches(self, batch_size: int):
-        for start in range(0, len(self.items), batch_size):
-            chunk = self.items[start:start + batch_size]
+    def blocks(self, block_size: int, keep=None):
+        for b, start in enumerate(range(0, len(self.items), block_size)):
+            if not kept(keep, b):
+                continue
+            chunk = self.items[start:start + block_size]
             images = [self._read_image(path) for path, _ in chunk]
             labels = np.array([l for _, l in chunk], dtype=np.int64) if self.classes else None
             same = all(a.shape == images[0].shape for a in images)
-            yield (np.stack(images) if same else images), labels
+            yield b, (np.stack(images) if same else images), labels
 
 
 # --------------------------------------------------------------------------- arrays (.npz / .h5)
@@ -106,6 +108,7 @@ class ArraySource(Source):
     """Images (N,H,W) or (N,H,W,C) uint8 (or float in [0,1]) with optional integer labels, from .npz or .h5.
 
     Keys: images in 'images' or 'x', labels in 'labels' or 'y'. The label set is declared by `classes`.
+    The constructor reads the headers only; `blocks` opens the file for each pass.
     """
 
     def __init__(self, path, classes: list | None):
@@ -117,32 +120,31 @@ class ArraySource(Source):
             import zipfile
 
             try:
-                self._zip = zipfile.ZipFile(path)
+                with zipfile.ZipFile(path) as zf:
+                    keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+                    self._ikey = self._pick(keys, ("images", "x"), "images")
+                    self._lkey = self._pick(keys, ("labels", "y"), None)
+                    f, self._shape, self._dtype = _npz_member(zf, self._ikey)
+                    f.close()
+                    if self._lkey:
+                        f, lshape, self._ldtype = _npz_member(zf, self._lkey)
+                        f.close()
+                        self._check_labels_meta(lshape, self._ldtype)
             except zipfile.BadZipFile:
                 raise MepfError(f"--data {path} is not a valid .npz file") from None
-            keys = [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
-            self._keys = keys
-            ikey = self._pick(keys, ("images", "x"), "images")
-            lkey = self._pick(keys, ("labels", "y"), None)
-            _, self._shape, self._dtype = self._member(ikey)
-            self._ikey, self._lkey = ikey, lkey
-            if lkey:
-                f, lshape, ldtype = self._member(lkey)
-                f.close()
-                self._check_labels_meta(lshape, ldtype)
         elif self.kind in (".h5", ".hdf5"):
             import h5py
 
             try:
-                self._h5 = h5py.File(path, "r")
+                with h5py.File(path, "r") as h5:
+                    keys = list(h5.keys())
+                    self._ikey = self._pick(keys, ("images", "x"), "images")
+                    self._lkey = self._pick(keys, ("labels", "y"), None)
+                    self._shape, self._dtype = h5[self._ikey].shape, h5[self._ikey].dtype
+                    if self._lkey:
+                        self._check_labels_meta(h5[self._lkey].shape, h5[self._lkey].dtype)
             except OSError:
                 raise MepfError(f"--data {path} is not a readable HDF5 file") from None
-            keys = list(self._h5.keys())
-            self._ikey = self._pick(keys, ("images", "x"), "images")
-            self._lkey = self._pick(keys, ("labels", "y"), None)
-            self._shape, self._dtype = self._h5[self._ikey].shape, self._h5[self._ikey].dtype
-            if self._lkey:
-                self._check_labels_meta(self._h5[self._lkey].shape, self._h5[self._lkey].dtype)
         else:
             raise MepfError(f"--data {path}: unsupported file type {path.suffix}; use .npz, .h5 or an image folder")
         if len(self._shape) not in (3, 4) or (len(self._shape) == 4 and self._shape[3] not in (1, 3)):
@@ -158,9 +160,6 @@ class ArraySource(Source):
             raise MepfError(f"--classes given but {path.name} has no 'labels' or 'y' array")
         self.classes = classes
         self.description = "array file" + (" (labelled)" if classes else " (unlabelled)")
-
-    def _member(self, key):
-        return _npz_member(self._zip, key)
 
     def _pick(self, keys, names, required):
         for n in names:
@@ -185,28 +184,41 @@ class ArraySource(Source):
     def __len__(self) -> int:
         return int(self._shape[0])
 
-    def _chunks(self, batch_size):
-        n = len(self)
+    def _raw_blocks(self, block_size, keep):
+        n, rec = len(self), tuple(self._shape[1:])
+        starts = list(enumerate(range(0, n, block_size)))
         if self.kind == ".npz":
-            fi, _, dt = self._member(self._ikey)
-            fl = self._member(self._lkey) if self._lkey else None
-            per = int(np.prod(self._shape[1:])) * dt.itemsize
-            for start in range(0, n, batch_size):
-                b = min(batch_size, n - start)
-                x = np.frombuffer(fi.read(per * b), dtype=dt).reshape((b,) + tuple(self._shape[1:]))
-                y = np.frombuffer(fl[0].read(fl[2].itemsize * b), dtype=fl[2]) if fl else None
-                yield start, x, y
-            fi.close()
-            if fl:
-                fl[0].close()
-        else:
-            ds, ls = self._h5[self._ikey], (self._h5[self._lkey] if self._lkey else None)
-            for start in range(0, n, batch_size):
-                yield start, ds[start:start + batch_size], (ls[start:start + batch_size] if ls is not None else None)
+            import zipfile
 
-    def batches(self, batch_size: int):
+            with zipfile.ZipFile(self.path) as zf:
+                fi, _, dt = _npz_member(zf, self._ikey)
+                fl = _npz_member(zf, self._lkey) if self._lkey else None
+                per = int(np.prod(rec)) * dt.itemsize
+                for b, start in starts:
+                    m = min(block_size, n - start)
+                    if not kept(keep, b):  # skip without decoding (a seek; compressed members decompress)
+                        fi.seek(per * m, 1)
+                        if fl:
+                            fl[0].seek(fl[2].itemsize * m, 1)
+                        continue
+                    x = np.frombuffer(fi.read(per * m), dtype=dt).reshape((m,) + rec)
+                    y = np.frombuffer(fl[0].read(fl[2].itemsize * m), dtype=fl[2]) if fl else None
+                    yield b, x, y
+                fi.close()
+                if fl:
+                    fl[0].close()
+        else:
+            import h5py
+
+            with h5py.File(self.path, "r") as h5:
+                ds, ls = h5[self._ikey], (h5[self._lkey] if self._lkey else None)
+                for b, start in starts:
+                    if kept(keep, b):
+                        yield b, ds[start:start + block_size], (ls[start:start + block_size] if ls is not None else None)
+
+    def blocks(self, block_size: int, keep=None):
         k = len(self.classes) if self.classes else None
-        for start, x, y in self._chunks(batch_size):
+        for b, x, y in self._raw_blocks(block_size, keep):
             if x.dtype != np.uint8:
                 bad = ~np.isfinite(x) | (x < 0) | (x > 1)
                 if bad.any():
@@ -221,6 +233,4 @@ class ArraySource(Source):
                 if bad.any():
                     raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes that "
                                     "--classes declares; declare the full label set or fix the labels")
-            yield x, y
-
-
+            yield b, x, y

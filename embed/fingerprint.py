@@ -98,10 +98,13 @@ class Fingerprint:
         self.sketch = Sketch()
 
     def update(self, records, labels) -> None:
-        for i, r in enumerate(records):
-            pixels = record_hash(r)
-            label = -1 if labels is None else int(labels[i])
-            h = hashlib.sha256(pixels + label.to_bytes(8, "little", signed=True)).digest()
+        """Add records (with labels, or None when unlabelled)."""
+        self.add([record_hash(r) for r in records], [-1] * len(records) if labels is None else labels)
+
+    def add(self, pixel_hashes, labels) -> None:
+        """Add records given by their record_hash and their label index (-1 when unlabelled)."""
+        for pixels, label in zip(pixel_hashes, labels):
+            h = hashlib.sha256(pixels + int(label).to_bytes(8, "little", signed=True)).digest()
             self._sum = (self._sum + int.from_bytes(h, "big")) % _MOD
             self._n += 1
             self.sketch.add(pixels)

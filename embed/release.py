@@ -23,9 +23,10 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import check_output_path, write_release
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
-from . import release_log
+from . import distributed, release_log
 from .features import QUANT_BITS, dequantise, grid_rows
 from .fingerprint import Fingerprint
+from .loader import Failed, loader, shard_size
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 #: the progress display shows how far the pass is and for how long, never a count or a rate of records
@@ -38,7 +39,7 @@ class Sums:
 
     qsums: dict  # name -> int64 (K, D) on the grid of step C * 2**-QUANT_BITS
     counts: np.ndarray  # int64 (K,)
-    fingerprint: Fingerprint
+    fingerprint: Fingerprint | None  # merged on rank 0; None on the other ranks
     cs: dict = field(default_factory=dict)  # name -> C
 
     @property
@@ -85,10 +86,6 @@ class ExactSums:
         self.total = torch.zeros(k, d, dtype=torch.int64, device=device)
         self.pending = 0
 
-    def add_row(self, q: torch.Tensor, label: int) -> None:
-        self.running[label] += q
-        self._count(1)
-
     def add_rows(self, q: torch.Tensor, labels: torch.Tensor) -> None:
         self.running.index_add_(0, labels, q)
         self._count(len(q))
@@ -105,49 +102,71 @@ class ExactSums:
         return self.total
 
 
+#: on the CPU, grid rows are computed this many float64 entries at a time (a cache-sized chunk of rows)
+CHUNK_ENTRIES = 2 ** 18
+
+
 def accumulate(source, transform, extractor, moments: str, c1: float, c2: float, batch_size: int = 128,
-               device="cpu", progress: bool = True) -> Sums:
+               device="cpu", progress: bool = True, workers: int = 0) -> Sums:
     """One pass over `source`: exact per-class sums of each record's grid row of phi1 (and phi2), exact
-    counts and the dataset's fingerprint. Every forward pass has the same batch shape (the last batch is
-    padded). On the CPU a record's grid row is computed alone (cache-sized, one shape for all); on CUDA for
-    the whole padded batch at once, always the same shape. On MPS (no float64) the rows run on the CPU."""
+    counts and the dataset's fingerprint. Under torchrun each rank takes its blocks of records, and the
+    integer sums and counts are summed over ranks once at the end (exact: the result is the one-process
+    result); the fingerprint is merged on rank 0. Every forward pass has the same batch shape (the last
+    batch is padded). Grid rows are computed over the padded batch in fixed chunks (on the CPU, cache-sized
+    chunks of rows; on CUDA the whole batch), so every computation has the same shape whatever the data.
+    On MPS (no float64) the rows run on the CPU."""
     names = MOMENTS[moments]
     cs = {"S1": c1, "S2": c2}
     k = len(source.classes) if source.classes else 1
+    ranks = distributed.current()
     device = torch.device(device)
     extractor = extractor.to(device)
     if device.type == "cuda":
         extractor = extractor.to(memory_format=torch.channels_last)
     acc = device if device.type == "cuda" else torch.device("cpu")
-    sums = {}
-    counts = np.zeros(k, dtype=np.int64)
+    shape = (batch_size, transform.channels, *transform.image_size)
+    counts = torch.zeros(k, dtype=torch.int64, device=acc)
     fp = Fingerprint()
-    with torch.no_grad(), deterministic_kernels(device), \
-            tqdm(total=len(source), desc="embed", bar_format=PROGRESS_FORMAT, disable=not progress,
-                 dynamic_ncols=True) as bar:
-        for images, labels in source.batches(batch_size):
-            fp.update(images, labels)
-            b = len(images)
-            labels = np.zeros(b, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-            x = transform(images)
-            if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
-                x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
-            f = extractor(x.to(device, non_blocking=True)).to(acc)
-            for name in names:
-                if name not in sums:
-                    sums[name] = ExactSums(k, f.shape[1], acc)
-                if acc.type == "cuda":
-                    sums[name].add_rows(grid_rows(f, cs[name], name == "S2")[:b],
-                                        torch.from_numpy(labels).to(acc))
-                else:
-                    for j in range(b):
-                        sums[name].add_row(grid_rows(f[j:j + 1], cs[name], name == "S2")[0], int(labels[j]))
-            counts += np.bincount(labels, minlength=k)
-            bar.update(b)
+    error = None
+    with torch.no_grad(), deterministic_kernels(device):
+        dim = extractor(torch.zeros(shape, device=device)).shape[1]
+        sums = {n: ExactSums(k, dim, acc) for n in names}
+        chunk = batch_size if acc.type == "cuda" else max(1, min(batch_size, CHUNK_ENTRIES // dim))
+        data = loader(source, transform, batch_size, workers, ranks.rank, ranks.world, pin=device.type == "cuda")
+        with tqdm(total=shard_size(len(source), batch_size, ranks.rank, ranks.world), desc="embed",
+                  bar_format=PROGRESS_FORMAT, disable=not (progress and ranks.main), dynamic_ncols=True) as bar:
+            try:
+                for item in data:
+                    if isinstance(item, Failed):
+                        raise MepfError(item)
+                    x, y, hashes = item
+                    b = len(x)
+                    fp.add(hashes, y.tolist())
+                    if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
+                        x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
+                    f = extractor(x.to(device, non_blocking=True)).to(acc)
+                    cls = y.clamp_min(0).to(acc)
+                    for name in names:
+                        for s in range(0, batch_size, chunk):
+                            if s >= b:
+                                break
+                            q = grid_rows(f[s:s + chunk], cs[name], name == "S2")
+                            sums[name].add_rows(q[:b - s], cls[s:min(s + chunk, b)])
+                    counts += torch.bincount(cls, minlength=k)
+                    bar.update(b)
+            except MepfError as e:
+                error = str(e)
+    distributed.agree(error)  # a rank that failed makes every rank fail, with its message
+    qsums = {n: distributed.all_sum_(s.flush()).cpu() for n, s in sums.items()}
+    counts = distributed.all_sum_(counts).cpu().numpy()
     if int(counts.sum()) == 0:
         raise MepfError("the data source yielded no records")
-    return Sums(qsums={n: s.flush().cpu() for n, s in sums.items()}, counts=counts, fingerprint=fp,
-                cs={n: cs[n] for n in names})
+    parts = distributed.gather(fp)
+    if parts is not None:
+        fp = parts[0]
+        for other in parts[1:]:
+            fp.merge(other)
+    return Sums(qsums=qsums, counts=counts, fingerprint=fp if ranks.main else None, cs={n: cs[n] for n in names})
 
 
 def privatise(values: dict, sigmas: dict) -> dict:
@@ -199,13 +218,15 @@ class EmbedResult:
 def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsilon: float, delta: float,
                   relation: str = "add-remove", moments: str = "mean+second", budget_split: str | None = None,
                   batch_size: int = 128, device="cpu", overwrite: bool = False, force: bool = False,
-                  release_log_path=None, allow_repeat: bool = False, progress: bool = True) -> EmbedResult:
+                  release_log_path=None, allow_repeat: bool = False, progress: bool = True,
+                  workers: int = 0) -> EmbedResult | None:
     """The whole private release, from a source to a written file and a log entry. epsilon = inf is a
-    non-private baseline: the same path with the noise off, declared in the ledger."""
+    non-private baseline: the same path with the noise off, declared in the ledger. Under torchrun every
+    rank takes part in the pass; rank 0 alone checks, draws the noise, writes the file and the log entry
+    and returns the result (None on the other ranks); an error on any rank is raised on all."""
     validate_target(epsilon, delta, allow_inf=True)
     if relation not in RELATIONS:
         raise MepfError(f"--relation must be one of {', '.join(RELATIONS)}")
-    out = check_output_path(out, overwrite)
     names = release_names(moments)
     weights = parse_budget_split(budget_split, names)
     c1, c2 = feature_spec["C1"], feature_spec["C2"]
@@ -213,29 +234,38 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     # before any private record is read
     calib = calibrate(epsilon, delta, sens, weights) if math.isfinite(epsilon) else non_private(names)
     log_path = Path(release_log_path) if release_log_path else release_log.default_log_path()
-    entries = release_log.read_log(log_path)  # a corrupt log fails now, not after the pass
+    out = Path(out)
+
+    def before():  # a corrupt log or a taken output fails now, not after the pass
+        check_output_path(out, overwrite)
+        return release_log.read_log(log_path)
+
+    entries = distributed.on_main(before)
     listed = len(source)
     check_delta(delta, listed, force)
 
-    sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress)
-    if sums.n != listed:
-        raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
-                        "run again on data that is not being modified")
-    found = release_log.related(entries, sums.fingerprint.hexdigest(), sums.fingerprint.sketch)
-    warnings = check_repeat(found, log_path, allow_repeat)
+    sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers)
 
-    k = len(sums.counts)
-    noisy = privatise({**sums.sums, "counts": sums.counts.astype(np.float64)}, calib.sigmas)
-    shapes = {n: noisy[n].shape for n in names}
-    ledger = build_ledger(relation, names, shapes, c1, c2, weights, calib, epsilon, delta)
-    data_spec = {"dataset": source.description, "labelled": source.classes is not None, "num_classes": k,
-                 "transform": transform.spec(), "moments": moments}
-    class_names = list(source.classes) if source.classes else ["all"]
-    sha = write_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
-                        overwrite=overwrite)
-    repeats = found["same"] + found["most"] + found["some"]
-    release_log.append(log_path, release_log.new_entry(
-        sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
-        output=str(Path(out).resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
-        mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
-    return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
+    def release() -> EmbedResult:
+        if sums.n != listed:
+            raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
+                            "run again on data that is not being modified")
+        found = release_log.related(entries, sums.fingerprint.hexdigest(), sums.fingerprint.sketch)
+        warnings = check_repeat(found, log_path, allow_repeat)
+        k = len(sums.counts)
+        noisy = privatise({**sums.sums, "counts": sums.counts.astype(np.float64)}, calib.sigmas)
+        shapes = {n: noisy[n].shape for n in names}
+        ledger = build_ledger(relation, names, shapes, c1, c2, weights, calib, epsilon, delta)
+        data_spec = {"dataset": source.description, "labelled": source.classes is not None, "num_classes": k,
+                     "transform": transform.spec(), "moments": moments}
+        class_names = list(source.classes) if source.classes else ["all"]
+        sha = write_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
+                            overwrite=overwrite)
+        repeats = found["same"] + found["most"] + found["some"]
+        release_log.append(log_path, release_log.new_entry(
+            sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+            output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
+            mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
+        return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
+
+    return distributed.on_main(release)

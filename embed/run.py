@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from mepf.artifacts.accounting import validate_target
 from mepf.artifacts.format import check_output_path
 
+from . import distributed
 from .device import resolve_device
 from .features import build_feature_map
+from .loader import default_workers
 from .release import EmbedResult, embed_to_file
 from .sources import declared_geometry, open_source, parse_classes
 from .transform import Transform
@@ -36,6 +38,7 @@ class EmbedOptions:
     data_root: str | None = None
     batch_size: int = 128
     device: str = "auto"
+    workers: int | None = None  # decoding processes per rank; None: loader.default_workers
     release_log: str | None = None  # None: ~/.local/share/mepf/releases.jsonl
     allow_repeat: bool = False
     force: bool = False
@@ -44,9 +47,10 @@ class EmbedOptions:
 
 def prepare_embed(opts: EmbedOptions):
     """Everything that can fail on the options alone, before any record is read: (source, transform,
-    extractor, feature spec, device)."""
+    extractor, feature spec, device). Under torchrun, this rank's device."""
     validate_target(opts.epsilon, opts.delta, allow_inf=True)
-    check_output_path(opts.out, opts.overwrite)
+    if distributed.current().main:
+        check_output_path(opts.out, opts.overwrite)
     source = open_source(opts.data, parse_classes(opts.classes), opts.data_root)
     size, channels = declared_geometry(source, opts.image_size, opts.channels)
     extractor, spec = build_feature_map(opts.backbone, opts.weights, list(opts.layers) if opts.layers else None,
@@ -55,10 +59,15 @@ def prepare_embed(opts: EmbedOptions):
     return source, Transform(size, channels), extractor, spec, resolve_device(opts.device)
 
 
-def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult:
-    """The whole of `mepf embed`: open the data, build the feature map, release, log."""
-    source, transform, extractor, spec, device = prepare_embed(opts)
+def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
+    """The whole of `mepf embed`: open the data, build the feature map, release, log. Launched by torchrun,
+    it joins the process group first; every rank reads its share; rank 0 returns the result (None on the
+    others) and a failure on any rank is one error on all."""
+    ranks, device = distributed.setup(resolve_device(opts.device))
+    source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
+    workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers
     return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon, delta=opts.delta,
                          relation=opts.relation, moments=opts.moments, budget_split=opts.budget_split,
                          batch_size=opts.batch_size, device=device, overwrite=opts.overwrite, force=opts.force,
-                         release_log_path=opts.release_log, allow_repeat=opts.allow_repeat, progress=progress)
+                         release_log_path=opts.release_log, allow_repeat=opts.allow_repeat, progress=progress,
+                         workers=workers)

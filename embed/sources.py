@@ -31,8 +31,19 @@ class Source:
         """The number of records, known before any is read (files listed, an array's length)."""
         raise NotImplementedError
 
-    def batches(self, batch_size: int) -> Iterator:
+    def blocks(self, block_size: int, keep=None) -> Iterator:
+        """(block index, records, labels) for each block of `block_size` consecutive records, in a fixed
+        order; a block for which keep(index) is false is skipped without decoding its records. Opens its
+        files itself, so that a copy of the source in another process (a DataLoader worker) works."""
         raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator:
+        for _, records, labels in self.blocks(batch_size):
+            yield records, labels
+
+
+def kept(keep, b: int) -> bool:
+    return keep is None or keep(b)
 
 
 def declared_geometry(source: Source, image_size, channels) -> tuple:

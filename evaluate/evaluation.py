@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.synthesize import run_folder as files
 from mepf.embed.sources import open_source
 
 from .classifiers import CLASSIFIERS, accuracies
@@ -31,8 +32,8 @@ def _release_of(synth: ImageSet, release_path: str | None):
 
     if release_path:
         return load(release_path)
-    if synth.run_dir is not None and (synth.run_dir / "options.json").is_file():
-        p = json.loads((synth.run_dir / "options.json").read_text()).get("release")
+    if synth.run_dir is not None and (synth.run_dir / files.OPTIONS).is_file():
+        p = json.loads((synth.run_dir / files.OPTIONS).read_text()).get("release")
         if p and Path(p).is_file():
             r = load(p)
             if synth.generator is None or r.file_sha256 == synth.generator.info["release_sha256"]:

@@ -20,13 +20,20 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MepfError as e:
-            click.echo(f"Error: {e}", err=True)
+            if _is_main_rank():  # under torchrun every rank has the same error: one prints it
+                click.echo(f"Error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was written.", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _image_size(ctx, param, value):
@@ -97,6 +104,8 @@ def _embed_options():
               help="Where named datasets are found or downloaded.  [default: ~/.cache/mepf/datasets]")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=_default(_embed_options(), "batch_size"))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=_default(_embed_options(), "device"))
+@click.option("--workers", type=click.IntRange(0, 64), default=None, help="Processes that decode and transform "
+              "records (per rank).  [default: 0 on a CPU machine of up to 4 cores per rank, more where cores are spare]")
 @click.option("--release-log", type=click.Path(dir_okay=False), default=None,
               help="Owner's local log (never released).  [default: ~/.local/share/mepf/releases.jsonl]")
 @click.option("--allow-repeat", is_flag=True, help="Allow a release of data released before (budgets compose).")
@@ -106,10 +115,11 @@ def _embed_options():
 @user_errors
 def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
           pixel_weight, pooling, image_size, feature_size, channels, classes, data_root, batch_size, device,
-          release_log, allow_repeat, force, overwrite, quiet):
+          workers, release_log, allow_repeat, force, overwrite, quiet):
     """Stage 1 (data owner): read the private images once and write the privatised embedding.
 
-    Nothing it prints is computed from the records: no count, no rate, no statistic."""
+    Nothing it prints is computed from the records: no count, no rate, no statistic. Under torchrun
+    (`torchrun --nproc-per-node N -m mepf embed ...`) each rank reads its share; rank 0 writes."""
     from mepf.embed.run import EmbedOptions, run_embed
 
     opts = EmbedOptions(data=data, out=out, epsilon=epsilon, delta=delta, relation=relation, moments=moments,
@@ -117,12 +127,19 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
                         layers=tuple(layers.split(",")) if layers else None, pixel_weight=pixel_weight,
                         pooling=pooling, image_size=image_size, feature_size=feature_size,
                         channels=int(channels) if channels else None, classes=classes, data_root=data_root,
-                        batch_size=batch_size, device=device, release_log=release_log, allow_repeat=allow_repeat,
-                        force=force, overwrite=overwrite)
-    if math.isinf(epsilon):
+                        batch_size=batch_size, device=device, workers=workers, release_log=release_log,
+                        allow_repeat=allow_repeat, force=force, overwrite=overwrite)
+    if math.isinf(epsilon) and _is_main_rank():
         click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
                    err=True)
-    result = run_embed(opts, progress=not quiet)
+    from mepf.embed.distributed import teardown
+
+    try:
+        result = run_embed(opts, progress=not quiet)
+    finally:
+        teardown()
+    if result is None:  # another rank than 0 under torchrun: rank 0 reports
+        return
     for w in result.warnings:
         click.echo(f"WARNING: {w}", err=True)
     eps = result.ledger["achieved"]["epsilon"]
@@ -253,17 +270,25 @@ def _moment_weights(ctx, param, value):
 @user_errors
 def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_schedule, ema, batch_size, steps,
                seed, labels, moment_weights, grid_every, snapshot_every, log_every, device, weights, dry_run, quiet):
-    """Stage 2: train a generator from the released FILE alone."""
+    """Stage 2: train a generator from the released FILE alone. Under torchrun (`torchrun --nproc-per-node N
+    -m mepf synthesize ...`) each rank trains on its own batches (--batch-size per rank) of one objective."""
     from dataclasses import asdict
 
     from mepf.synthesize import train
 
+    from mepf.embed.distributed import teardown
+    from mepf.synthesize import run_folder as files
+
     if resume:
         if dry_run:
-            click.echo((Path(resume) / "options.json").read_text())
+            click.echo((Path(resume) / files.OPTIONS).read_text())
             return
-        t = train.resume(resume, steps, progress=not quiet)
-        click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / 'generator.pt'}")
+        try:
+            t = train.resume(resume, steps, progress=not quiet)
+        finally:
+            teardown()
+        if _is_main_rank():
+            click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / files.GENERATOR}")
         return
     if not file or not out:
         raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
@@ -277,10 +302,15 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
         click.echo(json.dumps({**asdict(opts), "generator_arch": arch, "device_resolved": str(dev),
                                "epsilon": release.epsilon, "delta": release.delta}, indent=2, sort_keys=True))
         return
-    t = train.start(opts, progress=not quiet)
+    try:
+        t = train.start(opts, progress=not quiet)
+    finally:
+        teardown()
+    if not _is_main_rank():
+        return
     guarantee = (f"inherits ({t.release.epsilon:.4g}, {t.release.delta:g})-DP" if t.release.private else
                  "NON-PRIVATE: trained on an eps=inf baseline, never release it")
-    click.echo(f"trained {t.step} steps; run folder {out}; generator {Path(out) / 'generator.pt'} ({guarantee})")
+    click.echo(f"trained {t.step} steps; run folder {out}; generator {Path(out) / files.GENERATOR} ({guarantee})")
 
 
 @main.command()

@@ -15,6 +15,7 @@ import torch
 from mepf.artifacts.errors import MepfError
 
 from .generators import build_generator
+from .run_folder import GENERATOR
 
 FORMAT = "mepf-generator"
 VERSION = 1
@@ -82,7 +83,7 @@ def load_generator(path) -> TrainedGenerator:
     """Load generator.pt, or the one in a run folder."""
     path = Path(path)
     if path.is_dir():
-        path = path / "generator.pt"
+        path = path / GENERATOR
     if not path.is_file():
         raise MepfError(f"{path} does not exist; train one with `mepf synthesize FILE --out RUN_DIR`")
     obj = load_tensors(path, "generator")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mepf.embed import distributed
 from mepf.embed.features import phi
 
 
@@ -20,10 +21,18 @@ class Target:
 
 
 def class_means(feats: torch.Tensor, y: torch.Tensor, k: int):
-    """Per-class means of rows of `feats` (B, D) by labels y; returns (means (K, D), present mask (K,))."""
+    """Per-class means of rows of `feats` (B, D) by labels y over the global batch; returns (means (K, D),
+    present mask (K,)). Under torchrun the per-class sums and counts are summed over ranks: the value is the
+    mean of every rank's samples, the gradient flows to this rank's own (S + (S_all - S).detach()); with one
+    process it is exactly the local mean."""
     onehot = F.one_hot(y, k).to(feats.dtype)
     cnt = onehot.sum(0)
-    return (onehot.T @ feats) / cnt.clamp_min(1)[:, None], cnt > 0
+    sums = onehot.T @ feats
+    if distributed.current().active:
+        total = distributed.all_sum_(torch.cat([sums.detach(), cnt[:, None].to(sums.dtype)], dim=1))
+        sums = sums + (total[:, :-1] - sums.detach())
+        cnt = total[:, -1]
+    return sums / cnt.clamp_min(1)[:, None], cnt > 0
 
 
 def fake_embeddings(extractor, images, y, target: Target) -> dict:

@@ -18,6 +18,9 @@ from mepf.artifacts.errors import MepfError
 from mepf.embed.features import feature_map_from_spec
 from mepf.embed.device import resolve_device
 
+from mepf.embed import distributed
+
+from . import run_folder as files
 from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
@@ -50,8 +53,9 @@ class TrainOptions:
     weights: str | None = None  # extractor weights file, when the release was made from one
 
 
-def prepare(opts: TrainOptions):
-    """Everything that can fail on bad input, before any file is written."""
+def prepare(opts: TrainOptions, device=None):
+    """Everything that can fail on bad input, before any file is written. `device`: one already chosen
+    (under torchrun, this rank's GPU); else resolved from opts.device."""
     release = load(opts.release)
     if opts.objective not in OBJECTIVES:
         raise MepfError(f"--objective must be one of {', '.join(OBJECTIVES)}")
@@ -65,7 +69,7 @@ def prepare(opts: TrainOptions):
     if extra:
         raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
                         f"{', '.join(release.moments)}")
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device) if device is None else device
     extractor = feature_map_from_spec(release.feature_spec, opts.weights).to(device)
     inp = release.feature_spec["input"]
     if inp["height"] != inp["width"]:
@@ -91,7 +95,7 @@ def _atomic_torch_save(obj, path: Path):
 
 
 def latest_snapshot(run: Path):
-    snaps = sorted(run.glob("snapshot-*.pt"))
+    snaps = sorted(run.glob(files.SNAPSHOT_GLOB))
     return snaps[-1] if snaps else None
 
 
@@ -104,7 +108,9 @@ class Trainer:
             torch.manual_seed(opts.seed)
             self.G = build_generator(arch).to(device)
         self.G_ema = copy.deepcopy(self.G).eval() if opts.ema > 0 else None
-        self.rng = torch.Generator().manual_seed(opts.seed + 1)  # labels and z of training batches
+        self.ranks = distributed.current()
+        # labels and z of training batches: one stream per rank (rank 0's is the one-process stream)
+        self.rng = torch.Generator().manual_seed(opts.seed + 1 + 7919 * self.ranks.rank)
         self.grid_z = torch.randn(10 * arch["num_classes"], Z_DIM, generator=torch.Generator().manual_seed(opts.seed + 2))
         betas = (0.5, 0.999)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=opts.lr, betas=betas)
@@ -124,7 +130,12 @@ class Trainer:
                 "opt_g": self.opt_g.state_dict(),
                 "opt_m": self.opt_m.state_dict(), "mavg": {m: t.detach().cpu() for m, t in self.mavg.items()},
                 "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rng_ranks": self.rank_rng_states()}
+
+    def rank_rng_states(self):
+        """Every rank's batch RNG state (rank order), so that a distributed run resumes exactly."""
+        return distributed.gather(self.rng.get_state()) if self.ranks.active else None
 
     def load_state(self, s: dict):
         self.step = s["step"]
@@ -136,7 +147,11 @@ class Trainer:
                 self.mavg[m].copy_(t)
         self.opt_g.load_state_dict(s["opt_g"])
         self.opt_m.load_state_dict(s["opt_m"])
-        self.rng.set_state(s["rng"])
+        ranks = s.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.ranks.world:
+            self.rng.set_state(ranks[self.ranks.rank])
+        elif self.ranks.main:
+            self.rng.set_state(s["rng"])  # other ranks keep fresh streams when the number of ranks changed
         torch.set_rng_state(s["torch_rng"])
         if s["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda_rng"])
@@ -177,10 +192,28 @@ class Trainer:
             group["lr"] = lr
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        self.sync_replicas()
         self.opt_g.step()
         self.step += 1
         self.update_ema()
         return stats
+
+    @torch.no_grad()
+    def sync_replicas(self):
+        """Under torchrun: every rank's loss is the global objective's share of its own samples, so the
+        gradients are summed over ranks; BN statistics (per-rank batches) are averaged. Each rank then takes
+        the same step and the replicas stay equal."""
+        if not self.ranks.active:
+            return
+        params = [p for p in self.G.parameters() if p.grad is not None]
+        flat = distributed.all_sum_(torch.cat([p.grad.reshape(-1) for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p.grad))
+        bufs = [b for b in self.G.buffers() if b.is_floating_point()]
+        if bufs:
+            flat = distributed.all_sum_(torch.cat([b.reshape(-1) for b in bufs])) / self.ranks.world
+            for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+                b.copy_(v.view_as(b))
 
     def lr_at(self, step: int) -> float:
         """The generator's learning rate at `step`: constant, or cosine-annealed to 0 at opts.steps."""
@@ -214,25 +247,30 @@ class Trainer:
         with torch.no_grad():
             x = g(self.grid_z.to(self.device), y.to(self.device)).float().cpu()
         g.train(was_training)
-        save_grid(x, k, self.run / f"grid-{self.step:07d}.png")
+        save_grid(x, k, self.run / files.grid_name(self.step))
 
     def snapshot(self):
-        _atomic_torch_save(self.state(), self.run / f"snapshot-{self.step:07d}.pt")
-        for old in sorted(self.run.glob("snapshot-*.pt"))[:-2]:
+        state = self.state()  # a collective under torchrun: every rank takes part, rank 0 writes
+        if not self.ranks.main:
+            return
+        _atomic_torch_save(state, self.run / files.snapshot_name(self.step))
+        for old in sorted(self.run.glob(files.SNAPSHOT_GLOB))[:-2]:
             old.unlink()
 
     def fit(self, progress: bool = True):
-        o = self.opts
-        stats_path = self.run / "stats.jsonl"
-        log = open(self.run / "log.txt", "a")
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} training from step {self.step} to {o.steps}\n")
+        o, main = self.opts, self.ranks.main
+        log = open(self.run / files.LOG, "a") if main else None
+        sf = open(self.run / files.STATS, "a") if main else None
+        if main:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} training from step {self.step} to {o.steps}"
+                      f"{f' on {self.ranks.world} ranks' if self.ranks.active else ''}\n")
         t_last, s_last = time.perf_counter(), self.step
-        with tqdm(total=o.steps, initial=self.step, desc="synthesize", unit="step", disable=not progress,
-                  dynamic_ncols=True) as bar, open(stats_path, "a") as sf:
+        with tqdm(total=o.steps, initial=self.step, desc="synthesize", unit="step", disable=not (progress and main),
+                  dynamic_ncols=True) as bar:
             while self.step < o.steps:
                 stats = self.train_step()
                 bar.update(1)
-                if self.step % o.log_every == 0 or self.step == o.steps:
+                if main and (self.step % o.log_every == 0 or self.step == o.steps):
                     now = time.perf_counter()
                     rate = (self.step - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, self.step
@@ -242,58 +280,71 @@ class Trainer:
                     log.write(json.dumps(rec) + "\n")
                     bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k.startswith("dist")} |
                                     {"it/s": f"{rate:.1f}"})
-                if o.grid_every and self.step % o.grid_every == 0:
+                if main and o.grid_every and self.step % o.grid_every == 0:
                     self.save_grid()
                 if o.snapshot_every and self.step % o.snapshot_every == 0:
                     self.snapshot()
-        if not (o.grid_every and self.step % o.grid_every == 0):
+        if main and not (o.grid_every and self.step % o.grid_every == 0):
             self.save_grid()
         self.snapshot()
-        save_generator(self.run / "generator.pt", self.output_generator, self.arch, self.release, self.step)
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done at step {self.step}\n")
-        log.close()
+        if main:
+            save_generator(self.run / files.GENERATOR, self.output_generator, self.arch, self.release, self.step)
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done at step {self.step}\n")
+            log.close()
+            sf.close()
 
 
 def start(opts: TrainOptions, progress: bool = True) -> Trainer:
-    """A new run: validate, then create the run folder and write options.json before training."""
-    release, extractor, arch, device = prepare(opts)
+    """A new run: validate, then create the run folder and write options.json before training. Under
+    torchrun every rank trains (--batch-size per rank) and rank 0 alone writes the run folder."""
+    ranks, device = distributed.setup(resolve_device(opts.device))
+    release, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
     run = Path(opts.out)
-    if run.exists() and any(run.iterdir()):
-        raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with --resume {run}")
-    if not run.parent.is_dir():
-        raise MepfError(f"folder {run.parent} does not exist; create it or choose another --out")
-    run.mkdir(exist_ok=True)
-    resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
-                "device_resolved": str(device), "release_sha256": release.file_sha256,
-                "release_checksum": release.checksum, "epsilon": release.epsilon, "delta": release.delta,
-                "versions": _versions()}
-    (run / "options.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+    def create():
+        if run.exists() and any(run.iterdir()):
+            raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with --resume {run}")
+        if not run.parent.is_dir():
+            raise MepfError(f"folder {run.parent} does not exist; create it or choose another --out")
+        run.mkdir(exist_ok=True)
+        resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
+                    "device_resolved": str(device), "ranks": ranks.world, "release_sha256": release.file_sha256,
+                    "release_checksum": release.checksum, "epsilon": release.epsilon, "delta": release.delta,
+                    "versions": _versions()}
+        (run / files.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+    distributed.on_main(create)
     trainer = Trainer(opts, release, extractor, arch, device)
     trainer.fit(progress)
     return trainer
 
 
 def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
-    """Continue a run from its latest snapshot (to `steps`, default the run's own)."""
+    """Continue a run from its latest snapshot (to `steps`, default the run's own); under torchrun too."""
     run = Path(run_dir)
-    if not (run / "options.json").is_file():
-        raise MepfError(f"{run} is not a run folder (no options.json); start one with `mepf synthesize FILE --out {run}`")
-    saved = json.loads((run / "options.json").read_text())
+    if not (run / files.OPTIONS).is_file():
+        raise MepfError(f"{run} is not a run folder (no {files.OPTIONS}); start one with `mepf synthesize FILE --out {run}`")
+    saved = json.loads((run / files.OPTIONS).read_text())
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})
     opts.out = str(run)  # the folder may have been moved or copied since it was started
     if steps is not None:
         opts.steps = steps
-    release, extractor, arch, device = prepare(opts)
+    ranks, device = distributed.setup(resolve_device(opts.device))
+    release, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
     if release.file_sha256 != saved["release_sha256"]:
         raise MepfError(f"the released file {opts.release} changed since this run started; resume needs the same file")
     trainer = Trainer(opts, release, extractor, arch, device)
     snap = latest_snapshot(run)
     if snap is not None:
         trainer.load_state(load_tensors(snap, "snapshot"))
-    stats = run / "stats.jsonl"
-    if stats.exists():  # drop records past the snapshot: they will be written again
-        keep = [l for l in stats.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.step]
-        stats.write_text("".join(l + "\n" for l in keep))
+
+    def trim_stats():  # drop records past the snapshot: they will be written again
+        stats = run / files.STATS
+        if stats.exists():
+            keep = [l for l in stats.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.step]
+            stats.write_text("".join(l + "\n" for l in keep))
+
+    distributed.on_main(trim_stats)
     trainer.fit(progress)
     return trainer

@@ -7,6 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mepf.artifacts import load
 from mepf.artifacts.audit import audit
@@ -153,26 +154,56 @@ def test_round_trip_and_tampering(tmp_path, labelled_npz, eff28):
 
 
 class CountingFolder(FolderSource):
-    """The real folder source, counting how often each image file is decoded."""
+    """The real folder source, writing one line per image decode to a file (so that decodes in DataLoader
+    worker processes count too)."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.reads, self.passes = {}, 0
+    def __init__(self, root, counter):
+        super().__init__(root)
+        self.counter = str(counter)
 
     def _read_image(self, path):
-        self.reads[path] = self.reads.get(path, 0) + 1
+        with open(self.counter, "a") as f:
+            f.write(f"{path}\n")
         return super()._read_image(path)
 
-    def batches(self, batch_size):
-        self.passes += 1
-        yield from super().batches(batch_size)
+
+def decodes(counter):
+    from collections import Counter
+
+    return Counter(counter.read_text().splitlines()) if counter.exists() else Counter()
 
 
-def test_each_record_read_exactly_once(tmp_path, image_folder, eff28):
-    src = CountingFolder(image_folder)
-    run(src, eff28, tmp_path / "x.h5", tmp_path / "log.jsonl")
-    assert src.passes == 1
-    assert len(src.reads) == 12 and set(src.reads.values()) == {1}
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_record_read_exactly_once(tmp_path, image_folder, eff28, workers):
+    src = CountingFolder(image_folder, tmp_path / "decodes.txt")
+    ex, spec = eff28
+    embed_to_file(src, Transform((28, 28), 1), ex, spec, out=tmp_path / "x.h5", epsilon=10.0, delta=1e-3, force=True,
+                  release_log_path=tmp_path / "log.jsonl", progress=False, batch_size=5, workers=workers)
+    n = decodes(tmp_path / "decodes.txt")
+    assert len(n) == 12 and set(n.values()) == {1}
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (3, 2)])
+def test_blocks_are_shared_by_ranks_and_workers_without_overlap(tmp_path, image_folder, world, workers):
+    from mepf.embed.loader import loader, shard_size
+
+    counter = tmp_path / "decodes.txt"
+    src = CountingFolder(image_folder, counter)
+    seen = []
+    for rank in range(world):  # what each rank's loader yields, with its own workers
+        mine = sum(len(x) for x, y, h in loader(src, Transform((28, 28), 1), 2, workers, rank, world))
+        assert mine == shard_size(len(src), 2, rank, world)
+        seen.append(mine)
+    assert sum(seen) == 12 and set(decodes(counter).values()) == {1} and len(decodes(counter)) == 12
+
+
+def test_exact_sums_do_not_depend_on_workers(tmp_path, labelled_npz, eff28):
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    a = accumulate(src, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False, workers=0)
+    b = accumulate(src, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False, workers=2)
+    for m in ("S1", "S2"):
+        assert torch.equal(a.qsums[m], b.qsums[m])
+    assert a.fingerprint.hexdigest() == b.fingerprint.hexdigest() and (a.counts == b.counts).all()
 
 
 def test_repeat_release_refused_then_composed(tmp_path, labelled_npz, eff28):

@@ -1,0 +1,139 @@
+"""Stages under torchrun with 2 CPU processes (gloo): exact sums bitwise equal to one process, one file, one
+log entry, a failing rank failing all with one error; distributed training writes one run that samples."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mepf.artifacts import load
+from mepf.artifacts.audit import audit
+from mepf.embed import release_log
+from tests.conftest import make_images
+
+MAP = ["--backbone", "resnet18", "--weights", "random", "--layers", "pixels,stem"]
+
+
+def mepf(*args, ranks: int = 1):
+    """Run `mepf ARGS` in fresh processes: directly, or under torchrun with `ranks` CPU processes."""
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "mepf"]
+              if ranks > 1 else [sys.executable, "-m", "mepf"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launch, *[str(a) for a in args]], capture_output=True, text=True, env=env, timeout=600)
+
+
+def embed(data, out, log, *extra, ranks=1):
+    return mepf("embed", "--data", data, "--out", out, "--delta", "1e-5", "--release-log", log, "--quiet",
+                "--batch-size", "4", *MAP, *extra, ranks=ranks)
+
+
+def test_two_ranks_give_bitwise_the_one_process_sums(tmp_path):
+    np.savez(tmp_path / "d.npz", images=make_images(23, seed=4), labels=np.arange(23) % 3)  # 6 blocks, uneven
+    one = embed(tmp_path / "d.npz", tmp_path / "one.h5", tmp_path / "one.jsonl", "--classes", "3", "--epsilon", "inf")
+    assert one.returncode == 0, one.stderr
+    two = embed(tmp_path / "d.npz", tmp_path / "two.h5", tmp_path / "two.jsonl", "--classes", "3", "--epsilon", "inf",
+                ranks=2)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote ") == 1  # rank 0 reports
+    a, b = load(tmp_path / "one.h5"), load(tmp_path / "two.h5")
+    for k in ("S1", "S2", "counts"):
+        np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+    assert a.feature_spec == b.feature_spec and a.data_spec == b.data_spec
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["one.h5", "two.h5"]
+    e1, e2 = release_log.read_log(tmp_path / "one.jsonl"), release_log.read_log(tmp_path / "two.jsonl")
+    assert len(e2) == 1 and e1[0]["fingerprint"] == e2[0]["fingerprint"] and e1[0]["sketch"] == e2[0]["sketch"]
+
+    private = embed(tmp_path / "d.npz", tmp_path / "p.h5", tmp_path / "two.jsonl", "--classes", "3", "--epsilon", "2",
+                    "--allow-repeat", "--workers", "1", ranks=2)
+    assert private.returncode == 0, private.stderr
+    assert audit(tmp_path / "p.h5").ok and len(release_log.read_log(tmp_path / "two.jsonl")) == 2
+
+
+def test_a_failing_rank_fails_all_with_one_error_and_no_file(tmp_path):
+    root = tmp_path / "data" / "a"
+    root.mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(make_images(1, seed=i)[0, :, :, 0]).save(root / f"{i:02d}.png")
+    (root / "05.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # block 1 of 3 (batch 4): rank 1's share
+    r = embed(tmp_path / "data", tmp_path / "x.h5", tmp_path / "log.jsonl", "--epsilon", "1", "--image-size", "28",
+              "--channels", "1", ranks=2)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "cannot read image" in errors[0] and "05.png" in errors[0], r.stderr
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
+    assert not list(tmp_path.glob(".x.h5.tmp*"))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rel")
+    np.savez(d / "d.npz", images=make_images(60, seed=9), labels=np.arange(60) % 3)
+    r = embed(d / "d.npz", d / "r.h5", d / "log.jsonl", "--classes", "3", "--epsilon", "100")
+    assert r.returncode == 0, r.stderr
+    return d / "r.h5"
+
+
+def test_two_rank_training_writes_one_run_that_resumes_and_samples(tmp_path, release):
+    from mepf.synthesize import load_generator
+
+    run = tmp_path / "run"
+    args = ["--width", "16", "--batch-size", "10", "--grid-every", "0", "--snapshot-every", "3", "--log-every", "2",
+            "--device", "cpu", "--quiet"]
+    r = mepf("synthesize", release, "--out", run, "--steps", "6", *args, ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("trained 6 steps") == 1
+    import json
+
+    assert json.loads((run / "options.json").read_text())["ranks"] == 2
+    steps = [json.loads(l)["step"] for l in (run / "stats.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    r = mepf("synthesize", "--resume", run, "--steps", "8", "--quiet", ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(l)["step"] for l in (run / "stats.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    images, labels = load_generator(run).sample(6, seed=1)
+    assert images.shape == (6, 28, 28, 1) and list(labels) == [0, 1, 2, 0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _objective_on_rank(rank, world, store, out):
+    import torch
+    import torch.distributed as dist
+
+    from mepf.synthesize.objective import class_means
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)  # a stand-in generator: features = z @ w
+    z = torch.randn(12, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 2, 0, 0, 1, 2, 2, 2, 0, 1])
+    target = torch.randn(3, 7, dtype=torch.float64)
+    part = slice(rank * 6, rank * 6 + 6)
+    means, present = class_means(z[part] @ w, y[part], 3)
+    ((means - target)[present] ** 2).sum().backward()
+    dist.all_reduce(w.grad)
+    torch.save({"means": means.detach(), "grad": w.grad}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_global_batch_objective_is_that_of_one_process(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    from mepf.synthesize.objective import class_means
+
+    mp.spawn(_objective_on_rank, args=(2, tmp_path / "store", tmp_path), nprocs=2)
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(12, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 2, 0, 0, 1, 2, 2, 2, 0, 1])
+    target = torch.randn(3, 7, dtype=torch.float64)
+    means, present = class_means(z @ w, y, 3)
+    ((means - target)[present] ** 2).sum().backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["means"], means.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["grad"], w.grad, rtol=1e-10, atol=1e-12)
