@@ -137,7 +137,8 @@ def parse_budget_split(text: str | None, names: list[str], default_counts: float
     rest = [n for n in names if n not in given]
     remainder = 1.0 - sum(given.values())
     if rest and remainder <= 0:
-        raise MepfError(f"--budget-split: weights sum to {sum(given.values()):g}, leaving nothing for {', '.join(rest)}")
+        raise MepfError(f"--budget-split: weights sum to {sum(given.values()):g}, leaving nothing for "
+                        f"{', '.join(rest)}")
     if not rest and abs(remainder) > 1e-9:
         raise MepfError(f"--budget-split: weights must sum to 1 when every release is named (got {1 - remainder:g})")
     weights = dict(given)

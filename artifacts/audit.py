@@ -81,7 +81,8 @@ def _check_ledger(release, rep: AuditReport) -> None:
                   f"ledger {r['shape']}")
         formula, fn = SENSITIVITY_RULES[relation][r["name"]]
         expected = fn(c1, c2)
-        rep.check(f"sensitivity:{r['name']}", r["sensitivity_formula"] == formula and _close(r["sensitivity"], expected, 1e-12),
+        same = r["sensitivity_formula"] == formula and _close(r["sensitivity"], expected, 1e-12)
+        rep.check(f"sensitivity:{r['name']}", same,
                   f"{r['sensitivity']} ({r['sensitivity_formula']}); {relation} with C1={c1}, C2={c2} requires "
                   f"{expected} ({formula})")
         rep.check(f"mechanism:{r['name']}", r["mechanism"] == "gaussian" and r["sigma"] > 0,
@@ -107,7 +108,8 @@ def _check_ledger(release, rep: AuditReport) -> None:
     rep.check("eps:closed-form", _close(eps_closed, ledger_eps),
               f"closed form {eps_closed:.9g} vs ledger {ledger_eps:.9g}")
     rep.check("target", delta == target_delta and max(eps_autodp, eps_closed) <= target_eps * (1 + 1e-12),
-              f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, {target_delta:g})")
+              f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, "
+              f"{target_delta:g})")
     _check_noise(release, rep, {r["name"]: r for r in releases}, c1, c2)
     rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
                    "delta": delta, "mu": mu, "relation": relation, "releases": names,
@@ -153,7 +155,8 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
                       f"(floor {np.sqrt(floor):.6g} sigma): the file carries less noise than its ledger declares")
         elif power[best] > 0:
             detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a mechanism with less than "
-                      f"{power[best]:.0%} of the declared noise would fail this check (row {release.class_names[best]})")
+                      f"{power[best]:.0%} of the declared noise would fail this check (row "
+                      f"{release.class_names[best]})")
         else:
             detail = (f"consistent with sigma={sigma:.6g}, but NO POWER here: every row's true sum (up to n*C) can be "
                       "as large as the noise, so under-noising cannot be told from the numbers of this file")

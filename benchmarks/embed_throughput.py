@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mepf.embed.features import build_feature_map
 from mepf.embed.device import resolve_device
-from mepf.embed.release import embed_to_file
+from mepf.embed.features import build_feature_map
 from mepf.embed.files import ArraySource
+from mepf.embed.release import embed_to_file
 from mepf.embed.transform import Transform
 
 

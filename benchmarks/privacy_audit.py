@@ -147,7 +147,7 @@ def audit(epsilon: float = 1.0, relation: str = "add-remove", noise_scale: float
         stats, ledger = {0: [], 1: []}, None
         with BrokenNoise(noise_scale), tqdm(total=2 * trials, desc="releases", disable=not progress,
                                             mininterval=2) as bar:
-            for t in range(trials):
+            for _t in range(trials):
                 for side in (0, 1):
                     r = sides[side]()
                     ledger = r["ledger"]

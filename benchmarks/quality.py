@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.device import resolve_device
 from mepf.embed.features import build_feature_map
 from mepf.embed.release import embed_to_file
-from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.transform import Transform
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
@@ -62,8 +62,10 @@ def fid_reference_subset(out: Path, n: int, data_root) -> Path:
 
 def write_table(out: Path, rows: list) -> list:
     """results.md, rewritten after every eps so that an interrupted run keeps its finished rows."""
-    lines = ["| eps | CNN acc | LogReg acc | MLP acc | trained on | FID (samples vs test images) | embed | train | steps "
-             "| lr | evaluate | device | commit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| eps | CNN acc | LogReg acc | MLP acc | trained on | FID (samples vs test images) | embed | "
+             "train | steps "
+             "| lr | evaluate | device | commit |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         fid = f"{r['fid']:.1f} ({r['fid_samples']} vs {r['fid_reference']})" if r["fid"] is not None else "not run"
         lines.append(f"| {r['epsilon']} | {100 * r['cnn']:.1f}% | {100 * r['logreg']:.1f}% | {100 * r['mlp']:.1f}% | "

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from mepf.synthesize.train import TrainOptions, Trainer, prepare
+from mepf.synthesize.train import Trainer, TrainOptions, prepare
 
 
 def make_release(tmp: Path) -> Path:
+    from mepf.embed.datasets import named_source
     from mepf.embed.features import build_feature_map
     from mepf.embed.release import embed_to_file
-    from mepf.embed.datasets import named_source
     from mepf.embed.transform import Transform
 
     ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
@@ -64,7 +64,8 @@ def main() -> None:
         t.train_step()
     sync()
     full = a.steps / (time.perf_counter() - s)
-    print(f"{rel.feature_spec['backbone']} D={rel.feature_spec['dim']}, generator {arch['name']} width {arch['width']}, "
+    print(f"{rel.feature_spec['backbone']} D={rel.feature_spec['dim']}, generator {arch['name']} width "
+          f"{arch['width']}, "
           f"batch {a.batch_size}, device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"bare extractor forward+backward : {bare:7.2f} it/s")
     print(f"full generator training step    : {full:7.2f} steps/s  ({full / bare:.2f} x bare)")

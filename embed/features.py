@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.versions import versions
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -372,7 +373,7 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
         "C2": c2,
         "norm_target": "C*(1-2^-20) - sqrt(D)*C*2^-33; summed on an int64 grid of step C*2^-32",
         "dim": dim,
-        "versions": _versions(),
+        "versions": versions("torch", "torchvision", "efficientnet-lite-pytorch", "mepf"),
     }
     return extractor, spec
 
@@ -393,7 +394,8 @@ def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> Featur
     if rebuilt["weights_sha256"] != spec["weights_sha256"]:
         raise MepfError(
             f"extractor weights differ from those the file was made with ({spec['backbone']}, "
-            f"{spec['weight_source']}, SHA-256 {spec['weights_sha256'][:12]}..., here {rebuilt['weights_sha256'][:12]}...); "
+            f"{spec['weight_source']}, SHA-256 {spec['weights_sha256'][:12]}..., here "
+            f"{rebuilt['weights_sha256'][:12]}...); "
             "install the same weights (for random weights: the same torch version) or pass them with --weights")
     if rebuilt["dim"] != spec["dim"]:
         raise MepfError(f"feature dimension {rebuilt['dim']} differs from the file's {spec['dim']}")
@@ -403,15 +405,3 @@ def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> Featur
 def _feature_size(spec: dict):
     r = spec.get("resize")  # absent in files written before the option existed: no resize
     return None if not r else (r["height"], r["width"])
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "torchvision", "efficientnet-lite-pytorch", "mepf"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out

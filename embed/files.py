@@ -155,7 +155,8 @@ class ArraySource(Source):
         if self._shape[0] == 0:
             raise MepfError(f"--data {path} holds no images")
         if self._lkey and classes is None:
-            raise MepfError(f"{path.name} has labels; declare the label set with --classes (a count or comma-separated names)")
+            raise MepfError(f"{path.name} has labels; declare the label set with --classes (a count or "
+                            f"comma-separated names)")
         if not self._lkey and classes is not None:
             raise MepfError(f"--classes given but {path.name} has no 'labels' or 'y' array")
         self.classes = classes
@@ -214,7 +215,8 @@ class ArraySource(Source):
                 ds, ls = h5[self._ikey], (h5[self._lkey] if self._lkey else None)
                 for b, start in starts:
                     if kept(keep, b):
-                        yield b, ds[start:start + block_size], (ls[start:start + block_size] if ls is not None else None)
+                        part = slice(start, start + block_size)
+                        yield b, ds[part], (ls[part] if ls is not None else None)
 
     def blocks(self, block_size: int, keep=None):
         k = len(self.classes) if self.classes else None

@@ -72,7 +72,7 @@ class Sketch:
     def at_level(self, level: int) -> set:
         return {x for x in self.hashes if self._level_of(x) >= level}
 
-    def overlap(self, other: "Sketch") -> tuple:
+    def overlap(self, other: Sketch) -> tuple:
         """(shared sampled records, share of self's sample, share of other's sample)."""
         level = max(self.level, other.level)
         a, b = self.at_level(level), other.at_level(level)
@@ -84,7 +84,7 @@ class Sketch:
         return {"level": self.level, "hashes": base64.b64encode(raw).decode()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Sketch":
+    def from_json(cls, d: dict) -> Sketch:
         raw = base64.b64decode(d["hashes"])
         return cls(int(d["level"]), (int.from_bytes(raw[i:i + 16], "big") for i in range(0, len(raw), 16)))
 
@@ -109,7 +109,7 @@ class Fingerprint:
             self._n += 1
             self.sketch.add(pixels)
 
-    def merge(self, other: "Fingerprint") -> None:
+    def merge(self, other: Fingerprint) -> None:
         """Combine with the fingerprint of a disjoint part of the same dataset (another rank's shard)."""
         self._sum = (self._sum + other._sum) % _MOD
         self._n += other._n

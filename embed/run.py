@@ -2,8 +2,6 @@
 command line, the benchmarks and the privacy audit call."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from mepf.artifacts.accounting import validate_target
 from mepf.artifacts.format import check_output_path
 
@@ -11,38 +9,10 @@ from . import distributed
 from .device import resolve_device
 from .features import build_feature_map
 from .loader import default_workers
+from .options import EmbedOptions
 from .release import EmbedResult, embed_to_file
 from .sources import declared_geometry, open_source, parse_classes
 from .transform import Transform
-
-
-@dataclass
-class EmbedOptions:
-    data: str
-    out: str
-    epsilon: float
-    delta: float
-    relation: str = "add-remove"
-    moments: str = "mean+second"
-    budget_split: str | None = None  # None: counts 1%, the rest equally over the moments
-    backbone: str = "efficientnet-lite0"
-    weights: str = "pretrained"
-    weights_seed: int = 0
-    layers: tuple | None = None  # None: the backbone's own list
-    pixel_weight: float | None = None
-    pooling: str | None = None  # None: the backbone's own
-    image_size: tuple | None = None  # (H, W); required for image folders
-    feature_size: tuple | None = None
-    channels: int | None = None  # 1 or 3; required for image folders
-    classes: str | None = None
-    data_root: str | None = None
-    batch_size: int = 128
-    device: str = "auto"
-    workers: int | None = None  # decoding processes per rank; None: loader.default_workers
-    release_log: str | None = None  # None: ~/.local/share/mepf/releases.jsonl
-    allow_repeat: bool = False
-    force: bool = False
-    overwrite: bool = False
 
 
 def prepare_embed(opts: EmbedOptions):

@@ -9,8 +9,8 @@ never depends on the records. The user's own files are in files.py, named public
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mepf.artifacts.errors import MepfError
 

@@ -11,8 +11,8 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 CLASSIFIERS = ("logreg", "mlp", "cnn")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from mepf.artifacts.errors import MepfError
-from mepf.synthesize import run_folder as files
-from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.files import ArraySource
+from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.sources import open_source
+from mepf.synthesize import run_folder as files
 
 
 @dataclass

@@ -10,20 +10,15 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
-from mepf.synthesize import run_folder as files
+from mepf.artifacts.versions import versions
 from mepf.embed.sources import open_source
+from mepf.synthesize import run_folder as files
 
 from .classifiers import CLASSIFIERS, accuracies
 from .data import FidStats, ImageSet, load_reference, load_synthetic, read_source, run_stats
 from .report import write_report
 
 METRICS = ("fid", "accuracy", "embedding")
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("mepf", "torch", "pytorch-fid", "scikit-learn")}
 
 
 def _release_of(synth: ImageSet, release_path: str | None):
@@ -143,6 +138,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: i
     report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
               "release": release_info, "not_for_publication": bool(warn), "warnings": warnings, "seed": seed,
-              "versions": _versions(), "wall_time_s": time.perf_counter() - t0}
+              "versions": versions("mepf", "torch", "pytorch-fid", "scikit-learn"),
+                  "wall_time_s": time.perf_counter() - t0}
     write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir))
     return report

@@ -58,9 +58,9 @@ def build_from_torchscript(check_tol: float = 1e-4):
     """Map the TorchScript network's 94 conv+BN blocks, in order, onto pytorch-fid's FID InceptionV3
     (conv weight; BN weight 1, bias beta, running mean/var) and check pool3 agrees on random inputs.
     Returns (state_dict, max abs difference)."""
-    import torchvision
-
     import warnings
+
+    import torchvision
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
@@ -75,7 +75,8 @@ def build_from_torchscript(check_tol: float = 1e-4):
     with torch.no_grad():
         for block, name in zip(blocks, names):
             if block.conv.weight.shape != sd[name + ".weight"].shape:
-                raise MepfError(f"unexpected TorchScript network: block {name} has shape {tuple(sd[name + '.weight'].shape)}")
+                raise MepfError(f"unexpected TorchScript network: block {name} has shape "
+                                f"{tuple(sd[name + '.weight'].shape)}")
             block.conv.weight.copy_(sd[name + ".weight"])
             block.bn.weight.fill_(1.0)
             block.bn.bias.copy_(sd[name + ".beta"])
@@ -89,7 +90,8 @@ def build_from_torchscript(check_tol: float = 1e-4):
         theirs = ts(x * 2 - 1).flatten(1)
     diff = float((ours - theirs).abs().max())
     if diff > check_tol:
-        raise MepfError(f"the rebuilt Inception disagrees with the TorchScript network (max diff {diff:.2e}); not written")
+        raise MepfError(f"the rebuilt Inception disagrees with the TorchScript network (max diff {diff:.2e}); "
+                        f"not written")
     return state, diff
 
 
@@ -137,7 +139,8 @@ def load_inception(weights: str | None = None, device="cpu"):
             try:
                 model = _with_hub(hub, lambda: InceptionV3([3], resize_input=True, normalize_input=True))
             except RuntimeError as e:
-                raise MepfError(f"--inception-weights {path} does not fit pytorch-fid's InceptionV3: {str(e)[:120]}") from None
+                raise MepfError(f"--inception-weights {path} does not fit pytorch-fid's InceptionV3: "
+                                f"{str(e)[:120]}") from None
     else:
         try:
             model = InceptionV3([3], resize_input=True, normalize_input=True)

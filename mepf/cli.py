@@ -61,10 +61,18 @@ def _default(cls, name):
     return cls.__dataclass_fields__[name].default
 
 
-def _embed_options():
-    from mepf.embed.run import EmbedOptions as E
+def _td(name):
+    """A `mepf synthesize` option's default, from TrainOptions."""
+    from mepf.synthesize.options import TrainOptions
 
-    return E
+    return _default(TrainOptions, name)
+
+
+def _ed(name):
+    """A `mepf embed` option's default, from EmbedOptions."""
+    from mepf.embed.options import EmbedOptions
+
+    return _default(EmbedOptions, name)
 
 
 @main.command()
@@ -74,16 +82,16 @@ def _embed_options():
 @click.option("--epsilon", required=True, type=float, help="Target epsilon (> 0).")
 @click.option("--delta", required=True, type=float, help="Target delta, in (0, 1) and below 1/n.")
 @click.option("--relation", type=click.Choice(["add-remove", "replace-one"]),
-              default=_default(_embed_options(), "relation"), help="Neighbouring relation; add-remove keeps n private.")
-@click.option("--moments", type=click.Choice(["mean", "mean+second"]), default=_default(_embed_options(), "moments"),
+              default=_ed("relation"), help="Neighbouring relation; add-remove keeps n private.")
+@click.option("--moments", type=click.Choice(["mean", "mean+second"]), default=_ed("moments"),
               help="Release phi1 sums, or phi1 and phi2 sums.")
 @click.option("--budget-split", default=None, help="Share of mu^2 per release, e.g. counts=0.01,S1=0.5; "
               "unnamed releases share the rest.  [default: counts=0.01, rest equal]")
 @click.option("--backbone", type=click.Choice(["vgg19", "resnet18", "resnet50", "efficientnet-lite0"]),
-              default=_default(_embed_options(), "backbone"), help="Feature extractor.")
-@click.option("--weights", default=_default(_embed_options(), "weights"),
+              default=_ed("backbone"), help="Feature extractor.")
+@click.option("--weights", default=_ed("weights"),
               help="'pretrained' (ImageNet), 'random' (tests), or a PATH.")
-@click.option("--weights-seed", type=click.IntRange(0), default=_default(_embed_options(), "weights_seed"),
+@click.option("--weights-seed", type=click.IntRange(0), default=_ed("weights_seed"),
               help="Seed for --weights random.")
 @click.option("--layers", default=None, help="Comma-separated layers to use; 'pixels' (the image itself) is "
               "offered by every backbone.  [default: the backbone's list]")
@@ -102,10 +110,11 @@ def _embed_options():
 @click.option("--classes", default=None, help="Label set of .npz/.h5 data: a count or comma-separated names.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Where named datasets are found or downloaded.  [default: ~/.cache/mepf/datasets]")
-@click.option("--batch-size", type=click.IntRange(1, 65536), default=_default(_embed_options(), "batch_size"))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=_default(_embed_options(), "device"))
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=_ed("batch_size"))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=_ed("device"))
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Processes that decode and transform "
-              "records (per rank).  [default: 0 on a CPU machine of up to 4 cores per rank, more where cores are spare]")
+              "records (per rank).  [default: 0 on a CPU machine of up to 4 cores per rank, more where cores "
+              "are spare]")
 @click.option("--release-log", type=click.Path(dir_okay=False), default=None,
               help="Owner's local log (never released).  [default: ~/.local/share/mepf/releases.jsonl]")
 @click.option("--allow-repeat", is_flag=True, help="Allow a release of data released before (budgets compose).")
@@ -120,7 +129,8 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
 
     Nothing it prints is computed from the records: no count, no rate, no statistic. Under torchrun
     (`torchrun --nproc-per-node N -m mepf embed ...`) each rank reads its share; rank 0 writes."""
-    from mepf.embed.run import EmbedOptions, run_embed
+    from mepf.embed.options import EmbedOptions
+    from mepf.embed.run import run_embed
 
     opts = EmbedOptions(data=data, out=out, epsilon=epsilon, delta=delta, relation=relation, moments=moments,
                         budget_split=budget_split, backbone=backbone, weights=weights, weights_seed=weights_seed,
@@ -240,28 +250,31 @@ def _moment_weights(ctx, param, value):
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder to create.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue this run folder from its latest snapshot (FILE and options come from it).")
-@click.option("--generator", type=click.Choice(["auto", "conv", "resnet"]), default="auto",
+@click.option("--generator", type=click.Choice(["auto", "conv", "resnet"]), default=_td("generator"),
               help="auto: conv up to 32 px, resnet above.")
-@click.option("--width", type=click.IntRange(0, 4096), default=0, help="Generator width.  [default: 0 = "
+@click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), help="Generator width.  [default: 0 = "
               "the generator's own, 64 conv / 256 resnet]")
-@click.option("--objective", type=click.Choice(["mavg", "plain"]), default="mavg",
+@click.option("--objective", type=click.Choice(["mavg", "plain"]), default=_td("objective"),
               help="mavg: the paper's Adam moving average; plain: squared distance.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, help="Generator Adam lr.")
-@click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=1e-3, help="Moving-average Adam lr.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_td("lr"), help="Generator Adam lr.")
+@click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=_td("lr_mavg"),
+              help="Moving-average Adam lr.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=_td("lr_schedule"),
               help="Generator lr: constant, or cosine-annealed to 0 at the last step.")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_td("ema"),
               help="Decay of a moving average of the generator's weights, which then makes the samples (0: off).")
-@click.option("--batch-size", type=click.IntRange(1, 100000), default=100)
+@click.option("--batch-size", type=click.IntRange(1, 100000), default=_td("batch_size"),
+              help="Per rank under torchrun.")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="Training steps.  [default: 2000; with --resume, the run's own]")
-@click.option("--seed", type=click.IntRange(0), default=0, help="Training seed (unrelated to the DP noise).")
-@click.option("--labels", type=click.Choice(["balanced", "prior"]), default="balanced",
+@click.option("--seed", type=click.IntRange(0), default=_td("seed"), help="Training seed (unrelated to the DP noise).")
+@click.option("--labels", type=click.Choice(["balanced", "prior"]), default=_td("labels"),
               help="Training labels: class-balanced or from the noisy class prior.")
 @click.option("--moment-weights", callback=_moment_weights, default="", help="e.g. S1=1,S2=0.5.  [default: 1 each]")
-@click.option("--grid-every", type=click.IntRange(0), default=500, help="Sample grid PNG every N steps (0: end only).")
-@click.option("--snapshot-every", type=click.IntRange(0), default=500, help="Snapshot every N steps.")
-@click.option("--log-every", type=click.IntRange(1), default=50, help="stats.jsonl record every N steps.")
+@click.option("--grid-every", type=click.IntRange(0), default=_td("grid_every"),
+              help="Sample grid PNG every N steps (0: end only).")
+@click.option("--snapshot-every", type=click.IntRange(0), default=_td("snapshot_every"), help="Snapshot every N steps.")
+@click.option("--log-every", type=click.IntRange(1), default=_td("log_every"), help="stats.jsonl record every N steps.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Extractor weights file, if the release was embedded with --weights PATH.")
@@ -274,10 +287,9 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
     -m mepf synthesize ...`) each rank trains on its own batches (--batch-size per rank) of one objective."""
     from dataclasses import asdict
 
-    from mepf.synthesize import train
-
     from mepf.embed.distributed import teardown
     from mepf.synthesize import run_folder as files
+    from mepf.synthesize import train
 
     if resume:
         if dry_run:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up, then run the whole test suite.
+# Set up, then the lint (ruff, configured in pyproject.toml) and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from mepf.artifacts.errors import MepfError
 
@@ -23,7 +23,8 @@ class ConvGenerator(nn.Module):
         self.s0 = image_size // 4
         self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
         cond = num_classes if num_classes > 1 else 0
-        self.fc = nn.Sequential(nn.Linear(z_dim + cond, 2 * width * self.s0 ** 2), nn.BatchNorm1d(2 * width * self.s0 ** 2),
+        self.fc = nn.Sequential(nn.Linear(z_dim + cond, 2 * width * self.s0 ** 2),
+                                nn.BatchNorm1d(2 * width * self.s0 ** 2),
                                 nn.ReLU(True))
         self.body = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2 * width, width, 3, padding=1),

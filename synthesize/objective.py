@@ -14,7 +14,8 @@ class Target:
 
     def __init__(self, release, device):
         self.moments = release.moments
-        self.means = {m: torch.as_tensor(v, dtype=torch.float32, device=device) for m, v in release.class_means().items()}
+        self.means = {m: torch.as_tensor(v, dtype=torch.float32, device=device)
+                      for m, v in release.class_means().items()}
         self.prior = torch.as_tensor(release.label_prior(), dtype=torch.float32)
         self.num_classes = len(release.class_names)
         self.spec = release.feature_spec

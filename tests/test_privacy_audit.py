@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SPEC = importlib.util.spec_from_file_location("privacy_audit", Path(__file__).parents[1] / "benchmarks" / "privacy_audit.py")
+SPEC = importlib.util.spec_from_file_location("privacy_audit",
+                                              Path(__file__).parents[1] / "benchmarks" / "privacy_audit.py")
 privacy_audit = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(privacy_audit)
 

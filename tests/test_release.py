@@ -14,11 +14,12 @@ from mepf.artifacts.audit import audit
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import content_checksum
 from mepf.embed import release_log
-from mepf.embed.release import accumulate, embed_to_file
 from mepf.embed.files import ArraySource, FolderSource
+from mepf.embed.release import accumulate, embed_to_file
 from mepf.embed.transform import Transform
 
-LEDGER_KEYS = {"private", "relation", "relation_text", "releases", "composition", "mu", "accountant", "target", "achieved",
+LEDGER_KEYS = {"private", "relation", "relation_text", "releases", "composition", "mu", "accountant", "target",
+               "achieved",
                "noise", "post_processing"}
 RELEASE_KEYS = {"name", "mechanism", "shape", "sensitivity", "sensitivity_formula", "sigma", "weight"}
 FEATURE_KEYS = {"backbone", "weights", "weight_source", "weight_seed", "weights_sha256", "layers", "pixel_weight",
@@ -63,7 +64,8 @@ def json_numbers(obj):
 
 def test_forbidden_content_absent(tmp_path, image_folder, labelled_npz, eff28):
     log = tmp_path / "log.jsonl"
-    for name, source in (("folder", FolderSource(image_folder)), ("npz", ArraySource(labelled_npz[0], ["a", "b", "c"]))):
+    for name, source in (("folder", FolderSource(image_folder)), ("npz", ArraySource(labelled_npz[0], ["a", "b",
+                                                                                                       "c"]))):
         out = tmp_path / f"{name}.h5"
         run(source, eff28, out, log)
         exact = accumulate(source, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False)
@@ -71,7 +73,10 @@ def test_forbidden_content_absent(tmp_path, image_folder, labelled_npz, eff28):
         forbidden_text = [str(tmp_path), "secret_clinic", "patient_", ".png", labelled_npz[0].name,
                           entry["fingerprint"]]
         for where, value in walk(out):
-            texts = [value] if isinstance(value, str) else [str(v) for v in np.ravel(value)] if np.ndim(value) else [str(value)]
+            if isinstance(value, str):
+                texts = [value]
+            else:
+                texts = [str(v) for v in np.ravel(value)] if np.ndim(value) else [str(value)]
             for t in texts:
                 for bad in forbidden_text:
                     assert bad not in t, f"{bad!r} found in {where}"
@@ -251,8 +256,9 @@ def test_empty_class_still_gets_its_row(tmp_path, eff28):
 
 
 def test_non_private_baseline_is_exact_and_declared(tmp_path, labelled_npz, eff28):
-    from mepf.cli import main
     from click.testing import CliRunner
+
+    from mepf.cli import main
 
     src = ArraySource(labelled_npz[0], ["a", "b", "c"])
     out = run(src, eff28, tmp_path / "np.h5", tmp_path / "log.jsonl", epsilon=float("inf")).path
@@ -286,7 +292,8 @@ def test_audit_checks_the_numbers_not_only_the_ledger(tmp_path, labelled_npz, ef
     honest = run(src, eff28, tmp_path / "honest.h5", tmp_path / "log.jsonl", epsilon=1.0).path
     rep = audit(honest)
     checks = {n: (ok, d) for n, ok, d in rep.checks}
-    assert rep.ok and checks["noise:S1"][0] and "power" in checks["noise:S1"][1] and "NO POWER" not in checks["noise:S1"][1]
+    ok, detail = checks["noise:S1"]
+    assert rep.ok and ok and "power" in detail and "NO POWER" not in detail
     r = load(honest)
     exact = accumulate(src, Transform((28, 28), 1), eff28[0], "mean+second", 1.0, 1.0, 8, progress=False)
     sig = {x["name"]: x["sigma"] / 1000 for x in r.ledger["releases"]}
@@ -305,8 +312,10 @@ def test_audit_says_where_the_noise_check_has_no_power(tmp_path):
     x = np.random.default_rng(3).integers(0, 256, (900, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "big.npz", images=x, labels=np.arange(900) % 3)
     r = CliRunner().invoke(main, ["embed", "--data", str(tmp_path / "big.npz"), "--classes", "3", "--out",
-                                  str(tmp_path / "b.h5"), "--epsilon", "10", "--delta", "1e-5", "--backbone", "resnet18",
-                                  "--weights", "random", "--layers", "pixels", "--release-log", str(tmp_path / "l.jsonl"),
+                                  str(tmp_path / "b.h5"), "--epsilon", "10", "--delta", "1e-5", "--backbone",
+                                      "resnet18",
+                                  "--weights", "random", "--layers", "pixels", "--release-log",
+                                      str(tmp_path / "l.jsonl"),
                                   "--quiet"])
     assert r.exit_code == 0, r.stderr
     a = CliRunner().invoke(main, ["audit", str(tmp_path / "b.h5")])

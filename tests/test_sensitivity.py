@@ -86,7 +86,7 @@ def test_insertion_at_start_middle_end_adds_exactly_the_records_own_row(tmp_path
     x = make_images(11, seed=3)  # 3 batches of 4; an insertion moves every later record
     y = np.arange(11) % K
     base = exact_sums(tmp_path, x, y, extractor, c1, c2)
-    for name, rec in ADVERSARIAL.items():
+    for _name, rec in ADVERSARIAL.items():
         rows = own_rows(rec, extractor, c1, c2)
         for pos, label in ((0, 0), (5, K - 1), (11, 1)):
             plus = exact_sums(tmp_path, np.insert(x, pos, rec, axis=0), np.insert(y, pos, label), extractor, c1, c2)
@@ -102,7 +102,7 @@ def test_insertion_anywhere_under_cuda_kernels(tmp_path, backbone, weights):
     x = make_images(11, seed=3)
     y = np.arange(11) % K
     base = exact_sums(tmp_path, x, y, ex, device="cuda")
-    for name, rec in ADVERSARIAL.items():
+    for _name, rec in ADVERSARIAL.items():
         rows = own_rows(rec, ex, device="cuda")
         for pos in range(0, 12, 3):
             plus = exact_sums(tmp_path, np.insert(x, pos, rec, axis=0), np.insert(y, pos, 1), ex, device="cuda")
@@ -114,7 +114,7 @@ def test_replace_one_with_class_flip(tmp_path, extractor):
     y = np.arange(9) % K
     base = exact_sums(tmp_path, x, y, extractor)
     old = own_rows(x[4], extractor)
-    for name, rec in ADVERSARIAL.items():
+    for _name, rec in ADVERSARIAL.items():
         new = own_rows(rec, extractor)
         for new_label in (y[4], (y[4] + 1) % K):
             x2, y2 = x.copy(), y.copy()
@@ -176,7 +176,8 @@ def test_huge_finite_rows_keep_their_direction():
     for second in (False, True):
         q = grid_rows(f, 1.0, second).double() / 2.0 ** QUANT_BITS
         assert bool((q.norm(dim=1) > 0.999).all()) and bool((q.norm(dim=1) <= 1.0).all())
-    np.testing.assert_allclose(phi2(f, 1.0).numpy(), phi2(f / 1e30, 1.0).numpy(), rtol=1e-6, atol=1e-9)  # f/1e30 rounds in float32
+    np.testing.assert_allclose(phi2(f, 1.0).numpy(), phi2(f / 1e30, 1.0).numpy(), rtol=1e-6,
+                               atol=1e-9)  # f/1e30 rounds in float32
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-300, 1e-30, 1.0, 1e30, 1e150])

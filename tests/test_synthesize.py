@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from mepf.artifacts import load
 from mepf.artifacts.format import content_checksum
 from mepf.cli import main
-from mepf.embed.features import build_feature_map, feature_map_from_spec, phi
-from mepf.embed.release import accumulate, embed_to_file
 from mepf.embed.datasets import named_source
+from mepf.embed.features import build_feature_map, feature_map_from_spec, phi
 from mepf.embed.files import ArraySource
+from mepf.embed.release import accumulate, embed_to_file
 from mepf.embed.transform import Transform
 from mepf.synthesize import load_generator
 from mepf.synthesize.objective import Target, embedding_distance

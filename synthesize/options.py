@@ -1,0 +1,30 @@
+"""Every option of `mepf synthesize` and its default, once (the CLI reads the defaults from here). Imports no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OBJECTIVES = ("mavg", "plain")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainOptions:
+    release: str
+    out: str
+    generator: str = "auto"
+    width: int = 0  # 0: the generator's default
+    objective: str = "mavg"
+    lr: float = 1e-3  # chosen on the mnist-5k proxy (docs/results.md)
+    lr_mavg: float = 1e-3
+    lr_schedule: str = "constant"
+    ema: float = 0.0  # decay of an exponential moving average of the generator's weights; 0: off
+    batch_size: int = 100
+    steps: int = 2000
+    seed: int = 0
+    labels: str = "balanced"
+    moment_weights: dict = field(default_factory=dict)
+    grid_every: int = 500
+    snapshot_every: int = 500
+    log_every: int = 50
+    device: str = "auto"
+    weights: str | None = None  # extractor weights file, when the release was made from one
