@@ -284,14 +284,26 @@ def phi2(features: torch.Tensor, c2: float, dtype=torch.float64) -> torch.Tensor
     return normalise(_squared_direction(features, dtype), c2, dtype)
 
 
-def grid_rows(features: torch.Tensor, c: float, second: bool = False) -> torch.Tensor:
+def grid_rows(features: torch.Tensor, c: float, second: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 1's contribution of each row: phi1 (phi2 if `second`) on the integer grid of step
     C * 2**-QUANT_BITS, as float64 integers. The same map as phi1/phi2, computed in float64; then the
     bound is checked on the integers themselves: a row whose norm is not below C (or that is not finite)
     becomes zero before anything is summed. Integer-valued float64 sums are exact below 2**53."""
-    x = _squared_direction(features, torch.float64) if second else features.to(torch.float64)
-    q = torch.round(normalise(x, 2.0 ** QUANT_BITS))  # norm_target(2**QUANT_BITS) in grid units
-    return torch.where(within_bound(q), q, torch.zeros_like(q))
+    # worked on in place: a float64 copy, in `out` (a reused buffer of the same shape) when given
+    x = out.copy_(features) if out is not None else features.to(torch.float64, copy=True)
+    if second:  # (f / max|f|)^2, as _squared_direction
+        m = torch.maximum(x.amax(dim=1, keepdim=True), -x.amin(dim=1, keepdim=True))  # max|f|; nan stays nan
+        x.div_(torch.where(m > 0, m, torch.ones_like(m))).square_()
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # inf or nan exactly when an entry is
+    ok = torch.isfinite(norms) & (norms > 0)
+    if not bool(ok.all()):
+        x.masked_fill_(~ok, 0.0)
+    scale = torch.where(ok, norm_target(2.0 ** QUANT_BITS, x.shape[1]) / norms, torch.zeros_like(norms))
+    x.mul_(scale).round_()
+    within = within_bound(x)
+    if not bool(within.all()):
+        x.masked_fill_(~within, 0.0)
+    return x
 
 
 def within_bound(q: torch.Tensor) -> torch.Tensor:

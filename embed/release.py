@@ -27,6 +27,7 @@ from . import distributed, release_log
 from .features import QUANT_BITS, dequantise, grid_rows
 from .fingerprint import Fingerprint
 from .loader import Failed, loader, shard_size
+from .memory import keep_freed_memory
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 #: the progress display shows how far the pass is and for how long, never a count or a rate of records
@@ -87,7 +88,10 @@ class ExactSums:
         self.pending = 0
 
     def add_rows(self, q: torch.Tensor, labels: torch.Tensor) -> None:
-        self.running.index_add_(0, labels, q)
+        if len(q) == 1:
+            self.running[int(labels[0])] += q[0]
+        else:
+            self.running.index_add_(0, labels, q)
         self._count(len(q))
 
     def _count(self, rows: int) -> None:
@@ -107,7 +111,7 @@ CHUNK_ENTRIES = 2 ** 18
 
 
 def accumulate(source, transform, extractor, moments: str, c1: float, c2: float, batch_size: int = 128,
-               device="cpu", progress: bool = True, workers: int = 0) -> Sums:
+               device="cpu", progress: bool = True, workers: int = 0, dim: int | None = None) -> Sums:
     """One pass over `source`: exact per-class sums of each record's grid row of phi1 (and phi2), exact
     counts and the dataset's fingerprint. Under torchrun each rank takes its blocks of records, and the
     integer sums and counts are summed over ranks once at the end (exact: the result is the one-process
@@ -119,6 +123,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     cs = {"S1": c1, "S2": c2}
     k = len(source.classes) if source.classes else 1
     ranks = distributed.current()
+    keep_freed_memory()
     device = torch.device(device)
     extractor = extractor.to(device)
     if device.type == "cuda":
@@ -129,9 +134,11 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     fp = Fingerprint()
     error = None
     with torch.no_grad(), deterministic_kernels(device):
-        dim = extractor(torch.zeros(shape, device=device)).shape[1]
+        if dim is None:  # the feature spec says; else one forward pass of zeros tells
+            dim = extractor(torch.zeros(shape, device=device)).shape[1]
         sums = {n: ExactSums(k, dim, acc) for n in names}
         chunk = batch_size if acc.type == "cuda" else max(1, min(batch_size, CHUNK_ENTRIES // dim))
+        buffers = {}  # one float64 buffer per chunk shape, reused: no allocation per record
         data = loader(source, transform, batch_size, workers, ranks.rank, ranks.world, pin=device.type == "cuda")
         with tqdm(total=shard_size(len(source), batch_size, ranks.rank, ranks.world), desc="embed",
                   bar_format=PROGRESS_FORMAT, disable=not (progress and ranks.main), dynamic_ncols=True) as bar:
@@ -150,7 +157,11 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                         for s in range(0, batch_size, chunk):
                             if s >= b:
                                 break
-                            q = grid_rows(f[s:s + chunk], cs[name], name == "S2")
+                            rows = f[s:s + chunk]
+                            if rows.shape not in buffers:
+                                buffers[rows.shape] = torch.empty(rows.shape, dtype=torch.float64, device=acc)
+                            buf = buffers[rows.shape]
+                            q = grid_rows(rows, cs[name], name == "S2", out=buf)
                             sums[name].add_rows(q[:b - s], cls[s:min(s + chunk, b)])
                     counts += torch.bincount(cls, minlength=k)
                     bar.update(b)
@@ -244,7 +255,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     listed = len(source)
     check_delta(delta, listed, force)
 
-    sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers)
+    sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers,
+                      dim=feature_spec["dim"])
 
     def release() -> EmbedResult:
         if sums.n != listed:
