@@ -14,18 +14,15 @@ from pathlib import Path
 
 import torch
 
+from mepf.embed.memory import keep_freed_memory
 from mepf.synthesize.train import Trainer, TrainOptions, prepare
 
 
 def make_release(tmp: Path) -> Path:
-    from mepf.embed.datasets import named_source
-    from mepf.embed.features import build_feature_map
-    from mepf.embed.release import embed_to_file
-    from mepf.embed.transform import Transform
+    from mepf.embed.run import EmbedOptions, run_embed
 
-    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
-    embed_to_file(named_source("mnist-5k:train"), Transform((28, 28), 1), ex, spec, out=tmp / "r.h5", epsilon=10,
-                  delta=1e-5, release_log_path=tmp / "log.jsonl", progress=False)
+    run_embed(EmbedOptions(data="mnist-5k:train", out=str(tmp / "r.h5"), epsilon=10, delta=1e-5,
+                           release_log=str(tmp / "log.jsonl")), progress=False)
     return tmp / "r.h5"
 
 
@@ -49,6 +46,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    keep_freed_memory()  # as Trainer.fit does; before both measurements, so that they compare
     x = torch.rand(a.batch_size, inp["channels"], inp["height"], inp["width"], device=dev, requires_grad=True)
     for _ in range(2):  # warm-up
         t.train_step()

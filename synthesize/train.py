@@ -19,6 +19,7 @@ from mepf.artifacts.versions import versions
 from mepf.embed import distributed
 from mepf.embed.device import resolve_device
 from mepf.embed.features import feature_map_from_spec
+from mepf.embed.memory import keep_freed_memory
 
 from . import run_folder as files
 from .checkpoint import load_tensors, save_generator
@@ -228,6 +229,7 @@ class Trainer:
             old.unlink()
 
     def fit(self, progress: bool = True):
+        keep_freed_memory()  # per-step tensors reuse the same heap blocks instead of fresh pages
         o, main = self.opts, self.ranks.main
         log = open(self.run / files.LOG, "a") if main else None
         sf = open(self.run / files.STATS, "a") if main else None
