@@ -278,11 +278,14 @@ def _moment_weights(ctx, param, value):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Extractor weights file, if the release was embedded with --weights PATH.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=_td("precision"),
+              help="auto: bf16 autocast with channels-last on CUDA, fp32 elsewhere.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_schedule, ema, batch_size, steps,
-               seed, labels, moment_weights, grid_every, snapshot_every, log_every, device, weights, dry_run, quiet):
+               seed, labels, moment_weights, grid_every, snapshot_every, log_every, device, weights, precision, dry_run,
+               quiet):
     """Stage 2: train a generator from the released FILE alone. Under torchrun (`torchrun --nproc-per-node N
     -m mepf synthesize ...`) each rank trains on its own batches (--batch-size per rank) of one objective."""
     from dataclasses import asdict
@@ -308,7 +311,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                               lr_mavg=lr_mavg, lr_schedule=lr_schedule, ema=ema, batch_size=batch_size,
                               steps=steps or train.TrainOptions.steps, seed=seed, labels=labels,
                               moment_weights=moment_weights, grid_every=grid_every, snapshot_every=snapshot_every,
-                              log_every=log_every, device=device, weights=weights)
+                              log_every=log_every, device=device, weights=weights, precision=precision)
     if dry_run:
         release, _, arch, dev = train.prepare(opts)
         click.echo(json.dumps({**asdict(opts), "generator_arch": arch, "device_resolved": str(dev),

@@ -12,5 +12,12 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
       f"{torch.cuda.device_count()} device(s)")
 PYEOF
 $PY -m pytest -q -m cuda -rs tests
-$PY benchmarks/embed_throughput.py --backbone vgg19 --weights random --image-size 32 --device cuda --memory-sizes ""
-$PY benchmarks/embed_throughput.py --backbone efficientnet-lite0 --image-size 32 --device cuda --memory-sizes ""
+$PY benchmarks/embed_throughput.py --backbone vgg19 --weights random --image-size 32 --device cuda --workers 0,4 --memory-sizes ""
+$PY benchmarks/embed_throughput.py --backbone efficientnet-lite0 --image-size 32 --device cuda --workers 0,4 --memory-sizes ""
+TMP=$(mktemp -d)
+.venv/bin/mepf embed --data mnist-5k:train --out "$TMP/r.h5" --epsilon 10 --delta 1e-5 --device cuda \
+  --release-log "$TMP/log.jsonl" --quiet
+$PY benchmarks/synthesize_speed.py "$TMP/r.h5" --device cuda --steps 50
+.venv/bin/mepf embed --data mnist-5k:train --image-size 32 --backbone vgg19 --weights random --out "$TMP/v.h5" \
+  --epsilon 10 --delta 1e-5 --device cuda --release-log "$TMP/log2.jsonl" --quiet
+$PY benchmarks/synthesize_speed.py "$TMP/v.h5" --device cuda --steps 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 OBJECTIVES = ("mavg", "plain")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 elsewhere
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -27,4 +28,5 @@ class TrainOptions:
     snapshot_every: int = 500
     log_every: int = 50
     device: str = "auto"
+    precision: str = "auto"
     weights: str | None = None  # extractor weights file, when the release was made from one

@@ -26,7 +26,7 @@ from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
 from .objective import Target, fake_embeddings, squared_distance
-from .options import LR_SCHEDULES, OBJECTIVES, TrainOptions
+from .options import LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
 
 
 def prepare(opts: TrainOptions, device=None):
@@ -39,6 +39,8 @@ def prepare(opts: TrainOptions, device=None):
         raise MepfError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
     if not 0 <= opts.ema < 1:
         raise MepfError("--ema must be in [0, 1): the decay of the weight average (0 turns it off)")
+    if opts.precision not in PRECISIONS:
+        raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if opts.labels not in ("balanced", "prior"):
         raise MepfError("--labels must be balanced or prior")
     extra = set(opts.moment_weights) - set(release.moments)
@@ -89,7 +91,7 @@ class Trainer:
         self.opt_m = torch.optim.Adam(list(self.mavg.values()), lr=opts.lr_mavg, betas=betas)
         self.weights = {m: float(opts.moment_weights.get(m, 1.0)) for m in self.target.moments}
         self.step = 0
-        self.amp = device.type == "cuda"
+        self.amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
         if self.amp:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.extractor = self.extractor.to(memory_format=torch.channels_last)
@@ -138,7 +140,7 @@ class Trainer:
         b = self.opts.batch_size
         y = self.sample_labels(b).to(self.device)
         z = torch.randn(b, Z_DIM, generator=self.rng).to(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             x = self.G(z, y)
             if self.amp:
                 x = x.contiguous(memory_format=torch.channels_last)
