@@ -28,9 +28,7 @@ import torch
 from mepf.artifacts.errors import MepfError
 from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.device import resolve_device
-from mepf.embed.features import build_feature_map
-from mepf.embed.release import embed_to_file
-from mepf.embed.transform import Transform
+from mepf.embed.run import EmbedOptions, run_embed
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
 from mepf.synthesize.train import TrainOptions, start
@@ -116,11 +114,11 @@ def main() -> None:
     rows = []
     for eps in [float(e) for e in a.eps.split(",")]:
         tag = "inf" if math.isinf(eps) else f"{eps:g}"
-        ex, spec = build_feature_map(a.backbone, "pretrained", image_size=(28, 28), channels=1)
         t0 = time.perf_counter()
         rel = out / f"release-eps{tag}.h5"
-        embed_to_file(src, Transform((28, 28), 1), ex, spec, out=rel, epsilon=eps, delta=a.delta, device=dev,
-                      overwrite=True, allow_repeat=True, release_log_path=out / "releases.jsonl")
+        run_embed(EmbedOptions(data="fashion-mnist:train", data_root=a.data_root, out=str(rel), epsilon=eps,
+                               delta=a.delta, backbone=a.backbone, device=a.device, overwrite=True, allow_repeat=True,
+                               release_log=str(out / "releases.jsonl")))
         embed_s = time.perf_counter() - t0
         run = out / f"run-eps{tag}"
         shutil.rmtree(run, ignore_errors=True)
