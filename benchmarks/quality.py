@@ -31,7 +31,7 @@ from mepf.embed.device import resolve_device
 from mepf.embed.run import EmbedOptions, run_embed
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
-from mepf.synthesize.train import TrainOptions, start
+from mepf.synthesize.train import TrainOptions, resume, start
 
 PUBLISHED = [  # DPImageBench (CCS 2025), accuracy of a classifier trained on synthetic FMNIST, eps=1 / eps=10
     ("DP-FETA", 81.7, 87.3, None), ("PrivImage", 79.9, 87.1, 5.3), ("DPDM", 76.4, 85.6, 17.1),
@@ -60,14 +60,15 @@ def fid_reference_subset(out: Path, n: int, data_root) -> Path:
 
 def write_table(out: Path, rows: list) -> list:
     """results.md, rewritten after every eps so that an interrupted run keeps its finished rows."""
-    lines = ["| eps | CNN acc | LogReg acc | MLP acc | trained on | FID (samples vs test images) | embed | "
-             "train | steps "
-             "| lr | evaluate | device | commit |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| eps | seed | setting | CNN acc | LogReg acc | MLP acc | trained on | FID (samples vs test images) | "
+             "embed | train | steps | lr | evaluate | device | commit |",
+             "| --- " * 15 + "|"]
     for r in rows:
         fid = f"{r['fid']:.1f} ({r['fid_samples']} vs {r['fid_reference']})" if r["fid"] is not None else "not run"
-        lines.append(f"| {r['epsilon']} | {100 * r['cnn']:.1f}% | {100 * r['logreg']:.1f}% | {100 * r['mlp']:.1f}% | "
-                     f"{r['n_synthetic']:,} synthetic | {fid} | {r['embed_s']:.0f} s | {r['train_s'] / 60:.1f} min | "
+        embed = "?" if r["embed_s"] is None else f"{r['embed_s']:.0f}"
+        lines.append(f"| {r['epsilon']} | {r.get('seed', 0)} | {r.get('setting', '')} | {100 * r['cnn']:.1f}% | "
+                     f"{100 * r['logreg']:.1f}% | {100 * r['mlp']:.1f}% | "
+                     f"{r['n_synthetic']:,} synthetic | {fid} | {embed} s | {r['train_s'] / 60:.1f} min | "
                      f"{r['steps']} | {r['lr']} | {r['eval_s'] / 60:.1f} min | {r['device']} | {r['commit']} |")
     lines += ["", "Published (DPImageBench, CCS 2025), accuracy eps=1 / eps=10, FID eps=10:"]
     lines += [f"- {n}: {a1} / {a10}" + (f", FID {f}" if f else "") for n, a1, a10, f in PUBLISHED]
@@ -86,9 +87,12 @@ def commit() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eps", default="1,10,inf")
+    ap.add_argument("--seeds", default="0", help="comma-separated; each seed is a fresh release and a fresh training "
+                    "seed (FID for the first seed of each eps only)")
+    ap.add_argument("--setting", default="default", help="a name for the configuration, stored in every row")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--backbone", default="efficientnet-lite0")
-    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--steps", type=int, default=16000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=TrainOptions.lr,
                     help="Generator Adam lr (the tool's default, chosen as docs/results.md says).")
@@ -111,44 +115,62 @@ def main() -> None:
     dev = resolve_device(a.device)
     src = fashion_source(a.data_root)
     print(f"private data: {src.description} from {getattr(src, 'image_file', '?')} ({len(src)} images)")
-    rows = []
-    for eps in [float(e) for e in a.eps.split(",")]:
-        tag = "inf" if math.isinf(eps) else f"{eps:g}"
-        t0 = time.perf_counter()
-        rel = out / f"release-eps{tag}.h5"
-        run_embed(EmbedOptions(data="fashion-mnist:train", data_root=a.data_root, out=str(rel), epsilon=eps,
-                               delta=a.delta, backbone=a.backbone, device=a.device, overwrite=True, allow_repeat=True,
-                               release_log=str(out / "releases.jsonl")))
-        embed_s = time.perf_counter() - t0
-        run = out / f"run-eps{tag}"
-        shutil.rmtree(run, ignore_errors=True)
-        t0 = time.perf_counter()
-        start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                           lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, width=a.width, device=a.device,
-                           grid_every=max(1, a.steps // 4), snapshot_every=max(1, a.steps // 4)))
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        full_fid = not a.skip_fid and a.fid_reference >= 10000
-        rep = evaluate(str(run), "fashion-mnist:test", out / f"report-eps{tag}", n=a.n_synthetic,
-                       fid_samples=a.fid_samples, data_root=a.data_root, device=dev, cnn_epochs=a.cnn_epochs,
-                       release_log=out / "releases.jsonl",
-                       metrics=None if full_fid else ["accuracy", "embedding"])
-        m = rep["metrics"]
-        if not a.skip_fid and not full_fid:
-            fid_rep = evaluate(str(run), str(fid_reference_subset(out, a.fid_reference, a.data_root)),
-                               out / f"report-eps{tag}-fid", n=a.fid_samples, data_root=a.data_root, device=dev,
-                               release_log=out / "releases.jsonl", metrics=["fid"])
-            m.update({k: v for k, v in fid_rep["metrics"].items() if k.startswith("fid")})
-        eval_s = time.perf_counter() - t0
-        rows.append({"epsilon": tag, "delta": a.delta, "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"],
-                     "mlp": m["accuracy"]["mlp"], "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),
-                     "fid_reference": None if a.skip_fid else min(a.fid_reference, 10000),
-                     "n_synthetic": a.n_synthetic, "embed_s": embed_s, "train_s": train_s, "eval_s": eval_s,
-                     "steps": a.steps, "lr": a.lr,
-                     "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
-                     "commit": commit()})
-        (out / "results.json").write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
-        lines = write_table(out, rows)
+    results = out / "results.json"
+    rows = json.loads(results.read_text())["results"] if results.exists() else []  # an interrupted run goes on
+    lines = []
+    seeds = [int(s) for s in a.seeds.split(",")]
+    for seed in seeds:
+        for eps in [float(e) for e in a.eps.split(",")]:
+            tag = "inf" if math.isinf(eps) else f"{eps:g}"
+            if any(r["epsilon"] == tag and r.get("seed") == seed and r.get("setting") == a.setting for r in rows):
+                continue
+            name = f"eps{tag}-seed{seed}"
+            rel, run = out / f"release-{name}.h5", out / f"run-{name}"
+            embed_s = None  # made by an earlier, interrupted invocation: not timed here
+            if not rel.exists():
+                t0 = time.perf_counter()
+                run_embed(EmbedOptions(data="fashion-mnist:train", data_root=a.data_root, out=str(rel), epsilon=eps,
+                                       delta=a.delta, backbone=a.backbone, device=a.device, allow_repeat=True,
+                                       release_log=str(out / "releases.jsonl")))
+                embed_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if (run / "options.json").exists() and not (run / "generator.pt").exists():
+                resume(str(run), a.steps)  # continue the interrupted run from its last snapshot
+            elif not (run / "generator.pt").exists():
+                shutil.rmtree(run, ignore_errors=True)
+                start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                                   lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, width=a.width,
+                                   device=a.device, seed=seed, grid_every=max(1, a.steps // 4),
+                                   snapshot_every=max(1, a.steps // 8)))
+            train_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with_fid = not a.skip_fid and seed == seeds[0]
+            full_fid = with_fid and a.fid_reference >= 10000
+            rep = evaluate(str(run), "fashion-mnist:test", out / f"report-{name}", n=a.n_synthetic,
+                           fid_samples=a.fid_samples, data_root=a.data_root, device=dev, cnn_epochs=a.cnn_epochs,
+                           release_log=out / "releases.jsonl", seed=seed,
+                           metrics=None if full_fid else ["accuracy", "embedding"])
+            m = rep["metrics"]
+            if with_fid and not full_fid:
+                fid_rep = evaluate(str(run), str(fid_reference_subset(out, a.fid_reference, a.data_root)),
+                                   out / f"report-{name}-fid", n=a.fid_samples, data_root=a.data_root, device=dev,
+                                   release_log=out / "releases.jsonl", metrics=["fid"])
+                m.update({k: v for k, v in fid_rep["metrics"].items() if k.startswith("fid")})
+            eval_s = time.perf_counter() - t0
+            stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
+            # training time from the run's own record (steps between records / their rate): right across resumes
+            train_s = sum((b["step"] - a_["step"]) / b["steps_per_s"] for a_, b in zip([{"step": 0}] + stats, stats))
+            rows.append({"epsilon": tag, "seed": seed, "setting": a.setting, "delta": a.delta,
+                         "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"], "mlp": m["accuracy"]["mlp"],
+                         "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),
+                         "fid_reference": min(a.fid_reference, 10000) if with_fid else None,
+                         "embedding_distance": m.get("embedding"), "n_synthetic": a.n_synthetic, "embed_s": embed_s,
+                         "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
+                         "eval_s": eval_s, "steps": a.steps, "lr": a.lr,
+                         "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
+                         "commit": commit()})
+            results.write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
+            lines = write_table(out, rows)
     print("\n".join(lines))
 
 
