@@ -148,6 +148,9 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                         raise MepfError(item)
                     x, y, hashes = item
                     b = len(x)
+                    if len(y) and int(y.max()) >= k:  # files and arrays check their labels; this also covers the rest
+                        raise MepfError(f"{source.description}: a label is outside the {k} declared classes; the "
+                                        "data is corrupt, fetch it again")
                     fp.add(hashes, y.tolist())
                     if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
                         x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])

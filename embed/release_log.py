@@ -36,9 +36,11 @@ def read_log(path) -> list:
 
 
 def _overlap(entry: dict, sketch: Sketch) -> tuple:
-    if "sketch" not in entry:  # an entry from before sketches: only its exact fingerprint compares
+    try:
+        other = Sketch.from_json(entry["sketch"])
+    except (KeyError, TypeError, ValueError):  # an entry from before sketches, or damaged: its fingerprint compares
         return 0, 0.0, 0.0
-    return sketch.overlap(Sketch.from_json(entry["sketch"]))
+    return sketch.overlap(other)
 
 
 def related(entries: list, fingerprint: str, sketch: Sketch) -> dict:
@@ -66,7 +68,10 @@ def entry_of(entries: list, output_sha256: str) -> dict | None:
 def composable(entries: list, entry: dict) -> list:
     """The releases whose budgets compose with `entry`'s for some record: itself, every release of the
     same data, and every release that shares any sampled record with it."""
-    sketch = Sketch.from_json(entry["sketch"]) if "sketch" in entry else Sketch()
+    try:
+        sketch = Sketch.from_json(entry["sketch"])
+    except (KeyError, TypeError, ValueError):
+        sketch = Sketch()
     found = related([e for e in entries if e is not entry], entry["fingerprint"], sketch)
     return [entry, *found["same"], *found["most"], *found["some"]]
 

@@ -111,3 +111,15 @@ def test_shards_merge_to_the_single_pass_fingerprint():
     merged.merge(parts[2])
     assert merged.hexdigest() == single.hexdigest()
     assert merged.sketch.level == single.sketch.level and merged.sketch.hashes == single.sketch.hashes
+
+
+def test_log_entries_without_or_with_a_damaged_sketch_compare_by_fingerprint():
+    from mepf.embed.release_log import composable, related
+
+    fp = Fingerprint()
+    fp.update(make_images(5), None)
+    old = {"fingerprint": fp.hexdigest(), "mu": 1.0}  # written before sketches existed
+    damaged = {"fingerprint": "x", "sketch": {"level": "?", "hashes": "not base64!"}, "mu": 1.0}
+    found = related([old, damaged], fp.hexdigest(), fp.sketch)
+    assert found["same"] == [old] and not found["most"] and not found["some"]
+    assert composable([old, damaged], damaged) == [damaged]
