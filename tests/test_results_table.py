@@ -1,0 +1,48 @@
+"""The README's results tables are what docs/results/*.json give (benchmarks/results_table.py), and the
+per-seed summary computes what it says."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("results_table",
+                                              Path(__file__).parents[1] / "benchmarks" / "results_table.py")
+results_table = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(results_table)
+
+
+def test_readme_table_is_generated_from_the_committed_json():
+    assert results_table.main(["--check"]) == 0, "run python benchmarks/results_table.py"
+
+
+def row(eps, seed, cnn, fid=None):
+    return {"epsilon": eps, "seed": seed, "setting": "s", "cnn": cnn, "logreg": 0.5, "mlp": 0.6, "fid": fid,
+            "fid_samples": 10000 if fid else None, "fid_reference": 10000 if fid else None, "steps": 100,
+            "train_s": 600.0, "eval_s": 60.0, "device": "cpu", "commit": "abc"}
+
+
+def test_summary_means_seeds_lists_each_and_spread(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"results": [row("10", 0, 0.80, 12.5), row("10", 1, 0.86),
+                                                             row("1", 0, 0.70)]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results_table.BEGIN}\nstale\n{results_table.END}\noutro\n")
+    assert results_table.main(["--check", "--readme", str(readme), "--results", str(tmp_path)]) == 1
+    assert results_table.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
+    eps10 = next(line for line in text.splitlines() if line.startswith("| s | 10 | 2 |"))
+    assert "**83.0%**" in eps10 and "80.0 / 86.0" in eps10 and "| 6.0 |" in eps10
+    assert "12.5 (10000 vs 10000)" in eps10
+    assert "one seed" in next(line for line in text.splitlines() if line.startswith("| s | 1 | 1 |"))
+    assert results_table.main(["--check", "--readme", str(readme), "--results", str(tmp_path)]) == 0
+
+
+def test_missing_markers_is_a_clear_error(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"results": [row("10", 0, 0.8)]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="must contain"):
+        results_table.main(["--readme", str(readme), "--results", str(tmp_path)])
