@@ -259,6 +259,8 @@ def normalise(features: torch.Tensor, c: float, dtype=torch.float64) -> torch.Te
     f = features.to(dtype)
     norms = torch.linalg.vector_norm(f, dim=1, keepdim=True)  # inf or nan exactly when an entry is
     ok = torch.isfinite(norms) & (norms > 0)
+    if bool(ok.all()):  # every row usable (training's case): one scale per row, no B x D select or zeros
+        return f * (norm_target(c, f.shape[1]) / norms)
     f = torch.where(ok, f, torch.zeros_like(f))
     scale = torch.where(ok, norm_target(c, f.shape[1]) / norms.clamp_min(torch.finfo(f.dtype).tiny),
                         torch.zeros_like(norms))
@@ -269,9 +271,9 @@ def _squared_direction(features: torch.Tensor, dtype) -> torch.Tensor:
     """f*f up to a positive factor per row, without overflow: (f / max|f|)^2. phi2 is scale-free, so this
     is the same map; a non-finite row stays non-finite and is zeroed by normalise."""
     f = features.to(dtype)
-    m = f.abs().amax(dim=1, keepdim=True)
-    u = f / torch.where(m > 0, m, torch.ones_like(m))
-    return u * u
+    # max|f| without an |f| temporary; detached, as phi2 does not depend on it (its gradient is zero)
+    m = torch.maximum(f.amax(dim=1, keepdim=True), -f.amin(dim=1, keepdim=True)).detach()
+    return (f / torch.where(m > 0, m, torch.ones_like(m))).square()
 
 
 def phi1(features: torch.Tensor, c1: float, dtype=torch.float64) -> torch.Tensor:
