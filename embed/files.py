@@ -6,6 +6,7 @@ mode, and no message or error names a number computed from the records.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,15 @@ def decode_image(path: Path) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in _WIDE_GREY:
-                arr = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-            else:
-                arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
+        with warnings.catch_warnings():
+            # Pillow's size warning would print the record's pixel count; the record is decoded as any other
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in _WIDE_GREY:
+                    arr = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+                else:
+                    arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
     except Exception as e:  # noqa: BLE001 - Pillow raises many types (incl. DecompressionBombError) for bad files
         raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it") from None
     return arr[:, :, None] if arr.ndim == 2 else arr

@@ -122,6 +122,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     names = MOMENTS[moments]
     cs = {"S1": c1, "S2": c2}
     k = len(source.classes) if source.classes else 1
+    labelled = source.classes is not None
     ranks = distributed.current()
     keep_freed_memory()
     device = torch.device(device)
@@ -148,7 +149,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                         raise MepfError(item)
                     x, y, hashes = item
                     b = len(x)
-                    if len(y) and int(y.max()) >= k:  # files and arrays check their labels; this also covers the rest
+                    if len(y) and (int(y.max()) >= k or (labelled and int(y.min()) < 0)):  # unlabelled: all -1
                         raise MepfError(f"{source.description}: a label is outside the {k} declared classes; the "
                                         "data is corrupt, fetch it again")
                     fp.add(hashes, y.tolist())

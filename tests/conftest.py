@@ -24,6 +24,16 @@ def make_images(n: int, seed: int = 0, size: int = 28, channels: int = 1) -> np.
     return out
 
 
+class Payload:
+    """A pickle that runs code when unpickled (writes `marker`): what a hostile file in a pickle format can carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
 @pytest.fixture
 def labelled_npz(tmp_path):
     x = make_images(37, seed=1)

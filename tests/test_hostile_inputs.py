@@ -19,7 +19,7 @@ from mepf.embed import release_log
 from mepf.embed.features import _effnet_pretrained_path, build_feature_map
 from mepf.embed.files import FolderSource
 from mepf.embed.transform import Transform
-from tests.conftest import make_images
+from tests.conftest import Payload, make_images
 
 TINY = ["--backbone", "resnet18", "--weights", "random", "--layers", "pixels"]  # a map that costs microseconds
 
@@ -81,6 +81,88 @@ def test_weights_file_with_non_finite_values_is_refused(tmp_path, labelled_npz):
             "--delta", "1e-5", "--weights", tmp_path / "nan.pt", "--release-log", tmp_path / "log.jsonl", "--quiet")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "NaN or infinite" in r.stderr
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- files that could run code
+
+def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, labelled_npz):
+    """A file put under torch's hub cache with the published name is refused by its hash, never unpickled."""
+    import torchvision
+
+    name = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({**state, "note": Payload(marker)}, tmp_path / "hub" / "checkpoints" / name)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    r = cli("embed", "--data", labelled_npz[0], "--classes", "3", "--out", tmp_path / "x.h5", "--epsilon", "1",
+            "--delta", "1e-5", "--backbone", "resnet18", "--layers", "stem", "--release-log", tmp_path / "log.jsonl",
+            "--quiet")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output + r.stderr
+    assert "is not the published resnet18 weights file" in r.stderr and "delete it" in r.stderr
+    assert not marker.exists() and not (tmp_path / "x.h5").exists()
+
+
+def cifar_folder(root, images, labels, extra=None):
+    """torchvision's cifar-10-batches-py with one test batch (a Python pickle of a dict, as published)."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    d = {"batch_label": "testing batch 1 of 1", "labels": labels, "data": images,
+         "filenames": [f"img_{i}.png" for i in range(len(labels))], **(extra or {})}
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(d, f, protocol=2)
+    return root
+
+
+def test_cifar_batches_are_read_as_arrays_and_a_planted_one_runs_nothing(tmp_path):
+    from mepf.embed.datasets import named_source
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (10000, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, 10, 10000)]
+    good = named_source("cifar10:test", cifar_folder(tmp_path / "good", x, y), download=False)
+    blocks = list(good.blocks(4096))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]),
+                                  x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.concatenate([b[2] for b in blocks]), y)
+    marker = tmp_path / "pwned"
+    for extra in ({"note": Payload(marker)}, {"data": [Payload(marker)]}):
+        root = cifar_folder(tmp_path / f"bad{len(list(tmp_path.iterdir()))}", x, y, extra)
+        r = embed("cifar10:test", tmp_path / "x.h5", tmp_path / "log.jsonl", "--data-root", root, *TINY)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output + r.stderr
+        assert "is not a CIFAR-10 batch file" in r.stderr
+        assert not marker.exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_a_negative_label_in_a_named_dataset_is_refused_not_counted_in_class_0(tmp_path):
+    rng = np.random.default_rng(1)
+    y = [int(v) for v in rng.integers(0, 10, 10000)]
+    y[5000] = -1
+    root = cifar_folder(tmp_path, rng.integers(0, 256, (10000, 3072), dtype=np.uint8), y)
+    r = embed("cifar10:test", tmp_path / "x.h5", tmp_path / "log.jsonl", "--data-root", root, *TINY)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output + r.stderr
+    assert "a label is outside the 10 declared classes" in r.stderr and not (tmp_path / "x.h5").exists()
+
+
+def test_a_huge_record_prints_no_pixel_count(tmp_path, monkeypatch):
+    """Pillow warns about large images with their pixel count; a 28 x 28 record is 'large' here."""
+    import warnings
+
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # warns above 500 pixels, refuses above 1,000
+    root = tmp_path / "D" / "a"
+    root.mkdir(parents=True)
+    for i, im in enumerate(make_images(3, seed=4)):
+        PILImage.fromarray(im[:, :, 0]).save(root / f"{i}.png")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = embed(tmp_path / "D", tmp_path / "x.h5", tmp_path / "log.jsonl", "--workers", "0", *TINY, "--force",
+                  "--image-size", "28", "--channels", "1")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert not [w for w in seen if issubclass(w.category, PILImage.DecompressionBombWarning)]
+    assert "784 pixels" not in r.output + r.stderr and "exceeds limit" not in r.output + r.stderr
 
 
 # --------------------------------------------------------------------------- the geometry

@@ -22,6 +22,7 @@ from mepf.embed.transform import Transform
 from mepf.synthesize import load_generator
 from mepf.synthesize.objective import Target, embedding_distance
 from mepf.synthesize.train import TrainOptions, prepare, resume, start
+from tests.conftest import Payload
 
 FAST = {"width": 32, "batch_size": 40, "grid_every": 0, "snapshot_every": 0, "log_every": 5, "device": "cpu"}
 
@@ -275,28 +276,18 @@ def test_generator_from_a_nonprivate_baseline_is_called_so(tmp_path):
     assert r.exit_code == 0 and "NON-PRIVATE" in r.output and "inherits" not in r.output
 
 
-class _Payload:
-    """A pickle that runs code when unpickled: what a hostile generator.pt or snapshot could carry."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
-
-
 def test_shared_generator_or_snapshot_cannot_run_code(release_file, tmp_path):
     opts = TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=4, **dict(FAST, snapshot_every=2))
     start(opts, progress=False)
     run = tmp_path / "run"
     marker = tmp_path / "pwned"
     good = torch.load(run / "generator.pt", weights_only=True)  # what mepf writes loads as tensors and metadata
-    torch.save({**good, "note": _Payload(marker)}, run / "generator.pt")
+    torch.save({**good, "note": Payload(marker)}, run / "generator.pt")
     r = CliRunner().invoke(main, ["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.npz")])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "never pickled objects" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "s.npz").exists()
     snap = sorted(run.glob("snapshot-*.pt"))[-1]
-    torch.save({**torch.load(snap, weights_only=True), "note": _Payload(marker)}, snap)
+    torch.save({**torch.load(snap, weights_only=True), "note": Payload(marker)}, snap)
     r = CliRunner().invoke(main, ["synthesize", "--resume", str(run), "--steps", "6", "--quiet"])
     assert r.exit_code == 2 and "snapshot" in r.stderr and "never pickled objects" in r.stderr, r.stderr
     assert not marker.exists()
