@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 
 import numpy as np
 
@@ -79,6 +80,14 @@ class Sketch:
         shared = len(a & b)
         return shared, shared / max(len(a), 1), shared / max(len(b), 1)
 
+    def keyed(self, key: bytes | None) -> KeyedSketch:
+        """The form the release log keeps: each sampled hash replaced by its HMAC under the log's key, beside
+        its sampling level. key None: the plain hashes (for log entries written before keys existed)."""
+        def tag(h: int) -> bytes:
+            raw = h.to_bytes(16, "big")
+            return hmac.new(key, raw, hashlib.sha256).digest()[:16] if key is not None else raw
+        return KeyedSketch(self.level, {tag(h): self._level_of(h) for h in self.hashes}, key is not None)
+
     def to_json(self) -> dict:
         raw = b"".join(x.to_bytes(16, "big") for x in sorted(self.hashes))
         return {"level": self.level, "hashes": base64.b64encode(raw).decode()}
@@ -87,6 +96,37 @@ class Sketch:
     def from_json(cls, d: dict) -> Sketch:
         raw = base64.b64decode(d["hashes"])
         return cls(int(d["level"]), (int.from_bytes(raw[i:i + 16], "big") for i in range(0, len(raw), 16)))
+
+
+class KeyedSketch:
+    """A sketch whose record hashes are HMACs under the release log's own secret key: whoever reads the log
+    without the key cannot test whether a given image was in the data. Sampling levels are kept beside the
+    tags, so two sketches under the same key compare at the higher level as plain sketches do."""
+
+    def __init__(self, level: int, tags: dict, keyed: bool = True):
+        self.level, self.tags, self.is_keyed = level, dict(tags), keyed
+
+    def overlap(self, other: KeyedSketch) -> tuple:
+        """(shared sampled records, share of self's sample, share of other's sample); 0 when the two are not
+        under the same kind of key."""
+        if self.is_keyed != other.is_keyed:
+            return 0, 0.0, 0.0
+        level = max(self.level, other.level)
+        a = {t for t, lv in self.tags.items() if lv >= level}
+        b = {t for t, lv in other.tags.items() if lv >= level}
+        shared = len(a & b)
+        return shared, shared / max(len(a), 1), shared / max(len(b), 1)
+
+    def to_json(self) -> dict:
+        raw = b"".join(bytes([lv]) + t for t, lv in sorted(self.tags.items()))
+        return {"level": self.level, "keyed": base64.b64encode(raw).decode()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> KeyedSketch:
+        raw = base64.b64decode(d["keyed"], validate=True)
+        if len(raw) % 17:
+            raise ValueError("damaged keyed sketch")
+        return cls(int(d["level"]), {raw[i + 1:i + 17]: raw[i] for i in range(0, len(raw), 17)})
 
 
 class Fingerprint:

@@ -258,6 +258,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     entries = distributed.on_main(before)
     listed = len(source)
     check_delta(delta, listed, force)
+    key = distributed.on_main(lambda: release_log.prepare(log_path, entries))  # the log can take the entry
 
     sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers,
                       dim=feature_spec["dim"])
@@ -266,7 +267,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         if sums.n != listed:
             raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
                             "run again on data that is not being modified")
-        found = release_log.related(entries, sums.fingerprint.hexdigest(), sums.fingerprint.sketch)
+        found = release_log.related(entries, sums.fingerprint.hexdigest(), sums.fingerprint.sketch, key)
         warnings = check_repeat(found, log_path, allow_repeat)
         k = len(sums.counts)
         noisy = privatise({**sums.sums, "counts": sums.counts.astype(np.float64)}, calib.sigmas)
@@ -279,7 +280,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             overwrite=overwrite)
         repeats = found["same"] + found["most"] + found["some"]
         release_log.append(log_path, release_log.new_entry(
-            sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+            sums.fingerprint, key, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
             output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
             mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)

@@ -38,12 +38,12 @@ def _release_of(synth: ImageSet, release_path: str | None):
 
 def private_reference_warning(ref, release_log) -> str | None:
     """A warning when the reference is, or shares records with, data in the owner's release log."""
-    from mepf.embed.release_log import default_log_path, read_log, related
+    from mepf.embed.release_log import default_log_path, read_key, read_log, related
 
     if not isinstance(ref, ImageSet) or ref.fingerprint is None:
         return None
     log = Path(release_log) if release_log else default_log_path()
-    found = related(read_log(log), ref.fingerprint.hexdigest(), ref.fingerprint.sketch)
+    found = related(read_log(log), ref.fingerprint.hexdigest(), ref.fingerprint.sketch, read_key(log))
     hits = found["same"] + found["most"] + found["some"]
     if hits:
         what = "is data that was released privately" if found["same"] else "shares records with data released privately"

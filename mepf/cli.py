@@ -174,13 +174,14 @@ def audit(file, as_json, release_log):
     rep = run_audit(file)
     out = rep.to_dict()
     if release_log:
-        from mepf.embed.release_log import composable, entry_of, read_log
+        from mepf.embed.release_log import composable, entry_of, read_key, read_log
 
         entries = read_log(release_log)
         mine = entry_of(entries, _sha(file))
         if mine is None:
             raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
-        out["composed"] = composed_total(composable(entries, mine), float(rep.summary.get("delta", mine["delta"])))
+        found = composable(entries, mine, read_key(release_log))
+        out["composed"] = composed_total(found, float(rep.summary.get("delta", mine["delta"])))
     if as_json:
         click.echo(json.dumps(out, indent=2, sort_keys=True))
     else:

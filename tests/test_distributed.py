@@ -3,6 +3,7 @@ log entry, a failing rank failing all with one error; distributed training write
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,6 +36,7 @@ def test_two_ranks_give_bitwise_the_one_process_sums(tmp_path):
     np.savez(tmp_path / "d.npz", images=make_images(23, seed=4), labels=np.arange(23) % 3)  # 6 blocks, uneven
     one = embed(tmp_path / "d.npz", tmp_path / "one.h5", tmp_path / "one.jsonl", "--classes", "3", "--epsilon", "inf")
     assert one.returncode == 0, one.stderr
+    shutil.copy(tmp_path / "one.jsonl.key", tmp_path / "two.jsonl.key")  # the same sketch key: sketches compare
     two = embed(tmp_path / "d.npz", tmp_path / "two.h5", tmp_path / "two.jsonl", "--classes", "3", "--epsilon", "inf",
                 ranks=2)
     assert two.returncode == 0, two.stderr
@@ -64,7 +66,7 @@ def test_a_failing_rank_fails_all_with_one_error_and_no_file(tmp_path):
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "cannot read image" in errors[0] and "05.png" in errors[0], r.stderr
-    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
+    assert not (tmp_path / "x.h5").exists() and release_log.read_log(tmp_path / "log.jsonl") == []
     assert not list(tmp_path.glob(".x.h5.tmp*"))
 
 

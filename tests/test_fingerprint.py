@@ -120,6 +120,35 @@ def test_log_entries_without_or_with_a_damaged_sketch_compare_by_fingerprint():
     fp.update(make_images(5), None)
     old = {"fingerprint": fp.hexdigest(), "mu": 1.0}  # written before sketches existed
     damaged = {"fingerprint": "x", "sketch": {"level": "?", "hashes": "not base64!"}, "mu": 1.0}
-    found = related([old, damaged], fp.hexdigest(), fp.sketch)
+    found = related([old, damaged], fp.hexdigest(), fp.sketch, None)
     assert found["same"] == [old] and not found["most"] and not found["some"]
     assert composable([old, damaged], damaged) == [damaged]
+
+
+def test_keyed_sketches_find_overlaps_only_under_their_key_and_hold_no_record_hash():
+    import base64
+
+    from mepf.embed.fingerprint import KeyedSketch, record_hash
+    from mepf.embed.release_log import related
+
+    rng = np.random.default_rng(2)
+    big = rng.integers(0, 256, (3 * SKETCH_CAP, 4, 4, 1), dtype=np.uint8)
+    whole, half = Fingerprint(), Fingerprint()
+    whole.update(big, None)
+    half.update(big[: len(big) // 2], None)
+    key, other_key = bytes(range(32)), bytes(range(1, 33))
+    plain = half.sketch.overlap(whole.sketch)
+    stored = KeyedSketch.from_json(whole.sketch.keyed(key).to_json())
+    assert half.sketch.keyed(key).overlap(stored) == plain  # the same estimate as the plain sketches
+    assert half.sketch.keyed(other_key).overlap(stored)[0] == 0 and half.sketch.keyed(None).overlap(stored)[0] == 0
+    small = Fingerprint()
+    small.update(big[:50], None)  # under the cap: every record is sampled
+    text = str(small.sketch.keyed(key).to_json())
+    raw = base64.b64decode(small.sketch.keyed(key).to_json()["keyed"])
+    for r in big[:50]:
+        h = record_hash(r)[:16]
+        assert h not in raw and base64.b64encode(h).decode()[:20] not in text
+    # an entry written before keys (plain sketch) is still matched, record by record, once the key is known
+    old = {"fingerprint": "earlier", "sketch": half.sketch.to_json()}
+    assert related([old], whole.hexdigest(), whole.sketch, key)["most"] == [old]
+    assert related([old], whole.hexdigest(), whole.sketch, None)["most"] == [old]

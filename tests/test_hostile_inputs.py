@@ -321,6 +321,41 @@ def test_repeat_release_is_recognised_whatever_the_container_names_order_or_tran
                           log).output)["composed"]["releases"] == 3
 
 
+def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, labelled_npz):
+    """The log and its key are readable by the owner alone; what the log holds cannot test an image for
+    membership without the key; a log that cannot take the entry, or a lost key, stops the run before it reads."""
+    import base64
+    import json
+    import stat
+
+    from mepf.embed.fingerprint import record_hash
+
+    log = tmp_path / "owner" / "log.jsonl"
+    x = labelled_npz[1]
+    assert embed(labelled_npz[0], tmp_path / "a.h5", log, *TINY, "--classes", "3").exit_code == 0
+    for path in (log, release_log.key_path(log)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+    text = log.read_text()
+    raw = base64.b64decode(json.loads(text)["sketch"]["keyed"])
+    assert len(raw) == 17 * len(x)  # 37 records, under the cap: every one sampled, none as its plain hash
+    for r in x:
+        assert record_hash(r)[:16] not in raw and base64.b64encode(record_hash(r)[:16]).decode()[:12] not in text
+
+    key = release_log.key_path(log).read_bytes()
+    release_log.key_path(log).unlink()
+    r = embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "key" in r.stderr and "is missing" in r.stderr
+    assert not (tmp_path / "b.h5").exists() and len(release_log.read_log(log)) == 1
+    release_log.key_path(log).write_bytes(key)
+    assert embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat").exit_code == 0
+
+    (tmp_path / "file").write_text("not a folder")
+    r = embed(labelled_npz[0], tmp_path / "c.h5", tmp_path / "file" / "log.jsonl", *TINY, "--classes", "3")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "cannot be written" in r.stderr, r.stderr
+    assert not (tmp_path / "c.h5").exists()
+
+
 def test_private_reference_is_flagged_in_another_container(tmp_path, image_folder):
     from mepf.evaluate.data import load_reference
     from mepf.evaluate.evaluation import private_reference_warning
