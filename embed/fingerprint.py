@@ -55,8 +55,8 @@ class Sketch:
     bits; when more than SKETCH_CAP are kept, raise the level. Two sketches compared at the higher level
     are samples of the same hash range, so the share of common hashes estimates the overlap."""
 
-    def __init__(self, level: int = 0, hashes=()):
-        self.level, self.hashes = level, set(hashes)
+    def __init__(self, level: int = 0, hashes=(), keyed: bool = False):
+        self.level, self.hashes, self.keyed = level, set(hashes), keyed
 
     @staticmethod
     def _level_of(h: int) -> int:
@@ -74,68 +74,57 @@ class Sketch:
         return {x for x in self.hashes if self._level_of(x) >= level}
 
     def overlap(self, other: Sketch) -> tuple:
-        """(shared sampled records, share of self's sample, share of other's sample)."""
+        """(shared sampled records, share of self's sample, share of other's sample); none shared between a
+        keyed and a plain sketch (they sample different values)."""
+        if self.keyed != other.keyed:
+            return 0, 0.0, 0.0
         level = max(self.level, other.level)
         a, b = self.at_level(level), other.at_level(level)
         shared = len(a & b)
         return shared, shared / max(len(a), 1), shared / max(len(b), 1)
 
-    def keyed(self, key: bytes | None) -> KeyedSketch:
-        """The form the release log keeps: each sampled hash replaced by its HMAC under the log's key, beside
-        its sampling level. key None: the plain hashes (for log entries written before keys existed)."""
-        def tag(h: int) -> bytes:
-            raw = h.to_bytes(16, "big")
-            return hmac.new(key, raw, hashlib.sha256).digest()[:16] if key is not None else raw
-        return KeyedSketch(self.level, {tag(h): self._level_of(h) for h in self.hashes}, key is not None)
-
     def to_json(self) -> dict:
         raw = b"".join(x.to_bytes(16, "big") for x in sorted(self.hashes))
-        return {"level": self.level, "hashes": base64.b64encode(raw).decode()}
+        out = {"level": self.level, "hashes": base64.b64encode(raw).decode()}
+        return {**out, "keyed": True} if self.keyed else out
 
     @classmethod
     def from_json(cls, d: dict) -> Sketch:
         raw = base64.b64decode(d["hashes"])
-        return cls(int(d["level"]), (int.from_bytes(raw[i:i + 16], "big") for i in range(0, len(raw), 16)))
+        return cls(int(d["level"]), (int.from_bytes(raw[i:i + 16], "big") for i in range(0, len(raw), 16)),
+                   d.get("keyed") is True)
 
-
-class KeyedSketch:
-    """A sketch whose record hashes are HMACs under the release log's own secret key: whoever reads the log
-    without the key cannot test whether a given image was in the data. Sampling levels are kept beside the
-    tags, so two sketches under the same key compare at the higher level as plain sketches do."""
-
-    def __init__(self, level: int, tags: dict, keyed: bool = True):
-        self.level, self.tags, self.is_keyed = level, dict(tags), keyed
-
-    def overlap(self, other: KeyedSketch) -> tuple:
-        """(shared sampled records, share of self's sample, share of other's sample); 0 when the two are not
-        under the same kind of key."""
-        if self.is_keyed != other.is_keyed:
-            return 0, 0.0, 0.0
+    def merged(self, other: Sketch) -> Sketch:
+        """The sketch of the union of two disjoint parts of one dataset."""
         level = max(self.level, other.level)
-        a = {t for t, lv in self.tags.items() if lv >= level}
-        b = {t for t, lv in other.tags.items() if lv >= level}
-        shared = len(a & b)
-        return shared, shared / max(len(a), 1), shared / max(len(b), 1)
+        out = Sketch(level, keyed=self.keyed)
+        for h in self.at_level(level) | other.at_level(level):
+            out.add(h.to_bytes(16, "big"))
+        return out
 
-    def to_json(self) -> dict:
-        raw = b"".join(bytes([lv]) + t for t, lv in sorted(self.tags.items()))
-        return {"level": self.level, "keyed": base64.b64encode(raw).decode()}
 
-    @classmethod
-    def from_json(cls, d: dict) -> KeyedSketch:
-        raw = base64.b64decode(d["keyed"], validate=True)
-        if len(raw) % 17:
-            raise ValueError("damaged keyed sketch")
-        return cls(int(d["level"]), {raw[i + 1:i + 17]: raw[i] for i in range(0, len(raw), 17)})
+def tag(key: bytes, digest: bytes) -> bytes:
+    """A record hash under the release log's secret key: whoever lacks the key cannot compute it."""
+    return hmac.new(key, digest, hashlib.sha256).digest()
+
+
+def key_id(key: bytes) -> str:
+    """Names a key without revealing it, so that a log and a key that do not belong together are told apart."""
+    return hmac.new(key, b"mepf-release-log-key", hashlib.sha256).hexdigest()[:16]
 
 
 class Fingerprint:
     """Order-free: the per-record hashes (pixels and label) are added modulo 2**256, so the digest does not
-    depend on order or batching, and a duplicated record counts twice (a multiset)."""
+    depend on order or batching, and a duplicated record counts twice (a multiset). With the release log's
+    key it also keeps a keyed sketch, sampled by the records' keyed tags: the one the log stores, which
+    tells nothing about any record to whoever lacks the key (neither which records were sampled nor their
+    hashes). The plain sketch is kept in memory only, to compare with entries written before keys."""
 
-    def __init__(self):
-        self._sum, self._n = 0, 0
+    def __init__(self, key: bytes | None = None, keep_hashes: bool = False):
+        self._sum, self._n, self.key = 0, 0, key
         self.sketch = Sketch()
+        self.keyed_sketch = Sketch(keyed=True) if key is not None else None
+        self._kept = [] if keep_hashes else None
 
     def update(self, records, labels) -> None:
         """Add records (with labels, or None when unlabelled)."""
@@ -148,16 +137,34 @@ class Fingerprint:
             self._sum = (self._sum + int.from_bytes(h, "big")) % _MOD
             self._n += 1
             self.sketch.add(pixels)
+            if self.keyed_sketch is not None:
+                self.keyed_sketch.add(tag(self.key, pixels))
+            if self._kept is not None:
+                self._kept.append((pixels, int(label)))
+
+    def with_key(self, key: bytes) -> Fingerprint:
+        """The same records fingerprinted under `key` (needs keep_hashes=True: an in-memory reference set)."""
+        if self._kept is None:
+            raise ValueError("with_key needs a fingerprint made with keep_hashes=True")
+        out = Fingerprint(key)
+        out.add([p for p, _ in self._kept], [y for _, y in self._kept])
+        return out
 
     def merge(self, other: Fingerprint) -> None:
         """Combine with the fingerprint of a disjoint part of the same dataset (another rank's shard)."""
         self._sum = (self._sum + other._sum) % _MOD
         self._n += other._n
-        level = max(self.sketch.level, other.sketch.level)
-        merged = Sketch(level, self.sketch.at_level(level) | other.sketch.at_level(level))
-        self.sketch = Sketch(level)
-        for h in merged.hashes:
-            self.sketch.add(h.to_bytes(16, "big"))
+        self.sketch = self.sketch.merged(other.sketch)
+        if self.keyed_sketch is not None:
+            self.keyed_sketch = self.keyed_sketch.merged(other.keyed_sketch)
 
     def hexdigest(self) -> str:
         return hashlib.sha256(f"mepf-dataset-v2|{self._n}|{self._sum:064x}".encode()).hexdigest()
+
+    def keyed_hexdigest(self) -> str | None:
+        """The digest under the log's key, as the log stores it ('k1:' marks the keyed form)."""
+        return keyed_digest(self.key, self.hexdigest()) if self.key is not None else None
+
+
+def keyed_digest(key: bytes, plain: str) -> str:
+    return "k1:" + hmac.new(key, plain.encode(), hashlib.sha256).hexdigest()

@@ -111,7 +111,8 @@ CHUNK_ENTRIES = 2 ** 18
 
 
 def accumulate(source, transform, extractor, moments: str, c1: float, c2: float, batch_size: int = 128,
-               device="cpu", progress: bool = True, workers: int = 0, dim: int | None = None) -> Sums:
+               device="cpu", progress: bool = True, workers: int = 0, dim: int | None = None,
+               log_key: bytes | None = None) -> Sums:
     """One pass over `source`: exact per-class sums of each record's grid row of phi1 (and phi2), exact
     counts and the dataset's fingerprint. Under torchrun each rank takes its blocks of records, and the
     integer sums and counts are summed over ranks once at the end (exact: the result is the one-process
@@ -132,7 +133,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     acc = device if device.type == "cuda" else torch.device("cpu")
     shape = (batch_size, transform.channels, *transform.image_size)
     counts = torch.zeros(k, dtype=torch.int64, device=acc)
-    fp = Fingerprint()
+    fp = Fingerprint(log_key)
     error = None
     with torch.no_grad(), deterministic_kernels(device):
         if dim is None:  # the feature spec says; else one forward pass of zeros tells
@@ -258,16 +259,16 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     entries = distributed.on_main(before)
     listed = len(source)
     check_delta(delta, listed, force)
-    key = distributed.on_main(lambda: release_log.prepare(log_path, entries))  # the log can take the entry
+    key = distributed.shared(distributed.on_main(lambda: release_log.prepare(log_path, entries)))  # every rank
 
     sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers,
-                      dim=feature_spec["dim"])
+                      dim=feature_spec["dim"], log_key=key)
 
     def release() -> EmbedResult:
         if sums.n != listed:
             raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
                             "run again on data that is not being modified")
-        found = release_log.related(entries, sums.fingerprint.hexdigest(), sums.fingerprint.sketch, key)
+        found = release_log.related(entries, sums.fingerprint)
         warnings = check_repeat(found, log_path, allow_repeat)
         k = len(sums.counts)
         noisy = privatise({**sums.sums, "counts": sums.counts.astype(np.float64)}, calib.sigmas)
@@ -279,10 +280,16 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         sha = write_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
                             overwrite=overwrite)
         repeats = found["same"] + found["most"] + found["some"]
-        release_log.append(log_path, release_log.new_entry(
-            sums.fingerprint, key, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+        entry = release_log.new_entry(
+            sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
             output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
-            mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
+            mu=ledger["mu"], relation=relation, repeat=bool(repeats))
+        try:
+            release_log.append(log_path, entry)
+        except OSError as e:  # checked writable before the pass; a release must never stand without its entry
+            out.unlink(missing_ok=True)
+            raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); the release was "
+                            "removed; free space or fix the log's permissions and run again") from None
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
 
     return distributed.on_main(release)

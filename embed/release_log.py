@@ -1,10 +1,10 @@
 """The data owner's local release log (JSONL, never released): which data was embedded, at what cost.
 
-Each entry holds the dataset's fingerprint and its sketch of sampled record hashes (embed/fingerprint.py),
-the output's SHA-256 and the guarantee. The sketch's hashes are HMACs under a secret key kept beside the
-log (`<log>.key`, owner-only), so the log alone, shown to an auditor say, cannot be used to test whether
-an image was in the data. Earlier releases that are the same multiset of records, or share records with
-it, are found from these; their budgets compose. Log, key and a new folder are created owner-only.
+Each entry holds the dataset's fingerprint and a sketch of sampled record hashes (embed/fingerprint.py),
+both under a secret key kept beside the log (`<log>.key`, owner-only), the key's id, the output's SHA-256
+and the guarantee. Without the key the log (shown to an auditor, say) cannot be used to test whether an
+image was in the data. Earlier releases that are the same multiset of records, or share records with it,
+are found from these; their budgets compose. Log, key and a new folder are created owner-only.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
 
-from .fingerprint import REPEAT_SHARE, Fingerprint, KeyedSketch, Sketch
+from .fingerprint import REPEAT_SHARE, Fingerprint, Sketch, key_id, keyed_digest
 
 
 def default_log_path() -> Path:
@@ -43,12 +43,18 @@ def key_path(log_path) -> Path:
 
 
 def read_key(log_path) -> bytes | None:
-    """The log's sketch key, or None where it has none (yet)."""
+    """The log's key, or None where it has none (yet). A key readable by others is narrowed to 0600."""
     path = key_path(log_path)
-    if not path.is_file():
-        return None
     try:
-        key = bytes.fromhex(path.read_text().strip())
+        if not path.is_file():
+            return None
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        text = path.read_text().strip()
+    except OSError as e:
+        raise MepfError(f"release log key {path} cannot be read ({type(e).__name__}); fix its permissions") from None
+    try:
+        key = bytes.fromhex(text)
     except ValueError:
         key = b""
     if len(key) != 32:
@@ -57,15 +63,32 @@ def read_key(log_path) -> bytes | None:
     return key
 
 
+def _keyed_entries(entries: list) -> list:
+    return [e for e in entries if e.get("key_id")]
+
+
+def check_key(log_path, entries: list, key: bytes | None) -> str | None:
+    """Why the log's keyed entries cannot be matched record by record with this key, or None."""
+    keyed = _keyed_entries(entries)
+    if not keyed:
+        return None
+    if key is None:
+        return f"release log key {key_path(log_path)} is missing"
+    if any(e["key_id"] != key_id(key) for e in keyed):
+        return f"release log key {key_path(log_path)} does not belong to this log"
+    return None
+
+
 def prepare(log_path, entries: list) -> bytes:
     """Before any record is read: the log can be appended to and has its key (created on first use), so a
     release is never written without its entry. Returns the key."""
     path = Path(log_path)
     key = read_key(path)
-    if key is None and any(isinstance(e.get("sketch"), dict) and "keyed" in e["sketch"] for e in entries):
-        raise MepfError(f"release log key {key_path(path)} is missing, so earlier releases cannot be matched record "
-                        "by record; restore it from a backup, or start a new log with --release-log NEW (budgets "
-                        "in the old log then no longer compose with new releases)")
+    problem = check_key(path, entries, key)
+    if problem:
+        raise MepfError(f"{problem}, so earlier releases cannot be matched; restore the key from a backup, or start "
+                        "a new log with --release-log NEW (budgets in the old log then no longer compose with new "
+                        "releases)")
     try:
         if not path.parent.is_dir():
             path.parent.mkdir(mode=0o700, parents=True)
@@ -85,38 +108,44 @@ def prepare(log_path, entries: list) -> bytes:
     return key
 
 
-def entry_sketch(entry: dict, key: bytes | None) -> KeyedSketch | None:
-    """An entry's sketch in comparable form: as stored (keyed), or an older plain sketch keyed now; None for
-    an entry from before sketches, or a damaged one (its fingerprint still compares)."""
-    d = entry.get("sketch")
+def _entry_sketch(entry: dict) -> Sketch | None:
+    """None for an entry from before sketches, or a damaged one (its fingerprint still compares)."""
     try:
-        if "keyed" in d:
-            return KeyedSketch.from_json(d)
-        return Sketch.from_json(d).keyed(key)
-    except (KeyError, TypeError, ValueError):
+        return Sketch.from_json(entry["sketch"])
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
-def _related(entries: list, fingerprint: str, mine: KeyedSketch | None, key: bytes | None) -> dict:
+def _entry_digest(entry: dict, key: bytes | None):
+    """The entry's fingerprint in keyed form where the key allows (entries from before keys are plain)."""
+    f = entry.get("fingerprint")
+    if not isinstance(f, str):
+        return None
+    return keyed_digest(key, f) if key is not None and not f.startswith("k1:") else f
+
+
+def _related(entries: list, digests: set, sketches: list, key: bytes | None) -> dict:
     out = {"same": [], "most": [], "some": []}
     for e in entries:
-        if e.get("fingerprint") == fingerprint:
+        if {_entry_digest(e, None), _entry_digest(e, key)} & digests:
             out["same"].append(e)
             continue
-        theirs = entry_sketch(e, key)
-        if mine is None or theirs is None:
+        theirs = _entry_sketch(e)
+        if theirs is None:
             continue
-        shared, a, b = mine.overlap(theirs)
-        if shared:
-            out["most" if max(a, b) >= REPEAT_SHARE else "some"].append(e)
+        best = max((s.overlap(theirs) for s in sketches), key=lambda o: o[0], default=(0, 0.0, 0.0))
+        if best[0]:
+            out["most" if max(best[1], best[2]) >= REPEAT_SHARE else "some"].append(e)
     return out
 
 
-def related(entries: list, fingerprint: str, sketch: Sketch, key: bytes | None) -> dict:
+def related(entries: list, fingerprint: Fingerprint) -> dict:
     """Earlier releases of this data: 'same' (the same multiset of records), 'most' (sharing at least
     REPEAT_SHARE of either dataset's sampled records: a subset, superset or relabelled copy) and 'some'
-    (sharing fewer records). Without the log's key only fingerprints and plain (older) sketches compare."""
-    return _related(entries, fingerprint, sketch.keyed(key), key)
+    (sharing fewer records). Keyed entries match record by record only with a fingerprint under the key."""
+    digests = {fingerprint.hexdigest(), fingerprint.keyed_hexdigest()} - {None}
+    sketches = [s for s in (fingerprint.sketch, fingerprint.keyed_sketch) if s is not None]
+    return _related(entries, digests, sketches, fingerprint.key)
 
 
 def entry_of(entries: list, output_sha256: str) -> dict | None:
@@ -128,13 +157,26 @@ def entry_of(entries: list, output_sha256: str) -> dict | None:
 
 def composable(entries: list, entry: dict, key: bytes | None = None) -> list:
     """The releases whose budgets compose with `entry`'s for some record: itself, every release of the
-    same data, and every release that shares any sampled record with it."""
-    found = _related([e for e in entries if e is not entry], entry["fingerprint"], entry_sketch(entry, key), key)
+    same data, and every release that shares any sampled record with it (entries from before keys share
+    records with keyed ones only through their fingerprint)."""
+    mine = _entry_sketch(entry)
+    digests = {_entry_digest(entry, None), _entry_digest(entry, key)} - {None}
+    found = _related([e for e in entries if e is not entry], digests, [mine] if mine else [], key)
     return [entry, *found["same"], *found["most"], *found["some"]]
 
 
-def new_entry(fingerprint: Fingerprint, key: bytes, **fields) -> dict:
-    return {"fingerprint": fingerprint.hexdigest(), "sketch": fingerprint.sketch.keyed(key).to_json(), **fields}
+def mixed_note(entries: list) -> str | None:
+    """A note where the log holds entries from before keys beside keyed ones (their samples do not compare)."""
+    plain = [e for e in entries if not e.get("key_id")]
+    if plain and _keyed_entries(entries):
+        return (f"{len(plain)} release-log entr{'y' if len(plain) == 1 else 'ies'} from before keyed logs compare with "
+                "later releases by their whole-dataset fingerprint only (a shared subset of records is not seen)")
+    return None
+
+
+def new_entry(fingerprint: Fingerprint, **fields) -> dict:
+    return {"fingerprint": fingerprint.keyed_hexdigest(), "sketch": fingerprint.keyed_sketch.to_json(),
+            "key_id": key_id(fingerprint.key), **fields}
 
 
 def append(path, entry: dict) -> None:

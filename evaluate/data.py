@@ -39,7 +39,7 @@ class FidStats:
 
 def read_source(source) -> ImageSet:
     """Read a whole (small, public) source into memory, fingerprinting it as stage 1 would."""
-    fp = Fingerprint()
+    fp = Fingerprint(keep_hashes=True)  # in memory anyway; compared under the release log's key later
     xs, ys = [], []
     for images, labels in source.batches(1000):
         fp.update(images, labels)

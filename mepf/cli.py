@@ -174,7 +174,7 @@ def audit(file, as_json, release_log):
     rep = run_audit(file)
     out = rep.to_dict()
     if release_log:
-        from mepf.embed.release_log import composable, entry_of, read_key, read_log
+        from mepf.embed.release_log import composable, entry_of, mixed_note, read_key, read_log
 
         entries = read_log(release_log)
         mine = entry_of(entries, _sha(file))
@@ -182,6 +182,8 @@ def audit(file, as_json, release_log):
             raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
         found = composable(entries, mine, read_key(release_log))
         out["composed"] = composed_total(found, float(rep.summary.get("delta", mine["delta"])))
+        if mixed_note(entries):
+            out["composed"]["note"] = mixed_note(entries)
     if as_json:
         click.echo(json.dumps(out, indent=2, sort_keys=True))
     else:
@@ -198,6 +200,8 @@ def audit(file, as_json, release_log):
             t = out["composed"]
             click.echo(f"this data, all {t['releases']} release(s) that share records with it composed: "
                        f"({t['epsilon']:.6g}, {t['delta']:g})-DP")
+            if t.get("note"):
+                click.echo(f"note: {t['note']}")
         click.echo("AUDIT PASSED" if rep.ok else "AUDIT FAILED")
     sys.exit(0 if rep.ok else 1)
 

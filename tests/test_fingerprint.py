@@ -120,35 +120,56 @@ def test_log_entries_without_or_with_a_damaged_sketch_compare_by_fingerprint():
     fp.update(make_images(5), None)
     old = {"fingerprint": fp.hexdigest(), "mu": 1.0}  # written before sketches existed
     damaged = {"fingerprint": "x", "sketch": {"level": "?", "hashes": "not base64!"}, "mu": 1.0}
-    found = related([old, damaged], fp.hexdigest(), fp.sketch, None)
+    found = related([old, damaged], fp)
     assert found["same"] == [old] and not found["most"] and not found["some"]
     assert composable([old, damaged], damaged) == [damaged]
 
 
-def test_keyed_sketches_find_overlaps_only_under_their_key_and_hold_no_record_hash():
+def test_keyed_fingerprints_find_overlaps_only_under_their_key_and_show_nothing_without_it():
     import base64
+    import json
 
-    from mepf.embed.fingerprint import KeyedSketch, record_hash
-    from mepf.embed.release_log import related
+    from mepf.embed.fingerprint import record_hash, tag
+    from mepf.embed.release_log import new_entry, related
 
     rng = np.random.default_rng(2)
     big = rng.integers(0, 256, (3 * SKETCH_CAP, 4, 4, 1), dtype=np.uint8)
-    whole, half = Fingerprint(), Fingerprint()
-    whole.update(big, None)
-    half.update(big[: len(big) // 2], None)
     key, other_key = bytes(range(32)), bytes(range(1, 33))
-    plain = half.sketch.overlap(whole.sketch)
-    stored = KeyedSketch.from_json(whole.sketch.keyed(key).to_json())
-    assert half.sketch.keyed(key).overlap(stored) == plain  # the same estimate as the plain sketches
-    assert half.sketch.keyed(other_key).overlap(stored)[0] == 0 and half.sketch.keyed(None).overlap(stored)[0] == 0
-    small = Fingerprint()
-    small.update(big[:50], None)  # under the cap: every record is sampled
-    text = str(small.sketch.keyed(key).to_json())
-    raw = base64.b64decode(small.sketch.keyed(key).to_json()["keyed"])
-    for r in big[:50]:
-        h = record_hash(r)[:16]
-        assert h not in raw and base64.b64encode(h).decode()[:20] not in text
-    # an entry written before keys (plain sketch) is still matched, record by record, once the key is known
-    old = {"fingerprint": "earlier", "sketch": half.sketch.to_json()}
-    assert related([old], whole.hexdigest(), whole.sketch, key)["most"] == [old]
-    assert related([old], whole.hexdigest(), whole.sketch, None)["most"] == [old]
+
+    def fp(records, k=key, **kw):
+        f = Fingerprint(k, **kw)
+        f.update(records, None)
+        return f
+
+    whole, half = fp(big), fp(big[: len(big) // 2])
+    shared, share_half, share_whole = half.keyed_sketch.overlap(whole.keyed_sketch)
+    assert shared > 0 and share_half == 1.0 and 0.35 < share_whole < 0.65  # the same estimate as plain sketches
+    assert fp(big[: len(big) // 2], other_key).keyed_sketch.overlap(whole.keyed_sketch)[0] == 0
+    assert half.sketch.overlap(whole.keyed_sketch)[0] == 0  # plain and keyed samples never compare
+    # which records are sampled depends on the key, not on the plain hashes anyone can compute
+    hashes = [record_hash(r) for r in big]
+    sampled = {k: {i for i, h in enumerate(hashes) if int.from_bytes(tag(k, h)[:16], "big") in f.keyed_sketch.hashes}
+               for k, f in ((key, whole), (other_key, fp(big, other_key)))}
+    assert len(sampled[key]) == len(whole.keyed_sketch.hashes) and sampled[key] != sampled[other_key]
+    # what the log stores: no plain record hash, no plain fingerprint
+    small = fp(big[:50])
+    entry = new_entry(small, output="x")
+    raw = base64.b64decode(entry["sketch"]["hashes"])
+    assert len(raw) == 16 * 50 and entry["fingerprint"].startswith("k1:")
+    for h in hashes[:50]:
+        assert h[:16] not in raw
+    assert small.hexdigest() not in json.dumps(entry)
+    assert related([entry], fp(big[:50]))["same"] == [entry] and related([entry], fp(big[:50], None))["same"] == []
+    # an in-memory set fingerprinted without the key gets the same keyed result once the key is known
+    late = fp(big[:50], None, keep_hashes=True).with_key(key)
+    assert late.keyed_hexdigest() == small.keyed_hexdigest() and late.keyed_sketch.hashes == small.keyed_sketch.hashes
+    # an entry written before keys (plain sketch) is still matched, record by record, through the plain sketch
+    old = {"fingerprint": "earlier", "sketch": fp(big[: len(big) // 2], None).sketch.to_json()}
+    assert related([old], whole)["most"] == [old]
+    # between stored entries, a plain one meets keyed ones through its fingerprint only, and the audit says so
+    from mepf.embed.release_log import composable, mixed_note
+
+    same_old = {"fingerprint": small.hexdigest(), "sketch": fp(big[:50], None).sketch.to_json()}
+    assert composable([same_old, entry], same_old, key) == [same_old, entry]
+    assert composable([same_old, entry], same_old) == [same_old]
+    assert mixed_note([same_old, entry]) and mixed_note([entry]) is None

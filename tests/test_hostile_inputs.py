@@ -101,6 +101,20 @@ def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, label
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output + r.stderr
     assert "is not the published resnet18 weights file" in r.stderr and "delete it" in r.stderr
     assert not marker.exists() and not (tmp_path / "x.h5").exists()
+    # a file whose hash does match its published name is what gets loaded (a name made for this file here)
+    import hashlib
+    from types import SimpleNamespace
+
+    from mepf.embed import features
+
+    torch.save(state, tmp_path / "w.pth")
+    digest = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()
+    (tmp_path / "w.pth").rename(tmp_path / "hub" / "checkpoints" / f"resnet18-{digest[:8]}.pth")
+    monkeypatch.setattr(features, "_torchvision_weights",
+                        lambda b: SimpleNamespace(url=f"https://example.org/resnet18-{digest[:8]}.pth"))
+    ex, _ = build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
+    loaded = [t for n, t in ex.state_dict().items() if n.endswith("weight") and t.dim() == 4][0]
+    assert torch.equal(loaded, state["conv1.weight"])
 
 
 def cifar_folder(root, images, labels, extra=None):
@@ -328,7 +342,7 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
     import json
     import stat
 
-    from mepf.embed.fingerprint import record_hash
+    from mepf.embed.fingerprint import Fingerprint, record_hash
 
     log = tmp_path / "owner" / "log.jsonl"
     x = labelled_npz[1]
@@ -337,18 +351,28 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
     text = log.read_text()
-    raw = base64.b64decode(json.loads(text)["sketch"]["keyed"])
-    assert len(raw) == 17 * len(x)  # 37 records, under the cap: every one sampled, none as its plain hash
+    raw = base64.b64decode(json.loads(text)["sketch"]["hashes"])
+    assert len(raw) == 16 * len(x)  # 37 records, under the cap: every one sampled, none as its plain hash
     for r in x:
         assert record_hash(r)[:16] not in raw and base64.b64encode(record_hash(r)[:16]).decode()[:12] not in text
+    plain = Fingerprint()
+    plain.update(x, labelled_npz[2])
+    assert plain.hexdigest() not in text  # the whole-dataset digest is keyed too
 
     key = release_log.key_path(log).read_bytes()
     release_log.key_path(log).unlink()
     r = embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "key" in r.stderr and "is missing" in r.stderr
     assert not (tmp_path / "b.h5").exists() and len(release_log.read_log(log)) == 1
+    release_log.key_path(log).write_text(bytes(range(32)).hex())  # a key, but not this log's
+    r = embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "does not belong to this log" in r.stderr
     release_log.key_path(log).write_bytes(key)
     assert embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat").exit_code == 0
+    release_log.key_path(log).rename(tmp_path / "elsewhere.key")  # an auditor shown the log alone
+    a = cli("audit", tmp_path / "b.h5", "--json", "--release-log", log)
+    assert json.loads(a.output)["composed"]["releases"] == 2
+    release_log.key_path(log).write_bytes(key)
 
     (tmp_path / "file").write_text("not a folder")
     r = embed(labelled_npz[0], tmp_path / "c.h5", tmp_path / "file" / "log.jsonl", *TINY, "--classes", "3")
@@ -356,7 +380,7 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
     assert not (tmp_path / "c.h5").exists()
 
 
-def test_private_reference_is_flagged_in_another_container(tmp_path, image_folder):
+def test_private_reference_is_flagged_in_another_container(tmp_path, image_folder, capsys):
     from mepf.evaluate.data import load_reference
     from mepf.evaluate.evaluation import private_reference_warning
 
@@ -370,3 +394,8 @@ def test_private_reference_is_flagged_in_another_container(tmp_path, image_folde
     assert warning and "NOT for publication" in warning
     np.savez(tmp_path / "public.npz", images=make_images(12, seed=77), labels=np.arange(12) % 2)
     assert private_reference_warning(load_reference(str(tmp_path / "public.npz")), log) is None
+    np.savez(tmp_path / "part.npz", images=xs[:8], labels=ys[:8])  # a subset: found only record by record
+    assert private_reference_warning(load_reference(str(tmp_path / "part.npz")), log)
+    release_log.key_path(log).unlink()
+    assert private_reference_warning(load_reference(str(tmp_path / "part.npz")), log) is None
+    assert "is missing: the reference was compared" in capsys.readouterr().err  # said, not silent

@@ -320,3 +320,18 @@ def test_audit_says_where_the_noise_check_has_no_power(tmp_path):
     assert r.exit_code == 0, r.stderr
     a = CliRunner().invoke(main, ["audit", str(tmp_path / "b.h5")])
     assert a.exit_code == 0 and "[ok] noise:S1" in a.output and "NO POWER" in a.output  # 300 records per class, D=64
+
+
+def test_a_release_never_stands_without_its_log_entry(tmp_path, labelled_npz, eff28, monkeypatch):
+    """The log is checked writable before the pass; if the entry still cannot be written (disk full after
+    the pass), the release is removed, so no budget is spent that the log does not show."""
+    import errno
+
+    def full(path, entry):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(release_log, "append", full)
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    with pytest.raises(MepfError, match="could not be written .* the release was removed"):
+        run(src, eff28, tmp_path / "x.h5", tmp_path / "log.jsonl")
+    assert not (tmp_path / "x.h5").exists() and release_log.read_log(tmp_path / "log.jsonl") == []
