@@ -32,9 +32,12 @@ def read_log(path) -> list:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    entries.append(json.loads(line))
+                    entry = json.loads(line)
                 except json.JSONDecodeError:
-                    raise MepfError(f"release log {path} line {i} is corrupt; repair or move the file") from None
+                    entry = None
+                if not isinstance(entry, dict):
+                    raise MepfError(f"release log {path} line {i} is corrupt; repair or move the file")
+                entries.append(entry)
     return entries
 
 

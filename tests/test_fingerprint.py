@@ -125,6 +125,16 @@ def test_log_entries_without_or_with_a_damaged_sketch_compare_by_fingerprint():
     assert composable([old, damaged], damaged) == [damaged]
 
 
+def test_a_log_line_that_is_not_an_entry_is_one_clear_error(tmp_path):
+    from mepf.artifacts.errors import MepfError
+    from mepf.embed.release_log import read_log
+
+    for bad in ("[1, 2]", "7", "not json"):
+        (tmp_path / "log.jsonl").write_text('{"fingerprint": "x"}\n' + bad + "\n")
+        with pytest.raises(MepfError, match="line 2 is corrupt"):
+            read_log(tmp_path / "log.jsonl")
+
+
 def test_keyed_fingerprints_find_overlaps_only_under_their_key_and_show_nothing_without_it():
     import base64
     import json
