@@ -25,6 +25,8 @@ from torch import nn
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.versions import versions
 
+from .tensor_file import is_state_dict, read_tensors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("none", "mean")
@@ -173,13 +175,11 @@ def _load_state(model: nn.Module, path, data: bytes | None = None) -> None:
     path = Path(path)
     if data is None and not path.is_file():
         raise MepfError(f"weights file {path} does not exist; pass an existing file to --weights")
-    try:
-        state = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise MepfError(f"cannot read weights file {path}: {e}") from None
+    state = read_tensors(io.BytesIO(data) if data is not None else path,
+                         lambda reason: f"cannot read weights file {path}: {reason}")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not is_state_dict(state):
         raise MepfError(f"weights file {path} is not a state dict of tensors; save it with "
                         "torch.save(model.state_dict(), PATH)")
     if not all_finite(state.values()):

