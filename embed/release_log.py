@@ -46,13 +46,11 @@ def key_path(log_path) -> Path:
 
 
 def read_key(log_path) -> bytes | None:
-    """The log's key, or None where it has none (yet). A key readable by others is narrowed to 0600."""
+    """The log's key, or None where it has none (yet). Reading changes nothing; `prepare` narrows its mode."""
     path = key_path(log_path)
     try:
         if not path.is_file():
             return None
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
         text = path.read_text().strip()
     except OSError as e:
         raise MepfError(f"release log key {path} cannot be read ({type(e).__name__}); fix its permissions") from None
@@ -98,6 +96,8 @@ def prepare(log_path, entries: list) -> bytes:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
+        if key is not None and key_path(path).stat().st_mode & 0o077:
+            os.chmod(key_path(path), 0o600)  # e.g. a key restored from a backup with the umask's mode
         if key is None:
             key = secrets.token_bytes(32)
             fd = os.open(key_path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

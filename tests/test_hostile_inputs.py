@@ -117,6 +117,22 @@ def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, label
     assert torch.equal(loaded, state["conv1.weight"])
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet-lite0"])
+def test_given_weights_file_holding_code_runs_nothing_and_is_one_line(tmp_path, labelled_npz, backbone):
+    """--weights PATH from someone else: loaded as tensors only; the loader's many-line refusal becomes one line."""
+    import torchvision
+
+    marker = tmp_path / "pwned"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({**state, "note": Payload(marker)}, tmp_path / "w.pt")
+    r = cli("embed", "--data", labelled_npz[0], "--classes", "3", "--out", tmp_path / "x.h5", "--epsilon", "1",
+            "--delta", "1e-5", "--backbone", backbone, "--weights", tmp_path / "w.pt", "--layers",
+            "stem" if backbone == "resnet18" else "block0", "--release-log", tmp_path / "log.jsonl", "--quiet")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output + r.stderr
+    assert "cannot read weights file" in r.stderr and "w.pt" in r.stderr
+    assert not marker.exists() and not (tmp_path / "x.h5").exists()
+
+
 def cifar_folder(root, images, labels, extra=None):
     """torchvision's cifar-10-batches-py with one test batch (a Python pickle of a dict, as published)."""
     import pickle
@@ -368,7 +384,11 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
     r = embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "does not belong to this log" in r.stderr
     release_log.key_path(log).write_bytes(key)
+    release_log.key_path(log).chmod(0o644)  # restored from a backup with the umask's mode
+    assert cli("audit", tmp_path / "a.h5", "--release-log", log).exit_code == 0
+    assert stat.S_IMODE(release_log.key_path(log).stat().st_mode) == 0o644  # reading it changes nothing
     assert embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat").exit_code == 0
+    assert stat.S_IMODE(release_log.key_path(log).stat().st_mode) == 0o600  # the next release narrows it
     release_log.key_path(log).rename(tmp_path / "elsewhere.key")  # an auditor shown the log alone
     a = cli("audit", tmp_path / "b.h5", "--json", "--release-log", log)
     assert json.loads(a.output)["composed"]["releases"] == 2
