@@ -176,7 +176,8 @@ def _load_state(model: nn.Module, path, data: bytes | None = None) -> None:
     if data is None and not path.is_file():
         raise MepfError(f"weights file {path} does not exist; pass an existing file to --weights")
     state = read_tensors(io.BytesIO(data) if data is not None else path,
-                         lambda reason: f"cannot read weights file {path}: {reason}")
+                         lambda reason: f"cannot read weights file {path} ({reason}); pass a file saved with "
+                         "torch.save(model.state_dict(), PATH)")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not is_state_dict(state):

@@ -90,14 +90,19 @@ def prepare(log_path, entries: list) -> bytes:
         raise MepfError(f"{problem}, so earlier releases cannot be matched; restore the key from a backup, or start "
                         "a new log with --release-log NEW (budgets in the old log then no longer compose with new "
                         "releases)")
+    if key is not None:
+        try:  # a key restored from a backup gets the umask's mode
+            if key_path(path).stat().st_mode & 0o077:
+                os.chmod(key_path(path), 0o600)
+        except OSError as e:
+            raise MepfError(f"release log key {key_path(path)} is readable by others and its mode cannot be "
+                            f"narrowed ({type(e).__name__}); make it yours and chmod 600 it") from None
     try:
         if not path.parent.is_dir():
             path.parent.mkdir(mode=0o700, parents=True)
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
-        if key is not None and key_path(path).stat().st_mode & 0o077:
-            os.chmod(key_path(path), 0o600)  # e.g. a key restored from a backup with the umask's mode
         if key is None:
             key = secrets.token_bytes(32)
             fd = os.open(key_path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

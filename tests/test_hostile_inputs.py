@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mepf.artifacts import load
+from mepf.artifacts.errors import MepfError
 from mepf.cli import main
 from mepf.embed import release_log
 from mepf.embed.features import _effnet_pretrained_path, build_feature_map
@@ -117,20 +118,63 @@ def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, label
     assert torch.equal(loaded, state["conv1.weight"])
 
 
+def tensor_file_naming(path, name: str):
+    """A real torch zip file whose one storage is looked up under `name`: torch's error quotes the name."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(path, "w") as out:
+        for entry in zin.namelist():
+            data = zin.read(entry)
+            if entry.endswith("data.pkl"):  # protocol 2: the storage key '0' is BINUNICODE of length 1
+                key, new = b"X\x01\x00\x00\x000", name.encode()
+                assert data.count(key) == 1
+                data = data.replace(key, b"X" + len(new).to_bytes(4, "little") + new)
+            out.writestr(entry, data)
+    return path
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet-lite0"])
-def test_given_weights_file_holding_code_runs_nothing_and_is_one_line(tmp_path, labelled_npz, backbone):
-    """--weights PATH from someone else: loaded as tensors only; the loader's many-line refusal becomes one line."""
+@pytest.mark.parametrize("hostile", ["code", "escapes"])
+def test_given_weights_file_runs_nothing_and_is_refused_in_one_plain_line(tmp_path, labelled_npz, backbone, hostile):
+    """--weights PATH from someone else: loaded as tensors only; the loader's many-line text, and the terminal
+    control sequences a file can make it quote, become one printable line that says what to pass instead."""
     import torchvision
 
     marker = tmp_path / "pwned"
-    state = torchvision.models.resnet18(weights=None).state_dict()
-    torch.save({**state, "note": Payload(marker)}, tmp_path / "w.pt")
+    if hostile == "code":
+        state = torchvision.models.resnet18(weights=None).state_dict()
+        torch.save({**state, "note": Payload(marker)}, tmp_path / "w.pt")
+    else:
+        tensor_file_naming(tmp_path / "w.pt", "\x1b]0;owned\x07\x1b[2J\x1b[8m\u202e")
     r = cli("embed", "--data", labelled_npz[0], "--classes", "3", "--out", tmp_path / "x.h5", "--epsilon", "1",
             "--delta", "1e-5", "--backbone", backbone, "--weights", tmp_path / "w.pt", "--layers",
             "stem" if backbone == "resnet18" else "block0", "--release-log", tmp_path / "log.jsonl", "--quiet")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output + r.stderr
-    assert "cannot read weights file" in r.stderr and "w.pt" in r.stderr
+    assert r.stderr.strip().isprintable() and r.stderr.isascii(), repr(r.stderr)
+    assert "cannot read weights file" in r.stderr and "w.pt" in r.stderr and "torch.save(model.state_dict()" in r.stderr
+    assert ("objects other than tensors" in r.stderr) == (hostile == "code")
     assert not marker.exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_a_key_whose_mode_cannot_be_narrowed_is_named(tmp_path, monkeypatch):
+    """A key readable by others that embed cannot narrow (e.g. restored by another user): the error names the
+    key, not the log, whose advice (a new log) would break composition. Run as root here, so chmod itself is
+    made to fail: root can narrow any file."""
+    import os
+
+    log = tmp_path / "log.jsonl"
+    release_log.prepare(log, [])
+    release_log.key_path(log).chmod(0o644)
+
+    def refused(*_):
+        raise PermissionError("not the owner")
+
+    monkeypatch.setattr(os, "chmod", refused)
+    with pytest.raises(MepfError, match=r"release log key .*log\.jsonl\.key is readable by others .*chmod 600"):
+        release_log.prepare(log, [])
 
 
 def cifar_folder(root, images, labels, extra=None):
