@@ -80,6 +80,19 @@ def check_key(log_path, entries: list, key: bytes | None) -> str | None:
     return None
 
 
+def exposed(log_path) -> list:
+    """The log and key files that others could read (group or other bits set): `prepare` narrows them, but
+    whoever copied both before can test images for membership in earlier releases."""
+    found = []
+    for p in (Path(log_path), key_path(log_path)):
+        try:
+            if p.is_file() and p.stat().st_mode & 0o077:
+                found.append(str(p))
+        except OSError:
+            pass  # an unreadable file is prepare's error to give
+    return found
+
+
 def prepare(log_path, entries: list) -> bytes:
     """Before any record is read: the log can be appended to and has its key (created on first use), so a
     release is never written without its entry. Returns the key."""

@@ -431,8 +431,10 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
     release_log.key_path(log).chmod(0o644)  # restored from a backup with the umask's mode
     assert cli("audit", tmp_path / "a.h5", "--release-log", log).exit_code == 0
     assert stat.S_IMODE(release_log.key_path(log).stat().st_mode) == 0o644  # reading it changes nothing
-    assert embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat").exit_code == 0
-    assert stat.S_IMODE(release_log.key_path(log).stat().st_mode) == 0o600  # the next release narrows it
+    r = embed(labelled_npz[0], tmp_path / "b.h5", log, *TINY, "--classes", "3", "--allow-repeat")
+    assert r.exit_code == 0 and stat.S_IMODE(release_log.key_path(log).stat().st_mode) == 0o600  # narrowed
+    assert f"WARNING: {release_log.key_path(log)} could be read by others" in r.stderr  # the key, not the log
+    assert f"{log} and" not in r.stderr
     release_log.key_path(log).rename(tmp_path / "elsewhere.key")  # an auditor shown the log alone
     a = cli("audit", tmp_path / "b.h5", "--json", "--release-log", log)
     assert json.loads(a.output)["composed"]["releases"] == 2
