@@ -259,8 +259,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     entries = distributed.on_main(before)
     listed = len(source)
     check_delta(delta, listed, force)
-    exposed = distributed.on_main(lambda: release_log.exposed(log_path))
-    key = distributed.shared(distributed.on_main(lambda: release_log.prepare(log_path, entries)))  # every rank
+    key, narrowed = distributed.shared(distributed.on_main(lambda: release_log.prepare(log_path, entries)))
 
     sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers,
                       dim=feature_spec["dim"], log_key=key)
@@ -271,8 +270,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             "run again on data that is not being modified")
         found = release_log.related(entries, sums.fingerprint)
         warnings = check_repeat(found, log_path, allow_repeat)
-        if exposed:
-            warnings.append(f"{' and '.join(exposed)} could be read by others until now (narrowed to 0600); whoever "
+        if narrowed:
+            warnings.append(f"{' and '.join(narrowed)} could be read by others until now (narrowed to 0600); whoever "
                             "copied both the log and its key can test images for membership in earlier releases")
         k = len(sums.counts)
         noisy = privatise({**sums.sums, "counts": sums.counts.astype(np.float64)}, calib.sigmas)

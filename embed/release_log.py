@@ -80,22 +80,22 @@ def check_key(log_path, entries: list, key: bytes | None) -> str | None:
     return None
 
 
-def exposed(log_path) -> list:
-    """The log and key files that others could read (group or other bits set): `prepare` narrows them, but
-    whoever copied both before can test images for membership in earlier releases."""
+def _exposed(log_path) -> list:
+    """The log and key files that others could read (group or other bits set)."""
     found = []
     for p in (Path(log_path), key_path(log_path)):
         try:
             if p.is_file() and p.stat().st_mode & 0o077:
-                found.append(str(p))
+                found.append(p)
         except OSError:
             pass  # an unreadable file is prepare's error to give
     return found
 
 
-def prepare(log_path, entries: list) -> bytes:
+def prepare(log_path, entries: list) -> tuple:
     """Before any record is read: the log can be appended to and has its key (created on first use), so a
-    release is never written without its entry. Returns the key."""
+    release is never written without its entry. Returns the key and the files it narrowed to 0600 (whoever
+    copied both log and key before can test images for membership in earlier releases)."""
     path = Path(log_path)
     key = read_key(path)
     problem = check_key(path, entries, key)
@@ -103,19 +103,18 @@ def prepare(log_path, entries: list) -> bytes:
         raise MepfError(f"{problem}, so earlier releases cannot be matched; restore the key from a backup, or start "
                         "a new log with --release-log NEW (budgets in the old log then no longer compose with new "
                         "releases)")
-    if key is not None:
-        try:  # a key restored from a backup gets the umask's mode
-            if key_path(path).stat().st_mode & 0o077:
-                os.chmod(key_path(path), 0o600)
+    narrowed = _exposed(path)  # e.g. restored from a backup with the umask's mode
+    for p in narrowed:
+        try:
+            os.chmod(p, 0o600)
         except OSError as e:
-            raise MepfError(f"release log key {key_path(path)} is readable by others and its mode cannot be "
-                            f"narrowed ({type(e).__name__}); make it yours and chmod 600 it") from None
+            what = "release log key" if p == key_path(path) else "release log"
+            raise MepfError(f"{what} {p} is readable by others and its mode cannot be narrowed "
+                            f"({type(e).__name__}); make it yours and chmod 600 it") from None
     try:
         if not path.parent.is_dir():
             path.parent.mkdir(mode=0o700, parents=True)
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
         if key is None:
             key = secrets.token_bytes(32)
             fd = os.open(key_path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -126,7 +125,7 @@ def prepare(log_path, entries: list) -> bytes:
     except OSError as e:
         raise MepfError(f"release log {path} cannot be written ({type(e).__name__}); pass a writable "
                         "--release-log") from None
-    return key
+    return key, [str(p) for p in narrowed]
 
 
 def _entry_sketch(entry: dict) -> Sketch | None:

@@ -159,14 +159,20 @@ def test_given_weights_file_runs_nothing_and_is_refused_in_one_plain_line(tmp_pa
     assert not marker.exists() and not (tmp_path / "x.h5").exists()
 
 
-def test_a_key_whose_mode_cannot_be_narrowed_is_named(tmp_path, monkeypatch):
-    """A key readable by others that embed cannot narrow (e.g. restored by another user): the error names the
-    key, not the log, whose advice (a new log) would break composition. Run as root here, so chmod itself is
-    made to fail: root can narrow any file."""
+def test_a_log_or_key_readable_by_others_is_narrowed_and_a_key_that_cannot_be_is_named(tmp_path, monkeypatch):
+    """Log and key readable by others are narrowed to 0600 and reported. A key that embed cannot narrow (e.g.
+    restored by another user) is named in the error, not the log, whose advice (a new log) would break
+    composition. Run as root here, so chmod itself is made to fail: root can narrow any file."""
     import os
+    import stat
 
     log = tmp_path / "log.jsonl"
-    release_log.prepare(log, [])
+    key, narrowed = release_log.prepare(log, [])
+    assert narrowed == []
+    for p in (log, release_log.key_path(log)):
+        p.chmod(0o644)
+    assert release_log.prepare(log, []) == (key, [str(log), str(release_log.key_path(log))])  # both narrowed
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (log, release_log.key_path(log)))
     release_log.key_path(log).chmod(0o644)
 
     def refused(*_):
