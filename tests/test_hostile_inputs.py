@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -164,8 +165,6 @@ def test_a_log_or_key_readable_by_others_is_narrowed_and_a_key_that_cannot_be_is
     restored by another user) is named in the error, not the log, whose advice (a new log) would break
     composition. Run as root here, so chmod itself is made to fail: root can narrow any file."""
     import os
-    import stat
-
     log = tmp_path / "log.jsonl"
     key, narrowed = release_log.prepare(log, [])
     assert narrowed == []
@@ -406,7 +405,6 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
     membership without the key; a log that cannot take the entry, or a lost key, stops the run before it reads."""
     import base64
     import json
-    import stat
 
     from mepf.embed.fingerprint import Fingerprint, record_hash
 
@@ -467,7 +465,9 @@ def test_private_reference_is_flagged_in_another_container(tmp_path, image_folde
     np.savez(tmp_path / "public.npz", images=make_images(12, seed=77), labels=np.arange(12) % 2)
     assert private_reference_warning(load_reference(str(tmp_path / "public.npz")), log) is None
     np.savez(tmp_path / "part.npz", images=xs[:8], labels=ys[:8])  # a subset: found only record by record
+    release_log.key_path(log).chmod(0o644)  # evaluate reads the key as audit does: it changes nothing
     assert private_reference_warning(load_reference(str(tmp_path / "part.npz")), log)
+    assert stat.S_IMODE(release_log.key_path(log).stat().st_mode) == 0o644
     release_log.key_path(log).unlink()
     assert private_reference_warning(load_reference(str(tmp_path / "part.npz")), log) is None
     assert "is missing: the reference was compared" in capsys.readouterr().err  # said, not silent
