@@ -268,7 +268,11 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         if sums.n != listed:
             raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
                             "run again on data that is not being modified")
-        found = release_log.related(entries, sums.fingerprint)
+        now = release_log.read_log(log_path)  # under the lock: entries appended during the pass count too
+        if release_log.check_key(log_path, now, key):
+            raise MepfError(f"release log {log_path} was changed during this run to entries under another key; nothing "
+                            "was released; restore the log that belongs to its key and run again")
+        found = release_log.related(now, sums.fingerprint)
         warnings = check_repeat(found, log_path, allow_repeat)
         if narrowed:
             warnings.append(f"{' and '.join(narrowed)} could be read by others until now (narrowed to 0600); whoever "
@@ -295,4 +299,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             "removed; free space or fix the log's permissions and run again") from None
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
 
-    return distributed.on_main(release)
+    def locked_release() -> EmbedResult:
+        with release_log.locked(log_path):
+            return release()
+
+    return distributed.on_main(locked_release)

@@ -8,6 +8,8 @@ are found from these; their budgets compose. Log, key and a new folder are creat
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -116,16 +118,40 @@ def prepare(log_path, entries: list) -> tuple:
             path.parent.mkdir(mode=0o700, parents=True)
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if key is None:
-            key = secrets.token_bytes(32)
-            fd = os.open(key_path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(key.hex() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            with locked(path):  # two first runs on one log: the second takes the first's key
+                key = read_key(path)
+                if key is None:
+                    key = secrets.token_bytes(32)
+                    tmp = Path(f"{key_path(path)}.{os.getpid()}.tmp")
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        with os.fdopen(fd, "w") as f:
+                            f.write(key.hex() + "\n")
+                            f.flush()
+                            os.fsync(f.fileno())
+                        os.replace(tmp, key_path(path))  # whole or absent to a reader; checked absent under the lock
+                    finally:
+                        tmp.unlink(missing_ok=True)
     except OSError as e:
         raise MepfError(f"release log {path} cannot be written ({type(e).__name__}); pass a writable "
                         "--release-log") from None
     return key, [str(p) for p in narrowed]
+
+
+@contextlib.contextmanager
+def locked(log_path):
+    """Holds an exclusive lock on the log (mepf processes only): a release checks the log for repeats and
+    appends its entry under it, so two embeds of the same data on one log cannot both pass the check."""
+    try:
+        fd = os.open(log_path, os.O_RDONLY)
+    except OSError as e:
+        raise MepfError(f"release log {log_path} cannot be opened ({type(e).__name__}); nothing was released; "
+                        "restore it and run again") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _entry_sketch(entry: dict) -> Sketch | None:

@@ -227,6 +227,43 @@ def test_repeat_release_refused_then_composed(tmp_path, labelled_npz, eff28):
     assert total["releases"] == 2 and 10.0 < total["epsilon"] < 20.0
 
 
+class DuringThePass(ArraySource):
+    """A source that runs `then` once, while its records are read: another process acting on the same log."""
+
+    def __init__(self, path, classes, then):
+        super().__init__(path, classes)
+        self.then = then
+
+    def blocks(self, block_size, keep=None):
+        if self.then:
+            self.then, then = None, self.then
+            then()
+        yield from super().blocks(block_size, keep)
+
+
+def test_a_release_of_the_same_data_during_the_pass_is_a_repeat(tmp_path, labelled_npz, eff28):
+    """Two embeds of the same data on one log, the second finishing first: the check is made again, under
+    the log's lock, when the release is written, so they cannot both pass it as first releases."""
+    log = tmp_path / "log.jsonl"
+    other = lambda: run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "other.h5", log)  # noqa: E731
+    with pytest.raises(MepfError, match="already released"):
+        run(DuringThePass(labelled_npz[0], ["a", "b", "c"], other), eff28, tmp_path / "mine.h5", log)
+    assert not (tmp_path / "mine.h5").exists() and len(release_log.read_log(log)) == 1
+
+    log2 = tmp_path / "log2.jsonl"
+    other = lambda: run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "o2.h5", log2)  # noqa: E731
+    run(DuringThePass(labelled_npz[0], ["a", "b", "c"], other), eff28, tmp_path / "m2.h5", log2, allow_repeat=True)
+    entries = release_log.read_log(log2)
+    assert len(entries) == 2 and not entries[0]["repeat"] and entries[1]["repeat"]
+    assert entries[0]["key_id"] == entries[1]["key_id"]  # one key for the log, whichever run made it
+
+    log3 = tmp_path / "log3.jsonl"
+    gone = lambda: log3.unlink()  # noqa: E731
+    with pytest.raises(MepfError, match="cannot be opened.*nothing was released"):
+        run(DuringThePass(labelled_npz[0], ["a", "b", "c"], gone), eff28, tmp_path / "m3.h5", log3)
+    assert not (tmp_path / "m3.h5").exists()
+
+
 def test_delta_must_be_below_one_over_n(tmp_path, labelled_npz, eff28):
     src = ArraySource(labelled_npz[0], ["a", "b", "c"])
     with pytest.raises(MepfError, match="not below 1/n"):
