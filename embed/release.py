@@ -287,16 +287,18 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         sha = write_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
                             overwrite=overwrite)
         repeats = found["same"] + found["most"] + found["some"]
-        entry = release_log.new_entry(
-            sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
-            output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
-            mu=ledger["mu"], relation=relation, repeat=bool(repeats))
         try:
-            release_log.append(log_path, entry)
+            release_log.append(log_path, release_log.new_entry(
+                sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+                output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
+                mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
         except OSError as e:  # checked writable before the pass; a release must never stand without its entry
             out.unlink(missing_ok=True)
             raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); the release was "
                             "removed; free space or fix the log's permissions and run again") from None
+        except BaseException:  # Ctrl-C: the same
+            out.unlink(missing_ok=True)
+            raise
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
 
     def locked_release() -> EmbedResult:

@@ -13,6 +13,9 @@ import fcntl
 import json
 import os
 import secrets
+import stat
+import sys
+import tempfile
 from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
@@ -30,16 +33,23 @@ def read_log(path) -> list:
     if not path.exists():
         return []
     entries = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    entry = None
-                if not isinstance(entry, dict):
-                    raise MepfError(f"release log {path} line {i} is corrupt; repair or move the file")
-                entries.append(entry)
+    try:
+        if not path.is_file():  # a folder, or a FIFO that would block the open
+            raise IsADirectoryError
+        with open(path) as f:
+            lines = list(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise MepfError(f"release log {path} cannot be read as a log ({type(e).__name__}); pass a log file you own "
+                        "with --release-log") from None
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict):
+                raise MepfError(f"release log {path} line {i} is corrupt; repair or move the file")
+            entries.append(entry)
     return entries
 
 
@@ -117,41 +127,86 @@ def prepare(log_path, entries: list) -> tuple:
         if not path.parent.is_dir():
             path.parent.mkdir(mode=0o700, parents=True)
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-        if key is None:
-            with locked(path):  # two first runs on one log: the second takes the first's key
-                key = read_key(path)
-                if key is None:
-                    key = secrets.token_bytes(32)
-                    tmp = Path(f"{key_path(path)}.{os.getpid()}.tmp")
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    try:
-                        with os.fdopen(fd, "w") as f:
-                            f.write(key.hex() + "\n")
-                            f.flush()
-                            os.fsync(f.fileno())
-                        os.replace(tmp, key_path(path))  # whole or absent to a reader; checked absent under the lock
-                    finally:
-                        tmp.unlink(missing_ok=True)
     except OSError as e:
         raise MepfError(f"release log {path} cannot be written ({type(e).__name__}); pass a writable "
                         "--release-log") from None
+    with locked(path):  # tried before the pass; two first runs on one log: the second takes the first's key
+        key = read_key(path) if key is None else key
+        if key is None:
+            key = secrets.token_bytes(32)
+            try:
+                _write_key(key_path(path), key)
+            except OSError as e:
+                raise MepfError(f"release log key {key_path(path)} cannot be written ({type(e).__name__}); pass a "
+                                "writable --release-log") from None
     return key, [str(p) for p in narrowed]
+
+
+def _write_key(path: Path, key: bytes) -> None:
+    """Whole or absent to any reader; called under the log's lock after finding no key."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the key's name is durable before any entry made under it
+    finally:
+        os.close(dir_fd)
 
 
 @contextlib.contextmanager
 def locked(log_path):
     """Holds an exclusive lock on the log (mepf processes only): a release checks the log for repeats and
     appends its entry under it, so two embeds of the same data on one log cannot both pass the check."""
+    for _ in range(10):
+        try:  # opened for writing: NFS takes flock as a POSIX lock, which needs it
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+        except OSError as e:
+            raise MepfError(f"release log {log_path} cannot be opened ({type(e).__name__}); nothing was released; "
+                            "restore it and run again") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MepfError(f"release log {log_path} is not a file; nothing was released; restore it and run again")
+            _lock(fd, log_path)
+            if _same_file(fd, log_path):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the log was replaced (renamed over) before the lock was taken: lock the one at its path
+    else:
+        raise MepfError(f"release log {log_path} keeps being replaced; nothing was released; stop whatever "
+                        "rewrites it and run again")
     try:
-        fd = os.open(log_path, os.O_RDONLY)
-    except OSError as e:
-        raise MepfError(f"release log {log_path} cannot be opened ({type(e).__name__}); nothing was released; "
-                        "restore it and run again") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, log_path) -> None:
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another mepf embed to finish writing to release log {log_path}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+        raise MepfError(f"release log {log_path} cannot be locked ({type(e).__name__}: its filesystem does not "
+                        "support flock); put the log on a local disk with --release-log") from None
+
+
+def _same_file(fd: int, log_path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(log_path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _entry_sketch(entry: dict) -> Sketch | None:

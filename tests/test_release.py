@@ -2,7 +2,9 @@
 single pass over the data, the owner's release log and the delta < 1/n rule."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import h5py
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from mepf.artifacts import load
 from mepf.artifacts.audit import audit
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import content_checksum
+from mepf.artifacts.format import content_checksum, write_release
 from mepf.embed import release_log
 from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.release import accumulate, embed_to_file
@@ -262,6 +264,89 @@ def test_a_release_of_the_same_data_during_the_pass_is_a_repeat(tmp_path, labell
     with pytest.raises(MepfError, match="cannot be opened.*nothing was released"):
         run(DuringThePass(labelled_npz[0], ["a", "b", "c"], gone), eff28, tmp_path / "m3.h5", log3)
     assert not (tmp_path / "m3.h5").exists()
+
+
+def test_the_release_is_checked_and_logged_under_the_lock(tmp_path, labelled_npz, eff28, monkeypatch, capfd):
+    """While the file is written the log is locked against other embeds; one that finds it locked says it
+    waits, and goes on when the lock is let go."""
+    import fcntl
+    import threading
+
+    import mepf.embed.release as release_mod
+
+    log = tmp_path / "log.jsonl"
+    seen = []
+
+    def probing_write(*a, **kw):  # the real writer, after a second open of the log tries the lock
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append("free")
+        except BlockingIOError:
+            seen.append("held")
+        finally:
+            os.close(fd)
+        return write_release(*a, **kw)
+
+    monkeypatch.setattr(release_mod, "write_release", probing_write)
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
+    assert seen == ["held"] and len(release_log.read_log(log)) == 1
+
+    entered = threading.Event()
+
+    def second():
+        with release_log.locked(log):
+            entered.set()
+
+    with release_log.locked(log):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not entered.wait(0.5)  # blocked while the lock is held
+    assert entered.wait(10)
+    t.join()
+    assert "waiting for another mepf embed" in capfd.readouterr().err
+
+
+def test_a_log_that_cannot_be_locked_stops_the_run_before_it_reads(tmp_path, labelled_npz, eff28, monkeypatch):
+    import fcntl
+
+    class Counting(ArraySource):
+        read = 0
+
+        def blocks(self, block_size, keep=None):
+            Counting.read += 1
+            yield from super().blocks(block_size, keep)
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(MepfError, match="cannot be locked.*local disk"):
+        run(Counting(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    assert Counting.read == 0 and not (tmp_path / "a.h5").exists()
+
+
+def test_an_interrupt_while_logging_leaves_no_release(tmp_path, labelled_npz, eff28, monkeypatch):
+    def interrupted(path, entry):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(release_log, "append", interrupted)
+    out = tmp_path / "owner"
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out / "a.h5", out / "log.jsonl")
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "log.jsonl.key"]  # no release, no temporary key
+
+
+def test_a_log_that_is_not_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "folder.jsonl").mkdir()
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    for log in (tmp_path / "folder.jsonl", tmp_path / "fifo.jsonl"):
+        with pytest.raises(MepfError, match="cannot be read as a log"):
+            release_log.read_log(log)
+        with pytest.raises(MepfError, match="release log .* (cannot be opened|is not a file)"):
+            with release_log.locked(log):
+                pass
 
 
 def test_delta_must_be_below_one_over_n(tmp_path, labelled_npz, eff28):
