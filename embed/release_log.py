@@ -33,9 +33,9 @@ def read_log(path) -> list:
     if not path.exists():
         return []
     entries = []
+    if not path.is_file():  # a folder, or a FIFO that would block the open
+        raise MepfError(f"release log {path} is not a file; pass a log file you own with --release-log")
     try:
-        if not path.is_file():  # a folder, or a FIFO that would block the open
-            raise IsADirectoryError
         with open(path) as f:
             lines = list(f)
     except (OSError, UnicodeDecodeError) as e:
