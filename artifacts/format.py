@@ -4,6 +4,7 @@ Documented field by field in docs/artifact-format.md.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -111,9 +112,11 @@ def check_output_path(path, overwrite: bool) -> Path:
     return path
 
 
-def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
-                  overwrite: bool = False) -> str:
-    """Write the file atomically (temporary file, fsync, rename); return its SHA-256."""
+@contextlib.contextmanager
+def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
+                   overwrite: bool = False):
+    """Write the file under a temporary name (fsynced) and yield its SHA-256; on a clean exit from the block
+    rename it into place. An exception in the block leaves nothing at `path` (embed logs the release there)."""
     import h5py
 
     path = check_output_path(path, overwrite)
@@ -139,6 +142,7 @@ def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec
                 f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        yield file_sha256(tmp)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -148,7 +152,14 @@ def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec
     finally:
         if tmp.exists():
             tmp.unlink()
-    return file_sha256(path)
+
+
+def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
+                  overwrite: bool = False) -> str:
+    """Write the file atomically (temporary file, fsync, rename); return its SHA-256."""
+    with staged_release(path, arrays, class_names, feature_spec, data_spec, ledger, overwrite) as sha:
+        pass
+    return sha
 
 
 def read_raw(path) -> Release:

@@ -31,6 +31,7 @@ from mepf.embed.device import resolve_device
 from mepf.embed.run import EmbedOptions, run_embed
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
+from mepf.evaluate.inception import load_inception
 from mepf.synthesize.train import TrainOptions, resume, start
 
 PUBLISHED = [  # DPImageBench (CCS 2025), accuracy of a classifier trained on synthetic FMNIST, eps=1 / eps=10
@@ -114,6 +115,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(a.device)
     src = fashion_source(a.data_root)
+    if not a.skip_fid:  # fail now, not after hours of training
+        load_inception(None, "cpu")
     print(f"private data: {src.description} from {getattr(src, 'image_file', '?')} ({len(src)} images)")
     results = out / "results.json"
     rows = json.loads(results.read_text())["results"] if results.exists() else []  # an interrupted run goes on

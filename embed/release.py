@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import check_output_path, write_release
+from mepf.artifacts.format import check_output_path, staged_release
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import distributed, release_log
@@ -284,21 +284,26 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         data_spec = {"dataset": source.description, "labelled": source.classes is not None, "num_classes": k,
                      "transform": transform.spec(), "moments": moments}
         class_names = list(source.classes) if source.classes else ["all"]
-        sha = write_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
-                            overwrite=overwrite)
         repeats = found["same"] + found["most"] + found["some"]
+        # the entry is appended before the file is renamed into place: an error, Ctrl-C or kill at any point
+        # leaves no release without its entry (at worst an entry without its release, which overstates the spend)
+        logged = False
         try:
-            release_log.append(log_path, release_log.new_entry(
-                sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
-                output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"], delta=delta,
-                mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
-        except OSError as e:  # checked writable before the pass; a release must never stand without its entry
-            out.unlink(missing_ok=True)
-            raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); the release was "
-                            "removed; free space or fix the log's permissions and run again") from None
-        except BaseException:  # Ctrl-C: the same
-            out.unlink(missing_ok=True)
-            raise
+            with staged_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
+                                overwrite=overwrite) as sha:
+                try:
+                    release_log.append(log_path, release_log.new_entry(
+                        sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+                        output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
+                        delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
+                except OSError as e:  # checked writable before the pass
+                    raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing was "
+                                    "released; free space or fix the log's permissions and run again") from None
+                logged = True
+        except OSError as e:
+            spent = "; its log entry stands, so the budget counts as spent" if logged else ""
+            raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
+                            "or fix the folder's permissions") from None
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
 
     def locked_release() -> EmbedResult:

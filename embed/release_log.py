@@ -9,6 +9,7 @@ are found from these; their budgets compose. Log, key and a new folder are creat
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,17 +31,23 @@ def default_log_path() -> Path:
 
 def read_log(path) -> list:
     path = Path(path)
-    if not path.exists():
+    try:  # non-blocking: a FIFO put in the log's place is refused, not waited on
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    entries = []
-    if not path.is_file():  # a folder, or a FIFO that would block the open
+    except OSError as e:
+        raise MepfError(f"release log {path} cannot be read ({type(e).__name__}); pass a log file you own with "
+                        "--release-log") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         raise MepfError(f"release log {path} is not a file; pass a log file you own with --release-log")
-    try:
-        with open(path) as f:
-            lines = list(f)
-    except (OSError, UnicodeDecodeError) as e:
-        raise MepfError(f"release log {path} cannot be read as a log ({type(e).__name__}); pass a log file you own "
-                        "with --release-log") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            lines = f.read().decode().split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MepfError(f"release log {path} cannot be read as a log ({type(e).__name__}); repair or move the "
+                            "file") from None
+    entries = []
     for i, line in enumerate(lines, 1):
         if line.strip():
             try:
@@ -126,7 +133,12 @@ def prepare(log_path, entries: list) -> tuple:
     try:
         if not path.parent.is_dir():
             path.parent.mkdir(mode=0o700, parents=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MepfError(f"release log {path} is not a file; pass a log file you own with --release-log")
+        finally:
+            os.close(fd)
     except OSError as e:
         raise MepfError(f"release log {path} cannot be written ({type(e).__name__}); pass a writable "
                         "--release-log") from None
@@ -143,21 +155,29 @@ def prepare(log_path, entries: list) -> tuple:
 
 
 def _write_key(path: Path, key: bytes) -> None:
-    """Whole or absent to any reader; called under the log's lock after finding no key."""
+    """Whole or absent to any reader, and never in place of anything at `path` (a dangling link to a key on
+    an unmounted disk, say); called under the log's lock after finding no key."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # 0600
     try:
         with os.fdopen(fd, "w") as f:
             f.write(key.hex() + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise MepfError(f"release log key {path} is taken by something that is not a key (a dangling link?); "
+                            "restore the key it points to, or move it away") from None
+        except OSError:  # a filesystem without hard links; no key was found under the lock
+            os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the key's name is durable before any entry made under it
-    finally:
-        os.close(dir_fd)
+    with contextlib.suppress(OSError):  # the key's name durable before any entry made under it, where supported
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 @contextlib.contextmanager
@@ -281,11 +301,21 @@ def new_entry(fingerprint: Fingerprint, **fields) -> dict:
 
 
 def append(path, entry: dict) -> None:
+    """One whole line or nothing: a write that fails partway (disk full) is cut back off the log."""
     path = Path(path)
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o700, parents=True)
+    data = (json.dumps(entry, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)

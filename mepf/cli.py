@@ -24,7 +24,7 @@ def user_errors(fn):
                 click.echo(f"Error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("Interrupted; nothing was written.", err=True)
+            click.echo("Interrupted; no output was left half-written.", err=True)
             sys.exit(130)
 
     return wrapper

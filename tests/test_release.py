@@ -14,7 +14,7 @@ import torch
 from mepf.artifacts import load
 from mepf.artifacts.audit import audit
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import content_checksum, write_release
+from mepf.artifacts.format import content_checksum
 from mepf.embed import release_log
 from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.release import accumulate, embed_to_file
@@ -272,12 +272,11 @@ def test_the_release_is_checked_and_logged_under_the_lock(tmp_path, labelled_npz
     import fcntl
     import threading
 
-    import mepf.embed.release as release_mod
-
     log = tmp_path / "log.jsonl"
     seen = []
 
-    def probing_write(*a, **kw):  # the real writer, after a second open of the log tries the lock
+    def probing_append(path, entry):  # the real append, after a second open of the log tries the lock
+        assert not (tmp_path / "a.h5").exists()  # the entry goes in before the release is put in place
         fd = os.open(log, os.O_WRONLY | os.O_APPEND)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -286,9 +285,10 @@ def test_the_release_is_checked_and_logged_under_the_lock(tmp_path, labelled_npz
             seen.append("held")
         finally:
             os.close(fd)
-        return write_release(*a, **kw)
+        return append(path, entry)
 
-    monkeypatch.setattr(release_mod, "write_release", probing_write)
+    append = release_log.append
+    monkeypatch.setattr(release_log, "append", probing_append)
     run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
     assert seen == ["held"] and len(release_log.read_log(log)) == 1
 
@@ -338,12 +338,37 @@ def test_an_interrupt_while_logging_leaves_no_release(tmp_path, labelled_npz, ef
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "log.jsonl.key"]  # no release, no temporary key
 
 
+def test_a_log_entry_is_whole_or_absent(tmp_path, monkeypatch):
+    """A write that fails partway (disk full) is cut back off, so the log stays readable for the next run."""
+    log = tmp_path / "log.jsonl"
+    release_log.append(log, {"a": 1})
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError):
+        release_log.append(log, {"b": "x" * 100})
+    monkeypatch.setattr(os, "write", write)
+    assert release_log.read_log(log) == [{"a": 1}]
+
+
+def test_a_key_is_never_written_over_something_else(tmp_path):
+    log = tmp_path / "log.jsonl"
+    release_log.key_path(log).symlink_to(tmp_path / "unmounted" / "log.jsonl.key")  # dangling
+    with pytest.raises(MepfError, match="key .* is taken by something that is not a key"):
+        release_log.prepare(log, [])
+    assert release_log.key_path(log).is_symlink() and not list(tmp_path.glob("*.tmp"))
+    release_log.key_path(log).unlink()
+    key, _ = release_log.prepare(log, [])
+    assert release_log.read_key(log) == key and not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_log_that_is_not_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "folder.jsonl").mkdir()
     os.mkfifo(tmp_path / "fifo.jsonl")
     for log in (tmp_path / "folder.jsonl", tmp_path / "fifo.jsonl"):
         with pytest.raises(MepfError, match="is not a file"):
             release_log.read_log(log)
+        with pytest.raises(MepfError, match="(is not a file|cannot be written)"):
+            release_log.prepare(log, [])  # neither waits on a FIFO
         with pytest.raises(MepfError, match="release log .* (cannot be opened|is not a file)"):
             with release_log.locked(log):
                 pass
@@ -446,7 +471,7 @@ def test_audit_says_where_the_noise_check_has_no_power(tmp_path):
 
 def test_a_release_never_stands_without_its_log_entry(tmp_path, labelled_npz, eff28, monkeypatch):
     """The log is checked writable before the pass; if the entry still cannot be written (disk full after
-    the pass), the release is removed, so no budget is spent that the log does not show."""
+    the pass), the release is never put in place, so no budget is spent that the log does not show."""
     import errno
 
     def full(path, entry):
@@ -454,6 +479,7 @@ def test_a_release_never_stands_without_its_log_entry(tmp_path, labelled_npz, ef
 
     monkeypatch.setattr(release_log, "append", full)
     src = ArraySource(labelled_npz[0], ["a", "b", "c"])
-    with pytest.raises(MepfError, match="could not be written .* the release was removed"):
+    with pytest.raises(MepfError, match="could not be written .* nothing was released"):
         run(src, eff28, tmp_path / "x.h5", tmp_path / "log.jsonl")
     assert not (tmp_path / "x.h5").exists() and release_log.read_log(tmp_path / "log.jsonl") == []
+    assert not list(tmp_path.glob(".x.h5.tmp*"))
