@@ -144,11 +144,12 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
             os.fsync(fh.fileno())
         yield file_sha256(tmp)
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with contextlib.suppress(OSError):  # the file is in place; the rename's durability where supported
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -254,6 +255,9 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
 
     def before():  # a corrupt log or a taken output fails now, not after the pass
         check_output_path(out, overwrite)
+        for p in (log_path, release_log.key_path(log_path)):
+            if os.path.abspath(out) == os.path.abspath(p) or (out.exists() and p.exists() and os.path.samefile(out, p)):
+                raise MepfError(f"--out {out} is the release log or its key; choose another --out")
         return release_log.read_log(log_path)
 
     entries = distributed.on_main(before)
@@ -294,14 +298,15 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                 try:
                     release_log.append(log_path, release_log.new_entry(
                         sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
-                        output=str(out.resolve()), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
+                        output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
                         delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
                 except OSError as e:  # checked writable before the pass
                     raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing was "
                                     "released; free space or fix the log's permissions and run again") from None
                 logged = True
-        except OSError as e:
-            spent = "; its log entry stands, so the budget counts as spent" if logged else ""
+        except (OSError, RuntimeError) as e:  # h5py reports a full disk as RuntimeError
+            spent = ("; its log entry stands, so the budget counts as spent and a new run is a repeat "
+                     "(--allow-repeat)") if logged else ""
             raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
                             "or fix the folder's permissions") from None
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)

@@ -71,7 +71,7 @@ def read_key(log_path) -> bytes | None:
         if not path.is_file():
             return None
         text = path.read_text().strip()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise MepfError(f"release log key {path} cannot be read ({type(e).__name__}); fix its permissions") from None
     try:
         key = bytes.fromhex(text)
@@ -306,16 +306,21 @@ def append(path, entry: dict) -> None:
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o700, parents=True)
     data = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a hand-edited last line without its newline
+            data = b"\n" + data
+        written = 0
         try:
-            if os.write(fd, data) != len(data):
+            written = os.write(fd, data)
+            if written != len(data):
                 raise OSError(errno.ENOSPC, "short write")
             os.fsync(fd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
+                if os.fstat(fd).st_size == size + written:  # nobody else wrote after us: cut back our part
+                    os.ftruncate(fd, size)
             raise
     finally:
         os.close(fd)

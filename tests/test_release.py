@@ -350,6 +350,23 @@ def test_a_log_entry_is_whole_or_absent(tmp_path, monkeypatch):
     assert release_log.read_log(log) == [{"a": 1}]
 
 
+def test_an_entry_after_a_hand_edited_last_line_starts_its_own_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"a": 1}')  # no final newline
+    release_log.append(log, {"b": 2})
+    assert release_log.read_log(log) == [{"a": 1}, {"b": 2}]
+
+
+def test_the_output_cannot_be_the_log_or_its_key(tmp_path, labelled_npz, eff28):
+    log = tmp_path / "log.jsonl"
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
+    before = log.read_bytes(), release_log.key_path(log).read_bytes()
+    for out in (log, release_log.key_path(log)):
+        with pytest.raises(MepfError, match="is the release log or its key"):
+            run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log, overwrite=True, allow_repeat=True)
+    assert (log.read_bytes(), release_log.key_path(log).read_bytes()) == before
+
+
 def test_a_key_is_never_written_over_something_else(tmp_path):
     log = tmp_path / "log.jsonl"
     release_log.key_path(log).symlink_to(tmp_path / "unmounted" / "log.jsonl.key")  # dangling
