@@ -112,6 +112,17 @@ def check_output_path(path, overwrite: bool) -> Path:
     return path
 
 
+def fsync_folder(folder) -> None:
+    """Make a rename or new name in `folder` durable, where the filesystem supports it (best effort: the
+    file is already in place)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
                    overwrite: bool = False):
@@ -144,12 +155,7 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
             os.fsync(fh.fileno())
         yield file_sha256(tmp)
         os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # the file is in place; the rename's durability where supported
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import fsync_folder
 
 from .fingerprint import REPEAT_SHARE, Fingerprint, Sketch, key_id, keyed_digest
 
@@ -172,12 +173,7 @@ def _write_key(path: Path, key: bytes) -> None:
             os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # the key's name durable before any entry made under it, where supported
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_folder(path.parent)  # the key's name durable before any entry made under it
 
 
 @contextlib.contextmanager
