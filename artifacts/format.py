@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,44 @@ def fsync_folder(folder) -> None:
             os.close(fd)
 
 
+def _temp_prefix(path: Path) -> str:
+    """Names this host's temporaries of `path`; the pid follows, so a killed writer's can be told apart."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{path.name}.tmp-{host}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
+
+
+def sweep_stale_temporaries(path) -> list:
+    """Remove temporaries of `path` left on this host by a writer that was killed (SIGKILL, power loss): each
+    is a whole noisy release that was never put in place, and must not lie around to be copied out."""
+    path = Path(path)
+    prefix = _temp_prefix(path)
+    removed = []
+    try:
+        names = list(path.parent.iterdir())
+    except OSError:  # a folder we may write to but not list: nothing to find
+        return removed
+    for p in names:
+        if not p.name.startswith(prefix):
+            continue
+        pid = p.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(str(p))
+    return removed
+
+
 @contextlib.contextmanager
 def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
                    overwrite: bool = False):
@@ -135,7 +174,7 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
              "ledger": canonical_json(ledger)}
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT_NAME

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import check_output_path, staged_release
+from mepf.artifacts.format import check_output_path, staged_release, sweep_stale_temporaries
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import distributed, release_log
@@ -261,6 +261,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         return release_log.read_log(log_path)
 
     entries = distributed.on_main(before)
+    swept = distributed.on_main(lambda: sweep_stale_temporaries(out))
     listed = len(source)
     check_delta(delta, listed, force)
     key, narrowed = distributed.shared(distributed.on_main(lambda: release_log.prepare(log_path, entries)))
@@ -268,7 +269,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers,
                       dim=feature_spec["dim"], log_key=key)
 
-    def release() -> EmbedResult:
+    def release(lock) -> EmbedResult:
         if sums.n != listed:
             raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
                             "run again on data that is not being modified")
@@ -278,6 +279,9 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             "was released; restore the log that belongs to its key and run again")
         found = release_log.related(now, sums.fingerprint)
         warnings = check_repeat(found, log_path, allow_repeat)
+        for p in swept:
+            warnings.append(f"removed {p}: a release file left by an embed that was killed before putting it in place "
+                            "(it was never released; if that run logged it, its entry overstates the spend)")
         if narrowed:
             warnings.append(f"{' and '.join(narrowed)} could be read by others until now (narrowed to 0600); whoever "
                             "copied both the log and its key can test images for membership in earlier releases")
@@ -299,7 +303,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                     release_log.append(log_path, release_log.new_entry(
                         sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
                         output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
-                        delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)))
+                        delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)), lock=lock)
                 except OSError as e:  # checked writable before the pass
                     raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing was "
                                     "released; free space or fix the log's permissions and run again") from None
@@ -312,7 +316,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
 
     def locked_release() -> EmbedResult:
-        with release_log.locked(log_path):
-            return release()
+        with release_log.locked(log_path) as lock:
+            return release(lock)
 
     return distributed.on_main(locked_release)

@@ -176,13 +176,20 @@ def _write_key(path: Path, key: bytes) -> None:
     fsync_folder(path.parent)  # the key's name durable before any entry made under it
 
 
+class Lock:
+    """The open, locked log: `append(..., lock=)` writes through it, so the entry lands in the file checked."""
+
+    def __init__(self, fd: int, path):
+        self.fd, self.path = fd, path
+
+
 @contextlib.contextmanager
 def locked(log_path):
     """Holds an exclusive lock on the log (mepf processes only): a release checks the log for repeats and
     appends its entry under it, so two embeds of the same data on one log cannot both pass the check."""
     for _ in range(10):
         try:  # opened for writing: NFS takes flock as a POSIX lock, which needs it
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+            fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_NONBLOCK)
         except OSError as e:
             raise MepfError(f"release log {log_path} cannot be opened ({type(e).__name__}); nothing was released; "
                             "restore it and run again") from None
@@ -200,7 +207,7 @@ def locked(log_path):
         raise MepfError(f"release log {log_path} keeps being replaced; nothing was released; stop whatever "
                         "rewrites it and run again")
     try:
-        yield
+        yield Lock(fd, log_path)
     finally:
         os.close(fd)
 
@@ -296,13 +303,18 @@ def new_entry(fingerprint: Fingerprint, **fields) -> dict:
             "key_id": key_id(fingerprint.key), **fields}
 
 
-def append(path, entry: dict) -> None:
-    """One whole line or nothing: a write that fails partway (disk full) is cut back off the log."""
+def append(path, entry: dict, lock: Lock | None = None) -> None:
+    """One whole line or nothing: a write that fails partway (disk full) is cut back off the log. With `lock`
+    the line goes into the locked file, and if that is no longer the file at `path` (renamed over during
+    the run, by an editor's save say) MepfError is raised: the caller must then not release."""
     path = Path(path)
-    if not path.parent.is_dir():
-        path.parent.mkdir(mode=0o700, parents=True)
     data = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    if lock is None:
+        if not path.parent.is_dir():
+            path.parent.mkdir(mode=0o700, parents=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    else:
+        fd = os.dup(lock.fd)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a hand-edited last line without its newline
@@ -318,5 +330,8 @@ def append(path, entry: dict) -> None:
                 if os.fstat(fd).st_size == size + written:  # nobody else wrote after us: cut back our part
                     os.ftruncate(fd, size)
             raise
+        if lock is not None and not _same_file(fd, path):
+            raise MepfError(f"release log {path} was replaced while this run held it (saved by an editor?); its "
+                            "entry went to the old file, so nothing was released; run again")
     finally:
         os.close(fd)

@@ -275,7 +275,7 @@ def test_the_release_is_checked_and_logged_under_the_lock(tmp_path, labelled_npz
     log = tmp_path / "log.jsonl"
     seen = []
 
-    def probing_append(path, entry):  # the real append, after a second open of the log tries the lock
+    def probing_append(path, entry, **kw):  # the real append, after a second open of the log tries the lock
         assert not (tmp_path / "a.h5").exists()  # the entry goes in before the release is put in place
         fd = os.open(log, os.O_WRONLY | os.O_APPEND)
         try:
@@ -285,7 +285,7 @@ def test_the_release_is_checked_and_logged_under_the_lock(tmp_path, labelled_npz
             seen.append("held")
         finally:
             os.close(fd)
-        return append(path, entry)
+        return append(path, entry, **kw)
 
     append = release_log.append
     monkeypatch.setattr(release_log, "append", probing_append)
@@ -327,7 +327,7 @@ def test_a_log_that_cannot_be_locked_stops_the_run_before_it_reads(tmp_path, lab
 
 
 def test_an_interrupt_while_logging_leaves_no_release(tmp_path, labelled_npz, eff28, monkeypatch):
-    def interrupted(path, entry):
+    def interrupted(path, entry, **kw):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(release_log, "append", interrupted)
@@ -336,6 +336,49 @@ def test_an_interrupt_while_logging_leaves_no_release(tmp_path, labelled_npz, ef
     with pytest.raises(KeyboardInterrupt):
         run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out / "a.h5", out / "log.jsonl")
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "log.jsonl.key"]  # no release, no temporary key
+
+
+def test_a_log_replaced_while_held_releases_nothing(tmp_path, labelled_npz, eff28, monkeypatch):
+    """An editor's save renames a new log over the one this run locked and checked: the entry would land in
+    the old file, out of sight of the next run's repeat check, so nothing is released."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"hand": "edited"}\n')
+
+    def replaced_then_append(path, entry, **kw):
+        copy = tmp_path / "log.jsonl.swp"
+        copy.write_bytes(log.read_bytes())
+        os.replace(copy, log)
+        return append(path, entry, **kw)
+
+    append = release_log.append
+    monkeypatch.setattr(release_log, "append", replaced_then_append)
+    with pytest.raises(MepfError, match="was replaced while this run held it.*nothing was released"):
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
+    assert not (tmp_path / "a.h5").exists() and not list(tmp_path.glob(".a.h5.tmp*"))
+    assert release_log.read_log(log) == [{"hand": "edited"}]
+    monkeypatch.setattr(release_log, "append", append)
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
+    assert len(release_log.read_log(log)) == 2 and (tmp_path / "a.h5").exists()
+
+
+def test_a_killed_runs_release_file_is_swept(tmp_path, labelled_npz, eff28):
+    """A release written under its temporary name by a run killed before the rename is a whole noisy release
+    that no log may show: the next embed to the same output removes it, and says so."""
+    import subprocess
+    import sys
+
+    from mepf.artifacts.format import _temp_prefix
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    prefix = _temp_prefix(tmp_path / "a.h5")
+    dead, live = tmp_path / f"{prefix}{gone.pid}-0000", tmp_path / f"{prefix}{os.getpid()}-0000"
+    other_host, other_out = tmp_path / f".a.h5.tmp-00000000-{gone.pid}-0000", tmp_path / f".b.h5.tmp-{gone.pid}-0"
+    for p in (dead, live, other_host, other_out):
+        p.write_bytes(b"noisy")
+    res = run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    assert not dead.exists() and live.exists() and other_host.exists() and other_out.exists()
+    assert any(w.startswith(f"removed {dead}: a release file left by an embed that was killed") for w in res.warnings)
 
 
 def test_a_log_entry_is_whole_or_absent(tmp_path, monkeypatch):
@@ -491,7 +534,7 @@ def test_a_release_never_stands_without_its_log_entry(tmp_path, labelled_npz, ef
     the pass), the release is never put in place, so no budget is spent that the log does not show."""
     import errno
 
-    def full(path, entry):
+    def full(path, entry, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(release_log, "append", full)
