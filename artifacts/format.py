@@ -5,11 +5,12 @@ Documented field by field in docs/artifact-format.md.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import secrets
-import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,41 +126,63 @@ def fsync_folder(folder) -> None:
 
 
 def _temp_prefix(path: Path) -> str:
-    """Names this host's temporaries of `path`; the pid follows, so a killed writer's can be told apart."""
-    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-    return f".{path.name}.tmp-{host}-"
+    return f".{path.name}.tmp-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process
-    return True
-
-
-def sweep_stale_temporaries(path) -> list:
-    """Remove temporaries of `path` left on this host by a writer that was killed (SIGKILL, power loss): each
-    is a whole noisy release that was never put in place, and must not lie around to be copied out."""
+def sweep_stale_temporaries(path, recover=None) -> list:
+    """Deal with temporaries of `path` left by a writer that was killed (SIGKILL, power loss): each is a whole
+    noisy release never put in place, which must not lie around to be copied out. A live writer holds a lock
+    on its temporary (on any host, where the filesystem's locks are shared), so a file we can lock is stale.
+    If `recover(file)` says it is a release already logged for `path`, and nothing is at `path`, it is put
+    in place (the killed run had spent its budget on it); otherwise it is removed. Returns one line per file
+    found: what was done, or why it was left."""
     path = Path(path)
     prefix = _temp_prefix(path)
-    removed = []
     try:
-        names = list(path.parent.iterdir())
-    except OSError:  # a folder we may write to but not list: nothing to find
-        return removed
-    for p in names:
-        if not p.name.startswith(prefix):
+        found = sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:  # a folder we may write to but not list
+        return []
+    lines = []
+    for p in found:
+        try:
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                lines.append(f"left {p}: named like a temporary release file but not a file; remove it yourself")
+                continue
+            fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
             continue
-        pid = p.name[len(prefix):].split("-")[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        except OSError as e:
+            lines.append(f"left {p} ({type(e).__name__}): it may be a release file left by a killed embed; check it "
+                         "and remove it yourself")
             continue
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            removed.append(str(p))
-    return removed
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                lines.append(f"left {p}: named like a temporary release file but not a file; remove it yourself")
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being written by a live embed
+            except OSError as e:
+                lines.append(f"left {p}: its filesystem cannot lock it ({type(e).__name__}), so it may be another "
+                             "embed's file in progress; if no embed is running, remove it yourself")
+                continue
+            if os.fstat(fd).st_size == 0:
+                continue  # a writer between creating and locking it; an empty file holds nothing
+            if recover is not None and not os.path.lexists(path) and recover(p):
+                os.link(p, path)
+                os.unlink(p)
+                fsync_folder(path.parent)
+                lines.append(f"put {p} in place as {path}: the release an embed logged before it was killed")
+            else:
+                os.unlink(p)
+                lines.append(f"removed {p}: a release file left by an embed that was killed before putting it in "
+                             "place (never released; if that run logged it, its entry overstates the spend)")
+        except OSError as e:
+            lines.append(f"left {p} ({type(e).__name__}): a release file left by a killed embed; remove it yourself")
+        finally:
+            os.close(fd)
+    return lines
 
 
 @contextlib.contextmanager
@@ -174,9 +197,12 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
              "ledger": canonical_json(ledger)}
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
-    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(8)}")
+    lock = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with h5py.File(tmp, "w") as f:
+        with contextlib.suppress(OSError):  # held until it is renamed: a sweep by a later run leaves it alone
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (where it cannot be taken, no sweep takes it)
+        with h5py.File(tmp, "w", locking=False) as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["description"] = ("DP-MEPF release: noisy feature sums and class counts; "
@@ -196,8 +222,9 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        os.close(lock)
 
 
 def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import check_output_path, staged_release, sweep_stale_temporaries
+from mepf.artifacts.format import check_output_path, file_sha256, staged_release, sweep_stale_temporaries
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import distributed, release_log
@@ -254,14 +255,21 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     out = Path(out)
 
     def before():  # a corrupt log or a taken output fails now, not after the pass
+        entries = release_log.read_log(log_path)
+
+        def logged_here(tmp):  # a run killed between logging its release and putting it in place
+            entry = release_log.entry_of(entries, file_sha256(tmp))
+            return entry is not None and entry.get("output") == os.path.abspath(out)
+
+        for line in sweep_stale_temporaries(out, recover=logged_here):  # before the output check: one put in
+            print(f"mepf embed: {line}", file=sys.stderr)  # place takes the output, and that is said now
         check_output_path(out, overwrite)
         for p in (log_path, release_log.key_path(log_path)):
             if os.path.abspath(out) == os.path.abspath(p) or (out.exists() and p.exists() and os.path.samefile(out, p)):
                 raise MepfError(f"--out {out} is the release log or its key; choose another --out")
-        return release_log.read_log(log_path)
+        return entries
 
     entries = distributed.on_main(before)
-    swept = distributed.on_main(lambda: sweep_stale_temporaries(out))
     listed = len(source)
     check_delta(delta, listed, force)
     key, narrowed = distributed.shared(distributed.on_main(lambda: release_log.prepare(log_path, entries)))
@@ -279,9 +287,6 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             "was released; restore the log that belongs to its key and run again")
         found = release_log.related(now, sums.fingerprint)
         warnings = check_repeat(found, log_path, allow_repeat)
-        for p in swept:
-            warnings.append(f"removed {p}: a release file left by an embed that was killed before putting it in place "
-                            "(it was never released; if that run logged it, its entry overstates the spend)")
         if narrowed:
             warnings.append(f"{' and '.join(narrowed)} could be read by others until now (narrowed to 0600); whoever "
                             "copied both the log and its key can test images for membership in earlier releases")

@@ -325,13 +325,14 @@ def append(path, entry: dict, lock: Lock | None = None) -> None:
             if written != len(data):
                 raise OSError(errno.ENOSPC, "short write")
             os.fsync(fd)
+            if lock is not None and not _same_file(fd, path):
+                raise MepfError(f"release log {path} was replaced while this run held it (saved by an editor?), so "
+                                "nothing was released; do not edit the log while an embed runs, and run again")
         except BaseException:
             with contextlib.suppress(OSError):
                 if os.fstat(fd).st_size == size + written:  # nobody else wrote after us: cut back our part
-                    os.ftruncate(fd, size)
+                    os.ftruncate(fd, size)  # (from a replaced log too: a backup of it shows no phantom release)
+                    os.fsync(fd)
             raise
-        if lock is not None and not _same_file(fd, path):
-            raise MepfError(f"release log {path} was replaced while this run held it (saved by an editor?); its "
-                            "entry went to the old file, so nothing was released; run again")
     finally:
         os.close(fd)

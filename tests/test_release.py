@@ -14,7 +14,7 @@ import torch
 from mepf.artifacts import load
 from mepf.artifacts.audit import audit
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import content_checksum
+from mepf.artifacts.format import content_checksum, file_sha256
 from mepf.embed import release_log
 from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.release import accumulate, embed_to_file
@@ -345,6 +345,7 @@ def test_a_log_replaced_while_held_releases_nothing(tmp_path, labelled_npz, eff2
     log.write_text('{"hand": "edited"}\n')
 
     def replaced_then_append(path, entry, **kw):
+        os.link(log, tmp_path / "log.jsonl~")  # the editor keeps the old file as its backup
         copy = tmp_path / "log.jsonl.swp"
         copy.write_bytes(log.read_bytes())
         os.replace(copy, log)
@@ -355,30 +356,73 @@ def test_a_log_replaced_while_held_releases_nothing(tmp_path, labelled_npz, eff2
     with pytest.raises(MepfError, match="was replaced while this run held it.*nothing was released"):
         run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
     assert not (tmp_path / "a.h5").exists() and not list(tmp_path.glob(".a.h5.tmp*"))
-    assert release_log.read_log(log) == [{"hand": "edited"}]
+    assert release_log.read_log(log) == release_log.read_log(tmp_path / "log.jsonl~") == [{"hand": "edited"}]
     monkeypatch.setattr(release_log, "append", append)
     run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
     assert len(release_log.read_log(log)) == 2 and (tmp_path / "a.h5").exists()
 
 
-def test_a_killed_runs_release_file_is_swept(tmp_path, labelled_npz, eff28):
+def test_a_killed_writers_release_file_is_swept_and_a_live_ones_kept(tmp_path):
     """A release written under its temporary name by a run killed before the rename is a whole noisy release
-    that no log may show: the next embed to the same output removes it, and says so."""
+    that no log may show: a later sweep removes it. A live writer's (it holds a lock on it) is left alone."""
     import subprocess
     import sys
 
-    from mepf.artifacts.format import _temp_prefix
+    from mepf.artifacts.format import sweep_stale_temporaries
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    prefix = _temp_prefix(tmp_path / "a.h5")
-    dead, live = tmp_path / f"{prefix}{gone.pid}-0000", tmp_path / f"{prefix}{os.getpid()}-0000"
-    other_host, other_out = tmp_path / f".a.h5.tmp-00000000-{gone.pid}-0000", tmp_path / f".b.h5.tmp-{gone.pid}-0"
-    for p in (dead, live, other_host, other_out):
-        p.write_bytes(b"noisy")
-    res = run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
-    assert not dead.exists() and live.exists() and other_host.exists() and other_out.exists()
-    assert any(w.startswith(f"removed {dead}: a release file left by an embed that was killed") for w in res.warnings)
+    out = str(tmp_path / "a.h5")
+    script = (f"import time, numpy as np\nfrom mepf.artifacts.format import staged_release\n"
+              f"with staged_release({out!r}, {{'S1': np.ones((1, 4))}}, ['all'], {{}}, {{}}, {{}}):\n"
+              f"    print('written', flush=True)\n    time.sleep(120)\n")
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline().strip() == b"written"
+        (tmp,) = tmp_path.glob(".a.h5.tmp-*")
+        assert sweep_stale_temporaries(tmp_path / "a.h5") == [] and tmp.exists()  # alive: not touched
+    finally:
+        writer.kill()
+        writer.wait()
+    assert tmp.exists() and not (tmp_path / "a.h5").exists()  # SIGKILL runs no cleanup
+    assert sweep_stale_temporaries(tmp_path / "b.h5") == [] and tmp.exists()  # another output's
+    (line,) = sweep_stale_temporaries(tmp_path / "a.h5")
+    assert line.startswith(f"removed {tmp}: a release file left by an embed that was killed") and not tmp.exists()
+
+
+def test_the_sweep_leaves_what_it_must_not_remove_and_says_so(tmp_path, labelled_npz, eff28, capfd, monkeypatch):
+    """Things named like a temporary that are not a stale release file: an empty one (a writer about to lock
+    it), a folder, a link, one that cannot be removed; the embed goes on and says what it left."""
+    empty, folder, link, stuck = (tmp_path / f".a.h5.tmp-{n}" for n in ("1-empty", "2-dir", "3-link", "4-stuck"))
+    empty.touch()
+    folder.mkdir()
+    (tmp_path / "target").write_bytes(b"keep")
+    link.symlink_to(tmp_path / "target")
+    stuck.write_bytes(b"noisy")
+    unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p, **kw: (_ for _ in ()).throw(PermissionError(errno.EPERM, "sticky"))
+                        if str(p) == str(stuck) else unlink(p, **kw))
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    err = capfd.readouterr().err
+    assert empty.exists() and folder.is_dir() and link.is_symlink() and stuck.exists()
+    assert (tmp_path / "target").read_bytes() == b"keep" and (tmp_path / "a.h5").exists()
+    for p in (folder, link):
+        assert f"left {p}: named like a temporary release file but not a file" in err
+    assert f"left {stuck} (PermissionError)" in err and str(empty) not in err
+
+
+def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path, labelled_npz, eff28, capfd):
+    """Killed between logging the release and renaming it: the budget is spent, so the next embed to that
+    output puts the file in place (it says so, and stops before the pass as the output is now taken)."""
+    log, out = tmp_path / "log.jsonl", tmp_path / "a.h5"
+    res = run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
+    tmp = tmp_path / ".a.h5.tmp-123-abc"
+    os.replace(out, tmp)
+    with pytest.raises(MepfError, match="already exists"):
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
+    assert f"put {tmp} in place as {out}: the release an embed logged" in capfd.readouterr().err
+    assert not tmp.exists() and file_sha256(out) == res.sha256 == release_log.read_log(log)[0]["output_sha256"]
+    os.replace(out, tmp)
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "b.h5", log, allow_repeat=True)
+    assert tmp.exists()  # a temporary of another output is not this run's to sweep
 
 
 def test_a_log_entry_is_whole_or_absent(tmp_path, monkeypatch):
