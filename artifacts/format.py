@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -102,6 +103,15 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def fd_sha256(fd: int) -> str:
+    """SHA-256 of the open file itself, whatever its name now points to."""
+    h, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
 def check_output_path(path, overwrite: bool) -> Path:
     """Refuse an output in a missing folder, or an existing one without overwrite, before any work."""
     path = Path(path)
@@ -111,6 +121,13 @@ def check_output_path(path, overwrite: bool) -> Path:
         raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
     if path.exists() and not overwrite:
         raise MepfError(f"output {path} already exists; pass --overwrite to replace it or choose another --out")
+    try:
+        longest = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if len(os.fsencode(path.name)) + TEMP_EXTRA > longest:
+        raise MepfError(f"output name {path.name[:40]}... is too long for this folder (at most "
+                        f"{longest - TEMP_EXTRA} bytes, to leave room for its temporary name); choose a shorter --out")
     return path
 
 
@@ -125,64 +142,79 @@ def fsync_folder(folder) -> None:
             os.close(fd)
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
+TEMP_EXTRA = len(".") + len(".tmp-") + 10 + len("-") + 16  # a temporary's name: .NAME.tmp-PID-RANDOM
+
+
+def _temp_name(path: Path) -> str:
+    return f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
 
 
 def sweep_stale_temporaries(path, recover=None) -> list:
     """Deal with temporaries of `path` left by a writer that was killed (SIGKILL, power loss): each is a whole
     noisy release never put in place, which must not lie around to be copied out. A live writer holds a lock
     on its temporary (on any host, where the filesystem's locks are shared), so a file we can lock is stale.
-    If `recover(file)` says it is a release already logged for `path`, and nothing is at `path`, it is put
-    in place (the killed run had spent its budget on it); otherwise it is removed. Returns one line per file
-    found: what was done, or why it was left."""
+    If `recover(fd)` says it is the release logged for `path`, our own, and nothing is at `path`, it is put in
+    place (the killed run had spent its budget on it); otherwise it is removed. Returns (what, line) for each
+    file found, what being "placed", "removed" or "left"."""
     path = Path(path)
-    prefix = _temp_prefix(path)
+    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"[0-9]{1,10}-[0-9a-f]{16}")
     try:
-        found = sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
+        found = sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
     except OSError:  # a folder we may write to but not list
         return []
-    lines = []
+    done = []
     for p in found:
         try:
             if not stat.S_ISREG(os.lstat(p).st_mode):
-                lines.append(f"left {p}: named like a temporary release file but not a file; remove it yourself")
+                done.append(("left", f"left {p}: named like a temporary release file but not a file; remove it "
+                                     "yourself"))
                 continue
             fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             continue
         except OSError as e:
-            lines.append(f"left {p} ({type(e).__name__}): it may be a release file left by a killed embed; check it "
-                         "and remove it yourself")
+            done.append(("left", f"left {p} ({type(e).__name__}): it may be a release file left by a killed embed; "
+                                 "check it and remove it yourself"))
             continue
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                lines.append(f"left {p}: named like a temporary release file but not a file; remove it yourself")
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # being written by a live embed
-            except OSError as e:
-                lines.append(f"left {p}: its filesystem cannot lock it ({type(e).__name__}), so it may be another "
-                             "embed's file in progress; if no embed is running, remove it yourself")
-                continue
-            if os.fstat(fd).st_size == 0:
-                continue  # a writer between creating and locking it; an empty file holds nothing
-            if recover is not None and not os.path.lexists(path) and recover(p):
-                os.link(p, path)
-                os.unlink(p)
-                fsync_folder(path.parent)
-                lines.append(f"put {p} in place as {path}: the release an embed logged before it was killed")
-            else:
-                os.unlink(p)
-                lines.append(f"removed {p}: a release file left by an embed that was killed before putting it in "
-                             "place (never released; if that run logged it, its entry overstates the spend)")
+            done.append(_sweep_one(p, fd, path, recover))
         except OSError as e:
-            lines.append(f"left {p} ({type(e).__name__}): a release file left by a killed embed; remove it yourself")
+            done.append(("left", f"left {p} ({type(e).__name__}): a release file left by a killed embed; remove it "
+                                 "yourself"))
         finally:
             os.close(fd)
-    return lines
+    return done
+
+
+def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return "left", f"left {p}: named like a temporary release file but not a file; remove it yourself"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "left", f"left {p}: in use by another process (an embed writing it, or a reader); if none is, run again"
+    except OSError as e:
+        return "left", (f"left {p}: its filesystem cannot lock it ({type(e).__name__}), so it may be another embed's "
+                        "file in progress; if no embed is running, remove it yourself")
+    if os.fstat(fd).st_size == 0:
+        return "left", f"left {p}: empty (a writer about to lock it, or one killed before it wrote anything)"
+    ours = st.st_uid == os.geteuid() and st.st_nlink == 1
+    if ours and recover is not None and not os.path.lexists(path) and recover(fd):
+        try:
+            os.link(p, path)
+        except OSError as e:
+            return "left", (f"left {p} ({type(e).__name__}): it is the release logged for {path} by an embed killed "
+                            f"before putting it in place; rename it to {path}")
+        if not os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd)):  # renamed over meanwhile
+            os.unlink(path)
+            return "left", f"left {p}: it was replaced while being put in place; run again"
+        os.unlink(p)
+        fsync_folder(path.parent)
+        return "placed", f"put {p} in place as {path}: the release an embed logged before it was killed"
+    os.unlink(p)
+    return "removed", (f"removed {p}: a release file left by an embed that was killed before putting it in place "
+                       "(never released; if that run logged it, its entry overstates the spend)")
 
 
 @contextlib.contextmanager
@@ -197,12 +229,15 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
              "ledger": canonical_json(ledger)}
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
-    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(8)}")
-    lock = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = path.with_name(_temp_name(path))
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with contextlib.suppress(OSError):  # held until it is renamed: a sweep by a later run leaves it alone
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (where it cannot be taken, no sweep takes it)
-        with h5py.File(tmp, "w", locking=False) as f:
+        try:  # held until it is renamed, so a later run's sweep leaves it alone; blocking, as a sweep may
+            fcntl.flock(fd, fcntl.LOCK_EX)  # hold it for a moment before it has data
+        except OSError:
+            pass  # a filesystem without locks: no sweep can lock it either
+        # written through this descriptor: never another file renamed over the name, and no HDF5 file lock
+        with os.fdopen(os.dup(fd), "r+b") as fo, h5py.File(fo, "w") as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["description"] = ("DP-MEPF release: noisy feature sums and class counts; "
@@ -216,15 +251,14 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
                              dtype=h5py.string_dtype("utf-8"))
             for name, text in texts.items():
                 f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        yield file_sha256(tmp)
+        os.fsync(fd)
+        yield fd_sha256(fd)
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        os.close(lock)
+        os.close(fd)
 
 
 def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,

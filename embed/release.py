@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import check_output_path, file_sha256, staged_release, sweep_stale_temporaries
+from mepf.artifacts.format import check_output_path, fd_sha256, staged_release, sweep_stale_temporaries
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 
 from . import distributed, release_log
@@ -257,12 +257,16 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     def before():  # a corrupt log or a taken output fails now, not after the pass
         entries = release_log.read_log(log_path)
 
-        def logged_here(tmp):  # a run killed between logging its release and putting it in place
-            entry = release_log.entry_of(entries, file_sha256(tmp))
+        def logged_here(fd):  # a run killed between logging its release and putting it in place
+            entry = release_log.entry_of(entries, fd_sha256(fd))
             return entry is not None and entry.get("output") == os.path.abspath(out)
 
-        for line in sweep_stale_temporaries(out, recover=logged_here):  # before the output check: one put in
-            print(f"mepf embed: {line}", file=sys.stderr)  # place takes the output, and that is said now
+        swept = sweep_stale_temporaries(out, recover=logged_here)
+        for _, line in swept:
+            print(f"mepf embed: {line}", file=sys.stderr)
+        if any(what == "placed" for what, _ in swept):
+            raise MepfError(f"{out} now holds the release an earlier embed of yours logged before it was killed; "
+                            "use it, or run again (a new release of the same data is a repeat: --allow-repeat)")
         check_output_path(out, overwrite)
         for p in (log_path, release_log.key_path(log_path)):
             if os.path.abspath(out) == os.path.abspath(p) or (out.exists() and p.exists() and os.path.samefile(out, p)):

@@ -374,24 +374,35 @@ def test_a_killed_writers_release_file_is_swept_and_a_live_ones_kept(tmp_path):
     script = (f"import time, numpy as np\nfrom mepf.artifacts.format import staged_release\n"
               f"with staged_release({out!r}, {{'S1': np.ones((1, 4))}}, ['all'], {{}}, {{}}, {{}}):\n"
               f"    print('written', flush=True)\n    time.sleep(120)\n")
-    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    env = {**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"}  # HDF5's own lock must not fight the writer's
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
     try:
         assert writer.stdout.readline().strip() == b"written"
         (tmp,) = tmp_path.glob(".a.h5.tmp-*")
-        assert sweep_stale_temporaries(tmp_path / "a.h5") == [] and tmp.exists()  # alive: not touched
+        ((what, line),) = sweep_stale_temporaries(tmp_path / "a.h5")
+        assert what == "left" and "in use by another process" in line and tmp.exists()  # alive: not touched
     finally:
         writer.kill()
         writer.wait()
     assert tmp.exists() and not (tmp_path / "a.h5").exists()  # SIGKILL runs no cleanup
+    with h5py.File(tmp, "r") as f:
+        assert f.attrs["format"] == "mepf-release"  # a whole release
     assert sweep_stale_temporaries(tmp_path / "b.h5") == [] and tmp.exists()  # another output's
-    (line,) = sweep_stale_temporaries(tmp_path / "a.h5")
+    ((what, line),) = sweep_stale_temporaries(tmp_path / "a.h5")
+    assert what == "removed"
     assert line.startswith(f"removed {tmp}: a release file left by an embed that was killed") and not tmp.exists()
 
 
 def test_the_sweep_leaves_what_it_must_not_remove_and_says_so(tmp_path, labelled_npz, eff28, capfd, monkeypatch):
     """Things named like a temporary that are not a stale release file: an empty one (a writer about to lock
     it), a folder, a link, one that cannot be removed; the embed goes on and says what it left."""
-    empty, folder, link, stuck = (tmp_path / f".a.h5.tmp-{n}" for n in ("1-empty", "2-dir", "3-link", "4-stuck"))
+    empty, folder, link, stuck = (tmp_path / f".a.h5.tmp-{n}-{n:016x}" for n in (1, 2, 3, 4))
+    notes, held = tmp_path / ".a.h5.tmp-notes", tmp_path / f".a.h5.tmp-5-{5:016x}"  # a user's; a reader's
+    notes.write_bytes(b"mine")
+    held.write_bytes(b"noisy")
+    import fcntl
+    reader = os.open(held, os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # as h5py's default file locking does for a reader
     empty.touch()
     folder.mkdir()
     (tmp_path / "target").write_bytes(b"keep")
@@ -400,13 +411,18 @@ def test_the_sweep_leaves_what_it_must_not_remove_and_says_so(tmp_path, labelled
     unlink = os.unlink
     monkeypatch.setattr(os, "unlink", lambda p, **kw: (_ for _ in ()).throw(PermissionError(errno.EPERM, "sticky"))
                         if str(p) == str(stuck) else unlink(p, **kw))
-    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    try:
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    finally:
+        os.close(reader)
     err = capfd.readouterr().err
-    assert empty.exists() and folder.is_dir() and link.is_symlink() and stuck.exists()
+    assert empty.exists() and folder.is_dir() and link.is_symlink() and stuck.exists() and held.exists()
     assert (tmp_path / "target").read_bytes() == b"keep" and (tmp_path / "a.h5").exists()
+    assert notes.read_bytes() == b"mine" and str(notes) not in err
     for p in (folder, link):
         assert f"left {p}: named like a temporary release file but not a file" in err
-    assert f"left {stuck} (PermissionError)" in err and str(empty) not in err
+    assert f"left {stuck} (PermissionError)" in err and f"left {empty}: empty" in err
+    assert f"left {held}: in use by another process" in err
 
 
 def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path, labelled_npz, eff28, capfd):
@@ -414,15 +430,27 @@ def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path
     output puts the file in place (it says so, and stops before the pass as the output is now taken)."""
     log, out = tmp_path / "log.jsonl", tmp_path / "a.h5"
     res = run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
-    tmp = tmp_path / ".a.h5.tmp-123-abc"
+    tmp = tmp_path / f".a.h5.tmp-123-{7:016x}"
     os.replace(out, tmp)
-    with pytest.raises(MepfError, match="already exists"):
-        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
+    with pytest.raises(MepfError, match="now holds the release an earlier embed of yours logged"):
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log, overwrite=True, allow_repeat=True)
     assert f"put {tmp} in place as {out}: the release an embed logged" in capfd.readouterr().err
     assert not tmp.exists() and file_sha256(out) == res.sha256 == release_log.read_log(log)[0]["output_sha256"]
     os.replace(out, tmp)
     run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "b.h5", log, allow_repeat=True)
     assert tmp.exists()  # a temporary of another output is not this run's to sweep
+    os.link(tmp, tmp_path / "elsewhere")  # a second name: not provably the file the killed run wrote
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log, allow_repeat=True)
+    assert not tmp.exists() and f"removed {tmp}" in capfd.readouterr().err
+    assert file_sha256(out) != file_sha256(tmp_path / "elsewhere")  # a fresh release, not the planted file
+
+
+def test_an_output_name_too_long_for_its_temporary_is_refused_before_the_pass(tmp_path):
+    from mepf.artifacts.format import check_output_path
+
+    check_output_path(tmp_path / ("a" * 200 + ".h5"), False)
+    with pytest.raises(MepfError, match="too long for this folder .* choose a shorter --out"):
+        check_output_path(tmp_path / ("a" * 230 + ".h5"), False)
 
 
 def test_a_log_entry_is_whole_or_absent(tmp_path, monkeypatch):
