@@ -125,6 +125,8 @@ def check_output_path(path, overwrite: bool) -> Path:
         longest = os.pathconf(path.parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         longest = 255
+    if longest <= 0:  # indeterminate on some filesystems
+        longest = 255
     if len(os.fsencode(path.name)) + TEMP_EXTRA > longest:
         raise MepfError(f"output name {path.name[:40]}... is too long for this folder (at most "
                         f"{longest - TEMP_EXTRA} bytes, to leave room for its temporary name); choose a shorter --out")
@@ -155,7 +157,7 @@ def sweep_stale_temporaries(path, recover=None) -> list:
     on its temporary (on any host, where the filesystem's locks are shared), so a file we can lock is stale.
     If `recover(fd)` says it is the release logged for `path`, our own, and nothing is at `path`, it is put in
     place (the killed run had spent its budget on it); otherwise it is removed. Returns (what, line) for each
-    file found, what being "placed", "removed" or "left"."""
+    file found, what being "placed", "removed", "left", or "logged-left" (a logged release it could not place)."""
     path = Path(path)
     pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"[0-9]{1,10}-[0-9a-f]{16}")
     try:
@@ -177,7 +179,9 @@ def sweep_stale_temporaries(path, recover=None) -> list:
                                  "check it and remove it yourself"))
             continue
         try:
-            done.append(_sweep_one(p, fd, path, recover))
+            result = _sweep_one(p, fd, path, recover)
+            if result:
+                done.append(result)
         except OSError as e:
             done.append(("left", f"left {p} ({type(e).__name__}): a release file left by a killed embed; remove it "
                                  "yourself"))
@@ -186,9 +190,16 @@ def sweep_stale_temporaries(path, recover=None) -> list:
     return done
 
 
-def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+def _still_named(p: Path, st) -> bool:
+    try:
+        return st.st_nlink > 0 and os.path.samestat(os.lstat(p), st)
+    except OSError:
+        return False
+
+
+def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple | None:
+    """What to do with one temporary, opened as `fd`; None where its writer finished with it meanwhile."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         return "left", f"left {p}: named like a temporary release file but not a file; remove it yourself"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -197,18 +208,22 @@ def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple:
     except OSError as e:
         return "left", (f"left {p}: its filesystem cannot lock it ({type(e).__name__}), so it may be another embed's "
                         "file in progress; if no embed is running, remove it yourself")
-    if os.fstat(fd).st_size == 0:
+    st = os.fstat(fd)
+    if not _still_named(p, st):
+        return None  # its writer renamed or removed it before we locked it
+    if st.st_size == 0:
         return "left", f"left {p}: empty (a writer about to lock it, or one killed before it wrote anything)"
     ours = st.st_uid == os.geteuid() and st.st_nlink == 1
     if ours and recover is not None and not os.path.lexists(path) and recover(fd):
+        logged = f"it is the release logged for {path} by an embed killed before putting it in place"
         try:
             os.link(p, path)
+        except FileExistsError:
+            return "logged-left", f"left {p}: {logged}, but something is now at {path}; see to both yourself"
         except OSError as e:
-            return "left", (f"left {p} ({type(e).__name__}): it is the release logged for {path} by an embed killed "
-                            f"before putting it in place; rename it to {path}")
-        if not os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd)):  # renamed over meanwhile
-            os.unlink(path)
-            return "left", f"left {p}: it was replaced while being put in place; run again"
+            return "logged-left", f"left {p} ({type(e).__name__}): {logged}; rename it to {path} yourself"
+        if not _still_named(path, os.fstat(fd)):  # p was swapped for another file meanwhile: leave both
+            return "logged-left", f"left {p}: {logged}, but what was linked to {path} is not that file; check both"
         os.unlink(p)
         fsync_folder(path.parent)
         return "placed", f"put {p} in place as {path}: the release an embed logged before it was killed"

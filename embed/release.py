@@ -233,6 +233,28 @@ class EmbedResult:
     warnings: list
 
 
+def sweep_output(out, log_path=None, entries=None) -> None:
+    """Deal with release files that killed embeds left under temporary names beside `out`, saying what was
+    done; stop if one was a logged release (the output is then taken, or needs the user's hand)."""
+    out = Path(out)
+    log_path = Path(log_path) if log_path else release_log.default_log_path()
+    entries = release_log.read_log(log_path) if entries is None else entries
+
+    def logged_here(fd):  # a run killed between logging its release and putting it in place
+        entry = release_log.entry_of(entries, fd_sha256(fd))
+        return entry is not None and entry.get("output") == os.path.abspath(out)
+
+    swept = sweep_stale_temporaries(out, recover=logged_here)
+    for _, line in swept:
+        print(f"mepf embed: {line}", file=sys.stderr)
+    if any(what == "placed" for what, _ in swept):
+        raise MepfError(f"{out} now holds the release an earlier embed of yours logged before it was killed; use "
+                        "it, or choose another --out (--overwrite would replace it; the same data again is a repeat)")
+    if any(what == "logged-left" for what, _ in swept):
+        raise MepfError(f"a release logged for {out} by an earlier, killed embed is still under its temporary name "
+                        "(see above); put it in place or remove it, then run again")
+
+
 def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsilon: float, delta: float,
                   relation: str = "add-remove", moments: str = "mean+second", budget_split: str | None = None,
                   batch_size: int = 128, device="cpu", overwrite: bool = False, force: bool = False,
@@ -256,17 +278,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
 
     def before():  # a corrupt log or a taken output fails now, not after the pass
         entries = release_log.read_log(log_path)
-
-        def logged_here(fd):  # a run killed between logging its release and putting it in place
-            entry = release_log.entry_of(entries, fd_sha256(fd))
-            return entry is not None and entry.get("output") == os.path.abspath(out)
-
-        swept = sweep_stale_temporaries(out, recover=logged_here)
-        for _, line in swept:
-            print(f"mepf embed: {line}", file=sys.stderr)
-        if any(what == "placed" for what, _ in swept):
-            raise MepfError(f"{out} now holds the release an earlier embed of yours logged before it was killed; "
-                            "use it, or run again (a new release of the same data is a repeat: --allow-repeat)")
+        sweep_output(out, log_path, entries)
         check_output_path(out, overwrite)
         for p in (log_path, release_log.key_path(log_path)):
             if os.path.abspath(out) == os.path.abspath(p) or (out.exists() and p.exists() and os.path.samefile(out, p)):

@@ -10,7 +10,7 @@ from .device import resolve_device
 from .features import build_feature_map
 from .loader import default_workers
 from .options import EmbedOptions
-from .release import EmbedResult, embed_to_file
+from .release import EmbedResult, embed_to_file, sweep_output
 from .sources import declared_geometry, open_source, parse_classes
 from .transform import Transform
 
@@ -20,6 +20,7 @@ def prepare_embed(opts: EmbedOptions):
     extractor, feature spec, device). Under torchrun, this rank's device."""
     validate_target(opts.epsilon, opts.delta, allow_inf=True)
     if distributed.current().main:
+        sweep_output(opts.out, opts.release_log)  # a stale one is dealt with even where the output is taken
         check_output_path(opts.out, opts.overwrite)
     source = open_source(opts.data, parse_classes(opts.classes), opts.data_root)
     size, channels = declared_geometry(source, opts.image_size, opts.channels)

@@ -53,6 +53,19 @@ def test_embed_with_pixels_layer_records_and_shows_it(tmp_path, labelled_npz):
     assert "pixels x3" in cli("info", out).output
 
 
+def test_a_stale_release_file_is_swept_even_where_the_output_is_taken(tmp_path, labelled_npz):
+    """The sweep comes before the refusal of an existing output: a killed run's temporary, a whole noisy
+    release never logged, does not outlive an embed that stops at once."""
+    out = tmp_path / "X.h5"
+    out.write_bytes(b"an earlier release")
+    stale = tmp_path / f".X.h5.tmp-1-{'ab' * 8}"
+    stale.write_bytes(b"noisy")
+    r = cli(*embed_args(labelled_npz[0], out, tmp_path / "l.jsonl", "--classes", "3"))
+    assert r.exit_code != 0 and "already exists" in r.output and "Traceback" not in r.output
+    assert f"removed {stale}: a release file left by an embed that was killed" in r.stderr and not stale.exists()
+    assert out.read_bytes() == b"an earlier release"
+
+
 def test_python_m_mepf_audit_fails_on_tampered_file_without_traceback(tmp_path, labelled_npz):
     out = tmp_path / "X.h5"
     assert cli(*embed_args(labelled_npz[0], out, tmp_path / "l.jsonl", "--classes", "3")).exit_code == 0

@@ -425,7 +425,8 @@ def test_the_sweep_leaves_what_it_must_not_remove_and_says_so(tmp_path, labelled
     assert f"left {held}: in use by another process" in err
 
 
-def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path, labelled_npz, eff28, capfd):
+def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path, labelled_npz, eff28, capfd,
+                                                                          monkeypatch):
     """Killed between logging the release and renaming it: the budget is spent, so the next embed to that
     output puts the file in place (it says so, and stops before the pass as the output is now taken)."""
     log, out = tmp_path / "log.jsonl", tmp_path / "a.h5"
@@ -437,6 +438,12 @@ def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path
     assert f"put {tmp} in place as {out}: the release an embed logged" in capfd.readouterr().err
     assert not tmp.exists() and file_sha256(out) == res.sha256 == release_log.read_log(log)[0]["output_sha256"]
     os.replace(out, tmp)
+    with monkeypatch.context() as m:  # a filesystem without hard links: the logged release is left, and named
+        m.setattr(os, "link", lambda *a, **kw: (_ for _ in ()).throw(PermissionError(errno.EPERM, "no hard links")))
+        with pytest.raises(MepfError, match="still under its temporary name .* put it in place or remove it"):
+            run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log, overwrite=True, allow_repeat=True)
+    assert f"left {tmp} (PermissionError): it is the release logged for {out}" in capfd.readouterr().err
+    assert tmp.exists() and not out.exists() and len(release_log.read_log(log)) == 1
     run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "b.h5", log, allow_repeat=True)
     assert tmp.exists()  # a temporary of another output is not this run's to sweep
     os.link(tmp, tmp_path / "elsewhere")  # a second name: not provably the file the killed run wrote
