@@ -96,11 +96,8 @@ def content_checksum(arrays: dict, class_names, feature_spec: str, data_spec: st
 
 
 def file_sha256(path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return fd_sha256(f.fileno())
 
 
 def fd_sha256(fd: int) -> str:
@@ -168,8 +165,7 @@ def sweep_stale_temporaries(path, recover=None) -> list:
     for p in found:
         try:
             if not stat.S_ISREG(os.lstat(p).st_mode):
-                done.append(("left", f"left {p}: named like a temporary release file but not a file; remove it "
-                                     "yourself"))
+                done.append(_not_a_file(p))
                 continue
             fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -190,6 +186,10 @@ def sweep_stale_temporaries(path, recover=None) -> list:
     return done
 
 
+def _not_a_file(p: Path) -> tuple:
+    return "left", f"left {p}: named like a temporary release file but not a file; remove it yourself"
+
+
 def _still_named(p: Path, st) -> bool:
     try:
         return st.st_nlink > 0 and os.path.samestat(os.lstat(p), st)
@@ -200,7 +200,7 @@ def _still_named(p: Path, st) -> bool:
 def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple | None:
     """What to do with one temporary, opened as `fd`; None where its writer finished with it meanwhile."""
     if not stat.S_ISREG(os.fstat(fd).st_mode):
-        return "left", f"left {p}: named like a temporary release file but not a file; remove it yourself"
+        return _not_a_file(p)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
