@@ -255,8 +255,8 @@ def _moment_weights(ctx, param, value):
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder to create.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue this run folder from its latest snapshot (FILE and options come from it).")
-@click.option("--generator", type=click.Choice(["auto", "conv", "resnet"]), default=_td("generator"),
-              help="auto: conv up to 32 px, resnet above.")
+@click.option("--generator", type=click.Choice(["auto", "conv", "conv-cbn", "resnet"]), default=_td("generator"),
+              help="auto: conv up to 32 px, resnet above; conv-cbn: conv with class-conditional batch norm.")
 @click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), help="Generator width.  [default: 0 = "
               "the generator's own, 64 conv / 256 resnet]")
 @click.option("--objective", type=click.Choice(["mavg", "plain"]), default=_td("objective"),

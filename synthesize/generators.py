@@ -38,6 +38,47 @@ class ConvGenerator(nn.Module):
         return self.body(h.view(len(z), -1, self.s0, self.s0))
 
 
+class _ClassNorm(nn.Module):
+    """Class-conditional batch norm: statistics over the batch, scale and shift per class (1 and 0 at
+    the start), so each class can set its own contrast and brightness instead of sharing one affine map."""
+
+    def __init__(self, features: int, num_classes: int, dims: int):
+        super().__init__()
+        self.bn = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(features, affine=False)
+        self.scale, self.shift = nn.Embedding(num_classes, features), nn.Embedding(num_classes, features)
+        nn.init.ones_(self.scale.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x, y):
+        shape = (len(x), -1) + (1,) * (x.dim() - 2)
+        return self.bn(x) * self.scale(y).view(shape) + self.shift(y).view(shape)
+
+
+class ConvCBNGenerator(nn.Module):
+    """ConvGenerator's layout with class-conditional batch norm in place of each batch norm (the label is
+    also concatenated to z); for labelled releases."""
+
+    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 128):
+        super().__init__()
+        if image_size % 4:
+            raise MepfError(f"the conv generator needs a size divisible by 4 (got {image_size})")
+        self.s0 = image_size // 4
+        self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
+        cond = num_classes if num_classes > 1 else 0
+        k = max(num_classes, 1)
+        self.fc, self.n0 = nn.Linear(z_dim + cond, 2 * width * self.s0 ** 2), _ClassNorm(2 * width * self.s0 ** 2, k, 1)
+        self.conv1, self.n1 = nn.Conv2d(2 * width, width, 3, padding=1), _ClassNorm(width, k, 2)
+        self.conv2, self.n2 = nn.Conv2d(width, width // 2, 3, padding=1), _ClassNorm(width // 2, k, 2)
+        self.out = nn.Conv2d(width // 2, channels, 3, padding=1)
+
+    def forward(self, z, y=None):
+        y = torch.zeros(len(z), dtype=torch.long, device=z.device) if y is None or self.num_classes <= 1 else y
+        h = F.relu(self.n0(self.fc(_condition(z, y, self.num_classes)), y)).view(len(z), -1, self.s0, self.s0)
+        h = F.relu(self.n1(self.conv1(F.interpolate(h, scale_factor=2, mode="nearest")), y))
+        h = F.relu(self.n2(self.conv2(F.interpolate(h, scale_factor=2, mode="nearest")), y))
+        return torch.sigmoid(self.out(h))
+
+
 class _UpBlock(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
@@ -78,7 +119,7 @@ def _condition(z, y, num_classes):
     return torch.cat([z, F.one_hot(y, num_classes).to(z.dtype)], dim=1)
 
 
-GENERATORS = {"conv": ConvGenerator, "resnet": ResNetGenerator}
+GENERATORS = {"conv": ConvGenerator, "conv-cbn": ConvCBNGenerator, "resnet": ResNetGenerator}
 
 
 def default_generator(image_size: int, channels: int) -> str:

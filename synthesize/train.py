@@ -55,7 +55,7 @@ def prepare(opts: TrainOptions, device=None):
     name = default_generator(inp["height"], inp["channels"]) if opts.generator == "auto" else opts.generator
     arch = {"name": name, "image_size": inp["height"], "channels": inp["channels"],
             "num_classes": len(release.class_names), "z_dim": Z_DIM,
-            "width": opts.width or (64 if name == "conv" else 256)}
+            "width": opts.width or (256 if name == "resnet" else 64)}
     build_generator(arch)  # validates the geometry for this generator
     return release, extractor, arch, device
 

@@ -234,6 +234,29 @@ def test_resnet_generator_on_rgb_32(tmp_path):
     assert images.shape == (6, 32, 32, 3) and list(labels) == [0, 1, 0, 1, 0, 1]
 
 
+def test_class_conditional_norm_generator(release_file, tmp_path):
+    """conv-cbn: each class's scale and shift are its own parameters (a class absent from a batch gets no
+    gradient), and the run trains, snapshots and samples like conv."""
+    from mepf.synthesize.generators import build_generator
+    g = build_generator({"name": "conv-cbn", "image_size": 28, "channels": 1, "num_classes": 3, "z_dim": 100,
+                         "width": 16})
+    z, y = torch.randn(8, 100), torch.tensor([0, 1] * 4)
+    g(z, y).sum().backward()
+    scale = g.n1.scale.weight.grad
+    assert scale[:2].abs().sum(1).min() > 0 and scale[2].abs().sum() == 0
+    with torch.no_grad():  # a class's shift moves only that class's images
+        g.eval()
+        before = g(z, y)
+        g.n2.shift.weight[1] += 1.0
+        after = g(z, y)
+    assert torch.equal(before[y == 0], after[y == 0]) and not torch.equal(before[y == 1], after[y == 1])
+    t = start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=2, generator="conv-cbn",
+                           **FAST), progress=False)
+    assert t.arch == {**t.arch, "name": "conv-cbn", "width": 32}
+    images, labels = load_generator(tmp_path / "run").sample(20, seed=1)
+    assert images.shape[0] == 20 and sorted(np.bincount(labels)) == [2] * 10
+
+
 def test_cli_resume_extends_a_run(release_file, tmp_path):
     run = tmp_path / "run"
     r = CliRunner()
