@@ -56,7 +56,7 @@ class _ClassNorm(nn.Module):
 
 class ConvCBNGenerator(nn.Module):
     """ConvGenerator's layout with class-conditional batch norm in place of each batch norm (the label is
-    also concatenated to z); for labelled releases."""
+    also concatenated to z); on an unlabelled release it is ConvGenerator again."""
 
     def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 128):
         super().__init__()
@@ -72,7 +72,8 @@ class ConvCBNGenerator(nn.Module):
         self.out = nn.Conv2d(width // 2, channels, 3, padding=1)
 
     def forward(self, z, y=None):
-        y = torch.zeros(len(z), dtype=torch.long, device=z.device) if y is None or self.num_classes <= 1 else y
+        if self.num_classes <= 1:  # unlabelled: one class, its scale and shift act as batch norm's own
+            y = torch.zeros(len(z), dtype=torch.long, device=z.device)
         h = F.relu(self.n0(self.fc(_condition(z, y, self.num_classes)), y)).view(len(z), -1, self.s0, self.s0)
         h = F.relu(self.n1(self.conv1(F.interpolate(h, scale_factor=2, mode="nearest")), y))
         h = F.relu(self.n2(self.conv2(F.interpolate(h, scale_factor=2, mode="nearest")), y))

@@ -250,6 +250,9 @@ def test_class_conditional_norm_generator(release_file, tmp_path):
         g.n2.shift.weight[1] += 1.0
         after = g(z, y)
     assert torch.equal(before[y == 0], after[y == 0]) and not torch.equal(before[y == 1], after[y == 1])
+    unlabelled = build_generator({"name": "conv-cbn", "image_size": 28, "channels": 1, "num_classes": 1,
+                                  "z_dim": 100, "width": 16})
+    assert unlabelled(z).shape == (8, 1, 28, 28)
     t = start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=2, generator="conv-cbn",
                            **FAST), progress=False)
     assert t.arch == {**t.arch, "name": "conv-cbn", "width": 32}
