@@ -12,17 +12,22 @@ from mepf.artifacts.errors import MepfError
 Z_DIM = 100
 
 
+def _conv_geometry(g: nn.Module, image_size: int, num_classes: int, z_dim: int, width: int) -> int:
+    """Sets the conv generators' shared attributes; returns the width of the label appended to z."""
+    if image_size % 4:
+        raise MepfError(f"the conv generator needs a size divisible by 4 (got {image_size})")
+    g.s0 = image_size // 4
+    g.num_classes, g.z_dim, g.width = num_classes, z_dim, width
+    return num_classes if num_classes > 1 else 0
+
+
 class ConvGenerator(nn.Module):
     """Small conditional conv generator for 28x28/32x32, 1 or 3 channels: FC to (S/4)x(S/4), two
     nearest-upsample + conv3x3 stages (resize-conv: no checkerboard artefacts), sigmoid."""
 
     def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 128):
         super().__init__()
-        if image_size % 4:
-            raise MepfError(f"the conv generator needs a size divisible by 4 (got {image_size})")
-        self.s0 = image_size // 4
-        self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
-        cond = num_classes if num_classes > 1 else 0
+        cond = _conv_geometry(self, image_size, num_classes, z_dim, width)
         self.fc = nn.Sequential(nn.Linear(z_dim + cond, 2 * width * self.s0 ** 2),
                                 nn.BatchNorm1d(2 * width * self.s0 ** 2),
                                 nn.ReLU(True))
@@ -60,11 +65,7 @@ class ConvCBNGenerator(nn.Module):
 
     def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 128):
         super().__init__()
-        if image_size % 4:
-            raise MepfError(f"the conv generator needs a size divisible by 4 (got {image_size})")
-        self.s0 = image_size // 4
-        self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
-        cond = num_classes if num_classes > 1 else 0
+        cond = _conv_geometry(self, image_size, num_classes, z_dim, width)
         k = max(num_classes, 1)
         self.fc, self.n0 = nn.Linear(z_dim + cond, 2 * width * self.s0 ** 2), _ClassNorm(2 * width * self.s0 ** 2, k, 1)
         self.conv1, self.n1 = nn.Conv2d(2 * width, width, 3, padding=1), _ClassNorm(width, k, 2)
