@@ -258,7 +258,7 @@ def _moment_weights(ctx, param, value):
 @click.option("--generator", type=click.Choice(["auto", "conv", "conv-cbn", "resnet"]), default=_td("generator"),
               help="auto: conv up to 32 px, resnet above; conv-cbn: conv with class-conditional batch norm.")
 @click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), help="Generator width.  [default: 0 = "
-              "the generator's own, 64 conv / 256 resnet]")
+              "the generator's own, 64 conv and conv-cbn / 256 resnet]")
 @click.option("--objective", type=click.Choice(["mavg", "plain"]), default=_td("objective"),
               help="mavg: the paper's Adam moving average; plain: squared distance.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_td("lr"), help="Generator Adam lr.")
