@@ -8,7 +8,7 @@ import numpy as np
 
 from .accounting import autodp_eps, eps_for_delta, gdp_mu
 from .errors import MepfError
-from .format import read_raw, recompute_checksum
+from .format import printable, read_raw, recompute_checksum
 from .ledger import RELATIONS, SENSITIVITY_RULES
 
 REL_TOL = 1e-6
@@ -46,17 +46,17 @@ def audit(path) -> AuditReport:
     rep.check("checksum", recompute_checksum(release) == release.checksum,
               "arrays and ledger match the stored SHA-256" if recompute_checksum(release) == release.checksum
               else "stored SHA-256 does not match the content: the file was altered")
-    rep.check("fields", not release.extra_fields,
-              "only documented fields" if not release.extra_fields
-              else f"undocumented fields present: {', '.join(release.extra_fields)}")
+    bad = [n for n, a in release.arrays.items() if not np.isfinite(a).all()]
+    rep.check("finite", not bad, "every released number is finite" if not bad else
+              f"{', '.join(bad)} hold NaN or infinite values, which no release has (they would blind the noise check)")
     try:
-        _check_ledger(release, rep)
-    except (KeyError, TypeError, ValueError) as e:
-        rep.check("ledger-structure", False, f"ledger is malformed: {type(e).__name__}: {e}")
+        _check_ledger(release, rep, noise=not bad)
+    except (ArithmeticError, KeyError, TypeError, ValueError, AssertionError) as e:  # schema-valid but unworkable
+        rep.check("ledger-numbers", False, f"the ledger's numbers cannot be checked ({type(e).__name__})")
     return rep
 
 
-def _check_ledger(release, rep: AuditReport) -> None:
+def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
     led, spec = release.ledger, release.feature_spec
     private = led.get("private", True) is True
     if not rep.check("private", private, "the ledger declares a DP release" if private else
@@ -110,7 +110,8 @@ def _check_ledger(release, rep: AuditReport) -> None:
     rep.check("target", delta == target_delta and max(eps_autodp, eps_closed) <= target_eps * (1 + 1e-12),
               f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, "
               f"{target_delta:g})")
-    _check_noise(release, rep, {r["name"]: r for r in releases}, c1, c2)
+    if noise:
+        _check_noise(release, rep, {r["name"]: r for r in releases}, c1, c2)
     rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
                    "delta": delta, "mu": mu, "relation": relation, "releases": names,
                    "target": {"epsilon": target_eps, "delta": target_delta}}
@@ -128,39 +129,78 @@ def noise_floor(d: int, rows: int, alpha: float = NOISE_ALPHA) -> tuple:
     return float(chi2.ppf(a, d)) - z * z, z, float(chi2.isf(a, d))
 
 
+def _ulp32(x: float) -> float:
+    """The spacing of float32 numbers at |x|."""
+    return float(np.spacing(np.float32(min(abs(x), 3.0e38))))
+
+
+def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
+    """Noisy counts are plausible: none far below zero (a true count is not negative), and not all whole
+    numbers, which noise of sigma_n makes improbable (exact counts stored under a ledger that declares noise)."""
+    from scipy.stats import norm
+
+    k = len(counts)
+    z = float(norm.isf(NOISE_ALPHA / (2 * k)))
+    low = [i for i in range(k) if counts[i] < -z * sigma_n]
+    # P(a noisy count rounds to a whole float32) <= ulp * (1 + 1/(sigma sqrt(2 pi))) near it, plus a far tail
+    p = float(np.prod([min(1.0, _ulp32(abs(c) + 20 * sigma_n) * (1 + 1 / (sigma_n * math.sqrt(2 * math.pi))) + 1e-22)
+                       for c in counts]))
+    whole = bool(np.all(counts == np.round(counts)))
+    if low:
+        detail = (f"{len(low)} noisy count(s) lie below -{z:.3g} sigma ({z * sigma_n:.4g}): no true count is negative, "
+                  "so the file carries other counts than its ledger declares")
+    elif whole and p < NOISE_ALPHA / 2:
+        detail = (f"every noisy count is a whole number, which noise of sigma={sigma_n:.6g} gives a genuine file with "
+                  f"probability below {p:.1e}: the counts look exact, not noised")
+    else:
+        power = ("whole-number counts would be caught" if p < NOISE_ALPHA / 2 else
+                 "NO POWER to tell exact counts here (too few classes or counts too large for float32)")
+        detail = f"no count below -{z:.3g} sigma; {power}"
+    rep.check("noise:counts", not low and not (whole and p < NOISE_ALPHA / 2), detail)
+
+
 def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:
-    """The released numbers against the declared noise: each noisy row's norm cannot be much smaller than
-    the noise alone makes it. Its power: a row whose true sum (at most n_c C, n_c bounded by the noisy
-    count) is small next to sqrt(D) sigma shows under-noising; a row dominated by its signal cannot."""
+    """The released numbers against the declared noise, from both sides: each noisy row's norm can be neither
+    much smaller than the noise alone makes it, nor larger than its true sum (at most n_c C, n_c bounded by
+    the noisy count) plus the noise's high quantile. The lower side's power: a row whose true sum is small
+    next to sqrt(D) sigma shows under-noising; a row dominated by its signal cannot."""
     moments = [m for m in ("S1", "S2") if m in release.arrays and m in releases]
     counts = np.asarray(release.arrays.get("counts", []), dtype=np.float64)
     if not moments or "counts" not in releases or releases["counts"]["sigma"] <= 0:
         return
     sigma_n = float(releases["counts"]["sigma"])
+    _check_counts(counts, sigma_n, rep)
     rows = sum(release.arrays[m].shape[0] for m in moments)
     for m in moments:
         arr = np.asarray(release.arrays[m], dtype=np.float64)
         sigma, c = float(releases[m]["sigma"]), (c1 if m == "S1" else c2)
         if sigma <= 0 or arr.ndim != 2 or len(counts) != arr.shape[0]:
             continue
-        floor, z, q_hi = noise_floor(arr.shape[1], rows)
+        floor, z, q_hi = noise_floor(arr.shape[1], rows, NOISE_ALPHA / 2)  # the other half: the upper side
         sq = (arr * arr).sum(axis=1) / sigma ** 2
-        low = [i for i in range(len(sq)) if sq[i] < floor]
+        low = [i for i in range(len(sq)) if not sq[i] >= floor]
         n_hi = np.maximum(counts + z * sigma_n, 0.0)  # bounds each true count unless the counts' noise is extreme
+        ceiling = n_hi * c / sigma + math.sqrt(q_hi)  # in units of sigma
+        high = [i for i in range(len(sq)) if not np.sqrt(sq[i]) <= ceiling[i]]
         power = np.maximum((np.sqrt(max(floor, 0.0)) - n_hi * c / sigma) / np.sqrt(q_hi), 0.0)
         best = int(np.argmax(power))
         if low:
-            names = ", ".join(release.class_names[i] for i in low[:5])
+            names = ", ".join(printable(release.class_names[i], 30) for i in low[:5])
             detail = (f"{len(low)} row(s) ({names}) have less norm than noise of sigma={sigma:.6g} gives any data "
                       f"(floor {np.sqrt(floor):.6g} sigma): the file carries less noise than its ledger declares")
+        elif high:
+            names = ", ".join(printable(release.class_names[i], 30) for i in high[:5])
+            detail = (f"{len(high)} row(s) ({names}) have more norm than their noisy count's records (each of norm at "
+                      f"most C={c:g}) and noise of sigma={sigma:.6g} can give: the file holds other numbers than its "
+                      "ledger declares")
         elif power[best] > 0:
             detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a mechanism with less than "
                       f"{power[best]:.0%} of the declared noise would fail this check (row "
-                      f"{release.class_names[best]})")
+                      f"{printable(release.class_names[best], 30)})")
         else:
             detail = (f"consistent with sigma={sigma:.6g}, but NO POWER here: every row's true sum (up to n*C) can be "
                       "as large as the noise, so under-noising cannot be told from the numbers of this file")
-        rep.check(f"noise:{m}", not low, detail)
+        rep.check(f"noise:{m}", not low and not high, detail)
 
 
 def composed_total(log_entries: list, delta: float) -> dict:

@@ -12,13 +12,22 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MepfError
 from .ledger import canonical_json
+from .schema import (
+    MAX_CLASSES,
+    MAX_NAME,
+    MAX_TEXT,
+    class_names_problem,
+    data_spec_problem,
+    feature_spec_problem,
+    ledger_problem,
+)
 
 FORMAT_NAME = "mepf-release"
 SCHEMA_VERSION = 1
@@ -43,7 +52,6 @@ class Release:
     ledger: dict
     checksum: str
     file_sha256: str
-    extra_fields: list = field(default_factory=list)
 
     @property
     def private(self) -> bool:
@@ -245,7 +253,7 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
     tmp = path.with_name(_temp_name(path))
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only until it is a private release
     try:
         try:  # held until it is renamed, so a later run's sweep leaves it alone; blocking, as a sweep may
             fcntl.flock(fd, fcntl.LOCK_EX)  # hold it for a moment before it has data
@@ -268,6 +276,10 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
                 f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
         os.fsync(fd)
         yield fd_sha256(fd)
+        if ledger.get("private") is True:  # a noisy release is for sharing: the umask's mode; a baseline stays 0600
+            umask = os.umask(0o077)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
@@ -284,46 +296,187 @@ def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec
     return sha
 
 
+def _open_regular(path: Path) -> int:
+    """The release file itself, opened read-only without following a symbolic link at its name, and checked
+    to be a regular file (not a FIFO that would block, not a device)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise MepfError(f"{path} does not exist; pass the .h5 file written by `mepf embed`") from None
+    except OSError as e:
+        if os.path.islink(path):
+            raise MepfError(f"{path} is a symbolic link; mepf reads a release only as the file itself: pass "
+                            f"{os.path.realpath(path)} if that is the release you mean") from None
+        raise MepfError(f"{path} cannot be read ({type(e).__name__}); pass the .h5 file written by `mepf embed`"
+                        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MepfError(f"{path} is not a file; pass the .h5 file written by `mepf embed`")
+    return fd
+
+
+_ATTR_KINDS = {"format": "text", "schema_version": "int", "checksum_sha256": "text", "checksum_covers": "text",
+               "description": "text"}
+
+
+def _attr(f, name: str, path: Path):
+    """A root attribute, checked to be a scalar of its kind before its value is read."""
+    import h5py
+
+    aid = f.attrs.get_id(name)
+    dt = aid.dtype
+    scalar = aid.shape == ()
+    if _ATTR_KINDS[name] == "int":
+        ok = scalar and dt.kind in "iu"
+    else:
+        info = h5py.check_string_dtype(dt)
+        ok = scalar and info is not None and (info.length is None or info.length <= 65536)
+    if not ok:
+        raise MepfError(f"{path} is not an mepf release: its attribute {name} is not a scalar {_ATTR_KINDS[name]}; "
+                        "pass a file written by `mepf embed`")
+    value = f.attrs[name]
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _dataset(f, name: str, path: Path, size: int):
+    """The dataset `name`, checked to be stored inside this file as the writer stores it (no link other than
+    a hard one, no external storage, no virtual dataset, no filter, no attribute, allocated storage that the
+    file holds) before any of its data is read."""
+    import h5py
+
+    link = f.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise MepfError(f"{path} is not a plain mepf release: {name} is a {type(link).__name__}, which would read "
+                        "another file; mepf reads only what is stored inside the file")
+    obj = f[name]
+    if not isinstance(obj, h5py.Dataset):
+        raise MepfError(f"{path} is not an mepf release: {name} is not a dataset")
+    plist = obj.id.get_create_plist()
+    if obj.is_virtual or obj.external or plist.get_nfilters() or plist.get_layout() not in (h5py.h5d.CONTIGUOUS,
+                                                                                           h5py.h5d.COMPACT):
+        raise MepfError(f"{path} is not a plain mepf release: {name} is stored virtually, externally, in chunks or "
+                        "through filters, which mepf never writes; ask the data owner for the original file")
+    if len(obj.attrs):
+        raise MepfError(f"{path} is not an mepf release: {name} carries attributes, which mepf never writes")
+    stored = obj.id.get_storage_size()
+    if stored > size:
+        raise MepfError(f"{path} is damaged: {name} claims more bytes than the file holds")
+    return obj
+
+
+def _numbers(f, name: str, path: Path, size: int, shape: tuple) -> np.ndarray:
+    ds = _dataset(f, name, path, size)
+    if ds.dtype.kind != "f" or ds.dtype.itemsize != 4 or ds.shape != shape:
+        raise MepfError(f"{path} is not a valid mepf release: {name} is {ds.dtype} {list(ds.shape)}, the schema "
+                        f"says float32 {list(shape)}; ask the data owner for the original file")
+    if ds.id.get_storage_size() != int(np.prod(shape)) * 4:  # unallocated storage would read as fill values
+        raise MepfError(f"{path} is damaged: {name} does not hold its data; ask the data owner for the original file")
+    return ds[()]
+
+
+def _text(f, name: str, path: Path, size: int) -> str:
+    import h5py
+
+    ds = _dataset(f, name, path, size)
+    info = h5py.check_string_dtype(ds.dtype)
+    if ds.shape != () or info is None or (info.length is not None and info.length > MAX_TEXT):
+        raise MepfError(f"{path} is not a valid mepf release: {name} is not one text; ask the data owner for the "
+                        "original file")
+    text = ds.asstr()[()]
+    if len(text) > MAX_TEXT:
+        raise MepfError(f"{path} is not a valid mepf release: {name} is longer than {MAX_TEXT:,} characters")
+    return text
+
+
+def _names(f, path: Path, size: int) -> list:
+    import h5py
+
+    ds = _dataset(f, "class_names", path, size)
+    info = h5py.check_string_dtype(ds.dtype)
+    if len(ds.shape) != 1 or not 1 <= ds.shape[0] <= MAX_CLASSES or info is None or (
+            info.length is not None and info.length > 4 * MAX_NAME):
+        raise MepfError(f"{path} is not a valid mepf release: class_names is not a list of 1 to {MAX_CLASSES:,} texts")
+    if ds.id.get_storage_size() == 0:
+        raise MepfError(f"{path} is damaged: class_names does not hold its data")
+    return [str(n) for n in ds.asstr()[()]]
+
+
+def _read_checked(f, path: Path, size: int) -> tuple:
+    """Every field, each checked against the schema before it is read; the one order of reading."""
+    attrs = set(f.attrs.keys())
+    if "format" not in attrs or _attr(f, "format", path) != FORMAT_NAME:
+        raise MepfError(f"{path} is not an mepf release; pass a file written by `mepf embed`")
+    version = int(_attr(f, "schema_version", path)) if "schema_version" in attrs else -1
+    if version != SCHEMA_VERSION:
+        raise MepfError(f"{path} has schema version {version}, this mepf reads version {SCHEMA_VERSION}; "
+                        "use the mepf version that wrote it")
+    extra = sorted(set(f.keys()) - ALLOWED_FIELDS) + [f"@{a}" for a in sorted(attrs - set(ROOT_ATTRS))]
+    if extra:
+        shown = ", ".join(printable(e) for e in extra[:5])
+        raise MepfError(f"{path} holds {shown}, which is not in the schema of an mepf release; ask the data owner "
+                        "for the original file")
+    missing = [n for n in ("counts", "class_names", *TEXT_NAMES) if n not in f]
+    if missing or "checksum_sha256" not in attrs:
+        raise MepfError(f"{path} lacks {', '.join(missing) or 'its checksum'}; the file is incomplete, re-run "
+                        "`mepf embed`")
+    checksum = str(_attr(f, "checksum_sha256", path))
+    texts = {n: _text(f, n, path, size) for n in TEXT_NAMES}
+    try:
+        specs = {n: json.loads(t) for n, t in texts.items()}
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise MepfError(f"{path}: a JSON field is corrupt ({type(e).__name__}); the file cannot be trusted") from None
+    class_names = _names(f, path, size)
+    problem = (class_names_problem(class_names) or feature_spec_problem(specs["feature_spec"])
+               or data_spec_problem(specs["data_spec"], len(class_names), specs["feature_spec"])
+               or ledger_problem(specs["ledger"]))
+    if problem:
+        raise MepfError(f"{path} is not a valid mepf release: it holds {problem}; ask the data owner for the "
+                        "original file")
+    k, d = len(class_names), specs["feature_spec"]["dim"]
+    arrays = {"counts": _numbers(f, "counts", path, size, (k,))}
+    for name in ("S1", "S2"):
+        if name in f:
+            arrays[name] = _numbers(f, name, path, size, (k, d))
+    if "S1" not in arrays:
+        raise MepfError(f"{path} lacks S1; the file is incomplete, re-run `mepf embed`")
+    return arrays, class_names, texts, specs, checksum
+
+
+def printable(text: str, longest: int = 60) -> str:
+    """A name from a file, safe to print on one line."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text))
+    return text if len(text) <= longest else text[:longest] + "..."
+
+
 def read_raw(path) -> Release:
-    """Read every field without verifying the checksum (the audit reports that itself)."""
+    """Read every field without verifying the checksum (the audit reports that itself). The file's structure,
+    types and bounds are enforced before any data is read (docs/artifact-format.md, "What a reader
+    enforces"): a hostile file is refused in one line, never followed to another file or allowed to make
+    this process allocate more than the file holds."""
     import h5py
 
     path = Path(path)
-    if not path.is_file():
-        raise MepfError(f"{path} does not exist; pass the .h5 file written by `mepf embed`")
+    fd = _open_regular(path)
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise MepfError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}") from None
-    try:
-        with f:
-            fmt = f.attrs.get("format")
-            if fmt != FORMAT_NAME:
-                raise MepfError(f"{path} is not an mepf release (format {fmt!r}); pass a file from `mepf embed`")
-            version = int(f.attrs.get("schema_version", -1))
-            if version != SCHEMA_VERSION:
-                raise MepfError(f"{path} has schema version {version}, this mepf reads version {SCHEMA_VERSION}; "
-                                "use the mepf version that wrote it")
-            missing = [n for n in ("counts", "class_names", *TEXT_NAMES) if n not in f]
-            if missing:
-                raise MepfError(f"{path} lacks {', '.join(missing)}; the file is incomplete, re-run `mepf embed`")
-            arrays = {n: f[n][()] for n in ARRAY_NAMES if n in f}
-            class_names = [s for s in f["class_names"].asstr()[()]]
-            texts = {n: f[n].asstr()[()] for n in TEXT_NAMES}
-            extra = sorted(set(f.keys()) - ALLOWED_FIELDS) + [
-                f"@{a}" for a in sorted(set(f.attrs.keys()) - set(ROOT_ATTRS))]
-            checksum = str(f.attrs.get("checksum_sha256", ""))
+        size = os.fstat(fd).st_size
+        with os.fdopen(os.dup(fd), "rb") as fo:
+            try:
+                f = h5py.File(fo, "r")
+            except Exception as e:  # noqa: BLE001 - h5py raises OSError and others for non-HDF5 bytes
+                raise MepfError(f"{path} is not a readable HDF5 file (truncated or corrupt?) ({type(e).__name__}); "
+                                "pass the .h5 file written by `mepf embed`") from None
+            with f:
+                arrays, class_names, texts, specs, checksum = _read_checked(f, path, size)
+        sha = fd_sha256(fd)  # the bytes just read, whatever the name points to now
     except MepfError:
         raise
-    except (OSError, KeyError, ValueError) as e:
-        raise MepfError(f"{path} could not be read (truncated or corrupt?): {e}") from None
-    try:
-        specs = {n: json.loads(t) for n, t in texts.items()}
-    except json.JSONDecodeError as e:
-        raise MepfError(f"{path}: a JSON field is corrupt ({e}); the file cannot be trusted") from None
+    except Exception as e:  # noqa: BLE001 - any other failure of a reader on a hostile file is one line
+        raise MepfError(f"{path} could not be read as an mepf release (truncated or corrupt?) ({type(e).__name__}); "
+                        "ask the data owner for the original file") from None
+    finally:
+        os.close(fd)
     release = Release(path=path, arrays=arrays, class_names=class_names, feature_spec=specs["feature_spec"],
-                      data_spec=specs["data_spec"], ledger=specs["ledger"], checksum=checksum,
-                      file_sha256=file_sha256(path), extra_fields=extra)
+                      data_spec=specs["data_spec"], ledger=specs["ledger"], checksum=checksum, file_sha256=sha)
     release._texts = texts
     return release
 
@@ -339,4 +492,8 @@ def load(path, verify: bool = True) -> Release:
     if verify and recompute_checksum(release) != release.checksum:
         raise MepfError(f"{path}: checksum mismatch: the arrays or ledger were altered after release; "
                         "do not use this file, ask the data owner for the original")
+    bad = [n for n, a in release.arrays.items() if not np.isfinite(a).all()]
+    if bad:
+        raise MepfError(f"{path}: {', '.join(bad)} hold NaN or infinite values, which no release has; do not use "
+                        "this file, ask the data owner for the original")
     return release

@@ -17,7 +17,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 
-from .sources import Source, kept
+from .sources import Source, files_digest, kept
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -53,6 +53,9 @@ class IdxSource(Source):
 
     def __len__(self):
         return self._n
+
+    def listing_digest(self) -> str:
+        return files_digest([self.image_file, self.label_file])
 
     def blocks(self, block_size, keep=None):
         with _open_maybe_gz(self.image_file) as fi, _open_maybe_gz(self.label_file) as fl:
@@ -95,6 +98,9 @@ class Mnist5kSource(Source):
 
     def __len__(self):
         return 4000 if self.split == "train" else 1000
+
+    def listing_digest(self) -> str:
+        return files_digest([self.path])
 
     def blocks(self, block_size, keep=None):
         seen = [0] * 10
@@ -168,6 +174,9 @@ class CifarSource(Source):
     def __len__(self):
         return 10000 * len(self.files)
 
+    def listing_digest(self) -> str:
+        return files_digest(self.files)
+
     def blocks(self, block_size, keep=None):
         for i, path in enumerate(self.files):  # 10,000 records per file; a file with no kept block is not read
             wanted = [b for b in range(i * 10000 // block_size, -(-(i + 1) * 10000 // block_size)) if kept(keep, b)]
@@ -200,6 +209,19 @@ class CelebASource(Source):
 
     def __len__(self):
         return len(self.ds)
+
+    def listing_digest(self) -> str:
+        """The image files' names and sizes, in order (a read of each would cost more than the pass's decode)."""
+        import hashlib
+
+        folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
+        h = hashlib.sha256(b"mepf-celeba-v1")
+        for name in self.ds.filename:
+            try:
+                h.update(f"|{name}|{(folder / name).stat().st_size}".encode())
+            except OSError as e:
+                raise MepfError(f"cannot read celeba image {name} ({type(e).__name__}); fetch celeba again") from None
+        return h.hexdigest()
 
     def blocks(self, block_size, keep=None):
         for b, start in enumerate(range(0, len(self.ds), block_size)):

@@ -79,23 +79,61 @@ def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def gather(obj) -> list | None:
-    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+#: the longest error text ranks exchange (bytes); longer ones are cut
+MESSAGE_BYTES = 4096
+
+
+def _to_tensor(data: bytes, size: int) -> torch.Tensor:
+    if len(data) > size:
+        raise ValueError(f"{len(data)} bytes exceed the {size} this exchange carries")
+    t = torch.zeros(8 + size, dtype=torch.uint8)
+    t[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+    if data:
+        t[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return t
+
+
+def _from_tensor(t: torch.Tensor, size: int) -> bytes:
+    raw = t.numpy().tobytes()
+    length = min(int.from_bytes(raw[:8], "little"), size)  # a peer's length is not trusted past the buffer
+    return raw[8:8 + length]
+
+
+def all_gather_bytes(data: bytes, size: int) -> list:
+    """Every rank's `data` (at most `size` bytes), in rank order, on every rank. Exchanged as uint8 tensors
+    of one fixed size: nothing a peer sends is unpickled, and a peer's length is bounded by `size`."""
     r = current()
     if not r.active:
-        return [obj]
-    out = [None] * r.world if r.main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+        return [data]
+    out = [torch.zeros(8 + size, dtype=torch.uint8) for _ in range(r.world)]
+    dist.all_gather(out, _to_tensor(data, size))
+    return [_from_tensor(t, size) for t in out]
+
+
+def broadcast_bytes(data: bytes | None, size: int) -> bytes:
+    """Rank 0's `data` (at most `size` bytes) on every rank, as a uint8 tensor."""
+    r = current()
+    if not r.active:
+        return data or b""
+    t = _to_tensor(data or b"", size) if r.main else torch.zeros(8 + size, dtype=torch.uint8)
+    dist.broadcast(t, src=0)
+    return _from_tensor(t, size)
+
+
+def _encode_error(error: str | None) -> bytes:
+    return b"" if error is None else b"E" + error.encode("utf-8", "replace")[:MESSAGE_BYTES - 1]
+
+
+def _decode_error(raw: bytes) -> str | None:
+    if not raw.startswith(b"E"):
+        return None
+    text = raw[1:].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else " " for c in text) or "another rank failed"  # one printable line
 
 
 def agree(error: str | None) -> None:
     """Every rank states whether its step failed; if any did, every rank raises the first error (by rank)."""
-    r = current()
-    errors = [error]
-    if r.active:
-        errors = [None] * r.world
-        dist.all_gather_object(errors, error)
+    errors = [_decode_error(raw) for raw in all_gather_bytes(_encode_error(error), MESSAGE_BYTES)]
     first = next((e for e in errors if e), None)
     if first:
         raise MepfError(first)
@@ -105,36 +143,36 @@ def on_main(fn):
     """Run fn() on rank 0 only and share its outcome: its return value on rank 0 (None elsewhere), or the
     same one-line error raised on every rank."""
     r = current()
-    result, error = None, None
+    result, error, crash = None, None, None
     if r.main:
         try:
             result = fn()
         except MepfError as e:
             error = str(e)
+        except Exception as e:  # a bug: the others must not wait for rank 0 in the next collective
+            error, crash = f"rank 0 failed ({type(e).__name__}); see its traceback", e
     if r.active:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error = _decode_error(broadcast_bytes(_encode_error(error), MESSAGE_BYTES))
+    if crash is not None:
+        raise crash
     if error:
         raise MepfError(error)
     return result
 
 
-def shared(obj):
-    """Rank 0's `obj` on every rank."""
-    if current().active:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        obj = box[0]
-    return obj
-
-
 def guarded(fn):
     """Run fn() on every rank; a MepfError on any rank becomes the same error on all (see agree)."""
-    result, error = None, None
+    result, error, crash = None, None, None
     try:
         result = fn()
     except MepfError as e:
         error = str(e)
-    agree(error)
+    except Exception as e:  # a bug: raised here with its traceback, and the others do not wait for this rank
+        error, crash = f"rank {current().rank} failed ({type(e).__name__}); see its traceback", e
+    try:
+        agree(error)
+    except MepfError:
+        if crash is not None:
+            raise crash from None
+        raise
     return result

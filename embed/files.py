@@ -6,6 +6,7 @@ mode, and no message or error names a number computed from the records.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 
-from .sources import Source, kept
+from .sources import Source, files_digest, kept
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 #: Pillow modes decoded as one channel; everything else (RGB, RGBA, P, CMYK, YCbCr, ...) as RGB, alpha dropped
@@ -52,6 +53,7 @@ class FolderSource(Source):
         root = Path(root)
         if not root.is_dir():
             raise MepfError(f"--data {root}: no such folder")
+        self.root = root
         entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
         dirs = [p for p in entries if p.is_dir()]
         files = [p for p in entries if p.is_file()]
@@ -73,6 +75,17 @@ class FolderSource(Source):
         if not self.items:
             raise MepfError(f"--data {root} holds no images; put PNG/JPEG files in it (one subfolder per class)")
         self.description = "image folder" + (" (labelled)" if self.classes else " (unlabelled)")
+
+    def listing_digest(self) -> str:
+        """The listing in order: each image's path below the folder, its label and its size in bytes."""
+        h = hashlib.sha256(b"mepf-folder-v1")
+        for path, label in self.items:
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it") from None
+            h.update(f"|{label}|{path.relative_to(self.root).as_posix()}|{size}".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
 
     def _read_image(self, path: Path) -> np.ndarray:
         return decode_image(path)
@@ -180,6 +193,9 @@ class ArraySource(Source):
             raise MepfError("labels must be a 1-d array with one integer per image; store them so")
         if not np.issubdtype(dtype, np.integer):
             raise MepfError(f"labels have dtype {dtype}; expected integers 0..K-1")
+
+    def listing_digest(self) -> str:
+        return files_digest([self.path])
 
     @property
     def geometry(self) -> tuple:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 
 import numpy as np
 
@@ -53,10 +54,12 @@ def record_hash(record) -> bytes:
 class Sketch:
     """Adaptive hash sampling: keep the record hashes (first 128 bits) with at least `level` leading zero
     bits; when more than SKETCH_CAP are kept, raise the level. Two sketches compared at the higher level
-    are samples of the same hash range, so the share of common hashes estimates the overlap."""
+    are samples of the same hash range, so the share of common hashes estimates the overlap. `kind` says
+    what was hashed: 'plain' record hashes, 'k1' tags under the log's key (entries of v2 logs), 'k3' tags
+    under the log's tag key (today's entries, stored sealed); sketches of different kinds never compare."""
 
-    def __init__(self, level: int = 0, hashes=(), keyed: bool = False):
-        self.level, self.hashes, self.keyed = level, set(hashes), keyed
+    def __init__(self, level: int = 0, hashes=(), kind: str = "plain"):
+        self.level, self.hashes, self.kind = level, set(hashes), kind
 
     @staticmethod
     def _level_of(h: int) -> int:
@@ -74,9 +77,9 @@ class Sketch:
         return {x for x in self.hashes if self._level_of(x) >= level}
 
     def overlap(self, other: Sketch) -> tuple:
-        """(shared sampled records, share of self's sample, share of other's sample); none shared between a
-        keyed and a plain sketch (they sample different values)."""
-        if self.keyed != other.keyed:
+        """(shared sampled records, share of self's sample, share of other's sample); none shared between
+        sketches of different kinds (they sample different values)."""
+        if self.kind != other.kind:
             return 0, 0.0, 0.0
         level = max(self.level, other.level)
         a, b = self.at_level(level), other.at_level(level)
@@ -84,28 +87,58 @@ class Sketch:
         return shared, shared / max(len(a), 1), shared / max(len(b), 1)
 
     def to_json(self) -> dict:
+        """The form of log entries before sealing (plain, and 'k1' with keyed: true)."""
         raw = b"".join(x.to_bytes(16, "big") for x in sorted(self.hashes))
         out = {"level": self.level, "hashes": base64.b64encode(raw).decode()}
-        return {**out, "keyed": True} if self.keyed else out
+        return {**out, "keyed": True} if self.kind == "k1" else out
 
     @classmethod
     def from_json(cls, d: dict) -> Sketch:
         raw = base64.b64decode(d["hashes"])
         return cls(int(d["level"]), (int.from_bytes(raw[i:i + 16], "big") for i in range(0, len(raw), 16)),
-                   d.get("keyed") is True)
+                   "k1" if d.get("keyed") is True else "plain")
+
+    def to_bytes(self) -> bytes:
+        """level (1 byte), count (2 bytes, big-endian), then the hashes, 16 bytes each, sorted."""
+        return bytes([self.level]) + len(self.hashes).to_bytes(2, "big") + b"".join(
+            x.to_bytes(16, "big") for x in sorted(self.hashes))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, kind: str) -> tuple:
+        """(sketch, bytes after it); ValueError for anything that is not a well-formed sketch."""
+        if len(raw) < 3:
+            raise ValueError("short sketch")
+        level, count = raw[0], int.from_bytes(raw[1:3], "big")
+        end = 3 + 16 * count
+        if level > _BITS or count > SKETCH_CAP or len(raw) < end:
+            raise ValueError("malformed sketch")
+        hashes = [int.from_bytes(raw[i:i + 16], "big") for i in range(3, end, 16)]
+        if any(cls._level_of(h) < level for h in hashes) or len(set(hashes)) != count:
+            raise ValueError("malformed sketch")
+        return cls(level, hashes, kind), raw[end:]
 
     def merged(self, other: Sketch) -> Sketch:
         """The sketch of the union of two disjoint parts of one dataset."""
         level = max(self.level, other.level)
-        out = Sketch(level, keyed=self.keyed)
+        out = Sketch(level, kind=self.kind)
         for h in self.at_level(level) | other.at_level(level):
             out.add(h.to_bytes(16, "big"))
         return out
 
 
 def tag(key: bytes, digest: bytes) -> bytes:
-    """A record hash under the release log's secret key: whoever lacks the key cannot compute it."""
+    """A record hash under a secret key: whoever lacks the key cannot compute it."""
     return hmac.new(key, digest, hashlib.sha256).digest()
+
+
+def subkey(key: bytes, purpose: str) -> bytes:
+    """A key derived from the release log's key for one purpose; it reveals nothing of the log's key."""
+    return hmac.new(key, f"mepf-release-log|{purpose}".encode(), hashlib.sha256).digest()
+
+
+def tag_key(key: bytes) -> bytes:
+    """The key of the record tags that sketches sample: the only key other ranks are given (never the log's)."""
+    return subkey(key, "sketch-tags-v3")
 
 
 def key_id(key: bytes) -> str:
@@ -113,17 +146,63 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, b"mepf-release-log-key", hashlib.sha256).hexdigest()[:16]
 
 
+#: a sealed sketch: version, level, count, then SKETCH_CAP slots of 16 bytes, whatever the data's size
+SEALED_BYTES = 4 + 16 * SKETCH_CAP
+SEAL_VERSION = 3
+
+
+def _keystream(key: bytes, nonce: bytes, length: int) -> bytes:
+    """HMAC-SHA256 in counter mode: a pseudorandom pad under `key`, fresh for each nonce."""
+    blocks = (length + 31) // 32
+    return b"".join(hmac.new(key, nonce + i.to_bytes(4, "big"), hashlib.sha256).digest()
+                    for i in range(blocks))[:length]
+
+
+def seal_sketch(key: bytes, sketch: Sketch) -> dict:
+    """A sketch as a log entry stores it: padded to a fixed size and encrypted and authenticated under keys
+    derived from the log's key, so that without the key it tells nothing, not the number of records sampled
+    (so nothing of n) and not which records two entries share. The repeat check opens it with the key."""
+    plain = bytes([SEAL_VERSION]) + sketch.to_bytes()
+    plain += bytes(SEALED_BYTES - len(plain))
+    nonce = secrets.token_bytes(16)
+    pad = np.frombuffer(_keystream(subkey(key, "sketch-seal-v3"), nonce, SEALED_BYTES), np.uint8)
+    box = (np.frombuffer(plain, np.uint8) ^ pad).tobytes()
+    mac = hmac.new(subkey(key, "sketch-mac-v3"), nonce + box, hashlib.sha256).hexdigest()
+    return {"sealed": SEAL_VERSION, "nonce": nonce.hex(), "box": base64.b64encode(box).decode(), "mac": mac}
+
+
+def open_sketch(key: bytes | None, sealed: dict) -> Sketch | None:
+    """The sketch inside a sealed entry, or None without the right key or for a damaged one."""
+    if key is None:
+        return None
+    try:
+        nonce, box = bytes.fromhex(sealed["nonce"]), base64.b64decode(sealed["box"], validate=True)
+        mac = hmac.new(subkey(key, "sketch-mac-v3"), nonce + box, hashlib.sha256).hexdigest()
+        if len(box) != SEALED_BYTES or not hmac.compare_digest(mac, str(sealed["mac"])):
+            return None
+        pad = np.frombuffer(_keystream(subkey(key, "sketch-seal-v3"), nonce, SEALED_BYTES), np.uint8)
+        plain = (np.frombuffer(box, np.uint8) ^ pad).tobytes()
+        if plain[0] != SEAL_VERSION:
+            return None
+        return Sketch.from_bytes(plain[1:], "k3")[0]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 class Fingerprint:
     """Order-free: the per-record hashes (pixels and label) are added modulo 2**256, so the digest does not
-    depend on order or batching, and a duplicated record counts twice (a multiset). With the release log's
-    key it also keeps a keyed sketch, sampled by the records' keyed tags: the one the log stores, which
-    tells nothing about any record to whoever lacks the key (neither which records were sampled nor their
-    hashes). The plain sketch is kept in memory only, to compare with entries written before keys."""
+    depend on order or batching, and a duplicated record counts twice (a multiset). Beside it, sketches:
+    the plain one (in memory only, to compare with entries written before keys), the one of tags under
+    `tag_key` (what the log stores, sealed) and, given the log's own key as `legacy_key`, the one of tags
+    under it (to compare with entries of logs from before sealing). Under torchrun each rank keeps its own
+    and rank 0 merges them from their bytes (`to_bytes`): the log's key never leaves rank 0."""
 
-    def __init__(self, key: bytes | None = None, keep_hashes: bool = False):
-        self._sum, self._n, self.key = 0, 0, key
+    def __init__(self, tag_key: bytes | None = None, legacy_key: bytes | None = None, keep_hashes: bool = False):
+        self._sum, self._n = 0, 0
+        self.tag_key, self.legacy_key = tag_key, legacy_key
         self.sketch = Sketch()
-        self.keyed_sketch = Sketch(keyed=True) if key is not None else None
+        self.tag_sketch = Sketch(kind="k3") if tag_key is not None else None
+        self.legacy_sketch = Sketch(kind="k1") if legacy_key is not None else None
         self._kept = [] if keep_hashes else None
 
     def update(self, records, labels) -> None:
@@ -137,16 +216,18 @@ class Fingerprint:
             self._sum = (self._sum + int.from_bytes(h, "big")) % _MOD
             self._n += 1
             self.sketch.add(pixels)
-            if self.keyed_sketch is not None:
-                self.keyed_sketch.add(tag(self.key, pixels))
+            if self.tag_sketch is not None:
+                self.tag_sketch.add(tag(self.tag_key, pixels))
+            if self.legacy_sketch is not None:
+                self.legacy_sketch.add(tag(self.legacy_key, pixels))
             if self._kept is not None:
                 self._kept.append((pixels, int(label)))
 
     def with_key(self, key: bytes) -> Fingerprint:
-        """The same records fingerprinted under `key` (needs keep_hashes=True: an in-memory reference set)."""
+        """The same records fingerprinted under the log's `key` (needs keep_hashes=True: an in-memory set)."""
         if self._kept is None:
             raise ValueError("with_key needs a fingerprint made with keep_hashes=True")
-        out = Fingerprint(key)
+        out = Fingerprint(tag_key(key), legacy_key=key)
         out.add([p for p, _ in self._kept], [y for _, y in self._kept])
         return out
 
@@ -155,16 +236,38 @@ class Fingerprint:
         self._sum = (self._sum + other._sum) % _MOD
         self._n += other._n
         self.sketch = self.sketch.merged(other.sketch)
-        if self.keyed_sketch is not None:
-            self.keyed_sketch = self.keyed_sketch.merged(other.keyed_sketch)
+        if self.tag_sketch is not None:
+            self.tag_sketch = self.tag_sketch.merged(other.tag_sketch)
+        if self.legacy_sketch is not None:  # a part without it makes the whole's sample partial: dropped
+            self.legacy_sketch = self.legacy_sketch.merged(other.legacy_sketch) if other.legacy_sketch else None
+
+    #: the most bytes to_bytes gives: n, the sum, then two sketches and a flag
+    MAX_BYTES = 8 + 32 + 1 + 2 * (3 + 16 * SKETCH_CAP)
+
+    def to_bytes(self) -> bytes:
+        """What a rank sends to rank 0: n, the sum and the plain and tag sketches (no key, no legacy sketch)."""
+        tags = self.tag_sketch.to_bytes() if self.tag_sketch is not None else b""
+        return (self._n.to_bytes(8, "big") + self._sum.to_bytes(32, "big") + bytes([bool(tags)])
+                + self.sketch.to_bytes() + tags)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Fingerprint:
+        """A peer's part; ValueError for anything malformed (it is parsed, never unpickled)."""
+        if len(raw) < 41:
+            raise ValueError("short fingerprint")
+        out = cls()
+        out._n, out._sum = int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:40], "big")
+        out.sketch, rest = Sketch.from_bytes(raw[41:], "plain")
+        if raw[40]:
+            out.tag_sketch, rest = Sketch.from_bytes(rest, "k3")
+        if rest or out._sum >= _MOD:
+            raise ValueError("malformed fingerprint")
+        return out
 
     def hexdigest(self) -> str:
         return hashlib.sha256(f"mepf-dataset-v2|{self._n}|{self._sum:064x}".encode()).hexdigest()
 
-    def keyed_hexdigest(self) -> str | None:
-        """The digest under the log's key, as the log stores it ('k1:' marks the keyed form)."""
-        return keyed_digest(self.key, self.hexdigest()) if self.key is not None else None
-
 
 def keyed_digest(key: bytes, plain: str) -> str:
+    """The dataset's digest as the log stores it, under the log's key ('k1:' marks the keyed form)."""
     return "k1:" + hmac.new(key, plain.encode(), hashlib.sha256).hexdigest()

@@ -24,12 +24,14 @@ from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import check_output_path, fd_sha256, staged_release, sweep_stale_temporaries
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
+from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem
 
 from . import distributed, release_log
 from .features import QUANT_BITS, dequantise, grid_rows
-from .fingerprint import Fingerprint
+from .fingerprint import Fingerprint, tag_key
 from .loader import Failed, loader, shard_size
 from .memory import keep_freed_memory
+from .plan import agree_on_plan, plan_of
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 #: the progress display shows how far the pass is and for how long, never a count or a rate of records
@@ -114,11 +116,13 @@ CHUNK_ENTRIES = 2 ** 18
 
 def accumulate(source, transform, extractor, moments: str, c1: float, c2: float, batch_size: int = 128,
                device="cpu", progress: bool = True, workers: int = 0, dim: int | None = None,
-               log_key: bytes | None = None) -> Sums:
+               tag_key: bytes | None = None, legacy_key: bytes | None = None) -> Sums:
     """One pass over `source`: exact per-class sums of each record's grid row of phi1 (and phi2), exact
-    counts and the dataset's fingerprint. Under torchrun each rank takes its blocks of records, and the
-    integer sums and counts are summed over ranks once at the end (exact: the result is the one-process
-    result); the fingerprint is merged on rank 0. Every forward pass has the same batch shape (the last
+    counts and the dataset's fingerprint (its sketch under `tag_key`; `legacy_key`, the log's own key, only
+    in one process). Under torchrun each rank takes its blocks of records, checks that it read exactly its
+    planned share, and the integer sums and counts are summed over ranks once at the end (exact: the result
+    is the one-process result); the fingerprints are merged on rank 0 from their bytes (nothing unpickled,
+    and the log's key never leaves rank 0). Every forward pass has the same batch shape (the last
     batch is padded). Grid rows are computed over the padded batch in fixed chunks (on the CPU, cache-sized
     chunks of rows; on CUDA the whole batch), so every computation has the same shape whatever the data.
     On MPS (no float64) the rows run on the CPU."""
@@ -135,7 +139,8 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     acc = device if device.type == "cuda" else torch.device("cpu")
     shape = (batch_size, transform.channels, *transform.image_size)
     counts = torch.zeros(k, dtype=torch.int64, device=acc)
-    fp = Fingerprint(log_key)
+    fp = Fingerprint(tag_key, None if ranks.active else legacy_key)
+    planned = shard_size(len(source), batch_size, ranks.rank, ranks.world)
     error = None
     with torch.no_grad(), deterministic_kernels(device):
         if dim is None:  # the feature spec says; else one forward pass of zeros tells
@@ -174,16 +179,26 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                     bar.update(b)
             except MepfError as e:
                 error = str(e)
+    if error is None and int(counts.sum()) != planned:  # each rank's own share, not only the total
+        error = ("the data changed while it was read (a rank read other records than its planned share); nothing "
+                 "was released, run again on data that is not being modified")
     distributed.agree(error)  # a rank that failed makes every rank fail, with its message
     qsums = {n: distributed.all_sum_(s.flush()).cpu() for n, s in sums.items()}
     counts = distributed.all_sum_(counts).cpu().numpy()
     if int(counts.sum()) == 0:
         raise MepfError("the data source yielded no records")
-    parts = distributed.gather(fp)
-    if parts is not None:
-        fp = parts[0]
-        for other in parts[1:]:
-            fp.merge(other)
+    if ranks.active:
+        parts = distributed.all_gather_bytes(fp.to_bytes(), Fingerprint.MAX_BYTES)
+
+        def merge():
+            for r, raw in enumerate(parts[1:], 1):
+                try:
+                    fp.merge(Fingerprint.from_bytes(raw))
+                except ValueError:
+                    raise MepfError(f"rank {r} sent a malformed fingerprint (another mepf version?); nothing was "
+                                    "released: run the same mepf on every node") from None
+
+        distributed.on_main(merge)
     return Sums(qsums=qsums, counts=counts, fingerprint=fp if ranks.main else None, cs={n: cs[n] for n in names})
 
 
@@ -197,6 +212,18 @@ def privatise(values: dict, sigmas: dict) -> dict:
         out[name] = v + rng.standard_normal(v.shape) * sigmas[name]
     del rng
     return out
+
+
+def check_class_names(source) -> None:
+    """The declared classes become the release's class names, which readers refuse unless each is safe to
+    print and to name a folder after (and K is bounded): refused here, before any record is read."""
+    if source.classes is None:
+        return
+    problem = class_names_problem(list(source.classes))
+    if problem:
+        raise MepfError(f"{source.description} declares {problem}; rename the class folder or fix --classes "
+                        "(class names are printable, not '.' or '..', at most "
+                        f"{MAX_NAME} characters, at most {MAX_CLASSES:,} classes)")
 
 
 def check_delta(delta: float, n: int, force: bool) -> None:
@@ -264,15 +291,20 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     non-private baseline: the same path with the noise off, declared in the ledger. Under torchrun every
     rank takes part in the pass; rank 0 alone checks, draws the noise, writes the file and the log entry
     and returns the result (None on the other ranks); an error on any rank is raised on all."""
-    validate_target(epsilon, delta, allow_inf=True)
-    if relation not in RELATIONS:
-        raise MepfError(f"--relation must be one of {', '.join(RELATIONS)}")
-    names = release_names(moments)
-    weights = parse_budget_split(budget_split, names)
     c1, c2 = feature_spec["C1"], feature_spec["C2"]
-    sens = {n: sensitivity(relation, n, c1, c2)[0] for n in names}
-    # before any private record is read
-    calib = calibrate(epsilon, delta, sens, weights) if math.isfinite(epsilon) else non_private(names)
+
+    def from_options():  # on every rank, through the agreed path: one node's bad option stops every node
+        validate_target(epsilon, delta, allow_inf=True)
+        if relation not in RELATIONS:
+            raise MepfError(f"--relation must be one of {', '.join(RELATIONS)}")
+        check_class_names(source)
+        names = release_names(moments)
+        weights = parse_budget_split(budget_split, names)
+        sens = {n: sensitivity(relation, n, c1, c2)[0] for n in names}
+        return names, weights, (calibrate(epsilon, delta, sens, weights) if math.isfinite(epsilon)
+                                else non_private(names))
+
+    names, weights, calib = distributed.guarded(from_options)  # before any private record is read
     log_path = Path(release_log_path) if release_log_path else release_log.default_log_path()
     out = Path(out)
 
@@ -286,12 +318,19 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         return entries
 
     entries = distributed.on_main(before)
+    # several ranks are one mechanism only if they agree: every rank checks rank 0's plan before any record is read
+    plan = distributed.guarded(lambda: plan_of(source, transform, feature_spec, batch_size=batch_size, moments=moments,
+                                               relation=relation, epsilon=epsilon, delta=delta,
+                                               budget_split=budget_split, force=force))
+    agree_on_plan(plan)
     listed = len(source)
-    check_delta(delta, listed, force)
-    key, narrowed = distributed.shared(distributed.on_main(lambda: release_log.prepare(log_path, entries)))
+    distributed.on_main(lambda: check_delta(delta, listed, force))
+    key, narrowed = distributed.on_main(lambda: release_log.prepare(log_path, entries)) or (None, None)
+    tkey = distributed.broadcast_bytes(tag_key(key) if key is not None else None, 32)  # never the log's own key
+    legacy = any(isinstance(e.get("sketch"), dict) and e["sketch"].get("keyed") is True for e in entries or [])
 
     sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers,
-                      dim=feature_spec["dim"], log_key=key)
+                      dim=feature_spec["dim"], tag_key=tkey, legacy_key=key if legacy else None)
 
     def release(lock) -> EmbedResult:
         if sums.n != listed:
@@ -301,7 +340,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         if release_log.check_key(log_path, now, key):
             raise MepfError(f"release log {log_path} was changed during this run to entries under another key; nothing "
                             "was released; restore the log that belongs to its key and run again")
-        found = release_log.related(now, sums.fingerprint)
+        found = release_log.related(now, sums.fingerprint, key)
         warnings = check_repeat(found, log_path, allow_repeat)
         if narrowed:
             warnings.append(f"{' and '.join(narrowed)} could be read by others until now (narrowed to 0600); whoever "
@@ -322,7 +361,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                                 overwrite=overwrite) as sha:
                 try:
                     release_log.append(log_path, release_log.new_entry(
-                        sums.fingerprint, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+                        sums.fingerprint, key, composes_with=[e.get("output_sha256") for e in repeats],
+                        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
                         output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
                         delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)), lock=lock)
                 except OSError as e:  # checked writable before the pass

@@ -1,9 +1,10 @@
 """The data owner's local release log (JSONL, never released): which data was embedded, at what cost.
 
-Each entry holds the dataset's fingerprint and a sketch of sampled record hashes (embed/fingerprint.py),
-both under a secret key kept beside the log (`<log>.key`, owner-only), the key's id, the output's SHA-256
-and the guarantee. Without the key the log (shown to an auditor, say) cannot be used to test whether an
-image was in the data. Earlier releases that are the same multiset of records, or share records with it,
+Each entry holds the dataset's fingerprint and a sketch of sampled record tags (embed/fingerprint.py),
+both under a secret key kept beside the log (`<log>.key`, owner-only), the sketch sealed (fixed size,
+encrypted), the key's id, the output's SHA-256 and the guarantee. Without the key the log (shown to an
+auditor, say) cannot be used to test whether an image was in the data, nor tells any release's n or
+which records two releases share. Earlier releases that are the same multiset of records, or share records with it,
 are found from these; their budgets compose. Log, key and a new folder are created owner-only.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import fsync_folder
 
-from .fingerprint import REPEAT_SHARE, Fingerprint, Sketch, key_id, keyed_digest
+from .fingerprint import REPEAT_SHARE, Fingerprint, Sketch, key_id, keyed_digest, open_sketch, seal_sketch
 
 
 def default_log_path() -> Path:
@@ -232,10 +233,15 @@ def _same_file(fd: int, log_path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _entry_sketch(entry: dict) -> Sketch | None:
-    """None for an entry from before sketches, or a damaged one (its fingerprint still compares)."""
+def _entry_sketch(entry: dict, key: bytes | None) -> Sketch | None:
+    """The entry's sketch: sealed (opened with the log's key; None without it), or the open form of entries
+    written before sealing. None for an entry from before sketches, or a damaged one (its fingerprint still
+    compares)."""
+    d = entry.get("sketch")
+    if isinstance(d, dict) and "sealed" in d:
+        return open_sketch(key, d)
     try:
-        return Sketch.from_json(entry["sketch"])
+        return Sketch.from_json(d)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -248,28 +254,37 @@ def _entry_digest(entry: dict, key: bytes | None):
     return keyed_digest(key, f) if key is not None and not f.startswith("k1:") else f
 
 
-def _related(entries: list, digests: set, sketches: list, key: bytes | None) -> dict:
+def _linked(a: dict, b: dict) -> bool:
+    """Whether one entry recorded, when it was released, that it shares records with the other."""
+    def names(e, other):
+        links = e.get("composes_with")
+        return isinstance(links, list) and other.get("output_sha256") in links
+    return names(a, b) or names(b, a)
+
+
+def _related(entries: list, digests: set, sketches: list, key: bytes | None, links_of: dict | None = None) -> dict:
     out = {"same": [], "most": [], "some": []}
     for e in entries:
         if {_entry_digest(e, None), _entry_digest(e, key)} & digests:
             out["same"].append(e)
             continue
-        theirs = _entry_sketch(e)
-        if theirs is None:
-            continue
-        best = max((s.overlap(theirs) for s in sketches), key=lambda o: o[0], default=(0, 0.0, 0.0))
+        theirs = _entry_sketch(e, key)
+        best = max((s.overlap(theirs) for s in sketches), key=lambda o: o[0],
+                   default=(0, 0.0, 0.0)) if theirs is not None else (0, 0.0, 0.0)
         if best[0]:
             out["most" if max(best[1], best[2]) >= REPEAT_SHARE else "some"].append(e)
+        elif links_of is not None and _linked(links_of, e):
+            out["some"].append(e)
     return out
 
 
-def related(entries: list, fingerprint: Fingerprint) -> dict:
+def related(entries: list, fingerprint: Fingerprint, key: bytes | None = None) -> dict:
     """Earlier releases of this data: 'same' (the same multiset of records), 'most' (sharing at least
     REPEAT_SHARE of either dataset's sampled records: a subset, superset or relabelled copy) and 'some'
-    (sharing fewer records). Keyed entries match record by record only with a fingerprint under the key."""
-    digests = {fingerprint.hexdigest(), fingerprint.keyed_hexdigest()} - {None}
-    sketches = [s for s in (fingerprint.sketch, fingerprint.keyed_sketch) if s is not None]
-    return _related(entries, digests, sketches, fingerprint.key)
+    (sharing fewer records). Keyed entries match record by record only with the log's key."""
+    digests = {fingerprint.hexdigest()} | ({keyed_digest(key, fingerprint.hexdigest())} if key is not None else set())
+    sketches = [s for s in (fingerprint.sketch, fingerprint.tag_sketch, fingerprint.legacy_sketch) if s is not None]
+    return _related(entries, digests, sketches, key)
 
 
 def entry_of(entries: list, output_sha256: str) -> dict | None:
@@ -281,26 +296,35 @@ def entry_of(entries: list, output_sha256: str) -> dict | None:
 
 def composable(entries: list, entry: dict, key: bytes | None = None) -> list:
     """The releases whose budgets compose with `entry`'s for some record: itself, every release of the
-    same data, and every release that shares any sampled record with it (entries from before keys share
-    records with keyed ones only through their fingerprint)."""
-    mine = _entry_sketch(entry)
+    same data, every release that shares a sampled record with it (sealed samples: with the log's key only),
+    and every release either entry recorded as sharing records when it was made (entries from before keys
+    share records with keyed ones only through their fingerprint)."""
+    mine = _entry_sketch(entry, key)
     digests = {_entry_digest(entry, None), _entry_digest(entry, key)} - {None}
-    found = _related([e for e in entries if e is not entry], digests, [mine] if mine else [], key)
+    found = _related([e for e in entries if e is not entry], digests, [mine] if mine else [], key, links_of=entry)
     return [entry, *found["same"], *found["most"], *found["some"]]
 
 
-def mixed_note(entries: list) -> str | None:
-    """A note where the log holds entries from before keys beside keyed ones (their samples do not compare)."""
+def mixed_note(entries: list, key: bytes | None = None) -> str | None:
+    """A note where some entries cannot be compared record by record: entries from before keys beside keyed
+    ones, or sealed entries read without the log's key."""
     plain = [e for e in entries if not e.get("key_id")]
     if plain and _keyed_entries(entries):
         return (f"{len(plain)} release-log entr{'y' if len(plain) == 1 else 'ies'} from before keyed logs compare with "
                 "later releases by their whole-dataset fingerprint only (a shared subset of records is not seen)")
+    sealed = [e for e in entries if isinstance(e.get("sketch"), dict) and "sealed" in e["sketch"]]
+    if sealed and (key is None or any(_entry_sketch(e, key) is None for e in sealed)):
+        return ("without the log's key, releases are matched by whole dataset and by the links each entry recorded "
+                "when it was made, not record by record; pass the log with its key beside it to check fully")
     return None
 
 
-def new_entry(fingerprint: Fingerprint, **fields) -> dict:
-    return {"fingerprint": fingerprint.keyed_hexdigest(), "sketch": fingerprint.keyed_sketch.to_json(),
-            "key_id": key_id(fingerprint.key), **fields}
+def new_entry(fingerprint: Fingerprint, key: bytes, composes_with=(), **fields) -> dict:
+    """A log entry: nothing in it tells, without the key, how many records the data had or which records two
+    releases share; `composes_with` names (by output SHA-256) the earlier releases found to share records."""
+    return {"fingerprint": keyed_digest(key, fingerprint.hexdigest()),
+            "sketch": seal_sketch(key, fingerprint.tag_sketch), "key_id": key_id(key),
+            "composes_with": sorted({str(c) for c in composes_with if c}), **fields}
 
 
 def append(path, entry: dict, lock: Lock | None = None) -> None:

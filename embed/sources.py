@@ -8,6 +8,7 @@ never depends on the records. The user's own files are in files.py, named public
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +38,28 @@ class Source:
         files itself, so that a copy of the source in another process (a DataLoader worker) works."""
         raise NotImplementedError
 
+    def listing_digest(self) -> str:
+        """SHA-256 of what decides which record is where: the listing (names, labels, sizes) or the bytes of
+        the files the source reads. Ranks compare it before any record is read (embed/plan.py)."""
+        raise NotImplementedError
+
     def batches(self, batch_size: int) -> Iterator:
         for _, records, labels in self.blocks(batch_size):
             yield records, labels
+
+
+def files_digest(paths) -> str:
+    """SHA-256 over the bytes of `paths`, in order (a read of the files, no decoding)."""
+    h = hashlib.sha256(b"mepf-files-v1")
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                h.update(f"|{os.fstat(f.fileno()).st_size}|".encode())
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as e:
+            raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
+    return h.hexdigest()
 
 
 def kept(keep, b: int) -> bool:

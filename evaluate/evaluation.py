@@ -46,7 +46,8 @@ def private_reference_warning(ref, release_log) -> str | None:
     entries = read_log(log)
     key = read_key(log)
     problem = check_key(log, entries, key)
-    found = related(entries, ref.fingerprint.with_key(key) if key and not problem else ref.fingerprint)
+    usable = key if key and not problem else None
+    found = related(entries, ref.fingerprint.with_key(usable) if usable else ref.fingerprint, usable)
     hits = found["same"] + found["most"] + found["some"]
     if hits:
         what = "is data that was released privately" if found["same"] else "shares records with data released privately"

@@ -20,7 +20,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MepfError as e:
-            if _is_main_rank():  # under torchrun every rank has the same error: one prints it
+            if _is_node_lead():  # under torchrun every rank has the same error: one per node prints it
                 click.echo(f"Error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -34,6 +34,13 @@ def _is_main_rank() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+def _is_node_lead() -> bool:
+    """Local rank 0: under torchrun on several nodes, each node's terminal gets the error once."""
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _image_size(ctx, param, value):
@@ -180,10 +187,12 @@ def audit(file, as_json, release_log):
         mine = entry_of(entries, _sha(file))
         if mine is None:
             raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
-        found = composable(entries, mine, read_key(release_log))
+        key = read_key(release_log)
+        found = composable(entries, mine, key)
         out["composed"] = composed_total(found, float(rep.summary.get("delta", mine["delta"])))
-        if mixed_note(entries):
-            out["composed"]["note"] = mixed_note(entries)
+        note = mixed_note(entries, key)
+        if note:
+            out["composed"]["note"] = note
     if as_json:
         click.echo(json.dumps(out, indent=2, sort_keys=True))
     else:

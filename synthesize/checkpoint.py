@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import printable
+from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.embed.tensor_file import read_tensors
 
-from .generators import build_generator
+from .generators import GENERATORS, build_generator
 from .run_folder import GENERATOR
 
 FORMAT = "mepf-generator"
@@ -87,8 +90,66 @@ def load_generator(path) -> TrainedGenerator:
     obj = load_tensors(path, "generator")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("schema_version") != VERSION:
         raise MepfError(f"{path} is not an mepf generator (version {VERSION})")
+    problem = generator_problem(obj)
+    if problem:
+        raise MepfError(f"{path} is not a valid mepf generator: {problem}; use a generator.pt written by mepf")
     module = build_generator(obj["arch"])
     module.load_state_dict(obj["state_dict"])
     module.eval()
     info = {k: v for k, v in obj.items() if k not in ("state_dict", "arch")}
     return TrainedGenerator(module, obj["arch"], info)
+
+
+#: bounds of a generator's architecture as read from a file (the CLI's --width goes up to 4096)
+MAX_WIDTH, MAX_Z = 4096, 4096
+
+
+def arch_problem(arch) -> str | None:
+    """Why `arch` is not a generator mepf builds, checked before anything is allocated."""
+    if not isinstance(arch, dict) or arch.get("name") not in GENERATORS:
+        return f"its arch names no generator of {', '.join(GENERATORS)}"
+    lo, hi = GEOMETRY
+    bounds = {"image_size": (lo, hi), "channels": (1, 3), "num_classes": (1, MAX_CLASSES), "z_dim": (1, MAX_Z),
+              "width": (2, MAX_WIDTH)}
+    for key, (a, b) in bounds.items():
+        v = arch.get(key)
+        if type(v) is not int or not a <= v <= b or (key == "channels" and v == 2):
+            return f"its arch's {key} is missing or outside {a}..{b}"
+    return None
+
+
+def generator_problem(obj: dict) -> str | None:
+    """The file's arch, weights and metadata against what mepf writes: the arch in bounds, exactly the
+    state_dict keys, shapes and dtypes that arch has (found on the meta device: nothing allocated), every
+    value finite, class names safe, a label prior that is a distribution over the classes."""
+    arch = obj.get("arch")
+    problem = arch_problem(arch)
+    if problem:
+        return problem
+    try:
+        with torch.device("meta"):
+            expected = build_generator(arch).state_dict()
+    except MepfError as e:
+        return str(e)
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or set(state) != set(expected):
+        return "its state_dict does not hold this arch's weights"
+    for k, t in expected.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or v.shape != t.shape or v.dtype != t.dtype:
+            return f"its weight {printable(k)} is not {t.dtype} {list(t.shape)}"
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return "its weights hold NaN or infinite values"
+    k = arch["num_classes"]
+    names, prior = obj.get("class_names"), obj.get("label_prior")
+    problem = class_names_problem(names)
+    if problem or len(names) != k:
+        return problem or "its class names do not match its number of classes"
+    if not (isinstance(prior, list) and len(prior) == k and all(type(p) in (int, float) and math.isfinite(p)
+                                                                and p >= 0 for p in prior) and sum(prior) > 0):
+        return "its label prior is not a distribution over its classes"
+    eps, delta = obj.get("epsilon"), obj.get("delta")
+    if not (type(eps) in (int, float) and eps > 0 and type(delta) in (int, float) and 0 < delta < 1
+            and isinstance(obj.get("labelled"), bool) and type(obj.get("step")) is int):
+        return "its guarantee (epsilon, delta), labelled or step is missing or out of bounds"
+    return None

@@ -14,8 +14,13 @@ from mepf.artifacts.errors import MepfError
 from .checkpoint import load_generator
 
 
-def _folder_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "class"
+def class_folders(names: list) -> list:
+    """One folder name per class: its index (zero-padded, so that sorted order is label order) and the name
+    made safe ("malignant lesion" -> "1_malignant_lesion"); never '.', '..', a separator or a hidden name,
+    whatever the class names in the file say."""
+    width = len(str(len(names) - 1))
+    safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", n).strip("._")[:64] for n in names]
+    return [f"{i:0{width}d}_{s}" if s else f"{i:0{width}d}" for i, s in enumerate(safe)]
 
 
 def write_samples(source, n: int, out, seed: int = 0, labels: str = "balanced", batch_size: int = 500,
@@ -34,7 +39,7 @@ def write_samples(source, n: int, out, seed: int = 0, labels: str = "balanced", 
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    names = [_folder_name(c) for c in g.info["class_names"]] if g.info.get("labelled") else None
+    names = class_folders(g.info["class_names"]) if g.info.get("labelled") else None
     for i, (img, label) in enumerate(zip(images, y)):
         d = tmp / names[label] if names else tmp
         d.mkdir(parents=True, exist_ok=True)

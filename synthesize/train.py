@@ -108,7 +108,11 @@ class Trainer:
 
     def rank_rng_states(self):
         """Every rank's batch RNG state (rank order), so that a distributed run resumes exactly."""
-        return distributed.gather(self.rng.get_state()) if self.ranks.active else None
+        if not self.ranks.active:
+            return None
+        state = self.rng.get_state()
+        raw = distributed.all_gather_bytes(state.numpy().tobytes(), state.numel())
+        return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw] if self.ranks.main else None
 
     def load_state(self, s: dict):
         self.step = s["step"]
@@ -312,7 +316,14 @@ def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
     trainer = Trainer(opts, release, extractor, arch, device)
     snap = latest_snapshot(run)
     if snap is not None:
-        trainer.load_state(load_tensors(snap, "snapshot"))
+        def load_snapshot():
+            try:
+                trainer.load_state(load_tensors(snap, "snapshot"))
+            except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as e:
+                raise MepfError(f"snapshot {snap} does not fit this run ({type(e).__name__}); move it away to resume "
+                                "from the one before") from None
+
+        distributed.guarded(load_snapshot)
 
     def trim_stats():  # drop records past the snapshot: they will be written again
         stats = run / files.STATS

@@ -14,6 +14,7 @@ from PIL import Image
 from mepf.artifacts import load
 from mepf.artifacts.audit import audit
 from mepf.embed import release_log
+from mepf.embed.fingerprint import open_sketch
 from tests.conftest import make_images
 
 MAP = ["--backbone", "resnet18", "--weights", "random", "--layers", "pixels,stem"]
@@ -47,7 +48,10 @@ def test_two_ranks_give_bitwise_the_one_process_sums(tmp_path):
     assert a.feature_spec == b.feature_spec and a.data_spec == b.data_spec
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["one.h5", "two.h5"]
     e1, e2 = release_log.read_log(tmp_path / "one.jsonl"), release_log.read_log(tmp_path / "two.jsonl")
-    assert len(e2) == 1 and e1[0]["fingerprint"] == e2[0]["fingerprint"] and e1[0]["sketch"] == e2[0]["sketch"]
+    assert len(e2) == 1 and e1[0]["fingerprint"] == e2[0]["fingerprint"]
+    key = release_log.read_key(tmp_path / "one.jsonl")  # the sketches, sealed each with its own nonce, are one sample
+    s1, s2 = (open_sketch(key, e[0]["sketch"]) for e in (e1, e2))
+    assert s1.hashes and (s1.level, s1.hashes) == (s2.level, s2.hashes)
 
     private = embed(tmp_path / "d.npz", tmp_path / "p.h5", tmp_path / "two.jsonl", "--classes", "3", "--epsilon", "2",
                     "--allow-repeat", "--workers", "1", ranks=2)
@@ -139,3 +143,110 @@ def test_the_global_batch_objective_is_that_of_one_process(tmp_path):
         got = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(got["means"], means.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got["grad"], w.grad, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- two nodes that must agree
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(node_args: list, timeout: int = 240) -> list:
+    """`mepf ARGS` as two torchrun nodes of one process each (static rendezvous on 127.0.0.1), each node with
+    its own command line, as an operator starts them; returns each node's (returncode, stdout, stderr, seconds)."""
+    import time
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs, started = [], time.monotonic()
+    for rank, args in enumerate(node_args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1",
+               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "mepf", *[str(a) for a in args]]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    out = []
+    for p in procs:
+        o, e = p.communicate(timeout=timeout)
+        out.append((p.returncode, o, e, time.monotonic() - started))
+    return out
+
+
+def node_embed(node, data, *extra):
+    return ["embed", "--data", data, "--out", node / "r.h5", "--delta", "1e-5", "--release-log", node / "log.jsonl",
+            "--quiet", "--epsilon", "inf", *MAP, *extra]
+
+
+def _nodes(tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for n in nodes:
+        n.mkdir()
+    return nodes
+
+
+def _assert_refused_on_both(results, nodes, words):
+    for rc, _, err, seconds in results:
+        errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+        assert rc != 0 and len(errors) == 1, err
+        assert words in errors[0] and "nothing was read or released" in errors[0], errors[0]
+        assert seconds < 120
+    for n in nodes:
+        assert not (n / "r.h5").exists() and release_log.read_log(n / "log.jsonl") == []
+        assert not list(n.glob(".r.h5.tmp*"))
+
+
+@pytest.mark.parametrize("case", ["batch-size", "order", "classes", "data"])
+def test_two_nodes_that_disagree_on_the_plan_are_refused_before_reading(tmp_path, case):
+    """Each node keeps blocks b % world == rank by its own options and its own copy of the data: with another
+    --batch-size, another order or other records one node reads some records twice and others never, while the
+    total still equals n. Every such difference is refused on every node before any record is read."""
+    nodes = _nodes(tmp_path)
+    x, y = make_images(40, seed=3), np.arange(40) % 4
+    np.savez(nodes[0] / "d.npz", images=x, labels=y)
+    args0 = node_embed(nodes[0], nodes[0] / "d.npz", "--classes", "4", "--batch-size", "10")
+    extra1 = {"batch-size": ["--classes", "4", "--batch-size", "5"], "classes": ["--classes", "a,b,c,d",
+                                                                                "--batch-size", "10"]}
+    if case == "order":
+        perm = np.random.default_rng(0).permutation(40)
+        np.savez(nodes[1] / "d.npz", images=x[perm], labels=y[perm])  # the same records, another order
+    elif case == "data":
+        x1 = x.copy()
+        x1[15] = x[5]  # one record of rank 1's share replaced by a copy of one of rank 0's
+        np.savez(nodes[1] / "d.npz", images=x1, labels=y)
+    else:
+        shutil.copy(nodes[0] / "d.npz", nodes[1] / "d.npz")
+    args1 = node_embed(nodes[1], nodes[1] / "d.npz", *extra1.get(case, ["--classes", "4", "--batch-size", "10"]))
+    words = {"batch-size": "--batch-size", "order": "the data itself", "classes": "the class names",
+             "data": "the data itself"}[case]
+    _assert_refused_on_both(two_nodes([args0, args1]), nodes, words)
+
+
+def test_two_nodes_with_image_folders_that_differ_in_one_image_are_refused(tmp_path):
+    nodes = _nodes(tmp_path)
+    for i, n in enumerate(nodes):
+        for j in range(12):
+            d = n / "data" / f"c{j % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(make_images(1, seed=j + (100 if i and j == 7 else 0))[0, :, :, 0]).save(d / f"{j:02d}.png")
+    args = [node_embed(n, n / "data", "--image-size", "28", "--channels", "1", "--batch-size", "3") for n in nodes]
+    _assert_refused_on_both(two_nodes(args), nodes, "the data itself")
+
+
+def test_two_nodes_with_the_same_plan_release_once_the_one_process_sums(tmp_path):
+    """Two copies of the same data in other places (an image folder copied anew, an array file) and each
+    node's own --out and --release-log: one release, on node 0, bitwise the one-process sums."""
+    nodes = _nodes(tmp_path)
+    x, y = make_images(23, seed=4), np.arange(23) % 3
+    for n in nodes:
+        np.savez(n / "d.npz", images=x, labels=y)
+    one = embed(nodes[0] / "d.npz", tmp_path / "one.h5", tmp_path / "one.jsonl", "--classes", "3", "--epsilon", "inf")
+    assert one.returncode == 0, one.stderr
+    results = two_nodes([node_embed(n, n / "d.npz", "--classes", "3", "--batch-size", "4") for n in nodes])
+    assert [r[0] for r in results] == [0, 0], results
+    assert results[0][1].count("wrote ") == 1 and "wrote " not in results[1][1]
+    a, b = load(tmp_path / "one.h5"), load(nodes[0] / "r.h5")
+    for k in ("S1", "S2", "counts"):
+        np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+    assert not (nodes[1] / "r.h5").exists() and len(release_log.read_log(nodes[0] / "log.jsonl")) == 1

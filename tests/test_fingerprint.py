@@ -139,47 +139,64 @@ def test_keyed_fingerprints_find_overlaps_only_under_their_key_and_show_nothing_
     import base64
     import json
 
-    from mepf.embed.fingerprint import record_hash, tag
-    from mepf.embed.release_log import new_entry, related
+    from mepf.embed.fingerprint import SEALED_BYTES, open_sketch, record_hash, tag, tag_key
+    from mepf.embed.release_log import composable, mixed_note, new_entry, related
 
     rng = np.random.default_rng(2)
     big = rng.integers(0, 256, (3 * SKETCH_CAP, 4, 4, 1), dtype=np.uint8)
     key, other_key = bytes(range(32)), bytes(range(1, 33))
 
     def fp(records, k=key, **kw):
-        f = Fingerprint(k, **kw)
+        f = Fingerprint(tag_key(k) if k else None, **kw)
         f.update(records, None)
         return f
 
     whole, half = fp(big), fp(big[: len(big) // 2])
-    shared, share_half, share_whole = half.keyed_sketch.overlap(whole.keyed_sketch)
+    shared, share_half, share_whole = half.tag_sketch.overlap(whole.tag_sketch)
     assert shared > 0 and share_half == 1.0 and 0.35 < share_whole < 0.65  # the same estimate as plain sketches
-    assert fp(big[: len(big) // 2], other_key).keyed_sketch.overlap(whole.keyed_sketch)[0] == 0
-    assert half.sketch.overlap(whole.keyed_sketch)[0] == 0  # plain and keyed samples never compare
+    assert fp(big[: len(big) // 2], other_key).tag_sketch.overlap(whole.tag_sketch)[0] == 0
+    assert half.sketch.overlap(whole.tag_sketch)[0] == 0  # plain and keyed samples never compare
     # which records are sampled depends on the key, not on the plain hashes anyone can compute
     hashes = [record_hash(r) for r in big]
-    sampled = {k: {i for i, h in enumerate(hashes) if int.from_bytes(tag(k, h)[:16], "big") in f.keyed_sketch.hashes}
+    sampled = {k: {i for i, h in enumerate(hashes)
+                   if int.from_bytes(tag(tag_key(k), h)[:16], "big") in f.tag_sketch.hashes}
                for k, f in ((key, whole), (other_key, fp(big, other_key)))}
-    assert len(sampled[key]) == len(whole.keyed_sketch.hashes) and sampled[key] != sampled[other_key]
-    # what the log stores: no plain record hash, no plain fingerprint
+    assert len(sampled[key]) == len(whole.tag_sketch.hashes) and sampled[key] != sampled[other_key]
+    # what the log stores: a sealed sketch of one size whatever the data's, no plain record hash or fingerprint
     small = fp(big[:50])
-    entry = new_entry(small, output="x")
-    raw = base64.b64decode(entry["sketch"]["hashes"])
-    assert len(raw) == 16 * 50 and entry["fingerprint"].startswith("k1:")
+    entry, big_entry = new_entry(small, key, output="x"), new_entry(whole, key, output="y")
+    boxes = [base64.b64decode(e["sketch"]["box"]) for e in (entry, big_entry)]
+    assert len(boxes[0]) == len(boxes[1]) == SEALED_BYTES and set(entry["sketch"]) == {"sealed", "nonce", "box", "mac"}
     for h in hashes[:50]:
-        assert h[:16] not in raw
-    assert small.hexdigest() not in json.dumps(entry)
-    assert related([entry], fp(big[:50]))["same"] == [entry] and related([entry], fp(big[:50], None))["same"] == []
+        assert h[:16] not in boxes[0] and tag(tag_key(key), h)[:16] not in boxes[0]
+    assert small.hexdigest() not in json.dumps(entry) and entry["fingerprint"].startswith("k1:")
+    assert open_sketch(key, entry["sketch"]).hashes == small.tag_sketch.hashes  # the owner's key opens it
+    assert open_sketch(other_key, entry["sketch"]) is None and open_sketch(None, entry["sketch"]) is None
+    tampered = {**entry["sketch"], "box": base64.b64encode(bytes([boxes[0][0] ^ 1]) + boxes[0][1:]).decode()}
+    assert open_sketch(key, tampered) is None
+    assert related([entry], fp(big[:50]), key)["same"] == [entry] and related([entry], fp(big[:50], None))["same"] == []
+    assert related([big_entry], fp(big[:2000]), key)["most"] == [big_entry]  # a subset, found inside the seal
+    assert related([big_entry], fp(big[:2000]))["most"] == []  # without the key the seal hides it
     # an in-memory set fingerprinted without the key gets the same keyed result once the key is known
     late = fp(big[:50], None, keep_hashes=True).with_key(key)
-    assert late.keyed_hexdigest() == small.keyed_hexdigest() and late.keyed_sketch.hashes == small.keyed_sketch.hashes
+    assert late.tag_sketch.hashes == small.tag_sketch.hashes
+    assert related([entry], late, key)["same"] == [entry]
     # an entry written before keys (plain sketch) is still matched, record by record, through the plain sketch
     old = {"fingerprint": "earlier", "sketch": fp(big[: len(big) // 2], None).sketch.to_json()}
-    assert related([old], whole)["most"] == [old]
+    assert related([old], whole, key)["most"] == [old]
+    # an entry of a log from before sealing (open tags under the log's own key) is matched through legacy tags
+    legacy = Fingerprint(legacy_key=key)
+    legacy.update(big[: len(big) // 2], None)
+    v2 = {"fingerprint": "v2", "key_id": "x", "sketch": legacy.legacy_sketch.to_json()}
+    assert v2["sketch"]["keyed"] is True
+    assert related([v2], fp(big, key, legacy_key=key), key)["most"] == [v2] and related([v2], whole, key)["most"] == []
     # between stored entries, a plain one meets keyed ones through its fingerprint only, and the audit says so
-    from mepf.embed.release_log import composable, mixed_note
-
     same_old = {"fingerprint": small.hexdigest(), "sketch": fp(big[:50], None).sketch.to_json()}
     assert composable([same_old, entry], same_old, key) == [same_old, entry]
     assert composable([same_old, entry], same_old) == [same_old]
-    assert mixed_note([same_old, entry]) and mixed_note([entry]) is None
+    assert mixed_note([same_old, entry]) and mixed_note([entry], key) is None and mixed_note([entry]) is not None
+    # a release's own record of what it composes with is read without the key
+    big_entry["output_sha256"] = "sha-of-y"
+    linked = new_entry(fp(big[:2000]), key, composes_with=["sha-of-y"], output="z")
+    assert composable([big_entry, linked], big_entry) == [big_entry, linked]
+    assert composable([big_entry, linked], linked) == [linked, big_entry]

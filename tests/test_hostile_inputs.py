@@ -406,7 +406,7 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
     import base64
     import json
 
-    from mepf.embed.fingerprint import Fingerprint, record_hash
+    from mepf.embed.fingerprint import SEALED_BYTES, Fingerprint, open_sketch, record_hash
 
     log = tmp_path / "owner" / "log.jsonl"
     x = labelled_npz[1]
@@ -415,8 +415,10 @@ def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, l
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
     text = log.read_text()
-    raw = base64.b64decode(json.loads(text)["sketch"]["hashes"])
-    assert len(raw) == 16 * len(x)  # 37 records, under the cap: every one sampled, none as its plain hash
+    raw = base64.b64decode(json.loads(text)["sketch"]["box"])
+    assert len(raw) == SEALED_BYTES  # 37 records, sealed in the size of 4,096: none as its plain hash or tag
+    key = bytes.fromhex(release_log.key_path(log).read_text())
+    assert len(open_sketch(key, json.loads(text)["sketch"]).hashes) == len(x)  # every one sampled, inside the seal
     for r in x:
         assert record_hash(r)[:16] not in raw and base64.b64encode(record_hash(r)[:16]).decode()[:12] not in text
     plain = Fingerprint()

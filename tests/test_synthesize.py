@@ -201,7 +201,7 @@ def test_sample_outputs(release_file, tmp_path):
     assert sorted(np.bincount(a["labels"])) == [9] * 5 + [10] * 5
     res = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "20", "--out", str(tmp_path / "pngs"), "--seed", "4"])
     assert res.exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [str(i) for i in range(10)]
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i}_{i}" for i in range(10)]  # index_name
     assert len(list((tmp_path / "pngs").rglob("*.png"))) == 20
     c = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "95", "--out", str(tmp_path / "c.npz"), "--seed", "4"])
     assert c.exit_code == 0 and not np.array_equal(np.load(tmp_path / "c.npz")["images"], a["images"])

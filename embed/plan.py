@@ -1,0 +1,86 @@
+"""Several ranks are one mechanism only if they agree on the plan: which records exist, in which order and
+blocks, with which classes, feature map and guarantee. Each rank states its own plan; before any record is
+read every rank compares it with rank 0's, field by field (as SHA-256 digests in tensors, never pickled),
+and a disagreement is the same one-line error on every rank, naming the fields, never their values."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from mepf.artifacts.errors import MepfError
+from mepf.artifacts.versions import versions
+
+from . import distributed
+
+#: the plan's fields, in order, named as the user knows them; what differs is said in these words
+FIELDS = (
+    ("version", "the mepf and torch versions"),
+    ("n", "the number of records listed"),
+    ("block", "--batch-size (the block of records each rank reads)"),
+    ("classes", "the class names (--classes, or the class folders)"),
+    ("data", "the data itself (its listing, or its file's bytes)"),
+    ("geometry", "the geometry (--image-size, --channels)"),
+    ("features", "the feature map (--backbone, --weights, --layers, --pooling, --feature-size, --pixel-weight)"),
+    ("moments", "--moments"),
+    ("relation", "--relation"),
+    ("target", "--epsilon and --delta"),
+    ("split", "--budget-split"),
+    ("force", "--force"),
+)
+
+
+def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: str, relation: str,
+            epsilon: float, delta: float, budget_split, force: bool) -> dict:
+    """This rank's plan. The data digest reads the listing (an image folder: names, labels and sizes) or the
+    bytes of the files a source reads; it is computed under torchrun only, where ranks must agree on it."""
+    return {
+        "version": versions("mepf", "torch"),
+        "n": len(source),
+        "block": int(batch_size),
+        "classes": list(source.classes) if source.classes is not None else None,
+        "data": source.listing_digest() if distributed.current().active else None,
+        "geometry": transform.spec(),
+        "features": feature_spec,
+        "moments": moments,
+        "relation": relation,
+        "target": [repr(float(epsilon)), repr(float(delta))],
+        "split": budget_split,
+        "force": bool(force),
+    }
+
+
+def digests(plan: dict) -> list:
+    """One SHA-256 per field, in FIELDS order."""
+    out = []
+    for key, _ in FIELDS:
+        text = json.dumps(plan[key], sort_keys=True, separators=(",", ":"), default=repr)
+        out.append(hashlib.sha256(f"mepf-plan-v1|{key}|{text}".encode()).digest())
+    return out
+
+
+def disagreement(rows: list) -> str | None:
+    """Given every rank's digests (rank order), the one error all ranks raise, or None when all agree."""
+    ranks, fields = [], []
+    for r, row in enumerate(rows[1:], 1):
+        differ = [name for (key, name), mine, main in zip(FIELDS, row, rows[0]) if mine != main]
+        if len(row) != len(rows[0]):
+            differ = differ or [FIELDS[0][1]]
+        if differ:
+            ranks.append(r)
+            fields += [f for f in differ if f not in fields]
+    if not ranks:
+        return None
+    which = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    return (f"rank{'s' if len(ranks) > 1 else ''} {which} disagree{'' if len(ranks) > 1 else 's'} with rank 0 on "
+            f"{'; '.join(fields)}; nothing was read or released: start every node with the same options and the same "
+            "copy of the data")
+
+
+def agree_on_plan(plan: dict) -> None:
+    """Before any record is read: every rank's plan must be rank 0's, or every rank raises the same error."""
+    if not distributed.current().active:
+        return
+    rows = distributed.all_gather_bytes(b"".join(digests(plan)), 32 * len(FIELDS))
+    error = disagreement([[row[i:i + 32] for i in range(0, len(row), 32)] for row in rows])
+    if error:
+        raise MepfError(error)

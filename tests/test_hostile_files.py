@@ -1,0 +1,445 @@
+"""What someone who hands a researcher or an auditor one file (a release, a generator) can make mepf do, and
+what someone shown the owner's release log can learn. Each test is written from the attacker's side: the
+file is forged with h5py or torch as an attacker would, then given to the real command line."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import stat
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mepf.artifacts import load
+from mepf.artifacts.audit import audit
+from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import read_raw, write_release
+from mepf.cli import main
+from mepf.embed import release_log
+from tests.conftest import make_images
+
+TINY = ["--backbone", "resnet18", "--weights", "random", "--layers", "pixels"]  # D = 784, microseconds per record
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_refusal(r, *words):
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), (r.output, r.exception)
+    assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """An eps = 1 release of 40 records in 10 classes, and the eps = inf baseline of the same data."""
+    d = tmp_path_factory.mktemp("rel")
+    np.savez(d / "d.npz", images=make_images(40, seed=7), labels=np.arange(40) % 10)
+    for name, eps, log in (("eps1", "1", "a.jsonl"), ("exact", "inf", "b.jsonl")):
+        r = cli("embed", "--data", d / "d.npz", "--classes", "10", "--out", d / f"{name}.h5", "--epsilon", eps,
+                "--delta", "1e-5", "--force", "--release-log", d / log, "--quiet", *TINY)
+        assert r.exit_code == 0, r.output + r.stderr
+    return d
+
+
+def forge(path, base, arrays=None, ledger=None, feature_spec=None, class_names=None, data_spec=None):
+    """A file written by mepf's own writer (so its checksum is right) from `base`, with parts replaced."""
+    r = read_raw(base)
+    write_release(path, arrays or r.arrays, class_names or r.class_names, feature_spec or r.feature_spec,
+                  data_spec or r.data_spec, ledger or r.ledger)
+    return path
+
+
+def failed(path) -> set:
+    return {n for n, ok, _ in audit(path).checks if not ok}
+
+
+# --------------------------------------------------------------------------- M1: values that blind the audit
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "huge"])
+def test_one_bad_entry_per_row_no_longer_hides_exact_sums_from_the_audit(tmp_path, releases, poison):
+    """The exact sums under an eps = 1 ledger fail the noise check; one NaN, inf or huge entry per row made
+    the row's norm NaN or large, and the one-sided check passed it."""
+    exact = read_raw(releases / "exact.h5").arrays
+    ledger = read_raw(releases / "eps1.h5").ledger
+    plain = forge(tmp_path / "plain.h5", releases / "eps1.h5", arrays=dict(exact), ledger=ledger)
+    assert "noise:S1" in failed(plain)
+    arrays = {k: v.copy() for k, v in exact.items()}
+    value = {"nan": np.nan, "inf": np.inf, "huge": 1e4}[poison]
+    arrays["S1"][:, 0] = arrays["S2"][:, 0] = value
+    arrays["counts"] = arrays["counts"] + 0.37  # not whole numbers: only the rows are left to give it away
+    forged = forge(tmp_path / "forged.h5", releases / "eps1.h5", arrays=arrays, ledger=ledger)
+    bad = failed(forged)
+    assert bad and not audit(forged).ok
+    if poison == "huge":
+        assert {"noise:S1", "noise:S2"} <= bad  # the upper side: more norm than counts and noise allow
+        assert "more norm than their noisy count" in dict((n, d) for n, _, d in audit(forged).checks)["noise:S1"]
+    else:
+        assert "finite" in bad
+        with pytest.raises(MepfError, match="NaN or infinite"):
+            load(forged)  # every reader refuses it
+        one_line_refusal(cli("info", forged), "NaN or infinite")
+    assert cli("audit", forged).exit_code == 1
+
+
+def test_an_all_nan_file_fails_the_audit(tmp_path, releases):
+    r = read_raw(releases / "eps1.h5")
+    forged = forge(tmp_path / "nan.h5", releases / "eps1.h5",
+                   arrays={k: np.full_like(v, np.nan) for k, v in r.arrays.items()})
+    assert "finite" in failed(forged) and cli("audit", forged).exit_code == 1
+
+
+def test_exact_counts_under_a_noisy_ledger_fail_the_audit(tmp_path, releases):
+    """Whole-number counts in 10 classes: noise of the declared sigma almost never gives that."""
+    r = read_raw(releases / "eps1.h5")
+    exact = read_raw(releases / "exact.h5").arrays["counts"]
+    forged = forge(tmp_path / "counts.h5", releases / "eps1.h5", arrays={**r.arrays, "counts": exact})
+    assert failed(forged) == {"noise:counts"}
+    negative = forge(tmp_path / "neg.h5", releases / "eps1.h5", arrays={**r.arrays, "counts": r.arrays["counts"] - 1e3})
+    assert "noise:counts" in failed(negative)
+    assert audit(releases / "eps1.h5").ok  # the genuine file passes every check
+
+
+# --------------------------------------------------------------------------- M2: files that read other files
+
+def _copy_with(path, base, replace):
+    """`base`'s fields into a new HDF5 file, with `replace(f, name)` writing some of them itself."""
+    with h5py.File(base, "r") as src, h5py.File(path, "w") as f:
+        for k, v in src.attrs.items():
+            f.attrs[k] = v
+        for name in src:
+            if not replace(f, name, src):
+                src.copy(name, f)
+    return path
+
+
+def test_external_storage_link_or_virtual_dataset_is_refused_unread(tmp_path, releases):
+    """S1's bytes taken from another file (external raw storage), an external link to another release, a
+    virtual dataset over it, a soft link: refused in one line before any data is read, by audit, info and
+    synthesize; the linked copies used to pass the audit, with the verdict depending on the other file."""
+    other = releases / "eps1.h5"
+    shape = read_raw(other).arrays["S1"].shape
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(os.urandom(int(np.prod(shape)) * 4))
+
+    def external(f, name, src):
+        if name != "S1":
+            return False
+        f.create_dataset("S1", shape=shape, dtype="<f4", external=[(str(secret), 0, int(np.prod(shape)) * 4)])
+        return True
+
+    def ext_link(f, name, src):
+        if name != "S1":
+            return False
+        f["S1"] = h5py.ExternalLink(str(other), "/S1")
+        return True
+
+    def virtual(f, name, src):
+        if name != "S1":
+            return False
+        layout = h5py.VirtualLayout(shape=shape, dtype="<f4")
+        layout[:] = h5py.VirtualSource(str(other), "S1", shape=shape)
+        f.create_virtual_dataset("S1", layout)
+        return True
+
+    def soft(f, name, src):
+        if name != "S2":
+            return False
+        f["S2"] = h5py.SoftLink("/S1")
+        return True
+
+    for kind, fn in (("external", external), ("link", ext_link), ("virtual", virtual), ("soft", soft)):
+        path = _copy_with(tmp_path / f"{kind}.h5", other, fn)
+        with h5py.File(path, "r") as f:  # the forgery works as h5py reads it
+            assert f["S1"].shape == shape
+        with pytest.raises(MepfError, match="which would read another file|stored virtually, externally"):
+            read_raw(path)
+        for cmd in ("audit", "info"):
+            one_line_refusal(cli(cmd, path), str(path))
+        one_line_refusal(cli("synthesize", path, "--out", tmp_path / f"run-{kind}", "--steps", "1"))
+        assert not (tmp_path / f"run-{kind}").exists()
+
+
+def test_a_release_given_as_a_symbolic_link_is_refused(tmp_path, releases):
+    (tmp_path / "r.h5").symlink_to(releases / "eps1.h5")
+    one_line_refusal(cli("info", tmp_path / "r.h5"), "symbolic link", str(releases / "eps1.h5"))
+
+
+def test_an_undocumented_field_or_attribute_is_refused(tmp_path, releases):
+    def extra(f, name, src):
+        if name == "counts":
+            src.copy(name, f)
+            f["extra"] = np.zeros(3)
+            return True
+        return False
+
+    one_line_refusal(cli("audit", _copy_with(tmp_path / "x.h5", releases / "eps1.h5", extra)), "not in the schema")
+
+    def attribute(f, name, src):
+        if name == "S1":
+            src.copy(name, f)
+            f["S1"].attrs["note"] = 1
+            return True
+        return False
+
+    one_line_refusal(cli("info", _copy_with(tmp_path / "a.h5", releases / "eps1.h5", attribute)), "attributes")
+
+
+# --------------------------------------------------------------------------- M3: a small file, a large allocation
+
+def _limited(args, limit=3 << 30):
+    """`python -m mepf ARGS` with its address space capped: a reader that allocates what a forged shape
+    declares dies of it (MemoryError traceback) instead of refusing in one line."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "mepf", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=cap, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["chunked-fill", "unallocated", "many-names"])
+def test_a_small_file_declaring_a_huge_dataset_is_refused_without_allocating_it(tmp_path, releases, how):
+    def huge(f, name, src):
+        if how == "chunked-fill" and name == "counts":  # 2**30 gzip chunks of the fill value: a few KB on disk
+            f.create_dataset("counts", shape=(2 ** 30,), chunks=(2 ** 20,), compression="gzip", dtype="<f4")
+            return True
+        if how == "unallocated" and name == "S2":  # contiguous, never written: reads as 40 GB of fill values
+            f.create_dataset("S2", shape=(10, 2 ** 30), dtype="<f4")
+            return True
+        if how == "many-names" and name == "class_names":
+            f.create_dataset("class_names", shape=(2 ** 34,), dtype=h5py.string_dtype("utf-8"))
+            return True
+        return False
+
+    path = _copy_with(tmp_path / f"{how}.h5", releases / "eps1.h5", huge)
+    assert path.stat().st_size < 1 << 20
+    for cmd in ("info", "audit"):
+        p = _limited([cmd, path])
+        assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.parametrize("size", [12000, 10 ** 6])
+def test_a_feature_spec_with_an_absurd_geometry_is_refused(tmp_path, releases, size):
+    r = read_raw(releases / "eps1.h5")
+    spec = {**r.feature_spec, "input": {**r.feature_spec["input"], "height": size, "width": size}}
+    data = {**r.data_spec, "transform": {**r.data_spec["transform"], "image_size": [size, size]}}
+    path = forge(tmp_path / "g.h5", releases / "eps1.h5", feature_spec=spec, data_spec=data)
+    for cmd in ("audit", "info"):
+        one_line_refusal(cli(cmd, path), "input")
+    one_line_refusal(cli("synthesize", path, "--out", tmp_path / "run"), "input")
+
+
+def test_a_dimension_other_than_the_specs_is_refused(tmp_path, releases):
+    r = read_raw(releases / "eps1.h5")
+    path = forge(tmp_path / "d.h5", releases / "eps1.h5", feature_spec={**r.feature_spec, "dim": 100})
+    one_line_refusal(cli("audit", path), "S1", "float32 [10, 100]")
+
+
+# --------------------------------------------------------------------------- m2: anything else is one line
+
+def _hostile_variants(base):
+    r = read_raw(base)
+    led = r.ledger
+
+    def rel(**kw):
+        return {**led, "releases": [{**x, **kw} if x["name"] == "S1" else x for x in led["releases"]]}
+
+    return {
+        "spec is a number": {"feature_spec": 7},
+        "ledger is a list": {"ledger": [led]},
+        "string C1": {"feature_spec": {**r.feature_spec, "C1": "1.0"}},
+        "sigma 1e-300": {"ledger": rel(sigma=1e-300)},
+        "delta NaN": {"ledger": {**led, "achieved": {**led["achieved"], "delta": float("nan")}}},
+        "more rows than names": {"class_names": r.class_names[:5]},
+        "int64 arrays": {"arrays": {**r.arrays, "counts": np.round(r.arrays["counts"]).astype(np.int64)}},
+    }
+
+
+@pytest.mark.parametrize("case", ["spec is a number", "ledger is a list", "string C1", "sigma 1e-300", "delta NaN",
+                                  "more rows than names", "int64 arrays", "schema version array"])
+def test_hostile_fields_are_one_line_never_a_traceback(tmp_path, releases, case):
+    base = releases / "eps1.h5"
+    path = tmp_path / "h.h5"
+    if case == "schema version array":
+        path.write_bytes(base.read_bytes())
+        with h5py.File(path, "r+") as f:
+            f.attrs["schema_version"] = np.array([1, 1])
+    else:
+        change = _hostile_variants(base)[case]
+        with h5py.File(path, "w") as f:  # written by hand: mepf's writer would refuse some of these values
+            r = read_raw(base)
+            arrays = change.get("arrays", r.arrays)
+            with h5py.File(base, "r") as src:
+                for k, v in src.attrs.items():
+                    f.attrs[k] = v
+            for k in ("S1", "S2", "counts"):
+                f.create_dataset(k, data=arrays[k])
+            names = change.get("class_names", r.class_names)
+            f.create_dataset("class_names", data=np.array(names, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            for k in ("feature_spec", "data_spec", "ledger"):
+                value = change.get(k, getattr(r, k))
+                f.create_dataset(k, data=json.dumps(value), dtype=h5py.string_dtype("utf-8"))
+    for cmd in ("audit", "info"):
+        one_line_refusal(cli(cmd, path))
+
+
+# --------------------------------------------------------------------------- M4: names that are paths
+
+def _generator(tmp_path, releases):
+    run = tmp_path / "run"
+    r = cli("synthesize", releases / "eps1.h5", "--out", run, "--steps", "2", "--width", "8", "--grid-every", "0",
+            "--snapshot-every", "0", "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output + r.stderr
+    return run / "generator.pt"
+
+
+def test_class_names_cannot_make_sample_write_outside_its_folder(tmp_path, releases):
+    gen = torch.load(_generator(tmp_path, releases), weights_only=True)
+    names = ["a/../../b", " ../c", "T-shirt/top", "x", "y", "z", "\u00e9t\u00e9", "7", "8", "9"]
+    torch.save({**gen, "class_names": names}, tmp_path / "g.pt")
+    (tmp_path / "out").mkdir()
+    assert cli("sample", tmp_path / "g.pt", "-n", "20", "--out", tmp_path / "out" / "s").exit_code == 0
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png") if p.parts[-2:][0] != "run")
+    assert written and all(p.parts[:2] == ("out", "s") and len(p.parts) == 4 for p in written), written
+    assert sorted(p.name for p in (tmp_path / "out" / "s").iterdir())[:3] == ["0_a_.._.._b", "1_c", "2_T-shirt_top"]
+    for bad in (["..", "b"], [".", "b"], ["", "b"], ["a\nb", "c"], ["a\x1b[2Jb", "c"], ["a", "a"]):
+        torch.save({**gen, "class_names": bad + names[2:]}, tmp_path / "bad.pt")
+        one_line_refusal(cli("sample", tmp_path / "bad.pt", "-n", "4", "--out", tmp_path / "out" / "t"),
+                         "not a valid mepf generator")
+        assert not (tmp_path / "out" / "t").exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_unsafe_class_names_are_refused_by_embed_and_by_readers(tmp_path, releases):
+    np.savez(tmp_path / "d.npz", images=make_images(6), labels=np.arange(6) % 2)
+    r = cli("embed", "--data", tmp_path / "d.npz", "--classes", "..,b", "--out", tmp_path / "x.h5", "--epsilon", "1",
+            "--delta", "1e-5", "--force", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY)
+    one_line_refusal(r, "the class name '..'")
+    assert not (tmp_path / "x.h5").exists() and release_log.read_log(tmp_path / "log.jsonl") == []
+    folder = tmp_path / "folder"
+    for name in ("ok", "new\nline"):
+        (folder / name).mkdir(parents=True)
+        from PIL import Image
+
+        Image.fromarray(make_images(1)[0, :, :, 0]).save(folder / name / "1.png")
+    r = cli("embed", "--data", folder, "--image-size", "28", "--channels", "1", "--out", tmp_path / "y.h5",
+            "--epsilon", "1", "--delta", "1e-5", "--force", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY)
+    one_line_refusal(r, "control")
+    rel = read_raw(releases / "eps1.h5")
+    path = forge(tmp_path / "dots.h5", releases / "eps1.h5", class_names=[".."] + rel.class_names[1:])
+    for cmd in ("audit", "info"):
+        one_line_refusal(cli(cmd, path), "'..'")
+    one_line_refusal(cli("synthesize", path, "--out", tmp_path / "run"), "'..'")
+
+
+# --------------------------------------------------------------------------- m4: hostile generator files
+
+@pytest.mark.parametrize("case", ["width 200000", "no arch", "empty state_dict", "NaN prior", "NaN weight",
+                                  "wrong shape"])
+def test_a_hostile_generator_is_refused_in_one_line_before_allocating(tmp_path, releases, case):
+    gen = torch.load(_generator(tmp_path, releases), weights_only=True)
+    state = gen["state_dict"]
+    first = next(iter(state))
+    change = {
+        "width 200000": {"arch": {**gen["arch"], "width": 200000}},
+        "no arch": {"arch": None},
+        "empty state_dict": {"state_dict": {}},
+        "NaN prior": {"label_prior": [float("nan")] * 10},
+        "NaN weight": {"state_dict": {**state, first: torch.full_like(state[first], float("nan"))}},
+        "wrong shape": {"state_dict": {**state, first: state[first][:1]}},
+    }[case]
+    torch.save({**gen, **change}, tmp_path / "g.pt")
+    p = _limited(["sample", tmp_path / "g.pt", "-n", "4", "--out", tmp_path / "s.npz"], limit=6 << 30)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not a valid mepf generator" in p.stderr, p.stderr
+    assert not (tmp_path / "s.npz").exists()
+
+
+# --------------------------------------------------------------------------- M5, m1: the log and the files' modes
+
+def test_the_log_without_its_key_tells_neither_n_nor_which_records_two_releases_share(tmp_path):
+    """Two releases, of 100 records and of the same 100 plus one: the log used to store every keyed tag of
+    each (100 and 101 of them, 100 shared), so anyone shown it read each n and that exactly one record was
+    added. Now each entry's sketch has one size and nothing two entries share; the repeat is still found."""
+    x = make_images(101, seed=11)
+    np.savez(tmp_path / "a.npz", images=x[:100])
+    np.savez(tmp_path / "b.npz", images=x)
+    log = tmp_path / "log.jsonl"
+    for name, extra in (("a", []), ("b", ["--allow-repeat"])):
+        r = cli("embed", "--data", tmp_path / f"{name}.npz", "--out", tmp_path / f"{name}.h5", "--epsilon", "1",
+                "--delta", "1e-5", "--force", "--release-log", log, "--quiet", *TINY, *extra)
+        assert r.exit_code == 0, r.output + r.stderr
+    r = cli("embed", "--data", tmp_path / "b.npz", "--out", tmp_path / "c.h5", "--epsilon", "1", "--delta", "1e-5",
+            "--force", "--release-log", log, "--quiet", *TINY)
+    assert r.exit_code == 2 and "already released" in r.stderr  # the repeat check works, inside the seal
+    e1, e2 = release_log.read_log(log)
+    b1, b2 = (base64.b64decode(e["sketch"]["box"]) for e in (e1, e2))
+    assert len(b1) == len(b2) and set(e1["sketch"]) == set(e2["sketch"]) == {"sealed", "nonce", "box", "mac"}
+    blocks = {b1[i:i + 16] for i in range(0, len(b1), 16)}
+    assert not any(b2[i:i + 16] in blocks for i in range(0, len(b2), 16))
+    assert set(e1) == set(e2) and not any(isinstance(v, int) and not isinstance(v, bool) for v in e1.values())
+    assert e2["composes_with"] == [e1["output_sha256"]] and e2["repeat"] is True
+    os.rename(release_log.key_path(log), tmp_path / "away.key")  # shown to an auditor without the key
+    a = json.loads(cli("audit", tmp_path / "a.h5", "--json", "--release-log", log).output)
+    assert a["composed"]["releases"] == 2 and "without the log's key" in a["composed"]["note"]
+
+
+def test_a_baseline_and_every_temporary_release_file_are_owner_only(tmp_path, monkeypatch):
+    np.savez(tmp_path / "d.npz", images=make_images(8))
+    seen = []
+    real_append = release_log.append
+
+    def spy(path, entry, lock=None):  # called while the release is under its temporary name
+        seen.extend(stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob(".*.h5.tmp-*"))
+        return real_append(path, entry, lock)
+
+    monkeypatch.setattr(release_log, "append", spy)
+    old = os.umask(0o022)
+    try:
+        for name, eps in (("base", "inf"), ("priv", "1")):
+            r = cli("embed", "--data", tmp_path / "d.npz", "--out", tmp_path / f"{name}.h5", "--epsilon", eps,
+                    "--delta", "1e-5", "--force", "--allow-repeat", "--release-log", tmp_path / "log.jsonl", "--quiet",
+                    *TINY)
+            assert r.exit_code == 0, r.output + r.stderr
+    finally:
+        os.umask(old)
+    assert seen == [0o600, 0o600]
+    assert stat.S_IMODE((tmp_path / "base.h5").stat().st_mode) == 0o600  # exact sums: never for others' eyes
+    assert stat.S_IMODE((tmp_path / "priv.h5").stat().st_mode) == 0o644  # a noisy release: the umask's mode
+
+
+# --------------------------------------------------------------------------- m5: ranks exchange tensors only
+
+def test_ranks_exchange_tensors_only_and_never_the_logs_key():
+    """No collective that pickles (a peer's bytes unpickled run its code); what a rank sends of its
+    fingerprint carries neither the log's key nor a sample under it."""
+    import pathlib
+
+    from mepf.embed.fingerprint import Fingerprint, tag_key
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for folder in ("embed", "synthesize", "evaluate", "mepf"):
+        for py in (root / folder).rglob("*.py"):
+            text = py.read_text()
+            for fn in ("broadcast_object_list", "gather_object", "all_gather_object", "scatter_object_list",
+                       "send_object_list", "recv_object_list"):
+                assert fn not in text, (py, fn)
+    key = bytes(range(32))
+    fp = Fingerprint(tag_key(key), legacy_key=key)
+    fp.update(make_images(30), None)
+    raw = fp.to_bytes()
+    assert key not in raw and tag_key(key) not in raw
+    assert not any(h.to_bytes(16, "big") in raw for h in fp.legacy_sketch.hashes)
+    back = Fingerprint.from_bytes(raw)
+    assert back.hexdigest() == fp.hexdigest() and back.tag_sketch.hashes == fp.tag_sketch.hashes
+    for broken in (raw[:-1], raw + b"\0", raw[:41] + b"\xff" + raw[42:]):
+        with pytest.raises(ValueError):
+            Fingerprint.from_bytes(broken)
