@@ -118,10 +118,15 @@ def fd_sha256(fd: int) -> str:
 
 
 def check_output_path(path, overwrite: bool) -> Path:
-    """Refuse an output in a missing folder, or an existing one without overwrite, before any work."""
+    """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite,
+    before any work."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise MepfError(f"output folder {path.parent} does not exist; create it or choose another --out")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MepfError(f"output folder {path.parent} cannot be created ({type(e).__name__}); choose another "
+                            "--out") from None
     if path.is_dir():
         raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
     if path.exists() and not overwrite:
@@ -401,8 +406,10 @@ def _names(f, path: Path, size: int) -> list:
     return [str(n) for n in ds.asstr()[()]]
 
 
-def _read_checked(f, path: Path, size: int) -> tuple:
-    """Every field, each checked against the schema before it is read; the one order of reading."""
+def inspect_structure(f, path: Path, size: int) -> dict:
+    """The file's structure checked against the schema, and the values stored as variable-length strings
+    (root attributes, the three JSON texts, class names), which HDF5 allocates by their stored lengths before
+    any bound can be applied: run only in a child process with a memory cap (`_inspect_in_child`)."""
     attrs = set(f.attrs.keys())
     if "format" not in attrs or _attr(f, "format", path) != FORMAT_NAME:
         raise MepfError(f"{path} is not an mepf release; pass a file written by `mepf embed`")
@@ -415,17 +422,60 @@ def _read_checked(f, path: Path, size: int) -> tuple:
         shown = ", ".join(printable(e) for e in extra[:5])
         raise MepfError(f"{path} holds {shown}, which is not in the schema of an mepf release; ask the data owner "
                         "for the original file")
-    missing = [n for n in ("counts", "class_names", *TEXT_NAMES) if n not in f]
+    missing = [n for n in ("S1", "counts", "class_names", *TEXT_NAMES) if n not in f]
     if missing or "checksum_sha256" not in attrs:
         raise MepfError(f"{path} lacks {', '.join(missing) or 'its checksum'}; the file is incomplete, re-run "
                         "`mepf embed`")
-    checksum = str(_attr(f, "checksum_sha256", path))
-    texts = {n: _text(f, n, path, size) for n in TEXT_NAMES}
+    for name in ("description", "checksum_covers"):
+        if name in attrs:
+            _attr(f, name, path)
+    for name in ARRAY_NAMES:
+        if name in f:
+            _dataset(f, name, path, size)
+    return {"checksum": str(_attr(f, "checksum_sha256", path)),
+            "texts": {n: _text(f, n, path, size) for n in TEXT_NAMES},
+            "class_names": _names(f, path, size)}
+
+
+#: the child that reads a release's strings may use this much address space (bytes), and this much CPU time
+INSPECT_MEMORY, INSPECT_SECONDS = 512 << 20, 120
+
+
+def _inspect_in_child(fd: int, path: Path) -> dict:
+    """inspect_structure in a fresh process whose address space is capped: a few kilobytes of file whose
+    strings claim gigabytes make the child fail, not this process (which may hold a model, or the data)."""
+    import subprocess
+    import sys
+
+    try:
+        p = subprocess.run([sys.executable, "-m", "mepf.artifacts.inspect", str(fd), str(path)], pass_fds=(fd,),
+                           capture_output=True, timeout=INSPECT_SECONDS * 2, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MepfError(f"{path} could not be inspected ({type(e).__name__}); ask the data owner for the original "
+                        "file") from None
+    try:
+        out = json.loads(p.stdout.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        out = None
+    if not isinstance(out, dict) or ("error" not in out and "ok" not in out):
+        raise MepfError(f"{path} could not be read as an mepf release: reading it exceeded the bounds a release "
+                        "needs (memory or time); ask the data owner for the original file")
+    if "error" in out:
+        raise MepfError(str(out["error"]))
+    return out["ok"]
+
+
+def _read_checked(f, path: Path, size: int, meta: dict) -> tuple:
+    """The strings (read by the child), checked against the schema; then the arrays, whose shapes, types and
+    storage are checked before they are read."""
+    texts, class_names = meta["texts"], meta["class_names"]
+    if not (isinstance(texts, dict) and set(texts) == set(TEXT_NAMES)
+            and all(isinstance(t, str) for t in texts.values()) and isinstance(class_names, list)):
+        raise MepfError(f"{path} could not be read as an mepf release; ask the data owner for the original file")
     try:
         specs = {n: json.loads(t) for n, t in texts.items()}
     except (json.JSONDecodeError, RecursionError) as e:
         raise MepfError(f"{path}: a JSON field is corrupt ({type(e).__name__}); the file cannot be trusted") from None
-    class_names = _names(f, path, size)
     problem = (class_names_problem(class_names) or feature_spec_problem(specs["feature_spec"])
                or data_spec_problem(specs["data_spec"], len(class_names), specs["feature_spec"])
                or ledger_problem(specs["ledger"]))
@@ -437,9 +487,7 @@ def _read_checked(f, path: Path, size: int) -> tuple:
     for name in ("S1", "S2"):
         if name in f:
             arrays[name] = _numbers(f, name, path, size, (k, d))
-    if "S1" not in arrays:
-        raise MepfError(f"{path} lacks S1; the file is incomplete, re-run `mepf embed`")
-    return arrays, class_names, texts, specs, checksum
+    return arrays, class_names, texts, specs, str(meta["checksum"])
 
 
 def printable(text: str, longest: int = 60) -> str:
@@ -448,25 +496,40 @@ def printable(text: str, longest: int = 60) -> str:
     return text if len(text) <= longest else text[:longest] + "..."
 
 
+@contextlib.contextmanager
+def _h5(fd: int, path: Path):
+    """h5py on the open file `fd` (never on its name)."""
+    import h5py
+
+    with os.fdopen(os.dup(fd), "rb") as fo:
+        try:
+            f = h5py.File(fo, "r")
+        except Exception as e:  # noqa: BLE001 - h5py raises OSError and others for non-HDF5 bytes
+            raise MepfError(f"{path} is not a readable HDF5 file (truncated or corrupt?) ({type(e).__name__}); "
+                            "pass the .h5 file written by `mepf embed`") from None
+        with f:
+            yield f
+
+
+def inspect_fd(fd: int, path: Path) -> dict:
+    """What the child of _inspect_in_child runs on the inherited descriptor."""
+    with _h5(fd, path) as f:
+        return inspect_structure(f, path, os.fstat(fd).st_size)
+
+
 def read_raw(path) -> Release:
     """Read every field without verifying the checksum (the audit reports that itself). The file's structure,
     types and bounds are enforced before any data is read (docs/artifact-format.md, "What a reader
     enforces"): a hostile file is refused in one line, never followed to another file or allowed to make
     this process allocate more than the file holds."""
-    import h5py
 
     path = Path(path)
     fd = _open_regular(path)
     try:
         size = os.fstat(fd).st_size
-        with os.fdopen(os.dup(fd), "rb") as fo:
-            try:
-                f = h5py.File(fo, "r")
-            except Exception as e:  # noqa: BLE001 - h5py raises OSError and others for non-HDF5 bytes
-                raise MepfError(f"{path} is not a readable HDF5 file (truncated or corrupt?) ({type(e).__name__}); "
-                                "pass the .h5 file written by `mepf embed`") from None
-            with f:
-                arrays, class_names, texts, specs, checksum = _read_checked(f, path, size)
+        meta = _inspect_in_child(fd, path)  # the strings, in a process of bounded memory
+        with _h5(fd, path) as f:
+            arrays, class_names, texts, specs, checksum = _read_checked(f, path, size, meta)
         sha = fd_sha256(fd)  # the bytes just read, whatever the name points to now
     except MepfError:
         raise

@@ -211,17 +211,8 @@ class CelebASource(Source):
         return len(self.ds)
 
     def listing_digest(self) -> str:
-        """The image files' names and sizes, in order (a read of each would cost more than the pass's decode)."""
-        import hashlib
-
         folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
-        h = hashlib.sha256(b"mepf-celeba-v1")
-        for name in self.ds.filename:
-            try:
-                h.update(f"|{name}|{(folder / name).stat().st_size}".encode())
-            except OSError as e:
-                raise MepfError(f"cannot read celeba image {name} ({type(e).__name__}); fetch celeba again") from None
-        return h.hexdigest()
+        return files_digest([folder / name for name in self.ds.filename])
 
     def blocks(self, block_size, keep=None):
         for b, start in enumerate(range(0, len(self.ds), block_size)):

@@ -16,7 +16,10 @@ import torch.distributed as dist
 from mepf.artifacts.errors import MepfError
 
 #: a rank waits this long in a collective for the others (a shard may be slower than another)
-TIMEOUT = datetime.timedelta(hours=int(os.environ.get("MEPF_DIST_TIMEOUT_HOURS", "6")))
+TIMEOUT = datetime.timedelta(hours=float(os.environ.get("MEPF_DIST_TIMEOUT_HOURS", "6")))
+#: and this long for every rank to join: a node that stopped before it joined (a refused option) stops the others
+JOIN_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("MEPF_DIST_JOIN_MINUTES", "10")))
+_GROUP = None  # every rank, with the long timeout: what the collectives below use
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,16 @@ def setup(device: torch.device) -> tuple:
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        try:
+            dist.init_process_group(backend=backend, timeout=JOIN_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - the store's timeout and connection errors have several types
+            raise MepfError(f"not every rank joined within {JOIN_TIMEOUT.total_seconds() / 60:g} minutes "
+                            f"({type(e).__name__}); a node may have refused its options before joining (see its "
+                            "terminal); nothing was read. Fix it and start every node again "
+                            "(MEPF_DIST_JOIN_MINUTES sets the wait)") from None
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = dist.new_group(timeout=TIMEOUT)
     ranks = current()
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
@@ -67,15 +79,29 @@ def setup(device: torch.device) -> tuple:
     return ranks, device
 
 
+def join(device_option: str, resolve) -> tuple:
+    """resolve(device_option) and setup(): where this node cannot have the device, it joins anyway (on the
+    CPU) and the error is the same one line on every rank, instead of leaving the others waiting to join."""
+    try:
+        device, error = resolve(device_option), None
+    except MepfError as e:
+        device, error = torch.device("cpu"), str(e)
+    ranks, device = setup(device)
+    agree(error)
+    return ranks, device
+
+
 def teardown() -> None:
+    global _GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _GROUP = None
 
 
 def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (exact for integer tensors)."""
     if current().active:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_GROUP)
     return tensor
 
 
@@ -106,7 +132,7 @@ def all_gather_bytes(data: bytes, size: int) -> list:
     if not r.active:
         return [data]
     out = [torch.zeros(8 + size, dtype=torch.uint8) for _ in range(r.world)]
-    dist.all_gather(out, _to_tensor(data, size))
+    dist.all_gather(out, _to_tensor(data, size), group=_GROUP)
     return [_from_tensor(t, size) for t in out]
 
 
@@ -116,7 +142,7 @@ def broadcast_bytes(data: bytes | None, size: int) -> bytes:
     if not r.active:
         return data or b""
     t = _to_tensor(data or b"", size) if r.main else torch.zeros(8 + size, dtype=torch.uint8)
-    dist.broadcast(t, src=0)
+    dist.broadcast(t, src=0, group=_GROUP)
     return _from_tensor(t, size)
 
 

@@ -17,6 +17,8 @@ from mepf.artifacts.errors import MepfError
 from .sources import Source, files_digest, kept
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
+#: an error names at most this many files (and says there are others, never how many: a count of records)
+MAX_SHOWN = 10
 #: Pillow modes decoded as one channel; everything else (RGB, RGBA, P, CMYK, YCbCr, ...) as RGB, alpha dropped
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _WIDE_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -49,7 +51,7 @@ class FolderSource(Source):
     or a flat folder of images (unlabelled). PNG and JPEG; dotfiles are ignored. It fixes no geometry:
     `--image-size` and `--channels` declare it."""
 
-    def __init__(self, root):
+    def __init__(self, root, strict: bool = True):
         root = Path(root)
         if not root.is_dir():
             raise MepfError(f"--data {root}: no such folder")
@@ -69,22 +71,24 @@ class FolderSource(Source):
         else:
             self.classes = None
             self.items = [(p, -1) for p in files]
-        for p, _ in self.items:
-            if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
-                raise MepfError(f"{p} is not a PNG or JPEG image; remove it from the data folder")
+        #: files mepf cannot take (not a PNG or JPEG): all named in one error, or listed by `mepf embed --check`
+        self.not_images = [p for p, _ in self.items if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS]
+        if self.not_images and strict:
+            shown = ", ".join(str(p) for p in self.not_images[:MAX_SHOWN])
+            more = " and others (mepf embed --check lists them all)" if len(self.not_images) > MAX_SHOWN else ""
+            raise MepfError(f"not PNG or JPEG images: {shown}{more}; remove them from the data folder")
+        skip = set(self.not_images)
+        self.items = [(p, y) for p, y in self.items if p not in skip]
         if not self.items:
             raise MepfError(f"--data {root} holds no images; put PNG/JPEG files in it (one subfolder per class)")
         self.description = "image folder" + (" (labelled)" if self.classes else " (unlabelled)")
 
     def listing_digest(self) -> str:
-        """The listing in order: each image's path below the folder, its label and its size in bytes."""
-        h = hashlib.sha256(b"mepf-folder-v1")
+        """The listing in order (each image's path below the folder and its label) and the images' bytes."""
+        h = hashlib.sha256(b"mepf-folder-v2")
         for path, label in self.items:
-            try:
-                size = path.stat().st_size
-            except OSError as e:
-                raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it") from None
-            h.update(f"|{label}|{path.relative_to(self.root).as_posix()}|{size}".encode("utf-8", "surrogateescape"))
+            h.update(f"|{label}|{path.relative_to(self.root).as_posix()}".encode("utf-8", "surrogateescape"))
+        h.update(files_digest([p for p, _ in self.items]).encode())
         return h.hexdigest()
 
     def _read_image(self, path: Path) -> np.ndarray:
@@ -119,6 +123,18 @@ def _npz_member(zf, key):
     if dtype.hasobject:
         raise MepfError(f"array '{key}' holds Python objects; store plain numbers")
     return f, tuple(shape), dtype
+
+
+def _stored_inside(h5, key: str, path: Path) -> None:
+    """A dataset whose records are all inside this file: the bytes the ranks' plan hashes (embed/plan.py) are
+    then the records; an external link, external raw storage or a virtual dataset would read another file."""
+    import h5py
+
+    link = h5.get(key, getlink=True)
+    ds = h5[key] if isinstance(link, h5py.HardLink) else None
+    if not isinstance(ds, h5py.Dataset) or ds.is_virtual or ds.external:
+        raise MepfError(f"--data {path.name}: '{key}' is stored outside the file (a link, external storage or a "
+                        "virtual dataset); store the arrays inside it, e.g. h5py's f.create_dataset(name, data=...)")
 
 
 class ArraySource(Source):
@@ -157,6 +173,8 @@ class ArraySource(Source):
                     keys = list(h5.keys())
                     self._ikey = self._pick(keys, ("images", "x"), "images")
                     self._lkey = self._pick(keys, ("labels", "y"), None)
+                    for key in filter(None, (self._ikey, self._lkey)):
+                        _stored_inside(h5, key, path)
                     self._shape, self._dtype = h5[self._ikey].shape, h5[self._ikey].dtype
                     if self._lkey:
                         self._check_labels_meta(h5[self._lkey].shape, h5[self._lkey].dtype)

@@ -22,6 +22,7 @@ class EmbedOptions:
     image_size: tuple | None = None  # (H, W); required for image folders
     feature_size: tuple | None = None
     channels: int | None = None  # 1 or 3; required for image folders
+    crop: str = "none"  # "center": crop each record to the geometry's aspect ratio before resizing
     classes: str | None = None
     data_root: str | None = None
     batch_size: int = 128

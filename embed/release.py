@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import check_output_path, fd_sha256, staged_release, sweep_stale_temporaries
+from mepf.artifacts.format import check_output_path, fd_sha256, printable, staged_release, sweep_stale_temporaries
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem
 
@@ -179,6 +179,9 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                     bar.update(b)
             except MepfError as e:
                 error = str(e)
+            except Exception as e:  # noqa: BLE001 - a reader's or loader's failure: one line on every rank
+                error = (f"reading the data failed ({type(e).__name__}); nothing was released; check that the data "
+                         "is readable (mepf embed --check lists unreadable images) and run again")
     if error is None and int(counts.sum()) != planned:  # each rank's own share, not only the total
         error = ("the data changed while it was read (a rank read other records than its planned share); nothing "
                  "was released, run again on data that is not being modified")
@@ -258,6 +261,7 @@ class EmbedResult:
     ledger: dict
     repeat_of: int
     warnings: list
+    notes: list = field(default_factory=list)
 
 
 def sweep_output(out, log_path=None, entries=None) -> None:
@@ -286,7 +290,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                   relation: str = "add-remove", moments: str = "mean+second", budget_split: str | None = None,
                   batch_size: int = 128, device="cpu", overwrite: bool = False, force: bool = False,
                   release_log_path=None, allow_repeat: bool = False, progress: bool = True,
-                  workers: int = 0) -> EmbedResult | None:
+                  workers: int = 0, data_given: str | None = None) -> EmbedResult | None:
     """The whole private release, from a source to a written file and a log entry. epsilon = inf is a
     non-private baseline: the same path with the noise off, declared in the ledger. Under torchrun every
     rank takes part in the pass; rank 0 alone checks, draws the noise, writes the file and the log entry
@@ -310,6 +314,11 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
 
     def before():  # a corrupt log or a taken output fails now, not after the pass
         entries = release_log.read_log(log_path)
+        if distributed.current().active and release_log.open_keyed(entries):
+            raise MepfError(f"release log {log_path} holds entries written by an earlier mepf, whose record samples "
+                            "only a one-process run can compare with this data; run this embed once without torchrun, "
+                            "or start a new log with --release-log NEW (budgets in the old log then no longer "
+                            "compose with new releases)")
         sweep_output(out, log_path, entries)
         check_output_path(out, overwrite)
         for p in (log_path, release_log.key_path(log_path)):
@@ -325,9 +334,9 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     agree_on_plan(plan)
     listed = len(source)
     distributed.on_main(lambda: check_delta(delta, listed, force))
-    key, narrowed = distributed.on_main(lambda: release_log.prepare(log_path, entries)) or (None, None)
+    key, narrowed, created = distributed.on_main(lambda: release_log.prepare(log_path, entries)) or (None, None, False)
     tkey = distributed.broadcast_bytes(tag_key(key) if key is not None else None, 32)  # never the log's own key
-    legacy = any(isinstance(e.get("sketch"), dict) and e["sketch"].get("keyed") is True for e in entries or [])
+    legacy = bool(release_log.open_keyed(entries or []))
 
     sums = accumulate(source, transform, extractor, moments, c1, c2, batch_size, device, progress, workers,
                       dim=feature_spec["dim"], tag_key=tkey, legacy_key=key if legacy else None)
@@ -342,6 +351,14 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             "was released; restore the log that belongs to its key and run again")
         found = release_log.related(now, sums.fingerprint, key)
         warnings = check_repeat(found, log_path, allow_repeat)
+        notes = []
+        if created:
+            notes.append(f"started the release log {log_path} and its secret key {release_log.key_path(log_path)}; "
+                         "back up both, together: without the key later embeds refuse to use the log, and the log "
+                         "is how a repeat release of the same data is refused")
+        if source.classes is not None and len(source.classes) == 1:
+            notes.append(f"the data declares one class ({printable(source.classes[0], 40)}): the release is labelled "
+                         "with that one class; for unlabelled data put the images directly in the folder")
         if narrowed:
             warnings.append(f"{' and '.join(narrowed)} could be read by others until now (narrowed to 0600); whoever "
                             "copied both the log and its key can test images for membership in earlier releases")
@@ -362,7 +379,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                 try:
                     release_log.append(log_path, release_log.new_entry(
                         sums.fingerprint, key, composes_with=[e.get("output_sha256") for e in repeats],
-                        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description,
+                        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description, data=data_given,
                         output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
                         delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)), lock=lock)
                 except OSError as e:  # checked writable before the pass
@@ -374,7 +391,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                      "(--allow-repeat)") if logged else ""
             raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
                             "or fix the folder's permissions") from None
-        return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings)
+        return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings,
+                           notes=notes)
 
     def locked_release() -> EmbedResult:
         with release_log.locked(log_path) as lock:

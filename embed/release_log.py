@@ -115,8 +115,9 @@ def _exposed(log_path) -> list:
 
 def prepare(log_path, entries: list) -> tuple:
     """Before any record is read: the log can be appended to and has its key (created on first use), so a
-    release is never written without its entry. Returns the key and the files it narrowed to 0600 (whoever
-    copied both log and key before can test images for membership in earlier releases)."""
+    release is never written without its entry. Returns the key, the files it narrowed to 0600 (whoever
+    copied both log and key before can test images for membership in earlier releases), and whether the key
+    was created now (the owner is told where both are, and to back them up)."""
     path = Path(log_path)
     key = read_key(path)
     problem = check_key(path, entries, key)
@@ -144,16 +145,17 @@ def prepare(log_path, entries: list) -> tuple:
     except OSError as e:
         raise MepfError(f"release log {path} cannot be written ({type(e).__name__}); pass a writable "
                         "--release-log") from None
+    created = False
     with locked(path):  # tried before the pass; two first runs on one log: the second takes the first's key
         key = read_key(path) if key is None else key
         if key is None:
-            key = secrets.token_bytes(32)
+            key, created = secrets.token_bytes(32), True
             try:
                 _write_key(key_path(path), key)
             except OSError as e:
                 raise MepfError(f"release log key {key_path(path)} cannot be written ({type(e).__name__}); pass a "
                                 "writable --release-log") from None
-    return key, [str(p) for p in narrowed]
+    return key, [str(p) for p in narrowed], created
 
 
 def _write_key(path: Path, key: bytes) -> None:
@@ -252,6 +254,11 @@ def _entry_digest(entry: dict, key: bytes | None):
     if not isinstance(f, str):
         return None
     return keyed_digest(key, f) if key is not None and not f.startswith("k1:") else f
+
+
+def open_keyed(entries: list) -> list:
+    """Entries of logs from before sealing: their sample is open, tags under the log's own key (kind k1)."""
+    return [e for e in entries if isinstance(e.get("sketch"), dict) and e["sketch"].get("keyed") is True]
 
 
 def _linked(a: dict, b: dict) -> bool:

@@ -27,18 +27,18 @@ def prepare_embed(opts: EmbedOptions):
     extractor, spec = build_feature_map(opts.backbone, opts.weights, list(opts.layers) if opts.layers else None,
                                         opts.pooling, size, channels, opts.weights_seed,
                                         feature_size=opts.feature_size, pixel_weight=opts.pixel_weight)
-    return source, Transform(size, channels), extractor, spec, resolve_device(opts.device)
+    return source, Transform(size, channels, opts.crop), extractor, spec, resolve_device(opts.device)
 
 
 def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     """The whole of `mepf embed`: open the data, build the feature map, release, log. Launched by torchrun,
     it joins the process group first; every rank reads its share; rank 0 returns the result (None on the
     others) and a failure on any rank is one error on all."""
-    ranks, device = distributed.setup(resolve_device(opts.device))
+    ranks, device = distributed.join(opts.device, resolve_device)
     source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
     workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers
     return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon, delta=opts.delta,
                          relation=opts.relation, moments=opts.moments, budget_split=opts.budget_split,
                          batch_size=opts.batch_size, device=device, overwrite=opts.overwrite, force=opts.force,
                          release_log_path=opts.release_log, allow_repeat=opts.allow_repeat, progress=progress,
-                         workers=workers)
+                         workers=workers, data_given=opts.data)

@@ -78,8 +78,9 @@ def declared_geometry(source: Source, image_size, channels) -> tuple:
     return size, int(channels) if channels is not None else int(fixed[2])
 
 
-def open_source(data: str, classes=None, data_root=None) -> Source:
-    """--data: a folder, an .npz/.h5 file, or a named dataset."""
+def open_source(data: str, classes=None, data_root=None, strict: bool = True) -> Source:
+    """--data: a folder, an .npz/.h5 file, or a named dataset. strict=False: a folder's files that are not
+    images are kept aside (`not_images`) instead of refused, for `mepf embed --check`."""
     from .datasets import NAMED, named_source
     from .files import ArraySource, FolderSource
 
@@ -87,7 +88,7 @@ def open_source(data: str, classes=None, data_root=None) -> Source:
     if p.is_dir():
         if classes is not None:
             raise MepfError("--classes is for .npz/.h5 data; an image folder declares its classes by its subfolders")
-        return FolderSource(p)
+        return FolderSource(p, strict=strict)
     if p.suffix.lower() in (".npz", ".h5", ".hdf5"):
         return ArraySource(p, classes)
     if data.partition(":")[0] in NAMED:

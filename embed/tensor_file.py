@@ -3,6 +3,8 @@ itself: weights, generators and snapshots from others can carry no code. In embe
 torch, so that artifacts (and `mepf audit`) stays free of it."""
 from __future__ import annotations
 
+import io
+import os
 import pickle
 from collections.abc import Callable
 
@@ -10,9 +12,50 @@ import torch
 
 from mepf.artifacts.errors import MepfError
 
+#: a torch zip file holds at most this many members (a model's tensors; mepf's generators hold a few dozen)
+MAX_MEMBERS = 100_000
 
-def read_tensors(source, refuse: Callable[[str], str]):
-    """torch.load(source, weights_only=True); any failure becomes one MepfError whose text is `refuse(reason)`."""
+
+def zip_problem(source, require_zip: bool = False) -> str | None:
+    """Why a torch file would make torch.load allocate more than the file holds: a zip member that is
+    compressed (torch.save stores them uncompressed; a deflated one can inflate a thousandfold), too many
+    members, or declared sizes beyond the file. A file in torch's legacy (non-zip) format is refused where
+    `require_zip` (what mepf writes)."""
+    import zipfile
+
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        if not zipfile.is_zipfile(source):
+            return "it is not a torch zip file (torch.save's format)" if require_zip else None
+        if hasattr(source, "seek"):
+            source.seek(0, io.SEEK_END)
+            size = source.tell()
+            source.seek(0)
+        else:
+            size = os.path.getsize(source)
+        with zipfile.ZipFile(source) as z:
+            members = z.infolist()
+            if len(members) > MAX_MEMBERS:
+                return "it holds too many members"
+            if any(m.compress_type != zipfile.ZIP_STORED for m in members):
+                return "it holds compressed members, which torch.save never writes"
+            if sum(m.file_size for m in members) > size:
+                return "its members claim more bytes than the file holds"
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        return f"it is not a readable zip file ({type(e).__name__})"
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
+    return None
+
+
+def read_tensors(source, refuse: Callable[[str], str], require_zip: bool = False):
+    """torch.load(source, weights_only=True), after zip_problem; any failure becomes one MepfError whose text is
+    `refuse(reason)`."""
+    problem = zip_problem(source, require_zip)
+    if problem:
+        raise MepfError(refuse(problem))
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable, truncated, or holding objects other than tensors

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from mepf.artifacts.errors import MepfError
 
 LUMA = (0.299, 0.587, 0.114)
+#: --crop: None or "none" (every record stretched to the geometry), "center"
+CROPS = (None, "none", "center")
 
 
 class Transform:
@@ -16,14 +18,33 @@ class Transform:
     alone: conversion is elementwise and resizing runs one record at a time, so a record's pixels never
     depend on the records that share its batch."""
 
-    def __init__(self, image_size: tuple, channels: int):
-        self.image_size, self.channels = tuple(image_size), channels
+    def __init__(self, image_size: tuple, channels: int, crop: str | None = None):
+        if crop not in CROPS:
+            raise MepfError(f"--crop must be one of {', '.join(c for c in CROPS if c)}")
+        self.image_size, self.channels, self.crop = tuple(image_size), channels, (None if crop == "none" else crop)
 
     def spec(self) -> dict:
-        return {"image_size": list(self.image_size), "channels": self.channels,
-                "scaling": "uint8 / 255 (float records as stored, must lie in [0,1])",
-                "channel_conversion": "grey->RGB: repeat; RGB->grey: ITU-R 601 luma 0.299R+0.587G+0.114B",
-                "resize": "torch bilinear, antialias=True, align_corners=False, when the size differs"}
+        out = {"image_size": list(self.image_size), "channels": self.channels,
+               "scaling": "uint8 / 255 (float records as stored, must lie in [0,1])",
+               "channel_conversion": "grey->RGB: repeat; RGB->grey: ITU-R 601 luma 0.299R+0.587G+0.114B",
+               "resize": "torch bilinear, antialias=True, align_corners=False, when the size differs"}
+        if self.crop:  # absent where no crop: files written before the option keep their bytes
+            out["crop"] = "center: the largest centred window of the target's aspect ratio, before the resize"
+        return out
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The centred window of the target's aspect ratio (a record of another shape is otherwise stretched)."""
+        if not self.crop:
+            return x
+        h, w = x.shape[2:]
+        th, tw = self.image_size
+        if h * tw > w * th:  # too tall
+            nh = max(1, round(w * th / tw))
+            top = (h - nh) // 2
+            return x[:, :, top:top + nh]
+        nw = max(1, round(h * tw / th))
+        left = (w - nw) // 2
+        return x[:, :, :, left:left + nw]
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == self.channels:
@@ -45,4 +66,4 @@ class Transform:
             raise MepfError(f"records have shape {records.shape[1:]}; expected (H, W, C) with C 1 or 3")
         x = torch.from_numpy(np.require(records, requirements=["C", "W"])).permute(0, 3, 1, 2)
         x = x.float() / 255.0 if records.dtype == np.uint8 else x.float()
-        return self._resize(self._channels(x)).contiguous()
+        return self._resize(self._crop(self._channels(x))).contiguous()

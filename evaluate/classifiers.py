@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from mepf.progress import progress as progress_bar
 
 CLASSIFIERS = ("logreg", "mlp", "cnn")
 MIN_STEPS = 500
@@ -83,7 +84,7 @@ def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int =
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
-    bar = tqdm(total=steps, desc="cnn", unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=steps, desc="cnn classifier", unit="step", disable=not progress, leave=False)
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
         for s in range(0, len(xt), batch_size):
@@ -112,7 +113,7 @@ def accuracies(train_images, train_labels, test_images, test_labels, num_classes
     out = {}
     for kind in which:
         if progress:
-            tqdm.write(f"training {kind} on {len(train_images)} images", file=sys.stderr)
+            print(f"training {kind} on {len(train_images)} images", file=sys.stderr)
         if kind == "cnn":
             out[kind] = cnn_accuracy(train_images, train_labels, test_images, test_labels, num_classes, seed,
                                      epochs=cnn_epochs, device=device, progress=progress)

@@ -12,7 +12,10 @@ from mepf.artifacts.errors import MepfError
 from mepf.embed.files import ArraySource
 from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.sources import open_source
+from mepf.embed.transform import Transform
 from mepf.synthesize import run_folder as files
+
+from .classes import sampled_names
 
 
 @dataclass
@@ -24,6 +27,9 @@ class ImageSet:
     fingerprint: object = None  # mepf.embed.fingerprint.Fingerprint, as stage 1 would take it
     run_dir: Path | None = None
     generator: object = None
+    by_index: bool = False  # labels are indices without names (an .npz): classes match by position
+    sampled_names: list | None = None  # a folder from `mepf sample`: the class names behind INDEX_NAME
+    generator_path: Path | None = None
 
     @property
     def shape(self):
@@ -37,13 +43,19 @@ class FidStats:
     description: str
 
 
-def read_source(source) -> ImageSet:
-    """Read a whole (small, public) source into memory, fingerprinting it as stage 1 would."""
+def read_source(source, geometry: tuple | None = None, crop: str | None = None) -> ImageSet:
+    """Read a whole (small, public) source into memory, fingerprinting it as stage 1 would. With `geometry`
+    (H, W, C), every record is converted and resized to it by stage 1's own transform (embed/transform.py),
+    so that whatever `mepf embed` accepts (mixed sizes and modes), evaluate accepts too."""
     fp = Fingerprint(keep_hashes=True)  # in memory anyway; compared under the release log's key later
+    transform = Transform(geometry[:2], geometry[2], crop) if geometry is not None else None
     xs, ys = [], []
     for images, labels in source.batches(1000):
         fp.update(images, labels)
-        if isinstance(images, list):
+        if transform is not None:
+            x = transform(images).permute(0, 2, 3, 1).numpy()
+            images = np.round(x * 255).clip(0, 255).astype(np.uint8)
+        elif isinstance(images, list):
             raise MepfError(f"{source.description}: images have different sizes; resize them to one size first")
         xs.append(np.asarray(images))
         if labels is not None:
@@ -54,12 +66,15 @@ def read_source(source) -> ImageSet:
     return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp)
 
 
-def read_npz(path: Path) -> ImageSet:
-    """An .npz of images (and optional labels 0..K-1), read as stage 1 reads it, so fingerprints compare."""
+def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None) -> ImageSet:
+    """An .npz of images (and optional labels 0..K-1), read as stage 1 reads it, so fingerprints compare. Its
+    classes have no names: `class_names` is None and `by_index` says the labels are indices."""
     with np.load(path) as d:
         y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
         classes = [str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None
-    return read_source(ArraySource(path, classes))
+    out = read_source(ArraySource(path, classes), geometry, crop)
+    out.by_index = classes is not None
+    return out
 
 
 def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
@@ -74,26 +89,32 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
         images, labels = g.sample(n, seed=seed, device=device)
         run = p if p.is_dir() else (p.parent if (p.parent / files.OPTIONS).is_file() else None)
         names = g.info["class_names"] if g.info.get("labelled") else None
-        return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g)
+        return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g,
+                        generator_path=p if p.is_file() else p / files.GENERATOR)
     if p.is_dir() and (p / files.OPTIONS).is_file():
         raise MepfError(f"{p} has no generator.pt yet; finish training (mepf synthesize --resume {p})")
     if p.suffix == ".npz":
         return read_npz(p)
     if p.is_dir():
-        return read_source(open_source(str(p)))
+        out = read_source(open_source(str(p)))
+        sampled = sampled_names(out.class_names)
+        if sampled is not None:  # a folder written by `mepf sample`: INDEX_NAME, in label order
+            out.sampled_names = sampled
+        return out
     raise MepfError(f"{spec}: expected a run folder, generator.pt, .npz or a folder of PNGs")
 
 
-def load_reference(spec: str, data_root=None):
-    """A named split, a folder, an .npz of images, or an .npz of FID statistics (mu, sigma)."""
+def load_reference(spec: str, data_root=None, geometry: tuple | None = None, crop: str | None = None):
+    """A named split, a folder, an .npz of images, or an .npz of FID statistics (mu, sigma). With `geometry`
+    (the synthetic images' H, W, C: the release's), images are converted and resized to it as stage 1 does."""
     p = Path(spec)
     if p.suffix == ".npz" and p.is_file():
         d = np.load(p)
         if "mu" in d and "sigma" in d:
             return FidStats(d["mu"], d["sigma"], f"FID statistics {p.name}")
-        return read_npz(p)
+        return read_npz(p, geometry, crop)
     try:
-        return read_source(open_source(spec, data_root=data_root))
+        return read_source(open_source(spec, data_root=data_root), geometry, crop)
     except MepfError as e:
         raise MepfError(f"--reference: {e}") from None
 

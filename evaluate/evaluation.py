@@ -14,6 +14,7 @@ from mepf.artifacts.versions import versions
 from mepf.embed.sources import open_source
 from mepf.synthesize import run_folder as files
 
+from .classes import match_classes
 from .classifiers import CLASSIFIERS, accuracies
 from .data import FidStats, ImageSet, load_reference, load_synthetic, read_source, run_stats
 from .report import write_report
@@ -22,18 +23,55 @@ METRICS = ("fid", "accuracy", "embedding")
 
 
 def _release_of(synth: ImageSet, release_path: str | None):
-    """The released file behind the synthetic images, when known (for the embedding distance)."""
+    """The released file behind the synthetic images, when known (for the embedding distance): the one given
+    (refused unless its SHA-256 is the generator's), else the run's, found by SHA-256 where the run recorded
+    it or beside the run or generator."""
     from mepf.artifacts import load
+    from mepf.synthesize.locate import locate_release
 
-    if release_path:
-        return load(release_path)
+    sha = synth.generator.info["release_sha256"] if synth.generator is not None else None
+    recorded = None
     if synth.run_dir is not None and (synth.run_dir / files.OPTIONS).is_file():
-        p = json.loads((synth.run_dir / files.OPTIONS).read_text()).get("release")
-        if p and Path(p).is_file():
-            r = load(p)
-            if synth.generator is None or r.file_sha256 == synth.generator.info["release_sha256"]:
-                return r
-    return None
+        try:
+            saved = json.loads((synth.run_dir / files.OPTIONS).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}
+        recorded, sha = saved.get("release"), sha or saved.get("release_sha256")
+    if release_path:
+        if sha is None:
+            return load(release_path)
+        return load(locate_release(sha, Path("."), given=release_path, what="these samples"))
+    if sha is None:
+        return None
+    near = synth.run_dir or (synth.generator_path.parent if synth.generator_path else None)
+    found = locate_release(sha, near, recorded, required=False) if near is not None else None
+    return load(found) if found else None
+
+
+#: FID from fewer samples than this is noticeably biased upwards (pytorch-fid's advice: at least 2,048)
+FID_UNBIASED = 2048
+
+
+def _generator_record(synth: ImageSet) -> dict | None:
+    """What the report records of the generator: its step and SHA-256, and the run's steps, seed and lr."""
+    if synth.generator is None or synth.generator_path is None:
+        return None
+    from mepf.artifacts.format import file_sha256
+    from mepf.synthesize.train import latest_snapshot
+
+    rec = {"path": str(synth.generator_path), "step": synth.generator.info.get("step"),
+           "sha256": file_sha256(synth.generator_path)}
+    if synth.run_dir is not None and (synth.run_dir / files.OPTIONS).is_file():
+        try:
+            o = json.loads((synth.run_dir / files.OPTIONS).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            o = {}
+        rec.update(run_steps=o.get("steps"), seed=o.get("seed"), lr=o.get("lr"), lr_schedule=o.get("lr_schedule"))
+        snap = latest_snapshot(synth.run_dir)
+        last = int(snap.stem.split("-")[-1]) if snap else 0
+        if isinstance(rec["step"], int) and last > rec["step"]:
+            rec["behind"] = last
+    return rec
 
 
 def private_reference_warning(ref, release_log) -> str | None:
@@ -62,36 +100,42 @@ def private_reference_warning(ref, release_log) -> str | None:
 def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: int | None = None,
              metrics=None, classifiers=CLASSIFIERS, real_train: str | None = None, release: str | None = None,
              inception_weights: str | None = None, data_root=None, release_log=None, seed: int = 0,
-             device="cpu", cnn_epochs: int = 8, cache_dir=None, progress: bool = True) -> dict:
+             device="cpu", cnn_epochs: int = 8, cache_dir=None, progress: bool = True,
+             class_map: str | None = None, overwrite: bool = False) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
-    if not out.parent.is_dir():
-        raise MepfError(f"folder {out.parent} does not exist; create it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise MepfError(f"--out {out} is a file; give a folder for the report")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MepfError(f"report folder {out} is not empty; pass --overwrite to replace its report, or choose "
+                        "another --out")
     wanted = set(metrics) if metrics else None
     bad = (wanted or set()) - set(METRICS)
     if bad:
         raise MepfError(f"unknown metric {sorted(bad)[0]!r}; choose from {', '.join(METRICS)}")
-    ref = load_reference(reference, data_root)
     synth = load_synthetic(synthetic, n, seed, device)
+    # the reference as stage 1 reads data: converted and resized to the synthetic images' (the release's) geometry
+    crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
+    ref = load_reference(reference, data_root, geometry=synth.shape, crop=crop)
+    explicit = wanted is not None
     warnings = []
-    if isinstance(ref, ImageSet) and ref.shape[-1] != synth.shape[-1]:
-        raise MepfError(f"geometry differs: synthetic images are {tuple(synth.shape)}, reference {tuple(ref.shape)} "
-                        "(channels); evaluate against a reference of the same kind")
-    if isinstance(ref, ImageSet) and ref.shape[:2] != synth.shape[:2]:
-        raise MepfError(f"geometry differs: synthetic images are {synth.shape[0]}x{synth.shape[1]}, reference "
-                        f"{ref.shape[0]}x{ref.shape[1]}; evaluate against a reference of the same size")
     labelled = synth.labels is not None and isinstance(ref, ImageSet) and ref.labels is not None
     if wanted is None:
         wanted = {"fid", "embedding"} | ({"accuracy"} if labelled else set())
         if not labelled:
             warnings.append("accuracy skipped: it needs labelled synthetic images and a labelled reference")
     if "accuracy" in wanted and not labelled:
-        side = "reference" if synth.labels is not None else "synthetic set"
-        raise MepfError(f"accuracy needs labels, and the {side} has none; use a labelled reference or "
-                        "--metrics fid,embedding")
-    if "accuracy" in wanted and len(synth.class_names or []) != len(ref.class_names or []):
-        raise MepfError(f"the synthetic set has {len(synth.class_names)} classes, the reference "
-                        f"{len(ref.class_names)}; accuracy needs the same label set")
+        side = "synthetic set" if synth.labels is None else "reference"
+        raise MepfError(f"accuracy needs labels, and the {side} has none; use a labelled "
+                        f"{'reference' if side == 'reference' else 'run or samples'} or --metrics fid,embedding")
+    classes = None
+    if "accuracy" in wanted:
+        perm, mapping, how = match_classes(synth.class_names, synth.by_index, synth.sampled_names, ref.class_names,
+                                           ref.by_index, class_map)
+        synth_labels = perm[synth.labels]
+        classes = {"matched": how, "map": mapping}
+    elif class_map:
+        raise MepfError("--class-map pairs classes for the accuracy metric, which this evaluation does not compute")
     warn = private_reference_warning(ref, release_log)
     if warn:
         print(f"WARNING: {warn}", file=sys.stderr)
@@ -103,7 +147,8 @@ def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: i
 
         model = load_inception(inception_weights, device)
         k = min(fid_samples or len(synth.images), len(synth.images))
-        mu_s, s_s = statistics(activations(model, synth.images[:k], device=device, progress=progress))
+        mu_s, s_s = statistics(activations(model, synth.images[:k], device=device, progress=progress,
+                                           desc="FID: synthetic images"))
         if isinstance(ref, FidStats):
             mu_r, s_r = ref.mu, ref.sigma
         else:
@@ -114,12 +159,12 @@ def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: i
         metrics_out["fid_samples"] = k
     if "accuracy" in wanted:
         kk = len(ref.class_names)
-        metrics_out["accuracy"] = accuracies(synth.images, synth.labels, ref.images, ref.labels, kk, classifiers,
+        metrics_out["accuracy"] = accuracies(synth.images, synth_labels, ref.images, ref.labels, kk, classifiers,
                                              seed, device, cnn_epochs, progress)
         if real_train:
-            real = read_source(open_source(real_train, data_root=data_root))
-            if real.labels is None or real.shape != ref.shape:
-                raise MepfError("--real-train must be labelled and have the reference's geometry")
+            real = read_source(open_source(real_train, data_root=data_root), geometry=synth.shape, crop=crop)
+            if real.labels is None or list(real.class_names or []) != list(ref.class_names or []):
+                raise MepfError("--real-train must be labelled with the reference's classes")
             metrics_out["accuracy_real_train"] = accuracies(real.images, real.labels, ref.images, ref.labels, kk,
                                                             classifiers, seed, device, cnn_epochs, progress)
     rel = _release_of(synth, release)
@@ -135,17 +180,30 @@ def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: i
         with torch.no_grad():
             metrics_out["embedding_distance"] = distance_of_batches(batches, ex, target, device)
     elif "embedding" in wanted:
-        warnings.append("embedding distance skipped: the released file behind these samples is unknown "
-                        "(pass --release FILE)")
+        why = ("the released file behind these samples is unknown (pass --release FILE)" if rel is None else
+               "it needs labelled samples for a labelled release")
+        if explicit:
+            raise MepfError(f"the embedding distance cannot be computed: {why}")
+        warnings.append(f"embedding distance skipped: {why}")
+    if "fid" in metrics_out and metrics_out["fid_samples"] < FID_UNBIASED:
+        warnings.append(f"FID from {metrics_out['fid_samples']} samples is biased upwards (the usual is 10,000; below "
+                        f"{FID_UNBIASED:,} it is not comparable with published figures)")
+    generator = _generator_record(synth)
+    if generator and generator.get("behind"):
+        warnings.append(f"the run has snapshots past its generator.pt (step {generator['behind']} > "
+                        f"{generator['step']}): this report is of an older generator; finish the run (mepf synthesize "
+                        "--resume) and evaluate again")
     release_info = None
     if synth.generator is not None:
         info = synth.generator.info
         release_info = {"sha256": info["release_sha256"], "epsilon": info["epsilon"], "delta": info["delta"],
                         "relation": info.get("relation", "add-remove")}
     report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
+              "reference_given": reference, "generator": generator,
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
               "release": release_info, "not_for_publication": bool(warn), "warnings": warnings, "seed": seed,
+              "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid", "scikit-learn"),
                   "wall_time_s": time.perf_counter() - t0}
-    write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir))
+    write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir), synth.class_names)
     return report

@@ -40,7 +40,7 @@ def reference_statistics(model, images: np.ndarray, weights: str | None, cache_d
     if path.is_file():
         d = np.load(path)
         return d["mu"], d["sigma"], True
-    mu, sigma = statistics(activations(model, images, batch_size, device, progress))
+    mu, sigma = statistics(activations(model, images, batch_size, device, progress, desc="FID: reference images"))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, mu=mu, sigma=sigma)

@@ -170,15 +170,18 @@ def weights_id(weights: str | None) -> str:
 
 
 @torch.no_grad()
-def activations(model, images: np.ndarray, batch_size: int = 100, device="cpu", progress: bool = False) -> np.ndarray:
+def activations(model, images: np.ndarray, batch_size: int = 100, device="cpu", progress: bool = False,
+                desc: str = "inception") -> np.ndarray:
     """pool3 activations (N, 2048) of uint8 (N, H, W, C) images; greyscale repeated to RGB, values in [0,1],
     the network's own resize to 299."""
-    from tqdm import tqdm
+    from mepf.progress import progress as bar
 
     out = []
-    for s in tqdm(range(0, len(images), batch_size), desc="inception", disable=not progress, unit="batch"):
-        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 255
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        out.append(model(x.to(device))[0].flatten(1).cpu().numpy().astype(np.float64))
+    with bar(total=len(images), desc=desc, disable=not progress, unit="img") as b:
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 255
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            out.append(model(x.to(device))[0].flatten(1).cpu().numpy().astype(np.float64))
+            b.update(len(x))
     return np.concatenate(out)

@@ -26,16 +26,20 @@ def privacy_in_words(release: dict | None) -> str:
             "further privacy.")
 
 
-def class_grid(images: np.ndarray, labels: np.ndarray | None, path: Path, per_class: int = 10) -> None:
+def class_grid(images: np.ndarray, labels: np.ndarray | None, path: Path, per_class: int = 10,
+               class_names: list | None = None) -> None:
+    """One row per class, labelled with its name where known."""
+    names = None
     if labels is None:
         rows = [images[:per_class * 10]]
     else:
-        rows = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
-        rows = [r for r in rows if len(r) == per_class]
+        present = [c for c in range(int(labels.max()) + 1) if (labels == c).sum() >= per_class]
+        rows = [images[labels == c][:per_class] for c in present]
+        names = [class_names[c] if class_names and c < len(class_names) else str(c) for c in present]
     if not rows:
-        rows = [images[:per_class]]
+        rows, names = [images[:per_class]], None
     x = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 255
-    save_grid(x, len(rows) if labels is not None else max(1, len(x) // per_class), path)
+    save_grid(x, len(rows) if labels is not None else max(1, len(x) // per_class), path, row_labels=names)
 
 
 def curves(stats: list, path: Path) -> bool:
@@ -51,6 +55,13 @@ def curves(stats: list, path: Path) -> bool:
     for key in sorted(k for k in stats[0] if k.startswith("dist_")):
         ax.plot(steps, [s[key] for s in stats], label=f"||mu_real - mu_fake||^2 ({key[5:]})")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(v):,}"))
+    ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("step")
     ax.set_ylabel("squared distance (batch)")
     ax.legend()
@@ -60,9 +71,9 @@ def curves(stats: list, path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, report: dict, images, labels, stats: list) -> None:
+def write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    class_grid(images, labels, out / "samples.png")
+    class_grid(images, labels, out / "samples.png", class_names=class_names)
     has_curves = curves(stats, out / "curves.png")
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -74,7 +85,16 @@ def write_report(out: Path, report: dict, images, labels, stats: list) -> None:
                   "the owner's release log). Metrics against it are not private.", ""]
     lines += [privacy_in_words(report["release"]), "",
               f"- synthetic: {report['synthetic']} ({report['n_synthetic']} images)",
-              f"- reference: {report['reference']} ({report['n_reference']} images)", "",
+              f"- reference: {report['reference']} ({report['n_reference']} images)"]
+    g = report.get("generator")
+    if g:
+        lines.append(f"- generator: step {g['step']}" + (f" of the run's {g['run_steps']}" if g.get("run_steps")
+                                                         else "") + f", sha256 {g['sha256'][:16]}"
+                     + (f"; trained with seed {g['seed']}, lr {g['lr']}" if g.get("seed") is not None else ""))
+    if report.get("classes"):
+        lines.append(f"- classes matched {report['classes']['matched']}: "
+                     + ", ".join(f"{a} -> {b}" for a, b in report["classes"]["map"].items()))
+    lines += ["",
               "| metric | value |", "| --- | --- |"]
     if "fid" in m:
         lines.append(f"| FID ({m['fid_samples']} samples, pytorch-fid InceptionV3 pool3) | {m['fid']:.2f} |")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mepf.artifacts.errors import MepfError
+from mepf.artifacts.errors import Interrupted, MepfError
 
 
 def user_errors(fn):
@@ -23,11 +23,32 @@ def user_errors(fn):
             if _is_node_lead():  # under torchrun every rank has the same error: one per node prints it
                 click.echo(f"Error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("Interrupted; no output was left half-written.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            import signal
+
+            what = str(e) if isinstance(e, Interrupted) and str(e) else INTERRUPTED.get(fn.__name__, "interrupted")
+            if _is_node_lead():
+                click.echo(f"{what}", err=True)
+            sys.exit(143 if getattr(e, "signum", None) == signal.SIGTERM or _TERMINATED else 130)
 
     return wrapper
+
+
+#: what an interrupted command says, where it has nothing more precise (synthesize says its step and --resume)
+INTERRUPTED = {
+    "embed": "interrupted before the release was written: nothing was released (an entry the log already holds "
+             "overstates the spend, never understates it); run the same command again",
+    "evaluate": "interrupted: no report was written; run the same command again",
+    "sample": "interrupted: no samples were written; run the same command again",
+}
+_TERMINATED = False
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (what Slurm sends on preemption) is taken as Ctrl-C is, and exits 143."""
+    global _TERMINATED
+    _TERMINATED = True
+    raise KeyboardInterrupt
 
 
 def _is_main_rank() -> bool:
@@ -61,6 +82,11 @@ def _image_size(ctx, param, value):
 @click.version_option(package_name="mepf")
 def main():
     """DP-MEPF: release a private feature embedding once; train generators from it freely."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _default(cls, name):
@@ -85,9 +111,9 @@ def _ed(name):
 @main.command()
 @click.option("--data", required=True, help="Image folder (one subfolder per class, or flat), .npz/.h5 "
               "arrays, or a named dataset: mnist-5k, mnist, fashion-mnist, cifar10, celeba, with :train/:test.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .h5 file.")
-@click.option("--epsilon", required=True, type=float, help="Target epsilon (> 0).")
-@click.option("--delta", required=True, type=float, help="Target delta, in (0, 1) and below 1/n.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Output .h5 file (its folder is created).  [required]")
+@click.option("--epsilon", type=float, help="Target epsilon (> 0).  [required]")
+@click.option("--delta", type=float, help="Target delta, in (0, 1) and below 1/n.  [required]")
 @click.option("--relation", type=click.Choice(["add-remove", "replace-one"]),
               default=_ed("relation"), help="Neighbouring relation; add-remove keeps n private.")
 @click.option("--moments", type=click.Choice(["mean", "mean+second"]), default=_ed("moments"),
@@ -108,16 +134,22 @@ def _ed(name):
 @click.option("--pooling", type=click.Choice(["none", "mean"]), default=None,
               help="Per-layer pooling.  [default: the backbone's, none]")
 @click.option("--image-size", callback=_image_size, default=None, help="Resize every record to N or HxW; required "
-              "for an image folder.  [default: a named dataset's or an array's own size]")
+              "for an image folder. A record of another aspect ratio is stretched to it (or see --crop).  [default: a "
+              "named dataset's or an array's own size]")
 @click.option("--feature-size", callback=_image_size, default=None,
               help="Upsample to N or HxW inside the feature map only (data and generators keep --image-size); "
               "deeper layers then keep spatial detail.  [default: no upsampling]")
+@click.option("--crop", type=click.Choice(["none", "center"]), default=_ed("crop"),
+              help="center: crop each record to the largest centred window of --image-size's aspect ratio before "
+              "resizing (as edm's dataset tool does); none: stretch it.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert every record to 1 or 3 "
               "channels; required for an image folder.  [default: a named dataset's or an array's own]")
 @click.option("--classes", default=None, help="Label set of .npz/.h5 data: a count or comma-separated names.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Where named datasets are found or downloaded.  [default: ~/.cache/mepf/datasets]")
-@click.option("--batch-size", type=click.IntRange(1, 65536), default=_ed("batch_size"))
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=_ed("batch_size"),
+              help="Records per forward pass, and per block of records a rank reads (under torchrun every node must "
+              "give the same). Memory grows with it; the release does not depend on it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=_ed("device"))
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Processes that decode and transform "
               "records (per rank).  [default: 0 on a CPU machine of up to 4 cores per rank, more where cores "
@@ -127,22 +159,38 @@ def _ed(name):
 @click.option("--allow-repeat", is_flag=True, help="Allow a release of data released before (budgets compose).")
 @click.option("--force", is_flag=True, help="Allow delta >= 1/n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--check", is_flag=True, help="Only check the data: list every file the pass would stop at (not an "
+              "image, cannot be decoded, out of range), read nothing else, write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
-          pixel_weight, pooling, image_size, feature_size, channels, classes, data_root, batch_size, device,
-          workers, release_log, allow_repeat, force, overwrite, quiet):
+          pixel_weight, pooling, image_size, feature_size, crop, channels, classes, data_root, batch_size, device,
+          workers, release_log, allow_repeat, force, overwrite, check, quiet):
     """Stage 1 (data owner): read the private images once and write the privatised embedding.
 
     Nothing it prints is computed from the records: no count, no rate, no statistic. Under torchrun
     (`torchrun --nproc-per-node N -m mepf embed ...`) each rank reads its share; rank 0 writes."""
+    if check:
+        from mepf.embed.check import check_data
+
+        problems = check_data(data, classes, data_root, show_progress=not quiet)
+        for line in problems:
+            click.echo(line)
+        if problems:
+            raise MepfError("the data holds files mepf cannot embed (listed above); fix or remove them, then run "
+                            "mepf embed")
+        click.echo("every record can be read: the data is ready for mepf embed (nothing was embedded)")
+        return
+    missing = [name for name, v in (("--out", out), ("--epsilon", epsilon), ("--delta", delta)) if v is None]
+    if missing:
+        raise click.UsageError(f"missing option {', '.join(missing)} (only --check needs none of them)")
     from mepf.embed.options import EmbedOptions
     from mepf.embed.run import run_embed
 
     opts = EmbedOptions(data=data, out=out, epsilon=epsilon, delta=delta, relation=relation, moments=moments,
                         budget_split=budget_split, backbone=backbone, weights=weights, weights_seed=weights_seed,
                         layers=tuple(layers.split(",")) if layers else None, pixel_weight=pixel_weight,
-                        pooling=pooling, image_size=image_size, feature_size=feature_size,
+                        pooling=pooling, image_size=image_size, feature_size=feature_size, crop=crop,
                         channels=int(channels) if channels else None, classes=classes, data_root=data_root,
                         batch_size=batch_size, device=device, workers=workers, release_log=release_log,
                         allow_repeat=allow_repeat, force=force, overwrite=overwrite)
@@ -159,6 +207,8 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
         return
     for w in result.warnings:
         click.echo(f"WARNING: {w}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     eps = result.ledger["achieved"]["epsilon"]
     guarantee = f"({eps:.4g}, {delta:g})-DP" if eps is not None else "NON-PRIVATE"
     dim = result.ledger["releases"][0]["shape"][-1]
@@ -215,6 +265,48 @@ def audit(file, as_json, release_log):
     sys.exit(0 if rep.ok else 1)
 
 
+@main.command()
+@click.option("--release-log", type=click.Path(dir_okay=False), default=None,
+              help="The owner's log.  [default: $XDG_DATA_HOME/mepf/releases.jsonl, else ~/.local/share/mepf/...]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@user_errors
+def releases(release_log, as_json):
+    """Owner: list the releases in the release log, each with the guarantee composed over every release that
+    shares records with it."""
+    from mepf.artifacts.audit import composed_total
+    from mepf.embed.release_log import composable, default_log_path, key_path, mixed_note, read_key, read_log
+
+    log = Path(release_log) if release_log else default_log_path()
+    if not log.is_file():
+        raise MepfError(f"no release log at {log}; pass --release-log (mepf embed writes one on its first release)")
+    entries, key = read_log(log), read_key(log)
+    rows = []
+    for e in entries:
+        try:
+            composed = composed_total(composable(entries, e, key), float(e.get("delta", 0)))
+        except (MepfError, TypeError, ValueError):
+            composed = None
+        row = {k: e.get(k) for k in ("time", "data", "dataset", "output", "epsilon", "delta", "relation", "repeat")}
+        row["composed_epsilon"] = composed["epsilon"] if composed else None
+        row["composed_releases"] = composed["releases"] if composed else None
+        rows.append(row)
+    note = mixed_note(entries, key)
+    if as_json:
+        click.echo(json.dumps({"log": str(log), "key": str(key_path(log)) if key else None, "releases": rows,
+                               "note": note}, indent=2, sort_keys=True))
+        return
+    click.echo(f"release log {log} (key {'beside it' if key else 'MISSING: record samples cannot be compared'})")
+    click.echo(f"{'#':>3}  {'time':<24} {'eps':>8} {'delta':>8}  {'composed':>14}  data -> output")
+    for i, r in enumerate(rows, 1):
+        eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
+        comp = "-" if r["composed_epsilon"] is None else (
+            f"{r['composed_epsilon']:.4g} ({r['composed_releases']})")
+        click.echo(f"{i:>3}  {str(r['time']):<24} {eps:>8} {r['delta'] or 0:>8g}  {comp:>14}  "
+                   f"{r['data'] or r['dataset']} -> {r['output']}")
+    if note:
+        click.echo(f"note: {note}")
+
+
 def _sha(path) -> str:
     from mepf.artifacts.format import file_sha256
 
@@ -222,30 +314,103 @@ def _sha(path) -> str:
 
 
 @main.command()
-@click.argument("file", type=click.Path())
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @user_errors
-def info(file):
-    """Describe a released file: backbone, geometry, classes, moments, privacy, sizes."""
+def info(path, as_json):
+    """Describe a released file, a run folder or a generator.pt: geometry, classes, privacy, and for a run its
+    progress and options."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "options.json").is_file():
+            raise MepfError(f"{p} is a folder but not a run folder (no options.json); pass a release .h5, a run "
+                            "folder or a generator.pt")
+        facts = _run_facts(p)
+    elif p.suffix == ".pt" or (p.is_file() and _is_zip(p)):
+        facts = _generator_facts(p)
+    else:
+        facts = _release_facts(p)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo("\n".join(f"{k:<12}{v}" for k, v in facts.items() if k != "kind" and v is not None))
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _guarantee(eps, delta, relation=None) -> str:
+    if eps is None or eps == float("inf"):
+        return "NONE: trained on a non-private baseline (eps = inf)"
+    return f"({eps:.4g}, {delta:g})-DP" + (f", {relation}" if relation else "")
+
+
+def _release_facts(path: Path) -> dict:
     from mepf.artifacts import load
 
-    r = load(file)
+    r = load(path)
     fs, ds = r.feature_spec, r.data_spec
-    size = Path(file).stat().st_size
-    lines = [
-        f"file        {file} ({size / 1e6:.1f} MB, sha256 {r.file_sha256[:16]})",
-        (f"privacy     ({r.epsilon:.4g}, {r.delta:g})-DP, {r.ledger['relation']}" if r.private else
-         "privacy     NONE: a non-private baseline (eps = inf), exact statistics"),
-        f"data        {ds['dataset']}, {ds['transform']['image_size'][0]}x{ds['transform']['image_size'][1]}"
-        f"x{ds['transform']['channels']}",
-        f"classes     {len(r.class_names)}: {', '.join(r.class_names)}" if r.labelled else "classes     unlabelled",
-        f"moments     {', '.join(r.moments)}",
-        f"features    {fs['backbone']} ({fs['weight_source']}), {len(fs['layers'])} layers, pooling "
-        f"{fs['pooling']}, D={fs['dim']}"
-        + (f", at {fs['resize']['height']}x{fs['resize']['width']}" if fs.get("resize") else "")
-        + (f", pixels x{fs['pixel_weight']:g}" if fs.get("pixel_weight") else ""),
-        f"noisy n     {max(float(r.arrays['counts'].sum()), 0):.0f} (noisy count)",
-    ]
-    click.echo("\n".join(lines))
+    k = len(r.class_names)
+    return {
+        "kind": "release",
+        "file": f"{path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {r.file_sha256[:16]})",
+        "privacy": (f"({r.epsilon:.4g}, {r.delta:g})-DP, {r.ledger['relation']}" if r.private else
+                    "NONE: a non-private baseline (eps = inf), exact statistics"),
+        "data": f"{ds['dataset']}, {ds['transform']['image_size'][0]}x{ds['transform']['image_size'][1]}"
+                f"x{ds['transform']['channels']}",
+        "classes": f"{k} class{'es' if k != 1 else ''}: {', '.join(r.class_names)}" if r.labelled else "unlabelled",
+        "moments": ", ".join(r.moments),
+        "features": f"{fs['backbone']} ({fs['weight_source']}), {len(fs['layers'])} layers, pooling "
+                    f"{fs['pooling']}, D={fs['dim']}"
+                    + (f", at {fs['resize']['height']}x{fs['resize']['width']}" if fs.get("resize") else "")
+                    + (f", pixels x{fs['pixel_weight']:g}" if fs.get("pixel_weight") else ""),
+        "noisy n": f"{max(float(r.arrays['counts'].sum()), 0):.0f} (noisy count)",
+    }
+
+
+def _generator_facts(path: Path, g=None) -> dict:
+    from mepf.synthesize import load_generator
+
+    g = g or load_generator(path)
+    a, i = g.arch, g.info
+    names = i.get("class_names", [])
+    return {
+        "kind": "generator",
+        "generator": f"{path} ({a['name']}, width {a['width']}, {a['image_size']}x{a['image_size']}x{a['channels']},"
+                     f" step {i.get('step')})",
+        "privacy": _guarantee(i.get("epsilon"), i.get("delta"), i.get("relation")),
+        "classes": (f"{len(names)} class{'es' if len(names) != 1 else ''}: {', '.join(names)}" if i.get("labelled")
+                    else "unlabelled"),
+        "release": f"sha256 {str(i.get('release_sha256'))[:16]}",
+    }
+
+
+def _run_facts(run: Path) -> dict:
+    from mepf.synthesize import run_folder as files
+
+    try:
+        o = json.loads((run / files.OPTIONS).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MepfError(f"{run / files.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
+                        ) from None
+    snaps = sorted(run.glob(files.SNAPSHOT_GLOB))
+    gen = run / files.GENERATOR
+    step = int(snaps[-1].stem.split("-")[-1]) if snaps else 0
+    facts = {"kind": "run", "run": str(run),
+             "progress": f"step {step} of {o.get('steps')}" + (" (complete)" if gen.is_file() and step >= o.get(
+                 "steps", 0) else "; continue with: mepf synthesize --resume " + str(run)),
+             "privacy": _guarantee(o.get("epsilon"), o.get("delta")),
+             "release": f"{o.get('release')} (sha256 {str(o.get('release_sha256'))[:16]})",
+             "options": ", ".join(f"{k}={o[k]}" for k in ("generator", "width", "objective", "lr", "lr_schedule",
+                                                          "batch_size", "seed", "labels") if k in o),
+             "changes": "; ".join(f"{c['option']} {c['from']} -> {c['to']} at step {c['step']}"
+                                  for c in o.get("changes", [])) or None}
+    if gen.is_file():
+        g = _generator_facts(gen)
+        facts["generator"], facts["classes"] = g["generator"], g["classes"]
+    return facts
 
 
 def _moment_weights(ctx, param, value):
@@ -263,11 +428,14 @@ def _moment_weights(ctx, param, value):
 @click.argument("file", type=click.Path(), required=False)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder to create.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue this run folder from its latest snapshot (FILE and options come from it).")
+              help="Continue this run folder from its latest snapshot. Options come from the run; --steps, --lr, "
+              "--lr-mavg, --lr-schedule, --log-every, --snapshot-every, --grid-every, --device and --weights given "
+              "again take effect from the resumed step (recorded in options.json); others must equal the run's. "
+              "FILE, if given, is the release wherever it is now (checked by SHA-256).")
 @click.option("--generator", type=click.Choice(["auto", "conv", "conv-cbn", "resnet"]), default=_td("generator"),
               help="auto: conv up to 32 px, resnet above; conv-cbn: conv with class-conditional batch norm.")
-@click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), help="Generator width.  [default: 0 = "
-              "the generator's own, 64 conv and conv-cbn / 256 resnet]")
+@click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), show_default=False,
+              help="Generator width; 0: the generator's own.  [default: 0 = 64 for conv and conv-cbn, 256 for resnet]")
 @click.option("--objective", type=click.Choice(["mavg", "plain"]), default=_td("objective"),
               help="mavg: the paper's Adam moving average; plain: squared distance.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_td("lr"), help="Generator Adam lr.")
@@ -284,7 +452,8 @@ def _moment_weights(ctx, param, value):
 @click.option("--seed", type=click.IntRange(0), default=_td("seed"), help="Training seed (unrelated to the DP noise).")
 @click.option("--labels", type=click.Choice(["balanced", "prior"]), default=_td("labels"),
               help="Training labels: class-balanced or from the noisy class prior.")
-@click.option("--moment-weights", callback=_moment_weights, default="", help="e.g. S1=1,S2=0.5.  [default: 1 each]")
+@click.option("--moment-weights", callback=_moment_weights, default="", show_default=False,
+              help="Weight of each moment's distance, e.g. S1=1,S2=0.5.  [default: 1 each]")
 @click.option("--grid-every", type=click.IntRange(0), default=_td("grid_every"),
               help="Sample grid PNG every N steps (0: end only).")
 @click.option("--snapshot-every", type=click.IntRange(0), default=_td("snapshot_every"), help="Snapshot every N steps.")
@@ -309,15 +478,24 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
     from mepf.synthesize import train
 
     if resume:
+        if out:
+            raise MepfError("--out and --resume name two run folders; give one (--resume RUN continues RUN)")
         if dry_run:
             click.echo((Path(resume) / files.OPTIONS).read_text())
             return
+        ctx = click.get_current_context()
+        given = {name: value for name, value in ctx.params.items() if name in train.TrainOptions.__dataclass_fields__
+                 and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
         try:
-            t = train.resume(resume, steps, progress=not quiet)
+            t = train.resume(resume, given, release=file, progress=not quiet)
         finally:
             teardown()
         if _is_main_rank():
-            click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / files.GENERATOR}")
+            if t.complete:
+                click.echo(f"{resume} is already complete at step {t.step}; pass --steps N (more than {t.step}) to "
+                           "train further")
+            else:
+                click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / files.GENERATOR}")
         return
     if not file or not out:
         raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
@@ -381,13 +559,16 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite):
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--release-log", type=click.Path(dir_okay=False), default=None,
               help="Owner's release log, to recognise private data given as reference.")
+@click.option("--class-map", default=None, help="Pair synthetic and reference classes by hand: SYNTH=REF,... "
+              "[default: by name; by index only where a side is an .npz without names]")
 @click.option("--seed", type=click.IntRange(0), default=0)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--overwrite", is_flag=True, help="Replace the report in an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--quiet", is_flag=True)
 @user_errors
 def evaluate(synthetic, reference, out, n, fid_samples, metrics, classifiers, cnn_epochs, real_train, release,
-             inception_weights, data_root, release_log, seed, device, as_json, quiet):
+             inception_weights, data_root, release_log, class_map, seed, device, overwrite, as_json, quiet):
     """Stage 3: FID, downstream accuracy and embedding distance of SYNTHETIC (a run, generator.pt, .npz or
     PNG folder) against a real held-out reference; writes report.json and report.md."""
     from mepf.embed.device import resolve_device
@@ -402,7 +583,10 @@ def evaluate(synthetic, reference, out, n, fid_samples, metrics, classifiers, cn
                             metrics=[m.strip() for m in metrics.split(",")] if metrics else None, classifiers=which,
                             real_train=real_train, release=release, inception_weights=inception_weights,
                             data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),
-                            cnn_epochs=cnn_epochs, progress=not quiet)
+                            cnn_epochs=cnn_epochs, progress=not quiet, class_map=class_map, overwrite=overwrite)
+    for w in report["warnings"]:
+        if not w.startswith("the reference"):  # the private-reference warning was printed when it was found
+            click.echo(f"note: {w}", err=True)
     if as_json:
         click.echo(json.dumps(report["metrics"], indent=2, sort_keys=True))
     else:

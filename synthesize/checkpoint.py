@@ -28,7 +28,7 @@ VERSION = 1
 def load_tensors(path: Path, what: str):
     """torch.load restricted to tensors and plain containers (weights_only): a generator or snapshot from
     someone else can carry no code. Anything else is refused with one line."""
-    return read_tensors(path, lambda reason: (
+    return read_tensors(path, require_zip=True, refuse=lambda reason: (
         f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only tensors "
         "and metadata, never pickled objects: use a file written by mepf"))
 
@@ -39,7 +39,8 @@ def save_generator(path: Path, generator, arch: dict, release, step: int) -> Non
            "release_sha256": release.file_sha256, "release_checksum": release.checksum,
            "epsilon": release.epsilon, "delta": release.delta, "relation": release.ledger["relation"],
            "class_names": list(release.class_names), "labelled": release.labelled,
-           "label_prior": release.label_prior().tolist(), "step": step}
+           "label_prior": release.label_prior().tolist(), "step": step,
+           "transform": {"crop": "center"} if release.data_spec.get("transform", {}).get("crop") else {}}
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
@@ -87,6 +88,10 @@ def load_generator(path) -> TrainedGenerator:
         path = path / GENERATOR
     if not path.is_file():
         raise MepfError(f"{path} does not exist; train one with `mepf synthesize FILE --out RUN_DIR`")
+    with open(path, "rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            raise MepfError(f"{path} is a release (the embedding written by mepf embed), not a generator: train one "
+                            f"with `mepf synthesize {path} --out RUN`, then sample RUN")
     obj = load_tensors(path, "generator")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("schema_version") != VERSION:
         raise MepfError(f"{path} is not an mepf generator (version {VERSION})")
@@ -146,8 +151,9 @@ def generator_problem(obj: dict) -> str | None:
     if problem or len(names) != k:
         return problem or "its class names do not match its number of classes"
     if not (isinstance(prior, list) and len(prior) == k and all(type(p) in (int, float) and math.isfinite(p)
-                                                                and p >= 0 for p in prior) and sum(prior) > 0):
-        return "its label prior is not a distribution over its classes"
+                                                                and 0 <= p <= 1 for p in prior)
+            and abs(float(torch.tensor(prior, dtype=torch.float32).sum()) - 1) < 1e-3):
+        return "its label prior is not a distribution over its classes (entries in [0, 1] summing to 1)"
     eps, delta = obj.get("epsilon"), obj.get("delta")
     if not (type(eps) in (int, float) and eps > 0 and type(delta) in (int, float) and 0 < delta < 1
             and isinstance(obj.get("labelled"), bool) and type(obj.get("step")) is int):

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, pad: int = 2) -> None:
-    """images (N, C, H, W) in [0, 1], N = rows * cols, row-major; written atomically."""
+def save_grid(images: torch.Tensor, rows: int, path: Path, pad: int = 2, row_labels: list | None = None) -> None:
+    """images (N, C, H, W) in [0, 1], N = rows * cols, row-major; written atomically. `row_labels`: a name
+    written left of each row (the class)."""
     n, c, h, w = images.shape
     cols = n // rows
     x = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -20,6 +21,25 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, pad: int = 2) -> None
     img = Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
     scale = max(1, 256 // max(h, w) // 2)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if row_labels:
+        img = _label_rows(img.convert("RGB"), row_labels, rows)
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
     img.save(tmp)
     tmp.replace(path)
+
+
+def _label_rows(img: Image.Image, labels: list, rows: int) -> Image.Image:
+    """The grid with a white margin on the left holding each row's label (printable, cut to 24 characters)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    texts = ["".join(c if c.isprintable() else "?" for c in str(t))[:24] for t in labels[:rows]]
+    draw = ImageDraw.Draw(img)
+    width = max(int(draw.textlength(t, font=font)) for t in texts) + 8
+    out = Image.new("RGB", (img.width + width, img.height), "white")
+    out.paste(img, (width, 0))
+    draw = ImageDraw.Draw(out)
+    row_h = img.height / rows
+    for r, t in enumerate(texts):
+        draw.text((4, int(r * row_h + row_h / 2 - 5)), t, fill="black", font=font)
+    return out

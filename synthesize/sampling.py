@@ -13,6 +13,10 @@ from mepf.artifacts.errors import MepfError
 
 from .checkpoint import load_generator
 
+#: suffixes --out cannot mean: an image or another file type, where a folder of PNGs would be made
+NOT_OUTPUTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".h5", ".hdf5", ".pt", ".npy",
+               ".zip", ".tar", ".gz", ".json", ".txt", ".csv"}
+
 
 def class_folders(names: list) -> list:
     """One folder name per class: its index (zero-padded, so that sorted order is label order) and the name
@@ -25,10 +29,17 @@ def class_folders(names: list) -> list:
 
 def write_samples(source, n: int, out, seed: int = 0, labels: str = "balanced", batch_size: int = 500,
                   device="cpu", overwrite: bool = False) -> Path:
-    g = load_generator(source)
     out = Path(out)
+    if out.suffix.lower() in NOT_OUTPUTS:
+        raise MepfError(f"--out {out}: an .npz file, or a folder of PNGs (a name without a suffix such as "
+                        f"{out.suffix}), one subfolder per class")
+    g = load_generator(source)
     if not out.parent.is_dir():
-        raise MepfError(f"folder {out.parent} does not exist; create it or choose another --out")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MepfError(f"folder {out.parent} cannot be created ({type(e).__name__}); choose another --out"
+                            ) from None
     if out.exists() and not overwrite:
         raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)

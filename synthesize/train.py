@@ -2,29 +2,33 @@
 grid PNGs, snapshots with every RNG state, generator.pt). Resumable; the result is the last step."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mepf.artifacts import load
-from mepf.artifacts.errors import MepfError
+from mepf.artifacts.errors import Interrupted, MepfError
 from mepf.artifacts.versions import versions
 from mepf.embed import distributed
 from mepf.embed.device import resolve_device
 from mepf.embed.features import feature_map_from_spec
 from mepf.embed.memory import keep_freed_memory
+from mepf.progress import progress as progress_bar
 
 from . import run_folder as files
 from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
+from .locate import locate_release
 from .objective import Target, fake_embeddings, squared_distance
 from .options import LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
 
@@ -66,6 +70,30 @@ def _atomic_torch_save(obj, path: Path):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def deferred_interrupts(enabled: bool = True):
+    """Within the block, Ctrl-C and SIGTERM (Slurm's preemption signal) are noted in the yielded list and taken
+    by the caller at a clean point; a second one interrupts at once. Off under torchrun (ranks must stop at
+    the same step) and outside the main thread."""
+    hits = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield hits
+        return
+
+    def note(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise Interrupted("interrupted again: stopped at once, without a snapshot of this step; continue from "
+                              "the last one with mepf synthesize --resume", signum)
+
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield hits
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def latest_snapshot(run: Path):
     snaps = sorted(run.glob(files.SNAPSHOT_GLOB))
     return snaps[-1] if snaps else None
@@ -91,6 +119,7 @@ class Trainer:
         self.opt_m = torch.optim.Adam(list(self.mavg.values()), lr=opts.lr_mavg, betas=betas)
         self.weights = {m: float(opts.moment_weights.get(m, 1.0)) for m in self.target.moments}
         self.step = 0
+        self.complete = False  # set by resume: the run was already at its last step
         self.amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
         if self.amp:
             self.G = self.G.to(memory_format=torch.channels_last)
@@ -224,7 +253,8 @@ class Trainer:
         with torch.no_grad():
             x = g(self.grid_z.to(self.device), y.to(self.device)).float().cpu()
         g.train(was_training)
-        save_grid(x, k, self.run / files.grid_name(self.step))
+        save_grid(x, k, self.run / files.grid_name(self.step),
+                  row_labels=list(self.release.class_names) if self.release.labelled else None)
 
     def snapshot(self):
         state = self.state()  # a collective under torchrun: every rank takes part, rank 0 writes
@@ -233,6 +263,16 @@ class Trainer:
         _atomic_torch_save(state, self.run / files.snapshot_name(self.step))
         for old in sorted(self.run.glob(files.SNAPSHOT_GLOB))[:-2]:
             old.unlink()
+
+    def stop(self, signum: int, log) -> None:
+        """Ctrl-C or SIGTERM, taken between two steps: a snapshot of this step (so --resume continues exactly),
+        then Interrupted with how far the run got and the command that goes on."""
+        self.snapshot()
+        if log is not None:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} interrupted at step {self.step}; snapshot written\n")
+            log.close()
+        raise Interrupted(f"interrupted at step {self.step} of {self.opts.steps}; a snapshot of this step was "
+                          f"written; continue with: mepf synthesize --resume {self.run}", signum)
 
     def fit(self, progress: bool = True):
         keep_freed_memory()  # per-step tensors reuse the same heap blocks instead of fresh pages
@@ -243,9 +283,11 @@ class Trainer:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} training from step {self.step} to {o.steps}"
                       f"{f' on {self.ranks.world} ranks' if self.ranks.active else ''}\n")
         t_last, s_last = time.perf_counter(), self.step
-        with tqdm(total=o.steps, initial=self.step, desc="synthesize", unit="step", disable=not (progress and main),
-                  dynamic_ncols=True) as bar:
+        with progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
+                          disable=not (progress and main)) as bar, deferred_interrupts(not self.ranks.active) as hits:
             while self.step < o.steps:
+                if hits:
+                    self.stop(hits[0], log)
                 stats = self.train_step()
                 bar.update(1)
                 if main and (self.step % o.log_every == 0 or self.step == o.steps):
@@ -275,16 +317,19 @@ class Trainer:
 def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     """A new run: validate, then create the run folder and write options.json before training. Under
     torchrun every rank trains (--batch-size per rank) and rank 0 alone writes the run folder."""
-    ranks, device = distributed.setup(resolve_device(opts.device))
+    ranks, device = distributed.join(opts.device, resolve_device)
     release, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
     run = Path(opts.out)
 
     def create():
         if run.exists() and any(run.iterdir()):
             raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with --resume {run}")
-        if not run.parent.is_dir():
-            raise MepfError(f"folder {run.parent} does not exist; create it or choose another --out")
-        run.mkdir(exist_ok=True)
+        if run.exists() and not run.is_dir():
+            raise MepfError(f"--out {run} is a file; give a folder for the run")
+        try:
+            run.mkdir(parents=True, exist_ok=True)  # and its parents, as edm does
+        except OSError as e:
+            raise MepfError(f"run folder {run} cannot be created ({type(e).__name__}); choose another --out") from None
         resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
                     "device_resolved": str(device), "ranks": ranks.world, "release_sha256": release.file_sha256,
                     "release_checksum": release.checksum, "epsilon": release.epsilon, "delta": release.delta,
@@ -297,23 +342,61 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     return trainer
 
 
-def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
-    """Continue a run from its latest snapshot (to `steps`, default the run's own); under torchrun too."""
-    run = Path(run_dir)
+#: options that may change when a run resumes: they take effect from the resumed step (recorded in options.json)
+RESUMABLE = ("steps", "lr", "lr_mavg", "lr_schedule", "log_every", "snapshot_every", "grid_every", "device",
+             "weights")
+
+
+def _read_options(run: Path) -> dict:
     if not (run / files.OPTIONS).is_file():
         raise MepfError(f"{run} is not a run folder (no {files.OPTIONS}); start one with `mepf synthesize "
                         f"FILE --out {run}`")
-    saved = json.loads((run / files.OPTIONS).read_text())
+    try:
+        saved = json.loads((run / files.OPTIONS).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MepfError(f"{run / files.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
+                        ) from None
+    if not isinstance(saved, dict) or "release_sha256" not in saved:
+        raise MepfError(f"{run / files.OPTIONS} is not a run's options; the run folder is damaged")
+    return saved
+
+
+def _check_changes(saved: dict, changes: dict) -> dict:
+    """The options given on resuming that differ from the run's: those in RESUMABLE are returned; any other
+    is refused, as it would make another run (architecture, seed, objective, labels, batch, precision)."""
+    fields = TrainOptions.__dataclass_fields__
+    differ = {k: v for k, v in changes.items() if k in fields and v != saved.get(k)}
+    fixed = sorted(k for k in differ if k not in RESUMABLE)
+    if fixed:
+        shown = ", ".join(f"--{k.replace('_', '-')} (the run's is {saved.get(k)!r})" for k in fixed)
+        raise MepfError(f"{shown} cannot change when a run resumes: it would be another run; start a new run with "
+                        "--out NEW_DIR, or resume without it")
+    return differ
+
+
+def resume(run_dir, changes: dict | None = None, release: str | None = None, progress: bool = True,
+           steps: int | None = None) -> Trainer:
+    """Continue a run from its latest snapshot, under torchrun too. `changes`: options given again (those in
+    RESUMABLE take effect from the resumed step, the others must equal the run's); `release`: the released
+    file, wherever it is now (any file with the run's SHA-256; else the run's recorded path or a release
+    beside the run folder)."""
+    run = Path(run_dir)
+    saved = _read_options(run)
+    changes = {**(changes or {}), **({"steps": steps} if steps is not None else {})}
+    differ = _check_changes(saved, changes)
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})
     opts.out = str(run)  # the folder may have been moved or copied since it was started
-    if steps is not None:
-        opts.steps = steps
-    ranks, device = distributed.setup(resolve_device(opts.device))
-    release, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
-    if release.file_sha256 != saved["release_sha256"]:
-        raise MepfError(f"the released file {opts.release} changed since this run started; resume needs the same file")
-    trainer = Trainer(opts, release, extractor, arch, device)
+    found = locate_release(saved["release_sha256"], run, saved.get("release"), release)
+    opts.release = str(found)
+    for k in ("device", "weights"):
+        if k in differ:
+            setattr(opts, k, differ[k])
+    ranks, device = distributed.join(opts.device, resolve_device)
+    release_file, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
+    if release_file.file_sha256 != saved["release_sha256"]:
+        raise MepfError(f"the released file {opts.release} changed while it was read; resume needs the same file")
+    trainer = Trainer(opts, release_file, extractor, arch, device)
     snap = latest_snapshot(run)
     if snap is not None:
         def load_snapshot():
@@ -324,6 +407,28 @@ def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
                                 "from the one before") from None
 
         distributed.guarded(load_snapshot)
+    step = trainer.step
+    steps = differ.get("steps", opts.steps)
+    if steps < step:
+        raise MepfError(f"{run} is at step {step}; --steps {steps} would go back: give --steps above {step} to train "
+                        "further")
+    trainer.complete = steps == step and (run / files.GENERATOR).is_file()
+    if trainer.complete:
+        return trainer
+    for k, v in differ.items():
+        setattr(opts, k, v)
+    for group in trainer.opt_m.param_groups:  # the snapshot's optimiser state carries the old rate
+        group["lr"] = opts.lr_mavg
+
+    def record():  # options.json: the values now in force, and what changed at which step
+        if not differ:
+            return
+        log = list(saved.get("changes", []))
+        log += [{"step": step, "option": k, "from": saved.get(k), "to": v} for k, v in sorted(differ.items())]
+        updated = {**saved, **differ, "release": str(Path(found).resolve()), "changes": log}
+        tmp = run / (files.OPTIONS + ".tmp")
+        tmp.write_text(json.dumps(updated, indent=2, sort_keys=True))
+        os.replace(tmp, run / files.OPTIONS)
 
     def trim_stats():  # drop records past the snapshot: they will be written again
         stats = run / files.STATS
@@ -331,6 +436,7 @@ def resume(run_dir, steps: int | None = None, progress: bool = True) -> Trainer:
             keep = [l for l in stats.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.step]
             stats.write_text("".join(l + "\n" for l in keep))
 
+    distributed.on_main(record)
     distributed.on_main(trim_stats)
     trainer.fit(progress)
     return trainer

@@ -155,13 +155,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(node_args: list, timeout: int = 240) -> list:
+def two_nodes(node_args: list, timeout: int = 240, env: dict | None = None) -> list:
     """`mepf ARGS` as two torchrun nodes of one process each (static rendezvous on 127.0.0.1), each node with
     its own command line, as an operator starts them; returns each node's (returncode, stdout, stderr, seconds)."""
     import time
 
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     procs, started = [], time.monotonic()
     for rank, args in enumerate(node_args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1",
@@ -250,3 +250,116 @@ def test_two_nodes_with_the_same_plan_release_once_the_one_process_sums(tmp_path
     for k in ("S1", "S2", "counts"):
         np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
     assert not (nodes[1] / "r.h5").exists() and len(release_log.read_log(nodes[0] / "log.jsonl")) == 1
+
+
+def test_two_nodes_whose_folders_hold_same_size_images_in_another_order_are_refused(tmp_path):
+    """Uncompressed PNGs of one geometry all have one size: a listing of names and sizes cannot tell two
+    swapped images apart, the images' bytes can."""
+    nodes = _nodes(tmp_path)
+    for i, n in enumerate(nodes):
+        for j in range(12):
+            d = n / "data" / f"c{j % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            k = {5: 7, 7: 5}.get(j, j) if i else j  # node 1: images 5 and 7 (same class) swapped
+            Image.fromarray(make_images(1, seed=k)[0, :, :, 0]).save(d / f"{j:02d}.png", compress_level=0)
+    sizes = {p.stat().st_size for p in (tmp_path / "node0").rglob("*.png")}
+    assert len(sizes) == 1
+    args = [node_embed(n, n / "data", "--image-size", "28", "--channels", "1", "--batch-size", "3") for n in nodes]
+    _assert_refused_on_both(two_nodes(args), nodes, "the data itself")
+
+
+def test_a_node_that_stops_before_joining_stops_the_others_within_the_join_timeout(tmp_path):
+    """A refused option on one node before it joins (a click error, a device it lacks) used to leave the other
+    nodes waiting six hours in init_process_group."""
+    nodes = _nodes(tmp_path)
+    np.savez(nodes[0] / "d.npz", images=make_images(8))
+    shutil.copy(nodes[0] / "d.npz", nodes[1] / "d.npz")
+    results = two_nodes([node_embed(nodes[0], nodes[0] / "d.npz"), node_embed(nodes[1], nodes[1] / "d.npz",
+                                                                              "--workers", "-1")],
+                        env={"MEPF_DIST_JOIN_MINUTES": "0.3"})
+    rc, _, err, seconds = results[0]
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert rc != 0 and len(errors) == 1 and "not every rank joined" in errors[0] and seconds < 120, err
+    assert results[1][0] != 0 and "--workers" in results[1][2]
+    assert not (nodes[0] / "r.h5").exists() and release_log.read_log(nodes[0] / "log.jsonl") == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_node_without_the_device_asked_for_fails_every_node_in_one_line(tmp_path):
+    nodes = _nodes(tmp_path)
+    np.savez(nodes[0] / "d.npz", images=make_images(8))
+    shutil.copy(nodes[0] / "d.npz", nodes[1] / "d.npz")
+    results = two_nodes([node_embed(nodes[0], nodes[0] / "d.npz", "--device", "cpu"),
+                         node_embed(nodes[1], nodes[1] / "d.npz", "--device", "cuda")])
+    for rc, _, err, seconds in results:
+        errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+        assert rc != 0 and len(errors) == 1 and "cuda" in errors[0].lower() and seconds < 120, err
+    assert not (nodes[0] / "r.h5").exists()
+
+
+def test_a_log_with_open_samples_from_an_earlier_mepf_is_refused_under_torchrun(tmp_path):
+    """Entries of logs from before sealing hold tags under the log's own key, which only a one-process run
+    may compute; under torchrun a superset of such a release went through as a first release."""
+    import json
+
+    from mepf.embed.fingerprint import Fingerprint, key_id, keyed_digest
+
+    x, y = make_images(21, seed=8), np.arange(21) % 3
+    np.savez(tmp_path / "a.npz", images=x[:20], labels=y[:20])
+    np.savez(tmp_path / "b.npz", images=x, labels=y)
+    log = tmp_path / "log.jsonl"
+    key = bytes(range(32))
+    release_log.key_path(log).write_text(key.hex() + "\n")
+    release_log.key_path(log).chmod(0o600)
+    old = Fingerprint(legacy_key=key)
+    old.update(x[:20], y[:20])
+    entry = {"fingerprint": keyed_digest(key, old.hexdigest()), "sketch": old.legacy_sketch.to_json(),
+             "key_id": key_id(key), "output": "a.h5", "output_sha256": "0" * 64, "mu": 0.5, "epsilon": 1.0,
+             "delta": 1e-5, "relation": "add-remove", "repeat": False}
+    log.write_text(json.dumps(entry) + "\n")
+    log.chmod(0o600)
+    r = embed(tmp_path / "b.npz", tmp_path / "b.h5", log, "--classes", "3", "--epsilon", "1", ranks=2)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert r.returncode != 0 and len(errors) == 1 and "earlier mepf" in errors[0], r.stderr
+    assert not (tmp_path / "b.h5").exists() and len(release_log.read_log(log)) == 1
+    one = embed(tmp_path / "b.npz", tmp_path / "b.h5", log, "--classes", "3", "--epsilon", "1")
+    assert one.returncode != 0 and "shares most of its records" in one.stderr  # one process: compared, refused
+
+
+def test_an_array_file_reading_another_file_is_refused(tmp_path):
+    """Records that an .h5 takes from another file (external storage, an external link, a virtual dataset)
+    are not in the bytes the nodes' plan compares: refused before the pass, in one process too."""
+    import h5py
+
+    x = make_images(8)
+    (tmp_path / "raw.bin").write_bytes(x.tobytes())
+    with h5py.File(tmp_path / "ext.h5", "w") as f:
+        f.create_dataset("images", shape=x.shape, dtype="u1", external=[(str(tmp_path / "raw.bin"), 0, x.nbytes)])
+    np.savez(tmp_path / "plain.npz", images=x)
+    with h5py.File(tmp_path / "inner.h5", "w") as f:
+        f["images"] = x
+    with h5py.File(tmp_path / "link.h5", "w") as f:
+        f["images"] = h5py.ExternalLink(str(tmp_path / "inner.h5"), "/images")
+    for name in ("ext.h5", "link.h5"):
+        r = embed(tmp_path / name, tmp_path / "x.h5", tmp_path / "log.jsonl", "--epsilon", "1")
+        errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+        assert r.returncode == 2 and len(errors) == 1 and "stored outside the file" in errors[0], r.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_read_error_in_the_pass_is_one_line(tmp_path):
+    """A damaged chunk of a compressed .h5 makes h5py raise mid-pass: one line, not a traceback, no file."""
+    import h5py
+
+    x = make_images(16)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("images", data=x, chunks=(4, 28, 28, 1), compression="gzip")
+        offset = f["images"].id.get_chunk_info(2).byte_offset
+    raw = bytearray((tmp_path / "d.h5").read_bytes())
+    raw[offset:offset + 16] = bytes(16)
+    (tmp_path / "d.h5").write_bytes(bytes(raw))
+    r = embed(tmp_path / "d.h5", tmp_path / "x.h5", tmp_path / "log.jsonl", "--epsilon", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "reading the data failed" in errors[0]
+    assert not (tmp_path / "x.h5").exists() and release_log.read_log(tmp_path / "log.jsonl") == []

@@ -82,8 +82,12 @@ def test_one_bad_entry_per_row_no_longer_hides_exact_sums_from_the_audit(tmp_pat
     bad = failed(forged)
     assert bad and not audit(forged).ok
     if poison == "huge":
-        assert {"noise:S1", "noise:S2"} <= bad  # the upper side: more norm than counts and noise allow
-        assert "more norm than their noisy count" in dict((n, d) for n, _, d in audit(forged).checks)["noise:S1"]
+        assert {"noise:S1", "noise:S2"} <= bad
+        noisy = {k: v.copy() for k, v in read_raw(releases / "eps1.h5").arrays.items()}
+        noisy["S1"][:, 0] = 1e4  # a genuinely noised file with one huge entry: the upper side catches it
+        upper = forge(tmp_path / "upper.h5", releases / "eps1.h5", arrays=noisy)
+        assert failed(upper) == {"noise:S1"}
+        assert "more norm than their noisy count" in dict((n, d) for n, _, d in audit(upper).checks)["noise:S1"]
     else:
         assert "finite" in bad
         with pytest.raises(MepfError, match="NaN or infinite"):
@@ -443,3 +447,111 @@ def test_ranks_exchange_tensors_only_and_never_the_logs_key():
     for broken in (raw[:-1], raw + b"\0", raw[:41] + b"\xff" + raw[42:]):
         with pytest.raises(ValueError):
             Fingerprint.from_bytes(broken)
+
+
+# --------------------------------------------------------------------------- a second read: strings claiming gigabytes
+
+@pytest.mark.parametrize("how", ["shared-heap-object", "length-field", "root-attribute"])
+def test_strings_whose_stored_lengths_claim_gigabytes_are_refused_within_bounded_memory(tmp_path, releases, how):
+    """Variable-length strings are allocated by the length their descriptors state, before any bound: 10,000
+    class names all pointing to one 150 KB string, a length field of 4 GiB in a 70 KB file, the same on the root
+    attribute read first. The strings are now read in a child process of capped memory."""
+    import re
+    import struct
+
+    path = tmp_path / "x.h5"
+    shutil_copy(releases / "eps1.h5", path)
+    if how == "shared-heap-object":
+        with h5py.File(path, "a") as f:
+            del f["class_names"]
+            names = ["A" * 150_000] + [f"c{i}" for i in range(9_999)]
+            f.create_dataset("class_names", data=np.array(names, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            off = f["class_names"].id.get_offset()
+        raw = bytearray(path.read_bytes())
+        first = raw[off:off + 16]
+        for i in range(1, 10_000):
+            raw[off + 16 * i: off + 16 * (i + 1)] = first
+    elif how == "length-field":
+        with h5py.File(path, "r") as f:
+            off, k = f["class_names"].id.get_offset(), len(f["class_names"])
+        raw = bytearray(path.read_bytes())
+        for i in range(k):
+            raw[off + 16 * i: off + 16 * i + 4] = struct.pack("<I", 0xFFFFFFFF)
+    else:
+        raw = bytearray(path.read_bytes())
+        heaps = {m.start() for m in re.finditer(b"GCOL", raw)}
+        hits = [i for i in range(len(raw) - 16) if raw[i:i + 4] == struct.pack("<I", len("mepf-release"))
+                and struct.unpack_from("<Q", raw, i + 4)[0] in heaps]
+        assert hits
+        for i in hits:
+            raw[i:i + 4] = struct.pack("<I", 0xFFFFFFFF)
+    path.write_bytes(bytes(raw))
+    assert path.stat().st_size < 2 << 20
+    for cmd in ("info", "audit"):
+        p = _limited([cmd, path], limit=2 << 30)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def _peak_rss(args) -> tuple:
+    """(exit code, stderr, peak resident bytes) of `python -m mepf ARGS`, measured for that process alone."""
+    p = subprocess.Popen([sys.executable, "-m", "mepf", *map(str, args)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, err, usage.ru_maxrss * 1024
+
+
+def shutil_copy(a, b):
+    import shutil
+
+    shutil.copy(a, b)
+
+
+def test_a_compressed_generator_that_inflates_to_gigabytes_is_refused_before_loading(tmp_path, releases):
+    """torch.save stores its members; a deflated member of zeros inflates a thousandfold inside torch.load."""
+    import io
+    import zipfile
+
+    gen = torch.load(_generator(tmp_path, releases), weights_only=True)
+    buf = io.BytesIO()
+    torch.save({**gen, "pad": torch.zeros(1 << 29, dtype=torch.uint8)}, buf)  # 512 MB of zeros
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(tmp_path / "bomb.pt", "w") as out:
+        for entry in zin.infolist():
+            out.writestr(entry.filename, zin.read(entry.filename), compress_type=zipfile.ZIP_DEFLATED)
+    del buf
+    assert (tmp_path / "bomb.pt").stat().st_size < 4 << 20
+    code, err, peak = _peak_rss(["sample", tmp_path / "bomb.pt", "-n", "4", "--out", tmp_path / "s.npz"])
+    assert code == 2 and err.count("\n") == 1 and "compressed members" in err, err
+    _, _, genuine = _peak_rss(["sample", tmp_path / "run" / "generator.pt", "-n", "4", "--out", tmp_path / "t.npz"])
+    assert peak < genuine + (200 << 20), (peak, genuine)  # the 512 MB were never inflated
+
+
+@pytest.mark.parametrize("prior", [[1e39] * 10, [1e308] * 10, [1e-320] + [0.0] * 9, [0.5] * 10])
+def test_a_label_prior_that_float32_cannot_sample_is_refused(tmp_path, releases, prior):
+    gen = torch.load(_generator(tmp_path, releases), weights_only=True)
+    torch.save({**gen, "label_prior": prior}, tmp_path / "g.pt")
+    one_line_refusal(cli("sample", tmp_path / "g.pt", "-n", "4", "--labels", "prior", "--out", tmp_path / "s.npz"),
+                     "label prior")
+
+
+def test_noise_left_out_of_some_coordinates_fails_the_audit(tmp_path):
+    """Exact sums on three quarters of the coordinates, the missing noise made up on the rest (scaled so each
+    row's norm looks right): the whole-row check alone passed it; the block check does not."""
+    x = make_images(30, seed=5, size=64)
+    np.savez(tmp_path / "d.npz", images=x, labels=np.arange(30) % 3)
+    for name, eps in (("p", "1"), ("e", "inf")):
+        r = cli("embed", "--data", tmp_path / "d.npz", "--classes", "3", "--out", tmp_path / f"{name}.h5",
+                "--epsilon", eps, "--delta", "1e-5", "--force", "--allow-repeat", "--release-log",
+                tmp_path / "log.jsonl", "--quiet", *TINY)
+        assert r.exit_code == 0, r.output + r.stderr
+    noisy, exact = read_raw(tmp_path / "p.h5"), read_raw(tmp_path / "e.h5")
+    arrays = dict(noisy.arrays)
+    for m in ("S1", "S2"):
+        a = exact.arrays[m].astype(np.float64).copy()
+        sigma = next(r["sigma"] for r in noisy.ledger["releases"] if r["name"] == m)
+        a[:, :1024] += np.random.default_rng(0).standard_normal((3, 1024)) * sigma * 2  # all the noise on a quarter
+        arrays[m] = a.astype(np.float32)
+    forged = forge(tmp_path / "f.h5", tmp_path / "p.h5", arrays=arrays)
+    assert {"noise:S1", "noise:S2"} <= failed(forged)
+    assert audit(tmp_path / "p.h5").ok

@@ -166,11 +166,12 @@ def test_a_log_or_key_readable_by_others_is_narrowed_and_a_key_that_cannot_be_is
     composition. Run as root here, so chmod itself is made to fail: root can narrow any file."""
     import os
     log = tmp_path / "log.jsonl"
-    key, narrowed = release_log.prepare(log, [])
+    key, narrowed, created = release_log.prepare(log, [])
+    assert created
     assert narrowed == []
     for p in (log, release_log.key_path(log)):
         p.chmod(0o644)
-    assert release_log.prepare(log, []) == (key, [str(log), str(release_log.key_path(log))])  # both narrowed
+    assert release_log.prepare(log, []) == (key, [str(log), str(release_log.key_path(log))], False)  # narrowed
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (log, release_log.key_path(log)))
     release_log.key_path(log).chmod(0o644)
 
@@ -318,7 +319,7 @@ def test_nothing_printed_is_computed_from_the_records(tmp_path):
     r = cli("embed", "--data", tmp_path / "d.npz", "--classes", "3", "--out", tmp_path / "x.h5", "--epsilon", "2",
             "--delta", "1e-6", "--release-log", tmp_path / "log.jsonl", *TINY, "--batch-size", "64")  # progress shown
     assert r.exit_code == 0, r.stderr
-    text = r.output.replace(str(tmp_path / "x.h5"), "OUT")  # stdout and stderr together
+    text = r.output.replace(str(tmp_path / "x.h5"), "OUT").replace(str(tmp_path), "TMP")  # stdout and stderr
     assert "embed:" in r.stderr  # the progress display was drawn
     sha = load(tmp_path / "x.h5").file_sha256
     text = text.replace(f"sha256 {sha[:16]}", "SHA")

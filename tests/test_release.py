@@ -496,8 +496,8 @@ def test_a_key_is_never_written_over_something_else(tmp_path):
         release_log.prepare(log, [])
     assert release_log.key_path(log).is_symlink() and not list(tmp_path.glob("*.tmp"))
     release_log.key_path(log).unlink()
-    key, _ = release_log.prepare(log, [])
-    assert release_log.read_key(log) == key and not list(tmp_path.glob("*.tmp"))
+    key, _, created = release_log.prepare(log, [])
+    assert release_log.read_key(log) == key and created and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_log_that_is_not_a_file_is_refused_in_one_line(tmp_path):

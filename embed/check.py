@@ -1,0 +1,31 @@
+"""`mepf embed --check`: find every file of the data that the pass would stop at (not an image, cannot be
+decoded, a value or label out of range), listing them all at once; it reads the data, releases nothing and
+writes nothing. It names files, never a count."""
+from __future__ import annotations
+
+from mepf.artifacts.errors import MepfError
+from mepf.progress import progress
+
+from .files import FolderSource, decode_image
+from .sources import open_source, parse_classes
+
+
+def check_data(data: str, classes: str | None = None, data_root=None, show_progress: bool = True) -> list:
+    """One line per problem, in listing order; empty when the data can be embedded as it is."""
+    source = open_source(data, parse_classes(classes), data_root, strict=False)
+    problems = [f"{p}: not a PNG or JPEG image" for p in getattr(source, "not_images", [])]
+    if isinstance(source, FolderSource):
+        with progress(total=len(source), desc="check", disable=not show_progress, counts=False) as bar:
+            for path, _ in source.items:
+                try:
+                    decode_image(path)
+                except MepfError as e:
+                    problems.append(str(e))
+                bar.update(1)
+        return problems
+    try:  # arrays and named datasets stop at their first bad block, as the pass would
+        for _ in source.blocks(1024):
+            pass
+    except MepfError as e:
+        problems.append(str(e))
+    return problems

@@ -1,0 +1,347 @@
+"""The researcher's side, tried as a new user would on self-made data: three classes named "benign",
+"malignant lesion", "normal tissue", files like `patient 0001 scan.jpg` in modes L, RGBA and P at 24-96 px,
+and a held-out folder of the same kind. Every test drives the real command line on real files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mepf.cli import main
+from tests.conftest import make_images
+
+TINY = ["--backbone", "resnet18", "--weights", "random", "--layers", "pixels"]
+CLASSES = ("benign", "malignant lesion", "normal tissue")
+TRAIN = ["--width", "8", "--batch-size", "12", "--grid-every", "0", "--snapshot-every", "2", "--log-every", "1",
+         "--device", "cpu", "--quiet"]
+
+
+def cli(*args, env=None):
+    return CliRunner(env=env).invoke(main, [str(a) for a in args])
+
+
+def ok(r):
+    assert r.exit_code == 0, (r.output, r.stderr, r.exception)
+    return r
+
+
+def refused(r, *words):
+    assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (r.output, r.stderr)
+    for w in words:
+        assert w in r.stderr, r.stderr
+    return r
+
+
+def messy_folder(root, names=CLASSES, per_class=8, seed=0):
+    """Class folders of JPEG and PNG files in modes L, RGBA and P, 24 to 96 px, with spaces in the names."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = int(rng.choice([24, 28, 40, 64, 96]))
+            grey = make_images(1, seed=seed * 1000 + c * 100 + i, size=size)[0, :, :, 0]
+            mode = ("L", "RGBA", "P")[i % 3]
+            im = Image.fromarray(grey).convert(mode)
+            if mode == "RGBA" or i % 2:
+                im.save(root / name / f"patient {i:04d} scan.png")
+            else:
+                im.convert("L").save(root / name / f"patient {i:04d} scan.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The owner's release of a messy folder, a researcher's 4-step run, and a held-out folder of the same kind."""
+    d = tmp_path_factory.mktemp("study")
+    messy_folder(d / "private", seed=1)
+    messy_folder(d / "heldout", seed=2, per_class=5)
+    ok(cli("embed", "--data", d / "private", "--image-size", "28", "--channels", "1", "--out", d / "rel.h5",
+           "--epsilon", "10", "--delta", "1e-3", "--release-log", d / "log.jsonl", "--quiet", *TINY))
+    ok(cli("synthesize", d / "rel.h5", "--out", d / "run", "--steps", "4", *TRAIN))
+    return d
+
+
+def accuracy(run, reference, out, *extra):
+    return cli("evaluate", run, "--reference", reference, "--out", out, "-n", "30", "--metrics", "accuracy",
+               "--classifiers", "logreg", "--quiet", *extra)
+
+
+# --------------------------------------------------------------------------- 1. classes matched by name
+
+def test_classes_are_matched_by_name_never_silently_by_position(study, tmp_path):
+    other = tmp_path / "renamed"
+    shutil.copytree(study / "heldout", other)
+    for old, new in zip(CLASSES, ("Class A", "Class B", "Class C")):
+        (other / old).rename(other / new)
+    refused(accuracy(study / "run", other, tmp_path / "rep"), "class names do not match", "malignant lesion",
+            "Class B", "--class-map")
+    assert not (tmp_path / "rep").exists()
+    ok(accuracy(study / "run", other, tmp_path / "rep", "--class-map",
+                "benign=Class A,malignant lesion=Class B,normal tissue=Class C"))
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["classes"] == {"matched": "by --class-map", "map": {"benign": "Class A", "malignant lesion": "Class B",
+                                                                   "normal tissue": "Class C"}}
+    assert "malignant lesion -> Class B" in (tmp_path / "rep" / "report.md").read_text()
+    # the same names in another order on disk are matched by name
+    ok(accuracy(study / "run", study / "heldout", tmp_path / "rep2"))
+    assert json.loads((tmp_path / "rep2" / "report.json").read_text())["classes"]["matched"] == "by name"
+
+
+def test_a_sampled_folder_maps_back_to_the_release_names(study, tmp_path):
+    ok(cli("sample", study / "run", "-n", "30", "--out", tmp_path / "samples"))
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0_benign", "1_malignant_lesion",
+                                                                         "2_normal_tissue"]
+    r = ok(cli("evaluate", tmp_path / "samples", "--reference", study / "heldout", "--out", tmp_path / "rep",
+               "--metrics", "accuracy", "--classifiers", "logreg", "--quiet"))
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["classes"]["matched"] == "by name" and rep["classes"]["map"]["1_malignant_lesion"] == "malignant lesion"
+    assert r.output.startswith("report:")
+
+
+# --------------------------------------------------------------------------- 2. a reference like the owner's data
+
+def test_a_held_out_folder_like_the_owners_is_accepted_as_embed_accepts_it(study, tmp_path):
+    """Mixed sizes (24-96 px) and modes (L, RGBA, P), and a 64 px folder: converted and resized to the release's
+    28x28x1 by stage 1's own transform, as embed did."""
+    ok(accuracy(study / "run", study / "heldout", tmp_path / "rep"))
+    big = tmp_path / "big"
+    for name in CLASSES:
+        (big / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(make_images(1, seed=i, size=64, channels=3)[0]).save(big / name / f"{i}.png")
+    ok(accuracy(study / "run", big, tmp_path / "rep64"))
+    assert json.loads((tmp_path / "rep64" / "report.json").read_text())["n_reference"] == 12
+
+
+# --------------------------------------------------------------------------- 3, 4. resume
+
+def _copy_run(study, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(study / "run", run)
+    return run
+
+
+def test_resume_applies_changed_options_from_the_resumed_step_and_records_them(study, tmp_path):
+    run = _copy_run(study, tmp_path)
+    r = ok(cli("synthesize", "--resume", run, "--steps", "6", "--lr", "0.01", "--quiet"))
+    assert "resumed" in r.output and "step 6" in r.output
+    o = json.loads((run / "options.json").read_text())
+    assert o["steps"] == 6 and o["lr"] == 0.01
+    assert {"step": 4, "option": "lr", "from": 0.001, "to": 0.01} in o["changes"]
+    assert {"step": 4, "option": "steps", "from": 4, "to": 6} in o["changes"]
+    steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    r = ok(cli("synthesize", "--resume", run, "--quiet"))
+    assert "already complete at step 6" in r.output
+    refused(cli("synthesize", "--resume", run, "--steps", "3"), "at step 6", "would go back")
+    for opt, value in (("--seed", "3"), ("--width", "16"), ("--objective", "plain"), ("--batch-size", "7")):
+        refused(cli("synthesize", "--resume", run, "--steps", "8", opt, value), opt, "cannot change")
+    assert json.loads((run / "options.json").read_text())["steps"] == 6  # nothing changed by the refusals
+    refused(cli("synthesize", "--resume", run, "--out", tmp_path / "x"), "--out and --resume")
+
+
+def test_a_run_follows_its_release_by_sha256_not_by_path(study, tmp_path):
+    run = _copy_run(study, tmp_path)
+    moved = tmp_path / "elsewhere" / "moved.h5"
+    moved.parent.mkdir()
+    shutil.copy(study / "rel.h5", moved)
+    o = json.loads((run / "options.json").read_text())
+    o["release"] = str(tmp_path / "gone.h5")  # the release has moved since the run started
+    (run / "options.json").write_text(json.dumps(o))
+    refused(cli("synthesize", "--resume", run, "--steps", "5", "--quiet"), "is not there", "SHA-256")
+    ok(cli("synthesize", moved, "--resume", run, "--steps", "5", "--quiet"))
+    assert json.loads((run / "options.json").read_text())["release"] == str(moved.resolve())
+    np.savez(tmp_path / "x.npz", images=make_images(6))
+    ok(cli("embed", "--data", tmp_path / "x.npz", "--out", tmp_path / "other.h5", "--epsilon", "10", "--delta", "1e-3",
+           "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY))
+    refused(cli("synthesize", tmp_path / "other.h5", "--resume", run, "--steps", "6"), "is not the release")
+    # found beside the run, whatever its name
+    moved.rename(tmp_path / "renamed.h5")
+    ok(cli("synthesize", "--resume", run, "--steps", "6", "--quiet"))
+    # evaluate: the embedding distance of a run whose release cannot be found is an error, not an empty row
+    (tmp_path / "renamed.h5").rename(tmp_path / "elsewhere" / "hidden.h5")
+    refused(cli("evaluate", run, "--reference", study / "heldout", "--out", tmp_path / "rep", "-n", "20",
+                "--metrics", "embedding", "--quiet"), "embedding distance cannot be computed", "--release")
+    ok(cli("evaluate", run, "--reference", study / "heldout", "--out", tmp_path / "rep", "-n", "20", "--metrics",
+           "embedding", "--release", tmp_path / "elsewhere" / "hidden.h5", "--quiet"))
+    assert set(json.loads((tmp_path / "rep" / "report.json").read_text())["metrics"]["embedding_distance"]) == {
+        "S1", "S2"}
+    refused(cli("evaluate", run, "--reference", study / "heldout", "--out", tmp_path / "rep3", "-n", "20",
+                "--metrics", "embedding", "--release", tmp_path / "other.h5", "--quiet"), "is not the release")
+
+
+# --------------------------------------------------------------------------- 5. output folders
+
+def test_output_folders_are_created_and_a_report_is_not_overwritten_silently(study, tmp_path):
+    ok(cli("synthesize", study / "rel.h5", "--out", tmp_path / "runs" / "2026" / "a", "--steps", "1", *TRAIN))
+    assert (tmp_path / "runs" / "2026" / "a" / "generator.pt").is_file()
+    ok(cli("evaluate", study / "run", "--reference", study / "heldout", "--out", tmp_path / "reports" / "2026" / "a",
+           "-n", "20", "--metrics", "embedding", "--quiet"))
+    refused(cli("evaluate", study / "run", "--reference", study / "heldout", "--out",
+                tmp_path / "reports" / "2026" / "a", "-n", "20", "--metrics", "embedding", "--quiet"), "not empty",
+            "--overwrite")
+    ok(cli("evaluate", study / "run", "--reference", study / "heldout", "--out", tmp_path / "reports" / "2026" / "a",
+           "-n", "20", "--metrics", "embedding", "--overwrite", "--quiet"))
+
+
+# --------------------------------------------------------------------------- 6. progress in logs
+
+def test_without_a_terminal_progress_is_a_few_plain_lines(study, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mepf", "synthesize", str(study / "rel.h5"), "--out", str(tmp_path / "r"),
+                        "--steps", "40", *[a for a in TRAIN if a != "--quiet"]], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("synthesize:")]
+    assert len(lines) == 1 and "done, 100%, 40/40 step" in lines[0] and "\r" not in p.stderr, p.stderr
+    env = {**os.environ, "MEPF_PROGRESS_EVERY": "0"}
+    p = subprocess.run([sys.executable, "-m", "mepf", "synthesize", str(study / "rel.h5"), "--out", str(tmp_path / "s"),
+                        "--steps", "5", *[a for a in TRAIN if a != "--quiet"]], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert len([line for line in p.stderr.splitlines() if line.startswith("synthesize:")]) == 6
+
+
+# --------------------------------------------------------------------------- 9. signals
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_snapshot_the_step_and_say_how_to_resume(study, tmp_path, sig, code):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "mepf", "synthesize", str(study / "rel.h5"), "--out", str(run),
+                          "--steps", "100000", *TRAIN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((run / "stats.jsonl").exists() and
+                                               len((run / "stats.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    assert f"continue with: mepf synthesize --resume {run}" in err and "Traceback" not in err, err
+    step = int(err.split("interrupted at step ")[1].split()[0])
+    assert (run / f"snapshot-{step:07d}.pt").is_file()
+    r = ok(cli("synthesize", "--resume", run, "--steps", str(step + 2), "--quiet"))
+    assert f"step {step + 2}" in r.output
+
+
+# --------------------------------------------------------------------------- 10, 11, 12. messages, reports, help
+
+def test_info_describes_runs_and_generators_and_messages_say_what_is_wrong(study, tmp_path):
+    r = ok(cli("info", study / "run"))
+    assert "step 4 of 4 (complete)" in r.output and "3 classes: benign, malignant lesion, normal tissue" in r.output
+    g = json.loads(ok(cli("info", study / "run" / "generator.pt", "--json")).output)
+    assert g["kind"] == "generator" and "step 4" in g["generator"]
+    rel = json.loads(ok(cli("info", study / "rel.h5", "--json")).output)
+    assert rel["kind"] == "release" and rel["classes"].startswith("3 classes")
+    refused(cli("info", tmp_path), "not a run folder")
+    refused(cli("sample", study / "rel.h5", "-n", "4", "--out", tmp_path / "s.npz"), "is a release", "mepf synthesize")
+    np.savez(tmp_path / "one.npz", images=make_images(6), labels=np.zeros(6, int))
+    refused(cli("evaluate", study / "run", "--reference", tmp_path / "one.npz", "--out", tmp_path / "rep", "-n", "9",
+                "--metrics", "accuracy", "--quiet"), "the reference 1 class;")
+
+
+def test_the_report_records_the_generator_and_run_and_labels_the_grid(study, tmp_path):
+    ok(cli("evaluate", study / "run", "--reference", study / "heldout", "--out", tmp_path / "rep", "-n", "30",
+           "--metrics", "accuracy,embedding", "--classifiers", "logreg", "--seed", "3", "--quiet"))
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    g = rep["generator"]
+    assert g["step"] == 4 and g["run_steps"] == 4 and len(g["sha256"]) == 64 and g["seed"] == 0 and g["lr"] == 1e-3
+    assert rep["reference_given"] == str(study / "heldout") and rep["seed"] == 3
+    grid = Image.open(tmp_path / "rep" / "samples.png")
+    assert grid.width > grid.height * 10 // 3 * 1.05  # 10 samples a row, 3 rows, and a margin of class names
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "generator: step 4 of the run's 4" in md
+
+
+def test_help_states_each_default_once():
+    s = ok(cli("synthesize", "--help")).output
+    width = s.split("--width")[1].split("--objective")[0]
+    weights = s.split("--moment-weights")[1].split("--grid-every")[0]
+    assert width.count("default") == 1 and weights.count("default") == 1 and '[default: ""]' not in s
+    e = ok(cli("embed", "--help")).output
+    assert "Records per forward pass" in e and "stretched" in e
+
+
+# --------------------------------------------------------------------------- 7, 8, 10, 12. the owner's side of the same
+
+def test_the_first_release_says_where_the_log_and_key_are_and_releases_lists_them(tmp_path):
+    home = tmp_path / "xdg"
+    np.savez(tmp_path / "d.npz", images=make_images(6))
+    env = {"XDG_DATA_HOME": str(home)}
+    r = CliRunner(env=env).invoke(main, ["embed", "--data", str(tmp_path / "d.npz"), "--out",
+                                         str(tmp_path / "a" / "r.h5"), "--epsilon", "10", "--delta", "1e-3",
+                                         "--quiet", *TINY])
+    ok(r)
+    log = home / "mepf" / "releases.jsonl"
+    assert f"started the release log {log} and its secret key {log}.key; back up both" in r.stderr
+    assert (tmp_path / "a" / "r.h5").is_file()  # --out's folder was created
+    entry = json.loads(log.read_text())
+    assert entry["data"] == str(tmp_path / "d.npz")
+    r = CliRunner(env=env).invoke(main, ["embed", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "b.h5"),
+                                         "--epsilon", "10", "--delta", "1e-3", "--quiet", "--allow-repeat", *TINY])
+    ok(r)
+    assert "started the release log" not in r.stderr
+    listed = CliRunner(env=env).invoke(main, ["releases"])
+    ok(listed)
+    assert str(log) in listed.output and listed.output.count(str(tmp_path / "d.npz")) == 2
+    rows = json.loads(ok(CliRunner(env=env).invoke(main, ["releases", "--json"])).output)["releases"]
+    assert [r["composed_releases"] for r in rows] == [2, 2] and rows[1]["composed_epsilon"] > rows[1]["epsilon"]
+
+
+def test_every_unusable_file_is_named_at_once_and_check_lists_them(tmp_path):
+    root = messy_folder(tmp_path / "data", per_class=3)
+    for name in ("notes.txt", "scan.bmp", "scan.webp"):
+        (root / "benign" / name).write_bytes(b"x")
+    good = root / "normal tissue" / "patient 0000 scan.jpg"
+    good.write_bytes(good.read_bytes()[:200])  # a truncated JPEG
+    r = refused(cli("embed", "--data", root, "--image-size", "28", "--channels", "1", "--out", tmp_path / "x.h5",
+                    "--epsilon", "1", "--delta", "1e-3", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY),
+                "notes.txt", "scan.bmp", "scan.webp")
+    c = cli("embed", "--check", "--data", root, "--quiet")
+    assert c.exit_code == 2 and "fix or remove them" in c.stderr
+    lines = c.output.splitlines()
+    assert {any(n in line for line in lines) for n in ("notes.txt", "scan.bmp", "scan.webp", "0000 scan.jpg")} == {True}
+    assert not any(ch.isdigit() for ch in c.stderr.replace("0000", ""))  # names, never a count
+    for name in ("notes.txt", "scan.bmp", "scan.webp"):
+        (root / "benign" / name).unlink()
+    good.unlink()
+    c = ok(cli("embed", "--check", "--data", root))
+    assert "ready for mepf embed" in c.output and not (tmp_path / "x.h5").exists()
+    assert r.exit_code == 2
+
+
+def test_a_single_class_folder_is_released_with_a_note(tmp_path):
+    root = messy_folder(tmp_path / "data", names=("only",), per_class=4)
+    r = ok(cli("embed", "--data", root, "--image-size", "28", "--channels", "1", "--out", tmp_path / "x.h5",
+               "--epsilon", "10", "--delta", "1e-3", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY))
+    assert "declares one class (only)" in r.stderr and "directly in the folder" in r.stderr
+
+
+def test_crop_center_keeps_the_middle_of_non_square_records_and_evaluate_applies_it(tmp_path):
+    """A 28x56 record whose left and right quarters are white: stretched, the white shows; cropped, not."""
+    root = tmp_path / "wide" / "a"
+    root.mkdir(parents=True)
+    img = np.zeros((28, 56), np.uint8)
+    img[:, :14] = img[:, 42:] = 255
+    for i in range(4):
+        Image.fromarray(img).save(root / f"{i}.png")
+    for crop in ("none", "center"):
+        ok(cli("embed", "--data", tmp_path / "wide", "--image-size", "28", "--channels", "1", "--crop", crop,
+               "--out", tmp_path / f"{crop}.h5", "--epsilon", "inf", "--delta", "1e-3", "--allow-repeat",
+               "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY))
+    from mepf.artifacts import load
+
+    stretched, cropped = (load(tmp_path / f"{c}.h5") for c in ("none", "center"))
+    assert stretched.arrays["S1"].max() > 0.05 and np.abs(cropped.arrays["S1"]).max() == 0  # pixels only: black
+    assert cropped.data_spec["transform"]["crop"].startswith("center") and "crop" not in stretched.data_spec[
+        "transform"]
+    from mepf.evaluate.data import load_reference
+
+    ref = load_reference(str(tmp_path / "wide"), geometry=(28, 28, 1), crop="center")
+    assert ref.images.max() == 0 and load_reference(str(tmp_path / "wide"), geometry=(28, 28, 1)).images.max() > 0
