@@ -1,6 +1,6 @@
 """The child process of the release reader: checks a release's structure and reads its variable-length
 strings under a cap on memory and CPU time, and prints the result as JSON (artifacts/format.py,
-_inspect_in_child). `python -m mepf.artifacts.inspect FD PATH`, FD an open descriptor of the file."""
+_inspect_in_child). Started with `python -I -c ... PATHS FD PATH`, FD an open descriptor of the file."""
 from __future__ import annotations
 
 import json
@@ -8,15 +8,29 @@ import resource
 import sys
 
 
+def _address_space() -> int:
+    """This process's virtual memory now, in bytes (0 where /proc does not tell)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def main() -> None:
-    from .format import INSPECT_MEMORY, INSPECT_SECONDS
+    import h5py  # noqa: F401 - imported before the cap: the libraries' own mappings are not the file's doing
+    import numpy  # noqa: F401
 
-    resource.setrlimit(resource.RLIMIT_AS, (INSPECT_MEMORY, INSPECT_MEMORY))
-    resource.setrlimit(resource.RLIMIT_CPU, (INSPECT_SECONDS, INSPECT_SECONDS))
-    fd, path = int(sys.argv[1]), sys.argv[2]
     from .errors import MepfError
-    from .format import inspect_fd
+    from .format import INSPECT_MEMORY, INSPECT_SECONDS, inspect_fd
 
+    cap = _address_space() + INSPECT_MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    resource.setrlimit(resource.RLIMIT_CPU, (INSPECT_SECONDS, INSPECT_SECONDS))
+    fd, path = int(sys.argv[-2]), sys.argv[-1]
     try:
         out = {"ok": inspect_fd(fd, path)}
     except MepfError as e:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import re
 
+from .ledger import RELATIONS
+
 #: at most this many classes (the K of every array); the release's shapes are bounded by it
 MAX_CLASSES = 10_000
 #: the longest class name, in characters
@@ -116,8 +118,8 @@ def ledger_problem(led) -> str | None:
     """The ledger's structure and the type and range of every number the audit computes with."""
     if not isinstance(led, dict):
         return "a ledger that is not a JSON object"
-    if not isinstance(led.get("private"), bool) or not _str(led.get("relation"), 64):
-        return "a ledger whose private or relation is missing"
+    if not isinstance(led.get("private"), bool) or led.get("relation") not in RELATIONS:
+        return "a ledger whose private or relation is missing or unknown"
     releases = led.get("releases")
     if not isinstance(releases, list) or not 1 <= len(releases) <= len(RELEASE_NAMES):
         return "a ledger without a list of releases"

@@ -15,10 +15,20 @@ import torch.distributed as dist
 
 from mepf.artifacts.errors import MepfError
 
-#: a rank waits this long in a collective for the others (a shard may be slower than another)
-TIMEOUT = datetime.timedelta(hours=float(os.environ.get("MEPF_DIST_TIMEOUT_HOURS", "6")))
-#: and this long for every rank to join: a node that stopped before it joined (a refused option) stops the others
-JOIN_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("MEPF_DIST_JOIN_MINUTES", "10")))
+#: a rank waits MEPF_DIST_TIMEOUT_HOURS (default 6) in a collective for the others (a shard may be slower than
+#: another), and MEPF_DIST_JOIN_MINUTES (default 10) for every rank to join: a node that stopped before it
+#: joined (a refused option) stops the others then
+
+
+def _wait(name: str, default: float, unit: str) -> datetime.timedelta:
+    text = os.environ.get(name, str(default))
+    try:
+        value = float(text)
+        if not value > 0:
+            raise ValueError
+    except ValueError:
+        raise MepfError(f"{name}={text!r} is not a positive number of {unit}; unset it or give one") from None
+    return datetime.timedelta(**{unit: value})
 _GROUP = None  # every rank, with the long timeout: what the collectives below use
 
 
@@ -60,16 +70,18 @@ def setup(device: torch.device) -> tuple:
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        join_timeout = _wait("MEPF_DIST_JOIN_MINUTES", 10, "minutes")
+        _wait("MEPF_DIST_TIMEOUT_HOURS", 6, "hours")  # a bad value is said before joining
         try:
-            dist.init_process_group(backend=backend, timeout=JOIN_TIMEOUT)
+            dist.init_process_group(backend=backend, timeout=join_timeout)
         except Exception as e:  # noqa: BLE001 - the store's timeout and connection errors have several types
-            raise MepfError(f"not every rank joined within {JOIN_TIMEOUT.total_seconds() / 60:g} minutes "
+            raise MepfError(f"not every rank joined within {join_timeout.total_seconds() / 60:g} minutes "
                             f"({type(e).__name__}); a node may have refused its options before joining (see its "
                             "terminal); nothing was read. Fix it and start every node again "
                             "(MEPF_DIST_JOIN_MINUTES sets the wait)") from None
     global _GROUP
     if _GROUP is None:
-        _GROUP = dist.new_group(timeout=TIMEOUT)
+        _GROUP = dist.new_group(timeout=_wait("MEPF_DIST_TIMEOUT_HOURS", 6, "hours"))
     ranks = current()
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
@@ -184,6 +196,24 @@ def on_main(fn):
     if error:
         raise MepfError(error)
     return result
+
+
+def agree_same(what: str, value) -> None:
+    """Every rank's `value` (JSON-able) must be rank 0's: compared as SHA-256 digests; else every rank raises
+    the same error naming `what` (never the values)."""
+    import hashlib
+    import json
+
+    r = current()
+    if not r.active:
+        return
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).digest()
+    rows = all_gather_bytes(digest, 32)
+    differ = [i for i, d in enumerate(rows) if d != rows[0]]
+    if differ:
+        raise MepfError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ[:8]))} disagree"
+                        f"{'' if len(differ) > 1 else 's'} with rank 0 on {what}; start every node with the same "
+                        "options")
 
 
 def guarded(fn):

@@ -31,14 +31,16 @@ FIELDS = (
 
 def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: str, relation: str,
             epsilon: float, delta: float, budget_split, force: bool) -> dict:
-    """This rank's plan. The data digest reads the listing (an image folder: names, labels and sizes) or the
-    bytes of the files a source reads; it is computed under torchrun only, where ranks must agree on it."""
+    """This rank's plan. The data digest covers the listing and the bytes of the files a source reads (one read
+    of them): it is computed under torchrun only, and there by one rank per node (local rank 0; the node's
+    other ranks share its files and command line, and state no digest)."""
+    ranks = distributed.current()
     return {
         "version": versions("mepf", "torch"),
         "n": len(source),
         "block": int(batch_size),
         "classes": list(source.classes) if source.classes is not None else None,
-        "data": source.listing_digest() if distributed.current().active else None,
+        "data": source.listing_digest() if ranks.active and ranks.local_rank == 0 else None,
         "geometry": transform.spec(),
         "features": feature_spec,
         "moments": moments,
@@ -49,20 +51,26 @@ def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: 
     }
 
 
+def _digest(key: str, value) -> bytes:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(f"mepf-plan-v1|{key}|{text}".encode()).digest()
+
+
+#: a rank that states no data digest (not its node's first): compared on every other field
+NO_DATA = _digest("data", None)
+
+
 def digests(plan: dict) -> list:
     """One SHA-256 per field, in FIELDS order."""
-    out = []
-    for key, _ in FIELDS:
-        text = json.dumps(plan[key], sort_keys=True, separators=(",", ":"), default=repr)
-        out.append(hashlib.sha256(f"mepf-plan-v1|{key}|{text}".encode()).digest())
-    return out
+    return [_digest(key, plan[key]) for key, _ in FIELDS]
 
 
 def disagreement(rows: list) -> str | None:
     """Given every rank's digests (rank order), the one error all ranks raise, or None when all agree."""
     ranks, fields = [], []
     for r, row in enumerate(rows[1:], 1):
-        differ = [name for (key, name), mine, main in zip(FIELDS, row, rows[0]) if mine != main]
+        differ = [name for (key, name), mine, main in zip(FIELDS, row, rows[0])
+                  if mine != main and not (key == "data" and mine == NO_DATA)]
         if len(row) != len(rows[0]):
             differ = differ or [FIELDS[0][1]]
         if differ:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import check_output_path, fd_sha256, printable, staged_release, sweep_stale_temporaries
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem
+from mepf.progress import progress as progress_bar
 
 from . import distributed, release_log
 from .features import QUANT_BITS, dequantise, grid_rows
@@ -149,8 +149,8 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
         chunk = batch_size if acc.type == "cuda" else max(1, min(batch_size, CHUNK_ENTRIES // dim))
         buffers = {}  # one float64 buffer per chunk shape, reused: no allocation per record
         data = loader(source, transform, batch_size, workers, ranks.rank, ranks.world, pin=device.type == "cuda")
-        with tqdm(total=shard_size(len(source), batch_size, ranks.rank, ranks.world), desc="embed",
-                  bar_format=PROGRESS_FORMAT, disable=not (progress and ranks.main), dynamic_ncols=True) as bar:
+        with progress_bar(total=shard_size(len(source), batch_size, ranks.rank, ranks.world), desc="embed",
+                          bar_format=PROGRESS_FORMAT, disable=not (progress and ranks.main), counts=False) as bar:
             try:
                 for item in data:
                     if isinstance(item, Failed):

@@ -4,9 +4,9 @@ torch, so that artifacts (and `mepf audit`) stays free of it."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -16,48 +16,48 @@ from mepf.artifacts.errors import MepfError
 MAX_MEMBERS = 100_000
 
 
-def zip_problem(source, require_zip: bool = False) -> str | None:
-    """Why a torch file would make torch.load allocate more than the file holds: a zip member that is
-    compressed (torch.save stores them uncompressed; a deflated one can inflate a thousandfold), too many
-    members, or declared sizes beyond the file. A file in torch's legacy (non-zip) format is refused where
-    `require_zip` (what mepf writes)."""
+def canonical_zip(source, require_zip: bool = False) -> tuple:
+    """(problem, None) or (None, the file as torch should read it). A torch zip file is rebuilt in memory from
+    the members Python's zipfile reads, stored and in order, so that torch.load reads exactly what was
+    checked: torch's reader trusts other parts of a zip than Python's (two central directories once hid a
+    deflated member that inflated a 2 MB file to 2.5 GB inside torch.load). Refused: a compressed member
+    (torch.save stores them), too many members, sizes beyond the file. A file in torch's legacy (non-zip)
+    format is passed on as it is, or refused where `require_zip` (what mepf writes)."""
     import zipfile
 
     try:
-        if hasattr(source, "seek"):
-            source.seek(0)
-        if not zipfile.is_zipfile(source):
-            return "it is not a torch zip file (torch.save's format)" if require_zip else None
-        if hasattr(source, "seek"):
-            source.seek(0, io.SEEK_END)
-            size = source.tell()
-            source.seek(0)
-        else:
-            size = os.path.getsize(source)
-        with zipfile.ZipFile(source) as z:
+        data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
+    except OSError as e:
+        return f"it cannot be read ({type(e).__name__})", None
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return ("it is not a torch zip file (torch.save's format)", None) if require_zip else (None, io.BytesIO(data))
+    out = io.BytesIO()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             members = z.infolist()
             if len(members) > MAX_MEMBERS:
-                return "it holds too many members"
+                return "it holds too many members", None
             if any(m.compress_type != zipfile.ZIP_STORED for m in members):
-                return "it holds compressed members, which torch.save never writes"
-            if sum(m.file_size for m in members) > size:
-                return "its members claim more bytes than the file holds"
-    except (OSError, zipfile.BadZipFile, ValueError) as e:
-        return f"it is not a readable zip file ({type(e).__name__})"
-    finally:
-        if hasattr(source, "seek"):
-            source.seek(0)
-    return None
+                return "it holds compressed members, which torch.save never writes", None
+            if sum(m.file_size for m in members) > len(data):
+                return "its members claim more bytes than the file holds", None
+            with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w:
+                for m in members:
+                    w.writestr(m.filename, z.read(m))  # read checks each member's CRC and local header
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as e:
+        return f"it is not a readable zip file ({type(e).__name__})", None
+    out.seek(0)
+    return None, out
 
 
 def read_tensors(source, refuse: Callable[[str], str], require_zip: bool = False):
-    """torch.load(source, weights_only=True), after zip_problem; any failure becomes one MepfError whose text is
-    `refuse(reason)`."""
-    problem = zip_problem(source, require_zip)
+    """torch.load(weights_only=True) of the file canonical_zip rebuilds; any failure becomes one MepfError whose
+    text is `refuse(reason)`."""
+    problem, canonical = canonical_zip(source, require_zip)
     if problem:
         raise MepfError(refuse(problem))
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(canonical, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable, truncated, or holding objects other than tensors
         raise MepfError(refuse(_reason(e))) from None
 

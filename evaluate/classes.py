@@ -75,8 +75,13 @@ def match_classes(synth_names: list, synth_index: bool, synth_sampled, ref_names
         if ks != kr:
             raise MepfError(f"the synthetic set has {ks} class{'es' if ks != 1 else ''}, the reference {kr} "
                             f"class{'es' if kr != 1 else ''}; accuracy needs the same label set")
-        perm = np.arange(ks)
         side = "synthetic .npz" if synth_index else "reference .npz"
+        other = ref_names if synth_index else synth_names
+        if not (synth_index and ref_index) and list(other) != [str(i) for i in range(ks)]:
+            raise MepfError(f"the {side} has no class names (labels 0..{ks - 1}), the other side names its classes "
+                            f"{_shown(other)}; pass --class-map to pair them (e.g. '0={printable(other[0], 30)}'), "
+                            "as pairing by position could be silently wrong")
+        perm = np.arange(ks)
         how = f"by index (the {side} has no class names)"
     else:
         if sorted(synth_names) == sorted(ref_names):

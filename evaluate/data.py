@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.schema import class_names_problem
 from mepf.embed.files import ArraySource
 from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.sources import open_source
@@ -69,11 +70,16 @@ def read_source(source, geometry: tuple | None = None, crop: str | None = None) 
 def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None) -> ImageSet:
     """An .npz of images (and optional labels 0..K-1), read as stage 1 reads it, so fingerprints compare. Its
     classes have no names: `class_names` is None and `by_index` says the labels are indices."""
-    with np.load(path) as d:
+    with np.load(path, allow_pickle=False) as d:
         y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
-        classes = [str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None
+        named = None
+        if y is not None and "class_names" in d and d["class_names"].dtype.kind == "U" and d["class_names"].ndim == 1:
+            named = [str(n) for n in d["class_names"]]  # written by mepf sample
+        classes = named or ([str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None)
+    if named is not None and class_names_problem(named):
+        raise MepfError(f"{path}: its class_names hold {class_names_problem(named)}; fix or drop them")
     out = read_source(ArraySource(path, classes), geometry, crop)
-    out.by_index = classes is not None
+    out.by_index = classes is not None and named is None
     return out
 
 

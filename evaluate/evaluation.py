@@ -30,13 +30,14 @@ def _release_of(synth: ImageSet, release_path: str | None):
     from mepf.synthesize.locate import locate_release
 
     sha = synth.generator.info["release_sha256"] if synth.generator is not None else None
-    recorded = None
+    recorded, size = None, None
     if synth.run_dir is not None and (synth.run_dir / files.OPTIONS).is_file():
         try:
             saved = json.loads((synth.run_dir / files.OPTIONS).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             saved = {}
         recorded, sha = saved.get("release"), sha or saved.get("release_sha256")
+        size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     if release_path:
         if sha is None:
             return load(release_path)
@@ -44,7 +45,7 @@ def _release_of(synth: ImageSet, release_path: str | None):
     if sha is None:
         return None
     near = synth.run_dir or (synth.generator_path.parent if synth.generator_path else None)
-    found = locate_release(sha, near, recorded, required=False) if near is not None else None
+    found = locate_release(sha, near, recorded, required=False, size=size) if near is not None else None
     return load(found) if found else None
 
 
@@ -57,7 +58,6 @@ def _generator_record(synth: ImageSet) -> dict | None:
     if synth.generator is None or synth.generator_path is None:
         return None
     from mepf.artifacts.format import file_sha256
-    from mepf.synthesize.train import latest_snapshot
 
     rec = {"path": str(synth.generator_path), "step": synth.generator.info.get("step"),
            "sha256": file_sha256(synth.generator_path)}
@@ -67,8 +67,8 @@ def _generator_record(synth: ImageSet) -> dict | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             o = {}
         rec.update(run_steps=o.get("steps"), seed=o.get("seed"), lr=o.get("lr"), lr_schedule=o.get("lr_schedule"))
-        snap = latest_snapshot(synth.run_dir)
-        last = int(snap.stem.split("-")[-1]) if snap else 0
+        snaps = files.snapshots(synth.run_dir)
+        last = snaps[-1][0] if snaps else 0
         if isinstance(rec["step"], int) and last > rec["step"]:
             rec["behind"] = last
     return rec

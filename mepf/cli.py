@@ -279,6 +279,8 @@ def releases(release_log, as_json):
     log = Path(release_log) if release_log else default_log_path()
     if not log.is_file():
         raise MepfError(f"no release log at {log}; pass --release-log (mepf embed writes one on its first release)")
+    from mepf.artifacts.format import printable
+
     entries, key = read_log(log), read_key(log)
     rows = []
     for e in entries:
@@ -301,8 +303,8 @@ def releases(release_log, as_json):
         eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
         comp = "-" if r["composed_epsilon"] is None else (
             f"{r['composed_epsilon']:.4g} ({r['composed_releases']})")
-        click.echo(f"{i:>3}  {str(r['time']):<24} {eps:>8} {r['delta'] or 0:>8g}  {comp:>14}  "
-                   f"{r['data'] or r['dataset']} -> {r['output']}")
+        click.echo(printable(f"{i:>3}  {str(r['time']):<24} {eps:>8} {r['delta'] or 0:>8g}  {comp:>14}  "
+                             f"{r['data'] or r['dataset']} -> {r['output']}", 100_000))
     if note:
         click.echo(f"note: {note}")
 
@@ -333,7 +335,11 @@ def info(path, as_json):
     if as_json:
         click.echo(json.dumps(facts, indent=2, sort_keys=True, default=str))
     else:
-        click.echo("\n".join(f"{k:<12}{v}" for k, v in facts.items() if k != "kind" and v is not None))
+        from mepf.artifacts.format import printable
+
+        # every value may come from someone else's file: printed only as printable characters
+        click.echo("\n".join(f"{k:<12}{printable(v, 100_000)}" for k, v in facts.items()
+                              if k != "kind" and v is not None))
 
 
 def _is_zip(path: Path) -> bool:
@@ -342,7 +348,9 @@ def _is_zip(path: Path) -> bool:
 
 
 def _guarantee(eps, delta, relation=None) -> str:
-    if eps is None or eps == float("inf"):
+    if type(eps) not in (int, float) or type(delta) not in (int, float):
+        return "unknown"
+    if eps == float("inf"):
         return "NONE: trained on a non-private baseline (eps = inf)"
     return f"({eps:.4g}, {delta:g})-DP" + (f", {relation}" if relation else "")
 
@@ -389,19 +397,18 @@ def _generator_facts(path: Path, g=None) -> dict:
 
 def _run_facts(run: Path) -> dict:
     from mepf.synthesize import run_folder as files
+    from mepf.synthesize.train import _read_options
 
-    try:
-        o = json.loads((run / files.OPTIONS).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MepfError(f"{run / files.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
-                        ) from None
-    snaps = sorted(run.glob(files.SNAPSHOT_GLOB))
+    o = _read_options(run)
+    steps = o.get("steps") if type(o.get("steps")) is int else 0
+    eps = o.get("epsilon") if type(o.get("epsilon")) in (int, float) else None
+    snaps = files.snapshots(run)
     gen = run / files.GENERATOR
-    step = int(snaps[-1].stem.split("-")[-1]) if snaps else 0
+    step = snaps[-1][0] if snaps else 0
     facts = {"kind": "run", "run": str(run),
-             "progress": f"step {step} of {o.get('steps')}" + (" (complete)" if gen.is_file() and step >= o.get(
-                 "steps", 0) else "; continue with: mepf synthesize --resume " + str(run)),
-             "privacy": _guarantee(o.get("epsilon"), o.get("delta")),
+             "progress": f"step {step} of {steps}" + (" (complete)" if gen.is_file() and step >= steps else
+                                                      "; continue with: mepf synthesize --resume " + str(run)),
+             "privacy": _guarantee(eps, o.get("delta")),
              "release": f"{o.get('release')} (sha256 {str(o.get('release_sha256'))[:16]})",
              "options": ", ".join(f"{k}={o[k]}" for k in ("generator", "width", "objective", "lr", "lr_schedule",
                                                           "batch_size", "seed", "labels") if k in o),

@@ -27,7 +27,8 @@ def _clock(seconds: float) -> str:
 
 class StatusLines:
     """tqdm's interface (update, set_postfix, close, context manager) as plain lines. `counts=False` shows
-    how far (a percentage) and for how long, never a count or a rate (stage 1's rule for records)."""
+    only how long it has run and how long it has left, never a count, percentage or rate (stage 1's rule for
+    records, as its bar shows)."""
 
     def __init__(self, total=None, desc: str = "", initial: int = 0, disable: bool = False, counts: bool = True,
                  unit: str = "it", **_):
@@ -52,9 +53,8 @@ class StatusLines:
         parts = []
         if self.total:
             frac = min(self.n / self.total, 1.0)
-            parts.append(f"{100 * frac:.0f}%")
             if self.counts:
-                parts.append(f"{self.n}/{self.total} {self.unit}")
+                parts += [f"{100 * frac:.0f}%", f"{self.n}/{self.total} {self.unit}"]
             moved = (self.n - self.initial) / max(self.total - self.initial, 1)
             if not done and moved > 0:
                 parts.append(f"remaining {_clock(elapsed * (1 - moved) / moved)}")
@@ -80,9 +80,10 @@ class StatusLines:
 
 
 def progress(total=None, desc: str = "", disable: bool = False, counts: bool = True, **kw):
-    """A tqdm bar on a terminal, else StatusLines (what a log file should get)."""
+    """A tqdm bar on a terminal, else StatusLines (what a log file should get). `bar_format` is tqdm's."""
     if not disable and sys.stderr.isatty():
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, dynamic_ncols=True, **kw)
+    kw.pop("bar_format", None)
     return StatusLines(total=total, desc=desc, disable=disable, counts=counts, **kw)

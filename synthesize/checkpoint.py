@@ -15,6 +15,7 @@ import torch
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
+from mepf.artifacts.ledger import RELATIONS
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.embed.tensor_file import read_tensors
 
@@ -156,6 +157,8 @@ def generator_problem(obj: dict) -> str | None:
         return "its label prior is not a distribution over its classes (entries in [0, 1] summing to 1)"
     eps, delta = obj.get("epsilon"), obj.get("delta")
     if not (type(eps) in (int, float) and eps > 0 and type(delta) in (int, float) and 0 < delta < 1
-            and isinstance(obj.get("labelled"), bool) and type(obj.get("step")) is int):
-        return "its guarantee (epsilon, delta), labelled or step is missing or out of bounds"
+            and isinstance(obj.get("labelled"), bool) and type(obj.get("step")) is int
+            and obj.get("relation", "add-remove") in RELATIONS
+            and isinstance(obj.get("release_sha256"), str) and len(obj["release_sha256"]) == 64):
+        return "its guarantee (epsilon, delta, relation), labelled, step or release is missing or out of bounds"
     return None

@@ -8,7 +8,7 @@ from pathlib import Path
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import file_sha256
 
-#: a folder holding more candidate .h5 files than this is not searched file by file
+#: at most this many .h5 files of each folder searched are hashed (those of the release's size, where known)
 MAX_CANDIDATES = 32
 
 
@@ -19,12 +19,14 @@ def _sha(path: Path) -> str | None:
         return None
 
 
-def candidates(near: Path, recorded: str | None) -> list:
-    """The recorded path first, then the .h5 files in `near` and in its parent folder."""
+def candidates(near: Path, recorded: str | None, size: int | None = None) -> list:
+    """The recorded path first, then the .h5 files in `near` and in its parent folder (of `size` bytes, where
+    the run recorded it: no other file is read)."""
     out = [Path(recorded)] if recorded else []
     for folder in (near, near.parent):
         try:
-            found = sorted(p for p in folder.glob("*.h5") if p.is_file())
+            found = sorted(p for p in folder.glob("*.h5")
+                           if p.is_file() and (size is None or p.stat().st_size == size))
         except OSError:
             continue
         out += found[:MAX_CANDIDATES]
@@ -38,7 +40,7 @@ def candidates(near: Path, recorded: str | None) -> list:
 
 
 def locate_release(sha256: str, near: Path, recorded: str | None = None, given: str | None = None,
-                   required: bool = True, what: str = "this run") -> Path | None:
+                   required: bool = True, what: str = "this run", size: int | None = None) -> Path | None:
     """The path of the release whose SHA-256 is `sha256`: `given` (refused unless it matches), else the first
     of the recorded path and the .h5 files beside `near` that matches; None (or a MepfError if `required`)
     where none does."""
@@ -50,7 +52,7 @@ def locate_release(sha256: str, near: Path, recorded: str | None = None, given: 
             raise MepfError(f"{given} is not the release {what} was trained from (its SHA-256 starts "
                             f"{got[:12]}, the run's {sha256[:12]}); pass that release")
         return Path(given)
-    for p in candidates(near, recorded):
+    for p in candidates(near, recorded, size):
         if _sha(p) == sha256:
             return p
     if required:

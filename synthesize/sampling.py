@@ -45,7 +45,8 @@ def write_samples(source, n: int, out, seed: int = 0, labels: str = "balanced", 
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)
     if out.suffix == ".npz":
         tmp = out.with_name(out.name + ".tmp.npz")
-        np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y)
+        names = {"class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled") else {}
+        np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y, **names)
         os.replace(tmp, out)
         return out
     tmp = out.with_name(out.name + ".tmp")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -95,8 +96,8 @@ def deferred_interrupts(enabled: bool = True):
 
 
 def latest_snapshot(run: Path):
-    snaps = sorted(run.glob(files.SNAPSHOT_GLOB))
-    return snaps[-1] if snaps else None
+    snaps = files.snapshots(run)
+    return snaps[-1][1] if snaps else None
 
 
 class Trainer:
@@ -261,7 +262,7 @@ class Trainer:
         if not self.ranks.main:
             return
         _atomic_torch_save(state, self.run / files.snapshot_name(self.step))
-        for old in sorted(self.run.glob(files.SNAPSHOT_GLOB))[:-2]:
+        for _, old in files.snapshots(self.run)[:-2]:
             old.unlink()
 
     def stop(self, signum: int, log) -> None:
@@ -319,6 +320,7 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     torchrun every rank trains (--batch-size per rank) and rank 0 alone writes the run folder."""
     ranks, device = distributed.join(opts.device, resolve_device)
     release, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
+    distributed.agree_same("the training options", _shared_options(opts, release))
     run = Path(opts.out)
 
     def create():
@@ -332,7 +334,8 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
             raise MepfError(f"run folder {run} cannot be created ({type(e).__name__}); choose another --out") from None
         resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
                     "device_resolved": str(device), "ranks": ranks.world, "release_sha256": release.file_sha256,
-                    "release_checksum": release.checksum, "epsilon": release.epsilon, "delta": release.delta,
+                    "release_checksum": release.checksum, "release_bytes": Path(opts.release).stat().st_size,
+                    "epsilon": release.epsilon, "delta": release.delta,
                     "versions": versions("torch", "torchvision", "mepf", "h5py", "numpy")}
         (run / files.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
@@ -345,6 +348,13 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
 #: options that may change when a run resumes: they take effect from the resumed step (recorded in options.json)
 RESUMABLE = ("steps", "lr", "lr_mavg", "lr_schedule", "log_every", "snapshot_every", "grid_every", "device",
              "weights")
+
+
+def _shared_options(opts: TrainOptions, release) -> dict:
+    """What every rank of one run must share: the options but the paths and device of each node, and the
+    release by its SHA-256 (ranks that trained with other steps or rates would diverge, or wait forever)."""
+    return {**{k: v for k, v in asdict(opts).items() if k not in ("out", "release", "device", "weights")},
+            "release": release.file_sha256}
 
 
 def _read_options(run: Path) -> dict:
@@ -387,7 +397,8 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})
     opts.out = str(run)  # the folder may have been moved or copied since it was started
-    found = locate_release(saved["release_sha256"], run, saved.get("release"), release)
+    size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
+    found = locate_release(saved["release_sha256"], run, saved.get("release"), release, size=size)
     opts.release = str(found)
     for k in ("device", "weights"):
         if k in differ:
@@ -409,6 +420,8 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
         distributed.guarded(load_snapshot)
     step = trainer.step
     steps = differ.get("steps", opts.steps)
+    distributed.agree_same("the training options (the run's, and those given again on resuming), or its step",
+                           {**_shared_options(dataclasses.replace(opts, **differ), release_file), "at": step})
     if steps < step:
         raise MepfError(f"{run} is at step {step}; --steps {steps} would go back: give --steps above {step} to train "
                         "further")

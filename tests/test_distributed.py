@@ -363,3 +363,17 @@ def test_a_read_error_in_the_pass_is_one_line(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "reading the data failed" in errors[0]
     assert not (tmp_path / "x.h5").exists() and release_log.read_log(tmp_path / "log.jsonl") == []
+
+
+def test_two_nodes_training_with_other_options_are_refused(tmp_path, release):
+    """Each node trains with its own command line: another --lr or --steps would make the replicas diverge or
+    leave one rank waiting in a collective."""
+    nodes = _nodes(tmp_path)
+    args = ["--width", "8", "--batch-size", "6", "--grid-every", "0", "--snapshot-every", "0", "--device", "cpu",
+            "--quiet", "--steps"]
+    results = two_nodes([["synthesize", release, "--out", nodes[0] / "run", *args, "4"],
+                         ["synthesize", release, "--out", nodes[1] / "run", *args, "400", "--lr", "0.02"]])
+    for rc, _, err, seconds in results:
+        errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+        assert rc != 0 and len(errors) == 1 and "the training options" in errors[0] and seconds < 120, err
+    assert not (nodes[0] / "run" / "generator.pt").exists()

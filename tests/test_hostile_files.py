@@ -555,3 +555,114 @@ def test_noise_left_out_of_some_coordinates_fails_the_audit(tmp_path):
     forged = forge(tmp_path / "f.h5", tmp_path / "p.h5", arrays=arrays)
     assert {"noise:S1", "noise:S2"} <= failed(forged)
     assert audit(tmp_path / "p.h5").ok
+
+
+# --------------------------------------------------------------------------- a third read
+
+def test_the_string_reader_works_on_a_machine_of_many_cores(releases):
+    """numpy's BLAS threads reserve address space per core: the capped child failed on 5 cores or more."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "64", "OMP_NUM_THREADS": "64", "MKL_NUM_THREADS": "64"}
+    mepf_bin = os.path.join(os.path.dirname(sys.executable), "mepf")
+    p = subprocess.run([mepf_bin, "info", str(releases / "eps1.h5")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0 and "privacy     (1, 1e-05)-DP" in p.stdout, p.stderr
+
+
+def test_a_folder_named_mepf_beside_a_release_runs_no_code(tmp_path, releases):
+    plant = tmp_path / "bundle"
+    (plant / "mepf" / "artifacts").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (plant / "mepf" / "__init__.py").write_text(code)
+    (plant / "mepf" / "artifacts" / "__init__.py").write_text(code)
+    (plant / "mepf" / "artifacts" / "inspect.py").write_text(code + "print('{\"error\": \"planted\"}')\n")
+    shutil_copy(releases / "eps1.h5", plant / "r.h5")
+    mepf_bin = os.path.join(os.path.dirname(sys.executable), "mepf")
+    p = subprocess.run([mepf_bin, "info", "r.h5"], capture_output=True, text=True, cwd=plant, timeout=120)
+    assert p.returncode == 0 and "planted" not in p.stderr and not marker.exists(), p.stderr
+
+
+def test_a_second_central_directory_cannot_hide_a_compressed_member(tmp_path, releases):
+    """Python's zipfile reads the central directory just before the end record; torch's reader reads it at the
+    end record's offset. A stored-looking directory for Python and a deflated one for torch: torch is now
+    given the zip that Python read and checked."""
+    import io
+    import struct
+    import zipfile
+
+    gen = _generator(tmp_path, releases)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(gen) as zin, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data/0"):
+                data = bytes(200 << 20)  # inflates to 200 MB
+            zout.writestr(info.filename, data)
+    b = buf.getvalue()
+    eocd = b.rfind(b"PK\x05\x06")
+    sig, _, _, _, n, cd_size, cd_off, _ = struct.unpack("<IHHHHIIH", b[eocd:eocd + 22])
+    cd = bytearray(b[cd_off:cd_off + cd_size])
+    p = 0
+    while p < len(cd):
+        nl, el, cl = struct.unpack("<HHH", cd[p + 28:p + 34])
+        csize = struct.unpack("<I", cd[p + 20:p + 24])[0]
+        struct.pack_into("<H", cd, p + 10, 0)
+        struct.pack_into("<II", cd, p + 20, csize, csize)
+        p += 46 + nl + el + cl
+    forged = b[:cd_off] + b[cd_off:cd_off + cd_size] + bytes(cd) + struct.pack("<IHHHHIIH", sig, 0, 0, n, n, len(cd),
+                                                                               cd_off, 0)
+    (tmp_path / "split.pt").write_bytes(forged)
+    with zipfile.ZipFile(tmp_path / "split.pt") as z:
+        assert {m.compress_type for m in z.infolist()} == {zipfile.ZIP_STORED}  # what Python's zipfile sees
+    code, err, peak = _peak_rss(["sample", tmp_path / "split.pt", "-n", "4", "--out", tmp_path / "s.npz"])
+    _, _, genuine = _peak_rss(["sample", gen, "-n", "4", "--out", tmp_path / "t.npz"])
+    assert code == 2 and err.count("\n") == 1 and "generator" in err, err
+    assert peak < genuine + (150 << 20), (peak, genuine)
+
+
+def test_info_prints_no_control_sequence_from_a_file(tmp_path, releases):
+    r = read_raw(releases / "eps1.h5")
+    ds = {**r.data_spec, "dataset": "array file\x1b[1A\r\x1b[2Kprivacy     (0.1, 1e-10)-DP"}
+    fs = {**r.feature_spec, "weight_source": "ok\x1b]0;title\x07"}
+    path = forge(tmp_path / "spoof.h5", releases / "eps1.h5", data_spec=ds, feature_spec=fs)
+    out = ok_output(cli("info", path))
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    gen = torch.load(_generator(tmp_path, releases), weights_only=True)
+    torch.save({**gen, "relation": "add-remove\x1b[2J"}, tmp_path / "g.pt")
+    one_line_refusal(cli("info", tmp_path / "g.pt"), "not a valid mepf generator")
+
+
+def ok_output(r):
+    assert r.exit_code == 0, (r.output, r.stderr)
+    return r.output
+
+
+def test_info_of_a_damaged_run_folder_is_one_line(tmp_path, releases):
+    run = _generator(tmp_path, releases).parent
+    (run / "snapshot-final.pt").write_bytes(b"not a snapshot")
+    assert "step 2 of 2 (complete)" in ok_output(cli("info", run))
+    (run / "options.json").write_text("[1, 2]")
+    one_line_refusal(cli("info", run), "options.json")
+
+
+def test_a_bad_timeout_variable_is_one_line(tmp_path):
+    np.savez(tmp_path / "d.npz", images=make_images(4))
+    r = CliRunner(env={"MEPF_DIST_JOIN_MINUTES": "ten", "WORLD_SIZE": "2"}).invoke(
+        main, ["embed", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "x.h5"), "--epsilon", "1",
+               "--delta", "1e-3", "--release-log", str(tmp_path / "log.jsonl"), "--quiet", *TINY])
+    one_line_refusal(r, "MEPF_DIST_JOIN_MINUTES")
+
+
+def test_a_release_is_looked_for_only_among_files_of_its_size(tmp_path, releases, monkeypatch):
+    from mepf.synthesize import locate
+
+    run = _generator(tmp_path, releases).parent
+    o = json.loads((run / "options.json").read_text())
+    assert o["release_bytes"] == (releases / "eps1.h5").stat().st_size
+    (tmp_path / "big.h5").write_bytes(bytes(1 << 20))
+    shutil_copy(releases / "eps1.h5", tmp_path / "copy.h5")
+    hashed = []
+    real = locate._sha
+    monkeypatch.setattr(locate, "_sha", lambda p: hashed.append(p.name) or real(p))
+    found = locate.locate_release(o["release_sha256"], run, str(tmp_path / "gone.h5"), size=o["release_bytes"])
+    assert found.name == "copy.h5" and "big.h5" not in hashed

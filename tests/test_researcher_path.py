@@ -345,3 +345,19 @@ def test_crop_center_keeps_the_middle_of_non_square_records_and_evaluate_applies
 
     ref = load_reference(str(tmp_path / "wide"), geometry=(28, 28, 1), crop="center")
     assert ref.images.max() == 0 and load_reference(str(tmp_path / "wide"), geometry=(28, 28, 1)).images.max() > 0
+
+
+def test_an_npz_without_names_is_paired_by_index_only_with_a_map_or_index_names(study, tmp_path):
+    """An .npz reference has labels but no names: pairing them with "benign"... by position could be silently
+    wrong, so it needs --class-map; samples written by `mepf sample --out x.npz` carry their names."""
+    x = make_images(9)
+    np.savez(tmp_path / "ref.npz", images=x, labels=np.arange(9) % 3)
+    refused(accuracy(study / "run", tmp_path / "ref.npz", tmp_path / "rep"), "no class names", "--class-map")
+    ok(accuracy(study / "run", tmp_path / "ref.npz", tmp_path / "rep", "--class-map",
+                "benign=0,malignant lesion=1,normal tissue=2"))
+    ok(cli("sample", study / "run", "-n", "30", "--out", tmp_path / "s.npz"))
+    with np.load(tmp_path / "s.npz") as d:
+        assert list(d["class_names"]) == list(CLASSES)
+    ok(cli("evaluate", tmp_path / "s.npz", "--reference", study / "heldout", "--out", tmp_path / "rep2", "--metrics",
+           "accuracy", "--classifiers", "logreg", "--quiet"))
+    assert json.loads((tmp_path / "rep2" / "report.json").read_text())["classes"]["matched"] == "by name"
