@@ -452,8 +452,9 @@ def _inspect_in_child(fd: int, path: Path) -> dict:
     here = {"", ".", os.getcwd()}
     paths = [p for p in sys.path if p not in here and os.path.abspath(p) != os.getcwd()]
     boot = "import sys, json; sys.path[:] = json.loads(sys.argv[1]); from mepf.artifacts.inspect import main; main()"
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR")}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    # one BLAS thread: each thread reserves address space, and the cap must be the file's, not the cores'
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MALLOC_ARENA_MAX": "2"}
     try:
         p = subprocess.run([sys.executable, "-I", "-c", boot, json.dumps(paths), str(fd), str(path)], pass_fds=(fd,),
                            capture_output=True, timeout=INSPECT_SECONDS * 2, stdin=subprocess.DEVNULL, env=env,
