@@ -191,6 +191,9 @@ def test_output_folders_are_created_and_a_report_is_not_overwritten_silently(stu
             "--overwrite")
     ok(cli("evaluate", study / "run", "--reference", study / "heldout", "--out", tmp_path / "reports" / "2026" / "a",
            "-n", "20", "--metrics", "embedding", "--overwrite", "--quiet"))
+    refused(cli("sample", study / "run", "-n", "4", "--out", tmp_path / "x.png"), "an .npz file, or a folder")
+    ok(cli("sample", study / "run", "-n", "4", "--out", tmp_path / "samples" / "2026" / "s.npz"))
+    assert (tmp_path / "samples" / "2026" / "s.npz").is_file() and not (tmp_path / "x.png").exists()
 
 
 # --------------------------------------------------------------------------- 6. progress in logs
