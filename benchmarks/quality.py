@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.core.device import resolve_device
 from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
-from mepf.embed.device import resolve_device
 from mepf.embed.run import EmbedOptions, run_embed
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate

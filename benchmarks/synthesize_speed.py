@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mepf.embed.memory import keep_freed_memory
+from mepf.core.memory import keep_freed_memory
 from mepf.synthesize.train import Trainer, TrainOptions, prepare
 
 

@@ -9,8 +9,7 @@ import json
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.versions import versions
-
-from . import distributed
+from mepf.core import distributed
 
 #: the plan's fields, in order, named as the user knows them; what differs is said in these words
 FIELDS = (

@@ -24,13 +24,14 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import check_output_path, fd_sha256, printable, staged_release, sweep_stale_temporaries
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem
+from mepf.core import distributed
+from mepf.core.features import QUANT_BITS, dequantise, grid_rows
+from mepf.core.memory import keep_freed_memory
 from mepf.progress import progress as progress_bar
 
-from . import distributed, release_log
-from .features import QUANT_BITS, dequantise, grid_rows
+from . import release_log
 from .fingerprint import Fingerprint, tag_key
 from .loader import Failed, loader, shard_size
-from .memory import keep_freed_memory
 from .plan import agree_on_plan, plan_of
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from mepf.artifacts.accounting import validate_target
 from mepf.artifacts.format import check_output_path
+from mepf.core import distributed
+from mepf.core.device import resolve_device
+from mepf.core.features import build_feature_map
 
-from . import distributed
-from .device import resolve_device
-from .features import build_feature_map
 from .loader import default_workers
 from .options import EmbedOptions
 from .release import EmbedResult, embed_to_file, sweep_output

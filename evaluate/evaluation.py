@@ -169,7 +169,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: i
                                                             classifiers, seed, device, cnn_epochs, progress)
     rel = _release_of(synth, release)
     if "embedding" in wanted and rel is not None and (synth.labels is not None or not rel.labelled):
-        from mepf.embed.features import feature_map_from_spec
+        from mepf.core.features import feature_map_from_spec
         from mepf.synthesize.objective import Target, distance_of_batches
 
         target = Target(rel, "cpu")

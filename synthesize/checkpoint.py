@@ -17,7 +17,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.ledger import RELATIONS
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
-from mepf.embed.tensor_file import read_tensors
+from mepf.core.tensor_file import read_tensors
 
 from .generators import GENERATORS, build_generator
 from .run_folder import GENERATOR

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mepf.embed import distributed
-from mepf.embed.features import phi
+from mepf.core import distributed
+from mepf.core.features import phi
 
 
 class Target:

@@ -19,10 +19,10 @@ import torch
 from mepf.artifacts import load
 from mepf.artifacts.errors import Interrupted, MepfError
 from mepf.artifacts.versions import versions
-from mepf.embed import distributed
-from mepf.embed.device import resolve_device
-from mepf.embed.features import feature_map_from_spec
-from mepf.embed.memory import keep_freed_memory
+from mepf.core import distributed
+from mepf.core.device import resolve_device
+from mepf.core.features import feature_map_from_spec
+from mepf.core.memory import keep_freed_memory
 from mepf.progress import progress as progress_bar
 
 from . import run_folder as files

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mepf.embed.features import build_feature_map
+from mepf.core.features import build_feature_map
 
 
 def make_images(n: int, seed: int = 0, size: int = 28, channels: int = 1) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mepf.artifacts import load
-from mepf.embed.features import feature_map_from_spec, phi
+from mepf.core.features import feature_map_from_spec, phi
 from mepf.embed.files import ArraySource
 from mepf.embed.release import accumulate
 from mepf.embed.transform import Transform

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mepf.cli import main
+from mepf.core.features import build_feature_map
 from mepf.embed.datasets import named_source
-from mepf.embed.features import build_feature_map
 from mepf.embed.files import ArraySource
 from mepf.embed.release import embed_to_file
 from mepf.embed.transform import Transform

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mepf.artifacts.errors import MepfError
-from mepf.embed.features import BACKBONES, build_feature_map, feature_map_from_spec
+from mepf.core.features import BACKBONES, build_feature_map, feature_map_from_spec
 from mepf.embed.transform import Transform
 from tests.conftest import make_images
 

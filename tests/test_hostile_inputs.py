@@ -17,8 +17,8 @@ from PIL import Image
 from mepf.artifacts import load
 from mepf.artifacts.errors import MepfError
 from mepf.cli import main
+from mepf.core.features import _effnet_pretrained_path, build_feature_map
 from mepf.embed import release_log
-from mepf.embed.features import _effnet_pretrained_path, build_feature_map
 from mepf.embed.files import FolderSource
 from mepf.embed.transform import Transform
 from tests.conftest import Payload, make_images
@@ -107,7 +107,7 @@ def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, label
     import hashlib
     from types import SimpleNamespace
 
-    from mepf.embed import features
+    from mepf.core import features
 
     torch.save(state, tmp_path / "w.pth")
     digest = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mepf.artifacts.ledger import sensitivity
-from mepf.embed.features import QUANT_BITS, build_feature_map, grid_rows, normalise, phi1, phi2
+from mepf.core.features import QUANT_BITS, build_feature_map, grid_rows, normalise, phi1, phi2
 from mepf.embed.files import ArraySource
 from mepf.embed.release import accumulate
 from mepf.embed.transform import Transform
@@ -204,7 +204,7 @@ def test_grid_rows_stay_below_c_and_close_to_phi():
 
 
 def test_rows_over_the_bound_are_refused_by_the_integer_check():
-    from mepf.embed.features import within_bound
+    from mepf.core.features import within_bound
 
     q = torch.zeros(3, 4, dtype=torch.float64)
     q[0, 0] = 2.0 ** QUANT_BITS * (1 - 2.0 ** -20)  # the largest norm a correct row can have

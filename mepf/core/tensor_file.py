@@ -1,6 +1,6 @@
 """Read a torch file as tensors and plain containers only (weights_only), for every file mepf did not make
-itself: weights, generators and snapshots from others can carry no code. In embed, the lowest stage with
-torch, so that artifacts (and `mepf audit`) stays free of it."""
+itself: weights, generators and snapshots from others can carry no code. In the shared torch layer, so that
+artifacts (and `mepf audit`) stays free of torch."""
 from __future__ import annotations
 
 import io
