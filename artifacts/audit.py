@@ -57,7 +57,7 @@ def audit(path) -> AuditReport:
 
 
 def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
-    led, spec = release.ledger, release.feature_spec
+    led, spec = release.ledger, release.features
     private = led.get("private", True) is True
     if not rep.check("private", private, "the ledger declares a DP release" if private else
                      "NON-PRIVATE baseline (eps = inf): exact sums and counts, no noise; never publish this file"):
@@ -67,12 +67,12 @@ def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
     relation = led["relation"]
     if not rep.check("relation", relation in RELATIONS, f"relation {relation!r}"):
         return
-    c1, c2 = float(spec["C1"]), float(spec["C2"])
+    c1, c2 = spec.C1, spec.C2
     releases = led["releases"]
     names = [r["name"] for r in releases]
     rep.check("releases-match-arrays", sorted(names) == sorted(release.arrays),
               f"ledger releases {names}, file arrays {sorted(release.arrays)}")
-    k, d = len(release.class_names), int(spec["dim"])
+    k, d = len(release.class_names), spec.dim
     for r in releases:
         arr = release.arrays.get(r["name"])
         want = [k] if r["name"] == "counts" else [k, d]

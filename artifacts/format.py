@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MepfError
+from .feature_spec import FeatureSpec
 from .ledger import canonical_json
 from .schema import (
     MAX_CLASSES,
@@ -52,6 +53,11 @@ class Release:
     ledger: dict
     checksum: str
     file_sha256: str
+
+    @property
+    def features(self) -> FeatureSpec:
+        """The feature map, typed (feature_spec is the object as stored)."""
+        return FeatureSpec.from_json(self.feature_spec)
 
     @property
     def private(self) -> bool:

@@ -40,21 +40,21 @@ def main() -> None:
                         device=a.device)
     rel, ex, arch, dev = prepare(opts)
     t = Trainer(opts, rel, ex, arch, dev)
-    inp = rel.feature_spec["input"]
+    spec = rel.features
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
     keep_freed_memory()  # as Trainer.fit does; before both measurements, so that they compare
-    x = torch.rand(a.batch_size, inp["channels"], inp["height"], inp["width"], device=dev, requires_grad=True)
+    x = torch.rand(a.batch_size, spec.channels, spec.height, spec.width, device=dev, requires_grad=True)
     for _ in range(2):  # warm-up
         t.train_step()
-        t.extractor(x).sum().backward()
+        t.fmap(x).sum().backward()
     sync()
     s = time.perf_counter()
     for _ in range(a.steps):
-        t.extractor(x).sum().backward()
+        t.fmap(x).sum().backward()
     sync()
     bare = a.steps / (time.perf_counter() - s)
     s = time.perf_counter()
@@ -62,7 +62,7 @@ def main() -> None:
         t.train_step()
     sync()
     full = a.steps / (time.perf_counter() - s)
-    print(f"{rel.feature_spec['backbone']} D={rel.feature_spec['dim']}, generator {arch['name']} width "
+    print(f"{spec.backbone} D={spec.dim}, generator {arch['name']} width "
           f"{arch['width']}, "
           f"batch {a.batch_size}, device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"bare extractor forward+backward : {bare:7.2f} it/s")

@@ -173,12 +173,12 @@ def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: i
         from mepf.synthesize.objective import Target, distance_of_batches
 
         target = Target(rel, "cpu")
-        ex = feature_map_from_spec(rel.feature_spec).to(device)
+        fmap = feature_map_from_spec(rel.features).to(device)
         labels = synth.labels if rel.labelled else np.zeros(len(synth.images), dtype=np.int64)
         batches = ((torch.from_numpy(synth.images[s:s + 200]).permute(0, 3, 1, 2).float() / 255,
                     torch.from_numpy(labels[s:s + 200])) for s in range(0, len(synth.images), 200))
         with torch.no_grad():
-            metrics_out["embedding_distance"] = distance_of_batches(batches, ex, target, device)
+            metrics_out["embedding_distance"] = distance_of_batches(batches, fmap, target, device)
     elif "embedding" in wanted:
         why = ("the released file behind these samples is unknown (pass --release FILE)" if rel is None else
                "it needs labelled samples for a labelled release")

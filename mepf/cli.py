@@ -359,7 +359,7 @@ def _release_facts(path: Path) -> dict:
     from mepf.artifacts import load
 
     r = load(path)
-    fs, ds = r.feature_spec, r.data_spec
+    ds = r.data_spec
     k = len(r.class_names)
     return {
         "kind": "release",
@@ -370,10 +370,7 @@ def _release_facts(path: Path) -> dict:
                 f"x{ds['transform']['channels']}",
         "classes": f"{k} class{'es' if k != 1 else ''}: {', '.join(r.class_names)}" if r.labelled else "unlabelled",
         "moments": ", ".join(r.moments),
-        "features": f"{fs['backbone']} ({fs['weight_source']}), {len(fs['layers'])} layers, pooling "
-                    f"{fs['pooling']}, D={fs['dim']}"
-                    + (f", at {fs['resize']['height']}x{fs['resize']['width']}" if fs.get("resize") else "")
-                    + (f", pixels x{fs['pixel_weight']:g}" if fs.get("pixel_weight") else ""),
+        "features": r.features.summary(),
         "noisy n": f"{max(float(r.arrays['counts'].sum()), 0):.0f} (noisy count)",
     }
 

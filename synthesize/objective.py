@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from mepf.core import distributed
-from mepf.core.features import phi
 
 
 class Target:
@@ -18,7 +17,6 @@ class Target:
                       for m, v in release.class_means().items()}
         self.prior = torch.as_tensor(release.label_prior(), dtype=torch.float32)
         self.num_classes = len(release.class_names)
-        self.spec = release.feature_spec
 
 
 def class_means(feats: torch.Tensor, y: torch.Tensor, k: int):
@@ -36,14 +34,9 @@ def class_means(feats: torch.Tensor, y: torch.Tensor, k: int):
     return sums / cnt.clamp_min(1)[:, None], cnt > 0
 
 
-def fake_embeddings(extractor, images, y, target: Target) -> dict:
+def fake_embeddings(fmap, images, y, target: Target) -> dict:
     """Per-class mean of phi over a generated batch, for each released moment (float32, differentiable)."""
-    f = extractor(images).float()
-    out = {}
-    for m in target.moments:
-        means, present = class_means(phi(m, f, target.spec, torch.float32), y, target.num_classes)
-        out[m] = (means, present)
-    return out
+    return {m: class_means(p, y, target.num_classes) for m, p in fmap.embed(images, target.moments).items()}
 
 
 def squared_distance(target: Target, fake: dict) -> dict:
@@ -52,7 +45,7 @@ def squared_distance(target: Target, fake: dict) -> dict:
 
 
 @torch.no_grad()
-def distance_of_batches(batches, extractor, target: Target, device="cpu") -> dict:
+def distance_of_batches(batches, fmap, target: Target, device="cpu") -> dict:
     """Squared distance, per moment and averaged over the classes present, between the class-conditional
     mean embedding of images given as (x in [0,1] (B,C,H,W), y) batches and the released one."""
     k = target.num_classes
@@ -60,17 +53,16 @@ def distance_of_batches(batches, extractor, target: Target, device="cpu") -> dic
     counts = torch.zeros(k, device=target.means[target.moments[0]].device)
     for x, y in batches:
         y = y.to(counts.device)
-        f = extractor(x.to(device)).float().to(counts.device)
         onehot = F.one_hot(y, k).float()
-        for m in target.moments:
-            sums[m] += onehot.T @ phi(m, f, target.spec, torch.float32)
+        for m, p in fmap.embed(x.to(device), target.moments).items():
+            sums[m] += onehot.T @ p.to(counts.device)
         counts += onehot.sum(0)
     present = counts > 0
     return {m: float(((target.means[m] - sums[m] / counts.clamp_min(1)[:, None])[present] ** 2).sum(1).mean())
             for m in target.moments}
 
 
-def embedding_distance(generator, extractor, target: Target, n: int = 500, batch_size: int = 100, seed: int = 0,
+def embedding_distance(generator, fmap, target: Target, n: int = 500, batch_size: int = 100, seed: int = 0,
                        device="cpu") -> dict:
     """Privacy-free quality signal of a generator: distance_of_batches for n class-balanced samples."""
     g = torch.Generator().manual_seed(seed)
@@ -86,6 +78,6 @@ def embedding_distance(generator, extractor, target: Target, n: int = 500, batch
             yield generator(z.to(device), y.to(device)), y
 
     with torch.no_grad():
-        out = distance_of_batches(batches(), extractor, target, device)
+        out = distance_of_batches(batches(), fmap, target, device)
     generator.train(was_training)
     return out

@@ -53,16 +53,16 @@ def prepare(opts: TrainOptions, device=None):
         raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
                         f"{', '.join(release.moments)}")
     device = resolve_device(opts.device) if device is None else device
-    extractor = feature_map_from_spec(release.feature_spec, opts.weights).to(device)
-    inp = release.feature_spec["input"]
-    if inp["height"] != inp["width"]:
+    spec = release.features
+    fmap = feature_map_from_spec(spec, opts.weights).to(device)
+    if spec.height != spec.width:
         raise MepfError("generators need square images; this file's geometry is not square")
-    name = default_generator(inp["height"], inp["channels"]) if opts.generator == "auto" else opts.generator
-    arch = {"name": name, "image_size": inp["height"], "channels": inp["channels"],
+    name = default_generator(spec.height, spec.channels) if opts.generator == "auto" else opts.generator
+    arch = {"name": name, "image_size": spec.height, "channels": spec.channels,
             "num_classes": len(release.class_names), "z_dim": Z_DIM,
             "width": opts.width or (256 if name == "resnet" else 64)}
     build_generator(arch)  # validates the geometry for this generator
-    return release, extractor, arch, device
+    return release, fmap, arch, device
 
 
 def _atomic_torch_save(obj, path: Path):
@@ -101,8 +101,8 @@ def latest_snapshot(run: Path):
 
 
 class Trainer:
-    def __init__(self, opts: TrainOptions, release, extractor, arch, device):
-        self.opts, self.release, self.extractor, self.arch, self.device = opts, release, extractor, arch, device
+    def __init__(self, opts: TrainOptions, release, fmap, arch, device):
+        self.opts, self.release, self.fmap, self.arch, self.device = opts, release, fmap, arch, device
         self.run = Path(opts.out)
         self.target = Target(release, device)
         with torch.random.fork_rng(devices=[]):
@@ -124,7 +124,7 @@ class Trainer:
         self.amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
         if self.amp:
             self.G = self.G.to(memory_format=torch.channels_last)
-            self.extractor = self.extractor.to(memory_format=torch.channels_last)
+            self.fmap = self.fmap.to(memory_format=torch.channels_last)
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -178,7 +178,7 @@ class Trainer:
             x = self.G(z, y)
             if self.amp:
                 x = x.contiguous(memory_format=torch.channels_last)
-            fake = fake_embeddings(self.extractor, x, y, self.target)
+            fake = fake_embeddings(self.fmap, x, y, self.target)
         dist = squared_distance(self.target, fake)
         stats = {f"dist_{m}": float(d.detach()) for m, d in dist.items()}
         if self.opts.objective == "plain":
@@ -319,7 +319,7 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     """A new run: validate, then create the run folder and write options.json before training. Under
     torchrun every rank trains (--batch-size per rank) and rank 0 alone writes the run folder."""
     ranks, device = distributed.join(opts.device, resolve_device)
-    release, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
+    release, fmap, arch, device = distributed.guarded(lambda: prepare(opts, device))
     distributed.agree_same("the training options", _shared_options(opts, release))
     run = Path(opts.out)
 
@@ -340,7 +340,7 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
         (run / files.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
     distributed.on_main(create)
-    trainer = Trainer(opts, release, extractor, arch, device)
+    trainer = Trainer(opts, release, fmap, arch, device)
     trainer.fit(progress)
     return trainer
 
@@ -404,10 +404,10 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
         if k in differ:
             setattr(opts, k, differ[k])
     ranks, device = distributed.join(opts.device, resolve_device)
-    release_file, extractor, arch, device = distributed.guarded(lambda: prepare(opts, device))
+    release_file, fmap, arch, device = distributed.guarded(lambda: prepare(opts, device))
     if release_file.file_sha256 != saved["release_sha256"]:
         raise MepfError(f"the released file {opts.release} changed while it was read; resume needs the same file")
-    trainer = Trainer(opts, release_file, extractor, arch, device)
+    trainer = Trainer(opts, release_file, fmap, arch, device)
     snap = latest_snapshot(run)
     if snap is not None:
         def load_snapshot():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mepf.artifacts import load
-from mepf.core.features import feature_map_from_spec, phi
+from mepf.core.features import feature_map_from_spec
 from mepf.embed.files import ArraySource
 from mepf.embed.release import accumulate
 from mepf.embed.transform import Transform
@@ -39,10 +39,12 @@ def test_stage1_and_stage2_features_agree_on_cuda(release, tmp_path):
                       feature_map_from_spec(spec), "mean+second", spec["C1"], spec["C2"], batch_size=16,
                       device="cuda", progress=False)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().cuda() / 255  # what a generator outputs
+    fmap = feature_map_from_spec(spec).cuda()
     with torch.no_grad():
-        f = feature_map_from_spec(spec).cuda()(x)
+        phis = fmap.embed(x, ("S1", "S2"))
+        assert torch.equal(fmap.phi("S2", x), phis["S2"])
     for m in ("S1", "S2"):
-        np.testing.assert_allclose(sums.sums[m], phi(m, f, spec, torch.float32).double().cpu().numpy(), atol=1e-5)
+        np.testing.assert_allclose(sums.sums[m], phis[m].double().cpu().numpy(), atol=1e-5)
 
 
 def test_bf16_autocast_training_follows_fp32(release, tmp_path):

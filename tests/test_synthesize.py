@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mepf.artifacts import load
 from mepf.artifacts.format import content_checksum
 from mepf.cli import main
-from mepf.core.features import build_feature_map, feature_map_from_spec, phi
+from mepf.core.features import build_feature_map, feature_map_from_spec
 from mepf.embed.datasets import named_source
 from mepf.embed.files import ArraySource
 from mepf.embed.release import accumulate, embed_to_file
@@ -168,10 +168,12 @@ def _assert_stages_agree(spec: dict, images: np.ndarray, tmp_path):
                       feature_map_from_spec(spec), "mean+second", spec["C1"], spec["C2"], batch_size=128,
                       progress=False)
     x = torch.from_numpy(images[:10]).permute(0, 3, 1, 2).float() / 255  # what a generator outputs
+    fmap = feature_map_from_spec(spec)
     with torch.no_grad():
-        f = feature_map_from_spec(spec)(x)
+        phis = fmap.embed(x, ("S1", "S2"))
+        assert torch.equal(fmap.phi("S2", x), phis["S2"])
     for m in ("S1", "S2"):
-        np.testing.assert_allclose(sums.sums[m], phi(m, f, spec, torch.float32).double().numpy(), atol=1e-6)
+        np.testing.assert_allclose(sums.sums[m], phis[m].double().numpy(), atol=1e-6)
 
 
 def test_feature_map_is_the_same_in_both_stages(release_file, tmp_path):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.feature_spec import FeatureSpec
 from mepf.artifacts.versions import versions
 
 from .tensor_file import is_state_dict, read_tensors
@@ -227,8 +228,11 @@ def weights_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-class FeatureExtractor(nn.Module):
-    """f(x): images in [0,1], (B, C, H, W) -> (B, D) float32 features. Frozen, eval mode."""
+class FeatureMap(nn.Module):
+    """f(x): images in [0,1], (B, C, H, W) -> (B, D) float32 features. Frozen, eval mode. Built by
+    build_feature_map, it carries its spec: the norms C1/C2, the layers, and phi of each released moment."""
+
+    spec: FeatureSpec  # set by build_feature_map once the dimension is known
 
     def __init__(self, backbone: str, stages: list, layers: list, pooling: str, channels: int, resize=None,
                  pixel_weight: float = 1.0):
@@ -265,6 +269,20 @@ class FeatureExtractor(nn.Module):
         if self.pooling == "mean":
             return torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1)
         return torch.cat([o.flatten(1) for o in outs], dim=1)
+
+    def phi_of(self, moment: str, features: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """The feature vector behind release `moment` ('S1': phi1, 'S2': phi2) of features f(x) of this map."""
+        c = self.spec.norm(moment)
+        return phi1(features, c, dtype) if moment == "S1" else phi2(features, c, dtype)
+
+    def embed(self, images: torch.Tensor, moments, dtype=torch.float32) -> dict:
+        """{moment: phi_moment(images)}, with one forward pass for all moments."""
+        f = self(images).float()
+        return {m: self.phi_of(m, f, dtype) for m in moments}
+
+    def phi(self, moment: str, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """phi1 or phi2 of images, as stage 1 summed it (there in float64, on an integer grid)."""
+        return self.embed(images, (moment,), dtype)[moment]
 
 
 def norm_target(c: float, dim: int) -> float:
@@ -340,11 +358,6 @@ def dequantise(q: torch.Tensor, c: float) -> torch.Tensor:
     return q.to(torch.float64) * (c / 2.0 ** QUANT_BITS)
 
 
-def phi(name: str, features: torch.Tensor, spec: dict, dtype=torch.float64) -> torch.Tensor:
-    """The feature vector behind release `name` ('S1' or 'S2') under a file's feature spec."""
-    return phi1(features, spec["C1"], dtype) if name == "S1" else phi2(features, spec["C2"], dtype)
-
-
 def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, pooling=None,
                       image_size=(32, 32), channels: int = 3, seed: int = 0, c1: float = 1.0, c2: float = 1.0,
                       feature_size=None, pixel_weight: float | None = None):
@@ -383,7 +396,7 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
     model, source = _build_model(backbone, weights, fh, seed)
     stages = {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages,
               "efficientnet-lite0": _effnet_stages}[backbone](model)
-    extractor = FeatureExtractor(backbone, stages, layers, pooling, channels, resize, pixel_weight)
+    extractor = FeatureMap(backbone, stages, layers, pooling, channels, resize, pixel_weight)
     if not all_finite(extractor.state_dict().values()):
         raise MepfError(f"the {backbone} weights ({source}) hold NaN or infinite values; use finite weights")
     with torch.no_grad():
@@ -409,33 +422,28 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
         "dim": dim,
         "versions": versions("torch", "torchvision", "efficientnet-lite-pytorch", "mepf"),
     }
+    extractor.spec = FeatureSpec.from_json(spec)
     return extractor, spec
 
 
-def feature_map_from_spec(spec: dict, weights_path: str | None = None) -> FeatureExtractor:
-    """Rebuild the exact extractor a file was made with; refuse if the weights' hash differs."""
-    weights = spec["weights"]
+def feature_map_from_spec(spec: FeatureSpec | dict, weights_path: str | None = None) -> FeatureMap:
+    """Rebuild the exact map a file was made with; refuse if the weights' hash or the dimension differs."""
+    spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.from_json(spec)
+    weights = spec.weights
     if weights == "file":
         if weights_path is None:
-            raise MepfError(f"this file was embedded with weights from a local file ({spec['weight_source']}); "
+            raise MepfError(f"this file was embedded with weights from a local file ({spec.weight_source}); "
                             "pass the same file with --weights PATH")
         weights = weights_path
-    extractor, rebuilt = build_feature_map(spec["backbone"], weights, spec["layers"], spec["pooling"],
-                                           (spec["input"]["height"], spec["input"]["width"]),
-                                           spec["input"]["channels"], spec.get("weight_seed") or 0,
-                                           spec["C1"], spec["C2"], _feature_size(spec),
-                                           spec.get("pixel_weight"))
-    if rebuilt["weights_sha256"] != spec["weights_sha256"]:
+    fmap, rebuilt = build_feature_map(spec.backbone, weights, list(spec.layers), spec.pooling, spec.image_size,
+                                      spec.channels, spec.weight_seed or 0, spec.C1, spec.C2, spec.resize,
+                                      spec.pixel_weight)
+    if rebuilt["weights_sha256"] != spec.weights_sha256:
         raise MepfError(
-            f"extractor weights differ from those the file was made with ({spec['backbone']}, "
-            f"{spec['weight_source']}, SHA-256 {spec['weights_sha256'][:12]}..., here "
+            f"extractor weights differ from those the file was made with ({spec.backbone}, "
+            f"{spec.weight_source}, SHA-256 {spec.weights_sha256[:12]}..., here "
             f"{rebuilt['weights_sha256'][:12]}...); "
             "install the same weights (for random weights: the same torch version) or pass them with --weights")
-    if rebuilt["dim"] != spec["dim"]:
-        raise MepfError(f"feature dimension {rebuilt['dim']} differs from the file's {spec['dim']}")
-    return extractor
-
-
-def _feature_size(spec: dict):
-    r = spec.get("resize")  # absent in files written before the option existed: no resize
-    return None if not r else (r["height"], r["width"])
+    if rebuilt["dim"] != spec.dim:
+        raise MepfError(f"feature dimension {rebuilt['dim']} differs from the file's {spec.dim}")
+    return fmap
