@@ -113,7 +113,11 @@ class Calibration:
     closed_form_eps: float
 
 
-def parse_budget_split(text: str | None, names: list[str], default_counts: float = 0.01) -> dict:
+#: the counts' share of mu^2 when --budget-split does not name it
+COUNTS_SHARE = 0.01
+
+
+def parse_budget_split(text: str | None, names: list[str], default_counts: float = COUNTS_SHARE) -> dict:
     """Weights (summing to 1) of mu^2 over the releases. Names not given share the remainder equally.
 
     `text` is like "counts=0.01,S1=0.6"; None means counts 1%, the rest equally over the moments.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -17,13 +16,14 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 
+from .options import DATA_ROOT, DATASETS, default_path
 from .sources import Source, files_digest, kept
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-NAMED = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "celeba")
+NAMED = DATASETS
 DEBIAN_FASHION_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist")
 
 
@@ -228,8 +228,7 @@ class CelebASource(Source):
 
 
 def default_data_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mepf" / "datasets"
+    return default_path(DATA_ROOT)
 
 
 def _find_idx(roots, prefix):

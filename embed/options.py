@@ -1,7 +1,31 @@
 """Every option of `mepf embed` and its default, once (the CLI reads the defaults from here). Imports no torch."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from mepf.artifacts.ledger import RELATIONS  # noqa: F401  (offered by the CLI from here)
+from mepf.artifacts.schema import MOMENT_SETS  # noqa: F401
+
+#: the named datasets `--data` takes (each with :train or :test); embed/datasets.py implements each
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "celeba")
+CROPS = ("none", "center")
+#: default folders as (environment variable, fallback below the home folder, path below either)
+DATA_ROOT = ("XDG_CACHE_HOME", ".cache", "mepf/datasets")
+RELEASE_LOG = ("XDG_DATA_HOME", ".local/share", "mepf/releases.jsonl")
+
+
+def default_path(where: tuple) -> Path:
+    """DATA_ROOT or RELEASE_LOG resolved in this environment."""
+    var, fallback, below = where
+    return Path(os.environ.get(var) or Path.home() / fallback) / below
+
+
+def default_path_text(where: tuple) -> str:
+    """DATA_ROOT or RELEASE_LOG in words, for help texts."""
+    var, fallback, below = where
+    return f"${var}/{below}, else ~/{fallback}/{below}"
 
 
 @dataclass
@@ -28,7 +52,7 @@ class EmbedOptions:
     batch_size: int = 128
     device: str = "auto"
     workers: int | None = None  # decoding processes per rank; None: loader.default_workers
-    release_log: str | None = None  # None: ~/.local/share/mepf/releases.jsonl
+    release_log: str | None = None  # None: default_path(RELEASE_LOG)
     allow_repeat: bool = False
     force: bool = False
     overwrite: bool = False

@@ -24,11 +24,11 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import fsync_folder
 
 from .fingerprint import REPEAT_SHARE, Fingerprint, Sketch, key_id, keyed_digest, open_sketch, seal_sketch
+from .options import RELEASE_LOG, default_path
 
 
 def default_log_path() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "mepf" / "releases.jsonl"
+    return default_path(RELEASE_LOG)
 
 
 def read_log(path) -> list:

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 
 from mepf.artifacts.errors import MepfError
 
+from . import options
+
 LUMA = (0.299, 0.587, 0.114)
 #: --crop: None or "none" (every record stretched to the geometry), "center"
-CROPS = (None, "none", "center")
+CROPS = (None, *options.CROPS)
 
 
 class Transform:

@@ -16,7 +16,8 @@ from torch import nn
 
 from mepf.progress import progress as progress_bar
 
-CLASSIFIERS = ("logreg", "mlp", "cnn")
+from .options import CLASSIFIERS
+
 MIN_STEPS = 500
 
 

@@ -15,11 +15,10 @@ from mepf.embed.sources import open_source
 from mepf.synthesize import run_folder as files
 
 from .classes import match_classes
-from .classifiers import CLASSIFIERS, accuracies
+from .classifiers import accuracies
 from .data import FidStats, ImageSet, load_reference, load_synthetic, read_source, run_stats
+from .options import METRICS, EvaluateOptions
 from .report import write_report
-
-METRICS = ("fid", "accuracy", "embedding")
 
 
 def _release_of(synth: ImageSet, release_path: str | None):
@@ -97,10 +96,13 @@ def private_reference_warning(ref, release_log) -> str | None:
     return None
 
 
-def evaluate(synthetic: str, reference: str, out, n: int = 10000, fid_samples: int | None = None,
-             metrics=None, classifiers=CLASSIFIERS, real_train: str | None = None, release: str | None = None,
-             inception_weights: str | None = None, data_root=None, release_log=None, seed: int = 0,
-             device="cpu", cnn_epochs: int = 8, cache_dir=None, progress: bool = True,
+_D = EvaluateOptions  # the defaults, written once there
+
+
+def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: int | None = _D.fid_samples,
+             metrics=_D.metrics, classifiers=_D.classifiers, real_train: str | None = None, release: str | None = None,
+             inception_weights: str | None = None, data_root=None, release_log=None, seed: int = _D.seed,
+             device="cpu", cnn_epochs: int = _D.cnn_epochs, cache_dir=None, progress: bool = True,
              class_map: str | None = None, overwrite: bool = False) -> dict:
     t0 = time.perf_counter()
     out = Path(out)

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import click
 
+from mepf.artifacts.accounting import COUNTS_SHARE
 from mepf.artifacts.errors import Interrupted, MepfError
+from mepf.core.names import BACKBONE_NAMES, DEFAULT_PIXEL_WEIGHT, DEVICES, POOLINGS
+from mepf.embed import options as eo  # the options modules import no torch: `mepf --help` stays light
+from mepf.evaluate import options as vo
+from mepf.synthesize import options as so
 
 
 def user_errors(fn):
@@ -94,33 +99,44 @@ def _default(cls, name):
     return cls.__dataclass_fields__[name].default
 
 
+def _choices(names, *extra) -> click.Choice:
+    """A choice list read from the torch-free module that owns the names (tests/test_names.py checks each)."""
+    return click.Choice([*extra, *names])
+
+
 def _td(name):
     """A `mepf synthesize` option's default, from TrainOptions."""
-    from mepf.synthesize.options import TrainOptions
-
-    return _default(TrainOptions, name)
+    return _default(so.TrainOptions, name)
 
 
 def _ed(name):
     """A `mepf embed` option's default, from EmbedOptions."""
-    from mepf.embed.options import EmbedOptions
+    return _default(eo.EmbedOptions, name)
 
-    return _default(EmbedOptions, name)
+
+def _sd(name):
+    """A `mepf sample` option's default, from SampleOptions."""
+    return _default(so.SampleOptions, name)
+
+
+def _vd(name):
+    """A `mepf evaluate` option's default, from EvaluateOptions."""
+    return _default(vo.EvaluateOptions, name)
 
 
 @main.command()
 @click.option("--data", required=True, help="Image folder (one subfolder per class, or flat), .npz/.h5 "
-              "arrays, or a named dataset: mnist-5k, mnist, fashion-mnist, cifar10, celeba, with :train/:test.")
+              f"arrays, or a named dataset: {', '.join(eo.DATASETS)}, with :train/:test.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Output .h5 file (its folder is created).  [required]")
 @click.option("--epsilon", type=float, help="Target epsilon (> 0).  [required]")
 @click.option("--delta", type=float, help="Target delta, in (0, 1) and below 1/n.  [required]")
-@click.option("--relation", type=click.Choice(["add-remove", "replace-one"]),
+@click.option("--relation", type=_choices(eo.RELATIONS),
               default=_ed("relation"), help="Neighbouring relation; add-remove keeps n private.")
-@click.option("--moments", type=click.Choice(["mean", "mean+second"]), default=_ed("moments"),
+@click.option("--moments", type=_choices(eo.MOMENT_SETS), default=_ed("moments"),
               help="Release phi1 sums, or phi1 and phi2 sums.")
-@click.option("--budget-split", default=None, help="Share of mu^2 per release, e.g. counts=0.01,S1=0.5; "
-              "unnamed releases share the rest.  [default: counts=0.01, rest equal]")
-@click.option("--backbone", type=click.Choice(["vgg19", "resnet18", "resnet50", "efficientnet-lite0"]),
+@click.option("--budget-split", default=None, help=f"Share of mu^2 per release, e.g. counts={COUNTS_SHARE:g},S1=0.5; "
+              f"unnamed releases share the rest.  [default: counts={COUNTS_SHARE:g}, rest equal]")
+@click.option("--backbone", type=_choices(BACKBONE_NAMES),
               default=_ed("backbone"), help="Feature extractor.")
 @click.option("--weights", default=_ed("weights"),
               help="'pretrained' (ImageNet), 'random' (tests), or a PATH.")
@@ -130,8 +146,8 @@ def _ed(name):
               "offered by every backbone.  [default: the backbone's list]")
 @click.option("--pixel-weight", type=click.FloatRange(0, min_open=True), default=None,
               help="Factor on the 'pixels' layer (only with pixels in --layers): its share of each record's norm "
-              "against the network's layers.  [default: 1]")
-@click.option("--pooling", type=click.Choice(["none", "mean"]), default=None,
+              f"against the network's layers.  [default: {DEFAULT_PIXEL_WEIGHT:g}]")
+@click.option("--pooling", type=_choices(POOLINGS), default=None,
               help="Per-layer pooling.  [default: the backbone's, none]")
 @click.option("--image-size", callback=_image_size, default=None, help="Resize every record to N or HxW; required "
               "for an image folder. A record of another aspect ratio is stretched to it (or see --crop).  [default: a "
@@ -139,23 +155,23 @@ def _ed(name):
 @click.option("--feature-size", callback=_image_size, default=None,
               help="Upsample to N or HxW inside the feature map only (data and generators keep --image-size); "
               "deeper layers then keep spatial detail.  [default: no upsampling]")
-@click.option("--crop", type=click.Choice(["none", "center"]), default=_ed("crop"),
+@click.option("--crop", type=_choices(eo.CROPS), default=_ed("crop"),
               help="center: crop each record to the largest centred window of --image-size's aspect ratio before "
               "resizing (as edm's dataset tool does); none: stretch it.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Convert every record to 1 or 3 "
               "channels; required for an image folder.  [default: a named dataset's or an array's own]")
 @click.option("--classes", default=None, help="Label set of .npz/.h5 data: a count or comma-separated names.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
-              help="Where named datasets are found or downloaded.  [default: ~/.cache/mepf/datasets]")
+              help=f"Where named datasets are found or downloaded.  [default: {eo.default_path_text(eo.DATA_ROOT)}]")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=_ed("batch_size"),
               help="Records per forward pass, and per block of records a rank reads (under torchrun every node must "
               "give the same). Memory grows with it; the release does not depend on it.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=_ed("device"))
+@click.option("--device", type=_choices(DEVICES), default=_ed("device"))
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Processes that decode and transform "
               "records (per rank).  [default: 0 on a CPU machine of up to 4 cores per rank, more where cores "
               "are spare]")
 @click.option("--release-log", type=click.Path(dir_okay=False), default=None,
-              help="Owner's local log (never released).  [default: ~/.local/share/mepf/releases.jsonl]")
+              help=f"Owner's local log (never released).  [default: {eo.default_path_text(eo.RELEASE_LOG)}]")
 @click.option("--allow-repeat", is_flag=True, help="Allow a release of data released before (budgets compose).")
 @click.option("--force", is_flag=True, help="Allow delta >= 1/n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -184,10 +200,9 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     missing = [name for name, v in (("--out", out), ("--epsilon", epsilon), ("--delta", delta)) if v is None]
     if missing:
         raise click.UsageError(f"missing option {', '.join(missing)} (only --check needs none of them)")
-    from mepf.embed.options import EmbedOptions
     from mepf.embed.run import run_embed
 
-    opts = EmbedOptions(data=data, out=out, epsilon=epsilon, delta=delta, relation=relation, moments=moments,
+    opts = eo.EmbedOptions(data=data, out=out, epsilon=epsilon, delta=delta, relation=relation, moments=moments,
                         budget_split=budget_split, backbone=backbone, weights=weights, weights_seed=weights_seed,
                         layers=tuple(layers.split(",")) if layers else None, pixel_weight=pixel_weight,
                         pooling=pooling, image_size=image_size, feature_size=feature_size, crop=crop,
@@ -267,7 +282,7 @@ def audit(file, as_json, release_log):
 
 @main.command()
 @click.option("--release-log", type=click.Path(dir_okay=False), default=None,
-              help="The owner's log.  [default: $XDG_DATA_HOME/mepf/releases.jsonl, else ~/.local/share/mepf/...]")
+              help=f"The owner's log.  [default: {eo.default_path_text(eo.RELEASE_LOG)}]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @user_errors
 def releases(release_log, as_json):
@@ -436,25 +451,26 @@ def _moment_weights(ctx, param, value):
               "--lr-mavg, --lr-schedule, --log-every, --snapshot-every, --grid-every, --device and --weights given "
               "again take effect from the resumed step (recorded in options.json); others must equal the run's. "
               "FILE, if given, is the release wherever it is now (checked by SHA-256).")
-@click.option("--generator", type=click.Choice(["auto", "conv", "conv-cbn", "resnet"]), default=_td("generator"),
+@click.option("--generator", type=_choices(so.GENERATOR_NAMES, "auto"), default=_td("generator"),
               help="auto: conv up to 32 px, resnet above; conv-cbn: conv with class-conditional batch norm.")
 @click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), show_default=False,
-              help="Generator width; 0: the generator's own.  [default: 0 = 64 for conv and conv-cbn, 256 for resnet]")
-@click.option("--objective", type=click.Choice(["mavg", "plain"]), default=_td("objective"),
+              help="Generator width; 0: the generator's own.  [default: 0 = "
+              + ", ".join(f"{w} for {g}" for g, w in so.GENERATOR_WIDTHS.items()) + "]")
+@click.option("--objective", type=_choices(so.OBJECTIVES), default=_td("objective"),
               help="mavg: the paper's Adam moving average; plain: squared distance.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_td("lr"), help="Generator Adam lr.")
 @click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=_td("lr_mavg"),
               help="Moving-average Adam lr.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=_td("lr_schedule"),
+@click.option("--lr-schedule", type=_choices(so.LR_SCHEDULES), default=_td("lr_schedule"),
               help="Generator lr: constant, or cosine-annealed to 0 at the last step.")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_td("ema"),
               help="Decay of a moving average of the generator's weights, which then makes the samples (0: off).")
 @click.option("--batch-size", type=click.IntRange(1, 100000), default=_td("batch_size"),
               help="Per rank under torchrun.")
 @click.option("--steps", type=click.IntRange(1), default=None,
-              help="Training steps.  [default: 2000; with --resume, the run's own]")
+              help=f"Training steps.  [default: {_td('steps')}; with --resume, the run's own]")
 @click.option("--seed", type=click.IntRange(0), default=_td("seed"), help="Training seed (unrelated to the DP noise).")
-@click.option("--labels", type=click.Choice(["balanced", "prior"]), default=_td("labels"),
+@click.option("--labels", type=_choices(so.LABELS), default=_td("labels"),
               help="Training labels: class-balanced or from the noisy class prior.")
 @click.option("--moment-weights", callback=_moment_weights, default="", show_default=False,
               help="Weight of each moment's distance, e.g. S1=1,S2=0.5.  [default: 1 each]")
@@ -462,10 +478,10 @@ def _moment_weights(ctx, param, value):
               help="Sample grid PNG every N steps (0: end only).")
 @click.option("--snapshot-every", type=click.IntRange(0), default=_td("snapshot_every"), help="Snapshot every N steps.")
 @click.option("--log-every", type=click.IntRange(1), default=_td("log_every"), help="stats.jsonl record every N steps.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--device", type=_choices(DEVICES), default=_td("device"))
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Extractor weights file, if the release was embedded with --weights PATH.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=_td("precision"),
+@click.option("--precision", type=_choices(so.PRECISIONS), default=_td("precision"),
               help="auto: bf16 autocast with channels-last on CUDA, fp32 elsewhere.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -528,10 +544,10 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 @click.argument("source", type=click.Path())
 @click.option("-n", "n", type=click.IntRange(1), required=True, help="Number of images.")
 @click.option("--out", required=True, type=click.Path(), help="An .npz file, or a folder for PNGs.")
-@click.option("--seed", type=click.IntRange(0), default=0)
-@click.option("--labels", type=click.Choice(["balanced", "prior"]), default="balanced")
-@click.option("--batch-size", type=click.IntRange(1), default=500)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--seed", type=click.IntRange(0), default=_sd("seed"))
+@click.option("--labels", type=_choices(so.LABELS), default=_sd("labels"))
+@click.option("--batch-size", type=click.IntRange(1), default=_sd("batch_size"))
+@click.option("--device", type=_choices(DEVICES), default=_sd("device"))
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def sample(source, n, out, seed, labels, batch_size, device, overwrite):
@@ -549,12 +565,13 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite):
 @click.option("--reference", required=True, help="Real held-out images: a named split (mnist-5k:test, "
               "fashion-mnist:test, mnist:test, cifar10:test), a folder, an .npz, or FID statistics .npz (mu, sigma).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("-n", "n", type=click.IntRange(1), default=10000, help="Samples to draw from a run or generator.")
+@click.option("-n", "n", type=click.IntRange(1), default=_vd("n"), help="Samples to draw from a run or generator.")
 @click.option("--fid-samples", type=click.IntRange(2), default=None, help="Use this many samples for FID.  "
               "[default: all]")
-@click.option("--metrics", default=None, help="Comma-separated: fid, accuracy, embedding.  [default: all that apply]")
-@click.option("--classifiers", default="logreg,mlp,cnn", help="Downstream classifiers.")
-@click.option("--cnn-epochs", type=click.IntRange(1), default=8)
+@click.option("--metrics", default=None,
+              help=f"Comma-separated: {', '.join(vo.METRICS)}.  [default: all that apply]")
+@click.option("--classifiers", default=",".join(_vd("classifiers")), help="Downstream classifiers.")
+@click.option("--cnn-epochs", type=click.IntRange(1), default=_vd("cnn_epochs"))
 @click.option("--real-train", default=None, help="Real labelled training images: the non-private reference point.")
 @click.option("--release", type=click.Path(dir_okay=False), default=None,
               help="The released file, for the embedding distance when SYNTHETIC is not a run.")
@@ -565,8 +582,8 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite):
               help="Owner's release log, to recognise private data given as reference.")
 @click.option("--class-map", default=None, help="Pair synthetic and reference classes by hand: SYNTH=REF,... "
               "[default: by name; by index only where a side is an .npz without names]")
-@click.option("--seed", type=click.IntRange(0), default=0)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--seed", type=click.IntRange(0), default=_vd("seed"))
+@click.option("--device", type=_choices(DEVICES), default=_vd("device"))
 @click.option("--overwrite", is_flag=True, help="Replace the report in an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--quiet", is_flag=True)

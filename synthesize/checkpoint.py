@@ -20,7 +20,10 @@ from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.core.tensor_file import read_tensors
 
 from .generators import GENERATORS, build_generator
+from .options import LABELS, SampleOptions
 from .run_folder import GENERATOR
+
+_D = SampleOptions  # the defaults, written once there
 
 FORMAT = "mepf-generator"
 VERSION = 1
@@ -62,7 +65,8 @@ class TrainedGenerator:
         return self.info["delta"]
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0, labels: str = "balanced", batch_size: int = 500, device="cpu"):
+    def sample(self, n: int, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
+               device="cpu"):
         """n images as uint8 (N, H, W, C) and labels (N,); deterministic given seed."""
         k = self.arch["num_classes"]
         g = torch.Generator().manual_seed(seed)
@@ -71,7 +75,7 @@ class TrainedGenerator:
         elif labels == "balanced":
             y = torch.arange(n) % k
         else:
-            raise MepfError("labels must be balanced or prior")
+            raise MepfError(f"labels must be one of {', '.join(LABELS)}")
         z = torch.randn(n, self.arch["z_dim"], generator=g)
         self.module.to(device).eval()
         out = []

@@ -9,6 +9,8 @@ from torch import nn
 
 from mepf.artifacts.errors import MepfError
 
+from .options import GENERATOR_WIDTHS as WIDTHS
+
 Z_DIM = 100
 
 
@@ -25,7 +27,8 @@ class ConvGenerator(nn.Module):
     """Small conditional conv generator for 28x28/32x32, 1 or 3 channels: FC to (S/4)x(S/4), two
     nearest-upsample + conv3x3 stages (resize-conv: no checkerboard artefacts), sigmoid."""
 
-    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 128):
+    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM,
+                 width: int = WIDTHS["conv"]):
         super().__init__()
         cond = _conv_geometry(self, image_size, num_classes, z_dim, width)
         self.fc = nn.Sequential(nn.Linear(z_dim + cond, 2 * width * self.s0 ** 2),
@@ -63,7 +66,8 @@ class ConvCBNGenerator(nn.Module):
     """ConvGenerator's layout with class-conditional batch norm in place of each batch norm (the label is
     also concatenated to z); on an unlabelled release it is ConvGenerator again."""
 
-    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 128):
+    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM,
+                 width: int = WIDTHS["conv-cbn"]):
         super().__init__()
         cond = _conv_geometry(self, image_size, num_classes, z_dim, width)
         k = max(num_classes, 1)
@@ -98,7 +102,8 @@ class ResNetGenerator(nn.Module):
     """GFMN-style ResNet generator for 32x32/64x64: 4x4 transposed conv start, one residual up-block
     per doubling, BN-ReLU-conv3x3 to the output channels, sigmoid."""
 
-    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM, width: int = 256):
+    def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM,
+                 width: int = WIDTHS["resnet"]):
         super().__init__()
         ups = math.log2(image_size / 4)
         if ups != int(ups) or ups < 1:

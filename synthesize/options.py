@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GENERATOR_NAMES = ("conv", "conv-cbn", "resnet")  # generators.GENERATORS implements each
+#: a generator's width when --width is 0 (its channels at the first layer)
+GENERATOR_WIDTHS = {"conv": 64, "conv-cbn": 64, "resnet": 256}
 OBJECTIVES = ("mavg", "plain")
+LABELS = ("balanced", "prior")  # training and sampling labels: class-balanced, or from the noisy class prior
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 elsewhere
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -30,3 +34,16 @@ class TrainOptions:
     device: str = "auto"
     precision: str = "auto"
     weights: str | None = None  # extractor weights file, when the release was made from one
+
+
+@dataclass
+class SampleOptions:
+    """`mepf sample`'s options and defaults."""
+    source: str
+    n: int
+    out: str
+    seed: int = 0
+    labels: str = "balanced"
+    batch_size: int = 500
+    device: str = "auto"
+    overwrite: bool = False

@@ -12,6 +12,7 @@ from PIL import Image
 from mepf.artifacts.errors import MepfError
 
 from .checkpoint import load_generator
+from .options import SampleOptions
 
 #: suffixes --out cannot mean: an image or another file type, where a folder of PNGs would be made
 NOT_OUTPUTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".h5", ".hdf5", ".pt", ".npy",
@@ -27,7 +28,10 @@ def class_folders(names: list) -> list:
     return [f"{i:0{width}d}_{s}" if s else f"{i:0{width}d}" for i, s in enumerate(safe)]
 
 
-def write_samples(source, n: int, out, seed: int = 0, labels: str = "balanced", batch_size: int = 500,
+_D = SampleOptions  # the defaults, written once there
+
+
+def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
                   device="cpu", overwrite: bool = False) -> Path:
     out = Path(out)
     if out.suffix.lower() in NOT_OUTPUTS:

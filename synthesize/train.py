@@ -31,7 +31,7 @@ from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
 from .locate import locate_release
 from .objective import Target, fake_embeddings, squared_distance
-from .options import LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
+from .options import GENERATOR_WIDTHS, LABELS, LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
 
 
 def prepare(opts: TrainOptions, device=None):
@@ -46,8 +46,8 @@ def prepare(opts: TrainOptions, device=None):
         raise MepfError("--ema must be in [0, 1): the decay of the weight average (0 turns it off)")
     if opts.precision not in PRECISIONS:
         raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    if opts.labels not in ("balanced", "prior"):
-        raise MepfError("--labels must be balanced or prior")
+    if opts.labels not in LABELS:
+        raise MepfError(f"--labels must be one of {', '.join(LABELS)}")
     extra = set(opts.moment_weights) - set(release.moments)
     if extra:
         raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
@@ -60,7 +60,7 @@ def prepare(opts: TrainOptions, device=None):
     name = default_generator(spec.height, spec.channels) if opts.generator == "auto" else opts.generator
     arch = {"name": name, "image_size": spec.height, "channels": spec.channels,
             "num_classes": len(release.class_names), "z_dim": Z_DIM,
-            "width": opts.width or (256 if name == "resnet" else 64)}
+            "width": opts.width or GENERATOR_WIDTHS[name]}
     build_generator(arch)  # validates the geometry for this generator
     return release, fmap, arch, device
 

@@ -5,8 +5,12 @@ import torch
 
 from mepf.artifacts.errors import MepfError
 
+from .names import DEVICES
+
 
 def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise MepfError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -26,11 +26,11 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.feature_spec import FeatureSpec
 from mepf.artifacts.versions import versions
 
+from .names import DEFAULT_PIXEL_WEIGHT, POOLINGS
 from .tensor_file import is_state_dict, read_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLINGS = ("none", "mean")
 PIXELS = "pixels"  # a layer every backbone offers: the input image, before any network stage
 #: stage 1 sums records on an integer grid of step C * 2**-QUANT_BITS (exact, order-free int64 sums)
 QUANT_BITS = 32
@@ -376,7 +376,7 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
     if pixel_weight is not None and PIXELS not in layers:
         raise MepfError("--pixel-weight weights the 'pixels' layer, which --layers does not use; add pixels to "
                         "--layers or drop --pixel-weight")
-    pixel_weight = 1.0 if pixel_weight is None else pixel_weight
+    pixel_weight = DEFAULT_PIXEL_WEIGHT if pixel_weight is None else pixel_weight
     if not (math.isfinite(pixel_weight) and pixel_weight > 0):
         raise MepfError(f"--pixel-weight must be a positive number (got {pixel_weight})")
     pooling = pooling or info.default_pooling
