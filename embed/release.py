@@ -21,9 +21,10 @@ import torch
 
 from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import check_output_path, fd_sha256, printable, staged_release, sweep_stale_temporaries
+from mepf.artifacts.format import fd_sha256, printable
 from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
 from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem
+from mepf.artifacts.staging import check_output_path, staged_release, sweep_stale_temporaries
 from mepf.core import distributed
 from mepf.core.features import QUANT_BITS, dequantise, grid_rows
 from mepf.core.memory import keep_freed_memory

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import fsync_folder
+from mepf.artifacts.staging import fsync_folder
 
 from .fingerprint import REPEAT_SHARE, Fingerprint, Sketch, key_id, keyed_digest, open_sketch, seal_sketch
 from .options import RELEASE_LOG, default_path

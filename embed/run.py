@@ -3,7 +3,7 @@ command line, the benchmarks and the privacy audit call."""
 from __future__ import annotations
 
 from mepf.artifacts.accounting import validate_target
-from mepf.artifacts.format import check_output_path
+from mepf.artifacts.staging import check_output_path
 from mepf.core import distributed
 from mepf.core.device import resolve_device
 from mepf.core.features import build_feature_map

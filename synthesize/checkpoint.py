@@ -17,6 +17,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.ledger import RELATIONS
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
+from mepf.artifacts.staging import atomic_path
 from mepf.core.tensor_file import read_tensors
 
 from .generators import GENERATORS, build_generator
@@ -45,9 +46,8 @@ def save_generator(path: Path, generator, arch: dict, release, step: int) -> Non
            "class_names": list(release.class_names), "labelled": release.labelled,
            "label_prior": release.label_prior().tolist(), "step": step,
            "transform": {"crop": "center"} if release.data_spec.get("transform", {}).get("crop") else {}}
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @dataclass

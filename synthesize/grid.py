@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mepf.artifacts.staging import atomic_path
+
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, pad: int = 2, row_labels: list | None = None) -> None:
     """images (N, C, H, W) in [0, 1], N = rows * cols, row-major; written atomically. `row_labels`: a name
@@ -23,9 +25,8 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, pad: int = 2, row_lab
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     if row_labels:
         img = _label_rows(img.convert("RGB"), row_labels, rows)
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path, ".png") as tmp:
+        img.save(tmp)
 
 
 def _label_rows(img: Image.Image, labels: list, rows: int) -> Image.Image:

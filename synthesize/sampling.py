@@ -1,15 +1,14 @@
 """Writing samples: an .npz (uint8 images, int labels) or a folder of PNGs, one subfolder per class."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.staging import atomic_path
 
 from .checkpoint import load_generator
 from .options import SampleOptions
@@ -48,19 +47,14 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)
     if out.suffix == ".npz":
-        tmp = out.with_name(out.name + ".tmp.npz")
         names = {"class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled") else {}
-        np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y, **names)
-        os.replace(tmp, out)
+        with atomic_path(out, ".npz") as tmp:
+            np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y, **names)
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     names = class_folders(g.info["class_names"]) if g.info.get("labelled") else None
-    for i, (img, label) in enumerate(zip(images, y)):
-        d = tmp / names[label] if names else tmp
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:06d}.png")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        for i, (img, label) in enumerate(zip(images, y)):
+            d = tmp / names[label] if names else tmp
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:06d}.png")
     return out

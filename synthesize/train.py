@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -18,6 +17,7 @@ import torch
 
 from mepf.artifacts import load
 from mepf.artifacts.errors import Interrupted, MepfError
+from mepf.artifacts.staging import atomic_path, write_text_atomic
 from mepf.artifacts.versions import versions
 from mepf.core import distributed
 from mepf.core.device import resolve_device
@@ -66,9 +66,8 @@ def prepare(opts: TrainOptions, device=None):
 
 
 def _atomic_torch_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @contextlib.contextmanager
@@ -439,9 +438,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
         log = list(saved.get("changes", []))
         log += [{"step": step, "option": k, "from": saved.get(k), "to": v} for k, v in sorted(differ.items())]
         updated = {**saved, **differ, "release": str(Path(found).resolve()), "changes": log}
-        tmp = run / (files.OPTIONS + ".tmp")
-        tmp.write_text(json.dumps(updated, indent=2, sort_keys=True))
-        os.replace(tmp, run / files.OPTIONS)
+        write_text_atomic(run / files.OPTIONS, json.dumps(updated, indent=2, sort_keys=True))
 
     def trim_stats():  # drop records past the snapshot: they will be written again
         stats = run / files.STATS

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from mepf.artifacts import load
 from mepf.artifacts.audit import audit
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import read_raw, write_release
+from mepf.artifacts.format import read_raw
+from mepf.artifacts.staging import write_release
 from mepf.cli import main
 from mepf.embed import release_log
 from tests.conftest import make_images

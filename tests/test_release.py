@@ -368,10 +368,10 @@ def test_a_killed_writers_release_file_is_swept_and_a_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from mepf.artifacts.format import sweep_stale_temporaries
+    from mepf.artifacts.staging import sweep_stale_temporaries
 
     out = str(tmp_path / "a.h5")
-    script = (f"import time, numpy as np\nfrom mepf.artifacts.format import staged_release\n"
+    script = (f"import time, numpy as np\nfrom mepf.artifacts.staging import staged_release\n"
               f"with staged_release({out!r}, {{'S1': np.ones((1, 4))}}, ['all'], {{}}, {{}}, {{}}):\n"
               f"    print('written', flush=True)\n    time.sleep(120)\n")
     env = {**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"}  # HDF5's own lock must not fight the writer's
@@ -453,7 +453,7 @@ def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path
 
 
 def test_an_output_name_too_long_for_its_temporary_is_refused_before_the_pass(tmp_path):
-    from mepf.artifacts.format import check_output_path
+    from mepf.artifacts.staging import check_output_path
 
     check_output_path(tmp_path / ("a" * 200 + ".h5"), False)
     with pytest.raises(MepfError, match="too long for this folder .* choose a shorter --out"):
@@ -571,7 +571,7 @@ def test_calibrate_refuses_infinite_epsilon():
 def test_audit_checks_the_numbers_not_only_the_ledger(tmp_path, labelled_npz, eff28):
     """A file with 1000x less noise than its (genuine) ledger declares, checksum recomputed by the forger,
     fails the audit's noise check where the check has power; a genuine file passes it."""
-    from mepf.artifacts.format import write_release
+    from mepf.artifacts.staging import write_release
     from mepf.embed.release import privatise
 
     src = ArraySource(labelled_npz[0], ["a", "b", "c"])

@@ -1,0 +1,234 @@
+"""Writing files atomically: a release is staged under a temporary name (owner-only, locked, fsynced) and renamed
+into place, temporaries a killed writer left are swept, and every other file mepf writes (generators, snapshots,
+grids, samples, reports) goes through `atomic_path`. Torch-free."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MepfError
+from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, content_checksum, fd_sha256
+from .ledger import canonical_json
+
+
+def check_output_path(path, overwrite: bool) -> Path:
+    """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite,
+    before any work."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MepfError(f"output folder {path.parent} cannot be created ({type(e).__name__}); choose another "
+                            "--out") from None
+    if path.is_dir():
+        raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
+    if path.exists() and not overwrite:
+        raise MepfError(f"output {path} already exists; pass --overwrite to replace it or choose another --out")
+    try:
+        longest = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if longest <= 0:  # indeterminate on some filesystems
+        longest = 255
+    if len(os.fsencode(path.name)) + TEMP_EXTRA > longest:
+        raise MepfError(f"output name {path.name[:40]}... is too long for this folder (at most "
+                        f"{longest - TEMP_EXTRA} bytes, to leave room for its temporary name); choose a shorter --out")
+    return path
+
+
+def fsync_folder(folder) -> None:
+    """Make a rename or new name in `folder` durable, where the filesystem supports it (best effort: the
+    file is already in place)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = ""):
+    """Yield a temporary name beside `path` to write to (a file, or a folder); on a clean exit it replaces
+    `path` (a folder there is removed first) and the rename is made durable; on an error nothing changes at `path`
+    and the temporary is removed. `suffix` ends the temporary's name, for writers that pick a format by it
+    (np.savez: .npz, PIL: .png)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def write_text_atomic(path, text: str) -> None:
+    """`path` holds `text` (UTF-8) or what it held before, never a part."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+TEMP_EXTRA = len(".") + len(".tmp-") + 10 + len("-") + 16  # a temporary's name: .NAME.tmp-PID-RANDOM
+
+
+def _temp_name(path: Path) -> str:
+    return f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def sweep_stale_temporaries(path, recover=None) -> list:
+    """Deal with temporaries of `path` left by a writer that was killed (SIGKILL, power loss): each is a whole
+    noisy release never put in place, which must not lie around to be copied out. A live writer holds a lock
+    on its temporary (on any host, where the filesystem's locks are shared), so a file we can lock is stale.
+    If `recover(fd)` says it is the release logged for `path`, our own, and nothing is at `path`, it is put in
+    place (the killed run had spent its budget on it); otherwise it is removed. Returns (what, line) for each
+    file found, what being "placed", "removed", "left", or "logged-left" (a logged release it could not place)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"[0-9]{1,10}-[0-9a-f]{16}")
+    try:
+        found = sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:  # a folder we may write to but not list
+        return []
+    done = []
+    for p in found:
+        try:
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                done.append(_not_a_file(p))
+                continue
+            fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            done.append(("left", f"left {p} ({type(e).__name__}): it may be a release file left by a killed embed; "
+                                 "check it and remove it yourself"))
+            continue
+        try:
+            result = _sweep_one(p, fd, path, recover)
+            if result:
+                done.append(result)
+        except OSError as e:
+            done.append(("left", f"left {p} ({type(e).__name__}): a release file left by a killed embed; remove it "
+                                 "yourself"))
+        finally:
+            os.close(fd)
+    return done
+
+
+def _not_a_file(p: Path) -> tuple:
+    return "left", f"left {p}: named like a temporary release file but not a file; remove it yourself"
+
+
+def _still_named(p: Path, st) -> bool:
+    try:
+        return st.st_nlink > 0 and os.path.samestat(os.lstat(p), st)
+    except OSError:
+        return False
+
+
+def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple | None:
+    """What to do with one temporary, opened as `fd`; None where its writer finished with it meanwhile."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return _not_a_file(p)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "left", f"left {p}: in use by another process (an embed writing it, or a reader); if none is, run again"
+    except OSError as e:
+        return "left", (f"left {p}: its filesystem cannot lock it ({type(e).__name__}), so it may be another embed's "
+                        "file in progress; if no embed is running, remove it yourself")
+    st = os.fstat(fd)
+    if not _still_named(p, st):
+        return None  # its writer renamed or removed it before we locked it
+    if st.st_size == 0:
+        return "left", f"left {p}: empty (a writer about to lock it, or one killed before it wrote anything)"
+    ours = st.st_uid == os.geteuid() and st.st_nlink == 1
+    if ours and recover is not None and not os.path.lexists(path) and recover(fd):
+        logged = f"it is the release logged for {path} by an embed killed before putting it in place"
+        try:
+            os.link(p, path)
+        except FileExistsError:
+            return "logged-left", f"left {p}: {logged}, but something is now at {path}; see to both yourself"
+        except OSError as e:
+            return "logged-left", f"left {p} ({type(e).__name__}): {logged}; rename it to {path} yourself"
+        if not _still_named(path, os.fstat(fd)):  # p was swapped for another file meanwhile: leave both
+            return "logged-left", f"left {p}: {logged}, but what was linked to {path} is not that file; check both"
+        os.unlink(p)
+        fsync_folder(path.parent)
+        return "placed", f"put {p} in place as {path}: the release an embed logged before it was killed"
+    os.unlink(p)
+    return "removed", (f"removed {p}: a release file left by an embed that was killed before putting it in place "
+                       "(never released; if that run logged it, its entry overstates the spend)")
+
+
+@contextlib.contextmanager
+def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
+                   overwrite: bool = False):
+    """Write the file under a temporary name (fsynced) and yield its SHA-256; on a clean exit from the block
+    rename it into place. An exception in the block leaves nothing at `path` (embed logs the release there)."""
+    import h5py
+
+    path = check_output_path(path, overwrite)
+    texts = {"feature_spec": canonical_json(feature_spec), "data_spec": canonical_json(data_spec),
+             "ledger": canonical_json(ledger)}
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
+    tmp = path.with_name(_temp_name(path))
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only until it is a private release
+    try:
+        try:  # held until it is renamed, so a later run's sweep leaves it alone; blocking, as a sweep may
+            fcntl.flock(fd, fcntl.LOCK_EX)  # hold it for a moment before it has data
+        except OSError:
+            pass  # a filesystem without locks: no sweep can lock it either
+        # written through this descriptor: never another file renamed over the name, and no HDF5 file lock
+        with os.fdopen(os.dup(fd), "r+b") as fo, h5py.File(fo, "w") as f:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["description"] = ("DP-MEPF release: noisy feature sums and class counts; "
+                                      "see docs/artifact-format.md")
+            f.attrs["checksum_sha256"] = checksum
+            f.attrs["checksum_covers"] = CHECKSUM_COVERS
+            for name in ARRAY_NAMES:
+                if name in arrays:
+                    f.create_dataset(name, data=arrays[name])
+            f.create_dataset("class_names", data=np.array(list(class_names), dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+            for name, text in texts.items():
+                f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
+        os.fsync(fd)
+        yield fd_sha256(fd)
+        if ledger.get("private") is True:  # a noisy release is for sharing: the umask's mode; a baseline stays 0600
+            umask = os.umask(0o077)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.close(fd)
+
+
+def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
+                  overwrite: bool = False) -> str:
+    """Write the file atomically (temporary file, fsync, rename); return its SHA-256."""
+    with staged_release(path, arrays, class_names, feature_spec, data_spec, ledger, overwrite) as sha:
+        pass
+    return sha
