@@ -105,12 +105,16 @@ def autodp_version() -> str:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Noise for each release, and the guarantee it achieves."""
+    """Noise for each release, and the guarantee it achieves: with the sensitivities and budget shares it was
+    calibrated for, and whether the run is private at all (decided here, once)."""
 
     mu: float
     sigmas: dict
     achieved_eps: float  # autodp
     closed_form_eps: float
+    sensitivities: dict  # release -> L2 sensitivity, in release order
+    weights: dict  # release -> share of mu^2
+    private: bool = True
 
 
 #: the counts' share of mu^2 when --budget-split does not name it
@@ -167,13 +171,15 @@ def calibrate(eps: float, delta: float, sensitivities: dict, weights: dict) -> C
     closed = eps_for_delta(delta, gdp_mu(sens, sig))
     if not (0.999 * eps <= achieved <= eps) or not (0.999 * eps <= closed <= eps):
         raise RuntimeError(f"calibration failed: target eps {eps}, autodp {achieved}, closed form {closed}")
-    return Calibration(mu=gdp_mu(sens, sig), sigmas=sigmas, achieved_eps=achieved, closed_form_eps=closed)
+    return Calibration(mu=gdp_mu(sens, sig), sigmas=sigmas, achieved_eps=achieved, closed_form_eps=closed,
+                       sensitivities=dict(sensitivities), weights=dict(weights))
 
 
-def non_private(names) -> Calibration:
+def non_private(sensitivities: dict, weights: dict) -> Calibration:
     """The noise-off 'calibration' of a non-private baseline (eps = inf): every sigma is 0."""
-    return Calibration(mu=math.inf, sigmas={n: 0.0 for n in names}, achieved_eps=math.inf,
-                       closed_form_eps=math.inf)
+    return Calibration(mu=math.inf, sigmas={n: 0.0 for n in sensitivities}, achieved_eps=math.inf,
+                       closed_form_eps=math.inf, sensitivities=dict(sensitivities), weights=dict(weights),
+                       private=False)
 
 
 def validate_target(eps: float, delta: float, allow_inf: bool = False) -> None:

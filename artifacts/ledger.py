@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 
-from .accounting import Calibration, autodp_version
+from .accounting import Calibration, autodp_version, calibrate, non_private
 
 RELATIONS = ("add-remove", "replace-one")
 
@@ -44,21 +44,28 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def build_ledger(relation, names, shapes, c1, c2, weights, calibration: Calibration, eps, delta) -> dict:
-    """The ledger as a plain dict, ready for canonical JSON. A non-private baseline (eps = inf) says so:
-    private false, mechanism none, sigma 0, and null where a number would be infinite."""
-    private = math.isfinite(eps)
+def calibration_for(relation: str, names, c1: float, c2: float, weights: dict, eps: float,
+                    delta: float) -> Calibration:
+    """The noise of a run, decided once from the rules above: calibrated to (eps, delta), or none at all for a
+    non-private baseline (eps = inf)."""
+    sens = {n: sensitivity(relation, n, c1, c2)[0] for n in names}
+    return calibrate(eps, delta, sens, weights) if math.isfinite(eps) else non_private(sens, weights)
+
+
+def build_ledger(relation, shapes, calibration: Calibration, eps, delta) -> dict:
+    """The ledger as a plain dict, ready for canonical JSON, from the calibration. A non-private baseline
+    (eps = inf) says so: private false, mechanism none, sigma 0, and null where a number would be infinite."""
+    private = calibration.private
     releases = []
-    for name in names:
-        value, formula = sensitivity(relation, name, c1, c2)
+    for name, value in calibration.sensitivities.items():
         releases.append({
             "name": name,
             "mechanism": "gaussian" if private else "none (non-private: exact value, no noise)",
             "shape": list(shapes[name]),
             "sensitivity": value,
-            "sensitivity_formula": formula,
+            "sensitivity_formula": SENSITIVITY_RULES[relation][name][0],
             "sigma": calibration.sigmas[name],
-            "weight": weights[name],
+            "weight": calibration.weights[name],
         })
     return {
         "private": private,

@@ -8,7 +8,6 @@ no message, progress display or result carries a number computed from the record
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import secrets
 import sys
@@ -19,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mepf.artifacts.accounting import calibrate, non_private, parse_budget_split, validate_target
+from mepf.artifacts.accounting import parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import fd_sha256, printable
-from mepf.artifacts.ledger import RELATIONS, build_ledger, sensitivity
+from mepf.artifacts.ledger import RELATIONS, build_ledger, calibration_for
 from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem
 from mepf.artifacts.staging import check_output_path, staged_release, sweep_stale_temporaries
 from mepf.core import distributed
@@ -175,7 +174,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                             if rows.shape not in buffers:
                                 buffers[rows.shape] = torch.empty(rows.shape, dtype=torch.float64, device=acc)
                             buf = buffers[rows.shape]
-                            q = grid_rows(rows, cs[name], name == "S2", out=buf)
+                            q = grid_rows(rows, name == "S2", out=buf)
                             sums[name].add_rows(q[:b - s], cls[s:min(s + chunk, b)])
                     counts += torch.bincount(cls, minlength=k)
                     bar.update(b)
@@ -306,11 +305,9 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         check_class_names(source)
         names = release_names(moments)
         weights = parse_budget_split(budget_split, names)
-        sens = {n: sensitivity(relation, n, c1, c2)[0] for n in names}
-        return names, weights, (calibrate(epsilon, delta, sens, weights) if math.isfinite(epsilon)
-                                else non_private(names))
+        return names, calibration_for(relation, names, c1, c2, weights, epsilon, delta)
 
-    names, weights, calib = distributed.guarded(from_options)  # before any private record is read
+    names, calib = distributed.guarded(from_options)  # before any private record is read
     log_path = Path(release_log_path) if release_log_path else release_log.default_log_path()
     out = Path(out)
 
@@ -367,7 +364,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         k = len(sums.counts)
         noisy = privatise({**sums.sums, "counts": sums.counts.astype(np.float64)}, calib.sigmas)
         shapes = {n: noisy[n].shape for n in names}
-        ledger = build_ledger(relation, names, shapes, c1, c2, weights, calib, epsilon, delta)
+        ledger = build_ledger(relation, shapes, calib, epsilon, delta)
         data_spec = {"dataset": source.description, "labelled": source.classes is not None, "num_classes": k,
                      "transform": transform.spec(), "moments": moments}
         class_names = list(source.classes) if source.classes else ["all"]

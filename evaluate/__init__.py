@@ -1,1 +1,2 @@
-"""Stage 3: evaluation of generated images (not yet built: issue 4)."""
+"""Stage 3: FID (pytorch-fid), downstream classifier accuracy and the embedding distance of generated images
+against real held-out ones, with a report (report.json, report.md, sample grids and curves)."""

@@ -14,7 +14,7 @@ from mepf.embed.files import ArraySource
 from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.sources import open_source
 from mepf.embed.transform import Transform
-from mepf.synthesize import run_folder as files
+from mepf.synthesize import run_folder
 
 from .classes import sampled_names
 
@@ -90,14 +90,14 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
     p = Path(spec)
     if not p.exists():
         raise MepfError(f"{spec}: no such run folder, generator, .npz or image folder")
-    if (p.is_dir() and (p / files.GENERATOR).is_file()) or p.suffix == ".pt":
+    if (p.is_dir() and (p / run_folder.GENERATOR).is_file()) or p.suffix == ".pt":
         g = load_generator(p)
         images, labels = g.sample(n, seed=seed, device=device)
-        run = p if p.is_dir() else (p.parent if (p.parent / files.OPTIONS).is_file() else None)
+        run = p if p.is_dir() else (p.parent if (p.parent / run_folder.OPTIONS).is_file() else None)
         names = g.info["class_names"] if g.info.get("labelled") else None
         return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g,
-                        generator_path=p if p.is_file() else p / files.GENERATOR)
-    if p.is_dir() and (p / files.OPTIONS).is_file():
+                        generator_path=p if p.is_file() else p / run_folder.GENERATOR)
+    if p.is_dir() and (p / run_folder.OPTIONS).is_file():
         raise MepfError(f"{p} has no generator.pt yet; finish training (mepf synthesize --resume {p})")
     if p.suffix == ".npz":
         return read_npz(p)
@@ -126,6 +126,6 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
 
 
 def run_stats(run_dir: Path | None) -> list:
-    if run_dir is None or not (run_dir / files.STATS).is_file():
+    if run_dir is None or not (run_dir / run_folder.STATS).is_file():
         return []
-    return [json.loads(l) for l in (run_dir / files.STATS).read_text().splitlines() if l.strip()]
+    return [json.loads(l) for l in (run_dir / run_folder.STATS).read_text().splitlines() if l.strip()]

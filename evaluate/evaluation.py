@@ -12,7 +12,7 @@ import torch
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.versions import versions
 from mepf.embed.sources import open_source
-from mepf.synthesize import run_folder as files
+from mepf.synthesize import run_folder
 
 from .classes import match_classes
 from .classifiers import accuracies
@@ -30,9 +30,9 @@ def _release_of(synth: ImageSet, release_path: str | None):
 
     sha = synth.generator.info["release_sha256"] if synth.generator is not None else None
     recorded, size = None, None
-    if synth.run_dir is not None and (synth.run_dir / files.OPTIONS).is_file():
+    if synth.run_dir is not None and (synth.run_dir / run_folder.OPTIONS).is_file():
         try:
-            saved = json.loads((synth.run_dir / files.OPTIONS).read_text())
+            saved = json.loads((synth.run_dir / run_folder.OPTIONS).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             saved = {}
         recorded, sha = saved.get("release"), sha or saved.get("release_sha256")
@@ -60,13 +60,13 @@ def _generator_record(synth: ImageSet) -> dict | None:
 
     rec = {"path": str(synth.generator_path), "step": synth.generator.info.get("step"),
            "sha256": file_sha256(synth.generator_path)}
-    if synth.run_dir is not None and (synth.run_dir / files.OPTIONS).is_file():
+    if synth.run_dir is not None and (synth.run_dir / run_folder.OPTIONS).is_file():
         try:
-            o = json.loads((synth.run_dir / files.OPTIONS).read_text())
+            o = json.loads((synth.run_dir / run_folder.OPTIONS).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             o = {}
         rec.update(run_steps=o.get("steps"), seed=o.get("seed"), lr=o.get("lr"), lr_schedule=o.get("lr_schedule"))
-        snaps = files.snapshots(synth.run_dir)
+        snaps = run_folder.snapshots(synth.run_dir)
         last = snaps[-1][0] if snaps else 0
         if isinstance(rec["step"], int) and last > rec["step"]:
             rec["behind"] = last
@@ -99,37 +99,96 @@ def private_reference_warning(ref, release_log) -> str | None:
 _D = EvaluateOptions  # the defaults, written once there
 
 
-def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: int | None = _D.fid_samples,
-             metrics=_D.metrics, classifiers=_D.classifiers, real_train: str | None = None, release: str | None = None,
-             inception_weights: str | None = None, data_root=None, release_log=None, seed: int = _D.seed,
-             device="cpu", cnn_epochs: int = _D.cnn_epochs, cache_dir=None, progress: bool = True,
-             class_map: str | None = None, overwrite: bool = False) -> dict:
-    t0 = time.perf_counter()
-    out = Path(out)
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MepfError(f"--out {out} is a file; give a folder for the report")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MepfError(f"report folder {out} is not empty; pass --overwrite to replace its report, or choose "
                         "another --out")
-    wanted = set(metrics) if metrics else None
-    bad = (wanted or set()) - set(METRICS)
+
+
+def _metrics_wanted(metrics, labelled: bool, synth_unlabelled: bool, warnings: list) -> set:
+    """The metrics asked for (all that apply when none are named); accuracy needs labels on both sides."""
+    if not metrics:
+        if not labelled:
+            warnings.append("accuracy skipped: it needs labelled synthetic images and a labelled reference")
+        return {"fid", "embedding"} | ({"accuracy"} if labelled else set())
+    wanted = set(metrics)
+    if "accuracy" in wanted and not labelled:
+        side = "synthetic set" if synth_unlabelled else "reference"
+        raise MepfError(f"accuracy needs labels, and the {side} has none; use a labelled "
+                        f"{'reference' if side == 'reference' else 'run or samples'} or --metrics fid,embedding")
+    return wanted
+
+
+def _fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress) -> dict:
+    from .fid import frechet_distance, reference_statistics, statistics
+    from .inception import activations, load_inception
+
+    out = {}
+    model = load_inception(inception_weights, device)
+    k = min(fid_samples or len(synth.images), len(synth.images))
+    mu_s, s_s = statistics(activations(model, synth.images[:k], device=device, progress=progress,
+                                       desc="FID: synthetic images"))
+    if isinstance(ref, FidStats):
+        mu_r, s_r = ref.mu, ref.sigma
+    else:
+        mu_r, s_r, cached = reference_statistics(model, ref.images, inception_weights, cache_dir,
+                                                 device=device, progress=progress)
+        out["fid_reference_cached"] = cached
+    out["fid"] = frechet_distance(mu_s, s_s, mu_r, s_r)
+    out["fid_samples"] = k
+    return out
+
+
+def _accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device, cnn_epochs,
+              progress) -> dict:
+    kk = len(ref.class_names)
+    out = {"accuracy": accuracies(synth.images, synth_labels, ref.images, ref.labels, kk, classifiers, seed, device,
+                                  cnn_epochs, progress)}
+    if real_train:
+        real = read_source(open_source(real_train, data_root=data_root), geometry=synth.shape, crop=crop)
+        if real.labels is None or list(real.class_names or []) != list(ref.class_names or []):
+            raise MepfError("--real-train must be labelled with the reference's classes")
+        out["accuracy_real_train"] = accuracies(real.images, real.labels, ref.images, ref.labels, kk, classifiers,
+                                                seed, device, cnn_epochs, progress)
+    return out
+
+
+def _embedding_distance(synth, rel, device) -> dict:
+    """Per-moment distance of the samples' class-conditional mean embedding to the release's."""
+    from mepf.core.features import feature_map_from_spec
+    from mepf.synthesize.objective import Target, distance_of_batches
+
+    target = Target(rel, "cpu")
+    fmap = feature_map_from_spec(rel.features).to(device)
+    labels = synth.labels if rel.labelled else np.zeros(len(synth.images), dtype=np.int64)
+    batches = ((torch.from_numpy(synth.images[s:s + 200]).permute(0, 3, 1, 2).float() / 255,
+                torch.from_numpy(labels[s:s + 200])) for s in range(0, len(synth.images), 200))
+    with torch.no_grad():
+        return distance_of_batches(batches, fmap, target, device)
+
+
+def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: int | None = _D.fid_samples,
+             metrics=_D.metrics, classifiers=_D.classifiers, real_train: str | None = None, release: str | None = None,
+             inception_weights: str | None = None, data_root=None, release_log=None, seed: int = _D.seed,
+             device="cpu", cnn_epochs: int = _D.cnn_epochs, cache_dir=None, progress: bool = True,
+             class_map: str | None = None, overwrite: bool = False) -> dict:
+    """Stage 3 on SYNTHETIC against REFERENCE: the input checks, then FID, accuracy and the embedding distance
+    as asked, and the report written to `out`."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_out(out, overwrite)
+    bad = set(metrics or ()) - set(METRICS)
     if bad:
         raise MepfError(f"unknown metric {sorted(bad)[0]!r}; choose from {', '.join(METRICS)}")
     synth = load_synthetic(synthetic, n, seed, device)
     # the reference as stage 1 reads data: converted and resized to the synthetic images' (the release's) geometry
     crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
     ref = load_reference(reference, data_root, geometry=synth.shape, crop=crop)
-    explicit = wanted is not None
     warnings = []
     labelled = synth.labels is not None and isinstance(ref, ImageSet) and ref.labels is not None
-    if wanted is None:
-        wanted = {"fid", "embedding"} | ({"accuracy"} if labelled else set())
-        if not labelled:
-            warnings.append("accuracy skipped: it needs labelled synthetic images and a labelled reference")
-    if "accuracy" in wanted and not labelled:
-        side = "synthetic set" if synth.labels is None else "reference"
-        raise MepfError(f"accuracy needs labels, and the {side} has none; use a labelled "
-                        f"{'reference' if side == 'reference' else 'run or samples'} or --metrics fid,embedding")
+    wanted = _metrics_wanted(metrics, labelled, synth.labels is None, warnings)
     classes = None
     if "accuracy" in wanted:
         perm, mapping, how = match_classes(synth.class_names, synth.by_index, synth.sampled_names, ref.class_names,
@@ -144,68 +203,48 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
         warnings.append(warn)
     metrics_out = {}
     if "fid" in wanted:
-        from .fid import frechet_distance, reference_statistics, statistics
-        from .inception import activations, load_inception
-
-        model = load_inception(inception_weights, device)
-        k = min(fid_samples or len(synth.images), len(synth.images))
-        mu_s, s_s = statistics(activations(model, synth.images[:k], device=device, progress=progress,
-                                           desc="FID: synthetic images"))
-        if isinstance(ref, FidStats):
-            mu_r, s_r = ref.mu, ref.sigma
-        else:
-            mu_r, s_r, cached = reference_statistics(model, ref.images, inception_weights, cache_dir,
-                                                     device=device, progress=progress)
-            metrics_out["fid_reference_cached"] = cached
-        metrics_out["fid"] = frechet_distance(mu_s, s_s, mu_r, s_r)
-        metrics_out["fid_samples"] = k
+        metrics_out.update(_fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress))
     if "accuracy" in wanted:
-        kk = len(ref.class_names)
-        metrics_out["accuracy"] = accuracies(synth.images, synth_labels, ref.images, ref.labels, kk, classifiers,
-                                             seed, device, cnn_epochs, progress)
-        if real_train:
-            real = read_source(open_source(real_train, data_root=data_root), geometry=synth.shape, crop=crop)
-            if real.labels is None or list(real.class_names or []) != list(ref.class_names or []):
-                raise MepfError("--real-train must be labelled with the reference's classes")
-            metrics_out["accuracy_real_train"] = accuracies(real.images, real.labels, ref.images, ref.labels, kk,
-                                                            classifiers, seed, device, cnn_epochs, progress)
+        metrics_out.update(_accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device,
+                                     cnn_epochs, progress))
     rel = _release_of(synth, release)
     if "embedding" in wanted and rel is not None and (synth.labels is not None or not rel.labelled):
-        from mepf.core.features import feature_map_from_spec
-        from mepf.synthesize.objective import Target, distance_of_batches
-
-        target = Target(rel, "cpu")
-        fmap = feature_map_from_spec(rel.features).to(device)
-        labels = synth.labels if rel.labelled else np.zeros(len(synth.images), dtype=np.int64)
-        batches = ((torch.from_numpy(synth.images[s:s + 200]).permute(0, 3, 1, 2).float() / 255,
-                    torch.from_numpy(labels[s:s + 200])) for s in range(0, len(synth.images), 200))
-        with torch.no_grad():
-            metrics_out["embedding_distance"] = distance_of_batches(batches, fmap, target, device)
+        metrics_out["embedding_distance"] = _embedding_distance(synth, rel, device)
     elif "embedding" in wanted:
         why = ("the released file behind these samples is unknown (pass --release FILE)" if rel is None else
                "it needs labelled samples for a labelled release")
-        if explicit:
+        if metrics:  # named by the user: say why it cannot be had
             raise MepfError(f"the embedding distance cannot be computed: {why}")
         warnings.append(f"embedding distance skipped: {why}")
-    if "fid" in metrics_out and metrics_out["fid_samples"] < FID_UNBIASED:
-        warnings.append(f"FID from {metrics_out['fid_samples']} samples is biased upwards (the usual is 10,000; below "
-                        f"{FID_UNBIASED:,} it is not comparable with published figures)")
     generator = _generator_record(synth)
-    if generator and generator.get("behind"):
-        warnings.append(f"the run has snapshots past its generator.pt (step {generator['behind']} > "
-                        f"{generator['step']}): this report is of an older generator; finish the run (mepf synthesize "
-                        "--resume) and evaluate again")
-    release_info = None
-    if synth.generator is not None:
-        info = synth.generator.info
-        release_info = {"sha256": info["release_sha256"], "epsilon": info["epsilon"], "delta": info["delta"],
-                        "relation": info.get("relation", "add-remove")}
+    warnings += _late_warnings(metrics_out, generator)
     report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
               "reference_given": reference, "generator": generator,
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
-              "release": release_info, "not_for_publication": bool(warn), "warnings": warnings, "seed": seed,
-              "classes": classes,
+              "release": _release_record(synth), "not_for_publication": bool(warn), "warnings": warnings,
+              "seed": seed, "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid", "scikit-learn"),
-                  "wall_time_s": time.perf_counter() - t0}
+              "wall_time_s": time.perf_counter() - t0}
     write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir), synth.class_names)
     return report
+
+
+def _late_warnings(metrics_out: dict, generator: dict | None) -> list:
+    out = []
+    if "fid" in metrics_out and metrics_out["fid_samples"] < FID_UNBIASED:
+        out.append(f"FID from {metrics_out['fid_samples']} samples is biased upwards (the usual is 10,000; below "
+                   f"{FID_UNBIASED:,} it is not comparable with published figures)")
+    if generator and generator.get("behind"):
+        out.append(f"the run has snapshots past its generator.pt (step {generator['behind']} > "
+                   f"{generator['step']}): this report is of an older generator; finish the run (mepf synthesize "
+                   "--resume) and evaluate again")
+    return out
+
+
+def _release_record(synth) -> dict | None:
+    """The release a generator was trained from, as its checkpoint records it."""
+    if synth.generator is None:
+        return None
+    info = synth.generator.info
+    return {"sha256": info["release_sha256"], "epsilon": info["epsilon"], "delta": info["delta"],
+            "relation": info.get("relation", "add-remove")}

@@ -408,14 +408,14 @@ def _generator_facts(path: Path, g=None) -> dict:
 
 
 def _run_facts(run: Path) -> dict:
-    from mepf.synthesize import run_folder as files
+    from mepf.synthesize import run_folder
     from mepf.synthesize.train import _read_options
 
     o = _read_options(run)
     steps = o.get("steps") if type(o.get("steps")) is int else 0
     eps = o.get("epsilon") if type(o.get("epsilon")) in (int, float) else None
-    snaps = files.snapshots(run)
-    gen = run / files.GENERATOR
+    snaps = run_folder.snapshots(run)
+    gen = run / run_folder.GENERATOR
     step = snaps[-1][0] if snaps else 0
     facts = {"kind": "run", "run": str(run),
              "progress": f"step {step} of {steps}" + (" (complete)" if gen.is_file() and step >= steps else
@@ -494,14 +494,13 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
     from dataclasses import asdict
 
     from mepf.core.distributed import teardown
-    from mepf.synthesize import run_folder as files
-    from mepf.synthesize import train
+    from mepf.synthesize import run_folder, train
 
     if resume:
         if out:
             raise MepfError("--out and --resume name two run folders; give one (--resume RUN continues RUN)")
         if dry_run:
-            click.echo((Path(resume) / files.OPTIONS).read_text())
+            click.echo((Path(resume) / run_folder.OPTIONS).read_text())
             return
         ctx = click.get_current_context()
         given = {name: value for name, value in ctx.params.items() if name in train.TrainOptions.__dataclass_fields__
@@ -515,7 +514,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                 click.echo(f"{resume} is already complete at step {t.step}; pass --steps N (more than {t.step}) to "
                            "train further")
             else:
-                click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / files.GENERATOR}")
+                click.echo(f"resumed {resume} to step {t.step}; generator: {Path(resume) / run_folder.GENERATOR}")
         return
     if not file or not out:
         raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
@@ -537,7 +536,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
         return
     guarantee = (f"inherits ({t.release.epsilon:.4g}, {t.release.delta:g})-DP" if t.release.private else
                  "NON-PRIVATE: trained on an eps=inf baseline, never release it")
-    click.echo(f"trained {t.step} steps; run folder {out}; generator {Path(out) / files.GENERATOR} ({guarantee})")
+    click.echo(f"trained {t.step} steps; run folder {out}; generator {Path(out) / run_folder.GENERATOR} ({guarantee})")
 
 
 @main.command()

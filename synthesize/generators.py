@@ -129,7 +129,7 @@ def _condition(z, y, num_classes):
 GENERATORS = {"conv": ConvGenerator, "conv-cbn": ConvCBNGenerator, "resnet": ResNetGenerator}
 
 
-def default_generator(image_size: int, channels: int) -> str:
+def default_generator(image_size: int) -> str:
     """conv for small images (28/32 px), resnet for 64 px and larger."""
     return "conv" if image_size <= 32 else "resnet"
 

@@ -25,7 +25,7 @@ from mepf.core.features import feature_map_from_spec
 from mepf.core.memory import keep_freed_memory
 from mepf.progress import progress as progress_bar
 
-from . import run_folder as files
+from . import run_folder
 from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
@@ -57,7 +57,7 @@ def prepare(opts: TrainOptions, device=None):
     fmap = feature_map_from_spec(spec, opts.weights).to(device)
     if spec.height != spec.width:
         raise MepfError("generators need square images; this file's geometry is not square")
-    name = default_generator(spec.height, spec.channels) if opts.generator == "auto" else opts.generator
+    name = default_generator(spec.height) if opts.generator == "auto" else opts.generator
     arch = {"name": name, "image_size": spec.height, "channels": spec.channels,
             "num_classes": len(release.class_names), "z_dim": Z_DIM,
             "width": opts.width or GENERATOR_WIDTHS[name]}
@@ -95,7 +95,7 @@ def deferred_interrupts(enabled: bool = True):
 
 
 def latest_snapshot(run: Path):
-    snaps = files.snapshots(run)
+    snaps = run_folder.snapshots(run)
     return snaps[-1][1] if snaps else None
 
 
@@ -253,15 +253,15 @@ class Trainer:
         with torch.no_grad():
             x = g(self.grid_z.to(self.device), y.to(self.device)).float().cpu()
         g.train(was_training)
-        save_grid(x, k, self.run / files.grid_name(self.step),
+        save_grid(x, k, self.run / run_folder.grid_name(self.step),
                   row_labels=list(self.release.class_names) if self.release.labelled else None)
 
     def snapshot(self):
         state = self.state()  # a collective under torchrun: every rank takes part, rank 0 writes
         if not self.ranks.main:
             return
-        _atomic_torch_save(state, self.run / files.snapshot_name(self.step))
-        for _, old in files.snapshots(self.run)[:-2]:
+        _atomic_torch_save(state, self.run / run_folder.snapshot_name(self.step))
+        for _, old in run_folder.snapshots(self.run)[:-2]:
             old.unlink()
 
     def stop(self, signum: int, log) -> None:
@@ -270,18 +270,31 @@ class Trainer:
         self.snapshot()
         if log is not None:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} interrupted at step {self.step}; snapshot written\n")
-            log.close()
         raise Interrupted(f"interrupted at step {self.step} of {self.opts.steps}; a snapshot of this step was "
                           f"written; continue with: mepf synthesize --resume {self.run}", signum)
 
     def fit(self, progress: bool = True):
         keep_freed_memory()  # per-step tensors reuse the same heap blocks instead of fresh pages
         o, main = self.opts, self.ranks.main
-        log = open(self.run / files.LOG, "a") if main else None
-        sf = open(self.run / files.STATS, "a") if main else None
-        if main:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} training from step {self.step} to {o.steps}"
-                      f"{f' on {self.ranks.world} ranks' if self.ranks.active else ''}\n")
+        with contextlib.ExitStack() as held:  # the log and stats files, closed however training ends
+            log = held.enter_context(open(self.run / run_folder.LOG, "a")) if main else None
+            sf = held.enter_context(open(self.run / run_folder.STATS, "a")) if main else None
+            if main:
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} training from step {self.step} to {o.steps}"
+                          f"{f' on {self.ranks.world} ranks' if self.ranks.active else ''}\n")
+            self._loop(log, sf, progress)
+            if main and not (o.grid_every and self.step % o.grid_every == 0):
+                self.save_grid()
+            self.snapshot()
+            if main:
+                save_generator(self.run / run_folder.GENERATOR, self.output_generator, self.arch, self.release,
+                               self.step)
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done at step {self.step}\n")
+
+    def _loop(self, log, sf, progress: bool):
+        """The training steps, with stats every --log-every, grids and snapshots; Ctrl-C and SIGTERM are taken
+        between steps."""
+        o, main = self.opts, self.ranks.main
         t_last, s_last = time.perf_counter(), self.step
         with progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
                           disable=not (progress and main)) as bar, deferred_interrupts(not self.ranks.active) as hits:
@@ -304,15 +317,6 @@ class Trainer:
                     self.save_grid()
                 if o.snapshot_every and self.step % o.snapshot_every == 0:
                     self.snapshot()
-        if main and not (o.grid_every and self.step % o.grid_every == 0):
-            self.save_grid()
-        self.snapshot()
-        if main:
-            save_generator(self.run / files.GENERATOR, self.output_generator, self.arch, self.release, self.step)
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done at step {self.step}\n")
-            log.close()
-            sf.close()
-
 
 def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     """A new run: validate, then create the run folder and write options.json before training. Under
@@ -336,7 +340,7 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
                     "release_checksum": release.checksum, "release_bytes": Path(opts.release).stat().st_size,
                     "epsilon": release.epsilon, "delta": release.delta,
                     "versions": versions("torch", "torchvision", "mepf", "h5py", "numpy")}
-        (run / files.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        (run / run_folder.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
     distributed.on_main(create)
     trainer = Trainer(opts, release, fmap, arch, device)
@@ -357,16 +361,16 @@ def _shared_options(opts: TrainOptions, release) -> dict:
 
 
 def _read_options(run: Path) -> dict:
-    if not (run / files.OPTIONS).is_file():
-        raise MepfError(f"{run} is not a run folder (no {files.OPTIONS}); start one with `mepf synthesize "
+    if not (run / run_folder.OPTIONS).is_file():
+        raise MepfError(f"{run} is not a run folder (no {run_folder.OPTIONS}); start one with `mepf synthesize "
                         f"FILE --out {run}`")
     try:
-        saved = json.loads((run / files.OPTIONS).read_text())
+        saved = json.loads((run / run_folder.OPTIONS).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MepfError(f"{run / files.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
+        raise MepfError(f"{run / run_folder.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
                         ) from None
     if not isinstance(saved, dict) or "release_sha256" not in saved:
-        raise MepfError(f"{run / files.OPTIONS} is not a run's options; the run folder is damaged")
+        raise MepfError(f"{run / run_folder.OPTIONS} is not a run's options; the run folder is damaged")
     return saved
 
 
@@ -424,7 +428,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     if steps < step:
         raise MepfError(f"{run} is at step {step}; --steps {steps} would go back: give --steps above {step} to train "
                         "further")
-    trainer.complete = steps == step and (run / files.GENERATOR).is_file()
+    trainer.complete = steps == step and (run / run_folder.GENERATOR).is_file()
     if trainer.complete:
         return trainer
     for k, v in differ.items():
@@ -438,10 +442,10 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
         log = list(saved.get("changes", []))
         log += [{"step": step, "option": k, "from": saved.get(k), "to": v} for k, v in sorted(differ.items())]
         updated = {**saved, **differ, "release": str(Path(found).resolve()), "changes": log}
-        write_text_atomic(run / files.OPTIONS, json.dumps(updated, indent=2, sort_keys=True))
+        write_text_atomic(run / run_folder.OPTIONS, json.dumps(updated, indent=2, sort_keys=True))
 
     def trim_stats():  # drop records past the snapshot: they will be written again
-        stats = run / files.STATS
+        stats = run / run_folder.STATS
         if stats.exists():
             keep = [l for l in stats.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.step]
             stats.write_text("".join(l + "\n" for l in keep))

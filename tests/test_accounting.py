@@ -105,3 +105,19 @@ def test_budget_split_parsing():
 def test_bad_targets_refused(eps, delta):
     with pytest.raises(MepfError):
         calibrate(eps, delta, {"S1": 1.0}, {"S1": 1.0})
+
+
+def test_the_calibration_decides_once_whether_a_run_is_private():
+    """calibration_for carries the sensitivities, shares and privacy the ledger is built from (no recomputing)."""
+    from mepf.artifacts.ledger import build_ledger, calibration_for
+
+    shares = {"S1": 0.99, "counts": 0.01}
+    off = calibration_for("add-remove", ["S1", "counts"], 2.0, 3.0, shares, math.inf, 1e-5)
+    assert not off.private and set(off.sigmas.values()) == {0.0} and off.sensitivities == {"S1": 2.0, "counts": 1.0}
+    led = build_ledger("add-remove", {"S1": (2, 5), "counts": (2,)}, off, math.inf, 1e-5)
+    assert led["private"] is False and led["mu"] is None and led["target"]["epsilon"] is None
+    on = calibration_for("replace-one", ["S1", "counts"], 2.0, 3.0, shares, 1.0, 1e-5)
+    assert on.private and on.sensitivities == {"S1": 4.0, "counts": math.sqrt(2)} and on.weights == shares
+    led = build_ledger("replace-one", {"S1": (2, 5), "counts": (2,)}, on, 1.0, 1e-5)
+    assert [(r["name"], r["sensitivity"], r["sigma"], r["sensitivity_formula"]) for r in led["releases"]] == [
+        ("S1", 4.0, on.sigmas["S1"], "2*C1"), ("counts", math.sqrt(2), on.sigmas["counts"], "sqrt(2)")]

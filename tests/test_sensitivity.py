@@ -55,7 +55,7 @@ def own_rows(record, extractor, c1=1.0, c2=1.0, batch_size=BATCH, device="cpu"):
         f = extractor.to(device)(x)
         if device == "cpu":
             f = f[:1]
-        return {"S1": grid_rows(f, c1)[0].cpu().numpy(), "S2": grid_rows(f, c2, second=True)[0].cpu().numpy()}
+        return {"S1": grid_rows(f)[0].cpu().numpy(), "S2": grid_rows(f, second=True)[0].cpu().numpy()}
 
 
 def assert_adds_exactly(base, plus, rows, label, c1, c2):
@@ -162,9 +162,9 @@ def test_non_finite_rows_become_zero_and_others_are_untouched(bad):
     f[1, 17] = bad
     f[3, :] = bad
     for second in (False, True):
-        q = grid_rows(f, 1.0, second)
+        q = grid_rows(f, second)
         assert bool(torch.isfinite(q).all()) and q[1].abs().sum() == 0 and q[3].abs().sum() == 0
-        np.testing.assert_array_equal(q[[0, 2, 4]].numpy(), grid_rows(f[[0, 2, 4]], 1.0, second).numpy())
+        np.testing.assert_array_equal(q[[0, 2, 4]].numpy(), grid_rows(f[[0, 2, 4]], second).numpy())
         assert bool((q.norm(dim=1) <= 2.0 ** QUANT_BITS).all())
     for phi in (phi1, phi2):
         p = phi(f, 1.0)
@@ -174,7 +174,7 @@ def test_non_finite_rows_become_zero_and_others_are_untouched(bad):
 def test_huge_finite_rows_keep_their_direction():
     f = torch.rand(3, 500, dtype=torch.float32) * 3e38  # f*f overflows float32 and float64 norms of it would not
     for second in (False, True):
-        q = grid_rows(f, 1.0, second).double() / 2.0 ** QUANT_BITS
+        q = grid_rows(f, second).double() / 2.0 ** QUANT_BITS
         assert bool((q.norm(dim=1) > 0.999).all()) and bool((q.norm(dim=1) <= 1.0).all())
     np.testing.assert_allclose(phi2(f, 1.0).numpy(), phi2(f / 1e30, 1.0).numpy(), rtol=1e-6,
                                atol=1e-9)  # f/1e30 rounds in float32
@@ -198,7 +198,7 @@ def test_grid_rows_stay_below_c_and_close_to_phi():
     for dim in (10, 16432, 1_212_416):
         f = torch.rand(3, dim, dtype=torch.float32)
         for second, phi in ((False, phi1), (True, phi2)):
-            q = grid_rows(f, 1.0, second) / 2.0 ** QUANT_BITS
+            q = grid_rows(f, second) / 2.0 ** QUANT_BITS
             assert bool((q.norm(dim=1) <= 1.0).all())
             assert torch.allclose(q, phi(f, 1.0), atol=2.0 ** -32)
 

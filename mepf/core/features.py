@@ -324,11 +324,12 @@ def phi2(features: torch.Tensor, c2: float, dtype=torch.float64) -> torch.Tensor
     return normalise(_squared_direction(features, dtype), c2, dtype)
 
 
-def grid_rows(features: torch.Tensor, c: float, second: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def grid_rows(features: torch.Tensor, second: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 1's contribution of each row: phi1 (phi2 if `second`) on the integer grid of step
-    C * 2**-QUANT_BITS, as float64 integers. The same map as phi1/phi2, computed in float64; then the
-    bound is checked on the integers themselves: a row whose norm is not below C (or that is not finite)
-    becomes zero before anything is summed. Integer-valued float64 sums are exact below 2**53."""
+    C * 2**-QUANT_BITS, as float64 integers: the same integers for every C, which dequantise scales back. The
+    same map as phi1/phi2, computed in float64; then the bound is checked on the integers themselves: a row whose
+    norm is not below C (or that is not finite) becomes zero before anything is summed. Integer-valued float64
+    sums are exact below 2**53."""
     # worked on in place: a float64 copy, in `out` (a reused buffer of the same shape) when given
     x = out.copy_(features) if out is not None else features.to(torch.float64, copy=True)
     if second:  # (f / max|f|)^2, as _squared_direction
