@@ -19,16 +19,21 @@ from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, c
 from .ledger import canonical_json
 
 
-def check_output_path(path, overwrite: bool) -> Path:
-    """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite,
-    before any work."""
-    path = Path(path)
+def create_folder_of(path: Path) -> None:
+    """Create the folder an output goes in, and its parents, where missing; one line where it cannot be."""
     if not path.parent.is_dir():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MepfError(f"output folder {path.parent} cannot be created ({type(e).__name__}); choose another "
                             "--out") from None
+
+
+def check_output_path(path, overwrite: bool) -> Path:
+    """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite,
+    before any work."""
+    path = Path(path)
+    create_folder_of(path)
     if path.is_dir():
         raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
     if path.exists() and not overwrite:
@@ -56,23 +61,75 @@ def fsync_folder(folder) -> None:
             os.close(fd)
 
 
+#: room a temporary of atomic_path adds to a name: ".", ".tmp-", a PID, "-", 8 hex digits, a suffix
+_ATOMIC_EXTRA = 1 + 5 + 10 + 1 + 8 + 8
+
+
+def _atomic_temp_name(path: Path, suffix: str) -> tuple:
+    """(the temporary's name, a pattern matching any temporary of `path`): the output's name, cut where a long
+    one would not leave room, so that any name the folder takes can be written."""
+    try:
+        longest = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    longest = longest if longest > 0 else 255
+    stem = os.fsencode(path.name)[:max(1, longest - _ATOMIC_EXTRA - len(os.fsencode(suffix)))]
+    stem = stem.decode(errors="ignore") or "x"
+    pattern = re.compile(re.escape(f".{stem}.tmp-") + r"([0-9]{1,10})-[0-9a-f]{8}" + re.escape(suffix) + r"(?:\.old)?")
+    return f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}", pattern
+
+
+def _sweep_dead_temporaries(path: Path, pattern) -> None:
+    """Remove temporaries of `path` whose writer process is gone (a killed `sample` may leave gigabytes)."""
+    try:
+        found = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return
+    for p in found:
+        pid = int(pattern.fullmatch(p.name).group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # its writer still runs (on this host)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # someone else's process
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
     """Yield a temporary name beside `path` to write to (a file, or a folder); on a clean exit it replaces
-    `path` (a folder there is removed first) and the rename is made durable; on an error nothing changes at `path`
-    and the temporary is removed. `suffix` ends the temporary's name, for writers that pick a format by it
-    (np.savez: .npz, PIL: .png)."""
+    `path`, the file's bytes and the rename made durable; on an error nothing changes at `path` and the temporary
+    is removed. A folder at `path` is moved aside before the new one takes its name, and removed after.
+    `suffix` ends the temporary's name, for writers that pick a format by it (np.savez: .npz, PIL: .png).
+    Temporaries left by a killed writer of the same output are removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    name, pattern = _atomic_temp_name(path, suffix)
+    _sweep_dead_temporaries(path, pattern)
+    tmp = path.with_name(name)
     try:
         yield tmp
+        old = None
         if tmp.is_file():
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        elif path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        elif tmp.is_dir() and path.is_dir() and not path.is_symlink():
+            old = path.with_name(name + ".old")
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)
+            raise
         fsync_folder(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -140,7 +140,7 @@ def _vd(name):
               default=_ed("backbone"), help="Feature extractor.")
 @click.option("--weights", default=_ed("weights"),
               help="'pretrained' (ImageNet), 'random' (tests), or a PATH.")
-@click.option("--weights-seed", type=click.IntRange(0), default=_ed("weights_seed"),
+@click.option("--weights-seed", type=click.IntRange(0, 2 ** 63 - 1), default=_ed("weights_seed"),
               help="Seed for --weights random.")
 @click.option("--layers", default=None, help="Comma-separated layers to use; 'pixels' (the image itself) is "
               "offered by every backbone.  [default: the backbone's list]")

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.staging import atomic_path
+from mepf.artifacts.staging import atomic_path, create_folder_of
 
 from .checkpoint import load_generator
 from .options import SampleOptions
@@ -37,12 +37,7 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         raise MepfError(f"--out {out}: an .npz file, or a folder of PNGs (a name without a suffix such as "
                         f"{out.suffix}), one subfolder per class")
     g = load_generator(source)
-    if not out.parent.is_dir():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise MepfError(f"folder {out.parent} cannot be created ({type(e).__name__}); choose another --out"
-                            ) from None
+    create_folder_of(out)
     if out.exists() and not overwrite:
         raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)

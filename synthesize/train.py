@@ -60,7 +60,7 @@ def prepare(opts: TrainOptions, device=None):
     name = default_generator(spec.height) if opts.generator == "auto" else opts.generator
     arch = {"name": name, "image_size": spec.height, "channels": spec.channels,
             "num_classes": len(release.class_names), "z_dim": Z_DIM,
-            "width": opts.width or GENERATOR_WIDTHS[name]}
+            "width": opts.width or GENERATOR_WIDTHS.get(name, 0)}
     build_generator(arch)  # validates the geometry for this generator
     return release, fmap, arch, device
 

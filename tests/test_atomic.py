@@ -53,3 +53,42 @@ def test_no_module_renames_its_own_temporaries():
             if path not in allowed and renames.search(path.read_text()):
                 found.append(path.relative_to(ROOT))
     assert not found
+
+
+def test_a_name_as_long_as_the_folder_allows_can_be_written(tmp_path):
+    """The temporary's name is cut to fit: any name the folder takes can be written (255 bytes here)."""
+    target = tmp_path / ("n" * 251 + ".npz")
+    with atomic_path(target, ".npz") as tmp:
+        np.savez(tmp, x=np.arange(3))
+    assert np.load(target)["x"].tolist() == [0, 1, 2] and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    left = tmp_path / f".s.npz.tmp-{pid}-0123abcd.npz"
+    left.write_bytes(b"half")
+    folder_left = tmp_path / f".s.npz.tmp-{pid}-4567abcd.npz.old"  # a folder moved aside, then killed
+    folder_left.mkdir()
+    (folder_left / "0.png").write_bytes(b"png")
+    live = tmp_path / f".s.npz.tmp-{os.getpid()}-89abcdef.npz"  # this process: still writing
+    live.write_bytes(b"live")
+    other = tmp_path / f".t.npz.tmp-{pid}-0123abcd.npz"  # another output's
+    other.write_bytes(b"other")
+    write_text_atomic(tmp_path / "unrelated.json", "{}")
+    assert left.exists()  # only temporaries of the output being written are looked at
+    with atomic_path(tmp_path / "s.npz", ".npz") as tmp:
+        np.savez(tmp, x=np.zeros(1))
+    assert not left.exists() and not folder_left.exists() and live.exists() and other.exists()
+
+
+def test_a_folder_that_cannot_be_replaced_stays_as_it_was(tmp_path):
+    out = tmp_path / "samples"
+    (out / "kept").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError), atomic_path(out):
+        pass  # the writer made nothing: the old folder must survive
+    assert [p.name for p in out.iterdir()] == ["kept"] and [p.name for p in tmp_path.iterdir()] == ["samples"]
