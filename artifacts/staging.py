@@ -38,16 +38,20 @@ def check_output_path(path, overwrite: bool) -> Path:
         raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
     if path.exists() and not overwrite:
         raise MepfError(f"output {path} already exists; pass --overwrite to replace it or choose another --out")
-    try:
-        longest = os.pathconf(path.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        longest = 255
-    if longest <= 0:  # indeterminate on some filesystems
-        longest = 255
+    longest = _longest_name(path.parent)
     if len(os.fsencode(path.name)) + TEMP_EXTRA > longest:
         raise MepfError(f"output name {path.name[:40]}... is too long for this folder (at most "
                         f"{longest - TEMP_EXTRA} bytes, to leave room for its temporary name); choose a shorter --out")
     return path
+
+
+def _longest_name(folder) -> int:
+    """The longest file name, in bytes, that `folder` takes (255 where the filesystem does not say)."""
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+    return longest if longest > 0 else 255  # indeterminate on some filesystems
 
 
 def fsync_folder(folder) -> None:
@@ -68,11 +72,7 @@ _ATOMIC_EXTRA = 1 + 5 + 10 + 1 + 8 + 8
 def _atomic_temp_name(path: Path, suffix: str) -> tuple:
     """(the temporary's name, a pattern matching any temporary of `path`): the output's name, cut where a long
     one would not leave room, so that any name the folder takes can be written."""
-    try:
-        longest = os.pathconf(path.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        longest = 255
-    longest = longest if longest > 0 else 255
+    longest = _longest_name(path.parent)
     stem = os.fsencode(path.name)[:max(1, longest - _ATOMIC_EXTRA - len(os.fsencode(suffix)))]
     stem = stem.decode(errors="ignore") or "x"
     pattern = re.compile(re.escape(f".{stem}.tmp-") + r"([0-9]{1,10})-[0-9a-f]{8}" + re.escape(suffix) + r"(?:\.old)?")

@@ -23,7 +23,6 @@ MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-NAMED = DATASETS
 DEBIAN_FASHION_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist")
 
 
@@ -253,8 +252,8 @@ def named_source(name: str, data_root=None, download: bool = True) -> Source:
     """A named dataset with optional ':train' (default) or ':test' split."""
     base, _, split = name.partition(":")
     split = split or "train"
-    if base not in NAMED:
-        raise MepfError(f"unknown dataset {base!r}; use a folder, an .npz/.h5 file, or one of {', '.join(NAMED)}")
+    if base not in DATASETS:
+        raise MepfError(f"unknown dataset {base!r}; use a folder, an .npz/.h5 file, or one of {', '.join(DATASETS)}")
     if split not in ("train", "test"):
         raise MepfError(f"unknown split {split!r} in {name!r}; use :train or :test")
     root = Path(data_root) if data_root else default_data_root()

@@ -81,8 +81,9 @@ def declared_geometry(source: Source, image_size, channels) -> tuple:
 def open_source(data: str, classes=None, data_root=None, strict: bool = True) -> Source:
     """--data: a folder, an .npz/.h5 file, or a named dataset. strict=False: a folder's files that are not
     images are kept aside (`not_images`) instead of refused, for `mepf embed --check`."""
-    from .datasets import NAMED, named_source
+    from .datasets import named_source
     from .files import ArraySource, FolderSource
+    from .options import DATASETS
 
     p = Path(data)
     if p.is_dir():
@@ -91,13 +92,13 @@ def open_source(data: str, classes=None, data_root=None, strict: bool = True) ->
         return FolderSource(p, strict=strict)
     if p.suffix.lower() in (".npz", ".h5", ".hdf5"):
         return ArraySource(p, classes)
-    if data.partition(":")[0] in NAMED:
+    if data.partition(":")[0] in DATASETS:
         if classes is not None:
             raise MepfError(f"--classes is for .npz/.h5 data; {data} declares its own classes")
         return named_source(data, data_root)
     if os.sep in data or p.suffix:
         raise MepfError(f"--data {data}: no such file or folder")
-    raise MepfError(f"--data {data}: not a folder, .npz/.h5 file or known dataset ({', '.join(NAMED)})")
+    raise MepfError(f"--data {data}: not a folder, .npz/.h5 file or known dataset ({', '.join(DATASETS)})")
 
 
 def parse_classes(text: str | None) -> list | None:

@@ -21,7 +21,19 @@ from .options import METRICS, EvaluateOptions
 from .report import write_report
 
 
-def _release_of(synth: ImageSet, release_path: str | None):
+def _run_options(synth: ImageSet) -> dict | None:
+    """The run's options.json, read once for the report: None where the samples come from no run, {} where it
+    cannot be read (the report then lacks what it would have told)."""
+    if synth.run_dir is None or not (synth.run_dir / run_folder.OPTIONS).is_file():
+        return None
+    try:
+        saved = json.loads((synth.run_dir / run_folder.OPTIONS).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _release_of(synth: ImageSet, release_path: str | None, saved: dict | None):
     """The released file behind the synthetic images, when known (for the embedding distance): the one given
     (refused unless its SHA-256 is the generator's), else the run's, found by SHA-256 where the run recorded
     it or beside the run or generator."""
@@ -30,11 +42,7 @@ def _release_of(synth: ImageSet, release_path: str | None):
 
     sha = synth.generator.info["release_sha256"] if synth.generator is not None else None
     recorded, size = None, None
-    if synth.run_dir is not None and (synth.run_dir / run_folder.OPTIONS).is_file():
-        try:
-            saved = json.loads((synth.run_dir / run_folder.OPTIONS).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            saved = {}
+    if saved is not None:
         recorded, sha = saved.get("release"), sha or saved.get("release_sha256")
         size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     if release_path:
@@ -52,7 +60,7 @@ def _release_of(synth: ImageSet, release_path: str | None):
 FID_UNBIASED = 2048
 
 
-def _generator_record(synth: ImageSet) -> dict | None:
+def _generator_record(synth: ImageSet, saved: dict | None) -> dict | None:
     """What the report records of the generator: its step and SHA-256, and the run's steps, seed and lr."""
     if synth.generator is None or synth.generator_path is None:
         return None
@@ -60,12 +68,9 @@ def _generator_record(synth: ImageSet) -> dict | None:
 
     rec = {"path": str(synth.generator_path), "step": synth.generator.info.get("step"),
            "sha256": file_sha256(synth.generator_path)}
-    if synth.run_dir is not None and (synth.run_dir / run_folder.OPTIONS).is_file():
-        try:
-            o = json.loads((synth.run_dir / run_folder.OPTIONS).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            o = {}
-        rec.update(run_steps=o.get("steps"), seed=o.get("seed"), lr=o.get("lr"), lr_schedule=o.get("lr_schedule"))
+    if saved is not None:
+        rec.update(run_steps=saved.get("steps"), seed=saved.get("seed"), lr=saved.get("lr"),
+                   lr_schedule=saved.get("lr_schedule"))
         snaps = run_folder.snapshots(synth.run_dir)
         last = snaps[-1][0] if snaps else 0
         if isinstance(rec["step"], int) and last > rec["step"]:
@@ -207,7 +212,8 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     if "accuracy" in wanted:
         metrics_out.update(_accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device,
                                      cnn_epochs, progress))
-    rel = _release_of(synth, release)
+    saved = _run_options(synth)
+    rel = _release_of(synth, release, saved)
     if "embedding" in wanted and rel is not None and (synth.labels is not None or not rel.labelled):
         metrics_out["embedding_distance"] = _embedding_distance(synth, rel, device)
     elif "embedding" in wanted:
@@ -216,7 +222,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
         if metrics:  # named by the user: say why it cannot be had
             raise MepfError(f"the embedding distance cannot be computed: {why}")
         warnings.append(f"embedding distance skipped: {why}")
-    generator = _generator_record(synth)
+    generator = _generator_record(synth, saved)
     warnings += _late_warnings(metrics_out, generator)
     report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
               "reference_given": reference, "generator": generator,

@@ -203,12 +203,12 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     from mepf.embed.run import run_embed
 
     opts = eo.EmbedOptions(data=data, out=out, epsilon=epsilon, delta=delta, relation=relation, moments=moments,
-                        budget_split=budget_split, backbone=backbone, weights=weights, weights_seed=weights_seed,
-                        layers=tuple(layers.split(",")) if layers else None, pixel_weight=pixel_weight,
-                        pooling=pooling, image_size=image_size, feature_size=feature_size, crop=crop,
-                        channels=int(channels) if channels else None, classes=classes, data_root=data_root,
-                        batch_size=batch_size, device=device, workers=workers, release_log=release_log,
-                        allow_repeat=allow_repeat, force=force, overwrite=overwrite)
+                           budget_split=budget_split, backbone=backbone, weights=weights, weights_seed=weights_seed,
+                           layers=tuple(layers.split(",")) if layers else None, pixel_weight=pixel_weight,
+                           pooling=pooling, image_size=image_size, feature_size=feature_size, crop=crop,
+                           channels=int(channels) if channels else None, classes=classes, data_root=data_root,
+                           batch_size=batch_size, device=device, workers=workers, release_log=release_log,
+                           allow_repeat=allow_repeat, force=force, overwrite=overwrite)
     if math.isinf(epsilon) and _is_main_rank():
         click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
                    err=True)
