@@ -482,7 +482,8 @@ def _moment_weights(ctx, param, value):
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Extractor weights file, if the release was embedded with --weights PATH.")
 @click.option("--precision", type=_choices(so.PRECISIONS), default=_td("precision"),
-              help="auto: bf16 autocast with channels-last on CUDA, fp32 elsewhere.")
+              help="auto: bf16 on CUDA; a bf16 generator and an fp32 extractor on CPUs with native bf16 "
+                   "(AVX512-BF16, AMX); fp32 elsewhere. Channels-last always; the loss stays fp32.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
@@ -525,7 +526,10 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                               log_every=log_every, device=device, weights=weights, precision=precision)
     if dry_run:
         release, _, arch, dev = train.prepare(opts)
+        from mepf.synthesize.precision import resolve
+
         click.echo(json.dumps({**asdict(opts), "generator_arch": arch, "device_resolved": str(dev),
+                               "precision_resolved": resolve(opts.precision, dev).to_json(),
                                "epsilon": release.epsilon, "delta": release.delta}, indent=2, sort_keys=True))
         return
     try:

@@ -21,7 +21,7 @@ from mepf.artifacts.staging import atomic_path, write_text_atomic
 from mepf.artifacts.versions import versions
 from mepf.core import distributed
 from mepf.core.device import resolve_device
-from mepf.core.features import feature_map_from_spec
+from mepf.core.features import feature_map_from_spec, fold_same_padding
 from mepf.core.memory import keep_freed_memory
 from mepf.progress import progress as progress_bar
 
@@ -32,6 +32,7 @@ from .grid import save_grid
 from .locate import locate_release
 from .objective import Target, fake_embeddings, squared_distance
 from .options import GENERATOR_WIDTHS, LABELS, LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
+from .precision import Precision, legacy, resolve
 
 
 def prepare(opts: TrainOptions, device=None):
@@ -100,7 +101,8 @@ def latest_snapshot(run: Path):
 
 
 class Trainer:
-    def __init__(self, opts: TrainOptions, release, fmap, arch, device):
+    def __init__(self, opts: TrainOptions, release, fmap, arch, device, precision: Precision | None = None):
+        """`precision`: the run's plan (resume passes the recorded one); None resolves opts.precision here."""
         self.opts, self.release, self.fmap, self.arch, self.device = opts, release, fmap, arch, device
         self.run = Path(opts.out)
         self.target = Target(release, device)
@@ -120,8 +122,10 @@ class Trainer:
         self.weights = {m: float(opts.moment_weights.get(m, 1.0)) for m in self.target.moments}
         self.step = 0
         self.complete = False  # set by resume: the run was already at its last step
-        self.amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
-        if self.amp:
+        self.precision = precision or resolve(opts.precision, device)
+        if self.precision.channels_last:  # not in a run from before the plan: it resumes on the very same map
+            fold_same_padding(self.fmap)  # the same map without the padding copies (tests/test_features_fused.py)
+        if self.precision.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.fmap = self.fmap.to(memory_format=torch.channels_last)
 
@@ -170,16 +174,21 @@ class Trainer:
         return (torch.arange(b) % k)[torch.randperm(b, generator=self.rng)]
 
     def train_step(self) -> dict:
-        b = self.opts.batch_size
+        """One step; returns its statistics as detached 0-dim tensors (read them only when logging: reading
+        one waits for the device)."""
+        b, p, dev = self.opts.batch_size, self.precision, self.device.type
         y = self.sample_labels(b).to(self.device)
         z = torch.randn(b, Z_DIM, generator=self.rng).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=p.generator == "bf16"):
             x = self.G(z, y)
-            if self.amp:
-                x = x.contiguous(memory_format=torch.channels_last)
+        if p.extractor == "fp32":
+            x = x.float()
+        if p.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=p.extractor == "bf16"):
             fake = fake_embeddings(self.fmap, x, y, self.target)
         dist = squared_distance(self.target, fake)
-        stats = {f"dist_{m}": float(d.detach()) for m, d in dist.items()}
+        stats = {f"dist_{m}": d.detach() for m, d in dist.items()}
         if self.opts.objective == "plain":
             loss = sum(self.weights[m] * dist[m] for m in dist)
         else:
@@ -190,7 +199,7 @@ class Trainer:
             self.opt_m.zero_grad(set_to_none=True)
             mloss.backward()
             self.opt_m.step()
-            stats["mavg_loss"] = float(mloss.detach())
+            stats["mavg_loss"] = mloss.detach()
             loss = sum(self.weights[m] * -(self.mavg[m][p].detach() * mu[p]).sum(1).mean()
                        for m, (mu, p) in fake.items())
         lr = self.lr_at(self.step)
@@ -307,6 +316,7 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (self.step - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, self.step
+                    stats = {k: float(v) for k, v in stats.items()}
                     rec = {"step": self.step, **stats, "steps_per_s": rate}
                     sf.write(json.dumps(rec) + "\n")
                     sf.flush()
@@ -323,7 +333,10 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     torchrun every rank trains (--batch-size per rank) and rank 0 alone writes the run folder."""
     ranks, device = distributed.join(opts.device, resolve_device)
     release, fmap, arch, device = distributed.guarded(lambda: prepare(opts, device))
-    distributed.agree_same("the training options", _shared_options(opts, release))
+    precision = resolve(opts.precision, device)
+    distributed.agree_same("the training options (with --precision auto: what each node resolved it to; give "
+                           "--precision explicitly on mixed nodes)",
+                           {**_shared_options(opts, release), "precision_resolved": precision.to_json()})
     run = Path(opts.out)
 
     def create():
@@ -336,14 +349,15 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
         except OSError as e:
             raise MepfError(f"run folder {run} cannot be created ({type(e).__name__}); choose another --out") from None
         resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
-                    "device_resolved": str(device), "ranks": ranks.world, "release_sha256": release.file_sha256,
+                    "device_resolved": str(device), "precision_resolved": precision.to_json(),
+                    "ranks": ranks.world, "release_sha256": release.file_sha256,
                     "release_checksum": release.checksum, "release_bytes": Path(opts.release).stat().st_size,
                     "epsilon": release.epsilon, "delta": release.delta,
                     "versions": versions("torch", "torchvision", "mepf", "h5py", "numpy")}
         (run / run_folder.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
     distributed.on_main(create)
-    trainer = Trainer(opts, release, fmap, arch, device)
+    trainer = Trainer(opts, release, fmap, arch, device, precision)
     trainer.fit(progress)
     return trainer
 
@@ -410,7 +424,9 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     release_file, fmap, arch, device = distributed.guarded(lambda: prepare(opts, device))
     if release_file.file_sha256 != saved["release_sha256"]:
         raise MepfError(f"the released file {opts.release} changed while it was read; resume needs the same file")
-    trainer = Trainer(opts, release_file, fmap, arch, device)
+    recorded = saved.get("precision_resolved")
+    precision = Precision.from_json(recorded) if recorded is not None else legacy(opts.precision, device)
+    trainer = Trainer(opts, release_file, fmap, arch, device, precision)
     snap = latest_snapshot(run)
     if snap is not None:
         def load_snapshot():

@@ -91,6 +91,20 @@ def test_resume_is_bitwise_identical(release_file, tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+@pytest.mark.parametrize("precision", ["bf16-generator", "bf16"])
+def test_resume_is_bitwise_identical_in_bf16(release_file, tmp_path, precision):
+    """Within one precision plan, as in fp32: bf16 autocast and channels-last are deterministic on CPU."""
+    base = dict(FAST, snapshot_every=5, precision=precision)
+    a = start(TrainOptions(release=str(release_file), out=str(tmp_path / "a"), steps=10, **base), progress=False)
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "b"), steps=5, **base), progress=False)
+    b = resume(tmp_path / "b", steps=10, progress=False)
+    assert a.precision == b.precision and a.precision.generator == "bf16"
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    for m in a.mavg:
+        assert torch.equal(a.mavg[m], b.mavg[m])
+
+
 def test_weight_average_and_cosine_schedule(release_file, tmp_path):
     """The EMA follows its formula step by step and is what generator.pt holds; the cosine lr runs
     from --lr to 0 and is the lr each step used."""

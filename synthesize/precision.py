@@ -1,0 +1,72 @@
+"""Stage 2's precision plan: the dtype each network runs in and their memory format. The loss, the moving
+averages, the optimiser state and the fake embeddings stay float32 whatever the plan."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mepf.artifacts.errors import MepfError
+
+from .options import PRECISIONS
+
+
+@dataclass(frozen=True)
+class Precision:
+    generator: str  # "fp32" or "bf16" (bf16: autocast)
+    extractor: str
+    channels_last: bool  # both networks, and the images between them
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d) -> Precision:
+        dtypes = ("fp32", "bf16")
+        if not (isinstance(d, dict) and d.get("generator") in dtypes and d.get("extractor") in dtypes
+                and type(d.get("channels_last")) is bool):
+            raise MepfError("the run's options.json holds no valid precision_resolved; the run folder is damaged")
+        return cls(d["generator"], d["extractor"], d["channels_last"])
+
+    def __str__(self) -> str:
+        if self.generator == self.extractor:
+            name = self.generator
+        else:
+            name = f"generator {self.generator}, extractor {self.extractor}"
+        return name + (", channels-last" if self.channels_last else "")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs natively here: CUDA, or a CPU whose torch build reports AVX512-BF16 or AMX-BF16."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    caps = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
+    if caps is None:
+        return False
+    try:
+        c = caps()
+    except Exception:  # noqa: BLE001 - an unknown CPU: take the safe choice
+        return False
+    return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+
+
+def resolve(precision: str, device: torch.device) -> Precision:
+    """--precision for a new run. auto: bf16 for both networks on CUDA; on a CPU with native bf16, a bf16
+    generator beside an fp32 extractor (bf16's backward through EfficientNet's depthwise convolutions is slower
+    than fp32's there, README "Speed"); fp32 elsewhere. Channels-last always: it is faster for both networks
+    on CPU and CUDA alike."""
+    if precision not in PRECISIONS:
+        raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = ("bf16" if device.type == "cuda" else "bf16-generator" if native_bf16(device) else "fp32")
+    return {"fp32": Precision("fp32", "fp32", True), "bf16": Precision("bf16", "bf16", True),
+            "bf16-generator": Precision("bf16", "fp32", True)}[precision]
+
+
+def legacy(precision: str, device: torch.device) -> Precision:
+    """The plan of a run started before the plan was recorded in options.json: bf16 and channels-last for both
+    networks with bf16 (or auto on CUDA), else fp32 in the default memory format; so that it resumes exactly."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return Precision("bf16", "bf16", True) if bf16 else Precision("fp32", "fp32", False)

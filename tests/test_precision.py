@@ -1,0 +1,110 @@
+"""Stage 2's precision plan: what --precision resolves to, that a run records it and resumes under it (also
+when auto would now resolve otherwise), that runs from before the plan keep theirs, and that a bf16 generator
+beside an fp32 extractor keeps the loss, moving averages and optimiser state in float32."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mepf.artifacts.errors import MepfError
+from mepf.cli import main
+from mepf.synthesize import precision as prec
+from mepf.synthesize.precision import Precision, legacy, native_bf16, resolve
+from mepf.synthesize.train import Trainer, TrainOptions, prepare, resume, start
+
+COMPAT = Path(__file__).resolve().parent / "data" / "compat"
+FAST = {"width": 8, "batch_size": 20, "grid_every": 0, "snapshot_every": 5, "log_every": 5, "device": "cpu"}
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def release(tmp_path):
+    shutil.copy(COMPAT / "release.h5", tmp_path / "r.h5")
+    return str(tmp_path / "r.h5")
+
+
+def test_auto_resolves_by_hardware(monkeypatch):
+    assert resolve("auto", CUDA) == Precision("bf16", "bf16", True)
+    monkeypatch.setattr(prec, "native_bf16", lambda device: True)
+    assert resolve("auto", CPU) == Precision("bf16", "fp32", True)
+    monkeypatch.setattr(prec, "native_bf16", lambda device: False)
+    assert resolve("auto", CPU) == Precision("fp32", "fp32", True)
+    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True)
+    for device in (CPU, CUDA):  # an explicit choice is taken as given
+        assert resolve("fp32", device) == Precision("fp32", "fp32", True)
+        assert resolve("bf16", device) == Precision("bf16", "bf16", True)
+        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True)
+    with pytest.raises(MepfError, match="--precision must be one of"):
+        resolve("fp16", CPU)
+
+
+def test_native_bf16_is_read_from_torch():
+    caps = torch.cpu.get_capabilities()
+    assert native_bf16(CPU) == bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    assert native_bf16(CUDA) and not native_bf16(torch.device("mps"))
+
+
+def test_plan_round_trips_and_a_damaged_one_is_refused():
+    for p in (Precision("fp32", "fp32", False), Precision("bf16", "fp32", True)):
+        assert Precision.from_json(json.loads(json.dumps(p.to_json()))) == p
+    for bad in (None, [], {"generator": "fp16", "extractor": "fp32", "channels_last": True},
+                {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"}):
+        with pytest.raises(MepfError, match="precision_resolved"):
+            Precision.from_json(bad)
+
+
+def test_a_run_records_its_plan_and_resumes_under_it(release, tmp_path, monkeypatch):
+    monkeypatch.setattr(prec, "native_bf16", lambda device: True)
+    run = tmp_path / "run"
+    start(TrainOptions(release=release, out=str(run), steps=5, **FAST), progress=False)
+    saved = json.loads((run / "options.json").read_text())
+    assert saved["precision"] == "auto"
+    assert saved["precision_resolved"] == {"generator": "bf16", "extractor": "fp32", "channels_last": True}
+    monkeypatch.setattr(prec, "native_bf16", lambda device: False)  # e.g. resumed on another machine
+    assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True)
+    (run / "options.json").write_text(json.dumps({**saved, "precision_resolved": {"generator": "x"}}))
+    with pytest.raises(MepfError, match="no valid precision_resolved"):
+        resume(run, steps=15, progress=False)
+
+
+def test_a_run_from_before_the_plan_resumes_under_its_old_one(tmp_path):
+    """tests/data/compat/run (ec2b872) has no precision_resolved: auto on a CPU was fp32 in the default memory
+    format then, and must stay so, whatever auto means now."""
+    run = tmp_path / "run"
+    shutil.copytree(COMPAT / "run", run)
+    shutil.copy(COMPAT / "release.h5", tmp_path / "release.h5")
+    assert "precision_resolved" not in json.loads((run / "options.json").read_text())
+    t = resume(run, release=str(tmp_path / "release.h5"), steps=6, progress=False)
+    assert t.precision == legacy("auto", CPU) == Precision("fp32", "fp32", False)
+    assert legacy("auto", CUDA) == legacy("bf16", CPU) == Precision("bf16", "bf16", True)
+
+
+@pytest.mark.parametrize("choice", ["bf16-generator", "bf16", "fp32"])
+def test_a_step_keeps_float32_where_it_must(release, tmp_path, choice):
+    opts = TrainOptions(release=release, out=str(tmp_path / "x"), steps=2, precision=choice, **FAST)
+    rel, fmap, arch, dev = prepare(opts)
+    t = Trainer(opts, rel, fmap, arch, dev)
+    before = [p.detach().clone() for p in t.G.parameters()]
+    stats = t.train_step()
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32 for v in stats.values())
+    assert all(bool(torch.isfinite(v)) for v in stats.values())
+    assert all(p.dtype == torch.float32 for p in t.G.parameters())  # the weights are never cast
+    assert all(v.dtype == torch.float32 for v in t.mavg.values())
+    assert all(s.dtype == torch.float32 for st in t.opt_g.state.values() for s in st.values() if s.dim())
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.G.parameters()))
+    if t.precision.channels_last:
+        conv = next(m for m in t.G.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_dry_run_shows_the_plan(release, tmp_path):
+    r = CliRunner().invoke(main, ["synthesize", release, "--out", str(tmp_path / "run"), "--dry-run",
+                                  "--precision", "bf16-generator", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["precision_resolved"] == {"generator": "bf16", "extractor": "fp32",
+                                                           "channels_last": True}
