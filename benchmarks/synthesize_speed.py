@@ -1,13 +1,23 @@
-"""Stage-2 speed: generator training steps/s against the bare extractor forward+backward at the same
-batch size, in one run. Prints figures, asserts nothing.
+"""Stage-2 speed, in one run with interleaved repeats. Prints figures, asserts nothing.
 
-    .venv/bin/python benchmarks/synthesize_speed.py RELEASE.h5 [--batch-size 100 --steps 20]
+    .venv/bin/python benchmarks/synthesize_speed.py [RELEASE.h5] [--batch-size 100 --steps 10 --repeats 5]
+                                                    [--baseline REV --cli-steps 60]
 
+- the real training step at --precision auto (the plan it resolves to here), and at fp32;
+- the bare cost: generator forward+backward plus extractor forward+backward (input gradient only) at the
+  same batch, each at its fastest of fp32/bf16 x default/channels-last, and the step's ratio to it;
+- with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
+  command, alternating (steps/s from each run's stats.jsonl after its first record).
 Without RELEASE.h5 it first embeds mnist-5k:train (efficientnet-lite0, eps=10) into a temporary file.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +25,11 @@ from pathlib import Path
 import torch
 
 from mepf.core.memory import keep_freed_memory
+from mepf.synthesize.generators import Z_DIM
+from mepf.synthesize.precision import Precision
 from mepf.synthesize.train import Trainer, TrainOptions, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_release(tmp: Path) -> Path:
@@ -26,47 +40,137 @@ def make_release(tmp: Path) -> Path:
     return tmp / "r.h5"
 
 
+def per_second(fn, n: int, sync) -> float:
+    sync()
+    s = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return n / (time.perf_counter() - s)
+
+
+def network_cases(t: Trainer, batch: int, dev) -> dict:
+    """Forward+backward of each network alone, per precision and memory format (the input gradient only for
+    the frozen extractor)."""
+    import copy
+
+    spec = t.release.features
+    z = torch.randn(batch, Z_DIM, device=dev)
+    y = (torch.arange(batch) % t.arch["num_classes"]).to(dev)
+    x0 = torch.rand(batch, spec.channels, spec.height, spec.width, device=dev)
+    cases = {}
+    for cl in (False, True):
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        G = copy.deepcopy(t.G).to(memory_format=fmt)
+        E = copy.deepcopy(t.fmap).to(memory_format=fmt)
+        for bf in (False, True):
+            name = f"{'bf16' if bf else 'fp32'}{', channels-last' if cl else ''}"
+
+            def gen(G=G, bf=bf):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf):
+                    x = G(z, y)
+                x.float().sum().backward()
+
+            def ext(E=E, bf=bf, fmt=fmt):
+                x = x0.contiguous(memory_format=fmt).requires_grad_(True)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf):
+                    out = E(x)
+                out.float().sum().backward()
+
+            cases[f"generator {name}"] = gen
+            cases[f"extractor {name}"] = ext
+    return cases
+
+
+def cli_rate(python: list, env: dict, release: str, out: Path, steps: int, batch: int) -> float:
+    """steps/s of one `mepf synthesize` run, from its stats.jsonl (the first record, with start-up, left out)."""
+    cmd = python + ["synthesize", release, "--out", str(out), "--steps", str(steps), "--log-every", "10",
+                    "--grid-every", "0", "--snapshot-every", "0", "--batch-size", str(batch), "--quiet"]
+    # run from the output's folder: from the repository, `python -c` would import the working tree's mepf first
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, cwd=out.parent)
+    recs = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines() if line]
+    return statistics.median(r["steps_per_s"] for r in recs[1:])
+
+
+def baseline_build(rev: str, tmp: Path) -> Path:
+    """Commit REV's mepf installed (no dependencies) into a folder of its own, to be put first on PYTHONPATH."""
+    src, target = tmp / "src", tmp / "site"
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    src.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(src)], check=True)
+    return target
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("release", nargs="?")
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10, help="steps per measurement")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats (medians are printed)")
     ap.add_argument("--width", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--baseline", metavar="REV", help="also time `mepf synthesize` of this commit")
+    ap.add_argument("--cli-steps", type=int, default=60, help="steps of each `mepf synthesize` run")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     release = a.release or str(make_release(tmp))
+    keep_freed_memory()  # as Trainer.fit does; before every measurement, so that they compare
+    trainers = {}
+    for precision in ("auto", "fp32"):
+        opts = TrainOptions(release=release, out=str(tmp / "run"), batch_size=a.batch_size, width=a.width,
+                            device=a.device, precision=precision)
+        rel, fmap, arch, dev = prepare(opts)
+        trainers[precision] = Trainer(opts, rel, fmap, arch, dev)
     opts = TrainOptions(release=release, out=str(tmp / "run"), batch_size=a.batch_size, width=a.width,
                         device=a.device)
-    rel, ex, arch, dev = prepare(opts)
-    t = Trainer(opts, rel, ex, arch, dev)
-    spec = rel.features
+    rel, fmap, arch, dev = prepare(opts)
+    trainers["before"] = Trainer(opts, rel, fmap, arch, dev, Precision("fp32", "fp32", False)
+                                 if dev.type != "cuda" else Precision("bf16", "bf16", True))
+    t = trainers["auto"]
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    keep_freed_memory()  # as Trainer.fit does; before both measurements, so that they compare
-    x = torch.rand(a.batch_size, spec.channels, spec.height, spec.width, device=dev, requires_grad=True)
-    for _ in range(2):  # warm-up
-        t.train_step()
-        t.fmap(x).sum().backward()
-    sync()
-    s = time.perf_counter()
-    for _ in range(a.steps):
-        t.fmap(x).sum().backward()
-    sync()
-    bare = a.steps / (time.perf_counter() - s)
-    s = time.perf_counter()
-    for _ in range(a.steps):
-        t.train_step()
-    sync()
-    full = a.steps / (time.perf_counter() - s)
-    print(f"{spec.backbone} D={spec.dim}, generator {arch['name']} width "
-          f"{arch['width']}, "
-          f"batch {a.batch_size}, device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"bare extractor forward+backward : {bare:7.2f} it/s")
-    print(f"full generator training step    : {full:7.2f} steps/s  ({full / bare:.2f} x bare)")
+    cases = {f"step {k}": tr.train_step for k, tr in trainers.items()}
+    cases.update(network_cases(t, a.batch_size, dev))
+    for fn in cases.values():  # warm-up
+        fn()
+        fn()
+    rates = {k: [] for k in cases}
+    for _ in range(a.repeats):
+        for k, fn in cases.items():
+            rates[k].append(per_second(fn, a.steps, sync))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    spec = rel.features
+    print(f"{spec.backbone} D={spec.dim}, {spec.channels}x{spec.height}x{spec.width}, generator {arch['name']} width "
+          f"{arch['width']}, batch {a.batch_size}, device {dev}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; medians of {a.repeats} interleaved repeats of {a.steps} steps")
+    for k, v in med.items():
+        print(f"  {k:40s} {v:7.2f} it/s  {1000 / v:7.1f} ms")
+    g = min((k for k in med if k.startswith("generator")), key=lambda k: 1 / med[k])
+    e = min((k for k in med if k.startswith("extractor")), key=lambda k: 1 / med[k])
+    bare_ms = 1000 / med[g] + 1000 / med[e]
+    step_ms = 1000 / med["step auto"]
+    print(f"auto resolves to: {t.precision}")
+    print(f"bare cost (fastest {g} + fastest {e}): {bare_ms:.1f} ms")
+    print(f"step auto {step_ms:.1f} ms = {bare_ms / step_ms:.2f} x bare; fp32 step {1000 / med['step fp32']:.1f} ms; "
+          f"the plan before (no channels-last, fp32 on CPU) {1000 / med['step before']:.1f} ms: auto is "
+          f"{med['step auto'] / med['step before']:.2f} x faster")
+    if a.baseline:
+        site = baseline_build(a.baseline, tmp)
+        env_old = {**os.environ, "PYTHONPATH": str(site)}
+        py = [sys.executable, "-c", "import sys; from mepf.cli import main; sys.argv[0] = 'mepf'; main()"]
+        runs = {a.baseline: [], "this build": []}
+        for i in range(3):
+            runs[a.baseline].append(cli_rate(py, env_old, release, tmp / f"old{i}", a.cli_steps, a.batch_size))
+            runs["this build"].append(cli_rate(py, dict(os.environ), release, tmp / f"new{i}",
+                                               a.cli_steps, a.batch_size))
+        old, new = (statistics.median(v) for v in runs.values())
+        print(f"mepf synthesize ({a.cli_steps} steps, defaults, 3 alternating runs each): {a.baseline} "
+              f"{old:.2f} steps/s, this build {new:.2f} steps/s: {new / old:.2f} x")
 
 
 if __name__ == "__main__":

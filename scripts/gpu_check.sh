@@ -17,7 +17,7 @@ $PY benchmarks/embed_throughput.py --backbone efficientnet-lite0 --image-size 32
 TMP=$(mktemp -d)
 .venv/bin/mepf embed --data mnist-5k:train --out "$TMP/r.h5" --epsilon 10 --delta 1e-5 --device cuda \
   --release-log "$TMP/log.jsonl" --quiet
-$PY benchmarks/synthesize_speed.py "$TMP/r.h5" --device cuda --steps 50
+$PY benchmarks/synthesize_speed.py "$TMP/r.h5" --device cuda --steps 50 --repeats 3
 .venv/bin/mepf embed --data mnist-5k:train --image-size 32 --backbone vgg19 --weights random --out "$TMP/v.h5" \
   --epsilon 10 --delta 1e-5 --device cuda --release-log "$TMP/log2.jsonl" --quiet
-$PY benchmarks/synthesize_speed.py "$TMP/v.h5" --device cuda --steps 20
+$PY benchmarks/synthesize_speed.py "$TMP/v.h5" --device cuda --steps 20 --repeats 3
