@@ -1,6 +1,8 @@
 """Stage 2's target and objective: per-class mean embeddings of generated images against the release."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -34,9 +36,13 @@ def class_means(feats: torch.Tensor, y: torch.Tensor, k: int):
     return sums / cnt.clamp_min(1)[:, None], cnt > 0
 
 
-def fake_embeddings(fmap, images, y, target: Target) -> dict:
-    """Per-class mean of phi over a generated batch, for each released moment (float32, differentiable)."""
-    return {m: class_means(p, y, target.num_classes) for m, p in fmap.embed(images, target.moments).items()}
+def fake_embeddings(fmap, images, y, target: Target, fast: bool = True) -> dict:
+    """Per-class mean of phi over a generated batch, for each released moment (float32, differentiable).
+    fast: the fused phi, and the class sums in float32 even under a bf16 autocast; False: as runs started
+    before both computed it (autograd through phi1/phi2, the sums in the autocast's dtype)."""
+    phis = fmap.embed(images, target.moments, fused=fast)
+    with torch.autocast(images.device.type, enabled=False) if fast else contextlib.nullcontext():
+        return {m: class_means(p, y, target.num_classes) for m, p in phis.items()}
 
 
 def squared_distance(target: Target, fake: dict) -> dict:

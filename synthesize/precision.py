@@ -16,6 +16,8 @@ class Precision:
     generator: str  # "fp32" or "bf16" (bf16: autocast)
     extractor: str
     channels_last: bool  # both networks, and the images between them
+    #: the fused phi, the folded padding and float32 class sums; False only for runs started before them
+    fast_paths: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -24,16 +26,16 @@ class Precision:
     def from_json(cls, d) -> Precision:
         dtypes = ("fp32", "bf16")
         if not (isinstance(d, dict) and d.get("generator") in dtypes and d.get("extractor") in dtypes
-                and type(d.get("channels_last")) is bool):
+                and type(d.get("channels_last")) is bool and type(d.get("fast_paths")) is bool):
             raise MepfError("the run's options.json holds no valid precision_resolved; the run folder is damaged")
-        return cls(d["generator"], d["extractor"], d["channels_last"])
+        return cls(d["generator"], d["extractor"], d["channels_last"], d["fast_paths"])
 
     def __str__(self) -> str:
         if self.generator == self.extractor:
             name = self.generator
         else:
             name = f"generator {self.generator}, extractor {self.extractor}"
-        return name + (", channels-last" if self.channels_last else "")
+        return name + (", channels-last" if self.channels_last else "") + ("" if self.fast_paths else ", legacy")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -66,7 +68,12 @@ def resolve(precision: str, device: torch.device) -> Precision:
 
 
 def legacy(precision: str, device: torch.device) -> Precision:
-    """The plan of a run started before the plan was recorded in options.json: bf16 and channels-last for both
-    networks with bf16 (or auto on CUDA), else fp32 in the default memory format; so that it resumes exactly."""
+    """The computation of a run started before the plan was recorded in options.json, as that code did it on
+    the device it resumes on: bf16 and channels-last for both networks with bf16 (or auto on CUDA), else fp32
+    in the default memory format, and none of the fast paths; so that it resumes bit-exactly (tested against
+    the code that made tests/data/compat/run)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise MepfError(f"the run's options.json says --precision {precision!r} but records no plan; the run "
+                        "folder is damaged")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return Precision("bf16", "bf16", True) if bf16 else Precision("fp32", "fp32", False)
+    return Precision("bf16", "bf16", True, False) if bf16 else Precision("fp32", "fp32", False, False)

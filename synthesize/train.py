@@ -123,7 +123,7 @@ class Trainer:
         self.step = 0
         self.complete = False  # set by resume: the run was already at its last step
         self.precision = precision or resolve(opts.precision, device)
-        if self.precision.channels_last:  # not in a run from before the plan: it resumes on the very same map
+        if self.precision.fast_paths:  # not in a run from before the plan: it resumes on the very same map
             fold_same_padding(self.fmap)  # the same map without the padding copies (tests/test_features_fused.py)
         if self.precision.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
@@ -186,7 +186,7 @@ class Trainer:
         if p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=p.extractor == "bf16"):
-            fake = fake_embeddings(self.fmap, x, y, self.target)
+            fake = fake_embeddings(self.fmap, x, y, self.target, fast=p.fast_paths)
         dist = squared_distance(self.target, fake)
         stats = {f"dist_{m}": d.detach() for m, d in dist.items()}
         if self.opts.objective == "plain":
@@ -424,8 +424,8 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     release_file, fmap, arch, device = distributed.guarded(lambda: prepare(opts, device))
     if release_file.file_sha256 != saved["release_sha256"]:
         raise MepfError(f"the released file {opts.release} changed while it was read; resume needs the same file")
-    recorded = saved.get("precision_resolved")
-    precision = Precision.from_json(recorded) if recorded is not None else legacy(opts.precision, device)
+    precision = (Precision.from_json(saved["precision_resolved"]) if "precision_resolved" in saved
+                 else legacy(opts.precision, device))
     trainer = Trainer(opts, release_file, fmap, arch, device, precision)
     snap = latest_snapshot(run)
     if snap is not None:

@@ -2,11 +2,14 @@
 sample, resume and compare exactly: a release, its non-private baseline and a run folder."""
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mepf.artifacts import load
@@ -66,6 +69,14 @@ def test_an_old_run_samples_the_same_images_and_resumes(tmp_path):
     assert (run / "snapshot-0000006.pt").is_file()
     info = cli("info", run).output
     assert "step 6 of 6 (complete)" in info and "steps 4 -> 6 at step 4" in info and "(conv, width 8," in info
+    # the same weights and moving averages, bit for bit, as ec2b872 resuming the same run (resumed6.json)
+    state = torch.load(run / "snapshot-0000006.pt", weights_only=True)
+    h = hashlib.sha256()
+    for part in ("generator", "mavg"):
+        for k, t in sorted(state[part].items()):
+            h.update(k.encode())
+            h.update(t.contiguous().numpy().tobytes())
+    assert h.hexdigest() == json.loads((DATA / "resumed6.json").read_text())["sha256"]
 
 
 @pytest.mark.parametrize("name", ["release.h5", "exact.h5"])

@@ -50,10 +50,11 @@ def test_native_bf16_is_read_from_torch():
 
 
 def test_plan_round_trips_and_a_damaged_one_is_refused():
-    for p in (Precision("fp32", "fp32", False), Precision("bf16", "fp32", True)):
+    for p in (Precision("fp32", "fp32", False, False), Precision("bf16", "fp32", True)):
         assert Precision.from_json(json.loads(json.dumps(p.to_json()))) == p
     for bad in (None, [], {"generator": "fp16", "extractor": "fp32", "channels_last": True},
-                {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"}):
+                {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"},
+                {"generator": "bf16", "extractor": "fp32", "channels_last": True}):  # no fast_paths
         with pytest.raises(MepfError, match="precision_resolved"):
             Precision.from_json(bad)
 
@@ -64,24 +65,31 @@ def test_a_run_records_its_plan_and_resumes_under_it(release, tmp_path, monkeypa
     start(TrainOptions(release=release, out=str(run), steps=5, **FAST), progress=False)
     saved = json.loads((run / "options.json").read_text())
     assert saved["precision"] == "auto"
-    assert saved["precision_resolved"] == {"generator": "bf16", "extractor": "fp32", "channels_last": True}
+    assert saved["precision_resolved"] == {"generator": "bf16", "extractor": "fp32", "channels_last": True,
+                                          "fast_paths": True}
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)  # e.g. resumed on another machine
     assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True)
-    (run / "options.json").write_text(json.dumps({**saved, "precision_resolved": {"generator": "x"}}))
-    with pytest.raises(MepfError, match="no valid precision_resolved"):
+    for bad in ({"generator": "x"}, None):
+        (run / "options.json").write_text(json.dumps({**saved, "precision_resolved": bad}))
+        with pytest.raises(MepfError, match="no valid precision_resolved"):
+            resume(run, steps=15, progress=False)
+    del saved["precision_resolved"]  # a plan-less run may only say what old code could have written
+    (run / "options.json").write_text(json.dumps({**saved, "precision": "bf16-generator"}))
+    with pytest.raises(MepfError, match="records no plan"):
         resume(run, steps=15, progress=False)
 
 
 def test_a_run_from_before_the_plan_resumes_under_its_old_one(tmp_path):
     """tests/data/compat/run (ec2b872) has no precision_resolved: auto on a CPU was fp32 in the default memory
-    format then, and must stay so, whatever auto means now."""
+    format then, without the fast paths, and must stay so, whatever auto means now (test_compat checks the
+    resumed weights bit for bit against ec2b872's own resume)."""
     run = tmp_path / "run"
     shutil.copytree(COMPAT / "run", run)
     shutil.copy(COMPAT / "release.h5", tmp_path / "release.h5")
     assert "precision_resolved" not in json.loads((run / "options.json").read_text())
     t = resume(run, release=str(tmp_path / "release.h5"), steps=6, progress=False)
-    assert t.precision == legacy("auto", CPU) == Precision("fp32", "fp32", False)
-    assert legacy("auto", CUDA) == legacy("bf16", CPU) == Precision("bf16", "bf16", True)
+    assert t.precision == legacy("auto", CPU) == Precision("fp32", "fp32", False, fast_paths=False)
+    assert legacy("auto", CUDA) == legacy("bf16", CPU) == Precision("bf16", "bf16", True, fast_paths=False)
 
 
 @pytest.mark.parametrize("choice", ["bf16-generator", "bf16", "fp32"])
@@ -107,4 +115,4 @@ def test_dry_run_shows_the_plan(release, tmp_path):
                                   "--precision", "bf16-generator", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision_resolved"] == {"generator": "bf16", "extractor": "fp32",
-                                                           "channels_last": True}
+                                                           "channels_last": True, "fast_paths": True}

@@ -275,10 +275,13 @@ class FeatureMap(nn.Module):
         c = self.spec.norm(moment)
         return phi1(features, c, dtype) if moment == "S1" else phi2(features, c, dtype)
 
-    def embed(self, images: torch.Tensor, moments, dtype=torch.float32) -> dict:
+    def embed(self, images: torch.Tensor, moments, dtype=torch.float32, fused: bool = True) -> dict:
         """{moment: phi_moment(images)}, with one forward pass for all moments; phi1 and phi2 as one fused
-        autograd step (the same map as phi1/phi2, in fewer passes over B x D)."""
+        autograd step (the same map as phi1/phi2, in fewer passes over B x D). fused=False: autograd through
+        phi1/phi2, as runs started before the fused step computed it (their resume stays bit-exact)."""
         f = self(images).to(dtype)
+        if not fused:
+            return {m: self.phi_of(m, f, dtype) for m in moments}
         out = dict(zip(("S1", "S2"), phi_fused(f, self.spec.norm("S1") if "S1" in moments else None,
                                                self.spec.norm("S2") if "S2" in moments else None)))
         return {m: out[m] for m in moments}
@@ -345,50 +348,55 @@ def phi2(features: torch.Tensor, c2: float, dtype=torch.float64) -> torch.Tensor
 
 class _Phi(torch.autograd.Function):
     """phi1 and phi2 of the rows of f together, with a hand-written backward: both need f's row norms, and
-    autograd's own backward of normalise makes several B x D temporaries per moment. Row rule as normalise:
-    a zero or non-finite row gives zeros and a zero gradient."""
+    autograd's own backward of normalise makes several B x D temporaries per moment. Row rule as phi1/phi2 in
+    f's dtype: a row whose norm (of f for phi1, of (f/max|f|)^2 for phi2) is zero or not finite gives zeros, with
+    a zero gradient."""
 
     @staticmethod
     def forward(ctx, f, t1, t2):
-        n1 = torch.linalg.vector_norm(f, dim=1, keepdim=True)  # inf or nan exactly when an entry is
-        bad = ~(torch.isfinite(n1) & (n1 > 0))
-        any_bad = bool(bad.any())  # one host sync, to skip three B x D masking passes in training's case
-        p1 = p2 = s1 = s2 = m = None
+        p1 = p2 = s1 = s2 = q = m = bad1 = bad2 = None
         if t1 is not None:
-            s1 = torch.where(bad, 0.0, t1 / n1)
+            n1 = torch.linalg.vector_norm(f, dim=1, keepdim=True)  # inf or nan exactly when an entry is
+            bad1 = ~(torch.isfinite(n1) & (n1 > 0))
+            s1 = torch.where(bad1, 0.0, t1 / n1)
             p1 = f * s1
-            if any_bad:
-                p1.masked_fill_(bad, 0.0)
         if t2 is not None:
             lo, hi = torch.aminmax(f, dim=1, keepdim=True)
-            m = torch.maximum(hi, -lo).masked_fill_(bad, 1.0)  # max|f|: (f/m)^2 cannot overflow
-            p2 = (f / m).square_()
-            n2 = torch.linalg.vector_norm(p2, dim=1, keepdim=True)
-            s2 = torch.where(bad, 0.0, t2 / n2)  # n2 >= 1 on a good row: its largest entry is 1
+            m = torch.maximum(hi, -lo)  # max|f|: (f/m)^2 cannot overflow; nan on a row with a nan
+            m = torch.where(m > 0, m, 1.0)  # a zero row stays zero (and is refused below)
+            q = f / m
+            p2 = q.square()
+            n2 = torch.linalg.vector_norm(p2, dim=1, keepdim=True)  # >= 1 on a finite non-zero row
+            bad2 = ~(torch.isfinite(n2) & (n2 > 0))
+            s2 = torch.where(bad2, 0.0, t2 / n2)
             p2.mul_(s2)
-            if any_bad:
-                p2.masked_fill_(bad, 0.0)
-        ctx.save_for_backward(f, p1, p2, s1, s2, m, bad)
-        ctx.any_bad = any_bad
-        ctx.t = (t1, t2)
+        bads = [b for b in (bad1, bad2) if b is not None]
+        any_bad = bool(torch.cat(bads, dim=1).any())  # one host sync; training's rows are all usable
+        if any_bad:  # a non-finite entry times a zero scale is nan
+            for p, b in ((p1, bad1), (p2, bad2)):
+                if p is not None:
+                    p.masked_fill_(b, 0.0)
+        ctx.save_for_backward(p1, p2, s1, s2, q, m, bad2)
+        ctx.t, ctx.any_bad = (t1, t2), any_bad
         return p1, p2
 
     @staticmethod
     def backward(ctx, g1, g2):
-        # y = s f with s = t/||f||: dy = s (g - y (y.g) / t^2); the same for phi2 in q = (f/m)^2, then dq = 2 f/m^2
-        f, p1, p2, s1, s2, m, bad = ctx.saved_tensors
+        # y = s v with s = t/||v||: dy = s (g - y (y.g) / t^2); v = f for phi1, v = q^2 with q = f/m for phi2,
+        # where dq^2 = 2 q / m (m = max|f| is held fixed: phi2 does not depend on it)
+        p1, p2, s1, s2, q, m, bad2 = ctx.saved_tensors
         t1, t2 = ctx.t
         grad = None
-        if p1 is not None and g1 is not None:
+        if p1 is not None and g1 is not None:  # a refused row has s1 = 0 and p1 = 0: its gradient is 0
             dot = torch.linalg.vecdot(g1, p1, dim=1).unsqueeze(1)
             grad = torch.addcmul(g1, p1, dot, value=-1 / t1 ** 2).mul_(s1)
         if p2 is not None and g2 is not None:
             dot = torch.linalg.vecdot(g2, p2, dim=1).unsqueeze(1)
-            d2 = torch.addcmul(g2, p2, dot, value=-1 / t2 ** 2).mul_(f)
-            coef = 2 * s2 / (m * m)
+            d2 = torch.addcmul(g2, p2, dot, value=-1 / t2 ** 2).mul_(q)  # |q| <= 1: no overflow
+            if ctx.any_bad:
+                d2.masked_fill_(bad2, 0.0)  # q is not finite on a row with a non-finite entry
+            coef = 2 * s2 / m  # finite: m is max|f| of a row whose norm is usable, or 1
             grad = d2.mul_(coef) if grad is None else grad.addcmul_(d2, coef)
-        if grad is not None and ctx.any_bad:
-            grad.masked_fill_(bad, 0.0)  # a non-finite row's f would make 0 * inf
         return grad, None, None
 
 
