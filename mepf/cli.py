@@ -552,14 +552,17 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 @click.option("--batch-size", type=click.IntRange(1), default=_sd("batch_size"))
 @click.option("--device", type=_choices(DEVICES), default=_sd("device"))
 @click.option("--overwrite", is_flag=True)
+@click.option("--format", "fmt", type=_choices(so.SAMPLE_FORMATS), default=_sd("format"),
+              help="mepf: uint8 .npz or PNG folders; dpimagebench: the gen.npz DPImageBench's eval.py loads (x float32 "
+                   "(N, C, H, W) in [0, 1], y labels, classes balanced).")
 @user_errors
-def sample(source, n, out, seed, labels, batch_size, device, overwrite):
+def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt):
     """Draw N images from a run folder or generator.pt, as .npz or a folder of PNGs (one subfolder per class)."""
     from mepf.core.device import resolve_device
     from mepf.synthesize.sampling import write_samples
 
     write_samples(source, n, out, seed=seed, labels=labels, batch_size=batch_size,
-                  device=resolve_device(device), overwrite=overwrite)
+                  device=resolve_device(device), overwrite=overwrite, format=fmt)
     click.echo(f"wrote {n} images to {out}")
 
 

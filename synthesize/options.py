@@ -37,6 +37,10 @@ class TrainOptions:
     weights: str | None = None  # extractor weights file, when the release was made from one
 
 
+#: mepf: uint8 images (and PNG folders); dpimagebench: the gen.npz DPImageBench's eval.py loads
+SAMPLE_FORMATS = ("mepf", "dpimagebench")
+
+
 @dataclass
 class SampleOptions:
     """`mepf sample`'s options and defaults."""
@@ -48,3 +52,4 @@ class SampleOptions:
     batch_size: int = 500
     device: str = "auto"
     overwrite: bool = False
+    format: str = "mepf"

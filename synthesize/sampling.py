@@ -1,4 +1,5 @@
-"""Writing samples: an .npz (uint8 images, int labels) or a folder of PNGs, one subfolder per class."""
+"""Writing samples: an .npz (uint8 images, int labels), a folder of PNGs (one subfolder per class), or DPImageBench's
+gen.npz."""
 from __future__ import annotations
 
 import re
@@ -11,7 +12,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path, create_folder_of
 
 from .checkpoint import load_generator
-from .options import SampleOptions
+from .options import SAMPLE_FORMATS, SampleOptions
 
 #: suffixes --out cannot mean: an image or another file type, where a folder of PNGs would be made
 NOT_OUTPUTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".h5", ".hdf5", ".pt", ".npy",
@@ -31,8 +32,20 @@ _D = SampleOptions  # the defaults, written once there
 
 
 def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
-                  device="cpu", overwrite: bool = False) -> Path:
+                  device="cpu", overwrite: bool = False, format: str = _D.format) -> Path:
+    """n samples to `out`. format 'mepf': an .npz of uint8 images (N, H, W[, C]) and labels, or a folder of PNGs;
+    'dpimagebench': an .npz as DPImageBench's eval.py loads its gen.npz: `x` float32 (N, C, H, W) in [0, 1] (the
+    same images as 'mepf' gives for the same seed, i.e. uint8 / 255) and `y` int64 labels, classes balanced."""
     out = Path(out)
+    if format not in SAMPLE_FORMATS:
+        raise MepfError(f"--format must be one of {', '.join(SAMPLE_FORMATS)}")
+    if format == "dpimagebench":
+        if out.suffix != ".npz":
+            raise MepfError(f"--format dpimagebench writes an .npz (DPImageBench names it gen.npz); --out {out} is not "
+                            "one")
+        if labels != "balanced":
+            raise MepfError("--format dpimagebench takes class-balanced labels, as DPImageBench's synthetic sets "
+                            "have; drop --labels prior")
     if out.suffix.lower() in NOT_OUTPUTS:
         raise MepfError(f"--out {out}: an .npz file, or a folder of PNGs (a name without a suffix such as "
                         f"{out.suffix}), one subfolder per class")
@@ -40,7 +53,15 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     create_folder_of(out)
     if out.exists() and not overwrite:
         raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
+    if format == "dpimagebench" and not g.info.get("labelled"):
+        raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
+                        "evaluates class-conditional sets)")
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)
+    if format == "dpimagebench":
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
+        with atomic_path(out, ".npz") as tmp:
+            np.savez(tmp, x=x, y=y.astype(np.int64))
+        return out
     if out.suffix == ".npz":
         names = {"class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled") else {}
         with atomic_path(out, ".npz") as tmp:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -214,6 +215,30 @@ def test_sample_outputs(release_file, tmp_path):
     prior = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "50", "--out", str(tmp_path / "p.npz"),
                             "--labels", "prior"])
     assert prior.exit_code == 0
+
+
+def test_sample_in_dpimagebench_form(release_file, tmp_path):
+    """gen.npz as DPImageBench's eval.py reads it: x float32 (N, C, H, W) in [0, 1], y integer labels, classes
+    balanced; the same images as the mepf .npz of the same seed."""
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
+    r = CliRunner()
+    args = ["sample", str(tmp_path / "run"), "-n", "30", "--seed", "4"]
+    assert r.invoke(main, args + ["--out", str(tmp_path / "gen.npz"), "--format", "dpimagebench"]).exit_code == 0
+    assert r.invoke(main, args + ["--out", str(tmp_path / "m.npz")]).exit_code == 0
+    gen, ours = np.load(tmp_path / "gen.npz"), np.load(tmp_path / "m.npz")
+    assert sorted(gen.files) == ["x", "y"]
+    x, y = gen["x"], gen["y"]
+    assert x.dtype == np.float32 and x.shape == (30, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert np.issubdtype(y.dtype, np.integer) and np.bincount(y, minlength=10).tolist() == [3] * 10
+    np.testing.assert_array_equal(x, ours["images"][:, None].astype(np.float32) / 255)
+    np.testing.assert_array_equal(y, ours["labels"])
+    ds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))  # as their loader wraps it
+    assert ds[0][0].shape == (1, 28, 28)
+    for extra, message in ((["--out", str(tmp_path / "folder")], "writes an .npz"),
+                           (["--out", str(tmp_path / "p.npz"), "--labels", "prior"], "class-balanced")):
+        bad = r.invoke(main, args + ["--format", "dpimagebench"] + extra)
+        assert bad.exit_code == 2 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+        assert not Path(extra[1]).exists()
 
 
 def test_dry_run_writes_nothing(release_file, tmp_path):
