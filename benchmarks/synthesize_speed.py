@@ -26,7 +26,7 @@ import torch
 
 from mepf.core.memory import keep_freed_memory
 from mepf.synthesize.generators import Z_DIM
-from mepf.synthesize.precision import Precision
+from mepf.synthesize.precision import legacy
 from mepf.synthesize.train import Trainer, TrainOptions, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,8 +126,7 @@ def main() -> None:
     opts = TrainOptions(release=release, out=str(tmp / "run"), batch_size=a.batch_size, width=a.width,
                         device=a.device)
     rel, fmap, arch, dev = prepare(opts)
-    trainers["before"] = Trainer(opts, rel, fmap, arch, dev, Precision("fp32", "fp32", False)
-                                 if dev.type != "cuda" else Precision("bf16", "bf16", True))
+    trainers["before"] = Trainer(opts, rel, fmap, arch, dev, legacy("auto", dev))  # as the code before issue 27
     t = trainers["auto"]
 
     def sync():
@@ -157,7 +156,7 @@ def main() -> None:
     print(f"auto resolves to: {t.precision}")
     print(f"bare cost (fastest {g} + fastest {e}): {bare_ms:.1f} ms")
     print(f"step auto {step_ms:.1f} ms = {bare_ms / step_ms:.2f} x bare; fp32 step {1000 / med['step fp32']:.1f} ms; "
-          f"the plan before (no channels-last, fp32 on CPU) {1000 / med['step before']:.1f} ms: auto is "
+          f"the computation before issue 27 (--precision auto then) {1000 / med['step before']:.1f} ms: auto is "
           f"{med['step auto'] / med['step before']:.2f} x faster")
     if a.baseline:
         site = baseline_build(a.baseline, tmp)

@@ -50,12 +50,12 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         raise MepfError(f"--out {out}: an .npz file, or a folder of PNGs (a name without a suffix such as "
                         f"{out.suffix}), one subfolder per class")
     g = load_generator(source)
-    create_folder_of(out)
-    if out.exists() and not overwrite:
-        raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
     if format == "dpimagebench" and not g.info.get("labelled"):
         raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
                         "evaluates class-conditional sets)")
+    create_folder_of(out)
+    if out.exists() and not overwrite:
+        raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)
     if format == "dpimagebench":
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)

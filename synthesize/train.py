@@ -176,17 +176,17 @@ class Trainer:
     def train_step(self) -> dict:
         """One step; returns its statistics as detached 0-dim tensors (read them only when logging: reading
         one waits for the device)."""
-        b, p, dev = self.opts.batch_size, self.precision, self.device.type
+        b, plan, dev = self.opts.batch_size, self.precision, self.device.type
         y = self.sample_labels(b).to(self.device)
         z = torch.randn(b, Z_DIM, generator=self.rng).to(self.device)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=p.generator == "bf16"):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=plan.generator == "bf16"):
             x = self.G(z, y)
-        if p.extractor == "fp32":
+        if plan.extractor == "fp32":
             x = x.float()
-        if p.channels_last:
+        if plan.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=p.extractor == "bf16"):
-            fake = fake_embeddings(self.fmap, x, y, self.target, fast=p.fast_paths)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=plan.extractor == "bf16"):
+            fake = fake_embeddings(self.fmap, x, y, self.target, fast=plan.fast_paths)
         dist = squared_distance(self.target, fake)
         stats = {f"dist_{m}": d.detach() for m, d in dist.items()}
         if self.opts.objective == "plain":
