@@ -70,9 +70,13 @@ class IdxSource(Source):
                     fi.seek(per * m, 1)
                     fl.seek(m, 1)
                     continue
-                x = np.frombuffer(fi.read(per * m), dtype=np.uint8).reshape(m, self._h, self._w, 1)
-                y = np.frombuffer(fl.read(m), dtype=np.uint8).astype(np.int64)
-                yield b, x, y
+                xb, yb = fi.read(per * m), fl.read(m)
+                if len(xb) != per * m or len(yb) != m:
+                    raise MepfError(f"{self.image_file.name} or {self.label_file.name} ends before the {self._n:,} "
+                                    f"records its header declares (in {self.image_file.parent}); fetch the dataset "
+                                    "again")
+                x = np.frombuffer(xb, dtype=np.uint8).reshape(m, self._h, self._w, 1)
+                yield b, x, np.frombuffer(yb, dtype=np.uint8).astype(np.int64)
 
 
 class Mnist5kSource(Source):
@@ -248,14 +252,88 @@ def _torchvision_download(cls_name: str, root: Path, train: bool) -> None:
     getattr(torchvision.datasets, cls_name)(str(root), train=train, download=True)
 
 
+#: DPImageBench's validation hold-out of the 60,000 (Fashion-)MNIST training images: ':train-55k' is what may
+#: be released, ':val-5k' the real images their evaluator selects classifiers on; the two never share a record
+HOLDOUT_SPLITS = ("train-55k", "val-5k")
+HOLDOUT_N, HOLDOUT_VAL = 60000, 5000
+#: SHA-256 of the sorted hold-out indices (int64 little-endian): a torch whose randperm drew differently would
+#: silently change which records are private, so the split is checked against it every time
+HOLDOUT_SHA256 = "e406dd67dc99196ad3960e476e5f23ba64c64ce76db03a6e9ddfc0c758c1ca9b"
+
+
+def holdout_indices() -> np.ndarray:
+    """Sorted indices (in the IDX files' order) of DPImageBench's 5,000-image validation hold-out: their loader
+    runs torch.manual_seed(0) then random_split(train, [55000, 5000]), i.e. the last 5,000 of randperm(60000)
+    (their training set is written in torchvision's order, which is the IDX files')."""
+    import hashlib
+
+    import torch
+
+    perm = torch.randperm(HOLDOUT_N, generator=torch.Generator().manual_seed(0)).numpy()
+    idx = np.sort(perm[HOLDOUT_N - HOLDOUT_VAL:]).astype("<i8")
+    if hashlib.sha256(idx.tobytes()).hexdigest() != HOLDOUT_SHA256:
+        raise MepfError(f"torch {torch.__version__}'s randperm does not draw DPImageBench's validation hold-out; the "
+                        ":train-55k and :val-5k splits cannot be made with it (use torch 2.14.1, with which it was "
+                        "checked)")
+    return idx
+
+
+class SubsetSource(Source):
+    """The records of `base` where `mask` is true, in base's order, re-blocked into blocks of exactly
+    `block_size` (stage 1's sharding counts on it). The mask is fixed before any record is read. Every rank
+    decodes every base block (re-blocking needs the count before each block); the others are not yielded."""
+
+    def __init__(self, base: Source, mask: np.ndarray, description: str):
+        if len(mask) != len(base):
+            raise MepfError(f"{description} needs {len(mask):,} training records, and the files hold {len(base):,}; "
+                            "fetch the dataset again")
+        self.base, self.mask, self.description, self.classes = base, mask, description, base.classes
+
+    @property
+    def geometry(self):
+        return self.base.geometry
+
+    def __len__(self):
+        return int(self.mask.sum())
+
+    def listing_digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"{self.base.listing_digest()}|{self.description}".encode()).hexdigest()
+
+    def blocks(self, block_size, keep=None):
+        xs, ys, held, b, start = [], [], 0, 0, 0
+        for _, x, y in self.base.blocks(block_size):
+            m = self.mask[start:start + len(x)]
+            start += len(x)
+            xs.append(x[m])
+            ys.append(y[m])
+            held += int(m.sum())
+            while held >= block_size or (start == len(self.mask) and held):
+                x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+                if kept(keep, b):
+                    yield b, x_all[:block_size], y_all[:block_size]
+                xs, ys, held, b = [x_all[block_size:]], [y_all[block_size:]], len(x_all[block_size:]), b + 1
+        if start != len(self.mask):
+            raise MepfError(f"{self.description}: the files held {start:,} records where {len(self.mask):,} were "
+                            "listed; fetch the dataset again")
+
+
 def named_source(name: str, data_root=None, download: bool = True) -> Source:
-    """A named dataset with optional ':train' (default) or ':test' split."""
+    """A named dataset with optional ':train' (default) or ':test' split; (Fashion-)MNIST also ':train-55k' and
+    ':val-5k', DPImageBench's split of the training images."""
     base, _, split = name.partition(":")
     split = split or "train"
     if base not in DATASETS:
         raise MepfError(f"unknown dataset {base!r}; use a folder, an .npz/.h5 file, or one of {', '.join(DATASETS)}")
+    if split in HOLDOUT_SPLITS and base in ("mnist", "fashion-mnist"):
+        train = named_source(f"{base}:train", data_root, download)
+        mask = np.zeros(HOLDOUT_N, dtype=bool)
+        mask[holdout_indices()] = True
+        return SubsetSource(train, mask if split == "val-5k" else ~mask, f"{base}:{split}")
     if split not in ("train", "test"):
-        raise MepfError(f"unknown split {split!r} in {name!r}; use :train or :test")
+        more = ", :train-55k or :val-5k" if base in ("mnist", "fashion-mnist") else ""
+        raise MepfError(f"unknown split {split!r} in {name!r}; use :train or :test{more}")
     root = Path(data_root) if data_root else default_data_root()
     if base == "mnist-5k":
         return Mnist5kSource(split)

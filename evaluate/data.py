@@ -110,7 +110,8 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
     raise MepfError(f"{spec}: expected a run folder, generator.pt, .npz or a folder of PNGs")
 
 
-def load_reference(spec: str, data_root=None, geometry: tuple | None = None, crop: str | None = None):
+def load_reference(spec: str, data_root=None, geometry: tuple | None = None, crop: str | None = None,
+                   flag: str = "--reference"):
     """A named split, a folder, an .npz of images, or an .npz of FID statistics (mu, sigma). With `geometry`
     (the synthetic images' H, W, C: the release's), images are converted and resized to it as stage 1 does."""
     p = Path(spec)
@@ -122,7 +123,7 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
     try:
         return read_source(open_source(spec, data_root=data_root), geometry, crop)
     except MepfError as e:
-        raise MepfError(f"--reference: {e}") from None
+        raise MepfError(f"{flag}: {e}") from None
 
 
 def run_stats(run_dir: Path | None) -> list:

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 #: the downstream classifiers classifiers.py trains, in the order reported
 CLASSIFIERS = ("logreg", "mlp", "cnn")
 METRICS = ("fid", "accuracy", "embedding")
+#: mepf's own measurement, or DPImageBench's (evaluate/dpimagebench.py)
+PROTOCOLS = ("mepf", "dpimagebench")
+#: DPImageBench's classifiers, in their order (evaluate/benchnets.py builds them)
+BENCH_CLASSIFIERS = ("resnet", "wrn", "resnext")
 
 
 @dataclass
@@ -18,5 +22,7 @@ class EvaluateOptions:
     metrics: tuple | None = None  # None: all that apply
     classifiers: tuple = CLASSIFIERS
     cnn_epochs: int = 8
+    protocol: str = "mepf"
+    epochs: int = 50  # dpimagebench: epochs per classifier
     seed: int = 0
     device: str = "auto"

@@ -95,8 +95,21 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     lines += ["",
               "| metric | value |", "| --- | --- |"]
     if "fid" in m:
-        lines.append(f"| FID ({m['fid_samples']} samples, pytorch-fid InceptionV3 pool3) | {m['fid']:.2f} |")
-    for k, v in m.get("accuracy", {}).items():
+        against = f" vs {m['fid_reference']}" if m.get("fid_reference") else ""
+        lines.append(f"| FID ({m['fid_samples']} samples{against}, pytorch-fid InceptionV3 pool3) | {m['fid']:.2f} |")
+    bench = m.get("dpimagebench")
+    if bench:
+        lines[lines.index("| metric | value |") - 1:0] = [
+            "", "Measured with DPImageBench's protocol (`--protocol dpimagebench`): each classifier's test accuracy at "
+            f"its epoch of best accuracy on {bench['validation']}; their tables show the maximum of the three.", ""]
+        for k, r in bench["classifiers"].items():
+            lines.append(f"| accuracy, {k} ({r['params'] / 1e6:.2f} M parameters), test at best validation epoch "
+                         + (f"{r['best_epoch']} | {r['test_at_best_val']:.2f}% |" if r["finished"] else
+                            f"| not finished ({r['epochs_done']} epochs) |"))
+        if bench.get("complete"):
+            lines += [f"| accuracy, maximum of the classifiers (DPImageBench's table figure) | {bench['max']:.2f}% |",
+                      f"| accuracy, mean of the classifiers | {bench['mean']:.2f}% |"]
+    for k, v in ({} if bench else m.get("accuracy", {})).items():
         lines.append(f"| accuracy, {k} trained on synthetic | {100 * v:.2f}% |")
     for k, v in m.get("accuracy_real_train", {}).items():
         lines.append(f"| accuracy, {k} trained on real (non-private reference point) | {100 * v:.2f}% |")

@@ -501,7 +501,18 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
         if out:
             raise MepfError("--out and --resume name two run folders; give one (--resume RUN continues RUN)")
         if dry_run:
-            click.echo((Path(resume) / run_folder.OPTIONS).read_text())
+            saved = train._read_options(Path(resume))
+            if "precision_resolved" not in saved:  # a run from before the plan: show the one resume will use
+                from mepf.core.device import resolve_device
+                from mepf.synthesize.precision import legacy
+
+                ctx = click.get_current_context()
+                given = ctx.get_parameter_source("device") == click.core.ParameterSource.COMMANDLINE
+                dev = resolve_device(device if given else saved.get("device", "auto"))
+                saved["precision_resolved"] = legacy(saved.get("precision", "auto"), dev).to_json()
+                saved["precision_resolved_note"] = ("not in options.json (a run from before the plan): what resume "
+                                                    f"will use on {dev}, the computation of the code that started it")
+            click.echo(json.dumps(saved, indent=2, sort_keys=True))
             return
         ctx = click.get_current_context()
         given = {name: value for name, value in ctx.params.items() if name in train.TrainOptions.__dataclass_fields__
@@ -571,12 +582,28 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt):
 @click.option("--reference", required=True, help="Real held-out images: a named split (mnist-5k:test, "
               "fashion-mnist:test, mnist:test, cifar10:test), a folder, an .npz, or FID statistics .npz (mu, sigma).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("-n", "n", type=click.IntRange(1), default=_vd("n"), help="Samples to draw from a run or generator.")
+@click.option("--protocol", type=click.Choice(vo.PROTOCOLS), default=_vd("protocol"), show_default=True,
+              help="mepf: LogReg, MLP and a small CNN, FID against REFERENCE. dpimagebench: DPImageBench's three "
+              "classifiers selected on a real validation hold-out, FID against the private training images.")
+@click.option("-n", "n", type=click.IntRange(1), default=None,
+              help="Samples to draw from a run or generator.  [default: 10000; dpimagebench: 60000]")
 @click.option("--fid-samples", type=click.IntRange(2), default=None, help="Use this many samples for FID.  "
               "[default: all]")
 @click.option("--metrics", default=None,
               help=f"Comma-separated: {', '.join(vo.METRICS)}.  [default: all that apply]")
-@click.option("--classifiers", default=",".join(_vd("classifiers")), help="Downstream classifiers.")
+@click.option("--classifiers", default=None, help="Downstream classifiers.  [default: "
+              f"{','.join(_vd('classifiers'))}; dpimagebench: {','.join(vo.BENCH_CLASSIFIERS)}]")
+@click.option("--validation", default=None, help="dpimagebench: the real labelled hold-out classifiers are selected "
+              "on.  [default: fashion-mnist:val-5k for a fashion-mnist:test reference]")
+@click.option("--fid-reference", default=None, help="dpimagebench: the images FID compares with.  [default: "
+              "fashion-mnist:train-55k for a fashion-mnist:test reference]")
+@click.option("--epochs", type=click.IntRange(1), default=_vd("epochs"), show_default=True,
+              help="dpimagebench: epochs per classifier (fewer is a reduced protocol, said so in the report).")
+@click.option("--real-limit", type=click.IntRange(1), default=None,
+              help="dpimagebench: use only the first N images of each real set (a reduced protocol, for a CPU check).")
+@click.option("--time-budget", type=click.FloatRange(1), default=None,
+              help="dpimagebench: seconds; stop before an epoch that would end later, and continue on the next "
+              "call with the same --out.  [default: no limit]")
 @click.option("--cnn-epochs", type=click.IntRange(1), default=_vd("cnn_epochs"))
 @click.option("--real-train", default=None, help="Real labelled training images: the non-private reference point.")
 @click.option("--release", type=click.Path(dir_okay=False), default=None,
@@ -594,19 +621,52 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt):
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def evaluate(synthetic, reference, out, n, fid_samples, metrics, classifiers, cnn_epochs, real_train, release,
-             inception_weights, data_root, release_log, class_map, seed, device, overwrite, as_json, quiet):
+def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, classifiers, validation, fid_reference,
+             epochs, real_limit, time_budget, cnn_epochs, real_train, release, inception_weights, data_root,
+             release_log, class_map, seed, device, overwrite, as_json, quiet):
     """Stage 3: FID, downstream accuracy and embedding distance of SYNTHETIC (a run, generator.pt, .npz or
     PNG folder) against a real held-out reference; writes report.json and report.md."""
     from mepf.core.device import resolve_device
     from mepf.evaluate.classifiers import CLASSIFIERS
     from mepf.evaluate.evaluation import evaluate as run_evaluation
 
-    which = [c.strip() for c in classifiers.split(",") if c.strip()]
+    bench = protocol == "dpimagebench"
+    which = [c.strip() for c in classifiers.split(",") if c.strip()] if classifiers else None
+    ctx = click.get_current_context()
+    given = {"--" + name.replace("_", "-") for name in ctx.params
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    wrong = sorted(given & ({"--cnn-epochs", "--real-train", "--release"} if bench else
+                            {"--validation", "--fid-reference", "--real-limit", "--time-budget", "--epochs"}))
+    if wrong:
+        raise MepfError(f"{wrong[0]} is an option of --protocol {'mepf' if bench else 'dpimagebench'}; drop it, or "
+                        f"use --protocol {'mepf' if bench else 'dpimagebench'}")
+    if bench:
+        from mepf.evaluate.dpimagebench import THEIR_N, evaluate_dpimagebench
+
+        report = evaluate_dpimagebench(
+            synthetic, reference, out, n=n or THEIR_N, fid_samples=fid_samples,
+            metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
+            classifiers=which or vo.BENCH_CLASSIFIERS, validation=validation, fid_reference=fid_reference,
+            real_limit=real_limit, epochs=epochs, time_budget=time_budget, inception_weights=inception_weights,
+            data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),
+            progress=not quiet, class_map=class_map, overwrite=overwrite)
+        for w in report["warnings"]:
+            if "WARNING" not in w and not w.startswith("--"):  # the private-data warnings were printed when found
+                click.echo(f"note: {w}", err=True)
+        if as_json:
+            click.echo(json.dumps(report["metrics"], indent=2, sort_keys=True))
+        else:
+            m = report["metrics"]
+            b = m.get("dpimagebench", {})
+            parts = [f"FID {m['fid']:.2f} ({m['fid_samples']} samples vs {m['fid_reference']})"] if "fid" in m else []
+            parts += [f"accuracy max {b['max']:.2f}%, mean {b['mean']:.2f}%"] if b.get("complete") else []
+            click.echo(f"report: {Path(out) / 'report.md'}" + (("; " + ", ".join(parts)) if parts else ""))
+        return
+    which = which or list(_vd("classifiers"))
     bad = [c for c in which if c not in CLASSIFIERS]
     if bad:
         raise MepfError(f"unknown classifier {bad[0]!r}; choose from {', '.join(CLASSIFIERS)}")
-    report = run_evaluation(synthetic, reference, out, n=n, fid_samples=fid_samples,
+    report = run_evaluation(synthetic, reference, out, n=n or _vd("n"), fid_samples=fid_samples,
                             metrics=[m.strip() for m in metrics.split(",")] if metrics else None, classifiers=which,
                             real_train=real_train, release=release, inception_weights=inception_weights,
                             data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),

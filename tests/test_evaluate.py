@@ -199,3 +199,58 @@ def test_bad_input(tiny_run, tmp_path, mnist):
         assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
         assert message in r.stderr, (message, r.stderr)
         assert not (tmp_path / "rep").exists()
+
+
+def test_dpimagebench_protocol_end_to_end(tiny_run, fid_weights, tmp_path, mnist):
+    """--protocol dpimagebench on a tiny run: a reduced protocol (2 epochs, 60 images) that says so, its
+    classifier selected on the validation set given, FID against the reference given, and the same command
+    again continuing from the saved state (here: already finished, the same figures)."""
+    d = tiny_run
+    np.savez(tmp_path / "val.npz", images=mnist[1].images[1::10], labels=mnist[1].labels[1::10])
+    args = ["evaluate", str(d / "run"), "--protocol", "dpimagebench", "--reference", str(d / "heldout.npz"),
+            "--validation", str(tmp_path / "val.npz"), "--fid-reference", str(d / "heldout.npz"), "--out",
+            str(tmp_path / "rep"), "-n", "60", "--classifiers", "resnet", "--epochs", "2", "--inception-weights",
+            str(fid_weights), "--quiet"]
+    cut = CliRunner().invoke(main, [*args, "--time-budget", "1"])  # one epoch at most fits
+    assert cut.exit_code == 0, cut.output + cut.stderr
+    assert "incomplete: resnet not finished" in cut.stderr and "FID not computed" in cut.stderr
+    r = CliRunner().invoke(main, args)  # the same command again (here without the budget): it goes on
+    assert r.exit_code == 0, r.output + r.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    m = rep["metrics"]
+    b = m["dpimagebench"]
+    res = b["classifiers"]["resnet"]
+    assert rep["protocol"] == "dpimagebench" and res["finished"] and res["epochs_done"] == 2
+    assert res["params"] == 1730426 and b["n_train"] == 60 and b["complete"]
+    assert b["max"] == b["mean"] == res["test_at_best_val"] and m["accuracy"]["resnet"] == res["test_at_best_val"] / 100
+    assert m["fid"] > 0 and m["fid_samples"] == 60 and m["fid_reference"] == str(d / "heldout.npz")
+    assert (tmp_path / "rep" / "protocol-state" / "fid-stats").is_dir() and rep["n_reference"] == 100
+    assert any(w.startswith("REDUCED protocol") and "2 epochs" in w for w in rep["warnings"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "DPImageBench's protocol" in md and "1.73 M parameters" in md
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output + again.stderr
+    rep2 = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep2["metrics"]["dpimagebench"]["classifiers"]["resnet"]["history"] == res["history"]
+
+
+def test_dpimagebench_protocol_bad_input(tiny_run, tmp_path):
+    d = tiny_run
+    run, ref = str(d / "run"), str(d / "heldout.npz")
+    cases = [
+        (["--validation", ref], "--validation is an option of --protocol dpimagebench"),
+        (["--time-budget", "60"], "is an option of --protocol dpimagebench"),
+        (["--epochs", "50"], "--epochs is an option of --protocol dpimagebench"),
+        (["--protocol", "dpimagebench", "--cnn-epochs", "3"], "--cnn-epochs is an option of --protocol mepf"),
+        (["--protocol", "dpimagebench", "--validation", ref], "the classifiers would be selected on the test set"),
+        (["--protocol", "dpimagebench"], "derives --validation only for a (fashion-)mnist:test reference"),
+        (["--protocol", "dpimagebench", "--metrics", "fid"], "derives --fid-reference only"),
+        (["--protocol", "dpimagebench", "--classifiers", "cnn", "--validation", ref], "unknown classifier 'cnn'"),
+        (["--protocol", "dpimagebench", "--metrics", "embedding"], "not 'embedding'"),
+        (["--protocol", "dpimagebench", "--real-train", ref], "--real-train is an option of --protocol mepf"),
+    ]
+    for extra, message in cases:
+        r = CliRunner().invoke(main, ["evaluate", run, "--reference", ref, "--out", str(tmp_path / "rep"), "-n", "10",
+                                      "--quiet", *extra])
+        assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (extra, r.stderr)
+        assert message in r.stderr, (message, r.stderr)

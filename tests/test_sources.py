@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from mepf.artifacts.errors import MepfError
 from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.sources import open_source
@@ -65,3 +66,36 @@ def test_fashion_mnist_from_debian_package(tmp_path):
     assert len(src) == 10000 and src.geometry == (28, 28, 1) and len(src.classes) == 10
     x, y = next(src.batches(256))
     assert x.shape == (256, 28, 28, 1) and x.dtype == np.uint8 and y.max() <= 9
+
+
+@pytest.mark.skipif(not any(Path(d).is_dir() for d in DEBIAN_FASHION_DIRS),
+                    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+def test_dpimagebench_holdout_split(tmp_path):
+    """:train-55k and :val-5k partition the training images as DPImageBench's loader does (torch.manual_seed(0),
+    random_split into 55,000 and 5,000, on the files' order); every rank's blocks together are the 55,000 once."""
+    import torch
+
+    from mepf.embed.datasets import holdout_indices
+
+    whole = np.concatenate([x for x, _ in named_source("fashion-mnist:train", tmp_path, download=False).batches(5000)])
+    priv = named_source("fashion-mnist:train-55k", tmp_path, download=False)
+    val = named_source("fashion-mnist:val-5k", tmp_path, download=False)
+    assert (len(priv), len(val)) == (55000, 5000) and priv.listing_digest() != val.listing_digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _, theirs = torch.utils.data.random_split(range(60000), [55000, 5000])
+    assert sorted(theirs.indices) == holdout_indices().tolist()
+    held = np.zeros(60000, dtype=bool)
+    held[theirs.indices] = True
+    for bs in (1000, 777):
+        blocks = list(priv.blocks(bs))
+        assert [b for b, _, _ in blocks] == list(range(len(blocks)))
+        assert all(len(x) == bs for _, x, _ in blocks[:-1]) and len(blocks[-1][1]) == 55000 - bs * (len(blocks) - 1)
+        assert (np.concatenate([x for _, x, _ in blocks]) == whole[~held]).all()
+        assert (np.concatenate([x for _, x, _ in val.blocks(bs)]) == whole[held]).all()
+    world = 3
+    shards = [np.concatenate([x for _, x, _ in priv.blocks(1000, lambda b, r=r: b % world == r)]) for r in range(world)]
+    assert sum(map(len, shards)) == 55000
+    assert {r.tobytes() for s in shards for r in s} == {r.tobytes() for r in whole[~held]}
+    with pytest.raises(MepfError, match="unknown split"):
+        named_source("cifar10:val-5k", tmp_path, download=False)

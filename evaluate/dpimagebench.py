@@ -1,0 +1,243 @@
+"""`mepf evaluate --protocol dpimagebench`: the synthetic set measured as DPImageBench (CCS 2025) measures it.
+
+Accuracy: three classifiers (bench_protocol.py) trained on 55,000 of 60,000 synthetic images, selected on the
+real 5,000-image validation hold-out (`fashion-mnist:val-5k`, which `mepf embed` never embeds when the release
+was made from `fashion-mnist:train-55k`), reported on the test set. FID: pytorch-fid's Inception pool3 of the
+synthetic images against the 55,000 private training images, as their evaluator computes it (not a private
+figure: it reads the private data; the data owner reports it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mepf.artifacts.errors import MepfError
+from mepf.artifacts.staging import write_text_atomic
+from mepf.artifacts.versions import versions
+
+from .bench_protocol import BenchSchedule, summarise, train_classifier, training_subset
+from .benchnets import BENCH_CLASSIFIERS, PARAMS_M
+from .classes import match_classes
+from .data import ImageSet, load_reference, load_synthetic, run_stats
+from .evaluation import (
+    _check_out,
+    _fid,
+    _generator_record,
+    _late_warnings,
+    _release_record,
+    _run_options,
+    private_reference_warning,
+)
+from .report import write_report
+
+PROTOCOL_METRICS = ("accuracy", "fid")
+STATE = "protocol-state"
+META = "meta.json"
+#: the named splits their protocol uses, derived from a (Fashion-)MNIST test reference
+DERIVED = {"validation": "val-5k", "fid_reference": "train-55k"}
+#: their evaluator's synthetic set
+THEIR_N = 60000
+#: a validation set sharing more than this share of its records with the test set is the test set
+OVERLAP_REFUSED = 0.1
+
+
+def derived_split(reference: str, which: str) -> str:
+    base, _, split = reference.partition(":")
+    if base in ("mnist", "fashion-mnist") and split == "test":
+        return f"{base}:{DERIVED[which]}"
+    flag, what = (("--validation", "the real hold-out the classifiers are selected on") if which == "validation"
+                  else ("--fid-reference", "the private training images"))
+    raise MepfError(f"--protocol dpimagebench derives {flag} only for a (fashion-)mnist:test reference; pass {flag} "
+                    f"({what})")
+
+
+def _labelled(spec: str, flag: str, data_root, geometry, crop, limit) -> ImageSet:
+    ref = load_reference(spec, data_root, geometry=geometry, crop=crop, flag=flag)
+    if not isinstance(ref, ImageSet) or ref.labels is None:
+        raise MepfError(f"{flag} {spec} must be labelled images")
+    if limit:
+        ref.images, ref.labels = ref.images[:limit], ref.labels[:limit]
+    return ref
+
+
+def _records(s: ImageSet) -> set:
+    return {hashlib.sha256(x.tobytes() + int(y).to_bytes(8, "little")).digest() for x, y in zip(s.images, s.labels)}
+
+
+def _check_not_test(val: ImageSet, test: ImageSet, val_spec: str, reference: str) -> None:
+    """Selecting on the test set is what DPImageBench was built to stop: refuse a validation set that is it."""
+    shared = len(_records(val) & _records(test)) / max(1, len(val.images))
+    if val_spec == reference or shared > OVERLAP_REFUSED:
+        raise MepfError(f"--validation {val_spec} is (or shares {shared:.0%} of its records with) --reference "
+                        f"{reference}: the classifiers would be selected on the test set; pass a held-out set such "
+                        "as fashion-mnist:val-5k")
+
+
+def _identity(synth) -> str | None:
+    """What names the synthetic set across machines: the generator's SHA-256 with n and the seed (its samples
+    may differ by a rounding between machines); None for images given as files (their bytes name them)."""
+    if synth.generator_path is None:
+        return None
+    from mepf.artifacts.format import file_sha256
+
+    return f"{file_sha256(synth.generator_path)}|{len(synth.images)}"
+
+
+def _prepare_state(out: Path, overwrite: bool, meta: dict) -> Path:
+    """The state folder, made before anything else is written: its presence makes the folder resumable."""
+    state = out / STATE
+    if overwrite and state.is_dir():
+        shutil.rmtree(state)
+    if state.is_dir():
+        try:
+            old = json.loads((state / META).read_text())
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old.get("evaluation") != meta["evaluation"]:
+            raise MepfError(f"{out} holds the saved state of another protocol run ({old.get('evaluation')}); pass "
+                            "--overwrite to start afresh, or choose another --out")
+        return state
+    _check_out(out, overwrite)
+    state.mkdir(parents=True)
+    write_text_atomic(state / META, json.dumps(meta, indent=2))
+    return state
+
+
+def _first_epoch_estimate(state: Path, kind: str) -> float:
+    """Seconds of a first epoch of `kind`, from any epoch already run here, scaled by parameter count (0 if none)."""
+    try:
+        rate = json.loads((state / META).read_text()).get("seconds_per_mparam_epoch")
+    except (OSError, ValueError):
+        rate = None
+    return float(rate) * PARAMS_M[kind] if isinstance(rate, (int, float)) else 0.0
+
+
+def _record_rate(state: Path, result: dict) -> None:
+    if not result["history"]:
+        return
+    meta = json.loads((state / META).read_text())
+    meta["seconds_per_mparam_epoch"] = result["history"][-1]["seconds"] / (result["params"] / 1e6)
+    write_text_atomic(state / META, json.dumps(meta, indent=2))
+
+
+def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N, fid_samples: int | None = None,
+                          metrics=None, classifiers=BENCH_CLASSIFIERS, validation: str | None = None,
+                          fid_reference: str | None = None, real_limit: int | None = None, epochs: int = 50,
+                          time_budget: float | None = None, inception_weights: str | None = None, data_root=None,
+                          release_log=None, seed: int = 0, device="cpu", cache_dir=None, progress: bool = True,
+                          class_map: str | None = None, overwrite: bool = False) -> dict:
+    """DPImageBench's protocol on SYNTHETIC, testing on REFERENCE; resumes the classifiers' training from `out`
+    (the same command again continues a run cut short by `time_budget`)."""
+    t0 = time.perf_counter()
+    deadline = time.time() + time_budget if time_budget else None
+    out = Path(out)
+    bad = set(metrics or ()) - set(PROTOCOL_METRICS)
+    if bad:
+        raise MepfError(f"--protocol dpimagebench measures {' and '.join(PROTOCOL_METRICS)}, not {sorted(bad)[0]!r}")
+    unknown = [c for c in classifiers if c not in BENCH_CLASSIFIERS]
+    if unknown:
+        raise MepfError(f"unknown classifier {unknown[0]!r} for --protocol dpimagebench; choose from "
+                        f"{', '.join(BENCH_CLASSIFIERS)}")
+    if out.exists() and not out.is_dir():
+        raise MepfError(f"--out {out} is a file; give a folder for the report")
+    if not (out / STATE).is_dir():
+        _check_out(out, overwrite)  # before any sampling: a refused folder costs nothing
+    wanted = set(metrics or PROTOCOL_METRICS)
+    synth = load_synthetic(synthetic, n, seed, device)
+    ident = _identity(synth)
+    meta = {"evaluation": f"{synthetic} ({ident or 'images as given'}), seed {seed}, {epochs} epochs, real limit "
+                          f"{real_limit}"}
+    crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
+    schedule = BenchSchedule(epochs=epochs)
+    metrics_out, warnings, flagged = {}, [], []
+    k = len(synth.images)
+    k_fid = min(fid_samples or k, k)
+    reduced = [w for w, on in ((f"{k:,} synthetic images (theirs: {THEIR_N:,})", k < THEIR_N),
+                               (f"{epochs} epochs (theirs: 50)", epochs != 50),
+                               (f"the first {real_limit:,} images of each real set" if real_limit else "",
+                                bool(real_limit)),
+                               (f"classifiers {', '.join(classifiers)} only (theirs: {', '.join(BENCH_CLASSIFIERS)})",
+                                "accuracy" in wanted and sorted(classifiers) != sorted(BENCH_CLASSIFIERS)),
+                               (f"FID from {k_fid:,} samples (theirs: all {k:,})", "fid" in wanted and k_fid < k))
+               if on]
+    classes, test = None, None
+    complete = True
+    if "accuracy" in wanted:
+        if synth.labels is None:
+            raise MepfError("the protocol's accuracy needs labelled synthetic images; use a labelled run or "
+                            "--metrics fid")
+        test = _labelled(reference, "--reference", data_root, synth.shape, crop, real_limit)
+        val_spec = validation or derived_split(reference, "validation")
+        val = _labelled(val_spec, "--validation", data_root, synth.shape, crop, real_limit)
+        if list(val.class_names or []) != list(test.class_names or []):
+            raise MepfError(f"--validation {val_spec} and --reference {reference} have different classes")
+        _check_not_test(val, test, val_spec, reference)
+        for s, flag in ((val, "--validation"), (test, "--reference")):
+            warn = private_reference_warning(s, release_log)
+            if warn:
+                print(f"WARNING: {flag}: {warn}", file=sys.stderr)
+                flagged.append(f"{flag}: {warn}")
+        perm, mapping, how = match_classes(synth.class_names, synth.by_index, synth.sampled_names, test.class_names,
+                                           test.by_index, class_map)
+        classes = {"matched": how, "map": mapping}
+        train = training_subset(synth.images, perm[synth.labels], schedule.n_train)
+        state = _prepare_state(out, overwrite, meta)  # the inputs are good: from here the folder can resume
+        overwrite = False  # replaced once, not again by the FID below
+        results = {}
+        for kind in classifiers:
+            if progress:
+                print(f"training {kind} on {len(train[0]):,} synthetic images", file=sys.stderr)
+            results[kind] = r = train_classifier(
+                kind, train, (val.images, val.labels), (test.images, test.labels), len(test.class_names), schedule,
+                seed, device, state / f"{kind}.pt", deadline, progress,
+                train_key=f"{ident}|{seed}|{class_map}" if ident else None,
+                first_epoch_s=_first_epoch_estimate(state, kind))
+            _record_rate(state, r)
+            status = "finished" if r["finished"] else f"stopped at epoch {r['epochs_done']}/{epochs}"
+            print(f"{kind}: {r['seconds']:.0f} s of training in all, {status}"
+                  + (f"; test {r['test_at_best_val']:.2f}% at epoch {r['best_epoch']} (best validation "
+                     f"{r['best_val']:.2f}%)" if r["best_epoch"] else ""), file=sys.stderr)
+        summary = summarise(results)
+        metrics_out["dpimagebench"] = {"classifiers": results, **summary, "validation": val.description,
+                                       "n_train": len(train[0]), "schedule": schedule.__dict__}
+        metrics_out["accuracy"] = {k: r["test_at_best_val"] / 100 for k, r in results.items() if r["finished"]}
+        unfinished = [k for k, r in results.items() if not r["finished"]]
+        complete = not unfinished
+        if unfinished:
+            none_yet = all(results[k]["epochs_done"] == 0 for k in unfinished)
+            warnings.append(f"incomplete: {', '.join(unfinished)} not finished within --time-budget; run the same "
+                            "command again to continue" + (" (no epoch fitted in this call: give a larger "
+                                                           "--time-budget)" if none_yet else " from the saved epoch"))
+    if "fid" in wanted and not complete:
+        warnings.append("FID not computed: the classifiers come first; it runs on the call that finishes them")
+    elif "fid" in wanted:
+        fid_spec = fid_reference or derived_split(reference, "fid_reference")
+        ref = load_reference(fid_spec, data_root, geometry=synth.shape, crop=crop, flag="--fid-reference")
+        if real_limit and isinstance(ref, ImageSet):
+            ref.images = ref.images[:real_limit]
+        state = _prepare_state(out, overwrite, meta)
+        stats_dir = Path(cache_dir) if cache_dir else state / "fid-stats"
+        metrics_out.update(_fid(synth, ref, fid_samples, inception_weights, stats_dir, device, progress))
+        metrics_out["fid_reference"] = fid_spec
+        warnings.append(f"FID is against {fid_spec}, the private training images, as DPImageBench measures it: it is "
+                        "not a differentially private figure (the data owner computes and reports it); their Inception "
+                        f"statistics are kept in {stats_dir}")
+    if reduced:
+        warnings.append("REDUCED protocol, not comparable with DPImageBench's tables: " + "; ".join(reduced))
+    saved = _run_options(synth)
+    generator = _generator_record(synth, saved)
+    warnings += _late_warnings(metrics_out, generator)
+    warnings += flagged
+    report = {"protocol": "dpimagebench", "protocol_reduced": reduced, "epochs": epochs, "real_limit": real_limit,
+              "synthetic": synth.description, "n_synthetic": k, "reference": reference, "reference_given": reference,
+              "n_reference": None if test is None else int(len(test.images)), "generator": generator,
+              "metrics": metrics_out, "release": _release_record(synth), "not_for_publication": bool(flagged),
+              "warnings": warnings, "seed": seed, "classes": classes,
+              "versions": versions("mepf", "torch", "pytorch-fid"), "wall_time_s": time.perf_counter() - t0}
+    write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir), synth.class_names)
+    return report
+
