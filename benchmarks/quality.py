@@ -35,8 +35,8 @@ from mepf.evaluate.inception import load_inception
 from mepf.synthesize.train import TrainOptions, resume, start
 
 PUBLISHED = [  # DPImageBench (CCS 2025), accuracy of a classifier trained on synthetic FMNIST, eps=1 / eps=10
-    ("DP-FETA", 81.7, 87.3, None), ("PrivImage", 79.9, 87.1, 5.3), ("DPDM", 76.4, 85.6, 17.1),
-    ("DP-Kernel", 68.4, 70.0, 74.2), ("DP-MERF", 62.2, 62.2, 106.4)]
+    ("FETA-Pro", 83.4, 88.2, 11.3), ("DP-FETA", 81.7, 87.3, 13.2), ("PrivImage", 79.9, 87.1, 5.3),
+    ("DPDM", 76.4, 85.6, 17.1), ("DP-Kernel", 68.4, 70.0, 74.2), ("DP-MERF", 62.2, 62.2, 106.4)]
 
 
 def fashion_source(data_root):
@@ -77,6 +77,26 @@ def write_table(out: Path, rows: list) -> list:
     return lines
 
 
+def keep_generator(run: Path, dest: Path, n: int, seed: int) -> dict:
+    """Copy the run's generator.pt and options.json to dest (committed beside the results), with the first 100
+    of its n samples of `seed` (the evaluation's draw) as an .npz: a check that the committed generator is the
+    one behind the row. Returns the row's fields that name it."""
+    import hashlib
+
+    from mepf.synthesize import load_generator
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("generator.pt", "options.json"):
+        shutil.copyfile(run / name, dest / name)
+    images, labels = load_generator(dest / "generator.pt").sample(n, seed=seed)
+    np.savez_compressed(dest / "samples-first100.npz", images=images[:100], labels=labels[:100])
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels.astype("<i8")).tobytes())
+    root = Path(__file__).resolve().parent.parent
+    where = dest.resolve().relative_to(root) if dest.resolve().is_relative_to(root) else dest
+    return {"generator": str(where / "generator.pt"), "samples": {"n": n, "seed": seed, "sha256": h.hexdigest()}}
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -91,6 +111,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated; each seed is a fresh release and a fresh training "
                     "seed (FID for the first seed of each eps only)")
     ap.add_argument("--setting", default="default", help="a name for the configuration, stored in every row")
+    ap.add_argument("--data", default="fashion-mnist:train", choices=["fashion-mnist:train", "fashion-mnist:train-55k"],
+                    help="The private set: all 60,000 training images, or DPImageBench's 55,000 (their 5,000-image "
+                    "validation hold-out never enters mepf embed).")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--backbone", default="efficientnet-lite0")
     ap.add_argument("--steps", type=int, default=16000)
@@ -110,6 +133,9 @@ def main() -> None:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench/fashion-mnist")
+    ap.add_argument("--keep-generators", default="docs/results/generators",
+                    help="Copy each row's generator (generator.pt, options.json, its first 100 samples) under this "
+                    "folder, named by setting, eps and seed, and name it in the row ('' : do not).")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +143,7 @@ def main() -> None:
     src = fashion_source(a.data_root)
     if not a.skip_fid:  # fail now, not after hours of training
         load_inception(None, "cpu")
-    print(f"private data: {src.description} from {getattr(src, 'image_file', '?')} ({len(src)} images)")
+    print(f"private data: {a.data} from {getattr(src, 'image_file', '?')}")
     results = out / "results.json"
     rows = json.loads(results.read_text())["results"] if results.exists() else []  # an interrupted run goes on
     lines = []
@@ -130,9 +156,15 @@ def main() -> None:
             name = f"eps{tag}-seed{seed}"
             rel, run = out / f"release-{name}.h5", out / f"run-{name}"
             embed_s = None  # made by an earlier, interrupted invocation: not timed here
-            if not rel.exists():
+            if rel.exists():
+                from mepf.artifacts import load
+
+                made_of = load(rel).data_spec.get("dataset")
+                if made_of != a.data:
+                    raise SystemExit(f"{rel} is a release of {made_of}, not of --data {a.data}: use another --out")
+            else:
                 t0 = time.perf_counter()
-                run_embed(EmbedOptions(data="fashion-mnist:train", data_root=a.data_root, out=str(rel), epsilon=eps,
+                run_embed(EmbedOptions(data=a.data, data_root=a.data_root, out=str(rel), epsilon=eps,
                                        delta=a.delta, backbone=a.backbone, device=a.device, allow_repeat=True,
                                        release_log=str(out / "releases.jsonl")))
                 embed_s = time.perf_counter() - t0
@@ -163,7 +195,7 @@ def main() -> None:
             stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
             # training time from the run's own record (steps between records / their rate): right across resumes
             train_s = sum((b["step"] - a_["step"]) / b["steps_per_s"] for a_, b in zip([{"step": 0}] + stats, stats))
-            rows.append({"epsilon": tag, "seed": seed, "setting": a.setting, "delta": a.delta,
+            rows.append({"epsilon": tag, "seed": seed, "setting": a.setting, "data": a.data, "delta": a.delta,
                          "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"], "mlp": m["accuracy"]["mlp"],
                          "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),
                          "fid_reference": min(a.fid_reference, 10000) if with_fid else None,
@@ -171,7 +203,10 @@ def main() -> None:
                          "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
                          "eval_s": eval_s, "steps": a.steps, "lr": a.lr,
                          "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
-                         "commit": commit()})
+                         "protocol": "mepf", "commit": commit()})
+            if a.keep_generators:
+                rows[-1].update(keep_generator(run, Path(a.keep_generators) / f"{a.setting}-{name}", a.n_synthetic,
+                                               seed))
             results.write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
             lines = write_table(out, rows)
     print("\n".join(lines))

@@ -116,3 +116,21 @@ def test_dry_run_shows_the_plan(release, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision_resolved"] == {"generator": "bf16", "extractor": "fp32",
                                                            "channels_last": True, "fast_paths": True}
+
+
+def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
+    """tests/data/compat/run was made before the plan was recorded: --resume --dry-run shows the computation
+    resume will use (the old code's: fp32, default memory format, no fast paths on CPU), and writes nothing."""
+    import shutil
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "compat" / "run", run)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    r = CliRunner().invoke(main, ["synthesize", "--resume", str(run), "--dry-run", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert shown["precision_resolved"] == {"generator": "fp32", "extractor": "fp32", "channels_last": False,
+                                           "fast_paths": False}
+    assert "before the plan" in shown["precision_resolved_note"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before

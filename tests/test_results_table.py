@@ -46,3 +46,19 @@ def test_missing_markers_is_a_clear_error(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="must contain"):
         results_table.main(["--readme", str(readme), "--results", str(tmp_path)])
+
+
+def test_dpimagebench_rows_have_their_own_table_beside_the_published(tmp_path):
+    """Rows measured with DPImageBench's protocol never enter mepf's CNN tables; they sit beside FETA-Pro's."""
+    bench = {"protocol": "dpimagebench", "epsilon": "10", "seed": 0, "setting": "s", "complete": True,
+             "per_classifier": {"resnet": 85.0, "wrn": 86.5, "resnext": 84.0}, "accuracy_max": 86.5,
+             "accuracy_mean": 85.1667, "fid": 9.87, "reduced": []}
+    (tmp_path / "r.json").write_text(json.dumps({"results": [row("10", 0, 0.80), bench]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results_table.BEGIN}\n{results_table.END}\n")
+    assert results_table.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
+    lines = readme.read_text().splitlines()
+    ours = next(line for line in lines if line.startswith("| mepf s seed 0 | 10 |"))
+    assert "| 86.5 | 85.2 | 85.00 / 86.50 / 84.00 | 9.9 |" in ours
+    assert any(line.startswith("| FETA-Pro | 1 / 10 | 83.4 / 88.2 |") for line in lines)
+    assert next(line for line in lines if line.startswith("| s | 10 | 1 |"))  # the mepf row: one seed, not two

@@ -1,0 +1,171 @@
+"""DPImageBench's protocol on the generators behind the results rows, in calls of bounded time (issue 28).
+
+Each call spends at most --budget seconds: for every generator, each classifier in turn continues its training
+from the epoch it saved (`mepf evaluate --protocol dpimagebench --time-budget`), then FID against the private
+training images; what is left waits for the next call. Every call rewrites OUT/results.json (rows in
+docs/results' form, protocol "dpimagebench") and prints each classifier's time.
+
+    .venv/bin/python benchmarks/dpimagebench.py --device cuda            # one GPU call; repeat until complete
+    .venv/bin/python benchmarks/dpimagebench.py --epochs 1 -n 300 --real-limit 300 --no-fid   # CPU check
+
+Generators: those named by docs/results/*.json rows (committed under docs/results/generators/), or given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+#: the private set a release must have been made from for the protocol's validation hold-out to be unseen
+PRIVATE_SET = "fashion-mnist:train-55k"
+
+
+def committed_generators() -> list[tuple[Path, dict]]:
+    """(generator.pt, its results row) for every row of docs/results/*.json that names one and whose release
+    was made from the 55,000 images (a release of all 60,000 has seen the validation hold-out)."""
+    out = []
+    for path in sorted((ROOT / "docs" / "results").glob("*.json")):
+        for r in json.loads(path.read_text())["results"]:
+            if not r.get("generator") or r.get("protocol", "mepf") != "mepf":
+                continue
+            if r.get("data") != PRIVATE_SET:
+                print(f"skipped {r['generator']}: its release is of {r.get('data', 'fashion-mnist:train')}, which "
+                      f"holds the validation hold-out (the protocol needs {PRIVATE_SET})", file=sys.stderr)
+                continue
+            out.append((ROOT / r["generator"], r))
+    return out
+
+
+def _report(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_run(rep: dict | None, sha: str, a) -> bool:
+    """Whether a report is of this generator under this call's protocol (a reduced check does not count)."""
+    return bool(rep and (rep.get("generator") or {}).get("sha256") == sha and rep.get("epochs") == a.epochs
+                and rep.get("n_synthetic") == a.n and rep.get("real_limit") == a.real_limit)
+
+
+def _finished(folder: Path, kind: str, sha: str, a) -> bool:
+    rep = _report(folder)
+    return _same_run(rep, sha, a) and bool(
+        rep["metrics"].get("dpimagebench", {}).get("classifiers", {}).get(kind, {}).get("finished"))
+
+
+def main() -> int:
+    from mepf.core.device import resolve_device
+    from mepf.evaluate.dpimagebench import evaluate_dpimagebench
+    from mepf.evaluate.options import BENCH_CLASSIFIERS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("generators", nargs="*", help="generator.pt files  [default: every committed one]")
+    ap.add_argument("--budget", type=float, default=480, help="seconds of work in this call")
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--classifiers", default=",".join(BENCH_CLASSIFIERS))
+    ap.add_argument("-n", type=int, default=60000, help="synthetic images (theirs: 60,000)")
+    ap.add_argument("--real-limit", type=int, default=None, help="first N images of each real set (a reduced check)")
+    ap.add_argument("--no-fid", action="store_true")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--inception-weights", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--fid-seconds", type=float, default=150,
+                    help="FID starts only with this much of the budget left (its time on one H200, with loading)")
+    ap.add_argument("--min-seconds", type=float, default=30,
+                    help="a classifier starts only with this much of the budget left")
+    ap.add_argument("--out", default="bench/dpimagebench")
+    a = ap.parse_args()
+    t_start = time.time()
+    deadline = t_start + a.budget
+    device = resolve_device(a.device)
+    out = Path(a.out)
+    gens = [(Path(g), {}) for g in a.generators] or committed_generators()
+    if not gens:
+        print("no generators: name some, or commit results rows that name theirs", file=sys.stderr)
+        return 2
+    kinds = [k.strip() for k in a.classifiers.split(",") if k.strip()]
+    from mepf.artifacts.format import file_sha256
+
+    rows, left = [], False
+    for gen, row in gens:
+        sha = file_sha256(gen)
+        # committed generators sit in folders named by setting, eps and seed; others are told apart by SHA-256
+        name = gen.parent.name if row else f"{gen.parent.name}-{sha[:12]}"
+        full = (a.epochs, a.n, a.real_limit) == (50, 60000, None)
+        folder = out / (name if full else f"{name}-reduced-e{a.epochs}-n{a.n}-r{a.real_limit}")
+        for kind in kinds:
+            if _finished(folder / kind, kind, sha, a):
+                continue
+            if deadline - time.time() < a.min_seconds:
+                left = True
+                continue
+            t0 = time.time()
+            rep = evaluate_dpimagebench(str(gen), "fashion-mnist:test", folder / kind, n=a.n, metrics=["accuracy"],
+                                        classifiers=[kind], epochs=a.epochs, real_limit=a.real_limit,
+                                        time_budget=max(1.0, deadline - time.time()), data_root=a.data_root,
+                                        device=device, progress=False)
+            r = rep["metrics"]["dpimagebench"]["classifiers"][kind]
+            print(f"{name} {kind}: {time.time() - t0:.0f} s in this call, {r['seconds']:.0f} s of training in all, "
+                  f"{r['epochs_done']}/{a.epochs} epochs", flush=True)
+            left |= not r["finished"]
+        fid_dir = folder / "fid"
+        if not a.no_fid and not (_same_run(_report(fid_dir), sha, a) and "fid" in _report(fid_dir)["metrics"]):
+            if deadline - time.time() >= a.fid_seconds:
+                t0 = time.time()
+                evaluate_dpimagebench(str(gen), "fashion-mnist:test", fid_dir, n=a.n, metrics=["fid"],
+                                      epochs=a.epochs, real_limit=a.real_limit, data_root=a.data_root, device=device,
+                                      inception_weights=a.inception_weights, cache_dir=out / "fid-stats",
+                                      progress=False, overwrite=True)
+                print(f"{name} FID: {time.time() - t0:.0f} s", flush=True)
+            else:
+                left = True
+        rows.append(_row(gen, row, folder, kinds, sha, a))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
+    for r in rows:
+        acc = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in r["per_classifier"].items())
+        print(f"{r['name']}: max {r['accuracy_max']}, mean {r['accuracy_mean']} ({acc}); FID {r['fid']}")
+    print(f"call took {time.time() - t_start:.0f} s; " + ("work is left: run the same command again" if left
+                                                          else "complete"))
+    return 0
+
+
+def _row(gen: Path, row: dict, folder: Path, kinds: list, sha: str, a) -> dict:
+    from mepf.evaluate.options import BENCH_CLASSIFIERS
+
+    per, reduced, done = {}, set(), True
+    for kind in kinds:
+        rep = _report(folder / kind)
+        rep = rep if _same_run(rep, sha, a) else None
+        r = rep["metrics"]["dpimagebench"]["classifiers"].get(kind) if rep else None
+        per[kind] = r["test_at_best_val"] if r and r["finished"] else None
+        done &= per[kind] is not None
+        reduced |= set(rep["protocol_reduced"]) if rep else set()
+    fid = _report(folder / "fid")
+    fid = fid if _same_run(fid, sha, a) and "fid" in fid["metrics"] else None
+    if fid:
+        reduced |= set(fid["protocol_reduced"])
+    # each classifier is an evaluation of its own here: the row's classifiers are this call's, said once
+    reduced = {w for w in reduced if not w.startswith("classifiers ")}
+    if sorted(kinds) != sorted(BENCH_CLASSIFIERS):
+        reduced.add(f"classifiers {', '.join(kinds)} only (theirs: {', '.join(BENCH_CLASSIFIERS)})")
+    vals = [v for v in per.values() if v is not None]
+    where = gen.resolve().relative_to(ROOT) if gen.resolve().is_relative_to(ROOT) else gen
+    return {"name": folder.name, "protocol": "dpimagebench", "generator": str(where), "generator_sha256": sha,
+            "data": row.get("data"), "epsilon": row.get("epsilon"), "seed": row.get("seed"),
+            "setting": row.get("setting"), "per_classifier": per, "complete": done,
+            "accuracy_max": max(vals) if done else None,
+            "accuracy_mean": sum(vals) / len(vals) if done else None,
+            "fid": fid["metrics"]["fid"] if fid else None,
+            "fid_samples": fid["metrics"]["fid_samples"] if fid else None, "reduced": sorted(reduced)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

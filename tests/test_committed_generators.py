@@ -1,0 +1,37 @@
+"""The generators committed beside the results rows (docs/results/generators/) are the ones that produced them:
+each draws, for the row's seed, the images stored with it (the first 100 of the evaluation's draw)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mepf.synthesize import load_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows():
+    return [(p.name, r) for p in sorted((ROOT / "docs" / "results").glob("*.json"))
+            for r in json.loads(p.read_text())["results"] if r.get("generator")]
+
+
+def test_there_are_committed_generators():
+    assert _rows(), "no results row names its generator (benchmarks/quality.py --keep-generators)"
+
+
+@pytest.mark.parametrize("source,row", _rows(), ids=[r["generator"].split("/")[-2] for _, r in _rows()])
+def test_committed_generator_draws_the_rows_samples(source, row):
+    path = ROOT / row["generator"]
+    stored = np.load(path.parent / "samples-first100.npz")
+    g = load_generator(path)
+    images, labels = g.sample(100, seed=row["samples"]["seed"])
+    assert (labels == stored["labels"]).all()
+    # the same computation; another CPU's kernels may round a pixel differently, never more
+    diff = np.abs(images.astype(int) - stored["images"].astype(int))
+    assert diff.max() <= 2 and (diff == 0).mean() > 0.999, (source, diff.max(), (diff == 0).mean())
+    opts = json.loads((path.parent / "options.json").read_text())
+    assert opts["seed"] == row["seed"] and opts["steps"] == row["steps"]
+    assert g.info["epsilon"] == pytest.approx(float(row["epsilon"]), rel=1e-3)
