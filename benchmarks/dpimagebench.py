@@ -61,8 +61,9 @@ def _finished(folder: Path, kind: str, sha: str, a) -> bool:
 
 
 def main() -> int:
+    from mepf.artifacts.errors import MepfError
+    from mepf.artifacts.format import file_sha256
     from mepf.core.device import resolve_device
-    from mepf.evaluate.dpimagebench import evaluate_dpimagebench
     from mepf.evaluate.options import BENCH_CLASSIFIERS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -91,41 +92,18 @@ def main() -> int:
         print("no generators: name some, or commit results rows that name theirs", file=sys.stderr)
         return 2
     kinds = [k.strip() for k in a.classifiers.split(",") if k.strip()]
-    from mepf.artifacts.format import file_sha256
-
     rows, left = [], False
     for gen, row in gens:
         sha = file_sha256(gen)
-        # committed generators sit in folders named by setting, eps and seed; others are told apart by SHA-256
-        name = gen.parent.name if row else f"{gen.parent.name}-{sha[:12]}"
         full = (a.epochs, a.n, a.real_limit) == (50, 60000, None)
-        folder = out / (name if full else f"{name}-reduced-e{a.epochs}-n{a.n}-r{a.real_limit}")
-        for kind in kinds:
-            if _finished(folder / kind, kind, sha, a):
-                continue
-            if deadline - time.time() < a.min_seconds:
-                left = True
-                continue
-            t0 = time.time()
-            rep = evaluate_dpimagebench(str(gen), "fashion-mnist:test", folder / kind, n=a.n, metrics=["accuracy"],
-                                        classifiers=[kind], epochs=a.epochs, real_limit=a.real_limit,
-                                        time_budget=max(1.0, deadline - time.time()), data_root=a.data_root,
-                                        device=device, progress=False)
-            r = rep["metrics"]["dpimagebench"]["classifiers"][kind]
-            print(f"{name} {kind}: {time.time() - t0:.0f} s in this call, {r['seconds']:.0f} s of training in all, "
-                  f"{r['epochs_done']}/{a.epochs} epochs", flush=True)
-            left |= not r["finished"]
-        fid_dir = folder / "fid"
-        if not a.no_fid and not (_same_run(_report(fid_dir), sha, a) and "fid" in _report(fid_dir)["metrics"]):
-            if deadline - time.time() >= a.fid_seconds:
-                t0 = time.time()
-                evaluate_dpimagebench(str(gen), "fashion-mnist:test", fid_dir, n=a.n, metrics=["fid"],
-                                      epochs=a.epochs, real_limit=a.real_limit, data_root=a.data_root, device=device,
-                                      inception_weights=a.inception_weights, cache_dir=out / "fid-stats",
-                                      progress=False, overwrite=True)
-                print(f"{name} FID: {time.time() - t0:.0f} s", flush=True)
-            else:
-                left = True
+        # named by the generator's folder and SHA-256: a generator replaced in place starts afresh
+        folder = out / (f"{gen.parent.name}-{sha[:12]}" + ("" if full else
+                                                           f"-reduced-e{a.epochs}-n{a.n}-r{a.real_limit}"))
+        try:
+            left |= _evaluate(gen, sha, folder, kinds, a, deadline, device, out)
+        except MepfError as e:  # one generator's problem: said, and the others go on
+            print(f"{gen}: {e}", file=sys.stderr)
+            left = True
         rows.append(_row(gen, row, folder, kinds, sha, a))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
@@ -135,6 +113,55 @@ def main() -> int:
     print(f"call took {time.time() - t_start:.0f} s; " + ("work is left: run the same command again" if left
                                                           else "complete"))
     return 0
+
+
+def _epoch_estimate(folder: Path, kind: str, kinds: list) -> float:
+    """Seconds of a first epoch of `kind`, from an epoch another classifier of this generator has run (0: none)."""
+    from mepf.evaluate.benchnets import EPOCH_COST
+
+    for other in kinds:
+        rep = _report(folder / other)
+        hist = rep["metrics"]["dpimagebench"]["classifiers"][other]["history"] if rep and "dpimagebench" in rep[
+            "metrics"] and other in rep["metrics"]["dpimagebench"]["classifiers"] else []
+        if hist:
+            return hist[-1]["seconds"] / EPOCH_COST[other] * EPOCH_COST[kind]
+    return 0.0
+
+
+def _evaluate(gen: Path, sha: str, folder: Path, kinds: list, a, deadline: float, device, out: Path) -> bool:
+    """This call's share of one generator's protocol; True where work is left for the next call."""
+    from mepf.evaluate.dpimagebench import evaluate_dpimagebench
+
+    left = False
+    for kind in kinds:
+        if _finished(folder / kind, kind, sha, a):
+            continue
+        rep = _report(folder / kind)
+        done = rep["metrics"]["dpimagebench"]["classifiers"][kind]["epochs_done"] if _same_run(rep, sha, a) else 0
+        if deadline - time.time() < max(a.min_seconds, 0 if done else _epoch_estimate(folder, kind, kinds)):
+            left = True
+            continue
+        t0 = time.time()
+        rep = evaluate_dpimagebench(str(gen), "fashion-mnist:test", folder / kind, n=a.n, metrics=["accuracy"],
+                                    classifiers=[kind], epochs=a.epochs, real_limit=a.real_limit,
+                                    time_budget=max(1.0, deadline - time.time()), data_root=a.data_root,
+                                    device=device, progress=False)
+        r = rep["metrics"]["dpimagebench"]["classifiers"][kind]
+        print(f"{folder.name} {kind}: {time.time() - t0:.0f} s in this call, {r['seconds']:.0f} s of training in "
+              f"all, {r['epochs_done']}/{a.epochs} epochs", flush=True)
+        left |= not r["finished"]
+    fid_dir = folder / "fid"
+    if not a.no_fid and not (_same_run(_report(fid_dir), sha, a) and "fid" in _report(fid_dir)["metrics"]):
+        if deadline - time.time() >= a.fid_seconds:
+            t0 = time.time()
+            evaluate_dpimagebench(str(gen), "fashion-mnist:test", fid_dir, n=a.n, metrics=["fid"],
+                                  epochs=a.epochs, real_limit=a.real_limit, data_root=a.data_root, device=device,
+                                  inception_weights=a.inception_weights, cache_dir=out / "fid-stats",
+                                  progress=False, overwrite=True)
+            print(f"{folder.name} FID: {time.time() - t0:.0f} s", flush=True)
+        else:
+            left = True
+    return left
 
 
 def _row(gen: Path, row: dict, folder: Path, kinds: list, sha: str, a) -> dict:

@@ -151,6 +151,19 @@ def _load_state(state_path: Path, key: str) -> dict:
     return saved
 
 
+def _check_state(state, epochs: int) -> None:
+    """The progress record of a state: epochs run, one history entry each, and the selected epoch among them."""
+    ok = (isinstance(state, dict) and type(state.get("epoch")) is int and 0 <= state["epoch"] <= epochs
+          and isinstance(state.get("history"), list) and len(state["history"]) == state["epoch"]
+          and all(isinstance(h, dict) and isinstance(h.get("seconds"), float) for h in state["history"])
+          and isinstance(state.get("seconds"), float)
+          and (state.get("best") is None) == (state["epoch"] == 0)
+          and (state["best"] is None or (isinstance(state["best"], dict) and all(
+              isinstance(state["best"].get(k), (int, float)) for k in ("epoch", "val", "test")))))
+    if not ok:
+        raise ValueError("its progress record is not one this mepf writes")
+
+
 def _train(kind, train, val, test, num_classes, schedule, seed, device, state_path, deadline, progress, train_key,
            first_epoch_s) -> dict:
     (xt, yt), (xv, yv), (xe, ye) = train, val, test
@@ -173,7 +186,7 @@ def _train(kind, train, val, test, num_classes, schedule, seed, device, state_pa
             if device.type == "cuda" and saved.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(saved["cuda_rng"], device)
             state = saved["state"]
-            state["epoch"], state["history"], state["best"], state["seconds"]  # noqa: B018 - all there
+            _check_state(state, schedule.epochs)
         except Exception as e:  # noqa: BLE001
             raise MepfError(f"{state_path} does not fit this classifier ({type(e).__name__}); pass --overwrite to "
                             "start afresh, or choose another --out") from None

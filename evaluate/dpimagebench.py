@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import printable
 from mepf.artifacts.staging import write_text_atomic
 from mepf.artifacts.versions import versions
 
 from .bench_protocol import BenchSchedule, summarise, train_classifier, training_subset
-from .benchnets import BENCH_CLASSIFIERS, PARAMS_M
+from .benchnets import BENCH_CLASSIFIERS, EPOCH_COST
 from .classes import match_classes
 from .data import ImageSet, load_reference, load_synthetic, run_stats
 from .evaluation import (
@@ -87,19 +88,29 @@ def _identity(synth) -> str | None:
     return f"{file_sha256(synth.generator_path)}|{len(synth.images)}"
 
 
+def _read_meta(state: Path) -> dict:
+    try:
+        meta = json.loads((state / META).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("evaluation"), str):
+        raise MepfError(f"{state} holds no readable {META}: it is not a protocol state this mepf wrote; pass "
+                        "--overwrite to start afresh, or choose another --out")
+    return meta
+
+
 def _prepare_state(out: Path, overwrite: bool, meta: dict) -> Path:
     """The state folder, made before anything else is written: its presence makes the folder resumable."""
     state = out / STATE
+    if state.is_symlink() or (state.exists() and not state.is_dir()):
+        raise MepfError(f"{state} is not a folder; move it away, or choose another --out")
     if overwrite and state.is_dir():
         shutil.rmtree(state)
     if state.is_dir():
-        try:
-            old = json.loads((state / META).read_text())
-        except (OSError, ValueError):
-            old = None
-        if old is not None and old.get("evaluation") != meta["evaluation"]:
-            raise MepfError(f"{out} holds the saved state of another protocol run ({old.get('evaluation')}); pass "
-                            "--overwrite to start afresh, or choose another --out")
+        old = _read_meta(state)
+        if old["evaluation"] != meta["evaluation"]:
+            raise MepfError(f"{out} holds the saved state of another protocol run ({printable(old['evaluation'])}); "
+                            "pass --overwrite to start afresh, or choose another --out")
         return state
     _check_out(out, overwrite)
     state.mkdir(parents=True)
@@ -108,19 +119,16 @@ def _prepare_state(out: Path, overwrite: bool, meta: dict) -> Path:
 
 
 def _first_epoch_estimate(state: Path, kind: str) -> float:
-    """Seconds of a first epoch of `kind`, from any epoch already run here, scaled by parameter count (0 if none)."""
-    try:
-        rate = json.loads((state / META).read_text()).get("seconds_per_mparam_epoch")
-    except (OSError, ValueError):
-        rate = None
-    return float(rate) * PARAMS_M[kind] if isinstance(rate, (int, float)) else 0.0
+    """Seconds of a first epoch of `kind`, from an epoch of another classifier already run here (0 if none)."""
+    rate = _read_meta(state).get("seconds_per_cost_epoch")
+    return float(rate) * EPOCH_COST[kind] if isinstance(rate, (int, float)) else 0.0
 
 
-def _record_rate(state: Path, result: dict) -> None:
+def _record_rate(state: Path, kind: str, result: dict) -> None:
     if not result["history"]:
         return
-    meta = json.loads((state / META).read_text())
-    meta["seconds_per_mparam_epoch"] = result["history"][-1]["seconds"] / (result["params"] / 1e6)
+    meta = _read_meta(state)
+    meta["seconds_per_cost_epoch"] = result["history"][-1]["seconds"] / EPOCH_COST[kind]
     write_text_atomic(state / META, json.dumps(meta, indent=2))
 
 
@@ -147,10 +155,18 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     if not (out / STATE).is_dir():
         _check_out(out, overwrite)  # before any sampling: a refused folder costs nothing
     wanted = set(metrics or PROTOCOL_METRICS)
+    unused = ([("--validation", validation), ("--class-map", class_map)] if "accuracy" not in wanted else []) + (
+        [("--fid-reference", fid_reference), ("--fid-samples", fid_samples), ("--inception-weights",
+                                                                              inception_weights)]
+        if "fid" not in wanted else [("--time-budget", time_budget)] if wanted == {"fid"} else [])
+    given = [flag for flag, value in unused if value is not None]
+    if given:
+        raise MepfError(f"{given[0]} does nothing with --metrics {','.join(sorted(wanted))}; drop it")
     synth = load_synthetic(synthetic, n, seed, device)
     ident = _identity(synth)
-    meta = {"evaluation": f"{synthetic} ({ident or 'images as given'}), seed {seed}, {epochs} epochs, real limit "
-                          f"{real_limit}"}
+    # what the saved state belongs to: a generator by its SHA-256 (wherever it lies now), images by their path
+    meta = {"evaluation": f"{'generator ' + ident if ident else synthetic}, seed {seed}, {epochs} epochs, real "
+                          f"limit {real_limit}, {'+'.join(sorted(wanted))}, {'+'.join(sorted(classifiers))}"}
     crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
     schedule = BenchSchedule(epochs=epochs)
     metrics_out, warnings, flagged = {}, [], []
@@ -196,7 +212,7 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
                 seed, device, state / f"{kind}.pt", deadline, progress,
                 train_key=f"{ident}|{seed}|{class_map}" if ident else None,
                 first_epoch_s=_first_epoch_estimate(state, kind))
-            _record_rate(state, r)
+            _record_rate(state, kind, r)
             status = "finished" if r["finished"] else f"stopped at epoch {r['epochs_done']}/{epochs}"
             print(f"{kind}: {r['seconds']:.0f} s of training in all, {status}"
                   + (f"; test {r['test_at_best_val']:.2f}% at epoch {r['best_epoch']} (best validation "
@@ -209,9 +225,10 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
         complete = not unfinished
         if unfinished:
             none_yet = all(results[k]["epochs_done"] == 0 for k in unfinished)
+            how = (" (no epoch fitted in this call: give a larger --time-budget)" if none_yet
+                   else " from the saved epoch")
             warnings.append(f"incomplete: {', '.join(unfinished)} not finished within --time-budget; run the same "
-                            "command again to continue" + (" (no epoch fitted in this call: give a larger "
-                                                           "--time-budget)" if none_yet else " from the saved epoch"))
+                            f"command again (without --overwrite) to continue{how}")
     if "fid" in wanted and not complete:
         warnings.append("FID not computed: the classifiers come first; it runs on the call that finishes them")
     elif "fid" in wanted:

@@ -232,6 +232,11 @@ def test_dpimagebench_protocol_end_to_end(tiny_run, fid_weights, tmp_path, mnist
     assert again.exit_code == 0, again.output + again.stderr
     rep2 = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep2["metrics"]["dpimagebench"]["classifiers"]["resnet"]["history"] == res["history"]
+    other = CliRunner().invoke(main, [*args[:-1], "--seed", "1", "--quiet"])  # another evaluation, same folder
+    assert other.exit_code == 2 and "holds the saved state of another protocol run" in other.stderr
+    (tmp_path / "rep" / "protocol-state" / "meta.json").write_text("[]")
+    damaged = CliRunner().invoke(main, args)
+    assert damaged.exit_code == 2 and damaged.stderr.count("\n") == 1 and "no readable meta.json" in damaged.stderr
 
 
 def test_dpimagebench_protocol_bad_input(tiny_run, tmp_path):
@@ -248,6 +253,9 @@ def test_dpimagebench_protocol_bad_input(tiny_run, tmp_path):
         (["--protocol", "dpimagebench", "--classifiers", "cnn", "--validation", ref], "unknown classifier 'cnn'"),
         (["--protocol", "dpimagebench", "--metrics", "embedding"], "not 'embedding'"),
         (["--protocol", "dpimagebench", "--real-train", ref], "--real-train is an option of --protocol mepf"),
+        (["--protocol", "dpimagebench", "--metrics", "accuracy", "--fid-samples", "10"],
+         "--fid-samples does nothing with --metrics accuracy"),
+        (["--protocol", "dpimagebench", "--metrics", "fid", "--validation", ref], "--validation does nothing"),
     ]
     for extra, message in cases:
         r = CliRunner().invoke(main, ["evaluate", run, "--reference", ref, "--out", str(tmp_path / "rep"), "-n", "10",
