@@ -8,7 +8,6 @@ figure: it reads the private data; the data owner reports it).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -19,6 +18,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.staging import write_text_atomic
 from mepf.artifacts.versions import versions
+from mepf.embed.fingerprint import record_hash
 
 from .bench_protocol import BenchSchedule, summarise, train_classifier, training_subset
 from .benchnets import BENCH_CLASSIFIERS, EPOCH_COST
@@ -66,7 +66,7 @@ def _labelled(spec: str, flag: str, data_root, geometry, crop, limit) -> ImageSe
 
 
 def _records(s: ImageSet) -> set:
-    return {hashlib.sha256(x.tobytes() + int(y).to_bytes(8, "little")).digest() for x, y in zip(s.images, s.labels)}
+    return {(record_hash(x), int(y)) for x, y in zip(s.images, s.labels)}
 
 
 def _check_not_test(val: ImageSet, test: ImageSet, val_spec: str, reference: str) -> None:
@@ -112,8 +112,7 @@ def _prepare_state(out: Path, overwrite: bool, meta: dict) -> Path:
             raise MepfError(f"{out} holds the saved state of another protocol run ({printable(old['evaluation'])}); "
                             "pass --overwrite to start afresh, or choose another --out")
         return state
-    _check_out(out, overwrite)
-    state.mkdir(parents=True)
+    state.mkdir(parents=True)  # the folder was checked before sampling (evaluate_dpimagebench)
     write_text_atomic(state / META, json.dumps(meta, indent=2))
     return state
 
