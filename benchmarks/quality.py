@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TrainOptions.lr,
                     help="Generator Adam lr (the tool's default, chosen as docs/results.md says).")
     ap.add_argument("--lr-mavg", type=float, default=TrainOptions.lr_mavg)
-    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "cooldown"])
     ap.add_argument("--ema", type=float, default=0.0, help="Generator weight average decay (0: off).")
     ap.add_argument("--width", type=int, default=0)
     ap.add_argument("--n-synthetic", type=int, default=60000)
@@ -170,7 +170,9 @@ def main() -> None:
                 embed_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             if (run / "options.json").exists() and not (run / "generator.pt").exists():
-                resume(str(run), a.steps)  # continue the interrupted run from its last snapshot
+                # continue the interrupted run from its last snapshot; also how a finished run is extended (copy
+                # its folder, delete generator.pt, give a larger --steps and e.g. --lr-schedule cooldown)
+                resume(str(run), {"lr_schedule": a.lr_schedule}, steps=a.steps)
             elif not (run / "generator.pt").exists():
                 shutil.rmtree(run, ignore_errors=True)
                 start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,

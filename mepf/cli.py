@@ -462,7 +462,8 @@ def _moment_weights(ctx, param, value):
 @click.option("--lr-mavg", type=click.FloatRange(0, min_open=True), default=_td("lr_mavg"),
               help="Moving-average Adam lr.")
 @click.option("--lr-schedule", type=_choices(so.LR_SCHEDULES), default=_td("lr_schedule"),
-              help="Generator lr: constant, or cosine-annealed to 0 at the last step.")
+              help="Generator lr: constant; cosine-annealed to 0 at the last step; or cooldown: constant, then "
+                   "linear to 0 over the last fifth of --steps.")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_td("ema"),
               help="Decay of a moving average of the generator's weights, which then makes the samples (0: off).")
 @click.option("--batch-size", type=click.IntRange(1, 100000), default=_td("batch_size"),

@@ -31,7 +31,7 @@ from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
 from .locate import locate_release
 from .objective import Target, fake_embeddings, squared_distance
-from .options import GENERATOR_WIDTHS, LABELS, LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
+from .options import COOLDOWN_FRACTION, GENERATOR_WIDTHS, LABELS, LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
 from .precision import Precision, legacy, resolve
 
 
@@ -231,9 +231,14 @@ class Trainer:
                 b.copy_(v.view_as(b))
 
     def lr_at(self, step: int) -> float:
-        """The generator's learning rate at `step`: constant, or cosine-annealed to 0 at opts.steps."""
+        """The generator's learning rate at `step`: constant; cosine-annealed to 0 at opts.steps; or cooldown:
+        constant, then linear to 0 over the last COOLDOWN_FRACTION of opts.steps (a run of N constant steps
+        resumed with --steps M --lr-schedule cooldown, N <= (1 - COOLDOWN_FRACTION) M, equals a fresh one)."""
         if self.opts.lr_schedule == "constant":
             return self.opts.lr
+        if self.opts.lr_schedule == "cooldown":
+            start = self.opts.steps - COOLDOWN_FRACTION * self.opts.steps
+            return self.opts.lr * min(1.0, max(0.0, (self.opts.steps - step) / (self.opts.steps - start)))
         return self.opts.lr * 0.5 * (1 + math.cos(math.pi * min(step, self.opts.steps) / self.opts.steps))
 
     @torch.no_grad()

@@ -92,6 +92,23 @@ def test_resume_is_bitwise_identical(release_file, tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+def test_cooldown_schedule_and_extending_a_constant_run(release_file, tmp_path):
+    """cooldown: --lr until the last fifth of --steps, then linear to 0; a constant run of 8 steps resumed with
+    --steps 20 --lr-schedule cooldown is bit-identical to a fresh 20-step cooldown run (how a long run is extended
+    and then cooled down), and the lr each step used follows the schedule."""
+    base = dict(FAST, snapshot_every=8)
+    a = start(TrainOptions(release=str(release_file), out=str(tmp_path / "a"), steps=20, lr_schedule="cooldown",
+                           **base), progress=False)
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "b"), steps=8, **base), progress=False)
+    b = resume(tmp_path / "b", changes={"lr_schedule": "cooldown"}, steps=20, progress=False)
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    lr = a.opts.lr
+    assert [a.lr_at(s) for s in (0, 15, 16, 17, 19, 20)] == pytest.approx([lr, lr, lr, 0.75 * lr, 0.25 * lr, 0.0])
+    assert a.opt_g.param_groups[0]["lr"] == pytest.approx(0.25 * lr)  # the last step's
+    assert json.loads((tmp_path / "b" / "options.json").read_text())["lr_schedule"] == "cooldown"
+
+
 @pytest.mark.parametrize("precision", ["bf16-generator", "bf16"])
 def test_resume_is_bitwise_identical_in_bf16(release_file, tmp_path, precision):
     """Within one precision plan, as in fp32: bf16 autocast and channels-last are deterministic on CPU."""
