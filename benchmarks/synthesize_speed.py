@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/synthesize_speed.py [RELEASE.h5] [--batch-size 100 --steps 10 --repeats 5]
                                                     [--baseline REV --cli-steps 60]
 
-- the real training step at --precision auto (the plan it resolves to here), and at fp32;
+- the real training step at --precision auto (the plan it resolves to here), the same with the other way of
+  taking class sums (index_add / one-hot product), and at fp32;
 - the bare cost: generator forward+backward plus extractor forward+backward (input gradient only) at the
   same batch, each at its fastest of fp32/bf16 x default/channels-last, and the step's ratio to it;
 - with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -127,6 +129,10 @@ def main() -> None:
                         device=a.device)
     rel, fmap, arch, dev = prepare(opts)
     trainers["before"] = Trainer(opts, rel, fmap, arch, dev, legacy("auto", dev))  # as the code before issue 27
+    rel, fmap, arch, dev = prepare(opts)
+    other = "matmul" if trainers["auto"].precision.class_sums == "index_add" else "index_add"
+    trainers[f"auto, class sums by {other}"] = Trainer(opts, rel, fmap, arch, dev,
+                                                       replace(trainers["auto"].precision, class_sums=other))
     t = trainers["auto"]
 
     def sync():

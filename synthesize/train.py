@@ -186,7 +186,7 @@ class Trainer:
         if plan.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=plan.extractor == "bf16"):
-            fake = fake_embeddings(self.fmap, x, y, self.target, fast=plan.fast_paths)
+            fake = fake_embeddings(self.fmap, x, y, self.target, fast=plan.fast_paths, sums_by=plan.class_sums)
         dist = squared_distance(self.target, fake)
         stats = {f"dist_{m}": d.detach() for m, d in dist.items()}
         if self.opts.objective == "plain":

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mepf.artifacts.errors import MepfError
 from mepf.cli import main
 from mepf.synthesize import precision as prec
+from mepf.synthesize import train as train_mod
 from mepf.synthesize.precision import Precision, legacy, native_bf16, resolve
 from mepf.synthesize.train import Trainer, TrainOptions, prepare, resume, start
 
@@ -29,16 +30,17 @@ def release(tmp_path):
 
 
 def test_auto_resolves_by_hardware(monkeypatch):
-    assert resolve("auto", CUDA) == Precision("bf16", "bf16", True)
+    assert resolve("auto", CUDA) == Precision("bf16", "bf16", True, True, "matmul")
     monkeypatch.setattr(prec, "native_bf16", lambda device: True)
-    assert resolve("auto", CPU) == Precision("bf16", "fp32", True)
+    assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add")
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)
     assert resolve("auto", CPU) == Precision("fp32", "fp32", True)
     assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True)
-    for device in (CPU, CUDA):  # an explicit choice is taken as given
-        assert resolve("fp32", device) == Precision("fp32", "fp32", True)
-        assert resolve("bf16", device) == Precision("bf16", "bf16", True)
-        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True)
+    for device in (CPU, CUDA):  # an explicit choice is taken as given; class sums by device (CUDA: no atomics)
+        sums = "matmul" if device.type == "cuda" else "index_add"
+        assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums)
+        assert resolve("bf16", device) == Precision("bf16", "bf16", True, True, sums)
+        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True, True, sums)
     with pytest.raises(MepfError, match="--precision must be one of"):
         resolve("fp16", CPU)
 
@@ -50,11 +52,16 @@ def test_native_bf16_is_read_from_torch():
 
 
 def test_plan_round_trips_and_a_damaged_one_is_refused():
-    for p in (Precision("fp32", "fp32", False, False), Precision("bf16", "fp32", True)):
+    for p in (Precision("fp32", "fp32", False, False, "matmul"), Precision("bf16", "fp32", True),
+              Precision("bf16", "bf16", True, True, "matmul")):
         assert Precision.from_json(json.loads(json.dumps(p.to_json()))) == p
+    # a plan recorded before class_sums existed summed by the one-hot product, and resumes so
+    old = {"generator": "bf16", "extractor": "fp32", "channels_last": True, "fast_paths": True}
+    assert Precision.from_json(old).class_sums == "matmul"
     for bad in (None, [], {"generator": "fp16", "extractor": "fp32", "channels_last": True},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"},
-                {"generator": "bf16", "extractor": "fp32", "channels_last": True}):  # no fast_paths
+                {"generator": "bf16", "extractor": "fp32", "channels_last": True},  # no fast_paths
+                {**old, "class_sums": "scatter"}, {**old, "class_sums": None}):
         with pytest.raises(MepfError, match="precision_resolved"):
             Precision.from_json(bad)
 
@@ -66,7 +73,7 @@ def test_a_run_records_its_plan_and_resumes_under_it(release, tmp_path, monkeypa
     saved = json.loads((run / "options.json").read_text())
     assert saved["precision"] == "auto"
     assert saved["precision_resolved"] == {"generator": "bf16", "extractor": "fp32", "channels_last": True,
-                                          "fast_paths": True}
+                                          "fast_paths": True, "class_sums": "index_add"}
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)  # e.g. resumed on another machine
     assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True)
     for bad in ({"generator": "x"}, None):
@@ -88,8 +95,8 @@ def test_a_run_from_before_the_plan_resumes_under_its_old_one(tmp_path):
     shutil.copy(COMPAT / "release.h5", tmp_path / "release.h5")
     assert "precision_resolved" not in json.loads((run / "options.json").read_text())
     t = resume(run, release=str(tmp_path / "release.h5"), steps=6, progress=False)
-    assert t.precision == legacy("auto", CPU) == Precision("fp32", "fp32", False, fast_paths=False)
-    assert legacy("auto", CUDA) == legacy("bf16", CPU) == Precision("bf16", "bf16", True, fast_paths=False)
+    assert t.precision == legacy("auto", CPU) == Precision("fp32", "fp32", False, False, "matmul")
+    assert legacy("auto", CUDA) == legacy("bf16", CPU) == Precision("bf16", "bf16", True, False, "matmul")
 
 
 @pytest.mark.parametrize("choice", ["bf16-generator", "bf16", "fp32"])
@@ -115,7 +122,8 @@ def test_dry_run_shows_the_plan(release, tmp_path):
                                   "--precision", "bf16-generator", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision_resolved"] == {"generator": "bf16", "extractor": "fp32",
-                                                           "channels_last": True, "fast_paths": True}
+                                                           "channels_last": True, "fast_paths": True,
+                                                           "class_sums": "index_add"}
 
 
 def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
@@ -134,3 +142,40 @@ def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
                                            "fast_paths": False}
     assert "before the plan" in shown["precision_resolved_note"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
+
+
+def test_class_sums_by_index_add_equal_the_one_hot_product():
+    """The two ways of summing per class give the same means, present mask and gradients (float64; a class
+    absent from the batch and a repeated label included)."""
+    from mepf.synthesize.objective import class_means
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([3, 0, 0, 1, 3, 3, 1, 0])  # class 2 absent
+    out = {}
+    for how in ("matmul", "index_add"):
+        f = torch.randn(8, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        means, present = class_means(f, y, 4, how)
+        (means * torch.randn(4, 11, dtype=torch.float64, generator=g.manual_seed(2))).sum().backward()
+        out[how] = (means.detach(), present, f.grad)
+    torch.testing.assert_close(out["matmul"][0], out["index_add"][0], rtol=1e-12, atol=1e-14)
+    assert out["matmul"][1].tolist() == out["index_add"][1].tolist() == [True, True, False, True]
+    torch.testing.assert_close(out["matmul"][2], out["index_add"][2], rtol=1e-12, atol=1e-14)
+
+
+def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(release, tmp_path, monkeypatch):
+    """A run whose plan has fast_paths but no class_sums (recorded before 2026-12-03) resumes bit-exactly with
+    the product it was trained with, not with index_add."""
+    old_plan = Precision("fp32", "fp32", True, True, "matmul")
+    monkeypatch.setattr(train_mod, "resolve", lambda precision, device: old_plan)
+    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **dict(FAST, snapshot_every=3)),
+              progress=False)
+    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **dict(FAST, snapshot_every=3)),
+          progress=False)
+    monkeypatch.undo()
+    saved = json.loads((tmp_path / "b" / "options.json").read_text())
+    del saved["precision_resolved"]["class_sums"]  # as the code before it wrote the plan
+    (tmp_path / "b" / "options.json").write_text(json.dumps(saved))
+    b = resume(tmp_path / "b", steps=6, progress=False)
+    assert b.precision == old_plan
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
