@@ -32,6 +32,7 @@ from mepf.embed.run import EmbedOptions, run_embed
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
 from mepf.evaluate.inception import load_inception
+from mepf.synthesize.options import LR_SCHEDULES
 from mepf.synthesize.train import TrainOptions, resume, start
 
 PUBLISHED = [  # DPImageBench (CCS 2025), accuracy of a classifier trained on synthetic FMNIST, eps=1 / eps=10
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TrainOptions.lr,
                     help="Generator Adam lr (the tool's default, chosen as docs/results.md says).")
     ap.add_argument("--lr-mavg", type=float, default=TrainOptions.lr_mavg)
-    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "cooldown"])
+    ap.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES))
     ap.add_argument("--ema", type=float, default=0.0, help="Generator weight average decay (0: off).")
     ap.add_argument("--width", type=int, default=0)
     ap.add_argument("--n-synthetic", type=int, default=60000)
@@ -170,8 +171,10 @@ def main() -> None:
                 embed_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             if (run / "options.json").exists() and not (run / "generator.pt").exists():
-                # continue the interrupted run from its last snapshot; also how a finished run is extended (copy
-                # its folder, delete generator.pt, give a larger --steps and e.g. --lr-schedule cooldown)
+                # continue the interrupted run from its last snapshot; also how a finished run is extended: copy
+                # its release-*.h5, releases.jsonl(.key) and run-* folder into a new --out (else a fresh release is
+                # embedded, spending budget), delete the copy's generator.pt, give a larger --steps and e.g.
+                # --lr-schedule cooldown (given again on every later invocation: resume applies it)
                 resume(str(run), {"lr_schedule": a.lr_schedule}, steps=a.steps)
             elif not (run / "generator.pt").exists():
                 shutil.rmtree(run, ignore_errors=True)
@@ -203,7 +206,7 @@ def main() -> None:
                          "fid_reference": min(a.fid_reference, 10000) if with_fid else None,
                          "embedding_distance": m.get("embedding"), "n_synthetic": a.n_synthetic, "embed_s": embed_s,
                          "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
-                         "eval_s": eval_s, "steps": a.steps, "lr": a.lr,
+                         "eval_s": eval_s, "steps": a.steps, "lr": a.lr, "lr_schedule": a.lr_schedule,
                          "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
                          "protocol": "mepf", "commit": commit()})
             if a.keep_generators:

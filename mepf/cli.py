@@ -513,6 +513,12 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                 saved["precision_resolved"] = legacy(saved.get("precision", "auto"), dev).to_json()
                 saved["precision_resolved_note"] = ("not in options.json (a run from before the plan): what resume "
                                                     f"will use on {dev}, the computation of the code that started it")
+            elif isinstance(saved["precision_resolved"], dict) and "class_sums" not in saved["precision_resolved"]:
+                from mepf.synthesize.precision import Precision
+
+                saved["precision_resolved"] = Precision.from_json(saved["precision_resolved"]).to_json()
+                saved["precision_resolved_note"] = ("class_sums is not in options.json (a plan recorded before it): "
+                                                    "resume sums by the one-hot product, as the run did")
             click.echo(json.dumps(saved, indent=2, sort_keys=True))
             return
         ctx = click.get_current_context()

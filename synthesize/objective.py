@@ -27,6 +27,8 @@ def class_means(feats: torch.Tensor, y: torch.Tensor, k: int, sums_by: str = "in
     mean of every rank's samples, the gradient flows to this rank's own (S + (S_all - S).detach()); with one
     process it is exactly the local mean. sums_by: "index_add", or "matmul" (a one-hot product: the same sums
     but for rounding, kept for runs recorded with it)."""
+    if sums_by not in ("matmul", "index_add"):
+        raise ValueError(f"sums_by must be matmul or index_add, not {sums_by!r}")
     if sums_by == "matmul":
         onehot = F.one_hot(y, k).to(feats.dtype)
         cnt = onehot.sum(0)

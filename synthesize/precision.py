@@ -32,7 +32,8 @@ class Precision:
         dtypes = ("fp32", "bf16")
         if not (isinstance(d, dict) and d.get("generator") in dtypes and d.get("extractor") in dtypes
                 and type(d.get("channels_last")) is bool and type(d.get("fast_paths")) is bool
-                and d.get("class_sums", "matmul") in CLASS_SUMS):
+                and d.get("class_sums", "matmul") in CLASS_SUMS
+                and (d["fast_paths"] or d.get("class_sums", "matmul") == "matmul")):
             raise MepfError("the run's options.json holds no valid precision_resolved; the run folder is damaged")
         # a plan recorded before class_sums was chosen summed by the one-hot product
         return cls(d["generator"], d["extractor"], d["channels_last"], d["fast_paths"], d.get("class_sums", "matmul"))
@@ -42,7 +43,8 @@ class Precision:
             name = self.generator
         else:
             name = f"generator {self.generator}, extractor {self.extractor}"
-        return name + (", channels-last" if self.channels_last else "") + ("" if self.fast_paths else ", legacy")
+        return (name + (", channels-last" if self.channels_last else "") + ("" if self.fast_paths else ", legacy")
+                + f", class sums by {self.class_sums}")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -65,13 +67,13 @@ def resolve(precision: str, device: torch.device) -> Precision:
     """--precision for a new run. auto: bf16 for both networks on CUDA; on a CPU with native bf16, a bf16
     generator beside an fp32 extractor (bf16's backward through EfficientNet's depthwise convolutions is slower
     than fp32's there, README "Speed"); fp32 elsewhere. Channels-last always: it is faster for both networks
-    on CPU and CUDA alike. Class sums by index_add on CPU, by the one-hot product on CUDA."""
+    on CPU and CUDA alike. Class sums by index_add on CPU, by the one-hot product elsewhere."""
     if precision not in PRECISIONS:
         raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         precision = ("bf16" if device.type == "cuda" else "bf16-generator" if native_bf16(device) else "fp32")
-    # index_add accumulates with atomics on CUDA (not bit-reproducible), where the product costs little anyway
-    sums = "matmul" if device.type == "cuda" else "index_add"
+    # index_add accumulates with atomics on GPUs (not bit-reproducible), where the product costs little anyway
+    sums = "index_add" if device.type == "cpu" else "matmul"
     return {"fp32": Precision("fp32", "fp32", True, True, sums), "bf16": Precision("bf16", "bf16", True, True, sums),
             "bf16-generator": Precision("bf16", "fp32", True, True, sums)}[precision]
 

@@ -3,6 +3,7 @@ when auto would now resolve otherwise), that runs from before the plan keep thei
 beside an fp32 extractor keeps the loss, moving averages and optimiser state in float32."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -35,7 +36,7 @@ def test_auto_resolves_by_hardware(monkeypatch):
     assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add")
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)
     assert resolve("auto", CPU) == Precision("fp32", "fp32", True)
-    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True)
+    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True, True, "matmul")
     for device in (CPU, CUDA):  # an explicit choice is taken as given; class sums by device (CUDA: no atomics)
         sums = "matmul" if device.type == "cuda" else "index_add"
         assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums)
@@ -61,7 +62,8 @@ def test_plan_round_trips_and_a_damaged_one_is_refused():
     for bad in (None, [], {"generator": "fp16", "extractor": "fp32", "channels_last": True},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": True},  # no fast_paths
-                {**old, "class_sums": "scatter"}, {**old, "class_sums": None}):
+                {**old, "class_sums": "scatter"}, {**old, "class_sums": None},
+                {**old, "fast_paths": False, "class_sums": "index_add"}):  # a pair no code ever wrote
         with pytest.raises(MepfError, match="precision_resolved"):
             Precision.from_json(bad)
 
@@ -139,7 +141,7 @@ def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
     assert r.exit_code == 0, r.output
     shown = json.loads(r.output)
     assert shown["precision_resolved"] == {"generator": "fp32", "extractor": "fp32", "channels_last": False,
-                                           "fast_paths": False}
+                                           "fast_paths": False, "class_sums": "matmul"}
     assert "before the plan" in shown["precision_resolved_note"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 
@@ -160,22 +162,38 @@ def test_class_sums_by_index_add_equal_the_one_hot_product():
     torch.testing.assert_close(out["matmul"][0], out["index_add"][0], rtol=1e-12, atol=1e-14)
     assert out["matmul"][1].tolist() == out["index_add"][1].tolist() == [True, True, False, True]
     torch.testing.assert_close(out["matmul"][2], out["index_add"][2], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="sums_by"):
+        class_means(f, y, 4, "scatter")
 
 
 def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(release, tmp_path, monkeypatch):
     """A run whose plan has fast_paths but no class_sums (recorded before 2026-12-03) resumes bit-exactly with
-    the product it was trained with, not with index_add."""
-    old_plan = Precision("fp32", "fp32", True, True, "matmul")
+    the product it was trained with: every training step's class sums go through the product (spied), the
+    weights equal those of an uninterrupted run with the product, and a fresh run on CPU sums by index_add,
+    which on this configuration gives other bits (so the comparison can tell the two apart)."""
+    from mepf.synthesize import objective
+
+    used = []
+    real = objective.class_means
+    monkeypatch.setattr(objective, "class_means", lambda f, y, k, sums_by="index_add": (used.append(sums_by),
+                                                                                         real(f, y, k, sums_by))[1])
+    opts = dict(FAST, snapshot_every=3)
+    fresh = start(TrainOptions(release=release, out=str(tmp_path / "fresh"), steps=6, **opts), progress=False)
+    assert fresh.precision.class_sums == "index_add" and set(used) == {"index_add"}
+    old_plan = dataclasses.replace(fresh.precision, class_sums="matmul")  # the same plan but for the sums
     monkeypatch.setattr(train_mod, "resolve", lambda precision, device: old_plan)
-    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **dict(FAST, snapshot_every=3)),
-              progress=False)
-    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **dict(FAST, snapshot_every=3)),
-          progress=False)
-    monkeypatch.undo()
+    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **opts), progress=False)
+    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **opts), progress=False)
+    monkeypatch.setattr(train_mod, "resolve", prec.resolve)
     saved = json.loads((tmp_path / "b" / "options.json").read_text())
     del saved["precision_resolved"]["class_sums"]  # as the code before it wrote the plan
     (tmp_path / "b" / "options.json").write_text(json.dumps(saved))
+    r = CliRunner().invoke(main, ["synthesize", "--resume", str(tmp_path / "b"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["precision_resolved"]["class_sums"] == "matmul"
+    used.clear()
     b = resume(tmp_path / "b", steps=6, progress=False)
-    assert b.precision == old_plan
+    assert b.precision == old_plan and used and set(used) == {"matmul"}
     for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+    assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), fresh.G.state_dict().values()))
