@@ -204,7 +204,7 @@ def main() -> None:
                          "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"], "mlp": m["accuracy"]["mlp"],
                          "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),
                          "fid_reference": min(a.fid_reference, 10000) if with_fid else None,
-                         "embedding_distance": m.get("embedding"), "n_synthetic": a.n_synthetic, "embed_s": embed_s,
+                         "embedding_distance": m.get("embedding_distance"), "n_synthetic": a.n_synthetic, "embed_s": embed_s,
                          "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
                          "eval_s": eval_s, "steps": a.steps, "lr": a.lr, "lr_schedule": a.lr_schedule,
                          "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),

@@ -168,9 +168,9 @@ def test_class_sums_by_index_add_equal_the_one_hot_product():
 
 def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(release, tmp_path, monkeypatch):
     """A run whose plan has fast_paths but no class_sums (recorded before 2026-12-03) resumes bit-exactly with
-    the product it was trained with: every training step's class sums go through the product (spied), the
-    weights equal those of an uninterrupted run with the product, and a fresh run on CPU sums by index_add,
-    which on this configuration gives other bits (so the comparison can tell the two apart)."""
+    the product it was trained with: every training step's class sums go through the product (spied: on this
+    CPU the two kernels can agree to the bit, so the weights alone could not tell), the weights equal those of
+    an uninterrupted run with the product, and a fresh run on CPU sums by index_add."""
     from mepf.synthesize import objective
 
     used = []
@@ -196,4 +196,3 @@ def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(relea
     assert b.precision == old_plan and used and set(used) == {"matmul"}
     for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
-    assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), fresh.G.state_dict().values()))
