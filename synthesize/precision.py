@@ -87,4 +87,6 @@ def legacy(precision: str, device: torch.device) -> Precision:
         raise MepfError(f"the run's options.json says --precision {precision!r} but records no plan; the run "
                         "folder is damaged")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return Precision("bf16", "bf16", True, False, "matmul") if bf16 else Precision("fp32", "fp32", False, False, "matmul")
+    if bf16:
+        return Precision("bf16", "bf16", True, False, "matmul")
+    return Precision("fp32", "fp32", False, False, "matmul")
