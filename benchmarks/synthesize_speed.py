@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/synthesize_speed.py [RELEASE.h5] [--batch-size 100 --steps 10 --repeats 5]
                                                     [--baseline REV --cli-steps 60]
 
-- the real training step at --precision auto (the plan it resolves to here), the same with the other way of
-  taking class sums (index_add / one-hot product), and at fp32;
+- the real training step at --precision auto (the plan it resolves to here), the same with each other way of
+  taking class sums (index_add / one-hot product / fused with phi), and at fp32;
 - the bare cost: generator forward+backward plus extractor forward+backward (input gradient only) at the
   same batch, each at its fastest of fp32/bf16 x default/channels-last, and the step's ratio to it;
 - with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
@@ -28,7 +28,7 @@ import torch
 
 from mepf.core.memory import keep_freed_memory
 from mepf.synthesize.generators import Z_DIM
-from mepf.synthesize.precision import legacy
+from mepf.synthesize.precision import CLASS_SUMS, legacy
 from mepf.synthesize.train import Trainer, TrainOptions, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,10 +129,11 @@ def main() -> None:
                         device=a.device)
     rel, fmap, arch, dev = prepare(opts)
     trainers["before"] = Trainer(opts, rel, fmap, arch, dev, legacy("auto", dev))  # as the code before issue 27
-    rel, fmap, arch, dev = prepare(opts)
-    other = "matmul" if trainers["auto"].precision.class_sums == "index_add" else "index_add"
-    trainers[f"auto, class sums by {other}"] = Trainer(opts, rel, fmap, arch, dev,
-                                                       replace(trainers["auto"].precision, class_sums=other))
+    for other in CLASS_SUMS:  # auto's plan with each other way of taking the class sums
+        if other != trainers["auto"].precision.class_sums:
+            rel, fmap, arch, dev = prepare(opts)
+            trainers[f"auto, class sums {other}"] = Trainer(opts, rel, fmap, arch, dev,
+                                                            replace(trainers["auto"].precision, class_sums=other))
     t = trainers["auto"]
 
     def sync():

@@ -23,19 +23,21 @@ class Target:
 
 def class_means(feats: torch.Tensor, y: torch.Tensor, k: int, sums_by: str = "index_add"):
     """Per-class means of rows of `feats` (B, D) by labels y over the global batch; returns (means (K, D),
-    present mask (K,)). Under torchrun the per-class sums and counts are summed over ranks: the value is the
-    mean of every rank's samples, the gradient flows to this rank's own (S + (S_all - S).detach()); with one
-    process it is exactly the local mean. sums_by: "index_add", or "matmul" (a one-hot product: the same sums
-    but for rounding, kept for runs recorded with it)."""
+    present mask (K,)). sums_by: "index_add", or "matmul" (a one-hot product: the same sums but for rounding,
+    kept for runs recorded with it)."""
     if sums_by not in ("matmul", "index_add"):
         raise ValueError(f"sums_by must be matmul or index_add, not {sums_by!r}")
     if sums_by == "matmul":
         onehot = F.one_hot(y, k).to(feats.dtype)
-        cnt = onehot.sum(0)
-        sums = onehot.T @ feats
-    else:
-        cnt = torch.bincount(y, minlength=k).to(feats.dtype)
-        sums = feats.new_zeros(k, feats.shape[1]).index_add(0, y, feats)
+        return means_of_sums(onehot.T @ feats, onehot.sum(0))
+    return means_of_sums(feats.new_zeros(k, feats.shape[1]).index_add(0, y, feats),
+                         torch.bincount(y, minlength=k).to(feats.dtype))
+
+
+def means_of_sums(sums: torch.Tensor, cnt: torch.Tensor):
+    """(means (K, D), present mask (K,)) of this rank's per-class sums and counts. Under torchrun both are summed
+    over ranks: the value is the mean of every rank's samples, the gradient flows to this rank's own
+    (S + (S_all - S).detach()); with one process it is exactly the local mean."""
     if distributed.current().active:
         total = distributed.all_sum_(torch.cat([sums.detach(), cnt[:, None].to(sums.dtype)], dim=1))
         sums = sums + (total[:, :-1] - sums.detach())
@@ -46,8 +48,14 @@ def class_means(feats: torch.Tensor, y: torch.Tensor, k: int, sums_by: str = "in
 def fake_embeddings(fmap, images, y, target: Target, fast: bool = True, sums_by: str = "index_add") -> dict:
     """Per-class mean of phi over a generated batch, for each released moment (float32, differentiable).
     fast: the fused phi, and the class sums in float32 even under a bf16 autocast; False: as runs started
-    before both computed it (autograd through phi1/phi2, the sums in the autocast's dtype). sums_by: see
-    class_means."""
+    before both computed it (autograd through phi1/phi2, the sums in the autocast's dtype). sums_by: "fused"
+    (phi and the class sums in one step that writes no phi row; fast only), or as class_means."""
+    if sums_by == "fused":
+        if not fast:
+            raise ValueError("sums_by fused needs the fast paths")
+        k = target.num_classes
+        cnt = torch.bincount(y, minlength=k).float()
+        return {m: means_of_sums(s, cnt) for m, s in fmap.class_sums(images, y, k, target.moments).items()}
     phis = fmap.embed(images, target.moments, fused=fast)
     with torch.autocast(images.device.type, enabled=False) if fast else contextlib.nullcontext():
         return {m: class_means(p, y, target.num_classes, sums_by) for m, p in phis.items()}

@@ -10,7 +10,7 @@ from mepf.artifacts.errors import MepfError
 
 from .options import PRECISIONS
 
-CLASS_SUMS = ("index_add", "matmul")
+CLASS_SUMS = ("index_add", "matmul", "fused")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Precision:
     #: the fused phi, the folded padding and float32 class sums; False only for runs started before them
     fast_paths: bool = True
     #: how per-class sums of the batch's features are taken: "index_add" (5 x faster at VGG's D = 303,104), or
-    #: "matmul" (a one-hot product), as every run recorded before 2026-12-03 did, so that those resume bit-exactly
+    #: "matmul" (a one-hot product), as every run recorded before 2026-12-03 did, so that those resume bit-exactly;
+    #: or "fused": phi and the class sums as one autograd step that writes no phi row (fast paths only)
     class_sums: str = "index_add"
 
     def to_json(self) -> dict:
@@ -44,7 +45,7 @@ class Precision:
         else:
             name = f"generator {self.generator}, extractor {self.extractor}"
         return (name + (", channels-last" if self.channels_last else "") + ("" if self.fast_paths else ", legacy")
-                + f", class sums by {self.class_sums}")
+                + (", phi and class sums fused" if self.class_sums == "fused" else f", class sums by {self.class_sums}"))
 
 
 def native_bf16(device: torch.device) -> bool:

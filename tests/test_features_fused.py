@@ -1,5 +1,6 @@
-"""The fused phi1/phi2 of training (phi_fused, FeatureMap.embed) against the reference phi1/phi2 in float64:
-values and gradients, rows with inf, NaN, zeros, huge and tiny entries, and each moment alone."""
+"""The fused phi1/phi2 of training (phi_fused, FeatureMap.embed) and the fused per-class sums of phi
+(phi_class_sums, FeatureMap.class_sums) against the reference phi1/phi2 in float64: values and gradients, rows
+with inf, NaN, zeros, huge and tiny entries, and each moment alone."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mepf.core.features import norm_target, phi1, phi2, phi_fused
+from mepf.core.features import norm_target, phi1, phi2, phi_class_sums, phi_fused
 
 
 def reference(f: torch.Tensor, c1, c2, g1, g2):
@@ -176,3 +177,159 @@ def test_extreme_float32_rows_keep_finite_gradients_and_phi2():
     assert not bool(torch.isfinite(y.grad[[0, 2]]).all())
     _, _, full = reference(f, 1.0, 2.0, g1, g2)
     torch.testing.assert_close(pg[3].double(), full[3], rtol=1e-4, atol=1e-4 * float(full[3].abs().max()))
+
+
+def sums_reference(f: torch.Tensor, y, k, c1, c2, g1, g2):
+    """Per-class sums of today's float64 phi1/phi2 (index_add), and the input gradient of <g1, S1> + <g2, S2>."""
+    x = f.detach().double().requires_grad_(True)
+    out = []
+    for c, phi in ((c1, phi1), (c2, phi2)):
+        out.append(None if c is None else torch.zeros(k, f.shape[1], dtype=torch.float64).index_add(0, y, phi(x, c)))
+    loss = sum((s * g.double()).sum() for s, g in zip(out, (g1, g2)) if s is not None)
+    loss.backward()
+    return out[0], out[1], x.grad
+
+
+def sums_fused(f: torch.Tensor, y, k, c1, c2, g1, g2):
+    x = f.detach().clone().requires_grad_(True)
+    s1, s2 = phi_class_sums(x, y, k, c1, c2)
+    sum((s * g).sum() for s, g in zip((s1, s2), (g1, g2)) if s is not None).backward()
+    return s1, s2, x.grad
+
+
+HOSTILE_LABELS = torch.tensor([0, 3, 0, 1, 3, 3, 1, 0, 3])  # class 2 absent; good rows 0, 5, 6, 7, 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("c1,c2", [(1.0, 0.37), (1.0, None), (None, 0.37)])
+def test_class_sums_match_the_reference(dtype, c1, c2):
+    """Sums of phi over each class without writing phi: the reference's sums and gradients, refused rows adding
+    nothing and getting a zero gradient, an absent class summing to zero."""
+    f = hostile_rows(dtype)
+    k = 4
+    g1, g2 = torch.randn(2, k, f.shape[1], generator=torch.Generator().manual_seed(1), dtype=dtype)
+    r1, r2, rg = sums_reference(f, HOSTILE_LABELS, k, c1, c2, g1, g2)
+    s1, s2, sg = sums_fused(f, HOSTILE_LABELS, k, c1, c2, g1, g2)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    for s, r, c in ((s1, r1, c1), (s2, r2, c2)):
+        assert (s is None) == (c is None)
+        if s is not None:
+            assert s.dtype == dtype and s.shape == (k, f.shape[1])
+            torch.testing.assert_close(s.double(), r, **tol)
+            assert s[2].abs().sum() == 0
+    assert sg.dtype == dtype and bool(torch.isfinite(sg).all())
+    good = [0, 5, 6, 7, 8]
+    # the gradient's natural size per row, C |g| / ||f|| (phi2 alone has a zero gradient on row 8)
+    scale = 4 * torch.cat([g1, g2], dim=1).abs().amax().double() / f[good].double().norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sg[good].double() / scale, rg[good] / scale, **tol)
+    assert sg[[1, 2, 3, 4]].abs().sum() == 0
+
+
+def test_class_sums_equal_the_sums_of_phi_fused_rows():
+    """The fused sums against index_add over phi_fused's own rows (the path they replace), in float32."""
+    f = hostile_rows(torch.float32)
+    k = 4
+    g1, g2 = torch.randn(2, k, f.shape[1], generator=torch.Generator().manual_seed(5))
+    x = f.clone().requires_grad_(True)
+    p1, p2 = phi_fused(x, 1.0, 0.37)
+    a1, a2 = (torch.zeros(k, f.shape[1]).index_add(0, HOSTILE_LABELS, p) for p in (p1, p2))
+    ((a1 * g1).sum() + (a2 * g2).sum()).backward()
+    s1, s2, sg = sums_fused(f, HOSTILE_LABELS, k, 1.0, 0.37, g1, g2)
+    torch.testing.assert_close(s1, a1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s2, a2, rtol=1e-5, atol=1e-6)
+    scale = x.grad.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    torch.testing.assert_close(sg / scale, x.grad / scale, rtol=1e-5, atol=1e-6)
+
+
+def test_class_sums_keep_phi2_of_rows_phi1_refuses():
+    """Entries of 1e20 overflow ||f|| in float32 (phi1 refuses the row) but not (f/max|f|)^2: phi2's share of the
+    sums and of the gradient stays, as in phi_fused; entries of 1e-21 keep a finite gradient."""
+    g = torch.Generator().manual_seed(3)
+    f = torch.rand(4, 200, generator=g) + 0.1
+    f[0] *= 1e-21
+    f[1] *= 1e20
+    y = torch.tensor([0, 1, 1, 0])
+    g1, g2 = torch.randn(2, 2, 200, generator=g)
+    s1, s2, sg = sums_fused(f, y, 2, 1.0, 2.0, g1, g2)
+    x = f.clone().requires_grad_(True)
+    p1, p2 = phi_fused(x, 1.0, 2.0)
+    ((torch.zeros(2, 200).index_add(0, y, p1) * g1).sum() + (torch.zeros(2, 200).index_add(0, y, p2) * g2).sum()
+     ).backward()
+    assert bool(torch.isfinite(sg).all()) and sg[1].abs().sum() > 0
+    for row in range(4):
+        torch.testing.assert_close(sg[row], x.grad[row], rtol=1e-4, atol=1e-4 * float(x.grad[row].abs().max()))
+    torch.testing.assert_close(s2, torch.zeros(2, 200).index_add(0, y, p2.detach()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale,g_scale", [(2e-16, 1e10), (1e15, 1e-20), (1e18, 1e-6), (1e12, 1e-16), (1.0, 1.0)])
+def test_class_sums_float32_gradient_at_extreme_sizes(scale, g_scale):
+    """float32 rows and loss gradients far from training's sizes, where a factor like s1^3 (f.G) would leave
+    float32's range while the gradient itself does not: the float64 reference's gradient, row-relative."""
+    gen = torch.Generator().manual_seed(7)
+    f = torch.randn(4, 64, generator=gen) * scale
+    y = torch.tensor([0, 1, 0, 1])
+    g1, g2 = torch.randn(2, 2, 64, generator=gen) * g_scale
+    for c1, c2 in ((1.0, None), (1.0, 0.5)):
+        _, _, rg = sums_reference(f, y, 2, c1, c2, g1, g2)
+        _, _, sg = sums_fused(f, y, 2, c1, c2, g1, g2)
+        assert bool(torch.isfinite(sg).all())
+        size = rg.abs().amax(dim=1, keepdim=True)
+        torch.testing.assert_close(sg.double() / size, rg / size, rtol=0, atol=1e-5)
+
+
+def test_class_sums_take_int32_labels_and_refuse_double_backward():
+    f = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 0, 1])
+    a = phi_class_sums(f, y, 2, 1.0, 1.0)
+    b = phi_class_sums(f, y.int(), 2, 1.0, 1.0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    (g,) = torch.autograd.grad(a[0].sum() + a[1].sum(), f, create_graph=True)
+    with pytest.raises(RuntimeError):  # the hand-written backward is not itself differentiable: say so
+        g.sum().backward()
+
+
+def test_class_sums_gradcheck_in_float64():
+    f = (torch.rand(5, 12, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0] * 6, dtype=torch.float64)
+    f.requires_grad_(True)
+    y = torch.tensor([2, 0, 2, 2, 0])
+    assert torch.autograd.gradcheck(lambda x: phi_class_sums(x, y, 3, 1.0, 0.5), (f,))
+    assert torch.autograd.gradcheck(lambda x: phi_class_sums(x, y, 3, None, 0.5)[1], (f,))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 8), dim=st.integers(1, 40), k=st.integers(1, 5), seed=st.integers(0, 2 ** 31),
+       log_scale=st.floats(-20, 20), c=st.floats(0.01, 100))
+def test_property_class_sums_match_reference(rows, dim, k, seed, log_scale, c):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(rows, dim, generator=gen, dtype=torch.float64) * 10.0 ** log_scale
+    y = torch.randint(0, k, (rows,), generator=gen)
+    g1, g2 = torch.randn(2, k, dim, generator=gen, dtype=torch.float64)
+    r1, r2, rg = sums_reference(f, y, k, c, 2 * c, g1, g2)
+    s1, s2, sg = sums_fused(f, y, k, c, 2 * c, g1, g2)
+    torch.testing.assert_close(s1, r1, rtol=1e-10, atol=1e-12 * c * rows)
+    torch.testing.assert_close(s2, r2, rtol=1e-10, atol=1e-12 * c * rows)
+    scale = 4 * c * torch.cat([g1, g2], dim=1).abs().amax() / f.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sg / scale, rg / scale, rtol=0, atol=1e-12)
+
+
+def test_feature_map_class_sums_are_float32_under_autocast():
+    """FeatureMap.class_sums: the sums of embed's rows per class, float32 even under a bf16 autocast (the
+    extractor runs in it, the sums do not), with each moment asked for."""
+    from mepf.core.features import build_feature_map
+
+    fmap, _ = build_feature_map("resnet18", "random", layers=["pixels", "stem"], image_size=(16, 16), channels=1,
+                                c1=1.0, c2=3.0)
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 0, 1, 1, 2, 0])
+    rows = fmap.embed(x, ("S1", "S2"))
+    sums = fmap.class_sums(x, y, 3, ("S1", "S2"))
+    for m in ("S1", "S2"):
+        torch.testing.assert_close(sums[m], torch.zeros(3, rows[m].shape[1]).index_add(0, y, rows[m]),
+                                   rtol=1e-5, atol=1e-6)
+    assert tuple(fmap.class_sums(x, y, 3, ("S2",))) == ("S2",)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fmap.class_sums(x, y, 3, ("S1", "S2"))
+        plain = fmap.embed(x, ("S1",))["S1"]
+    assert all(s.dtype == torch.float32 for s in under.values())
+    torch.testing.assert_close(under["S1"], torch.zeros(3, plain.shape[1]).index_add(0, y, plain.float()),
+                               rtol=1e-5, atol=1e-6)

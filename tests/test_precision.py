@@ -54,7 +54,7 @@ def test_native_bf16_is_read_from_torch():
 
 def test_plan_round_trips_and_a_damaged_one_is_refused():
     for p in (Precision("fp32", "fp32", False, False, "matmul"), Precision("bf16", "fp32", True),
-              Precision("bf16", "bf16", True, True, "matmul")):
+              Precision("bf16", "bf16", True, True, "matmul"), Precision("bf16", "fp32", True, True, "fused")):
         assert Precision.from_json(json.loads(json.dumps(p.to_json()))) == p
     # a plan recorded before class_sums existed summed by the one-hot product, and resumes so
     old = {"generator": "bf16", "extractor": "fp32", "channels_last": True, "fast_paths": True}
@@ -63,7 +63,8 @@ def test_plan_round_trips_and_a_damaged_one_is_refused():
                 {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": True},  # no fast_paths
                 {**old, "class_sums": "scatter"}, {**old, "class_sums": None},
-                {**old, "fast_paths": False, "class_sums": "index_add"}):  # a pair no code ever wrote
+                {**old, "fast_paths": False, "class_sums": "index_add"},  # pairs no code ever wrote
+                {**old, "fast_paths": False, "class_sums": "fused"}):
         with pytest.raises(MepfError, match="precision_resolved"):
             Precision.from_json(bad)
 
@@ -194,5 +195,52 @@ def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(relea
     used.clear()
     b = resume(tmp_path / "b", steps=6, progress=False)
     assert b.precision == old_plan and used and set(used) == {"matmul"}
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_fused_class_means_equal_index_add_and_resume_bit_exactly(release, tmp_path, monkeypatch):
+    """class_sums "fused" (phi and the sums in one step): the same class means and image gradients as phi rows
+    summed by index_add, on the release's own feature map under the bf16-generator plan; legacy computation
+    refuses it; and a fused run resumed from its snapshot equals the uninterrupted run to the bit."""
+    from mepf.synthesize.objective import Target, fake_embeddings
+
+    opts = TrainOptions(release=release, out=str(tmp_path / "x"), **FAST)
+    rel, fmap, arch, dev = prepare(opts)
+    target = Target(rel, dev)
+    x = torch.rand(12, rel.features.channels, rel.features.height, rel.features.width,
+                   generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 3, 3, 1, 2]) % target.num_classes
+    out = {}
+    for how in ("index_add", "fused"):
+        xi = x.clone().requires_grad_(True)
+        fake = fake_embeddings(fmap, xi, y, target, fast=True, sums_by=how)
+        sum(((mu[p] - target.means[m][p]) ** 2).sum() for m, (mu, p) in fake.items()).backward()
+        out[how] = ({m: mu.detach() for m, (mu, _) in fake.items()}, {m: p for m, (_, p) in fake.items()}, xi.grad)
+    for m in target.moments:
+        torch.testing.assert_close(out["fused"][0][m], out["index_add"][0][m], rtol=1e-5, atol=1e-7)
+        assert torch.equal(out["fused"][1][m], out["index_add"][1][m])
+    g = out["index_add"][2]
+    torch.testing.assert_close(out["fused"][2], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+    with pytest.raises(ValueError, match="fast paths"):
+        fake_embeddings(fmap, x, y, target, fast=False, sums_by="fused")
+
+    plan = Precision("bf16", "fp32", True, True, "fused")
+    monkeypatch.setattr(train_mod, "resolve", lambda precision, device: plan)
+    from mepf.core.features import FeatureMap
+    from mepf.synthesize import objective
+
+    used = []  # every training step must take the fused sums, none the rows' class_means
+    real_sums, real_means = FeatureMap.class_sums, objective.class_means
+    monkeypatch.setattr(FeatureMap, "class_sums", lambda *a, **k: (used.append("fused"), real_sums(*a, **k))[1])
+    monkeypatch.setattr(objective, "class_means", lambda *a, **k: (used.append("rows"), real_means(*a, **k))[1])
+    o = dict(FAST, snapshot_every=3)
+    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **o), progress=False)
+    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **o), progress=False)
+    monkeypatch.setattr(train_mod, "resolve", prec.resolve)
+    assert json.loads((tmp_path / "b" / "options.json").read_text())["precision_resolved"]["class_sums"] == "fused"
+    b = resume(tmp_path / "b", steps=6, progress=False)
+    assert a.precision == b.precision == plan
+    assert len(used) >= 12 and set(used) == {"fused"}
     for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka

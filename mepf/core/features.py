@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.feature_spec import FeatureSpec
@@ -286,6 +287,15 @@ class FeatureMap(nn.Module):
                                                self.spec.norm("S2") if "S2" in moments else None)))
         return {m: out[m] for m in moments}
 
+    def class_sums(self, images: torch.Tensor, y: torch.Tensor, k: int, moments) -> dict:
+        """{moment: per-class sums (K, D) of phi_moment over the batch, classes y in [0, K)}: the forward under
+        the caller's autocast, phi and the sums in float32 as one autograd step that writes no phi row."""
+        f = self(images).float()
+        with torch.autocast(images.device.type, enabled=False):  # its products must stay float32
+            out = dict(zip(("S1", "S2"), phi_class_sums(f, y, k, self.spec.norm("S1") if "S1" in moments else None,
+                                                        self.spec.norm("S2") if "S2" in moments else None)))
+        return {m: out[m] for m in moments}
+
     def phi(self, moment: str, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """phi1 or phi2 of images, as stage 1 summed it (there in float64, on an integer grid)."""
         return self.embed(images, (moment,), dtype)[moment]
@@ -381,6 +391,7 @@ class _Phi(torch.autograd.Function):
         return p1, p2
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g1, g2):
         # y = s v with s = t/||v||: dy = s (g - y (y.g) / t^2); v = f for phi1, v = q^2 with q = f/m for phi2,
         # where dq^2 = 2 q / m (m = max|f| is held fixed: phi2 does not depend on it)
@@ -406,6 +417,74 @@ def phi_fused(features: torch.Tensor, c1: float | None, c2: float | None) -> tup
     d = features.shape[1]
     return _Phi.apply(features, None if c1 is None else norm_target(c1, d),
                       None if c2 is None else norm_target(c2, d))
+
+
+class _PhiClassSums(torch.autograd.Function):
+    """Per-class sums of phi1 and phi2 of the rows of f, never writing a phi row: phi's row i is s_i v_i (v = f
+    for phi1, (f/max|f|)^2 for phi2; s_i = t/||v_i||), so class c's sum is a (K, B) x (B, D) product whose
+    weights are the scales s_i of the rows labelled c. Same row rule as _Phi: a refused row adds zero and has a
+    zero gradient."""
+
+    @staticmethod
+    def forward(ctx, f, y, k, t1, t2):
+        onehot = F.one_hot(y, k).to(f.dtype)  # (B, K)
+        s1 = s2 = v = m = bad1 = bad2 = None
+        if t1 is not None:
+            n1 = torch.linalg.vector_norm(f, dim=1, keepdim=True)  # inf or nan exactly when an entry is
+            bad1 = ~(torch.isfinite(n1) & (n1 > 0))
+            s1 = torch.where(bad1, 0.0, t1 / n1)
+        if t2 is not None:
+            lo, hi = torch.aminmax(f, dim=1, keepdim=True)
+            m = torch.maximum(hi, -lo)
+            m = torch.where(m > 0, m, 1.0)  # as _Phi: a zero row stays zero; nan on a row with a nan
+            v = (f / m).square_()
+            n2 = torch.linalg.vector_norm(v, dim=1, keepdim=True)  # >= 1 on a finite non-zero row
+            bad2 = ~(torch.isfinite(n2) & (n2 > 0))
+            s2 = torch.where(bad2, 0.0, t2 / n2)
+        any_bad = bool(torch.cat([b for b in (bad1, bad2) if b is not None], dim=1).any())  # one host sync
+        f1 = f
+        if any_bad:  # a zero weight times a non-finite entry is nan: refused rows are zeroed (a copy, rarely)
+            if t1 is not None:
+                f1 = f.masked_fill(bad1, 0.0)
+            if t2 is not None:
+                v.masked_fill_(bad2, 0.0)
+        sums1 = (onehot * s1).T @ f1 if t1 is not None else None
+        sums2 = (onehot * s2).T @ v if t2 is not None else None
+        ctx.save_for_backward(f, f1, onehot, s1, s2, v, m, bad1, bad2)
+        ctx.t, ctx.any_bad = (t1, t2), any_bad
+        return sums1, sums2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g1, g2):
+        # row i, G = g[y_i]: phi1's gradient is s1 G - s1^3 (f.G) f / t1^2; phi2's (m held fixed, as it does not
+        # change phi2; q = f/m, v = q^2) is (f/m) (a G + b v), a = 2 s2/m, b = -2 s2^3 (v.G) / (m t2^2), the
+        # division by m last, so that nothing of the order of 1/m^2 under- or overflows
+        f, f1, onehot, s1, s2, v, m, bad1, bad2 = ctx.saved_tensors
+        t1, t2 = ctx.t
+        grad = None
+        if s1 is not None and g1 is not None:
+            dot = ((f1 @ g1.T) * onehot).sum(1, keepdim=True)  # f_i . G; zero on a refused row
+            # s1 last: s1^3 (f.G) alone leaves float32's range at extreme row norms while the gradient does not
+            grad = onehot @ g1
+            grad.addcmul_(f1, (s1 * dot) * s1, value=-1 / t1 ** 2).mul_(s1)
+        if s2 is not None and g2 is not None:
+            dot = ((v @ g2.T) * onehot).sum(1, keepdim=True)
+            d2 = (onehot * (2 * s2 / m)) @ g2
+            d2.addcmul_(v, s2.pow(3) * dot / m, value=-2 / t2 ** 2).mul_(f)
+            grad = d2.div_(m) if grad is None else grad.addcdiv_(d2, m)
+        if grad is not None and ctx.any_bad:  # a row with a non-finite entry is refused by both moments
+            grad.masked_fill_(bad1 if bad2 is None else bad2 if bad1 is None else bad1 & bad2, 0.0)
+        return grad, None, None, None, None
+
+
+def phi_class_sums(features: torch.Tensor, y: torch.Tensor, k: int, c1: float | None, c2: float | None) -> tuple:
+    """(per-class sums (K, D) of phi1 with norm C1, the same of phi2 with norm C2) of the rows of `features`
+    labelled y in [0, K), in its dtype; None for a moment whose C is None. The sums of phi_fused's rows, in fewer
+    passes over B x D (tests/test_features_fused.py checks values and gradients)."""
+    d = features.shape[1]
+    return _PhiClassSums.apply(features, y.long(), k, None if c1 is None else norm_target(c1, d),
+                               None if c2 is None else norm_target(c2, d))
 
 
 def grid_rows(features: torch.Tensor, second: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
