@@ -45,7 +45,8 @@ class Precision:
         else:
             name = f"generator {self.generator}, extractor {self.extractor}"
         return (name + (", channels-last" if self.channels_last else "") + ("" if self.fast_paths else ", legacy")
-                + (", phi and class sums fused" if self.class_sums == "fused" else f", class sums by {self.class_sums}"))
+                + (", phi and class sums fused" if self.class_sums == "fused"
+                   else f", class sums by {self.class_sums}"))
 
 
 def native_bf16(device: torch.device) -> bool:
