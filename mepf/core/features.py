@@ -283,17 +283,19 @@ class FeatureMap(nn.Module):
         f = self(images).to(dtype)
         if not fused:
             return {m: self.phi_of(m, f, dtype) for m in moments}
-        out = dict(zip(("S1", "S2"), phi_fused(f, self.spec.norm("S1") if "S1" in moments else None,
-                                               self.spec.norm("S2") if "S2" in moments else None)))
+        out = dict(zip(("S1", "S2"), phi_fused(f, *self._norms(moments))))
         return {m: out[m] for m in moments}
+
+    def _norms(self, moments) -> tuple:
+        """(C1, C2) of this map, None for a moment not asked for: the fused steps then skip it."""
+        return tuple(self.spec.norm(m) if m in moments else None for m in ("S1", "S2"))
 
     def class_sums(self, images: torch.Tensor, y: torch.Tensor, k: int, moments) -> dict:
         """{moment: per-class sums (K, D) of phi_moment over the batch, classes y in [0, K)}: the forward under
         the caller's autocast, phi and the sums in float32 as one autograd step that writes no phi row."""
         f = self(images).float()
         with torch.autocast(images.device.type, enabled=False):  # its products must stay float32
-            out = dict(zip(("S1", "S2"), phi_class_sums(f, y, k, self.spec.norm("S1") if "S1" in moments else None,
-                                                        self.spec.norm("S2") if "S2" in moments else None)))
+            out = dict(zip(("S1", "S2"), phi_class_sums(f, y, k, *self._norms(moments))))
         return {m: out[m] for m in moments}
 
     def phi(self, moment: str, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
