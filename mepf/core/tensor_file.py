@@ -73,5 +73,8 @@ def _reason(e: Exception) -> str:
 
 
 def is_state_dict(obj) -> bool:
-    """A dict of tensors, as model.state_dict() gives."""
-    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    """A dict of ordinary tensors, as model.state_dict() gives: dense, real, holding data (a sparse, meta or
+    complex tensor would slip past the finiteness checks or fail inside them with a traceback)."""
+    return isinstance(obj, dict) and all(
+        isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type != "meta" and not v.is_complex()
+        and not v.is_quantized for v in obj.values())
