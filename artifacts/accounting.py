@@ -42,7 +42,10 @@ def delta_for_eps(eps: float, mu: float) -> float:
 
 
 def eps_for_delta(delta: float, mu: float) -> float:
-    """Smallest eps >= 0 with delta_for_eps(eps, mu) <= delta (bisection; delta falls with eps)."""
+    """Smallest eps >= 0 with delta_for_eps(eps, mu) <= delta (bisection; delta falls with eps). A NaN or
+    negative mu or delta is refused: NaN fails every comparison and would otherwise read as eps = 0."""
+    if not (mu >= 0 and 0 <= delta <= 1):
+        raise ValueError(f"eps_for_delta needs mu >= 0 and delta in [0, 1], got mu={mu!r}, delta={delta!r}")
     if math.isinf(mu):
         return math.inf
     if mu == 0 or delta_for_eps(0.0, mu) <= delta:

@@ -227,9 +227,21 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
         rep.check(f"noise:{m}", not low and not high, detail)
 
 
+def _log_mu(entry: dict) -> float:
+    """A log entry's mu: None is a non-private release (inf); anything but a positive number is an edited log."""
+    mu = entry.get("mu", "missing")
+    if mu is None:
+        return math.inf
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < math.inf:
+        where = printable(str(entry.get("output") or entry.get("output_sha256") or "?"), 80)
+        raise MepfError(f"release log entry for {where} has no valid mu ({printable(repr(mu), 20)}); the log was "
+                        "edited or damaged: restore it from a backup")
+    return float(mu)
+
+
 def composed_total(log_entries: list, delta: float) -> dict:
     """eps at `delta` of several Gaussian releases from one dataset (GDP: mu adds in quadrature)."""
-    mus = [math.inf if e["mu"] is None else float(e["mu"]) for e in log_entries]  # None: non-private
+    mus = [_log_mu(e) for e in log_entries]
     if not mus:
         raise MepfError("no release of this dataset is in the log")
     mu = math.sqrt(sum(m * m for m in mus))

@@ -72,8 +72,8 @@ class IdxSource(Source):
                     continue
                 xb, yb = fi.read(per * m), fl.read(m)
                 if len(xb) != per * m or len(yb) != m:
-                    raise MepfError(f"{self.image_file.name} or {self.label_file.name} ends before the {self._n:,} "
-                                    f"records its header declares (in {self.image_file.parent}); fetch the dataset "
+                    raise MepfError(f"{self.image_file.name} or {self.label_file.name} ends before the records its "
+                                    f"header declares (in {self.image_file.parent}); fetch the dataset "
                                     "again")
                 x = np.frombuffer(xb, dtype=np.uint8).reshape(m, self._h, self._w, 1)
                 yield b, x, np.frombuffer(yb, dtype=np.uint8).astype(np.int64)
@@ -285,7 +285,7 @@ class SubsetSource(Source):
 
     def __init__(self, base: Source, mask: np.ndarray, description: str):
         if len(mask) != len(base):
-            raise MepfError(f"{description} needs {len(mask):,} training records, and the files hold {len(base):,}; "
+            raise MepfError(f"{description}: the files do not hold the training records it is defined on; "
                             "fetch the dataset again")
         self.base, self.mask, self.description, self.classes = base, mask, description, base.classes
 
@@ -315,8 +315,8 @@ class SubsetSource(Source):
                     yield b, x_all[:block_size], y_all[:block_size]
                 xs, ys, held, b = [x_all[block_size:]], [y_all[block_size:]], len(x_all[block_size:]), b + 1
         if start != len(self.mask):
-            raise MepfError(f"{self.description}: the files held {start:,} records where {len(self.mask):,} were "
-                            "listed; fetch the dataset again")
+            raise MepfError(f"{self.description}: the files held other records than were listed (a count read "
+                            "from the data is not printed); fetch the dataset again")
 
 
 def named_source(name: str, data_root=None, download: bool = True) -> Source:

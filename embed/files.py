@@ -22,6 +22,8 @@ MAX_SHOWN = 10
 #: Pillow modes decoded as one channel; everything else (RGB, RGBA, P, CMYK, YCbCr, ...) as RGB, alpha dropped
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _WIDE_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+#: the Pillow decoders an image file may reach; JPEG's may give an MPO (a JPEG with more frames, as cameras write)
+PIL_FORMATS = ("PNG", "JPEG")
 
 
 def decode_image(path: Path) -> np.ndarray:
@@ -31,9 +33,12 @@ def decode_image(path: Path) -> np.ndarray:
 
     try:
         with warnings.catch_warnings():
-            # Pillow's size warning would print the record's pixel count; the record is decoded as any other
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            # Pillow's warnings print numbers from the record (pixel counts, EXIF tag sizes) or tell that it is odd
+            warnings.simplefilter("ignore")
+            # by content Pillow would open ~40 formats, EPS through an external Ghostscript: PNG and JPEG only
+            with Image.open(path, formats=PIL_FORMATS) as im:
+                if im.format not in (*PIL_FORMATS, "MPO"):
+                    raise ValueError("not PNG or JPEG")
                 im.load()
                 if im.mode in _WIDE_GREY:
                     arr = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
@@ -46,6 +51,28 @@ def decode_image(path: Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------- image folders
 
+def _refuse_links(paths) -> None:
+    """A symbolic link could list one image (or a whole class folder) twice, counting its person twice, or
+    pull in files from outside the folder: the data folder holds the files themselves."""
+    links = [p for p in paths if p.is_symlink()]
+    if links:
+        shown = ", ".join(str(p) for p in links[:MAX_SHOWN])
+        more = " and others" if len(links) > MAX_SHOWN else ""
+        raise MepfError(f"symbolic links in the data folder: {shown}{more}; replace each with the file or folder it "
+                        "names (a link could count an image twice)")
+
+
+def _refuse_second_names(items) -> None:
+    """Hard links: two names of one file would count its record twice (the sensitivity is per record)."""
+    seen = {}
+    for p, _ in items:
+        st = p.stat()
+        first = seen.setdefault((st.st_dev, st.st_ino), p)
+        if first is not p:
+            raise MepfError(f"{p} and {first} are one file (hard links); keep one name: mepf would count its image "
+                            "twice")
+
+
 class FolderSource(Source):
     """A folder with one subfolder per class (labelled; class names are the sorted subfolder names)
     or a flat folder of images (unlabelled). PNG and JPEG; dotfiles are ignored. It fixes no geometry:
@@ -57,6 +84,7 @@ class FolderSource(Source):
             raise MepfError(f"--data {root}: no such folder")
         self.root = root
         entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+        _refuse_links(entries)
         dirs = [p for p in entries if p.is_dir()]
         files = [p for p in entries if p.is_file()]
         if dirs and files:
@@ -66,8 +94,9 @@ class FolderSource(Source):
             self.classes = [d.name for d in dirs]
             self.items = []
             for label, d in enumerate(dirs):
-                for p in sorted(x for x in d.iterdir() if not x.name.startswith(".")):
-                    self.items.append((p, label))
+                inside = sorted(x for x in d.iterdir() if not x.name.startswith("."))
+                _refuse_links(inside)
+                self.items.extend((p, label) for p in inside)
         else:
             self.classes = None
             self.items = [(p, -1) for p in files]
@@ -79,6 +108,7 @@ class FolderSource(Source):
             raise MepfError(f"not PNG or JPEG images: {shown}{more}; remove them from the data folder")
         skip = set(self.not_images)
         self.items = [(p, y) for p, y in self.items if p not in skip]
+        _refuse_second_names(self.items)
         if not self.items:
             raise MepfError(f"--data {root} holds no images; put PNG/JPEG files in it (one subfolder per class)")
         self.description = "image folder" + (" (labelled)" if self.classes else " (unlabelled)")

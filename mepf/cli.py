@@ -25,8 +25,10 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MepfError as e:
+            from mepf.artifacts.format import printable
+
             if _is_node_lead():  # under torchrun every rank has the same error: one per node prints it
-                click.echo(f"Error: {e}", err=True)
+                click.echo(f"Error: {printable(str(e), 1 << 20)}", err=True)  # names from files may hold escapes
             sys.exit(2)
         except KeyboardInterrupt as e:
             import signal
@@ -190,8 +192,10 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
         from mepf.embed.check import check_data
 
         problems = check_data(data, classes, data_root, show_progress=not quiet)
+        from mepf.artifacts.format import printable
+
         for line in problems:
-            click.echo(line)
+            click.echo(printable(line, 1 << 20))
         if problems:
             raise MepfError("the data holds files mepf cannot embed (listed above); fix or remove them, then run "
                             "mepf embed")
@@ -254,6 +258,8 @@ def audit(file, as_json, release_log):
             raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
         key = read_key(release_log)
         found = composable(entries, mine, key)
+        if rep.summary:  # the audited file's own mu from its verified ledger, not from the log's copy of it
+            found[0] = {**found[0], "mu": rep.summary.get("mu") if rep.summary.get("private", True) else None}
         out["composed"] = composed_total(found, float(rep.summary.get("delta", mine["delta"])))
         note = mixed_note(entries, key)
         if note:

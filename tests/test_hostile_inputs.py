@@ -2,6 +2,7 @@
 Each test is written from the attacker's side and runs the real command line on real files."""
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import stat
@@ -474,3 +475,137 @@ def test_private_reference_is_flagged_in_another_container(tmp_path, image_folde
     release_log.key_path(log).unlink()
     assert private_reference_warning(load_reference(str(tmp_path / "part.npz")), log) is None
     assert "is missing: the reference was compared" in capsys.readouterr().err  # said, not silent
+
+
+# --------------------------------------------------------------------------- files that are not what they say
+
+def test_an_image_file_of_another_format_runs_no_decoder_but_pngs_and_jpegs(tmp_path, monkeypatch):
+    """By content Pillow would open EPS through an external Ghostscript (and ~40 other decoders): a `.png`
+    holding PostScript is refused by name, and the `gs` on PATH (a stand-in that leaves a mark) never runs."""
+    from mepf.embed.files import decode_image
+
+    bin_dir, mark = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\necho ran >> {mark}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    root = tmp_path / "D" / "a"
+    root.mkdir(parents=True)
+    for i, im in enumerate(make_images(2, seed=5)):
+        Image.fromarray(im[:, :, 0]).save(root / f"{i}.png")
+    planted = root / "x.png"
+    planted.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
+    with pytest.raises(MepfError, match="cannot read image .*x.png"):
+        decode_image(planted)
+    Image.fromarray(make_images(1, seed=6)[0][:, :, 0]).save(tmp_path / "g.gif")
+    planted.write_bytes((tmp_path / "g.gif").read_bytes())  # a decodable GIF under a PNG name: refused too
+    with pytest.raises(MepfError, match="UnidentifiedImageError"):
+        decode_image(planted)
+    r = embed(tmp_path / "D", tmp_path / "x.h5", tmp_path / "log.jsonl", *TINY, "--image-size", "28", "--channels", "1")
+    assert r.exit_code == 2 and "x.png" in r.stderr and not (tmp_path / "x.h5").exists()
+    assert not mark.exists()
+    rgb = make_images(1, seed=7)[0].repeat(3, axis=2)  # a camera's MPO (JPEG with a second frame) is a JPEG
+    Image.fromarray(rgb).save(tmp_path / "m.jpg", "MPO", save_all=True, append_images=[Image.fromarray(rgb)])
+    assert decode_image(tmp_path / "m.jpg").shape == rgb.shape
+
+
+def test_no_warning_from_a_record_reaches_the_terminal(tmp_path):
+    """A JPEG's EXIF can make Pillow warn with numbers read from the record ("... had too many entries: 37")."""
+    import io
+    import struct
+    import warnings
+
+    from mepf.embed.files import decode_image
+
+    count, n = 37, 2
+    ifd = struct.pack("<H", n) + struct.pack("<HHLHH", 0x0128, 3, 1, 2, 0) \
+        + struct.pack("<HHLL", 0x011A, 5, count, 8 + 2 + 12 * n + 4) + struct.pack("<L", 0)
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<L", 8) + ifd + struct.pack("<LL", 72, 1) * count
+    buf = io.BytesIO()
+    Image.fromarray(make_images(1, seed=8)[0].repeat(3, axis=2)).save(buf, "JPEG", exif=exif)
+    path = tmp_path / "r.jpg"
+    path.write_bytes(buf.getvalue())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Image.open(path).getexif()  # the record does make Pillow warn, with its number
+    assert any("37" in str(w.message) for w in seen)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert decode_image(path).shape == (28, 28, 3)
+    assert not seen
+
+
+@pytest.mark.parametrize("how", ["class folder", "image", "hard link"])
+def test_a_link_in_the_data_folder_cannot_count_a_record_twice(tmp_path, how):
+    """One planted name (a class folder linked to another, an image linked to another, or a second hard link)
+    would put one person's images in the sums twice, at twice the sensitivity the ledger states."""
+    import os
+
+    d = tmp_path / "D"
+    for c in ("cat", "dog") if how != "class folder" else ("cat",):
+        (d / c).mkdir(parents=True)
+        for i, im in enumerate(make_images(2, seed=9)):
+            Image.fromarray(im[:, :, 0]).save(d / c / f"{i}.png")
+    if how == "class folder":
+        (d / "dog").symlink_to(d / "cat")
+    elif how == "image":
+        (d / "dog" / "z.png").symlink_to(d / "cat" / "0.png")
+    else:
+        os.link(d / "cat" / "0.png", d / "dog" / "z.png")
+    with pytest.raises(MepfError, match="symbolic link|hard link"):
+        FolderSource(d)
+    r = embed(d, tmp_path / "x.h5", tmp_path / "log.jsonl", *TINY, "--image-size", "28", "--channels", "1")
+    assert r.exit_code == 2 and "link" in r.stderr and not (tmp_path / "x.h5").exists()
+    assert release_log.read_log(tmp_path / "log.jsonl") == []
+
+
+def test_a_file_name_with_terminal_escapes_is_printed_inert(tmp_path):
+    """A name from the data (or from a hostile release) holding ESC sequences could erase lines and print a
+    fake result: every error the CLI prints, and every line of --check, shows it with the escapes replaced."""
+    root = tmp_path / "D" / "a"
+    root.mkdir(parents=True)
+    Image.fromarray(make_images(1, seed=10)[0][:, :, 0]).save(root / "ok.png")
+    # click strips CSI sequences (ESC [) off a non-terminal, not a carriage return or an OSC sequence (ESC ])
+    (root / "x\rwrote fake.h5 (1, 1e-06)-DP\x1b]0;t\x07\x1b[8m.png").write_bytes(b"not an image")
+    inert = lambda text: not any(c in text for c in "\r\x1b\x07")  # noqa: E731
+    r = embed(tmp_path / "D", tmp_path / "x.h5", tmp_path / "log.jsonl", *TINY, "--image-size", "28", "--channels", "1")
+    assert r.exit_code == 2 and "cannot read image" in r.stderr and inert(r.output + r.stderr)
+    c = cli("embed", "--data", tmp_path / "D", "--check", "--quiet")
+    assert c.exit_code == 2 and "wrote fake.h5" in c.output and inert(c.output + c.stderr)
+
+
+@pytest.mark.parametrize("mu", [float("nan"), "nan", -1.0, True])
+def test_an_edited_release_log_cannot_lower_the_composed_guarantee(tmp_path, labelled_npz, mu):
+    """One appended line (no key needed) linked to a real release used to compose a NaN mu into eps = 0, and
+    the log's copy of the audited file's own mu was believed over its verified ledger."""
+    import json
+
+    log, out = tmp_path / "log.jsonl", tmp_path / "x.h5"
+    assert embed(labelled_npz[0], out, log, "--classes", "3", *TINY).exit_code == 0
+    honest = json.loads(cli("audit", out, "--json", "--release-log", log).output)["composed"]
+    assert honest["releases"] == 1 and honest["epsilon"] == pytest.approx(1.0, rel=1e-6)
+    mine = release_log.read_log(log)[0]
+    lines = log.read_text().splitlines()
+    lowered = {**mine, "mu": mine["mu"] / 100}  # the log's copy of this file's mu, edited down
+    log.write_text("\n".join([json.dumps(lowered, sort_keys=True), *lines[1:]]) + "\n")
+    composed = json.loads(cli("audit", out, "--json", "--release-log", log).output)["composed"]
+    assert composed["epsilon"] == pytest.approx(honest["epsilon"], rel=1e-9)  # from the ledger, not the log
+    forged = {"output_sha256": "0" * 64, "composes_with": [mine["output_sha256"]], "mu": mu, "delta": 1e-6,
+              "epsilon": 1.0, "data": "x", "dataset": "x", "output": "/x", "time": "t"}
+    with open(log, "a") as f:
+        f.write(json.dumps(forged) + "\n")
+    r = cli("audit", out, "--release-log", log)
+    assert r.exit_code == 2 and "no valid mu" in r.stderr and "restore it" in r.stderr
+    assert "(0, " not in r.output
+    listed = json.loads(cli("releases", "--release-log", log, "--json").output)["releases"]
+    assert [row["composed_epsilon"] for row in listed] == [None, None]  # not composable: no number rather than 0
+
+
+def test_eps_for_delta_refuses_nan_and_negative_inputs():
+    from mepf.artifacts.accounting import eps_for_delta
+
+    for mu, delta in ((float("nan"), 1e-5), (-1.0, 1e-5), (1.0, float("nan")), (1.0, -1e-5)):
+        with pytest.raises(ValueError):
+            eps_for_delta(delta, mu)
+    assert eps_for_delta(1e-5, 0.0) == 0.0 and math.isinf(eps_for_delta(1e-5, math.inf))
