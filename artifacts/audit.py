@@ -232,15 +232,22 @@ def _log_mu(entry: dict) -> float:
     mu = entry.get("mu", "missing")
     if mu is None:
         return math.inf
-    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < math.inf:
+    try:
+        value = float(mu) if isinstance(mu, (int, float)) and not isinstance(mu, bool) else math.nan
+    except OverflowError:  # an integer of hundreds of digits
+        value = math.inf
+    if not 0 < value < math.inf:
         where = printable(str(entry.get("output") or entry.get("output_sha256") or "?"), 80)
         raise MepfError(f"release log entry for {where} has no valid mu ({printable(repr(mu), 20)}); the log was "
                         "edited or damaged: restore it from a backup")
-    return float(mu)
+    return value
 
 
 def composed_total(log_entries: list, delta: float) -> dict:
     """eps at `delta` of several Gaussian releases from one dataset (GDP: mu adds in quadrature)."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise MepfError(f"no valid delta to compose at ({printable(repr(delta), 20)}); the release log was edited or "
+                        "damaged: restore it from a backup")
     mus = [_log_mu(e) for e in log_entries]
     if not mus:
         raise MepfError("no release of this dataset is in the log")

@@ -221,11 +221,16 @@ class CelebASource(Source):
         for b, start in enumerate(range(0, len(self.ds), block_size)):
             if not kept(keep, b):
                 continue
+            from PIL import Image
+
+            from .files import decode_image
+
+            folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
             xs = []
             for i in range(start, min(start + block_size, len(self.ds))):
-                im = self.ds[i][0]
-                w, h = im.size
-                top = (h - 178) // 2
+                arr = decode_image(folder / self.ds.filename[i])  # PNG/JPEG only, no warning (not torchvision's open)
+                im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+                top = (im.size[1] - 178) // 2
                 xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))
             yield b, np.stack(xs), None
 

@@ -76,15 +76,16 @@ def _refuse_second_names(items) -> None:
 class FolderSource(Source):
     """A folder with one subfolder per class (labelled; class names are the sorted subfolder names)
     or a flat folder of images (unlabelled). PNG and JPEG; dotfiles are ignored. It fixes no geometry:
-    `--image-size` and `--channels` declare it."""
+    `--image-size` and `--channels` declare it. Links are refused unless `links_ok` (non-private readers)."""
 
-    def __init__(self, root, strict: bool = True):
+    def __init__(self, root, strict: bool = True, links_ok: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise MepfError(f"--data {root}: no such folder")
         self.root = root
         entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-        _refuse_links(entries)
+        refuse_links = (lambda paths: None) if links_ok else _refuse_links  # public images: counts mean nothing
+        refuse_links(entries)
         dirs = [p for p in entries if p.is_dir()]
         files = [p for p in entries if p.is_file()]
         if dirs and files:
@@ -95,7 +96,7 @@ class FolderSource(Source):
             self.items = []
             for label, d in enumerate(dirs):
                 inside = sorted(x for x in d.iterdir() if not x.name.startswith("."))
-                _refuse_links(inside)
+                refuse_links(inside)
                 self.items.extend((p, label) for p in inside)
         else:
             self.classes = None
@@ -108,7 +109,8 @@ class FolderSource(Source):
             raise MepfError(f"not PNG or JPEG images: {shown}{more}; remove them from the data folder")
         skip = set(self.not_images)
         self.items = [(p, y) for p, y in self.items if p not in skip]
-        _refuse_second_names(self.items)
+        if not links_ok:
+            _refuse_second_names(self.items)
         if not self.items:
             raise MepfError(f"--data {root} holds no images; put PNG/JPEG files in it (one subfolder per class)")
         self.description = "image folder" + (" (labelled)" if self.classes else " (unlabelled)")

@@ -54,7 +54,7 @@ def read_log(path) -> list:
         if line.strip():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, an integer too long to read, deep nesting
                 entry = None
             if not isinstance(entry, dict):
                 raise MepfError(f"release log {path} line {i} is corrupt; repair or move the file")

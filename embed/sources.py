@@ -78,9 +78,10 @@ def declared_geometry(source: Source, image_size, channels) -> tuple:
     return size, int(channels) if channels is not None else int(fixed[2])
 
 
-def open_source(data: str, classes=None, data_root=None, strict: bool = True) -> Source:
+def open_source(data: str, classes=None, data_root=None, strict: bool = True, private: bool = True) -> Source:
     """--data: a folder, an .npz/.h5 file, or a named dataset. strict=False: a folder's files that are not
-    images are kept aside (`not_images`) instead of refused, for `mepf embed --check`."""
+    images are kept aside (`not_images`) instead of refused, for `mepf embed --check`. private=False (evaluate's
+    public images): a folder may hold links, since counting an image twice there breaks no guarantee."""
     from .datasets import named_source
     from .files import ArraySource, FolderSource
     from .options import DATASETS
@@ -89,7 +90,7 @@ def open_source(data: str, classes=None, data_root=None, strict: bool = True) ->
     if p.is_dir():
         if classes is not None:
             raise MepfError("--classes is for .npz/.h5 data; an image folder declares its classes by its subfolders")
-        return FolderSource(p, strict=strict)
+        return FolderSource(p, strict=strict, links_ok=not private)
     if p.suffix.lower() in (".npz", ".h5", ".hdf5"):
         return ArraySource(p, classes)
     if data.partition(":")[0] in DATASETS:

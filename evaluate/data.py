@@ -102,7 +102,7 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
     if p.suffix == ".npz":
         return read_npz(p)
     if p.is_dir():
-        out = read_source(open_source(str(p)))
+        out = read_source(open_source(str(p), private=False))
         sampled = sampled_names(out.class_names)
         if sampled is not None:  # a folder written by `mepf sample`: INDEX_NAME, in label order
             out.sampled_names = sampled
@@ -121,7 +121,7 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
             return FidStats(d["mu"], d["sigma"], f"FID statistics {p.name}")
         return read_npz(p, geometry, crop)
     try:
-        return read_source(open_source(spec, data_root=data_root), geometry, crop)
+        return read_source(open_source(spec, data_root=data_root, private=False), geometry, crop)
     except MepfError as e:
         raise MepfError(f"{flag}: {e}") from None
 

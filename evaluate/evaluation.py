@@ -152,7 +152,7 @@ def _accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers
     out = {"accuracy": accuracies(synth.images, synth_labels, ref.images, ref.labels, kk, classifiers, seed, device,
                                   cnn_epochs, progress)}
     if real_train:
-        real = read_source(open_source(real_train, data_root=data_root), geometry=synth.shape, crop=crop)
+        real = read_source(open_source(real_train, data_root=data_root, private=False), geometry=synth.shape, crop=crop)
         if real.labels is None or list(real.class_names or []) != list(ref.class_names or []):
             raise MepfError("--real-train must be labelled with the reference's classes")
         out["accuracy_real_train"] = accuracies(real.images, real.labels, ref.images, ref.labels, kk, classifiers,

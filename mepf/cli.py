@@ -246,6 +246,7 @@ def audit(file, as_json, release_log):
     """Auditor: verify the file and recompute its (eps, delta) from the ledger alone."""
     from mepf.artifacts.audit import audit as run_audit
     from mepf.artifacts.audit import composed_total
+    from mepf.artifacts.format import printable
 
     rep = run_audit(file)
     out = rep.to_dict()
@@ -260,7 +261,7 @@ def audit(file, as_json, release_log):
         found = composable(entries, mine, key)
         if rep.summary:  # the audited file's own mu from its verified ledger, not from the log's copy of it
             found[0] = {**found[0], "mu": rep.summary.get("mu") if rep.summary.get("private", True) else None}
-        out["composed"] = composed_total(found, float(rep.summary.get("delta", mine["delta"])))
+        out["composed"] = composed_total(found, rep.summary.get("delta", mine.get("delta")))
         note = mixed_note(entries, key)
         if note:
             out["composed"]["note"] = note
@@ -268,7 +269,7 @@ def audit(file, as_json, release_log):
         click.echo(json.dumps(out, indent=2, sort_keys=True))
     else:
         for c in out["checks"]:
-            click.echo(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}")
+            click.echo(printable(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}", 1 << 20))
         s = rep.summary
         if s and not s.get("private", True):
             click.echo("NOT PRIVATE: a non-private baseline (eps = inf)")
@@ -306,8 +307,8 @@ def releases(release_log, as_json):
     rows = []
     for e in entries:
         try:
-            composed = composed_total(composable(entries, e, key), float(e.get("delta", 0)))
-        except (MepfError, TypeError, ValueError):
+            composed = composed_total(composable(entries, e, key), e.get("delta"))
+        except (MepfError, TypeError, ValueError, OverflowError):
             composed = None
         row = {k: e.get(k) for k in ("time", "data", "dataset", "output", "epsilon", "delta", "relation", "repeat")}
         row["composed_epsilon"] = composed["epsilon"] if composed else None
@@ -321,13 +322,22 @@ def releases(release_log, as_json):
     click.echo(f"release log {log} (key {'beside it' if key else 'MISSING: record samples cannot be compared'})")
     click.echo(f"{'#':>3}  {'time':<24} {'eps':>8} {'delta':>8}  {'composed':>14}  data -> output")
     for i, r in enumerate(rows, 1):
-        eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
+        eps = "inf" if r["epsilon"] is None else _number(r["epsilon"], ".4g")
         comp = "-" if r["composed_epsilon"] is None else (
             f"{r['composed_epsilon']:.4g} ({r['composed_releases']})")
-        click.echo(printable(f"{i:>3}  {str(r['time']):<24} {eps:>8} {r['delta'] or 0:>8g}  {comp:>14}  "
+        click.echo(printable(f"{i:>3}  {str(r['time']):<24} {eps:>8} {_number(r['delta'] or 0, 'g'):>8}  {comp:>14}  "
                              f"{r['data'] or r['dataset']} -> {r['output']}", 100_000))
     if note:
         click.echo(f"note: {note}")
+
+
+def _number(value, spec: str) -> str:
+    """A number from the owner's log, formatted; anything else (an edited line) as '?'."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        return format(value, spec) if ok else "?"
+    except (ValueError, OverflowError):
+        return "?"
 
 
 def _sha(path) -> str:

@@ -703,3 +703,16 @@ def test_a_release_is_looked_for_only_among_files_of_its_size(tmp_path, releases
     monkeypatch.setattr(locate, "_sha", lambda p: hashed.append(p.name) or real(p))
     found = locate.locate_release(o["release_sha256"], run, str(tmp_path / "gone.h5"), size=o["release_bytes"])
     assert found.name == "copy.h5" and "big.h5" not in hashed
+
+
+def test_an_audit_line_from_a_hostile_ledger_cannot_forge_a_pass(tmp_path, releases):
+    """The ledger's mechanism string is printed in a check line: a carriage return, an OSC sequence and a newline
+    in it would rewrite the FAIL line and print AUDIT PASSED; the audit's lines show them inert."""
+    led = read_raw(releases / "eps1.h5").ledger
+    hostile = "\r  [ok] x\nAUDIT PASSED\x1b]0;t\x07\x1b[8m"
+    forged = forge(tmp_path / "f.h5", releases / "eps1.h5", ledger={
+        **led, "releases": [{**x, "mechanism": hostile} if x["name"] == "S1" else x for x in led["releases"]]})
+    a = cli("audit", forged)
+    assert a.exit_code == 1 and "x?AUDIT PASSED?" in a.output  # shown, inert, inside its own FAIL line
+    assert not any(c in a.output for c in "\r\x1b\x07")
+    assert [line for line in a.output.splitlines() if line.startswith("AUDIT")] == ["AUDIT FAILED"]

@@ -558,6 +558,10 @@ def test_a_link_in_the_data_folder_cannot_count_a_record_twice(tmp_path, how):
     r = embed(d, tmp_path / "x.h5", tmp_path / "log.jsonl", *TINY, "--image-size", "28", "--channels", "1")
     assert r.exit_code == 2 and "link" in r.stderr and not (tmp_path / "x.h5").exists()
     assert release_log.read_log(tmp_path / "log.jsonl") == []
+    from mepf.embed.sources import open_source
+
+    public = open_source(str(d), private=False)  # evaluate's public images: a link there counts nothing private
+    assert len(public) == {"class folder": 4, "image": 5, "hard link": 5}[how]
 
 
 def test_a_file_name_with_terminal_escapes_is_printed_inert(tmp_path):
@@ -575,7 +579,7 @@ def test_a_file_name_with_terminal_escapes_is_printed_inert(tmp_path):
     assert c.exit_code == 2 and "wrote fake.h5" in c.output and inert(c.output + c.stderr)
 
 
-@pytest.mark.parametrize("mu", [float("nan"), "nan", -1.0, True])
+@pytest.mark.parametrize("mu", [float("nan"), "nan", -1.0, True, 10 ** 400])
 def test_an_edited_release_log_cannot_lower_the_composed_guarantee(tmp_path, labelled_npz, mu):
     """One appended line (no key needed) linked to a real release used to compose a NaN mu into eps = 0, and
     the log's copy of the audited file's own mu was believed over its verified ledger."""
@@ -600,6 +604,14 @@ def test_an_edited_release_log_cannot_lower_the_composed_guarantee(tmp_path, lab
     assert "(0, " not in r.output
     listed = json.loads(cli("releases", "--release-log", log, "--json").output)["releases"]
     assert [row["composed_epsilon"] for row in listed] == [None, None]  # not composable: no number rather than 0
+    with open(log, "a") as f:  # numbers the listing formats, edited into strings: shown as '?', no traceback
+        f.write(json.dumps({**forged, "output_sha256": "1" * 64, "epsilon": "x", "delta": "y", "mu": 1.0}) + "\n")
+        f.write("9" * 5000 + "\n")  # an integer too long for json to read: a corrupt line, not a traceback
+    r = cli("releases", "--release-log", log)
+    assert r.exit_code == 2 and "line 4 is corrupt" in r.stderr
+    log.write_text("\n".join(log.read_text().splitlines()[:-1]) + "\n")
+    r = cli("releases", "--release-log", log)
+    assert r.exit_code == 0 and r.exception is None and "?" in r.output
 
 
 def test_eps_for_delta_refuses_nan_and_negative_inputs():
