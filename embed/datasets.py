@@ -218,14 +218,14 @@ class CelebASource(Source):
         return files_digest([folder / name for name in self.ds.filename])
 
     def blocks(self, block_size, keep=None):
+        from PIL import Image
+
+        from .files import decode_image
+
+        folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
         for b, start in enumerate(range(0, len(self.ds), block_size)):
             if not kept(keep, b):
                 continue
-            from PIL import Image
-
-            from .files import decode_image
-
-            folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
             xs = []
             for i in range(start, min(start + block_size, len(self.ds))):
                 arr = decode_image(folder / self.ds.filename[i])  # PNG/JPEG only, no warning (not torchvision's open)

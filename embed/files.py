@@ -51,14 +51,18 @@ def decode_image(path: Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------- image folders
 
+def _named(paths, others: str = "") -> str:
+    """The first MAX_SHOWN paths, and that there are others (never how many: a count of records)."""
+    more = f" and others{others}" if len(paths) > MAX_SHOWN else ""
+    return ", ".join(str(p) for p in paths[:MAX_SHOWN]) + more
+
+
 def _refuse_links(paths) -> None:
     """A symbolic link could list one image (or a whole class folder) twice, counting its person twice, or
     pull in files from outside the folder: the data folder holds the files themselves."""
     links = [p for p in paths if p.is_symlink()]
     if links:
-        shown = ", ".join(str(p) for p in links[:MAX_SHOWN])
-        more = " and others" if len(links) > MAX_SHOWN else ""
-        raise MepfError(f"symbolic links in the data folder: {shown}{more}; replace each with the file or folder it "
+        raise MepfError(f"symbolic links in the data folder: {_named(links)}; replace each with the file or folder it "
                         "names (a link could count an image twice)")
 
 
@@ -104,9 +108,8 @@ class FolderSource(Source):
         #: files mepf cannot take (not a PNG or JPEG): all named in one error, or listed by `mepf embed --check`
         self.not_images = [p for p, _ in self.items if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS]
         if self.not_images and strict:
-            shown = ", ".join(str(p) for p in self.not_images[:MAX_SHOWN])
-            more = " and others (mepf embed --check lists them all)" if len(self.not_images) > MAX_SHOWN else ""
-            raise MepfError(f"not PNG or JPEG images: {shown}{more}; remove them from the data folder")
+            shown = _named(self.not_images, " (mepf embed --check lists them all)")
+            raise MepfError(f"not PNG or JPEG images: {shown}; remove them from the data folder")
         skip = set(self.not_images)
         self.items = [(p, y) for p, y in self.items if p not in skip]
         if not links_ok:

@@ -482,6 +482,8 @@ def test_private_reference_is_flagged_in_another_container(tmp_path, image_folde
 def test_an_image_file_of_another_format_runs_no_decoder_but_pngs_and_jpegs(tmp_path, monkeypatch):
     """By content Pillow would open EPS through an external Ghostscript (and ~40 other decoders): a `.png`
     holding PostScript is refused by name, and the `gs` on PATH (a stand-in that leaves a mark) never runs."""
+    import os
+
     from mepf.embed.files import decode_image
 
     bin_dir, mark = tmp_path / "bin", tmp_path / "gs-ran"
@@ -489,7 +491,7 @@ def test_an_image_file_of_another_format_runs_no_decoder_but_pngs_and_jpegs(tmp_
     gs = bin_dir / "gs"
     gs.write_text(f"#!/bin/sh\necho ran >> {mark}\nexit 1\n")
     gs.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     root = tmp_path / "D" / "a"
     root.mkdir(parents=True)
     for i, im in enumerate(make_images(2, seed=5)):
