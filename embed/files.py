@@ -70,7 +70,11 @@ def _refuse_second_names(items) -> None:
     """Hard links: two names of one file would count its record twice (the sensitivity is per record)."""
     seen = {}
     for p, _ in items:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise MepfError(f"{p}: {e.strerror or e}; was the folder changed while mepf listed it? Run again when "
+                            "it is settled") from None
         first = seen.setdefault((st.st_dev, st.st_ino), p)
         if first is not p:
             raise MepfError(f"{p} and {first} are one file (hard links); keep one name: mepf would count its image "

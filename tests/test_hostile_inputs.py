@@ -566,6 +566,17 @@ def test_a_link_in_the_data_folder_cannot_count_a_record_twice(tmp_path, how):
     assert len(public) == {"class folder": 4, "image": 5, "hard link": 5}[how]
 
 
+def test_an_image_removed_while_the_folder_is_listed_is_a_one_line_error(tmp_path):
+    """The hard-link check stats every listed image; one deleted between the listing and that stat (a writer racing
+    the owner's run) is a MepfError naming it, not an OSError traceback."""
+    from mepf.embed.files import _refuse_second_names
+
+    kept = tmp_path / "a.png"
+    Image.fromarray(make_images(1, seed=3)[0][:, :, 0]).save(kept)
+    with pytest.raises(MepfError, match=r"gone\.png: .*changed while mepf listed it"):
+        _refuse_second_names([(kept, 0), (tmp_path / "gone.png", 0)])
+
+
 def test_a_file_name_with_terminal_escapes_is_printed_inert(tmp_path):
     """A name from the data (or from a hostile release) holding ESC sequences could erase lines and print a
     fake result: every error the CLI prints, and every line of --check, shows it with the escapes replaced."""
