@@ -448,15 +448,20 @@ def _run_facts(run: Path) -> dict:
     return facts
 
 
-def _moment_weights(ctx, param, value):
-    out = {}
-    for part in filter(None, (value or "").split(",")):
-        name, _, w = part.partition("=")
-        try:
-            out[name.strip()] = float(w)
-        except ValueError:
-            raise click.BadParameter("give NAME=WEIGHT pairs, e.g. S1=1,S2=0.5") from None
-    return out
+def _named_weights(example: str):
+    """A click callback reading NAME=WEIGHT pairs (weights finite and >= 0) into a dict."""
+    def parse(ctx, param, value):
+        out = {}
+        for part in filter(None, (value or "").split(",")):
+            name, _, w = part.partition("=")
+            try:
+                out[name.strip()] = float(w)
+            except ValueError:
+                raise click.BadParameter(f"give NAME=WEIGHT pairs, e.g. {example}") from None
+            if not (math.isfinite(out[name.strip()]) and out[name.strip()] >= 0):
+                raise click.BadParameter(f"{part}: a weight must be a finite number >= 0")
+        return out
+    return parse
 
 
 @main.command()
@@ -489,8 +494,13 @@ def _moment_weights(ctx, param, value):
 @click.option("--seed", type=click.IntRange(0), default=_td("seed"), help="Training seed (unrelated to the DP noise).")
 @click.option("--labels", type=_choices(so.LABELS), default=_td("labels"),
               help="Training labels: class-balanced or from the noisy class prior.")
-@click.option("--moment-weights", callback=_moment_weights, default="", show_default=False,
+@click.option("--moment-weights", callback=_named_weights("S1=1,S2=0.5"), default="", show_default=False,
               help="Weight of each moment's distance, e.g. S1=1,S2=0.5.  [default: 1 each]")
+@click.option("--layer-weights", callback=_named_weights("stem=2,block5..block15=0.5"), default="",
+              show_default=False,
+              help="Weight of each feature-map layer's coordinates in the distance, e.g. stem=2,block5..block15=0.5 "
+                   "(FIRST..LAST: a range in forward order; a wrong name lists the file's layers). Stage 2 only: the "
+                   "release is unchanged.  [default: 1 each]")
 @click.option("--grid-every", type=click.IntRange(0), default=_td("grid_every"),
               help="Sample grid PNG every N steps (0: end only).")
 @click.option("--snapshot-every", type=click.IntRange(0), default=_td("snapshot_every"), help="Snapshot every N steps.")
@@ -505,8 +515,8 @@ def _moment_weights(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_schedule, ema, batch_size, steps,
-               seed, labels, moment_weights, grid_every, snapshot_every, log_every, device, weights, precision, dry_run,
-               quiet):
+               seed, labels, moment_weights, layer_weights, grid_every, snapshot_every, log_every, device, weights,
+               precision, dry_run, quiet):
     """Stage 2: train a generator from the released FILE alone. Under torchrun (`torchrun --nproc-per-node N
     -m mepf synthesize ...`) each rank trains on its own batches (--batch-size per rank) of one objective."""
     from dataclasses import asdict
@@ -556,7 +566,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
     opts = train.TrainOptions(release=file, out=out, generator=generator, width=width, objective=objective, lr=lr,
                               lr_mavg=lr_mavg, lr_schedule=lr_schedule, ema=ema, batch_size=batch_size,
                               steps=steps or train.TrainOptions.steps, seed=seed, labels=labels,
-                              moment_weights=moment_weights, grid_every=grid_every, snapshot_every=snapshot_every,
+                              moment_weights=moment_weights, layer_weights=layer_weights, grid_every=grid_every,
+                              snapshot_every=snapshot_every,
                               log_every=log_every, device=device, weights=weights, precision=precision)
     if dry_run:
         release, _, arch, dev = train.prepare(opts)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 
+from mepf.artifacts.errors import MepfError
 from mepf.core import distributed
 
 
@@ -61,9 +63,36 @@ def fake_embeddings(fmap, images, y, target: Target, fast: bool = True, sums_by:
         return {m: class_means(p, y, target.num_classes, sums_by) for m, p in phis.items()}
 
 
-def squared_distance(target: Target, fake: dict) -> dict:
-    """Mean over the classes present of ||mu_real[c] - mu_fake[c]||^2, per moment."""
-    return {m: ((target.means[m][p] - mu[p]) ** 2).sum(1).mean() for m, (mu, p) in fake.items()}
+def layer_weight_vector(weights: dict, dims: dict, device="cpu") -> torch.Tensor | None:
+    """The weight of each coordinate of f(x) (D,) from {layer: w} or {FIRST..LAST: w} (layers in forward order,
+    both ends included; unnamed layers 1), given {layer: its coordinates} in order; None when every weight is 1.
+    A stage-2 choice: it weighs the distance to the release, whose noise and guarantee it does not touch."""
+    names = list(dims)
+    per_layer = dict.fromkeys(names, 1.0)
+    for key, w in weights.items():
+        first, sep, last = key.partition("..")
+        bad = [n for n in ((first, last) if sep else (key,)) if n not in dims]
+        if bad:
+            raise MepfError(f"--layer-weights names {bad[0]!r}; this file's feature map has the layers "
+                            f"{', '.join(names)} (or FIRST..LAST for a range)")
+        i, j = names.index(first), names.index(last if sep else first)
+        if j < i:
+            raise MepfError(f"--layer-weights range {key}: {last} comes before {first}; give FIRST..LAST in order")
+        if not (math.isfinite(w) and w >= 0):
+            raise MepfError(f"--layer-weights {key}={w}: a weight must be a finite number >= 0")
+        per_layer.update(dict.fromkeys(names[i:j + 1], float(w)))
+    if not any(per_layer.values()):
+        raise MepfError("--layer-weights gives every layer weight 0: nothing would be matched; keep one above 0")
+    if all(w == 1.0 for w in per_layer.values()):
+        return None
+    return torch.cat([torch.full((dims[n],), per_layer[n]) for n in names]).to(device)
+
+
+def squared_distance(target: Target, fake: dict, coord_weights: torch.Tensor | None = None) -> dict:
+    """Mean over the classes present of ||mu_real[c] - mu_fake[c]||^2 (each coordinate's square times its
+    weight, if given), per moment."""
+    w = 1.0 if coord_weights is None else coord_weights
+    return {m: (w * (target.means[m][p] - mu[p]) ** 2).sum(1).mean() for m, (mu, p) in fake.items()}
 
 
 @torch.no_grad()

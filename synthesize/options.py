@@ -31,6 +31,7 @@ class TrainOptions:
     seed: int = 0
     labels: str = "balanced"
     moment_weights: dict = field(default_factory=dict)
+    layer_weights: dict = field(default_factory=dict)  # {layer or FIRST..LAST: weight}; unnamed layers 1
     grid_every: int = 500
     snapshot_every: int = 500
     log_every: int = 50

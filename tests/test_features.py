@@ -248,3 +248,26 @@ def test_spec_without_resize_key_means_no_resize(eff28):
 def test_feature_size_below_image_size_refused():
     with pytest.raises(MepfError, match="only upsamples"):
         build_feature_map("resnet18", "random", image_size=(32, 32), feature_size=(16, 16))
+
+
+@pytest.mark.parametrize("backbone,layers,pooling,size", [
+    ("efficientnet-lite0", None, None, (28, 28)),
+    ("resnet18", ["pixels", "stem", "layer2"], "mean", (32, 32)),
+    ("resnet18", ["pixels", "layer1"], "none", (20, 20)),
+])
+def test_layer_dims_give_each_layer_its_own_part_of_f(backbone, layers, pooling, size):
+    """Stage 2 weighs the distance per layer by the slices layer_dims implies: each must be exactly that layer's
+    features (checked against a map of that layer alone), in f's order, covering all of f."""
+    weights = "pretrained" if backbone.startswith("efficientnet") else "random"
+    ex, spec = build_feature_map(backbone, weights, layers=layers, pooling=pooling, image_size=size, channels=1)
+    dims = ex.layer_dims(*size)
+    assert list(dims) == spec["layers"] and sum(dims.values()) == spec["dim"]
+    x = torch.tensor(make_images(4, seed=5, size=size[0])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        f = ex(x)
+        start = 0
+        for name, d in dims.items():
+            alone, _ = build_feature_map(backbone, weights, layers=[name], pooling=pooling, image_size=size,
+                                         channels=1)
+            assert torch.equal(f[:, start:start + d], alone(x)), name
+            start += d

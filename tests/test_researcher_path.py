@@ -265,8 +265,10 @@ def test_the_report_records_the_generator_and_run_and_labels_the_grid(study, tmp
 def test_help_states_each_default_once():
     s = ok(cli("synthesize", "--help")).output
     width = s.split("--width")[1].split("--objective")[0]
-    weights = s.split("--moment-weights")[1].split("--grid-every")[0]
-    assert width.count("default") == 1 and weights.count("default") == 1 and '[default: ""]' not in s
+    weights = s.split("--moment-weights")[1].split("--layer-weights")[0]
+    layers = s.split("--layer-weights")[1].split("--grid-every")[0]
+    assert width.count("default") == 1 and weights.count("default") == 1 and layers.count("default") == 1
+    assert '[default: ""]' not in s
     e = ok(cli("embed", "--help")).output
     assert "Records per forward pass" in e and "stretched" in e
 

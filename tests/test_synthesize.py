@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from mepf.artifacts import load
+from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import content_checksum
 from mepf.cli import main
 from mepf.core.features import build_feature_map, feature_map_from_spec
@@ -365,3 +366,73 @@ def test_shared_generator_or_snapshot_cannot_run_code(release_file, tmp_path):
     r = CliRunner().invoke(main, ["synthesize", "--resume", str(run), "--steps", "6", "--quiet"])
     assert r.exit_code == 2 and "snapshot" in r.stderr and "never pickled objects" in r.stderr, r.stderr
     assert not marker.exists()
+
+
+def _steps_on_a_target_off_layer(opts, dims, layer, k=3):
+    """Generator weights after k steps of two trainers from one seed, the second's target changed everywhere
+    but `layer`'s coordinates."""
+    from mepf.synthesize.train import Trainer
+
+    out = []
+    for changed in (False, True):
+        release, ex, arch, dev = prepare(opts)
+        t = Trainer(opts, release, ex, arch, dev)
+        if changed:
+            start_ = sum(d for n, d in list(dims.items())[:list(dims).index(layer)])
+            keep = torch.zeros(t.target.means["S1"].shape[1], dtype=torch.bool)
+            keep[start_:start_ + dims[layer]] = True
+            for m in t.target.means:
+                t.target.means[m][:, ~keep] += 0.01
+        for _ in range(k):
+            t.train_step()
+        out.append(t.G.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("objective", ["mavg", "plain"])
+def test_layer_weights_match_only_the_weighted_layers(release_file, tmp_path, objective):
+    """--layer-weights stem..block15=0,block3=2 trains on block3 alone: a target that differs everywhere else gives
+    bitwise the same generator; without the weights the same change moves it."""
+    from mepf.synthesize.objective import layer_weight_vector
+
+    ex, _ = prepare(TrainOptions(release=str(release_file), out=str(tmp_path / "x"), **FAST))[1:3]
+    dims = ex.layer_dims(28, 28)
+    only = TrainOptions(release=str(release_file), out=str(tmp_path / "a"), objective=objective,
+                        layer_weights={"stem..block15": 0, "block3": 2.0}, **FAST)
+    w = layer_weight_vector(only.layer_weights, dims)
+    assert set(w.unique().tolist()) == {0.0, 2.0} and int((w == 2).sum()) == dims["block3"]
+    a, b = _steps_on_a_target_off_layer(only, dims, "block3")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = TrainOptions(release=str(release_file), out=str(tmp_path / "b"), objective=objective, **FAST)
+    a, b = _steps_on_a_target_off_layer(plain, dims, "block3")
+    assert not all(torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_layer_weight_vector_reads_names_and_ranges():
+    from mepf.synthesize.objective import layer_weight_vector
+
+    dims = {"pixels": 2, "a": 3, "b": 1, "c": 2}
+    assert layer_weight_vector({}, dims) is None and layer_weight_vector({"a..c": 1.0}, dims) is None
+    w = layer_weight_vector({"a..c": 0.5, "b": 3.0, "pixels": 0.0}, dims)  # later entries win over a range
+    assert w.tolist() == [0, 0, 0.5, 0.5, 0.5, 3, 0.5, 0.5]
+    for bad, msg in [({"d": 1.0}, "names 'd'.*pixels, a, b, c"), ({"c..a": 1.0}, "comes before"),
+                     ({"a..z": 1.0}, "names 'z'"), ({"a": float("nan")}, "finite"), ({"b": -1.0}, ">= 0"),
+                     ({"pixels..c": 0.0}, "every layer weight 0")]:
+        with pytest.raises(MepfError, match=msg):
+            layer_weight_vector(bad, dims)
+
+
+def test_layer_weights_on_the_command_line(release_file, tmp_path):
+    run = CliRunner().invoke
+    r = run(main, ["synthesize", str(release_file), "--out", str(tmp_path / "r"), "--layer-weights", "stem=2,x=1",
+                   "--dry-run"])
+    assert r.exit_code != 0 and "'x'" in r.output and "block15" in r.output and "Traceback" not in r.output
+    r = run(main, ["synthesize", str(release_file), "--out", str(tmp_path / "r"), "--layer-weights", "stem=inf"])
+    assert r.exit_code == 2 and "finite number >= 0" in r.output
+    r = run(main, ["synthesize", str(release_file), "--out", str(tmp_path / "r"), "--layer-weights",
+                   "stem=2,block5..block15=0.5", "--steps", "4", "--width", "16", "--batch-size", "20", "--quiet"])
+    assert r.exit_code == 0, r.output
+    opts = json.loads((tmp_path / "r" / "options.json").read_text())
+    assert opts["layer_weights"] == {"stem": 2.0, "block5..block15": 0.5}
+    r = run(main, ["synthesize", "--resume", str(tmp_path / "r"), "--steps", "6", "--quiet"])
+    assert r.exit_code == 0 and "resumed" in r.output, r.output

@@ -278,6 +278,10 @@ class FeatureMap(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._layer_outputs(x), dim=1)
+
+    def _layer_outputs(self, x: torch.Tensor) -> list:
+        """Each layer's part of f(x), (B, D_layer), in the order of self.layers."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
         outs = [x * self.pixel_weight] if self.pixel_weight is not None else []
@@ -288,8 +292,15 @@ class FeatureMap(nn.Module):
         x = (x - self.mean) / self.std
         outs += self.body(x)
         if self.pooling == "mean":
-            return torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1)
-        return torch.cat([o.flatten(1) for o in outs], dim=1)
+            return [o.mean(dim=(2, 3)) for o in outs]
+        return [o.flatten(1) for o in outs]
+
+    @torch.no_grad()
+    def layer_dims(self, height: int, width: int) -> dict:
+        """{layer: how many coordinates of f(x) it holds}, in the order f concatenates them, for height x width
+        images (stage 2 weights the distance per layer with it)."""
+        x = torch.zeros(1, self.channels, height, width, device=self.mean.device)
+        return {name: int(o.shape[1]) for name, o in zip(self.layers, self._layer_outputs(x))}
 
     def phi_of(self, moment: str, features: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """The feature vector behind release `moment` ('S1': phi1, 'S2': phi2) of features f(x) of this map."""
