@@ -44,6 +44,11 @@ def pixel_spreads(images: np.ndarray, labels: np.ndarray, k: int) -> dict:
     return {name: np.array([v[labels == c].std() for c in range(k)]) for name, v in stats.items()}
 
 
+def _num(v: float, width: int) -> str:
+    """v in a column of `width`, or '-' where there is no value (no --release)."""
+    return f"{'-':>{width}s}" if v != v else f"{v:{width}.6f}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("generator", help="generator.pt or its run folder")
@@ -78,9 +83,9 @@ def main():
         to_rel = float("nan") if target is None else float(((target[:, sl] - ms[:, sl]) ** 2).sum(1).mean())
         to_ref = float(((mr[:, sl] - ms[:, sl]) ** 2).sum(1).mean())
         spread = float(vs[:, sl].sum(1).mean() / vr[:, sl].sum(1).mean())
-        print(f"{name:9s} {d:6d} {norm2:10.5f} {to_rel:10.6f} {to_ref:9.6f} {to_ref / norm2:6.3f} {spread:10.3f}")
+        print(f"{name:9s} {d:6d} {norm2:10.5f} {_num(to_rel, 10)} {to_ref:9.6f} {to_ref / norm2:6.3f} {spread:10.3f}")
     to_rel = float("nan") if target is None else float(((target - ms) ** 2).sum(1).mean())
-    print(f"{'all':9s} {start:6d} {float((mr ** 2).sum(1).mean()):10.5f} {to_rel:10.6f} "
+    print(f"{'all':9s} {start:6d} {float((mr ** 2).sum(1).mean()):10.5f} {_num(to_rel, 10)} "
           f"{float(((mr - ms) ** 2).sum(1).mean()):9.6f}")
     print("pixel spreads, samples / reference, per class:")
     ps, pr = pixel_spreads(sx, sy, k), pixel_spreads(rx, ry, k)
