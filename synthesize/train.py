@@ -56,7 +56,8 @@ def prepare(opts: TrainOptions, device=None):
     device = resolve_device(opts.device) if device is None else device
     spec = release.features
     fmap = feature_map_from_spec(spec, opts.weights).to(device)
-    layer_weight_vector(opts.layer_weights, fmap.layer_dims(spec.height, spec.width))  # names and values valid
+    if opts.layer_weights:  # names and values valid before anything is built
+        layer_weight_vector(opts.layer_weights, fmap.layer_dims(spec.height, spec.width))
     if spec.height != spec.width:
         raise MepfError("generators need square images; this file's geometry is not square")
     name = default_generator(spec.height) if opts.generator == "auto" else opts.generator
@@ -121,8 +122,9 @@ class Trainer:
         self.mavg = {m: torch.zeros_like(self.target.means[m], requires_grad=True) for m in self.target.moments}
         self.opt_m = torch.optim.Adam(list(self.mavg.values()), lr=opts.lr_mavg, betas=betas)
         self.weights = {m: float(opts.moment_weights.get(m, 1.0)) for m in self.target.moments}
-        self.coord_weights = layer_weight_vector(opts.layer_weights, fmap.layer_dims(fmap.spec.height,
-                                                                                     fmap.spec.width), device)
+        self.coord_weights = (layer_weight_vector(opts.layer_weights, fmap.layer_dims(fmap.spec.height,
+                                                                                      fmap.spec.width), device)
+                              if opts.layer_weights else None)
         self.step = 0
         self.complete = False  # set by resume: the run was already at its last step
         self.precision = precision or resolve(opts.precision, device)
@@ -192,9 +194,8 @@ class Trainer:
             fake = fake_embeddings(self.fmap, x, y, self.target, fast=plan.fast_paths, sums_by=plan.class_sums)
         dist = squared_distance(self.target, fake)
         stats = {f"dist_{m}": d.detach() for m, d in dist.items()}
-        w = 1.0 if self.coord_weights is None else self.coord_weights
         if self.opts.objective == "plain":
-            weighted = dist if self.coord_weights is None else squared_distance(self.target, fake, w)
+            weighted = dist if self.coord_weights is None else squared_distance(self.target, fake, self.coord_weights)
             loss = sum(self.weights[m] * weighted[m] for m in dist)
         else:
             mloss = 0.0
@@ -205,6 +206,7 @@ class Trainer:
             mloss.backward()
             self.opt_m.step()
             stats["mavg_loss"] = mloss.detach()
+            w = 1.0 if self.coord_weights is None else self.coord_weights
             loss = sum(self.weights[m] * -(w * self.mavg[m][p].detach() * mu[p]).sum(1).mean()
                        for m, (mu, p) in fake.items())
         lr = self.lr_at(self.step)
