@@ -48,9 +48,10 @@ class WeightEMA:
     def update(self, params) -> None:
         self.n += 1
         d = min(self.decay, (1 + self.n) / (10 + self.n))
-        with torch.no_grad():
-            for s, p in zip(self.shadow, [p for p in params if p.requires_grad]):
-                s.sub_((1 - d) * (s - p))
+        with torch.no_grad():  # s -= (1 - d) * (s - p), as three multi-tensor kernels (one per op, not per tensor)
+            diff = torch._foreach_sub(self.shadow, [p for p in params if p.requires_grad])
+            torch._foreach_mul_(diff, 1 - d)
+            torch._foreach_sub_(self.shadow, diff)
 
     @contextmanager
     def applied(self, model):
@@ -101,7 +102,7 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, device, batch: int = 1000)
     correct = 0
     with torch.no_grad():
         for s in range(0, len(x), batch):
-            correct += int((model(x[s:s + batch].to(device)).argmax(1).cpu() == y[s:s + batch]).sum())
+            correct += int((model(x[s:s + batch].to(device)).argmax(1) == y[s:s + batch].to(device)).sum())
     return 100.0 * correct / len(x)
 
 
@@ -190,9 +191,10 @@ def _train(kind, train, val, test, num_classes, schedule, seed, device, state_pa
         except Exception as e:  # noqa: BLE001
             raise MepfError(f"{state_path} does not fit this classifier ({type(e).__name__}); pass --overwrite to "
                             "start afresh, or choose another --out") from None
-    x_train, y_train = as_input(xt), torch.from_numpy(yt.astype(np.int64))
-    x_val, y_val = as_input(xv), torch.from_numpy(yv.astype(np.int64))
-    x_test, y_test = as_input(xe), torch.from_numpy(ye.astype(np.int64))
+    # on the device once (a few hundred MB at most), not a batch at a time: the same values, no per-step copies
+    x_train, y_train = as_input(xt).to(device), torch.from_numpy(yt.astype(np.int64)).to(device)
+    x_val, y_val = as_input(xv).to(device), torch.from_numpy(yv.astype(np.int64)).to(device)
+    x_test, y_test = as_input(xe).to(device), torch.from_numpy(ye.astype(np.int64)).to(device)
     per_epoch = -(-len(x_train) // schedule.batch_size)
     bar = progress_bar(total=schedule.epochs * per_epoch, initial=state["epoch"] * per_epoch, desc=kind, unit="step",
                        disable=not progress, leave=False)
@@ -204,8 +206,8 @@ def _train(kind, train, val, test, num_classes, schedule, seed, device, state_pa
         model.train()
         perm = torch.randperm(len(x_train), generator=shuffle)
         for s in range(0, len(x_train), schedule.batch_size):
-            idx = perm[s:s + schedule.batch_size]
-            loss = F.cross_entropy(model(x_train[idx].to(device)), y_train[idx].to(device))
+            idx = perm[s:s + schedule.batch_size].to(device)
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

