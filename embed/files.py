@@ -268,9 +268,12 @@ class ArraySource(Source):
         if self.kind == ".npz":
             import zipfile
 
-            with zipfile.ZipFile(self.path) as zf:
+            # one ZipFile (one file handle) per member: from Python 3.12 a seek in a stored member moves the file
+            # position that other open members of the same ZipFile read from, so skipped blocks shifted what the
+            # labels (or images) read next: other records' bytes, silently, or an EOFError
+            with zipfile.ZipFile(self.path) as zf, zipfile.ZipFile(self.path) as zl:
                 fi, _, dt = _npz_member(zf, self._ikey)
-                fl = _npz_member(zf, self._lkey) if self._lkey else None
+                fl = _npz_member(zl, self._lkey) if self._lkey else None
                 per = int(np.prod(rec)) * dt.itemsize
                 for b, start in starts:
                     m = min(block_size, n - start)

@@ -13,7 +13,7 @@ assert torch.cuda.is_available(), "no CUDA device: run this on a GPU machine"
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}, "
       f"{torch.cuda.device_count()} device(s)")
 PYEOF
-$PY -m pytest -q -m cuda -rs tests
+[ -n "${SKIP_TESTS:-}" ] || $PY -m pytest -q -m cuda -rs tests
 $PY benchmarks/embed_throughput.py --backbone vgg19 --weights random --image-size 32 --device cuda --workers 0,4 --memory-sizes ""
 $PY benchmarks/embed_throughput.py --backbone efficientnet-lite0 --image-size 32 --device cuda --workers 0,4 --memory-sizes ""
 TMP=$(mktemp -d)

@@ -5,7 +5,8 @@
 #                                      # and .devdata/ (Fashion-MNIST for the protocol); both git-ignored
 #   scripts/gpu_offline.sh run         # there, with .whl and .devdata carried: installs them into /tmp/site and
 #                                      # runs PARTS in turn (default "check dpimagebench"): check = gpu_check.sh
-#                                      # (CHECK_S s), speed = benchmarks/bench_classifier_speed.py, dpimagebench =
+#                                      # (CHECK_S s; SKIP_TESTS=1 skips its tests), suite = all the tests
+#                                      # (SUITE_S s), speed = benchmarks/bench_classifier_speed.py, dpimagebench =
 #                                      # the protocol (BUDGET s, CLASSIFIERS, GENERATORS); logs, results in $OUT
 # .devdata's training images keep only DPImageBench's 5,000-image validation hold-out (the other 55,000 are zeros,
 # so that the data travels in 7 MB instead of 30): enough for the accuracy protocol, which reads the hold-out and
@@ -57,6 +58,8 @@ holdout_indices(); print('torch', torch.__version__, 'cuda', torch.version.cuda,
       PY=python3 MEPF="python3 -m mepf" NO_SETUP=1 timeout "${CHECK_S:-240}" bash scripts/gpu_check.sh 2>&1 \
         | tee "$OUT/gpu_check.log"
       echo "gpu_check exit: ${PIPESTATUS[0]}" ;;
+    suite)  # the whole test suite under that machine's Python and torch (other versions than CI's), 14 processes
+      timeout "${SUITE_S:-200}" python3 -m pytest -v --tb=short -rfE -n 14 -p no:cacheprovider tests 2>&1 | tee "$OUT/suite.log" ;;
     speed)
       timeout "${SPEED_S:-150}" python3 benchmarks/bench_classifier_speed.py --device cuda 2>&1 \
         | tee "$OUT/classifier_speed.log" ;;

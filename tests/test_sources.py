@@ -35,6 +35,31 @@ def test_npz_and_h5_stream_the_same_records(tmp_path, labelled_npz):
     np.testing.assert_array_equal(xs, x)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+@pytest.mark.parametrize("labels_first", [False, True])
+def test_each_shard_of_an_npz_reads_its_own_records_once(tmp_path, save, labels_first):
+    """Workers and ranks read an .npz in shards, skipping the others' blocks by seeking. Every block a shard keeps
+    holds exactly its records and their labels, and the shards together hold every record once: a seek in one
+    member must not move where the other member reads (Python >= 3.12 shares the file position among the
+    members of one ZipFile: other records' bytes were read, silently, with the labels stored first)."""
+    rng = np.random.default_rng(3)
+    n, bs = 103, 10
+    x = rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8)
+    x[:, 0, 0, 0] = np.arange(n)  # each record carries its index
+    y = rng.integers(0, 7, n)
+    save(tmp_path / "d.npz", **({"labels": y, "images": x} if labels_first else {"images": x, "labels": y}))
+    src = ArraySource(tmp_path / "d.npz", list("abcdefg"))
+    for world in (1, 2, 3):
+        seen = []
+        for rank in range(world):
+            for b, xb, yb in src.blocks(bs, keep=lambda b, r=rank, w=world: b % w == r):
+                assert b % world == rank
+                np.testing.assert_array_equal(xb, x[b * bs:(b + 1) * bs])
+                np.testing.assert_array_equal(yb, y[b * bs:(b + 1) * bs])
+                seen += list(xb[:, 0, 0, 0])
+        assert sorted(seen) == list(range(n)), world
+
+
 def test_folder_labelled_and_flat(tmp_path, image_folder):
     src = FolderSource(image_folder)
     assert src.classes == ["cats", "dogs"] and len(src) == 12 and src.geometry is None
