@@ -44,7 +44,7 @@ def test_each_shard_of_an_npz_reads_its_own_records_once(tmp_path, save, labels_
     members of one ZipFile: other records' bytes were read, silently, with the labels stored first)."""
     rng = np.random.default_rng(3)
     n, bs = 103, 10
-    x = rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8)
+    x = rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8)  # blocks larger than zipfile's read-ahead (4 KB)
     x[:, 0, 0, 0] = np.arange(n)  # each record carries its index
     y = rng.integers(0, 7, n)
     save(tmp_path / "d.npz", **({"labels": y, "images": x} if labels_first else {"images": x, "labels": y}))
