@@ -204,9 +204,12 @@ def _train(kind, train, val, test, num_classes, schedule, seed, device, state_pa
             break
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(len(x_train), generator=shuffle)
+        # to the device once an epoch: torch's blocking host-to-device copy waits for the device's queue, so a
+        # copy per step kept the host from launching the next step while this one ran (13 s epochs of ResNet-110
+        # on an H200, against 8 s of its bare steps)
+        perm = torch.randperm(len(x_train), generator=shuffle).to(device)
         for s in range(0, len(x_train), schedule.batch_size):
-            idx = perm[s:s + schedule.batch_size].to(device)
+            idx = perm[s:s + schedule.batch_size]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
