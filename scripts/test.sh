@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+MEPF_NEWER_PYTHON=$(bash scripts/newer_python.sh) || true
+export MEPF_NEWER_PYTHON
 .venv/bin/python -m pytest -q "$@"

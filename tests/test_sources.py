@@ -1,6 +1,8 @@
 """Data sources stream the declared records with the declared label set."""
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -11,6 +13,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.sources import open_source
+from tests import npz_shards
 
 
 def collect(src, bs=7):
@@ -35,29 +38,32 @@ def test_npz_and_h5_stream_the_same_records(tmp_path, labelled_npz):
     np.testing.assert_array_equal(xs, x)
 
 
-@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
-@pytest.mark.parametrize("labels_first", [False, True])
-def test_each_shard_of_an_npz_reads_its_own_records_once(tmp_path, save, labels_first):
+def test_each_shard_of_an_npz_reads_its_own_records_once(tmp_path):
     """Workers and ranks read an .npz in shards, skipping the others' blocks by seeking. Every block a shard keeps
-    holds exactly its records and their labels, and the shards together hold every record once: a seek in one
-    member must not move where the other member reads (Python >= 3.12 shares the file position among the
-    members of one ZipFile: other records' bytes were read, silently, with the labels stored first)."""
-    rng = np.random.default_rng(3)
-    n, bs = 103, 10
-    x = rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8)  # blocks larger than zipfile's read-ahead (4 KB)
-    x[:, 0, 0, 0] = np.arange(n)  # each record carries its index
-    y = rng.integers(0, 7, n)
-    save(tmp_path / "d.npz", **({"labels": y, "images": x} if labels_first else {"images": x, "labels": y}))
-    src = ArraySource(tmp_path / "d.npz", list("abcdefg"))
-    for world in (1, 2, 3):
-        seen = []
-        for rank in range(world):
-            for b, xb, yb in src.blocks(bs, keep=lambda b, r=rank, w=world: b % w == r):
-                assert b % world == rank
-                np.testing.assert_array_equal(xb, x[b * bs:(b + 1) * bs])
-                np.testing.assert_array_equal(yb, y[b * bs:(b + 1) * bs])
-                seen += list(xb[:, 0, 0, 0])
-        assert sorted(seen) == list(range(n)), world
+    holds exactly its records and their labels, and the shards together hold every record once (stored and
+    compressed, either member first): a seek in one member must not move where the other reads."""
+    assert npz_shards.problems(tmp_path) == []
+
+
+def test_npz_shards_under_a_newer_python(tmp_path):
+    """The same under Python >= 3.12 (CI's scripts/test.sh makes one where it can: MEPF_NEWER_PYTHON), where
+    zipfile's seek in a stored member moves the file position shared by the members of one ZipFile: with one
+    ZipFile for both members, shards read other records' bytes (silently, labels stored first) or failed."""
+    py = os.environ.get("MEPF_NEWER_PYTHON")
+    if not py:
+        pytest.skip("no MEPF_NEWER_PYTHON (a Python >= 3.12 with numpy, h5py, scipy and autodp; scripts/test.sh)")
+    root = Path(__file__).resolve().parent.parent
+    pkg = tmp_path / "tree" / "mepf"
+    pkg.mkdir(parents=True)  # mepf as pyproject's package-dir assembles it, without installing it there
+    for entry in (root / "mepf").iterdir():
+        if entry.name != "__pycache__":
+            (pkg / entry.name).symlink_to(entry)
+    for sub in ("artifacts", "embed", "synthesize", "evaluate"):
+        (pkg / sub).symlink_to(root / sub)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "tree"), "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run([py, str(root / "tests" / "npz_shards.py"), str(tmp_path)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok (Python 3.1"), r.stdout + r.stderr
 
 
 def test_folder_labelled_and_flat(tmp_path, image_folder):
