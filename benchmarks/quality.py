@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES))
     ap.add_argument("--ema", type=float, default=0.0, help="Generator weight average decay (0: off).")
     ap.add_argument("--width", type=int, default=0)
+    ap.add_argument("--layer-weights", default="", help="as mepf synthesize --layer-weights, e.g. stem=3")
     ap.add_argument("--n-synthetic", type=int, default=60000)
     ap.add_argument("--fid-samples", type=int, default=10000)
     ap.add_argument("--fid-reference", type=int, default=10000,
@@ -149,6 +150,7 @@ def main() -> None:
     rows = json.loads(results.read_text())["results"] if results.exists() else []  # an interrupted run goes on
     lines = []
     seeds = [int(s) for s in a.seeds.split(",")]
+    layer_weights = {k.strip(): float(w) for k, _, w in (p.partition("=") for p in a.layer_weights.split(",") if p)}
     for seed in seeds:
         for eps in [float(e) for e in a.eps.split(",")]:
             tag = "inf" if math.isinf(eps) else f"{eps:g}"
@@ -180,7 +182,8 @@ def main() -> None:
                 shutil.rmtree(run, ignore_errors=True)
                 start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                                    lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, width=a.width,
-                                   device=a.device, seed=seed, grid_every=max(1, a.steps // 4),
+                                   layer_weights=layer_weights, device=a.device, seed=seed,
+                                   grid_every=max(1, a.steps // 4),
                                    snapshot_every=max(1, a.steps // 8)))
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -208,6 +211,7 @@ def main() -> None:
                          "embed_s": embed_s,
                          "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
                          "eval_s": eval_s, "steps": a.steps, "lr": a.lr, "lr_schedule": a.lr_schedule,
+                         "layer_weights": layer_weights or None,
                          "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
                          "protocol": "mepf", "commit": commit()})
             if a.keep_generators:
