@@ -53,6 +53,11 @@ def prepare(opts: TrainOptions, device=None):
     if extra:
         raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
                         f"{', '.join(release.moments)}")
+    for m, w in opts.moment_weights.items():  # the CLI checks these too; TrainOptions given in Python is not
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise MepfError(f"--moment-weights {m}={w}: a weight must be a finite number >= 0")
+    if opts.moment_weights and not any(opts.moment_weights.get(m, 1.0) > 0 for m in release.moments):
+        raise MepfError("--moment-weights gives every moment weight 0: nothing would be matched; keep one above 0")
     device = resolve_device(opts.device) if device is None else device
     spec = release.features
     fmap = feature_map_from_spec(spec, opts.weights).to(device)

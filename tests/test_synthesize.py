@@ -422,6 +422,15 @@ def test_layer_weight_vector_reads_names_and_ranges():
             layer_weight_vector(bad, dims)
 
 
+@pytest.mark.parametrize("weights,msg", [({"S2": -1.0}, ">= 0"), ({"S1": float("nan")}, "finite"),
+                                         ({"S1": float("inf")}, "finite"), ({"S1": "2"}, "finite"),
+                                         ({"S1": 0.0, "S2": 0.0}, "every moment weight 0")])
+def test_moment_weights_given_in_python_are_checked(release_file, tmp_path, weights, msg):
+    """TrainOptions built in Python meet the same rule as the CLI's --moment-weights (finite, >= 0, one above 0)."""
+    with pytest.raises(MepfError, match=msg):
+        prepare(TrainOptions(release=str(release_file), out=str(tmp_path / "r"), moment_weights=weights, **FAST))
+
+
 def test_layer_weights_on_the_command_line(release_file, tmp_path):
     run = CliRunner().invoke
     r = run(main, ["synthesize", str(release_file), "--out", str(tmp_path / "r"), "--layer-weights", "stem=2,x=1",
