@@ -17,7 +17,7 @@ import numpy as np
 from mepf.artifacts.errors import MepfError
 
 from .options import DATA_ROOT, DATASETS, default_path
-from .sources import Source, files_digest, kept
+from .sources import Source, check_unchanged, files_digest, kept, open_unchanged, stat_identity
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -33,8 +33,14 @@ def _read_idx_header(f, ndim_expected):
     return struct.unpack(">" + "I" * ndim_expected, f.read(4 * ndim_expected))
 
 
-def _open_maybe_gz(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+def _open_maybe_gz(path: Path, identity: tuple):
+    """The file for reading, decompressed where it ends in .gz, checked to be the file `identity` was taken of."""
+    f = open_unchanged(path, identity)
+    if path.suffix != ".gz":
+        return f
+    g = gzip.GzipFile(fileobj=f, mode="rb")
+    g.myfileobj = f  # closed with it, as when GzipFile opens the file itself
+    return g
 
 
 class IdxSource(Source):
@@ -43,7 +49,8 @@ class IdxSource(Source):
     def __init__(self, image_file: Path, label_file: Path, classes, description):
         self.image_file, self.label_file = image_file, label_file
         self.classes, self.description = classes, description
-        with _open_maybe_gz(image_file) as f:
+        self._ids = (stat_identity(image_file), stat_identity(label_file))
+        with _open_maybe_gz(image_file, self._ids[0]) as f:
             self._n, self._h, self._w = _read_idx_header(f, 3)
 
     @property
@@ -56,8 +63,11 @@ class IdxSource(Source):
     def listing_digest(self) -> str:
         return files_digest([self.image_file, self.label_file])
 
+    def file_identity(self) -> tuple:
+        return self._ids
+
     def blocks(self, block_size, keep=None):
-        with _open_maybe_gz(self.image_file) as fi, _open_maybe_gz(self.label_file) as fl:
+        with _open_maybe_gz(self.image_file, self._ids[0]) as fi, _open_maybe_gz(self.label_file, self._ids[1]) as fl:
             _read_idx_header(fi, 3)
             (nl,) = _read_idx_header(fl, 1)
             if nl != self._n:
@@ -77,6 +87,8 @@ class IdxSource(Source):
                                     "again")
                 x = np.frombuffer(xb, dtype=np.uint8).reshape(m, self._h, self._w, 1)
                 yield b, x, np.frombuffer(yb, dtype=np.uint8).astype(np.int64)
+            for f, path, identity in ((fi, self.image_file, self._ids[0]), (fl, self.label_file, self._ids[1])):
+                check_unchanged((f.fileobj if isinstance(f, gzip.GzipFile) else f).fileno(), identity, path)
 
 
 class Mnist5kSource(Source):
@@ -145,16 +157,19 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path):
-    """(images (10000, 32, 32, 3) uint8, labels (10000,) int64) of one of torchvision's CIFAR-10 batch files."""
+def _read_cifar_batch(path: Path, identity: tuple):
+    """(images (10000, 32, 32, 3) uint8, labels (10000,) int64) of one of torchvision's CIFAR-10 batch files,
+    checked to be the file `identity` was taken of, before and after it is read."""
     fix = "fetch cifar-10-batches-py again (torchvision's CIFAR10 download)"
-    try:
-        with open(path, "rb") as f:
+    with open_unchanged(path, identity) as f:
+        try:
             d = _ArraysOnly(f, encoding="latin1").load()
-    except OSError as e:
-        raise MepfError(f"cannot read {path} ({type(e).__name__}); {fix}") from None
-    except Exception:  # noqa: BLE001 - a refused global or a damaged file: the same user error
-        raise MepfError(f"{path} is not a CIFAR-10 batch file (it holds more than arrays and labels); {fix}") from None
+        except OSError as e:
+            raise MepfError(f"cannot read {path} ({type(e).__name__}); {fix}") from None
+        except Exception:  # noqa: BLE001 - a refused global or a damaged file: the same user error
+            raise MepfError(f"{path} is not a CIFAR-10 batch file (it holds more than arrays and labels); {fix}") \
+                from None
+        check_unchanged(f.fileno(), identity, path)
     x, y = (d.get("data"), d.get("labels")) if isinstance(d, dict) else (None, None)
     if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape == (10000, 3072)
             and isinstance(y, list) and len(y) == 10000 and all(type(v) is int for v in y)):
@@ -169,6 +184,7 @@ class CifarSource(Source):
     def __init__(self, folder: Path, split: str):
         self.files = [folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [folder / "test_batch"]
         self.classes, self.description = CIFAR_CLASSES, f"cifar10:{split}"
+        self._ids = tuple(stat_identity(f) for f in self.files)
 
     @property
     def geometry(self):
@@ -180,12 +196,15 @@ class CifarSource(Source):
     def listing_digest(self) -> str:
         return files_digest(self.files)
 
+    def file_identity(self) -> tuple:
+        return self._ids
+
     def blocks(self, block_size, keep=None):
         for i, path in enumerate(self.files):  # 10,000 records per file; a file with no kept block is not read
             wanted = [b for b in range(i * 10000 // block_size, -(-(i + 1) * 10000 // block_size)) if kept(keep, b)]
             if not wanted:
                 continue
-            x, y = _read_cifar_batch(path)
+            x, y = _read_cifar_batch(path, self._ids[i])
             for b in wanted:  # blocks run across file boundaries: each file yields its own part of a block
                 lo, hi = max(b * block_size - i * 10000, 0), min((b + 1) * block_size - i * 10000, 10000)
                 if lo < hi:
@@ -305,6 +324,9 @@ class SubsetSource(Source):
         import hashlib
 
         return hashlib.sha256(f"{self.base.listing_digest()}|{self.description}".encode()).hexdigest()
+
+    def file_identity(self) -> tuple | None:
+        return self.base.file_identity()
 
     def blocks(self, block_size, keep=None):
         xs, ys, held, b, start = [], [], 0, 0, 0

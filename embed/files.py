@@ -14,7 +14,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 
-from .sources import Source, files_digest, kept
+from .sources import Source, check_unchanged, files_digest, kept, open_unchanged, stat_identity
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 #: an error names at most this many files (and says there are others, never how many: a count of records)
@@ -149,19 +149,36 @@ class FolderSource(Source):
 
 # --------------------------------------------------------------------------- arrays (.npz / .h5)
 
-def _npz_member(zf, key):
-    """Open an .npy member of a zip for streaming: (file object, shape, dtype)."""
-    f = zf.open(f"{key}.npy")
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+#: what a corrupt or crafted zip or .npy header raises while it is parsed
+_NPZ_ERRORS = (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError, EOFError, OSError, OverflowError)
+
+
+def _npz_member(zf, key, name: str):
+    """Open an .npy member of a zip for streaming: (file object, shape, dtype). Its stored size must be exactly
+    its header and its records: a member declared shorter or longer would be read past or short of its end."""
+    import zipfile
+
+    try:
+        info = zf.getinfo(f"{key}.npy")
+        f = zf.open(info)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        shape, header = tuple(int(d) for d in shape), f.tell()
+    except (*_NPZ_ERRORS, zipfile.BadZipFile):
+        raise MepfError(f"--data {name}: array '{key}' has an unreadable .npy header; save the arrays again with "
+                        "np.savez") from None
     if fortran and len(shape) > 1:
         raise MepfError(f"array '{key}' is stored in Fortran order; save it with np.ascontiguousarray")
     if dtype.hasobject:
         raise MepfError(f"array '{key}' holds Python objects; store plain numbers")
-    return f, tuple(shape), dtype
+    size = header + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if info.file_size != size or (info.compress_type == zipfile.ZIP_STORED and info.compress_size != size):
+        raise MepfError(f"--data {name}: array '{key}' is stored with another length than its header declares (a "
+                        "damaged or crafted file); save the arrays again with np.savez")
+    return f, shape, dtype
 
 
 def _stored_inside(h5, key: str, path: Path) -> None:
@@ -188,27 +205,29 @@ class ArraySource(Source):
         if not path.is_file():
             raise MepfError(f"--data {path}: no such file")
         self.path, self.kind = path, path.suffix.lower()
+        self._identity = stat_identity(path)  # before anything is read: every later open must find this file
         if self.kind == ".npz":
             import zipfile
 
             try:
-                with zipfile.ZipFile(path) as zf:
+                with open_unchanged(path, self._identity) as fz, zipfile.ZipFile(fz) as zf:
                     keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
                     self._ikey = self._pick(keys, ("images", "x"), "images")
                     self._lkey = self._pick(keys, ("labels", "y"), None)
-                    f, self._shape, self._dtype = _npz_member(zf, self._ikey)
+                    f, self._shape, self._dtype = _npz_member(zf, self._ikey, path.name)
                     f.close()
                     if self._lkey:
-                        f, lshape, self._ldtype = _npz_member(zf, self._lkey)
+                        f, lshape, self._ldtype = _npz_member(zf, self._lkey, path.name)
                         f.close()
                         self._check_labels_meta(lshape, self._ldtype)
-            except zipfile.BadZipFile:
+            except (*_NPZ_ERRORS, zipfile.BadZipFile):
                 raise MepfError(f"--data {path} is not a valid .npz file") from None
         elif self.kind in (".h5", ".hdf5"):
             import h5py
 
             try:
                 with h5py.File(path, "r") as h5:
+                    check_unchanged(h5.id.get_vfd_handle(), self._identity, path)
                     keys = list(h5.keys())
                     self._ikey = self._pick(keys, ("images", "x"), "images")
                     self._lkey = self._pick(keys, ("labels", "y"), None)
@@ -254,6 +273,9 @@ class ArraySource(Source):
     def listing_digest(self) -> str:
         return files_digest([self.path])
 
+    def file_identity(self) -> tuple:
+        return (self._identity,)
+
     @property
     def geometry(self) -> tuple:
         s = self._shape
@@ -271,9 +293,10 @@ class ArraySource(Source):
             # one ZipFile (one file handle) per member: from Python 3.12 a seek in a stored member moves the file
             # position that other open members of the same ZipFile read from, so skipped blocks shifted what the
             # labels (or images) read next: other records' bytes, silently, or an EOFError
-            with zipfile.ZipFile(self.path) as zf, zipfile.ZipFile(self.path) as zl:
-                fi, _, dt = _npz_member(zf, self._ikey)
-                fl = _npz_member(zl, self._lkey) if self._lkey else None
+            with open_unchanged(self.path, self._identity) as f1, open_unchanged(self.path, self._identity) as f2, \
+                    zipfile.ZipFile(f1) as zf, zipfile.ZipFile(f2) as zl:
+                fi, _, dt = _npz_member(zf, self._ikey, self.path.name)
+                fl = _npz_member(zl, self._lkey, self.path.name) if self._lkey else None
                 per = int(np.prod(rec)) * dt.itemsize
                 for b, start in starts:
                     m = min(block_size, n - start)
@@ -288,15 +311,19 @@ class ArraySource(Source):
                 fi.close()
                 if fl:
                     fl[0].close()
+                check_unchanged(f1.fileno(), self._identity, self.path)  # not rewritten in place while read
         else:
             import h5py
 
             with h5py.File(self.path, "r") as h5:
+                fd = h5.id.get_vfd_handle()
+                check_unchanged(fd, self._identity, self.path)
                 ds, ls = h5[self._ikey], (h5[self._lkey] if self._lkey else None)
                 for b, start in starts:
                     if kept(keep, b):
                         part = slice(start, start + block_size)
                         yield b, ds[part], (ls[part] if ls is not None else None)
+                check_unchanged(fd, self._identity, self.path)
 
     def blocks(self, block_size: int, keep=None):
         k = len(self.classes) if self.classes else None

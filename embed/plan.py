@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.versions import versions
@@ -89,5 +90,36 @@ def agree_on_plan(plan: dict) -> None:
         return
     rows = distributed.all_gather_bytes(b"".join(digests(plan)), 32 * len(FIELDS))
     error = disagreement([[row[i:i + 32] for i in range(0, len(row), 32)] for row in rows])
+    if error:
+        raise MepfError(error)
+
+
+def files_disagreement(rows: list) -> str | None:
+    """Given every rank's (node, digest of its source's file identities), the one error all ranks raise when two
+    ranks of one node found different files, or None."""
+    nodes: dict = {}
+    for r, row in enumerate(rows):
+        nodes.setdefault(row[:8], []).append((r, row[8:]))
+    ranks = sorted(r for group in nodes.values() for r, d in group if d != group[0][1])
+    if not ranks:
+        return None
+    which = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    return (f"rank{'s' if len(ranks) > 1 else ''} {which} found other data files than the first rank of their node "
+            "(replaced or rewritten while the ranks started); nothing was read or released: run again on data that is "
+            "not being modified")
+
+
+def agree_on_files(source) -> None:
+    """The ranks of one node each open the data's files by path, and only the node's first rank digests their
+    bytes (plan_of): a file replaced between two ranks' starts would have them read different records at the same
+    positions, one record twice. Before any record is read, the ranks of each node compare the identities (device,
+    inode, size, mtime, ctime) of the files they found; reads then check that every open finds the same file."""
+    r = distributed.current()
+    if not r.active:
+        return
+    ident = hashlib.sha256(repr(source.file_identity()).encode()).digest()
+    node = r.rank - r.local_rank  # the node's first rank: torchrun numbers a node's ranks consecutively
+    rows = distributed.all_gather_bytes(struct.pack("<q", node) + ident, 40)
+    error = files_disagreement(rows)
     if error:
         raise MepfError(error)

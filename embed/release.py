@@ -32,7 +32,7 @@ from mepf.progress import progress as progress_bar
 from . import release_log
 from .fingerprint import Fingerprint, tag_key
 from .loader import Failed, loader, shard_size
-from .plan import agree_on_plan, plan_of
+from .plan import agree_on_files, agree_on_plan, plan_of
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 #: the progress display shows how far the pass is and for how long, never a count or a rate of records
@@ -331,6 +331,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                                                relation=relation, epsilon=epsilon, delta=delta,
                                                budget_split=budget_split, force=force))
     agree_on_plan(plan)
+    agree_on_files(source)
     listed = len(source)
     distributed.on_main(lambda: check_delta(delta, listed, force))
     key, narrowed, created = distributed.on_main(lambda: release_log.prepare(log_path, entries)) or (None, None, False)

@@ -43,6 +43,12 @@ class Source:
         the files the source reads. Ranks compare it before any record is read (embed/plan.py)."""
         raise NotImplementedError
 
+    def file_identity(self) -> tuple | None:
+        """The identities (`file_identity`) of the files whose byte positions are the records (an array file, IDX
+        or CIFAR batch files), taken when the source was made; None where each record is a file of its own. The
+        ranks of one node compare them before any record is read (embed/plan.py)."""
+        return None
+
     def batches(self, batch_size: int) -> Iterator:
         for _, records, labels in self.blocks(batch_size):
             yield records, labels
@@ -60,6 +66,43 @@ def files_digest(paths) -> str:
         except OSError as e:
             raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
     return h.hexdigest()
+
+
+def file_identity(st: os.stat_result) -> tuple:
+    """What changes when a file is replaced or rewritten: device, inode, size, mtime and ctime (which no one can
+    set back without the clock)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stat_identity(path) -> tuple:
+    try:
+        return file_identity(os.stat(path))
+    except OSError as e:
+        raise MepfError(f"cannot read {path} ({type(e).__name__}); check that it exists and is readable") from None
+
+
+def check_unchanged(fd: int, identity: tuple, path) -> None:
+    """A single-file source's records are its byte positions, read by several workers and ranks each through its
+    own handle: a file replaced by a reordered copy, or rewritten, between their opens would make them read one
+    record twice and another not at all, at the same record count. Every open and the end of every pass check
+    that the file is the one the plan was made of."""
+    if file_identity(os.fstat(fd)) != identity:
+        raise MepfError(f"--data {Path(path).name} changed while it was read (replaced or rewritten); nothing was "
+                        "released; run again on data that is not being modified")
+
+
+def open_unchanged(path, identity: tuple):
+    """The file opened for reading, checked to be the one `identity` was taken of."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
+    try:
+        check_unchanged(f.fileno(), identity, path)
+    except MepfError:
+        f.close()
+        raise
+    return f
 
 
 def kept(keep, b: int) -> bool:

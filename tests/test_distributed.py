@@ -377,3 +377,19 @@ def test_two_nodes_training_with_other_options_are_refused(tmp_path, release):
         errors = [line for line in err.splitlines() if line.startswith("Error: ")]
         assert rc != 0 and len(errors) == 1 and "the training options" in errors[0] and seconds < 120, err
     assert not (nodes[0] / "run" / "generator.pt").exists()
+
+
+def test_ranks_of_one_node_must_find_the_same_data_files():
+    """The ranks of a node compare the identities of the files they opened (only the node's first rank digests
+    their bytes): another file on one rank of a node is refused on every rank; other nodes' files may differ."""
+    import struct
+
+    from mepf.embed.plan import files_disagreement
+
+    def row(node, ident):
+        return struct.pack("<q", node) + ident * 32
+
+    assert files_disagreement([row(0, b"a"), row(0, b"a"), row(2, b"b"), row(2, b"b")]) is None
+    error = files_disagreement([row(0, b"a"), row(0, b"a"), row(2, b"b"), row(2, b"c")])
+    assert error.startswith("rank 3 found other data files") and "nothing was read or released" in error
+    assert files_disagreement([row(0, b"a"), row(0, b"x"), row(0, b"y")]).startswith("ranks 1, 2 found")

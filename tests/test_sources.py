@@ -63,7 +63,128 @@ def test_npz_shards_under_a_newer_python(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "tree"), "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run([py, str(root / "tests" / "npz_shards.py"), str(tmp_path)], capture_output=True, text=True,
                        env=env, timeout=300)
-    assert r.returncode == 0 and r.stdout.startswith("ok (Python 3.1"), r.stdout + r.stderr
+    version = r.stdout.removeprefix("ok (Python ").split(")")[0].split(".")
+    assert r.returncode == 0 and r.stdout.startswith("ok ("), r.stdout + r.stderr
+    assert tuple(map(int, version[:2])) >= (3, 12), f"MEPF_NEWER_PYTHON is Python {'.'.join(version)}, not >= 3.12"
+
+
+def test_an_npz_members_are_read_through_separate_file_objects(tmp_path, monkeypatch):
+    """What keeps the shards' reads apart on any Python: the images and the labels are read through a ZipFile
+    each, on a file object each (with one ZipFile, Python >= 3.12 moves one member's position with the other's
+    seek)."""
+    import mepf.embed.files as files
+
+    path, _, _ = npz_shards.write(tmp_path, compressed=False, labels_first=True)
+    seen = {}
+    real = files._npz_member
+
+    def spy(zf, key, name):
+        seen[key] = zf.fp
+        return real(zf, key, name)
+
+    monkeypatch.setattr(files, "_npz_member", spy)
+    src = ArraySource(path, list("abcdefg"))
+    seen.clear()
+    list(src.blocks(10, keep=lambda b: b % 2 == 0))
+    assert set(seen) == {"images", "labels"} and seen["images"] is not seen["labels"]
+
+
+def _array_files(tmp_path):
+    """The same records as .npz, .h5 and gzipped IDX files, each with its source."""
+    import gzip
+
+    x = np.arange(40, dtype=np.uint8).repeat(28 * 28).reshape(40, 28, 28)
+    y = np.arange(40) % 3
+    np.savez(tmp_path / "d.npz", images=x, labels=y)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["images"], f["labels"] = x, y
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    with gzip.open(idx / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + np.array([40, 28, 28], ">u4").tobytes() + x.tobytes())
+    with gzip.open(idx / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + np.array([40], ">u4").tobytes() + y.astype(np.uint8).tobytes())
+    from mepf.embed.datasets import IdxSource
+
+    return [(tmp_path / "d.npz", lambda: ArraySource(tmp_path / "d.npz", ["a", "b", "c"])),
+            (tmp_path / "d.h5", lambda: ArraySource(tmp_path / "d.h5", ["a", "b", "c"])),
+            (idx / "train-images-idx3-ubyte.gz", lambda: IdxSource(idx / "train-images-idx3-ubyte.gz",
+                                                                    idx / "train-labels-idx1-ubyte.gz",
+                                                                    ["a", "b", "c"], "idx"))]
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["npz", "h5", "idx-gz"])
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_a_data_file_changed_between_the_plan_and_a_read_is_refused(tmp_path, kind, how):
+    """Workers and ranks open a single-file source each on their own: a file replaced by a reordered copy (or
+    rewritten in place, its mtime set back) after the source was made would have some shards read a record that
+    another shard reads too. Every open, and the end of every pass, refuses a file that is not the one planned."""
+    path, make = _array_files(tmp_path)[kind]
+    src = make()
+    data = path.read_bytes()
+    st = path.stat()
+    if how == "replaced":
+        other = path.with_name("copy" + path.suffix)
+        other.write_bytes(data)
+        os.replace(other, path)
+    else:
+        with open(path, "r+b") as f:
+            f.write(data[:1])
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(MepfError, match="changed while it was read"):
+        list(src.blocks(10, keep=lambda b: b % 2 == 0))
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["npz", "h5", "idx-gz"])
+def test_a_data_file_rewritten_during_a_pass_is_refused_at_its_end(tmp_path, kind):
+    path, make = _array_files(tmp_path)[kind]
+    blocks = make().blocks(10)
+    next(blocks)
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.write(path.read_bytes()[:1])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(MepfError, match="changed while it was read"):
+        list(blocks)
+
+
+def _stored_npz(tmp_path, images_npy: bytes, edit=None):
+    import zipfile
+
+    p = tmp_path / f"crafted{len(list(tmp_path.glob('crafted*')))}.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("images.npy", images_npy)
+    if edit:
+        data = bytearray(p.read_bytes())
+        edit(data)
+        p.write_bytes(bytes(data))
+    return p
+
+
+def test_crafted_npz_headers_and_member_sizes_are_one_line_errors(tmp_path):
+    """A header Python's .npy reader rejects, and a member stored longer or shorter than its header declares (read
+    past its end, into the bytes after it, by a sharded read on Python >= 3.12), are refused before any record is
+    read, without the counts from the header in the message."""
+    import io
+    import struct
+
+    bad_shape = (b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (1234567, 28, 28, 1, 'x'), }"
+                 .ljust(128, b" ") + b"\n")
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((40, 8, 8), np.uint8))
+    raw = buf.getvalue()
+
+    def short_central_size(data):
+        cd = data.find(b"PK\x01\x02")
+        struct.pack_into("<I", data, cd + 20, len(raw) - 3 * 64)
+
+    for p, msg in [(_stored_npz(tmp_path, bad_shape), "unreadable .npy header"),
+                   (_stored_npz(tmp_path, raw + b"\xee" * 64), "another length than its header"),
+                   (_stored_npz(tmp_path, raw[:-64]), "another length than its header"),
+                   (_stored_npz(tmp_path, raw, short_central_size), "another length than its header|unreadable")]:
+        with pytest.raises(MepfError, match=msg) as e:
+            ArraySource(p, None)
+        assert "1234567" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_folder_labelled_and_flat(tmp_path, image_folder):
