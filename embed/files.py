@@ -167,6 +167,8 @@ def _npz_member(zf, key, name: str):
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         shape, header = tuple(int(d) for d in shape), f.tell()
+        if any(d < 0 for d in shape):
+            raise ValueError("a negative dimension")
     except (*_NPZ_ERRORS, zipfile.BadZipFile):
         raise MepfError(f"--data {name}: array '{key}' has an unreadable .npy header; save the arrays again with "
                         "np.savez") from None
@@ -271,7 +273,7 @@ class ArraySource(Source):
             raise MepfError(f"labels have dtype {dtype}; expected integers 0..K-1")
 
     def listing_digest(self) -> str:
-        return files_digest([self.path])
+        return files_digest([self.path], [self._identity])
 
     def file_identity(self) -> tuple:
         return (self._identity,)

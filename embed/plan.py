@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 
 from mepf.artifacts.errors import MepfError
@@ -118,7 +119,8 @@ def agree_on_files(source) -> None:
     if not r.active:
         return
     ident = hashlib.sha256(repr(source.file_identity()).encode()).digest()
-    node = r.rank - r.local_rank  # the node's first rank: torchrun numbers a node's ranks consecutively
+    # torchrun's agent (node) number; else the node's first rank (torchrun numbers a node's ranks consecutively)
+    node = int(os.environ.get("GROUP_RANK", r.rank - r.local_rank))
     rows = distributed.all_gather_bytes(struct.pack("<q", node) + ident, 40)
     error = files_disagreement(rows)
     if error:

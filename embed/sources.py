@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import printable
 
 
 class Source:
@@ -54,15 +55,19 @@ class Source:
             yield records, labels
 
 
-def files_digest(paths) -> str:
-    """SHA-256 over the bytes of `paths`, in order (a read of the files, no decoding)."""
+def files_digest(paths, identities=None) -> str:
+    """SHA-256 over the bytes of `paths`, in order (a read of the files, no decoding). With `identities` (a
+    single-file source's, taken when it was made), each file must be that one before and after it is hashed: the
+    digest then describes the bytes every later read of the source finds."""
     h = hashlib.sha256(b"mepf-files-v1")
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
-            with open(path, "rb") as f:
+            with (open_unchanged(path, identities[i]) if identities else open(path, "rb")) as f:
                 h.update(f"|{os.fstat(f.fileno()).st_size}|".encode())
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
+                if identities:
+                    check_unchanged(f.fileno(), identities[i], path)
         except OSError as e:
             raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
     return h.hexdigest()
@@ -75,8 +80,11 @@ def file_identity(st: os.stat_result) -> tuple:
 
 
 def stat_identity(path) -> tuple:
+    """The identity of the file at `path`, from an open handle (as every later check takes it: on some overlay
+    filesystems stat of a path and fstat of its handle name different inodes)."""
     try:
-        return file_identity(os.stat(path))
+        with open(path, "rb") as f:
+            return file_identity(os.fstat(f.fileno()))
     except OSError as e:
         raise MepfError(f"cannot read {path} ({type(e).__name__}); check that it exists and is readable") from None
 
@@ -87,8 +95,8 @@ def check_unchanged(fd: int, identity: tuple, path) -> None:
     record twice and another not at all, at the same record count. Every open and the end of every pass check
     that the file is the one the plan was made of."""
     if file_identity(os.fstat(fd)) != identity:
-        raise MepfError(f"--data {Path(path).name} changed while it was read (replaced or rewritten); nothing was "
-                        "released; run again on data that is not being modified")
+        raise MepfError(f"--data {printable(Path(path).name)} changed while it was read (replaced or rewritten); "
+                        "nothing was released; run again on data that is not being modified")
 
 
 def open_unchanged(path, identity: tuple):

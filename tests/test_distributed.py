@@ -393,3 +393,43 @@ def test_ranks_of_one_node_must_find_the_same_data_files():
     error = files_disagreement([row(0, b"a"), row(0, b"a"), row(2, b"b"), row(2, b"c")])
     assert error.startswith("rank 3 found other data files") and "nothing was read or released" in error
     assert files_disagreement([row(0, b"a"), row(0, b"x"), row(0, b"y")]).startswith("ranks 1, 2 found")
+
+
+_AGREE = """
+import sys
+from pathlib import Path
+import torch.distributed as dist
+from mepf.artifacts.errors import MepfError
+from mepf.embed.files import ArraySource
+from mepf.embed.plan import agree_on_files
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+try:
+    agree_on_files(ArraySource(sys.argv[2 + rank], None))
+    said = "agreed"
+except MepfError as e:
+    said = f"refused: {e}"
+Path(sys.argv[1], f"rank{rank}.txt").write_text(said)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_two_ranks_of_a_node_compare_the_files_they_opened(tmp_path, same):
+    """Under torchrun, two ranks of one node given the same path, where the file was replaced between their starts
+    (here: each rank opens a file of its own with the same bytes), are refused on both ranks; the same file
+    agrees."""
+    np.savez(tmp_path / "a.npz", images=make_images(8, seed=1))
+    shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE)
+    files = [tmp_path / "a.npz", tmp_path / ("a.npz" if same else "b.npz")]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), str(tmp_path), *map(str, files)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [(tmp_path / f"rank{i}.txt").read_text() for i in range(2)]
+    if same:
+        assert lines == ["agreed", "agreed"]
+    else:
+        assert all(line.startswith("refused: rank 1 found other data files") for line in lines), lines

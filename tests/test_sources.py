@@ -148,6 +148,33 @@ def test_a_data_file_rewritten_during_a_pass_is_refused_at_its_end(tmp_path, kin
         list(blocks)
 
 
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["npz", "h5", "idx-gz"])
+def test_the_plan_digest_is_of_the_file_the_source_reads(tmp_path, kind):
+    """The node's digest (listing_digest) is taken through the source's identity: a file swapped (or a link
+    flipped) between the source's start and its digest cannot have the digest describe another file than the
+    one every read of the source finds."""
+    path, make = _array_files(tmp_path)[kind]
+    src = make()
+    before = src.listing_digest()
+    assert make().listing_digest() == before == src.listing_digest()
+    other = path.with_name("other" + path.suffix)
+    other.write_bytes(path.read_bytes())
+    os.replace(other, path)
+    with pytest.raises(MepfError, match="changed while it was read"):
+        src.listing_digest()
+
+
+def test_mnist5k_checks_its_file_too():
+    """mnist-5k is one file whose records are positions in it: its identity is compared like an array file's."""
+    from mepf.embed.datasets import Mnist5kSource
+
+    src = Mnist5kSource("test")
+    assert src.file_identity() is not None and len(list(src.blocks(100))) == 10
+    src._id = src._id[:-1] + (src._id[-1] + 1,)  # as if it had been rewritten after the source was made
+    with pytest.raises(MepfError, match="changed while it was read"):
+        next(src.blocks(100))
+
+
 def _stored_npz(tmp_path, images_npy: bytes, edit=None):
     import zipfile
 
@@ -178,7 +205,10 @@ def test_crafted_npz_headers_and_member_sizes_are_one_line_errors(tmp_path):
         cd = data.find(b"PK\x01\x02")
         struct.pack_into("<I", data, cd + 20, len(raw) - 3 * 64)
 
+    negative = (b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (-2, 28, -28), }"
+                .ljust(128, b" ") + b"\n" + bytes(2 * 28 * 28))
     for p, msg in [(_stored_npz(tmp_path, bad_shape), "unreadable .npy header"),
+                   (_stored_npz(tmp_path, negative), "unreadable .npy header"),
                    (_stored_npz(tmp_path, raw + b"\xee" * 64), "another length than its header"),
                    (_stored_npz(tmp_path, raw[:-64]), "another length than its header"),
                    (_stored_npz(tmp_path, raw, short_central_size), "another length than its header|unreadable")]:
