@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import signal
 import threading
 import time
@@ -54,7 +55,7 @@ def prepare(opts: TrainOptions, device=None):
         raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
                         f"{', '.join(release.moments)}")
     for m, w in opts.moment_weights.items():  # the CLI checks these too; TrainOptions given in Python is not
-        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+        if not (isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0):
             raise MepfError(f"--moment-weights {m}={w}: a weight must be a finite number >= 0")
     if opts.moment_weights and not any(opts.moment_weights.get(m, 1.0) > 0 for m in release.moments):
         raise MepfError("--moment-weights gives every moment weight 0: nothing would be matched; keep one above 0")
