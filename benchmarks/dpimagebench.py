@@ -7,6 +7,7 @@ docs/results' form, protocol "dpimagebench") and prints each classifier's time.
 
     .venv/bin/python benchmarks/dpimagebench.py --device cuda            # one GPU call; repeat until complete
     .venv/bin/python benchmarks/dpimagebench.py --epochs 1 -n 300 --real-limit 300 --no-fid   # CPU check
+    .venv/bin/python benchmarks/dpimagebench.py --device cuda --jobs 3    # the three classifiers at once on one GPU
 
 Generators: those named by docs/results/*.json rows (committed under docs/results/generators/), or given.
 """
@@ -82,6 +83,10 @@ def main() -> int:
     ap.add_argument("--min-seconds", type=float, default=30,
                     help="a classifier starts only with this much of the budget left")
     ap.add_argument("--out", default="bench/dpimagebench")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="classifiers trained at once, each in a process of its own (on a GPU, ResNet-110's launches "
+                    "leave the device mostly idle)")
+    ap.add_argument("--no-rows", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: the parent writes them
     a = ap.parse_args()
     t_start = time.time()
     deadline = t_start + a.budget
@@ -92,19 +97,22 @@ def main() -> int:
         print("no generators: name some, or commit results rows that name theirs", file=sys.stderr)
         return 2
     kinds = [k.strip() for k in a.classifiers.split(",") if k.strip()]
+    if a.jobs > 1:
+        _in_parallel([(gen, kind) for gen, _ in gens for kind in kinds
+                      if not _finished(_folder(gen, file_sha256(gen), a, out) / kind, kind, file_sha256(gen), a)],
+                     a, deadline)
     rows, left = [], False
     for gen, row in gens:
         sha = file_sha256(gen)
-        full = (a.epochs, a.n, a.real_limit) == (50, 60000, None)
-        # named by the generator's folder and SHA-256: a generator replaced in place starts afresh
-        folder = out / (f"{gen.parent.name}-{sha[:12]}" + ("" if full else
-                                                           f"-reduced-e{a.epochs}-n{a.n}-r{a.real_limit}"))
+        folder = _folder(gen, sha, a, out)
         try:
             left |= _evaluate(gen, sha, folder, kinds, a, deadline, device, out)
         except MepfError as e:  # one generator's problem: said, and the others go on
             print(f"{gen}: {e}", file=sys.stderr)
             left = True
         rows.append(_row(gen, row, folder, kinds, sha, a))
+    if a.no_rows:
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
     for r in rows:
@@ -113,6 +121,34 @@ def main() -> int:
     print(f"call took {time.time() - t_start:.0f} s; " + ("work is left: run the same command again" if left
                                                           else "complete"))
     return 0
+
+
+def _folder(gen: Path, sha: str, a, out: Path) -> Path:
+    """A generator's folder, named by its folder and SHA-256 (a generator replaced in place starts afresh); a
+    reduced run works in one of its own."""
+    full = (a.epochs, a.n, a.real_limit) == (50, 60000, None)
+    return out / (f"{gen.parent.name}-{sha[:12]}" + ("" if full else f"-reduced-e{a.epochs}-n{a.n}-r{a.real_limit}"))
+
+
+def _in_parallel(todo: list, a, deadline: float) -> None:
+    """Each (generator, classifier) of `todo` in a process of its own (this script, one classifier, no FID, no
+    rows), at most --jobs at once, within this call's deadline; each saves its state as a sequential run does."""
+    import subprocess
+
+    common = ["--epochs", str(a.epochs), "-n", str(a.n), "--device", a.device, "--out", a.out, "--no-fid",
+              "--no-rows", "--min-seconds", str(a.min_seconds)]
+    common += ["--real-limit", str(a.real_limit)] if a.real_limit else []
+    common += ["--data-root", a.data_root] if a.data_root else []
+    queue, running = list(todo), []
+    while queue or running:
+        while queue and len(running) < a.jobs and deadline - time.time() >= a.min_seconds:
+            gen, kind = queue.pop(0)
+            running.append(subprocess.Popen([sys.executable, __file__, str(gen), "--classifiers", kind, "--budget",
+                                             f"{deadline - time.time():.0f}", *common]))
+        if not running:
+            break
+        running = [p for p in running if p.poll() is None]
+        time.sleep(0.5)
 
 
 def _epoch_estimate(folder: Path, kind: str, kinds: list) -> float:

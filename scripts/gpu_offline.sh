@@ -7,7 +7,8 @@
 #                                      # runs PARTS in turn (default "check dpimagebench"): check = gpu_check.sh
 #                                      # (CHECK_S s; SKIP_TESTS=1 skips its tests), suite = all the tests
 #                                      # (SUITE_S s), speed = benchmarks/bench_classifier_speed.py, dpimagebench =
-#                                      # the protocol (BUDGET s, CLASSIFIERS, GENERATORS); logs, results in $OUT
+#                                      # the protocol (BUDGET s, CLASSIFIERS, GENERATORS, JOBS classifiers at once);
+#                                      # logs and results in $OUT
 # .devdata's training images keep only DPImageBench's 5,000-image validation hold-out (the other 55,000 are zeros,
 # so that the data travels in 7 MB instead of 30): enough for the accuracy protocol, which reads the hold-out and
 # the test set; the protocol's FID (against the 55,000) is therefore refused there (--no-fid).
@@ -69,7 +70,8 @@ holdout_indices(); print('torch', torch.__version__, 'cuda', torch.version.cuda,
         GENS+=("docs/results/generators/$g/generator.pt")
       done
       python3 benchmarks/dpimagebench.py "${GENS[@]}" --budget "${BUDGET:-300}" --device cuda --no-fid \
-        --classifiers "${CLASSIFIERS:-resnet,wrn,resnext}" --data-root .devdata --out bench/dpimagebench 2>&1 \
+        --classifiers "${CLASSIFIERS:-resnet,wrn,resnext}" --jobs "${JOBS:-1}" --data-root .devdata \
+        --out bench/dpimagebench 2>&1 \
         | tee "$OUT/dpimagebench.log"
       tar czf "$OUT/dpimagebench.tgz" --exclude='*.pt' --exclude='*.png' bench/dpimagebench ;;
     esac

@@ -2,11 +2,14 @@
 EMA, the selection rule, resume across calls, and the figure their tables show."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.embed.datasets import DEBIAN_FASHION_DIRS
 from mepf.evaluate import bench_protocol as bp
 from mepf.evaluate.benchnets import BENCH_CLASSIFIERS, PARAMS_M, bench_classifier
 
@@ -170,3 +173,28 @@ def test_a_state_file_that_is_not_ours_is_a_one_line_error(tmp_path):
         with pytest.raises(MepfError, match=f"{name} (is not a training state|does not fit).*--overwrite"):
             bp.train_classifier("resnet", train, val, test, 4, sched, seed=0, state_path=tmp_path / name)
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.skipif(not any(Path(d).is_dir() for d in DEBIAN_FASHION_DIRS),
+                    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+def test_the_protocol_script_gives_the_same_rows_with_classifiers_in_parallel(tmp_path):
+    """benchmarks/dpimagebench.py --jobs 2 trains each classifier in a process of its own (a reduced run on the
+    CPU): the same per-classifier figures as one after the other, every classifier finished, one results.json."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    gen = root / "docs/results/generators/r3-55k-lite0-conv64-32k-cooldown-eps10-seed0/generator.pt"
+    rows = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        r = subprocess.run([sys.executable, str(root / "benchmarks/dpimagebench.py"), str(gen), "--device", "cpu",
+                            "--epochs", "1", "-n", "120", "--real-limit", "120", "--no-fid", "--classifiers",
+                            "resnet,wrn", "--jobs", str(jobs), "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and "complete" in r.stdout, r.stdout + r.stderr
+        (row,) = json.loads((out / "results.json").read_text())["results"]
+        rows[jobs] = row
+    assert rows[2]["complete"] and set(rows[2]["per_classifier"]) == {"resnet", "wrn"}
+    assert rows[1]["per_classifier"] == rows[2]["per_classifier"]
