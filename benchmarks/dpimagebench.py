@@ -97,13 +97,13 @@ def main() -> int:
         print("no generators: name some, or commit results rows that name theirs", file=sys.stderr)
         return 2
     kinds = [k.strip() for k in a.classifiers.split(",") if k.strip()]
+    shas = {gen: file_sha256(gen) for gen, _ in gens}
     if a.jobs > 1:
         _in_parallel([(gen, kind) for gen, _ in gens for kind in kinds
-                      if not _finished(_folder(gen, file_sha256(gen), a, out) / kind, kind, file_sha256(gen), a)],
-                     a, deadline)
+                      if not _finished(_folder(gen, shas[gen], a, out) / kind, kind, shas[gen], a)], a, deadline)
     rows, left = [], False
     for gen, row in gens:
-        sha = file_sha256(gen)
+        sha = shas[gen]
         folder = _folder(gen, sha, a, out)
         try:
             left |= _evaluate(gen, sha, folder, kinds, a, deadline, device, out)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # gpu_check.sh and gpu_dpimagebench.sh on a GPU machine that cannot reach the package registries (the device
 # machines lent here: their python3 already holds torch, h5py, click, scipy, scikit-learn, pandas).
-#   scripts/gpu_offline.sh prepare     # here, with the registries: .whl/ (mepf, for its metadata, and the five packages the image lacks)
-#                                      # and .devdata/ (Fashion-MNIST for the protocol); both git-ignored
+#   scripts/gpu_offline.sh prepare     # here, with the registries: .whl/ (mepf, for its metadata, and the
+#                                      # five packages the image lacks) and .devdata/ (Fashion-MNIST for the
+#                                      # protocol); both git-ignored
 #   scripts/gpu_offline.sh run         # there, with .whl and .devdata carried: installs them into /tmp/site and
 #                                      # runs PARTS in turn (default "check dpimagebench"): check = gpu_check.sh
 #                                      # (CHECK_S s; SKIP_TESTS=1 skips its tests), suite = all the tests
@@ -60,7 +61,8 @@ holdout_indices(); print('torch', torch.__version__, 'cuda', torch.version.cuda,
         | tee "$OUT/gpu_check.log"
       echo "gpu_check exit: ${PIPESTATUS[0]}" ;;
     suite)  # the whole test suite under that machine's Python and torch (other versions than CI's), 14 processes
-      timeout "${SUITE_S:-200}" python3 -m pytest -v --tb=short -rfE -n 14 -p no:cacheprovider tests 2>&1 | tee "$OUT/suite.log" ;;
+      timeout "${SUITE_S:-200}" python3 -m pytest -v --tb=short -rfE -n 14 -p no:cacheprovider tests 2>&1 \
+        | tee "$OUT/suite.log" ;;
     speed)
       timeout "${SPEED_S:-150}" python3 benchmarks/bench_classifier_speed.py --device cuda 2>&1 \
         | tee "$OUT/classifier_speed.log" ;;

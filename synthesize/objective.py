@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,12 @@ def fake_embeddings(fmap, images, y, target: Target, fast: bool = True, sums_by:
         return {m: class_means(p, y, target.num_classes, sums_by) for m, p in phis.items()}
 
 
+def check_weight(flag: str, key: str, w) -> None:
+    """A weight of the distance (--moment-weights, --layer-weights) is a finite real number >= 0."""
+    if not (isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0):
+        raise MepfError(f"{flag} {key}={w}: a weight must be a finite number >= 0")
+
+
 def layer_weight_vector(weights: dict, dims: dict, device="cpu") -> torch.Tensor | None:
     """The weight of each coordinate of f(x) (D,) from {layer: w} or {FIRST..LAST: w} (layers in forward order,
     both ends included; unnamed layers 1), given {layer: its coordinates} in order; None when every weight is 1.
@@ -78,8 +85,7 @@ def layer_weight_vector(weights: dict, dims: dict, device="cpu") -> torch.Tensor
         i, j = names.index(first), names.index(last if sep else first)
         if j < i:
             raise MepfError(f"--layer-weights range {key}: {last} comes before {first}; give FIRST..LAST in order")
-        if not (math.isfinite(w) and w >= 0):
-            raise MepfError(f"--layer-weights {key}={w}: a weight must be a finite number >= 0")
+        check_weight("--layer-weights", key, w)
         per_layer.update(dict.fromkeys(names[i:j + 1], float(w)))
     if not any(per_layer.values()):
         raise MepfError("--layer-weights gives every layer weight 0: nothing would be matched; keep one above 0")

@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import json
 import math
-import numbers
 import signal
 import threading
 import time
@@ -31,7 +30,7 @@ from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
 from .locate import locate_release
-from .objective import Target, fake_embeddings, layer_weight_vector, squared_distance
+from .objective import Target, check_weight, fake_embeddings, layer_weight_vector, squared_distance
 from .options import COOLDOWN_FRACTION, GENERATOR_WIDTHS, LABELS, LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
 from .precision import Precision, legacy, resolve
 
@@ -55,8 +54,7 @@ def prepare(opts: TrainOptions, device=None):
         raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
                         f"{', '.join(release.moments)}")
     for m, w in opts.moment_weights.items():  # the CLI checks these too; TrainOptions given in Python is not
-        if not (isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0):
-            raise MepfError(f"--moment-weights {m}={w}: a weight must be a finite number >= 0")
+        check_weight("--moment-weights", m, w)
     if opts.moment_weights and not any(opts.moment_weights.get(m, 1.0) > 0 for m in release.moments):
         raise MepfError("--moment-weights gives every moment weight 0: nothing would be matched; keep one above 0")
     device = resolve_device(opts.device) if device is None else device
