@@ -32,6 +32,7 @@ from mepf.embed.run import EmbedOptions, run_embed
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
 from mepf.evaluate.inception import load_inception
+from mepf.synthesize.objective import check_weight
 from mepf.synthesize.options import LR_SCHEDULES
 from mepf.synthesize.train import TrainOptions, resume, start
 
@@ -150,7 +151,12 @@ def main() -> None:
     rows = json.loads(results.read_text())["results"] if results.exists() else []  # an interrupted run goes on
     lines = []
     seeds = [int(s) for s in a.seeds.split(",")]
-    layer_weights = {k.strip(): float(w) for k, _, w in (p.partition("=") for p in a.layer_weights.split(",") if p)}
+    try:  # the values now, the names against the feature map when training starts (before it trains)
+        layer_weights = {k.strip(): float(w) for k, _, w in (p.partition("=") for p in a.layer_weights.split(",") if p)}
+        for key, w in layer_weights.items():
+            check_weight("--layer-weights", key, w)
+    except (ValueError, MepfError) as e:
+        ap.error(f"--layer-weights {a.layer_weights}: give finite NAME=WEIGHT pairs >= 0, e.g. stem=3 ({e})")
     for seed in seeds:
         for eps in [float(e) for e in a.eps.split(",")]:
             tag = "inf" if math.isinf(eps) else f"{eps:g}"

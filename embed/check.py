@@ -6,7 +6,7 @@ from __future__ import annotations
 from mepf.artifacts.errors import MepfError
 from mepf.progress import progress
 
-from .files import FolderSource, decode_image
+from .files import FolderSource
 from .sources import open_source, parse_classes
 
 
@@ -16,9 +16,9 @@ def check_data(data: str, classes: str | None = None, data_root=None, show_progr
     problems = [f"{p}: not a PNG or JPEG image" for p in getattr(source, "not_images", [])]
     if isinstance(source, FolderSource):
         with progress(total=len(source), desc="check", disable=not show_progress, counts=False) as bar:
-            for path, _ in source.items:
+            for i in range(len(source)):
                 try:
-                    decode_image(path)
+                    source.read_listed(i)
                 except MepfError as e:
                     problems.append(str(e))
                 bar.update(1)

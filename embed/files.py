@@ -14,7 +14,17 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 
-from .sources import Source, check_unchanged, files_digest, kept, open_unchanged, stat_identity
+from .sources import (
+    Source,
+    check_listed,
+    check_unchanged,
+    files_digest,
+    kept,
+    listed_identities,
+    open_listed,
+    open_unchanged,
+    stat_identity,
+)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 #: an error names at most this many files (and says there are others, never how many: a count of records)
@@ -26,9 +36,10 @@ _WIDE_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 PIL_FORMATS = ("PNG", "JPEG")
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """One image file as stored pixels: uint8 (H, W, 1) for grey modes (16-bit grey scaled to 8 bits),
-    else uint8 (H, W, 3). An undecodable file is the one record that stops the pass (nothing is released)."""
+def decode_image(path: Path, file=None) -> np.ndarray:
+    """One image file (`path`, or `file` opened from it) as stored pixels: uint8 (H, W, 1) for grey modes (16-bit
+    grey scaled to 8 bits), else uint8 (H, W, 3). An undecodable file is the one record that stops the pass
+    (nothing is released)."""
     from PIL import Image
 
     try:
@@ -36,7 +47,7 @@ def decode_image(path: Path) -> np.ndarray:
             # Pillow's warnings print numbers from the record (pixel counts, EXIF tag sizes) or tell that it is odd
             warnings.simplefilter("ignore")
             # by content Pillow would open ~40 formats, EPS through an external Ghostscript: PNG and JPEG only
-            with Image.open(path, formats=PIL_FORMATS) as im:
+            with Image.open(path if file is None else file, formats=PIL_FORMATS) as im:
                 if im.format not in (*PIL_FORMATS, "MPO"):
                     raise ValueError("not PNG or JPEG")
                 im.load()
@@ -66,16 +77,11 @@ def _refuse_links(paths) -> None:
                         "names (a link could count an image twice)")
 
 
-def _refuse_second_names(items) -> None:
+def _refuse_second_names(items, identities) -> None:
     """Hard links: two names of one file would count its record twice (the sensitivity is per record)."""
     seen = {}
-    for p, _ in items:
-        try:
-            st = p.stat()
-        except OSError as e:
-            raise MepfError(f"{p}: {e.strerror or e}; was the folder changed while mepf listed it? Run again when "
-                            "it is settled") from None
-        first = seen.setdefault((st.st_dev, st.st_ino), p)
+    for (p, _), ident in zip(items, identities):
+        first = seen.setdefault((int(ident["dev"]), int(ident["ino"])), p)
         if first is not p:
             raise MepfError(f"{p} and {first} are one file (hard links); keep one name: mepf would count its image "
                             "twice")
@@ -116,22 +122,47 @@ class FolderSource(Source):
             raise MepfError(f"not PNG or JPEG images: {shown}; remove them from the data folder")
         skip = set(self.not_images)
         self.items = [(p, y) for p, y in self.items if p not in skip]
-        if not links_ok:
-            _refuse_second_names(self.items)
         if not self.items:
             raise MepfError(f"--data {root} holds no images; put PNG/JPEG files in it (one subfolder per class)")
+        #: each image's identity at listing (None for public images): every read must find that file at that name
+        self._ids = None if links_ok else listed_identities([p for p, _ in self.items])
+        if not links_ok:
+            _refuse_second_names(self.items, self._ids)
         self.description = "image folder" + (" (labelled)" if self.classes else " (unlabelled)")
 
-    def listing_digest(self) -> str:
-        """The listing in order (each image's path below the folder and its label) and the images' bytes."""
-        h = hashlib.sha256(b"mepf-folder-v2")
+    def _listing(self, h) -> None:
         for path, label in self.items:
             h.update(f"|{label}|{path.relative_to(self.root).as_posix()}".encode("utf-8", "surrogateescape"))
-        h.update(files_digest([p for p, _ in self.items]).encode())
+
+    def listing_digest(self) -> str:
+        """The listing in order (each image's path below the folder and its label) and the images' bytes (each
+        image checked to be the file the listing found)."""
+        h = hashlib.sha256(b"mepf-folder-v2")
+        self._listing(h)
+        h.update(files_digest([p for p, _ in self.items], self._ids, listed=self._ids is not None).encode())
         return h.hexdigest()
 
-    def _read_image(self, path: Path) -> np.ndarray:
-        return decode_image(path)
+    def file_identity(self) -> tuple | None:
+        """A digest of the listing and of every image's identity: two ranks of a node that listed the folder
+        before and after a change (a renamed, added or swapped image) differ here."""
+        if self._ids is None:
+            return None
+        h = hashlib.sha256(b"mepf-folder-ids-v1")
+        self._listing(h)
+        h.update(self._ids.tobytes())
+        return (h.hexdigest(),)
+
+    def read_listed(self, i: int) -> np.ndarray:
+        """The i-th listed image, decoded from the file the listing found at its name."""
+        return self._read_image(self.items[i][0], None if self._ids is None else self._ids[i])
+
+    def _read_image(self, path: Path, identity=None) -> np.ndarray:
+        if identity is None:
+            return decode_image(path)
+        with open_listed(path, identity) as f:
+            image = decode_image(path, f)
+            check_listed(f.fileno(), identity, path)  # and not rewritten in place while it was decoded
+            return image
 
     def __len__(self) -> int:
         return len(self.items)
@@ -141,7 +172,7 @@ class FolderSource(Source):
             if not kept(keep, b):
                 continue
             chunk = self.items[start:start + block_size]
-            images = [self._read_image(path) for path, _ in chunk]
+            images = [self.read_listed(i) for i in range(start, start + len(chunk))]
             labels = np.array([l for _, l in chunk], dtype=np.int64) if self.classes else None
             same = all(a.shape == images[0].shape for a in images)
             yield b, (np.stack(images) if same else images), labels

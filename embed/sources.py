@@ -8,8 +8,10 @@ never depends on the records. The user's own files are in files.py, named public
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,9 +47,9 @@ class Source:
         raise NotImplementedError
 
     def file_identity(self) -> tuple | None:
-        """The identities (`file_identity`) of the files whose byte positions are the records (an array file, IDX
-        or CIFAR batch files), taken when the source was made; None where each record is a file of its own. The
-        ranks of one node compare them before any record is read (embed/plan.py)."""
+        """The identities (`file_identity`) of the files the records are read from, taken when the source was made:
+        an array file's, IDX or CIFAR batch files'; for an image folder a digest of its listing and every image's
+        identity. The ranks of one node compare them before any record is read (embed/plan.py)."""
         return None
 
     def batches(self, batch_size: int) -> Iterator:
@@ -55,19 +57,21 @@ class Source:
             yield records, labels
 
 
-def files_digest(paths, identities=None) -> str:
+def files_digest(paths, identities=None, listed: bool = False) -> str:
     """SHA-256 over the bytes of `paths`, in order (a read of the files, no decoding). With `identities` (a
-    single-file source's, taken when it was made), each file must be that one before and after it is hashed: the
-    digest then describes the bytes every later read of the source finds."""
+    single-file source's, taken when it was made; or, `listed`, a folder's images' `listed_identities`), each file
+    must be that one before and after it is hashed: the digest then describes the bytes every later read of the
+    source finds."""
     h = hashlib.sha256(b"mepf-files-v1")
+    opener, check = (open_listed, check_listed) if listed else (open_unchanged, check_unchanged)
     for i, path in enumerate(paths):
         try:
-            with (open_unchanged(path, identities[i]) if identities else open(path, "rb")) as f:
+            with (opener(path, identities[i]) if identities is not None else open(path, "rb")) as f:
                 h.update(f"|{os.fstat(f.fileno()).st_size}|".encode())
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
-                if identities:
-                    check_unchanged(f.fileno(), identities[i], path)
+                if identities is not None:
+                    check(f.fileno(), identities[i], path)
         except OSError as e:
             raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
     return h.hexdigest()
@@ -79,11 +83,18 @@ def file_identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _open_nonblocking(path, follow: bool = True):
+    """`path` opened for reading; a FIFO put in a file's place does not block the open (its identity then refuses
+    it), and with follow=False a link in the last component fails (ELOOP)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
+    return os.fdopen(os.open(path, flags), "rb")
+
+
 def stat_identity(path) -> tuple:
     """The identity of the file at `path`, from an open handle (as every later check takes it: on some overlay
     filesystems stat of a path and fstat of its handle name different inodes)."""
     try:
-        with open(path, "rb") as f:
+        with _open_nonblocking(path) as f:
             return file_identity(os.fstat(f.fileno()))
     except OSError as e:
         raise MepfError(f"cannot read {path} ({type(e).__name__}); check that it exists and is readable") from None
@@ -102,11 +113,72 @@ def check_unchanged(fd: int, identity: tuple, path) -> None:
 def open_unchanged(path, identity: tuple):
     """The file opened for reading, checked to be the one `identity` was taken of."""
     try:
-        f = open(path, "rb")
+        f = _open_nonblocking(path)
     except OSError as e:
         raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
     try:
         check_unchanged(f.fileno(), identity, path)
+    except MepfError:
+        f.close()
+        raise
+    return f
+
+
+#: a folder's image as listed, one numpy record each (a folder may list hundreds of thousands, and every DataLoader
+#: worker holds a copy): device and inode (to find second names), and a hash of the whole `file_identity` (whose
+#: times may lie outside int64's nanoseconds: ext4 stores dates from 1901 to 2446)
+IDENTITY = [("dev", "<u8"), ("ino", "<u8"), ("h0", "<u8"), ("h1", "<u8")]
+
+
+def _identity_record(st: os.stat_result) -> tuple:
+    d = hashlib.blake2b(repr(file_identity(st)).encode(), digest_size=16).digest()
+    return (st.st_dev, st.st_ino, int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"))
+
+
+def listed_identities(paths):
+    """The identity of each listed file, from one lstat each (the listing's own stat, no open): what every later
+    read must find at that name. A name that is no longer a plain file (a link, a FIFO put in its place) is refused."""
+    import numpy as np
+
+    out = np.empty(len(paths), dtype=IDENTITY)
+    for i, p in enumerate(paths):
+        try:
+            st = os.lstat(p)
+        except OSError as e:
+            raise MepfError(f"{p}: {e.strerror or e}; was the folder changed while mepf listed it? Run again when "
+                            "it is settled") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise MepfError(f"{p} is not a plain file (a link or a special file put in its place while mepf listed "
+                            "the folder); replace it with the image itself")
+        out[i] = _identity_record(st)
+    return out
+
+
+def _changed(path, how: str) -> MepfError:
+    path = Path(path)  # its class folder and name: a long path would be cut before the name
+    return MepfError(f"image {printable(f'{path.parent.name}/{path.name}')} changed while it was read ({how}); nothing "
+                     "was released; run again on data that is not being modified")
+
+
+def check_listed(fd: int, identity, path) -> None:
+    """The file open at `fd` is the one the listing found at `path` (`identity`: its `listed_identities` record)."""
+    if _identity_record(os.fstat(fd)) != tuple(identity.item() if hasattr(identity, "item") else identity):
+        raise _changed(path, "replaced, renamed or rewritten")
+
+
+def open_listed(path, identity):
+    """An image of a folder opened for reading, checked to be the file the listing found at that name: a folder
+    whose images were swapped, renamed or replaced by links after the listing would have workers and ranks read
+    one record twice and another never, at the same count. Links are not followed; a FIFO does not block."""
+    try:
+        f = _open_nonblocking(path, follow=False)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _changed(path, "replaced by a link") from None
+        raise MepfError(f"cannot read image {printable(str(path))} ({type(e).__name__}); was the folder changed "
+                        "while mepf read it? Run again when it is settled") from None
+    try:
+        check_listed(f.fileno(), identity, path)
     except MepfError:
         f.close()
         raise

@@ -433,3 +433,47 @@ def test_two_ranks_of_a_node_compare_the_files_they_opened(tmp_path, same):
         assert lines == ["agreed", "agreed"]
     else:
         assert all(line.startswith("refused: rank 1 found other data files") for line in lines), lines
+
+
+_RANK1_ELSEWHERE = """import os
+if os.environ.get("LOCAL_RANK") == "1":
+    os.chdir(os.environ["MEPF_TEST_RANK1_DIR"])
+"""
+
+
+@pytest.mark.parametrize("kind", ["npz", "folder"])
+def test_mepf_embed_refuses_ranks_of_a_node_that_found_other_files(tmp_path, kind):
+    """End to end: `mepf embed` under torchrun, the node's two ranks given the same relative --data, which for
+    rank 1 names another copy of the same bytes (as when the data was replaced between the ranks' starts; only
+    the node's first rank digests bytes). Every rank stops before any record is read, nothing is written."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    if kind == "npz":
+        np.savez(a / "d.npz", images=make_images(16, seed=2), labels=np.arange(16) % 2)
+        data, extra = "d.npz", ["--classes", "2"]
+    else:
+        x = make_images(12, seed=2)
+        for i in range(12):
+            (a / "d" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i, :, :, 0]).save(a / "d" / f"c{i % 2}" / f"{i:02d}.png")
+        data, extra = "d", ["--image-size", "28", "--channels", "1"]
+    shutil.copytree(a, b)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_RANK1_ELSEWHERE)  # rank 1 starts in b/: its --data is b's copy
+    def run(rank1_dir, name):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MEPF_TEST_RANK1_DIR": str(rank1_dir),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mepf",
+               "embed", "--data", data, "--out", str(tmp_path / f"{name}.h5"), "--delta", "1e-5", "--release-log",
+               str(tmp_path / f"{name}.jsonl"), "--quiet", "--epsilon", "inf", "--batch-size", "4", *MAP, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=a, timeout=600)
+
+    same = run(a, "same")  # the hook itself changes nothing when both ranks find the same files
+    assert same.returncode == 0 and (tmp_path / "same.h5").exists(), same.stderr
+    r = run(b, "other")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert r.returncode != 0 and errors, r.stderr
+    assert all("rank 1 found other data files" in e and "nothing was read or released" in e for e in errors), errors
+    assert not (tmp_path / "other.h5").exists() and release_log.read_log(tmp_path / "other.jsonl") == []
+    assert not list(tmp_path.glob(".other.h5.tmp*"))

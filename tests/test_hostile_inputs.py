@@ -335,9 +335,9 @@ def test_delta_refusal_reads_nothing_and_names_no_number(tmp_path, image_folder)
     class Counting(FolderSource):
         decoded = 0
 
-        def _read_image(self, path):
+        def _read_image(self, path, *identity):
             Counting.decoded += 1
-            return super()._read_image(path)
+            return super()._read_image(path, *identity)
 
     from mepf.embed.release import embed_to_file
 
@@ -567,14 +567,14 @@ def test_a_link_in_the_data_folder_cannot_count_a_record_twice(tmp_path, how):
 
 
 def test_an_image_removed_while_the_folder_is_listed_is_a_one_line_error(tmp_path):
-    """The hard-link check stats every listed image; one deleted between the listing and that stat (a writer racing
-    the owner's run) is a MepfError naming it, not an OSError traceback."""
-    from mepf.embed.files import _refuse_second_names
+    """The listing stats every listed image (its identity, then the hard-link check); one deleted between the
+    listing and that stat (a writer racing the owner's run) is a MepfError naming it, not an OSError traceback."""
+    from mepf.embed.sources import listed_identities
 
     kept = tmp_path / "a.png"
     Image.fromarray(make_images(1, seed=3)[0][:, :, 0]).save(kept)
     with pytest.raises(MepfError, match=r"gone\.png: .*changed while mepf listed it"):
-        _refuse_second_names([(kept, 0), (tmp_path / "gone.png", 0)])
+        listed_identities([kept, tmp_path / "gone.png"])
 
 
 def test_a_file_name_with_terminal_escapes_is_printed_inert(tmp_path):

@@ -168,10 +168,10 @@ class CountingFolder(FolderSource):
         super().__init__(root)
         self.counter = str(counter)
 
-    def _read_image(self, path):
+    def _read_image(self, path, *identity):
         with open(self.counter, "a") as f:
             f.write(f"{path}\n")
-        return super()._read_image(path)
+        return super()._read_image(path, *identity)
 
 
 def decodes(counter):

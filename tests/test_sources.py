@@ -14,6 +14,7 @@ from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.sources import open_source
 from tests import npz_shards
+from tests.conftest import make_images
 
 
 def collect(src, bs=7):
@@ -215,6 +216,154 @@ def test_crafted_npz_headers_and_member_sizes_are_one_line_errors(tmp_path):
         with pytest.raises(MepfError, match=msg) as e:
             ArraySource(p, None)
         assert "1234567" not in str(e.value) and "\n" not in str(e.value)
+
+
+def _same_size_folder(tmp_path, n=12):
+    """A labelled folder of uncompressed PNGs of one geometry: every image has the same size, and images written
+    in one go may share their timestamps (coarse clocks), so only the file itself tells two of them apart."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    x = make_images(n, seed=5)
+    for i in range(n):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, :, :, 0]).save(d / f"{i:02d}.png", compress_level=0)
+    assert len({p.stat().st_size for p in root.rglob("*.png")}) == 1
+    return root
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name(".swap")
+    os.rename(a, tmp)
+    os.rename(b, a)
+    os.rename(tmp, b)
+
+
+def _hard_link_over(a: Path, b: Path) -> None:
+    """`a` becomes a second name of `b` (made after the listing, so the listing's hard-link check saw none)."""
+    tmp = a.with_name(".link")
+    os.link(b, tmp)
+    os.replace(tmp, a)
+
+
+def _symlink_over(a: Path, b: Path) -> None:
+    tmp = a.with_name(".link")
+    os.symlink(b, tmp)
+    os.replace(tmp, a)
+
+
+@pytest.mark.parametrize("change", [_swap, _hard_link_over, _symlink_over], ids=["swapped", "hard-link", "symlink"])
+def test_a_folder_changed_after_its_listing_is_refused_at_the_read(tmp_path, change):
+    """Workers and ranks read a folder's images by name from a listing made once: two same-size images swapped
+    (or one replaced by a link to another) after the listing would have a shard read a record that another shard
+    reads too, at the same count. Every read finds the file the listing found at that name, or refuses."""
+    root = _same_size_folder(tmp_path)
+    src = FolderSource(root)
+    assert sum(len(x) for _, x, _ in src.blocks(4)) == 12
+    change(root / "c0" / "00.png", root / "c1" / "11.png")  # blocks of 4 in listing order: c0/00 in 0, c1/11 in 2
+    assert sum(len(x) for _, x, _ in src.blocks(4, keep=lambda b: b == 1)) == 4  # a block of untouched files reads
+    with pytest.raises(MepfError, match="changed while it was read"):
+        list(src.blocks(4, keep=lambda b: b == 0))
+    with pytest.raises(MepfError, match="changed while it was read"):
+        src.listing_digest()  # the node's digest describes only the files the reads will find
+
+
+def test_an_image_rewritten_in_place_while_it_is_decoded_is_refused(tmp_path, monkeypatch):
+    """A copy over an image keeps its inode and name (cp, rsync --inplace): one landing between the open's check
+    and the decode is caught by the check after the decode."""
+    import time
+
+    from mepf.embed import files
+
+    root = _same_size_folder(tmp_path)
+    src = FolderSource(root)
+    time.sleep(0.1)  # past a coarse clock's tick: the rewrite's times differ from the listing's
+    a, b = root / "c0" / "00.png", root / "c1" / "11.png"
+    decode = files.decode_image
+
+    def rewrite_then_decode(path, f=None):
+        if path == a:
+            with open(a, "r+b") as out:
+                out.write(b.read_bytes())
+        return decode(path, f)
+
+    monkeypatch.setattr(files, "decode_image", rewrite_then_decode)
+    with pytest.raises(MepfError, match="changed while it was read"):
+        list(src.blocks(4, keep=lambda b: b == 0))
+
+
+def _fifo_over(a: Path) -> None:
+    a.unlink()
+    os.mkfifo(a)
+
+
+def test_a_fifo_put_in_an_images_place_is_refused_without_waiting(tmp_path, monkeypatch):
+    """Nothing writes to a FIFO put in an image's place after the listing: the read, the node's digest and
+    `mepf embed --check` refuse it at once instead of blocking forever (the other ranks would wait on the node)."""
+    import signal
+
+    from mepf.embed import files
+    from mepf.embed.check import check_data
+
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        root = _same_size_folder(tmp_path)
+        src = FolderSource(root)
+        _fifo_over(root / "c0" / "00.png")
+        with pytest.raises(MepfError, match="changed while it was read"):
+            list(src.blocks(4, keep=lambda b: b == 0))
+        with pytest.raises(MepfError, match="changed while it was read"):
+            src.listing_digest()
+        os.unlink(root / "c0" / "00.png")
+        root = _same_size_folder(tmp_path / "again")
+        listed = files.listed_identities
+
+        def fifo_after_listing(paths):
+            ids = listed(paths)
+            _fifo_over(root / "c1" / "11.png")
+            return ids
+
+        monkeypatch.setattr(files, "listed_identities", fifo_after_listing)
+        problems = check_data(str(root), show_progress=False)
+        assert len(problems) == 1 and "image c1/11.png changed while it was read" in problems[0], problems
+    finally:
+        signal.alarm(0)
+
+
+def test_images_dated_after_2262_are_read(tmp_path):
+    """A camera's wrong clock can date a file past int64 nanoseconds (ext4 goes to 2446): no overflow."""
+    root = _same_size_folder(tmp_path)
+    ns = 10_000_000_000 * 10**9  # the year 2286
+    os.utime(root / "c0" / "00.png", ns=(ns, ns))
+    if os.stat(root / "c0" / "00.png").st_mtime_ns != ns:
+        pytest.skip("this filesystem does not store such dates")
+    assert collect(FolderSource(root))[0].shape == (12, 28, 28, 1)
+
+
+def test_ranks_that_list_a_folder_before_and_after_a_change_state_different_identities(tmp_path):
+    """The ranks of one node each list the folder; agree_on_files compares these identities before any read.
+    Two same-size images swapped between two listings have the same names, labels and sizes: only the files'
+    identities tell them apart."""
+    root = _same_size_folder(tmp_path)
+    first = FolderSource(root).file_identity()
+    assert FolderSource(root).file_identity() == first
+    _swap(root / "c0" / "02.png", root / "c0" / "08.png")
+    assert FolderSource(root).file_identity() != first
+
+
+def test_public_folders_keep_links_and_are_not_identity_checked(tmp_path):
+    """Evaluate's public images may hold links (counting one twice breaks no guarantee); no identities there."""
+    root = _same_size_folder(tmp_path)
+    os.symlink("00.png", root / "c0" / "99.png")
+    src = open_source(str(root), private=False)
+    assert src.file_identity() is None and len(collect(src)[0]) == 13
+    with pytest.raises(MepfError, match="symbolic links"):
+        open_source(str(root))
 
 
 def test_folder_labelled_and_flat(tmp_path, image_folder):
