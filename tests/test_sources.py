@@ -136,6 +136,29 @@ def test_a_data_file_changed_between_the_plan_and_a_read_is_refused(tmp_path, ki
         list(src.blocks(10, keep=lambda b: b % 2 == 0))
 
 
+@pytest.mark.parametrize("kind", [0, 2], ids=["npz", "idx-gz"])
+def test_a_fifo_put_in_a_data_files_place_is_refused_without_waiting(tmp_path, kind):
+    """The reads and the node's digest open the file without blocking: a FIFO in its place is another file."""
+    import signal
+
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    path, make = _array_files(tmp_path)[kind]
+    src = make()
+    path.unlink()
+    os.mkfifo(path)
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        with pytest.raises(MepfError, match="changed while it was read"):
+            list(src.blocks(10))
+        with pytest.raises(MepfError, match="changed while it was read"):
+            src.listing_digest()
+    finally:
+        signal.alarm(0)
+
+
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["npz", "h5", "idx-gz"])
 def test_a_data_file_rewritten_during_a_pass_is_refused_at_its_end(tmp_path, kind):
     path, make = _array_files(tmp_path)[kind]
