@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import importlib.util
 import io
 import pickle
@@ -18,7 +19,17 @@ import numpy as np
 from mepf.artifacts.errors import MepfError
 
 from .options import DATA_ROOT, DATASETS, default_path
-from .sources import Source, check_unchanged, files_digest, kept, open_unchanged, stat_identity
+from .sources import (
+    Source,
+    check_listed,
+    check_unchanged,
+    files_digest,
+    kept,
+    listed_identities,
+    open_listed,
+    open_unchanged,
+    stat_identity,
+)
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -230,30 +241,37 @@ class CelebASource(Source):
             raise MepfError(f"celeba not found under {root} and could not be downloaded ({type(e).__name__}); "
                             "download it with torchvision on a machine with a network and pass --data-root") from None
         self.classes, self.description = None, f"celeba:{split}"
+        folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
+        self._paths = [folder / name for name in self.ds.filename]
+        #: each image as listed (torchvision checks its index files, not the images): every read must find it
+        self._ids = listed_identities(self._paths, folder)
 
     @property
     def geometry(self):
         return (178, 178, 3)
 
     def __len__(self):
-        return len(self.ds)
+        return len(self._paths)
 
     def listing_digest(self) -> str:
-        folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
-        return files_digest([folder / name for name in self.ds.filename])
+        return files_digest(self._paths, self._ids, listed=True)
+
+    def file_identity(self) -> tuple:
+        return (hashlib.sha256(b"mepf-celeba-ids-v1" + self._ids.tobytes()).hexdigest(),)
 
     def blocks(self, block_size, keep=None):
         from PIL import Image
 
         from .files import decode_image
 
-        folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
-        for b, start in enumerate(range(0, len(self.ds), block_size)):
+        for b, start in enumerate(range(0, len(self._paths), block_size)):
             if not kept(keep, b):
                 continue
             xs = []
-            for i in range(start, min(start + block_size, len(self.ds))):
-                arr = decode_image(folder / self.ds.filename[i])  # PNG/JPEG only, no warning (not torchvision's open)
+            for i in range(start, min(start + block_size, len(self._paths))):
+                with open_listed(self._paths[i], self._ids[i]) as f:
+                    arr = decode_image(self._paths[i], f)  # PNG/JPEG only, no warning (not torchvision's open)
+                    check_listed(f.fileno(), self._ids[i], self._paths[i])
                 im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
                 top = (im.size[1] - 178) // 2
                 xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))

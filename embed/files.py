@@ -77,16 +77,6 @@ def _refuse_links(paths) -> None:
                         "names (a link could count an image twice)")
 
 
-def _refuse_second_names(items, identities) -> None:
-    """Hard links: two names of one file would count its record twice (the sensitivity is per record)."""
-    seen = {}
-    for (p, _), ident in zip(items, identities):
-        first = seen.setdefault((int(ident["dev"]), int(ident["ino"])), p)
-        if first is not p:
-            raise MepfError(f"{p} and {first} are one file (hard links); keep one name: mepf would count its image "
-                            "twice")
-
-
 class FolderSource(Source):
     """A folder with one subfolder per class (labelled; class names are the sorted subfolder names)
     or a flat folder of images (unlabelled). PNG and JPEG; dotfiles are ignored. It fixes no geometry:
@@ -125,9 +115,7 @@ class FolderSource(Source):
         if not self.items:
             raise MepfError(f"--data {root} holds no images; put PNG/JPEG files in it (one subfolder per class)")
         #: each image's identity at listing (None for public images): every read must find that file at that name
-        self._ids = None if links_ok else listed_identities([p for p, _ in self.items])
-        if not links_ok:
-            _refuse_second_names(self.items, self._ids)
+        self._ids = None if links_ok else listed_identities([p for p, _ in self.items], root)
         self.description = "image folder" + (" (labelled)" if self.classes else " (unlabelled)")
 
     def _listing(self, h) -> None:

@@ -135,21 +135,39 @@ def _identity_record(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"))
 
 
-def listed_identities(paths):
-    """The identity of each listed file, from one lstat each (the listing's own stat, no open): what every later
-    read must find at that name. A name that is no longer a plain file (a link, a FIFO put in its place) is refused."""
+def listed_identities(paths, root):
+    """The identity of each listed file (each a record), from an open handle as every later read takes it (no link
+    followed, a FIFO not waited on): what every read must find at that name. Refused: a name that is not a plain
+    file; a file on another filesystem than the data folder `root` (two mounts of one share, or two overlays of one
+    folder, would show one file under two names with different device numbers); a file with two names."""
     import numpy as np
 
+    try:
+        device = os.stat(root).st_dev
+    except OSError as e:
+        raise MepfError(f"--data {root}: {e.strerror or e}") from None
     out = np.empty(len(paths), dtype=IDENTITY)
+    seen = {}
     for i, p in enumerate(paths):
         try:
-            st = os.lstat(p)
+            with _open_nonblocking(p, follow=False) as f:
+                st = os.fstat(f.fileno())
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise MepfError(f"symbolic link in the data folder: {p}; replace it with the file it names (a link "
+                                "could count an image twice)") from None
             raise MepfError(f"{p}: {e.strerror or e}; was the folder changed while mepf listed it? Run again when "
                             "it is settled") from None
         if not stat.S_ISREG(st.st_mode):
-            raise MepfError(f"{p} is not a plain file (a link or a special file put in its place while mepf listed "
-                            "the folder); replace it with the image itself")
+            raise MepfError(f"{p} is not a plain file (a special file put in its place while mepf listed the "
+                            "folder); replace it with the image itself")
+        if st.st_dev != device:
+            raise MepfError(f"{p} is on another filesystem than the data folder (a mount inside it could show one "
+                            "file under two names); copy the data into one filesystem")
+        first = seen.setdefault((st.st_dev, st.st_ino), p)
+        if first is not p:
+            raise MepfError(f"{p} and {first} are one file (hard links); keep one name: mepf would count its image "
+                            "twice")
         out[i] = _identity_record(st)
     return out
 
@@ -163,7 +181,7 @@ def _changed(path, how: str) -> MepfError:
 def check_listed(fd: int, identity, path) -> None:
     """The file open at `fd` is the one the listing found at `path` (`identity`: its `listed_identities` record)."""
     if _identity_record(os.fstat(fd)) != tuple(identity.item() if hasattr(identity, "item") else identity):
-        raise _changed(path, "replaced, renamed or rewritten")
+        raise _changed(path, "replaced, renamed, rewritten, or its permissions changed")
 
 
 def open_listed(path, identity):

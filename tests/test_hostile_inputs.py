@@ -574,7 +574,7 @@ def test_an_image_removed_while_the_folder_is_listed_is_a_one_line_error(tmp_pat
     kept = tmp_path / "a.png"
     Image.fromarray(make_images(1, seed=3)[0][:, :, 0]).save(kept)
     with pytest.raises(MepfError, match=r"gone\.png: .*changed while mepf listed it"):
-        listed_identities([kept, tmp_path / "gone.png"])
+        listed_identities([kept, tmp_path / "gone.png"], tmp_path)
 
 
 def test_a_file_name_with_terminal_escapes_is_printed_inert(tmp_path):

@@ -286,7 +286,8 @@ def test_a_folder_changed_after_its_listing_is_refused_at_the_read(tmp_path, cha
     assert sum(len(x) for _, x, _ in src.blocks(4)) == 12
     change(root / "c0" / "00.png", root / "c1" / "11.png")  # blocks of 4 in listing order: c0/00 in 0, c1/11 in 2
     assert sum(len(x) for _, x, _ in src.blocks(4, keep=lambda b: b == 1)) == 4  # a block of untouched files reads
-    with pytest.raises(MepfError, match="changed while it was read"):
+    how = "replaced by a link" if change is _symlink_over else "changed while it was read"  # the link not followed
+    with pytest.raises(MepfError, match=how):
         list(src.blocks(4, keep=lambda b: b == 0))
     with pytest.raises(MepfError, match="changed while it was read"):
         src.listing_digest()  # the node's digest describes only the files the reads will find
@@ -346,8 +347,8 @@ def test_a_fifo_put_in_an_images_place_is_refused_without_waiting(tmp_path, monk
         root = _same_size_folder(tmp_path / "again")
         listed = files.listed_identities
 
-        def fifo_after_listing(paths):
-            ids = listed(paths)
+        def fifo_after_listing(*args):
+            ids = listed(*args)
             _fifo_over(root / "c1" / "11.png")
             return ids
 
@@ -366,6 +367,45 @@ def test_images_dated_after_2262_are_read(tmp_path):
     if os.stat(root / "c0" / "00.png").st_mtime_ns != ns:
         pytest.skip("this filesystem does not store such dates")
     assert collect(FolderSource(root))[0].shape == (12, 28, 28, 1)
+
+
+_TWO_MOUNTS = """
+import sys
+from mepf.artifacts.errors import MepfError
+from mepf.embed.files import FolderSource
+try:
+    FolderSource(sys.argv[1])
+    print("listed")
+except MepfError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_class_folder_on_another_filesystem_is_refused(tmp_path):
+    """Two mounts of one share (or two overlays of one folder) as two class folders show one file under two
+    names and labels, with different device numbers: the hard-link check cannot see it, so every image must be on
+    the data folder's own filesystem. Here a tmpfs mounted on one class folder, in a user namespace."""
+    import shutil
+    import sys
+
+    root = _same_size_folder(tmp_path)
+    moved = tmp_path / "c1-files"
+    shutil.move(root / "c1", moved)
+    (root / "c1").mkdir()
+    script = tmp_path / "list.py"
+    script.write_text(_TWO_MOUNTS)
+    shell = (f'mount -t tmpfs none "{root / "c1"}" && cp "{moved}"/*.png "{root / "c1"}"/ && '
+             f'"{sys.executable}" "{script}" "{root}"')
+    try:
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if "mount" in r.stderr or r.returncode != 0 and not r.stdout:
+        pytest.skip(f"no user namespaces here: {r.stderr.strip()[:80]}")
+    assert r.stdout.startswith("refused:") and "another filesystem than the data folder" in r.stdout, r.stdout
+    shutil.rmtree(root / "c1")
+    shutil.move(moved, root / "c1")
+    assert len(FolderSource(root)) == 12  # the same images on one filesystem are listed
 
 
 def test_ranks_that_list_a_folder_before_and_after_a_change_state_different_identities(tmp_path):
@@ -453,3 +493,51 @@ def test_dpimagebench_holdout_split(tmp_path):
     assert {r.tobytes() for s in shards for r in s} == {r.tobytes() for r in whole[~held]}
     with pytest.raises(MepfError, match="unknown split"):
         named_source("cifar10:val-5k", tmp_path, download=False)
+
+
+def _celeba(tmp_path, monkeypatch, n=6):
+    """CelebASource over a folder laid out as torchvision's CelebA: torchvision's index of it (its attribute and
+    partition files, checked by MD5) stands in here, as the real CelebA cannot be had on these machines."""
+    import torchvision
+    from PIL import Image
+
+    from mepf.embed.datasets import CelebASource
+
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    names = [f"{i:06d}.png" for i in range(n)]
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(folder / name, compress_level=0)
+
+    class Index:
+        base_folder = "celeba"
+
+        def __init__(self, root, split, target_type, download):
+            self.root, self.filename = root, names
+
+        def __len__(self):
+            return len(self.filename)
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", Index)
+    return folder, lambda: CelebASource(tmp_path, "train", False)
+
+
+def test_celeba_images_are_read_as_listed(tmp_path, monkeypatch):
+    """CelebA's images are files of one folder read by name, like an image folder's, and checked the same way."""
+    folder, make = _celeba(tmp_path, monkeypatch)
+    src = make()
+    assert collect(src, bs=4)[0].shape == (6, 178, 178, 3) and src.file_identity() == make().file_identity()
+    _swap(folder / "000000.png", folder / "000005.png")
+    assert make().file_identity() != src.file_identity()
+    with pytest.raises(MepfError, match="changed while it was read"):
+        list(src.blocks(4, keep=lambda b: b == 0))
+    with pytest.raises(MepfError, match="changed while it was read"):
+        src.listing_digest()
+    _symlink_over(folder / "000001.png", folder / "000002.png")
+    with pytest.raises(MepfError, match="symbolic link"):
+        make()
+    (folder / "000001.png").unlink()
+    os.link(folder / "000002.png", folder / "000001.png")
+    with pytest.raises(MepfError, match="hard links"):
+        make()
