@@ -7,6 +7,7 @@ mode, and no message or error names a number computed from the records.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from pathlib import Path
 
@@ -77,6 +78,21 @@ def _refuse_links(paths) -> None:
                         "names (a link could count an image twice)")
 
 
+def _names_in(d: Path) -> list:
+    """The names in class folder `d`, listed through a handle that follows no link: a class folder swapped for a
+    link between the link check and its listing cannot bring in files from elsewhere."""
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MepfError(f"{d}: {e.strerror or e}; was the folder changed while mepf listed it? Run again when it is "
+                        "settled") from None
+    try:
+        with os.scandir(fd) as entries:
+            return [e.name for e in entries]
+    finally:
+        os.close(fd)
+
+
 class FolderSource(Source):
     """A folder with one subfolder per class (labelled; class names are the sorted subfolder names)
     or a flat folder of images (unlabelled). PNG and JPEG; dotfiles are ignored. It fixes no geometry:
@@ -99,7 +115,8 @@ class FolderSource(Source):
             self.classes = [d.name for d in dirs]
             self.items = []
             for label, d in enumerate(dirs):
-                inside = sorted(x for x in d.iterdir() if not x.name.startswith("."))
+                names = [x.name for x in d.iterdir()] if links_ok else _names_in(d)
+                inside = sorted(d / name for name in names if not name.startswith("."))
                 refuse_links(inside)
                 self.items.extend((p, label) for p in inside)
         else:

@@ -541,3 +541,25 @@ def test_celeba_images_are_read_as_listed(tmp_path, monkeypatch):
     os.link(folder / "000002.png", folder / "000001.png")
     with pytest.raises(MepfError, match="hard links"):
         make()
+
+
+def test_a_class_folder_swapped_for_a_link_while_it_is_listed_lists_nothing_from_elsewhere(tmp_path, monkeypatch):
+    """Between the link check of the class folders and their listing, one swapped for a link to a folder elsewhere
+    (on the same filesystem) is refused: its names are listed through a handle that follows no link."""
+    from mepf.embed import files
+
+    root = _same_size_folder(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_bytes((root / "c0" / "00.png").read_bytes())
+    check = files._refuse_links
+
+    def swap_after_check(paths):
+        check(paths)
+        if root / "c1" in paths:
+            os.rename(root / "c1", tmp_path / "c1-away")
+            os.symlink(elsewhere, root / "c1")
+
+    monkeypatch.setattr(files, "_refuse_links", swap_after_check)
+    with pytest.raises(MepfError, match="c1: .*changed while mepf listed it"):
+        FolderSource(root)
