@@ -156,6 +156,8 @@ def listed_identities(paths, root):
             if e.errno == errno.ELOOP:
                 raise MepfError(f"symbolic link in the data folder: {p}; replace it with the file it names (a link "
                                 "could count an image twice)") from None
+            if e.errno in (errno.EACCES, errno.EPERM):
+                raise MepfError(f"cannot read image {p} ({type(e).__name__}); fix its permissions") from None
             raise MepfError(f"{p}: {e.strerror or e}; was the folder changed while mepf listed it? Run again when "
                             "it is settled") from None
         if not stat.S_ISREG(st.st_mode):
