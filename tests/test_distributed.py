@@ -461,6 +461,7 @@ def test_mepf_embed_refuses_ranks_of_a_node_that_found_other_files(tmp_path, kin
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_RANK1_ELSEWHERE)  # rank 1 starts in b/: its --data is b's copy
+
     def run(rank1_dir, name):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MEPF_TEST_RANK1_DIR": str(rank1_dir),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
