@@ -21,12 +21,10 @@ from mepf.artifacts.errors import MepfError
 from .options import DATA_ROOT, DATASETS, default_path
 from .sources import (
     Source,
-    check_listed,
     check_unchanged,
     files_digest,
     kept,
     listed_identities,
-    open_listed,
     open_unchanged,
     stat_identity,
 )
@@ -262,16 +260,14 @@ class CelebASource(Source):
     def blocks(self, block_size, keep=None):
         from PIL import Image
 
-        from .files import decode_image
+        from .files import decode_listed
 
         for b, start in enumerate(range(0, len(self._paths), block_size)):
             if not kept(keep, b):
                 continue
             xs = []
             for i in range(start, min(start + block_size, len(self._paths))):
-                with open_listed(self._paths[i], self._ids[i]) as f:
-                    arr = decode_image(self._paths[i], f)  # PNG/JPEG only, no warning (not torchvision's open)
-                    check_listed(f.fileno(), self._ids[i], self._paths[i])
+                arr = decode_listed(self._paths[i], self._ids[i])  # PNG/JPEG only, no warning (not torchvision's open)
                 im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
                 top = (im.size[1] - 178) // 2
                 xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))

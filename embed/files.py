@@ -61,6 +61,15 @@ def decode_image(path: Path, file=None) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def decode_listed(path: Path, identity) -> np.ndarray:
+    """decode_image of the file a listing found at `path` (`identity`: its listed_identities record), refused if
+    another file is there now or it was rewritten in place while it was decoded."""
+    with open_listed(path, identity) as f:
+        image = decode_image(path, f)
+        check_listed(f.fileno(), identity, path)
+        return image
+
+
 # --------------------------------------------------------------------------- image folders
 
 def _named(paths, others: str = "") -> str:
@@ -162,12 +171,7 @@ class FolderSource(Source):
         return self._read_image(self.items[i][0], None if self._ids is None else self._ids[i])
 
     def _read_image(self, path: Path, identity=None) -> np.ndarray:
-        if identity is None:
-            return decode_image(path)
-        with open_listed(path, identity) as f:
-            image = decode_image(path, f)
-            check_listed(f.fileno(), identity, path)  # and not rewritten in place while it was decoded
-            return image
+        return decode_image(path) if identity is None else decode_listed(path, identity)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -116,8 +116,13 @@ def open_unchanged(path, identity: tuple):
         f = _open_nonblocking(path)
     except OSError as e:
         raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
+    return _checked(f, check_unchanged, identity, path)
+
+
+def _checked(f, check, identity, path):
+    """`f`, once check(its fd, identity, path) passes; closed if it does not."""
     try:
-        check_unchanged(f.fileno(), identity, path)
+        check(f.fileno(), identity, path)
     except MepfError:
         f.close()
         raise
@@ -181,8 +186,9 @@ def _changed(path, how: str) -> MepfError:
 
 
 def check_listed(fd: int, identity, path) -> None:
-    """The file open at `fd` is the one the listing found at `path` (`identity`: its `listed_identities` record)."""
-    if _identity_record(os.fstat(fd)) != tuple(identity.item() if hasattr(identity, "item") else identity):
+    """The file open at `fd` is the one the listing found at `path` (`identity`: its `listed_identities` record,
+    a numpy record whose item() is `_identity_record`'s tuple)."""
+    if _identity_record(os.fstat(fd)) != identity.item():
         raise _changed(path, "replaced, renamed, rewritten, or its permissions changed")
 
 
@@ -197,12 +203,7 @@ def open_listed(path, identity):
             raise _changed(path, "replaced by a link") from None
         raise MepfError(f"cannot read image {printable(str(path))} ({type(e).__name__}); was the folder changed "
                         "while mepf read it? Run again when it is settled") from None
-    try:
-        check_listed(f.fileno(), identity, path)
-    except MepfError:
-        f.close()
-        raise
-    return f
+    return _checked(f, check_listed, identity, path)
 
 
 def kept(keep, b: int) -> bool:
