@@ -404,8 +404,9 @@ class _Phi(torch.autograd.Function):
             s1 = torch.where(bad1, 0.0, t1 / n1)
             p1 = f * s1
         if t2 is not None:
-            lo, hi = torch.aminmax(f, dim=1, keepdim=True)
-            m = torch.maximum(hi, -lo)  # max|f|: (f/m)^2 cannot overflow; nan on a row with a nan
+            # max|f|: (f/m)^2 cannot overflow; nan on a row with a nan. amax and amin, not aminmax: the same
+            # values, and 14 x faster on this CPU (7.2 against 0.5 ms for 100 x 65,536 float32)
+            m = torch.maximum(f.amax(dim=1, keepdim=True), -f.amin(dim=1, keepdim=True))
             m = torch.where(m > 0, m, 1.0)  # a zero row stays zero (and is refused below)
             q = f / m
             p2 = q.square()
@@ -467,8 +468,7 @@ class _PhiClassSums(torch.autograd.Function):
             bad1 = ~(torch.isfinite(n1) & (n1 > 0))
             s1 = torch.where(bad1, 0.0, t1 / n1)
         if t2 is not None:
-            lo, hi = torch.aminmax(f, dim=1, keepdim=True)
-            m = torch.maximum(hi, -lo)
+            m = torch.maximum(f.amax(dim=1, keepdim=True), -f.amin(dim=1, keepdim=True))  # as _Phi: not aminmax
             m = torch.where(m > 0, m, 1.0)  # as _Phi: a zero row stays zero; nan on a row with a nan
             v = (f / m).square_()
             n2 = torch.linalg.vector_norm(v, dim=1, keepdim=True)  # >= 1 on a finite non-zero row
