@@ -509,7 +509,7 @@ def _named_weights(example: str):
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Extractor weights file, if the release was embedded with --weights PATH.")
 @click.option("--precision", type=_choices(so.PRECISIONS), default=_td("precision"),
-              help="auto: bf16 on CUDA; a bf16 generator and an fp32 extractor on CPUs with native bf16 "
+              help="auto: a bf16 generator and an fp32 extractor on CUDA and on CPUs with native bf16 "
                    "(AVX512-BF16, AMX); fp32 elsewhere. Channels-last always; the loss stays fp32.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -8,7 +8,7 @@ GENERATOR_NAMES = ("conv", "conv-cbn", "resnet")  # generators.GENERATORS implem
 GENERATOR_WIDTHS = {"conv": 64, "conv-cbn": 64, "resnet": 256}
 OBJECTIVES = ("mavg", "plain")
 LABELS = ("balanced", "prior")  # training and sampling labels: class-balanced, or from the noisy class prior
-#: auto: bf16 on CUDA, a bf16 generator beside an fp32 extractor on CPUs with native bf16, fp32 elsewhere (precision.py)
+#: auto: a bf16 generator beside an fp32 extractor on CUDA and on CPUs with native bf16, fp32 elsewhere (precision.py)
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-generator")
 LR_SCHEDULES = ("constant", "cosine", "cooldown")
 #: the share of --steps over which the cooldown schedule takes the lr linearly to 0

@@ -66,14 +66,14 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve(precision: str, device: torch.device) -> Precision:
-    """--precision for a new run. auto: bf16 for both networks on CUDA; on a CPU with native bf16, a bf16
-    generator beside an fp32 extractor (bf16's backward through EfficientNet's depthwise convolutions is slower
-    than fp32's there, README "Speed"); fp32 elsewhere. Channels-last always: it is faster for both networks
+    """--precision for a new run. auto: where bf16 is native (CUDA, or a CPU with AVX512-BF16 or AMX), a bf16
+    generator beside an fp32 extractor: a bf16 extractor was not shown to train as well (docs/results.md, "a bf16
+    extractor"), and on CPU its backward through EfficientNet's depthwise convolutions is slower; fp32 elsewhere. Channels-last always: it is faster for both networks
     on CPU and CUDA alike. Class sums by index_add on CPU, by the one-hot product elsewhere."""
     if precision not in PRECISIONS:
         raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = ("bf16" if device.type == "cuda" else "bf16-generator" if native_bf16(device) else "fp32")
+        precision = "bf16-generator" if native_bf16(device) else "fp32"
     # index_add accumulates with atomics on GPUs (not bit-reproducible), where the product costs little anyway
     sums = "index_add" if device.type == "cpu" else "matmul"
     return {"fp32": Precision("fp32", "fp32", True, True, sums), "bf16": Precision("bf16", "bf16", True, True, sums),

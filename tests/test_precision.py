@@ -31,7 +31,8 @@ def release(tmp_path):
 
 
 def test_auto_resolves_by_hardware(monkeypatch):
-    assert resolve("auto", CUDA) == Precision("bf16", "bf16", True, True, "matmul")
+    # a bf16 extractor did not train as well on the proxy (docs/results.md): auto keeps it fp32, on CUDA too
+    assert resolve("auto", CUDA) == Precision("bf16", "fp32", True, True, "matmul")
     monkeypatch.setattr(prec, "native_bf16", lambda device: True)
     assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add")
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)
