@@ -79,7 +79,7 @@ def write_table(out: Path, rows: list) -> list:
     return lines
 
 
-def keep_generator(run: Path, dest: Path, n: int, seed: int) -> dict:
+def keep_generator(run: Path, dest: Path, n: int, seed: int, z_scale: float = 1.0) -> dict:
     """Copy the run's generator.pt and options.json to dest (committed beside the results), with the first 100
     of its n samples of `seed` (the evaluation's draw) as an .npz: a check that the committed generator is the
     one behind the row. Returns the row's fields that name it."""
@@ -90,13 +90,14 @@ def keep_generator(run: Path, dest: Path, n: int, seed: int) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("generator.pt", "options.json"):
         shutil.copyfile(run / name, dest / name)
-    images, labels = load_generator(dest / "generator.pt").sample(n, seed=seed)
+    images, labels = load_generator(dest / "generator.pt").sample(n, seed=seed, z_scale=z_scale)
     np.savez_compressed(dest / "samples-first100.npz", images=images[:100], labels=labels[:100])
     h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
     h.update(np.ascontiguousarray(labels.astype("<i8")).tobytes())
     root = Path(__file__).resolve().parent.parent
     where = dest.resolve().relative_to(root) if dest.resolve().is_relative_to(root) else dest
-    return {"generator": str(where / "generator.pt"), "samples": {"n": n, "seed": seed, "sha256": h.hexdigest()}}
+    samples = {"n": n, "seed": seed, "sha256": h.hexdigest(), **({"z_scale": z_scale} if z_scale != 1 else {})}
+    return {"generator": str(where / "generator.pt"), "samples": samples}
 
 
 def commit() -> str:
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=0)
     ap.add_argument("--layer-weights", default="", help="as mepf synthesize --layer-weights, e.g. stem=3")
     ap.add_argument("--n-synthetic", type=int, default=60000)
+    ap.add_argument("--z-scale", type=float, default=1.0, help="sample at z ~ N(0, s^2 I), as mepf sample --z-scale")
     ap.add_argument("--fid-samples", type=int, default=10000)
     ap.add_argument("--fid-reference", type=int, default=10000,
                     help="FID against the first N test images (10000: all; fewer when CPU time is short).")
@@ -197,13 +199,13 @@ def main() -> None:
             full_fid = with_fid and a.fid_reference >= 10000
             rep = evaluate(str(run), "fashion-mnist:test", out / f"report-{name}", n=a.n_synthetic,
                            fid_samples=a.fid_samples, data_root=a.data_root, device=dev, cnn_epochs=a.cnn_epochs,
-                           release_log=out / "releases.jsonl", seed=seed,
+                           release_log=out / "releases.jsonl", seed=seed, z_scale=a.z_scale,
                            metrics=None if full_fid else ["accuracy", "embedding"])
             m = rep["metrics"]
             if with_fid and not full_fid:
                 fid_rep = evaluate(str(run), str(fid_reference_subset(out, a.fid_reference, a.data_root)),
                                    out / f"report-{name}-fid", n=a.fid_samples, data_root=a.data_root, device=dev,
-                                   release_log=out / "releases.jsonl", metrics=["fid"])
+                                   release_log=out / "releases.jsonl", metrics=["fid"], z_scale=a.z_scale)
                 m.update({k: v for k, v in fid_rep["metrics"].items() if k.startswith("fid")})
             eval_s = time.perf_counter() - t0
             stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
@@ -217,12 +219,12 @@ def main() -> None:
                          "embed_s": embed_s,
                          "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
                          "eval_s": eval_s, "steps": a.steps, "lr": a.lr, "lr_schedule": a.lr_schedule,
-                         "layer_weights": layer_weights or None,
+                         "layer_weights": layer_weights or None, "z_scale": a.z_scale,
                          "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
                          "protocol": "mepf", "commit": commit()})
             if a.keep_generators:
                 rows[-1].update(keep_generator(run, Path(a.keep_generators) / f"{a.setting}-{name}", a.n_synthetic,
-                                               seed))
+                                               seed, a.z_scale))
             results.write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
             lines = write_table(out, rows)
     print("\n".join(lines))

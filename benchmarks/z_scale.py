@@ -14,21 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mepf.evaluate.evaluation import evaluate
 from mepf.synthesize.checkpoint import load_generator
-
-
-class ScaledLatent(torch.nn.Module):
-    """The generator fed s * z: samples of the same z, spread wider (s > 1) or narrower (s < 1)."""
-
-    def __init__(self, inner: torch.nn.Module, scale: float):
-        super().__init__()
-        self.inner, self.scale = inner, scale
-
-    def forward(self, z, y):
-        return self.inner(z * self.scale, y)
 
 
 def main() -> None:
@@ -49,8 +37,7 @@ def main() -> None:
     for s in scales:
         t0 = time.perf_counter()
         g = load_generator(a.generator)
-        g.module = ScaledLatent(g.module, s)
-        images, y = g.sample(a.n, seed=a.seed, labels="balanced")
+        images, y = g.sample(a.n, seed=a.seed, labels="balanced", z_scale=s)
         npz = out / f"samples-z{s:g}.npz"
         np.savez(npz, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y,
                  class_names=np.array(g.info["class_names"], dtype=str))

@@ -83,8 +83,9 @@ def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None)
     return out
 
 
-def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
-    """A run folder or generator.pt (samples n class-balanced images), an .npz, or a PNG folder."""
+def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: float = 1.0) -> ImageSet:
+    """A run folder or generator.pt (samples n class-balanced images, the latent from N(0, z_scale^2 I)), an .npz,
+    or a PNG folder."""
     from mepf.synthesize import load_generator
 
     p = Path(spec)
@@ -92,13 +93,16 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu") -> ImageSet:
         raise MepfError(f"{spec}: no such run folder, generator, .npz or image folder")
     if (p.is_dir() and (p / run_folder.GENERATOR).is_file()) or p.suffix == ".pt":
         g = load_generator(p)
-        images, labels = g.sample(n, seed=seed, device=device)
+        images, labels = g.sample(n, seed=seed, device=device, z_scale=z_scale)
         run = p if p.is_dir() else (p.parent if (p.parent / run_folder.OPTIONS).is_file() else None)
         names = g.info["class_names"] if g.info.get("labelled") else None
         return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g,
                         generator_path=p if p.is_file() else p / run_folder.GENERATOR)
     if p.is_dir() and (p / run_folder.OPTIONS).is_file():
         raise MepfError(f"{p} has no generator.pt yet; finish training (mepf synthesize --resume {p})")
+    if z_scale != 1:
+        raise MepfError(f"--z-scale samples a generator; {spec} holds images already (give a run folder or "
+                        "generator.pt, or drop --z-scale)")
     if p.suffix == ".npz":
         return read_npz(p)
     if p.is_dir():

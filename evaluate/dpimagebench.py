@@ -136,9 +136,10 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
                           fid_reference: str | None = None, real_limit: int | None = None, epochs: int = 50,
                           time_budget: float | None = None, inception_weights: str | None = None, data_root=None,
                           release_log=None, seed: int = 0, device="cpu", cache_dir=None, progress: bool = True,
-                          class_map: str | None = None, overwrite: bool = False) -> dict:
+                          class_map: str | None = None, overwrite: bool = False, z_scale: float = 1.0) -> dict:
     """DPImageBench's protocol on SYNTHETIC, testing on REFERENCE; resumes the classifiers' training from `out`
-    (the same command again continues a run cut short by `time_budget`)."""
+    (the same command again continues a run cut short by `time_budget`). z_scale: a generator's samples drawn at
+    N(0, z_scale^2 I)."""
     t0 = time.perf_counter()
     deadline = time.time() + time_budget if time_budget else None
     out = Path(out)
@@ -161,10 +162,11 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     given = [flag for flag, value in unused if value is not None]
     if given:
         raise MepfError(f"{given[0]} does nothing with --metrics {','.join(sorted(wanted))}; drop it")
-    synth = load_synthetic(synthetic, n, seed, device)
+    synth = load_synthetic(synthetic, n, seed, device, z_scale)
     ident = _identity(synth)
     # what the saved state belongs to: a generator by its SHA-256 (wherever it lies now), images by their path
-    meta = {"evaluation": f"{'generator ' + ident if ident else synthetic}, seed {seed}, {epochs} epochs, real "
+    drawn = "" if z_scale == 1 else f" at z scale {z_scale!r}"  # a saved state belongs to these samples only
+    meta = {"evaluation": f"{'generator ' + ident + drawn if ident else synthetic}, seed {seed}, {epochs} epochs, real "
                           f"limit {real_limit}, {'+'.join(sorted(wanted))}, {'+'.join(sorted(classifiers))}"}
     crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
     schedule = BenchSchedule(epochs=epochs)
@@ -245,7 +247,7 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     if reduced:
         warnings.append("REDUCED protocol, not comparable with DPImageBench's tables: " + "; ".join(reduced))
     saved = _run_options(synth)
-    generator = _generator_record(synth, saved)
+    generator = _generator_record(synth, saved, z_scale)
     warnings += _late_warnings(metrics_out, generator)
     warnings += flagged
     report = {"protocol": "dpimagebench", "protocol_reduced": reduced, "epochs": epochs, "real_limit": real_limit,

@@ -60,14 +60,15 @@ def _release_of(synth: ImageSet, release_path: str | None, saved: dict | None):
 FID_UNBIASED = 2048
 
 
-def _generator_record(synth: ImageSet, saved: dict | None) -> dict | None:
-    """What the report records of the generator: its step and SHA-256, and the run's steps, seed and lr."""
+def _generator_record(synth: ImageSet, saved: dict | None, z_scale: float = 1.0) -> dict | None:
+    """What the report records of the generator: its step and SHA-256, the latent's scale the samples were drawn
+    at, and the run's steps, seed and lr."""
     if synth.generator is None or synth.generator_path is None:
         return None
     from mepf.artifacts.format import file_sha256
 
     rec = {"path": str(synth.generator_path), "step": synth.generator.info.get("step"),
-           "sha256": file_sha256(synth.generator_path)}
+           "sha256": file_sha256(synth.generator_path), "z_scale": z_scale}
     if saved is not None:
         rec.update(run_steps=saved.get("steps"), seed=saved.get("seed"), lr=saved.get("lr"),
                    lr_schedule=saved.get("lr_schedule"))
@@ -178,16 +179,16 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
              metrics=_D.metrics, classifiers=_D.classifiers, real_train: str | None = None, release: str | None = None,
              inception_weights: str | None = None, data_root=None, release_log=None, seed: int = _D.seed,
              device="cpu", cnn_epochs: int = _D.cnn_epochs, cache_dir=None, progress: bool = True,
-             class_map: str | None = None, overwrite: bool = False) -> dict:
+             class_map: str | None = None, overwrite: bool = False, z_scale: float = _D.z_scale) -> dict:
     """Stage 3 on SYNTHETIC against REFERENCE: the input checks, then FID, accuracy and the embedding distance
-    as asked, and the report written to `out`."""
+    as asked, and the report written to `out`. z_scale: a generator's samples drawn at N(0, z_scale^2 I)."""
     t0 = time.perf_counter()
     out = Path(out)
     _check_out(out, overwrite)
     bad = set(metrics or ()) - set(METRICS)
     if bad:
         raise MepfError(f"unknown metric {sorted(bad)[0]!r}; choose from {', '.join(METRICS)}")
-    synth = load_synthetic(synthetic, n, seed, device)
+    synth = load_synthetic(synthetic, n, seed, device, z_scale)
     # the reference as stage 1 reads data: converted and resized to the synthetic images' (the release's) geometry
     crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
     ref = load_reference(reference, data_root, geometry=synth.shape, crop=crop)
@@ -222,7 +223,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
         if metrics:  # named by the user: say why it cannot be had
             raise MepfError(f"the embedding distance cannot be computed: {why}")
         warnings.append(f"embedding distance skipped: {why}")
-    generator = _generator_record(synth, saved)
+    generator = _generator_record(synth, saved, z_scale)
     warnings += _late_warnings(metrics_out, generator)
     report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
               "reference_given": reference, "generator": generator,

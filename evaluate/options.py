@@ -25,4 +25,5 @@ class EvaluateOptions:
     protocol: str = "mepf"
     epochs: int = 50  # dpimagebench: epochs per classifier
     seed: int = 0
+    z_scale: float = 1.0  # a generator's latent drawn from N(0, z_scale^2 I)
     device: str = "auto"

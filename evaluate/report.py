@@ -88,7 +88,8 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     if g:
         lines.append(f"- generator: step {g['step']}" + (f" of the run's {g['run_steps']}" if g.get("run_steps")
                                                          else "") + f", sha256 {g['sha256'][:16]}"
-                     + (f"; trained with seed {g['seed']}, lr {g['lr']}" if g.get("seed") is not None else ""))
+                     + (f"; trained with seed {g['seed']}, lr {g['lr']}" if g.get("seed") is not None else "")
+                     + (f"; sampled at z ~ N(0, {g['z_scale']:g}^2 I)" if g.get("z_scale", 1) != 1 else ""))
     if report.get("classes"):
         lines.append(f"- classes matched {report['classes']['matched']}: "
                      + ", ".join(f"{a} -> {b}" for a, b in report["classes"]["map"].items()))

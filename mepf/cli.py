@@ -600,14 +600,17 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 @click.option("--format", "fmt", type=_choices(so.SAMPLE_FORMATS), default=_sd("format"),
               help="mepf: uint8 .npz or PNG folders; dpimagebench: the gen.npz DPImageBench's eval.py loads (x float32 "
                    "(N, C, H, W) in [0, 1], y labels, classes balanced).")
+@click.option("--z-scale", type=float, default=_sd("z_scale"), show_default=True,
+              help="Draw the latent from N(0, s^2 I): s > 1 spreads the samples wider (post-processing: no "
+                   "privacy cost).")
 @user_errors
-def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt):
+def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_scale):
     """Draw N images from a run folder or generator.pt, as .npz or a folder of PNGs (one subfolder per class)."""
     from mepf.core.device import resolve_device
     from mepf.synthesize.sampling import write_samples
 
     write_samples(source, n, out, seed=seed, labels=labels, batch_size=batch_size,
-                  device=resolve_device(device), overwrite=overwrite, format=fmt)
+                  device=resolve_device(device), overwrite=overwrite, format=fmt, z_scale=z_scale)
     click.echo(f"wrote {n} images to {out}")
 
 
@@ -651,13 +654,15 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt):
               "[default: by name; by index only where a side is an .npz without names]")
 @click.option("--seed", type=click.IntRange(0), default=_vd("seed"))
 @click.option("--device", type=_choices(DEVICES), default=_vd("device"))
+@click.option("--z-scale", type=float, default=_vd("z_scale"), show_default=True,
+              help="Sample a run or generator at z ~ N(0, s^2 I) (as `mepf sample --z-scale`).")
 @click.option("--overwrite", is_flag=True, help="Replace the report in an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--quiet", is_flag=True)
 @user_errors
 def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, classifiers, validation, fid_reference,
              epochs, real_limit, time_budget, cnn_epochs, real_train, release, inception_weights, data_root,
-             release_log, class_map, seed, device, overwrite, as_json, quiet):
+             release_log, class_map, seed, device, z_scale, overwrite, as_json, quiet):
     """Stage 3: FID, downstream accuracy and embedding distance of SYNTHETIC (a run, generator.pt, .npz or
     PNG folder) against a real held-out reference; writes report.json and report.md."""
     from mepf.core.device import resolve_device
@@ -683,7 +688,7 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
             classifiers=which or vo.BENCH_CLASSIFIERS, validation=validation, fid_reference=fid_reference,
             real_limit=real_limit, epochs=epochs, time_budget=time_budget, inception_weights=inception_weights,
             data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),
-            progress=not quiet, class_map=class_map, overwrite=overwrite)
+            progress=not quiet, class_map=class_map, overwrite=overwrite, z_scale=z_scale)
         for w in report["warnings"]:
             if not w.startswith("--"):  # the private-data warnings (--validation/--reference) were printed when found
                 click.echo(f"note: {w}", err=True)
@@ -704,7 +709,8 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
                             metrics=[m.strip() for m in metrics.split(",")] if metrics else None, classifiers=which,
                             real_train=real_train, release=release, inception_weights=inception_weights,
                             data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),
-                            cnn_epochs=cnn_epochs, progress=not quiet, class_map=class_map, overwrite=overwrite)
+                            cnn_epochs=cnn_epochs, progress=not quiet, class_map=class_map, overwrite=overwrite,
+                            z_scale=z_scale)
     for w in report["warnings"]:
         if not w.startswith("the reference"):  # the private-reference warning was printed when it was found
             click.echo(f"note: {w}", err=True)

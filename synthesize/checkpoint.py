@@ -66,8 +66,10 @@ class TrainedGenerator:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
-               device="cpu"):
-        """n images as uint8 (N, H, W, C) and labels (N,); deterministic given seed."""
+               device="cpu", z_scale: float = _D.z_scale):
+        """n images as uint8 (N, H, W, C) and labels (N,); deterministic given seed. z_scale: the latent is drawn
+        from N(0, z_scale^2 I) (the same draws times z_scale; 1: as trained). Post-processing: no privacy cost."""
+        check_z_scale(z_scale)
         k = self.arch["num_classes"]
         g = torch.Generator().manual_seed(seed)
         if labels == "prior":
@@ -77,6 +79,8 @@ class TrainedGenerator:
         else:
             raise MepfError(f"labels must be one of {', '.join(LABELS)}")
         z = torch.randn(n, self.arch["z_dim"], generator=g)
+        if z_scale != 1:
+            z = z * z_scale
         self.module.to(device).eval()
         out = []
         for s in range(0, n, batch_size):
@@ -84,6 +88,12 @@ class TrainedGenerator:
             out.append((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
         return (np.concatenate(out) if out else np.zeros((0, self.arch["image_size"], self.arch["image_size"],
                                                           self.arch["channels"]), np.uint8)), y.numpy()
+
+
+def check_z_scale(z_scale) -> None:
+    """--z-scale is a finite number above 0."""
+    if isinstance(z_scale, bool) or not (isinstance(z_scale, (int, float)) and math.isfinite(z_scale) and z_scale > 0):
+        raise MepfError(f"--z-scale {z_scale}: give a finite number above 0 (1 samples as the generator was trained)")
 
 
 def load_generator(path) -> TrainedGenerator:

@@ -56,3 +56,4 @@ class SampleOptions:
     device: str = "auto"
     overwrite: bool = False
     format: str = "mepf"
+    z_scale: float = 1.0  # the latent drawn from N(0, z_scale^2 I); 1: as trained

@@ -11,7 +11,7 @@ from PIL import Image
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path, create_folder_of
 
-from .checkpoint import load_generator
+from .checkpoint import check_z_scale, load_generator
 from .options import SAMPLE_FORMATS, SampleOptions
 
 #: suffixes --out cannot mean: an image or another file type, where a folder of PNGs would be made
@@ -32,7 +32,7 @@ _D = SampleOptions  # the defaults, written once there
 
 
 def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
-                  device="cpu", overwrite: bool = False, format: str = _D.format) -> Path:
+                  device="cpu", overwrite: bool = False, format: str = _D.format, z_scale: float = _D.z_scale) -> Path:
     """n samples to `out`. format 'mepf': an .npz of uint8 images (N, H, W[, C]) and labels, or a folder of PNGs;
     'dpimagebench': an .npz as DPImageBench's eval.py loads its gen.npz: `x` float32 (N, C, H, W) in [0, 1] (the
     same images as 'mepf' gives for the same seed, i.e. uint8 / 255) and `y` int64 labels, classes balanced."""
@@ -50,13 +50,14 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         raise MepfError(f"--out {out}: an .npz file, or a folder of PNGs (a name without a suffix such as "
                         f"{out.suffix}), one subfolder per class")
     g = load_generator(source)
+    check_z_scale(z_scale)
     if format == "dpimagebench" and not g.info.get("labelled"):
         raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
                         "evaluates class-conditional sets)")
     create_folder_of(out)
     if out.exists() and not overwrite:
         raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
-    images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device)
+    images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale)
     if format == "dpimagebench":
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
         with atomic_path(out, ".npz") as tmp:

@@ -168,6 +168,22 @@ def test_report_end_to_end(tiny_run, fid_weights, tmp_path):
         assert Image.open(tmp_path / "rep" / png).size[0] > 100
 
 
+def test_report_records_the_z_scale_its_samples_were_drawn_at(tiny_run, tmp_path):
+    """--z-scale s: the report's samples are the generator's at s * z (the same draws as `mepf sample --z-scale`),
+    and report.json and report.md say so; the default records 1 and says nothing."""
+    d = tiny_run
+    for s in ("1", "1.5"):
+        r = CliRunner().invoke(main, ["evaluate", str(d / "run"), "--reference", str(d / "heldout.npz"), "--out",
+                                      str(tmp_path / f"rep{s}"), "-n", "20", "--metrics", "embedding", "--z-scale", s,
+                                      "--quiet", "--json"])
+        assert r.exit_code == 0, r.output + r.stderr
+    one, wide = (json.loads((tmp_path / f"rep{s}" / "report.json").read_text()) for s in ("1", "1.5"))
+    assert one["generator"]["z_scale"] == 1 and wide["generator"]["z_scale"] == 1.5
+    assert one["metrics"]["embedding_distance"] != wide["metrics"]["embedding_distance"]
+    assert "N(0, 1.5^2 I)" in (tmp_path / "rep1.5" / "report.md").read_text()
+    assert "N(0," not in (tmp_path / "rep1" / "report.md").read_text()
+
+
 def test_private_reference_is_flagged(tiny_run, tmp_path):
     d = tiny_run
     r = CliRunner().invoke(main, ["evaluate", str(d / "run"), "--reference", str(d / "private.npz"), "--out",
@@ -193,6 +209,9 @@ def test_bad_input(tiny_run, tmp_path, mnist):
         ([str(d / "run"), "--reference", str(tmp_path / "nolabels.npz"), "--metrics", "accuracy"], "needs labels"),
         ([str(tmp_path / "empty"), "--reference", str(d / "heldout.npz")], "holds no images"),
         ([str(tmp_path / "nothing"), "--reference", str(d / "heldout.npz")], "no such run folder"),
+        ([str(d / "heldout.npz"), "--reference", str(d / "heldout.npz"), "--z-scale", "1.2"], "holds images already"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "0"], "--z-scale 0.0: give a finite"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "nan"], "--z-scale nan: give a finite"),
     ]
     for args, message in cases:
         r = CliRunner().invoke(main, ["evaluate", *args, "--out", str(tmp_path / "rep"), "-n", "10", "--quiet"])

@@ -235,6 +235,33 @@ def test_sample_outputs(release_file, tmp_path):
     assert prior.exit_code == 0
 
 
+def test_sample_z_scale_feeds_the_same_latent_scaled(release_file, tmp_path):
+    """--z-scale s draws the generator's images of s * z for the very z of the default draw (labels unchanged);
+    s = 1 is the default draw bit for bit; a scale that is not a finite number above 0 is one line, no file."""
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
+    g = load_generator(tmp_path / "run")
+    base, y = g.sample(30, seed=5)
+    same, y1 = g.sample(30, seed=5, z_scale=1.0)
+    wide, y2 = g.sample(30, seed=5, z_scale=1.5)
+    assert np.array_equal(base, same) and np.array_equal(y, y1) and np.array_equal(y, y2)
+    assert not np.array_equal(base, wide)
+    z = torch.randn(30, g.arch["z_dim"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        x = g.module.eval()(1.5 * z, torch.as_tensor(y)).float()
+    by_hand = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(by_hand.astype(int) - wide.astype(int)).max() <= 1
+    r = CliRunner()
+    ok = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "30", "--seed", "5", "--z-scale", "1.5", "--out",
+                         str(tmp_path / "w.npz")])
+    assert ok.exit_code == 0, ok.output + ok.stderr
+    assert np.array_equal(np.load(tmp_path / "w.npz")["images"], wide[..., 0])
+    for bad in ("0", "-1", "nan", "inf"):
+        res = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "5", "--z-scale", bad, "--out",
+                              str(tmp_path / "bad.npz")])
+        assert res.exit_code == 2 and "--z-scale" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+        assert not (tmp_path / "bad.npz").exists()
+
+
 def test_sample_in_dpimagebench_form(release_file, tmp_path):
     """gen.npz as DPImageBench's eval.py reads it: x float32 (N, C, H, W) in [0, 1], y integer labels, classes
     balanced; the same images as the mepf .npz of the same seed."""
