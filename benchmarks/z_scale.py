@@ -13,10 +13,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from mepf.evaluate.evaluation import evaluate
-from mepf.synthesize.checkpoint import load_generator
 
 
 def main() -> None:
@@ -36,14 +33,8 @@ def main() -> None:
     rows = []
     for s in scales:
         t0 = time.perf_counter()
-        g = load_generator(a.generator)
-        images, y = g.sample(a.n, seed=a.seed, labels="balanced", z_scale=s)
-        npz = out / f"samples-z{s:g}.npz"
-        np.savez(npz, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y,
-                 class_names=np.array(g.info["class_names"], dtype=str))
-        rep = evaluate(str(npz), a.reference, out / f"report-z{s:g}", n=a.n, metrics=["accuracy"], seed=a.seed,
-                       overwrite=True, progress=False)
-        npz.unlink()
+        rep = evaluate(a.generator, a.reference, out / f"report-z{s:g}", n=a.n, metrics=["accuracy"], seed=a.seed,
+                       overwrite=True, progress=False, z_scale=s)  # n class-balanced samples at this scale
         acc = rep["metrics"]["accuracy"]
         rows.append({"z_scale": s, **acc, "generator": a.generator, "reference": a.reference, "n": a.n,
                      "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)})

@@ -50,7 +50,7 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         raise MepfError(f"--out {out}: an .npz file, or a folder of PNGs (a name without a suffix such as "
                         f"{out.suffix}), one subfolder per class")
     g = load_generator(source)
-    check_z_scale(z_scale)
+    check_z_scale(z_scale)  # g.sample checks it too, but only after create_folder_of has made --out's parents
     if format == "dpimagebench" and not g.info.get("labelled"):
         raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
                         "evaluates class-conditional sets)")
