@@ -33,7 +33,7 @@ from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
 from mepf.evaluate.inception import load_inception
 from mepf.synthesize.objective import check_weight
-from mepf.synthesize.options import LR_SCHEDULES
+from mepf.synthesize.options import GENERATOR_NAMES, LR_SCHEDULES
 from mepf.synthesize.train import TrainOptions, resume, start
 
 PUBLISHED = [  # DPImageBench (CCS 2025), accuracy of a classifier trained on synthetic FMNIST, eps=1 / eps=10
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--lr-mavg", type=float, default=TrainOptions.lr_mavg)
     ap.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES))
     ap.add_argument("--ema", type=float, default=0.0, help="Generator weight average decay (0: off).")
+    ap.add_argument("--generator", default="auto", choices=["auto", *GENERATOR_NAMES],
+                    help="as mepf synthesize --generator (auto: conv at 28 px)")
     ap.add_argument("--width", type=int, default=0)
     ap.add_argument("--layer-weights", default="", help="as mepf synthesize --layer-weights, e.g. stem=3")
     ap.add_argument("--n-synthetic", type=int, default=60000)
@@ -189,8 +191,8 @@ def main() -> None:
             elif not (run / "generator.pt").exists():
                 shutil.rmtree(run, ignore_errors=True)
                 start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                                   lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, width=a.width,
-                                   layer_weights=layer_weights, device=a.device, seed=seed,
+                                   lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, generator=a.generator,
+                                   width=a.width, layer_weights=layer_weights, device=a.device, seed=seed,
                                    grid_every=max(1, a.steps // 4),
                                    snapshot_every=max(1, a.steps // 8)))
             train_s = time.perf_counter() - t0
@@ -220,6 +222,7 @@ def main() -> None:
                          "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
                          "eval_s": eval_s, "steps": a.steps, "lr": a.lr, "lr_schedule": a.lr_schedule,
                          "layer_weights": layer_weights or None, "z_scale": a.z_scale,
+                         "generator_arch": json.loads((run / "options.json").read_text()).get("generator_arch"),
                          "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
                          "protocol": "mepf", "commit": commit()})
             if a.keep_generators:
