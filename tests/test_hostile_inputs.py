@@ -18,7 +18,7 @@ from PIL import Image
 from mepf.artifacts import load
 from mepf.artifacts.errors import MepfError
 from mepf.cli import main
-from mepf.core.features import _effnet_pretrained, build_feature_map
+from mepf.core.features import BACKBONES, _effnet_pretrained, build_feature_map
 from mepf.embed import release_log
 from mepf.embed.files import FolderSource
 from mepf.embed.transform import Transform
@@ -112,12 +112,34 @@ def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, label
 
     torch.save(state, tmp_path / "w.pth")
     digest = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()
-    (tmp_path / "w.pth").rename(tmp_path / "hub" / "checkpoints" / f"resnet18-{digest[:8]}.pth")
+    made = f"resnet18-{digest[:8]}.pth"
+    (tmp_path / "w.pth").rename(tmp_path / "hub" / "checkpoints" / made)
     monkeypatch.setattr(features, "_torchvision_weights",
-                        lambda b: SimpleNamespace(url=f"https://example.org/resnet18-{digest[:8]}.pth"))
+                        lambda b: SimpleNamespace(url=f"https://example.org/{made}"))
+    # a name torchvision might use one day, with no published full hash here: refused, never read
+    with pytest.raises(MepfError, match="does not know"):
+        build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
+    # the file matches its name's 8-hex prefix but not the published full hash: refused (a 32-bit prefix can be
+    # matched by a planted file; only the full SHA-256 counts)
+    monkeypatch.setitem(features._HUB_SHA256, made, digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:])
+    with pytest.raises(MepfError, match="is not the published resnet18 weights file"):
+        build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
+    monkeypatch.setitem(features._HUB_SHA256, made, digest)
     ex, _ = build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
     loaded = [t for n, t in ex.state_dict().items() if n.endswith("weight") and t.dim() == 4][0]
     assert torch.equal(loaded, state["conv1.weight"])
+
+
+def test_hub_weights_table_names_torchvisions_files():
+    """Every torchvision backbone's published file has a full SHA-256 here, consistent with its name's prefix."""
+    from mepf.core import features
+
+    hub = [b for b in BACKBONES if b not in features._EFFNET_BLOCKS]
+    assert hub, "no torchvision backbone to check"
+    for backbone in hub:
+        name = features._torchvision_weights(backbone).url.rsplit("/", 1)[-1]
+        full = features._HUB_SHA256[name]
+        assert re.fullmatch(r"[0-9a-f]{64}", full) and full.startswith(re.search(r"-([0-9a-f]{8})\.", name).group(1))
 
 
 def tensor_file_naming(path, name: str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +68,13 @@ _EFFNET_SHA256 = {
     "efficientnet-lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     "efficientnet-lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
     "efficientnet-lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+#: full SHA-256 of torchvision's published ImageNet weights files (their names carry only an 8-hex prefix, 32 bits:
+#: a file matching a prefix can be made in hours): from independent published checksums of download.pytorch.org's files
+_HUB_SHA256 = {
+    "vgg19-dcbb9e9d.pth": "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44",
+    "resnet18-f37072fd.pth": "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
+    "resnet50-11ad3fa6.pth": "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
 }
 for _name, _n in _EFFNET_BLOCKS.items():
     BACKBONES[_name] = BackboneInfo(("stem",) + tuple(f"block{i}" for i in range(_n)) + ("head",),
@@ -170,25 +176,27 @@ def _effnet_pretrained(backbone: str) -> tuple:
 
 def _hub_weights(backbone: str) -> tuple:
     """torchvision's published ImageNet weights in torch's hub cache, downloaded if absent, and checked against
-    the SHA-256 prefix in their published name: a file put in the cache by anyone else is refused, never read
-    (torch.hub checks the hash only when it downloads, and would unpickle whatever file it finds).
-    Returns (path, its bytes)."""
+    the full SHA-256 of the published file: a file put in the cache by anyone else is refused, never read
+    (torch.hub checks only the name's 8-hex prefix, and only when it downloads; it would unpickle whatever file it
+    finds). Returns (path, its bytes)."""
     url = _torchvision_weights(backbone).url
     name = url.rsplit("/", 1)[-1]
-    prefix = re.search(r"-([a-f0-9]{8,})\.", name).group(1)
+    if name not in _HUB_SHA256:
+        raise MepfError(f"torchvision names {name} as the {backbone} ImageNet weights, a file whose published SHA-256 "
+                        "mepf does not know; pass --weights PATH (a state dict you trust)")
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=_HUB_SHA256[name], progress=False)
         except Exception as e:  # noqa: BLE001 - network failures
             raise MepfError(
                 f"ImageNet weights for {backbone} could not be downloaded ({type(e).__name__}); offline, put {name} "
                 f"(from {url}) in {path.parent} or pass --weights PATH (or --weights random for a test run)") from None
     data = path.read_bytes()  # hashed and loaded from the same bytes: the file cannot change in between
-    if not hashlib.sha256(data).hexdigest().startswith(prefix):
-        raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 does not start with "
-                        f"{prefix}); delete it so that it downloads again, or pass --weights PATH")
+    if hashlib.sha256(data).hexdigest() != _HUB_SHA256[name]:
+        raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 is not "
+                        f"{_HUB_SHA256[name][:16]}...); delete it so that it downloads again, or pass --weights PATH")
     return path, data
 
 
