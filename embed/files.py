@@ -245,7 +245,8 @@ class ArraySource(Source):
     def __init__(self, path, classes: list | None):
         path = Path(path)
         if not path.is_file():
-            raise MepfError(f"--data {path}: no such file")
+            raise MepfError(f"--data {path}: " + ("not a plain file; pass the data file itself" if path.exists()
+                                                  else "no such file"))
         self.path, self.kind = path, path.suffix.lower()
         self._identity = stat_identity(path)  # before anything is read: every later open must find this file
         if self.kind == ".npz":
@@ -268,8 +269,8 @@ class ArraySource(Source):
             import h5py
 
             try:
-                with h5py.File(path, "r") as h5:
-                    check_unchanged(h5.id.get_vfd_handle(), self._identity, path)
+                # h5py opens by the file object, never the name: a FIFO put in the name's place would block its open
+                with open_unchanged(path, self._identity) as fo, h5py.File(fo, "r") as h5:
                     keys = list(h5.keys())
                     self._ikey = self._pick(keys, ("images", "x"), "images")
                     self._lkey = self._pick(keys, ("labels", "y"), None)
@@ -357,9 +358,8 @@ class ArraySource(Source):
         else:
             import h5py
 
-            with h5py.File(self.path, "r") as h5:
-                fd = h5.id.get_vfd_handle()
-                check_unchanged(fd, self._identity, self.path)
+            with open_unchanged(self.path, self._identity) as fo, h5py.File(fo, "r") as h5:
+                fd = fo.fileno()
                 ds, ls = h5[self._ikey], (h5[self._lkey] if self._lkey else None)
                 for b, start in starts:
                     if kept(keep, b):

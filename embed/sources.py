@@ -95,9 +95,12 @@ def stat_identity(path) -> tuple:
     filesystems stat of a path and fstat of its handle name different inodes)."""
     try:
         with _open_nonblocking(path) as f:
-            return file_identity(os.fstat(f.fileno()))
+            st = os.fstat(f.fileno())
     except OSError as e:
         raise MepfError(f"cannot read {path} ({type(e).__name__}); check that it exists and is readable") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MepfError(f"{path} is not a plain file (a FIFO, device or folder); pass the data file itself")
+    return file_identity(st)
 
 
 def check_unchanged(fd: int, identity: tuple, path) -> None:

@@ -136,7 +136,7 @@ def test_a_data_file_changed_between_the_plan_and_a_read_is_refused(tmp_path, ki
         list(src.blocks(10, keep=lambda b: b % 2 == 0))
 
 
-@pytest.mark.parametrize("kind", [0, 2], ids=["npz", "idx-gz"])
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["npz", "h5", "idx-gz"])
 def test_a_fifo_put_in_a_data_files_place_is_refused_without_waiting(tmp_path, kind):
     """The reads and the node's digest open the file without blocking: a FIFO in its place is another file."""
     import signal
@@ -148,6 +148,8 @@ def test_a_fifo_put_in_a_data_files_place_is_refused_without_waiting(tmp_path, k
     src = make()
     path.unlink()
     os.mkfifo(path)
+    with pytest.raises(MepfError, match="not a plain file"):  # a FIFO named as the data file from the start
+        make()
     signal.signal(signal.SIGALRM, hang)
     signal.alarm(20)
     try:
