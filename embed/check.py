@@ -28,4 +28,7 @@ def check_data(data: str, classes: str | None = None, data_root=None, show_progr
             pass
     except MepfError as e:
         problems.append(str(e))
+    except Exception as e:  # noqa: BLE001 - a reader's failure (a damaged compressed chunk): one line, as the pass
+        problems.append(f"{data}: reading it failed ({type(e).__name__}); the file may be damaged: make it again "
+                        "from the originals")
     return problems

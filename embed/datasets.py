@@ -227,21 +227,47 @@ class CifarSource(Source):
             del x, y
 
 
+#: CelebA's partition index, the one index file mepf reads, and its MD5 as torchvision publishes it
+CELEBA_PARTITION = ("list_eval_partition.txt", "d32c9cbf5e040fd4025c592c306e6668")
+_CELEBA_SPLITS = {"train": "0", "valid": "1", "test": "2"}
+
+
+def celeba_names(base: Path, split: str) -> list:
+    """The image names of `split` from CelebA's partition index, read by mepf through a non-blocking, identity-
+    checked open and checked against the published MD5 (torchvision re-opens its index files by name after its
+    check, where a FIFO put in their place would block every rank)."""
+    name, md5 = CELEBA_PARTITION
+    path = base / name
+    fix = "download CelebA with torchvision on a machine with a network and pass --data-root"
+    if not path.is_file() or not (base / "img_align_celeba").is_dir():
+        raise MepfError(f"celeba not found under {base.parent} (no {name} or img_align_celeba/); {fix}")
+    with open_unchanged(path, stat_identity(path)) as f:
+        data = f.read(8 << 20)  # the published file is 2.8 MB
+    if hashlib.md5(data, usedforsecurity=False).hexdigest() != md5:
+        raise MepfError(f"{path} is not CelebA's published partition index (its MD5 is not {md5}); {fix}")
+    rows = [line.split() for line in data.decode("ascii").splitlines() if line.strip()]
+    return [row[0] for row in rows if row[1] == _CELEBA_SPLITS[split]]
+
+
 class CelebASource(Source):
-    """CelebA aligned faces via torchvision (unlabelled), centre-cropped to 178x178; images load lazily."""
+    """CelebA aligned faces (unlabelled), centre-cropped to 178x178; images load lazily. torchvision only downloads."""
 
     def __init__(self, root: Path, split: str, download: bool):
-        import torchvision
+        base = Path(root) / "celeba"
+        if download and not (base / CELEBA_PARTITION[0]).is_file():
+            import torchvision
 
-        try:
-            self.ds = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=download)
-        except Exception as e:  # noqa: BLE001 - torchvision raises several types for missing data
-            raise MepfError(f"celeba not found under {root} and could not be downloaded ({type(e).__name__}); "
-                            "download it with torchvision on a machine with a network and pass --data-root") from None
+            try:
+                torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=True)
+            except Exception as e:  # noqa: BLE001 - torchvision raises several types for missing data
+                raise MepfError(f"celeba not found under {root} and could not be downloaded ({type(e).__name__}); "
+                                "download it with torchvision on a machine with a network and pass --data-root"
+                                ) from None
         self.classes, self.description = None, f"celeba:{split}"
-        folder = Path(self.ds.root) / self.ds.base_folder / "img_align_celeba"
-        self._paths = [folder / name for name in self.ds.filename]
-        #: each image as listed (torchvision checks its index files, not the images): every read must find it
+        folder = base / "img_align_celeba"
+        self._paths = [folder / name for name in celeba_names(base, split)]
+        #: each image as listed (the partition index names them; nothing checks the images' bytes): every read
+        #: must find it
         self._ids = listed_identities(self._paths, folder)
 
     @property

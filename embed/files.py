@@ -279,8 +279,9 @@ class ArraySource(Source):
                     self._shape, self._dtype = h5[self._ikey].shape, h5[self._ikey].dtype
                     if self._lkey:
                         self._check_labels_meta(h5[self._lkey].shape, h5[self._lkey].dtype)
-            except OSError:
-                raise MepfError(f"--data {path} is not a readable HDF5 file") from None
+            except (OSError, TypeError, ValueError, KeyError, RuntimeError):  # TypeError: a dtype numpy lacks
+                raise MepfError(f"--data {path} is not a readable HDF5 file of images (and labels) numpy can "
+                                "represent; write it with h5py from uint8 or float arrays") from None
         else:
             raise MepfError(f"--data {path}: unsupported file type {path.suffix}; use .npz, .h5 or an image folder")
         if len(self._shape) not in (3, 4) or (len(self._shape) == 4 and self._shape[3] not in (1, 3)):

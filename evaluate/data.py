@@ -10,6 +10,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.schema import class_names_problem
+from mepf.core.tensor_file import open_plain_file
 from mepf.embed.files import ArraySource
 from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.sources import open_source
@@ -70,7 +71,10 @@ def read_source(source, geometry: tuple | None = None, crop: str | None = None) 
 def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None) -> ImageSet:
     """An .npz of images (and optional labels 0..K-1), read as stage 1 reads it, so fingerprints compare. Its
     classes have no names: `class_names` is None and `by_index` says the labels are indices."""
-    with np.load(path, allow_pickle=False) as d:
+    problem, f = open_plain_file(path)
+    if problem:
+        raise MepfError(f"{path}: {problem}; pass an .npz file")
+    with f, np.load(f, allow_pickle=False) as d:
         y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
         named = None
         if y is not None and "class_names" in d and d["class_names"].dtype.kind == "U" and d["class_names"].ndim == 1:
@@ -120,9 +124,12 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
     (the synthetic images' H, W, C: the release's), images are converted and resized to it as stage 1 does."""
     p = Path(spec)
     if p.suffix == ".npz" and p.is_file():
-        d = np.load(p)
-        if "mu" in d and "sigma" in d:
-            return FidStats(d["mu"], d["sigma"], f"FID statistics {p.name}")
+        problem, f = open_plain_file(p)
+        if problem:
+            raise MepfError(f"{flag} {p}: {problem}; pass an .npz file")
+        with f, np.load(f, allow_pickle=False) as d:
+            if "mu" in d and "sigma" in d:
+                return FidStats(d["mu"], d["sigma"], f"FID statistics {p.name}")
         return read_npz(p, geometry, crop)
     try:
         return read_source(open_source(spec, data_root=data_root, private=False), geometry, crop)

