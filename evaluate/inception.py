@@ -134,38 +134,66 @@ def _read_state(path: Path, what: str) -> dict:
 
 
 def load_inception(weights: str | None = None, device="cpu"):
-    """pytorch-fid's InceptionV3 for FID; clear error when no weights can be had. A file, given or cached,
-    is read as tensors and handed to pytorch-fid as a fresh file of those tensors."""
-    from pytorch_fid.inception import InceptionV3
-
+    """pytorch-fid's InceptionV3 for FID; clear error when no weights can be had. A file, given, cached or just
+    downloaded, is read as tensors and handed to pytorch-fid as a fresh file of those tensors: pytorch-fid never
+    reads torch's shared hub cache itself (it would unpickle whatever file it finds there, and would wait on a
+    FIFO put at its name)."""
     path = Path(weights) if weights else default_weights_path()
-    if weights and not path.is_file():
-        raise MepfError(f"--inception-weights {path}: no such file; {HOW_TO_GET}")
-    if path.is_file():
-        what = "--inception-weights" if weights else "FID Inception weights"
+    what = "--inception-weights" if weights else "FID Inception weights"
+    if path.exists() or weights:
+        if not path.is_file():
+            raise MepfError(f"{what} {path}: " + ("not a plain file; delete it or pass another file" if path.exists()
+                                                  else "no such file") + f"; {HOW_TO_GET}")
         state = _read_state(path, what)
-        try:
-            model = _model_from_state(state)
-        except RuntimeError as e:
-            raise MepfError(f"{what} {path} does not fit pytorch-fid's InceptionV3: {str(e)[:120]}") from None
     else:
-        try:
-            model = InceptionV3([3], resize_input=True, normalize_input=True)
-        except Exception as e:  # noqa: BLE001 - download failures come in several types
-            raise MepfError(f"FID Inception weights not found at {default_weights_path()} and could not be "
-                            f"downloaded ({type(e).__name__}); {HOW_TO_GET}") from None
+        state = _download_state(path)
+    try:
+        model = _model_from_state(state)
+    except RuntimeError as e:
+        raise MepfError(f"{what} {path} does not fit pytorch-fid's InceptionV3: {str(e)[:120]}") from None
     return model.eval().to(device)
 
 
+def _download_state(cache: Path) -> dict:
+    """pytorch-fid's published weights downloaded into a private folder, read as tensors, and cached at `cache`
+    (atomically, as a file of those tensors)."""
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    with tempfile.TemporaryDirectory() as private:
+        got = Path(private) / WEIGHTS_NAME
+        try:
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(got), hash_prefix="6726825d", progress=False)
+        except Exception as e:  # noqa: BLE001 - download failures come in several types
+            raise MepfError(f"FID Inception weights not found at {cache} and could not be downloaded "
+                            f"({type(e).__name__}); {HOW_TO_GET}") from None
+        state = _read_state(got, "downloaded FID Inception weights")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            torch.save(state, tmp)
+    except OSError:
+        pass  # a cache that cannot be written: downloaded again next time
+    return state
+
+
 def weights_id(weights: str | None) -> str:
-    """What identifies the weights in cache keys: the file's size and first MB hash."""
+    """What identifies the weights in cache keys: the file's size and SHA-256 (read without blocking)."""
     import hashlib
 
+    from mepf.core.tensor_file import open_plain_file
+
     path = Path(weights) if weights else default_weights_path()
-    if not path.is_file():
+    if not path.exists():
         return "pytorch-fid-default"
-    with open(path, "rb") as f:
-        return f"{path.stat().st_size}-{hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]}"
+    problem, f = open_plain_file(path)
+    if problem:
+        raise MepfError(f"FID Inception weights {path}: {problem}; {HOW_TO_GET}")
+    h, size = hashlib.sha256(), 0
+    with f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            size += len(chunk)
+    return f"{size}-{h.hexdigest()[:16]}"
 
 
 @torch.no_grad()

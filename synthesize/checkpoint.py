@@ -33,7 +33,7 @@ VERSION = 1
 def load_tensors(path: Path, what: str):
     """torch.load restricted to tensors and plain containers (weights_only): a generator or snapshot from
     someone else can carry no code. Anything else is refused with one line."""
-    return read_tensors(path, require_zip=True, refuse=lambda reason: (
+    return read_tensors(path, require_zip=True, limit=None, refuse=lambda reason: (
         f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only tensors "
         "and metadata, never pickled objects: use a file written by mepf"))
 

@@ -102,6 +102,28 @@ def test_an_inception_weights_file_given_or_cached_runs_no_code(tmp_path, monkey
     with pytest.raises(MepfError, match="FID Inception weights .* is not a file of tensors"):
         load_inception(None)
     assert not marker.exists()
+    # a FIFO or a folder at the cached name: refused at once (pytorch-fid would wait on the FIFO, and a pickle
+    # renamed over it once opened would be unpickled), nothing downloaded
+    import os
+    import signal
+
+    hostile.unlink()
+    os.mkfifo(hostile)
+
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        with pytest.raises(MepfError, match="FID Inception weights .* not a plain file; delete it"):
+            load_inception(None)
+        hostile.unlink()
+        hostile.mkdir()
+        with pytest.raises(MepfError, match="FID Inception weights .* not a plain file; delete it"):
+            load_inception(None)
+    finally:
+        signal.alarm(0)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(fid_weights.parent.parent))  # the cached file, read as tensors
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -16,8 +16,8 @@ from mepf.artifacts.errors import MepfError
 
 #: a torch zip file holds at most this many members (a model's tensors; mepf's generators hold a few dozen)
 MAX_MEMBERS = 100_000
-#: the largest torch file mepf reads (VGG19's published weights, the largest it uses, are 575 MB): a larger file
-#: is refused before it is read, not read into memory whole
+#: the largest weights file mepf reads (VGG19's published weights, the largest it uses, are 575 MB): a larger
+#: file is refused before it is read, not read into memory whole
 MAX_BYTES = 4 << 30
 
 
@@ -28,17 +28,20 @@ def open_plain_file(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         return f"it cannot be opened ({type(e).__name__})", None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        return "it is not a plain file", None
-    return None, f
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder with a traceback
+            os.close(fd)
+            return "it is not a plain file", None
+        return None, os.fdopen(fd, "rb")
+    except OSError as e:
+        os.close(fd)
+        return f"it cannot be opened ({type(e).__name__})", None
 
 
-def read_plain_file(path, size: int | None = None, limit: int = MAX_BYTES) -> tuple:
+def read_plain_file(path, size: int | None = None, limit: int | None = MAX_BYTES) -> tuple:
     """(problem, None) or (None, the bytes of the plain file at `path`), opened as open_plain_file does and
     checked on the open handle to have `size` bytes (when pinned) or at most `limit`, then read: what is read is
-    what was checked."""
+    what was checked. limit None: any size (a file larger than memory fails as a MemoryError, in one line)."""
     problem, f = open_plain_file(path)
     if problem:
         return problem, None
@@ -46,7 +49,7 @@ def read_plain_file(path, size: int | None = None, limit: int = MAX_BYTES) -> tu
         st = os.fstat(f.fileno())
         if size is not None and st.st_size != size:
             return f"it has {st.st_size} bytes, not {size}", None
-        if st.st_size > limit:
+        if limit is not None and st.st_size > limit:
             return f"it has {st.st_size} bytes, more than the {limit >> 30} GiB mepf reads", None
         try:
             data = f.read(st.st_size + 1)
@@ -57,7 +60,7 @@ def read_plain_file(path, size: int | None = None, limit: int = MAX_BYTES) -> tu
     return None, data
 
 
-def canonical_zip(source, require_zip: bool = False) -> tuple:
+def canonical_zip(source, require_zip: bool = False, limit: int | None = MAX_BYTES) -> tuple:
     """(problem, None) or (None, the file as torch should read it). A torch zip file is rebuilt in memory from
     the members Python's zipfile reads, stored and in order, so that torch.load reads exactly what was
     checked: torch's reader trusts other parts of a zip than Python's (two central directories once hid a
@@ -69,7 +72,7 @@ def canonical_zip(source, require_zip: bool = False) -> tuple:
     if isinstance(source, io.BytesIO):
         data = source.getvalue()
     else:
-        problem, data = read_plain_file(Path(source))
+        problem, data = read_plain_file(Path(source), limit=limit)
         if problem:
             return problem, None
     if not zipfile.is_zipfile(io.BytesIO(data)):
@@ -93,10 +96,11 @@ def canonical_zip(source, require_zip: bool = False) -> tuple:
     return None, out
 
 
-def read_tensors(source, refuse: Callable[[str], str], require_zip: bool = False):
+def read_tensors(source, refuse: Callable[[str], str], require_zip: bool = False, limit: int | None = MAX_BYTES):
     """torch.load(weights_only=True) of the file canonical_zip rebuilds; any failure becomes one MepfError whose
-    text is `refuse(reason)`."""
-    problem, canonical = canonical_zip(source, require_zip)
+    text is `refuse(reason)`. `limit`: the largest file read (None: any; generators and snapshots scale with the
+    options that made them)."""
+    problem, canonical = canonical_zip(source, require_zip, limit)
     if problem:
         raise MepfError(refuse(problem))
     try:
