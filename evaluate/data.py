@@ -3,13 +3,14 @@ reference (a named split, a folder, an .npz, or precomputed FID statistics). Nev
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.schema import class_names_problem
+from mepf.artifacts.schema import MAX_CLASSES, class_names_problem
 from mepf.core.tensor_file import open_plain_file
 from mepf.embed.files import ArraySource
 from mepf.embed.fingerprint import Fingerprint
@@ -68,18 +69,48 @@ def read_source(source, geometry: tuple | None = None, crop: str | None = None) 
     return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp)
 
 
+def _header(d, key: str) -> tuple:
+    """(shape, dtype) of an open .npz's array, from its header alone."""
+    with d.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        got, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)(member)
+    return tuple(got), dtype
+
+
+def _small(d, key: str, shape, kinds: str, path: Path) -> np.ndarray:
+    """An array of an open .npz whose header (shape where given, dtype kind in `kinds`, at most 64 MB) is checked
+    before its data is read: a small compressed member cannot inflate to more."""
+    got, dtype = _header(d, key)
+    if (shape is not None and got != shape) or dtype.kind not in kinds or \
+            int(np.prod(got, dtype=object)) * dtype.itemsize > 64 << 20:
+        raise MepfError(f"{path}: '{key}' is {dtype} of shape {got}; expected one "
+                        f"{'label per image' if shape else 'list of class names'}")
+    return d[key]
+
+
 def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None) -> ImageSet:
     """An .npz of images (and optional labels 0..K-1), read as stage 1 reads it, so fingerprints compare. Its
     classes have no names: `class_names` is None and `by_index` says the labels are indices."""
     problem, f = open_plain_file(path)
     if problem:
         raise MepfError(f"{path}: {problem}; pass an .npz file")
-    with f, np.load(f, allow_pickle=False) as d:
-        y = d["labels"] if "labels" in d else d["y"] if "y" in d else None
-        named = None
-        if y is not None and "class_names" in d and d["class_names"].dtype.kind == "U" and d["class_names"].ndim == 1:
-            named = [str(n) for n in d["class_names"]]  # written by mepf sample
-        classes = named or ([str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None)
+    try:
+        with f, np.load(f, allow_pickle=False) as d:
+            key = "labels" if "labels" in d else "y" if "y" in d else None
+            n = _header(d, "images" if "images" in d else "x")[0][:1] if key else ()  # one label per image
+            y = _small(d, key, n, "iu", path) if key else None
+            named = None
+            if y is not None and "class_names" in d:
+                names = _small(d, "class_names", None, "U", path)
+                if names.ndim == 1 and len(names) <= MAX_CLASSES:
+                    named = [str(n) for n in names]  # written by mepf sample
+            if y is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= MAX_CLASSES):
+                raise MepfError(f"{path}: labels must be 0 to {MAX_CLASSES - 1:,}; relabel the images")
+            classes = named or ([str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None)
+    except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise MepfError(f"{path} is not a readable .npz of images and labels ({type(e).__name__}); write it with "
+                        "np.savez") from None
     if named is not None and class_names_problem(named):
         raise MepfError(f"{path}: its class_names hold {class_names_problem(named)}; fix or drop them")
     out = read_source(ArraySource(path, classes), geometry, crop)
@@ -124,12 +155,11 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
     (the synthetic images' H, W, C: the release's), images are converted and resized to it as stage 1 does."""
     p = Path(spec)
     if p.suffix == ".npz" and p.is_file():
-        problem, f = open_plain_file(p)
-        if problem:
-            raise MepfError(f"{flag} {p}: {problem}; pass an .npz file")
-        with f, np.load(f, allow_pickle=False) as d:
-            if "mu" in d and "sigma" in d:
-                return FidStats(d["mu"], d["sigma"], f"FID statistics {p.name}")
+        from .fid import read_statistics
+
+        stats = read_statistics(p, flag)
+        if stats is not None:
+            return FidStats(*stats, f"FID statistics {p.name}")
         return read_npz(p, geometry, crop)
     try:
         return read_source(open_source(spec, data_root=data_root, private=False), geometry, crop)

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path
 
 from .inception import activations, weights_id
+
+DIMS = 2048  # pytorch-fid's pool3 features
 
 
 def statistics(acts: np.ndarray):
@@ -34,14 +37,48 @@ def content_key(images: np.ndarray, weights: str | None) -> str:
     return h.hexdigest()
 
 
+def read_statistics(path: Path, what: str) -> tuple | None:
+    """(mu, sigma) from an .npz of FID statistics, or None when it holds other arrays. Opened without blocking; the
+    two arrays' headers are checked (2048 and 2048 x 2048 floats) before either is read, so that a small file
+    cannot declare or inflate to more."""
+    import zipfile
+
+    from mepf.core.tensor_file import open_plain_file
+    from mepf.embed.files import _NPZ_ERRORS, _npz_member
+
+    problem, f = open_plain_file(path)
+    if problem:
+        raise MepfError(f"{what} {path}: {problem}; pass an .npz file")
+    try:
+        with f, zipfile.ZipFile(f) as zf:
+            names = set(zf.namelist())
+            if not {"mu.npy", "sigma.npy"} <= names:
+                return None
+            out = []
+            for key, shape in (("mu", (DIMS,)), ("sigma", (DIMS, DIMS))):
+                member, got, dtype = _npz_member(zf, key, path.name)
+                with member:
+                    if got != shape or dtype.kind != "f":
+                        raise MepfError(f"{what} {path}: '{key}' is {dtype} of shape {got}, not floats of shape "
+                                        f"{shape}; pass statistics of pytorch-fid's 2048-d pool3 features")
+                    out.append(np.frombuffer(member.read(), dtype=dtype).reshape(shape).astype(np.float64))
+    except (*_NPZ_ERRORS, zipfile.BadZipFile) as e:
+        raise MepfError(f"{what} {path} is not a readable .npz file ({type(e).__name__}); pass one written by "
+                        "np.savez") from None
+    if not all(np.isfinite(a).all() for a in out):
+        raise MepfError(f"{what} {path} holds NaN or infinite statistics; compute them again")
+    return out[0], out[1]
+
+
 def reference_statistics(model, images: np.ndarray, weights: str | None, cache_dir=None, batch_size=100,
                          device="cpu", progress=False):
     """(mu, sigma, cached): computed once per content and weights, then read from the cache."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"{content_key(images, weights)}.npz"
     if path.is_file():
-        d = np.load(path)
-        return d["mu"], d["sigma"], True
+        stats = read_statistics(path, "cached FID statistics")
+        if stats is not None:
+            return (*stats, True)
     mu, sigma = statistics(activations(model, images, batch_size, device, progress, desc="FID: reference images"))
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, ".npz") as tmp:

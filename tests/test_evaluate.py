@@ -303,3 +303,45 @@ def test_dpimagebench_protocol_bad_input(tiny_run, tmp_path):
                                       "--quiet", *extra])
         assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, (extra, r.stderr)
         assert message in r.stderr, (message, r.stderr)
+
+
+def test_hostile_npz_references_are_one_line_and_read_nothing_large(tmp_path):
+    """An .npz reference or sample file from someone else: labels as large as 2^40 (once built 2^40 class names),
+    FID statistics whose header declares 8 TiB or the wrong shape, garbage bytes, a FIFO: each is one MepfError,
+    at once, reading nothing beyond the headers."""
+    import os
+    import signal
+
+    from mepf.artifacts.errors import MepfError
+    from mepf.evaluate.data import load_reference
+
+    images = np.zeros((3, 8, 8), np.uint8)
+    np.savez(tmp_path / "labels.npz", images=images, labels=np.array([0, 1, 2 ** 40]))
+    np.savez(tmp_path / "negative.npz", images=images, labels=np.array([0, -1, 1]))
+    np.savez(tmp_path / "short.npz", images=images, labels=np.array([0, 1]))
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(2048), sigma=np.zeros((2048, 2047)))
+    np.savez(tmp_path / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    with open(tmp_path / "huge.npy", "wb") as f:  # a header declaring 2^40 float64s, and no data
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (2 ** 40,)})
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.write(tmp_path / "huge.npy", "mu.npy")
+        z.writestr("sigma.npy", b"")
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
+    os.mkfifo(tmp_path / "fifo.npz")
+    cases = {"labels": "labels must be 0 to", "negative": "labels must be 0 to", "short": "expected one label per",
+             "shape": "not floats of shape", "nan": "NaN or infinite", "huge": "not a readable .npz|another length",
+             "garbage": "not a readable .npz", "fifo": "not a plain file|no such"}
+
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        for name, why in cases.items():
+            with pytest.raises(MepfError, match=why):
+                load_reference(str(tmp_path / f"{name}.npz"))
+    finally:
+        signal.alarm(0)
