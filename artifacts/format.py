@@ -107,8 +107,14 @@ def content_checksum(arrays: dict, class_names, feature_spec: str, data_spec: st
 
 
 def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return fd_sha256(f.fileno())
+    """SHA-256 of the plain file at `path`, opened without blocking (a FIFO at the name is an OSError, not a wait)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        return fd_sha256(fd)
+    finally:
+        os.close(fd)
 
 
 def fd_sha256(fd: int) -> str:

@@ -2,7 +2,6 @@
 reference (a named split, a folder, an .npz, or precomputed FID statistics). Never the private data."""
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +167,11 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
 
 
 def run_stats(run_dir: Path | None) -> list:
-    if run_dir is None or not (run_dir / run_folder.STATS).is_file():
+    """The run's training records for the report's curves; [] where there are none or they cannot be read (the
+    report then shows no curve)."""
+    if run_dir is None:
         return []
-    return [json.loads(l) for l in (run_dir / run_folder.STATS).read_text().splitlines() if l.strip()]
+    try:
+        return run_folder.read_stats(run_dir)
+    except MepfError:
+        return []

@@ -27,8 +27,8 @@ def _run_options(synth: ImageSet) -> dict | None:
     if synth.run_dir is None or not (synth.run_dir / run_folder.OPTIONS).is_file():
         return None
     try:
-        saved = json.loads((synth.run_dir / run_folder.OPTIONS).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = json.loads(run_folder.read_text(synth.run_dir / run_folder.OPTIONS, run_folder.MAX_OPTIONS_BYTES))
+    except (MepfError, ValueError):
         return {}
     return saved if isinstance(saved, dict) else {}
 

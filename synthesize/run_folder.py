@@ -9,6 +9,50 @@ SNAPSHOT_GLOB = "snapshot-*.pt"
 SNAPSHOT_NAME = re.compile(r"snapshot-(\d{7})\.pt")  # what snapshot_name writes; any other file is not one
 
 
+#: the most bytes read of a run's options.json and stats.jsonl (a run folder can come from someone else)
+MAX_OPTIONS_BYTES, MAX_STATS_BYTES = 16 << 20, 512 << 20
+
+
+def read_text(path, limit: int) -> str:
+    """A run folder's text file, opened without blocking (a FIFO at its name is refused, not waited on) and read
+    only when it is a plain file of at most `limit` bytes; anything else is one MepfError."""
+    from mepf.artifacts.errors import MepfError
+    from mepf.core.tensor_file import read_plain_file
+
+    problem, data = read_plain_file(path, limit=limit)
+    if problem:
+        raise MepfError(f"{path} cannot be read ({problem}); the run folder is damaged")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MepfError(f"{path} is not UTF-8 text; the run folder is damaged") from None
+
+
+def read_stats(run) -> list:
+    """The run's stats.jsonl records (dicts with an integer 'step'), [] where there is none; a damaged line is
+    one MepfError."""
+    import json
+    from pathlib import Path
+
+    from mepf.artifacts.errors import MepfError
+
+    path = Path(run) / STATS
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(read_text(path, MAX_STATS_BYTES).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise MepfError(f"{path} line {i} is not a stats record; the run folder is damaged")
+        out.append(record)
+    return out
+
+
 def snapshots(run) -> list:
     """(step, path) of the run's snapshots, by step."""
     from pathlib import Path

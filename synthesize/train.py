@@ -395,8 +395,8 @@ def _read_options(run: Path) -> dict:
         raise MepfError(f"{run} is not a run folder (no {run_folder.OPTIONS}); start one with `mepf synthesize "
                         f"FILE --out {run}`")
     try:
-        saved = json.loads((run / run_folder.OPTIONS).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        saved = json.loads(run_folder.read_text(run / run_folder.OPTIONS, run_folder.MAX_OPTIONS_BYTES))
+    except ValueError as e:
         raise MepfError(f"{run / run_folder.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
                         ) from None
     if not isinstance(saved, dict) or "release_sha256" not in saved:
@@ -479,8 +479,11 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     def trim_stats():  # drop records past the snapshot: they will be written again
         stats = run / run_folder.STATS
         if stats.exists():
-            keep = [l for l in stats.read_text().splitlines() if l and json.loads(l)["step"] <= trainer.step]
-            stats.write_text("".join(l + "\n" for l in keep))
+            records = run_folder.read_stats(run)  # each line checked to be a record with a step
+            lines = [line for line in run_folder.read_text(stats, run_folder.MAX_STATS_BYTES).splitlines()
+                     if line.strip()]
+            keep = [line for line, r in zip(lines, records) if r["step"] <= trainer.step]
+            write_text_atomic(stats, "".join(line + "\n" for line in keep))
 
     distributed.on_main(record)
     distributed.on_main(trim_stats)

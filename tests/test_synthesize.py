@@ -472,3 +472,41 @@ def test_layer_weights_on_the_command_line(release_file, tmp_path):
     assert opts["layer_weights"] == {"stem": 2.0, "block5..block15": 0.5}
     r = run(main, ["synthesize", "--resume", str(tmp_path / "r"), "--steps", "6", "--quiet"])
     assert r.exit_code == 0 and "resumed" in r.output, r.output
+
+
+def test_run_folder_files_from_someone_else_are_read_bounded_and_without_waiting(tmp_path):
+    """A run folder passed to `mepf info` / `evaluate` / resume: an options.json larger than any run's (sparse,
+    8 TiB) or a FIFO is one line, never read whole or waited on; a damaged stats.jsonl line is one line."""
+    import os
+    import signal
+
+    from mepf.synthesize import run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / run_folder.OPTIONS, "wb") as f:
+        f.truncate(8 << 40)
+    r = CliRunner().invoke(main, ["info", str(run)])
+    assert r.exit_code != 0 and "options.json cannot be read" in r.output and r.output.strip().count("\n") == 0
+    (run / run_folder.OPTIONS).unlink()
+    os.mkfifo(run / run_folder.OPTIONS)
+    os.mkfifo(run / run_folder.STATS)
+
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        r = CliRunner().invoke(main, ["info", str(run)])
+        assert r.exit_code != 0 and r.output.strip().count("\n") == 0, r.output  # no run folder: one line
+        with pytest.raises(MepfError, match="not a plain file"):
+            run_folder.read_stats(run)
+    finally:
+        signal.alarm(0)
+    (run / run_folder.STATS).unlink()
+    (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n{"step": \n')
+    with pytest.raises(MepfError, match="line 2 is not a stats record"):
+        run_folder.read_stats(run)
+    (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n\n{"step": 100}\n')
+    assert [r["step"] for r in run_folder.read_stats(run)] == [50, 100]
