@@ -374,7 +374,12 @@ def info(path, as_json):
 
 
 def _is_zip(path: Path) -> bool:
-    with open(path, "rb") as f:
+    from mepf.core.tensor_file import open_plain_file
+
+    problem, f = open_plain_file(path)  # without blocking: a FIFO is not a zip file
+    if problem:
+        return False
+    with f:
         return f.read(4) == b"PK\x03\x04"
 
 

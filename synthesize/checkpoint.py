@@ -18,7 +18,7 @@ from mepf.artifacts.format import printable
 from mepf.artifacts.ledger import RELATIONS
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import read_tensors
+from mepf.core.tensor_file import open_plain_file, read_tensors
 
 from .generators import GENERATORS, build_generator
 from .options import LABELS, SampleOptions
@@ -103,7 +103,10 @@ def load_generator(path) -> TrainedGenerator:
         path = path / GENERATOR
     if not path.is_file():
         raise MepfError(f"{path} does not exist; train one with `mepf synthesize FILE --out RUN_DIR`")
-    with open(path, "rb") as f:
+    problem, f = open_plain_file(path)  # without blocking: a FIFO swapped in after is_file is refused
+    if problem:
+        raise MepfError(f"cannot read generator {path}: {problem}; use a generator.pt written by mepf")
+    with f:
         if f.read(8) == b"\x89HDF\r\n\x1a\n":
             raise MepfError(f"{path} is a release (the embedding written by mepf embed), not a generator: train one "
                             f"with `mepf synthesize {path} --out RUN`, then sample RUN")

@@ -156,7 +156,8 @@ def test_weights_files_that_are_not_plain_or_too_large_are_refused_unread(tmp_pa
     signal.signal(signal.SIGALRM, hang)
     signal.alarm(30)
     try:
-        for weights, why in ((tmp_path / "fifo.pt", "not a plain file"), (tmp_path / "big.pt", "more than the 4 GiB")):
+        for weights, why in ((tmp_path / "fifo.pt", "not a plain file"),
+                             (tmp_path / "big.pt", "more than the 4,294,967,296 mepf reads")):
             with pytest.raises(MepfError, match=why):
                 build_feature_map("efficientnet-lite0", str(weights), ["stem"], image_size=(28, 28), channels=1)
         with pytest.raises(MepfError, match="not the published resnet18 weights file .it is not a plain file"):

@@ -50,7 +50,7 @@ def read_plain_file(path, size: int | None = None, limit: int | None = MAX_BYTES
         if size is not None and st.st_size != size:
             return f"it has {st.st_size} bytes, not {size}", None
         if limit is not None and st.st_size > limit:
-            return f"it has {st.st_size} bytes, more than the {limit >> 30} GiB mepf reads", None
+            return f"it has {st.st_size:,} bytes, more than the {limit:,} mepf reads here", None
         try:
             data = f.read(st.st_size + 1)
         except (OSError, MemoryError) as e:
