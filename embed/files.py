@@ -193,7 +193,7 @@ class FolderSource(Source):
 _NPZ_ERRORS = (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError, EOFError, OSError, OverflowError)
 
 
-def _npz_member(zf, key, name: str):
+def _npz_member(zf, key, name: str, flag: str = "--data"):
     """Open an .npy member of a zip for streaming: (file object, shape, dtype). Its stored size must be exactly
     its header and its records: a member declared shorter or longer would be read past or short of its end."""
     import zipfile
@@ -210,7 +210,7 @@ def _npz_member(zf, key, name: str):
         if any(d < 0 for d in shape):
             raise ValueError("a negative dimension")
     except (*_NPZ_ERRORS, zipfile.BadZipFile):
-        raise MepfError(f"--data {name}: array '{key}' has an unreadable .npy header; save the arrays again with "
+        raise MepfError(f"{flag} {name}: array '{key}' has an unreadable .npy header; save the arrays again with "
                         "np.savez") from None
     if fortran and len(shape) > 1:
         raise MepfError(f"array '{key}' is stored in Fortran order; save it with np.ascontiguousarray")
@@ -218,7 +218,7 @@ def _npz_member(zf, key, name: str):
         raise MepfError(f"array '{key}' holds Python objects; store plain numbers")
     size = header + int(np.prod(shape, dtype=object)) * dtype.itemsize
     if info.file_size != size or (info.compress_type == zipfile.ZIP_STORED and info.compress_size != size):
-        raise MepfError(f"--data {name}: array '{key}' is stored with another length than its header declares (a "
+        raise MepfError(f"{flag} {name}: array '{key}' is stored with another length than its header declares (a "
                         "damaged or crafted file); save the arrays again with np.savez")
     return f, shape, dtype
 

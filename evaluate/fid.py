@@ -56,7 +56,7 @@ def read_statistics(path: Path, what: str) -> tuple | None:
                 return None
             out = []
             for key, shape in (("mu", (DIMS,)), ("sigma", (DIMS, DIMS))):
-                member, got, dtype = _npz_member(zf, key, path.name)
+                member, got, dtype = _npz_member(zf, key, path.name, what)
                 with member:
                     if got != shape or dtype.kind != "f":
                         raise MepfError(f"{what} {path}: '{key}' is {dtype} of shape {got}, not floats of shape "
