@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.plain_file import open_plain_file
 from mepf.artifacts.schema import MAX_CLASSES, class_names_problem
-from mepf.core.tensor_file import open_plain_file
 from mepf.embed.files import ArraySource
 from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.sources import open_source

@@ -43,7 +43,7 @@ def read_statistics(path: Path, what: str) -> tuple | None:
     cannot declare or inflate to more."""
     import zipfile
 
-    from mepf.core.tensor_file import open_plain_file
+    from mepf.artifacts.plain_file import open_plain_file
     from mepf.embed.files import _NPZ_ERRORS, _npz_member
 
     problem, f = open_plain_file(path)

@@ -180,7 +180,7 @@ def weights_id(weights: str | None) -> str:
     """What identifies the weights in cache keys: the file's size and SHA-256 (read without blocking)."""
     import hashlib
 
-    from mepf.core.tensor_file import open_plain_file
+    from mepf.artifacts.plain_file import open_plain_file
 
     path = Path(weights) if weights else default_weights_path()
     if not path.exists():

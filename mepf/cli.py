@@ -374,7 +374,7 @@ def info(path, as_json):
 
 
 def _is_zip(path: Path) -> bool:
-    from mepf.core.tensor_file import open_plain_file
+    from mepf.artifacts.plain_file import open_plain_file
 
     problem, f = open_plain_file(path)  # without blocking: a FIFO is not a zip file
     if problem:

@@ -16,9 +16,10 @@ import torch
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.ledger import RELATIONS
+from mepf.artifacts.plain_file import open_plain_file
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import open_plain_file, read_tensors
+from mepf.core.tensor_file import read_tensors
 
 from .generators import GENERATORS, build_generator
 from .options import LABELS, SampleOptions

@@ -17,7 +17,7 @@ def read_text(path, limit: int) -> str:
     """A run folder's text file, opened without blocking (a FIFO at its name is refused, not waited on) and read
     only when it is a plain file of at most `limit` bytes; anything else is one MepfError."""
     from mepf.artifacts.errors import MepfError
-    from mepf.core.tensor_file import read_plain_file
+    from mepf.artifacts.plain_file import read_plain_file
 
     problem, data = read_plain_file(path, limit=limit)
     if problem:

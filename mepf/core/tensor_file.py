@@ -4,60 +4,20 @@ artifacts (and `mepf audit`) stays free of torch."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.plain_file import open_plain_file, read_plain_file  # noqa: F401 - re-exported
 
 #: a torch zip file holds at most this many members (a model's tensors; mepf's generators hold a few dozen)
 MAX_MEMBERS = 100_000
 #: the largest weights file mepf reads (VGG19's published weights, the largest it uses, are 575 MB): a larger
 #: file is refused before it is read, not read into memory whole
 MAX_BYTES = 4 << 30
-
-
-def open_plain_file(path):
-    """(problem, None) or (None, the plain file at `path` open for reading). Opened without blocking, so that a
-    FIFO put at the name is refused, not waited on; checked to be a plain file on the open handle."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        return f"it cannot be opened ({type(e).__name__})", None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder with a traceback
-            os.close(fd)
-            return "it is not a plain file", None
-        return None, os.fdopen(fd, "rb")
-    except OSError as e:
-        os.close(fd)
-        return f"it cannot be opened ({type(e).__name__})", None
-
-
-def read_plain_file(path, size: int | None = None, limit: int | None = MAX_BYTES) -> tuple:
-    """(problem, None) or (None, the bytes of the plain file at `path`), opened as open_plain_file does and
-    checked on the open handle to have `size` bytes (when pinned) or at most `limit`, then read: what is read is
-    what was checked. limit None: any size (a file larger than memory fails as a MemoryError, in one line)."""
-    problem, f = open_plain_file(path)
-    if problem:
-        return problem, None
-    with f:
-        st = os.fstat(f.fileno())
-        if size is not None and st.st_size != size:
-            return f"it has {st.st_size} bytes, not {size}", None
-        if limit is not None and st.st_size > limit:
-            return f"it has {st.st_size:,} bytes, more than the {limit:,} mepf reads here", None
-        try:
-            data = f.read(st.st_size + 1)
-        except (OSError, MemoryError) as e:
-            return f"it cannot be read ({type(e).__name__})", None
-    if len(data) != st.st_size:
-        return "it changed while it was read", None
-    return None, data
 
 
 def canonical_zip(source, require_zip: bool = False, limit: int | None = MAX_BYTES) -> tuple:

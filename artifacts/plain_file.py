@@ -1,0 +1,45 @@
+"""Open and read a file someone else may control without blocking on it or reading without bound. Torch-free:
+`mepf info` and `mepf audit` use it too."""
+from __future__ import annotations
+
+import os
+import stat
+
+
+def open_plain_file(path):
+    """(problem, None) or (None, the plain file at `path` open for reading). Opened without blocking, so that a
+    FIFO put at the name is refused, not waited on; checked to be a plain file on the open handle."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        return f"it cannot be opened ({type(e).__name__})", None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder with a traceback
+            os.close(fd)
+            return "it is not a plain file", None
+        return None, os.fdopen(fd, "rb")
+    except OSError as e:
+        os.close(fd)
+        return f"it cannot be opened ({type(e).__name__})", None
+
+
+def read_plain_file(path, size: int | None = None, limit: int | None = None) -> tuple:
+    """(problem, None) or (None, the bytes of the plain file at `path`), opened as open_plain_file does and
+    checked on the open handle to have `size` bytes (when pinned) or at most `limit`, then read: what is read is
+    what was checked. limit None: any size (a file larger than memory fails as a MemoryError, in one line)."""
+    problem, f = open_plain_file(path)
+    if problem:
+        return problem, None
+    with f:
+        st = os.fstat(f.fileno())
+        if size is not None and st.st_size != size:
+            return f"it has {st.st_size} bytes, not {size}", None
+        if limit is not None and st.st_size > limit:
+            return f"it has {st.st_size:,} bytes, more than the {limit:,} mepf reads here", None
+        try:
+            data = f.read(st.st_size + 1)
+        except (OSError, MemoryError) as e:
+            return f"it cannot be read ({type(e).__name__})", None
+    if len(data) != st.st_size:
+        return "it changed while it was read", None
+    return None, data
