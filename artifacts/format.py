@@ -17,6 +17,7 @@ import numpy as np
 from .errors import MepfError
 from .feature_spec import FeatureSpec
 from .ledger import canonical_json
+from .plain_file import open_plain_file
 from .schema import (
     MAX_CLASSES,
     MAX_NAME,
@@ -108,13 +109,11 @@ def content_checksum(arrays: dict, class_names, feature_spec: str, data_spec: st
 
 def file_sha256(path) -> str:
     """SHA-256 of the plain file at `path`, opened without blocking (a FIFO at the name is an OSError, not a wait)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a plain file")
-        return fd_sha256(fd)
-    finally:
-        os.close(fd)
+    problem, f = open_plain_file(path)
+    if problem:
+        raise OSError(f"{path}: {problem}")
+    with f:
+        return fd_sha256(f.fileno())
 
 
 def fd_sha256(fd: int) -> str:

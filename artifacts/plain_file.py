@@ -6,6 +6,13 @@ import os
 import stat
 
 
+def open_nonblocking(path, follow: bool = True):
+    """`path` opened for reading (raises OSError): a FIFO put at the name does not block the open (the caller's
+    plain-file or identity check then refuses it); with follow=False a link in the last component fails (ELOOP)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
+    return os.fdopen(os.open(path, flags), "rb")
+
+
 def open_plain_file(path):
     """(problem, None) or (None, the plain file at `path` open for reading). Opened without blocking, so that a
     FIFO put at the name is refused, not waited on; checked to be a plain file on the open handle."""

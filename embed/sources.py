@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
+from mepf.artifacts.plain_file import open_nonblocking
 
 
 class Source:
@@ -83,18 +84,11 @@ def file_identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _open_nonblocking(path, follow: bool = True):
-    """`path` opened for reading; a FIFO put in a file's place does not block the open (its identity then refuses
-    it), and with follow=False a link in the last component fails (ELOOP)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
-    return os.fdopen(os.open(path, flags), "rb")
-
-
 def stat_identity(path) -> tuple:
     """The identity of the file at `path`, from an open handle (as every later check takes it: on some overlay
     filesystems stat of a path and fstat of its handle name different inodes)."""
     try:
-        with _open_nonblocking(path) as f:
+        with open_nonblocking(path) as f:
             st = os.fstat(f.fileno())
     except OSError as e:
         raise MepfError(f"cannot read {path} ({type(e).__name__}); check that it exists and is readable") from None
@@ -116,7 +110,7 @@ def check_unchanged(fd: int, identity: tuple, path) -> None:
 def open_unchanged(path, identity: tuple):
     """The file opened for reading, checked to be the one `identity` was taken of."""
     try:
-        f = _open_nonblocking(path)
+        f = open_nonblocking(path)
     except OSError as e:
         raise MepfError(f"cannot read {path} ({type(e).__name__}); fix its permissions") from None
     return _checked(f, check_unchanged, identity, path)
@@ -158,7 +152,7 @@ def listed_identities(paths, root):
     seen = {}
     for i, p in enumerate(paths):
         try:
-            with _open_nonblocking(p, follow=False) as f:
+            with open_nonblocking(p, follow=False) as f:
                 st = os.fstat(f.fileno())
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -200,7 +194,7 @@ def open_listed(path, identity):
     whose images were swapped, renamed or replaced by links after the listing would have workers and ranks read
     one record twice and another never, at the same count. Links are not followed; a FIFO does not block."""
     try:
-        f = _open_nonblocking(path, follow=False)
+        f = open_nonblocking(path, follow=False)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _changed(path, "replaced by a link") from None

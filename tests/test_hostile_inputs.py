@@ -22,7 +22,7 @@ from mepf.core.features import BACKBONES, _effnet_pretrained, build_feature_map
 from mepf.embed import release_log
 from mepf.embed.files import FolderSource
 from mepf.embed.transform import Transform
-from tests.conftest import Payload, make_images
+from tests.conftest import Payload, fails_if_blocked, make_images
 
 TINY = ["--backbone", "resnet18", "--weights", "random", "--layers", "pixels"]  # a map that costs microseconds
 
@@ -139,7 +139,6 @@ def test_weights_files_that_are_not_plain_or_too_large_are_refused_unread(tmp_pa
     """A FIFO given as --weights, or put at the published name in torch's hub cache, is refused at once (never
     waited on); a file larger than any weights mepf reads is refused by its size, not read into memory."""
     import os
-    import signal
 
     from mepf.core import tensor_file
 
@@ -150,20 +149,13 @@ def test_weights_files_that_are_not_plain_or_too_large_are_refused_unread(tmp_pa
     os.mkfifo(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
 
-    def hang(*_):
-        raise AssertionError("blocked on the FIFO")
-
-    signal.signal(signal.SIGALRM, hang)
-    signal.alarm(30)
-    try:
+    with fails_if_blocked(30):
         for weights, why in ((tmp_path / "fifo.pt", "not a plain file"),
                              (tmp_path / "big.pt", "more than the 4,294,967,296 mepf reads")):
             with pytest.raises(MepfError, match=why):
                 build_feature_map("efficientnet-lite0", str(weights), ["stem"], image_size=(28, 28), channels=1)
         with pytest.raises(MepfError, match="not the published resnet18 weights file .it is not a plain file"):
             build_feature_map("resnet18", "pretrained", ["stem"], image_size=(28, 28), channels=1)
-    finally:
-        signal.alarm(0)
 
 
 def test_hub_weights_table_names_torchvisions_files():

@@ -14,7 +14,7 @@ from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.files import ArraySource, FolderSource
 from mepf.embed.sources import open_source
 from tests import npz_shards
-from tests.conftest import make_images
+from tests.conftest import fails_if_blocked, make_images
 
 
 def collect(src, bs=7):
@@ -139,10 +139,6 @@ def test_a_data_file_changed_between_the_plan_and_a_read_is_refused(tmp_path, ki
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["npz", "h5", "idx-gz"])
 def test_a_fifo_put_in_a_data_files_place_is_refused_without_waiting(tmp_path, kind):
     """The reads and the node's digest open the file without blocking: a FIFO in its place is another file."""
-    import signal
-
-    def hang(*_):
-        raise AssertionError("blocked on the FIFO")
 
     path, make = _array_files(tmp_path)[kind]
     src = make()
@@ -150,15 +146,11 @@ def test_a_fifo_put_in_a_data_files_place_is_refused_without_waiting(tmp_path, k
     os.mkfifo(path)
     with pytest.raises(MepfError, match="not a plain file"):  # a FIFO named as the data file from the start
         make()
-    signal.signal(signal.SIGALRM, hang)
-    signal.alarm(20)
-    try:
+    with fails_if_blocked():
         with pytest.raises(MepfError, match="changed while it was read"):
             list(src.blocks(10))
         with pytest.raises(MepfError, match="changed while it was read"):
             src.listing_digest()
-    finally:
-        signal.alarm(0)
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["npz", "h5", "idx-gz"])
@@ -327,17 +319,11 @@ def _fifo_over(a: Path) -> None:
 def test_a_fifo_put_in_an_images_place_is_refused_without_waiting(tmp_path, monkeypatch):
     """Nothing writes to a FIFO put in an image's place after the listing: the read, the node's digest and
     `mepf embed --check` refuse it at once instead of blocking forever (the other ranks would wait on the node)."""
-    import signal
 
     from mepf.embed import files
     from mepf.embed.check import check_data
 
-    def hang(*_):
-        raise AssertionError("blocked on the FIFO")
-
-    signal.signal(signal.SIGALRM, hang)
-    signal.alarm(20)
-    try:
+    with fails_if_blocked():
         root = _same_size_folder(tmp_path)
         src = FolderSource(root)
         _fifo_over(root / "c0" / "00.png")
@@ -357,8 +343,6 @@ def test_a_fifo_put_in_an_images_place_is_refused_without_waiting(tmp_path, monk
         monkeypatch.setattr(files, "listed_identities", fifo_after_listing)
         problems = check_data(str(root), show_progress=False)
         assert len(problems) == 1 and "image c1/11.png changed while it was read" in problems[0], problems
-    finally:
-        signal.alarm(0)
 
 
 def test_images_dated_after_2262_are_read(tmp_path):
@@ -522,7 +506,6 @@ def _celeba(tmp_path, monkeypatch, n=6):
 
 def test_celeba_partition_index_is_read_without_waiting_and_checked(tmp_path, monkeypatch):
     """The partition index names the images: another file there is refused by its MD5, a FIFO in its place at once."""
-    import signal
 
     folder, make = _celeba(tmp_path, monkeypatch)
     assert len(make()) == 6
@@ -533,16 +516,9 @@ def test_celeba_partition_index_is_read_without_waiting_and_checked(tmp_path, mo
     index.unlink()
     os.mkfifo(index)
 
-    def hang(*_):
-        raise AssertionError("blocked on the FIFO")
-
-    signal.signal(signal.SIGALRM, hang)
-    signal.alarm(20)
-    try:
+    with fails_if_blocked():
         with pytest.raises(MepfError, match="celeba not found|not a plain file"):
             make()
-    finally:
-        signal.alarm(0)
 
 
 def test_celeba_images_are_read_as_listed(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from mepf.embed.transform import Transform
 from mepf.synthesize import load_generator
 from mepf.synthesize.objective import Target, embedding_distance
 from mepf.synthesize.train import TrainOptions, prepare, resume, start
-from tests.conftest import Payload
+from tests.conftest import Payload, fails_if_blocked
 
 FAST = {"width": 32, "batch_size": 40, "grid_every": 0, "snapshot_every": 0, "log_every": 5, "device": "cpu"}
 
@@ -478,7 +478,6 @@ def test_run_folder_files_from_someone_else_are_read_bounded_and_without_waiting
     """A run folder passed to `mepf info` / `evaluate` / resume: an options.json larger than any run's (sparse,
     8 TiB) or a FIFO is one line, never read whole or waited on; a damaged stats.jsonl line is one line."""
     import os
-    import signal
 
     from mepf.synthesize import run_folder
 
@@ -492,18 +491,11 @@ def test_run_folder_files_from_someone_else_are_read_bounded_and_without_waiting
     os.mkfifo(run / run_folder.OPTIONS)
     os.mkfifo(run / run_folder.STATS)
 
-    def hang(*_):
-        raise AssertionError("blocked on the FIFO")
-
-    signal.signal(signal.SIGALRM, hang)
-    signal.alarm(20)
-    try:
+    with fails_if_blocked():
         r = CliRunner().invoke(main, ["info", str(run)])
         assert r.exit_code != 0 and r.output.strip().count("\n") == 0, r.output  # no run folder: one line
         with pytest.raises(MepfError, match="not a plain file"):
             run_folder.read_stats(run)
-    finally:
-        signal.alarm(0)
     (run / run_folder.STATS).unlink()
     (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n{"step": \n')
     with pytest.raises(MepfError, match="line 2 is not a stats record"):
