@@ -107,6 +107,10 @@ def latest_snapshot(run: Path):
 
 
 class Trainer:
+    #: an experiment's extra term of the generator's loss, a function (trainer, x, y) -> (loss, {name: stat}) set
+    #: on the class, added after the distance to the release (benchmarks/gram_oracle.py; no CLI option sets it)
+    extra_term = None
+
     def __init__(self, opts: TrainOptions, release, fmap, arch, device, precision: Precision | None = None):
         """`precision`: the run's plan (resume passes the recorded one); None resolves opts.precision here."""
         self.opts, self.release, self.fmap, self.arch, self.device = opts, release, fmap, arch, device
@@ -213,6 +217,10 @@ class Trainer:
             w = 1.0 if self.coord_weights is None else self.coord_weights
             loss = sum(self.weights[m] * -(w * self.mavg[m][p].detach() * mu[p]).sum(1).mean()
                        for m, (mu, p) in fake.items())
+        if self.extra_term is not None:
+            extra, extra_stats = self.extra_term(x, y)
+            loss = loss + extra
+            stats.update(extra_stats)
         lr = self.lr_at(self.step)
         for group in self.opt_g.param_groups:
             group["lr"] = lr
