@@ -502,3 +502,25 @@ def test_run_folder_files_from_someone_else_are_read_bounded_and_without_waiting
         run_folder.read_stats(run)
     (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n\n{"step": 100}\n')
     assert [r["step"] for r in run_folder.read_stats(run)] == [50, 100]
+
+
+def test_an_extra_term_enters_the_generators_loss(release_file, tmp_path, monkeypatch):
+    """Trainer.extra_term (benchmarks/gram_oracle.py's hook): its loss moves the generator the way it pulls and its
+    statistics reach stats.jsonl; unset, training is as before."""
+    from mepf.synthesize.train import Trainer
+
+    def darker(trainer, x, y):
+        return 50 * x.mean(), {"dist_extra": x.mean().detach()}
+
+    def brightness(trainer):
+        with torch.no_grad():
+            z = torch.randn(200, trainer.G.z_dim, generator=torch.Generator().manual_seed(0))
+            return float(trainer.G.eval()(z, torch.arange(200) % 10).mean())
+
+    plain = start(TrainOptions(release=str(release_file), out=str(tmp_path / "a"), steps=20, **FAST), progress=False)
+    monkeypatch.setattr(Trainer, "extra_term", darker)
+    pulled = start(TrainOptions(release=str(release_file), out=str(tmp_path / "b"), steps=20, **FAST),
+                   progress=False)
+    assert brightness(pulled) < 0.5 * brightness(plain)
+    stats = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert "dist_extra" in stats[-1] and "dist_extra" not in (tmp_path / "a" / "stats.jsonl").read_text()
