@@ -6,18 +6,28 @@ import os
 import stat
 
 
+def _open_fd(path, follow: bool = True) -> int:
+    """A descriptor of `path` for reading, opened without blocking on a FIFO (raises OSError); with follow=False a
+    link in the last component fails (ELOOP)."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW))
+
+
 def open_nonblocking(path, follow: bool = True):
     """`path` opened for reading (raises OSError): a FIFO put at the name does not block the open (the caller's
     plain-file or identity check then refuses it); with follow=False a link in the last component fails (ELOOP)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
-    return os.fdopen(os.open(path, flags), "rb")
+    fd = _open_fd(path, follow)
+    try:
+        return os.fdopen(fd, "rb")
+    except OSError:  # a folder: fdopen refuses it but leaves the descriptor open
+        os.close(fd)
+        raise
 
 
 def open_plain_file(path):
     """(problem, None) or (None, the plain file at `path` open for reading). Opened without blocking, so that a
     FIFO put at the name is refused, not waited on; checked to be a plain file on the open handle."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_fd(path)
     except OSError as e:
         return f"it cannot be opened ({type(e).__name__})", None
     try:

@@ -589,3 +589,15 @@ def test_h5_files_numpy_cannot_read_or_damaged_are_one_line(tmp_path):
     path.write_bytes(bytes(data))
     problems = check_data(str(path), show_progress=False)
     assert len(problems) == 1 and "reading it failed" in problems[0] and "\n" not in problems[0]
+
+
+def test_a_folder_at_a_files_name_is_refused_without_leaking_its_descriptor(tmp_path):
+    """open_nonblocking and open_plain_file on a folder: an error or a problem, and no descriptor left open."""
+    from mepf.artifacts.plain_file import open_nonblocking, open_plain_file
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(OSError):
+            open_nonblocking(tmp_path)
+        assert open_plain_file(tmp_path) == ("it is not a plain file", None)
+    assert len(os.listdir("/proc/self/fd")) == before

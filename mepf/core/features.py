@@ -24,10 +24,11 @@ from torch.autograd.function import once_differentiable
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.feature_spec import FeatureSpec
+from mepf.artifacts.plain_file import read_plain_file
 from mepf.artifacts.versions import versions
 
 from .names import DEFAULT_PIXEL_WEIGHT, POOLINGS
-from .tensor_file import is_state_dict, read_plain_file, read_tensors
+from .tensor_file import is_state_dict, read_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.plain_file import open_plain_file, read_plain_file  # noqa: F401 - re-exported
+from mepf.artifacts.plain_file import read_plain_file
 
 #: a torch zip file holds at most this many members (a model's tensors; mepf's generators hold a few dozen)
 MAX_MEMBERS = 100_000
