@@ -18,13 +18,33 @@ from mepf.evaluate.data import load_reference
 from mepf.synthesize import load_generator
 
 
-def layer_maps(fmap, x: torch.Tensor) -> list:
-    """Each layer's activation map (B, C, H, W), preprocessed as the feature map preprocesses its input."""
+def layer_maps(fmap, x: torch.Tensor, n: int | None = None) -> list:
+    """Each layer's activation map (B, C, H, W), preprocessed as the feature map preprocesses its input; with n,
+    only the first n layers (the stages after the n-th are not run)."""
     if fmap.channels == 1:
         x = x.expand(-1, 3, -1, -1)
     if fmap.resize is not None:
         x = F.interpolate(x, size=fmap.resize, mode="bilinear", align_corners=False)
-    return fmap.body((x - fmap.mean) / fmap.std)
+    x = (x - fmap.mean) / fmap.std
+    if n is None:
+        return fmap.body(x)
+    outs, body = [], fmap.body
+    for name, stage in zip(body.names, body.stages):
+        x = stage(x)
+        if name in body.wanted:
+            outs.append(x)
+            if len(outs) == n:
+                break
+    return outs
+
+
+def gram_vector(m: torch.Tensor) -> torch.Tensor:
+    """(B, C(C+1)/2): the upper triangle of each image's channel Gram matrix A A^T / HW of a (B, C, H, W) map, at
+    unit norm, in the map's dtype."""
+    a = m.flatten(2)
+    g = a @ a.transpose(1, 2) / a.shape[2]
+    iu = torch.triu_indices(g.shape[1], g.shape[1], device=g.device)
+    return F.normalize(g[:, iu[0], iu[1]], dim=1)
 
 
 def class_sums(fmap, images: np.ndarray, labels: np.ndarray, k: int, batch: int = 250) -> tuple:
@@ -41,11 +61,8 @@ def class_sums(fmap, images: np.ndarray, labels: np.ndarray, k: int, batch: int 
                 grams = [torch.zeros(k, m.shape[1] * (m.shape[1] + 1) // 2, dtype=torch.float64) for m in maps]
                 firsts = [torch.zeros(k, m[0].numel(), dtype=torch.float64) for m in maps]
             for i, m in enumerate(maps):
-                a = m.double().flatten(2)  # B, C, HW
-                g = a @ a.transpose(1, 2) / a.shape[2]
-                iu = torch.triu_indices(g.shape[1], g.shape[1])
-                gv = F.normalize(g[:, iu[0], iu[1]], dim=1)
-                f1 = F.normalize(a.flatten(1), dim=1)
+                gv = gram_vector(m.double())
+                f1 = F.normalize(m.double().flatten(1), dim=1)
                 grams[i].index_add_(0, yb, gv)
                 firsts[i].index_add_(0, yb, f1)
     counts = torch.bincount(y, minlength=k).double()[:, None]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from gram_fit import gram_vector, layer_maps  # benchmarks/ is the script's folder
 
 from mepf.artifacts import load
 from mepf.evaluate.data import load_reference
@@ -31,31 +31,8 @@ from mepf.synthesize.options import TrainOptions
 
 
 def gram_vectors(maps: list) -> torch.Tensor:
-    """(B, sum C(C+1)/2): each map's (B, C, H, W) Gram upper triangle, each layer at norm 1/sqrt(L), float32."""
-    parts = []
-    for m in maps:
-        a = m.float().flatten(2)
-        g = a @ a.transpose(1, 2) / a.shape[2]
-        iu = torch.triu_indices(g.shape[1], g.shape[1], device=g.device)
-        parts.append(F.normalize(g[:, iu[0], iu[1]], dim=1) / math.sqrt(len(maps)))
-    return torch.cat(parts, dim=1)
-
-
-def shallow_maps(fmap, x: torch.Tensor, n: int) -> list:
-    """The first n layer maps of the feature map (its preprocessing, then its stages up to the n-th layer)."""
-    if fmap.channels == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if fmap.resize is not None:
-        x = F.interpolate(x, size=fmap.resize, mode="bilinear", align_corners=False)
-    x = (x - fmap.mean) / fmap.std
-    outs, body = [], fmap.body
-    for name, stage in zip(body.names, body.stages):
-        x = stage(x)
-        if name in body.wanted:
-            outs.append(x)
-            if len(outs) == n:
-                break
-    return outs
+    """(B, sum C(C+1)/2): each map's (B, C, H, W) unit-norm Gram vector scaled by 1/sqrt(L), float32."""
+    return torch.cat([gram_vector(m.float()) / math.sqrt(len(maps)) for m in maps], dim=1)
 
 
 def real_sums(fmap, images: np.ndarray, labels: np.ndarray, k: int, n_layers: int, batch: int = 500) -> np.ndarray:
@@ -63,7 +40,7 @@ def real_sums(fmap, images: np.ndarray, labels: np.ndarray, k: int, n_layers: in
     with torch.no_grad():
         for s in range(0, len(images), batch):
             x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float() / 255
-            v = gram_vectors(shallow_maps(fmap, x, n_layers)).double()
+            v = gram_vectors(layer_maps(fmap, x, n_layers)).double()
             if sums is None:
                 sums = torch.zeros(k, v.shape[1], dtype=torch.float64)
             sums.index_add_(0, torch.from_numpy(labels[s:s + batch].astype(np.int64)), v)
@@ -122,7 +99,7 @@ def main():
 
     def gram_term(trainer, x, y):
         with torch.autocast(x.device.type, enabled=False):
-            v = gram_vectors(shallow_maps(trainer.fmap, x.float(), a.layers))
+            v = gram_vectors(layer_maps(trainer.fmap, x.float(), a.layers))
             mu_f, present = class_means(v, y, k)
             d = ((target["S3"][present] - mu_f[present]) ** 2).sum(1).mean()
         return a.gram_weight * d, {"dist_S3": d.detach()}
