@@ -66,11 +66,11 @@ def resnet9(channels: int, num_classes: int) -> nn.Module:
                          nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
 
 
-def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int = 0, epochs: int = 8,
-                 batch_size: int = 128, device="cpu", progress: bool = False) -> float:
+def train_cnn(x_train, y_train, num_classes: int, seed: int = 0, epochs: int = 8, batch_size: int = 128,
+              device="cpu", progress: bool = False) -> nn.Module:
     """Fixed recipe: Adam lr 2e-3 with a one-cycle schedule, `epochs` epochs but at least MIN_STEPS steps
     (small training sets would otherwise leave batch norm's running statistics unsettled), random crop for
-    augmentation; the last iterate is tested."""
+    augmentation; returns the last iterate, in eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -100,7 +100,20 @@ def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int =
             sched.step()
             bar.update(1)
     bar.close()
-    model.eval()
+    return model.eval()
+
+
+@torch.no_grad()
+def cnn_probabilities(model: nn.Module, images: np.ndarray, device="cpu") -> np.ndarray:
+    """Softmax class probabilities (N, K) of uint8 images (N, H, W, C) under a trained CNN."""
+    xe = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return torch.cat([model(xe[s:s + 500].to(device)).softmax(1).cpu() for s in range(0, len(xe), 500)]).numpy()
+
+
+def cnn_accuracy(x_train, y_train, x_test, y_test, num_classes: int, seed: int = 0, epochs: int = 8,
+                 batch_size: int = 128, device="cpu", progress: bool = False) -> float:
+    """train_cnn's model, tested once on the test set."""
+    model = train_cnn(x_train, y_train, num_classes, seed, epochs, batch_size, device, progress)
     xe = torch.from_numpy(x_test).permute(0, 3, 1, 2).float() / 255
     correct = 0
     with torch.no_grad():
