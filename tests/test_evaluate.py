@@ -17,7 +17,7 @@ from mepf.embed.datasets import named_source
 from mepf.embed.files import ArraySource
 from mepf.embed.release import embed_to_file
 from mepf.embed.transform import Transform
-from mepf.evaluate.classifiers import accuracies
+from mepf.evaluate.classifiers import accuracies, cnn_accuracy, cnn_probabilities, train_cnn
 from mepf.evaluate.data import read_source
 from mepf.synthesize.train import TrainOptions, start
 from tests.conftest import Payload, fails_if_blocked
@@ -146,6 +146,17 @@ def test_accuracy_real_vs_real_and_shuffled(mnist):
     assert real["logreg"] > 0.8 and real["mlp"] > 0.8 and real["cnn"] > 0.9, real
     shuffled = accuracies(x, np.random.default_rng(1).permutation(y), test.images, test.labels, 10, ("logreg", "mlp"))
     assert all(v < 0.2 for v in shuffled.values()), shuffled
+
+
+def test_the_cnn_recipe_returns_the_model_that_cnn_accuracy_tests(mnist):
+    """train_cnn + cnn_probabilities (benchmarks/sample_filter.py) are the recipe cnn_accuracy reports: the same seed
+    gives the same accuracy, probabilities are a distribution per image, and the model classifies held-out digits."""
+    train, test = mnist
+    x, y, xt, yt = train.images[:1000], train.labels[:1000], test.images[:300], test.labels[:300]
+    p = cnn_probabilities(train_cnn(x, y, 10, seed=3, batch_size=32), xt)
+    assert p.shape == (300, 10) and np.allclose(p.sum(1), 1, atol=1e-5) and (p >= 0).all()
+    acc = float((p.argmax(1) == yt).mean())
+    assert acc > 0.85 and acc == cnn_accuracy(x, y, xt, yt, 10, seed=3, batch_size=32)
 
 
 @pytest.fixture(scope="module")
