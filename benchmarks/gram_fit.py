@@ -18,26 +18,6 @@ from mepf.evaluate.data import load_reference
 from mepf.synthesize import load_generator
 
 
-def layer_maps(fmap, x: torch.Tensor, n: int | None = None) -> list:
-    """Each layer's activation map (B, C, H, W), preprocessed as the feature map preprocesses its input; with n,
-    only the first n layers (the stages after the n-th are not run)."""
-    if fmap.channels == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if fmap.resize is not None:
-        x = F.interpolate(x, size=fmap.resize, mode="bilinear", align_corners=False)
-    x = (x - fmap.mean) / fmap.std
-    if n is None:
-        return fmap.body(x)
-    outs, body = [], fmap.body
-    for name, stage in zip(body.names, body.stages):
-        x = stage(x)
-        if name in body.wanted:
-            outs.append(x)
-            if len(outs) == n:
-                break
-    return outs
-
-
 def gram_vector(m: torch.Tensor) -> torch.Tensor:
     """(B, C(C+1)/2): the upper triangle of each image's channel Gram matrix A A^T / HW of a (B, C, H, W) map, at
     unit norm, in the map's dtype."""
@@ -55,7 +35,7 @@ def class_sums(fmap, images: np.ndarray, labels: np.ndarray, k: int, batch: int 
     with torch.no_grad():
         for s in range(0, len(images), batch):
             x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float() / 255
-            maps = layer_maps(fmap, x)
+            maps = fmap.layer_maps(x)
             yb = y[s:s + batch]
             if grams is None:
                 grams = [torch.zeros(k, m.shape[1] * (m.shape[1] + 1) // 2, dtype=torch.float64) for m in maps]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gram_fit import gram_vector, layer_maps  # benchmarks/ is the script's folder
+from gram_fit import gram_vector  # benchmarks/ is the script's folder
 
 from mepf.artifacts import load
 from mepf.evaluate.data import load_reference
@@ -40,7 +40,7 @@ def real_sums(fmap, images: np.ndarray, labels: np.ndarray, k: int, n_layers: in
     with torch.no_grad():
         for s in range(0, len(images), batch):
             x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float() / 255
-            v = gram_vectors(layer_maps(fmap, x, n_layers)).double()
+            v = gram_vectors(fmap.layer_maps(x, n_layers)).double()
             if sums is None:
                 sums = torch.zeros(k, v.shape[1], dtype=torch.float64)
             sums.index_add_(0, torch.from_numpy(labels[s:s + batch].astype(np.int64)), v)
@@ -99,7 +99,7 @@ def main():
 
     def gram_term(trainer, x, y):
         with torch.autocast(x.device.type, enabled=False):
-            v = gram_vectors(layer_maps(trainer.fmap, x.float(), a.layers))
+            v = gram_vectors(trainer.fmap.layer_maps(x.float(), a.layers))
             mu_f, present = class_means(v, y, k)
             d = ((target["S3"][present] - mu_f[present]) ** 2).sum(1).mean()
         return a.gram_weight * d, {"dist_S3": d.detach()}

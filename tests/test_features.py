@@ -271,3 +271,27 @@ def test_layer_dims_give_each_layer_its_own_part_of_f(backbone, layers, pooling,
                                          channels=1)
             assert torch.equal(f[:, start:start + d], alone(x)), name
             start += d
+
+
+def test_layer_maps_are_f_before_pooling_and_stop_after_the_nth_layer():
+    """layer_maps(x) are the maps f pools or flattens (the map's own preprocessing, greyscale repeated); with n the
+    first n of them, bit for bit, and the stages after the n-th never run (diagnostics read shallow layers only)."""
+    ex, spec = build_feature_map("resnet18", "random", layers=["stem", "layer1", "layer3"], pooling="mean",
+                                 image_size=(32, 32), channels=1)
+    x = torch.tensor(make_images(3, seed=7, size=32)).permute(0, 3, 1, 2).float() / 255
+    ran = []
+    hooks = [stage.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
+             for name, stage in zip(ex.body.names, ex.body.stages)]
+    with torch.no_grad():
+        maps = ex.layer_maps(x)
+        assert ran == ["stem", "layer1", "layer2", "layer3"] and [m.dim() for m in maps] == [4, 4, 4]
+        assert torch.equal(ex(x), torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
+        ran.clear()
+        first2 = ex.layer_maps(x, 2)
+        assert ran == ["stem", "layer1"] and len(first2) == 2
+        assert all(torch.equal(a, b) for a, b in zip(first2, maps[:2]))
+        assert len(ex.layer_maps(x, 5)) == 3
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="at least 1"):
+        ex.layer_maps(x, 0)

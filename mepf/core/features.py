@@ -96,12 +96,15 @@ class _Stages(nn.Module):
         self.stages = nn.ModuleList([m for _, m in stages[: last + 1]])
         self.wanted = set(wanted)
 
-    def forward(self, x):
+    def forward(self, x, n: int | None = None):
+        """The requested stages' outputs in order; with n, only the first n (the stages after the n-th not run)."""
         outs = []
         for name, stage in zip(self.names, self.stages):
             x = stage(x)
             if name in self.wanted:
                 outs.append(x)
+                if len(outs) == n:
+                    break
         return outs
 
 
@@ -303,15 +306,21 @@ class FeatureMap(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
         outs = [x * self.pixel_weight] if self.pixel_weight is not None else []
+        outs += self.layer_maps(x)
+        if self.pooling == "mean":
+            return [o.mean(dim=(2, 3)) for o in outs]
+        return [o.flatten(1) for o in outs]
+
+    def layer_maps(self, x: torch.Tensor, n: int | None = None) -> list:
+        """The network layers' activation maps (B, C, H, W) of images x, in order, before pooling (the pixel layer
+        not among them); with n, only the first n, and the stages after the n-th are not run."""
+        if n is not None and n < 1:
+            raise ValueError(f"n must be at least 1 layer, not {n}")
         if self.channels == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.resize is not None:
             x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
-        outs += self.body(x)
-        if self.pooling == "mean":
-            return [o.mean(dim=(2, 3)) for o in outs]
-        return [o.flatten(1) for o in outs]
+        return self.body((x - self.mean) / self.std, n)
 
     @torch.no_grad()
     def layer_dims(self, height: int, width: int) -> dict:
