@@ -606,8 +606,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
               help="mepf: uint8 .npz or PNG folders; dpimagebench: the gen.npz DPImageBench's eval.py loads (x float32 "
                    "(N, C, H, W) in [0, 1], y labels, classes balanced).")
 @click.option("--z-scale", type=float, default=_sd("z_scale"), show_default=True,
-              help="Draw the latent from N(0, s^2 I): s > 1 spreads the samples wider (post-processing: no "
-                   "privacy cost).")
+              help="Draw the latent from N(0, s^2 I): s > 1 spreads the samples wider, s < 1 narrows them "
+                   "(post-processing: no privacy cost).")
 @user_errors
 def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_scale):
     """Draw N images from a run folder or generator.pt, as .npz or a folder of PNGs (one subfolder per class)."""
