@@ -79,24 +79,35 @@ def write_table(out: Path, rows: list) -> list:
     return lines
 
 
-def keep_generator(run: Path, dest: Path, n: int, seed: int, z_scale: float = 1.0) -> dict:
-    """Copy the run's generator.pt and options.json to dest (committed beside the results), with the first 100
-    of its n samples of `seed` (the evaluation's draw) as an .npz: a check that the committed generator is the
-    one behind the row. Returns the row's fields that name it."""
+def first100_name(z_scale: float = 1.0) -> str:
+    """The file beside a committed generator with the first 100 of a draw at z_scale (one per scale)."""
+    return "samples-first100.npz" if z_scale == 1 else f"samples-first100-z{z_scale:g}.npz"
+
+
+def record_samples(gen_path: Path, n: int, seed: int, z_scale: float = 1.0) -> dict:
+    """Draw n samples of `seed` at z_scale (the evaluation's draw), store the first 100 beside the generator and
+    return the row's `samples` field (n, seed, z_scale, SHA-256 of images and labels)."""
     import hashlib
 
     from mepf.synthesize import load_generator
 
+    images, labels = load_generator(gen_path).sample(n, seed=seed, z_scale=z_scale)
+    np.savez_compressed(gen_path.parent / first100_name(z_scale), images=images[:100], labels=labels[:100])
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels.astype("<i8")).tobytes())
+    return {"n": n, "seed": seed, "sha256": h.hexdigest(), **({"z_scale": z_scale} if z_scale != 1 else {})}
+
+
+def keep_generator(run: Path, dest: Path, n: int, seed: int, z_scale: float = 1.0) -> dict:
+    """Copy the run's generator.pt and options.json to dest (committed beside the results), with the first 100
+    of its n samples of `seed` (the evaluation's draw) as an .npz: a check that the committed generator is the
+    one behind the row. Returns the row's fields that name it."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("generator.pt", "options.json"):
         shutil.copyfile(run / name, dest / name)
-    images, labels = load_generator(dest / "generator.pt").sample(n, seed=seed, z_scale=z_scale)
-    np.savez_compressed(dest / "samples-first100.npz", images=images[:100], labels=labels[:100])
-    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-    h.update(np.ascontiguousarray(labels.astype("<i8")).tobytes())
+    samples = record_samples(dest / "generator.pt", n, seed, z_scale)
     root = Path(__file__).resolve().parent.parent
     where = dest.resolve().relative_to(root) if dest.resolve().is_relative_to(root) else dest
-    samples = {"n": n, "seed": seed, "sha256": h.hexdigest(), **({"z_scale": z_scale} if z_scale != 1 else {})}
     return {"generator": str(where / "generator.pt"), "samples": samples}
 
 

@@ -1,7 +1,9 @@
 """The generators committed beside the results rows (docs/results/generators/) are the ones that produced them:
-each draws, for the row's seed, the images stored with it (the first 100 of the evaluation's draw)."""
+each draws, for the row's seed and latent scale, the images stored with it (the first 100 of the evaluation's
+draw)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import pytest
 from mepf.synthesize import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
+_SPEC = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(quality)
 
 
 def _rows():
@@ -25,9 +30,12 @@ def test_there_are_committed_generators():
 @pytest.mark.parametrize("source,row", _rows(), ids=[r["generator"].split("/")[-2] for _, r in _rows()])
 def test_committed_generator_draws_the_rows_samples(source, row):
     path = ROOT / row["generator"]
-    stored = np.load(path.parent / "samples-first100.npz")
+    assert "samples" in row, f"{source}: a row that names its generator names its draw (quality.record_samples)"
+    z = row["samples"].get("z_scale", 1.0)
+    assert z == row.get("z_scale", 1.0), f"{source}: the row's samples are not its evaluation's draw"
+    stored = np.load(path.parent / quality.first100_name(z))
     g = load_generator(path)
-    images, labels = g.sample(100, seed=row["samples"]["seed"], z_scale=row["samples"].get("z_scale", 1.0))
+    images, labels = g.sample(100, seed=row["samples"]["seed"], z_scale=z)
     assert (labels == stored["labels"]).all()
     # the same computation; another CPU's kernels may round a pixel differently, never more
     diff = np.abs(images.astype(int) - stored["images"].astype(int))
