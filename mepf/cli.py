@@ -654,7 +654,8 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_s
               help="pytorch-fid Inception weights file.  [default: pytorch-fid's cache or download]")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--release-log", type=click.Path(dir_okay=False), default=None,
-              help="Owner's release log, to recognise private data given as reference.")
+              help="Owner's release log, to recognise private data given as reference.  "
+                   f"[default: {eo.default_path_text(eo.RELEASE_LOG)}, as embed]")
 @click.option("--class-map", default=None, help="Pair synthetic and reference classes by hand: SYNTH=REF,... "
               "[default: by name; by index only where a side is an .npz without names]")
 @click.option("--seed", type=click.IntRange(0), default=_vd("seed"))
