@@ -129,9 +129,10 @@ def _vd(name):
 @main.command()
 @click.option("--data", required=True, help="Image folder (one subfolder per class, or flat), .npz/.h5 "
               f"arrays, or a named dataset: {', '.join(eo.DATASETS)}, with :train/:test.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Output .h5 file (its folder is created).  [required]")
-@click.option("--epsilon", type=float, help="Target epsilon (> 0).  [required]")
-@click.option("--delta", type=float, help="Target delta, in (0, 1) and below 1/n.  [required]")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Output .h5 file (its folder is created).  [required, except with --check]")
+@click.option("--epsilon", type=float, help="Target epsilon (> 0).  [required, except with --check]")
+@click.option("--delta", type=float, help="Target delta, in (0, 1) and below 1/n.  [required, except with --check]")
 @click.option("--relation", type=_choices(eo.RELATIONS),
               default=_ed("relation"), help="Neighbouring relation; add-remove keeps n private.")
 @click.option("--moments", type=_choices(eo.MOMENT_SETS), default=_ed("moments"),
