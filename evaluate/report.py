@@ -10,6 +10,8 @@ import torch
 from mepf.artifacts.staging import write_text_atomic
 from mepf.synthesize.grid import save_grid
 
+from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
+
 
 def privacy_in_words(release: dict | None) -> str:
     if release is None:
@@ -97,7 +99,9 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
               "| metric | value |", "| --- | --- |"]
     if "fid" in m:
         against = f" vs {m['fid_reference']}" if m.get("fid_reference") else ""
-        lines.append(f"| FID ({m['fid_samples']} samples{against}, pytorch-fid InceptionV3 pool3) | {m['fid']:.2f} |")
+        net = ("pytorch-fid InceptionV3 pool3" if m.get("fid_probe_error", 0) <= FID_PROBE_TOLERANCE
+               else "InceptionV3 pool3 with weights that are not pytorch-fid's")
+        lines.append(f"| FID ({m['fid_samples']} samples{against}, {net}) | {m['fid']:.2f} |")
     bench = m.get("dpimagebench")
     if bench:
         lines[lines.index("| metric | value |") - 1:0] = [

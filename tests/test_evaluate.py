@@ -87,6 +87,53 @@ def test_offline_weights_reproduce_torchscript_pool3(fid_weights):
     assert diff <= 1e-4
 
 
+@needs_fid_helper
+def test_the_probe_pins_pytorch_fids_network_and_labels_other_weights(tmp_path, monkeypatch, fid_weights, mnist):
+    """PROBE_POOL3 is the TorchScript network's own output; weights that miss it are refused where cached and
+    labelled 'not comparable' where given."""
+    import torch.nn.functional as F
+
+    from mepf.evaluate.inception import (
+        PROBE_POOL3,
+        PROBE_TOLERANCE,
+        WEIGHTS_NAME,
+        load_inception,
+        probe_error,
+        probe_images,
+        probe_values,
+        torchscript_path,
+    )
+
+    ts = torch.jit.load(str(torchscript_path()), map_location="cpu").eval()
+    x = torch.from_numpy(probe_images()).permute(0, 3, 1, 2).float() / 255  # pytorch-fid's resize, then [-1, 1]
+    with torch.no_grad():
+        theirs = ts(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1).flatten(1)
+    assert np.allclose(probe_values(theirs.numpy()), np.asarray(PROBE_POOL3), rtol=1e-4, atol=1e-5)
+    assert probe_error(load_inception(str(fid_weights))) < 1e-4
+
+    state = torch.load(fid_weights, weights_only=True)
+    state["Mixed_6b.branch7x7_2.conv.weight"] = state["Mixed_6b.branch7x7_2.conv.weight"] * 1.1  # one block, 10%
+    other = tmp_path / "hub" / "checkpoints" / WEIGHTS_NAME
+    other.parent.mkdir(parents=True)
+    torch.save(state, other)
+    assert probe_error(load_inception(str(other))) > PROBE_TOLERANCE
+    a = _png_folder(tmp_path / "a", mnist[0].images[:12])
+    b = _png_folder(tmp_path / "b", mnist[1].images[:12])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["evaluate", str(a), "--reference", str(b), "--metrics", "fid", "--quiet"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "given"), "--inception-weights", str(other)])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "are not pytorch-fid's" in r.stderr and "not comparable with published figures" in r.stderr
+    report = json.loads((tmp_path / "given" / "report.json").read_text())
+    assert report["metrics"]["fid_probe_error"] > PROBE_TOLERANCE
+    assert "weights that are not pytorch-fid's" in (tmp_path / "given" / "report.md").read_text()
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # the same file as the cached default
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cached")])
+    assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "are not pytorch-fid's" in r.stderr and "mepf weights fid-inception" in r.stderr
+    assert not (tmp_path / "cached").exists()
+
+
 def test_an_inception_weights_file_given_or_cached_runs_no_code(tmp_path, monkeypatch, fid_weights):
     """pytorch-fid unpickles its weights file in full; mepf reads it as tensors first and hands on only those."""
     from mepf.artifacts.errors import MepfError
