@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, then the whole pipeline on the default dataset (mnist-5k, no download needed):
 # embed (stage 1) -> audit -> synthesize (stage 2) -> evaluate (stage 3) against the held-out mnist-5k:test.
-# STEPS=... shortens or lengthens training (default 1500: about 5.5 minutes on 2 CPU cores since issue 27).
+# STEPS=... shortens or lengthens training (default 1500: 3.4 minutes on 2 CPU cores on 2026-12-05).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
