@@ -31,7 +31,7 @@ from mepf.embed.datasets import DEBIAN_FASHION_DIRS, named_source
 from mepf.embed.run import EmbedOptions, run_embed
 from mepf.evaluate.data import read_source
 from mepf.evaluate.evaluation import evaluate
-from mepf.evaluate.inception import load_inception
+from mepf.evaluate.inception import checked_probe_error, load_inception
 from mepf.synthesize.objective import check_weight
 from mepf.synthesize.options import GENERATOR_NAMES, LR_SCHEDULES
 from mepf.synthesize.train import TrainOptions, resume, start
@@ -160,7 +160,7 @@ def main() -> None:
     dev = resolve_device(a.device)
     src = fashion_source(a.data_root)
     if not a.skip_fid:  # fail now, not after hours of training
-        load_inception(None, "cpu")
+        checked_probe_error(load_inception(None, "cpu"), None)
     print(f"private data: {a.data} from {getattr(src, 'image_file', '?')}")
     results = out / "results.json"
     rows = json.loads(results.read_text())["results"] if results.exists() else []  # an interrupted run goes on

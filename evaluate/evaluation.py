@@ -130,15 +130,11 @@ def _metrics_wanted(metrics, labelled: bool, synth_unlabelled: bool, warnings: l
 
 def _fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress) -> dict:
     from .fid import frechet_distance, reference_statistics, statistics
-    from .inception import activations, default_weights_path, load_inception, probe_error
+    from .inception import activations, checked_probe_error, load_inception
 
     out = {}
     model = load_inception(inception_weights, device)
-    out["fid_probe_error"] = err = probe_error(model, device)
-    if err > FID_PROBE_TOLERANCE and inception_weights is None:
-        raise MepfError(f"the FID Inception weights at {default_weights_path()} are not pytorch-fid's (they miss its "
-                        f"features on a fixed probe by {err:.2g}); delete that file and run `mepf weights "
-                        "fid-inception`, or let pytorch-fid download them")
+    out["fid_probe_error"] = checked_probe_error(model, inception_weights, device)
     k = min(fid_samples or len(synth.images), len(synth.images))
     mu_s, s_s = statistics(activations(model, synth.images[:k], device=device, progress=progress,
                                        desc="FID: synthetic images"))

@@ -61,6 +61,17 @@ def probe_error(model, device="cpu") -> float:
                      np.abs(got[:, -1] - ref[:, -1]).max() / np.abs(ref[:, -1]).max()))
 
 
+def checked_probe_error(model, weights: str | None, device="cpu") -> float:
+    """probe_error, refusing the cached default weights where they are not pytorch-fid's (weights given by name are
+    the user's choice: the caller labels their FID instead)."""
+    err = probe_error(model, device)
+    if err > PROBE_TOLERANCE and weights is None:
+        raise MepfError(f"the FID Inception weights at {default_weights_path()} are not pytorch-fid's (they miss its "
+                        f"features on a fixed probe by {err:.2g}); delete that file and run `mepf weights "
+                        "fid-inception`, or let pytorch-fid download them")
+    return err
+
+
 def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
 
