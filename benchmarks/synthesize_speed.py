@@ -8,7 +8,9 @@
 - the bare cost: generator forward+backward plus extractor forward+backward (input gradient only) at the
   same batch, each at its fastest of fp32/bf16 x default/channels-last, and the step's ratio to it;
 - with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
-  command, alternating (steps/s from each run's stats.jsonl after its first record).
+  command, alternating (steps/s from each run's stats.jsonl after its first record);
+- with --compile MODES: auto's step with both networks compiled (`nn.Module.compile(mode=...)`, one trainer per
+  mode), its compile time (the first two steps, less two eager steps) printed apart from its step time.
 Without RELEASE.h5 it first embeds mnist-5k:train (efficientnet-lite0, eps=10) into a temporary file.
 """
 from __future__ import annotations
@@ -115,6 +117,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--baseline", metavar="REV", help="also time `mepf synthesize` of this commit")
     ap.add_argument("--cli-steps", type=int, default=60, help="steps of each `mepf synthesize` run")
+    ap.add_argument("--compile", default="", metavar="MODES",
+                    help="comma-separated torch.compile modes to time auto's step with, e.g. "
+                         "default,reduce-overhead (CUDA graphs: CUDA only)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     release = a.release or str(make_release(tmp))
@@ -140,11 +145,26 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    def timed(fn) -> float:
+        sync()
+        s = time.perf_counter()
+        fn()
+        fn()
+        sync()
+        return time.perf_counter() - s
+
     cases = {f"step {k}": tr.train_step for k, tr in trainers.items()}
     cases.update(network_cases(t, a.batch_size, dev))
-    for fn in cases.values():  # warm-up
-        fn()
-        fn()
+    warm = {k: timed(fn) for k, fn in cases.items()}  # warm-up: the first two steps
+    compile_s = {}
+    for mode in [m.strip() for m in a.compile.split(",") if m.strip()]:
+        rel, fmap, arch, dev = prepare(opts)
+        tc = Trainer(opts, rel, fmap, arch, dev, t.precision)
+        tc.G.compile(mode=mode)
+        tc.fmap.compile(mode=mode)
+        name = f"step auto, compiled {mode}"
+        cases[name] = tc.train_step
+        compile_s[mode] = timed(tc.train_step) - warm["step auto"]
     rates = {k: [] for k in cases}
     for _ in range(a.repeats):
         for k, fn in cases.items():
@@ -165,6 +185,13 @@ def main() -> None:
     print(f"step auto {step_ms:.1f} ms = {bare_ms / step_ms:.2f} x bare; fp32 step {1000 / med['step fp32']:.1f} ms; "
           f"the computation before issue 27 (--precision auto then) {1000 / med['step before']:.1f} ms: auto is "
           f"{med['step auto'] / med['step before']:.2f} x faster")
+    for mode, sec in compile_s.items():
+        step = 1000 / med[f"step auto, compiled {mode}"]
+        print(f"compiled {mode}: compile time {sec:.1f} s (first two steps, less two eager ones), then {step:.1f} ms "
+              f"a step against {step_ms:.1f} eager: {step_ms / step:.2f} x; pays after "
+              f"{sec / max((step_ms - step) / 1000, 1e-9):.0f} steps" if step < step_ms else
+              f"compiled {mode}: compile time {sec:.1f} s, then {step:.1f} ms a step against {step_ms:.1f} eager: "
+              f"no gain")
     if a.baseline:
         site = baseline_build(a.baseline, tmp)
         env_old = {**os.environ, "PYTHONPATH": str(site)}

@@ -7,7 +7,8 @@
 #   scripts/gpu_offline.sh run         # there, with .whl and .devdata carried: installs them into /tmp/site and
 #                                      # runs PARTS in turn (default "check dpimagebench"): check = gpu_check.sh
 #                                      # (CHECK_S s; SKIP_TESTS=1 skips its tests), suite = all the tests
-#                                      # (SUITE_S s), speed = benchmarks/bench_classifier_speed.py, dpimagebench =
+#                                      # (SUITE_S s), compile = the training step compiled (COMPILE_S s, MODES),
+#                                      # speed = benchmarks/bench_classifier_speed.py, dpimagebench =
 #                                      # the protocol (BUDGET s, CLASSIFIERS, GENERATORS, JOBS classifiers at once);
 #                                      # logs and results in $OUT
 # .devdata's training images keep only DPImageBench's 5,000-image validation hold-out (the other 55,000 are zeros,
@@ -63,6 +64,12 @@ holdout_indices(); print('torch', torch.__version__, 'cuda', torch.version.cuda,
     suite)  # the whole test suite under that machine's Python and torch (other versions than CI's), 14 processes
       timeout "${SUITE_S:-200}" python3 -m pytest -v --tb=short -rfE -n 14 -p no:cacheprovider tests 2>&1 \
         | tee "$OUT/suite.log" ;;
+    compile)  # issue 27: auto's step with both networks compiled against eager (the FMNIST setting's networks)
+      T=$(mktemp -d)
+      python3 -m mepf embed --data mnist-5k:train --out "$T/r.h5" --epsilon 10 --delta 1e-5 --device cuda \
+        --release-log "$T/log.jsonl" --quiet
+      timeout "${COMPILE_S:-240}" python3 benchmarks/synthesize_speed.py "$T/r.h5" --device cuda --steps 50 \
+        --repeats 3 --compile "${MODES:-default,reduce-overhead}" 2>&1 | tee "$OUT/compile.log" ;;
     speed)
       timeout "${SPEED_S:-150}" python3 benchmarks/bench_classifier_speed.py --device cuda 2>&1 \
         | tee "$OUT/classifier_speed.log" ;;
