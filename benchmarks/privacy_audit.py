@@ -22,10 +22,12 @@ The last line is exactly `eps_lower_bound=<number> eps_claimed=<number>`.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from scipy.stats import beta
@@ -71,6 +73,7 @@ class Releaser:
                                  layers=("pixels",), release_log=str(folder / f"{tag}.jsonl"), overwrite=True,
                                  batch_size=32, device="cpu")
         self.parts = prepare_embed(self.opts)
+        self.loaded = False
 
     def __call__(self) -> dict:
         o = self.opts
@@ -79,8 +82,14 @@ class Releaser:
         release.embed_to_file(source, transform, extractor, spec, out=o.out, epsilon=o.epsilon, delta=o.delta,
                               relation=o.relation, batch_size=o.batch_size, device=device, overwrite=True,
                               release_log_path=o.release_log, progress=False)
-        r = load(o.out)
-        return {"arrays": {k: r.arrays[k].astype(np.float64) for k in RELEASES}, "ledger": r.ledger}
+        if not self.loaded:  # the first file through mepf's reader (schema, bounds, checksum)
+            load(o.out)
+            self.loaded = True
+        # then each fresh file read directly: the reader's safety check of a file from elsewhere runs in a
+        # child process (~0.25 s), 90% of a trial, and this file is the one just written here
+        with h5py.File(o.out, "r") as f:
+            return {"arrays": {k: f[k][()].astype(np.float64) for k in RELEASES},
+                    "ledger": json.loads(f["ledger"].asstr()[()])}
 
 
 class BrokenNoise:
