@@ -145,18 +145,10 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn) -> float:
-        sync()
-        s = time.perf_counter()
-        fn()
-        fn()
-        sync()
-        return time.perf_counter() - s
-
     cases = {f"step {k}": tr.train_step for k, tr in trainers.items()}
     cases.update(network_cases(t, a.batch_size, dev))
     for fn in cases.values():  # warm-up
-        timed(fn)
+        per_second(fn, 2, sync)
     compile_s = {}
     for mode in [m.strip() for m in a.compile.split(",") if m.strip()]:
         rel, fmap, arch, dev = prepare(opts)
@@ -165,7 +157,8 @@ def main() -> None:
         tc.fmap.compile(mode=mode)
         name = f"step auto, compiled {mode}"
         cases[name] = tc.train_step
-        compile_s[mode] = timed(tc.train_step)  # its first two steps; two eager steps are taken off below
+        # the first two steps' seconds, compiling included; two eager steps are taken off below
+        compile_s[mode] = 2 / per_second(tc.train_step, 2, sync)
         print(f"compiled {mode}: first two steps {compile_s[mode]:.1f} s", flush=True)
     rates = {k: [] for k in cases}
     for _ in range(a.repeats):
