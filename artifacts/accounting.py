@@ -185,11 +185,21 @@ def non_private(sensitivities: dict, weights: dict) -> Calibration:
                        private=False)
 
 
+#: the largest finite --epsilon and the smallest --delta calibrated: beyond them the accountants' numerics fail
+#: (eps above 2^19 reads as infinite in the closed form; autodp finds no eps at delta 5e-324)
+MAX_EPSILON, MIN_DELTA = 1e5, 1e-300
+
+
 def validate_target(eps: float, delta: float, allow_inf: bool = False) -> None:
-    """eps > 0 and finite (inf only where a non-private baseline is allowed), 0 < delta < 1."""
+    """0 < eps <= MAX_EPSILON (inf only where a non-private baseline is allowed), MIN_DELTA <= delta < 1."""
     if not (eps > 0) or math.isnan(eps):
         raise MepfError(f"--epsilon must be > 0 (got {eps}); typical values are 1 to 10")
     if math.isinf(eps) and not allow_inf:
         raise MepfError("--epsilon inf means no privacy; it is only accepted by `mepf embed` for baselines")
+    if math.isfinite(eps) and eps > MAX_EPSILON:
+        raise MepfError(f"--epsilon {eps:g} is beyond what mepf calibrates ({MAX_EPSILON:g}) and protects nothing; "
+                        "typical values are 1 to 10 (--epsilon inf is the non-private baseline)")
     if not (0 < delta < 1):
         raise MepfError(f"--delta must be in (0, 1) (got {delta}); typical is 1e-5, below 1/n")
+    if delta < MIN_DELTA:
+        raise MepfError(f"--delta {delta:g} is below what mepf calibrates ({MIN_DELTA:g}); typical is 1e-5, below 1/n")

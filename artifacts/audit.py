@@ -21,6 +21,7 @@ class AuditReport:
     path: str
     checks: list = field(default_factory=list)  # (name, ok, detail)
     summary: dict = field(default_factory=dict)
+    sha256: str = ""  # of the bytes audited (whatever the name points to later)
 
     @property
     def ok(self) -> bool:
@@ -42,7 +43,7 @@ def _close(a: float, b: float, tol: float = REL_TOL) -> bool:
 def audit(path) -> AuditReport:
     """Run every check; never raises for an inconsistent file (the report says what failed)."""
     release = read_raw(path)  # unreadable or foreign files raise MepfError
-    rep = AuditReport(path=str(path))
+    rep = AuditReport(path=str(path), sha256=release.file_sha256)
     rep.check("checksum", recompute_checksum(release) == release.checksum,
               "arrays and ledger match the stored SHA-256" if recompute_checksum(release) == release.checksum
               else "stored SHA-256 does not match the content: the file was altered")

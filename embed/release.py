@@ -22,7 +22,7 @@ from mepf.artifacts.accounting import parse_budget_split, validate_target
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import fd_sha256, printable
 from mepf.artifacts.ledger import RELATIONS, build_ledger, calibration_for
-from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem
+from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem, ledger_problem
 from mepf.artifacts.staging import check_output_path, staged_release, sweep_stale_temporaries
 from mepf.core import distributed
 from mepf.core.features import QUANT_BITS, dequantise, grid_rows
@@ -305,7 +305,14 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         check_class_names(source)
         names = release_names(moments)
         weights = parse_budget_split(budget_split, names)
-        return names, calibration_for(relation, names, c1, c2, weights, epsilon, delta)
+        calib = calibration_for(relation, names, c1, c2, weights, epsilon, delta)
+        k = len(source.classes) if source.classes else 1  # the ledger every reader checks, before it is paid for
+        shapes = {n: (k,) if n == "counts" else (k, feature_spec["dim"]) for n in names}
+        problem = ledger_problem(build_ledger(relation, shapes, calib, epsilon, delta))
+        if problem:
+            raise MepfError(f"these options would write {problem}, which every reader refuses; nothing was "
+                            "released: give each release a larger --budget-split weight, or change --epsilon / --delta")
+        return names, calib
 
     names, calib = distributed.guarded(from_options)  # before any private record is read
     log_path = Path(release_log_path) if release_log_path else release_log.default_log_path()

@@ -29,7 +29,7 @@ def _run_options(synth: ImageSet) -> dict | None:
         return None
     try:
         saved = json.loads(run_folder.read_text(synth.run_dir / run_folder.OPTIONS, run_folder.MAX_OPTIONS_BYTES))
-    except (MepfError, ValueError):
+    except (MepfError, ValueError, RecursionError):
         return {}
     return saved if isinstance(saved, dict) else {}
 

@@ -255,7 +255,7 @@ def audit(file, as_json, release_log):
         from mepf.embed.release_log import composable, entry_of, mixed_note, read_key, read_log
 
         entries = read_log(release_log)
-        mine = entry_of(entries, _sha(file))
+        mine = entry_of(entries, rep.sha256)  # the file audited, not whatever its name points to now
         if mine is None:
             raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
         key = read_key(release_log)
@@ -339,12 +339,6 @@ def _number(value, spec: str) -> str:
         return format(value, spec) if ok else "?"
     except (ValueError, OverflowError):
         return "?"
-
-
-def _sha(path) -> str:
-    from mepf.artifacts.format import file_sha256
-
-    return file_sha256(path)
 
 
 @main.command()

@@ -19,7 +19,7 @@ from mepf.artifacts.ledger import RELATIONS
 from mepf.artifacts.plain_file import open_plain_file
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import read_tensors
+from mepf.core.tensor_file import read_tensors, stored_in_full_problem
 
 from .generators import GENERATORS, build_generator
 from .options import LABELS, SampleOptions
@@ -33,10 +33,17 @@ VERSION = 1
 
 def load_tensors(path: Path, what: str):
     """torch.load restricted to tensors and plain containers (weights_only): a generator or snapshot from
-    someone else can carry no code. Anything else is refused with one line."""
-    return read_tensors(path, require_zip=True, limit=None, refuse=lambda reason: (
-        f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only tensors "
-        "and metadata, never pickled objects: use a file written by mepf"))
+    someone else can carry no code, and declares no more tensor bytes than it holds. Anything else is refused
+    with one line."""
+    def refuse(reason):
+        return (f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only "
+                "tensors and metadata, never pickled objects: use a file written by mepf")
+
+    obj = read_tensors(path, require_zip=True, limit=None, refuse=refuse)
+    problem = stored_in_full_problem(obj)
+    if problem:
+        raise MepfError(f"cannot read {what} {path}: {problem}; use a file written by mepf")
+    return obj
 
 
 def save_generator(path: Path, generator, arch: dict, release, step: int) -> None:
@@ -117,8 +124,12 @@ def load_generator(path) -> TrainedGenerator:
     problem = generator_problem(obj)
     if problem:
         raise MepfError(f"{path} is not a valid mepf generator: {problem}; use a generator.pt written by mepf")
-    module = build_generator(obj["arch"])
-    module.load_state_dict(obj["state_dict"])
+    try:
+        module = build_generator(obj["arch"])
+        module.load_state_dict(obj["state_dict"])
+    except (RuntimeError, MemoryError) as e:  # an arch within bounds can still exceed this machine's memory
+        raise MepfError(f"cannot load generator {path}: {type(e).__name__} building its {obj['arch']['name']} "
+                        f"of width {obj['arch']['width']} at {obj['arch']['image_size']} px (out of memory?)") from None
     module.eval()
     info = {k: v for k, v in obj.items() if k not in ("state_dict", "arch")}
     return TrainedGenerator(module, obj["arch"], info)

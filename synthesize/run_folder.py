@@ -45,7 +45,7 @@ def read_stats(run) -> list:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # JSONDecodeError, an integer too long to read, deep nesting
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise MepfError(f"{path} line {i} is not a stats record; the run folder is damaged")

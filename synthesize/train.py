@@ -404,11 +404,16 @@ def _read_options(run: Path) -> dict:
                         f"FILE --out {run}`")
     try:
         saved = json.loads(run_folder.read_text(run / run_folder.OPTIONS, run_folder.MAX_OPTIONS_BYTES))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise MepfError(f"{run / run_folder.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
                         ) from None
     if not isinstance(saved, dict) or "release_sha256" not in saved:
         raise MepfError(f"{run / run_folder.OPTIONS} is not a run's options; the run folder is damaged")
+    changes = saved.get("changes", [])
+    if not (isinstance(changes, list) and all(isinstance(c, dict) and {"step", "option", "from", "to"} <= set(c)
+                                              for c in changes)):
+        raise MepfError(f"{run / run_folder.OPTIONS} holds changes that are not a run's records of changed options; "
+                        "the run folder is damaged")
     return saved
 
 

@@ -118,6 +118,11 @@ BAD = {
                          "cannot be created"),
     "unknown dataset": (lambda t: ["--data", "imagenet"], "not a folder"),
     "bad budget split": (lambda t: ["--data", "mnist-5k", "--budget-split", "S9=0.1"], "unknown release"),
+    # a sigma above what every reader accepts (1e18): the budget would be spent on a file no one can read
+    "budget split no reader accepts": (lambda t: ["--data", "mnist-5k", "--budget-split", "counts=1e-40"],
+                                       "counts whose sigma is out of bounds, which every reader refuses"),
+    "eps beyond calibration": (lambda t: ["--data", "mnist-5k", "--epsilon", "2e6"], "beyond what mepf calibrates"),
+    "delta below calibration": (lambda t: ["--data", "mnist-5k", "--delta", "1e-320"], "below what mepf calibrates"),
     "feature size below image": (lambda t: ["--data", "mnist-5k", "--feature-size", "16"], "only upsamples"),
     "pixel weight without pixels": (lambda t: ["--data", "mnist-5k", "--pixel-weight", "2"], "add pixels to --layers"),
 }

@@ -348,23 +348,47 @@ def test_unsafe_class_names_are_refused_by_embed_and_by_readers(tmp_path, releas
 
 # --------------------------------------------------------------------------- m4: hostile generator files
 
+def _stride_zero_generator(arch: dict) -> dict:
+    """Every weight of `arch` as a stride-0 view of one zero: the right shapes and dtypes in a few KB."""
+    from mepf.synthesize.generators import build_generator
+
+    with torch.device("meta"):
+        expected = build_generator(arch).state_dict()
+    return {k: torch.zeros((), dtype=t.dtype).expand(t.shape) for k, t in expected.items()}
+
+
+def _one_storage_twice(state: dict) -> dict:
+    """Two same-shaped weights saved as one storage under two names."""
+    shapes = {}
+    for k, t in state.items():
+        if t.is_floating_point() and tuple(t.shape) in shapes:
+            return {**state, k: state[shapes[tuple(t.shape)]]}
+        shapes[tuple(t.shape)] = k
+    raise AssertionError("no two weights of one shape")
+
+
 @pytest.mark.parametrize("case", ["width 200000", "no arch", "empty state_dict", "NaN prior", "NaN weight",
-                                  "wrong shape"])
+                                  "wrong shape", "stride-0 views", "one storage twice"])
 def test_a_hostile_generator_is_refused_in_one_line_before_allocating(tmp_path, releases, case):
     gen = torch.load(_generator(tmp_path, releases), weights_only=True)
     state = gen["state_dict"]
     first = next(iter(state))
+    big = {**gen["arch"], "width": 2048, "image_size": 64}  # 0.8 GB of weights declared in an 8 KB file
     change = {
         "width 200000": {"arch": {**gen["arch"], "width": 200000}},
         "no arch": {"arch": None},
         "empty state_dict": {"state_dict": {}},
         "NaN prior": {"label_prior": [float("nan")] * 10},
         "NaN weight": {"state_dict": {**state, first: torch.full_like(state[first], float("nan"))}},
-        "wrong shape": {"state_dict": {**state, first: state[first][:1]}},
+        "wrong shape": {"state_dict": {**state, first: state[first][:1].clone()}},
+        "stride-0 views": {"arch": big, "state_dict": _stride_zero_generator(big)},
+        "one storage twice": {"state_dict": _one_storage_twice(state)},
     }[case]
     torch.save({**gen, **change}, tmp_path / "g.pt")
     p = _limited(["sample", tmp_path / "g.pt", "-n", "4", "--out", tmp_path / "s.npz"], limit=6 << 30)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not a valid mepf generator" in p.stderr, p.stderr
+    said = "not stored in full" if case == "stride-0 views" else "share one storage" if case == "one storage twice" \
+        else "not a valid mepf generator"
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and said in p.stderr, p.stderr
     assert not (tmp_path / "s.npz").exists()
 
 
@@ -395,6 +419,30 @@ def test_the_log_without_its_key_tells_neither_n_nor_which_records_two_releases_
     os.rename(release_log.key_path(log), tmp_path / "away.key")  # shown to an auditor without the key
     a = json.loads(cli("audit", tmp_path / "a.h5", "--json", "--release-log", log).output)
     assert a["composed"]["releases"] == 2 and "without the log's key" in a["composed"]["note"]
+
+
+def test_audit_looks_up_the_bytes_it_audited_in_the_log(tmp_path, monkeypatch):
+    """The log's entry is found by the SHA-256 of the bytes the audit read, not by reading the name again (a
+    file swapped in between would get its own entry, or none, beside another file's checks)."""
+    import mepf.artifacts.audit as audit_module
+
+    np.savez(tmp_path / "a.npz", images=make_images(8))
+    log = tmp_path / "log.jsonl"
+    r = cli("embed", "--data", tmp_path / "a.npz", "--out", tmp_path / "a.h5", "--epsilon", "1", "--delta", "1e-5",
+            "--force", "--release-log", log, "--quiet", *TINY)
+    assert r.exit_code == 0, r.output + r.stderr
+    real = audit_module.audit
+
+    def audit_then_swap(path):
+        rep = real(path)
+        os.replace(path, tmp_path / "kept.h5")
+        open(path, "wb").write(b"not the audited file")
+        return rep
+
+    monkeypatch.setattr(audit_module, "audit", audit_then_swap)
+    a = cli("audit", tmp_path / "a.h5", "--json", "--release-log", log)
+    assert a.exit_code == 0, a.output + a.stderr
+    assert json.loads(a.output)["composed"]["releases"] == 1
 
 
 def test_a_baseline_and_every_temporary_release_file_are_owner_only(tmp_path, monkeypatch):
@@ -675,8 +723,17 @@ def test_info_of_a_damaged_run_folder_is_one_line(tmp_path, releases):
     run = _generator(tmp_path, releases).parent
     (run / "snapshot-final.pt").write_bytes(b"not a snapshot")
     assert "step 2 of 2 (complete)" in ok_output(cli("info", run))
+    good = json.loads((run / "options.json").read_text())
+    (run / "options.json").write_text(json.dumps({**good, "changes": [1]}))
+    one_line_refusal(cli("info", run), "options.json", "changes")
+    one_line_refusal(cli("synthesize", "--resume", run, "--steps", "3"), "options.json", "changes")
+    (run / "options.json").write_text("[" * 200_000 + "]" * 200_000)  # deeper than Python's JSON reader recurses
+    one_line_refusal(cli("info", run), "options.json")
     (run / "options.json").write_text("[1, 2]")
     one_line_refusal(cli("info", run), "options.json")
+    (run / "options.json").write_text(json.dumps(good))
+    (run / "stats.jsonl").write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    one_line_refusal(cli("synthesize", "--resume", run, "--steps", "3", "--quiet"), "stats.jsonl")
 
 
 def test_a_bad_timeout_variable_is_one_line(tmp_path):

@@ -389,10 +389,17 @@ def test_shared_generator_or_snapshot_cannot_run_code(release_file, tmp_path):
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "never pickled objects" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "s.npz").exists()
     snap = sorted(run.glob("snapshot-*.pt"))[-1]
-    torch.save({**torch.load(snap, weights_only=True), "note": Payload(marker)}, snap)
+    state = torch.load(snap, weights_only=True)
+    torch.save({**state, "note": Payload(marker)}, snap)
     r = CliRunner().invoke(main, ["synthesize", "--resume", str(run), "--steps", "6", "--quiet"])
     assert r.exit_code == 2 and "snapshot" in r.stderr and "never pickled objects" in r.stderr, r.stderr
     assert not marker.exists()
+    # a weight as a stride-0 view of one number: the right shape in a few bytes, refused before it is used
+    gen = {k: (torch.zeros((), dtype=v.dtype).expand(v.shape) if v.is_floating_point() else v)
+           for k, v in state["generator"].items()}
+    torch.save({**state, "generator": gen}, snap)
+    r = CliRunner().invoke(main, ["synthesize", "--resume", str(run), "--steps", "6", "--quiet"])
+    assert r.exit_code == 2 and "snapshot" in r.stderr and "not stored in full" in r.stderr, r.stderr
 
 
 def _steps_on_a_target_off_layer(opts, dims, layer, k=3):

@@ -85,3 +85,34 @@ def is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and all(
         isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type != "meta" and not v.is_complex()
         and not v.is_quantized for v in obj.values())
+
+
+def stored_in_full_problem(obj, depth: int = 0) -> str | None:
+    """Why the tensors of a loaded file are not each stored in full in a storage of its own: torch.save keeps
+    views, so a few kilobytes could declare gigabytes (a stride-0 view of one element, or one storage under many
+    names) that checks and load_state_dict then allocate. None if every tensor is dense, at offset 0, alone in its
+    storage, so that what the file declares is bounded by its size."""
+    seen = set()
+
+    def walk(o, d):
+        if d > 64:
+            return "it nests containers too deeply"
+        if isinstance(o, torch.Tensor):
+            if o.numel() == 0:
+                return None
+            st = o.untyped_storage()
+            if o.storage_offset() != 0 or st.nbytes() != o.numel() * o.element_size():
+                return "a tensor in it is a view, not stored in full (mepf writes every tensor whole)"
+            if st.data_ptr() in seen:
+                return "two tensors in it share one storage (mepf writes every tensor whole)"
+            seen.add(st.data_ptr())
+            return None
+        items = o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()
+        for v in items:
+            problem = walk(v, d + 1)
+            if problem:
+                return problem
+        return None
+
+    return walk(obj, depth)
+
