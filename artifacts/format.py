@@ -359,11 +359,15 @@ def read_raw(path) -> Release:
     path = Path(path)
     fd = _open_regular(path)
     try:
-        size = os.fstat(fd).st_size
+        before = os.fstat(fd)
+        size = before.st_size
         meta = _inspect_in_child(fd, path)  # the strings, in a process of bounded memory
         with _h5(fd, path) as f:
             arrays, class_names, texts, specs, checksum = _read_checked(f, path, size, meta)
         sha = fd_sha256(fd)  # the bytes just read, whatever the name points to now
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise MepfError(f"{path} was modified while it was read; read it again once nothing writes to it")
     except MepfError:
         raise
     except Exception as e:  # noqa: BLE001 - any other failure of a reader on a hostile file is one line

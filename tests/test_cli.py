@@ -123,6 +123,8 @@ BAD = {
                                        "counts whose sigma is out of bounds, which every reader refuses"),
     "eps beyond calibration": (lambda t: ["--data", "mnist-5k", "--epsilon", "2e6"], "beyond what mepf calibrates"),
     "delta below calibration": (lambda t: ["--data", "mnist-5k", "--delta", "1e-320"], "below what mepf calibrates"),
+    "eps the accountants cannot meet": (lambda t: ["--data", "mnist-5k", "--epsilon", "1e-6", "--delta", "0.5"],
+                                        "cannot be calibrated"),
     "feature size below image": (lambda t: ["--data", "mnist-5k", "--feature-size", "16"], "only upsamples"),
     "pixel weight without pixels": (lambda t: ["--data", "mnist-5k", "--pixel-weight", "2"], "add pixels to --layers"),
 }

@@ -187,8 +187,8 @@ def test_replaced_packaged_weights_are_refused(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["sparse", "meta", "complex"])
 def test_weights_files_with_unusual_tensors_are_refused(tmp_path, kind):
-    """A weights file whose tensors are sparse, meta or complex: refused as not a state dict of tensors (they
-    would slip past the NaN check or fail inside it)."""
+    """A weights file whose tensors are sparse, meta or complex: refused (they would slip past the NaN check or
+    fail inside it), before torch unpickles them: their rebuild functions and storage types are not allowed."""
     import torchvision
 
     state = torchvision.models.resnet18(weights=None).state_dict()
@@ -196,7 +196,7 @@ def test_weights_files_with_unusual_tensors_are_refused(tmp_path, kind):
     state["conv1.weight"] = {"sparse": lambda: w.to_sparse(), "meta": lambda: w.to("meta"),
                              "complex": lambda: w.to(torch.complex64)}[kind]()
     torch.save(state, tmp_path / "w.pt")
-    with pytest.raises(MepfError, match="not a state dict of tensors"):
+    with pytest.raises(MepfError, match="a function or class no file of tensors needs"):
         build_feature_map("resnet18", str(tmp_path / "w.pt"), image_size=(32, 32))
 
 

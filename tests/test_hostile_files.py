@@ -367,8 +367,25 @@ def _one_storage_twice(state: dict) -> dict:
     raise AssertionError("no two weights of one shape")
 
 
+class _CastOnLoading:
+    """Pickles as torch's device-tensor rebuild, which weights_only allows: it casts the view to another dtype
+    inside torch.load, allocating every element the view declares."""
+    def __init__(self, t):
+        self.t = t
+
+    def __reduce_ex__(self, protocol):
+        return torch._utils._rebuild_device_tensor_from_cpu_tensor, (self.t, torch.float64, "cpu", False)
+
+
+class _Bytearray:
+    """Pickles as bytearray(n), which weights_only allows: n zero bytes inside torch.load."""
+    def __reduce_ex__(self, protocol):
+        return bytearray, (1 << 33,)
+
+
 @pytest.mark.parametrize("case", ["width 200000", "no arch", "empty state_dict", "NaN prior", "NaN weight",
-                                  "wrong shape", "stride-0 views", "one storage twice"])
+                                  "wrong shape", "stride-0 views", "one storage twice", "a set of views",
+                                  "a view as a key", "a cast on loading", "a bytearray"])
 def test_a_hostile_generator_is_refused_in_one_line_before_allocating(tmp_path, releases, case):
     gen = torch.load(_generator(tmp_path, releases), weights_only=True)
     state = gen["state_dict"]
@@ -383,11 +400,18 @@ def test_a_hostile_generator_is_refused_in_one_line_before_allocating(tmp_path, 
         "wrong shape": {"state_dict": {**state, first: state[first][:1].clone()}},
         "stride-0 views": {"arch": big, "state_dict": _stride_zero_generator(big)},
         "one storage twice": {"state_dict": _one_storage_twice(state)},
+        "a set of views": {"junk": {torch.zeros(()).expand(10 ** 9)}},
+        "a view as a key": {"junk": {torch.zeros(()).expand(10 ** 9): 1}},
+        "a cast on loading": {"junk": _CastOnLoading(torch.zeros(()).expand(10 ** 9))},
+        "a bytearray": {"junk": _Bytearray()},
     }[case]
     torch.save({**gen, **change}, tmp_path / "g.pt")
     p = _limited(["sample", tmp_path / "g.pt", "-n", "4", "--out", tmp_path / "s.npz"], limit=6 << 30)
-    said = "not stored in full" if case == "stride-0 views" else "share one storage" if case == "one storage twice" \
-        else "not a valid mepf generator"
+    not_tensors = "a function or class no file of tensors needs"
+    said = {"stride-0 views": "declare more bytes than the file holds", "a view as a key": "declare more bytes",
+            "one storage twice": "share one storage", "a set of views": not_tensors,
+            "a cast on loading": not_tensors, "a bytearray": not_tensors,
+            }.get(case, "not a valid mepf generator")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and said in p.stderr, p.stderr
     assert not (tmp_path / "s.npz").exists()
 
@@ -443,6 +467,19 @@ def test_audit_looks_up_the_bytes_it_audited_in_the_log(tmp_path, monkeypatch):
     a = cli("audit", tmp_path / "a.h5", "--json", "--release-log", log)
     assert a.exit_code == 0, a.output + a.stderr
     assert json.loads(a.output)["composed"]["releases"] == 1
+    monkeypatch.setattr(audit_module, "audit", real)
+
+    import mepf.artifacts.format as format_module  # rewritten in place while it is read: its hash would not be
+    hash_of = format_module.fd_sha256                # of the bytes audited
+
+    def written_meanwhile(fd):
+        with open(tmp_path / "kept.h5", "r+b") as f:
+            f.seek(0, 2)
+            f.write(b"\0")
+        return hash_of(fd)
+
+    monkeypatch.setattr(format_module, "fd_sha256", written_meanwhile)
+    one_line_refusal(cli("audit", tmp_path / "kept.h5", "--release-log", log), "modified while it was read")
 
 
 def test_a_baseline_and_every_temporary_release_file_are_owner_only(tmp_path, monkeypatch):

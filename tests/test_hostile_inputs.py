@@ -86,6 +86,27 @@ def test_weights_file_with_non_finite_values_is_refused(tmp_path, labelled_npz):
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
 
 
+def test_a_weights_file_of_views_declaring_gigabytes_is_one_line(tmp_path, labelled_npz):
+    """47 MB of weights with an unused key declaring 16 GB as a stride-0 view: the finiteness check allocated it
+    (killed for memory); a file's tensors may now declare no more bytes than it holds."""
+    import resource
+    import subprocess
+    import sys
+
+    state = torch.load(_effnet_pretrained("efficientnet-lite0")[0], map_location="cpu", weights_only=True)
+    torch.save({**state, "junk": torch.zeros(()).expand(1 << 32)}, tmp_path / "views.pt")
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    p = subprocess.run([sys.executable, "-m", "mepf", "embed", "--data", str(labelled_npz[0]), "--classes", "3",
+                        "--out", str(tmp_path / "x.h5"), "--epsilon", "1", "--delta", "1e-5", "--weights",
+                        str(tmp_path / "views.pt"), "--release-log", str(tmp_path / "log.jsonl"), "--quiet"],
+                       capture_output=True, text=True, preexec_fn=cap, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "declare more bytes" in p.stderr, p.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
 # --------------------------------------------------------------------------- files that could run code
 
 def test_planted_hub_weights_file_is_refused_unread(tmp_path, monkeypatch, labelled_npz):

@@ -56,17 +56,104 @@ def canonical_zip(source, require_zip: bool = False, limit: int | None = MAX_BYT
     return None, out
 
 
+#: the globals a file of tensors needs: what torch.save writes for tensors, parameters and state dicts. torch's
+#: weights_only loader allows more, some of which allocate what the file declares inside torch.load
+#: (bytearray(n), torch.FloatTensor(n), a cast of a stride-0 view to another dtype)
+ALLOWED_GLOBALS = frozenset({"collections OrderedDict", "torch._utils _rebuild_tensor_v2",
+                             "torch._utils _rebuild_parameter"} |
+                            {f"torch {t}Storage" for t in ("Float", "Double", "Half", "BFloat16", "Long", "Int",
+                                                           "Short", "Char", "Byte", "Bool")})
+#: the opcodes of such a file (pickle protocol 2, as torch.save writes; strings, numbers, containers but sets)
+ALLOWED_OPS = frozenset(
+    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 "
+    "FLOAT BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES "
+    "SHORT_BINBYTES BINBYTES8 EMPTY_DICT DICT SETITEM SETITEMS EMPTY_LIST LIST APPEND APPENDS EMPTY_TUPLE TUPLE "
+    "TUPLE1 TUPLE2 TUPLE3 GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE GLOBAL REDUCE BUILD BINPERSID".split())
+#: pickles at the start of torch's legacy (non-zip) format: magic number, protocol, system info, object, keys
+LEGACY_PICKLES = 5
+
+
+def _pickle_problem(stream) -> str | None:
+    """Why one pickle in `stream` (read up to its STOP) is not one torch.save writes for tensors: an opcode or
+    a global outside the lists above."""
+    import pickletools
+
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name not in ALLOWED_OPS:
+                return f"it holds objects other than tensors (a pickle opcode, {op.name}, no file of tensors needs)"
+            if op.name == "GLOBAL" and arg not in ALLOWED_GLOBALS:
+                return "it holds objects other than tensors (a function or class no file of tensors needs)"
+    except (ValueError, EOFError, UnicodeDecodeError) as e:
+        return f"its pickle is not readable ({type(e).__name__})"
+    return None
+
+
+def objects_problem(buf: io.BytesIO) -> str | None:
+    """The pickles torch would read from a file (a zip's .pkl members, or the legacy format's first
+    LEGACY_PICKLES), checked before any of them is unpickled; `buf` is left at its start."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(buf):
+            with zipfile.ZipFile(buf) as z:
+                for name in z.namelist():
+                    if name.endswith(".pkl"):
+                        problem = _pickle_problem(io.BytesIO(z.read(name)))
+                        if problem:
+                            return problem
+            return None
+        buf.seek(0)
+        for _ in range(LEGACY_PICKLES):
+            problem = _pickle_problem(buf)
+            if problem:
+                return problem
+        return None
+    finally:
+        buf.seek(0)
+
+
+def declared_bytes_problem(obj, size: int) -> str | None:
+    """Why the tensors torch.load gave declare more bytes than the file holds (views repeat a storage's bytes:
+    a stride-0 view of one number declares any size), or are not ordinary dense CPU tensors."""
+    total = 0
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            if o.layout != torch.strided or o.device.type != "cpu" or o.is_quantized or o.is_complex():
+                return "it holds a tensor that is not an ordinary dense one"
+            total += o.numel() * o.element_size()
+            if total > size:
+                return "its tensors declare more bytes than the file holds (views of one storage)"
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+    return None
+
+
 def read_tensors(source, refuse: Callable[[str], str], require_zip: bool = False, limit: int | None = MAX_BYTES):
-    """torch.load(weights_only=True) of the file canonical_zip rebuilds; any failure becomes one MepfError whose
-    text is `refuse(reason)`. `limit`: the largest file read (None: any; generators and snapshots scale with the
-    options that made them)."""
+    """torch.load(weights_only=True) of the file canonical_zip rebuilds, after its pickles are checked to call
+    nothing but tensor rebuilding and before its tensors are used, checked to declare no more bytes than the
+    file holds; any failure becomes one MepfError whose text is `refuse(reason)`. `limit`: the largest file
+    read (None: any; generators and snapshots scale with the options that made them)."""
     problem, canonical = canonical_zip(source, require_zip, limit)
     if problem:
         raise MepfError(refuse(problem))
+    size = canonical.getbuffer().nbytes
+    problem = objects_problem(canonical)
+    if problem:
+        raise MepfError(refuse(problem))
     try:
-        return torch.load(canonical, map_location="cpu", weights_only=True)
+        obj = torch.load(canonical, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable, truncated, or holding objects other than tensors
         raise MepfError(refuse(_reason(e))) from None
+    problem = declared_bytes_problem(obj, size)
+    if problem:
+        raise MepfError(refuse(problem))
+    return obj
 
 
 def _reason(e: Exception) -> str:
@@ -107,7 +194,7 @@ def stored_in_full_problem(obj, depth: int = 0) -> str | None:
                 return "two tensors in it share one storage (mepf writes every tensor whole)"
             seen.add(st.data_ptr())
             return None
-        items = o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()
+        items = [*o.keys(), *o.values()] if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()
         for v in items:
             problem = walk(v, d + 1)
             if problem:
