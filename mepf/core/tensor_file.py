@@ -138,6 +138,12 @@ def _tensors(obj) -> tuple:
     return None, out
 
 
+def _ordinary(t: torch.Tensor) -> bool:
+    """Dense, real, holding data on the CPU, as torch.save writes a model's weights (a sparse, meta, quantized or
+    complex tensor would slip past the finiteness checks or fail inside them with a traceback)."""
+    return t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized and not t.is_complex()
+
+
 def declared_bytes_problem(obj, size: int) -> str | None:
     """Why the tensors torch.load gave declare more bytes than the file holds (views repeat a storage's bytes:
     a stride-0 view of one number declares any size), or are not ordinary dense CPU tensors."""
@@ -146,7 +152,7 @@ def declared_bytes_problem(obj, size: int) -> str | None:
         return problem
     total = 0
     for t in tensors:
-        if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized or t.is_complex():
+        if not _ordinary(t):
             return "it holds a tensor that is not an ordinary dense one"
         total += t.numel() * t.element_size()
         if total > size:
@@ -198,11 +204,9 @@ def _reason(e: Exception) -> str:
 
 
 def is_state_dict(obj) -> bool:
-    """A dict of ordinary tensors, as model.state_dict() gives: dense, real, holding data (a sparse, meta or
-    complex tensor would slip past the finiteness checks or fail inside them with a traceback)."""
+    """A dict of ordinary tensors under names, as model.state_dict() gives."""
     return isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and all(
-        isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type != "meta" and not v.is_complex()
-        and not v.is_quantized for v in obj.values())
+        isinstance(v, torch.Tensor) and _ordinary(v) for v in obj.values())
 
 
 def stored_in_full_problem(obj) -> str | None:
