@@ -4,7 +4,8 @@
                                                     [--baseline REV --cli-steps 60]
 
 - the real training step at --precision auto (the plan it resolves to here), the same with each other way of
-  taking class sums (index_add / one-hot product / fused with phi), and at fp32;
+  taking class sums (index_add / one-hot product / fused with phi) and without the extractor's batch norms
+  folded into its convolutions, and at fp32;
 - the bare cost: generator forward+backward plus extractor forward+backward (input gradient only) at the
   same batch, each at its fastest of fp32/bf16 x default/channels-last, and the step's ratio to it;
 - with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
@@ -134,6 +135,10 @@ def main() -> None:
                         device=a.device)
     rel, fmap, arch, dev = prepare(opts)
     trainers["before"] = Trainer(opts, rel, fmap, arch, dev, legacy("auto", dev))  # as the code before issue 27
+    if trainers["auto"].precision.bn_folded:  # auto's plan on the extractor as built
+        rel, fmap, arch, dev = prepare(opts)
+        trainers["auto, batch norms not folded"] = Trainer(opts, rel, fmap, arch, dev,
+                                                           replace(trainers["auto"].precision, bn_folded=False))
     for other in CLASS_SUMS:  # auto's plan with each other way of taking the class sums
         if other != trainers["auto"].precision.class_sums:
             rel, fmap, arch, dev = prepare(opts)

@@ -24,6 +24,9 @@ class Precision:
     #: "matmul" (a one-hot product), as every run recorded before 2026-12-03 did, so that those resume bit-exactly;
     #: or "fused": phi and the class sums as one autograd step that writes no phi row (fast paths only)
     class_sums: str = "index_add"
+    #: the extractor's batch norms folded into its convolutions (fold_batch_norm: the same map up to rounding,
+    #: faster); False for runs recorded before it, so that they resume bit-exactly (fast paths only)
+    bn_folded: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -34,10 +37,12 @@ class Precision:
         if not (isinstance(d, dict) and d.get("generator") in dtypes and d.get("extractor") in dtypes
                 and type(d.get("channels_last")) is bool and type(d.get("fast_paths")) is bool
                 and d.get("class_sums", "matmul") in CLASS_SUMS
-                and (d["fast_paths"] or d.get("class_sums", "matmul") == "matmul")):
+                and type(d.get("bn_folded", False)) is bool
+                and (d["fast_paths"] or (d.get("class_sums", "matmul") == "matmul" and not d.get("bn_folded")))):
             raise MepfError("the run's options.json holds no valid precision_resolved; the run folder is damaged")
-        # a plan recorded before class_sums was chosen summed by the one-hot product
-        return cls(d["generator"], d["extractor"], d["channels_last"], d["fast_paths"], d.get("class_sums", "matmul"))
+        # a plan recorded before class_sums was chosen summed by the one-hot product, before bn_folded did not fold
+        return cls(d["generator"], d["extractor"], d["channels_last"], d["fast_paths"], d.get("class_sums", "matmul"),
+                   d.get("bn_folded", False))
 
     def __str__(self) -> str:
         if self.generator == self.extractor:
@@ -46,7 +51,7 @@ class Precision:
             name = f"generator {self.generator}, extractor {self.extractor}"
         return (name + (", channels-last" if self.channels_last else "") + ("" if self.fast_paths else ", legacy")
                 + (", phi and class sums fused" if self.class_sums == "fused"
-                   else f", class sums by {self.class_sums}"))
+                   else f", class sums by {self.class_sums}") + (", batch norms folded" if self.bn_folded else ""))
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -70,15 +75,15 @@ def resolve(precision: str, device: torch.device) -> Precision:
     generator beside an fp32 extractor: a bf16 extractor was not shown to train as well (docs/results.md, "a bf16
     extractor"), and on CPU its backward through EfficientNet's depthwise convolutions is slower; fp32 elsewhere.
     Channels-last always: it is faster for both networks on CPU and CUDA alike. Class sums by index_add on CPU, by
-    the one-hot product elsewhere."""
+    the one-hot product elsewhere. The extractor's batch norms folded into its convolutions."""
     if precision not in PRECISIONS:
         raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         precision = "bf16-generator" if native_bf16(device) else "fp32"
     # index_add accumulates with atomics on GPUs (not bit-reproducible), where the product costs little anyway
     sums = "index_add" if device.type == "cpu" else "matmul"
-    return {"fp32": Precision("fp32", "fp32", True, True, sums), "bf16": Precision("bf16", "bf16", True, True, sums),
-            "bf16-generator": Precision("bf16", "fp32", True, True, sums)}[precision]
+    g, e = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "bf16-generator": ("bf16", "fp32")}[precision]
+    return Precision(g, e, True, True, sums, True)
 
 
 def legacy(precision: str, device: torch.device) -> Precision:

@@ -21,7 +21,7 @@ from mepf.artifacts.staging import atomic_path, write_text_atomic
 from mepf.artifacts.versions import versions
 from mepf.core import distributed
 from mepf.core.device import resolve_device
-from mepf.core.features import feature_map_from_spec, fold_same_padding
+from mepf.core.features import feature_map_from_spec, fold_batch_norm, fold_same_padding
 from mepf.core.memory import keep_freed_memory
 from mepf.progress import progress as progress_bar
 
@@ -138,6 +138,8 @@ class Trainer:
         self.precision = precision or resolve(opts.precision, device)
         if self.precision.fast_paths:  # not in a run from before the plan: it resumes on the very same map
             fold_same_padding(self.fmap)  # the same map without the padding copies (tests/test_features_fused.py)
+        if self.precision.bn_folded:
+            fold_batch_norm(self.fmap)
         if self.precision.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.fmap = self.fmap.to(memory_format=torch.channels_last)

@@ -134,6 +134,64 @@ def test_folded_padding_is_the_same_map(size, channels, backbone):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5 * float(a.grad.abs().max()))
 
 
+@pytest.mark.parametrize("backbone,weights,size,channels", [
+    ("efficientnet-lite0", "pretrained", 28, 1), ("efficientnet-lite1", "pretrained", 32, 3),
+    ("resnet18", "random", 32, 3), ("resnet50", "random", 32, 1), ("vgg19", "random", 32, 3)])
+def test_folded_batch_norm_is_the_same_map(backbone, weights, size, channels):
+    """Stage 2's extractor with every batch norm folded into the convolution before it: none is left, and the
+    features and input gradients equal the map's as built (float64, so the comparison is not float32 rounding;
+    random weights get random norm statistics and affine terms, which a fresh BatchNorm2d lacks). VGG19 has
+    none to fold."""
+    import copy
+
+    from mepf.core.features import build_feature_map, fold_batch_norm, fold_same_padding
+
+    fmap, _ = build_feature_map(backbone, weights, image_size=(size, size), channels=channels)
+    g = torch.Generator().manual_seed(0)
+    if weights == "random":
+        for m in fmap.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.data = torch.randn(t.shape, generator=g) * 0.5
+                m.running_var.data = torch.rand(m.running_var.shape, generator=g) + 0.5
+    fmap = fmap.double()
+    folded = copy.deepcopy(fmap)
+    fold_same_padding(folded)
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fmap.modules())
+    assert fold_batch_norm(folded) == bns and (bns > 0) == (backbone != "vgg19")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) and fold_batch_norm(folded) == 0
+    assert all(not p.requires_grad for p in folded.parameters())
+    x = torch.rand(5, channels, size, size, generator=g, dtype=torch.float64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        a, b = (x.clone().contiguous(memory_format=fmt).requires_grad_(True) for _ in range(2))
+        fa, fb = fmap.to(memory_format=fmt)(a), folded.to(memory_format=fmt)(b)
+        torch.testing.assert_close(fb, fa, rtol=1e-9, atol=1e-9 * float(fa.detach().abs().max()))
+        w = torch.randn(fa.shape, generator=g, dtype=torch.float64)
+        (fa * w).sum().backward()
+        (fb * w).sum().backward()
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-9 * float(a.grad.abs().max()))
+
+
+def test_fold_batch_norm_leaves_a_norm_it_cannot_fold():
+    """Only a norm applied straight to a convolution's output in eval mode is folded: one after an activation,
+    one without running statistics, or a pair a block's forward does not chain, stays."""
+    from torch import nn
+
+    from mepf.core.features import fold_batch_norm
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                        nn.BatchNorm2d(4, track_running_stats=False))
+
+    class Other(nn.Module):  # conv1/bn1 names as in ResNet's blocks, but not one of them
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    both = nn.ModuleList([net, Other()]).eval()
+    assert fold_batch_norm(both) == 0
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in both.modules()) == 3
+
+
 def test_embed_gives_each_moment_asked_for():
     from mepf.core.features import build_feature_map
 

