@@ -407,16 +407,20 @@ def fold_batch_norm(fmap: FeatureMap) -> int:
     for parent, conv_name, bn_name in pairs:
         conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
         with torch.no_grad():
-            scale = bn.running_var.double().add(bn.eps).rsqrt()
+            def f64(t):  # computed in float64 on the CPU (MPS has no float64)
+                return t.detach().to("cpu", torch.float64)
+
+            scale = f64(bn.running_var).add(bn.eps).rsqrt()
             if bn.weight is not None:
-                scale = scale * bn.weight.double()
-            shift = -bn.running_mean.double() * scale
+                scale = scale * f64(bn.weight)
+            shift = -f64(bn.running_mean) * scale
             if bn.bias is not None:
-                shift = shift + bn.bias.double()
+                shift = shift + f64(bn.bias)
             if conv.bias is not None:
-                shift = shift + conv.bias.double() * scale
-            conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
-            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+                shift = shift + f64(conv.bias) * scale
+            w = conv.weight
+            w.copy_((f64(w) * scale.view(-1, 1, 1, 1)).to(w.device, w.dtype))
+            conv.bias = nn.Parameter(shift.to(w.device, w.dtype), requires_grad=False)
         setattr(parent, bn_name, nn.Identity())
     return len(pairs)
 
