@@ -539,12 +539,16 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                 saved["precision_resolved"] = legacy(saved.get("precision", "auto"), dev).to_json()
                 saved["precision_resolved_note"] = ("not in options.json (a run from before the plan): what resume "
                                                     f"will use on {dev}, the computation of the code that started it")
-            elif isinstance(saved["precision_resolved"], dict) and "class_sums" not in saved["precision_resolved"]:
+            elif isinstance(saved["precision_resolved"], dict):  # values a plan recorded before them lacks
                 from mepf.synthesize.precision import Precision
 
-                saved["precision_resolved"] = Precision.from_json(saved["precision_resolved"]).to_json()
-                saved["precision_resolved_note"] = ("class_sums is not in options.json (a plan recorded before it): "
-                                                    "resume sums by the one-hot product, as the run did")
+                notes = {"class_sums": "resume sums by the one-hot product, as the run did",
+                         "bn_folded": "resume keeps the extractor's batch norms unfolded, as the run did"}
+                missing = [k for k in notes if k not in saved["precision_resolved"]]
+                if missing:
+                    saved["precision_resolved"] = Precision.from_json(saved["precision_resolved"]).to_json()
+                    saved["precision_resolved_note"] = "; ".join(
+                        f"{k} is not in options.json (a plan recorded before it): {notes[k]}" for k in missing)
             click.echo(json.dumps(saved, indent=2, sort_keys=True))
             return
         ctx = click.get_current_context()

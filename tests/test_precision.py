@@ -172,6 +172,20 @@ def test_class_sums_by_index_add_equal_the_one_hot_product():
         class_means(f, y, 4, "scatter")
 
 
+def _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan: Precision, missing: str):
+    """Under `old_plan`: run "a" uninterrupted to step 6 (returned), and run "b" to step 3, whose recorded plan
+    then lacks `missing`, as the code before that plan value wrote it."""
+    opts = dict(FAST, snapshot_every=3)
+    monkeypatch.setattr(train_mod, "resolve", lambda precision, device: old_plan)
+    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **opts), progress=False)
+    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **opts), progress=False)
+    monkeypatch.setattr(train_mod, "resolve", prec.resolve)
+    saved = json.loads((tmp_path / "b" / "options.json").read_text())
+    del saved["precision_resolved"][missing]
+    (tmp_path / "b" / "options.json").write_text(json.dumps(saved))
+    return a
+
+
 def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(release, tmp_path, monkeypatch):
     """A run whose plan has fast_paths but no class_sums (recorded before 2026-12-03) resumes bit-exactly with
     the product it was trained with: every training step's class sums go through the product (spied: on this
@@ -187,13 +201,7 @@ def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(relea
     fresh = start(TrainOptions(release=release, out=str(tmp_path / "fresh"), steps=6, **opts), progress=False)
     assert fresh.precision.class_sums == "index_add" and set(used) == {"index_add"}
     old_plan = dataclasses.replace(fresh.precision, class_sums="matmul")  # the same plan but for the sums
-    monkeypatch.setattr(train_mod, "resolve", lambda precision, device: old_plan)
-    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **opts), progress=False)
-    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **opts), progress=False)
-    monkeypatch.setattr(train_mod, "resolve", prec.resolve)
-    saved = json.loads((tmp_path / "b" / "options.json").read_text())
-    del saved["precision_resolved"]["class_sums"]  # as the code before it wrote the plan
-    (tmp_path / "b" / "options.json").write_text(json.dumps(saved))
+    a = _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan, "class_sums")
     r = CliRunner().invoke(main, ["synthesize", "--resume", str(tmp_path / "b"), "--dry-run"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision_resolved"]["class_sums"] == "matmul"
@@ -270,13 +278,12 @@ def test_a_run_recorded_before_bn_folded_resumes_on_the_map_as_built(tmp_path, m
     assert folded.precision.bn_folded
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.fmap.modules())
     old_plan = dataclasses.replace(folded.precision, bn_folded=False)
-    monkeypatch.setattr(train_mod, "resolve", lambda precision, device: old_plan)
-    a = start(TrainOptions(release=release, out=str(tmp_path / "a"), steps=6, **opts), progress=False)
-    start(TrainOptions(release=release, out=str(tmp_path / "b"), steps=3, **opts), progress=False)
-    monkeypatch.setattr(train_mod, "resolve", prec.resolve)
-    saved = json.loads((tmp_path / "b" / "options.json").read_text())
-    del saved["precision_resolved"]["bn_folded"]  # as the code before it wrote the plan
-    (tmp_path / "b" / "options.json").write_text(json.dumps(saved))
+    a = _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan, "bn_folded")
+    r = CliRunner().invoke(main, ["synthesize", "--resume", str(tmp_path / "b"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert shown["precision_resolved"]["bn_folded"] is False
+    assert "batch norms unfolded" in shown["precision_resolved_note"]
     b = resume(tmp_path / "b", steps=6, progress=False)
     assert b.precision == a.precision == old_plan
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in b.fmap.modules())
