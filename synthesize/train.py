@@ -112,7 +112,8 @@ class Trainer:
     extra_term = None
 
     def __init__(self, opts: TrainOptions, release, fmap, arch, device, precision: Precision | None = None):
-        """`precision`: the run's plan (resume passes the recorded one); None resolves opts.precision here."""
+        """`precision`: the run's plan (resume passes the recorded one); None resolves opts.precision here. `fmap`
+        becomes, in place, the plan's faster equivalent (padding and batch norms folded): pass one of its own."""
         self.opts, self.release, self.fmap, self.arch, self.device = opts, release, fmap, arch, device
         self.run = Path(opts.out)
         self.target = Target(release, device)
