@@ -124,14 +124,20 @@ def test_folded_padding_is_the_same_map(size, channels, backbone):
     folded = copy.deepcopy(fmap)
     assert fold_same_padding(folded) >= 10 and fold_same_padding(folded) == 0  # idempotent
     x = torch.rand(6, channels, size, size, generator=torch.Generator().manual_seed(0))
+    _assert_same_map(folded, fmap, x, tol=1e-5)
+
+
+def _assert_same_map(folded, fmap, x, tol: float):
+    """folded(x) equals fmap(x), and so do their input gradients under a random weighting of the features, within
+    `tol` relative to the largest value, in both memory formats."""
     for fmt in (torch.contiguous_format, torch.channels_last):
         a, b = (x.clone().contiguous(memory_format=fmt).requires_grad_(True) for _ in range(2))
         fa, fb = fmap.to(memory_format=fmt)(a), folded.to(memory_format=fmt)(b)
-        torch.testing.assert_close(fb, fa, rtol=1e-5, atol=1e-5 * float(fa.detach().abs().max()))
-        g = torch.randn(fa.shape, generator=torch.Generator().manual_seed(1))
-        (fa * g).sum().backward()
-        (fb * g).sum().backward()
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5 * float(a.grad.abs().max()))
+        torch.testing.assert_close(fb, fa, rtol=tol, atol=tol * float(fa.detach().abs().max()))
+        w = torch.randn(fa.shape, generator=torch.Generator().manual_seed(1), dtype=fa.dtype)
+        (fa * w).sum().backward()
+        (fb * w).sum().backward()
+        torch.testing.assert_close(b.grad, a.grad, rtol=tol, atol=tol * float(a.grad.abs().max()))
 
 
 @pytest.mark.parametrize("backbone,weights,size,channels", [
@@ -161,15 +167,7 @@ def test_folded_batch_norm_is_the_same_map(backbone, weights, size, channels):
     assert fold_batch_norm(folded) == bns and (bns > 0) == (backbone != "vgg19")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) and fold_batch_norm(folded) == 0
     assert all(not p.requires_grad for p in folded.parameters())
-    x = torch.rand(5, channels, size, size, generator=g, dtype=torch.float64)
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        a, b = (x.clone().contiguous(memory_format=fmt).requires_grad_(True) for _ in range(2))
-        fa, fb = fmap.to(memory_format=fmt)(a), folded.to(memory_format=fmt)(b)
-        torch.testing.assert_close(fb, fa, rtol=1e-9, atol=1e-9 * float(fa.detach().abs().max()))
-        w = torch.randn(fa.shape, generator=g, dtype=torch.float64)
-        (fa * w).sum().backward()
-        (fb * w).sum().backward()
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-9 * float(a.grad.abs().max()))
+    _assert_same_map(folded, fmap, torch.rand(5, channels, size, size, generator=g, dtype=torch.float64), tol=1e-9)
 
 
 def test_fold_batch_norm_leaves_a_norm_it_cannot_fold():
