@@ -222,8 +222,10 @@ def main() -> None:
                 m.update({k: v for k, v in fid_rep["metrics"].items() if k.startswith("fid")})
             eval_s = time.perf_counter() - t0
             stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
-            # training time from the run's own record (steps between records / their rate): right across resumes
-            train_s = sum((b["step"] - a_["step"]) / b["steps_per_s"] for a_, b in zip([{"step": 0}] + stats, stats))
+            # training time from the run's own record (steps between records / their rate, and any compiling
+            # beyond its steps, compile_s): right across resumes
+            train_s = sum((b["step"] - a_["step"]) / b["steps_per_s"] + b.get("compile_s", 0.0)
+                          for a_, b in zip([{"step": 0}] + stats, stats))
             rows.append({"epsilon": tag, "seed": seed, "setting": a.setting, "data": a.data, "delta": a.delta,
                          "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"], "mlp": m["accuracy"]["mlp"],
                          "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),

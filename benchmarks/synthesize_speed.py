@@ -10,8 +10,8 @@
   same batch, each at its fastest of fp32/bf16 x default/channels-last, and the step's ratio to it;
 - with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
   command, alternating (steps/s from each run's stats.jsonl after its first record);
-- with --compile MODES: auto's step with both networks compiled (`nn.Module.compile(mode=...)`, one trainer per
-  mode), its compile time (the first two steps, less two eager steps) printed apart from its step time.
+- with --compile MODES: auto's step with both networks compiled as `mepf synthesize --compile MODE` does (one
+  trainer per mode), its compile time (the first two steps, less two eager steps) printed apart from its step time.
 Without RELEASE.h5 it first embeds mnist-5k:train (efficientnet-lite0, eps=10) into a temporary file.
 """
 from __future__ import annotations
@@ -156,10 +156,9 @@ def main() -> None:
         per_second(fn, 2, sync)
     compile_s = {}
     for mode in [m.strip() for m in a.compile.split(",") if m.strip()]:
-        rel, fmap, arch, dev = prepare(opts)
-        tc = Trainer(opts, rel, fmap, arch, dev, t.precision)
-        tc.G.compile(mode=mode)
-        tc.fmap.compile(mode=mode)
+        copts = replace(opts, compile=mode)
+        rel, fmap, arch, dev = prepare(copts)
+        tc = Trainer(copts, rel, fmap, arch, dev, t.precision)  # as `mepf synthesize --compile MODE` trains
         name = f"step auto, compiled {mode}"
         cases[name] = tc.train_step
         # the first two steps' seconds, compiling included; two eager steps are taken off below

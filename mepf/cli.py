@@ -469,9 +469,9 @@ def _named_weights(example: str):
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder to create.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue this run folder from its latest snapshot. Options come from the run; --steps, --lr, "
-              "--lr-mavg, --lr-schedule, --log-every, --snapshot-every, --grid-every, --device and --weights given "
-              "again take effect from the resumed step (recorded in options.json); others must equal the run's. "
-              "FILE, if given, is the release wherever it is now (checked by SHA-256).")
+              "--lr-mavg, --lr-schedule, --log-every, --snapshot-every, --grid-every, --device, --weights and "
+              "--compile given again take effect from the resumed step (recorded in options.json); others must equal "
+              "the run's. FILE, if given, is the release wherever it is now (checked by SHA-256).")
 @click.option("--generator", type=_choices(so.GENERATOR_NAMES, "auto"), default=_td("generator"),
               help="auto: conv up to 32 px, resnet above; conv-cbn: conv with class-conditional batch norm.")
 @click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), show_default=False,
@@ -511,12 +511,15 @@ def _named_weights(example: str):
 @click.option("--precision", type=_choices(so.PRECISIONS), default=_td("precision"),
               help="auto: a bf16 generator and an fp32 extractor on CUDA and on CPUs with native bf16 "
                    "(AVX512-BF16, AMX); fp32 elsewhere. Channels-last always; the loss stays fp32.")
+@click.option("--compile", "compile_mode", type=_choices(so.COMPILE_MODES), default=_td("compile"),
+              help="torch.compile both networks for training in this mode (reduce-overhead: CUDA graphs); none: "
+                   "eager. Slower on the CPUs measured; its compile time is stats.jsonl's compile_s.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_schedule, ema, batch_size, steps,
                seed, labels, moment_weights, layer_weights, grid_every, snapshot_every, log_every, device, weights,
-               precision, dry_run, quiet):
+               precision, compile_mode, dry_run, quiet):
     """Stage 2: train a generator from the released FILE alone. Under torchrun (`torchrun --nproc-per-node N
     -m mepf synthesize ...`) each rank trains on its own batches (--batch-size per rank) of one objective."""
     from dataclasses import asdict
@@ -552,7 +555,9 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
             click.echo(json.dumps(saved, indent=2, sort_keys=True))
             return
         ctx = click.get_current_context()
-        given = {name: value for name, value in ctx.params.items() if name in train.TrainOptions.__dataclass_fields__
+        fields = {"compile_mode": "compile"}  # parameters named apart from their option field
+        given = {fields.get(name, name): value for name, value in ctx.params.items()
+                 if fields.get(name, name) in train.TrainOptions.__dataclass_fields__
                  and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
         try:
             t = train.resume(resume, given, release=file, progress=not quiet)
@@ -572,7 +577,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                               steps=steps or train.TrainOptions.steps, seed=seed, labels=labels,
                               moment_weights=moment_weights, layer_weights=layer_weights, grid_every=grid_every,
                               snapshot_every=snapshot_every,
-                              log_every=log_every, device=device, weights=weights, precision=precision)
+                              log_every=log_every, device=device, weights=weights, precision=precision,
+                              compile=compile_mode)
     if dry_run:
         release, _, arch, dev = train.prepare(opts)
         from mepf.synthesize.precision import resolve

@@ -7,7 +7,8 @@
 #   scripts/gpu_offline.sh run         # there, with .whl and .devdata carried: installs them into /tmp/site and
 #                                      # runs PARTS in turn (default "check dpimagebench"): check = gpu_check.sh
 #                                      # (CHECK_S s; SKIP_TESTS=1 skips its tests), suite = all the tests
-#                                      # (SUITE_S s), compile = the training step compiled (COMPILE_S s, MODES),
+#                                      # (SUITE_S s), compile = the training step compiled (COMPILE_S s, MODES;
+#                                      # then CLI_COMPILE_S s of `mepf synthesize --compile CLI_MODE`),
 #                                      # speed = benchmarks/bench_classifier_speed.py, dpimagebench =
 #                                      # the protocol (BUDGET s, CLASSIFIERS, GENERATORS, JOBS classifiers at once);
 #                                      # logs and results in $OUT
@@ -71,7 +72,11 @@ holdout_indices(); print('torch', torch.__version__, 'cuda', torch.version.cuda,
       # perf_hints: says whether reduce-overhead really ran CUDA graphs (it skips them on some mutations)
       TORCH_LOGS=perf_hints timeout "${COMPILE_S:-420}" python3 benchmarks/synthesize_speed.py "$T/r.h5" \
         --device cuda --steps 30 --repeats 2 --compile "${MODES:-default,reduce-overhead}" 2>&1 \
-        | tee "$OUT/compile.log" ;;
+        | tee "$OUT/compile.log"
+      # the same through the CLI: compile_s apart in stats.jsonl, steps_per_s after it
+      timeout "${CLI_COMPILE_S:-150}" python3 -m mepf synthesize "$T/r.h5" --out "$T/run" --device cuda --steps 300 \
+        --log-every 50 --compile "${CLI_MODE:-reduce-overhead}" --quiet 2>&1 | tail -3 | tee -a "$OUT/compile.log"
+      cat "$T/run/stats.jsonl" | tee -a "$OUT/compile.log" ;;
     speed)
       timeout "${SPEED_S:-150}" python3 benchmarks/bench_classifier_speed.py --device cuda 2>&1 \
         | tee "$OUT/classifier_speed.log" ;;

@@ -11,6 +11,8 @@ LABELS = ("balanced", "prior")  # training and sampling labels: class-balanced, 
 #: auto: a bf16 generator beside an fp32 extractor on CUDA and on CPUs with native bf16, fp32 elsewhere (precision.py)
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-generator")
 LR_SCHEDULES = ("constant", "cosine", "cooldown")
+#: torch.compile modes for the networks' training forward; none: eager (on the CPUs measured, compiling was slower)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 #: the share of --steps over which the cooldown schedule takes the lr linearly to 0
 COOLDOWN_FRACTION = 0.2
 
@@ -38,6 +40,7 @@ class TrainOptions:
     device: str = "auto"
     precision: str = "auto"
     weights: str | None = None  # extractor weights file, when the release was made from one
+    compile: str = "none"  # torch.compile mode of both networks in training (COMPILE_MODES)
 
 
 #: mepf: uint8 images (and PNG folders); dpimagebench: the gen.npz DPImageBench's eval.py loads

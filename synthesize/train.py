@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -31,7 +32,16 @@ from .generators import Z_DIM, build_generator, default_generator
 from .grid import save_grid
 from .locate import locate_release
 from .objective import Target, check_weight, fake_embeddings, layer_weight_vector, squared_distance
-from .options import COOLDOWN_FRACTION, GENERATOR_WIDTHS, LABELS, LR_SCHEDULES, OBJECTIVES, PRECISIONS, TrainOptions
+from .options import (
+    COMPILE_MODES,
+    COOLDOWN_FRACTION,
+    GENERATOR_WIDTHS,
+    LABELS,
+    LR_SCHEDULES,
+    OBJECTIVES,
+    PRECISIONS,
+    TrainOptions,
+)
 from .precision import Precision, legacy, resolve
 
 
@@ -49,6 +59,8 @@ def prepare(opts: TrainOptions, device=None):
         raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if opts.labels not in LABELS:
         raise MepfError(f"--labels must be one of {', '.join(LABELS)}")
+    if opts.compile not in COMPILE_MODES:
+        raise MepfError(f"--compile must be one of {', '.join(COMPILE_MODES)}")
     extra = set(opts.moment_weights) - set(release.moments)
     if extra:
         raise MepfError(f"--moment-weights names {', '.join(sorted(extra))}, but the file releases "
@@ -58,6 +70,9 @@ def prepare(opts: TrainOptions, device=None):
     if opts.moment_weights and not any(opts.moment_weights.get(m, 1.0) > 0 for m in release.moments):
         raise MepfError("--moment-weights gives every moment weight 0: nothing would be matched; keep one above 0")
     device = resolve_device(opts.device) if device is None else device
+    if opts.compile != "none" and device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        raise MepfError(f"--compile {opts.compile} on the CPU needs a C++ compiler (torch's inductor builds its "
+                        "kernels with one) and none is on PATH; install g++ or leave --compile none")
     spec = release.features
     fmap = feature_map_from_spec(spec, opts.weights).to(device)
     if opts.layer_weights:  # names and values valid before anything is built
@@ -101,6 +116,10 @@ def deferred_interrupts(enabled: bool = True):
             signal.signal(s, h)
 
 
+#: the steps that compile with --compile (reduce-overhead records its CUDA graphs on the second)
+COMPILE_STEPS = 2
+
+
 def latest_snapshot(run: Path):
     snaps = run_folder.snapshots(run)
     return snaps[-1][1] if snaps else None
@@ -113,7 +132,8 @@ class Trainer:
 
     def __init__(self, opts: TrainOptions, release, fmap, arch, device, precision: Precision | None = None):
         """`precision`: the run's plan (resume passes the recorded one); None resolves opts.precision here. `fmap`
-        becomes, in place, the plan's faster equivalent (padding and batch norms folded): pass one of its own."""
+        becomes, in place, the plan's faster equivalent (padding and batch norms folded; compiled with --compile):
+        pass one of its own."""
         self.opts, self.release, self.fmap, self.arch, self.device = opts, release, fmap, arch, device
         self.run = Path(opts.out)
         self.target = Target(release, device)
@@ -144,6 +164,12 @@ class Trainer:
         if self.precision.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.fmap = self.fmap.to(memory_format=torch.channels_last)
+        # what train_step calls: with --compile, the generator compiled (its state dict, grids and samples stay
+        # those of self.G) and the extractor compiled in place (only training uses it)
+        self.g_train = self.G
+        if opts.compile != "none":
+            self.g_train = torch.compile(self.G, mode=opts.compile)
+            self.fmap.compile(mode=opts.compile)
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -195,8 +221,10 @@ class Trainer:
         b, plan, dev = self.opts.batch_size, self.precision, self.device.type
         y = self.sample_labels(b).to(self.device)
         z = torch.randn(b, Z_DIM, generator=self.rng).to(self.device)
+        if self.opts.compile == "reduce-overhead":  # CUDA graphs: a new step may reuse the last one's buffers
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=plan.generator == "bf16"):
-            x = self.G(z, y)
+            x = self.g_train(z, y)
         if plan.extractor == "fp32":
             x = x.float()
         if plan.channels_last:
@@ -332,6 +360,10 @@ class Trainer:
         between steps."""
         o, main = self.opts, self.ranks.main
         t_last, s_last = time.perf_counter(), self.step
+        # with --compile, the first COMPILE_STEPS steps of this process compile: left out of steps_per_s, and their
+        # time beyond as many steps at the rate that follows is the next record's compile_s
+        compiling = COMPILE_STEPS if o.compile != "none" else 0
+        t_start, s_start, compiled = t_last, s_last, None
         with progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
                           disable=not (progress and main)) as bar, deferred_interrupts(not self.ranks.active) as hits:
             while self.step < o.steps:
@@ -345,6 +377,9 @@ class Trainer:
                     t_last, s_last = now, self.step
                     stats = {k: float(v) for k, v in stats.items()}
                     rec = {"step": self.step, **stats, "steps_per_s": rate}
+                    if compiled is not None:
+                        rec["compile_s"] = max(0.0, compiled[0] - compiled[1] / rate)
+                        compiled = None
                     sf.write(json.dumps(rec) + "\n")
                     sf.flush()
                     log.write(json.dumps(rec) + "\n")
@@ -354,6 +389,11 @@ class Trainer:
                     self.save_grid()
                 if o.snapshot_every and self.step % o.snapshot_every == 0:
                     self.snapshot()
+                if compiling:
+                    compiling -= 1
+                    if not compiling:
+                        t_last, s_last = time.perf_counter(), self.step
+                        compiled = (t_last - t_start, s_last - s_start)
 
 def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     """A new run: validate, then create the run folder and write options.json before training. Under
@@ -391,7 +431,7 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
 
 #: options that may change when a run resumes: they take effect from the resumed step (recorded in options.json)
 RESUMABLE = ("steps", "lr", "lr_mavg", "lr_schedule", "log_every", "snapshot_every", "grid_every", "device",
-             "weights")
+             "weights", "compile")
 
 
 def _shared_options(opts: TrainOptions, release) -> dict:
@@ -449,7 +489,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     found = locate_release(saved["release_sha256"], run, saved.get("release"), release, size=size)
     opts.release = str(found)
-    for k in ("device", "weights"):
+    for k in ("device", "weights", "compile"):  # the trainer is built with them
         if k in differ:
             setattr(opts, k, differ[k])
     ranks, device = distributed.join(opts.device, resolve_device)
