@@ -4,8 +4,9 @@
                                                     [--baseline REV --cli-steps 60]
 
 - the real training step at --precision auto (the plan it resolves to here), the same with each other way of
-  taking class sums (index_add / one-hot product / fused with phi) and without the extractor's batch norms
-  folded into its convolutions, and at fp32;
+  taking class sums (index_add / one-hot product / fused with phi), without the extractor's batch norms
+  folded into its convolutions, without the generator's upsampling folded into the convolutions after it, and at
+  fp32;
 - the bare cost: generator forward+backward plus extractor forward+backward (input gradient only) at the
   same batch, each at its fastest of fp32/bf16 x default/channels-last, and the step's ratio to it;
 - with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mepf.core.memory import keep_freed_memory
-from mepf.synthesize.generators import Z_DIM
+from mepf.synthesize.generators import Z_DIM, fold_upsampling
 from mepf.synthesize.precision import CLASS_SUMS, legacy
 from mepf.synthesize.train import Trainer, TrainOptions, prepare
 
@@ -84,6 +85,15 @@ def network_cases(t: Trainer, batch: int, dev) -> dict:
 
             cases[f"generator {name}"] = gen
             cases[f"extractor {name}"] = ext
+    plain = fold_upsampling(copy.deepcopy(t.G).to(memory_format=torch.channels_last), False)
+    for bf in (False, True):  # the generator as written, for the fold's share
+
+        def gen_plain(bf=bf):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf):
+                x = plain(z, y)
+            x.float().sum().backward()
+
+        cases[f"generator {'bf16' if bf else 'fp32'}, channels-last, upsampling as written"] = gen_plain
     return cases
 
 
@@ -139,6 +149,10 @@ def main() -> None:
         rel, fmap, arch, dev = prepare(opts)
         trainers["auto, batch norms not folded"] = Trainer(opts, rel, fmap, arch, dev,
                                                            replace(trainers["auto"].precision, bn_folded=False))
+    if trainers["auto"].precision.upsample_folded:  # auto's plan with the generator's upsampling as written
+        rel, fmap, arch, dev = prepare(opts)
+        trainers["auto, upsampling not folded"] = Trainer(opts, rel, fmap, arch, dev,
+                                                          replace(trainers["auto"].precision, upsample_folded=False))
     for other in CLASS_SUMS:  # auto's plan with each other way of taking the class sums
         if other != trainers["auto"].precision.class_sums:
             rel, fmap, arch, dev = prepare(opts)

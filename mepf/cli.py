@@ -546,7 +546,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                 from mepf.synthesize.precision import Precision
 
                 notes = {"class_sums": "resume sums by the one-hot product, as the run did",
-                         "bn_folded": "resume keeps the extractor's batch norms unfolded, as the run did"}
+                         "bn_folded": "resume keeps the extractor's batch norms unfolded, as the run did",
+                         "upsample_folded": "resume upsamples, then convolves, as the run did"}
                 missing = [k for k in notes if k not in saved["precision_resolved"]]
                 if missing:
                     saved["precision_resolved"] = Precision.from_json(saved["precision_resolved"]).to_json()

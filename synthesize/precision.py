@@ -27,6 +27,9 @@ class Precision:
     #: the extractor's batch norms folded into its convolutions (fold_batch_norm: the same map up to rounding,
     #: faster); False for runs recorded before it, so that they resume bit-exactly (fast paths only)
     bn_folded: bool = False
+    #: the generator's nearest-upsample -> 3x3 convolutions computed as one stride-2 transposed convolution each
+    #: (generators.up_conv: the same function up to rounding, faster); False for runs recorded before it
+    upsample_folded: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -37,12 +40,14 @@ class Precision:
         if not (isinstance(d, dict) and d.get("generator") in dtypes and d.get("extractor") in dtypes
                 and type(d.get("channels_last")) is bool and type(d.get("fast_paths")) is bool
                 and d.get("class_sums", "matmul") in CLASS_SUMS
-                and type(d.get("bn_folded", False)) is bool
-                and (d["fast_paths"] or (d.get("class_sums", "matmul") == "matmul" and not d.get("bn_folded")))):
+                and type(d.get("bn_folded", False)) is bool and type(d.get("upsample_folded", False)) is bool
+                and (d["fast_paths"] or (d.get("class_sums", "matmul") == "matmul" and not d.get("bn_folded")
+                                         and not d.get("upsample_folded")))):
             raise MepfError("the run's options.json holds no valid precision_resolved; the run folder is damaged")
-        # a plan recorded before class_sums was chosen summed by the one-hot product, before bn_folded did not fold
+        # a plan recorded before class_sums was chosen summed by the one-hot product, before bn_folded or
+        # upsample_folded did not fold
         return cls(d["generator"], d["extractor"], d["channels_last"], d["fast_paths"], d.get("class_sums", "matmul"),
-                   d.get("bn_folded", False))
+                   d.get("bn_folded", False), d.get("upsample_folded", False))
 
     def __str__(self) -> str:
         if self.generator == self.extractor:
@@ -51,7 +56,8 @@ class Precision:
             name = f"generator {self.generator}, extractor {self.extractor}"
         return (name + (", channels-last" if self.channels_last else "") + ("" if self.fast_paths else ", legacy")
                 + (", phi and class sums fused" if self.class_sums == "fused"
-                   else f", class sums by {self.class_sums}") + (", batch norms folded" if self.bn_folded else ""))
+                   else f", class sums by {self.class_sums}") + (", batch norms folded" if self.bn_folded else "")
+                + (", upsampling folded" if self.upsample_folded else ""))
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -75,7 +81,8 @@ def resolve(precision: str, device: torch.device) -> Precision:
     generator beside an fp32 extractor: a bf16 extractor was not shown to train as well (docs/results.md, "a bf16
     extractor"), and on CPU its backward through EfficientNet's depthwise convolutions is slower; fp32 elsewhere.
     Channels-last always: it is faster for both networks on CPU and CUDA alike. Class sums by index_add on CPU, by
-    the one-hot product elsewhere. The extractor's batch norms folded into its convolutions."""
+    the one-hot product elsewhere. The extractor's batch norms folded into its convolutions, and the generator's
+    upsampling into the convolutions after it."""
     if precision not in PRECISIONS:
         raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -83,7 +90,7 @@ def resolve(precision: str, device: torch.device) -> Precision:
     # index_add accumulates with atomics on GPUs (not bit-reproducible), where the product costs little anyway
     sums = "index_add" if device.type == "cpu" else "matmul"
     g, e = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "bf16-generator": ("bf16", "fp32")}[precision]
-    return Precision(g, e, True, True, sums, True)
+    return Precision(g, e, True, True, sums, True, True)
 
 
 def legacy(precision: str, device: torch.device) -> Precision:

@@ -28,7 +28,7 @@ from mepf.progress import progress as progress_bar
 
 from . import run_folder
 from .checkpoint import load_tensors, save_generator
-from .generators import Z_DIM, build_generator, default_generator
+from .generators import Z_DIM, build_generator, default_generator, fold_upsampling
 from .grid import save_grid
 from .locate import locate_release
 from .objective import Target, check_weight, fake_embeddings, layer_weight_vector, squared_distance
@@ -161,6 +161,8 @@ class Trainer:
             fold_same_padding(self.fmap)  # the same map without the padding copies (tests/test_features_fused.py)
         if self.precision.bn_folded:
             fold_batch_norm(self.fmap)
+        if self.precision.upsample_folded:  # training only: G_ema, grids and generator.pt compute as written
+            fold_upsampling(self.G)
         if self.precision.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.fmap = self.fmap.to(memory_format=torch.channels_last)

@@ -32,17 +32,17 @@ def release(tmp_path):
 
 def test_auto_resolves_by_hardware(monkeypatch):
     # a bf16 extractor did not train as well on the proxy (docs/results.md): auto keeps it fp32, on CUDA too
-    assert resolve("auto", CUDA) == Precision("bf16", "fp32", True, True, "matmul", True)
+    assert resolve("auto", CUDA) == Precision("bf16", "fp32", True, True, "matmul", True, True)
     monkeypatch.setattr(prec, "native_bf16", lambda device: True)
-    assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add", True)
+    assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add", True, True)
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)
-    assert resolve("auto", CPU) == Precision("fp32", "fp32", True, bn_folded=True)
-    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True, True, "matmul", True)
+    assert resolve("auto", CPU) == Precision("fp32", "fp32", True, bn_folded=True, upsample_folded=True)
+    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True, True, "matmul", True, True)
     for device in (CPU, CUDA):  # an explicit choice is taken as given; class sums by device (CUDA: no atomics)
         sums = "matmul" if device.type == "cuda" else "index_add"
-        assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums, True)
-        assert resolve("bf16", device) == Precision("bf16", "bf16", True, True, sums, True)
-        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True, True, sums, True)
+        assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums, True, True)
+        assert resolve("bf16", device) == Precision("bf16", "bf16", True, True, sums, True, True)
+        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True, True, sums, True, True)
     with pytest.raises(MepfError, match="--precision must be one of"):
         resolve("fp16", CPU)
 
@@ -56,12 +56,14 @@ def test_native_bf16_is_read_from_torch():
 def test_plan_round_trips_and_a_damaged_one_is_refused():
     for p in (Precision("fp32", "fp32", False, False, "matmul"), Precision("bf16", "fp32", True),
               Precision("bf16", "bf16", True, True, "matmul"), Precision("bf16", "fp32", True, True, "fused"),
-              Precision("fp32", "fp32", True, True, "index_add", True)):
+              Precision("fp32", "fp32", True, True, "index_add", True),
+              Precision("bf16", "fp32", True, True, "index_add", True, True)):
         assert Precision.from_json(json.loads(json.dumps(p.to_json()))) == p
     # a plan recorded before class_sums existed summed by the one-hot product, and resumes so
     old = {"generator": "bf16", "extractor": "fp32", "channels_last": True, "fast_paths": True}
     assert Precision.from_json(old).class_sums == "matmul"
     assert not Precision.from_json(old).bn_folded  # and, before bn_folded, did not fold
+    assert not Precision.from_json(old).upsample_folded
     for bad in (None, [], {"generator": "fp16", "extractor": "fp32", "channels_last": True},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": True},  # no fast_paths
@@ -69,7 +71,9 @@ def test_plan_round_trips_and_a_damaged_one_is_refused():
                 {**old, "fast_paths": False, "class_sums": "index_add"},  # pairs no code ever wrote
                 {**old, "fast_paths": False, "class_sums": "fused"},
                 {**old, "bn_folded": 1}, {**old, "bn_folded": None},
-                {**old, "fast_paths": False, "class_sums": "matmul", "bn_folded": True}):
+                {**old, "fast_paths": False, "class_sums": "matmul", "bn_folded": True},
+                {**old, "upsample_folded": 1}, {**old, "upsample_folded": "true"},
+                {**old, "fast_paths": False, "class_sums": "matmul", "upsample_folded": True}):
         with pytest.raises(MepfError, match="precision_resolved"):
             Precision.from_json(bad)
 
@@ -81,9 +85,11 @@ def test_a_run_records_its_plan_and_resumes_under_it(release, tmp_path, monkeypa
     saved = json.loads((run / "options.json").read_text())
     assert saved["precision"] == "auto"
     assert saved["precision_resolved"] == {"generator": "bf16", "extractor": "fp32", "channels_last": True,
-                                          "fast_paths": True, "class_sums": "index_add", "bn_folded": True}
+                                          "fast_paths": True, "class_sums": "index_add", "bn_folded": True,
+                                          "upsample_folded": True}
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)  # e.g. resumed on another machine
-    assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True, bn_folded=True)
+    assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True, bn_folded=True,
+                                                                        upsample_folded=True)
     for bad in ({"generator": "x"}, None):
         (run / "options.json").write_text(json.dumps({**saved, "precision_resolved": bad}))
         with pytest.raises(MepfError, match="no valid precision_resolved"):
@@ -131,7 +137,8 @@ def test_dry_run_shows_the_plan(release, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision_resolved"] == {"generator": "bf16", "extractor": "fp32",
                                                            "channels_last": True, "fast_paths": True,
-                                                           "class_sums": "index_add", "bn_folded": True}
+                                                           "class_sums": "index_add", "bn_folded": True,
+                                                           "upsample_folded": True}
 
 
 def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
@@ -147,7 +154,8 @@ def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
     assert r.exit_code == 0, r.output
     shown = json.loads(r.output)
     assert shown["precision_resolved"] == {"generator": "fp32", "extractor": "fp32", "channels_last": False,
-                                           "fast_paths": False, "class_sums": "matmul", "bn_folded": False}
+                                           "fast_paths": False, "class_sums": "matmul", "bn_folded": False,
+                                           "upsample_folded": False}
     assert "before the plan" in shown["precision_resolved_note"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 
@@ -287,6 +295,34 @@ def test_a_run_recorded_before_bn_folded_resumes_on_the_map_as_built(tmp_path, m
     b = resume(tmp_path / "b", steps=6, progress=False)
     assert b.precision == a.precision == old_plan
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in b.fmap.modules())
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), folded.G.state_dict().values()))
+
+
+def test_a_run_recorded_before_upsample_folded_resumes_as_written(release, tmp_path, monkeypatch):
+    """A new run computes the generator's upsample -> 3x3 conv pairs as transposed convolutions; a run whose plan
+    does not say upsample_folded (recorded before it) resumes upsampling, bit-exactly: its weights equal an
+    uninterrupted run's as written, and differ from a folded run's; the dry run shows the plan resume will use."""
+    import torch.nn.functional as F
+
+    calls = []  # the folded pairs' transposed convolutions (the conv generator has no other)
+    real = F.conv_transpose2d
+    monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    folded = start(TrainOptions(release=release, out=str(tmp_path / "f"), steps=6, **dict(FAST, snapshot_every=3)),
+                   progress=False)
+    assert folded.precision.upsample_folded and folded.arch["name"] == "conv" and len(calls) >= 12
+    old_plan = dataclasses.replace(folded.precision, upsample_folded=False)
+    a = _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan, "upsample_folded")
+    r = CliRunner().invoke(main, ["synthesize", "--resume", str(tmp_path / "b"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert shown["precision_resolved"]["upsample_folded"] is False
+    assert "upsamples, then convolves" in shown["precision_resolved_note"]
+    calls.clear()
+    b = resume(tmp_path / "b", steps=6, progress=False)
+    assert b.precision == a.precision == old_plan
+    assert not calls  # every training step upsampled, then convolved
     for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), folded.G.state_dict().values()))
