@@ -161,7 +161,7 @@ class Trainer:
             fold_same_padding(self.fmap)  # the same map without the padding copies (tests/test_features_fused.py)
         if self.precision.bn_folded:
             fold_batch_norm(self.fmap)
-        if self.precision.upsample_folded:  # training only: G_ema, grids and generator.pt compute as written
+        if self.precision.upsample_folded:  # the weights are unchanged: G_ema and generator.pt compute as written
             fold_upsampling(self.G)
         if self.precision.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)

@@ -30,6 +30,7 @@ CHOICES = {
     ("evaluate", "device"): names.DEVICES, ("synthesize", "generator"): ("auto", *so.GENERATOR_NAMES),
     ("synthesize", "objective"): so.OBJECTIVES, ("synthesize", "lr_schedule"): so.LR_SCHEDULES,
     ("synthesize", "precision"): so.PRECISIONS, ("synthesize", "labels"): so.LABELS, ("sample", "labels"): so.LABELS,
+    ("synthesize", "compile_mode"): so.COMPILE_MODES,
     ("sample", "fmt"): so.SAMPLE_FORMATS, ("evaluate", "protocol"): vo.PROTOCOLS,
 }
 OPTIONS = {"embed": eo.EmbedOptions, "synthesize": so.TrainOptions, "sample": so.SampleOptions,

@@ -194,6 +194,24 @@ def _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan: Precision, mi
     return a
 
 
+def _an_unfolded_old_plan_resumes(release, tmp_path, monkeypatch, folded, field: str, note: str):
+    """`folded`'s plan with `field` False, recorded without it (as before it existed): `--resume --dry-run` shows it
+    False with `note`, and the run resumes under it bit-exactly (its weights equal run "a"'s, uninterrupted, and
+    differ from `folded`'s, so that the comparison tells the two apart). Returns the resumed trainer."""
+    old_plan = dataclasses.replace(folded.precision, **{field: False})
+    a = _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan, field)
+    r = CliRunner().invoke(main, ["synthesize", "--resume", str(tmp_path / "b"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert shown["precision_resolved"][field] is False and note in shown["precision_resolved_note"]
+    b = resume(tmp_path / "b", steps=6, progress=False)
+    assert b.precision == a.precision == old_plan
+    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), folded.G.state_dict().values()))
+    return b
+
+
 def test_a_run_recorded_before_class_sums_resumes_with_the_one_hot_product(release, tmp_path, monkeypatch):
     """A run whose plan has fast_paths but no class_sums (recorded before 2026-12-03) resumes bit-exactly with
     the product it was trained with: every training step's class sums go through the product (spied: on this
@@ -285,19 +303,8 @@ def test_a_run_recorded_before_bn_folded_resumes_on_the_map_as_built(tmp_path, m
     folded = start(TrainOptions(release=release, out=str(tmp_path / "f"), steps=6, **opts), progress=False)
     assert folded.precision.bn_folded
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.fmap.modules())
-    old_plan = dataclasses.replace(folded.precision, bn_folded=False)
-    a = _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan, "bn_folded")
-    r = CliRunner().invoke(main, ["synthesize", "--resume", str(tmp_path / "b"), "--dry-run"])
-    assert r.exit_code == 0, r.output
-    shown = json.loads(r.output)
-    assert shown["precision_resolved"]["bn_folded"] is False
-    assert "batch norms unfolded" in shown["precision_resolved_note"]
-    b = resume(tmp_path / "b", steps=6, progress=False)
-    assert b.precision == a.precision == old_plan
+    b = _an_unfolded_old_plan_resumes(release, tmp_path, monkeypatch, folded, "bn_folded", "batch norms unfolded")
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in b.fmap.modules())
-    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb), ka
-    assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), folded.G.state_dict().values()))
 
 
 def test_a_run_recorded_before_upsample_folded_resumes_as_written(release, tmp_path, monkeypatch):
@@ -312,17 +319,7 @@ def test_a_run_recorded_before_upsample_folded_resumes_as_written(release, tmp_p
     folded = start(TrainOptions(release=release, out=str(tmp_path / "f"), steps=6, **dict(FAST, snapshot_every=3)),
                    progress=False)
     assert folded.precision.upsample_folded and folded.arch["name"] == "conv" and len(calls) >= 12
-    old_plan = dataclasses.replace(folded.precision, upsample_folded=False)
-    a = _runs_of_an_old_plan(release, tmp_path, monkeypatch, old_plan, "upsample_folded")
-    r = CliRunner().invoke(main, ["synthesize", "--resume", str(tmp_path / "b"), "--dry-run"])
-    assert r.exit_code == 0, r.output
-    shown = json.loads(r.output)
-    assert shown["precision_resolved"]["upsample_folded"] is False
-    assert "upsamples, then convolves" in shown["precision_resolved_note"]
     calls.clear()
-    b = resume(tmp_path / "b", steps=6, progress=False)
-    assert b.precision == a.precision == old_plan
-    assert not calls  # every training step upsampled, then convolved
-    for (ka, va), (kb, vb) in zip(a.G.state_dict().items(), b.G.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb), ka
-    assert any(not torch.equal(va, vf) for va, vf in zip(a.G.state_dict().values(), folded.G.state_dict().values()))
+    _an_unfolded_old_plan_resumes(release, tmp_path, monkeypatch, folded, "upsample_folded",
+                                  "upsamples, then convolves")
+    assert not calls  # every step of the old plan's runs and of the resumed one upsampled, then convolved
