@@ -64,6 +64,13 @@ def network_cases(t: Trainer, batch: int, dev) -> dict:
     z = torch.randn(batch, Z_DIM, device=dev)
     y = (torch.arange(batch) % t.arch["num_classes"]).to(dev)
     x0 = torch.rand(batch, spec.channels, spec.height, spec.width, device=dev)
+    def gen_case(G, bf):
+        def gen():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf):
+                x = G(z, y)
+            x.float().sum().backward()
+        return gen
+
     cases = {}
     for cl in (False, True):
         fmt = torch.channels_last if cl else torch.contiguous_format
@@ -72,28 +79,17 @@ def network_cases(t: Trainer, batch: int, dev) -> dict:
         for bf in (False, True):
             name = f"{'bf16' if bf else 'fp32'}{', channels-last' if cl else ''}"
 
-            def gen(G=G, bf=bf):
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf):
-                    x = G(z, y)
-                x.float().sum().backward()
-
             def ext(E=E, bf=bf, fmt=fmt):
                 x = x0.contiguous(memory_format=fmt).requires_grad_(True)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf):
                     out = E(x)
                 out.float().sum().backward()
 
-            cases[f"generator {name}"] = gen
+            cases[f"generator {name}"] = gen_case(G, bf)
             cases[f"extractor {name}"] = ext
     plain = fold_upsampling(copy.deepcopy(t.G).to(memory_format=torch.channels_last), False)
     for bf in (False, True):  # the generator as written, for the fold's share
-
-        def gen_plain(bf=bf):
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf):
-                x = plain(z, y)
-            x.float().sum().backward()
-
-        cases[f"generator {'bf16' if bf else 'fp32'}, channels-last, upsampling as written"] = gen_plain
+        cases[f"generator {'bf16' if bf else 'fp32'}, channels-last, upsampling as written"] = gen_case(plain, bf)
     return cases
 
 
@@ -145,19 +141,14 @@ def main() -> None:
                         device=a.device)
     rel, fmap, arch, dev = prepare(opts)
     trainers["before"] = Trainer(opts, rel, fmap, arch, dev, legacy("auto", dev))  # as the code before issue 27
-    if trainers["auto"].precision.bn_folded:  # auto's plan on the extractor as built
+    auto = trainers["auto"].precision
+    # auto's plan but for one value: each fold it makes left out, each other way of taking the class sums
+    variants = {name: {k: False} for name, k in (("batch norms not folded", "bn_folded"),
+                                                 ("upsampling not folded", "upsample_folded")) if getattr(auto, k)}
+    variants.update({f"class sums {other}": {"class_sums": other} for other in CLASS_SUMS if other != auto.class_sums})
+    for name, changes in variants.items():
         rel, fmap, arch, dev = prepare(opts)
-        trainers["auto, batch norms not folded"] = Trainer(opts, rel, fmap, arch, dev,
-                                                           replace(trainers["auto"].precision, bn_folded=False))
-    if trainers["auto"].precision.upsample_folded:  # auto's plan with the generator's upsampling as written
-        rel, fmap, arch, dev = prepare(opts)
-        trainers["auto, upsampling not folded"] = Trainer(opts, rel, fmap, arch, dev,
-                                                          replace(trainers["auto"].precision, upsample_folded=False))
-    for other in CLASS_SUMS:  # auto's plan with each other way of taking the class sums
-        if other != trainers["auto"].precision.class_sums:
-            rel, fmap, arch, dev = prepare(opts)
-            trainers[f"auto, class sums {other}"] = Trainer(opts, rel, fmap, arch, dev,
-                                                            replace(trainers["auto"].precision, class_sums=other))
+        trainers[f"auto, {name}"] = Trainer(opts, rel, fmap, arch, dev, replace(auto, **changes))
     t = trainers["auto"]
 
     def sync():

@@ -363,9 +363,9 @@ class Trainer:
         o, main = self.opts, self.ranks.main
         t_last, s_last = time.perf_counter(), self.step
         # with --compile, the first COMPILE_STEPS steps of this process compile: left out of steps_per_s, and their
-        # time beyond as many steps at the rate that follows is the next record's compile_s
+        # time (`compiled`) beyond as many steps at the rate that follows is the next record's compile_s
         compiling = COMPILE_STEPS if o.compile != "none" else 0
-        t_start, s_start, compiled = t_last, s_last, None
+        t_start, compiled = t_last, None
         with progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
                           disable=not (progress and main)) as bar, deferred_interrupts(not self.ranks.active) as hits:
             while self.step < o.steps:
@@ -380,7 +380,7 @@ class Trainer:
                     stats = {k: float(v) for k, v in stats.items()}
                     rec = {"step": self.step, **stats, "steps_per_s": rate}
                     if compiled is not None:
-                        rec["compile_s"] = max(0.0, compiled[0] - compiled[1] / rate)
+                        rec["compile_s"] = max(0.0, compiled - COMPILE_STEPS / rate)
                         compiled = None
                     sf.write(json.dumps(rec) + "\n")
                     sf.flush()
@@ -395,7 +395,7 @@ class Trainer:
                     compiling -= 1
                     if not compiling:
                         t_last, s_last = time.perf_counter(), self.step
-                        compiled = (t_last - t_start, s_last - s_start)
+                        compiled = t_last - t_start
 
 def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     """A new run: validate, then create the run folder and write options.json before training. Under
