@@ -49,7 +49,8 @@ def means_of_sums(sums: torch.Tensor, cnt: torch.Tensor):
 
 
 def fake_embeddings(fmap, images, y, target: Target, fast: bool = True, sums_by: str = "index_add") -> dict:
-    """Per-class mean of phi over a generated batch, for each released moment (float32, differentiable).
+    """{moment: (per-class mean of phi over a generated batch (K, D), float32 and differentiable; the classes
+    present, a mask (K,), or None when all are)}.
     fast: the fused phi, and the class sums in float32 even under a bf16 autocast; False: as runs started
     before both computed it (autograd through phi1/phi2, the sums in the autocast's dtype). sums_by: "fused"
     (phi and the class sums in one step that writes no phi row; fast only), or as class_means."""
@@ -58,10 +59,19 @@ def fake_embeddings(fmap, images, y, target: Target, fast: bool = True, sums_by:
             raise ValueError("sums_by fused needs the fast paths")
         k = target.num_classes
         cnt = torch.bincount(y, minlength=k).float()
-        return {m: means_of_sums(s, cnt) for m, s in fmap.class_sums(images, y, k, target.moments).items()}
-    phis = fmap.embed(images, target.moments, fused=fast)
-    with torch.autocast(images.device.type, enabled=False) if fast else contextlib.nullcontext():
-        return {m: class_means(p, y, target.num_classes, sums_by) for m, p in phis.items()}
+        fake = {m: means_of_sums(s, cnt) for m, s in fmap.class_sums(images, y, k, target.moments).items()}
+    else:
+        phis = fmap.embed(images, target.moments, fused=fast)
+        with torch.autocast(images.device.type, enabled=False) if fast else contextlib.nullcontext():
+            fake = {m: class_means(p, y, target.num_classes, sums_by) for m, p in phis.items()}
+    # every class present (a balanced batch of at least K): no mask, so that no use copies the rows it selects or
+    # waits for the device; the same numbers as selecting all of them
+    return {m: (mu, None if bool(p.all()) else p) for m, (mu, p) in fake.items()}
+
+
+def present(t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a (K, ...) tensor of the classes present (p: fake_embeddings' mask, None for all)."""
+    return t if p is None else t[p]
 
 
 def check_weight(flag: str, key: str, w) -> None:
@@ -97,8 +107,8 @@ def layer_weight_vector(weights: dict, dims: dict, device="cpu") -> torch.Tensor
 def squared_distance(target: Target, fake: dict, coord_weights: torch.Tensor | None = None) -> dict:
     """Mean over the classes present of ||mu_real[c] - mu_fake[c]||^2 (each coordinate's square times its
     weight, if given), per moment."""
-    w = 1.0 if coord_weights is None else coord_weights
-    return {m: (w * (target.means[m][p] - mu[p]) ** 2).sum(1).mean() for m, (mu, p) in fake.items()}
+    sq = {m: (present(target.means[m], p) - present(mu, p)) ** 2 for m, (mu, p) in fake.items()}
+    return {m: (s if coord_weights is None else coord_weights * s).sum(1).mean() for m, s in sq.items()}
 
 
 @torch.no_grad()

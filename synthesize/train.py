@@ -31,7 +31,7 @@ from .checkpoint import load_tensors, save_generator
 from .generators import Z_DIM, build_generator, default_generator, fold_upsampling
 from .grid import save_grid
 from .locate import locate_release
-from .objective import Target, check_weight, fake_embeddings, layer_weight_vector, squared_distance
+from .objective import Target, check_weight, fake_embeddings, layer_weight_vector, present, squared_distance
 from .options import (
     COMPILE_MODES,
     COOLDOWN_FRACTION,
@@ -242,14 +242,16 @@ class Trainer:
             mloss = 0.0
             for m, (mu, p) in fake.items():
                 diff = (self.target.means[m] - mu).detach()
-                mloss = mloss + ((self.mavg[m][p] - diff[p]) ** 2).mean()
+                mloss = mloss + ((present(self.mavg[m], p) - present(diff, p)) ** 2).mean()
             self.opt_m.zero_grad(set_to_none=True)
             mloss.backward()
             self.opt_m.step()
             stats["mavg_loss"] = mloss.detach()
-            w = 1.0 if self.coord_weights is None else self.coord_weights
-            loss = sum(self.weights[m] * -(w * self.mavg[m][p].detach() * mu[p]).sum(1).mean()
-                       for m, (mu, p) in fake.items())
+            loss = 0.0
+            for m, (mu, p) in fake.items():
+                v = present(self.mavg[m], p).detach()
+                v = v if self.coord_weights is None else self.coord_weights * v
+                loss = loss + self.weights[m] * -(v * present(mu, p)).sum(1).mean()
         if self.extra_term is not None:
             extra, extra_stats = self.extra_term(x, y)
             loss = loss + extra

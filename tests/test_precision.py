@@ -242,7 +242,7 @@ def test_fused_class_means_equal_index_add_and_resume_bit_exactly(release, tmp_p
     """class_sums "fused" (phi and the sums in one step): the same class means and image gradients as phi rows
     summed by index_add, on the release's own feature map under the bf16-generator plan; legacy computation
     refuses it; and a fused run resumed from its snapshot equals the uninterrupted run to the bit."""
-    from mepf.synthesize.objective import Target, fake_embeddings
+    from mepf.synthesize.objective import Target, fake_embeddings, present
 
     opts = TrainOptions(release=release, out=str(tmp_path / "x"), **FAST)
     rel, fmap, arch, dev = prepare(opts)
@@ -254,7 +254,7 @@ def test_fused_class_means_equal_index_add_and_resume_bit_exactly(release, tmp_p
     for how in ("index_add", "fused"):
         xi = x.clone().requires_grad_(True)
         fake = fake_embeddings(fmap, xi, y, target, fast=True, sums_by=how)
-        sum(((mu[p] - target.means[m][p]) ** 2).sum() for m, (mu, p) in fake.items()).backward()
+        sum(((present(mu, p) - present(target.means[m], p)) ** 2).sum() for m, (mu, p) in fake.items()).backward()
         out[how] = ({m: mu.detach() for m, (mu, _) in fake.items()}, {m: p for m, (_, p) in fake.items()}, xi.grad)
     for m in target.moments:
         torch.testing.assert_close(out["fused"][0][m], out["index_add"][0][m], rtol=1e-5, atol=1e-7)

@@ -535,3 +535,50 @@ def test_an_extra_term_enters_the_generators_loss(release_file, tmp_path, monkey
     start(TrainOptions(out=str(tmp_path / "b"), **opts), progress=False)
     seen = brightness("b")
     assert len(seen) == 6 and seen[-1] > 0.9 > seen[0], seen
+
+
+@pytest.mark.parametrize("objective,layer_weights", [("mavg", None), ("plain", None), ("mavg", {"block3": 2.0})])
+def test_a_batch_with_every_class_trains_as_the_selected_rows_did(release_file, tmp_path, monkeypatch, objective,
+                                                                   layer_weights):
+    """Every class in the batch (a balanced batch of at least K): the objective uses the class means without a
+    mask (no row copies, no device wait per use), bitwise the same steps as selecting every row through the mask
+    (as runs did before, which resume on this code). A batch without some class keeps its mask, and its distance
+    is the mean over the classes present only."""
+    from mepf.synthesize import train as train_mod
+    from mepf.synthesize.objective import fake_embeddings, squared_distance
+    from mepf.synthesize.train import Trainer
+
+    masks = []
+
+    def spy(*args, **kwargs):
+        fake = fake_embeddings(*args, **kwargs)
+        masks.extend(p for _, p in fake.values())
+        return fake
+
+    def steps(opts, embed):
+        monkeypatch.setattr(train_mod, "fake_embeddings", embed)
+        t = Trainer(opts, *prepare(opts))
+        for _ in range(3):
+            t.train_step()
+        return t.G.state_dict(), {m: v.detach().clone() for m, v in t.mavg.items()}
+
+    def every_row_selected(*args, **kwargs):
+        return {m: (mu, torch.ones(len(mu), dtype=torch.bool) if p is None else p)
+                for m, (mu, p) in fake_embeddings(*args, **kwargs).items()}
+
+    opts = TrainOptions(release=str(release_file), out=str(tmp_path / "a"), objective=objective,
+                        layer_weights=layer_weights or {}, **FAST)
+    (g, mavg), (g_mask, mavg_mask) = steps(opts, spy), steps(opts, every_row_selected)
+    assert masks and all(p is None for p in masks)
+    assert all(torch.equal(g[k], g_mask[k]) for k in g) and all(torch.equal(mavg[m], mavg_mask[m]) for m in mavg)
+
+    rel, fmap, _, dev = prepare(opts)
+    target = Target(rel, dev)
+    y = torch.tensor([0, 2, 2, 5, 7, 7])
+    x = torch.rand(len(y), 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    fake = fake_embeddings(fmap, x, y, target)
+    dist = squared_distance(target, fake)
+    for m, (mu, p) in fake.items():
+        assert p.tolist() == [c in (0, 2, 5, 7) for c in range(target.num_classes)]
+        expect = sum(float(((target.means[m][c] - mu[c]) ** 2).sum()) for c in (0, 2, 5, 7)) / 4
+        assert float(dist[m]) == pytest.approx(expect, rel=1e-5)
