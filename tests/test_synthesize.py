@@ -537,13 +537,16 @@ def test_an_extra_term_enters_the_generators_loss(release_file, tmp_path, monkey
     assert len(seen) == 6 and seen[-1] > 0.9 > seen[0], seen
 
 
-@pytest.mark.parametrize("objective,layer_weights", [("mavg", None), ("plain", None), ("mavg", {"block3": 2.0})])
+@pytest.mark.parametrize("objective,weights", [("mavg", {}), ("plain", {}),
+                                               ("mavg", {"layer_weights": {"block3": 0.3},
+                                                         "moment_weights": {"S1": 0.7, "S2": 3.1}})])
 def test_a_batch_with_every_class_trains_as_the_selected_rows_did(release_file, tmp_path, monkeypatch, objective,
-                                                                   layer_weights):
+                                                                   weights):
     """Every class in the batch (a balanced batch of at least K): the objective uses the class means without a
     mask (no row copies, no device wait per use), bitwise the same steps as selecting every row through the mask
-    (as runs did before, which resume on this code). A batch without some class keeps its mask, and its distance
-    is the mean over the classes present only."""
+    (as runs before it did; tests/test_compat.py resumes a recorded one). Weights that are not powers of two, so
+    that a reordered product would show. A batch without some class keeps its mask, and its distance is the mean
+    over the classes present only."""
     from mepf.synthesize import train as train_mod
     from mepf.synthesize.objective import fake_embeddings, squared_distance
     from mepf.synthesize.train import Trainer
@@ -566,8 +569,7 @@ def test_a_batch_with_every_class_trains_as_the_selected_rows_did(release_file, 
         return {m: (mu, torch.ones(len(mu), dtype=torch.bool) if p is None else p)
                 for m, (mu, p) in fake_embeddings(*args, **kwargs).items()}
 
-    opts = TrainOptions(release=str(release_file), out=str(tmp_path / "a"), objective=objective,
-                        layer_weights=layer_weights or {}, **FAST)
+    opts = TrainOptions(release=str(release_file), out=str(tmp_path / "a"), objective=objective, **weights, **FAST)
     (g, mavg), (g_mask, mavg_mask) = steps(opts, spy), steps(opts, every_row_selected)
     assert masks and all(p is None for p in masks)
     assert all(torch.equal(g[k], g_mask[k]) for k in g) and all(torch.equal(mavg[m], mavg_mask[m]) for m in mavg)
