@@ -79,7 +79,8 @@ def native_bf16(device: torch.device) -> bool:
 def resolve(precision: str, device: torch.device) -> Precision:
     """--precision for a new run. auto: where bf16 is native (CUDA, or a CPU with AVX512-BF16 or AMX), a bf16
     generator beside an fp32 extractor: a bf16 extractor was not shown to train as well (docs/results.md, "a bf16
-    extractor"), and on CPU its backward through EfficientNet's depthwise convolutions is slower; fp32 elsewhere.
+    extractor" and "a bf16 extractor again": two and four seeds a side), and on CPU its backward through
+    EfficientNet's depthwise convolutions is slower; fp32 elsewhere.
     Channels-last always: it is faster for both networks on CPU and CUDA alike. Class sums by index_add on CPU, by
     the one-hot product elsewhere. The extractor's batch norms folded into its convolutions, and the generator's
     upsampling into the convolutions after it."""
