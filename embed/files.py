@@ -223,9 +223,24 @@ def _npz_member(zf, key, name: str, flag: str = "--data"):
     return f, shape, dtype
 
 
+#: filters HDF5 and h5py carry themselves (deflate, shuffle, fletcher32, szip, n-bit, scale-offset, LZF): any
+#: other id makes HDF5 search its plugin folders (and $HDF5_PLUGIN_PATH) for a library to load on the first read
+H5_BUILTIN_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
+
+
+def no_hdf5_plugins() -> None:
+    """Empty HDF5's plugin search path in this process: no data file can make it load a library."""
+    from h5py import h5pl
+
+    while h5pl.size():
+        h5pl.remove(0)
+
+
 def _stored_inside(h5, key: str, path: Path) -> None:
-    """A dataset whose records are all inside this file: the bytes the ranks' plan hashes (embed/plan.py) are
-    then the records; an external link, external raw storage or a virtual dataset would read another file."""
+    """A dataset whose records are all inside this file, read by HDF5's own code: the bytes the ranks' plan
+    hashes (embed/plan.py) are then the records; an external link, external raw storage or a virtual dataset
+    would read another file, and a filter HDF5 lacks would load a plugin library (its ids are read from the
+    dataset's description; nothing is loaded)."""
     import h5py
 
     link = h5.get(key, getlink=True)
@@ -233,6 +248,10 @@ def _stored_inside(h5, key: str, path: Path) -> None:
     if not isinstance(ds, h5py.Dataset) or ds.is_virtual or ds.external:
         raise MepfError(f"--data {path.name}: '{key}' is stored outside the file (a link, external storage or a "
                         "virtual dataset); store the arrays inside it, e.g. h5py's f.create_dataset(name, data=...)")
+    plist = ds.id.get_create_plist()
+    if any(plist.get_filter(i)[0] not in H5_BUILTIN_FILTERS for i in range(plist.get_nfilters())):
+        raise MepfError(f"--data {path.name}: '{key}' is compressed by a filter HDF5 does not carry (a plugin "
+                        "library); store it uncompressed or with gzip, e.g. f.create_dataset(name, data=...)")
 
 
 class ArraySource(Source):
@@ -268,6 +287,7 @@ class ArraySource(Source):
         elif self.kind in (".h5", ".hdf5"):
             import h5py
 
+            no_hdf5_plugins()
             try:
                 # h5py opens by the file object, never the name: a FIFO put in the name's place would block its open
                 with open_unchanged(path, self._identity) as fo, h5py.File(fo, "r") as h5:
@@ -359,8 +379,11 @@ class ArraySource(Source):
         else:
             import h5py
 
+            no_hdf5_plugins()  # in each loader worker and rank too
             with open_unchanged(self.path, self._identity) as fo, h5py.File(fo, "r") as h5:
                 fd = fo.fileno()
+                for key in filter(None, (self._ikey, self._lkey)):
+                    _stored_inside(h5, key, self.path)
                 ds, ls = h5[self._ikey], (h5[self._lkey] if self._lkey else None)
                 for b, start in starts:
                     if kept(keep, b):

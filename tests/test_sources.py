@@ -591,6 +591,42 @@ def test_h5_files_numpy_cannot_read_or_damaged_are_one_line(tmp_path):
     assert len(problems) == 1 and "reading it failed" in problems[0] and "\n" not in problems[0]
 
 
+def test_an_h5_filter_hdf5_lacks_is_refused_before_a_plugin_could_load(tmp_path):
+    """A data .h5 whose images (or labels) declare a filter HDF5 does not carry would make HDF5 search its plugin
+    folders and $HDF5_PLUGIN_PATH for a library to load, in the process that holds the private data, on the first
+    read: refused in one line before any read (by `mepf embed --check` too), the plugin path emptied whenever a
+    data .h5 is opened; gzip and LZF, which HDF5 and h5py carry, still read."""
+    from mepf.embed.check import check_data
+
+    x = make_images(8)
+    for key in ("images", "labels"):
+        path = tmp_path / f"plugin-{key}.h5"
+        with h5py.File(path, "w") as f:
+            data = x if key == "images" else np.arange(8, dtype=np.int64) % 2
+            ds = f.create_dataset(key, shape=data.shape, dtype=data.dtype, chunks=(8,) + data.shape[1:],
+                                  compression=32004, allow_unknown_filter=True)
+            ds.id.write_direct_chunk((0,) * data.ndim, data.tobytes())
+            if key == "labels":
+                f["images"] = x
+        with pytest.raises(MepfError, match="a filter HDF5 does not carry") as e:
+            ArraySource(path, ["0", "1"] if key == "labels" else None)
+        assert "\n" not in str(e.value)
+        with pytest.raises(MepfError, match="a filter HDF5 does not carry"):  # --check: the same one line
+            check_data(str(path), classes="2" if key == "labels" else None, show_progress=False)
+    for compression in ("gzip", "lzf"):
+        path = tmp_path / f"{compression}.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("images", data=x, chunks=(4,) + x.shape[1:], compression=compression)
+        got, _ = collect(ArraySource(path, None), bs=3)
+        assert np.array_equal(got, x.reshape(got.shape))
+    # a fresh process whose HDF5 was given a plugin folder: opening a data file empties its search path
+    code = ("import h5py.h5pl as p; from mepf.embed.files import ArraySource; n = p.size(); "
+            f"ArraySource({str(tmp_path / 'gzip.h5')!r}, None); print(n, p.size())")
+    r = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "HDF5_PLUGIN_PATH": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.split() == ["1", "0"], r.stderr
+
+
 def test_a_folder_at_a_files_name_is_refused_without_leaking_its_descriptor(tmp_path):
     """open_nonblocking and open_plain_file on a folder: an error or a problem, and no descriptor left open."""
     from mepf.artifacts.plain_file import open_nonblocking, open_plain_file
