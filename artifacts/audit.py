@@ -22,18 +22,24 @@ class AuditReport:
     checks: list = field(default_factory=list)  # (name, ok, detail)
     summary: dict = field(default_factory=dict)
     sha256: str = ""  # of the bytes audited (whatever the name points to later)
+    #: checks that found nothing wrong but cannot vouch for the guarantee (the noise unverifiable from this file,
+    #: a delta not shown below 1/n): the audit passes with warnings
+    warnings: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return all(ok for _, ok, _ in self.checks)
 
-    def check(self, name: str, ok: bool, detail: str) -> bool:
+    def check(self, name: str, ok: bool, detail: str, warn: bool = False) -> bool:
         self.checks.append((name, bool(ok), detail))
+        if ok and warn:
+            self.warnings.append(name)
         return ok
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "ok": self.ok, "summary": self.summary,
-                "checks": [{"name": n, "ok": o, "detail": d} for n, o, d in self.checks]}
+        return {"path": self.path, "ok": self.ok, "summary": self.summary, "warnings": list(self.warnings),
+                "checks": [{"name": n, "ok": o, "warning": n in self.warnings, "detail": d}
+                           for n, o, d in self.checks]}
 
 
 def _close(a: float, b: float, tol: float = REL_TOL) -> bool:
@@ -111,11 +117,32 @@ def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
     rep.check("target", delta == target_delta and max(eps_autodp, eps_closed) <= target_eps * (1 + 1e-12),
               f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, "
               f"{target_delta:g})")
+    _check_delta(release, rep, {r["name"]: r for r in releases}, delta)
     if noise:
         _check_noise(release, rep, {r["name"]: r for r in releases}, c1, c2)
     rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
                    "delta": delta, "mu": mu, "relation": relation, "releases": names,
                    "target": {"epsilon": target_eps, "delta": target_delta}}
+
+
+def _check_delta(release, rep: AuditReport, releases: dict, delta: float) -> None:
+    """delta below 1/n (mepf embed refuses otherwise unless --force, which the ledger does not record): n is
+    bounded from the noisy counts; a delta of 1/n or more allows publishing a record in the clear."""
+    from scipy.stats import norm
+
+    if "counts" not in releases or "counts" not in release.arrays or not releases["counts"]["sigma"] > 0:
+        return
+    counts = np.asarray(release.arrays["counts"], dtype=np.float64)
+    noisy_n = float(counts.sum())
+    n_hi = max(noisy_n + float(norm.isf(NOISE_ALPHA)) * float(releases["counts"]["sigma"]) * math.sqrt(len(counts)),
+               1.0)
+    if delta < 1 / n_hi:
+        rep.check("delta", True, f"delta={delta:g} is below 1/n for every n the noisy counts allow (n < {n_hi:.0f})")
+    else:
+        rep.check("delta", True, f"delta={delta:g} is not shown below 1/n (the noisy counts sum to {noisy_n:.0f}, "
+                  f"1/n about {1 / max(noisy_n, 1.0):.3g}): a delta of 1/n or more allows a mechanism that publishes "
+                  "a record in the clear, so the eps claim says little (mepf embed refuses it unless --force)",
+                  warn=True)
 
 
 def coordinate_blocks(d: int) -> list:
@@ -171,7 +198,7 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
         power = ("whole-number counts would be caught" if p < NOISE_ALPHA / 2 else
                  "NO POWER to tell exact counts here (too few classes or counts too large for float32)")
         detail = f"no count below -{z:.3g} sigma; {power}"
-    rep.check("noise:counts", not low and not (whole and p < NOISE_ALPHA / 2), detail)
+    rep.check("noise:counts", not low and not (whole and p < NOISE_ALPHA / 2), detail, warn=p >= NOISE_ALPHA / 2)
 
 
 def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:
@@ -225,7 +252,7 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
         else:
             detail = (f"consistent with sigma={sigma:.6g}, but NO POWER here: every row's true sum (up to n*C) can be "
                       "as large as the noise, so under-noising cannot be told from the numbers of this file")
-        rep.check(f"noise:{m}", not low and not high, detail)
+        rep.check(f"noise:{m}", not low and not high, detail, warn=not power[best] > 0)
 
 
 def _log_mu(entry: dict) -> float:

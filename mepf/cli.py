@@ -270,7 +270,8 @@ def audit(file, as_json, release_log):
         click.echo(json.dumps(out, indent=2, sort_keys=True))
     else:
         for c in out["checks"]:
-            click.echo(printable(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}", 1 << 20))
+            tag = "FAIL" if not c["ok"] else "WARN" if c["warning"] else "ok"
+            click.echo(printable(f"  [{tag}] {c['name']}: {c['detail']}", 1 << 20))
         s = rep.summary
         if s and not s.get("private", True):
             click.echo("NOT PRIVATE: a non-private baseline (eps = inf)")
@@ -284,7 +285,18 @@ def audit(file, as_json, release_log):
                        f"({t['epsilon']:.6g}, {t['delta']:g})-DP")
             if t.get("note"):
                 click.echo(f"note: {t['note']}")
-        click.echo("AUDIT PASSED" if rep.ok else "AUDIT FAILED")
+        if not rep.ok:
+            click.echo("AUDIT FAILED")
+        elif rep.warnings:
+            click.echo(f"AUDIT PASSED WITH WARNINGS ({', '.join(rep.warnings)}): see the [WARN] lines")
+            if any(w.startswith("noise:") for w in rep.warnings):
+                click.echo("the ledger is consistent, but this file's numbers cannot show that they carry its noise: "
+                           "a file whose ledger was rewritten consistently (the checksum is no signature: anyone "
+                           "can recompute it) would pass as well; "
+                           + ("its SHA-256 is in the release log given" if release_log else
+                              "ask the data owner whether its SHA-256 is in their release log (--release-log)"))
+        else:
+            click.echo("AUDIT PASSED")
     sys.exit(0 if rep.ok else 1)
 
 
