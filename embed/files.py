@@ -1,8 +1,8 @@
 """The user's own files: an image folder (PNG/JPEG, one subfolder per class or flat) and .npz/.h5 arrays.
 
-Records reach the transform as stored (an image decoded to 8-bit grey or RGB at its own size); the
-transform then converts every record to the declared geometry. No record is refused for its size or
-mode, and no message or error names a number computed from the records.
+Records reach the transform as stored (an image decoded to 8-bit grey or RGB at its own size, or, above
+MAX_DECODED_PIXELS, by a fixed rule); the transform then converts every record to the declared geometry. No
+record is refused for its size or mode, and no message or error names a number computed from the records.
 """
 from __future__ import annotations
 
@@ -35,29 +35,50 @@ GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _WIDE_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 #: the Pillow decoders an image file may reach; JPEG's may give an MPO (a JPEG with more frames, as cameras write)
 PIL_FORMATS = ("PNG", "JPEG")
+#: no image is decoded at more pixels than this (a 25 KB PNG can declare 200 M): a larger JPEG is decoded at 1/2,
+#: 1/4 or 1/8 scale by its own DCT (any JPEG, at most 65,535 px a side, then fits), a larger PNG is the record of
+#: one black pixel. A fixed rule in place of Pillow's decompression-bomb refusal, whose outcome (no release) a
+#: single record chose
+MAX_DECODED_PIXELS = 1 << 26
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def decode_image(path: Path, file=None) -> np.ndarray:
     """One image file (`path`, or `file` opened from it) as stored pixels: uint8 (H, W, 1) for grey modes (16-bit
-    grey scaled to 8 bits), else uint8 (H, W, 3). An undecodable file is the one record that stops the pass
-    (nothing is released)."""
+    grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule. An undecodable file is
+    the one record that stops the pass (nothing is released)."""
     from PIL import Image
 
+    limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             # Pillow's warnings print numbers from the record (pixel counts, EXIF tag sizes) or tell that it is odd
             warnings.simplefilter("ignore")
+            Image.MAX_IMAGE_PIXELS = None  # its refusal of large images is replaced by MAX_DECODED_PIXELS' rule
             # by content Pillow would open ~40 formats, EPS through an external Ghostscript: PNG and JPEG only
             with Image.open(path if file is None else file, formats=PIL_FORMATS) as im:
                 if im.format not in (*PIL_FORMATS, "MPO"):
                     raise ValueError("not PNG or JPEG")
+                w, h = im.size
+                if w * h > MAX_DECODED_PIXELS:
+                    if im.format == "PNG":
+                        return np.zeros((1, 1, 1), np.uint8)
+                    k = next(k for k in (2, 4, 8) if _ceil_div(w, k) * _ceil_div(h, k) <= MAX_DECODED_PIXELS)
+                    im.draft(im.mode, (_ceil_div(w, k), _ceil_div(h, k)))
+                    if im.size[0] * im.size[1] > MAX_DECODED_PIXELS:
+                        raise ValueError("not reduced")
                 im.load()
                 if im.mode in _WIDE_GREY:
                     arr = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
                 else:
                     arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types (incl. DecompressionBombError) for bad files
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
         raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

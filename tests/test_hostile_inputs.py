@@ -318,6 +318,57 @@ def test_a_huge_record_prints_no_pixel_count(tmp_path, monkeypatch):
     assert "784 pixels" not in r.output + r.stderr and "exceeds limit" not in r.output + r.stderr
 
 
+def png_1bit(path, w, h):
+    """A valid 1-bit black PNG of w x h pixels, a few KB however large (deflate of zero rows)."""
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (1 + (w + 7) // 8)
+    data = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp_path):
+    """A 25 KB PNG declaring 200 M pixels made Pillow refuse it (DecompressionBombError) and so stopped the
+    release: D gave a file, D plus that one record an error. Now a fixed rule: a PNG above MAX_DECODED_PIXELS is
+    one black pixel, a JPEG is decoded at its DCT's 1/2, 1/4 or 1/8 scale; both embed, with the same shapes."""
+    from PIL import Image as PILImage
+
+    from mepf.embed.files import MAX_DECODED_PIXELS, decode_image
+
+    limit = PILImage.MAX_IMAGE_PIXELS
+    png_1bit(tmp_path / "huge.png", 20000, 10000)
+    assert (tmp_path / "huge.png").stat().st_size < 100_000
+    got = decode_image(tmp_path / "huge.png")
+    assert got.shape == (1, 1, 1) and got.dtype == np.uint8 and not got.any()
+    big = PILImage.new("L", (8200, 8200), 0)  # 67.2 M pixels, just above the cap
+    big.paste(255, (0, 0, 4100, 4100))
+    big.save(tmp_path / "big.jpg", quality=50)
+    del big
+    got = decode_image(tmp_path / "big.jpg")
+    assert got.shape == (4100, 4100, 1) and got.size <= MAX_DECODED_PIXELS  # half scale, the content kept
+    assert got[:2000, :2000].min() > 200 and got[2100:, 2100:].max() < 50
+    assert PILImage.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is back for every other reader
+    shapes = {}
+    for name, extra in (("D", None), ("D_png", "huge.png"), ("D_jpg", "big.jpg")):
+        root = tmp_path / name / "a"
+        root.mkdir(parents=True)
+        for i, im in enumerate(make_images(3, seed=4)):
+            PILImage.fromarray(im[:, :, 0]).save(root / f"{i}.png")
+        if extra:
+            (tmp_path / extra).rename(root / f"z-{extra}")
+        r = embed(tmp_path / name, tmp_path / f"{name}.h5", tmp_path / f"{name}.jsonl", "--workers", "0", *TINY,
+                  "--force", "--image-size", "28", "--channels", "1")
+        assert r.exit_code == 0, r.output + r.stderr
+        shapes[name] = {k: v.shape for k, v in load(tmp_path / f"{name}.h5").arrays.items()}
+    assert shapes["D"] == shapes["D_png"] == shapes["D_jpg"]
+
+
 # --------------------------------------------------------------------------- the geometry
 
 MODES = ["L", "RGB", "RGBA", "P", "1", "LA", "I;16", "CMYK"]
