@@ -280,4 +280,10 @@ def composed_total(log_entries: list, delta: float) -> dict:
     if not mus:
         raise MepfError("no release of this dataset is in the log")
     mu = math.sqrt(sum(m * m for m in mus))
-    return {"releases": len(mus), "mu": mu, "delta": delta, "epsilon": eps_for_delta(delta, mu)}
+    # each mu is for its entry's own relation; replace-one's sensitivities are at least add-remove's, so a
+    # replace-one release is no weaker under add-remove and a mixed total holds under add-remove (under
+    # replace-one an add-remove release's mu would count up to twice)
+    relations = {e.get("relation") for e in log_entries}
+    relation = (relations.pop() if len(relations) == 1 else "add-remove") if relations <= set(RELATIONS) else None
+    return {"releases": len(mus), "mu": mu, "delta": delta, "epsilon": eps_for_delta(delta, mu),
+            "relation": relation, "relations_mixed": len({e.get("relation") for e in log_entries}) > 1}

@@ -282,7 +282,11 @@ def audit(file, as_json, release_log):
         if "composed" in out:
             t = out["composed"]
             click.echo(f"this data, all {t['releases']} release(s) that share records with it composed: "
-                       f"({t['epsilon']:.6g}, {t['delta']:g})-DP")
+                       f"({t['epsilon']:.6g}, {t['delta']:g})-DP"
+                       + (f" under {t['relation']}" if t["relation"] else " (an entry names no relation)"))
+            if t["relations_mixed"] and t["relation"]:
+                click.echo("note: these releases were made under add-remove and replace-one; the total holds under "
+                           "add-remove (a replace-one release is no weaker there), not under replace-one")
             if t.get("note"):
                 click.echo(f"note: {t['note']}")
         if not rep.ok:

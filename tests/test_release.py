@@ -227,6 +227,22 @@ def test_repeat_release_refused_then_composed(tmp_path, labelled_npz, eff28):
 
     total = composed_total(entries, 1e-3)
     assert total["releases"] == 2 and 10.0 < total["epsilon"] < 20.0
+    assert total["relation"] == "add-remove" and not total["relations_mixed"]
+    run(src, eff28, tmp_path / "three.h5", log, allow_repeat=True, relation="replace-one")
+    entries = release_log.read_log(log)
+    assert entries[2]["relation"] == "replace-one"
+    # each mu is for its own relation: the total holds under add-remove, where replace-one is no weaker
+    assert composed_total(entries[2:], 1e-3)["relation"] == "replace-one"
+    mixed = composed_total(entries, 1e-3)
+    assert mixed["relation"] == "add-remove" and mixed["relations_mixed"]
+    assert composed_total([{**entries[0], "relation": "other"}], 1e-3)["relation"] is None
+    from click.testing import CliRunner
+
+    from mepf.cli import main
+
+    a = CliRunner().invoke(main, ["audit", str(tmp_path / "three.h5"), "--release-log", str(log)])
+    assert "3 release(s) that share records with it composed" in a.output and "-DP under add-remove" in a.output
+    assert "not under replace-one" in a.output
 
 
 class DuringThePass(ArraySource):
