@@ -30,10 +30,22 @@ def prepare_embed(opts: EmbedOptions):
     return source, Transform(size, channels, opts.crop), extractor, spec, resolve_device(opts.device)
 
 
+def no_core_dumps() -> None:
+    """A crash of this process (and of its loader workers, which inherit it) writes no core file: one would hold
+    the exact sums and the noise drawn for them."""
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (OSError, ValueError):  # a platform without the limit
+        pass
+
+
 def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     """The whole of `mepf embed`: open the data, build the feature map, release, log. Launched by torchrun,
     it joins the process group first; every rank reads its share; rank 0 returns the result (None on the
     others) and a failure on any rank is one error on all."""
+    no_core_dumps()
     ranks, device = distributed.join(opts.device, resolve_device)
     source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
     workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers

@@ -369,6 +369,22 @@ def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp
     assert shapes["D"] == shapes["D_png"] == shapes["D_jpg"]
 
 
+def test_embed_leaves_no_core_file_to_crash_into(tmp_path):
+    """A core file of a crashed `mepf embed` would hold the exact sums and the noise drawn for them: the process
+    (and the loader workers it starts) runs with no core file allowed."""
+    import resource
+
+    np.savez(tmp_path / "d.npz", images=make_images(6, seed=2))
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+        r = embed(tmp_path / "d.npz", tmp_path / "x.h5", tmp_path / "log.jsonl", *TINY, "--force")
+        assert r.exit_code == 0, r.output + r.stderr
+        assert resource.getrlimit(resource.RLIMIT_CORE) == (0, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
 # --------------------------------------------------------------------------- the geometry
 
 MODES = ["L", "RGB", "RGBA", "P", "1", "LA", "I;16", "CMYK"]
