@@ -6,6 +6,7 @@ record is refused for its size or mode, and no message or error names a number c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import no_hdf5_plugins
 
 from .sources import (
     Source,
@@ -42,8 +44,36 @@ PIL_FORMATS = ("PNG", "JPEG")
 MAX_DECODED_PIXELS = 1 << 26
 
 
+#: PNG chunks whose text or profile Pillow decompresses and stores, refusing one past MAX_TEXT_CHUNK (1 MB) or all
+#: past MAX_TEXT_MEMORY (64 MB): a valid 2 KB PNG stopped the release. mepf uses none of them; they are skipped
+PNG_SKIPPED_CHUNKS = ("tEXt", "zTXt", "iTXt", "iCCP", "eXIf")
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@contextlib.contextmanager
+def _png_metadata_skipped():
+    """Pillow's PNG reader skips PNG_SKIPPED_CHUNKS' bytes unread while this holds (decoding runs in processes,
+    never threads, so no other reader sees it)."""
+    from PIL import ImageFile, PngImagePlugin
+
+    def skip(self, pos, length):
+        return ImageFile._safe_read(self.fp, length)
+
+    stream = PngImagePlugin.PngStream
+    saved = {c: stream.__dict__.get(f"chunk_{c}") for c in PNG_SKIPPED_CHUNKS}
+    for c in PNG_SKIPPED_CHUNKS:
+        setattr(stream, f"chunk_{c}", skip)
+    try:
+        yield
+    finally:
+        for c, handler in saved.items():
+            if handler is None:
+                delattr(stream, f"chunk_{c}")
+            else:
+                setattr(stream, f"chunk_{c}", handler)
 
 
 def decode_image(path: Path, file=None) -> np.ndarray:
@@ -54,7 +84,7 @@ def decode_image(path: Path, file=None) -> np.ndarray:
 
     limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _png_metadata_skipped():
             # Pillow's warnings print numbers from the record (pixel counts, EXIF tag sizes) or tell that it is odd
             warnings.simplefilter("ignore")
             Image.MAX_IMAGE_PIXELS = None  # its refusal of large images is replaced by MAX_DECODED_PIXELS' rule
@@ -67,12 +97,14 @@ def decode_image(path: Path, file=None) -> np.ndarray:
                     if im.format == "PNG":
                         return np.zeros((1, 1, 1), np.uint8)
                     k = next(k for k in (2, 4, 8) if _ceil_div(w, k) * _ceil_div(h, k) <= MAX_DECODED_PIXELS)
-                    im.draft(im.mode, (_ceil_div(w, k), _ceil_div(h, k)))
+                    # Pillow takes the scale min(w // rw, h // rh) for a request (rw, rh): at least k for w // k
+                    im.draft(im.mode, (w // k, h // k))
                     if im.size[0] * im.size[1] > MAX_DECODED_PIXELS:
                         raise ValueError("not reduced")
                 im.load()
                 if im.mode in _WIDE_GREY:
-                    arr = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+                    wide = np.asarray(im)  # uint16 as stored (no wider copy of a large record), or int32 for "I"
+                    arr = ((wide if wide.dtype.kind == "u" else np.clip(wide, 0, 65535)) >> 8).astype(np.uint8)
                 else:
                     arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
@@ -247,14 +279,6 @@ def _npz_member(zf, key, name: str, flag: str = "--data"):
 #: filters HDF5 and h5py carry themselves (deflate, shuffle, fletcher32, szip, n-bit, scale-offset, LZF): any
 #: other id makes HDF5 search its plugin folders (and $HDF5_PLUGIN_PATH) for a library to load on the first read
 H5_BUILTIN_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
-
-
-def no_hdf5_plugins() -> None:
-    """Empty HDF5's plugin search path in this process: no data file can make it load a library."""
-    from h5py import h5pl
-
-    while h5pl.size():
-        h5pl.remove(0)
 
 
 def _stored_inside(h5, key: str, path: Path) -> None:

@@ -353,6 +353,11 @@ def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp
     got = decode_image(tmp_path / "big.jpg")
     assert got.shape == (4100, 4100, 1) and got.size <= MAX_DECODED_PIXELS  # half scale, the content kept
     assert got[:2000, :2000].min() > 200 and got[2100:, 2100:].max() < 50
+    # sides that k does not divide (odd, 1 mod 4, 1 mod 8), and a quarter scale
+    for (w, h), want in (((8193, 8193), (4097, 4097)), ((9001, 8000), (4000, 4501)), ((16385, 16385), (4097, 4097))):
+        PILImage.new("L", (w, h), 128).save(tmp_path / "odd.jpg", quality=50)
+        got = decode_image(tmp_path / "odd.jpg")
+        assert got.shape[:2] == want and got.size <= MAX_DECODED_PIXELS, (w, h, got.shape)
     assert PILImage.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is back for every other reader
     shapes = {}
     for name, extra in (("D", None), ("D_png", "huge.png"), ("D_jpg", "big.jpg")):
@@ -367,6 +372,39 @@ def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp
         assert r.exit_code == 0, r.output + r.stderr
         shapes[name] = {k: v.shape for k, v in load(tmp_path / f"{name}.h5").arrays.items()}
     assert shapes["D"] == shapes["D_png"] == shapes["D_jpg"]
+
+
+def test_png_text_and_profiles_cannot_stop_the_release(tmp_path, monkeypatch):
+    """Pillow refuses a PNG whose zTXt, iTXt or iCCP decompresses past 1 MB (MAX_TEXT_CHUNK) or whose text
+    totals past MAX_TEXT_MEMORY: a valid 2 KB image stopped the release. Those chunks are skipped unread (before
+    or after the pixels); the pixels are those of the same PNG without them, and Pillow's handlers are back after."""
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    from mepf.embed.files import decode_image
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    idat = chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + row.tobytes() for row in pixels)))
+    end = chunk(b"IEND", b"")
+    big = zlib.compress(b"a" * (2 << 20), 9)
+    extras = {"ztxt": chunk(b"zTXt", b"Comment\x00\x00" + big),
+              "itxt": chunk(b"iTXt", b"Comment\x00\x01\x00\x00\x00" + big),
+              "iccp": chunk(b"iCCP", b"icc\x00\x00" + big), "text": chunk(b"tEXt", b"Comment\x00" + b"b" * 100)}
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_MEMORY", 50)  # the 100-byte tEXt stands for 64 MB of text
+    handlers = dict(vars(PngImagePlugin.PngStream))
+    for name, extra in extras.items():
+        for where, data in (("before", head + extra + idat + end), ("after", head + idat + extra + end)):
+            (tmp_path / f"{name}-{where}.png").write_bytes(data)
+            assert len(data) < 3000
+            got = decode_image(tmp_path / f"{name}-{where}.png")
+            assert np.array_equal(got[:, :, 0], pixels), (name, where)
+    assert dict(vars(PngImagePlugin.PngStream)) == handlers
 
 
 def test_embed_leaves_no_core_file_to_crash_into(tmp_path):
