@@ -37,7 +37,9 @@ class AuditReport:
         return ok
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "ok": self.ok, "summary": self.summary, "warnings": list(self.warnings),
+        verdict = "failed" if not self.ok else "passed with warnings" if self.warnings else "passed"
+        return {"path": self.path, "ok": self.ok, "verdict": verdict, "summary": self.summary,
+                "warnings": list(self.warnings),
                 "checks": [{"name": n, "ok": o, "warning": n in self.warnings, "detail": d}
                            for n, o, d in self.checks]}
 
@@ -133,6 +135,8 @@ def _check_delta(release, rep: AuditReport, releases: dict, delta: float) -> Non
     if "counts" not in releases or "counts" not in release.arrays or not releases["counts"]["sigma"] > 0:
         return
     counts = np.asarray(release.arrays["counts"], dtype=np.float64)
+    if not np.isfinite(counts).all():  # the finite check fails the file already
+        return
     noisy_n = float(counts.sum())
     n_hi = max(noisy_n + float(norm.isf(NOISE_ALPHA)) * float(releases["counts"]["sigma"]) * math.sqrt(len(counts)),
                1.0)
@@ -195,7 +199,8 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
         detail = (f"every noisy count is a whole number, which noise of sigma={sigma_n:.6g} gives a genuine file with "
                   f"probability below {p:.1e}: the counts look exact, not noised")
     else:
-        power = ("whole-number counts would be caught" if p < NOISE_ALPHA / 2 else
+        power = ("whole-number counts in every row would be caught (exact counts in only some rows would not)"
+                 if p < NOISE_ALPHA / 2 else
                  "NO POWER to tell exact counts here (too few classes or counts too large for float32)")
         detail = f"no count below -{z:.3g} sigma; {power}"
     rep.check("noise:counts", not low and not (whole and p < NOISE_ALPHA / 2), detail, warn=p >= NOISE_ALPHA / 2)
@@ -233,7 +238,9 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
         ceiling = n_hi * c / sigma + math.sqrt(q_hi)  # in units of sigma
         high = [i for i in range(len(sq)) if not np.sqrt(sq[i]) <= ceiling[i]]
         power = np.maximum((np.sqrt(max(floor, 0.0)) - n_hi * c / sigma) / np.sqrt(q_hi), 0.0)
-        best = int(np.argmax(power))
+        # judged row by row: noise taken out of the rows without power (and left in the others) cannot show
+        blind = [i for i in range(len(power)) if not power[i] > 0]
+        weakest = int(np.argmin(power))
         if low:
             names = ", ".join(printable(release.class_names[i], 30) for i in low[:5])
             detail = (f"{len(low)} row(s) ({names}) have less norm, whole (floor {np.sqrt(floor):.6g} sigma) or in a "
@@ -244,15 +251,20 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
             detail = (f"{len(high)} row(s) ({names}) have more norm than their noisy count's records (each of norm at "
                       f"most C={c:g}) and noise of sigma={sigma:.6g} can give: the file holds other numbers than its "
                       "ledger declares")
-        elif power[best] > 0:
-            detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a mechanism with less than "
-                      f"{power[best]:.0%} of the declared noise on every coordinate would fail this check (row "
-                      f"{printable(release.class_names[best], 30)}); noise missing from part of the coordinates "
+        elif not blind:
+            detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a row with less than "
+                      f"{power[weakest]:.0%} of the declared noise would fail this check (the weakest row, "
+                      f"{printable(release.class_names[weakest], 30)}); noise missing from part of the coordinates "
                       f"is sought in {len(blocks)} blocks")
+        elif len(blind) < len(power):
+            names = ", ".join(printable(release.class_names[i], 30) for i in blind[:5])
+            detail = (f"every row's norm is consistent with sigma={sigma:.6g}, but {len(blind)} of {len(power)} rows "
+                      f"({names}{', ...' if len(blind) > 5 else ''}) have NO POWER: their true sums (up to n*C) can be "
+                      "as large as the noise, so noise missing from them cannot be told from the numbers of this file")
         else:
             detail = (f"consistent with sigma={sigma:.6g}, but NO POWER here: every row's true sum (up to n*C) can be "
                       "as large as the noise, so under-noising cannot be told from the numbers of this file")
-        rep.check(f"noise:{m}", not low and not high, detail, warn=not power[best] > 0)
+        rep.check(f"noise:{m}", not low and not high, detail, warn=bool(blind))
 
 
 def _log_mu(entry: dict) -> float:

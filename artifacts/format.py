@@ -329,11 +329,21 @@ def printable(text: str, longest: int = 60) -> str:
     return text if len(text) <= longest else text[:longest] + "..."
 
 
+def no_hdf5_plugins() -> None:
+    """Empty HDF5's plugin search path in this process (its folders and $HDF5_PLUGIN_PATH): no file read after
+    it can make HDF5 load a library (a filter it lacks, on a dataset or on a group's link storage, fails)."""
+    from h5py import h5pl
+
+    while h5pl.size():
+        h5pl.remove(0)
+
+
 @contextlib.contextmanager
 def _h5(fd: int, path: Path):
-    """h5py on the open file `fd` (never on its name)."""
+    """h5py on the open file `fd` (never on its name), with no HDF5 plugin loadable."""
     import h5py
 
+    no_hdf5_plugins()
     with os.fdopen(os.dup(fd), "rb") as fo:
         try:
             f = h5py.File(fo, "r")

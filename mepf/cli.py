@@ -261,7 +261,8 @@ def audit(file, as_json, release_log):
         key = read_key(release_log)
         found = composable(entries, mine, key)
         if rep.summary:  # the audited file's own mu from its verified ledger, not from the log's copy of it
-            found[0] = {**found[0], "mu": rep.summary.get("mu") if rep.summary.get("private", True) else None}
+            found[0] = {**found[0], "mu": rep.summary.get("mu") if rep.summary.get("private", True) else None,
+                        "relation": rep.summary.get("relation")}
         out["composed"] = composed_total(found, rep.summary.get("delta", mine.get("delta")))
         note = mixed_note(entries, key)
         if note:

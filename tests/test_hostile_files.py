@@ -129,6 +129,19 @@ def _copy_with(path, base, replace):
     return path
 
 
+def test_no_hdf5_plugin_can_load_while_a_release_is_read(tmp_path, releases):
+    """A filter HDF5 lacks (on a dataset, or on the root group's link storage, which the dataset check never
+    sees) makes HDF5 search its plugin folders and $HDF5_PLUGIN_PATH for a library on first use: every reader of
+    a release (audit, info, synthesize and evaluate through load) empties that search path before it opens one
+    (the bounded child process that checks the structure opens through the same function)."""
+    code = ("import h5py.h5pl as p; from mepf.artifacts import load; from mepf.artifacts.audit import audit; "
+            f"n = p.size(); audit({str(releases / 'eps1.h5')!r}); load({str(releases / 'eps1.h5')!r}); "
+            "print(n, p.size())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "HDF5_PLUGIN_PATH": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.split() == ["1", "0"], r.stderr
+
+
 def test_external_storage_link_or_virtual_dataset_is_refused_unread(tmp_path, releases):
     """S1's bytes taken from another file (external raw storage), an external link to another release, a
     virtual dataset over it, a soft link: refused in one line before any data is read, by audit, info and
