@@ -47,6 +47,11 @@ MAX_DECODED_PIXELS = 1 << 26
 #: PNG chunks whose text or profile Pillow decompresses and stores, refusing one past MAX_TEXT_CHUNK (1 MB) or all
 #: past MAX_TEXT_MEMORY (64 MB): a valid 2 KB PNG stopped the release. mepf uses none of them; they are skipped
 PNG_SKIPPED_CHUNKS = ("tEXt", "zTXt", "iTXt", "iCCP", "eXIf")
+#: JPEG application segments (APP0-APP15: JFIF, EXIF, ICC, Photoshop, Adobe, MPF) and comments, whose contents
+#: each application defines: Pillow's parsers of them refused valid JPEGs whose pixels libjpeg decodes (a short
+#: Adobe or JFIF block, a 1-byte EXIF resolution). Skipped by Pillow's header parse; libjpeg still reads the
+#: stream whole, so no pixel changes (an MPO then opens as the JPEG of its first frame, which it is)
+JPEG_SKIPPED_MARKERS = (*range(0xFFE0, 0xFFF0), 0xFFFE)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -54,18 +59,21 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 @contextlib.contextmanager
-def _png_metadata_skipped():
-    """Pillow's PNG reader skips PNG_SKIPPED_CHUNKS' bytes unread while this holds (decoding runs in processes,
-    never threads, so no other reader sees it)."""
-    from PIL import ImageFile, PngImagePlugin
+def _metadata_skipped():
+    """Pillow's PNG and JPEG readers skip PNG_SKIPPED_CHUNKS and JPEG_SKIPPED_MARKERS unparsed while this holds
+    (decoding runs in processes, never threads, so no other reader sees it)."""
+    from PIL import ImageFile, JpegImagePlugin, PngImagePlugin
 
     def skip(self, pos, length):
         return ImageFile._safe_read(self.fp, length)
 
-    stream = PngImagePlugin.PngStream
+    stream, markers = PngImagePlugin.PngStream, JpegImagePlugin.MARKER
     saved = {c: stream.__dict__.get(f"chunk_{c}") for c in PNG_SKIPPED_CHUNKS}
+    saved_markers = {m: markers[m] for m in JPEG_SKIPPED_MARKERS}
     for c in PNG_SKIPPED_CHUNKS:
         setattr(stream, f"chunk_{c}", skip)
+    for m, (name, description, _) in saved_markers.items():
+        markers[m] = (name, description, JpegImagePlugin.Skip)
     try:
         yield
     finally:
@@ -74,6 +82,7 @@ def _png_metadata_skipped():
                 delattr(stream, f"chunk_{c}")
             else:
                 setattr(stream, f"chunk_{c}", handler)
+        markers.update(saved_markers)
 
 
 def decode_image(path: Path, file=None) -> np.ndarray:
@@ -84,7 +93,7 @@ def decode_image(path: Path, file=None) -> np.ndarray:
 
     limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings(), _png_metadata_skipped():
+        with warnings.catch_warnings(), _metadata_skipped():
             # Pillow's warnings print numbers from the record (pixel counts, EXIF tag sizes) or tell that it is odd
             warnings.simplefilter("ignore")
             Image.MAX_IMAGE_PIXELS = None  # its refusal of large images is replaced by MAX_DECODED_PIXELS' rule

@@ -407,6 +407,53 @@ def test_png_text_and_profiles_cannot_stop_the_release(tmp_path, monkeypatch):
     assert dict(vars(PngImagePlugin.PngStream)) == handlers
 
 
+def test_jpeg_application_segments_cannot_stop_the_release(tmp_path):
+    """What an APPn segment holds is each application's (JFIF, EXIF, ICC, Photoshop, Adobe): Pillow's parsers of
+    them refused valid JPEGs whose pixels libjpeg decodes. Skipped by Pillow's header parse: the pixels are those
+    of the same JPEG without the segment, and common JPEGs (CMYK, EXIF + ICC + comment, progressive, MPO)
+    decode exactly as Pillow decodes them alone; Pillow's marker table is back after."""
+    import io
+    import struct
+
+    from PIL import JpegImagePlugin
+
+    from mepf.embed.files import GREY_MODES, decode_image
+
+    buf = io.BytesIO()
+    Image.new("L", (16, 16), 77).save(buf, "JPEG")
+    base = buf.getvalue()
+    (tmp_path / "plain.jpg").write_bytes(base)
+    plain = decode_image(tmp_path / "plain.jpg")
+
+    def with_app(marker, payload):
+        return base[:2] + struct.pack(">HH", marker, len(payload) + 2) + payload + base[2:]
+
+    exif = (b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2)
+            + struct.pack("<HHI", 0x011A, 7, 1) + b"\x05\x00\x00\x00" + struct.pack("<HHI", 0x0128, 3, 1)
+            + b"\x02\x00\x00\x00" + struct.pack("<I", 0))
+    cases = {"exif": with_app(0xFFE1, exif), "icc": with_app(0xFFE2, b"ICC_PROFILE\x00"),
+             "photoshop": with_app(0xFFED, b"Photoshop 3.0\x00" + b"8BIM" + b"\x04\x04"),
+             "adobe": with_app(0xFFEE, b"Adobe"), "jfif": with_app(0xFFE0, b"JFIF\x00")}
+    markers = dict(JpegImagePlugin.MARKER)
+    for name, data in cases.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        assert np.array_equal(decode_image(tmp_path / f"{name}.jpg"), plain), name
+    assert JpegImagePlugin.MARKER == markers
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    exif_tags = Image.Exif()
+    exif_tags[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "tags.jpg", exif=exif_tags, comment=b"hello")
+    Image.fromarray(rgb).save(tmp_path / "prog.jpg", progressive=True)
+    Image.fromarray(rgb).save(tmp_path / "two.mpo", save_all=True, append_images=[Image.fromarray(rgb[::-1].copy())],
+                              format="MPO")
+    for name in ("cmyk.jpg", "tags.jpg", "prog.jpg", "two.mpo"):
+        with Image.open(tmp_path / name) as im:
+            im.load()
+            alone = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
+        assert np.array_equal(decode_image(tmp_path / name), alone), name
+
+
 def test_embed_leaves_no_core_file_to_crash_into(tmp_path):
     """A core file of a crashed `mepf embed` would hold the exact sums and the noise drawn for them: the process
     (and the loader workers it starts) runs with no core file allowed."""
