@@ -183,27 +183,35 @@ def _ulp32(x: float) -> float:
 def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
     """Noisy counts are plausible: none far below zero (a true count is not negative), and not all whole
     numbers, which noise of sigma_n makes improbable (exact counts stored under a ledger that declares noise)."""
-    from scipy.stats import norm
+    from scipy.stats import binom, norm
 
     k = len(counts)
     z = float(norm.isf(NOISE_ALPHA / (2 * k)))
     low = [i for i in range(k) if counts[i] < -z * sigma_n]
     # P(a noisy count rounds to a whole float32) <= ulp * (1 + 1/(sigma sqrt(2 pi))) near it, plus a far tail
-    p = float(np.prod([min(1.0, _ulp32(abs(c) + 20 * sigma_n) * (1 + 1 / (sigma_n * math.sqrt(2 * math.pi))) + 1e-22)
-                       for c in counts]))
-    whole = bool(np.all(counts == np.round(counts)))
+    each = [min(1.0, _ulp32(abs(c) + 20 * sigma_n) * (1 + 1 / (sigma_n * math.sqrt(2 * math.pi))) + 1e-22)
+            for c in counts]
+    p_all = float(np.prod(each))
+    # rows judged together: the number of whole counts of a genuine file is at most Binomial(K, max p) in law,
+    # so w whole counts have a tail binom.sf(w - 1, K, max p); a single exact count can never be told
+    w = int(np.sum(counts == np.round(counts)))
+    p_w = float(binom.sf(w - 1, k, max(each))) if w else 1.0
+    exact = (w == k and p_all < NOISE_ALPHA / 2) or p_w < NOISE_ALPHA / 2
+    caught = next((m for m in range(1, k + 1) if binom.sf(m - 1, k, max(each)) < NOISE_ALPHA / 2), None)
     if low:
         detail = (f"{len(low)} noisy count(s) lie below -{z:.3g} sigma ({z * sigma_n:.4g}): no true count is negative, "
                   "so the file carries other counts than its ledger declares")
-    elif whole and p < NOISE_ALPHA / 2:
-        detail = (f"every noisy count is a whole number, which noise of sigma={sigma_n:.6g} gives a genuine file with "
-                  f"probability below {p:.1e}: the counts look exact, not noised")
+    elif exact:
+        detail = (f"{w} of {k} noisy counts are whole numbers, which noise of sigma={sigma_n:.6g} gives a genuine file "
+                  f"with probability below {min(p_w, p_all) if w == k else p_w:.1e}: those counts look exact, not "
+                  "noised")
     else:
-        power = ("whole-number counts in every row would be caught (exact counts in only some rows would not)"
-                 if p < NOISE_ALPHA / 2 else
+        power = (f"whole-number counts in {caught} or more of the {k} rows would be caught (in fewer would not)"
+                 if caught is not None else "whole-number counts in every row would be caught"
+                 if p_all < NOISE_ALPHA / 2 else
                  "NO POWER to tell exact counts here (too few classes or counts too large for float32)")
         detail = f"no count below -{z:.3g} sigma; {power}"
-    rep.check("noise:counts", not low and not (whole and p < NOISE_ALPHA / 2), detail, warn=p >= NOISE_ALPHA / 2)
+    rep.check("noise:counts", not low and not exact, detail, warn=caught is None and p_all >= NOISE_ALPHA / 2)
 
 
 def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:
@@ -295,7 +303,8 @@ def composed_total(log_entries: list, delta: float) -> dict:
     # each mu is for its entry's own relation; replace-one's sensitivities are at least add-remove's, so a
     # replace-one release is no weaker under add-remove and a mixed total holds under add-remove (under
     # replace-one an add-remove release's mu would count up to twice)
-    relations = {e.get("relation") for e in log_entries}
-    relation = (relations.pop() if len(relations) == 1 else "add-remove") if relations <= set(RELATIONS) else None
+    named = [e.get("relation") if e.get("relation") in RELATIONS else None for e in log_entries]  # edited: None
+    relations = set(named)
+    relation = (relations.pop() if len(relations) == 1 else "add-remove") if None not in relations else None
     return {"releases": len(mus), "mu": mu, "delta": delta, "epsilon": eps_for_delta(delta, mu),
-            "relation": relation, "relations_mixed": len({e.get("relation") for e in log_entries}) > 1}
+            "relation": relation, "relations_mixed": len(set(named)) > 1}

@@ -114,6 +114,13 @@ def test_exact_counts_under_a_noisy_ledger_fail_the_audit(tmp_path, releases):
     negative = forge(tmp_path / "neg.h5", releases / "eps1.h5", arrays={**r.arrays, "counts": r.arrays["counts"] - 1e3})
     assert "noise:counts" in failed(negative)
     assert audit(releases / "eps1.h5").ok  # the genuine file passes every check
+    # exact counts in only some rows (one left noised): whole numbers in 9 of 10 rows are as improbable
+    partly = np.array(exact, dtype=np.float32)
+    partly[0] = r.arrays["counts"][0]
+    assert partly[0] != round(float(partly[0]))
+    forged = forge(tmp_path / "partly.h5", releases / "eps1.h5", arrays={**r.arrays, "counts": partly})
+    assert failed(forged) == {"noise:counts"}
+    assert "9 of 10 noisy counts are whole numbers" in {n: d for n, _, d in audit(forged).checks}["noise:counts"]
 
 
 # --------------------------------------------------------------------------- M2: files that read other files

@@ -236,6 +236,7 @@ def test_repeat_release_refused_then_composed(tmp_path, labelled_npz, eff28):
     mixed = composed_total(entries, 1e-3)
     assert mixed["relation"] == "add-remove" and mixed["relations_mixed"]
     assert composed_total([{**entries[0], "relation": "other"}], 1e-3)["relation"] is None
+    assert composed_total([entries[0], {**entries[1], "relation": ["add-remove"]}], 1e-3)["relation"] is None
     from click.testing import CliRunner
 
     from mepf.cli import main
