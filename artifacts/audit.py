@@ -181,8 +181,8 @@ def _ulp32(x: float) -> float:
 
 
 def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
-    """Noisy counts are plausible: none far below zero (a true count is not negative), and not all whole
-    numbers, which noise of sigma_n makes improbable (exact counts stored under a ledger that declares noise)."""
+    """Noisy counts are plausible: none far below zero (a true count is not negative), and not whole numbers in
+    more rows than noise of sigma_n makes probable (exact counts stored under a ledger that declares noise)."""
     from scipy.stats import binom, norm
 
     k = len(counts)
@@ -191,27 +191,24 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
     # P(a noisy count rounds to a whole float32) <= ulp * (1 + 1/(sigma sqrt(2 pi))) near it, plus a far tail
     each = [min(1.0, _ulp32(abs(c) + 20 * sigma_n) * (1 + 1 / (sigma_n * math.sqrt(2 * math.pi))) + 1e-22)
             for c in counts]
-    p_all = float(np.prod(each))
     # rows judged together: the number of whole counts of a genuine file is at most Binomial(K, max p) in law,
     # so w whole counts have a tail binom.sf(w - 1, K, max p); a single exact count can never be told
     w = int(np.sum(counts == np.round(counts)))
     p_w = float(binom.sf(w - 1, k, max(each))) if w else 1.0
-    exact = (w == k and p_all < NOISE_ALPHA / 2) or p_w < NOISE_ALPHA / 2
+    exact = p_w < NOISE_ALPHA / 2
     caught = next((m for m in range(1, k + 1) if binom.sf(m - 1, k, max(each)) < NOISE_ALPHA / 2), None)
     if low:
         detail = (f"{len(low)} noisy count(s) lie below -{z:.3g} sigma ({z * sigma_n:.4g}): no true count is negative, "
                   "so the file carries other counts than its ledger declares")
     elif exact:
         detail = (f"{w} of {k} noisy counts are whole numbers, which noise of sigma={sigma_n:.6g} gives a genuine file "
-                  f"with probability below {min(p_w, p_all) if w == k else p_w:.1e}: those counts look exact, not "
-                  "noised")
+                  f"with probability below {p_w:.1e}: those counts look exact, not noised")
     else:
         power = (f"whole-number counts in {caught} or more of the {k} rows would be caught (in fewer would not)"
-                 if caught is not None else "whole-number counts in every row would be caught"
-                 if p_all < NOISE_ALPHA / 2 else
+                 if caught is not None else
                  "NO POWER to tell exact counts here (too few classes or counts too large for float32)")
         detail = f"no count below -{z:.3g} sigma; {power}"
-    rep.check("noise:counts", not low and not exact, detail, warn=caught is None and p_all >= NOISE_ALPHA / 2)
+    rep.check("noise:counts", not low and not exact, detail, warn=caught is None)
 
 
 def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:
