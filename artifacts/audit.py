@@ -193,10 +193,12 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
             for c in counts]
     # rows judged together: the number of whole counts of a genuine file is at most Binomial(K, max p) in law,
     # so w whole counts have a tail binom.sf(w - 1, K, max p); a single exact count can never be told
+    tails = binom.sf(np.arange(k), k, max(each))  # tails[m - 1]: P(m or more whole counts)
     w = int(np.sum(counts == np.round(counts)))
-    p_w = float(binom.sf(w - 1, k, max(each))) if w else 1.0
+    p_w = float(tails[w - 1]) if w else 1.0
     exact = p_w < NOISE_ALPHA / 2
-    caught = next((m for m in range(1, k + 1) if binom.sf(m - 1, k, max(each)) < NOISE_ALPHA / 2), None)
+    below = np.flatnonzero(tails < NOISE_ALPHA / 2)
+    caught = int(below[0]) + 1 if below.size else None
     if low:
         detail = (f"{len(low)} noisy count(s) lie below -{z:.3g} sigma ({z * sigma_n:.4g}): no true count is negative, "
                   "so the file carries other counts than its ledger declares")
@@ -300,8 +302,8 @@ def composed_total(log_entries: list, delta: float) -> dict:
     # each mu is for its entry's own relation; replace-one's sensitivities are at least add-remove's, so a
     # replace-one release is no weaker under add-remove and a mixed total holds under add-remove (under
     # replace-one an add-remove release's mu would count up to twice)
-    named = [e.get("relation") if e.get("relation") in RELATIONS else None for e in log_entries]  # edited: None
-    relations = set(named)
-    relation = (relations.pop() if len(relations) == 1 else "add-remove") if None not in relations else None
+    relations = {e.get("relation") if e.get("relation") in RELATIONS else None for e in log_entries}  # edited: None
+    mixed = len(relations) > 1
+    relation = None if None in relations else "add-remove" if mixed else next(iter(relations))
     return {"releases": len(mus), "mu": mu, "delta": delta, "epsilon": eps_for_delta(delta, mu),
-            "relation": relation, "relations_mixed": len(set(named)) > 1}
+            "relation": relation, "relations_mixed": mixed}
