@@ -318,19 +318,25 @@ def test_a_huge_record_prints_no_pixel_count(tmp_path, monkeypatch):
     assert "784 pixels" not in r.output + r.stderr and "exceeds limit" not in r.output + r.stderr
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
 def png_1bit(path, w, h):
     """A valid 1-bit black PNG of w x h pixels, a few KB however large (deflate of zero rows)."""
     import struct
     import zlib
 
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
     comp = zlib.compressobj(9)
     row = b"\x00" * (1 + (w + 7) // 8)
     data = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", data)
+                     + png_chunk(b"IEND", b""))
 
 
 def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp_path):
@@ -385,9 +391,7 @@ def test_png_text_and_profiles_cannot_stop_the_release(tmp_path, monkeypatch):
 
     from mepf.embed.files import decode_image
 
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
+    chunk = png_chunk
     pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
     head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
     idat = chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + row.tobytes() for row in pixels)))
