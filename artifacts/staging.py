@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MepfError
-from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, content_checksum, fd_sha256
+from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, content_checksum
 from .ledger import canonical_json
 
 
@@ -152,8 +153,8 @@ def _temp_name(path: Path) -> str:
 
 
 def sweep_stale_temporaries(path, recover=None) -> list:
-    """Deal with temporaries of `path` left by a writer that was killed (SIGKILL, power loss): each is a whole
-    noisy release never put in place, which must not lie around to be copied out. A live writer holds a lock
+    """Deal with temporaries of `path` left by a writer that was killed (SIGKILL, power loss): each is a noisy
+    release (whole or in part) logged but never put in place, which must not lie around to be copied out. A live writer holds a lock
     on its temporary (on any host, where the filesystem's locks are shared), so a file we can lock is stale.
     If `recover(fd)` says it is the release logged for `path`, our own, and nothing is at `path`, it is put in
     place (the killed run had spent its budget on it); otherwise it is removed. Returns (what, line) for each
@@ -238,15 +239,12 @@ def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple | None:
 @contextlib.contextmanager
 def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
                    overwrite: bool = False):
-    """Write the file under a temporary name (fsynced) and yield its SHA-256; on a clean exit from the block
-    rename it into place. An exception in the block leaves nothing at `path` (embed logs the release there)."""
-    import h5py
-
+    """Build the file in memory and yield its SHA-256; on a clean exit from the block write it under a temporary
+    name (fsynced) and rename it into place. No byte of it is on disk before the block ends (embed logs the
+    release there), so a kill before its log entry leaves no release anywhere; an exception leaves nothing."""
     path = check_output_path(path, overwrite)
-    texts = {"feature_spec": canonical_json(feature_spec), "data_spec": canonical_json(data_spec),
-             "ledger": canonical_json(ledger)}
-    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
-    checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
+    image = release_image(arrays, class_names, feature_spec, data_spec, ledger)
+    yield hashlib.sha256(image).hexdigest()
     tmp = path.with_name(_temp_name(path))
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only until it is a private release
     try:
@@ -254,23 +252,10 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
             fcntl.flock(fd, fcntl.LOCK_EX)  # hold it for a moment before it has data
         except OSError:
             pass  # a filesystem without locks: no sweep can lock it either
-        # written through this descriptor: never another file renamed over the name, and no HDF5 file lock
-        with os.fdopen(os.dup(fd), "r+b") as fo, h5py.File(fo, "w") as f:
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["description"] = ("DP-MEPF release: noisy feature sums and class counts; "
-                                      "see docs/artifact-format.md")
-            f.attrs["checksum_sha256"] = checksum
-            f.attrs["checksum_covers"] = CHECKSUM_COVERS
-            for name in ARRAY_NAMES:
-                if name in arrays:
-                    f.create_dataset(name, data=arrays[name])
-            f.create_dataset("class_names", data=np.array(list(class_names), dtype=object),
-                             dtype=h5py.string_dtype("utf-8"))
-            for name, text in texts.items():
-                f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
+        view = memoryview(image)  # written through this descriptor: never another file renamed over the name
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
-        yield fd_sha256(fd)
         if ledger.get("private") is True:  # a noisy release is for sharing: the umask's mode; a baseline stays 0600
             umask = os.umask(0o077)
             os.umask(umask)
@@ -281,6 +266,33 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.close(fd)
+
+
+def release_image(arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict) -> bytes:
+    """The release file's bytes, built in memory (h5py on a BytesIO, as it would write a file object)."""
+    import io
+
+    import h5py
+
+    texts = {"feature_spec": canonical_json(feature_spec), "data_spec": canonical_json(data_spec),
+             "ledger": canonical_json(ledger)}
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs["format"] = FORMAT_NAME
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["description"] = "DP-MEPF release: noisy feature sums and class counts; see docs/artifact-format.md"
+        f.attrs["checksum_sha256"] = checksum
+        f.attrs["checksum_covers"] = CHECKSUM_COVERS
+        for name in ARRAY_NAMES:
+            if name in arrays:
+                f.create_dataset(name, data=arrays[name])
+        f.create_dataset("class_names", data=np.array(list(class_names), dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        for name, text in texts.items():
+            f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
+    return buf.getvalue()
 
 
 def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.accounting import parse_budget_split, validate_target
-from mepf.artifacts.errors import MepfError
+from mepf.artifacts.errors import Interrupted, MepfError
 from mepf.artifacts.format import fd_sha256, printable
 from mepf.artifacts.ledger import RELATIONS, build_ledger, calibration_for
 from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem, ledger_problem
@@ -56,6 +56,18 @@ class Sums:
     def sums(self) -> dict:
         """name -> float64 (K, D): the exact sums in feature units."""
         return {n: dequantise(q, self.cs[n]).numpy() for n, q in self.qsums.items()}
+
+
+def _holds(path, sha: str | None) -> bool:
+    """Whether `path` is now the file whose SHA-256 is `sha` (read without following a link at its name)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return sha is not None and fd_sha256(fd) == sha
+    finally:
+        os.close(fd)
 
 
 def release_names(moments: str) -> list:
@@ -377,9 +389,10 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                      "transform": transform.spec(), "moments": moments}
         class_names = list(source.classes) if source.classes else ["all"]
         repeats = found["same"] + found["most"] + found["some"]
-        # the entry is appended before the file is renamed into place: an error, Ctrl-C or kill at any point
-        # leaves no release without its entry (at worst an entry without its release, which overstates the spend)
-        logged = False
+        # the entry is appended before any byte of the file is on disk (staged_release builds it in memory): an
+        # error, Ctrl-C or kill at any point leaves no release without its entry (at worst an entry without its
+        # release, which overstates the spend)
+        logged, sha = False, None
         try:
             with staged_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
                                 overwrite=overwrite) as sha:
@@ -393,6 +406,15 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                     raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing was "
                                     "released; free space or fix the log's permissions and run again") from None
                 logged = True
+        except KeyboardInterrupt:
+            if not logged:
+                raise
+            if _holds(out, sha):
+                raise Interrupted(f"interrupted, but the release was written to {out} and logged: it is complete; "
+                                  "do not run again") from None
+            raise Interrupted(f"interrupted after the release was logged, before it was written to {out}: nothing "
+                              "was released, but its log entry stands, so the budget counts as spent and a new run "
+                              "is a repeat (--allow-repeat)") from None
         except (OSError, RuntimeError) as e:  # h5py reports a full disk as RuntimeError
             spent = ("; its log entry stands, so the budget counts as spent and a new run is a repeat "
                      "(--allow-repeat)") if logged else ""

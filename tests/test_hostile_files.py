@@ -569,13 +569,13 @@ def test_audit_looks_up_the_bytes_it_audited_in_the_log(tmp_path, monkeypatch):
 def test_a_baseline_and_every_temporary_release_file_are_owner_only(tmp_path, monkeypatch):
     np.savez(tmp_path / "d.npz", images=make_images(8))
     seen = []
-    real_append = release_log.append
+    real_fsync = os.fsync
 
-    def spy(path, entry, lock=None):  # called while the release is under its temporary name
+    def spy(fd):  # the temporary's fsync, once written in full, before its mode is chosen and it is renamed
         seen.extend(stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob(".*.h5.tmp-*"))
-        return real_append(path, entry, lock)
+        return real_fsync(fd)
 
-    monkeypatch.setattr(release_log, "append", spy)
+    monkeypatch.setattr(os, "fsync", spy)
     old = os.umask(0o022)
     try:
         for name, eps in (("base", "inf"), ("priv", "1")):

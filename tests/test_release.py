@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -355,6 +356,53 @@ def test_an_interrupt_while_logging_leaves_no_release(tmp_path, labelled_npz, ef
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "log.jsonl.key"]  # no release, no temporary key
 
 
+def test_no_byte_of_the_release_is_on_disk_before_its_log_entry(tmp_path, labelled_npz, eff28, monkeypatch):
+    """A kill (SIGKILL, OOM, power loss) before the entry is appended must leave no release anywhere: a noisy
+    file the log does not show would be a second, uncounted draw beside the next run's."""
+    from mepf.artifacts.staging import staged_release
+
+    out = tmp_path / "owner"
+    out.mkdir()
+    with staged_release(out / "s.h5", {"S1": np.ones((1, 4))}, ["all"], {}, {}, {}) as sha:
+        assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["s.h5"] and file_sha256(out / "s.h5") == sha
+    seen = []
+
+    def append(path, entry, **kw):
+        seen.append(sorted(p.name for p in out.iterdir()))
+        return real(path, entry, **kw)
+
+    real = release_log.append
+    monkeypatch.setattr(release_log, "append", append)
+    res = run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out / "a.h5", out / "log.jsonl")
+    assert seen == [["log.jsonl", "log.jsonl.key", "s.h5"]]  # the log's lock is on the log itself
+    assert file_sha256(out / "a.h5") == res.sha256 == release_log.read_log(out / "log.jsonl")[0]["output_sha256"]
+
+
+def test_an_interrupt_after_the_entry_says_what_was_released(tmp_path, labelled_npz, eff28, monkeypatch):
+    """Ctrl-C or SIGTERM once the entry stands: before the rename nothing is released but the spend counts (a
+    new run is a repeat); just after it, the release is complete, and the message must not invite a second draw."""
+    from mepf.artifacts import staging
+    from mepf.artifacts.errors import Interrupted
+
+    log, out = tmp_path / "log.jsonl", tmp_path / "a.h5"
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt) as e:  # a plain one would say nothing was released
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
+    assert isinstance(e.value, Interrupted)
+    assert re.search("logged, before it was written to .*counts as spent.*--allow-repeat", str(e.value))
+    assert not out.exists() and not list(tmp_path.glob(".a.h5.tmp*")) and len(release_log.read_log(log)) == 1
+    monkeypatch.undo()
+    real = staging.fsync_folder
+    monkeypatch.setattr(staging, "fsync_folder", lambda d: real(d) if not out.exists() else
+                        (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt) as e:
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log, allow_repeat=True)
+    assert isinstance(e.value, Interrupted)
+    assert f"the release was written to {out} and logged: it is complete" in str(e.value)
+    assert file_sha256(out) == release_log.read_log(log)[1]["output_sha256"]
+
+
 def test_a_log_replaced_while_held_releases_nothing(tmp_path, labelled_npz, eff28, monkeypatch):
     """An editor's save renames a new log over the one this run locked and checked: the entry would land in
     the old file, out of sight of the next run's repeat check, so nothing is released."""
@@ -388,9 +436,9 @@ def test_a_killed_writers_release_file_is_swept_and_a_live_ones_kept(tmp_path):
     from mepf.artifacts.staging import sweep_stale_temporaries
 
     out = str(tmp_path / "a.h5")
-    script = (f"import time, numpy as np\nfrom mepf.artifacts.staging import staged_release\n"
-              f"with staged_release({out!r}, {{'S1': np.ones((1, 4))}}, ['all'], {{}}, {{}}, {{}}):\n"
-              f"    print('written', flush=True)\n    time.sleep(120)\n")
+    script = (f"import os, time, numpy as np\nfrom mepf.artifacts.staging import staged_release\n"
+              f"os.replace = lambda *a: (print('written', flush=True), time.sleep(120))\n"  # held before its rename
+              f"with staged_release({out!r}, {{'S1': np.ones((1, 4))}}, ['all'], {{}}, {{}}, {{}}):\n    pass\n")
     env = {**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"}  # HDF5's own lock must not fight the writer's
     writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
     try:
