@@ -339,7 +339,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             "compose with new releases)")
         sweep_output(out, log_path, entries)
         check_output_path(out, overwrite)
-        for p in (log_path, release_log.key_path(log_path)):
+        for p in (log_path, release_log.key_path(log_path), release_log.head_path(log_path)):
             if os.path.abspath(out) == os.path.abspath(p) or (out.exists() and p.exists() and os.path.samefile(out, p)):
                 raise MepfError(f"--out {out} is the release log or its key; choose another --out")
         return entries
@@ -368,6 +368,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         if release_log.check_key(log_path, now, key):
             raise MepfError(f"release log {log_path} was changed during this run to entries under another key; nothing "
                             "was released; restore the log that belongs to its key and run again")
+        release_log.check_not_lost(log_path, now, key)
         found = release_log.related(now, sums.fingerprint, key)
         warnings = check_repeat(found, log_path, allow_repeat)
         notes = []
@@ -406,6 +407,11 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                     raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing was "
                                     "released; free space or fix the log's permissions and run again") from None
                 logged = True
+                try:
+                    release_log.record_head(log_path, key)
+                except OSError as e:  # the release stands; its head lags one entry, which no check mistakes
+                    warnings.append(f"release log head {release_log.head_path(log_path)} could not be updated "
+                                    f"({type(e).__name__}): a later loss of the log may go unnoticed; free space")
         except KeyboardInterrupt:
             if not logged:
                 raise

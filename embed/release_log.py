@@ -2,7 +2,9 @@
 
 Each entry holds the dataset's fingerprint and a sketch of sampled record tags (embed/fingerprint.py),
 both under a secret key kept beside the log (`<log>.key`, owner-only), the sketch sealed (fixed size,
-encrypted), the key's id, the output's SHA-256 and the guarantee. Without the key the log (shown to an
+encrypted), the key's id, the output's SHA-256 and the guarantee. Beside them, `<log>.head` lists (under a MAC with
+the key) the releases the log held at its last entry, so a log lost, moved or rolled back to an older copy is
+refused instead of starting over silently. Without the key the log (shown to an
 auditor, say) cannot be used to test whether an image was in the data, nor tells any release's n or
 which records two releases share. Earlier releases that are the same multiset of records, or share records with it,
 are found from these; their budgets compose. Log, key and a new folder are created owner-only.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -47,8 +51,8 @@ def read_log(path) -> list:
         try:
             lines = f.read().decode().split("\n")
         except (OSError, UnicodeDecodeError) as e:
-            raise MepfError(f"release log {path} cannot be read as a log ({type(e).__name__}); repair or move the "
-                            "file") from None
+            raise MepfError(f"release log {path} cannot be read as a log ({type(e).__name__}); restore it from "
+                            "a backup") from None
     entries = []
     for i, line in enumerate(lines, 1):
         if line.strip():
@@ -57,13 +61,93 @@ def read_log(path) -> list:
             except (ValueError, RecursionError):  # JSONDecodeError, an integer too long to read, deep nesting
                 entry = None
             if not isinstance(entry, dict):
-                raise MepfError(f"release log {path} line {i} is corrupt; repair or move the file")
+                raise MepfError(f"release log {path} line {i} is corrupt; repair that line (a part-written last "
+                                "line left by a crash can be deleted); do not move the log away: with it go the "
+                                "releases that a repeat of this data must compose with")
             entries.append(entry)
     return entries
 
 
 def key_path(log_path) -> Path:
     return Path(str(log_path) + ".key")
+
+
+def head_path(log_path) -> Path:
+    return Path(str(log_path) + ".head")
+
+
+_HEAD_DOMAIN = b"mepf release-log head v1\0"
+
+
+def _head_mac(key: bytes, releases: list) -> str:
+    return hmac.new(key, _HEAD_DOMAIN + json.dumps(sorted(releases)).encode(), hashlib.sha256).hexdigest()
+
+
+def lost_releases(log_path, entries: list, key: bytes | None) -> list | None:
+    """The releases (output SHA-256s) that the head recorded and the log no longer holds; None where the log has
+    no head (logs from before heads) or no key to check it with. MepfError for a head that is not this log's."""
+    path = head_path(log_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MepfError(f"release log head {path} cannot be read ({type(e).__name__}); make it a file of yours, "
+                        "as mepf embed wrote it") from None
+    try:
+        head = json.loads(os.read(fd, 1 << 24).decode()) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (OSError, ValueError, RecursionError):
+        head = None
+    finally:
+        os.close(fd)
+    releases = head.get("releases") if isinstance(head, dict) else None
+    if not isinstance(releases, list) or not all(isinstance(r, str) for r in releases):
+        raise MepfError(f"release log head {path} is damaged; restore it with its log from a backup")
+    if key is None:
+        return None
+    if not hmac.compare_digest(str(head.get("mac")), _head_mac(key, releases)):
+        raise MepfError(f"release log head {path} does not belong to this log's key (damaged, or from another "
+                        "log); restore the log, its key and its head together from a backup")
+    held = {e.get("output_sha256") for e in entries}
+    return [r for r in releases if r not in held]
+
+
+def check_not_lost(log_path, entries: list, key: bytes | None) -> None:
+    """MepfError where the log no longer holds every release its head recorded (deleted, moved away, an
+    older copy restored): a run on it would not see those releases, and a repeat would pass uncounted."""
+    lost = lost_releases(log_path, entries, key)
+    if lost:
+        raise MepfError(f"release log {log_path} no longer holds {len(lost)} release(s) that it held before (its head "
+                        f"{head_path(log_path)} records them: was the log deleted, moved, or an older copy "
+                        "restored?); nothing was released; restore the log from a backup, or start a new log with "
+                        "--release-log NEW (budgets in the old log then no longer compose with new releases)")
+
+
+def lost_note(log_path, entries: list, key: bytes | None) -> str | None:
+    """For readers of the log (releases, audit): a note where its head shows releases it no longer holds."""
+    try:
+        lost = lost_releases(log_path, entries, key)
+    except MepfError as e:
+        return str(e)
+    return (f"the log no longer holds {len(lost)} release(s) that its head {head_path(log_path)} records, and "
+            "composed totals leave them out; restore the log from a backup") if lost else None
+
+
+def record_head(log_path, key: bytes) -> None:
+    """After an entry is appended, under the log's lock: the head lists every release the log holds now."""
+    path = head_path(log_path)
+    releases = sorted({e["output_sha256"] for e in read_log(log_path) if isinstance(e.get("output_sha256"), str)})
+    text = json.dumps({"releases": releases, "mac": _head_mac(key, releases)}) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fsync_folder(path.parent)
 
 
 def read_key(log_path) -> bytes | None:
@@ -104,7 +188,7 @@ def check_key(log_path, entries: list, key: bytes | None) -> str | None:
 def _exposed(log_path) -> list:
     """The log and key files that others could read (group or other bits set)."""
     found = []
-    for p in (Path(log_path), key_path(log_path)):
+    for p in (Path(log_path), key_path(log_path), head_path(log_path)):
         try:
             if p.is_file() and p.stat().st_mode & 0o077:
                 found.append(p)
@@ -121,16 +205,19 @@ def prepare(log_path, entries: list) -> tuple:
     path = Path(log_path)
     key = read_key(path)
     problem = check_key(path, entries, key)
+    if key is None and head_path(path).exists():
+        problem = f"release log key {key_path(path)} is missing"
     if problem:
         raise MepfError(f"{problem}, so earlier releases cannot be matched; restore the key from a backup, or start "
                         "a new log with --release-log NEW (budgets in the old log then no longer compose with new "
                         "releases)")
+    check_not_lost(path, entries, key)
     narrowed = _exposed(path)  # e.g. restored from a backup with the umask's mode
     for p in narrowed:
         try:
             os.chmod(p, 0o600)
         except OSError as e:
-            what = "release log key" if p == key_path(path) else "release log"
+            what = {key_path(path): "release log key", head_path(path): "release log head"}.get(p, "release log")
             raise MepfError(f"{what} {p} is readable by others and its mode cannot be narrowed "
                             f"({type(e).__name__}); make it yours and chmod 600 it") from None
     try:

@@ -252,7 +252,7 @@ def audit(file, as_json, release_log):
     rep = run_audit(file)
     out = rep.to_dict()
     if release_log:
-        from mepf.embed.release_log import composable, entry_of, mixed_note, read_key, read_log
+        from mepf.embed.release_log import composable, entry_of, lost_note, mixed_note, read_key, read_log
 
         entries = read_log(release_log)
         mine = entry_of(entries, rep.sha256)  # the file audited, not whatever its name points to now
@@ -264,7 +264,7 @@ def audit(file, as_json, release_log):
             found[0] = {**found[0], "mu": rep.summary.get("mu") if rep.summary.get("private", True) else None,
                         "relation": rep.summary.get("relation")}
         out["composed"] = composed_total(found, rep.summary.get("delta", mine.get("delta")))
-        note = mixed_note(entries, key)
+        note = "; ".join(n for n in (mixed_note(entries, key), lost_note(release_log, entries, key)) if n)
         if note:
             out["composed"]["note"] = note
     if as_json:
@@ -314,7 +314,7 @@ def releases(release_log, as_json):
     """Owner: list the releases in the release log, each with the guarantee composed over every release that
     shares records with it."""
     from mepf.artifacts.audit import composed_total
-    from mepf.embed.release_log import composable, default_log_path, key_path, mixed_note, read_key, read_log
+    from mepf.embed.release_log import composable, default_log_path, key_path, lost_note, mixed_note, read_key, read_log
 
     log = Path(release_log) if release_log else default_log_path()
     if not log.is_file():
@@ -332,7 +332,7 @@ def releases(release_log, as_json):
         row["composed_epsilon"] = composed["epsilon"] if composed else None
         row["composed_releases"] = composed["releases"] if composed else None
         rows.append(row)
-    note = mixed_note(entries, key)
+    note = "; ".join(n for n in (mixed_note(entries, key), lost_note(log, entries, key)) if n) or None
     if as_json:
         click.echo(json.dumps({"log": str(log), "key": str(key_path(log)) if key else None, "releases": rows,
                                "note": note}, indent=2, sort_keys=True))

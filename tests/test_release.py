@@ -763,3 +763,50 @@ def test_a_release_never_stands_without_its_log_entry(tmp_path, labelled_npz, ef
         run(src, eff28, tmp_path / "x.h5", tmp_path / "log.jsonl")
     assert not (tmp_path / "x.h5").exists() and release_log.read_log(tmp_path / "log.jsonl") == []
     assert not list(tmp_path.glob(".x.h5.tmp*"))
+
+
+def test_a_log_lost_moved_or_rolled_back_is_refused_not_started_over(tmp_path, labelled_npz, eff28, capfd):
+    """With its key still beside it, a log deleted, moved away (as a corrupt line's message once advised) or
+    replaced by an older copy made the next embed start over: a repeat of the same data passed uncounted. The
+    head (MAC'd with the key) records the releases the log held; a log that lost any is refused."""
+    from click.testing import CliRunner
+
+    from mepf.cli import main
+
+    log = tmp_path / "log.jsonl"
+    src = lambda: ArraySource(labelled_npz[0], ["a", "b", "c"])  # noqa: E731
+    first = run(src(), eff28, tmp_path / "a.h5", log)
+    empty_backup = b""
+    one_entry = log.read_bytes()
+    run(src(), eff28, tmp_path / "b.h5", log, allow_repeat=True)
+    head = json.loads(release_log.head_path(log).read_text())
+    assert len(head["releases"]) == 2 and stat_mode(release_log.head_path(log)) == 0o600
+    for how, restore in (("deleted", None), ("an empty backup", empty_backup), ("an older copy", one_entry)):
+        log.unlink(missing_ok=True)
+        if restore is not None:
+            log.write_bytes(restore)
+        with pytest.raises(MepfError, match=r"no longer holds (2|1) release\(s\).*restore the log"):
+            run(src(), eff28, tmp_path / "c.h5", log, allow_repeat=True)
+        assert not (tmp_path / "c.h5").exists()
+    log.write_bytes(one_entry)
+    r = CliRunner().invoke(main, ["releases", "--release-log", str(log)])
+    assert r.exit_code == 0 and "no longer holds 1 release(s)" in r.output
+    r = CliRunner().invoke(main, ["audit", str(tmp_path / "a.h5"), "--release-log", str(log), "--json"])
+    assert "no longer holds 1 release(s)" in json.loads(r.output)["composed"]["note"]
+    # a head under another key (another log's) is named, not trusted
+    other = tmp_path / "other.jsonl"
+    run(src(), eff28, tmp_path / "o.h5", other, allow_repeat=True)
+    os.replace(release_log.head_path(other), release_log.head_path(log))
+    with pytest.raises(MepfError, match="head .* does not belong to this log's key"):
+        run(src(), eff28, tmp_path / "c.h5", log, allow_repeat=True)
+    assert file_sha256(tmp_path / "a.h5") == first.sha256
+    # a corrupt line: the message no longer says to move the log away
+    log.write_text(log.read_text() + "{not json\n")
+    with pytest.raises(MepfError, match="line 2 is corrupt; repair that line.*do not move the log away"):
+        run(src(), eff28, tmp_path / "c.h5", log, allow_repeat=True)
+
+
+def stat_mode(path) -> int:
+    import stat
+
+    return stat.S_IMODE(os.stat(path).st_mode)
