@@ -154,8 +154,9 @@ def _temp_name(path: Path) -> str:
 
 def sweep_stale_temporaries(path, recover=None) -> list:
     """Deal with temporaries of `path` left by a writer that was killed (SIGKILL, power loss): each is a noisy
-    release (whole or in part) logged but never put in place, which must not lie around to be copied out. A live writer holds a lock
-    on its temporary (on any host, where the filesystem's locks are shared), so a file we can lock is stale.
+    release (whole or in part) logged but never put in place, which must not lie around to be copied out. A
+    live writer holds a lock on its temporary (on any host, where the filesystem's locks are shared), so a file
+    we can lock is stale.
     If `recover(fd)` says it is the release logged for `path`, our own, and nothing is at `path`, it is put in
     place (the killed run had spent its budget on it); otherwise it is removed. Returns (what, line) for each
     file found, what being "placed", "removed", "left", or "logged-left" (a logged release it could not place)."""

@@ -172,6 +172,10 @@ def run_stats(run_dir: Path | None) -> list:
     if run_dir is None:
         return []
     try:
-        return run_folder.read_stats(run_dir)
+        stats = run_folder.read_stats(run_dir)
     except MepfError:
         return []
+    keys = {k for k, v in (stats[0] if stats else {}).items() if k.startswith("dist_") and type(v) in (int, float)}
+    # a folder from elsewhere: only the records with every distance the first has, as numbers
+    return [{"step": r["step"], **{k: r[k] for k in keys}} for r in stats
+            if all(type(r.get(k)) in (int, float) for k in keys)]

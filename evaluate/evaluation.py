@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.format import printable
 from mepf.artifacts.versions import versions
 from mepf.embed.sources import open_source
 from mepf.synthesize import run_folder
@@ -27,11 +28,17 @@ def _run_options(synth: ImageSet) -> dict | None:
     cannot be read (the report then lacks what it would have told)."""
     if synth.run_dir is None or not (synth.run_dir / run_folder.OPTIONS).is_file():
         return None
+    from mepf.synthesize.options import TrainOptions, options_problem
+
     try:
         saved = json.loads(run_folder.read_text(synth.run_dir / run_folder.OPTIONS, run_folder.MAX_OPTIONS_BYTES))
-    except (MepfError, ValueError, RecursionError):
+        problem = options_problem(TrainOptions(**{k: v for k, v in saved.items()
+                                                  if k in TrainOptions.__dataclass_fields__}))
+    except (MepfError, ValueError, RecursionError, TypeError, AttributeError):  # not a dict, or a field missing
         return {}
-    return saved if isinstance(saved, dict) else {}
+    if problem or not isinstance(saved.get("release_sha256", ""), str):  # (a run folder can come from elsewhere)
+        return {}
+    return saved
 
 
 def _release_of(synth: ImageSet, release_path: str | None, saved: dict | None):
@@ -209,14 +216,15 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     if warn:
         print(f"WARNING: {warn}", file=sys.stderr)
         warnings.append(warn)
+    saved = _run_options(synth)
+    rel = _release_of(synth, release, saved)
+    release_rec = _release_record(synth, rel)  # before any metric: an altered generator stops here
     metrics_out = {}
     if "fid" in wanted:
         metrics_out.update(_fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress))
     if "accuracy" in wanted:
         metrics_out.update(_accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device,
                                      cnn_epochs, progress))
-    saved = _run_options(synth)
-    rel = _release_of(synth, release, saved)
     if "embedding" in wanted and rel is not None and (synth.labels is not None or not rel.labelled):
         metrics_out["embedding_distance"] = _embedding_distance(synth, rel, device)
     elif "embedding" in wanted:
@@ -230,7 +238,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
               "reference_given": reference, "generator": generator,
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
-              "release": _release_record(synth), "not_for_publication": bool(warn), "warnings": warnings,
+              "release": release_rec, "not_for_publication": bool(warn), "warnings": warnings,
               "seed": seed, "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid", "scikit-learn"),
               "wall_time_s": time.perf_counter() - t0}
@@ -253,10 +261,16 @@ def _late_warnings(metrics_out: dict, generator: dict | None) -> list:
     return out
 
 
-def _release_record(synth) -> dict | None:
-    """The release a generator was trained from, as its checkpoint records it."""
+def _release_record(synth, rel=None) -> dict | None:
+    """The release a generator was trained from, as its checkpoint records it; where the release itself was
+    found (by its SHA-256), the checkpoint's guarantee must be the release's ledger's."""
     if synth.generator is None:
         return None
     info = synth.generator.info
-    return {"sha256": info["release_sha256"], "epsilon": info["epsilon"], "delta": info["delta"],
-            "relation": info.get("relation", "add-remove")}
+    claimed = (info["epsilon"], info["delta"], info.get("relation", "add-remove"))
+    if rel is not None and claimed != (rel.epsilon, rel.delta, rel.ledger.get("relation")):
+        raise MepfError(f"the generator claims ({claimed[0]:g}, {claimed[1]:g})-DP under {printable(claimed[2])}, but "
+                        f"the release it was trained from says ({rel.epsilon:g}, {rel.delta:g})-DP under "
+                        f"{printable(rel.ledger.get('relation'))}: the generator file was altered; use the one its "
+                        "run wrote")
+    return {"sha256": info["release_sha256"], "epsilon": claimed[0], "delta": claimed[1], "relation": claimed[2]}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mepf.artifacts.format import printable
 from mepf.artifacts.staging import write_text_atomic
 from mepf.synthesize.grid import save_grid
 
@@ -73,6 +74,14 @@ def curves(stats: list, path: Path) -> bool:
     return True
 
 
+def _md(value, longest: int = 1000) -> str:
+    """A value that may come from a file (a path, a class name, a run's option), as inert Markdown on one line:
+    control characters shown as '?', Markdown's and HTML's special characters escaped."""
+    text = printable(value, longest)
+    return "".join("\\" + c if c in "\\`*_{}[]()|~" else "&lt;" if c == "<" else "&gt;" if c == ">" else
+                   "&amp;" if c == "&" else c for c in text)
+
+
 def write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     class_grid(images, labels, out / "samples.png", class_names=class_names)
@@ -84,21 +93,22 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
         lines += ["> **NOT FOR PUBLICATION**: the reference set is the private training data (its fingerprint is in "
                   "the owner's release log). Metrics against it are not private.", ""]
     lines += [privacy_in_words(report["release"]), "",
-              f"- synthetic: {report['synthetic']} ({report['n_synthetic']} images)",
-              f"- reference: {report['reference']} ({report['n_reference']} images)"]
+              f"- synthetic: {_md(report['synthetic'])} ({report['n_synthetic']} images)",
+              f"- reference: {_md(report['reference'])} ({report['n_reference']} images)"]
     g = report.get("generator")
     if g:
-        lines.append(f"- generator: step {g['step']}" + (f" of the run's {g['run_steps']}" if g.get("run_steps")
-                                                         else "") + f", sha256 {g['sha256'][:16]}"
-                     + (f"; trained with seed {g['seed']}, lr {g['lr']}" if g.get("seed") is not None else "")
+        lines.append(f"- generator: step {_md(g['step'])}" + (f" of the run's {_md(g['run_steps'])}"
+                                                              if g.get("run_steps") else "")
+                     + f", sha256 {g['sha256'][:16]}"
+                     + (f"; trained with seed {_md(g['seed'])}, lr {_md(g['lr'])}" if g.get("seed") is not None else "")
                      + (f"; sampled at z ~ N(0, {g['z_scale']:g}^2 I)" if g.get("z_scale", 1) != 1 else ""))
     if report.get("classes"):
         lines.append(f"- classes matched {report['classes']['matched']}: "
-                     + ", ".join(f"{a} -> {b}" for a, b in report["classes"]["map"].items()))
+                     + ", ".join(f"{_md(a)} -> {_md(b)}" for a, b in report["classes"]["map"].items()))
     lines += ["",
               "| metric | value |", "| --- | --- |"]
     if "fid" in m:
-        against = f" vs {m['fid_reference']}" if m.get("fid_reference") else ""
+        against = f" vs {_md(m['fid_reference'])}" if m.get("fid_reference") else ""
         net = ("pytorch-fid InceptionV3 pool3" if m.get("fid_probe_error", 0) <= FID_PROBE_TOLERANCE
                else "InceptionV3 pool3 with weights that are not pytorch-fid's")
         lines.append(f"| FID ({m['fid_samples']} samples{against}, {net}) | {m['fid']:.2f} |")
@@ -124,6 +134,6 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     if has_curves:
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
     if report["warnings"]:
-        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+        lines += ["## Warnings", ""] + [f"- {_md(w, 1 << 16)}" for w in report["warnings"]] + [""]
     lines += [f"Wall time {report['wall_time_s']:.0f} s; versions {report['versions']}."]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -190,4 +190,7 @@ def generator_problem(obj: dict) -> str | None:
             and obj.get("relation", "add-remove") in RELATIONS
             and isinstance(obj.get("release_sha256"), str) and len(obj["release_sha256"]) == 64):
         return "its guarantee (epsilon, delta, relation), labelled, step or release is missing or out of bounds"
+    t = obj.get("transform", {})
+    if not (isinstance(t, dict) and set(t) <= {"crop"} and t.get("crop") in (None, "center")):
+        return "its transform is not one mepf writes ({} or {'crop': 'center'})"
     return None

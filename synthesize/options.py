@@ -1,6 +1,7 @@
 """Every option of `mepf synthesize` and its default, once (the CLI reads the defaults from here). Imports no torch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 GENERATOR_NAMES = ("conv", "conv-cbn", "resnet")  # generators.GENERATORS implements each
@@ -41,6 +42,38 @@ class TrainOptions:
     precision: str = "auto"
     weights: str | None = None  # extractor weights file, when the release was made from one
     compile: str = "none"  # torch.compile mode of both networks in training (COMPILE_MODES)
+
+
+#: the integer options' ranges (the CLI's); options read back from a run folder are checked against them too
+INT_RANGES = {"width": (0, 4096), "batch_size": (1, 100_000), "steps": (1, None), "seed": (0, None),
+              "grid_every": (0, None), "snapshot_every": (0, None), "log_every": (1, None)}
+
+
+def options_problem(opts: TrainOptions) -> str | None:
+    """Which option is not of its type or range (a run folder's options.json can come from someone else; the CLI
+    checks what it is given), as 'NAME VALUE (what it must be)'; None where every one is."""
+    def number(v) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    for k, (lo, hi) in INT_RANGES.items():
+        v = getattr(opts, k)
+        if type(v) is not int or v < lo or (hi is not None and v > hi):
+            return f"{k} {v!r} (an integer from {lo}{f' to {hi}' if hi is not None else ''})"
+    for k in ("lr", "lr_mavg"):
+        if not (number(getattr(opts, k)) and getattr(opts, k) > 0):
+            return f"{k} {getattr(opts, k)!r} (a number above 0)"
+    if not (number(opts.ema) and 0 <= opts.ema < 1):
+        return f"ema {opts.ema!r} (a number in [0, 1))"
+    for k in ("release", "out", "generator", "objective", "lr_schedule", "labels", "device", "precision", "compile"):
+        if type(getattr(opts, k)) is not str:
+            return f"{k} {getattr(opts, k)!r} (a string)"
+    if opts.weights is not None and type(opts.weights) is not str:
+        return f"weights {opts.weights!r} (a path)"
+    for k in ("moment_weights", "layer_weights"):
+        v = getattr(opts, k)
+        if not (type(v) is dict and all(type(n) is str for n in v)):  # the weights: objective.check_weight
+            return f"{k} {v!r} (names with weights)"
+    return None
 
 
 #: mepf: uint8 images (and PNG folders); dpimagebench: the gen.npz DPImageBench's eval.py loads

@@ -28,6 +28,31 @@ def read_text(path, limit: int) -> str:
         raise MepfError(f"{path} is not UTF-8 text; the run folder is damaged") from None
 
 
+def open_append(path):
+    """`path` opened to append text, only where it is a plain file with no other name or absent (then created):
+    never through a link, as a run folder from someone else may hold one planted to make this run write
+    outside it (a shell's start-up file, say)."""
+    import errno
+    import os
+    import stat
+
+    from mepf.artifacts.errors import MepfError
+
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        what = "a link" if e.errno == errno.ELOOP else type(e).__name__
+        raise MepfError(f"{path} cannot be appended to ({what}); a run folder's files must be plain files: remove "
+                        "it and run again") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise MepfError(f"{path} is not a plain file with one name; a run folder's files must be: remove it and run "
+                        "again")
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def read_stats(run) -> list:
     """The run's stats.jsonl records (dicts with an integer 'step'), [] where there is none; a damaged line is
     one MepfError."""

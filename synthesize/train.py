@@ -41,6 +41,7 @@ from .options import (
     OBJECTIVES,
     PRECISIONS,
     TrainOptions,
+    options_problem,
 )
 from .precision import Precision, legacy, resolve
 
@@ -48,6 +49,9 @@ from .precision import Precision, legacy, resolve
 def prepare(opts: TrainOptions, device=None):
     """Everything that can fail on bad input, before any file is written. `device`: one already chosen
     (under torchrun, this rank's GPU); else resolved from opts.device."""
+    problem = options_problem(opts)
+    if problem:
+        raise MepfError(f"option {problem}")
     release = load(opts.release)
     if opts.objective not in OBJECTIVES:
         raise MepfError(f"--objective must be one of {', '.join(OBJECTIVES)}")
@@ -345,8 +349,8 @@ class Trainer:
         keep_freed_memory()  # per-step tensors reuse the same heap blocks instead of fresh pages
         o, main = self.opts, self.ranks.main
         with contextlib.ExitStack() as held:  # the log and stats files, closed however training ends
-            log = held.enter_context(open(self.run / run_folder.LOG, "a")) if main else None
-            sf = held.enter_context(open(self.run / run_folder.STATS, "a")) if main else None
+            log = held.enter_context(run_folder.open_append(self.run / run_folder.LOG)) if main else None
+            sf = held.enter_context(run_folder.open_append(self.run / run_folder.STATS)) if main else None
             if main:
                 log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} training from step {self.step} to {o.steps}"
                           f"{f' on {self.ranks.world} ranks' if self.ranks.active else ''}\n")
@@ -464,6 +468,36 @@ def _read_options(run: Path) -> dict:
     return saved
 
 
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def optimiser_problem(trainer: Trainer, state: dict) -> str | None:
+    """Where a snapshot's optimiser settings (not its state tensors) are not of the kind this run's optimisers
+    have: flags must be equal, numbers finite and not negative; None where they are."""
+    def same_kind(mine, theirs) -> bool:
+        if mine is None or isinstance(mine, (bool, str)):
+            return type(theirs) is type(mine) and theirs == mine
+        if isinstance(mine, (int, float)):
+            return type(theirs) in (int, float) and math.isfinite(theirs) and theirs >= 0
+        if isinstance(mine, (tuple, list)):
+            return isinstance(theirs, (tuple, list)) and len(theirs) == len(mine) and all(map(same_kind, mine, theirs))
+        return False
+
+    for name in ("opt_g", "opt_m"):
+        ours = getattr(trainer, name).state_dict()["param_groups"]
+        theirs = state.get(name, {}).get("param_groups") if isinstance(state.get(name), dict) else None
+        if not isinstance(theirs, list) or len(theirs) != len(ours):
+            return name
+        for a, b in zip(ours, theirs):
+            if not isinstance(b, dict) or set(b) != set(a):
+                return name
+            bad = [k for k in a if k != "params" and not same_kind(a[k], b[k])]
+            if bad:
+                return f"{name} {', '.join(sorted(bad))}"
+    return None
+
+
 def _check_changes(saved: dict, changes: dict) -> dict:
     """The options given on resuming that differ from the run's: those in RESUMABLE are returned; any other
     is refused, as it would make another run (architecture, seed, objective, labels, batch, precision)."""
@@ -490,6 +524,9 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})
     opts.out = str(run)  # the folder may have been moved or copied since it was started
+    problem = options_problem(opts) or (None if _is_sha256(saved["release_sha256"]) else "release_sha256")
+    if problem:
+        raise MepfError(f"{run / run_folder.OPTIONS} holds {problem}; the run folder is damaged (or not a run's)")
     size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     found = locate_release(saved["release_sha256"], run, saved.get("release"), release, size=size)
     opts.release = str(found)
@@ -506,8 +543,17 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     snap = latest_snapshot(run)
     if snap is not None:
         def load_snapshot():
+            state = load_tensors(snap, "snapshot")
+            if not (isinstance(state, dict) and type(state.get("step")) is int
+                    and state["step"] == run_folder.snapshots(run)[-1][0]):
+                raise MepfError(f"snapshot {snap} is not of the step its name gives; move it away to resume from "
+                                "the one before")
+            problem = optimiser_problem(trainer, state)
+            if problem:
+                raise MepfError(f"snapshot {snap} holds optimiser settings this run does not make ({problem}); move "
+                                "it away to resume from the one before")
             try:
-                trainer.load_state(load_tensors(snap, "snapshot"))
+                trainer.load_state(state)
             except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as e:
                 raise MepfError(f"snapshot {snap} does not fit this run ({type(e).__name__}); move it away to resume "
                                 "from the one before") from None

@@ -781,7 +781,7 @@ def test_a_log_lost_moved_or_rolled_back_is_refused_not_started_over(tmp_path, l
     run(src(), eff28, tmp_path / "b.h5", log, allow_repeat=True)
     head = json.loads(release_log.head_path(log).read_text())
     assert len(head["releases"]) == 2 and stat_mode(release_log.head_path(log)) == 0o600
-    for how, restore in (("deleted", None), ("an empty backup", empty_backup), ("an older copy", one_entry)):
+    for restore in (None, empty_backup, one_entry):  # deleted, an empty backup, an older copy
         log.unlink(missing_ok=True)
         if restore is not None:
             log.write_bytes(restore)

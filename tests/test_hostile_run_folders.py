@@ -1,0 +1,153 @@
+"""A run folder from someone else (a tar, a git checkout) that a researcher resumes: its links, options and
+snapshots must not make mepf write outside it, run away, or stop with a traceback (review 9)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_images
+from tests.test_hostile_files import TINY, cli, one_line_refusal
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A 2-step run (a snapshot at each step) of a tiny release; tests copy it."""
+    d = tmp_path_factory.mktemp("run")
+    np.savez(d / "d.npz", images=make_images(40, seed=3), labels=np.arange(40) % 10)
+    r = cli("embed", "--data", d / "d.npz", "--classes", "10", "--out", d / "r.h5", "--epsilon", "1", "--delta",
+            "1e-5", "--force", "--release-log", d / "log.jsonl", "--quiet", *TINY)
+    assert r.exit_code == 0, r.output + r.stderr
+    r = cli("synthesize", d / "r.h5", "--out", d / "run", "--steps", "2", "--width", "8", "--grid-every", "0",
+            "--snapshot-every", "1", "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output + r.stderr
+    return d
+
+
+@pytest.fixture
+def copied(base_run, tmp_path):
+    shutil.copy(base_run / "r.h5", tmp_path / "r.h5")
+    shutil.copytree(base_run / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def resume(run, steps=3):
+    return cli("synthesize", "--resume", run, "--steps", steps, "--quiet")
+
+
+def test_links_in_a_run_folder_are_not_written_through(copied, tmp_path):
+    """log.txt linked to a file outside (a shell's start-up file) was appended to, and a dangling stats.jsonl
+    link created its target; both are refused, nothing outside changes."""
+    victim, dangling = tmp_path / "bashrc", tmp_path / "created.pth"
+    victim.write_text("precious\n")
+    (copied / "log.txt").unlink()
+    (copied / "log.txt").symlink_to(victim)
+    one_line_refusal(resume(copied), "log.txt", "a link")
+    assert victim.read_text() == "precious\n"
+    (copied / "log.txt").unlink()
+    (copied / "stats.jsonl").unlink()
+    (copied / "stats.jsonl").symlink_to(dangling)
+    one_line_refusal(resume(copied), "stats.jsonl", "a link")
+    assert not dangling.exists()
+    (copied / "stats.jsonl").unlink()
+    (copied / "log.txt").unlink()  # created, in the folder, before stats.jsonl was refused
+    os.link(victim, copied / "log.txt")  # a second name of a file outside
+    one_line_refusal(resume(copied), "log.txt", "one name")
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("log_every", 0, "log_every 0"), ("lr", "x", "lr 'x'"), ("lr", -1, "lr -1"), ("ema", "x", "ema 'x'"),
+    ("seed", 1.5, "seed 1.5"), ("batch_size", 10 ** 8, "batch_size 100000000"), ("width", 2_000_000, "width"),
+    ("steps", "~", "steps '~'"), ("release", 5, "release 5"), ("release_sha256", 5, "release_sha256"),
+    ("moment_weights", 5, "moment_weights 5"), ("snapshot_every", "a", "snapshot_every 'a'"),
+    ("generator", ["conv"], "generator"),
+])
+def test_options_read_back_are_checked_for_type_and_range(copied, field, value, named):
+    """options.json's values went untyped into training: tracebacks, a 40 GB allocation from batch_size."""
+    opts = json.loads((copied / "options.json").read_text())
+    opts[field] = value
+    (copied / "options.json").write_text(json.dumps(opts))
+    one_line_refusal(cli("synthesize", "--resume", copied, "--quiet"), "options.json holds", named)
+
+
+@pytest.mark.parametrize("step", ["\necho PWNED # ", -10 ** 9, 1, 2.0])
+def test_a_snapshot_must_be_of_the_step_its_name_gives(copied, step):
+    """A string step was written raw into log.txt; a step of -10^9 trained for 10^9 steps."""
+    snap = copied / "snapshot-0000002.pt"
+    state = torch.load(snap, weights_only=True)
+    state["step"] = step
+    torch.save(state, snap)
+    before = (copied / "log.txt").read_text()
+    one_line_refusal(resume(copied), "snapshot-0000002.pt", "not of the step its name gives")
+    assert (copied / "log.txt").read_text() == before
+
+
+@pytest.mark.parametrize("group,key,value", [("opt_g", "betas", (0.5, "x")), ("opt_g", "lr", float("nan")),
+                                             ("opt_m", "foreach", "yes"), ("opt_g", "params", None)])
+def test_a_snapshots_optimiser_settings_must_be_this_runs_kind(copied, group, key, value):
+    """betas (0.5, 'x') loaded, then the first step stopped with a traceback."""
+    snap = copied / "snapshot-0000002.pt"
+    state = torch.load(snap, weights_only=True)
+    if value is None:
+        del state[group]["param_groups"][0][key]
+    else:
+        state[group]["param_groups"][0][key] = value
+    torch.save(state, snap)
+    one_line_refusal(resume(copied), "snapshot-0000002.pt", "optimiser settings", group)
+
+
+def test_an_untouched_copy_resumes(copied):
+    r = resume(copied)
+    assert r.exit_code == 0, r.output + r.stderr
+    assert json.loads((copied / "stats.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def evaluate(run, reference, out):
+    return cli("evaluate", run, "--reference", reference, "--metrics", "embedding", "--out", out, "-n", "20",
+               "--quiet", "--release-log", out.parent / "none.jsonl")
+
+
+def test_a_generator_claiming_another_guarantee_than_its_release_is_refused(copied, base_run, tmp_path):
+    """evaluate found the release by SHA-256 (for the embedding distance) yet reported the generator's own,
+    edited claim of (0.01, 1e-12)-DP."""
+    g = torch.load(copied / "generator.pt", weights_only=True)
+    g["epsilon"], g["delta"] = 0.01, 1e-12
+    torch.save(g, copied / "generator.pt")
+    one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "claims (0.01, 1e-12)-DP",
+                     "(1, 1e-05)-DP", "altered")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_strings_from_a_run_folder_reach_the_report_inert(copied, base_run, tmp_path):
+    """Options and stats records from elsewhere: escapes and Markdown/HTML went into report.md raw (a forged
+    FID row, a remote image), and a record without a distance stopped the curves with a traceback."""
+    opts = json.loads((copied / "options.json").read_text())
+    opts["lr"] = "0.001\x1b]0;owned\x07\n| FID (10000 samples) | 3.14 |\n<img src=https://attacker.example/t.png>"
+    (copied / "options.json").write_text(json.dumps(opts))
+    with open(copied / "stats.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2}) + "\n")  # no dist_ values
+    r = evaluate(copied, base_run / "d.npz", tmp_path / "rep")
+    assert r.exit_code == 0, r.output + r.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "\x1b" not in md and "<img" not in md and "| FID" not in md and "3.14" not in md
+    assert (tmp_path / "rep" / "curves.png").exists()
+
+
+def test_markdown_escaping_leaves_nothing_active():
+    from mepf.evaluate.report import _md
+
+    text = _md("a|b <img src=x> [l](http://x) `c` *d* \x1b[2J\nnext & ~~s~~")
+    assert "\x1b" not in text and "\n" not in text and "<" not in text and ">" not in text
+    assert all(text[i - 1] == "\\" for i, c in enumerate(text) if c in "|[]()`*~")
+
+
+def test_a_generator_with_a_transform_mepf_never_writes_is_refused(copied, base_run, tmp_path):
+    g = torch.load(copied / "generator.pt", weights_only=True)
+    g["transform"] = [1]
+    torch.save(g, copied / "generator.pt")
+    one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "transform")
