@@ -406,4 +406,12 @@ def load(path, verify: bool = True) -> Release:
     if bad:
         raise MepfError(f"{path}: {', '.join(bad)} hold NaN or infinite values, which no release has; do not use "
                         "this file, ask the data owner for the original")
+    led = {r["name"]: r.get("shape") for r in release.ledger["releases"]}
+    moments = release.data_spec.get("moments")
+    if "S1" not in release.arrays or set(led) != set(release.arrays) or (moments == "mean") == (
+            "S2" in release.arrays) or any(led[n] != list(a.shape) for n, a in release.arrays.items()):
+        raise MepfError(f"{path}: its ledger accounts for {', '.join(sorted(led))}, it holds "
+                        f"{', '.join(sorted(release.arrays))} ({printable(moments)}): what the ledger does not cover "
+                        "has no guarantee; do not use this file, ask the data owner for the original (mepf audit "
+                        "shows the mismatch)")
     return release

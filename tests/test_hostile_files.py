@@ -894,3 +894,17 @@ def test_an_audit_line_from_a_hostile_ledger_cannot_forge_a_pass(tmp_path, relea
     assert a.exit_code == 1 and "x?AUDIT PASSED?" in a.output  # shown, inert, inside its own FAIL line
     assert not any(c in a.output for c in "\r\x1b\x07")
     assert [line for line in a.output.splitlines() if line.startswith("AUDIT")] == ["AUDIT FAILED"]
+
+
+@pytest.mark.parametrize("drop,moments", [("S2", "mean"), ("S2", None), ("counts", None), (None, "mean")])
+def test_a_release_whose_ledger_does_not_cover_its_arrays_is_not_loaded(tmp_path, releases, drop, moments):
+    """S2 stored beside a ledger (and data spec) that account for S1 and counts only: info and synthesize
+    stated the ledger's guarantee for a file carrying an unaccounted array (review 9); audit fails it."""
+    r = read_raw(releases / "eps1.h5")
+    led = {**r.ledger, "releases": [x for x in r.ledger["releases"] if x["name"] != drop]}
+    path = forge(tmp_path / "f.h5", releases / "eps1.h5", ledger=led,
+                 data_spec={**r.data_spec, "moments": moments or r.data_spec["moments"]})
+    with pytest.raises(MepfError, match="its ledger accounts for .* what the ledger does not cover has no guarantee"):
+        load(path)
+    one_line_refusal(cli("synthesize", path, "--out", tmp_path / "run", "--dry-run"), "ledger accounts for")
+    assert not audit(path).ok
