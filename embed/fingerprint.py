@@ -126,6 +126,52 @@ class Sketch:
         return out
 
 
+class TagFilter:
+    """Every record's tag (its first 128 bits) in a Bloom filter of FILTER_BITS_PER_RECORD bits per expected
+    record, in memory only (never in the log): the run sees every record, so an earlier entry's sampled tags
+    found here show that the earlier data is within this one (a superset of a small pilot release, which the
+    sketches, compared at this run's coarser level, miss). Parts of one dataset merge by OR."""
+
+    K = 11  # hash positions per tag: a false hit about 1.3e-6 at 32 bits per record
+
+    def __init__(self, expected: int):
+        bits = 1 << 13
+        while bits < FILTER_BITS_PER_RECORD * expected and bits < FILTER_MAX_BITS:
+            bits <<= 1
+        self.bits = np.zeros(bits // 8, np.uint8)
+
+    def _positions(self, h: int) -> list:
+        m = len(self.bits) * 8
+        a, b = h & ((1 << 64) - 1), (h >> 64) | 1
+        return [(a + i * b) % m for i in range(self.K)]
+
+    def add(self, h: int) -> None:
+        for p in self._positions(h):
+            self.bits[p >> 3] |= np.uint8(1 << (p & 7))
+
+    def __contains__(self, h: int) -> bool:
+        return all(self.bits[p >> 3] >> (p & 7) & 1 for p in self._positions(h))
+
+    def merge(self, other: TagFilter) -> None:
+        np.bitwise_or(self.bits, other.bits, out=self.bits)
+
+    def false_rate(self) -> float:
+        """The chance that a tag not added is found, from the share of bits set."""
+        return float(np.unpackbits(self.bits).mean()) ** self.K
+
+    def found(self, hashes) -> tuple:
+        """(how many of `hashes` are found, how many of those a filter of this fill finds by chance at most,
+        at odds below about 1e-6 per test)."""
+        hashes = list(hashes)
+        expected = self.false_rate() * len(hashes)
+        return sum(h in self for h in hashes), expected + 5 * expected ** 0.5 + 2
+
+
+#: the tag filter's size: bits per record the run expects (a power of two at least this), and its ceiling
+#: (128 MB: past 33 M records its false hits grow, which `found` allows for)
+FILTER_BITS_PER_RECORD, FILTER_MAX_BITS = 32, 1 << 30
+
+
 def tag(key: bytes, digest: bytes) -> bytes:
     """A record hash under a secret key: whoever lacks the key cannot compute it."""
     return hmac.new(key, digest, hashlib.sha256).digest()
@@ -197,11 +243,15 @@ class Fingerprint:
     under it (to compare with entries of logs from before sealing). Under torchrun each rank keeps its own
     and rank 0 merges them from their bytes (`to_bytes`): the log's key never leaves rank 0."""
 
-    def __init__(self, tag_key: bytes | None = None, legacy_key: bytes | None = None, keep_hashes: bool = False):
+    def __init__(self, tag_key: bytes | None = None, legacy_key: bytes | None = None, keep_hashes: bool = False,
+                 expected: int = 0):
+        """`expected`: the number of records the whole dataset has (every rank the same), to size the tag filter;
+        0: none kept."""
         self._sum, self._n = 0, 0
         self.tag_key, self.legacy_key = tag_key, legacy_key
         self.sketch = Sketch()
         self.tag_sketch = Sketch(kind="k3") if tag_key is not None else None
+        self.tag_filter = TagFilter(expected) if tag_key is not None and expected > 0 else None
         self.legacy_sketch = Sketch(kind="k1") if legacy_key is not None else None
         self._kept = [] if keep_hashes else None
 
@@ -217,7 +267,10 @@ class Fingerprint:
             self._n += 1
             self.sketch.add(pixels)
             if self.tag_sketch is not None:
-                self.tag_sketch.add(tag(self.tag_key, pixels))
+                t = tag(self.tag_key, pixels)
+                self.tag_sketch.add(t)
+                if self.tag_filter is not None:
+                    self.tag_filter.add(int.from_bytes(t[:16], "big"))
             if self.legacy_sketch is not None:
                 self.legacy_sketch.add(tag(self.legacy_key, pixels))
             if self._kept is not None:
@@ -227,7 +280,7 @@ class Fingerprint:
         """The same records fingerprinted under the log's `key` (needs keep_hashes=True: an in-memory set)."""
         if self._kept is None:
             raise ValueError("with_key needs a fingerprint made with keep_hashes=True")
-        out = Fingerprint(tag_key(key), legacy_key=key)
+        out = Fingerprint(tag_key(key), legacy_key=key, expected=len(self._kept))
         out.add([p for p, _ in self._kept], [y for _, y in self._kept])
         return out
 
@@ -238,17 +291,28 @@ class Fingerprint:
         self.sketch = self.sketch.merged(other.sketch)
         if self.tag_sketch is not None:
             self.tag_sketch = self.tag_sketch.merged(other.tag_sketch)
+        if self.tag_filter is not None:  # a part without one (or of another size) leaves the whole without it
+            if other.tag_filter is not None and len(other.tag_filter.bits) == len(self.tag_filter.bits):
+                self.tag_filter.merge(other.tag_filter)
+            else:
+                self.tag_filter = None
         if self.legacy_sketch is not None:  # a part without it makes the whole's sample partial: dropped
             self.legacy_sketch = self.legacy_sketch.merged(other.legacy_sketch) if other.legacy_sketch else None
 
-    #: the most bytes to_bytes gives: n, the sum, then two sketches and a flag
+    #: the most bytes to_bytes gives without the tag filter: n, the sum, then two sketches and a flag
     MAX_BYTES = 8 + 32 + 1 + 2 * (3 + 16 * SKETCH_CAP)
 
+    def max_bytes(self) -> int:
+        """The most bytes this fingerprint's to_bytes gives (every rank's the same: the filter's size is fixed)."""
+        return self.MAX_BYTES + (len(self.tag_filter.bits) if self.tag_filter is not None else 0)
+
     def to_bytes(self) -> bytes:
-        """What a rank sends to rank 0: n, the sum and the plain and tag sketches (no key, no legacy sketch)."""
+        """What a rank sends to rank 0: n, the sum, the plain and tag sketches, then the tag filter's bits (no
+        key, no legacy sketch)."""
         tags = self.tag_sketch.to_bytes() if self.tag_sketch is not None else b""
+        bits = self.tag_filter.bits.tobytes() if self.tag_filter is not None and tags else b""
         return (self._n.to_bytes(8, "big") + self._sum.to_bytes(32, "big") + bytes([bool(tags)])
-                + self.sketch.to_bytes() + tags)
+                + self.sketch.to_bytes() + tags + bits)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Fingerprint:
@@ -260,7 +324,12 @@ class Fingerprint:
         out.sketch, rest = Sketch.from_bytes(raw[41:], "plain")
         if raw[40]:
             out.tag_sketch, rest = Sketch.from_bytes(rest, "k3")
-        if rest or out._sum >= _MOD:
+        if rest:
+            if not raw[40] or len(rest) < (1 << 10) or len(rest) > FILTER_MAX_BITS // 8 or len(rest) & (len(rest) - 1):
+                raise ValueError("malformed fingerprint")
+            out.tag_filter = TagFilter(0)
+            out.tag_filter.bits = np.frombuffer(rest, np.uint8).copy()
+        if out._sum >= _MOD:
             raise ValueError("malformed fingerprint")
         return out
 

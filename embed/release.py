@@ -152,7 +152,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     acc = device if device.type == "cuda" else torch.device("cpu")
     shape = (batch_size, transform.channels, *transform.image_size)
     counts = torch.zeros(k, dtype=torch.int64, device=acc)
-    fp = Fingerprint(tag_key, None if ranks.active else legacy_key)
+    fp = Fingerprint(tag_key, None if ranks.active else legacy_key, expected=len(source))
     planned = shard_size(len(source), batch_size, ranks.rank, ranks.world)
     error = None
     with torch.no_grad(), deterministic_kernels(device):
@@ -204,7 +204,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     if int(counts.sum()) == 0:
         raise MepfError("the data source yielded no records")
     if ranks.active:
-        parts = distributed.all_gather_bytes(fp.to_bytes(), Fingerprint.MAX_BYTES)
+        parts = distributed.all_gather_bytes(fp.to_bytes(), fp.max_bytes())
 
         def merge():
             for r, raw in enumerate(parts[1:], 1):

@@ -356,7 +356,8 @@ def _linked(a: dict, b: dict) -> bool:
     return names(a, b) or names(b, a)
 
 
-def _related(entries: list, digests: set, sketches: list, key: bytes | None, links_of: dict | None = None) -> dict:
+def _related(entries: list, digests: set, sketches: list, key: bytes | None, links_of: dict | None = None,
+             tag_filter=None) -> dict:
     out = {"same": [], "most": [], "some": []}
     for e in entries:
         if {_entry_digest(e, None), _entry_digest(e, key)} & digests:
@@ -365,8 +366,14 @@ def _related(entries: list, digests: set, sketches: list, key: bytes | None, lin
         theirs = _entry_sketch(e, key)
         best = max((s.overlap(theirs) for s in sketches), key=lambda o: o[0],
                    default=(0, 0.0, 0.0)) if theirs is not None else (0, 0.0, 0.0)
-        if best[0]:
-            out["most" if max(best[1], best[2]) >= REPEAT_SHARE else "some"].append(e)
+        within = 0.0  # the share of their sampled records found among all of this run's (its tag filter)
+        if tag_filter is not None and theirs is not None and theirs.kind == "k3" and theirs.hashes:
+            found, chance = tag_filter.found(theirs.hashes)
+            within = found / len(theirs.hashes) if found > chance else 0.0
+        if max(best[1], best[2], within) >= REPEAT_SHARE:
+            out["most"].append(e)
+        elif best[0] or within:
+            out["some"].append(e)
         elif links_of is not None and _linked(links_of, e):
             out["some"].append(e)
     return out
@@ -378,7 +385,7 @@ def related(entries: list, fingerprint: Fingerprint, key: bytes | None = None) -
     (sharing fewer records). Keyed entries match record by record only with the log's key."""
     digests = {fingerprint.hexdigest()} | ({keyed_digest(key, fingerprint.hexdigest())} if key is not None else set())
     sketches = [s for s in (fingerprint.sketch, fingerprint.tag_sketch, fingerprint.legacy_sketch) if s is not None]
-    return _related(entries, digests, sketches, key)
+    return _related(entries, digests, sketches, key, tag_filter=getattr(fingerprint, "tag_filter", None))
 
 
 def entry_of(entries: list, output_sha256: str) -> dict | None:
