@@ -17,6 +17,7 @@ no budget it records: an experiment on public data, never a release.
 import argparse
 import json
 import math
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,13 @@ def main():
     ap.add_argument("--layers", type=int, default=4, help="the first N layers of the map (Lite0: stem, block0-2)")
     ap.add_argument("--budget-weight", type=float, default=0.1, help="W: S3's share of mu^2")
     ap.add_argument("--gram-weight", type=float, default=1.0)
-    ap.add_argument("--noise-seed", type=int, default=12345)
+    ap.add_argument("--noise-seed", type=int, default=None, help="default: a fresh secret seed")
     a = ap.parse_args()
+    from mepf.embed.datasets import DATASETS
+
+    if a.data.split(":")[0] not in DATASETS:  # S3 is computed from D without a release log or accounting
+        raise SystemExit(f"{a.data}: gram_oracle simulates on public named datasets only ({', '.join(DATASETS)}); "
+                         "private data is released by mepf embed, never by this script")
 
     release = load(a.release)
     ledger = release.ledger
@@ -69,7 +75,7 @@ def main():
     w_moments = (1 - a.budget_weight - sig["counts"]["weight"]) / 2
     sigma12 = {m: sig[m]["sensitivity"] / (mu * math.sqrt(w_moments)) for m in ("S1", "S2")}
     sigma3 = 1.0 / (mu * math.sqrt(a.budget_weight))
-    rng = np.random.default_rng(a.noise_seed)
+    rng = np.random.default_rng(a.noise_seed if a.noise_seed is not None else secrets.randbits(128))
     k = len(release.class_names)
     counts = np.maximum(release.arrays["counts"].astype(np.float64), 1.0)[:, None]
 
