@@ -90,12 +90,20 @@ class TrainedGenerator:
         if z_scale != 1:
             z = z * z_scale
         self.module.to(device).eval()
-        out = []
-        for s in range(0, n, batch_size):
-            x = self.module(z[s:s + batch_size].to(device), y[s:s + batch_size].to(device)).float()
-            out.append((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-        return (np.concatenate(out) if out else np.zeros((0, self.arch["image_size"], self.arch["image_size"],
-                                                          self.arch["channels"]), np.uint8)), y.numpy()
+        size, c = self.arch["image_size"], self.arch["channels"]
+        # at most 256 MB of float32 images per batch: a small file may declare large images (1024 x 1024 x 3)
+        batch_size = min(batch_size, max(1, (1 << 26) // (size * size * c)))
+        try:
+            images = np.empty((n, size, size, c), np.uint8)
+            for s in range(0, n, batch_size):
+                x = self.module(z[s:s + batch_size].to(device), y[s:s + batch_size].to(device)).float()
+                images[s:s + batch_size] = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        except (MemoryError, RuntimeError) as e:  # CPU: "can't allocate memory"; CUDA: OutOfMemoryError
+            if isinstance(e, RuntimeError) and "memory" not in str(e):
+                raise
+            raise MepfError(f"{n} images of {size} x {size} x {c} do not fit in this machine's memory "
+                            f"({type(e).__name__}); sample fewer (-n) or with a smaller --batch-size") from None
+        return images, y.numpy()
 
 
 def check_z_scale(z_scale) -> None:

@@ -151,3 +151,34 @@ def test_a_generator_with_a_transform_mepf_never_writes_is_refused(copied, base_
     g["transform"] = [1]
     torch.save(g, copied / "generator.pt")
     one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "transform")
+
+
+def test_a_small_generator_declaring_large_images_samples_in_bounded_batches(copied, tmp_path):
+    """A 56 KB generator.pt declaring 1024 x 1024 x 3 images asked, at the default batch of 500, for one 8 GB
+    tensor (a traceback under a memory limit); batches are now capped at 256 MB of images, and what does not fit
+    is one line."""
+    import resource
+    import subprocess
+    import sys
+
+    from mepf.synthesize.generators import build_generator
+
+    base = torch.load(copied / "generator.pt", weights_only=True)
+    arch = {"name": "resnet", "image_size": 1024, "channels": 3, "num_classes": 1, "z_dim": 100, "width": 2}
+    state = {k: v.detach().clone() for k, v in build_generator(arch).state_dict().items()}
+    torch.save({**base, "arch": arch, "state_dict": state, "class_names": ["all"], "labelled": False,
+                "label_prior": [1.0]}, tmp_path / "big.pt")
+    assert (tmp_path / "big.pt").stat().st_size < 1 << 20
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (10 << 30, 10 << 30))
+
+    def sample(n):
+        return subprocess.run([sys.executable, "-m", "mepf", "sample", tmp_path / "big.pt", "-n", str(n), "--out",
+                               tmp_path / f"s{n}.npz", "--device", "cpu"], capture_output=True, text=True,
+                              timeout=600, preexec_fn=limit)
+
+    r = sample(30)  # 2 batches of 21 (not one of 500 images at 12 MB each as float32)
+    assert r.returncode == 0, r.stderr
+    r = sample(10 ** 4)  # 31 GB of uint8 images: more than the limit
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "do not fit in this machine's memory" in r.stderr
