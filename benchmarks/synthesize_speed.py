@@ -12,7 +12,10 @@
 - with --baseline REV: `mepf synthesize` of commit REV against this build's, on the same release, same
   command, alternating (steps/s from each run's stats.jsonl after its first record);
 - with --compile MODES: auto's step with both networks compiled as `mepf synthesize --compile MODE` does (one
-  trainer per mode), its compile time (the first two steps, less two eager steps) printed apart from its step time.
+  trainer per mode), its compile time (the first two steps, less two eager steps) printed apart from its step time;
+- the roofline: each network case's floating-point work (torch's FlopCounterMode) against this machine's dense
+  matmul rate in fp32 and bf16, measured in the same interleaved repeats, and the rate an fp32 extractor would need
+  for a step with it to reach 0.85 x the bare cost.
 Without RELEASE.h5 it first embeds mnist-5k:train (efficientnet-lite0, eps=10) into a temporary file.
 """
 from __future__ import annotations
@@ -93,6 +96,48 @@ def network_cases(t: Trainer, batch: int, dev) -> dict:
     return cases
 
 
+def matmul_cases(dev) -> dict:
+    """A dense square matmul in fp32 and bf16: the machine's practical multiply-add rate, the roof."""
+    n = 8192 if dev.type == "cuda" else 2048
+    cases = {}
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        a, b = (torch.randn(n, n, device=dev).to(dt) for _ in range(2))
+        cases[f"matmul {name} {n}^3"] = lambda a=a, b=b: torch.mm(a, b)
+    return cases
+
+
+def flops(fn) -> int:
+    """Floating-point operations of one call (a multiply-add is two), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def roofline(rate: dict, work: dict, target: float = 0.85) -> None:
+    """Each network case's achieved rate against this machine's matmul rate of its precision, and the rate an fp32
+    extractor would need for a step with it to reach `target` x the bare cost (from each case's best repeat: noise
+    only adds time)."""
+    roof = {k.split()[1]: work[k] * v for k, v in rate.items() if k.startswith("matmul")}
+    for k, v in rate.items():
+        if k in work and not k.startswith("matmul"):
+            prec = "bf16" if "bf16" in k else "fp32"
+            print(f"  {k:60s} {work[k] / 1e9:7.1f} GFLOP  {work[k] * v / 1e9:7.1f} GFLOP/s = "
+                  f"{work[k] * v / roof[prec]:4.2f} x the {prec} matmul rate")
+    g = min((k for k in rate if k.startswith("generator")), key=lambda k: 1 / rate[k])
+    e = min((k for k in rate if k.startswith("extractor")), key=lambda k: 1 / rate[k])
+    e32 = min((k for k in rate if k.startswith("extractor fp32")), key=lambda k: 1 / rate[k])
+    bare = 1 / rate[g] + 1 / rate[e]
+    budget = bare / target - 1 / rate[g]  # seconds left for the fp32 extractor if the step were nothing else
+    need = work[e32] / budget
+    print(f"roofline (bests): matmul {roof['fp32'] / 1e9:.0f} GFLOP/s fp32, {roof['bf16'] / 1e9:.0f} bf16. For a step "
+          f"with an fp32 extractor to reach {target} x the bare cost ({1000 * bare:.1f} ms), even with nothing but the "
+          f"two networks in it, the fp32 extractor ({work[e32] / 1e9:.1f} GFLOP) must take at most "
+          f"{1000 * budget:.1f} ms: {need / 1e9:.0f} GFLOP/s, {need / roof['fp32']:.2f} x the fp32 matmul rate and "
+          f"{need / (work[e32] * rate[e32]):.2f} x the rate it runs at now ({1000 / rate[e32]:.1f} ms)")
+
+
 def cli_rate(python: list, env: dict, release: str, out: Path, steps: int, batch: int) -> float:
     """steps/s of one `mepf synthesize` run, from its stats.jsonl (the first record, with start-up, left out)."""
     cmd = python + ["synthesize", release, "--out", str(out), "--steps", str(steps), "--log-every", "10",
@@ -157,6 +202,8 @@ def main() -> None:
 
     cases = {f"step {k}": tr.train_step for k, tr in trainers.items()}
     cases.update(network_cases(t, a.batch_size, dev))
+    cases.update(matmul_cases(dev))
+    work = {k: flops(fn) for k, fn in cases.items() if k.split()[0] in ("generator", "extractor", "matmul")}
     for fn in cases.values():  # warm-up
         per_second(fn, 2, sync)
     compile_s = {}
@@ -191,6 +238,7 @@ def main() -> None:
               f"{bare_ms / step_ms:.2f} x bare; fp32 step {1000 / r['step fp32']:.1f} ms; the computation before "
               f"issue 27 (--precision auto then) {1000 / r['step before']:.1f} ms: auto is "
               f"{r['step auto'] / r['step before']:.2f} x faster")
+    roofline(best, work)
     step_ms = 1000 / med["step auto"]
     for mode, first in compile_s.items():
         step = 1000 / med[f"step auto, compiled {mode}"]
