@@ -34,7 +34,7 @@ from scipy.stats import beta
 from tqdm import tqdm
 
 from mepf.artifacts import load
-from mepf.embed import release
+from mepf.embed import release, release_log
 from mepf.embed.run import EmbedOptions, prepare_embed
 
 SIZE = 8  # 8x8 greyscale records; the feature map is the pixels layer alone (D = 64): a trial costs milliseconds
@@ -78,7 +78,8 @@ class Releaser:
     def __call__(self) -> dict:
         o = self.opts
         source, transform, extractor, spec, device = self.parts
-        Path(o.release_log).unlink(missing_ok=True)
+        for path in (o.release_log, release_log.head_path(o.release_log)):  # a fresh log each trial, on purpose
+            Path(path).unlink(missing_ok=True)
         release.embed_to_file(source, transform, extractor, spec, out=o.out, epsilon=o.epsilon, delta=o.delta,
                               relation=o.relation, batch_size=o.batch_size, device=device, overwrite=True,
                               release_log_path=o.release_log, progress=False)
