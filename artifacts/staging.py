@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import secrets
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MepfError
-from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, content_checksum
+from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, content_checksum, fd_sha256
 from .ledger import canonical_json
 
 
@@ -240,47 +239,78 @@ def _sweep_one(p: Path, fd: int, path: Path, recover) -> tuple | None:
 @contextlib.contextmanager
 def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,
                    overwrite: bool = False):
-    """Build the file in memory and yield its SHA-256; on a clean exit from the block write it under a temporary
-    name (fsynced) and rename it into place. No byte of it is on disk before the block ends (embed logs the
-    release there), so a kill before its log entry leaves no release anywhere; an exception leaves nothing."""
+    """Write the file whole (fsynced) into an unnamed file in the output's folder (O_TMPFILE) and yield its
+    SHA-256; on a clean exit from the block give it a temporary name and rename it into place. Until the block
+    ends (embed logs the release there) the file has no name: a kill leaves nothing, while a full disk or a
+    folder that cannot be written fails before the entry. Where the filesystem has no unnamed files (some NFS),
+    the file is written under its temporary name before the block (a kill then leaves it, unlogged, for the next
+    embed's sweep). An exception leaves nothing at `path`."""
     path = check_output_path(path, overwrite)
-    image = release_image(arrays, class_names, feature_spec, data_spec, ledger)
-    yield hashlib.sha256(image).hexdigest()
-    tmp = path.with_name(_temp_name(path))
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only until it is a private release
+    tmp, copy = path.with_name(_temp_name(path)), None
+    try:
+        fd, named = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, 0o600), False
+    except (OSError, AttributeError):  # no O_TMPFILE here
+        fd, named = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True  # owner-only until it is released
     try:
         try:  # held until it is renamed, so a later run's sweep leaves it alone; blocking, as a sweep may
             fcntl.flock(fd, fcntl.LOCK_EX)  # hold it for a moment before it has data
         except OSError:
             pass  # a filesystem without locks: no sweep can lock it either
-        view = memoryview(image)  # written through this descriptor: never another file renamed over the name
-        while view:
-            view = view[os.write(fd, view):]
+        _write_release(fd, arrays, class_names, feature_spec, data_spec, ledger)
         os.fsync(fd)
+        yield fd_sha256(fd)
         if ledger.get("private") is True:  # a noisy release is for sharing: the umask's mode; a baseline stays 0600
             umask = os.umask(0o077)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
+        if not named:
+            copy = _name(fd, tmp)
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.close(fd)
+        if copy is not None:
+            os.close(copy)
 
 
-def release_image(arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict) -> bytes:
-    """The release file's bytes, built in memory (h5py on a BytesIO, as it would write a file object)."""
-    import io
+def _name(fd: int, tmp: Path) -> int | None:
+    """Give the unnamed file `fd` the name `tmp` (linkat through /proc); where the kernel or filesystem refuses
+    (EXDEV on overlay filesystems, no /proc), copy it there, locked as `fd` is: the copy's descriptor, to close
+    after the rename."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
+        return None
+    except OSError:
+        pass
+    out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(out, fcntl.LOCK_EX)
+        os.fchmod(out, stat.S_IMODE(os.fstat(fd).st_mode))
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view):]
+            offset += len(chunk)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        raise
+    return out
 
+
+def _write_release(fd: int, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict) -> None:
+    """The release file's contents, written through `fd` (never a name another file could be renamed over)."""
     import h5py
 
     texts = {"feature_spec": canonical_json(feature_spec), "data_spec": canonical_json(data_spec),
              "ledger": canonical_json(ledger)}
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     checksum = content_checksum(arrays, class_names, texts["feature_spec"], texts["data_spec"], texts["ledger"])
-    buf = io.BytesIO()
-    with h5py.File(buf, "w") as f:
+    with os.fdopen(os.dup(fd), "r+b") as fo, h5py.File(fo, "w") as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["description"] = "DP-MEPF release: noisy feature sums and class counts; see docs/artifact-format.md"
@@ -293,7 +323,6 @@ def release_image(arrays: dict, class_names, feature_spec: dict, data_spec: dict
                          dtype=h5py.string_dtype("utf-8"))
         for name, text in texts.items():
             f.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
-    return buf.getvalue()
 
 
 def write_release(path, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict,

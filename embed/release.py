@@ -373,9 +373,10 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         warnings = check_repeat(found, log_path, allow_repeat)
         notes = []
         if created:
-            notes.append(f"started the release log {log_path} and its secret key {release_log.key_path(log_path)}; "
-                         "back up both, together: without the key later embeds refuse to use the log, and the log "
-                         "is how a repeat release of the same data is refused")
+            notes.append(f"started the release log {log_path}, its secret key {release_log.key_path(log_path)} and "
+                         f"its head {release_log.head_path(log_path).name}; back up all three, together: without the "
+                         "key later embeds refuse to use the log, and the log is how a repeat release of the same "
+                         "data is refused")
         if source.classes is not None and len(source.classes) == 1:
             notes.append(f"the data declares one class ({printable(source.classes[0], 40)}): the release is labelled "
                          "with that one class; for unlabelled data put the images directly in the folder")

@@ -83,9 +83,11 @@ def _head_mac(key: bytes, releases: list) -> str:
     return hmac.new(key, _HEAD_DOMAIN + json.dumps(sorted(releases)).encode(), hashlib.sha256).hexdigest()
 
 
-def lost_releases(log_path, entries: list, key: bytes | None) -> list | None:
+def lost_releases(log_path, entries: list | None, key: bytes | None) -> list | None:
     """The releases (output SHA-256s) that the head recorded and the log no longer holds; None where the log has
-    no head (logs from before heads) or no key to check it with. MepfError for a head that is not this log's."""
+    no head (logs from before heads) or no key to check it with. MepfError for a head that is not this log's.
+    `entries` None: the log is read after the head (which is written after its entries, so a release logged
+    meanwhile is never taken for a lost one); pass them only as read under the log's lock."""
     path = head_path(log_path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -108,7 +110,7 @@ def lost_releases(log_path, entries: list, key: bytes | None) -> list | None:
     if not hmac.compare_digest(str(head.get("mac")), _head_mac(key, releases)):
         raise MepfError(f"release log head {path} does not belong to this log's key (damaged, or from another "
                         "log); restore the log, its key and its head together from a backup")
-    held = {e.get("output_sha256") for e in entries}
+    held = {e.get("output_sha256") for e in (read_log(log_path) if entries is None else entries)}
     return [r for r in releases if r not in held]
 
 
@@ -123,10 +125,10 @@ def check_not_lost(log_path, entries: list, key: bytes | None) -> None:
                         "--release-log NEW (budgets in the old log then no longer compose with new releases)")
 
 
-def lost_note(log_path, entries: list, key: bytes | None) -> str | None:
+def lost_note(log_path, key: bytes | None) -> str | None:
     """For readers of the log (releases, audit): a note where its head shows releases it no longer holds."""
     try:
-        lost = lost_releases(log_path, entries, key)
+        lost = lost_releases(log_path, None, key)
     except MepfError as e:
         return str(e)
     return (f"the log no longer holds {len(lost)} release(s) that its head {head_path(log_path)} records, and "
@@ -211,7 +213,6 @@ def prepare(log_path, entries: list) -> tuple:
         raise MepfError(f"{problem}, so earlier releases cannot be matched; restore the key from a backup, or start "
                         "a new log with --release-log NEW (budgets in the old log then no longer compose with new "
                         "releases)")
-    check_not_lost(path, entries, key)
     narrowed = _exposed(path)  # e.g. restored from a backup with the umask's mode
     for p in narrowed:
         try:
@@ -234,6 +235,7 @@ def prepare(log_path, entries: list) -> tuple:
                         "--release-log") from None
     created = False
     with locked(path):  # tried before the pass; two first runs on one log: the second takes the first's key
+        check_not_lost(path, None, key)  # under the lock: another embed's entry and head are both in, or neither
         key = read_key(path) if key is None else key
         if key is None:
             key, created = secrets.token_bytes(32), True

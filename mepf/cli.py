@@ -264,7 +264,7 @@ def audit(file, as_json, release_log):
             found[0] = {**found[0], "mu": rep.summary.get("mu") if rep.summary.get("private", True) else None,
                         "relation": rep.summary.get("relation")}
         out["composed"] = composed_total(found, rep.summary.get("delta", mine.get("delta")))
-        note = "; ".join(n for n in (mixed_note(entries, key), lost_note(release_log, entries, key)) if n)
+        note = "; ".join(n for n in (mixed_note(entries, key), lost_note(release_log, key)) if n)
         if note:
             out["composed"]["note"] = note
     if as_json:
@@ -332,7 +332,7 @@ def releases(release_log, as_json):
         row["composed_epsilon"] = composed["epsilon"] if composed else None
         row["composed_releases"] = composed["releases"] if composed else None
         rows.append(row)
-    note = "; ".join(n for n in (mixed_note(entries, key), lost_note(log, entries, key)) if n) or None
+    note = "; ".join(n for n in (mixed_note(entries, key), lost_note(log, key)) if n) or None
     if as_json:
         click.echo(json.dumps({"log": str(log), "key": str(key_path(log)) if key else None, "releases": rows,
                                "note": note}, indent=2, sort_keys=True))

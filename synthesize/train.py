@@ -473,8 +473,10 @@ def _is_sha256(v) -> bool:
 
 
 def optimiser_problem(trainer: Trainer, state: dict) -> str | None:
-    """Where a snapshot's optimiser settings (not its state tensors) are not of the kind this run's optimisers
-    have: flags must be equal, numbers finite and not negative; None where they are."""
+    """Where a snapshot's optimiser and moving averages do not fit this run: settings of another kind (flags
+    equal, numbers finite and not negative; keys another torch version lacks or adds are left to torch, which
+    fills in defaults), state tensors not of their parameter's shape or not finite, second moments below 0,
+    moving averages of another shape. None where they fit."""
     def same_kind(mine, theirs) -> bool:
         if mine is None or isinstance(mine, (bool, str)):
             return type(theirs) is type(mine) and theirs == mine
@@ -484,17 +486,38 @@ def optimiser_problem(trainer: Trainer, state: dict) -> str | None:
             return isinstance(theirs, (tuple, list)) and len(theirs) == len(mine) and all(map(same_kind, mine, theirs))
         return False
 
+    def plain(v) -> bool:  # a setting this torch does not have: harmless only as a flag or a number
+        return v is None or type(v) is bool or (type(v) in (int, float) and math.isfinite(v))
+
     for name in ("opt_g", "opt_m"):
-        ours = getattr(trainer, name).state_dict()["param_groups"]
-        theirs = state.get(name, {}).get("param_groups") if isinstance(state.get(name), dict) else None
-        if not isinstance(theirs, list) or len(theirs) != len(ours):
+        opt = getattr(trainer, name)
+        ours = opt.state_dict()["param_groups"]
+        saved = state.get(name)
+        theirs = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(theirs, list) or len(theirs) != len(ours) or not isinstance(saved.get("state"), dict):
             return name
         for a, b in zip(ours, theirs):
-            if not isinstance(b, dict) or set(b) != set(a):
+            if not isinstance(b, dict) or b.get("params") != a["params"]:
                 return name
-            bad = [k for k in a if k != "params" and not same_kind(a[k], b[k])]
+            bad = [k for k in a if k in b and k != "params" and not same_kind(a[k], b[k])]
+            bad += [k for k in b if k not in a and not plain(b[k])]
             if bad:
-                return f"{name} {', '.join(sorted(bad))}"
+                return f"{name} {', '.join(sorted(map(str, bad)))}"
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for i, entry in saved["state"].items():
+            if type(i) is not int or not 0 <= i < len(params) or not isinstance(entry, dict):
+                return f"{name} state"
+            for k, t in entry.items():
+                shape = () if k == "step" else params[i].shape
+                if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == shape
+                        and bool(torch.isfinite(t).all()) and (k not in ("step", "exp_avg_sq", "max_exp_avg_sq")
+                                                               or bool((t >= 0).all()))):
+                    return f"{name} state {k}"
+    mavg = state.get("mavg")
+    if not (isinstance(mavg, dict) and set(mavg) == set(trainer.mavg) and all(
+            isinstance(t, torch.Tensor) and t.shape == trainer.mavg[m].shape and bool(torch.isfinite(t).all())
+            for m, t in mavg.items())):
+        return "mavg"
     return None
 
 
@@ -550,8 +573,8 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
                                 "the one before")
             problem = optimiser_problem(trainer, state)
             if problem:
-                raise MepfError(f"snapshot {snap} holds optimiser settings this run does not make ({problem}); move "
-                                "it away to resume from the one before")
+                raise MepfError(f"snapshot {snap} holds optimiser settings or state this run does not make "
+                                f"({problem}); move it away to resume from the one before")
             try:
                 trainer.load_state(state)
             except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as e:

@@ -571,8 +571,10 @@ def test_a_baseline_and_every_temporary_release_file_are_owner_only(tmp_path, mo
     seen = []
     real_fsync = os.fsync
 
-    def spy(fd):  # the temporary's fsync, once written in full, before its mode is chosen and it is renamed
-        seen.extend(stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob(".*.h5.tmp-*"))
+    def spy(fd):  # the release's fsync, once written in full (unnamed yet), before its mode is chosen
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:
+            seen.append(stat.S_IMODE(st.st_mode))
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)

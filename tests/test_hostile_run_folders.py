@@ -101,6 +101,39 @@ def test_a_snapshots_optimiser_settings_must_be_this_runs_kind(copied, group, ke
     one_line_refusal(resume(copied), "snapshot-0000002.pt", "optimiser settings", group)
 
 
+@pytest.mark.parametrize("change", ["exp_avg shape", "exp_avg_sq negative", "exp_avg nan", "mavg shape"])
+def test_a_snapshots_optimiser_state_and_moving_averages_must_fit(copied, change):
+    """An exp_avg of another shape stopped the first step with a traceback; a negative exp_avg_sq resumed and
+    wrote a generator of NaN weights; a moving average of another shape was broadcast silently (review 10)."""
+    snap = copied / "snapshot-0000002.pt"
+    state = torch.load(snap, weights_only=True)
+    entry = state["opt_g"]["state"][0]
+    if change == "exp_avg shape":
+        entry["exp_avg"] = entry["exp_avg"].flatten()[:3].clone()
+    elif change == "exp_avg_sq negative":
+        entry["exp_avg_sq"] = -entry["exp_avg_sq"] - 1
+    elif change == "exp_avg nan":
+        entry["exp_avg"] = entry["exp_avg"] * float("nan")
+    else:
+        m = next(iter(state["mavg"]))
+        state["mavg"][m] = state["mavg"][m][:1].clone()
+    torch.save(state, snap)
+    one_line_refusal(resume(copied), "snapshot-0000002.pt", "optimiser settings or state")
+
+
+def test_a_snapshot_from_another_torch_version_resumes(copied):
+    """Adam's settings gain keys across torch versions (decoupled_weight_decay); a snapshot without one, or with
+    a flag this torch lacks, is torch's to fill in, not a damaged snapshot (review 10)."""
+    snap = copied / "snapshot-0000002.pt"
+    state = torch.load(snap, weights_only=True)
+    for group in state["opt_g"]["param_groups"]:
+        group.pop("decoupled_weight_decay", None)
+        group["a_flag_of_a_later_torch"] = False
+    torch.save(state, snap)
+    r = resume(copied)
+    assert r.exit_code == 0, r.output + r.stderr
+
+
 def test_an_untouched_copy_resumes(copied):
     r = resume(copied)
     assert r.exit_code == 0, r.output + r.stderr

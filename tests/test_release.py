@@ -379,6 +379,23 @@ def test_no_byte_of_the_release_is_on_disk_before_its_log_entry(tmp_path, labell
     assert file_sha256(out / "a.h5") == res.sha256 == release_log.read_log(out / "log.jsonl")[0]["output_sha256"]
 
 
+def test_a_release_that_cannot_be_written_fails_before_its_entry(tmp_path, labelled_npz, eff28, monkeypatch):
+    """A full disk or a folder that cannot be written must fail before the entry: after it, the budget would be
+    counted for a release that never existed and the next run would be a repeat (review 10)."""
+    import errno
+
+    from mepf.artifacts import staging
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging, "_write_release", full)
+    with pytest.raises(MepfError, match=r"could not be written to .*\(OSError\); free space") as e:
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    assert "log entry stands" not in str(e.value) and release_log.read_log(tmp_path / "log.jsonl") == []
+    assert not (tmp_path / "a.h5").exists() and not list(tmp_path.glob(".a.h5.tmp*"))
+
+
 def test_an_interrupt_after_the_entry_says_what_was_released(tmp_path, labelled_npz, eff28, monkeypatch):
     """Ctrl-C or SIGTERM once the entry stands: before the rename nothing is released but the spend counts (a
     new run is a repeat); just after it, the release is complete, and the message must not invite a second draw."""
@@ -804,6 +821,28 @@ def test_a_log_lost_moved_or_rolled_back_is_refused_not_started_over(tmp_path, l
     log.write_text(log.read_text() + "{not json\n")
     with pytest.raises(MepfError, match="line 2 is corrupt; repair that line.*do not move the log away"):
         run(src(), eff28, tmp_path / "c.h5", log, allow_repeat=True)
+
+
+def test_another_embed_finishing_during_the_pass_is_not_a_lost_log(tmp_path, labelled_npz, eff28, monkeypatch):
+    """The head was checked against the entries read before the run took the lock: an embed on the same log that
+    finished in between (minutes under torchrun, while the plan reads every file) looked like a lost log."""
+    from mepf.embed import release as release_mod
+
+    log = tmp_path / "log.jsonl"
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
+    np.savez(tmp_path / "other.npz", images=np.full((5, 28, 28, 1), 9, np.uint8), labels=np.arange(5) % 3)
+    real = release_mod.plan_of
+    done = []
+
+    def plan_then_another_embed(*a, **kw):  # after this run read the log, before it takes the lock
+        if not done:
+            done.append(1)
+            run(ArraySource(tmp_path / "other.npz", ["a", "b", "c"]), eff28, tmp_path / "b.h5", log)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(release_mod, "plan_of", plan_then_another_embed)
+    run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "c.h5", log, allow_repeat=True)
+    assert len(release_log.read_log(log)) == 3 and done
 
 
 def stat_mode(path) -> int:
