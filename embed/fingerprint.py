@@ -138,38 +138,56 @@ class TagFilter:
         bits = 1 << 13
         while bits < FILTER_BITS_PER_RECORD * expected and bits < FILTER_MAX_BITS:
             bits <<= 1
-        self.bits = np.zeros(bits // 8, np.uint8)
+        self.bits, self._fill = np.zeros(bits // 8, np.uint8), None
 
     def _positions(self, h: int) -> list:
         m = len(self.bits) * 8
         a, b = h & ((1 << 64) - 1), (h >> 64) | 1
         return [(a + i * b) % m for i in range(self.K)]
 
-    def add(self, h: int) -> None:
-        for p in self._positions(h):
-            self.bits[p >> 3] |= np.uint8(1 << (p & 7))
+    def add(self, hashes: list) -> None:
+        """Add tags (their first 128 bits as ints), the positions of a whole batch at once."""
+        if not hashes:
+            return
+        lo = np.array([h & ((1 << 64) - 1) for h in hashes], np.uint64)
+        hi = np.array([(h >> 64) | 1 for h in hashes], np.uint64)
+        # (lo + i hi) mod 2^64, then mod m: m divides 2^64, so the same positions as _positions
+        pos = lo[:, None] + np.arange(self.K, dtype=np.uint64)[None, :] * hi[:, None]
+        pos &= np.uint64(len(self.bits) * 8 - 1)
+        np.bitwise_or.at(self.bits, (pos >> np.uint64(3)).astype(np.intp), (1 << (pos & np.uint64(7))).astype(np.uint8))
+        self._fill = None
 
     def __contains__(self, h: int) -> bool:
         return all(self.bits[p >> 3] >> (p & 7) & 1 for p in self._positions(h))
 
     def merge(self, other: TagFilter) -> None:
         np.bitwise_or(self.bits, other.bits, out=self.bits)
+        self._fill = None
 
     def false_rate(self) -> float:
-        """The chance that a tag not added is found, from the share of bits set."""
-        return float(np.unpackbits(self.bits).mean()) ** self.K
+        """The chance that a tag not added is found, from the share of bits set (counted once)."""
+        if getattr(self, "_fill", None) is None:
+            self._fill = int(np.bitwise_count(self.bits).sum()) / (len(self.bits) * 8)
+        return self._fill ** self.K
 
-    def found(self, hashes) -> tuple:
-        """(how many of `hashes` are found, how many of those a filter of this fill finds by chance at most,
-        at odds below about 1e-6 per test)."""
+    def share_within(self, hashes) -> float:
+        """The share of `hashes` (an earlier entry's sampled tags) that were added here, corrected for the hits a
+        filter of this fill gives by chance; 0 where the found ones are within chance (odds about 1e-6) or the
+        filter is too full to tell (false rate above MAX_FALSE_RATE)."""
         hashes = list(hashes)
-        expected = self.false_rate() * len(hashes)
-        return sum(h in self for h in hashes), expected + 5 * expected ** 0.5 + 2
+        p = self.false_rate()
+        if not hashes or p > MAX_FALSE_RATE:
+            return 0.0
+        found, expected = sum(h in self for h in hashes), p * len(hashes)
+        if found <= expected + 5 * expected ** 0.5 + 2:
+            return 0.0
+        return (found - expected) / ((1 - p) * len(hashes))
 
 
-#: the tag filter's size: bits per record the run expects (a power of two at least this), and its ceiling
-#: (128 MB: past 33 M records its false hits grow, which `found` allows for)
-FILTER_BITS_PER_RECORD, FILTER_MAX_BITS = 32, 1 << 30
+#: the tag filter's size: bits per record the run expects (a power of two at least this), and its ceiling (16 MB,
+#: exchanged between torchrun ranks: past 4 M records its false hits grow, which `found` allows for, and past about
+#: 13 M, where they pass MAX_FALSE_RATE, it is not used)
+FILTER_BITS_PER_RECORD, FILTER_MAX_BITS, MAX_FALSE_RATE = 32, 1 << 27, 0.01
 
 
 def tag(key: bytes, digest: bytes) -> bytes:
@@ -261,6 +279,7 @@ class Fingerprint:
 
     def add(self, pixel_hashes, labels) -> None:
         """Add records given by their record_hash and their label index (-1 when unlabelled)."""
+        tags = []
         for pixels, label in zip(pixel_hashes, labels):
             h = hashlib.sha256(pixels + int(label).to_bytes(8, "little", signed=True)).digest()
             self._sum = (self._sum + int.from_bytes(h, "big")) % _MOD
@@ -269,12 +288,13 @@ class Fingerprint:
             if self.tag_sketch is not None:
                 t = tag(self.tag_key, pixels)
                 self.tag_sketch.add(t)
-                if self.tag_filter is not None:
-                    self.tag_filter.add(int.from_bytes(t[:16], "big"))
+                tags.append(int.from_bytes(t[:16], "big"))
             if self.legacy_sketch is not None:
                 self.legacy_sketch.add(tag(self.legacy_key, pixels))
             if self._kept is not None:
                 self._kept.append((pixels, int(label)))
+        if self.tag_filter is not None:
+            self.tag_filter.add(tags)
 
     def with_key(self, key: bytes) -> Fingerprint:
         """The same records fingerprinted under the log's `key` (needs keep_hashes=True: an in-memory set)."""

@@ -369,9 +369,8 @@ def _related(entries: list, digests: set, sketches: list, key: bytes | None, lin
         best = max((s.overlap(theirs) for s in sketches), key=lambda o: o[0],
                    default=(0, 0.0, 0.0)) if theirs is not None else (0, 0.0, 0.0)
         within = 0.0  # the share of their sampled records found among all of this run's (its tag filter)
-        if tag_filter is not None and theirs is not None and theirs.kind == "k3" and theirs.hashes:
-            found, chance = tag_filter.found(theirs.hashes)
-            within = found / len(theirs.hashes) if found > chance else 0.0
+        if tag_filter is not None and theirs is not None and theirs.kind == "k3":
+            within = tag_filter.share_within(theirs.hashes)
         if max(best[1], best[2], within) >= REPEAT_SHARE:
             out["most"].append(e)
         elif best[0] or within:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 GENERATOR_NAMES = ("conv", "conv-cbn", "resnet")  # generators.GENERATORS implements each
@@ -49,15 +50,26 @@ INT_RANGES = {"width": (0, 4096), "batch_size": (1, 100_000), "steps": (1, None)
               "grid_every": (0, None), "snapshot_every": (0, None), "log_every": (1, None)}
 
 
+def plain_numbers(opts: TrainOptions) -> None:
+    """numpy numbers given in Python (a sweep's np.float64 lr) as Python's, in place: options.json must hold
+    JSON numbers."""
+    for k in TrainOptions.__dataclass_fields__:
+        v = getattr(opts, k)
+        if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+            setattr(opts, k, int(v))
+        elif isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+            setattr(opts, k, float(v))
+
+
 def options_problem(opts: TrainOptions) -> str | None:
     """Which option is not of its type or range (a run folder's options.json can come from someone else; the CLI
     checks what it is given), as 'NAME VALUE (what it must be)'; None where every one is."""
-    def number(v) -> bool:
-        return type(v) in (int, float) and math.isfinite(v)
+    def number(v) -> bool:  # numpy's numbers too (TrainOptions built in Python); never a bool
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
     for k, (lo, hi) in INT_RANGES.items():
         v = getattr(opts, k)
-        if type(v) is not int or v < lo or (hi is not None and v > hi):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
             return f"{k} {v!r} (an integer from {lo}{f' to {hi}' if hi is not None else ''})"
     for k in ("lr", "lr_mavg"):
         if not (number(getattr(opts, k)) and getattr(opts, k) > 0):

@@ -42,6 +42,7 @@ from .options import (
     PRECISIONS,
     TrainOptions,
     options_problem,
+    plain_numbers,
 )
 from .precision import Precision, legacy, resolve
 
@@ -49,6 +50,7 @@ from .precision import Precision, legacy, resolve
 def prepare(opts: TrainOptions, device=None):
     """Everything that can fail on bad input, before any file is written. `device`: one already chosen
     (under torchrun, this rank's GPU); else resolved from opts.device."""
+    plain_numbers(opts)
     problem = options_problem(opts)
     if problem:
         raise MepfError(f"option {problem}")

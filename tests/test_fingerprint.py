@@ -262,3 +262,26 @@ def test_shard_tag_filters_merge_to_the_single_pass_filter_and_travel_as_bytes()
     for bad in (raw[:-1], raw + b"\0" * 8):  # a filter of no power-of-two size
         with pytest.raises(ValueError):
             Fingerprint.from_bytes(bad)
+
+
+def test_a_full_tag_filter_corrects_for_chance_hits_and_stops_when_it_cannot_tell():
+    """Near its size cap the filter finds tags by chance: 40% truly shared read as 52-75% ("most", refused) on
+    simulated 2-3e8-record runs (review 10). The share is now corrected for the fill's chance hits, and a filter
+    whose false rate passes MAX_FALSE_RATE is not used."""
+    import secrets
+
+    from mepf.embed.fingerprint import MAX_FALSE_RATE, TagFilter
+
+    f = TagFilter(1 << 10)  # 32 Kbit
+    shared = [secrets.randbits(128) for _ in range(400)]
+    f.add(shared)
+    earlier = shared + [secrets.randbits(128) for _ in range(600)]  # 40% of the earlier sample is here
+    fills = []
+    for more in (0, 2000, 4000):
+        f.add([secrets.randbits(128) for _ in range(more)])
+        fills.append(f.false_rate())
+        if f.false_rate() <= MAX_FALSE_RATE:
+            assert abs(f.share_within(earlier) - 0.4) < 0.06, (f.false_rate(), f.share_within(earlier))
+        else:
+            assert f.share_within(earlier) == 0.0
+    assert fills[0] < 1e-6 < fills[1] <= MAX_FALSE_RATE < fills[2]

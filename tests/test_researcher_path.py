@@ -284,7 +284,8 @@ def test_the_first_release_says_where_the_log_and_key_are_and_releases_lists_the
                                          "--quiet", *TINY])
     ok(r)
     log = home / "mepf" / "releases.jsonl"
-    assert f"started the release log {log} and its secret key {log}.key; back up both" in r.stderr
+    assert (f"started the release log {log}, its secret key {log}.key and its head {log.name}.head; back up all three"
+            in r.stderr)
     assert (tmp_path / "a" / "r.h5").is_file()  # --out's folder was created
     entry = json.loads(log.read_text())
     assert entry["data"] == str(tmp_path / "d.npz")

@@ -584,3 +584,18 @@ def test_a_batch_with_every_class_trains_as_the_selected_rows_did(release_file, 
         assert p.tolist() == [c in (0, 2, 5, 7) for c in range(target.num_classes)]
         expect = sum(float(((target.means[m][c] - mu[c]) ** 2).sum()) for c in (0, 2, 5, 7)) / 4
         assert float(dist[m]) == pytest.approx(expect, rel=1e-5)
+
+
+def test_options_given_in_python_may_be_numpy_numbers(release_file, tmp_path):
+    """TrainOptions built in Python from numpy values (a sweep's np.float64 lr) are numbers; a bool or a string
+    is not (options_problem: review 10)."""
+    from mepf.synthesize.options import options_problem
+
+    good = TrainOptions(release=str(release_file), out=str(tmp_path / "r"), lr=np.float64(3e-4), ema=np.float32(0.5),
+                        steps=np.int64(2), **FAST)
+    assert options_problem(good) is None
+    start(good, progress=False)  # options.json written: plain JSON numbers
+    saved = json.loads((tmp_path / "r" / "options.json").read_text())
+    assert (saved["lr"], saved["ema"], saved["steps"]) == (3e-4, 0.5, 2)
+    for bad in ({"lr": True}, {"steps": 2.0}, {"steps": True}, {"lr": "1e-3"}, {"lr": float("nan")}):
+        assert options_problem(TrainOptions(release="r", out="o", **{**FAST, **bad})) is not None, bad
