@@ -185,7 +185,7 @@ class TagFilter:
 
 
 #: the tag filter's size: bits per record the run expects (a power of two at least this), and its ceiling (16 MB,
-#: exchanged between torchrun ranks: past 4 M records its false hits grow, which `found` allows for, and past about
+#: exchanged between torchrun ranks: past 4 M records its false hits grow, which `share_within` corrects for; past about
 #: 13 M, where they pass MAX_FALSE_RATE, it is not used)
 FILTER_BITS_PER_RECORD, FILTER_MAX_BITS, MAX_FALSE_RATE = 32, 1 << 27, 0.01
 

@@ -27,6 +27,7 @@ from mepf.artifacts.staging import check_output_path, staged_release, sweep_stal
 from mepf.core import distributed
 from mepf.core.features import QUANT_BITS, dequantise, grid_rows
 from mepf.core.memory import keep_freed_memory
+from mepf.core.signals import deferred_interrupts
 from mepf.progress import progress as progress_bar
 
 from . import release_log
@@ -56,6 +57,11 @@ class Sums:
     def sums(self) -> dict:
         """name -> float64 (K, D): the exact sums in feature units."""
         return {n: dequantise(q, self.cs[n]).numpy() for n, q in self.qsums.items()}
+
+
+#: an interrupt while the release was written, before its entry; and a second one, taken at once
+NOT_RELEASED = "interrupted before the release was logged: nothing was released; run the same command again"
+AGAIN = "interrupted again: stopped at once, before the release was logged: nothing was released"
 
 
 def _holds(path, sha: str | None) -> bool:
@@ -341,7 +347,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         check_output_path(out, overwrite)
         for p in (log_path, release_log.key_path(log_path), release_log.head_path(log_path)):
             if os.path.abspath(out) == os.path.abspath(p) or (out.exists() and p.exists() and os.path.samefile(out, p)):
-                raise MepfError(f"--out {out} is the release log or its key; choose another --out")
+                raise MepfError(f"--out {out} is the release log, its key or its head; choose another --out")
         return entries
 
     entries = distributed.on_main(before)
@@ -391,42 +397,51 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                      "transform": transform.spec(), "moments": moments}
         class_names = list(source.classes) if source.classes else ["all"]
         repeats = found["same"] + found["most"] + found["some"]
-        # the entry is appended before any byte of the file is on disk (staged_release builds it in memory): an
-        # error, Ctrl-C or kill at any point leaves no release without its entry (at worst an entry without its
-        # release, which overstates the spend)
+        # the entry is appended while the file, written whole, has no name yet (staged_release): an error, Ctrl-C
+        # or kill at any point leaves no release without its entry (at worst an entry without its release, which
+        # overstates the spend), and a full disk fails before the entry
         logged, sha = False, None
-        try:
-            with staged_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
-                                overwrite=overwrite) as sha:
-                try:
-                    release_log.append(log_path, release_log.new_entry(
-                        sums.fingerprint, key, composes_with=[e.get("output_sha256") for e in repeats],
-                        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description, data=data_given,
-                        output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
-                        delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)), lock=lock)
-                except OSError as e:  # checked writable before the pass
-                    raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing was "
-                                    "released; free space or fix the log's permissions and run again") from None
-                logged = True
-                try:
-                    release_log.record_head(log_path, key)
-                except OSError as e:  # the release stands; its head lags one entry, which no check mistakes
-                    warnings.append(f"release log head {release_log.head_path(log_path)} could not be updated "
-                                    f"({type(e).__name__}): a later loss of the log may go unnoticed; free space")
-        except KeyboardInterrupt:
-            if not logged:
-                raise
-            if _holds(out, sha):
-                raise Interrupted(f"interrupted, but the release was written to {out} and logged: it is complete; "
-                                  "do not run again") from None
-            raise Interrupted(f"interrupted after the release was logged, before it was written to {out}: nothing "
-                              "was released, but its log entry stands, so the budget counts as spent and a new run "
-                              "is a repeat (--allow-repeat)") from None
-        except (OSError, RuntimeError) as e:  # h5py reports a full disk as RuntimeError
-            spent = ("; its log entry stands, so the budget counts as spent and a new run is a repeat "
-                     "(--allow-repeat)") if logged else ""
-            raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
-                            "or fix the folder's permissions") from None
+        # Ctrl-C or SIGTERM (Slurm's preemption) held from here: once the entry stands, the rename is finished
+        # rather than a paid-for release dropped; one that came before the entry releases nothing
+        with deferred_interrupts(again=AGAIN) as hits:
+            try:
+                with staged_release(out, {n: noisy[n] for n in names}, class_names, feature_spec, data_spec, ledger,
+                                    overwrite=overwrite) as sha:
+                    if hits:
+                        raise Interrupted(NOT_RELEASED, hits[0])
+                    try:
+                        release_log.append(log_path, release_log.new_entry(
+                            sums.fingerprint, key, composes_with=[e.get("output_sha256") for e in repeats],
+                            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description, data=data_given,
+                            output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
+                            delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)), lock=lock)
+                    except OSError as e:  # checked writable before the pass
+                        raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing "
+                                        "was released; free space or fix the log's permissions and run again") from None
+                    logged = True
+                    try:
+                        release_log.record_head(log_path, key)
+                    except OSError as e:  # the release stands; its head lags one entry, which no check mistakes
+                        warnings.append(f"release log head {release_log.head_path(log_path)} could not be updated "
+                                        f"({type(e).__name__}): a later loss of the log may go unnoticed; free space")
+            except KeyboardInterrupt as e:
+                if not logged:
+                    raise
+                signum = getattr(e, "signum", None)
+                if _holds(out, sha):
+                    raise Interrupted(f"interrupted, but the release was written to {out} and logged: it is complete; "
+                                      "do not run again", signum) from None
+                raise Interrupted(f"interrupted after the release was logged, before it was put in place at {out}: "
+                                  "nothing was released, but its log entry stands, so the budget counts as spent and a "
+                                  "new run is a repeat (--allow-repeat)", signum) from None
+            except (OSError, RuntimeError) as e:  # h5py reports a full disk as RuntimeError
+                spent = ("; its log entry stands, so the budget counts as spent and a new run is a repeat "
+                         "(--allow-repeat)") if logged else ""
+                raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
+                                "or fix the folder's permissions") from None
+        if hits:
+            raise Interrupted(f"interrupted, but the release was written to {out} and logged: it is complete; do not "
+                              "run again", hits[0])
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings,
                            notes=notes)
 

@@ -8,8 +8,6 @@ import dataclasses
 import json
 import math
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +22,7 @@ from mepf.core import distributed
 from mepf.core.device import resolve_device
 from mepf.core.features import feature_map_from_spec, fold_batch_norm, fold_same_padding
 from mepf.core.memory import keep_freed_memory
+from mepf.core.signals import deferred_interrupts
 from mepf.progress import progress as progress_bar
 
 from . import run_folder
@@ -98,29 +97,9 @@ def _atomic_torch_save(obj, path: Path):
         torch.save(obj, tmp)
 
 
-@contextlib.contextmanager
-def deferred_interrupts(enabled: bool = True):
-    """Within the block, Ctrl-C and SIGTERM (Slurm's preemption signal) are noted in the yielded list and taken
-    by the caller at a clean point; a second one interrupts at once. Off under torchrun (ranks must stop at
-    the same step) and outside the main thread."""
-    hits = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield hits
-        return
-
-    def note(signum, frame):
-        hits.append(signum)
-        if len(hits) > 1:
-            raise Interrupted("interrupted again: stopped at once, without a snapshot of this step; continue from "
-                              "the last one with mepf synthesize --resume", signum)
-
-    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield hits
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
+#: what a second Ctrl-C during a step says
+AGAIN = ("interrupted again: stopped at once, without a snapshot of this step; continue from the last one with mepf "
+         "synthesize --resume")
 
 #: the steps that compile with --compile (reduce-overhead records its CUDA graphs on the second)
 COMPILE_STEPS = 2
@@ -374,8 +353,9 @@ class Trainer:
         # time (`compiled`) beyond as many steps at the rate that follows is the next record's compile_s
         compiling = COMPILE_STEPS if o.compile != "none" else 0
         t_start, compiled = t_last, None
-        with progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
-                          disable=not (progress and main)) as bar, deferred_interrupts(not self.ranks.active) as hits:
+        with (progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
+                           disable=not (progress and main)) as bar,
+              deferred_interrupts(not self.ranks.active, AGAIN) as hits):
             while self.step < o.steps:
                 if hits:
                     self.stop(hits[0], log)

@@ -407,7 +407,7 @@ def test_an_interrupt_after_the_entry_says_what_was_released(tmp_path, labelled_
     with pytest.raises(KeyboardInterrupt) as e:  # a plain one would say nothing was released
         run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
     assert isinstance(e.value, Interrupted)
-    assert re.search("logged, before it was written to .*counts as spent.*--allow-repeat", str(e.value))
+    assert re.search("logged, before it was put in place at .*counts as spent.*--allow-repeat", str(e.value))
     assert not out.exists() and not list(tmp_path.glob(".a.h5.tmp*")) and len(release_log.read_log(log)) == 1
     monkeypatch.undo()
     real = staging.fsync_folder
@@ -418,6 +418,41 @@ def test_an_interrupt_after_the_entry_says_what_was_released(tmp_path, labelled_
     assert isinstance(e.value, Interrupted)
     assert f"the release was written to {out} and logged: it is complete" in str(e.value)
     assert file_sha256(out) == release_log.read_log(log)[1]["output_sha256"]
+
+
+def test_a_signal_once_the_entry_stands_finishes_the_release_and_one_before_it_releases_nothing(
+        tmp_path, labelled_npz, eff28, monkeypatch):
+    """SIGTERM (Slurm's preemption) or Ctrl-C between the entry and the rename dropped a release whose budget the
+    log already counts (review 10): it is now held until the release is in place. One during the write, before
+    the entry, releases nothing."""
+    import signal
+
+    from mepf.artifacts import staging
+    from mepf.artifacts.errors import Interrupted
+
+    log, out = tmp_path / "log.jsonl", tmp_path / "a.h5"
+    real_append, real_write = release_log.append, staging._write_release
+
+    def append_then_sigterm(*a, **kw):
+        real_append(*a, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(release_log, "append", append_then_sigterm)
+    with pytest.raises(Interrupted, match="written to .* and logged: it is complete") as e:
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
+    assert e.value.signum == signal.SIGTERM
+    assert file_sha256(out) == release_log.read_log(log)[0]["output_sha256"]
+    monkeypatch.setattr(release_log, "append", real_append)
+
+    def sigint_while_writing(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_write(*a, **kw)
+
+    monkeypatch.setattr(staging, "_write_release", sigint_while_writing)
+    with pytest.raises(Interrupted, match="before the release was logged: nothing was released"):
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "b.h5", log, allow_repeat=True)
+    assert not (tmp_path / "b.h5").exists() and len(release_log.read_log(log)) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_a_log_replaced_while_held_releases_nothing(tmp_path, labelled_npz, eff28, monkeypatch):
@@ -564,11 +599,12 @@ def test_an_entry_after_a_hand_edited_last_line_starts_its_own_line(tmp_path):
 def test_the_output_cannot_be_the_log_or_its_key(tmp_path, labelled_npz, eff28):
     log = tmp_path / "log.jsonl"
     run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", log)
-    before = log.read_bytes(), release_log.key_path(log).read_bytes()
-    for out in (log, release_log.key_path(log)):
-        with pytest.raises(MepfError, match="is the release log or its key"):
+    files = (log, release_log.key_path(log), release_log.head_path(log))
+    before = [p.read_bytes() for p in files]
+    for out in files:
+        with pytest.raises(MepfError, match="is the release log, its key or its head"):
             run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log, overwrite=True, allow_repeat=True)
-    assert (log.read_bytes(), release_log.key_path(log).read_bytes()) == before
+    assert [p.read_bytes() for p in files] == before
 
 
 def test_a_key_is_never_written_over_something_else(tmp_path):
