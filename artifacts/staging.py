@@ -241,10 +241,12 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
                    overwrite: bool = False):
     """Write the file whole (fsynced) into an unnamed file in the output's folder (O_TMPFILE) and yield its
     SHA-256; on a clean exit from the block give it a temporary name and rename it into place. Until the block
-    ends (embed logs the release there) the file has no name: a kill leaves nothing, while a full disk or a
-    folder that cannot be written fails before the entry. Where the filesystem has no unnamed files (some NFS),
-    the file is written under its temporary name before the block (a kill then leaves it, unlogged, for the next
-    embed's sweep). An exception leaves nothing at `path`."""
+    ends (embed logs the release there) no noisy byte has a name: a kill leaves nothing, while a full disk or a
+    folder that cannot be written fails before the entry. Where the kernel will not link an unnamed file into
+    the folder (EXDEV here), the temporary is created and its space reserved (zeros) before the block and the
+    file copied into it after; where the filesystem has no unnamed files (some NFS), the file is written under
+    its temporary name before the block (a kill then leaves it, unlogged, for the next embed's sweep). An
+    exception leaves nothing at `path`."""
     path = check_output_path(path, overwrite)
     tmp, copy = path.with_name(_temp_name(path)), None
     try:
@@ -252,19 +254,20 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
     except (OSError, AttributeError):  # no O_TMPFILE here
         fd, named = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True  # owner-only until it is released
     try:
-        try:  # held until it is renamed, so a later run's sweep leaves it alone; blocking, as a sweep may
-            fcntl.flock(fd, fcntl.LOCK_EX)  # hold it for a moment before it has data
-        except OSError:
-            pass  # a filesystem without locks: no sweep can lock it either
+        _lock(fd)  # held until it is renamed, so a later run's sweep leaves it alone
         _write_release(fd, arrays, class_names, feature_spec, data_spec, ledger)
         os.fsync(fd)
+        if not named and not _links(path.parent):
+            copy = _reserved(tmp, os.fstat(fd).st_size)
         yield fd_sha256(fd)
         if ledger.get("private") is True:  # a noisy release is for sharing: the umask's mode; a baseline stays 0600
             umask = os.umask(0o077)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
-        if not named:
-            copy = _name(fd, tmp)
+        if copy is not None:
+            _copy(fd, copy)
+        elif not named:
+            os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
@@ -275,31 +278,57 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
             os.close(copy)
 
 
-def _name(fd: int, tmp: Path) -> int | None:
-    """Give the unnamed file `fd` the name `tmp` (linkat through /proc); where the kernel or filesystem refuses
-    (EXDEV on overlay filesystems, no /proc), copy it there, locked as `fd` is: the copy's descriptor, to close
-    after the rename."""
-    try:
-        os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
-        return None
+def _lock(fd: int) -> None:
+    try:  # blocking, as a sweep may hold it for a moment before the file has data
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError:
-        pass
+        pass  # a filesystem without locks: no sweep can lock it either
+
+
+def _links(folder: Path) -> bool:
+    """Whether an unnamed file can be linked into `folder` (linkat through /proc: refused with EXDEV by some
+    kernels and filesystems, or without /proc); tried on an empty one."""
+    probe = folder / _temp_name(folder / "probe")
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:
+        return False
+    try:
+        os.link(f"/proc/self/fd/{fd}", probe, follow_symlinks=True)
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _reserved(tmp: Path, size: int) -> int:
+    """The temporary `tmp`, created locked with `size` bytes of zeros allocated, before the entry: a full disk
+    fails here; the release's bytes are copied in after the entry."""
     out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(out, fcntl.LOCK_EX)
-        os.fchmod(out, stat.S_IMODE(os.fstat(fd).st_mode))
-        offset = 0
-        while chunk := os.pread(fd, 1 << 20, offset):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view):]
-            offset += len(chunk)
+        _lock(out)
+        os.posix_fallocate(out, 0, size)
         os.fsync(out)
     except BaseException:
         os.close(out)
+        tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _copy(fd: int, out: int) -> None:
+    """The unnamed file's bytes into the reserved temporary `out`, with its mode, fsynced."""
+    os.fchmod(out, stat.S_IMODE(os.fstat(fd).st_mode))
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        view, at = memoryview(chunk), offset
+        while view:
+            n = os.pwrite(out, view, at)
+            view, at = view[n:], at + n
+        offset += len(chunk)
+    os.fsync(out)
 
 
 def _write_release(fd: int, arrays: dict, class_names, feature_spec: dict, data_spec: dict, ledger: dict) -> None:

@@ -167,7 +167,7 @@ class TagFilter:
     def false_rate(self) -> float:
         """The chance that a tag not added is found, from the share of bits set (counted once)."""
         if getattr(self, "_fill", None) is None:
-            self._fill = int(np.bitwise_count(self.bits).sum()) / (len(self.bits) * 8)
+            self._fill = int(_POPCOUNT[self.bits].sum(dtype=np.int64)) / (len(self.bits) * 8)
         return self._fill ** self.K
 
     def share_within(self, hashes) -> float:
@@ -183,6 +183,8 @@ class TagFilter:
             return 0.0
         return (found - expected) / ((1 - p) * len(hashes))
 
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)  # numpy 1.x has no bitwise_count
 
 #: the tag filter's size: bits per record the run expects (a power of two at least this), and its ceiling (16 MB,
 #: exchanged between torchrun ranks: past 4 M records its false hits grow, which `share_within` corrects for; past about

@@ -425,7 +425,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                         warnings.append(f"release log head {release_log.head_path(log_path)} could not be updated "
                                         f"({type(e).__name__}): a later loss of the log may go unnoticed; free space")
             except KeyboardInterrupt as e:
-                if not logged:
+                # a second Ctrl-C as append returned: the entry may stand though `logged` was not yet set
+                if not logged and not (sha and release_log.entry_of(release_log.read_log(log_path), sha)):
                     raise
                 signum = getattr(e, "signum", None)
                 if _holds(out, sha):
@@ -439,9 +440,10 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                          "(--allow-repeat)") if logged else ""
                 raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
                                 "or fix the folder's permissions") from None
-        if hits:
+        if hits:  # what the run would have said besides, so that no note or warning is lost
+            said = "".join(f"; {line}" for line in notes + warnings)
             raise Interrupted(f"interrupted, but the release was written to {out} and logged: it is complete; do not "
-                              "run again", hits[0])
+                              f"run again{said}", hits[0])
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings,
                            notes=notes)
 

@@ -213,6 +213,7 @@ def prepare(log_path, entries: list) -> tuple:
         raise MepfError(f"{problem}, so earlier releases cannot be matched; restore the key from a backup, or start "
                         "a new log with --release-log NEW (budgets in the old log then no longer compose with new "
                         "releases)")
+    check_not_lost(path, None, key)  # before the log is created at its path; again under the lock below
     narrowed = _exposed(path)  # e.g. restored from a backup with the umask's mode
     for p in narrowed:
         try:

@@ -53,12 +53,15 @@ INT_RANGES = {"width": (0, 4096), "batch_size": (1, 100_000), "steps": (1, None)
 def plain_numbers(opts: TrainOptions) -> None:
     """numpy numbers given in Python (a sweep's np.float64 lr) as Python's, in place: options.json must hold
     JSON numbers."""
-    for k in TrainOptions.__dataclass_fields__:
-        v = getattr(opts, k)
+    def plain(v):
         if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
-            setattr(opts, k, int(v))
-        elif isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
-            setattr(opts, k, float(v))
+            return int(v)
+        if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+            return float(v)
+        return {k: plain(w) for k, w in v.items()} if isinstance(v, dict) else v
+
+    for k in TrainOptions.__dataclass_fields__:
+        setattr(opts, k, plain(getattr(opts, k)))
 
 
 def options_problem(opts: TrainOptions) -> str | None:

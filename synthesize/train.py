@@ -483,11 +483,16 @@ def optimiser_problem(trainer: Trainer, state: dict) -> str | None:
                 return name
             bad = [k for k in a if k in b and k != "params" and not same_kind(a[k], b[k])]
             bad += [k for k in b if k not in a and not plain(b[k])]
+            if "betas" in b and same_kind(a.get("betas"), b["betas"]) and not all(x < 1 for x in b["betas"]):
+                bad.append("betas")
+            if "eps" in b and type(b["eps"]) in (int, float) and not b["eps"] > 0:
+                bad.append("eps")
             if bad:
                 return f"{name} {', '.join(sorted(map(str, bad)))}"
         params = [p for g in opt.param_groups for p in g["params"]]
+        moments = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if ours[0].get("amsgrad") else set())
         for i, entry in saved["state"].items():
-            if type(i) is not int or not 0 <= i < len(params) or not isinstance(entry, dict):
+            if type(i) is not int or not 0 <= i < len(params) or not isinstance(entry, dict) or set(entry) != moments:
                 return f"{name} state"
             for k, t in entry.items():
                 shape = () if k == "step" else params[i].shape
@@ -526,12 +531,18 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     saved = _read_options(run)
     changes = {**(changes or {}), **({"steps": steps} if steps is not None else {})}
     differ = _check_changes(saved, changes)
+    given = dataclasses.replace(TrainOptions(release="", out=""), **differ)  # options given again, from Python too
+    plain_numbers(given)
+    differ = {k: getattr(given, k) for k in differ}
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in fields})
     opts.out = str(run)  # the folder may have been moved or copied since it was started
     problem = options_problem(opts) or (None if _is_sha256(saved["release_sha256"]) else "release_sha256")
     if problem:
         raise MepfError(f"{run / run_folder.OPTIONS} holds {problem}; the run folder is damaged (or not a run's)")
+    problem = options_problem(dataclasses.replace(opts, **differ))
+    if problem:
+        raise MepfError(f"option {problem}")
     size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     found = locate_release(saved["release_sha256"], run, saved.get("release"), release, size=size)
     opts.release = str(found)

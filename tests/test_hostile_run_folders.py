@@ -101,7 +101,8 @@ def test_a_snapshots_optimiser_settings_must_be_this_runs_kind(copied, group, ke
     one_line_refusal(resume(copied), "snapshot-0000002.pt", "optimiser settings", group)
 
 
-@pytest.mark.parametrize("change", ["exp_avg shape", "exp_avg_sq negative", "exp_avg nan", "mavg shape"])
+@pytest.mark.parametrize("change", ["exp_avg shape", "exp_avg_sq negative", "exp_avg nan", "mavg shape", "beta1 1",
+                                    "beta2 2", "eps 0", "no exp_avg_sq", "no exp_avg"])
 def test_a_snapshots_optimiser_state_and_moving_averages_must_fit(copied, change):
     """An exp_avg of another shape stopped the first step with a traceback; a negative exp_avg_sq resumed and
     wrote a generator of NaN weights; a moving average of another shape was broadcast silently (review 10)."""
@@ -114,6 +115,14 @@ def test_a_snapshots_optimiser_state_and_moving_averages_must_fit(copied, change
         entry["exp_avg_sq"] = -entry["exp_avg_sq"] - 1
     elif change == "exp_avg nan":
         entry["exp_avg"] = entry["exp_avg"] * float("nan")
+    elif change.startswith("beta"):
+        b = list(state["opt_g"]["param_groups"][0]["betas"])
+        b[int(change[4]) - 1] = float(change[-1])
+        state["opt_g"]["param_groups"][0]["betas"] = tuple(b)
+    elif change == "eps 0":
+        state["opt_g"]["param_groups"][0]["eps"] = 0.0
+    elif change.startswith("no "):
+        del entry[change[3:]]
     else:
         m = next(iter(state["mavg"]))
         state["mavg"][m] = state["mavg"][m][:1].clone()

@@ -358,24 +358,34 @@ def test_an_interrupt_while_logging_leaves_no_release(tmp_path, labelled_npz, ef
 
 def test_no_byte_of_the_release_is_on_disk_before_its_log_entry(tmp_path, labelled_npz, eff28, monkeypatch):
     """A kill (SIGKILL, OOM, power loss) before the entry is appended must leave no release anywhere: a noisy
-    file the log does not show would be a second, uncounted draw beside the next run's."""
-    from mepf.artifacts.staging import staged_release
+    file the log does not show would be a second, uncounted draw beside the next run's. Before the entry the
+    release has no name; at most (where the kernel will not link an unnamed file, as here) its temporary holds
+    the zeros reserved for it."""
+    from mepf.artifacts import staging
+
+    def named_bytes():
+        return {p.name: set(p.read_bytes()) for p in out.iterdir() if p.name.startswith(".")}
 
     out = tmp_path / "owner"
     out.mkdir()
-    with staged_release(out / "s.h5", {"S1": np.ones((1, 4))}, ["all"], {}, {}, {}) as sha:
-        assert list(out.iterdir()) == []
-    assert [p.name for p in out.iterdir()] == ["s.h5"] and file_sha256(out / "s.h5") == sha
+    for links in (True, False):
+        if not links or staging._links(out):
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(staging, "_links", lambda folder, links=links: links and staging._links(folder))
+                with staging.staged_release(out / "s.h5", {"S1": np.ones((1, 4))}, ["all"], {}, {}, {}) as sha:
+                    assert all(b <= {0} for b in named_bytes().values()) and not (out / "s.h5").exists()
+            assert file_sha256(out / "s.h5") == sha and named_bytes() == {}
+            (out / "s.h5").unlink()
     seen = []
 
     def append(path, entry, **kw):
-        seen.append(sorted(p.name for p in out.iterdir()))
+        seen.append(named_bytes())
         return real(path, entry, **kw)
 
     real = release_log.append
     monkeypatch.setattr(release_log, "append", append)
     res = run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out / "a.h5", out / "log.jsonl")
-    assert seen == [["log.jsonl", "log.jsonl.key", "s.h5"]]  # the log's lock is on the log itself
+    assert len(seen) == 1 and all(b <= {0} for b in seen[0].values()) and not list(out.glob("*.h5"))[1:]
     assert file_sha256(out / "a.h5") == res.sha256 == release_log.read_log(out / "log.jsonl")[0]["output_sha256"]
 
 
@@ -394,6 +404,41 @@ def test_a_release_that_cannot_be_written_fails_before_its_entry(tmp_path, label
         run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
     assert "log entry stands" not in str(e.value) and release_log.read_log(tmp_path / "log.jsonl") == []
     assert not (tmp_path / "a.h5").exists() and not list(tmp_path.glob(".a.h5.tmp*"))
+
+
+def test_a_disk_without_room_for_the_copy_fails_before_the_entry(tmp_path, labelled_npz, eff28, monkeypatch):
+    """Where the kernel will not link the unnamed file (EXDEV, as here), it is copied to its name after the entry:
+    a disk with room for one copy but not two spent the budget and wrote nothing (review 11). The copy's space is
+    now reserved before the entry; a kill there leaves zeros under a temporary name, never noisy bytes."""
+    import errno
+
+    from mepf.artifacts import staging
+
+    monkeypatch.setattr(staging, "_links", lambda folder: False)  # the copy path, whatever this kernel allows
+    real = os.posix_fallocate
+    seen = []
+
+    def no_room(fd, offset, size):
+        seen.append(size)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    with pytest.raises(MepfError, match=r"could not be written to .*\(OSError\); free space") as e:
+        run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    assert seen and "log entry stands" not in str(e.value) and release_log.read_log(tmp_path / "log.jsonl") == []
+    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob(".a.h5.tmp*"))
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    zeros = []
+
+    def append(path, entry, **kw):  # at the entry: the reserved temporary holds zeros only
+        (t,) = tmp_path.glob(".a.h5.tmp-*")
+        zeros.append(set(t.read_bytes()) == {0})
+        return real_append(path, entry, **kw)
+
+    real_append = release_log.append
+    monkeypatch.setattr(release_log, "append", append)
+    res = run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
+    assert zeros == [True] and file_sha256(tmp_path / "a.h5") == res.sha256
 
 
 def test_an_interrupt_after_the_entry_says_what_was_released(tmp_path, labelled_npz, eff28, monkeypatch):
@@ -435,12 +480,13 @@ def test_a_signal_once_the_entry_stands_finishes_the_release_and_one_before_it_r
 
     def append_then_sigterm(*a, **kw):
         real_append(*a, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)  # twice: torchrun's agent forwards Slurm's SIGTERM, one preemption
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(release_log, "append", append_then_sigterm)
     with pytest.raises(Interrupted, match="written to .* and logged: it is complete") as e:
         run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, out, log)
-    assert e.value.signum == signal.SIGTERM
+    assert e.value.signum == signal.SIGTERM and "back up all three" in str(e.value)  # the run's notes kept
     assert file_sha256(out) == release_log.read_log(log)[0]["output_sha256"]
     monkeypatch.setattr(release_log, "append", real_append)
 
@@ -840,7 +886,7 @@ def test_a_log_lost_moved_or_rolled_back_is_refused_not_started_over(tmp_path, l
             log.write_bytes(restore)
         with pytest.raises(MepfError, match=r"no longer holds (2|1) release\(s\).*restore the log"):
             run(src(), eff28, tmp_path / "c.h5", log, allow_repeat=True)
-        assert not (tmp_path / "c.h5").exists()
+        assert not (tmp_path / "c.h5").exists() and (restore is not None or not log.exists())  # no empty log made
     log.write_bytes(one_entry)
     r = CliRunner().invoke(main, ["releases", "--release-log", str(log)])
     assert r.exit_code == 0 and "no longer holds 1 release(s)" in r.output

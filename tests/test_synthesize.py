@@ -597,5 +597,12 @@ def test_options_given_in_python_may_be_numpy_numbers(release_file, tmp_path):
     start(good, progress=False)  # options.json written: plain JSON numbers
     saved = json.loads((tmp_path / "r" / "options.json").read_text())
     assert (saved["lr"], saved["ema"], saved["steps"]) == (3e-4, 0.5, 2)
+    weighted = TrainOptions(release=str(release_file), out=str(tmp_path / "w"), steps=2,
+                            moment_weights={"S1": np.float32(1.0), "S2": np.float64(0.5)}, **FAST)
+    start(weighted, progress=False)  # numbers inside the weights too (review 11)
+    t = resume(tmp_path / "w", changes={"lr": np.float32(2e-4)}, steps=np.int64(3), progress=False)
+    assert t.step == 3 and json.loads((tmp_path / "w" / "options.json").read_text())["steps"] == 3
+    with pytest.raises(MepfError, match="option lr"):
+        resume(tmp_path / "w", changes={"lr": float("nan")}, steps=4, progress=False)
     for bad in ({"lr": True}, {"steps": 2.0}, {"steps": True}, {"lr": "1e-3"}, {"lr": float("nan")}):
         assert options_problem(TrainOptions(release="r", out="o", **{**FAST, **bad})) is not None, bad
