@@ -91,7 +91,7 @@ def lost_releases(log_path, entries: list | None, key: bytes | None) -> list | N
     path = head_path(log_path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no head (nor, for the latter, a folder for the log)
         return None
     except OSError as e:
         raise MepfError(f"release log head {path} cannot be read ({type(e).__name__}); make it a file of yours, "
