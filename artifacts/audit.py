@@ -8,7 +8,7 @@ import numpy as np
 
 from .accounting import autodp_eps, eps_for_delta, gdp_mu
 from .errors import MepfError
-from .format import printable, read_raw, recompute_checksum
+from .format import moments_match, printable, read_raw, recompute_checksum
 from .ledger import RELATIONS, SENSITIVITY_RULES
 
 REL_TOL = 1e-6
@@ -81,9 +81,8 @@ def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
     names = [r["name"] for r in releases]
     rep.check("releases-match-arrays", sorted(names) == sorted(release.arrays),
               f"ledger releases {names}, file arrays {sorted(release.arrays)}")
-    moments = release.data_spec.get("moments")
-    rep.check("moments-match-arrays", "S1" in release.arrays and (moments == "mean") != ("S2" in release.arrays),
-              f"data spec moments {printable(moments)}, file arrays {sorted(release.arrays)}")
+    rep.check("moments-match-arrays", moments_match(release),
+              f"data spec moments {printable(release.data_spec.get('moments'))}, file arrays {sorted(release.arrays)}")
     k, d = len(release.class_names), spec.dim
     for r in releases:
         arr = release.arrays.get(r["name"])

@@ -396,6 +396,11 @@ def recompute_checksum(release: Release) -> str:
     return content_checksum(release.arrays, release.class_names, t["feature_spec"], t["data_spec"], t["ledger"])
 
 
+def moments_match(release: Release) -> bool:
+    """The arrays are the data spec's moments: S1 always, S2 exactly when the moments are not the mean alone."""
+    return "S1" in release.arrays and (release.data_spec.get("moments") == "mean") != ("S2" in release.arrays)
+
+
 def load(path, verify: bool = True) -> Release:
     """Load a released file, validating its schema and (by default) its checksum."""
     release = read_raw(path)
@@ -407,11 +412,11 @@ def load(path, verify: bool = True) -> Release:
         raise MepfError(f"{path}: {', '.join(bad)} hold NaN or infinite values, which no release has; do not use "
                         "this file, ask the data owner for the original")
     led = {r["name"]: r.get("shape") for r in release.ledger["releases"]}
-    moments = release.data_spec.get("moments")
-    if "S1" not in release.arrays or set(led) != set(release.arrays) or (moments == "mean") == (
-            "S2" in release.arrays) or any(led[n] != list(a.shape) for n, a in release.arrays.items()):
+    if not moments_match(release) or set(led) != set(release.arrays) or any(
+            led[n] != list(a.shape) for n, a in release.arrays.items()):
         raise MepfError(f"{path}: its ledger accounts for {', '.join(sorted(led))}, it holds "
-                        f"{', '.join(sorted(release.arrays))} ({printable(moments)}): what the ledger does not cover "
+                        f"{', '.join(sorted(release.arrays))} ({printable(release.data_spec.get('moments'))}): what "
+                        "the ledger does not cover "
                         "has no guarantee; do not use this file, ask the data owner for the original (mepf audit "
                         "shows the mismatch)")
     return release

@@ -267,7 +267,7 @@ def staged_release(path, arrays: dict, class_names, feature_spec: dict, data_spe
         if copy is not None:
             _copy(fd, copy)
         elif not named:
-            os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
+            _link_unnamed(fd, tmp)
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
@@ -294,13 +294,18 @@ def _links(folder: Path) -> bool:
     except OSError:
         return False
     try:
-        os.link(f"/proc/self/fd/{fd}", probe, follow_symlinks=True)
+        _link_unnamed(fd, probe)
         probe.unlink()
         return True
     except OSError:
         return False
     finally:
         os.close(fd)
+
+
+def _link_unnamed(fd: int, name: Path) -> None:
+    """Give the unnamed (O_TMPFILE) file `fd` the name `name`: linkat through /proc."""
+    os.link(f"/proc/self/fd/{fd}", name, follow_symlinks=True)
 
 
 def _reserved(tmp: Path, size: int) -> int:

@@ -64,6 +64,12 @@ NOT_RELEASED = "interrupted before the release was logged: nothing was released;
 AGAIN = "interrupted again: stopped at once, before the release was logged: nothing was released"
 
 
+def _complete(out, said=()) -> str:
+    """What an interrupt says once the release is in place and logged, with what the run would have said besides."""
+    return (f"interrupted, but the release was written to {out} and logged: it is complete; do not run again"
+            + "".join(f"; {line}" for line in said))
+
+
 def _holds(path, sha: str | None) -> bool:
     """Whether `path` is now the file whose SHA-256 is `sha` (read without following a link at its name)."""
     try:
@@ -430,8 +436,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                     raise
                 signum = getattr(e, "signum", None)
                 if _holds(out, sha):
-                    raise Interrupted(f"interrupted, but the release was written to {out} and logged: it is complete; "
-                                      "do not run again", signum) from None
+                    raise Interrupted(_complete(out), signum) from None
                 raise Interrupted(f"interrupted after the release was logged, before it was put in place at {out}: "
                                   "nothing was released, but its log entry stands, so the budget counts as spent and a "
                                   "new run is a repeat (--allow-repeat)", signum) from None
@@ -441,9 +446,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                 raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
                                 "or fix the folder's permissions") from None
         if hits:  # what the run would have said besides, so that no note or warning is lost
-            said = "".join(f"; {line}" for line in notes + warnings)
-            raise Interrupted(f"interrupted, but the release was written to {out} and logged: it is complete; do not "
-                              f"run again{said}", hits[0])
+            raise Interrupted(_complete(out, notes + warnings), hits[0])
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings,
                            notes=notes)
 
