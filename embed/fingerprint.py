@@ -140,25 +140,28 @@ class TagFilter:
             bits <<= 1
         self.bits, self._fill = np.zeros(bits // 8, np.uint8), None
 
-    def _positions(self, h: int) -> list:
-        m = len(self.bits) * 8
-        a, b = h & ((1 << 64) - 1), (h >> 64) | 1
-        return [(a + i * b) % m for i in range(self.K)]
+    def _positions(self, hashes: list) -> tuple:
+        """Each tag's K bit positions (double hashing of its two 64-bit halves, mod m), as (byte index, bit mask)
+        arrays of shape (N, K)."""
+        lo = np.array([h & ((1 << 64) - 1) for h in hashes], np.uint64)
+        hi = np.array([(h >> 64) | 1 for h in hashes], np.uint64)
+        pos = lo[:, None] + np.arange(self.K, dtype=np.uint64)[None, :] * hi[:, None]  # mod 2^64, which m divides
+        pos &= np.uint64(len(self.bits) * 8 - 1)
+        return (pos >> np.uint64(3)).astype(np.intp), (1 << (pos & np.uint64(7))).astype(np.uint8)
 
     def add(self, hashes: list) -> None:
         """Add tags (their first 128 bits as ints), the positions of a whole batch at once."""
         if not hashes:
             return
-        lo = np.array([h & ((1 << 64) - 1) for h in hashes], np.uint64)
-        hi = np.array([(h >> 64) | 1 for h in hashes], np.uint64)
-        # (lo + i hi) mod 2^64, then mod m: m divides 2^64, so the same positions as _positions
-        pos = lo[:, None] + np.arange(self.K, dtype=np.uint64)[None, :] * hi[:, None]
-        pos &= np.uint64(len(self.bits) * 8 - 1)
-        np.bitwise_or.at(self.bits, (pos >> np.uint64(3)).astype(np.intp), (1 << (pos & np.uint64(7))).astype(np.uint8))
+        np.bitwise_or.at(self.bits, *self._positions(hashes))
         self._fill = None
 
-    def __contains__(self, h: int) -> bool:
-        return all(self.bits[p >> 3] >> (p & 7) & 1 for p in self._positions(h))
+    def found(self, hashes: list) -> int:
+        """How many of the tags `hashes` the filter holds (added, or by chance)."""
+        if not hashes:
+            return 0
+        at, mask = self._positions(hashes)
+        return int(np.all(self.bits[at] & mask, axis=1).sum())
 
     def merge(self, other: TagFilter) -> None:
         np.bitwise_or(self.bits, other.bits, out=self.bits)
@@ -166,7 +169,7 @@ class TagFilter:
 
     def false_rate(self) -> float:
         """The chance that a tag not added is found, from the share of bits set (counted once)."""
-        if getattr(self, "_fill", None) is None:
+        if self._fill is None:
             self._fill = int(_POPCOUNT[self.bits].sum(dtype=np.int64)) / (len(self.bits) * 8)
         return self._fill ** self.K
 
@@ -178,7 +181,7 @@ class TagFilter:
         p = self.false_rate()
         if not hashes or p > MAX_FALSE_RATE:
             return 0.0
-        found, expected = sum(h in self for h in hashes), p * len(hashes)
+        found, expected = self.found(hashes), p * len(hashes)
         if found <= expected + 5 * expected ** 0.5 + 2:
             return 0.0
         return (found - expected) / ((1 - p) * len(hashes))
