@@ -171,11 +171,14 @@ def run_stats(run_dir: Path | None) -> list:
     report then shows no curve)."""
     if run_dir is None:
         return []
+    out, keys = [], None
     try:
-        stats = run_folder.read_stats(run_dir)
+        for _, r in run_folder.iter_stats(run_dir):  # only the distances kept: the file may be large
+            if keys is None:
+                keys = {k for k, v in r.items() if k.startswith("dist_") and type(v) in (int, float)}
+            # a folder from elsewhere: only the records with every distance the first has, as numbers
+            if all(type(r.get(k)) in (int, float) for k in keys):
+                out.append({"step": r["step"], **{k: r[k] for k in keys}})
     except MepfError:
         return []
-    keys = {k for k, v in (stats[0] if stats else {}).items() if k.startswith("dist_") and type(v) in (int, float)}
-    # a folder from elsewhere: only the records with every distance the first has, as numbers
-    return [{"step": r["step"], **{k: r[k] for k in keys}} for r in stats
-            if all(type(r.get(k)) in (int, float) for k in keys)]
+    return out

@@ -53,29 +53,47 @@ def open_append(path):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def read_stats(run) -> list:
-    """The run's stats.jsonl records (dicts with an integer 'step'), [] where there is none; a damaged line is
-    one MepfError."""
+def iter_stats(run):
+    """(line, record) of each of the run's stats.jsonl records (dicts with an integer 'step'), read a line at a
+    time: a file of MAX_STATS_BYTES from someone else costs its parsed records only where the caller keeps them
+    (all of them as dicts took about 30 times its size). Nothing where there is no file; a damaged line, or a
+    file that is not plain, too large or not UTF-8, is one MepfError."""
     import json
+    import os
     from pathlib import Path
 
     from mepf.artifacts.errors import MepfError
+    from mepf.artifacts.plain_file import open_plain_file
 
     path = Path(run) / STATS
     if not path.exists():
-        return []
-    out = []
-    for i, line in enumerate(read_text(path, MAX_STATS_BYTES).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # JSONDecodeError, an integer too long to read, deep nesting
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise MepfError(f"{path} line {i} is not a stats record; the run folder is damaged")
-        out.append(record)
-    return out
+        return
+    problem, f = open_plain_file(path)
+    if not problem and os.fstat(f.fileno()).st_size > MAX_STATS_BYTES:
+        f.close()
+        problem = f"it has more than the {MAX_STATS_BYTES:,} bytes mepf reads here"
+    if problem:
+        raise MepfError(f"{path} cannot be read ({problem}); the run folder is damaged")
+    with f:
+        read = 0
+        for i, raw in enumerate(f, 1):
+            read += len(raw)
+            if read > MAX_STATS_BYTES:  # grew while it was read
+                raise MepfError(f"{path} grew past {MAX_STATS_BYTES:,} bytes while it was read; the run folder is "
+                                "damaged")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise MepfError(f"{path} is not UTF-8 text; the run folder is damaged") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # JSONDecodeError, an integer too long to read, deep nesting
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise MepfError(f"{path} line {i} is not a stats record; the run folder is damaged")
+            yield line, record
 
 
 def snapshots(run) -> list:

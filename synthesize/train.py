@@ -600,11 +600,8 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
 
     def trim_stats():  # drop records past the snapshot: they will be written again
         stats = run / run_folder.STATS
-        if stats.exists():
-            records = run_folder.read_stats(run)  # each line checked to be a record with a step
-            lines = [line for line in run_folder.read_text(stats, run_folder.MAX_STATS_BYTES).splitlines()
-                     if line.strip()]
-            keep = [line for line, r in zip(lines, records) if r["step"] <= trainer.step]
+        if stats.exists():  # each line checked to be a record with a step
+            keep = [line for line, r in run_folder.iter_stats(run) if r["step"] <= trainer.step]
             write_text_atomic(stats, "".join(line + "\n" for line in keep))
 
     distributed.on_main(record)

@@ -224,3 +224,33 @@ def test_a_small_generator_declaring_large_images_samples_in_bounded_batches(cop
     assert r.returncode == 0, r.stderr
     r = sample(10 ** 4)  # 31 GB of uint8 images: more than the limit
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "do not fit in this machine's memory" in r.stderr
+
+
+def test_a_large_stats_file_is_read_a_line_at_a_time(copied, monkeypatch):
+    """stats.jsonl (up to 512 MB from someone else) was parsed whole: every record a dict, about 30 x the file in
+    memory. evaluate keeps a record's step and distances only, resume's trim its kept lines only; a file over the
+    limit is refused, and the curves are those the records give."""
+    import tracemalloc
+
+    from mepf.artifacts.errors import MepfError
+    from mepf.evaluate.data import run_stats
+    from mepf.synthesize import run_folder
+
+    with open(copied / "stats.jsonl", "w") as f:
+        for step in range(1, 3001):
+            f.write(json.dumps({"step": step, "dist_S1": step / 7, "loss": 1.0, "pad": list(range(300))}) + "\n")
+    size = (copied / "stats.jsonl").stat().st_size
+    tracemalloc.start()
+    curves = run_stats(copied)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert curves == [{"step": s, "dist_S1": s / 7} for s in range(1, 3001)]
+    assert peak < size, (peak, size)  # whole, the records alone took over 10 x the file
+    monkeypatch.setattr(run_folder, "MAX_STATS_BYTES", size - 1)
+    with pytest.raises(MepfError, match=r"more than the .* bytes mepf reads here\); the run folder is damaged"):
+        list(run_folder.iter_stats(copied))
+    assert run_stats(copied) == []  # the report then shows no curve
+    monkeypatch.undo()
+    r = resume(copied, steps=4)  # trims records past the last snapshot (step 2), then logs the last step
+    assert r.exit_code == 0, r.output + r.stderr
+    assert [json.loads(line)["step"] for line in (copied / "stats.jsonl").read_text().splitlines()] == [1, 2, 4]
