@@ -34,6 +34,8 @@ def user_errors(fn):
             import signal
 
             what = str(e) if isinstance(e, Interrupted) and str(e) else INTERRUPTED.get(fn.__name__, "interrupted")
+            if fn.__name__ in ELSEWHERE and not _is_main_rank():  # rank 0 alone knows whether it wrote the file
+                what = ELSEWHERE[fn.__name__]
             if _is_node_lead():
                 click.echo(f"{what}", err=True)
             sys.exit(143 if getattr(e, "signum", None) == signal.SIGTERM or _TERMINATED else 130)
@@ -47,6 +49,12 @@ INTERRUPTED = {
              "overstates the spend, never understates it); run the same command again",
     "evaluate": "interrupted: no report was written; run the same command again",
     "sample": "interrupted: no samples were written; run the same command again",
+}
+#: what the other nodes of a multi-node embed say: rank 0, on the first node, writes the release and may
+#: already have logged it, so "nothing was released" would be false there
+ELSEWHERE = {
+    "embed": "interrupted on this node: the first node (rank 0) says whether the release was written and logged; "
+             "check its message or `mepf releases --release-log LOG` before running the same command again",
 }
 _TERMINATED = False
 

@@ -154,3 +154,28 @@ def test_existing_output_needs_overwrite(tmp_path, labelled_npz):
     assert r.exit_code == 2 and "--overwrite" in r.stderr and out.read_bytes() == b"precious"
     r = cli(*embed_args(labelled_npz[0], out, tmp_path / "log.jsonl", "--classes", "3", "--overwrite"))
     assert r.exit_code == 0 and out.read_bytes() != b"precious"
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_interrupted_embed_on_another_node_does_not_say_nothing_was_released(monkeypatch, capsys, rank):
+    """Under multi-node torchrun every node's lead rank reports a Ctrl-C; only rank 0 writes the release, and it may
+    have logged it already, so another node saying "nothing was released" invited a second, paid draw."""
+    from mepf.cli import user_errors
+    from mepf.embed.release import Interrupted, _complete
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    @user_errors
+    def embed(complete=False):
+        raise Interrupted(_complete("a.h5")) if complete else KeyboardInterrupt
+
+    for complete in (False, True):
+        with pytest.raises(SystemExit) as e:
+            embed(complete)
+        said = capsys.readouterr().err
+        assert e.value.code == 130 and said.count("\n") == 1
+        if rank == "1":
+            assert "first node (rank 0) says whether" in said and "nothing was released" not in said
+        else:
+            assert ("it is complete; do not run again" if complete else "nothing was released") in said
