@@ -36,7 +36,8 @@ from mepf.synthesize.objective import check_weight
 from mepf.synthesize.options import GENERATOR_NAMES, LR_SCHEDULES
 from mepf.synthesize.train import TrainOptions, resume, start
 
-PUBLISHED = [  # DPImageBench (CCS 2025), accuracy of a classifier trained on synthetic FMNIST, eps=1 / eps=10
+# DPImageBench (CCS 2025; FETA-Pro: arXiv 2601.06368): accuracy of a classifier trained on synthetic FMNIST, eps=1 / 10
+PUBLISHED = [
     ("FETA-Pro", 83.4, 88.2, 11.3), ("DP-FETA", 81.7, 87.3, 13.2), ("PrivImage", 79.9, 87.1, 5.3),
     ("DPDM", 76.4, 85.6, 17.1), ("DP-Kernel", 68.4, 70.0, 74.2), ("DP-MERF", 62.2, 62.2, 106.4)]
 

@@ -2,9 +2,10 @@
 
 Accuracy: three classifiers (bench_protocol.py) trained on 55,000 of 60,000 synthetic images, selected on the
 real 5,000-image validation hold-out (`fashion-mnist:val-5k`, which `mepf embed` never embeds when the release
-was made from `fashion-mnist:train-55k`), reported on the test set. FID: pytorch-fid's Inception pool3 of the
-synthetic images against the 55,000 private training images, as their evaluator computes it (not a private
-figure: it reads the private data; the data owner reports it).
+was made from `fashion-mnist:train-55k`), reported on the test set. FID: pytorch-fid's Inception pool3 of 50,000
+of the synthetic images against the 55,000 private training images, as their evaluator computes it (not a private
+figure: it reads the private data; the data owner reports it). Their recipe for (Fashion-)MNIST only, the one
+implemented here: grey 28 x 28 images (CIFAR and larger images get other networks and training there).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
@@ -40,8 +43,10 @@ STATE = "protocol-state"
 META = "meta.json"
 #: the named splits their protocol uses, derived from a (Fashion-)MNIST test reference
 DERIVED = {"validation": "val-5k", "fid_reference": "train-55k"}
-#: their evaluator's synthetic set
-THEIR_N = 60000
+#: their evaluator's synthetic set, and the random part of it their FID uses (fld's FID draws 50,000, unseeded)
+THEIR_N, THEIR_FID_N = 60000, 50000
+#: the image geometry (H, W, C) of the recipe implemented here, theirs for (Fashion-)MNIST
+THEIR_GEOMETRY = (28, 28, 1)
 #: a validation set sharing more than this share of its records with the test set is the test set
 OVERLAP_REFUSED = 0.1
 
@@ -76,6 +81,21 @@ def _check_not_test(val: ImageSet, test: ImageSet, val_spec: str, reference: str
         raise MepfError(f"--validation {val_spec} is (or shares {shared:.0%} of its records with) --reference "
                         f"{reference}: the classifiers would be selected on the test set; pass a held-out set such "
                         "as fashion-mnist:val-5k")
+
+
+def _unverified_holdout(synth, val_spec: str, release_log) -> str | None:
+    """Why the premise that the generator never saw the validation hold-out cannot be checked here: the release it
+    was trained from is not in the owner's release log on this machine (a GPU host, someone else's generator)."""
+    from mepf.embed.release_log import default_log_path, read_log
+
+    log = Path(release_log) if release_log else default_log_path()
+    sha = synth.generator.info["release_sha256"] if synth.generator is not None else None
+    if sha and any(isinstance(e, dict) and e.get("output_sha256") == sha for e in read_log(log)):
+        return None
+    what = "the generator's release is not" if sha else "images given as files are not a release"
+    return (f"--validation {val_spec} could not be checked to be outside the generator's training data: {what} in "
+            f"the release log {log}; the protocol assumes the generator never saw it (a release of "
+            "fashion-mnist:train-55k never holds fashion-mnist:val-5k)")
 
 
 def _identity(synth) -> str | None:
@@ -163,6 +183,11 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     if given:
         raise MepfError(f"{given[0]} does nothing with --metrics {','.join(sorted(wanted))}; drop it")
     synth = load_synthetic(synthetic, n, seed, device, z_scale)
+    if tuple(synth.shape) != THEIR_GEOMETRY:
+        h, w, c = synth.shape
+        raise MepfError(f"--protocol dpimagebench implements DPImageBench's recipe for grey 28 x 28 images "
+                        f"((Fashion-)MNIST), and these are {h} x {w} x {c}: their evaluator trains other networks, "
+                        "another way, for other data (CIFAR: WRN-28-10, SGD, 200 epochs); use --protocol mepf")
     ident = _identity(synth)
     # what the saved state belongs to: a generator by its SHA-256 (wherever it lies now), images by their path
     drawn = "" if z_scale == 1 else f" at z scale {z_scale!r}"  # a saved state belongs to these samples only
@@ -172,14 +197,15 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     schedule = BenchSchedule(epochs=epochs)
     metrics_out, warnings, flagged = {}, [], []
     k = len(synth.images)
-    k_fid = min(fid_samples or k, k)
-    reduced = [w for w, on in ((f"{k:,} synthetic images (theirs: {THEIR_N:,})", k < THEIR_N),
+    k_fid = min(fid_samples or THEIR_FID_N, k)
+    reduced = [w for w, on in ((f"{k:,} synthetic images (theirs: {THEIR_N:,})", k != THEIR_N),
                                (f"{epochs} epochs (theirs: 50)", epochs != 50),
                                (f"the first {real_limit:,} images of each real set" if real_limit else "",
                                 bool(real_limit)),
                                (f"classifiers {', '.join(classifiers)} only (theirs: {', '.join(BENCH_CLASSIFIERS)})",
                                 "accuracy" in wanted and sorted(classifiers) != sorted(BENCH_CLASSIFIERS)),
-                               (f"FID from {k_fid:,} samples (theirs: all {k:,})", "fid" in wanted and k_fid < k))
+                               (f"FID from {k_fid:,} samples (theirs: {THEIR_FID_N:,} drawn at random)",
+                                "fid" in wanted and k_fid != THEIR_FID_N))
                if on]
     classes, test = None, None
     complete = True
@@ -198,6 +224,9 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
             if warn:
                 print(f"WARNING: {flag}: {warn}", file=sys.stderr)
                 flagged.append(f"{flag}: {warn}")
+        unverified = _unverified_holdout(synth, val_spec, release_log)
+        if unverified:
+            warnings.append(unverified)
         perm, mapping, how = match_classes(synth.class_names, synth.by_index, synth.sampled_names, test.class_names,
                                            test.by_index, class_map)
         classes = {"matched": how, "map": mapping}
@@ -239,7 +268,10 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
             ref.images = ref.images[:real_limit]
         state = _prepare_state(out, overwrite, meta)
         stats_dir = Path(cache_dir) if cache_dir else state / "fid-stats"
-        metrics_out.update(_fid(synth, ref, fid_samples, inception_weights, stats_dir, device, progress))
+        # theirs draws THEIR_FID_N of the samples unseeded; here a draw fixed by the seed, so a rerun agrees
+        pick = np.sort(np.random.default_rng(seed).choice(k, k_fid, replace=False)) if k_fid < k else None
+        metrics_out.update(_fid(synth, ref, k_fid, inception_weights, stats_dir, device, progress, pick=pick))
+        metrics_out["fid_drawn_with_seed"] = None if pick is None else seed
         metrics_out["fid_reference"] = fid_spec
         warnings.append(f"FID is against {fid_spec}, the private training images, as DPImageBench measures it: it is "
                         "not a differentially private figure (the data owner computes and reports it); their Inception "

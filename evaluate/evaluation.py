@@ -135,15 +135,17 @@ def _metrics_wanted(metrics, labelled: bool, synth_unlabelled: bool, warnings: l
     return wanted
 
 
-def _fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress) -> dict:
+def _fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress, pick=None) -> dict:
+    """FID of the first `fid_samples` synthetic images (or of those at the indices `pick`) against `ref`."""
     from .fid import frechet_distance, reference_statistics, statistics
     from .inception import activations, checked_probe_error, load_inception
 
     out = {}
     model = load_inception(inception_weights, device)
     out["fid_probe_error"] = checked_probe_error(model, inception_weights, device)
-    k = min(fid_samples or len(synth.images), len(synth.images))
-    mu_s, s_s = statistics(activations(model, synth.images[:k], device=device, progress=progress,
+    k = len(pick) if pick is not None else min(fid_samples or len(synth.images), len(synth.images))
+    images = synth.images[pick] if pick is not None else synth.images[:k]
+    mu_s, s_s = statistics(activations(model, images, device=device, progress=progress,
                                        desc="FID: synthetic images"))
     if isinstance(ref, FidStats):
         mu_r, s_r = ref.mu, ref.sigma

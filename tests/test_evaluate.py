@@ -330,6 +330,60 @@ def test_dpimagebench_protocol_end_to_end(tiny_run, fid_weights, tmp_path, mnist
     assert damaged.exit_code == 2 and damaged.stderr.count("\n") == 1 and "no readable meta.json" in damaged.stderr
 
 
+def test_dpimagebench_fid_is_of_a_seeded_draw_of_the_samples(tiny_run, fid_weights, tmp_path, mnist):
+    """Their FID (fld) draws 50,000 of the 60,000 samples at random; ours draws as many, fixed by --seed, not the
+    first ones, and a report of another count says REDUCED (review 12). Here 30 of 60 images given as a file."""
+    import torch
+
+    from mepf.evaluate.fid import frechet_distance, statistics
+    from mepf.evaluate.inception import activations, load_inception
+
+    images, labels = mnist[0].images[1000:1060], mnist[0].labels[1000:1060]
+    np.savez(tmp_path / "synth.npz", images=images, labels=labels)
+    args = ["evaluate", str(tmp_path / "synth.npz"), "--protocol", "dpimagebench", "--metrics", "fid", "--reference",
+            str(tiny_run / "heldout.npz"), "--fid-reference", str(tiny_run / "heldout.npz"), "--fid-samples", "30",
+            "--inception-weights", str(fid_weights), "--quiet", "--seed", "3", "--out", str(tmp_path / "rep")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output + r.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    m = rep["metrics"]
+    assert m["fid_samples"] == 30 and m["fid_drawn_with_seed"] == 3
+    assert any("FID from 30 samples (theirs: 50,000 drawn at random)" in w for w in rep["protocol_reduced"])
+    model = load_inception(str(fid_weights), "cpu")
+    ref = statistics(activations(model, mnist[1].images[::10], device="cpu", progress=False))
+    pick = np.sort(np.random.default_rng(3).choice(60, 30, replace=False))
+    with torch.no_grad():
+        drawn = frechet_distance(*statistics(activations(model, images[pick], device="cpu", progress=False)), *ref)
+        first = frechet_distance(*statistics(activations(model, images[:30], device="cpu", progress=False)), *ref)
+    assert abs(m["fid"] - drawn) < 1e-6 * max(1, drawn) and abs(m["fid"] - first) > 1e-3
+
+
+def test_dpimagebench_refuses_images_their_recipe_is_not_for(tmp_path):
+    """Their evaluator trains other networks, another way, for CIFAR and for images above 32 px; the 28 px grey
+    recipe run on them was labelled "DPImageBench's protocol" (review 12)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", images=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(20) % 10)
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "rgb.npz"), "--protocol", "dpimagebench", "--reference",
+                                  str(tmp_path / "rgb.npz"), "--validation", str(tmp_path / "rgb.npz"), "--out",
+                                  str(tmp_path / "rep"), "-n", "20", "--quiet"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "recipe for grey 28 x 28 images" in r.stderr and "32 x 32 x 3" in r.stderr
+    assert not (tmp_path / "rep").exists()
+
+
+def test_dpimagebench_says_when_the_holdout_cannot_be_checked(tiny_run, tmp_path):
+    """The protocol selects on a real hold-out the generator must never have seen; that is checked only where the
+    owner's release log holds the generator's release (review 12: a GPU host has none, and said nothing)."""
+    from mepf.evaluate.data import load_synthetic
+    from mepf.evaluate.dpimagebench import _unverified_holdout
+
+    synth = load_synthetic(str(tiny_run / "run"), 10)
+    assert _unverified_holdout(synth, "v", tiny_run / "log.jsonl") is None
+    said = _unverified_holdout(synth, "v", tmp_path / "elsewhere.jsonl")
+    assert "could not be checked to be outside the generator's training data" in said and "elsewhere.jsonl" in said
+
+
 def test_dpimagebench_protocol_bad_input(tiny_run, tmp_path):
     d = tiny_run
     run, ref = str(d / "run"), str(d / "heldout.npz")
