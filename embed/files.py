@@ -309,7 +309,8 @@ def _stored_inside(h5, key: str, path: Path) -> None:
 
 
 class ArraySource(Source):
-    """Images (N,H,W) or (N,H,W,C) uint8 (or float in [0,1]) with optional integer labels, from .npz or .h5.
+    """Images (N,H,W) or (N,H,W,C) uint8 (or float in [0,1]) with optional integer labels, from .npz or .h5;
+    also (N,C,H,W), torch's layout and DPImageBench's gen.npz, where C is 1 or 3 and the last axis is not.
 
     Keys: images in 'images' or 'x', labels in 'labels' or 'y'. The label set is declared by `classes`.
     The constructor reads the headers only; `blocks` opens the file for each pass.
@@ -358,9 +359,11 @@ class ArraySource(Source):
                                 "represent; write it with h5py from uint8 or float arrays") from None
         else:
             raise MepfError(f"--data {path}: unsupported file type {path.suffix}; use .npz, .h5 or an image folder")
-        if len(self._shape) not in (3, 4) or (len(self._shape) == 4 and self._shape[3] not in (1, 3)):
-            raise MepfError(f"images in {path.name} have shape (N, {', '.join(map(str, self._shape[1:]))}); expected "
-                            "(N,H,W) or (N,H,W,C) with C 1 or 3")
+        s = self._shape
+        self._channels_first = len(s) == 4 and s[3] not in (1, 3) and s[1] in (1, 3)
+        if len(s) not in (3, 4) or (len(s) == 4 and s[3] not in (1, 3) and not self._channels_first):
+            raise MepfError(f"images in {path.name} have shape (N, {', '.join(map(str, s[1:]))}); expected "
+                            "(N,H,W), (N,H,W,C) or (N,C,H,W) with C 1 or 3")
         if not (self._dtype == np.uint8 or np.issubdtype(self._dtype, np.floating)):
             raise MepfError(f"images in {path.name} have dtype {self._dtype}; expected uint8 (0-255) or float in [0,1]")
         if self._shape[0] == 0:
@@ -397,7 +400,7 @@ class ArraySource(Source):
     @property
     def geometry(self) -> tuple:
         s = self._shape
-        return (s[1], s[2], 1) if len(s) == 3 else tuple(s[1:])
+        return (s[1], s[2], 1) if len(s) == 3 else (s[2], s[3], s[1]) if self._channels_first else tuple(s[1:])
 
     def __len__(self) -> int:
         return int(self._shape[0])
@@ -456,6 +459,8 @@ class ArraySource(Source):
                 x = x.astype(np.float32)
             if x.ndim == 3:
                 x = x[..., None]
+            elif self._channels_first:
+                x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
             if y is not None:
                 y = y.astype(np.int64)
                 bad = (y < 0) | (y >= k)

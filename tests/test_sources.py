@@ -39,6 +39,33 @@ def test_npz_and_h5_stream_the_same_records(tmp_path, labelled_npz):
     np.testing.assert_array_equal(xs, x)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_first_arrays_stream_the_records_channels_last_ones_do(tmp_path, channels):
+    """(N, C, H, W), torch's layout and DPImageBench's gen.npz (x float32 in [0, 1]), was refused; it now reads as
+    the same records, with the same hashes (so the release log sees one dataset whatever its layout). A shape
+    whose last axis is 1 or 3 stays channels-last; a fourth axis that fits neither is refused."""
+    from mepf.embed.fingerprint import record_hash
+
+    x = make_images(12, seed=5, channels=channels)
+    y = np.arange(12) % 3
+    np.savez(tmp_path / "last.npz", images=x, labels=y)
+    np.savez(tmp_path / "gen.npz", x=x.transpose(0, 3, 1, 2).astype(np.float32) / 255, y=y)
+    with h5py.File(tmp_path / "first.h5", "w") as f:
+        f["images"], f["labels"] = x.transpose(0, 3, 1, 2), y
+    want, _ = collect(ArraySource(tmp_path / "last.npz", ["a", "b", "c"]))
+    for p in ("gen.npz", "first.h5"):
+        src = ArraySource(tmp_path / p, ["a", "b", "c"])
+        assert src.geometry == (28, 28, channels)
+        xs, ys = collect(src, bs=5)
+        np.testing.assert_array_equal(ys, y)
+        assert [record_hash(r) for r in xs] == [record_hash(r) for r in want]
+    np.savez(tmp_path / "two.npz", images=np.zeros((2, 2, 28, 28), np.uint8))
+    with pytest.raises(MepfError, match=r"\(N, 2, 28, 28\); expected \(N,H,W\), \(N,H,W,C\) or \(N,C,H,W\)"):
+        ArraySource(tmp_path / "two.npz", None)
+    np.savez(tmp_path / "last3.npz", images=np.zeros((2, 3, 28, 3), np.uint8))
+    assert ArraySource(tmp_path / "last3.npz", None).geometry == (3, 28, 3)
+
+
 def test_each_shard_of_an_npz_reads_its_own_records_once(tmp_path):
     """Workers and ranks read an .npz in shards, skipping the others' blocks by seeking. Every block a shard keeps
     holds exactly its records and their labels, and the shards together hold every record once (stored and

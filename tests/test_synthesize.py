@@ -279,6 +279,11 @@ def test_sample_in_dpimagebench_form(release_file, tmp_path):
     np.testing.assert_array_equal(y, ours["labels"])
     ds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))  # as their loader wraps it
     assert ds[0][0].shape == (1, 28, 28)
+    from mepf.evaluate.data import load_synthetic
+
+    back = load_synthetic(str(tmp_path / "gen.npz"), 30)  # evaluate reads it (and DPImageBench's own gen.npz) back
+    np.testing.assert_array_equal(back.images[..., 0], ours["images"])
+    np.testing.assert_array_equal(back.labels, y)
     for extra, message in ((["--out", str(tmp_path / "folder")], "writes an .npz"),
                            (["--out", str(tmp_path / "p.npz"), "--labels", "prior"], "class-balanced")):
         bad = r.invoke(main, args + ["--format", "dpimagebench"] + extra)
