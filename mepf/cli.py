@@ -632,7 +632,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 @click.option("--labels", type=_choices(so.LABELS), default=_sd("labels"))
 @click.option("--batch-size", type=click.IntRange(1), default=_sd("batch_size"))
 @click.option("--device", type=_choices(DEVICES), default=_sd("device"))
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing .npz, or a folder that holds only samples "
+              "mepf sample wrote (never a run folder or other files).")
 @click.option("--format", "fmt", type=_choices(so.SAMPLE_FORMATS), default=_sd("format"),
               help="mepf: uint8 .npz or PNG folders; dpimagebench: the gen.npz DPImageBench's eval.py loads (x float32 "
                    "(N, C, H, W) in [0, 1], y labels, classes balanced).")

@@ -28,6 +28,46 @@ def class_folders(names: list) -> list:
     return [f"{i:0{width}d}_{s}" if s else f"{i:0{width}d}" for i, s in enumerate(safe)]
 
 
+#: what `mepf sample` writes in a folder: class folders (index, then the safe name) of numbered PNGs, or the PNGs
+_CLASS_FOLDER, _PNG = re.compile(r"\d+(_[A-Za-z0-9._-]*)?"), re.compile(r"\d{6,}\.png")
+
+
+def _not_samples(folder: Path) -> str | None:
+    """Why `folder` is not a folder of samples that --overwrite may replace (None where it is one): replacing it
+    removes everything in it, so a run folder, a report or anyone's files in it are refused, not deleted."""
+    if (folder / "options.json").exists() or (folder / "generator.pt").exists():
+        return "it is a training run folder"
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not (
+                (entry.is_dir() and _CLASS_FOLDER.fullmatch(entry.name)
+                 and all(f.is_file() and not f.is_symlink() and _PNG.fullmatch(f.name) for f in entry.iterdir()))
+                or (entry.is_file() and _PNG.fullmatch(entry.name))):
+            return f"it holds {entry.name}, which mepf sample does not write"
+    return None
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """--out may be replaced: absent, an empty folder, or (with --overwrite) a file of samples or a folder that
+    holds only what mepf sample writes."""
+    if out.name in ("", ".", ".."):
+        raise MepfError(f"--out {out}: name the .npz, or a new folder for the PNGs (e.g. samples/), not {out}")
+    if not out.exists() and not out.is_symlink():
+        return
+    folder = out.suffix.lower() != ".npz"
+    if out.is_symlink() or out.is_dir() != folder:
+        what = "a link" if out.is_symlink() else "a folder" if out.is_dir() else "a file"
+        raise MepfError(f"--out {out} is {what}, where mepf sample would write {'a folder' if folder else 'an .npz'}; "
+                        "choose another --out")
+    if folder and not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
+    problem = _not_samples(out) if folder else None
+    if problem:
+        raise MepfError(f"--out {out} cannot be replaced: {problem}, and --overwrite would remove everything in it; "
+                        "choose a new folder")
+
+
 _D = SampleOptions  # the defaults, written once there
 
 
@@ -54,9 +94,8 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     if format == "dpimagebench" and not g.info.get("labelled"):
         raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
                         "evaluates class-conditional sets)")
+    _check_out(out, overwrite)
     create_folder_of(out)
-    if out.exists() and not overwrite:
-        raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale)
     if format == "dpimagebench":
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)

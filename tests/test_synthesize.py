@@ -235,6 +235,36 @@ def test_sample_outputs(release_file, tmp_path):
     assert prior.exit_code == 0
 
 
+def test_sample_overwrite_replaces_only_samples(release_file, tmp_path, monkeypatch):
+    """--overwrite of a PNG folder replaces the whole folder: a run folder given as --out was deleted with its
+    generator and snapshots, and anyone's files in the folder with it (review 15). It now replaces only what
+    mepf sample writes; '.' and a folder where an .npz is meant are one line; an empty folder needs no --overwrite."""
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
+
+    def sample(out, *extra):
+        return CliRunner().invoke(main, ["sample", str(tmp_path / "run"), "-n", "12", "--out", str(out), *extra])
+
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    r = sample(tmp_path / "run", "--overwrite")
+    assert r.exit_code == 2 and "it is a training run folder" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    (tmp_path / "empty").mkdir()
+    assert sample(tmp_path / "empty").exit_code == 0 and len(list((tmp_path / "empty").rglob("*.png"))) == 12
+    assert sample(tmp_path / "empty").exit_code == 2  # not empty now: --overwrite is needed
+    again = sample(tmp_path / "empty", "--overwrite", "-n", "5")
+    assert again.exit_code == 0 and len(list((tmp_path / "empty").rglob("*.png"))) == 5
+    (tmp_path / "empty" / "0_0" / "notes.txt").write_text("mine")
+    r = sample(tmp_path / "empty", "--overwrite")
+    assert r.exit_code == 2 and "holds 0_0, which mepf sample does not write" in r.stderr, r.stderr
+    assert (tmp_path / "empty" / "0_0" / "notes.txt").read_text() == "mine"
+    (tmp_path / "dir.npz").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")  # '.' below is this folder of samples, never the repository
+    for out, message in ((".", "name the .npz, or a new folder"), (tmp_path / "dir.npz", "is a folder, where")):
+        r = sample(out, "--overwrite")
+        assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not list((tmp_path / "dir.npz").iterdir())
+
+
 def test_sample_z_scale_feeds_the_same_latent_scaled(release_file, tmp_path):
     """--z-scale s draws the generator's images of s * z for the very z of the default draw (labels unchanged);
     s = 1 is the default draw bit for bit; a scale that is not a finite number above 0 is one line, no file."""
