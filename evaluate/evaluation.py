@@ -64,6 +64,30 @@ def _release_of(synth: ImageSet, release_path: str | None, saved: dict | None):
     return load(found) if found else None
 
 
+def _check_release_fits(synth: ImageSet, rel, warnings: list) -> None:
+    """Images given as files (no generator names their release): the --release given must be of their geometry
+    and classes, by name where both sides name them (a wrong file gave a traceback, or a distance of classes
+    paired by position)."""
+    f = rel.features
+    if tuple(synth.shape) != (f.height, f.width, f.channels):
+        h, w, c = synth.shape
+        raise MepfError(f"--release {rel.path} is of {f.height} x {f.width} x {f.channels} images and these samples "
+                        f"are {h} x {w} x {c}: pass the release they were generated from")
+    if not rel.labelled or synth.labels is None:
+        return
+    k = len(rel.class_names)
+    names = None if synth.by_index else (synth.sampled_names or synth.class_names)
+    if names is not None and list(names) != list(rel.class_names):
+        raise MepfError(f"these samples' classes {{{', '.join(map(str, names))}}} are not the release's "
+                        f"{{{', '.join(map(str, rel.class_names))}}}: pass the release they were generated from")
+    if int(synth.labels.max(initial=0)) >= k:
+        raise MepfError(f"these samples have labels up to {int(synth.labels.max())} and --release {rel.path} has "
+                        f"{k} classes: pass the release they were generated from")
+    if names is None and list(rel.class_names) != [str(i) for i in range(k)]:
+        warnings.append(f"the samples' labels (indices, no names) are paired by position with the release's classes "
+                        f"{', '.join(map(str, rel.class_names))}")
+
+
 #: FID from fewer samples than this is noticeably biased upwards (pytorch-fid's advice: at least 2,048)
 FID_UNBIASED = 2048
 
@@ -221,6 +245,10 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     saved = _run_options(synth)
     rel = _release_of(synth, release, saved)
     release_rec = _release_record(synth, rel)  # before any metric: an altered generator stops here
+    given = None  # images as files: the release is the user's word, for the distance only, never a guarantee
+    if rel is not None and synth.generator is None:
+        _check_release_fits(synth, rel, warnings)
+        given = {"sha256": rel.file_sha256, "path": str(rel.path), "epsilon": rel.epsilon, "delta": rel.delta}
     metrics_out = {}
     if "fid" in wanted:
         metrics_out.update(_fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress))
@@ -240,8 +268,8 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
               "reference_given": reference, "generator": generator,
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
-              "release": release_rec, "not_for_publication": bool(warn), "warnings": warnings,
-              "seed": seed, "classes": classes,
+              "release": release_rec, "release_given": given, "not_for_publication": bool(warn),
+              "warnings": warnings, "seed": seed, "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid", "scikit-learn"),
               "wall_time_s": time.perf_counter() - t0}
     write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir), synth.class_names)

@@ -292,6 +292,41 @@ def test_bad_input(tiny_run, tmp_path, mnist):
         assert not (tmp_path / "rep").exists()
 
 
+def test_a_release_given_for_sample_files_must_fit_them(tiny_run, tmp_path):
+    """Samples given as an .npz name no release, so --release is the user's word: a release of other images gave a
+    traceback, one of other classes a traceback or a distance of classes paired by position, and the report did
+    not say which release it measured against (review 15)."""
+    from mepf.artifacts.format import file_sha256
+
+    d = tiny_run
+    run = CliRunner().invoke(main, ["sample", str(d / "run"), "-n", "20", "--out", str(tmp_path / "s.npz")])
+    assert run.exit_code == 0, run.stderr
+    s = np.load(tmp_path / "s.npz")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", images=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), labels=s["labels"])
+    np.savez(tmp_path / "named.npz", images=s["images"], labels=s["labels"] % 3,
+             class_names=np.array(["circle", "square", "stripe"]))
+    np.savez(tmp_path / "many.npz", images=s["images"], labels=np.arange(20))
+
+    def evaluate(samples, out):
+        return CliRunner().invoke(main, ["evaluate", str(tmp_path / samples), "--reference", str(d / "heldout.npz"),
+                                         "--out", str(tmp_path / out), "--metrics", "embedding", "--release",
+                                         str(d / "r.h5"), "--quiet"])
+
+    for samples, message in (("rgb.npz", "is of 28 x 28 x 1 images and these samples are 32 x 32 x 3"),
+                             ("named.npz", "classes {circle, square, stripe} are not the release's"),
+                             ("many.npz", "labels up to 19 and --release")):
+        r = evaluate(samples, "bad")
+        assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, (samples, r.stderr)
+        assert not (tmp_path / "bad").exists()
+    ok = evaluate("s.npz", "rep")
+    assert ok.exit_code == 0, ok.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["release"] is None  # the samples' guarantee is not the user's word (the report says none)
+    assert rep["release_given"]["sha256"] == file_sha256(d / "r.h5") and set(rep["metrics"]["embedding_distance"]) == {
+        "S1", "S2"}
+
+
 def test_dpimagebench_protocol_end_to_end(tiny_run, fid_weights, tmp_path, mnist):
     """--protocol dpimagebench on a tiny run: a reduced protocol (2 epochs, 60 images) that says so, its
     classifier selected on the validation set given, FID against the reference given, and the same command
