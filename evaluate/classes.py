@@ -78,9 +78,11 @@ def match_classes(synth_names: list, synth_index: bool, synth_sampled, ref_names
         side = "synthetic .npz" if synth_index else "reference .npz"
         other = ref_names if synth_index else synth_names
         if not (synth_index and ref_index) and list(other) != [str(i) for i in range(ks)]:
+            named = printable(other[0], 30)
+            example = f"0={named}" if synth_index else f"{named}=0"
             raise MepfError(f"the {side} has no class names (labels 0..{ks - 1}), the other side names its classes "
-                            f"{_shown(other)}; pass --class-map to pair them (e.g. '0={printable(other[0], 30)}'), "
-                            "as pairing by position could be silently wrong")
+                            f"{_shown(other)}; pass --class-map SYNTH=REF to pair them (e.g. '{example}'), as "
+                            "pairing by position could be silently wrong")
         perm = np.arange(ks)
         how = f"by index (the {side} has no class names)"
     else:

@@ -96,6 +96,26 @@ def test_classes_are_matched_by_name_never_silently_by_position(study, tmp_path)
     assert json.loads((tmp_path / "rep2" / "report.json").read_text())["classes"]["matched"] == "by name"
 
 
+@pytest.mark.parametrize("unnamed", ["synthetic", "reference"])
+def test_the_class_map_the_refusal_suggests_is_accepted(unnamed):
+    """The example in the refusal was '0=NAME' whichever side had no names; --class-map is SYNTH=REF, so where the
+    reference was the unnamed side the suggestion itself was refused (review 15)."""
+    import re
+
+    from mepf.artifacts.errors import MepfError
+    from mepf.evaluate.classes import match_classes
+
+    names, index = ["circle", "square", "stripe"], ["0", "1", "2"]
+    sides = (index, True, None, names, False) if unnamed == "synthetic" else (names, False, None, index, True)
+    with pytest.raises(MepfError) as e:
+        match_classes(*sides)
+    example = re.search(r"\(e\.g\. '([^']*)'\)", str(e.value)).group(1)
+    pairs = {a: b for a, b in (p.split("=") for p in example.split(","))}
+    first_synth, first_ref = (sides[0][0], sides[3][0])
+    full = ",".join(f"{a}={b}" for a, b in zip(sides[0], sides[3]))
+    assert pairs == {first_synth: first_ref} and match_classes(*sides, class_map=full)[2] == "by --class-map"
+
+
 def test_a_sampled_folder_maps_back_to_the_release_names(study, tmp_path):
     ok(cli("sample", study / "run", "-n", "30", "--out", tmp_path / "samples"))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0_benign", "1_malignant_lesion",
