@@ -11,6 +11,8 @@ SNAPSHOT_NAME = re.compile(r"snapshot-(\d{7})\.pt")  # what snapshot_name writes
 
 #: the most bytes read of a run's options.json and stats.jsonl (a run folder can come from someone else)
 MAX_OPTIONS_BYTES, MAX_STATS_BYTES = 16 << 20, 512 << 20
+#: the longest stats.jsonl line read (mepf writes a few hundred bytes)
+MAX_STATS_LINE = 1 << 20
 
 
 def read_text(path, limit: int) -> str:
@@ -75,12 +77,21 @@ def iter_stats(run):
     if problem:
         raise MepfError(f"{path} cannot be read ({problem}); the run folder is damaged")
     with f:
-        read = 0
-        for i, raw in enumerate(f, 1):
+        read, i = 0, 0
+        while True:
+            try:
+                raw = f.readline(MAX_STATS_LINE + 1)
+            except OSError as e:  # a 'plain' file whose read fails (procfs, a failing disk)
+                raise MepfError(f"{path} cannot be read ({type(e).__name__}); the run folder is damaged") from None
+            if not raw:
+                break
+            i += 1
             read += len(raw)
             if read > MAX_STATS_BYTES:  # grew while it was read
                 raise MepfError(f"{path} grew past {MAX_STATS_BYTES:,} bytes while it was read; the run folder is "
                                 "damaged")
+            if len(raw) > MAX_STATS_LINE:
+                raise MepfError(f"{path} line {i} is longer than any stats record; the run folder is damaged")
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:

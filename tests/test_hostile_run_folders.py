@@ -251,6 +251,18 @@ def test_a_large_stats_file_is_read_a_line_at_a_time(copied, monkeypatch):
         list(run_folder.iter_stats(copied))
     assert run_stats(copied) == []  # the report then shows no curve
     monkeypatch.undo()
+    stats = copied / "stats.jsonl"
+    stats.write_text(json.dumps({"step": 1, "pad": "x" * (2 << 20)}) + "\n")  # one line: parsed whole, 26 x its size
+    with pytest.raises(MepfError, match="line 1 is longer than any stats record"):
+        list(run_folder.iter_stats(copied))
+    stats.unlink()
+    stats.symlink_to("/proc/self/mem")  # a plain file to stat, whose read fails: a traceback (review 14)
+    with pytest.raises(MepfError, match=r"cannot be read \((OSError|it)"):
+        list(run_folder.iter_stats(copied))
+    stats.unlink()
+    with open(stats, "w") as f:
+        for step in range(1, 3001):
+            f.write(json.dumps({"step": step, "dist_S1": step / 7, "loss": 1.0, "pad": list(range(300))}) + "\n")
     r = resume(copied, steps=4)  # trims records past the last snapshot (step 2), then logs the last step
     assert r.exit_code == 0, r.output + r.stderr
     assert [json.loads(line)["step"] for line in (copied / "stats.jsonl").read_text().splitlines()] == [1, 2, 4]

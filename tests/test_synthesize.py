@@ -542,13 +542,13 @@ def test_run_folder_files_from_someone_else_are_read_bounded_and_without_waiting
         r = CliRunner().invoke(main, ["info", str(run)])
         assert r.exit_code != 0 and r.output.strip().count("\n") == 0, r.output  # no run folder: one line
         with pytest.raises(MepfError, match="not a plain file"):
-            run_folder.read_stats(run)
+            list(run_folder.iter_stats(run))
     (run / run_folder.STATS).unlink()
     (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n{"step": \n')
     with pytest.raises(MepfError, match="line 2 is not a stats record"):
-        run_folder.read_stats(run)
+        list(run_folder.iter_stats(run))
     (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n\n{"step": 100}\n')
-    assert [r["step"] for r in run_folder.read_stats(run)] == [50, 100]
+    assert [r["step"] for _, r in run_folder.iter_stats(run)] == [50, 100]
 
 
 def test_an_extra_term_enters_the_generators_loss(release_file, tmp_path, monkeypatch):
