@@ -55,6 +55,13 @@ def _same_run(rep: dict | None, sha: str, a) -> bool:
                 and rep.get("n_synthetic") == a.n and rep.get("real_limit") == a.real_limit)
 
 
+def _fid_of(rep: dict | None, sha: str, a) -> dict | None:
+    """The report's FID where it is of this run and of today's method (50,000 samples drawn with the seed; a report
+    without `fid_drawn_with_seed` took all 60,000 and is computed again)."""
+    ok = _same_run(rep, sha, a) and "fid" in rep["metrics"] and "fid_drawn_with_seed" in rep["metrics"]
+    return rep if ok else None
+
+
 def _finished(folder: Path, kind: str, sha: str, a) -> bool:
     rep = _report(folder)
     return _same_run(rep, sha, a) and bool(
@@ -187,7 +194,7 @@ def _evaluate(gen: Path, sha: str, folder: Path, kinds: list, a, deadline: float
               f"all, {r['epochs_done']}/{a.epochs} epochs", flush=True)
         left |= not r["finished"]
     fid_dir = folder / "fid"
-    if not a.no_fid and not (_same_run(_report(fid_dir), sha, a) and "fid" in _report(fid_dir)["metrics"]):
+    if not a.no_fid and not _fid_of(_report(fid_dir), sha, a):
         if deadline - time.time() >= a.fid_seconds:
             t0 = time.time()
             evaluate_dpimagebench(str(gen), "fashion-mnist:test", fid_dir, n=a.n, metrics=["fid"],
@@ -211,8 +218,7 @@ def _row(gen: Path, row: dict, folder: Path, kinds: list, sha: str, a) -> dict:
         per[kind] = r["test_at_best_val"] if r and r["finished"] else None
         done &= per[kind] is not None
         reduced |= set(rep["protocol_reduced"]) if rep else set()
-    fid = _report(folder / "fid")
-    fid = fid if _same_run(fid, sha, a) and "fid" in fid["metrics"] else None
+    fid = _fid_of(_report(folder / "fid"), sha, a)
     if fid:
         reduced |= set(fid["protocol_reduced"])
     # each classifier is an evaluation of its own here: the row's classifiers are this call's, said once

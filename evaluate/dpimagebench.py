@@ -83,6 +83,14 @@ def _check_not_test(val: ImageSet, test: ImageSet, val_spec: str, reference: str
                         "as fashion-mnist:val-5k")
 
 
+def _check_geometry(shape: tuple) -> None:
+    if tuple(shape) != THEIR_GEOMETRY:
+        h, w, c = shape
+        raise MepfError(f"--protocol dpimagebench implements DPImageBench's recipe for grey 28 x 28 images "
+                        f"((Fashion-)MNIST), and these are {h} x {w} x {c}: their evaluator trains other networks, "
+                        "another way, for other data (CIFAR: WRN-28-10, SGD, 200 epochs); use --protocol mepf")
+
+
 def _unverified_holdout(synth, val_spec: str, release_log) -> str | None:
     """Why the premise that the generator never saw the validation hold-out cannot be checked here: the release it
     was trained from is not in the owner's release log on this machine (a GPU host, someone else's generator)."""
@@ -93,8 +101,8 @@ def _unverified_holdout(synth, val_spec: str, release_log) -> str | None:
     if sha and any(isinstance(e, dict) and e.get("output_sha256") == sha for e in read_log(log)):
         return None
     what = "the generator's release is not" if sha else "images given as files are not a release"
-    return (f"--validation {val_spec} could not be checked to be outside the generator's training data: {what} in "
-            f"the release log {log}; the protocol assumes the generator never saw it (a release of "
+    return (f"the hold-out --validation {val_spec} could not be checked to be outside the generator's training "
+            f"data: {what} in the release log {log}; the protocol assumes the generator never saw it (a release of "
             "fashion-mnist:train-55k never holds fashion-mnist:val-5k)")
 
 
@@ -182,12 +190,14 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     given = [flag for flag, value in unused if value is not None]
     if given:
         raise MepfError(f"{given[0]} does nothing with --metrics {','.join(sorted(wanted))}; drop it")
+    p = Path(synthetic)
+    if p.suffix == ".pt" or (p / "generator.pt").is_file():  # a generator's size is known before its samples
+        from mepf.synthesize import load_generator
+
+        arch = load_generator(p).arch
+        _check_geometry((arch["image_size"], arch["image_size"], arch["channels"]))
     synth = load_synthetic(synthetic, n, seed, device, z_scale)
-    if tuple(synth.shape) != THEIR_GEOMETRY:
-        h, w, c = synth.shape
-        raise MepfError(f"--protocol dpimagebench implements DPImageBench's recipe for grey 28 x 28 images "
-                        f"((Fashion-)MNIST), and these are {h} x {w} x {c}: their evaluator trains other networks, "
-                        "another way, for other data (CIFAR: WRN-28-10, SGD, 200 epochs); use --protocol mepf")
+    _check_geometry(tuple(synth.shape))
     ident = _identity(synth)
     # what the saved state belongs to: a generator by its SHA-256 (wherever it lies now), images by their path
     drawn = "" if z_scale == 1 else f" at z scale {z_scale!r}"  # a saved state belongs to these samples only

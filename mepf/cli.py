@@ -662,7 +662,7 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_s
 @click.option("-n", "n", type=click.IntRange(1), default=None,
               help="Samples to draw from a run or generator.  [default: 10000; dpimagebench: 60000]")
 @click.option("--fid-samples", type=click.IntRange(2), default=None, help="Use this many samples for FID.  "
-              "[default: all]")
+              "[default: all; --protocol dpimagebench: 50,000 drawn with --seed, as theirs draws 50,000]")
 @click.option("--metrics", default=None,
               help=f"Comma-separated: {', '.join(vo.METRICS)}.  [default: all that apply]")
 @click.option("--classifiers", default=None, help="Downstream classifiers.  [default: "
@@ -758,7 +758,8 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
         m = report["metrics"]
         parts = [f"FID {m['fid']:.2f} ({m['fid_samples']} samples)"] if "fid" in m else []
         parts += [f"{k} {100 * v:.1f}%" for k, v in m.get("accuracy", {}).items()]
-        click.echo(f"report: {Path(out) / 'report.md'}; " + ", ".join(parts))
+        parts += [f"embedding distance {k} {v:.4g}" for k, v in sorted(m.get("embedding_distance", {}).items())]
+        click.echo(f"report: {Path(out) / 'report.md'}" + (("; " + ", ".join(parts)) if parts else ""))
 
 
 @main.group()

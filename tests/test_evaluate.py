@@ -275,7 +275,7 @@ def test_bad_input(tiny_run, tmp_path, mnist):
     np.savez(tmp_path / "small.npz", images=np.zeros((5, 16, 16), np.uint8), labels=np.arange(5))
     np.savez(tmp_path / "nolabels.npz", images=mnist[1].images[:20, :, :, 0])
     cases = [
-        ([str(d / "run"), "--reference", str(tmp_path / "missing.npz")], "no such file"),
+        ([str(d / "run"), "--reference", str(tmp_path / "missing.npz")], f"--reference {tmp_path}/missing.npz: no"),
         ([str(d / "run"), "--reference", str(tmp_path / "rgb.npz")], "the same label set"),  # converted, as embed does
         ([str(d / "run"), "--reference", str(tmp_path / "small.npz")], "the same label set"),
         ([str(d / "run"), "--reference", str(tmp_path / "nolabels.npz"), "--metrics", "accuracy"], "needs labels"),
@@ -320,7 +320,7 @@ def test_a_release_given_for_sample_files_must_fit_them(tiny_run, tmp_path):
         assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, (samples, r.stderr)
         assert not (tmp_path / "bad").exists()
     ok = evaluate("s.npz", "rep")
-    assert ok.exit_code == 0, ok.stderr
+    assert ok.exit_code == 0 and "; embedding distance S1 " in ok.output, ok.output + ok.stderr  # was "report: X;"
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["release"] is None  # the samples' guarantee is not the user's word (the report says none)
     assert rep["release_given"]["sha256"] == file_sha256(d / "r.h5") and set(rep["metrics"]["embedding_distance"]) == {
@@ -342,6 +342,7 @@ def test_dpimagebench_protocol_end_to_end(tiny_run, fid_weights, tmp_path, mnist
     assert "incomplete: resnet not finished" in cut.stderr and "FID not computed" in cut.stderr
     r = CliRunner().invoke(main, args)  # the same command again (here without the budget): it goes on
     assert r.exit_code == 0, r.output + r.stderr
+    assert "note: the hold-out --validation" in r.stderr  # no log here holds the release: said, not only filed
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     m = rep["metrics"]
     b = m["dpimagebench"]

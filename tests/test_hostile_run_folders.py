@@ -195,6 +195,27 @@ def test_a_generator_with_a_transform_mepf_never_writes_is_refused(copied, base_
     one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "transform")
 
 
+def test_dpimagebench_refuses_a_generator_of_other_images_before_sampling(copied, tmp_path, monkeypatch):
+    """A 32 x 32 x 3 generator under --protocol dpimagebench was refused only after its 60,000 samples were drawn
+    (minutes on a CPU; review 14): its declared size is checked first."""
+    from mepf.artifacts.errors import MepfError
+    from mepf.evaluate import dpimagebench
+    from mepf.synthesize.generators import build_generator
+
+    base = torch.load(copied / "generator.pt", weights_only=True)
+    arch = {**base["arch"], "image_size": 32, "channels": 3}
+    state = {k: v.detach().clone() for k, v in build_generator(arch).state_dict().items()}
+    torch.save({**base, "arch": arch, "state_dict": state}, tmp_path / "rgb.pt")
+
+    def never(*a, **kw):
+        raise AssertionError("sampled before the geometry was checked")
+
+    monkeypatch.setattr(dpimagebench, "load_synthetic", never)
+    with pytest.raises(MepfError, match="recipe for grey 28 x 28 images .* these are 32 x 32 x 3"):
+        dpimagebench.evaluate_dpimagebench(str(tmp_path / "rgb.pt"), "fashion-mnist:test", tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
+
+
 def test_a_small_generator_declaring_large_images_samples_in_bounded_batches(copied, tmp_path):
     """A 56 KB generator.pt declaring 1024 x 1024 x 3 images asked, at the default batch of 500, for one 8 GB
     tensor (a traceback under a memory limit); batches are now capped at 256 MB of images, and what does not fit
