@@ -360,7 +360,8 @@ class ArraySource(Source):
         else:
             raise MepfError(f"--data {path}: unsupported file type {path.suffix}; use .npz, .h5 or an image folder")
         s = self._shape
-        self._channels_first = len(s) == 4 and s[3] not in (1, 3) and s[1] in (1, 3)
+        # images are at least 8 px a side: an RGBA array of height 1 or 3 is refused, not read as channels-first
+        self._channels_first = len(s) == 4 and s[3] not in (1, 3) and s[1] in (1, 3) and min(s[2], s[3]) >= 8
         if len(s) not in (3, 4) or (len(s) == 4 and s[3] not in (1, 3) and not self._channels_first):
             raise MepfError(f"images in {path.name} have shape (N, {', '.join(map(str, s[1:]))}); expected "
                             "(N,H,W), (N,H,W,C) or (N,C,H,W) with C 1 or 3")

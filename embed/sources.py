@@ -216,6 +216,9 @@ def declared_geometry(source: Source, image_size, channels) -> tuple:
         raise MepfError("an image folder needs its geometry declared: pass --image-size (N or HxW) and --channels "
                         "(1 or 3); every image is converted and resized to it, whatever its own size and mode")
     size = tuple(image_size) if image_size is not None else tuple(fixed[:2])
+    if min(size) < 8 or max(size) > 1024:  # --image-size is ranged so; an array's own size is not
+        raise MepfError(f"the images are {size[0]} x {size[1]} and mepf embeds 8 to 1024 px a side; pass "
+                        "--image-size N (or HxW) to resize them")
     return size, int(channels) if channels is not None else int(fixed[2])
 
 
@@ -238,6 +241,9 @@ def open_source(data: str, classes=None, data_root=None, strict: bool = True, pr
         if classes is not None:
             raise MepfError(f"--classes is for .npz/.h5 data; {data} declares its own classes")
         return named_source(data, data_root)
+    if p.exists() or p.is_symlink():
+        raise MepfError(f"--data {data}: a single file that is not an .npz or .h5 is no dataset; pass the folder "
+                        "that holds the images (one subfolder per class), or an .npz/.h5 of them")
     if os.sep in data or p.suffix:
         raise MepfError(f"--data {data}: no such file or folder")
     raise MepfError(f"--data {data}: not a folder, .npz/.h5 file or known dataset ({', '.join(DATASETS)})")

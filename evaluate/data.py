@@ -163,7 +163,9 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
     try:
         return read_source(open_source(spec, data_root=data_root, private=False), geometry, crop)
     except MepfError as e:
-        raise MepfError(f"{flag}: {e}") from None
+        said = str(e)  # stage 1 names its option, --data, which evaluate does not have
+        said = f"{flag} {said[len('--data '):]}" if said.startswith("--data ") else f"{flag}: {said}"
+        raise MepfError(said) from None
 
 
 def run_stats(run_dir: Path | None) -> list:

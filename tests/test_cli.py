@@ -99,6 +99,9 @@ def _npz(tmp_path, name, images, labels=None):
 
 BAD = {
     "missing path": (lambda t: ["--data", t / "nope"], "no such file or folder"),
+    "one image": (lambda t: ["--data", _folder(t, "one") / "a" / "0.png"], "a single file that is not an .npz or .h5"),
+    "array of tiny images": (lambda t: ["--data", _npz(t, "tiny.npz", np.zeros((5, 4, 4), np.uint8))],
+                             "the images are 4 x 4 and mepf embeds 8 to 1024 px a side"),
     "empty folder": (lambda t: ["--data", (t / "empty").mkdir() or t / "empty"], "holds no images"),
     "corrupt image": (lambda t: ["--data", _folder(t, "c", corrupt=True), "--image-size", "28", "--channels", "1"],
                       "cannot read image"),

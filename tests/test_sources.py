@@ -64,6 +64,9 @@ def test_channels_first_arrays_stream_the_records_channels_last_ones_do(tmp_path
         ArraySource(tmp_path / "two.npz", None)
     np.savez(tmp_path / "last3.npz", images=np.zeros((2, 3, 28, 3), np.uint8))
     assert ArraySource(tmp_path / "last3.npz", None).geometry == (3, 28, 3)
+    np.savez(tmp_path / "rgba.npz", images=np.zeros((2, 3, 28, 4), np.uint8))  # RGBA of height 3: refused, as before
+    with pytest.raises(MepfError, match=r"\(N, 3, 28, 4\); expected"):
+        ArraySource(tmp_path / "rgba.npz", None)
 
 
 def test_each_shard_of_an_npz_reads_its_own_records_once(tmp_path):
