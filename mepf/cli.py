@@ -265,6 +265,9 @@ def audit(file, as_json, release_log):
         entries = read_log(release_log)
         mine = entry_of(entries, rep.sha256)  # the file audited, not whatever its name points to now
         if mine is None:
+            if not Path(release_log).exists():  # a mistyped path is not the finding that the file was never logged
+                raise MepfError(f"no release log at {release_log}; pass the log {file} was written with (its embed's "
+                                "--release-log)")
             raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
         key = read_key(release_log)
         found = composable(entries, mine, key)
@@ -379,6 +382,9 @@ def info(path, as_json):
             raise MepfError(f"{p} is a folder but not a run folder (no options.json); pass a release .h5, a run "
                             "folder or a generator.pt")
         facts = _run_facts(p)
+    elif p.suffix.lower() == ".npz":
+        raise MepfError(f"{p} is an .npz of images (samples or data), not a release .h5, a run folder or a "
+                        "generator.pt; mepf evaluate measures samples")
     elif p.suffix == ".pt" or (p.is_file() and _is_zip(p)):
         facts = _generator_facts(p)
     else:

@@ -127,8 +127,13 @@ def load_generator(path) -> TrainedGenerator:
             raise MepfError(f"{path} is a release (the embedding written by mepf embed), not a generator: train one "
                             f"with `mepf synthesize {path} --out RUN`, then sample RUN")
     obj = load_tensors(path, "generator")
+    if isinstance(obj, dict) and "format" not in obj and {"step", "generator"} <= set(obj):
+        where = f"the run folder {path.parent} or its {GENERATOR}" if path.name.startswith("snapshot-") else (
+            "the run folder or its generator.pt")
+        raise MepfError(f"{path} is a training snapshot (to resume from), not a generator; pass {where}")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("schema_version") != VERSION:
-        raise MepfError(f"{path} is not an mepf generator (version {VERSION})")
+        raise MepfError(f"{path} is not an mepf generator (format {FORMAT}, version {VERSION}); use a "
+                        f"{GENERATOR} written by mepf synthesize")
     problem = generator_problem(obj)
     if problem:
         raise MepfError(f"{path} is not a valid mepf generator: {problem}; use a generator.pt written by mepf")

@@ -159,6 +159,15 @@ def test_existing_output_needs_overwrite(tmp_path, labelled_npz):
     assert r.exit_code == 0 and out.read_bytes() != b"precious"
 
 
+def test_audit_with_a_log_that_does_not_exist_says_so(tmp_path, labelled_npz):
+    """A mistyped --release-log read as the alarming "not in the release log" (review 15)."""
+    r = cli(*embed_args(labelled_npz[0], tmp_path / "x.h5", tmp_path / "log.jsonl", "--classes", "3"))
+    assert r.exit_code == 0, r.stderr
+    bad = cli("audit", tmp_path / "x.h5", "--release-log", tmp_path / "typo.jsonl")
+    assert bad.exit_code == 2 and "no release log at" in bad.stderr and "not in the release log" not in bad.stderr
+    assert cli("audit", tmp_path / "x.h5", "--release-log", tmp_path / "log.jsonl").exit_code == 0
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_an_interrupted_embed_on_another_node_does_not_say_nothing_was_released(monkeypatch, capsys, rank):
     """Under multi-node torchrun every node's lead rank reports a Ctrl-C; only rank 0 writes the release, and it may

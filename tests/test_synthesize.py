@@ -265,6 +265,22 @@ def test_sample_overwrite_replaces_only_samples(release_file, tmp_path, monkeypa
     assert not list((tmp_path / "dir.npz").iterdir())
 
 
+def test_files_that_are_not_generators_say_what_they_are(release_file, tmp_path):
+    """A snapshot was "not an mepf generator (version 1)", with no fix; a samples .npz given to info printed torch
+    internals and hinted at pickles (review 15)."""
+    start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"),
+                       steps=1, **{**FAST, "snapshot_every": 1}), progress=False)
+    snap = tmp_path / "run" / "snapshot-0000001.pt"
+    r = CliRunner()
+    assert r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "4", "--out", str(tmp_path / "s.npz")]).exit_code == 0
+    for args, message in ((["info", snap], "is a training snapshot (to resume from), not a generator; pass the run "
+                                           f"folder {tmp_path / 'run'} or its generator.pt"),
+                          (["sample", snap, "-n", "2", "--out", tmp_path / "x.npz"], "is a training snapshot"),
+                          (["info", tmp_path / "s.npz"], "is an .npz of images (samples or data), not a release")):
+        res = r.invoke(main, [str(a) for a in args])
+        assert res.exit_code == 2 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
 def test_sample_z_scale_feeds_the_same_latent_scaled(release_file, tmp_path):
     """--z-scale s draws the generator's images of s * z for the very z of the default draw (labels unchanged);
     s = 1 is the default draw bit for bit; a scale that is not a finite number above 0 is one line, no file."""
