@@ -13,7 +13,8 @@ from .sources import open_source, parse_classes
 def check_data(data: str, classes: str | None = None, data_root=None, show_progress: bool = True) -> list:
     """One line per problem, in listing order; empty when the data can be embedded as it is."""
     source = open_source(data, parse_classes(classes), data_root, strict=False)
-    problems = [f"{p}: not a PNG or JPEG image" for p in getattr(source, "not_images", [])]
+    problems = [f"{p}: {'a folder inside a class folder (not read)' if p.is_dir() else 'not a PNG or JPEG image'}"
+                for p in getattr(source, "not_images", [])]
     if isinstance(source, FolderSource):
         with progress(total=len(source), desc="check", disable=not show_progress, counts=False) as bar:
             for i in range(len(source)):

@@ -51,8 +51,9 @@ def read_log(path) -> list:
         try:
             lines = f.read().decode().split("\n")
         except (OSError, UnicodeDecodeError) as e:
-            raise MepfError(f"release log {path} cannot be read as a log ({type(e).__name__}); restore it from "
-                            "a backup") from None
+            raise MepfError(f"release log {path} cannot be read as a log ({type(e).__name__}); check that "
+                            "--release-log names the log (not a release or other file), else restore it from a "
+                            "backup") from None
     entries = []
     for i, line in enumerate(lines, 1):
         if line.strip():

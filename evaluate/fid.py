@@ -21,9 +21,16 @@ def statistics(acts: np.ndarray):
 
 
 def frechet_distance(mu1, s1, mu2, s2) -> float:
+    """pytorch-fid's distance; scipy's warnings about a singular product (few samples) are not shown, as the
+    evaluation says in its own words when the sample count is too small."""
+    import warnings
+
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    return float(calculate_frechet_distance(mu1, s1, mu2, s2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # scipy's LinAlgWarning
+        warnings.simplefilter("ignore", category=DeprecationWarning)  # sqrtm's disp, in pytorch-fid
+        return float(calculate_frechet_distance(mu1, s1, mu2, s2))
 
 
 def default_cache_dir() -> Path:

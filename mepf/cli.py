@@ -208,7 +208,9 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
         if problems:
             raise MepfError("the data holds files mepf cannot embed (listed above); fix or remove them, then run "
                             "mepf embed")
-        click.echo("every record can be read: the data is ready for mepf embed (nothing was embedded)")
+        folder = Path(data).is_dir() and (image_size is None or channels is None)
+        click.echo("every record can be read: the data is ready for mepf embed (nothing was embedded)"
+                   + ("; an image folder also needs --image-size and --channels" if folder else ""))
         return
     missing = [name for name, v in (("--out", out), ("--epsilon", epsilon), ("--delta", delta)) if v is None]
     if missing:
@@ -684,7 +686,8 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_s
 @click.option("--time-budget", type=click.FloatRange(1), default=None,
               help="dpimagebench: seconds; stop before an epoch that would end later, and continue on the next "
               "call with the same --out.  [default: no limit]")
-@click.option("--cnn-epochs", type=click.IntRange(1), default=_vd("cnn_epochs"))
+@click.option("--cnn-epochs", type=click.IntRange(1), default=_vd("cnn_epochs"),
+              help="Epochs of the CNN classifier (at least 500 steps in all, however small the set).")
 @click.option("--real-train", default=None, help="Real labelled training images: the non-private reference point.")
 @click.option("--release", type=click.Path(dir_okay=False), default=None,
               help="The released file, for the embedding distance when SYNTHETIC is not a run.")

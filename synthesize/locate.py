@@ -49,7 +49,8 @@ def locate_release(sha256: str, near: Path, recorded: str | None = None, given: 
         if got is None:
             raise MepfError(f"{given} is not a readable file; pass the released .h5 file")
         if got != sha256:
-            raise MepfError(f"{given} is not the release {what} was trained from (its SHA-256 starts "
+            raise MepfError(f"{given} is not the release {what} {'were' if what.endswith('samples') else 'was'} "
+                            f"trained from (its SHA-256 starts "
                             f"{got[:12]}, the run's {sha256[:12]}); pass that release")
         return Path(given)
     for p in candidates(near, recorded, size):

@@ -515,7 +515,8 @@ def _check_changes(saved: dict, changes: dict) -> dict:
     differ = {k: v for k, v in changes.items() if k in fields and v != saved.get(k)}
     fixed = sorted(k for k in differ if k not in RESUMABLE)
     if fixed:
-        shown = ", ".join(f"--{k.replace('_', '-')} (the run's is {saved.get(k)!r})" for k in fixed)
+        shown = ", ".join(f"--{k.replace('_', '-')} (the run's is {saved.get(k)!r}"
+                          f"{', the default' if k == 'width' and saved.get(k) == 0 else ''})" for k in fixed)
         raise MepfError(f"{shown} cannot change when a run resumes: it would be another run; start a new run with "
                         "--out NEW_DIR, or resume without it")
     return differ

@@ -324,6 +324,7 @@ def test_every_unusable_file_is_named_at_once_and_check_lists_them(tmp_path):
     root = messy_folder(tmp_path / "data", per_class=3)
     for name in ("notes.txt", "scan.bmp", "scan.webp"):
         (root / "benign" / name).write_bytes(b"x")
+    (root / "benign" / "more").mkdir()  # a folder in a class folder is not read: said as a folder (review 15)
     good = root / "normal tissue" / "patient 0000 scan.jpg"
     good.write_bytes(good.read_bytes()[:200])  # a truncated JPEG
     r = refused(cli("embed", "--data", root, "--image-size", "28", "--channels", "1", "--out", tmp_path / "x.h5",
@@ -334,11 +335,16 @@ def test_every_unusable_file_is_named_at_once_and_check_lists_them(tmp_path):
     lines = c.output.splitlines()
     assert {any(n in line for line in lines) for n in ("notes.txt", "scan.bmp", "scan.webp", "0000 scan.jpg")} == {True}
     assert not any(ch.isdigit() for ch in c.stderr.replace("0000", ""))  # names, never a count
+    assert any(line.endswith("more: a folder inside a class folder (not read)") for line in lines), lines
     for name in ("notes.txt", "scan.bmp", "scan.webp"):
         (root / "benign" / name).unlink()
+    (root / "benign" / "more").rmdir()
     good.unlink()
     c = ok(cli("embed", "--check", "--data", root))
     assert "ready for mepf embed" in c.output and not (tmp_path / "x.h5").exists()
+    assert "an image folder also needs --image-size and --channels" in c.output  # or the run stops there
+    c = ok(cli("embed", "--check", "--data", root, "--image-size", "28", "--channels", "1"))
+    assert "also needs" not in c.output
     assert r.exit_code == 2
 
 
