@@ -2,6 +2,9 @@
 command line, the benchmarks and the privacy audit call."""
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 from mepf.artifacts.accounting import validate_target
 from mepf.artifacts.staging import check_output_path
 from mepf.core import distributed
@@ -47,10 +50,18 @@ def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     others) and a failure on any rank is one error on all."""
     no_core_dumps()
     ranks, device = distributed.join(opts.device, resolve_device)
-    source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
-    workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers
-    return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon, delta=opts.delta,
-                         relation=opts.relation, moments=opts.moments, budget_split=opts.budget_split,
-                         batch_size=opts.batch_size, device=device, overwrite=opts.overwrite, force=opts.force,
-                         release_log_path=opts.release_log, allow_repeat=opts.allow_repeat, progress=progress,
-                         workers=workers, data_given=opts.data)
+    # folders --out needs that do not exist yet: made early (to fail before the pass), removed if left empty
+    made = [p for p in Path(opts.out).absolute().parents if not p.exists()] if ranks.main else []
+    try:
+        source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
+        workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers
+        return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon,
+                             delta=opts.delta, relation=opts.relation, moments=opts.moments,
+                             budget_split=opts.budget_split, batch_size=opts.batch_size, device=device,
+                             overwrite=opts.overwrite, force=opts.force, release_log_path=opts.release_log,
+                             allow_repeat=opts.allow_repeat, progress=progress, workers=workers, data_given=opts.data)
+    except BaseException:
+        for p in made:  # deepest first; a folder holding anything (a log, a release) stays
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise

@@ -159,6 +159,18 @@ def test_existing_output_needs_overwrite(tmp_path, labelled_npz):
     assert r.exit_code == 0 and out.read_bytes() != b"precious"
 
 
+def test_a_failed_embed_leaves_no_folders_it_made(tmp_path, labelled_npz):
+    """--out's missing folders are made before the pass (so that an unwritable place fails first); a run that
+    then fails left them behind, empty (review 15). A folder that holds something (the log) stays."""
+    r = cli(*embed_args(labelled_npz[0], tmp_path / "new" / "a" / "x.h5", tmp_path / "log.jsonl", "--classes", "2"))
+    assert r.exit_code == 2 and "outside 0..1" in r.stderr and not (tmp_path / "new").exists(), r.stderr
+    r = cli(*embed_args(labelled_npz[0], tmp_path / "kept" / "x.h5", tmp_path / "kept" / "log.jsonl", "--classes",
+                        "2"))
+    assert r.exit_code == 2 and (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "x.h5").exists()
+    r = cli(*embed_args(labelled_npz[0], tmp_path / "ok" / "x.h5", tmp_path / "log.jsonl", "--classes", "3"))
+    assert r.exit_code == 0 and (tmp_path / "ok" / "x.h5").is_file()
+
+
 def test_audit_with_a_log_that_does_not_exist_says_so(tmp_path, labelled_npz):
     """A mistyped --release-log read as the alarming "not in the release log" (review 15)."""
     r = cli(*embed_args(labelled_npz[0], tmp_path / "x.h5", tmp_path / "log.jsonl", "--classes", "3"))
