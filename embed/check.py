@@ -7,11 +7,13 @@ from mepf.artifacts.errors import MepfError
 from mepf.progress import progress
 
 from .files import FolderSource
-from .sources import open_source, parse_classes
+from .sources import declared_geometry, open_source, parse_classes
 
 
-def check_data(data: str, classes: str | None = None, data_root=None, show_progress: bool = True) -> list:
-    """One line per problem, in listing order; empty when the data can be embedded as it is."""
+def check_data(data: str, classes: str | None = None, data_root=None, show_progress: bool = True,
+               image_size=None, channels=None) -> list:
+    """One line per problem, in listing order; empty when the data can be embedded as it is (with the geometry
+    options given: an array of 7 x 7 images needs --image-size)."""
     source = open_source(data, parse_classes(classes), data_root, strict=False)
     problems = [f"{p}: {'a folder inside a class folder (not read)' if p.is_dir() else 'not a PNG or JPEG image'}"
                 for p in getattr(source, "not_images", [])]
@@ -24,6 +26,10 @@ def check_data(data: str, classes: str | None = None, data_root=None, show_progr
                     problems.append(str(e))
                 bar.update(1)
         return problems
+    try:
+        declared_geometry(source, image_size, channels)
+    except MepfError as e:
+        return [str(e)]
     try:  # arrays and named datasets stop at their first bad block, as the pass would
         for _ in source.blocks(1024):
             pass

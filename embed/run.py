@@ -3,6 +3,7 @@ command line, the benchmarks and the privacy audit call."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from mepf.artifacts.accounting import validate_target
@@ -51,7 +52,7 @@ def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     no_core_dumps()
     ranks, device = distributed.join(opts.device, resolve_device)
     # folders --out needs that do not exist yet: made early (to fail before the pass), removed if left empty
-    made = [p for p in Path(opts.out).absolute().parents if not p.exists()] if ranks.main else []
+    made = [p for p in Path(os.path.abspath(opts.out)).parents if not p.exists()] if ranks.main else []  # no '..'
     try:
         source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
         workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers

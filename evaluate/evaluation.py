@@ -75,11 +75,16 @@ def _check_release_fits(synth: ImageSet, rel, warnings: list) -> None:
                         f"are {h} x {w} x {c}: pass the release they were generated from")
     if not rel.labelled or synth.labels is None:
         return
+    from mepf.synthesize.sampling import class_folders
+
     k = len(rel.class_names)
-    names = None if synth.by_index else (synth.sampled_names or synth.class_names)
-    if names is not None and list(names) != list(rel.class_names):
+    names = None if synth.by_index else list(synth.class_names)
+    # a folder from mepf sample names its classes INDEX_NAME, made safe ("T-shirt/top" -> "0_T-shirt_top")
+    if names is not None and names not in (list(rel.class_names), class_folders(rel.class_names)):
+        fix = ("; a class with no sample has no folder: sample more images" if len(names) < k and set(names) <= set(
+            class_folders(rel.class_names)) else ": pass the release they were generated from")
         raise MepfError(f"these samples' classes {{{', '.join(map(str, names))}}} are not the release's "
-                        f"{{{', '.join(map(str, rel.class_names))}}}: pass the release they were generated from")
+                        f"{{{', '.join(map(str, rel.class_names))}}}{fix}")
     if int(synth.labels.max(initial=0)) >= k:
         raise MepfError(f"these samples have labels up to {int(synth.labels.max())} and --release {rel.path} has "
                         f"{k} classes: pass the release they were generated from")

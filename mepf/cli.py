@@ -200,7 +200,8 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     if check:
         from mepf.embed.check import check_data
 
-        problems = check_data(data, classes, data_root, show_progress=not quiet)
+        problems = check_data(data, classes, data_root, show_progress=not quiet, image_size=image_size,
+                              channels=channels)
         from mepf.artifacts.format import printable
 
         for line in problems:
@@ -384,7 +385,7 @@ def info(path, as_json):
             raise MepfError(f"{p} is a folder but not a run folder (no options.json); pass a release .h5, a run "
                             "folder or a generator.pt")
         facts = _run_facts(p)
-    elif p.suffix.lower() == ".npz":
+    elif p.suffix.lower() == ".npz" and p.exists():
         raise MepfError(f"{p} is an .npz of images (samples or data), not a release .h5, a run folder or a "
                         "generator.pt; mepf evaluate measures samples")
     elif p.suffix == ".pt" or (p.is_file() and _is_zip(p)):
@@ -640,8 +641,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 @click.option("--labels", type=_choices(so.LABELS), default=_sd("labels"))
 @click.option("--batch-size", type=click.IntRange(1), default=_sd("batch_size"))
 @click.option("--device", type=_choices(DEVICES), default=_sd("device"))
-@click.option("--overwrite", is_flag=True, help="Replace an existing .npz, or a folder that holds only samples "
-              "mepf sample wrote (never a run folder or other files).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing .npz, or a folder mepf sample wrote (marked "
+              ".mepf-samples, holding nothing else; never a run folder or other files).")
 @click.option("--format", "fmt", type=_choices(so.SAMPLE_FORMATS), default=_sd("format"),
               help="mepf: uint8 .npz or PNG folders; dpimagebench: the gen.npz DPImageBench's eval.py loads (x float32 "
                    "(N, C, H, W) in [0, 1], y labels, classes balanced).")

@@ -28,16 +28,24 @@ def class_folders(names: list) -> list:
     return [f"{i:0{width}d}_{s}" if s else f"{i:0{width}d}" for i, s in enumerate(safe)]
 
 
-#: what `mepf sample` writes in a folder: class folders (index, then the safe name) of numbered PNGs, or the PNGs
-_CLASS_FOLDER, _PNG = re.compile(r"\d+(_[A-Za-z0-9._-]*)?"), re.compile(r"\d{6,}\.png")
+#: what `mepf sample` writes in a folder: its marker, class folders (index, then the safe name) of numbered PNGs,
+#: or the PNGs (ASCII digits: Python's \d takes any script's)
+MARKER = ".mepf-samples"
+_CLASS_FOLDER, _PNG = re.compile(r"[0-9]+(_[A-Za-z0-9._-]*)?"), re.compile(r"[0-9]{6,}\.png")
 
 
 def _not_samples(folder: Path) -> str | None:
     """Why `folder` is not a folder of samples that --overwrite may replace (None where it is one): replacing it
-    removes everything in it, so a run folder, a report or anyone's files in it are refused, not deleted."""
+    removes everything in it, so only a folder mepf sample marked as its own, holding nothing else, is replaced
+    (names alone matched other tools' frame and sample folders)."""
     if (folder / "options.json").exists() or (folder / "generator.pt").exists():
         return "it is a training run folder"
+    marker = folder / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return f"it has no {MARKER} marker, so mepf sample did not write it (or wrote it before markers)"
     for entry in folder.iterdir():
+        if entry.name == MARKER:
+            continue
         if entry.is_symlink() or not (
                 (entry.is_dir() and _CLASS_FOLDER.fullmatch(entry.name)
                  and all(f.is_file() and not f.is_symlink() and _PNG.fullmatch(f.name) for f in entry.iterdir()))
@@ -46,23 +54,21 @@ def _not_samples(folder: Path) -> str | None:
     return None
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """--out may be replaced: absent, an empty folder, or (with --overwrite) a file of samples or a folder that
-    holds only what mepf sample writes."""
+def _check_out(out: Path, overwrite: bool, npz: bool) -> None:
+    """--out may be written: absent, or (with --overwrite) an .npz, or a folder of samples mepf sample wrote and
+    marked, holding nothing else."""
     if out.name in ("", ".", ".."):
         raise MepfError(f"--out {out}: name the .npz, or a new folder for the PNGs (e.g. samples/), not {out}")
     if not out.exists() and not out.is_symlink():
         return
-    folder = out.suffix.lower() != ".npz"
-    if out.is_symlink() or out.is_dir() != folder:
+    if out.is_symlink() or out.is_dir() == npz:
         what = "a link" if out.is_symlink() else "a folder" if out.is_dir() else "a file"
-        raise MepfError(f"--out {out} is {what}, where mepf sample would write {'a folder' if folder else 'an .npz'}; "
+        raise MepfError(f"--out {out} is {what}, where mepf sample would write {'an .npz' if npz else 'a folder'}; "
                         "choose another --out")
-    if folder and not any(out.iterdir()):
-        return
     if not overwrite:
-        raise MepfError(f"{out} already exists; pass --overwrite or choose another --out")
-    problem = _not_samples(out) if folder else None
+        raise MepfError(f"{out} already exists; pass --overwrite to replace it (a folder only where mepf sample "
+                        "wrote it) or choose another --out")
+    problem = None if npz else _not_samples(out)
     if problem:
         raise MepfError(f"--out {out} cannot be replaced: {problem}, and --overwrite would remove everything in it; "
                         "choose a new folder")
@@ -77,10 +83,11 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     'dpimagebench': an .npz as DPImageBench's eval.py loads its gen.npz: `x` float32 (N, C, H, W) in [0, 1] (the
     same images as 'mepf' gives for the same seed, i.e. uint8 / 255) and `y` int64 labels, classes balanced."""
     out = Path(out)
+    npz = out.suffix.lower() == ".npz"
     if format not in SAMPLE_FORMATS:
         raise MepfError(f"--format must be one of {', '.join(SAMPLE_FORMATS)}")
     if format == "dpimagebench":
-        if out.suffix != ".npz":
+        if not npz:
             raise MepfError(f"--format dpimagebench writes an .npz (DPImageBench names it gen.npz); --out {out} is not "
                             "one")
         if labels != "balanced":
@@ -94,7 +101,7 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     if format == "dpimagebench" and not g.info.get("labelled"):
         raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
                         "evaluates class-conditional sets)")
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, npz)
     create_folder_of(out)
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale)
     if format == "dpimagebench":
@@ -102,13 +109,15 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         with atomic_path(out, ".npz") as tmp:
             np.savez(tmp, x=x, y=y.astype(np.int64))
         return out
-    if out.suffix == ".npz":
+    if npz:
         names = {"class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled") else {}
         with atomic_path(out, ".npz") as tmp:
             np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y, **names)
         return out
     names = class_folders(g.info["class_names"]) if g.info.get("labelled") else None
     with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / MARKER).write_text("written by mepf sample: --overwrite may replace this folder\n")
         for i, (img, label) in enumerate(zip(images, y)):
             d = tmp / names[label] if names else tmp
             d.mkdir(parents=True, exist_ok=True)

@@ -167,8 +167,17 @@ def test_a_failed_embed_leaves_no_folders_it_made(tmp_path, labelled_npz):
     r = cli(*embed_args(labelled_npz[0], tmp_path / "kept" / "x.h5", tmp_path / "kept" / "log.jsonl", "--classes",
                         "2"))
     assert r.exit_code == 2 and (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "x.h5").exists()
+    (tmp_path / "pre").mkdir()  # existed before: kept, however the path reaches it (review 16)
+    r = cli(*embed_args(labelled_npz[0], f"{tmp_path}/nothere/../pre/x.h5", tmp_path / "log.jsonl", "--classes", "2"))
+    assert r.exit_code == 2 and (tmp_path / "pre").is_dir()
     r = cli(*embed_args(labelled_npz[0], tmp_path / "ok" / "x.h5", tmp_path / "log.jsonl", "--classes", "3"))
     assert r.exit_code == 0 and (tmp_path / "ok" / "x.h5").is_file()
+    np.savez(tmp_path / "tiny.npz", images=np.zeros((3, 7, 7), np.uint8))  # --check said it was ready (review 16)
+    c = cli("embed", "--check", "--data", tmp_path / "tiny.npz")
+    assert c.exit_code == 2 and "the images are 7 x 7 and mepf embeds 8 to 1024 px" in c.output, c.output
+    assert cli("embed", "--check", "--data", tmp_path / "tiny.npz", "--image-size", "8").exit_code == 0
+    missing = cli("info", tmp_path / "missing.npz")
+    assert missing.exit_code == 2 and "images" not in missing.stderr, missing.stderr
 
 
 def test_audit_with_a_log_that_does_not_exist_says_so(tmp_path, labelled_npz):

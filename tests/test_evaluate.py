@@ -323,8 +323,47 @@ def test_a_release_given_for_sample_files_must_fit_them(tiny_run, tmp_path):
     assert ok.exit_code == 0 and "; embedding distance S1 " in ok.output, ok.output + ok.stderr  # was "report: X;"
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["release"] is None  # the samples' guarantee is not the user's word (the report says none)
+    png = CliRunner().invoke(main, ["sample", str(d / "run"), "-n", "20", "--out", str(tmp_path / "png")])
+    assert png.exit_code == 0, png.stderr
+    for i in range(10):  # folders named as the release's classes "0".."9" (read as unnamed indices; review 16)
+        (tmp_path / "png" / f"{i}_{i}").rename(tmp_path / "png" / str(i))
+    assert evaluate(tmp_path / "png", "rep_png").exit_code == 0
     assert rep["release_given"]["sha256"] == file_sha256(d / "r.h5") and set(rep["metrics"]["embedding_distance"]) == {
         "S1", "S2"}
+
+
+def test_a_sampled_folder_fits_its_release_whatever_its_class_names(tmp_path, mnist):
+    """mepf sample names class folders INDEX_NAME made safe ("T-shirt/top" -> "0_T-shirt_top"): the release check
+    refused the very release such a folder came from, and folders named as the release's classes ("0", "1")
+    were read as indices without names (review 16). A class without samples has no folder: said so."""
+    x, y = mnist[0].images[:40], mnist[0].labels[:40] % 2
+    np.savez(tmp_path / "d.npz", images=x, labels=y)
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
+    embed_to_file(ArraySource(tmp_path / "d.npz", ["T-shirt/top", "Ankle boot"]), Transform((28, 28), 1), ex, spec,
+                  out=tmp_path / "r.h5", epsilon=10, delta=1e-3, release_log_path=tmp_path / "log.jsonl",
+                  progress=False)
+    start(TrainOptions(release=str(tmp_path / "r.h5"), out=str(tmp_path / "run"), steps=2, width=8, batch_size=20,
+                       grid_every=0, snapshot_every=0, device="cpu"), progress=False)
+    r = CliRunner().invoke(main, ["sample", str(tmp_path / "run"), "-n", "6", "--out", str(tmp_path / "png")])
+    assert r.exit_code == 0 and (tmp_path / "png" / "0_T-shirt_top").is_dir(), r.stderr
+
+    def distance(samples, out):
+        return CliRunner().invoke(main, ["evaluate", str(samples), "--reference", str(tmp_path / "d.npz"), "--out",
+                                         str(tmp_path / out), "--metrics", "embedding", "--release",
+                                         str(tmp_path / "r.h5"), "--quiet"])
+
+    ok = distance(tmp_path / "png", "rep")
+    assert ok.exit_code == 0 and "embedding distance S1" in ok.output, ok.stderr
+    (tmp_path / "png" / "1_Ankle_boot").rename(tmp_path / "png" / "Ankle boot")
+    (tmp_path / "png" / "0_T-shirt_top").rename(tmp_path / "png" / "T-shirt_top")
+    bad = distance(tmp_path / "png", "rep2")
+    assert bad.exit_code == 2 and "pass the release they were generated from" in bad.stderr, bad.stderr
+    import shutil
+
+    shutil.rmtree(tmp_path / "png" / "Ankle boot")
+    (tmp_path / "png" / "T-shirt_top").rename(tmp_path / "png" / "0_T-shirt_top")
+    few = distance(tmp_path / "png", "rep3")
+    assert few.exit_code == 2 and "a class with no sample has no folder" in few.stderr, few.stderr
 
 
 def test_dpimagebench_protocol_end_to_end(tiny_run, fid_weights, tmp_path, mnist):

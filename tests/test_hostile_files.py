@@ -337,7 +337,8 @@ def test_class_names_cannot_make_sample_write_outside_its_folder(tmp_path, relea
     assert cli("sample", tmp_path / "g.pt", "-n", "20", "--out", tmp_path / "out" / "s").exit_code == 0
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png") if p.parts[-2:][0] != "run")
     assert written and all(p.parts[:2] == ("out", "s") and len(p.parts) == 4 for p in written), written
-    assert sorted(p.name for p in (tmp_path / "out" / "s").iterdir())[:3] == ["0_a_.._.._b", "1_c", "2_T-shirt_top"]
+    assert sorted(p.name for p in (tmp_path / "out" / "s").iterdir())[:4] == [".mepf-samples", "0_a_.._.._b", "1_c",
+                                                                              "2_T-shirt_top"]
     for bad in (["..", "b"], [".", "b"], ["", "b"], ["a\nb", "c"], ["a\x1b[2Jb", "c"], ["a", "a"]):
         torch.save({**gen, "class_names": bad + names[2:]}, tmp_path / "bad.pt")
         one_line_refusal(cli("sample", tmp_path / "bad.pt", "-n", "4", "--out", tmp_path / "out" / "t"),

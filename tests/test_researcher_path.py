@@ -118,8 +118,8 @@ def test_the_class_map_the_refusal_suggests_is_accepted(unnamed):
 
 def test_a_sampled_folder_maps_back_to_the_release_names(study, tmp_path):
     ok(cli("sample", study / "run", "-n", "30", "--out", tmp_path / "samples"))
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0_benign", "1_malignant_lesion",
-                                                                         "2_normal_tissue"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        ".mepf-samples", "0_benign", "1_malignant_lesion", "2_normal_tissue"]  # the marker --overwrite needs
     r = ok(cli("evaluate", tmp_path / "samples", "--reference", study / "heldout", "--out", tmp_path / "rep",
                "--metrics", "accuracy", "--classifiers", "logreg", "--quiet"))
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())

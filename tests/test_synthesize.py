@@ -226,7 +226,7 @@ def test_sample_outputs(release_file, tmp_path):
     assert sorted(np.bincount(a["labels"])) == [9] * 5 + [10] * 5
     res = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "20", "--out", str(tmp_path / "pngs"), "--seed", "4"])
     assert res.exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i}_{i}" for i in range(10)]  # index_name
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [".mepf-samples"] + [f"{i}_{i}" for i in range(10)]
     assert len(list((tmp_path / "pngs").rglob("*.png"))) == 20
     c = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "95", "--out", str(tmp_path / "c.npz"), "--seed", "4"])
     assert c.exit_code == 0 and not np.array_equal(np.load(tmp_path / "c.npz")["images"], a["images"])
@@ -237,32 +237,41 @@ def test_sample_outputs(release_file, tmp_path):
 
 def test_sample_overwrite_replaces_only_samples(release_file, tmp_path, monkeypatch):
     """--overwrite of a PNG folder replaces the whole folder: a run folder given as --out was deleted with its
-    generator and snapshots, and anyone's files in the folder with it (review 15). It now replaces only what
-    mepf sample writes; '.' and a folder where an .npz is meant are one line; an empty folder needs no --overwrite."""
+    generator and snapshots, and anyone's files in the folder with it (review 15); names alone matched other tools'
+    folders of numbered PNGs (review 16). Only a folder mepf sample marked, holding nothing else, is replaced;
+    '.' and a folder where an .npz is meant are one line."""
     start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
 
     def sample(out, *extra):
         return CliRunner().invoke(main, ["sample", str(tmp_path / "run"), "-n", "12", "--out", str(out), *extra])
 
-    before = sorted(p.name for p in (tmp_path / "run").iterdir())
-    r = sample(tmp_path / "run", "--overwrite")
-    assert r.exit_code == 2 and "it is a training run folder" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
-    (tmp_path / "empty").mkdir()
-    assert sample(tmp_path / "empty").exit_code == 0 and len(list((tmp_path / "empty").rglob("*.png"))) == 12
-    assert sample(tmp_path / "empty").exit_code == 2  # not empty now: --overwrite is needed
-    again = sample(tmp_path / "empty", "--overwrite", "-n", "5")
-    assert again.exit_code == 0 and len(list((tmp_path / "empty").rglob("*.png"))) == 5
-    (tmp_path / "empty" / "0_0" / "notes.txt").write_text("mine")
-    r = sample(tmp_path / "empty", "--overwrite")
-    assert r.exit_code == 2 and "holds 0_0, which mepf sample does not write" in r.stderr, r.stderr
-    assert (tmp_path / "empty" / "0_0" / "notes.txt").read_text() == "mine"
-    (tmp_path / "dir.npz").mkdir()
-    monkeypatch.chdir(tmp_path / "empty")  # '.' below is this folder of samples, never the repository
-    for out, message in ((".", "name the .npz, or a new folder"), (tmp_path / "dir.npz", "is a folder, where")):
-        r = sample(out, "--overwrite")
+    def refused(r, message):
         assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert not list((tmp_path / "dir.npz").iterdir())
+
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    refused(sample(tmp_path / "run", "--overwrite"), "it is a training run folder")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    frames = tmp_path / "frames"  # ffmpeg's %06d.png, EDM's 000000/000000.png: named as samples, not ours
+    (frames / "0").mkdir(parents=True)
+    (frames / "0" / "000000.png").write_bytes(b"x")
+    (frames / "000001.png").write_bytes(b"y")
+    refused(sample(frames, "--overwrite"), "has no .mepf-samples marker")
+    assert (frames / "0" / "000000.png").read_bytes() == b"x" and (frames / "000001.png").exists()
+    assert sample(tmp_path / "s").exit_code == 0 and len(list((tmp_path / "s").rglob("*.png"))) == 12
+    refused(sample(tmp_path / "s"), "already exists; pass --overwrite")
+    again = sample(tmp_path / "s", "--overwrite", "-n", "5")
+    assert again.exit_code == 0 and len(list((tmp_path / "s").rglob("*.png"))) == 5
+    (tmp_path / "s" / "0_0" / "notes.txt").write_text("mine")
+    refused(sample(tmp_path / "s", "--overwrite"), "holds 0_0, which mepf sample does not write")
+    assert (tmp_path / "s" / "0_0" / "notes.txt").read_text() == "mine"
+    (tmp_path / "dir.npz").mkdir()
+    (tmp_path / "empty").mkdir()
+    refused(sample(tmp_path / "empty", "--overwrite"), "has no .mepf-samples marker")  # a mount point, say: kept
+    monkeypatch.chdir(tmp_path / "s")  # '.' below is this folder of samples, never the repository
+    refused(sample(".", "--overwrite"), "name the .npz, or a new folder")
+    refused(sample(tmp_path / "dir.npz", "--overwrite"), "is a folder, where")
+    assert sample(tmp_path / "DIR.NPZ").exit_code == 0  # an .npz whatever the suffix's case (was a PNG folder)
+    assert np.load(tmp_path / "DIR.NPZ")["images"].shape == (12, 28, 28)
 
 
 def test_files_that_are_not_generators_say_what_they_are(release_file, tmp_path):
