@@ -102,6 +102,10 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
                      + f", sha256 {g['sha256'][:16]}"
                      + (f"; trained with seed {_md(g['seed'])}, lr {_md(g['lr'])}" if g.get("seed") is not None else "")
                      + (f"; sampled at z ~ N(0, {g['z_scale']:g}^2 I)" if g.get("z_scale", 1) != 1 else ""))
+    given = report.get("release_given")
+    if given:  # the user's word that these files came from it: named, never taken as their guarantee
+        lines.append(f"- embedding distance against the release given: {_md(given['path'])}, sha256 "
+                     f"{_md(given['sha256'][:16])}")
     if report.get("classes"):
         lines.append(f"- classes matched {report['classes']['matched']}: "
                      + ", ".join(f"{_md(a)} -> {_md(b)}" for a, b in report["classes"]["map"].items()))

@@ -328,6 +328,8 @@ def test_a_release_given_for_sample_files_must_fit_them(tiny_run, tmp_path):
     for i in range(10):  # folders named as the release's classes "0".."9" (read as unnamed indices; review 16)
         (tmp_path / "png" / f"{i}_{i}").rename(tmp_path / "png" / str(i))
     assert evaluate(tmp_path / "png", "rep_png").exit_code == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Privacy guarantee unknown" in md and "against the release given" in md and "r.h5" in md
     assert rep["release_given"]["sha256"] == file_sha256(d / "r.h5") and set(rep["metrics"]["embedding_distance"]) == {
         "S1", "S2"}
 
