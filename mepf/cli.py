@@ -738,7 +738,7 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
             data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),
             progress=not quiet, class_map=class_map, overwrite=overwrite, z_scale=z_scale)
         for w in report["warnings"]:
-            if not w.startswith("--"):  # the private-data warnings (--validation/--reference) were printed when found
+            if not w.startswith(("--validation: ", "--reference: ")):  # the private-data warnings, printed when found
                 click.echo(f"note: {w}", err=True)
         if as_json:
             click.echo(json.dumps(report["metrics"], indent=2, sort_keys=True))
