@@ -4,6 +4,7 @@ grids, samples, reports) goes through `atomic_path`. Torch-free."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -33,6 +34,12 @@ def check_output_path(path, overwrite: bool) -> Path:
     """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite,
     before any work."""
     path = Path(path)
+    try:
+        os.lstat(path)  # a name too long is the user's, said before any work (under torchrun, on every rank)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise MepfError(f"output path too long: {str(path)[:60]}... (a folder or file name may have at most 255 "
+                            "bytes, a whole path 4,096); choose a shorter --out") from None
     create_folder_of(path)
     if path.is_dir():
         raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")

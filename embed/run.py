@@ -45,6 +45,20 @@ def no_core_dumps() -> None:
         pass
 
 
+def _missing_folders(out) -> list:
+    """The folders above `out` that do not exist yet, deepest first (absolute: never one reached through '..');
+    one that cannot be looked at (a name too long) is taken as existing, and prepare_embed says why."""
+    missing = []
+    for p in Path(os.path.abspath(out)).parents:
+        try:
+            if p.exists():
+                break
+        except OSError:
+            continue
+        missing.append(p)
+    return missing
+
+
 def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     """The whole of `mepf embed`: open the data, build the feature map, release, log. Launched by torchrun,
     it joins the process group first; every rank reads its share; rank 0 returns the result (None on the
@@ -52,7 +66,7 @@ def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     no_core_dumps()
     ranks, device = distributed.join(opts.device, resolve_device)
     # folders --out needs that do not exist yet: made early (to fail before the pass), removed if left empty
-    made = [p for p in Path(os.path.abspath(opts.out)).parents if not p.exists()] if ranks.main else []  # no '..'
+    made = _missing_folders(opts.out) if ranks.main else []
     try:
         source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
         workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers

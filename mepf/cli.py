@@ -30,6 +30,18 @@ def user_errors(fn):
             if _is_node_lead():  # under torchrun every rank has the same error: one per node prints it
                 click.echo(f"Error: {printable(str(e), 1 << 20)}", err=True)  # names from files may hold escapes
             sys.exit(2)
+        except OSError as e:
+            import errno
+
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            from mepf.artifacts.format import printable
+
+            name = printable(str(e.filename), 60)
+            if _is_node_lead():  # a path the user gave, wherever it is first touched; nothing was written under it
+                click.echo(f"Error: path too long: {name} (a folder or file name may have at most 255 bytes, a "
+                           "whole path 4,096); choose a shorter one", err=True)
+            sys.exit(2)
         except KeyboardInterrupt as e:
             import signal
 
