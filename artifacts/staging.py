@@ -26,6 +26,9 @@ def create_folder_of(path: Path) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise MepfError(f"output path too long: {str(path)[:60]}... (a folder or file name may have at most "
+                                "255 bytes, a whole path 4,096); choose a shorter --out") from None
             raise MepfError(f"output folder {path.parent} cannot be created ({type(e).__name__}); choose another "
                             "--out") from None
 
@@ -34,13 +37,13 @@ def check_output_path(path, overwrite: bool) -> Path:
     """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite,
     before any work."""
     path = Path(path)
+    create_folder_of(path)
     try:
         os.lstat(path)  # a name too long is the user's, said before any work (under torchrun, on every rank)
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             raise MepfError(f"output path too long: {str(path)[:60]}... (a folder or file name may have at most 255 "
                             "bytes, a whole path 4,096); choose a shorter --out") from None
-    create_folder_of(path)
     if path.is_dir():
         raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
     if path.exists() and not overwrite:

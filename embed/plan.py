@@ -16,6 +16,7 @@ from mepf.core import distributed
 #: the plan's fields, in order, named as the user knows them; what differs is said in these words
 FIELDS = (
     ("version", "the mepf and torch versions"),
+    ("kernels", "the device and its kernels (CPU instruction set, GPU model, CUDA and cuDNN versions)"),
     ("n", "the number of records listed"),
     ("block", "--batch-size (the block of records each rank reads)"),
     ("classes", "the class names (--classes, or the class folders)"),
@@ -31,13 +32,14 @@ FIELDS = (
 
 
 def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: str, relation: str,
-            epsilon: float, delta: float, budget_split, force: bool) -> dict:
+            epsilon: float, delta: float, budget_split, force: bool, device="cpu") -> dict:
     """This rank's plan. The data digest covers the listing and the bytes of the files a source reads (one read
     of them): it is computed under torchrun only, and there by one rank per node (local rank 0; the node's
     other ranks share its files and command line, and state no digest)."""
     ranks = distributed.current()
     return {
         "version": versions("mepf", "torch"),
+        "kernels": kernels(device),
         "n": len(source),
         "block": int(batch_size),
         "classes": list(source.classes) if source.classes is not None else None,
@@ -50,6 +52,45 @@ def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: 
         "split": budget_split,
         "force": bool(force),
     }
+
+
+#: CPU features that decide which kernels oneDNN, MKL and ATen run, and the variables that override that choice
+_ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+              "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+              "asimd", "sve", "sve2")
+_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+               "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE")
+
+
+def kernels(device) -> dict:
+    """What decides the float rounding of a record's features besides the record: the device kind and its kernel
+    path. Ranks that differ here give the same record rows that differ in their last bits, and since a record
+    added at the start moves the block boundaries (block b goes to rank b % world), others' rows would change
+    with it: the sensitivity would no longer bound the change. So every rank must state the same."""
+    import torch
+
+    device = torch.device(device)
+    found = {"device": device.type, "aten": torch.backends.cpu.get_cpu_capability(),
+             "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+             "env": {k: os.environ[k] for k in _KERNEL_ENV if k in os.environ}, "cpu": _cpu_flags()}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        found["cuda"] = [torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index)),
+                         torch.version.cuda, torch.backends.cudnn.version()]
+    return found
+
+
+def _cpu_flags() -> list | None:
+    """The instruction-set flags of this CPU that kernels dispatch on (Linux; None elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _ISA_FLAGS if flag in have]
+    except OSError:
+        pass
+    return None
 
 
 def _digest(key: str, value) -> bytes:

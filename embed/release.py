@@ -360,7 +360,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     # several ranks are one mechanism only if they agree: every rank checks rank 0's plan before any record is read
     plan = distributed.guarded(lambda: plan_of(source, transform, feature_spec, batch_size=batch_size, moments=moments,
                                                relation=relation, epsilon=epsilon, delta=delta,
-                                               budget_split=budget_split, force=force))
+                                               budget_split=budget_split, force=force, device=device))
     agree_on_plan(plan)
     agree_on_files(source)
     listed = len(source)

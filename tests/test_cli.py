@@ -180,6 +180,23 @@ def test_a_failed_embed_leaves_no_folders_it_made(tmp_path, labelled_npz):
     assert missing.exit_code == 2 and "images" not in missing.stderr, missing.stderr
 
 
+def test_a_path_too_long_is_one_line_in_every_command(tmp_path, labelled_npz):
+    """A folder or file name over the filesystem's 255 bytes was a traceback wherever it was first touched."""
+    long = "a" * 300
+    log = tmp_path / "log.jsonl"
+    for out in (tmp_path / long / "x.h5", tmp_path / "new" / long / "x.h5", tmp_path / f"{long}.h5"):
+        r = cli(*embed_args(labelled_npz[0], out, log, "--classes", "3"))
+        assert r.exit_code == 2 and r.stderr.startswith("Error: ") and "too long" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    assert cli(*embed_args(labelled_npz[0], tmp_path / "r.h5", log, "--classes", "3")).exit_code == 0
+    for args in (["info", tmp_path / long], ["audit", tmp_path / "r.h5", "--release-log", tmp_path / long],
+                 ["releases", "--release-log", tmp_path / long / "log"], ["synthesize", "--resume", tmp_path / long],
+                 ["synthesize", tmp_path / "r.h5", "--out", tmp_path / "x" / long, "--steps", "1"],
+                 ["evaluate", tmp_path / long, "--reference", labelled_npz[0], "--out", tmp_path / "e"]):
+        r = cli(*args)
+        assert r.exit_code == 2 and r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_audit_with_a_log_that_does_not_exist_says_so(tmp_path, labelled_npz):
     """A mistyped --release-log read as the alarming "not in the release log" (review 15)."""
     r = cli(*embed_args(labelled_npz[0], tmp_path / "x.h5", tmp_path / "log.jsonl", "--classes", "3"))

@@ -155,9 +155,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(node_args: list, timeout: int = 240, env: dict | None = None) -> list:
+def two_nodes(node_args: list, timeout: int = 240, env: dict | None = None, node_env: list | None = None) -> list:
     """`mepf ARGS` as two torchrun nodes of one process each (static rendezvous on 127.0.0.1), each node with
-    its own command line, as an operator starts them; returns each node's (returncode, stdout, stderr, seconds)."""
+    its own command line (and `node_env`, its own variables), as an operator starts them; returns each node's
+    (returncode, stdout, stderr, seconds)."""
     import time
 
     port = _free_port()
@@ -166,7 +167,8 @@ def two_nodes(node_args: list, timeout: int = 240, env: dict | None = None) -> l
     for rank, args in enumerate(node_args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1",
                "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "mepf", *[str(a) for a in args]]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        mine = {**env, **(node_env[rank] if node_env else {})}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mine))
     out = []
     for p in procs:
         o, e = p.communicate(timeout=timeout)
@@ -221,6 +223,46 @@ def test_two_nodes_that_disagree_on_the_plan_are_refused_before_reading(tmp_path
     words = {"batch-size": "--batch-size", "order": "the data itself", "classes": "the class names",
              "data": "the data itself"}[case]
     _assert_refused_on_both(two_nodes([args0, args1]), nodes, words)
+
+
+def test_two_nodes_whose_kernels_differ_are_refused_before_reading(tmp_path):
+    """A node whose oneDNN runs other instructions (another CPU, or ONEDNN_MAX_CPU_ISA as here) rounds the same
+    record's features otherwise in the last bits; a record added at the start moves every block boundary and so
+    moves records between the nodes, changing their rows too: the sensitivity would not bound the change.
+    Such nodes are refused before any record is read (review 17)."""
+    nodes = _nodes(tmp_path)
+    for n in nodes:
+        np.savez(n / "d.npz", images=make_images(20, seed=3), labels=np.arange(20) % 2)
+    args = [node_embed(n, n / "d.npz", "--classes", "2", "--batch-size", "5") for n in nodes]
+    results = two_nodes(args, node_env=[{}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}])
+    _assert_refused_on_both(results, nodes, "the device and its kernels")
+
+
+def test_kernels_name_what_rounds_a_records_features():
+    """The plan's kernel field differs where the kernel path does (an override of the instruction set, another
+    device kind) and not with what leaves rounding alone (the number of threads)."""
+    import torch
+
+    from mepf.embed.plan import kernels
+
+    base = kernels("cpu")
+    assert base["device"] == "cpu" and base["aten"] == torch.backends.cpu.get_cpu_capability()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert kernels("cpu") == base
+    finally:
+        torch.set_num_threads(threads)
+    old = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    try:
+        assert kernels("cpu") != base
+    finally:
+        if old is None:
+            del os.environ["ONEDNN_MAX_CPU_ISA"]
+        else:
+            os.environ["ONEDNN_MAX_CPU_ISA"] = old
+    assert kernels("meta")["device"] == "meta" != base["device"]
 
 
 def test_two_nodes_with_image_folders_that_differ_in_one_image_are_refused(tmp_path):
