@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from mepf.artifacts.accounting import validate_target
+from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import check_output_path
 from mepf.core import distributed
 from mepf.core.device import resolve_device
@@ -23,6 +24,7 @@ def prepare_embed(opts: EmbedOptions):
     """Everything that can fail on the options alone, before any record is read: (source, transform,
     extractor, feature spec, device). Under torchrun, this rank's device."""
     validate_target(opts.epsilon, opts.delta, allow_inf=True)
+    outside_data(opts.data, {"--out": opts.out, "--release-log": opts.release_log})
     if distributed.current().main:
         sweep_output(opts.out, opts.release_log)  # a stale one is dealt with even where the output is taken
         check_output_path(opts.out, opts.overwrite)
@@ -32,6 +34,17 @@ def prepare_embed(opts: EmbedOptions):
                                         opts.pooling, size, channels, opts.weights_seed,
                                         feature_size=opts.feature_size, pixel_weight=opts.pixel_weight)
     return source, Transform(size, channels, opts.crop), extractor, spec, resolve_device(opts.device)
+
+
+def outside_data(data, outputs: dict) -> None:
+    """Refuse an output inside the image folder being read: made before the folder is listed, it would be read as
+    a record or a class of it, and the next embed of that folder would read the release."""
+    if not data or not os.path.isdir(data):
+        return
+    root = Path(data).resolve()
+    for flag, path in outputs.items():
+        if path and (root == (p := Path(os.path.abspath(path)).resolve()) or root in p.parents):
+            raise MepfError(f"{flag} {path} is inside the data folder {data}; write it outside the folder that is read")
 
 
 def no_core_dumps() -> None:

@@ -197,6 +197,21 @@ def test_a_path_too_long_is_one_line_in_every_command(tmp_path, labelled_npz):
         assert r.exit_code == 2 and r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_an_output_inside_the_data_folder_is_refused_before_it_is_made(tmp_path, image_folder):
+    """--out inside the image folder was made before the folder was listed: it became a class ('releases'), and
+    the next embed of the folder read the release as an image (review 17 F4)."""
+    geometry = ("--image-size", "28", "--channels", "1")
+    for out, log, flag in ((image_folder / "releases" / "r1.h5", tmp_path / "log.jsonl", "--out"),
+                           (tmp_path / "r.h5", image_folder / "cats" / "log.jsonl", "--release-log"),
+                           (f"{image_folder}/../{image_folder.name}/r.h5", tmp_path / "log.jsonl", "--out")):
+        r = cli(*embed_args(image_folder, out, log, *geometry))
+        assert r.exit_code == 2 and f"{flag} " in r.stderr and "inside the data folder" in r.stderr, r.stderr
+    assert sorted(p.name for p in image_folder.iterdir()) == ["cats", "dogs"]
+    assert not list((image_folder / "cats").glob("log*"))
+    r = cli(*embed_args(image_folder, tmp_path / "out" / "r.h5", tmp_path / "log.jsonl", *geometry))
+    assert r.exit_code == 0, r.stderr
+
+
 def test_audit_with_a_log_that_does_not_exist_says_so(tmp_path, labelled_npz):
     """A mistyped --release-log read as the alarming "not in the release log" (review 15)."""
     r = cli(*embed_args(labelled_npz[0], tmp_path / "x.h5", tmp_path / "log.jsonl", "--classes", "3"))
