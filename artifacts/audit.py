@@ -124,6 +124,7 @@ def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
     _check_delta(release, rep, {r["name"]: r for r in releases}, delta)
     if noise:
         _check_noise(release, rep, {r["name"]: r for r in releases}, c1, c2)
+        _check_noise_shape(release, rep, {r["name"]: r for r in releases})
     rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
                    "delta": delta, "mu": mu, "relation": relation, "releases": names,
                    "target": {"epsilon": target_eps, "delta": target_delta}}
@@ -261,8 +262,8 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
                       f"most C={c:g}) and noise of sigma={sigma:.6g} can give: the file holds other numbers than its "
                       "ledger declares")
         elif not blind:
-            detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a row with less than "
-                      f"{power[weakest]:.0%} of the declared noise would fail this check (the weakest row, "
+            detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a row with Gaussian noise of "
+                      f"less than {power[weakest]:.0%} of the declared sigma would fail this check (the weakest row, "
                       f"{printable(release.class_names[weakest], 30)}); noise missing from part of the coordinates "
                       f"is sought in {len(blocks)} blocks")
         elif len(blind) < len(power):
@@ -274,6 +275,56 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
             detail = (f"consistent with sigma={sigma:.6g}, but NO POWER here: every row's true sum (up to n*C) can be "
                       "as large as the noise, so under-noising cannot be told from the numbers of this file")
         rep.check(f"noise:{m}", not low and not high, detail, warn=bool(blind))
+
+
+#: radius, in sigmas, of the small-ball test: P(|t + sigma Z| < BALL sigma) <= 2 Phi(BALL) - 1 (0.0797) for any t
+BALL = 0.1
+
+
+def _check_noise_shape(release, rep: AuditReport, releases: dict) -> None:
+    """The noise's shape, where _check_noise sees only its energy per row and block. Each test holds whatever the
+    true sums are, by Anderson's inequality (a centred Gaussian puts the most mass on a centred ball): fewer
+    coordinates within BALL sigma of zero than N(0, sigma^2) allows (energy moved into a few spikes), and the
+    energy of differences that independent noise keeps in full and shared noise cancels: of paired coordinates
+    (noise shared along a row), of paired rows (shared across classes) and of S1 against S2 (one draw for both)."""
+    from scipy.stats import binom, chi2, norm
+
+    arrs = {m: np.asarray(release.arrays[m], dtype=np.float64) for m in ("S1", "S2")
+            if m in release.arrays and m in releases and releases[m]["sigma"] > 0
+            and np.asarray(release.arrays[m]).ndim == 2 and np.asarray(release.arrays[m]).size}
+    # float32 storage must resolve the noise, or rounding alone could cancel it: else the tests are not run
+    arrs = {m: a for m, a in arrs.items() if releases[m]["sigma"] >= 1e3 * _ulp32(float(np.abs(a).max()))}
+    if not arrs:
+        return
+    z = {m: a / float(releases[m]["sigma"]) for m, a in arrs.items()}
+    tests = []  # (what, statistic, degrees of freedom) for the differences; small-ball counts apart
+    for m, a in z.items():
+        k, d = a.shape
+        if d >= 2:
+            h = d // 2
+            tests.append((f"{m}: paired coordinates", float(((a[:, 0:2 * h:2] - a[:, 1:2 * h:2]) ** 2).sum()) / 2,
+                          k * h))
+        if k >= 2:
+            h = k // 2
+            tests.append((f"{m}: paired classes", float(((a[0:2 * h:2] - a[1:2 * h:2]) ** 2).sum()) / 2, h * d))
+    if len(z) == 2 and z["S1"].shape == z["S2"].shape:
+        tests.append(("S1 against S2", float(((z["S1"] - z["S2"]) ** 2).sum()) / 2, z["S1"].size))
+    alpha = NOISE_ALPHA / (len(tests) + len(z))
+    bad = [what for what, stat, dof in tests if not stat >= chi2.ppf(alpha, dof)]
+    p_ball = float(2 * norm.cdf(BALL) - 1)
+    for m, a in z.items():
+        inside = int((np.abs(a) < BALL).sum())
+        if inside and binom.sf(inside - 1, a.size, p_ball) < alpha:
+            bad.append(f"{m}: {inside / a.size:.1%} of its numbers lie within {BALL:g} sigma of zero, where Gaussian "
+                       f"noise puts at most {p_ball:.1%}")
+    if bad:
+        detail = (f"the noise does not have the declared shape ({'; '.join(bad)}): independent Gaussian noise of the "
+                  "declared sigma gives any data this with probability below 1e-9, so the file carries less noise, "
+                  "or noise shared between numbers, than its ledger declares")
+    else:
+        detail = (f"no sign of noise shared between numbers ({len(tests)} difference tests) or concentrated in few "
+                  f"of them (at most {p_ball:.1%} within {BALL:g} sigma of zero)")
+    rep.check("noise:shape", not bad, detail)
 
 
 def _log_mu(entry: dict) -> float:

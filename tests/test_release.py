@@ -757,7 +757,7 @@ def test_audit_checks_the_numbers_not_only_the_ledger(tmp_path, labelled_npz, ef
     write_release(tmp_path / "forged.h5", forged, r.class_names, r.feature_spec, r.data_spec, r.ledger)
     rep = audit(tmp_path / "forged.h5")
     failed = {n for n, ok, _ in rep.checks if not ok}
-    assert failed == {"noise:S1", "noise:S2"}, failed  # checksum, ledger, sigmas and eps all look genuine
+    assert failed == {"noise:S1", "noise:S2", "noise:shape"}, failed  # checksum, ledger, sigmas and eps look genuine
 
 
 def test_audit_says_where_the_noise_check_has_no_power(tmp_path):
@@ -831,9 +831,13 @@ def test_a_consistent_forgery_passes_only_with_the_noise_unverified(tmp_path):
     x = np.random.default_rng(1).integers(0, 256, (900, 8, 8), dtype=np.uint8)
     forged = forge_eps1(tmp_path, x, np.arange(900) % 3, 3)
     a = CliRunner().invoke(main, ["audit", str(forged)])
-    assert a.exit_code == 0 and "(1, 1e-05)-DP" in a.output  # the ledger is all consistent: no test can fail it
-    assert "AUDIT PASSED WITH WARNINGS" in a.output and "\nAUDIT PASSED\n" not in a.output
-    assert {"noise:S1", "noise:S2"} <= set(audit(forged).warnings)
+    assert "(1, 1e-05)-DP" in a.output  # the ledger is all consistent: no ledger check can fail it
+    assert "[WARN] noise:S1" in a.output and "NO POWER" in a.output  # the rows' norms cannot show the noise...
+    # ...but neighbouring pixels' true sums are close, so the differences show what is missing (review 17)
+    assert a.exit_code == 1 and "[FAIL] noise:shape" in a.output and "paired coordinates" in a.output, a.output
+    rep = audit(forged)
+    assert {n for n, ok, _ in rep.checks if not ok} == {"noise:shape"}
+    assert {"noise:S1", "noise:S2"} <= set(rep.warnings)
 
 
 def test_a_forgery_noised_only_where_the_check_has_power_still_warns(tmp_path):
@@ -844,8 +848,9 @@ def test_a_forgery_noised_only_where_the_check_has_power_still_warns(tmp_path):
     forged = forge_eps1(tmp_path, x, np.arange(1000) % 2, 3, top_up=(2,))
     rep = audit(forged)
     detail = {n: d for n, _, d in rep.checks}["noise:S1"]
-    assert rep.ok and {"noise:S1", "noise:S2"} <= set(rep.warnings), rep.checks
+    assert {"noise:S1", "noise:S2"} <= set(rep.warnings), rep.checks
     assert "2 of 3 rows (0, 1) have NO POWER" in detail, detail
+    assert {n for n, ok, _ in rep.checks if not ok} == {"noise:shape"}  # the differences show it (review 17)
 
 
 def test_a_release_never_stands_without_its_log_entry(tmp_path, labelled_npz, eff28, monkeypatch):
