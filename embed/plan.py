@@ -121,9 +121,10 @@ def disagreement(rows: list) -> str | None:
     if not ranks:
         return None
     which = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    kind = ", on machines of one kind with the same variables"
     return (f"rank{'s' if len(ranks) > 1 else ''} {which} disagree{'' if len(ranks) > 1 else 's'} with rank 0 on "
             f"{'; '.join(fields)}; nothing was read or released: start every node with the same options and the same "
-            "copy of the data")
+            "copy of the data" + (kind if dict(FIELDS)["kernels"] in fields else ""))
 
 
 def agree_on_plan(plan: dict) -> None:

@@ -236,6 +236,7 @@ def test_two_nodes_whose_kernels_differ_are_refused_before_reading(tmp_path):
     args = [node_embed(n, n / "d.npz", "--classes", "2", "--batch-size", "5") for n in nodes]
     results = two_nodes(args, node_env=[{}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}])
     _assert_refused_on_both(results, nodes, "the device and its kernels")
+    assert "on machines of one kind" in results[0][2]
 
 
 def test_kernels_name_what_rounds_a_records_features():
