@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +40,27 @@ def load_tensors(path: Path, what: str):
         return (f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only "
                 "tensors and metadata, never pickled objects: use a file written by mepf")
 
-    obj = read_tensors(path, require_zip=True, limit=None, refuse=refuse)
+    memory = _memory_bytes()
+    limit = memory // 4 if memory else None  # loading takes the file about three times over: read, rebuilt, built
+    size = os.stat(path).st_size
+    if limit is not None and size > limit:
+        raise MepfError(f"cannot read {what} {path}: it has {size:,} bytes, more than a quarter of this machine's "
+                        f"memory ({memory:,} bytes), and loading it takes about three times its size; load it on a "
+                        "machine with more memory")
+    obj = read_tensors(path, require_zip=True, limit=limit, refuse=refuse)
     problem = stored_in_full_problem(obj)
     if problem:
         raise MepfError(f"cannot read {what} {path}: {problem}; use a file written by mepf")
     return obj
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the platform says (a file of a few KB can claim to be any size: a
+    sparse file costs no disk, so the size alone cannot be trusted to fit)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def save_generator(path: Path, generator, arch: dict, release, step: int) -> None:

@@ -287,3 +287,20 @@ def test_a_large_stats_file_is_read_a_line_at_a_time(copied, monkeypatch):
     r = resume(copied, steps=4)  # trims records past the last snapshot (step 2), then logs the last step
     assert r.exit_code == 0, r.output + r.stderr
     assert [json.loads(line)["step"] for line in (copied / "stats.jsonl").read_text().splitlines()] == [1, 2, 4]
+
+
+def test_a_sparse_generator_larger_than_memory_allows_is_refused_unread(copied, tmp_path):
+    """A generator.pt of a few KB on disk can claim any size (a sparse file): it was read whole before any check,
+    so a file of more than this machine's memory ended in an out-of-memory kill. Files over a quarter of the
+    memory (loading takes about three times the file) are refused before a byte is read."""
+    from mepf.synthesize.checkpoint import _memory_bytes
+
+    memory = _memory_bytes()
+    assert memory and memory > 1 << 28
+    with open(copied / "generator.pt", "r+b") as f:
+        f.truncate(memory // 4 + 1)  # the real file, then a hole
+    assert os.stat(copied / "generator.pt").st_blocks * 512 < 1 << 24  # sparse: nothing of it is on disk
+    one_line_refusal(cli("sample", copied, "-n", "4", "--out", tmp_path / "s"), "more than a quarter of this "
+                     "machine's memory")
+    one_line_refusal(evaluate(copied, tmp_path / "x.npz", tmp_path / "rep"), "more than a quarter")
+    assert not (tmp_path / "s").exists()
