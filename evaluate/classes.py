@@ -77,13 +77,17 @@ def match_classes(synth_names: list, synth_index: bool, synth_sampled, ref_names
                             f"class{'es' if kr != 1 else ''}; accuracy needs the same label set")
         side = "synthetic .npz" if synth_index else "reference .npz"
         other = ref_names if synth_index else synth_names
-        if not (synth_index and ref_index) and list(other) != [str(i) for i in range(ks)]:
+        numbers = [str(i) for i in range(ks)]
+        if not (synth_index and ref_index) and sorted(other) != sorted(numbers):
             named = printable(other[0], 30)
             example = f"0={named}" if synth_index else f"{named}=0"
             raise MepfError(f"the {side} has no class names (labels 0..{ks - 1}), the other side names its classes "
                             f"{_shown(other)}; pass --class-map SYNTH=REF to pair them (e.g. '{example}'), as "
                             "pairing by position could be silently wrong")
-        perm = np.arange(ks)
+        # classes named "0".."K-1" pair with those labels, whatever their order (folders "10", "2" sort as text)
+        perm = (np.arange(ks) if synth_index and ref_index else
+                np.array([ref_names.index(n) for n in numbers]) if synth_index else
+                np.array([int(n) for n in synth_names]))
         how = f"by index (the {side} has no class names)"
     else:
         if sorted(synth_names) == sorted(ref_names):

@@ -64,22 +64,27 @@ def _release_of(synth: ImageSet, release_path: str | None, saved: dict | None):
     return load(found) if found else None
 
 
-def _check_release_fits(synth: ImageSet, rel, warnings: list) -> None:
+def _check_release_fits(synth: ImageSet, rel, warnings: list) -> np.ndarray | None:
     """Images given as files (no generator names their release): the --release given must be of their geometry
     and classes, by name where both sides name them (a wrong file gave a traceback, or a distance of classes
-    paired by position)."""
+    paired by position). Returns, where both name the same classes in another order (folders "0".."11" sort as
+    text, a release's classes need not), each sample class's row in the release; else None (the same order)."""
     f = rel.features
     if tuple(synth.shape) != (f.height, f.width, f.channels):
         h, w, c = synth.shape
         raise MepfError(f"--release {rel.path} is of {f.height} x {f.width} x {f.channels} images and these samples "
                         f"are {h} x {w} x {c}: pass the release they were generated from")
     if not rel.labelled or synth.labels is None:
-        return
+        return None
     from mepf.synthesize.sampling import class_folders
 
     k = len(rel.class_names)
     names = None if synth.by_index else list(synth.class_names)
     # a folder from mepf sample names its classes INDEX_NAME, made safe ("T-shirt/top" -> "0_T-shirt_top")
+    for theirs in ([] if names is None else (list(rel.class_names), class_folders(rel.class_names))):
+        if names != theirs and sorted(names) == sorted(theirs) and len(set(names)) == len(names):
+            row = {name: i for i, name in enumerate(theirs)}
+            return np.array([row[name] for name in names], dtype=np.int64)
     if names is not None and names not in (list(rel.class_names), class_folders(rel.class_names)):
         fix = ("; a class with no sample has no folder: sample more images" if len(names) < k and set(names) <= set(
             class_folders(rel.class_names)) else ": pass the release they were generated from")
@@ -91,6 +96,7 @@ def _check_release_fits(synth: ImageSet, rel, warnings: list) -> None:
     if names is None and list(rel.class_names) != [str(i) for i in range(k)]:
         warnings.append(f"the samples' labels (indices, no names) are paired by position with the release's classes "
                         f"{', '.join(map(str, rel.class_names))}")
+    return None
 
 
 #: FID from fewer samples than this is noticeably biased upwards (pytorch-fid's advice: at least 2,048)
@@ -201,14 +207,16 @@ def _accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers
     return out
 
 
-def _embedding_distance(synth, rel, device) -> dict:
-    """Per-moment distance of the samples' class-conditional mean embedding to the release's."""
+def _embedding_distance(synth, rel, device, rows: np.ndarray | None = None) -> dict:
+    """Per-moment distance of the samples' class-conditional mean embedding to the release's; `rows`: each
+    sample class's row in the release, where the order differs."""
     from mepf.core.features import feature_map_from_spec
     from mepf.synthesize.objective import Target, distance_of_batches
 
     target = Target(rel, "cpu")
     fmap = feature_map_from_spec(rel.features).to(device)
     labels = synth.labels if rel.labelled else np.zeros(len(synth.images), dtype=np.int64)
+    labels = rows[labels] if rows is not None and rel.labelled else labels
     batches = ((torch.from_numpy(synth.images[s:s + 200]).permute(0, 3, 1, 2).float() / 255,
                 torch.from_numpy(labels[s:s + 200])) for s in range(0, len(synth.images), 200))
     with torch.no_grad():
@@ -250,9 +258,9 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     saved = _run_options(synth)
     rel = _release_of(synth, release, saved)
     release_rec = _release_record(synth, rel)  # before any metric: an altered generator stops here
-    given = None  # images as files: the release is the user's word, for the distance only, never a guarantee
+    given, rows = None, None  # images as files: the release is the user's word, for the distance only
     if rel is not None and synth.generator is None:
-        _check_release_fits(synth, rel, warnings)
+        rows = _check_release_fits(synth, rel, warnings)
         given = {"sha256": rel.file_sha256, "path": str(rel.path), "epsilon": rel.epsilon, "delta": rel.delta}
     metrics_out = {}
     if "fid" in wanted:
@@ -261,7 +269,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
         metrics_out.update(_accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device,
                                      cnn_epochs, progress))
     if "embedding" in wanted and rel is not None and (synth.labels is not None or not rel.labelled):
-        metrics_out["embedding_distance"] = _embedding_distance(synth, rel, device)
+        metrics_out["embedding_distance"] = _embedding_distance(synth, rel, device, rows)
     elif "embedding" in wanted:
         why = ("the released file behind these samples is unknown (pass --release FILE)" if rel is None else
                "it needs labelled samples for a labelled release")

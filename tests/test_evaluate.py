@@ -334,6 +334,39 @@ def test_a_release_given_for_sample_files_must_fit_them(tiny_run, tmp_path):
         "S1", "S2"}
 
 
+def test_sample_classes_in_another_order_than_the_releases_are_paired_by_name(tmp_path):
+    """Class folders "0".."11" sort as text ("10" before "2") where a release's classes are 0..11: refused as "not
+    the release's" although the same; classes named in another order (a release declared "zebra,apple") the same.
+    Now paired by name: the distance equals that of the same samples with the release's own labels."""
+    from tests.conftest import make_images
+
+    rng = np.random.default_rng(0)
+    for names in ([str(i) for i in range(12)], ["zebra", "apple", "mango"]):
+        k = len(names)
+        x, y = make_images(6 * k, seed=4), np.arange(6 * k) % k
+        np.savez(tmp_path / "d.npz", images=x, labels=y)
+        ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=x.shape[1:3], channels=1)
+        embed_to_file(ArraySource(tmp_path / "d.npz", names), Transform(x.shape[1:3], 1), ex, spec,
+                      out=tmp_path / "r.h5", epsilon=10, delta=1e-3, release_log_path=tmp_path / "log.jsonl",
+                      progress=False, overwrite=True, allow_repeat=True)
+        samples = rng.integers(0, 256, (4 * k, *x.shape[1:]), dtype=np.uint8)
+        labels = np.arange(4 * k) % k
+        np.savez(tmp_path / "s.npz", images=samples, labels=labels)
+        folder = tmp_path / f"png{k}"
+        for i, (img, c) in enumerate(zip(samples, labels)):
+            (folder / names[c]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[:, :, 0]).save(folder / names[c] / f"{i:06d}.png")
+
+        def distance(what, out):
+            r = CliRunner().invoke(main, ["evaluate", str(what), "--reference", str(tmp_path / "d.npz"), "--out",
+                                          str(tmp_path / out), "--metrics", "embedding", "--release",
+                                          str(tmp_path / "r.h5"), "--quiet", "--overwrite"])
+            assert r.exit_code == 0, r.stderr
+            return json.loads((tmp_path / out / "report.json").read_text())["metrics"]["embedding_distance"]
+
+        assert distance(folder, "a") == pytest.approx(distance(tmp_path / "s.npz", "b"), rel=1e-6)
+
+
 def test_a_sampled_folder_fits_its_release_whatever_its_class_names(tmp_path, mnist):
     """mepf sample names class folders INDEX_NAME made safe ("T-shirt/top" -> "0_T-shirt_top"): the release check
     refused the very release such a folder came from, and folders named as the release's classes ("0", "1")

@@ -116,6 +116,23 @@ def test_the_class_map_the_refusal_suggests_is_accepted(unnamed):
     assert pairs == {first_synth: first_ref} and match_classes(*sides, class_map=full)[2] == "by --class-map"
 
 
+@pytest.mark.parametrize("unnamed", ["synthetic", "reference"])
+def test_folders_named_by_number_pair_with_those_labels_whatever_their_order(unnamed):
+    """Class folders "0".."11" are listed as text sorts them ("10" third): against an .npz of labels 0..11 they were
+    refused (the order differed from 0..11), though each folder's name is its label."""
+    from mepf.evaluate.classes import match_classes
+
+    index = [str(i) for i in range(12)]
+    folders = sorted(index)
+    assert folders[2] == "10"
+    if unnamed == "synthetic":  # synthetic label i is the reference folder named str(i)
+        perm = match_classes(index, True, None, folders, False)[0]
+        assert [folders[p] for p in perm] == index
+    else:  # synthetic folder named n is reference label int(n)
+        perm = match_classes(folders, False, None, index, True)[0]
+        assert perm.tolist() == [int(n) for n in folders]
+
+
 def test_a_sampled_folder_maps_back_to_the_release_names(study, tmp_path):
     ok(cli("sample", study / "run", "-n", "30", "--out", tmp_path / "samples"))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
