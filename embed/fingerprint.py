@@ -28,14 +28,18 @@ _MOD = 1 << 256
 
 def canonical(record) -> np.ndarray:
     """A record's pixels as stored, independent of its container: (H, W, C) with C = 1 for grey (an RGB
-    record whose channels are equal is grey); a float record on the 1/255 grid becomes the uint8 it encodes."""
+    record whose channels are equal is grey); a float record on the 1/255 grid (to its dtype's precision: a
+    float16 copy of uint8 images is the same records) becomes the uint8 it encodes."""
     a = np.asarray(record)
     if a.ndim == 2:
         a = a[:, :, None]
     if a.dtype != np.uint8:
         a = a.astype(np.float32)
+        # k/255 held in float16 (as stored, or widened by a reader) is off the grid by up to 0.25 of a step
+        half = np.array_equal(a.astype(np.float16).astype(np.float32), a)
+        tol = 255 * float(np.finfo(np.float16).eps) if half else 1e-3
         u = np.round(a * 255)
-        if np.all(np.abs(a * 255 - u) < 1e-3) and np.all((u >= 0) & (u <= 255)):
+        if np.all(np.abs(a * 255 - u) < tol) and np.all((u >= 0) & (u <= 255)):
             a = u.astype(np.uint8)
     if a.shape[2] == 3 and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
         a = a[..., :1]

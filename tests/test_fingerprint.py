@@ -47,6 +47,8 @@ def test_blind_to_order_batching_container_names_and_stored_form(data):
     with h5py.File(tmp / "d.h5", "w") as f:
         f["x"], f["y"] = x.astype(np.float32) / 255, y  # float in [0, 1], other keys, other container
     assert fingerprint_of(ArraySource(tmp / "d.h5", ["0", "1", "2"])).hexdigest() == ref
+    np.savez(tmp / "half.npz", images=(x / 255).astype(np.float16), labels=y)  # a float16 copy (off the grid by
+    assert fingerprint_of(ArraySource(tmp / "half.npz", ["0", "1", "2"])).hexdigest() == ref  # up to 0.06 of a step)
     np.savez(tmp / "rgb.npz", images=np.repeat(x, 3, axis=3), labels=y)  # grey stored as three equal channels
     assert fingerprint_of(ArraySource(tmp / "rgb.npz", ["0", "1", "2"])).hexdigest() == ref
     names = [f"renamed_{np.random.default_rng(i).integers(1e9)}.png" for i in range(30)]
