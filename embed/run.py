@@ -41,10 +41,20 @@ def outside_data(data, outputs: dict) -> None:
     a record or a class of it, and the next embed of that folder would read the release."""
     if not data or not os.path.isdir(data):
         return
-    root = Path(data).resolve()
+    root = os.stat(data)
     for flag, path in outputs.items():
-        if path and (root == (p := Path(os.path.abspath(path)).resolve()) or root in p.parents):
-            raise MepfError(f"{flag} {path} is inside the data folder {data}; write it outside the folder that is read")
+        if not path:
+            continue
+        # the folders the output would be in, as the OS will find them (links followed before '..'), and the data
+        # folder found by identity, so that a link to it or a bind mount of it counts as inside
+        for folder in [p := Path(os.path.realpath(path)), *p.parents]:
+            try:
+                st = os.stat(folder)
+            except OSError:  # not made yet, or a link loop (which the output check refuses in one line)
+                continue
+            if (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino):
+                raise MepfError(f"{flag} {path} is inside the data folder {data}; write it outside the folder that is "
+                                "read")
 
 
 def no_core_dumps() -> None:

@@ -201,9 +201,17 @@ def test_an_output_inside_the_data_folder_is_refused_before_it_is_made(tmp_path,
     """--out inside the image folder was made before the folder was listed: it became a class ('releases'), and
     the next embed of the folder read the release as an image (review 17 F4)."""
     geometry = ("--image-size", "28", "--channels", "1")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "up").symlink_to(image_folder / "cats")  # the OS follows it before '..': into the data
+    (tmp_path / "link").symlink_to(image_folder)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    r = cli(*embed_args(image_folder, tmp_path / "loop" / "r.h5", tmp_path / "log.jsonl", *geometry))
+    assert r.exit_code == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr  # traceback
     for out, log, flag in ((image_folder / "releases" / "r1.h5", tmp_path / "log.jsonl", "--out"),
                            (tmp_path / "r.h5", image_folder / "cats" / "log.jsonl", "--release-log"),
-                           (f"{image_folder}/../{image_folder.name}/r.h5", tmp_path / "log.jsonl", "--out")):
+                           (f"{image_folder}/../{image_folder.name}/r.h5", tmp_path / "log.jsonl", "--out"),
+                           (tmp_path / "other" / "up" / ".." / "new" / "r.h5", tmp_path / "log.jsonl", "--out"),
+                           (tmp_path / "link" / "r.h5", tmp_path / "log.jsonl", "--out")):
         r = cli(*embed_args(image_folder, out, log, *geometry))
         assert r.exit_code == 2 and f"{flag} " in r.stderr and "inside the data folder" in r.stderr, r.stderr
     assert sorted(p.name for p in image_folder.iterdir()) == ["cats", "dogs"]
