@@ -59,7 +59,9 @@ _ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx
               "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
               "asimd", "sve", "sve2")
 _KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
-               "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE")
+               "DNNL_DEFAULT_FPMATH_MODE", "ONEDNN_CPU_ISA_HINTS", "DNNL_CPU_ISA_HINTS", "MKL_CBWR",
+               "MKL_ENABLE_INSTRUCTIONS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE",
+               "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
 
 
 def kernels(device) -> dict:
@@ -73,24 +75,31 @@ def kernels(device) -> dict:
     found = {"device": device.type, "aten": torch.backends.cpu.get_cpu_capability(),
              "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
              "env": {k: os.environ[k] for k in _KERNEL_ENV if k in os.environ}, "cpu": _cpu_flags()}
-    if device.type == "cuda":
+    if device.type == "cuda":  # cuBLAS is bitwise reproducible only on one architecture and SM count (a MIG slice)
         index = device.index if device.index is not None else torch.cuda.current_device()
-        found["cuda"] = [torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index)),
-                         torch.version.cuda, torch.backends.cudnn.version()]
+        props = torch.cuda.get_device_properties(index)
+        found["cuda"] = [props.name, [props.major, props.minor], props.multi_processor_count, torch.version.cuda,
+                         torch.backends.cudnn.version()]
     return found
 
 
 def _cpu_flags() -> list | None:
-    """The instruction-set flags of this CPU that kernels dispatch on (Linux; None elsewhere)."""
+    """The CPU's model and the instruction-set flags kernels dispatch on (oneDNN's and MKL's blocking also follow
+    the model's caches); Linux, None elsewhere."""
+    model, flags = None, None
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
+                if model is None and line.startswith(("model name", "CPU part")):
+                    model = line.split(":", 1)[1].strip()
+                if flags is None and line.startswith(("flags", "Features")):
                     have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in _ISA_FLAGS if flag in have]
+                    flags = [flag for flag in _ISA_FLAGS if flag in have]
+                if model is not None and flags is not None:
+                    break
     except OSError:
-        pass
-    return None
+        return None
+    return [model, flags]
 
 
 def _digest(key: str, value) -> bytes:
