@@ -277,54 +277,97 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
         rep.check(f"noise:{m}", not low and not high, detail, warn=bool(blind))
 
 
-#: radius, in sigmas, of the small-ball test: P(|t + sigma Z| < BALL sigma) <= 2 Phi(BALL) - 1 (0.0797) for any t
-BALL = 0.1
+#: half-width, in sigmas, of the windows of the window test: whatever t, t + sigma Z falls in an interval of width
+#: 2 HALF sigma with probability at most 2 Phi(HALF) - 1 (0.0797), largest when the interval is centred on t
+HALF = 0.1
+#: the window test looks at numbers within this many sigmas of zero, where float32's spacing is at most 1e-3 sigma
+#: (2^23 x 1e-3): a fixed region, so the windows and their number are fixed before the file is read
+REACH = 8388.0
+
+
+def _window_test(a: np.ndarray) -> tuple:
+    """(tail probability x windows, fullest window's share, its centre in sigmas) for numbers in units of sigma: the
+    count in each window of width 2 HALF (two cells of HALF on a fixed grid; rounding to float32 widens it by at
+    most 1e-3 sigma) is at most Binomial(N, p) in law, judged over every window the region holds."""
+    from scipy.stats import binom, norm
+
+    p = float(2 * norm.cdf(HALF + 1e-3) - 1)
+    z = a.ravel()
+    z = z[np.abs(z) <= REACH]
+    windows = int(2 * REACH / HALF) + 2
+    if not z.size:
+        return 1.0, 0.0, 0.0
+    cells = np.floor(z / HALF).astype(np.int64)
+    lo = int(cells.min())
+    counts = np.bincount(cells - lo)
+    both = counts[:-1] + counts[1:] if counts.size > 1 else counts
+    j = int(np.argmax(both))
+    worst = int(both[j])
+    return float(binom.sf(worst - 1, a.size, p)) * windows, worst / a.size, (lo + j + 1) * HALF
+
+
+def _difference(x: np.ndarray, y: np.ndarray, sx: float, sy: float) -> tuple:
+    """(statistic, degrees of freedom) of the differences x/sx - y/sy of stored float32 numbers, each N(., 2) for
+    independent noise: the sum of squares, with every difference moved towards what rounding to float32 could
+    have taken from it (half a spacing of each number), so that rounding never makes a genuine file fail."""
+    d = np.abs(x / sx - y / sy)
+    e = (np.spacing(np.abs(x).astype(np.float32)).astype(np.float64) / (2 * sx) +
+         np.spacing(np.abs(y).astype(np.float32)).astype(np.float64) / (2 * sy))
+    return float((math.sqrt(float((d * d).sum())) + math.sqrt(float((e * e).sum()))) ** 2) / 2, int(d.size)
 
 
 def _check_noise_shape(release, rep: AuditReport, releases: dict) -> None:
     """The noise's shape, where _check_noise sees only its energy per row and block. Each test holds whatever the
-    true sums are, by Anderson's inequality (a centred Gaussian puts the most mass on a centred ball): fewer
-    coordinates within BALL sigma of zero than N(0, sigma^2) allows (energy moved into a few spikes), and the
-    energy of differences that independent noise keeps in full and shared noise cancels: of paired coordinates
-    (noise shared along a row), of paired rows (shared across classes) and of S1 against S2 (one draw for both)."""
-    from scipy.stats import binom, chi2, norm
+    true sums are: no window of width 0.2 sigma holds more numbers than Gaussian noise of any mean puts there
+    (noise moved into spikes, or of another law where many sums are alike), and the energy of differences that
+    independent noise keeps in full and shared noise cancels (Anderson's inequality): paired coordinates (noise
+    shared along a row, or too little where neighbouring sums are alike), paired classes, S1 against S2."""
+    from scipy.stats import chi2
 
     arrs = {m: np.asarray(release.arrays[m], dtype=np.float64) for m in ("S1", "S2")
             if m in release.arrays and m in releases and releases[m]["sigma"] > 0
             and np.asarray(release.arrays[m]).ndim == 2 and np.asarray(release.arrays[m]).size}
-    # float32 storage must resolve the noise, or rounding alone could cancel it: else the tests are not run
-    arrs = {m: a for m, a in arrs.items() if releases[m]["sigma"] >= 1e3 * _ulp32(float(np.abs(a).max()))}
     if not arrs:
         return
-    z = {m: a / float(releases[m]["sigma"]) for m, a in arrs.items()}
-    tests = []  # (what, statistic, degrees of freedom) for the differences; small-ball counts apart
-    for m, a in z.items():
+    sig = {m: float(releases[m]["sigma"]) for m in arrs}
+    tests = []  # (what, statistic, degrees of freedom)
+    for m, a in arrs.items():
         k, d = a.shape
         if d >= 2:
             h = d // 2
-            tests.append((f"{m}: paired coordinates", float(((a[:, 0:2 * h:2] - a[:, 1:2 * h:2]) ** 2).sum()) / 2,
-                          k * h))
+            tests.append((f"{m}: paired coordinates", *_difference(a[:, 0:2 * h:2], a[:, 1:2 * h:2], sig[m], sig[m])))
         if k >= 2:
             h = k // 2
-            tests.append((f"{m}: paired classes", float(((a[0:2 * h:2] - a[1:2 * h:2]) ** 2).sum()) / 2, h * d))
-    if len(z) == 2 and z["S1"].shape == z["S2"].shape:
-        tests.append(("S1 against S2", float(((z["S1"] - z["S2"]) ** 2).sum()) / 2, z["S1"].size))
-    alpha = NOISE_ALPHA / (len(tests) + len(z))
-    bad = [what for what, stat, dof in tests if not stat >= chi2.ppf(alpha, dof)]
-    p_ball = float(2 * norm.cdf(BALL) - 1)
-    for m, a in z.items():
-        inside = int((np.abs(a) < BALL).sum())
-        if inside and binom.sf(inside - 1, a.size, p_ball) < alpha:
-            bad.append(f"{m}: {inside / a.size:.1%} of its numbers lie within {BALL:g} sigma of zero, where Gaussian "
-                       f"noise puts at most {p_ball:.1%}")
+            tests.append((f"{m}: paired classes", *_difference(a[0:2 * h:2], a[1:2 * h:2], sig[m], sig[m])))
+    if len(arrs) == 2 and arrs["S1"].shape == arrs["S2"].shape:
+        tests.append(("S1 against S2", *_difference(arrs["S1"], arrs["S2"], sig["S1"], sig["S2"])))
+    alpha = NOISE_ALPHA / (len(tests) + len(arrs))
+    floors = {what: float(chi2.ppf(alpha, dof)) for what, _, dof in tests}
+    bad = [what for what, stat, _ in tests if not stat >= floors[what]]
+    for m, a in arrs.items():
+        tail, share, centre = _window_test(a / sig[m])
+        if tail < alpha:
+            where = "zero" if abs(centre) < HALF / 2 else f"{centre:+.4g} sigma"
+            bad.append(f"{m}: {share:.1%} of its numbers lie within 0.1 sigma of {where}, where Gaussian noise of any "
+                       "mean puts at most 8.0%")
+    # power against noise reduced uniformly to r sigma, the file taken as genuine: a difference test's statistic
+    # per degree of freedom is (signal + r^2); the signal is what this file shows above its noise's 1
+    reach = [math.sqrt(floors[w] / dof - max(stat / dof - 1, 0.0)) for w, stat, dof in tests
+             if floors[w] / dof > max(stat / dof - 1, 0.0)]
+    power = max(reach, default=0.0)
     if bad:
         detail = (f"the noise does not have the declared shape ({'; '.join(bad)}): independent Gaussian noise of the "
                   "declared sigma gives any data this with probability below 1e-9, so the file carries less noise, "
                   "or noise shared between numbers, than its ledger declares")
+    elif power > 0:
+        detail = (f"no window of 0.2 sigma fuller than Gaussian noise allows, no noise shared between numbers "
+                  f"({len(tests)} difference tests); power: noise reduced uniformly to less than {power:.0%} of the "
+                  "declared sigma would fail (estimated from this file's differences); noise of the declared variance "
+                  "and another law (e.g. +-sigma) is caught only where many sums are alike")
     else:
-        detail = (f"no sign of noise shared between numbers ({len(tests)} difference tests) or concentrated in few "
-                  f"of them (at most {p_ball:.1%} within {BALL:g} sigma of zero)")
-    rep.check("noise:shape", not bad, detail)
+        detail = ("no window of 0.2 sigma fuller than Gaussian noise allows, no noise shared between numbers, but NO "
+                  "POWER against noise reduced uniformly: every difference tested is dominated by the sums")
+    rep.check("noise:shape", not bad, detail, warn=not bad and power <= 0)
 
 
 def _log_mu(entry: dict) -> float:

@@ -776,11 +776,14 @@ def test_audit_says_where_the_noise_check_has_no_power(tmp_path):
     assert r.exit_code == 0, r.stderr
     a = CliRunner().invoke(main, ["audit", str(tmp_path / "b.h5")])
     assert a.exit_code == 0 and "[WARN] noise:S1" in a.output and "NO POWER" in a.output  # 300 a class, D=64
-    assert "AUDIT PASSED WITH WARNINGS (noise:S1, noise:S2)" in a.output and "\nAUDIT PASSED\n" not in a.output
+    assert "[WARN] noise:shape" in a.output and "NO POWER against noise reduced uniformly" in a.output  # nor here
+    assert "AUDIT PASSED WITH WARNINGS (noise:S1, noise:S2, noise:shape)" in a.output, a.output
+    assert "\nAUDIT PASSED\n" not in a.output
     assert "ask the data owner whether its SHA-256 is in their release log" in a.output
     j = json.loads(CliRunner().invoke(main, ["audit", str(tmp_path / "b.h5"), "--json"]).output)
-    assert j["ok"] and j["verdict"] == "passed with warnings" and j["warnings"] == ["noise:S1", "noise:S2"]
-    assert [c["name"] for c in j["checks"] if c["warning"]] == ["noise:S1", "noise:S2"]
+    assert j["ok"] and j["verdict"] == "passed with warnings"
+    assert j["warnings"] == ["noise:S1", "noise:S2", "noise:shape"]
+    assert [c["name"] for c in j["checks"] if c["warning"]] == ["noise:S1", "noise:S2", "noise:shape"]
     a = CliRunner().invoke(main, ["audit", str(tmp_path / "b.h5"), "--release-log", str(tmp_path / "l.jsonl")])
     assert a.exit_code == 0 and "its SHA-256 is in the release log given" in a.output
 
