@@ -37,9 +37,9 @@ def user_errors(fn):
                 raise
             from mepf.artifacts.format import printable
 
-            name = printable(str(e.filename), 60)
+            name = f": {printable(str(e.filename), 60)}" if e.filename else ""
             if _is_node_lead():  # a path the user gave, wherever it is first touched; nothing was written under it
-                click.echo(f"Error: path too long: {name} (a folder or file name may have at most 255 bytes, a "
+                click.echo(f"Error: path too long{name} (a folder or file name may have at most 255 bytes, a "
                            "whole path 4,096); choose a shorter one", err=True)
             sys.exit(2)
         except KeyboardInterrupt as e:
