@@ -124,3 +124,20 @@ def test_noise_of_the_declared_variance_and_another_law_fails_where_sums_are_ali
 def test_the_power_line_says_how_much_less_noise_would_fail():
     ok, detail = shape_check({k: v.astype(np.float32) for k, v in privatise(true_sums("zero"), SIG).items()})
     assert ok and "power: noise reduced uniformly to less than 9" in detail, detail  # about 96% of sigma
+
+
+def test_subnormal_sigma_one_number_and_huge_numbers_neither_fail_nor_raise():
+    """Review 19: below float32's normal range the spacing is 2^-149 whatever the number (a sigma of 1e-44 failed
+    genuine files); one number has no difference to test (said, with a warning); a forged 1e38 over a sigma of
+    1e-117 overflowed the statistic into an exception."""
+    sig = {"S1": 1e-44, "S2": 1e-44}
+    t = {m: np.zeros((10, 4096)) for m in sig}
+    for _ in range(3):
+        ok, detail = shape_check({k: v.astype(np.float32) for k, v in privatise(t, sig).items()}, sig)
+        assert ok, detail
+    rep = AuditReport(path="x")
+    _check_noise_shape(SimpleNamespace(arrays={"S1": np.array([[0.3]], np.float32)}), rep, {"S1": {"sigma": 1.0}})
+    (_, ok, detail), = rep.checks
+    assert ok and "no differences to test" in detail and rep.warnings == ["noise:shape"], detail
+    ok, detail = shape_check({"S1": np.array([[1e38, 0.0]], np.float32)}, {"S1": 7.458e-117})
+    assert ok and "NO POWER" in detail, detail
