@@ -13,10 +13,22 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.versions import versions
 from mepf.core import distributed
 
+#: CPU features that decide which kernels oneDNN, MKL and ATen run, and the variables that override that choice
+_ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+              "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+              "asimd", "sve", "sve2")
+_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+               "DNNL_DEFAULT_FPMATH_MODE", "ONEDNN_CPU_ISA_HINTS", "DNNL_CPU_ISA_HINTS", "MKL_CBWR",
+               "MKL_ENABLE_INSTRUCTIONS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE",
+               "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+
+
 #: the plan's fields, in order, named as the user knows them; what differs is said in these words
 FIELDS = (
     ("version", "the mepf and torch versions"),
-    ("kernels", "the device and its kernels (CPU instruction set, GPU model, CUDA and cuDNN versions)"),
+    ("device", "the device (its kind; on CUDA the GPU model, compute capability, SM count, CUDA and cuDNN versions)"),
+    ("cpu", "the CPU (its model and instruction-set flags, and ATen's choice among them)"),
+    ("kernel_env", "the variables that choose kernels (" + ", ".join(_KERNEL_ENV[:3]) + ", ...)"),
     ("n", "the number of records listed"),
     ("block", "--batch-size (the block of records each rank reads)"),
     ("classes", "the class names (--classes, or the class folders)"),
@@ -39,7 +51,7 @@ def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: 
     ranks = distributed.current()
     return {
         "version": versions("mepf", "torch"),
-        "kernels": kernels(device),
+        **kernels(device),
         "n": len(source),
         "block": int(batch_size),
         "classes": list(source.classes) if source.classes is not None else None,
@@ -54,32 +66,23 @@ def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: 
     }
 
 
-#: CPU features that decide which kernels oneDNN, MKL and ATen run, and the variables that override that choice
-_ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
-              "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
-              "asimd", "sve", "sve2")
-_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
-               "DNNL_DEFAULT_FPMATH_MODE", "ONEDNN_CPU_ISA_HINTS", "DNNL_CPU_ISA_HINTS", "MKL_CBWR",
-               "MKL_ENABLE_INSTRUCTIONS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE",
-               "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
-
-
 def kernels(device) -> dict:
-    """What decides the float rounding of a record's features besides the record: the device kind and its kernel
-    path. Ranks that differ here give the same record rows that differ in their last bits, and since a record
-    added at the start moves the block boundaries (block b goes to rank b % world), others' rows would change
-    with it: the sensitivity would no longer bound the change. So every rank must state the same."""
+    """The plan's fields `device`, `cpu` and `kernel_env`: what decides the float rounding of a record's features
+    besides the record, the device kind and its kernel path. Ranks that differ here give the same record rows that
+    differ in their last bits, and since a record added at the start moves the block boundaries (block b goes to
+    rank b % world), others' rows would change with it: the sensitivity would no longer bound the change. So every
+    rank must state the same."""
     import torch
 
     device = torch.device(device)
-    found = {"device": device.type, "aten": torch.backends.cpu.get_cpu_capability(),
-             "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
-             "env": {k: os.environ[k] for k in _KERNEL_ENV if k in os.environ}, "cpu": _cpu_flags()}
+    found = {"device": [device.type], "kernel_env": {k: os.environ[k] for k in _KERNEL_ENV if k in os.environ},
+             "cpu": [_cpu_flags(), torch.backends.cpu.get_cpu_capability(),
+                     bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)]}
     if device.type == "cuda":  # cuBLAS is bitwise reproducible only on one architecture and SM count (a MIG slice)
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        found["cuda"] = [props.name, [props.major, props.minor], props.multi_processor_count, torch.version.cuda,
-                         torch.backends.cudnn.version()]
+        found["device"] += [props.name, [props.major, props.minor], props.multi_processor_count, torch.version.cuda,
+                            torch.backends.cudnn.version()]
     return found
 
 
@@ -133,7 +136,8 @@ def disagreement(rows: list) -> str | None:
     kind = ", on machines of one kind with the same variables"
     return (f"rank{'s' if len(ranks) > 1 else ''} {which} disagree{'' if len(ranks) > 1 else 's'} with rank 0 on "
             f"{'; '.join(fields)}; nothing was read or released: start every node with the same options and the same "
-            "copy of the data" + (kind if dict(FIELDS)["kernels"] in fields else ""))
+            "copy of the data" + (kind if {dict(FIELDS)[k] for k in ("device", "cpu", "kernel_env")} & set(fields)
+                                  else ""))
 
 
 def agree_on_plan(plan: dict) -> None:
