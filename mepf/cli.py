@@ -78,17 +78,25 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _launched() -> bool:
+    """Started as one of several processes (WORLD_SIZE > 1, as torchrun sets): only then do RANK and LOCAL_RANK say
+    anything (a shell that happens to export RANK=3 must not silence a lone process)."""
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
 def _is_main_rank() -> bool:
     import os
 
-    return os.environ.get("RANK", "0") == "0"
+    return not _launched() or os.environ.get("RANK", "0") == "0"
 
 
 def _is_node_lead() -> bool:
     """Local rank 0: under torchrun on several nodes, each node's terminal gets the error once."""
     import os
 
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    return not _launched() or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _image_size(ctx, param, value):

@@ -238,6 +238,7 @@ def test_an_interrupted_embed_on_another_node_does_not_say_nothing_was_released(
 
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
 
     @user_errors
     def embed(complete=False):
@@ -252,3 +253,26 @@ def test_an_interrupted_embed_on_another_node_does_not_say_nothing_was_released(
             assert "first node (rank 0) says whether" in said and "nothing was released" not in said
         else:
             assert ("it is complete; do not run again" if complete else "nothing was released") in said
+
+
+def test_a_lone_process_with_rank_variables_in_its_shell_still_reports(monkeypatch, capsys):
+    """RANK and LOCAL_RANK alone (a shell that exports them, a launcher of something else) silenced a lone process's
+    errors and results: they count only where WORLD_SIZE says several processes run."""
+    from mepf.artifacts.errors import MepfError
+    from mepf.cli import user_errors
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    @user_errors
+    def embed():
+        raise MepfError("something the user must see")
+
+    with pytest.raises(SystemExit) as e:
+        embed()
+    assert e.value.code == 2 and "something the user must see" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # one of four: rank 0's node lead says it
+    with pytest.raises(SystemExit):
+        embed()
+    assert capsys.readouterr().err == ""
