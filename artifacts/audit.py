@@ -121,10 +121,11 @@ def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
     rep.check("target", delta == target_delta and max(eps_autodp, eps_closed) <= target_eps * (1 + 1e-12),
               f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, "
               f"{target_delta:g})")
-    _check_delta(release, rep, {r["name"]: r for r in releases}, delta)
+    by_name = {r["name"]: r for r in releases}
+    _check_delta(release, rep, by_name, delta)
     if noise:
-        _check_noise(release, rep, {r["name"]: r for r in releases}, c1, c2)
-        _check_noise_shape(release, rep, {r["name"]: r for r in releases})
+        _check_noise(release, rep, by_name, c1, c2)
+        _check_noise_shape(release, rep, by_name)
     rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
                    "delta": delta, "mu": mu, "relation": relation, "releases": names,
                    "target": {"epsilon": target_eps, "delta": target_delta}}
@@ -309,8 +310,8 @@ def _window_test(a: np.ndarray, sigma: float) -> tuple:
 
 def _difference(x: np.ndarray, y: np.ndarray, sx: float, sy: float) -> tuple:
     """(statistic, degrees of freedom) of the differences x/sx - y/sy of stored float32 numbers, each N(., 2) for
-    independent noise: the sum of squares, with every difference moved towards what rounding to float32 could
-    have taken from it (half a spacing of each number), so that rounding never makes a genuine file fail."""
+    independent noise: the sum of squares, with every difference enlarged by what rounding to float32 could have
+    taken from it (half a spacing of each number), so that rounding never makes a genuine file fail."""
     with np.errstate(over="ignore", invalid="ignore"):
         d = np.abs(x / sx - y / sy)
         e = (np.spacing(np.abs(x).astype(np.float32)).astype(np.float64) / (2 * sx) +

@@ -20,6 +20,11 @@ from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, c
 from .ledger import canonical_json
 
 
+def _too_long(path: Path) -> MepfError:
+    return MepfError(f"output path too long: {str(path)[:60]}... (a folder or file name may have at most 255 bytes, a "
+                     "whole path 4,096); choose a shorter --out")
+
+
 def create_folder_of(path: Path) -> None:
     """Create the folder an output goes in, and its parents, where missing; one line where it cannot be."""
     if not path.parent.is_dir():
@@ -27,8 +32,7 @@ def create_folder_of(path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:
-                raise MepfError(f"output path too long: {str(path)[:60]}... (a folder or file name may have at most "
-                                "255 bytes, a whole path 4,096); choose a shorter --out") from None
+                raise _too_long(path) from None
             raise MepfError(f"output folder {path.parent} cannot be created ({type(e).__name__}); choose another "
                             "--out") from None
 
@@ -42,8 +46,7 @@ def check_output_path(path, overwrite: bool) -> Path:
         os.lstat(path)  # a name too long is the user's, said before any work (under torchrun, on every rank)
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
-            raise MepfError(f"output path too long: {str(path)[:60]}... (a folder or file name may have at most 255 "
-                            "bytes, a whole path 4,096); choose a shorter --out") from None
+            raise _too_long(path) from None
     if path.is_dir():
         raise MepfError(f"output {path} is a folder; give a file name such as {path}/release.h5")
     if path.exists() and not overwrite:

@@ -80,16 +80,18 @@ def _check_release_fits(synth: ImageSet, rel, warnings: list) -> np.ndarray | No
 
     k = len(rel.class_names)
     names = None if synth.by_index else list(synth.class_names)
-    # a folder from mepf sample names its classes INDEX_NAME, made safe ("T-shirt/top" -> "0_T-shirt_top")
-    for theirs in ([] if names is None else (list(rel.class_names), class_folders(rel.class_names))):
-        if names != theirs and sorted(names) == sorted(theirs) and len(set(names)) == len(names):
+    if names is not None:
+        # a folder from mepf sample names its classes INDEX_NAME, made safe ("T-shirt/top" -> "0_T-shirt_top")
+        folders = class_folders(rel.class_names)
+        theirs = next((c for c in (list(rel.class_names), folders) if sorted(c) == sorted(names)), None)
+        if theirs is None:
+            fix = ("; a class with no sample has no folder: sample more images" if len(names) < k and set(names) <= set(
+                folders) else ": pass the release they were generated from")
+            raise MepfError(f"these samples' classes {{{', '.join(map(str, names))}}} are not the release's "
+                            f"{{{', '.join(map(str, rel.class_names))}}}{fix}")
+        if names != theirs:  # the same classes (a release's names are distinct) in another order
             row = {name: i for i, name in enumerate(theirs)}
             return np.array([row[name] for name in names], dtype=np.int64)
-    if names is not None and names not in (list(rel.class_names), class_folders(rel.class_names)):
-        fix = ("; a class with no sample has no folder: sample more images" if len(names) < k and set(names) <= set(
-            class_folders(rel.class_names)) else ": pass the release they were generated from")
-        raise MepfError(f"these samples' classes {{{', '.join(map(str, names))}}} are not the release's "
-                        f"{{{', '.join(map(str, rel.class_names))}}}{fix}")
     if int(synth.labels.max(initial=0)) >= k:
         raise MepfError(f"these samples have labels up to {int(synth.labels.max())} and --release {rel.path} has "
                         f"{k} classes: pass the release they were generated from")
