@@ -293,7 +293,8 @@ class CelebASource(Source):
                 continue
             xs = []
             for i in range(start, min(start + block_size, len(self._paths))):
-                arr = decode_listed(self._paths[i], self._ids[i])  # PNG/JPEG only, no warning (not torchvision's open)
+                # PNG/JPEG only, no warning (not torchvision's open)
+                arr = decode_listed(self._paths[i], self._ids[i], self.bad_records == "zero")
                 im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
                 top = (im.size[1] - 178) // 2
                 xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))

@@ -18,6 +18,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import no_hdf5_plugins
 
 from .sources import (
+    DROPPED,
     Source,
     check_listed,
     check_unchanged,
@@ -85,10 +86,11 @@ def _metadata_skipped():
         markers.update(saved_markers)
 
 
-def decode_image(path: Path, file=None) -> np.ndarray:
+def decode_image(path: Path, file=None, zero: bool = False) -> np.ndarray:
     """One image file (`path`, or `file` opened from it) as stored pixels: uint8 (H, W, 1) for grey modes (16-bit
     grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule. An undecodable file is
-    the one record that stops the pass (nothing is released)."""
+    the one record that stops the pass (nothing is released), or with `zero` (--bad-records zero) one black
+    pixel, as a PNG above the cap is."""
     from PIL import Image
 
     limit = Image.MAX_IMAGE_PIXELS
@@ -117,17 +119,20 @@ def decode_image(path: Path, file=None) -> np.ndarray:
                 else:
                     arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-        raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it") from None
+        if zero:
+            return np.zeros((1, 1, 1), np.uint8)
+        raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it (or embed with "
+                        "--bad-records zero)") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def decode_listed(path: Path, identity) -> np.ndarray:
+def decode_listed(path: Path, identity, zero: bool = False) -> np.ndarray:
     """decode_image of the file a listing found at `path` (`identity`: its listed_identities record), refused if
     another file is there now or it was rewritten in place while it was decoded."""
     with open_listed(path, identity) as f:
-        image = decode_image(path, f)
+        image = decode_image(path, f, zero)
         check_listed(f.fileno(), identity, path)
         return image
 
@@ -233,7 +238,8 @@ class FolderSource(Source):
         return self._read_image(self.items[i][0], None if self._ids is None else self._ids[i])
 
     def _read_image(self, path: Path, identity=None) -> np.ndarray:
-        return decode_image(path) if identity is None else decode_listed(path, identity)
+        zero = self.bad_records == "zero"
+        return decode_image(path, zero=zero) if identity is None else decode_listed(path, identity, zero)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -451,12 +457,16 @@ class ArraySource(Source):
 
     def blocks(self, block_size: int, keep=None):
         k = len(self.classes) if self.classes else None
+        zero = self.bad_records == "zero"
         for b, x, y in self._raw_blocks(block_size, keep):
             if x.dtype != np.uint8:
                 bad = ~np.isfinite(x) | (x < 0) | (x > 1)
                 if bad.any():
-                    raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
-                                    "float images must be finite and in [0,1] (or store uint8)")
+                    if not zero:
+                        raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
+                                        "float images must be finite and in [0,1] (or store uint8, or embed with "
+                                        "--bad-records zero)")
+                    x = np.where(bad.reshape(len(x), -1).any(axis=1).reshape((-1,) + (1,) * (x.ndim - 1)), 0, x)
                 x = x.astype(np.float32)
             if x.ndim == 3:
                 x = x[..., None]
@@ -466,6 +476,9 @@ class ArraySource(Source):
                 y = y.astype(np.int64)
                 bad = (y < 0) | (y >= k)
                 if bad.any():
-                    raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes that "
-                                    "--classes declares; declare the full label set or fix the labels")
+                    if not zero:
+                        raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes that "
+                                        "--classes declares; declare the full label set or fix the labels (or embed "
+                                        "with --bad-records zero, which drops such records)")
+                    y[bad] = DROPPED
             yield b, x, y

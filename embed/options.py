@@ -11,6 +11,9 @@ from mepf.artifacts.schema import MOMENT_SETS  # noqa: F401
 #: the named datasets `--data` takes (each with :train or :test); embed/datasets.py implements each
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "celeba")
 CROPS = ("none", "center")
+#: what the pass does with a record it cannot embed as it is (an image that cannot be decoded, a float record with
+#: NaN, inf or a value outside [0,1], a label outside the declared set): stop the run naming it, or a fixed rule
+BAD_RECORDS = ("stop", "zero")
 #: default folders as (environment variable, fallback below the home folder, path below either)
 DATA_ROOT = ("XDG_CACHE_HOME", ".cache", "mepf/datasets")
 RELEASE_LOG = ("XDG_DATA_HOME", ".local/share", "mepf/releases.jsonl")
@@ -56,3 +59,4 @@ class EmbedOptions:
     allow_repeat: bool = False
     force: bool = False
     overwrite: bool = False
+    bad_records: str = "stop"

@@ -40,11 +40,12 @@ FIELDS = (
     ("target", "--epsilon and --delta"),
     ("split", "--budget-split"),
     ("force", "--force"),
+    ("bad_records", "--bad-records"),
 )
 
 
 def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: str, relation: str,
-            epsilon: float, delta: float, budget_split, force: bool, device="cpu") -> dict:
+            epsilon: float, delta: float, budget_split, force: bool, device="cpu", bad_records: str = "stop") -> dict:
     """This rank's plan. The data digest covers the listing and the bytes of the files a source reads (one read
     of them): it is computed under torchrun only, and there by one rank per node (local rank 0; the node's
     other ranks share its files and command line, and state no digest)."""
@@ -63,6 +64,7 @@ def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: 
         "target": [repr(float(epsilon)), repr(float(delta))],
         "split": budget_split,
         "force": bool(force),
+        "bad_records": bad_records,
     }
 
 

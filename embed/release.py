@@ -33,7 +33,9 @@ from mepf.progress import progress as progress_bar
 from . import release_log
 from .fingerprint import Fingerprint, tag_key
 from .loader import Failed, loader, shard_size
+from .options import BAD_RECORDS
 from .plan import agree_on_files, agree_on_plan, plan_of
+from .sources import DROPPED
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 #: the progress display shows how far the pass is and for how long, never a count or a rate of records
@@ -48,6 +50,7 @@ class Sums:
     counts: np.ndarray  # int64 (K,)
     fingerprint: Fingerprint | None  # merged on rank 0; None on the other ranks
     cs: dict = field(default_factory=dict)  # name -> C
+    read: int = 0  # records read over every rank, those dropped under --bad-records zero included
 
     @property
     def n(self) -> int:
@@ -166,7 +169,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
     counts = torch.zeros(k, dtype=torch.int64, device=acc)
     fp = Fingerprint(tag_key, None if ranks.active else legacy_key, expected=len(source))
     planned = shard_size(len(source), batch_size, ranks.rank, ranks.world)
-    error = None
+    read, error = 0, None
     with torch.no_grad(), deterministic_kernels(device):
         if dim is None:  # the feature spec says; else one forward pass of zeros tells
             dim = extractor(torch.zeros(shape, device=device)).shape[1]
@@ -182,14 +185,24 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                         raise MepfError(item)
                     x, y, hashes = item
                     b = len(x)
-                    if len(y) and (int(y.max()) >= k or (labelled and int(y.min()) < 0)):  # unlabelled: all -1
+                    read += b
+                    dropped = (y == DROPPED) if source.bad_records == "zero" else None  # else refused below
+                    if dropped is not None and bool(dropped.any()):
+                        kept_rows = ~dropped
+                        hashes = [h for h, keep in zip(hashes, kept_rows.tolist()) if keep]
+                    else:
+                        dropped = None
+                    labels = y if dropped is None else y[kept_rows]
+                    if len(labels) and (int(labels.max()) >= k or (labelled and int(labels.min()) < 0)):
                         raise MepfError(f"{source.description}: a label is outside the {k} declared classes; the "
-                                        "data is corrupt, fetch it again")
-                    fp.add(hashes, y.tolist())
+                                        "data is corrupt, fetch it again")  # unlabelled: all -1
+                    fp.add(hashes, labels.tolist())
                     if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
                         x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
                     f = extractor(x.to(device, non_blocking=True)).to(acc)
                     cls = y.clamp_min(0).to(acc)
+                    if dropped is not None:
+                        dropped = dropped.to(acc)
                     for name in names:
                         for s in range(0, batch_size, chunk):
                             if s >= b:
@@ -198,22 +211,25 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                             if rows.shape not in buffers:
                                 buffers[rows.shape] = torch.empty(rows.shape, dtype=torch.float64, device=acc)
                             buf = buffers[rows.shape]
-                            q = grid_rows(rows, name == "S2", out=buf)
-                            sums[name].add_rows(q[:b - s], cls[s:min(s + chunk, b)])
-                    counts += torch.bincount(cls, minlength=k)
+                            q = grid_rows(rows, name == "S2", out=buf)[:b - s]
+                            if dropped is not None:  # a dropped record's row is zero: it adds nothing
+                                q[dropped[s:min(s + chunk, b)]] = 0
+                            sums[name].add_rows(q, cls[s:min(s + chunk, b)])
+                    counts += torch.bincount(cls if dropped is None else cls[~dropped], minlength=k)
                     bar.update(b)
             except MepfError as e:
                 error = str(e)
             except Exception as e:  # noqa: BLE001 - a reader's or loader's failure: one line on every rank
                 error = (f"reading the data failed ({type(e).__name__}); nothing was released; check that the data "
                          "is readable (mepf embed --check lists unreadable images) and run again")
-    if error is None and int(counts.sum()) != planned:  # each rank's own share, not only the total
+    if error is None and read != planned:  # each rank's own share, not only the total
         error = ("the data changed while it was read (a rank read other records than its planned share); nothing "
                  "was released, run again on data that is not being modified")
     distributed.agree(error)  # a rank that failed makes every rank fail, with its message
     qsums = {n: distributed.all_sum_(s.flush()).cpu() for n, s in sums.items()}
     counts = distributed.all_sum_(counts).cpu().numpy()
-    if int(counts.sum()) == 0:
+    read = int(distributed.all_sum_(torch.tensor([read], dtype=torch.int64, device=acc)).item())
+    if len(source) == 0:  # not the counts: records dropped under --bad-records zero must not decide the outcome
         raise MepfError("the data source yielded no records")
     if ranks.active:
         parts = distributed.all_gather_bytes(fp.to_bytes(), fp.max_bytes())
@@ -227,7 +243,8 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                                     "released: run the same mepf on every node") from None
 
         distributed.on_main(merge)
-    return Sums(qsums=qsums, counts=counts, fingerprint=fp if ranks.main else None, cs={n: cs[n] for n in names})
+    return Sums(qsums=qsums, counts=counts, fingerprint=fp if ranks.main else None, cs={n: cs[n] for n in names},
+                read=read)
 
 
 def privatise(values: dict, sigmas: dict) -> dict:
@@ -315,17 +332,21 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                   relation: str = "add-remove", moments: str = "mean+second", budget_split: str | None = None,
                   batch_size: int = 128, device="cpu", overwrite: bool = False, force: bool = False,
                   release_log_path=None, allow_repeat: bool = False, progress: bool = True,
-                  workers: int = 0, data_given: str | None = None) -> EmbedResult | None:
+                  workers: int = 0, data_given: str | None = None, bad_records: str = "stop") -> EmbedResult | None:
     """The whole private release, from a source to a written file and a log entry. epsilon = inf is a
     non-private baseline: the same path with the noise off, declared in the ledger. Under torchrun every
     rank takes part in the pass; rank 0 alone checks, draws the noise, writes the file and the log entry
-    and returns the result (None on the other ranks); an error on any rank is raised on all."""
+    and returns the result (None on the other ranks); an error on any rank is raised on all. `bad_records`: what
+    a record that cannot be embedded as it is does ("stop" the run, or "zero": see Source)."""
     c1, c2 = feature_spec["C1"], feature_spec["C2"]
 
     def from_options():  # on every rank, through the agreed path: one node's bad option stops every node
         validate_target(epsilon, delta, allow_inf=True)
         if relation not in RELATIONS:
             raise MepfError(f"--relation must be one of {', '.join(RELATIONS)}")
+        if bad_records not in BAD_RECORDS:
+            raise MepfError(f"--bad-records must be one of {', '.join(BAD_RECORDS)}")
+        source.bad_records = bad_records
         check_class_names(source)
         names = release_names(moments)
         weights = parse_budget_split(budget_split, names)
@@ -360,7 +381,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     # several ranks are one mechanism only if they agree: every rank checks rank 0's plan before any record is read
     plan = distributed.guarded(lambda: plan_of(source, transform, feature_spec, batch_size=batch_size, moments=moments,
                                                relation=relation, epsilon=epsilon, delta=delta,
-                                               budget_split=budget_split, force=force, device=device))
+                                               budget_split=budget_split, force=force, device=device,
+                                               bad_records=bad_records))
     agree_on_plan(plan)
     agree_on_files(source)
     listed = len(source)
@@ -373,7 +395,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                       dim=feature_spec["dim"], tag_key=tkey, legacy_key=key if legacy else None)
 
     def release(lock) -> EmbedResult:
-        if sums.n != listed:
+        if sums.read != listed:
             raise MepfError("the data changed while it was read (not the records it listed); nothing was released, "
                             "run again on data that is not being modified")
         now = release_log.read_log(log_path)  # under the lock: entries appended during the pass count too

@@ -97,7 +97,8 @@ def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
                              delta=opts.delta, relation=opts.relation, moments=opts.moments,
                              budget_split=opts.budget_split, batch_size=opts.batch_size, device=device,
                              overwrite=opts.overwrite, force=opts.force, release_log_path=opts.release_log,
-                             allow_repeat=opts.allow_repeat, progress=progress, workers=workers, data_given=opts.data)
+                             allow_repeat=opts.allow_repeat, progress=progress, workers=workers, data_given=opts.data,
+                             bad_records=opts.bad_records)
     except BaseException:
         for p in made:  # deepest first; a folder holding anything (a log, a release) stays
             with contextlib.suppress(OSError):

@@ -19,12 +19,19 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.plain_file import open_nonblocking
 
+#: the label a source in `--bad-records zero` gives a record whose label is outside the declared set: the pass
+#: reads it and adds nothing of it (no row, no count, not in the fingerprint)
+DROPPED = -2
+
 
 class Source:
-    """Base: `classes` (None when unlabelled), `description` (never a path), `geometry`."""
+    """Base: `classes` (None when unlabelled), `description` (never a path), `geometry`, and `bad_records`
+    ("stop", or "zero": a record the pass cannot embed as it is becomes the black image, or with a label outside
+    the declared set is dropped, a rule of that record alone)."""
 
     classes: list | None = None
     description: str = ""
+    bad_records: str = "stop"
 
     @property
     def geometry(self) -> tuple | None:

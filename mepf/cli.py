@@ -206,13 +206,18 @@ def _vd(name):
 @click.option("--allow-repeat", is_flag=True, help="Allow a release of data released before (budgets compose).")
 @click.option("--force", is_flag=True, help="Allow delta >= 1/n.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--bad-records", type=_choices(eo.BAD_RECORDS), default=_ed("bad_records"),
+              help="A record the pass cannot embed as it is (an image that cannot be decoded, a float record with NaN, "
+              "inf or a value outside [0,1], a label outside the declared set): stop names it and releases nothing; "
+              "zero embeds it as the black image (a label outside the set: drops it), so that no one record decides "
+              "whether a release happens. Run --check first either way.")
 @click.option("--check", is_flag=True, help="Only check the data: list every file the pass would stop at (not an "
               "image, cannot be decoded, out of range), read nothing else, write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, weights, weights_seed, layers,
           pixel_weight, pooling, image_size, feature_size, crop, channels, classes, data_root, batch_size, device,
-          workers, release_log, allow_repeat, force, overwrite, check, quiet):
+          workers, release_log, allow_repeat, force, overwrite, bad_records, check, quiet):
     """Stage 1 (data owner): read the private images once and write the privatised embedding.
 
     Nothing it prints is computed from the records: no count, no rate, no statistic. Under torchrun
@@ -228,7 +233,7 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
             click.echo(printable(line, 1 << 20))
         if problems:
             raise MepfError("the data holds files mepf cannot embed (listed above); fix or remove them, then run "
-                            "mepf embed")
+                            "mepf embed (or embed with --bad-records zero, which makes each one a black image)")
         folder = Path(data).is_dir() and (image_size is None or channels is None)
         click.echo("every record can be read: the data is ready for mepf embed (nothing was embedded)"
                    + ("; an image folder also needs --image-size and --channels" if folder else ""))
@@ -244,7 +249,7 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
                            pooling=pooling, image_size=image_size, feature_size=feature_size, crop=crop,
                            channels=int(channels) if channels else None, classes=classes, data_root=data_root,
                            batch_size=batch_size, device=device, workers=workers, release_log=release_log,
-                           allow_repeat=allow_repeat, force=force, overwrite=overwrite)
+                           allow_repeat=allow_repeat, force=force, overwrite=overwrite, bad_records=bad_records)
     if math.isinf(epsilon) and _is_main_rank():
         click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
                    err=True)

@@ -199,7 +199,7 @@ def _assert_refused_on_both(results, nodes, words):
         assert not list(n.glob(".r.h5.tmp*"))
 
 
-@pytest.mark.parametrize("case", ["batch-size", "order", "classes", "data"])
+@pytest.mark.parametrize("case", ["batch-size", "order", "classes", "data", "bad-records"])
 def test_two_nodes_that_disagree_on_the_plan_are_refused_before_reading(tmp_path, case):
     """Each node keeps blocks b % world == rank by its own options and its own copy of the data: with another
     --batch-size, another order or other records one node reads some records twice and others never, while the
@@ -208,8 +208,9 @@ def test_two_nodes_that_disagree_on_the_plan_are_refused_before_reading(tmp_path
     x, y = make_images(40, seed=3), np.arange(40) % 4
     np.savez(nodes[0] / "d.npz", images=x, labels=y)
     args0 = node_embed(nodes[0], nodes[0] / "d.npz", "--classes", "4", "--batch-size", "10")
-    extra1 = {"batch-size": ["--classes", "4", "--batch-size", "5"], "classes": ["--classes", "a,b,c,d",
-                                                                                "--batch-size", "10"]}
+    extra1 = {"batch-size": ["--classes", "4", "--batch-size", "5"],
+              "classes": ["--classes", "a,b,c,d", "--batch-size", "10"],
+              "bad-records": ["--classes", "4", "--batch-size", "10", "--bad-records", "zero"]}
     if case == "order":
         perm = np.random.default_rng(0).permutation(40)
         np.savez(nodes[1] / "d.npz", images=x[perm], labels=y[perm])  # the same records, another order
@@ -221,7 +222,7 @@ def test_two_nodes_that_disagree_on_the_plan_are_refused_before_reading(tmp_path
         shutil.copy(nodes[0] / "d.npz", nodes[1] / "d.npz")
     args1 = node_embed(nodes[1], nodes[1] / "d.npz", *extra1.get(case, ["--classes", "4", "--batch-size", "10"]))
     words = {"batch-size": "--batch-size", "order": "the data itself", "classes": "the class names",
-             "data": "the data itself"}[case]
+             "data": "the data itself", "bad-records": "--bad-records"}[case]
     _assert_refused_on_both(two_nodes([args0, args1]), nodes, words)
 
 

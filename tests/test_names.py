@@ -25,6 +25,7 @@ from mepf.synthesize.generators import GENERATORS
 #: (command, option) -> the names it must offer, read from where they are written
 CHOICES = {
     ("embed", "relation"): eo.RELATIONS, ("embed", "moments"): eo.MOMENT_SETS, ("embed", "crop"): eo.CROPS,
+    ("embed", "bad_records"): eo.BAD_RECORDS,
     ("embed", "backbone"): names.BACKBONE_NAMES, ("embed", "pooling"): names.POOLINGS,
     ("embed", "device"): names.DEVICES, ("synthesize", "device"): names.DEVICES, ("sample", "device"): names.DEVICES,
     ("evaluate", "device"): names.DEVICES, ("synthesize", "generator"): ("auto", *so.GENERATOR_NAMES),

@@ -330,11 +330,11 @@ def test_an_image_rewritten_in_place_while_it_is_decoded_is_refused(tmp_path, mo
     a, b = root / "c0" / "00.png", root / "c1" / "11.png"
     decode = files.decode_image
 
-    def rewrite_then_decode(path, f=None):
+    def rewrite_then_decode(path, f=None, *rest):
         if path == a:
             with open(a, "r+b") as out:
                 out.write(b.read_bytes())
-        return decode(path, f)
+        return decode(path, f, *rest)
 
     monkeypatch.setattr(files, "decode_image", rewrite_then_decode)
     with pytest.raises(MepfError, match="changed while it was read"):
