@@ -20,6 +20,7 @@ from mepf.artifacts.errors import MepfError
 
 from .options import DATA_ROOT, DATASETS, default_path
 from .sources import (
+    Replaced,
     Source,
     check_unchanged,
     files_digest,
@@ -295,10 +296,13 @@ class CelebASource(Source):
             for i in range(start, min(start + block_size, len(self._paths))):
                 # PNG/JPEG only, no warning (not torchvision's open)
                 arr = decode_listed(self._paths[i], self._ids[i], self.bad_records == "zero")
+                if isinstance(arr, Replaced):  # --bad-records zero: the pass embeds the black image
+                    xs.append(arr)
+                    continue
                 im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
                 top = (im.size[1] - 178) // 2
                 xs.append(np.asarray(im.crop((0, top, 178, top + 178)).convert("RGB")))
-            yield b, np.stack(xs), None
+            yield b, (xs if any(isinstance(a, Replaced) for a in xs) else np.stack(xs)), None
 
 
 def default_data_root() -> Path:

@@ -17,8 +17,9 @@ import numpy as np
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import no_hdf5_plugins
 
+from .fingerprint import replaced_identity
 from .sources import (
-    DROPPED,
+    Replaced,
     Source,
     check_listed,
     check_unchanged,
@@ -86,11 +87,23 @@ def _metadata_skipped():
         markers.update(saved_markers)
 
 
-def decode_image(path: Path, file=None, zero: bool = False) -> np.ndarray:
+def _file_digest(path: Path, file=None) -> bytes:
+    """SHA-256 of a file's bytes, from its start (read by offset: `file`'s position is left as it is)."""
+    h = hashlib.sha256()
+    with contextlib.ExitStack() as stack:
+        fd = file.fileno() if file is not None else stack.enter_context(open(path, "rb")).fileno()
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            h.update(chunk)
+            offset += len(chunk)
+    return h.digest()
+
+
+def decode_image(path: Path, file=None, zero: bool = False):
     """One image file (`path`, or `file` opened from it) as stored pixels: uint8 (H, W, 1) for grey modes (16-bit
     grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule. An undecodable file is
-    the one record that stops the pass (nothing is released), or with `zero` (--bad-records zero) one black
-    pixel, as a PNG above the cap is."""
+    the one record that stops the pass (nothing is released), or with `zero` (--bad-records zero) is Replaced,
+    identified by its bytes (the pass embeds the black image for it)."""
     from PIL import Image
 
     limit = Image.MAX_IMAGE_PIXELS
@@ -120,7 +133,10 @@ def decode_image(path: Path, file=None, zero: bool = False) -> np.ndarray:
                     arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
         if zero:
-            return np.zeros((1, 1, 1), np.uint8)
+            try:
+                return Replaced(replaced_identity(file_bytes=_file_digest(path, file)))
+            except OSError:
+                pass
         raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it (or embed with "
                         "--bad-records zero)") from None
     finally:
@@ -251,7 +267,7 @@ class FolderSource(Source):
             chunk = self.items[start:start + block_size]
             images = [self.read_listed(i) for i in range(start, start + len(chunk))]
             labels = np.array([l for _, l in chunk], dtype=np.int64) if self.classes else None
-            same = all(a.shape == images[0].shape for a in images)
+            same = all(isinstance(a, np.ndarray) for a in images) and all(a.shape == images[0].shape for a in images)
             yield b, (np.stack(images) if same else images), labels
 
 
@@ -459,26 +475,27 @@ class ArraySource(Source):
         k = len(self.classes) if self.classes else None
         zero = self.bad_records == "zero"
         for b, x, y in self._raw_blocks(block_size, keep):
+            replaced = None
             if x.dtype != np.uint8:
-                bad = ~np.isfinite(x) | (x < 0) | (x > 1)
-                if bad.any():
-                    if not zero:
-                        raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
-                                        "float images must be finite and in [0,1] (or store uint8, or embed with "
-                                        "--bad-records zero)")
-                    x = np.where(bad.reshape(len(x), -1).any(axis=1).reshape((-1,) + (1,) * (x.ndim - 1)), 0, x)
-                x = x.astype(np.float32)
+                with np.errstate(invalid="ignore"):
+                    bad = (~np.isfinite(x) | (x < 0) | (x > 1)).reshape(len(x), -1).any(axis=1)
+                if bad.any() and not zero:
+                    raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
+                                    "float images must be finite and in [0,1] (or store uint8, or embed with "
+                                    "--bad-records zero)")
+                if bad.any():  # each such record as stored (its layout aside) identifies it; the pass embeds black
+                    rows = x if x.ndim == 3 or not self._channels_first else x.transpose(0, 2, 3, 1)
+                    replaced = {int(i): Replaced(replaced_identity(values=rows[i])) for i in np.flatnonzero(bad)}
+                with np.errstate(over="ignore", invalid="ignore"):
+                    x = x.astype(np.float32)
             if x.ndim == 3:
                 x = x[..., None]
             elif self._channels_first:
                 x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
             if y is not None:
                 y = y.astype(np.int64)
-                bad = (y < 0) | (y >= k)
-                if bad.any():
-                    if not zero:
-                        raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes that "
-                                        "--classes declares; declare the full label set or fix the labels (or embed "
-                                        "with --bad-records zero, which drops such records)")
-                    y[bad] = DROPPED
-            yield b, x, y
+                if not zero and ((y < 0) | (y >= k)).any():  # under zero, the pass drops such records
+                    raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes that "
+                                    "--classes declares; declare the full label set or fix the labels (or embed "
+                                    "with --bad-records zero, which drops such records)")
+            yield b, (x if replaced is None else [replaced.get(i, r) for i, r in enumerate(x)]), y

@@ -6,7 +6,8 @@ whatever the order, the file names, the container (image folder, .npz, .h5) and 
 keeps a bounded sample of per-record pixel hashes (the records whose hash falls below a threshold, at
 most SKETCH_CAP of them), so that a dataset that shares records with an earlier one (a subset, a
 superset, a relabelled copy) is recognised too. It cannot recognise an image that was re-encoded with
-loss, cropped, resized or otherwise changed before it reached mepf: those are different pixels.
+loss, cropped, resized or otherwise changed before it reached mepf: those are different pixels. A record that
+`--bad-records zero` embeds as the black image counts as itself (`replaced_identity`), one it drops not at all.
 """
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ def record_hash(record) -> bytes:
     h = hashlib.sha256(RECORD_TAG)
     h.update(f"{a.dtype.str}|{list(a.shape)}|".encode())
     h.update(a.tobytes())
+    return h.digest()
+
+
+def replaced_identity(*, file_bytes: bytes | None = None, values=None) -> bytes:
+    """The record_hash in the fingerprint of a record embedded as the black image under --bad-records zero: for
+    an image that cannot be decoded, its file's bytes (their SHA-256); for a float record with a value outside
+    [0,1], the uint8 record it encodes where every value is a whole number in 0..255 (data on the 0-255 scale is
+    then the same records as its corrected copy), else its values as stored. Never the black image's own hash,
+    so that such records are told apart from each other and from black images as any records are."""
+    h = hashlib.sha256(b"mepf-replaced-v1|")
+    if file_bytes is not None:
+        h.update(b"file|" + file_bytes)
+        return h.digest()
+    a = np.asarray(values)
+    a = a[:, :, None] if a.ndim == 2 else a  # (H, W) and (H, W, 1) are one record, as for record_hash
+    with np.errstate(invalid="ignore", over="ignore"):
+        whole = bool(np.all(np.isfinite(a)) and np.all((a >= 0) & (a <= 255)) and np.all(a == np.round(a)))
+    if whole:
+        return record_hash(a.astype(np.uint8))
+    h.update(f"values|{a.dtype.str}|{list(a.shape)}|".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
     return h.digest()
 
 
@@ -361,6 +383,10 @@ class Fingerprint:
         if out._sum >= _MOD:
             raise ValueError("malformed fingerprint")
         return out
+
+    def records(self) -> int:
+        """The number of records added (records dropped under --bad-records zero are not)."""
+        return self._n
 
     def hexdigest(self) -> str:
         return hashlib.sha256(f"mepf-dataset-v2|{self._n}|{self._sum:064x}".encode()).hexdigest()

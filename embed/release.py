@@ -35,7 +35,6 @@ from .fingerprint import Fingerprint, tag_key
 from .loader import Failed, loader, shard_size
 from .options import BAD_RECORDS
 from .plan import agree_on_files, agree_on_plan, plan_of
-from .sources import DROPPED
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 #: the progress display shows how far the pass is and for how long, never a count or a rate of records
@@ -186,7 +185,9 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                     x, y, hashes = item
                     b = len(x)
                     read += b
-                    dropped = (y == DROPPED) if source.bad_records == "zero" else None  # else refused below
+                    # under --bad-records zero a record whose label is outside the declared set adds nothing: no
+                    # row, no count, no place in the fingerprint (any source's; otherwise it is refused below)
+                    dropped = ((y < 0) | (y >= k)) if labelled and source.bad_records == "zero" else None
                     if dropped is not None and bool(dropped.any()):
                         kept_rows = ~dropped
                         hashes = [h for h, keep in zip(hashes, kept_rows.tolist()) if keep]
@@ -200,8 +201,8 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                     if b < batch_size:  # every forward pass has the same shape, so the same kernels and rounding
                         x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
                     f = extractor(x.to(device, non_blocking=True)).to(acc)
-                    cls = y.clamp_min(0).to(acc)
-                    if dropped is not None:
+                    cls = (y.clamp_min(0) if dropped is None else y.masked_fill(dropped, 0)).to(acc)
+                    if dropped is not None:  # class 0 for the index only: its row is zero and it is not counted
                         dropped = dropped.to(acc)
                     for name in names:
                         for s in range(0, batch_size, chunk):

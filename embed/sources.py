@@ -19,15 +19,23 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.plain_file import open_nonblocking
 
-#: the label a source in `--bad-records zero` gives a record whose label is outside the declared set: the pass
-#: reads it and adds nothing of it (no row, no count, not in the fingerprint)
-DROPPED = -2
+
+class Replaced:
+    """What a source yields under --bad-records zero in place of a record it cannot give as it is (an image that
+    cannot be decoded, a float record with a value outside [0,1]): the pass embeds the black image for it, and
+    the fingerprint counts it as `identity` (fingerprint.replaced_identity: that record's own, never the black
+    image's), so that such records are told apart as any others are (loader.py)."""
+
+    __slots__ = ("identity",)
+
+    def __init__(self, identity: bytes):
+        self.identity = identity
 
 
 class Source:
-    """Base: `classes` (None when unlabelled), `description` (never a path), `geometry`, and `bad_records`
-    ("stop", or "zero": a record the pass cannot embed as it is becomes the black image, or with a label outside
-    the declared set is dropped, a rule of that record alone)."""
+    """Base: `classes` (None when unlabelled), `description` (never a path), `geometry`, and `bad_records`: under
+    "stop" a record that cannot be embedded as it is raises; under "zero" it is yielded as Replaced, and a label
+    outside the declared set as it is stored (loader.py and release.py apply the fixed rules)."""
 
     classes: list | None = None
     description: str = ""

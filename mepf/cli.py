@@ -233,7 +233,8 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
             click.echo(printable(line, 1 << 20))
         if problems:
             raise MepfError("the data holds files mepf cannot embed (listed above); fix or remove them, then run "
-                            "mepf embed (or embed with --bad-records zero, which makes each one a black image)")
+                            "mepf embed (under --bad-records zero an image that cannot be decoded or a float record "
+                            "out of range is embedded black and a label outside the set dropped; the rest still stop)")
         folder = Path(data).is_dir() and (image_size is None or channels is None)
         click.echo("every record can be read: the data is ready for mepf embed (nothing was embedded)"
                    + ("; an image folder also needs --image-size and --channels" if folder else ""))

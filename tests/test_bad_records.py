@@ -99,11 +99,19 @@ def test_an_undecodable_image_stops_the_run_by_default_and_is_black_under_zero(t
     assert not (tmp_path / "s.h5").exists()
     r = embed(d, tmp_path / "z.h5", tmp_path / "lz.jsonl", *declared, "--bad-records", "zero")
     assert r.exit_code == 0, r.stderr
-    # the broken file is one black pixel: the data with such a PNG in its place is the same data to the log
-    (d / "c0" / "broken.png").unlink()
-    Image.fromarray(np.zeros((1, 1), np.uint8)).save(d / "c0" / "black.png")
     r = embed(d, tmp_path / "again.h5", tmp_path / "lz.jsonl", *declared, "--bad-records", "zero")
     assert r.exit_code == 2 and "this dataset was already released" in r.stderr, r.stderr
+    # embedded as black, it is still its own record to the log: not the black image, not another broken file
+    for name, content in (("black.png", None), ("other.png", png_bytes()[:61])):
+        (d / "c0" / "broken.png").unlink(missing_ok=True)
+        (d / "c0" / "black.png").unlink(missing_ok=True)
+        if content is None:
+            Image.fromarray(np.zeros((1, 1), np.uint8)).save(d / "c0" / name)
+        else:
+            (d / "c0" / name).write_bytes(content)
+        r = embed(d, tmp_path / f"{name}.h5", tmp_path / "lz.jsonl", *declared, "--bad-records", "zero")
+        assert "this dataset was already released" not in r.stderr, r.stderr
+        (d / "c0" / name).unlink()
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +192,85 @@ def test_check_lists_the_bad_files_and_offers_zero(tmp_path):
     (d / "c1" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
     r = CliRunner().invoke(main, ["embed", "--data", str(d), "--check", "--quiet"])
     assert r.exit_code == 2 and "broken.jpg" in r.output and "--bad-records zero" in r.stderr, r.output + r.stderr
+
+
+class Labelled:
+    """A source of any kind as the pass sees it (a named dataset's reader, say): it yields labels as its files
+    hold them, checked by the pass alone."""
+
+    classes, description, bad_records = ["0", "1", "2"], "planted", "stop"
+
+    def __init__(self, x, labels):
+        self.x, self.y = x, labels
+
+    def __len__(self):
+        return len(self.y)
+
+    def blocks(self, block_size, keep=None):
+        for b, s in enumerate(range(0, len(self.y), block_size)):
+            if keep is None or keep(b):
+                yield b, self.x[s:s + block_size], np.asarray(self.y[s:s + block_size], dtype=np.int64)
+
+
+@pytest.mark.parametrize("bad", [-1, -2, -3, 3, 10 ** 12])
+def test_every_source_s_label_outside_the_set_is_one_rule(pixels_map, bad):
+    """A label outside the set from any reader: refused under stop, dropped under zero, whatever its value (the
+    first version dropped -2, its internal mark, from a named dataset even under stop, and refused -3 under zero)."""
+    extractor, spec = pixels_map
+
+    def run(x, labels, mode):
+        src = Labelled(x, labels)
+        src.bad_records = mode
+        return accumulate(src, Transform((8, 8), 1), extractor, "mean+second", spec["C1"], spec["C2"], 4,
+                          progress=False, dim=spec["dim"], tag_key=b"k" * 32)
+
+    rng = np.random.default_rng(8)
+    x, y = rng.integers(0, 256, (7, 8, 8, 1), dtype=np.uint8), [0, 1, 2, 0, 1, 2, 0]
+    x1, y1 = np.insert(x, 3, rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), axis=0), y[:3] + [bad] + y[3:]
+    with pytest.raises(MepfError, match="outside the 3 declared classes"):
+        run(x1, y1, "stop")
+    a, b = run(x, y, "zero"), run(x1, y1, "zero")
+    same_sums(a, b)
+    assert b.read == a.read + 1 and a.fingerprint.hexdigest() == b.fingerprint.hexdigest()
+
+
+def test_a_release_of_no_records_repeats_no_one(tmp_path):
+    """Two unrelated datasets whose every label is outside the set both embed nothing: the second is no repeat of
+    the first (the first version refused it as 'already released', and accepted it plus one good record)."""
+    rng = np.random.default_rng(9)
+    for name in ("x", "y"):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (4, 8, 8), dtype=np.uint8), labels=np.full(4, 7))
+    log = tmp_path / "log.jsonl"
+    zero = ["--classes", "2", "--bad-records", "zero"]
+    assert embed(tmp_path / "x.npz", tmp_path / "x.h5", log, *zero).exit_code == 0
+    r = embed(tmp_path / "y.npz", tmp_path / "y.h5", log, *zero)
+    assert r.exit_code == 0, r.stderr
+
+
+def test_bad_records_are_told_apart_by_the_repeat_check(tmp_path):
+    """Review 20: every zeroed record was the black image to the fingerprint, so two unrelated datasets that each
+    held one bad record shared it, and one contributor's bad row decided a refusal."""
+    rng = np.random.default_rng(10)
+    p = rng.random((2, 8, 8)).astype(np.float32)
+    p[1, 0, 0] = np.nan
+    b = rng.random((5, 8, 8)).astype(np.float32)
+    b[4, 3, 3] = np.inf
+    np.savez(tmp_path / "p.npz", images=p, labels=np.array([0, 1]))
+    np.savez(tmp_path / "b.npz", images=b, labels=np.arange(5) % 2)
+    log, zero = tmp_path / "log.jsonl", ["--classes", "2", "--bad-records", "zero"]
+    assert embed(tmp_path / "p.npz", tmp_path / "p.h5", log, *zero).exit_code == 0
+    r = embed(tmp_path / "b.npz", tmp_path / "b.h5", log, *zero)
+    assert r.exit_code == 0 and "earlier release" not in r.stderr, r.stderr
+
+
+def test_data_on_the_0_255_scale_then_corrected_is_a_repeat(tmp_path):
+    """Review 20: float images on the 0-255 scale under zero release black images with their real labels (S1
+    then tells the class counts); the corrected data, released next, was new data to the log, so the two budgets
+    were not composed. A replaced record whose values are whole numbers in 0..255 is the record they encode."""
+    x, y = make_images(6, seed=11).astype(np.float32), np.arange(6) % 2
+    np.savez(tmp_path / "raw.npz", images=x, labels=y)
+    np.savez(tmp_path / "fixed.npz", images=x / 255, labels=y)
+    log, zero = tmp_path / "log.jsonl", ["--classes", "2", "--bad-records", "zero"]
+    assert embed(tmp_path / "raw.npz", tmp_path / "raw.h5", log, *zero).exit_code == 0
+    r = embed(tmp_path / "fixed.npz", tmp_path / "fixed.h5", log, *zero)
+    assert r.exit_code == 2 and "this dataset was already released" in r.stderr, r.stderr
