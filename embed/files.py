@@ -101,7 +101,8 @@ def _file_digest(path: Path, file=None) -> bytes:
 
 def decode_image(path: Path, file=None, zero: bool = False):
     """One image file (`path`, or `file` opened from it) as stored pixels: uint8 (H, W, 1) for grey modes (16-bit
-    grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule. An undecodable file is
+    grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule (a PNG: Replaced, which
+    the pass embeds as one black pixel). An undecodable file is
     the one record that stops the pass (nothing is released), or with `zero` (--bad-records zero) is Replaced,
     identified by its bytes (the pass embeds the black image for it)."""
     from PIL import Image
@@ -118,8 +119,8 @@ def decode_image(path: Path, file=None, zero: bool = False):
                     raise ValueError("not PNG or JPEG")
                 w, h = im.size
                 if w * h > MAX_DECODED_PIXELS:
-                    if im.format == "PNG":
-                        return np.zeros((1, 1, 1), np.uint8)
+                    if im.format == "PNG":  # embedded as one black pixel, and to the repeat check its own bytes
+                        return Replaced(replaced_identity(file_bytes=_file_digest(path, file)))
                     k = next(k for k in (2, 4, 8) if _ceil_div(w, k) * _ceil_div(h, k) <= MAX_DECODED_PIXELS)
                     # Pillow takes the scale min(w // rw, h // rh) for a request (rw, rh): at least k for w // k
                     im.draft(im.mode, (w // k, h // k))

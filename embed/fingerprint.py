@@ -57,22 +57,30 @@ def record_hash(record) -> bytes:
 
 
 def replaced_identity(*, file_bytes: bytes | None = None, values=None) -> bytes:
-    """The record_hash in the fingerprint of a record embedded as the black image under --bad-records zero: for
-    an image that cannot be decoded, its file's bytes (their SHA-256); for a float record with a value outside
-    [0,1], the uint8 record it encodes where every value is a whole number in 0..255 (data on the 0-255 scale is
-    then the same records as its corrected copy), else its values as stored. Never the black image's own hash,
-    so that such records are told apart from each other and from black images as any records are."""
+    """The record_hash in the fingerprint of a record embedded as the black image (--bad-records zero, or a PNG
+    above the decoding cap): for a file, its bytes (their SHA-256); for a float record with a value outside [0,1],
+    the record its values encode on the two common wrong scales, so that the corrected data released next is a
+    repeat (in [-1,1]: (a+1)/2; in [0,255]: a/255; then record_hash's own grid rule), else its values as stored,
+    canonical as record_hash's are (float32, equal channels one, one NaN, no -0). Never the black image's own
+    hash: such records are told apart from each other and from black images as any records are."""
     h = hashlib.sha256(b"mepf-replaced-v1|")
     if file_bytes is not None:
         h.update(b"file|" + file_bytes)
         return h.digest()
-    a = np.asarray(values)
-    a = a[:, :, None] if a.ndim == 2 else a  # (H, W) and (H, W, 1) are one record, as for record_hash
     with np.errstate(invalid="ignore", over="ignore"):
-        whole = bool(np.all(np.isfinite(a)) and np.all((a >= 0) & (a <= 255)) and np.all(a == np.round(a)))
-    if whole:
-        return record_hash(a.astype(np.uint8))
-    h.update(f"values|{a.dtype.str}|{list(a.shape)}|".encode())
+        a = np.asarray(values).astype(np.float32)
+        a = a[:, :, None] if a.ndim == 2 else a
+        if np.all(np.isfinite(a)):
+            lo, hi = float(a.min()), float(a.max())
+            if -1 <= lo and hi <= 1:
+                return record_hash((a + 1) / 2)
+            if 0 <= lo and hi <= 255:
+                return record_hash(a / 255)
+        a = np.where(np.isnan(a), np.float32(np.nan), a) + np.float32(0)  # one NaN; -0 + 0 is +0
+    if a.shape[2] == 3 and np.array_equal(a[..., 0], a[..., 1], equal_nan=True) \
+            and np.array_equal(a[..., 1], a[..., 2], equal_nan=True):
+        a = a[..., :1]
+    h.update(f"values|{list(a.shape)}|".encode())
     h.update(np.ascontiguousarray(a).tobytes())
     return h.digest()
 

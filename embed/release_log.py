@@ -363,6 +363,8 @@ def _linked(a: dict, b: dict) -> bool:
 def _related(entries: list, digests: set, sketches: list, key: bytes | None, links_of: dict | None = None,
              tag_filter=None) -> dict:
     out = {"same": [], "most": [], "some": []}
+    empty = Fingerprint().hexdigest()  # releases of no records repeat no one's data, nor each other
+    digests = digests - {empty} - ({keyed_digest(key, empty)} if key is not None else set())
     for e in entries:
         if {_entry_digest(e, None), _entry_digest(e, key)} & digests:
             out["same"].append(e)

@@ -263,14 +263,46 @@ def test_bad_records_are_told_apart_by_the_repeat_check(tmp_path):
     assert r.exit_code == 0 and "earlier release" not in r.stderr, r.stderr
 
 
-def test_data_on_the_0_255_scale_then_corrected_is_a_repeat(tmp_path):
-    """Review 20: float images on the 0-255 scale under zero release black images with their real labels (S1
-    then tells the class counts); the corrected data, released next, was new data to the log, so the two budgets
-    were not composed. A replaced record whose values are whole numbers in 0..255 is the record they encode."""
+@pytest.mark.parametrize("scale", ["0-255", "-1..1"])
+def test_data_on_a_wrong_scale_then_corrected_is_a_repeat(tmp_path, scale):
+    """Reviews 20, 21: float images on the 0-255 (or -1..1) scale under zero release black images with their real
+    labels (S1 then tells the class counts); the corrected data, released next, was new data to the log, so the
+    two budgets were not composed. A replaced record is the record its values encode on these scales."""
     x, y = make_images(6, seed=11).astype(np.float32), np.arange(6) % 2
-    np.savez(tmp_path / "raw.npz", images=x, labels=y)
+    raw = x if scale == "0-255" else (x / 255 - 0.5) / 0.5  # torchvision's Normalize(0.5, 0.5)
+    np.savez(tmp_path / "raw.npz", images=raw.astype(np.float64), labels=y)
     np.savez(tmp_path / "fixed.npz", images=x / 255, labels=y)
     log, zero = tmp_path / "log.jsonl", ["--classes", "2", "--bad-records", "zero"]
     assert embed(tmp_path / "raw.npz", tmp_path / "raw.h5", log, *zero).exit_code == 0
     r = embed(tmp_path / "fixed.npz", tmp_path / "fixed.h5", log, *zero)
     assert r.exit_code == 2 and "this dataset was already released" in r.stderr, r.stderr
+
+
+def test_a_replaced_record_is_the_same_whatever_its_container():
+    """Review 21: the identity of a bad row hashed its dtype and raw bytes, so a float64 copy or an RGB copy with
+    equal channels of the same data was new data to the log (record_hash folds both)."""
+    from mepf.embed.fingerprint import record_hash, replaced_identity
+
+    rng = np.random.default_rng(12)
+    for row in (rng.random((8, 8, 1)) * 3 - 1, np.where(rng.random((8, 8, 1)) < 0.1, np.nan, rng.random((8, 8, 1))),
+                np.full((8, 8, 1), -0.0) - rng.random((8, 8, 1))):
+        base = replaced_identity(values=row.astype(np.float32))
+        assert base == replaced_identity(values=row) == replaced_identity(values=row[:, :, 0])
+        assert base == replaced_identity(values=np.repeat(row.astype(np.float32), 3, axis=2))
+        assert base != record_hash(np.zeros((8, 8, 1), np.uint8))
+    neg = -np.zeros((8, 8, 1), np.float32)
+    neg[0, 0, 0] = np.nan
+    pos = np.zeros((8, 8, 1), np.float32)
+    pos[0, 0, 0] = -np.float32(np.nan)
+    assert replaced_identity(values=neg) == replaced_identity(values=pos)
+
+
+def test_releases_of_no_records_are_not_composed_with_each_other(tmp_path):
+    """Review 21: the audit added two unrelated releases whose every record was dropped (one empty digest)."""
+    rng = np.random.default_rng(13)
+    log, zero = tmp_path / "log.jsonl", ["--classes", "2", "--bad-records", "zero"]
+    for name in ("x", "y"):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (4, 8, 8), dtype=np.uint8), labels=np.full(4, 7))
+        assert embed(tmp_path / f"{name}.npz", tmp_path / f"{name}.h5", log, *zero).exit_code == 0
+    r = CliRunner().invoke(main, ["audit", str(tmp_path / "y.h5"), "--release-log", str(log)])
+    assert r.exit_code in (0, 1) and "2 release(s)" not in r.output, r.output
