@@ -18,6 +18,8 @@ import secrets
 
 import numpy as np
 
+from .sources import Replaced
+
 RECORD_TAG = b"mepf-record-v2|"
 #: the most per-record hashes a sketch keeps (16 bytes each); past it the sampling rate halves
 SKETCH_CAP = 4096
@@ -56,26 +58,32 @@ def record_hash(record) -> bytes:
     return h.digest()
 
 
+def record_hashes(records) -> list:
+    """record_hash of each record of a block; a Replaced record (sources.py) is its identity."""
+    return [r.identity if isinstance(r, Replaced) else record_hash(r) for r in records]
+
+
 def replaced_identity(*, file_bytes: bytes | None = None, values=None) -> bytes:
     """The record_hash in the fingerprint of a record embedded as the black image (--bad-records zero, or a PNG
     above the decoding cap): for a file, its bytes (their SHA-256); for a float record with a value outside [0,1],
     the record its values encode on the two common wrong scales, so that the corrected data released next is a
     repeat (in [-1,1]: (a+1)/2; in [0,255]: a/255; then record_hash's own grid rule), else its values as stored,
-    canonical as record_hash's are (float32, equal channels one, one NaN, no -0). Never the black image's own
-    hash: such records are told apart from each other and from black images as any records are."""
+    canonical as record_hash's are (float32, equal channels one, one NaN, no -0). Not the black image's hash
+    (unless the values encode black, as an all -1 record does): such records are told apart as any records are."""
     h = hashlib.sha256(b"mepf-replaced-v1|")
     if file_bytes is not None:
         h.update(b"file|" + file_bytes)
         return h.digest()
     with np.errstate(invalid="ignore", over="ignore"):
-        a = np.asarray(values).astype(np.float32)
-        a = a[:, :, None] if a.ndim == 2 else a
-        if np.all(np.isfinite(a)):
-            lo, hi = float(a.min()), float(a.max())
+        v = np.asarray(values, dtype=np.float64)  # mapped in float64 and rounded once, by record_hash, as the
+        v = v[:, :, None] if v.ndim == 2 else v  # owner's own correction in its dtype is (float16 to float64)
+        if np.all(np.isfinite(v)):
+            lo, hi = float(v.min()), float(v.max())
             if -1 <= lo and hi <= 1:
-                return record_hash((a + 1) / 2)
+                return record_hash((v + 1) / 2)
             if 0 <= lo and hi <= 255:
-                return record_hash(a / 255)
+                return record_hash(v / 255)
+        a = v.astype(np.float32)
         a = np.where(np.isnan(a), np.float32(np.nan), a) + np.float32(0)  # one NaN; -0 + 0 is +0
     if a.shape[2] == 3 and np.array_equal(a[..., 0], a[..., 1], equal_nan=True) \
             and np.array_equal(a[..., 1], a[..., 2], equal_nan=True):
@@ -313,8 +321,8 @@ class Fingerprint:
         self._kept = [] if keep_hashes else None
 
     def update(self, records, labels) -> None:
-        """Add records (with labels, or None when unlabelled)."""
-        self.add([record_hash(r) for r in records], [-1] * len(records) if labels is None else labels)
+        """Add records (with labels, or None when unlabelled); a Replaced record counts as its identity."""
+        self.add(record_hashes(records), [-1] * len(records) if labels is None else labels)
 
     def add(self, pixel_hashes, labels) -> None:
         """Add records given by their record_hash and their label index (-1 when unlabelled)."""

@@ -13,11 +13,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mepf.artifacts.errors import MepfError
 
-from .fingerprint import record_hash
-from .sources import Replaced
-
-#: what a Replaced record is embedded as: one black pixel, resized and converted like any record
-BLACK = np.zeros((1, 1, 1), np.uint8)
+from .fingerprint import record_hashes
+from .sources import pixels_of
 
 
 class Failed(str):
@@ -41,10 +38,8 @@ class RecordBlocks(IterableDataset):
 
         try:
             for _, records, labels in self.source.blocks(self.block_size, keep):
-                hashes = [r.identity if isinstance(r, Replaced) else record_hash(r) for r in records]
-                if isinstance(records, list):  # --bad-records zero: a Replaced record is embedded as the black image
-                    records = [BLACK if isinstance(r, Replaced) else r for r in records]
-                x = self.transform(records)
+                hashes = record_hashes(records)
+                x = self.transform(pixels_of(records))  # a Replaced record is embedded as the black image
                 y = (torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)) if labels is not None
                      else torch.full((len(x),), -1, dtype=torch.int64))
                 yield x, y, hashes

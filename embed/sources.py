@@ -15,6 +15,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.plain_file import open_nonblocking
@@ -30,6 +32,17 @@ class Replaced:
 
     def __init__(self, identity: bytes):
         self.identity = identity
+
+
+#: what a Replaced record is embedded as: one black pixel, resized and converted like any record
+BLACK = np.zeros((1, 1, 1), np.uint8)
+
+
+def pixels_of(records):
+    """`records` as the transform takes them: each Replaced one as BLACK (a block holding one is a list)."""
+    if isinstance(records, list) and any(isinstance(r, Replaced) for r in records):
+        return [BLACK if isinstance(r, Replaced) else r for r in records]
+    return records
 
 
 class Source:
