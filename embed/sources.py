@@ -23,10 +23,10 @@ from mepf.artifacts.plain_file import open_nonblocking
 
 
 class Replaced:
-    """What a source yields under --bad-records zero in place of a record it cannot give as it is (an image that
-    cannot be decoded, a float record with a value outside [0,1]): the pass embeds the black image for it, and
-    the fingerprint counts it as `identity` (fingerprint.replaced_identity: that record's own, never the black
-    image's), so that such records are told apart as any others are (loader.py)."""
+    """What a source yields in place of a record it cannot give as it is (under --bad-records zero an image that
+    cannot be decoded or a float record with a value outside [0,1]; in either mode a PNG above the decoding cap):
+    the pass embeds the black image for it (pixels_of), and the fingerprint counts it as `identity`
+    (fingerprint.replaced_identity: that record's own), so that such records are told apart as any others are."""
 
     __slots__ = ("identity",)
 
