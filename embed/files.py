@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import no_hdf5_plugins
+from mepf.artifacts.format import fd_sha256, no_hdf5_plugins
 
 from .fingerprint import replaced_identity
 from .sources import (
@@ -87,24 +87,18 @@ def _metadata_skipped():
         markers.update(saved_markers)
 
 
-def _file_digest(path: Path, file=None) -> bytes:
-    """SHA-256 of a file's bytes, from its start (read by offset: `file`'s position is left as it is)."""
-    h = hashlib.sha256()
+def _replaced(path: Path, file=None) -> Replaced:
+    """A record the pass embeds as one black pixel, counted by the repeat check as its file's bytes."""
     with contextlib.ExitStack() as stack:
         fd = file.fileno() if file is not None else stack.enter_context(open(path, "rb")).fileno()
-        offset = 0
-        while chunk := os.pread(fd, 1 << 20, offset):
-            h.update(chunk)
-            offset += len(chunk)
-    return h.digest()
+        return Replaced(replaced_identity(file_bytes=bytes.fromhex(fd_sha256(fd))))
 
 
 def decode_image(path: Path, file=None, zero: bool = False):
     """One image file (`path`, or `file` opened from it) as stored pixels: uint8 (H, W, 1) for grey modes (16-bit
-    grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule (a PNG: Replaced, which
-    the pass embeds as one black pixel). An undecodable file is
-    the one record that stops the pass (nothing is released), or with `zero` (--bad-records zero) is Replaced,
-    identified by its bytes (the pass embeds the black image for it)."""
+    grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule (a PNG: Replaced). An
+    undecodable file is the one record that stops the pass (nothing is released), or with `zero` (--bad-records
+    zero) is Replaced."""
     from PIL import Image
 
     limit = Image.MAX_IMAGE_PIXELS
@@ -119,8 +113,8 @@ def decode_image(path: Path, file=None, zero: bool = False):
                     raise ValueError("not PNG or JPEG")
                 w, h = im.size
                 if w * h > MAX_DECODED_PIXELS:
-                    if im.format == "PNG":  # embedded as one black pixel, and to the repeat check its own bytes
-                        return Replaced(replaced_identity(file_bytes=_file_digest(path, file)))
+                    if im.format == "PNG":
+                        return _replaced(path, file)
                     k = next(k for k in (2, 4, 8) if _ceil_div(w, k) * _ceil_div(h, k) <= MAX_DECODED_PIXELS)
                     # Pillow takes the scale min(w // rw, h // rh) for a request (rw, rh): at least k for w // k
                     im.draft(im.mode, (w // k, h // k))
@@ -135,7 +129,7 @@ def decode_image(path: Path, file=None, zero: bool = False):
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
         if zero:
             try:
-                return Replaced(replaced_identity(file_bytes=_file_digest(path, file)))
+                return _replaced(path, file)
             except OSError:
                 pass
         raise MepfError(f"cannot read image {path} ({type(e).__name__}); remove or replace it (or embed with "
@@ -480,11 +474,12 @@ class ArraySource(Source):
             if x.dtype != np.uint8:
                 with np.errstate(invalid="ignore"):
                     bad = (~np.isfinite(x) | (x < 0) | (x > 1)).reshape(len(x), -1).any(axis=1)
-                if bad.any() and not zero:
-                    raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
-                                    "float images must be finite and in [0,1] (or store uint8, or embed with "
-                                    "--bad-records zero)")
-                if bad.any():  # each such record as stored (its layout aside) identifies it; the pass embeds black
+                if bad.any():
+                    if not zero:
+                        raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
+                                        "float images must be finite and in [0,1] (or store uint8, or embed with "
+                                        "--bad-records zero)")
+                    # each such record as stored (its layout aside) identifies it; the pass embeds black
                     rows = x if x.ndim == 3 or not self._channels_first else x.transpose(0, 2, 3, 1)
                     replaced = {int(i): Replaced(replaced_identity(values=rows[i])) for i in np.flatnonzero(bad)}
                 with np.errstate(over="ignore", invalid="ignore"):

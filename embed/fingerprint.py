@@ -400,10 +400,6 @@ class Fingerprint:
             raise ValueError("malformed fingerprint")
         return out
 
-    def records(self) -> int:
-        """The number of records added (records dropped under --bad-records zero are not)."""
-        return self._n
-
     def hexdigest(self) -> str:
         return hashlib.sha256(f"mepf-dataset-v2|{self._n}|{self._sum:064x}".encode()).hexdigest()
 

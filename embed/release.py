@@ -188,12 +188,11 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
                     # under --bad-records zero a record whose label is outside the declared set adds nothing: no
                     # row, no count, no place in the fingerprint (any source's; otherwise it is refused below)
                     dropped = ((y < 0) | (y >= k)) if labelled and source.bad_records == "zero" else None
-                    if dropped is not None and bool(dropped.any()):
-                        kept_rows = ~dropped
-                        hashes = [h for h, keep in zip(hashes, kept_rows.tolist()) if keep]
-                    else:
+                    if dropped is not None and not bool(dropped.any()):
                         dropped = None
-                    labels = y if dropped is None else y[kept_rows]
+                    if dropped is not None:
+                        hashes = [h for h, d in zip(hashes, dropped.tolist()) if not d]
+                    labels = y if dropped is None else y[~dropped]
                     if len(labels) and (int(labels.max()) >= k or (labelled and int(labels.min()) < 0)):
                         raise MepfError(f"{source.description}: a label is outside the {k} declared classes; the "
                                         "data is corrupt, fetch it again")  # unlabelled: all -1

@@ -388,9 +388,7 @@ def related(entries: list, fingerprint: Fingerprint, key: bytes | None = None) -
     """Earlier releases of this data: 'same' (the same multiset of records), 'most' (sharing at least
     REPEAT_SHARE of either dataset's sampled records: a subset, superset or relabelled copy) and 'some'
     (sharing fewer records). Keyed entries match record by record only with the log's key. A release of no records
-    (every one dropped under --bad-records zero) repeats no one's data: it is related to nothing."""
-    if fingerprint.records() == 0:
-        return {"same": [], "most": [], "some": []}
+    (every one dropped under --bad-records zero) repeats no one's data: it is related to nothing (_related)."""
     digests = {fingerprint.hexdigest()} | ({keyed_digest(key, fingerprint.hexdigest())} if key is not None else set())
     sketches = [s for s in (fingerprint.sketch, fingerprint.tag_sketch, fingerprint.legacy_sketch) if s is not None]
     return _related(entries, digests, sketches, key, tag_filter=getattr(fingerprint, "tag_filter", None))
