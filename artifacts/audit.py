@@ -60,7 +60,8 @@ def audit(path) -> AuditReport:
               f"{', '.join(bad)} hold NaN or infinite values, which no release has (they would blind the noise check)")
     try:
         _check_ledger(release, rep, noise=not bad)
-    except (ArithmeticError, KeyError, TypeError, ValueError, AssertionError) as e:  # schema-valid but unworkable
+    # schema-valid but unworkable numbers (RuntimeError: autodp finding no eps)
+    except (ArithmeticError, KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:
         rep.check("ledger-numbers", False, f"the ledger's numbers cannot be checked ({type(e).__name__})")
     return rep
 
@@ -179,42 +180,108 @@ def noise_floor(d: int, rows: int, alpha: float = NOISE_ALPHA) -> tuple:
     return float(chi2.ppf(a, d)) - z * z, z, float(chi2.isf(a, d))
 
 
-def _ulp32(x: float) -> float:
-    """The spacing of float32 numbers at |x|."""
-    return float(np.spacing(np.float32(min(abs(x), 3.0e38))))
+def _wrapped_density_bound(sigma: float) -> float:
+    """The largest density, on the unit circle, of t + N(0, sigma^2) taken modulo 1, for any t: the wrapped normal's
+    value at its mode, sum_j phi_sigma(j), summed directly where sigma < 1 and as its Fourier series
+    1 + 2 sum_m exp(-2 pi^2 m^2 sigma^2) (Poisson summation: the same number) elsewhere, each where its terms fall
+    fast (60 terms: the next are below exp(-1800))."""
+    if sigma < 1:
+        return sum(math.exp(-j * j / (2 * sigma * sigma)) for j in range(-60, 61)) / (sigma * math.sqrt(2 * math.pi))
+    return 1 + 2 * sum(math.exp(-2 * math.pi ** 2 * m * m * sigma * sigma) for m in range(1, 61))
+
+
+def _fisher_tail(u: np.ndarray) -> float:
+    """P(chi2_2K >= -2 sum log u): the tail of Fisher's combination of K independent numbers, each uniform on (0,1]
+    or stochastically larger (then the tail is an upper bound)."""
+    from scipy.stats import chi2
+
+    with np.errstate(divide="ignore"):
+        stat = float(-2 * np.log(np.clip(u, 0.0, 1.0)).sum())
+    return float(chi2.sf(stat, 2 * len(u))) if math.isfinite(stat) else 0.0
+
+
+#: geometric mean of |Z| for Z ~ N(0, 1) (exp of E log|Z| = -(gamma + ln 2) / 2): a typical |noise| in a product
+_GEOMEAN_ABS_Z = math.exp(-(0.5772156649015329 + math.log(2)) / 2)
+
+
+def _lattice_power(sigma_n: float, kappa: float, half_ulp: np.ndarray, threshold: float) -> float:
+    """The r below which counts carrying noise of r sigma_n (r sigma_n well below 1) fail the whole-number test:
+    where the statistic's typical value (|noise| at its geometric mean) reaches the threshold; 0 if even exact
+    counts would pass, 1 if any r up to 1 fails."""
+    def typical(r: float) -> float:
+        return float(-2 * np.log(np.minimum(1.0, 2 * kappa * (r * sigma_n * _GEOMEAN_ABS_Z + half_ulp))).sum())
+
+    if typical(1.0) >= threshold:
+        return 1.0
+    lo, hi = 1e-300, 1.0
+    if typical(lo) < threshold:
+        return 0.0
+    for _ in range(100):  # bisection in log r
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if typical(mid) >= threshold else (lo, mid)
+    return lo
+
+
+def count_uniforms(counts: np.ndarray, sigma_n: float) -> tuple:
+    """For each stored count, two numbers each uniform on (0, 1] or stochastically larger whatever the true count
+    (a whole number) under noise of sigma_n: its distance to the nearest whole number, and its distance to zero,
+    each widened by half its float32 spacing and mapped through a bound on its distribution function."""
+    from scipy.special import erf
+
+    counts = np.asarray(counts, dtype=np.float64)
+    half_ulp = np.array([_ulp32(c) for c in counts]) / 2
+    u_lattice = np.minimum(1.0, 2 * _wrapped_density_bound(sigma_n) * (np.abs(counts - np.round(counts)) + half_ulp))
+    return u_lattice, np.minimum(1.0, erf((np.abs(counts) + half_ulp) / (sigma_n * math.sqrt(2))))
 
 
 def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
-    """Noisy counts are plausible: none far below zero (a true count is not negative), and not whole numbers in
-    more rows than noise of sigma_n makes probable (exact counts stored under a ledger that declares noise)."""
-    from scipy.stats import binom, norm
+    """The noisy counts against the declared noise, by tests that hold whatever the true counts are (whole numbers,
+    at least 0): none far below zero; not nearer whole numbers than noise of sigma_n leaves them (exact or barely
+    noised counts: the noise modulo 1 has a density of at most `_wrapped_density_bound`); not nearer zero than
+    noise alone leaves them (Anderson's inequality: P(|t + sigma Z| <= a) <= P(|sigma Z| <= a) for every t).
+    Each number is judged after widening by half its float32 spacing. Counts with some noise, but less than
+    declared, cannot be told from K numbers whose true values are large next to sigma: the check says how little
+    noise it would catch, and warns."""
+    from scipy.stats import chi2, norm
 
     k = len(counts)
-    z = float(norm.isf(NOISE_ALPHA / (2 * k)))
+    alpha = NOISE_ALPHA / 3  # split over the three tests
+    z = float(norm.isf(alpha / k))
     low = [i for i in range(k) if counts[i] < -z * sigma_n]
-    # P(a noisy count rounds to a whole float32) <= ulp * (1 + 1/(sigma sqrt(2 pi))) near it, plus a far tail
-    each = [min(1.0, _ulp32(abs(c) + 20 * sigma_n) * (1 + 1 / (sigma_n * math.sqrt(2 * math.pi))) + 1e-22)
-            for c in counts]
-    # rows judged together: the number of whole counts of a genuine file is at most Binomial(K, max p) in law,
-    # so w whole counts have a tail binom.sf(w - 1, K, max p); a single exact count can never be told
-    tails = binom.sf(np.arange(k), k, max(each))  # tails[m - 1]: P(m or more whole counts)
-    w = int(np.sum(counts == np.round(counts)))
-    p_w = float(tails[w - 1]) if w else 1.0
-    exact = p_w < NOISE_ALPHA / 2
-    below = np.flatnonzero(tails < NOISE_ALPHA / 2)
-    caught = int(below[0]) + 1 if below.size else None
+    half_ulp = np.array([_ulp32(c) for c in counts]) / 2
+    lattice = np.abs(counts - np.round(counts))
+    u_lattice, u_zero = count_uniforms(counts, sigma_n)
+    p_lattice, p_zero = _fisher_tail(u_lattice), _fisher_tail(u_zero)
+    ok = not low and p_lattice >= alpha and p_zero >= alpha
+    power = _lattice_power(sigma_n, _wrapped_density_bound(sigma_n), half_ulp, float(chi2.isf(alpha, 2 * k)))
     if low:
         detail = (f"{len(low)} noisy count(s) lie below -{z:.3g} sigma ({z * sigma_n:.4g}): no true count is negative, "
                   "so the file carries other counts than its ledger declares")
-    elif exact:
-        detail = (f"{w} of {k} noisy counts are whole numbers, which noise of sigma={sigma_n:.6g} gives a genuine file "
-                  f"with probability below {p_w:.1e}: those counts look exact, not noised")
+    elif p_lattice < alpha:
+        near = int(np.sum(lattice + half_ulp <= 1e-3))
+        detail = (f"the noisy counts lie nearer whole numbers than noise of sigma={sigma_n:.6g} leaves them ({near} of "
+                  f"{k} within 0.001 of one; probability below {p_lattice:.1e} for a genuine file): they look exact or "
+                  "barely noised")
+    elif p_zero < alpha:
+        detail = (f"the noisy counts lie nearer zero than noise of sigma={sigma_n:.6g} alone leaves them whatever the "
+                  f"true counts (probability below {p_zero:.1e} for a genuine file): they carry less noise than the "
+                  "ledger declares")
     else:
-        power = (f"whole-number counts in {caught} or more of the {k} rows would be caught (in fewer would not)"
-                 if caught is not None else
-                 "NO POWER to tell exact counts here (too few classes or counts too large for float32)")
-        detail = f"no count below -{z:.3g} sigma; {power}"
-    rep.check("noise:counts", not low and not exact, detail, warn=caught is None)
+        reach = (f"power: counts with noise of less than {power:.2g} of the declared sigma (nearly exact) would fail"
+                 if power > 0 else
+                 "NO POWER to tell exact counts here (too few classes, or counts too large for float32)")
+        detail = (f"no count below -{z:.3g} sigma, none nearer whole numbers or zero than noise of sigma={sigma_n:.6g} "
+                  f"allows; {reach}")
+    warn = power < 0.5  # as noise:shape: below half, a check that cannot vouch for the noise
+    if ok and warn:
+        detail += (f"; counts with more noise than that but less than declared cannot be told from {k} numbers whose "
+                   "true values may be large next to sigma: the counts' share of the guarantee rests on the ledger")
+    rep.check("noise:counts", ok, detail, warn=warn)
+
+
+def _ulp32(x: float) -> float:
+    """The spacing of float32 numbers at |x|."""
+    return float(np.spacing(np.float32(min(abs(x), 3.0e38))))
 
 
 def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:

@@ -298,6 +298,13 @@ def _inspect_in_child(fd: int, path: Path) -> dict:
     return out["ok"]
 
 
+def _canonical_or_none(obj) -> str | None:
+    try:
+        return canonical_json(obj)
+    except (ValueError, TypeError, RecursionError):  # NaN or Infinity, which the writer never writes
+        return None
+
+
 def _read_checked(f, path: Path, size: int, meta: dict) -> tuple:
     """The strings (read by the child), checked against the schema; then the arrays, whose shapes, types and
     storage are checked before they are read."""
@@ -309,6 +316,13 @@ def _read_checked(f, path: Path, size: int, meta: dict) -> tuple:
         specs = {n: json.loads(t) for n, t in texts.items()}
     except (json.JSONDecodeError, RecursionError) as e:
         raise MepfError(f"{path}: a JSON field is corrupt ({type(e).__name__}); the file cannot be trusted") from None
+    # the writer's one form: a text with a key twice (or other spacing or spelling) reads one way to json.loads (the
+    # last value) and another to a person or a tool reading the stored text (the first)
+    bent = [n for n, t in texts.items() if _canonical_or_none(specs[n]) != t]
+    if bent:
+        raise MepfError(f"{path}: its {bent[0]} is not the JSON text mepf writes (a key given twice, say, which "
+                        "readers take differently); the file cannot be trusted: ask the data owner for the original "
+                        "file")
     problem = (class_names_problem(class_names) or feature_spec_problem(specs["feature_spec"])
                or data_spec_problem(specs["data_spec"], len(class_names), specs["feature_spec"])
                or ledger_problem(specs["ledger"]))
@@ -376,7 +390,8 @@ def read_raw(path) -> Release:
             arrays, class_names, texts, specs, checksum = _read_checked(f, path, size, meta)
         sha = fd_sha256(fd)  # the bytes just read, whatever the name points to now
         after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns,
+                                                                       before.st_ctime_ns):  # utime cannot set ctime
             raise MepfError(f"{path} was modified while it was read; read it again once nothing writes to it")
     except MepfError:
         raise

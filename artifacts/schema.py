@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 
+from .accounting import MIN_DELTA
 from .ledger import RELATIONS
 
 #: at most this many classes (the K of every array); the release's shapes are bounded by it
@@ -140,8 +141,8 @@ def ledger_problem(led) -> str | None:
     target, achieved = led.get("target"), led.get("achieved")
     if not (isinstance(target, dict) and isinstance(achieved, dict)):
         return "a ledger without its target and achieved guarantee"
-    if not all(_num(d.get("delta"), 0, 1, open_lo=True) and d["delta"] < 1 for d in (target, achieved)):
-        return "a ledger whose delta is not a number in (0, 1)"
+    if not all(_num(d.get("delta"), MIN_DELTA, 1) and d["delta"] < 1 for d in (target, achieved)):
+        return f"a ledger whose delta is not a number in [{MIN_DELTA:g}, 1), what mepf calibrates"
     if private:
         if not (_num(led.get("mu"), 0, 1e6, open_lo=True) and _num(target.get("epsilon"), 0, 1e6, open_lo=True)
                 and _num(achieved.get("epsilon"), 0, 1e6)):

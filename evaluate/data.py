@@ -118,16 +118,16 @@ def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None)
     return out
 
 
-def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: float = 1.0) -> ImageSet:
+def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: float = 1.0, generator=None) -> ImageSet:
     """A run folder or generator.pt (samples n class-balanced images, the latent from N(0, z_scale^2 I)), an .npz,
-    or a PNG folder."""
+    or a PNG folder. `generator`: SPEC's generator where the caller has loaded it already."""
     from mepf.synthesize import load_generator
 
     p = Path(spec)
     if not p.exists():
         raise MepfError(f"{spec}: no such run folder, generator, .npz or image folder")
     if (p.is_dir() and (p / run_folder.GENERATOR).is_file()) or p.suffix == ".pt":
-        g = load_generator(p)
+        g = generator if generator is not None else load_generator(p)
         images, labels = g.sample(n, seed=seed, device=device, z_scale=z_scale)
         run = p if p.is_dir() else (p.parent if (p.parent / run_folder.OPTIONS).is_file() else None)
         names = g.info["class_names"] if g.info.get("labelled") else None

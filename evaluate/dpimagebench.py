@@ -190,13 +190,14 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     given = [flag for flag, value in unused if value is not None]
     if given:
         raise MepfError(f"{given[0]} does nothing with --metrics {','.join(sorted(wanted))}; drop it")
-    p = Path(synthetic)
+    p, generator = Path(synthetic), None
     if p.suffix == ".pt" or (p / "generator.pt").is_file():  # a generator's size is known before its samples
         from mepf.synthesize import load_generator
 
-        arch = load_generator(p).arch
+        generator = load_generator(p)
+        arch = generator.arch
         _check_geometry((arch["image_size"], arch["image_size"], arch["channels"]))
-    synth = load_synthetic(synthetic, n, seed, device, z_scale)
+    synth = load_synthetic(synthetic, n, seed, device, z_scale, generator)
     _check_geometry(tuple(synth.shape))
     ident = _identity(synth)
     # what the saved state belongs to: a generator by its SHA-256 (wherever it lies now), images by their path

@@ -120,7 +120,82 @@ def test_exact_counts_under_a_noisy_ledger_fail_the_audit(tmp_path, releases):
     assert partly[0] != round(float(partly[0]))
     forged = forge(tmp_path / "partly.h5", releases / "eps1.h5", arrays={**r.arrays, "counts": partly})
     assert failed(forged) == {"noise:counts"}
-    assert "9 of 10 noisy counts are whole numbers" in {n: d for n, _, d in audit(forged).checks}["noise:counts"]
+    assert "(9 of 10 within 0.001 of one" in {n: d for n, _, d in audit(forged).checks}["noise:counts"]
+
+
+def _counts_detail(path) -> tuple:
+    rep = audit(path)
+    (ok, detail), = [(ok, d) for n, ok, d in rep.checks if n == "noise:counts"]
+    return ok, detail, rep
+
+
+def test_counts_with_a_trace_of_noise_fail_the_audit_and_a_genuine_file_says_what_is_unverified(tmp_path, releases):
+    """Review 23 F1a: exact counts plus N(0, 0.001^2) under a ledger declaring sigma 37 passed the whole-number test
+    (no count exactly whole) with a plain [ok]. The counts' distances to whole numbers are now judged together
+    against the noise's law modulo 1, which holds whatever the true counts; and a genuine file's line says how
+    little noise it would catch, and warns that more, short of the declared, cannot be told."""
+    r = read_raw(releases / "eps1.h5")
+    exact = read_raw(releases / "exact.h5").arrays["counts"].astype(np.float64)
+    trace = exact + np.random.default_rng(11).normal(0, 1e-3, exact.shape)
+    forged = forge(tmp_path / "trace.h5", releases / "eps1.h5", arrays={**r.arrays, "counts": trace.astype(np.float32)})
+    ok, detail, _ = _counts_detail(forged)
+    assert not ok and "nearer whole numbers than noise of sigma=" in detail, detail
+    assert failed(forged) == {"noise:counts"}
+    ok, detail, rep = _counts_detail(releases / "eps1.h5")
+    assert ok and rep.ok and "noise:counts" in rep.warnings, detail
+    assert "power: counts with noise of less than 0.0003" in detail and "rests on the ledger" in detail, detail
+    a = cli("audit", releases / "eps1.h5")
+    assert a.exit_code == 0 and "[WARN] noise:counts" in a.output and "\nAUDIT PASSED\n" not in a.output, a.output
+
+
+def test_a_ledger_rewritten_to_declare_more_noise_on_the_counts_fails_where_the_counts_are_small(tmp_path, releases):
+    """Review 23 F1b: the ledger rewritten consistently (sigma, weights, mu, eps; the arrays untouched) to declare
+    1,000 times the counts' noise passed with a plain [ok], claiming a smaller eps. Counts nearer zero than noise
+    of the declared sigma alone leaves them (whatever the true counts: Anderson's inequality) fail it; where the
+    true counts are large next to sigma nothing can, and the line warns (test above)."""
+    from mepf.artifacts.accounting import autodp_eps, eps_for_delta, gdp_mu
+
+    r = read_raw(releases / "eps1.h5")
+    led = json.loads(json.dumps(r.ledger))
+    by = {e["name"]: e for e in led["releases"]}
+    by["counts"]["sigma"] *= 1000
+    sens, sig = [e["sensitivity"] for e in led["releases"]], [e["sigma"] for e in led["releases"]]
+    mu, delta = gdp_mu(sens, sig), led["achieved"]["delta"]
+    for e in led["releases"]:
+        e["weight"] = (e["sensitivity"] / e["sigma"]) ** 2 / mu ** 2
+    led["mu"], led["achieved"]["epsilon"] = mu, autodp_eps(sens, sig, delta)
+    led["achieved"]["epsilon_closed_form"] = eps_for_delta(delta, mu)
+    led["target"]["epsilon"] = led["achieved"]["epsilon"]
+    assert led["achieved"]["epsilon"] < 0.999 * r.ledger["achieved"]["epsilon"]
+    forged = forge(tmp_path / "inflated.h5", releases / "eps1.h5", ledger=led)
+    ok, detail, rep = _counts_detail(forged)
+    assert not ok and "nearer zero than noise of sigma=" in detail, detail
+    assert "noise:counts" in failed(forged) and not {"eps:autodp", "eps:closed-form", "mu", "target"} & failed(forged)
+
+
+@pytest.mark.parametrize("sigma", [1e-3, 0.05, 0.2, 0.5, 1.0, 3.7, 37.3, 4e3])
+def test_each_counts_statistic_is_at_least_uniform_whatever_the_true_count(sigma):
+    """The validity of both counts tests, measured: for true counts from 0 to above float32's whole numbers, the
+    stored noisy count's two numbers fall at or below q with probability at most q (up to sampling error)."""
+    from mepf.artifacts.audit import count_uniforms
+
+    g = np.random.default_rng(int(sigma * 1000))
+    n = 20000
+    for t in (0, 1, 3, 50, 6000, 70000, 2 ** 24 + 1):
+        stored = (t + sigma * g.standard_normal(n)).astype(np.float32)
+        for u in count_uniforms(stored, sigma):
+            for q in (1e-3, 1e-2, 0.1, 0.5):
+                assert (u <= q).mean() <= q + 5 * np.sqrt(q * (1 - q) / n), (sigma, t, q, (u <= q).mean())
+
+
+def test_a_ledger_whose_delta_autodp_cannot_take_is_refused_in_one_line(tmp_path, releases):
+    """Review 23 F2: a consistent ledger at delta 1e-310 (below what mepf calibrates) was schema-valid, and autodp's
+    RuntimeError reached the user as a traceback."""
+    led = json.loads(json.dumps(read_raw(releases / "eps1.h5").ledger))
+    led["achieved"]["delta"] = led["target"]["delta"] = 1e-310
+    forged = forge(tmp_path / "tiny.h5", releases / "eps1.h5", ledger=led)
+    one_line_refusal(cli("audit", forged), "delta", "1e-300")
+    one_line_refusal(cli("info", forged), "delta")
 
 
 # --------------------------------------------------------------------------- M2: files that read other files
@@ -565,6 +640,56 @@ def test_audit_looks_up_the_bytes_it_audited_in_the_log(tmp_path, monkeypatch):
 
     monkeypatch.setattr(format_module, "fd_sha256", written_meanwhile)
     one_line_refusal(cli("audit", tmp_path / "kept.h5", "--release-log", log), "modified while it was read")
+
+
+def test_a_file_rewritten_while_read_with_its_mtime_put_back_is_refused(tmp_path, releases, monkeypatch):
+    """Review 23 F6: the same size and a restored mtime (os.utime) hid a rewrite between the child's read of the
+    strings and the parent's of the arrays; the change time, which utime cannot set, shows it."""
+    import shutil
+
+    import mepf.artifacts.format as format_module
+
+    shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
+    hash_of = format_module.fd_sha256
+
+    def rewritten_in_place(fd):
+        st = os.stat(tmp_path / "r.h5")
+        with open(tmp_path / "r.h5", "r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(last)  # the same bytes, the same size: only the times move
+        os.utime(tmp_path / "r.h5", ns=(st.st_atime_ns, st.st_mtime_ns))
+        return hash_of(fd)
+
+    monkeypatch.setattr(format_module, "fd_sha256", rewritten_in_place)
+    with pytest.raises(MepfError, match="modified while it was read"):
+        read_raw(tmp_path / "r.h5")
+
+
+def test_a_ledger_text_with_a_key_given_twice_is_refused(tmp_path, releases):
+    """Review 23 F3: a decoy "achieved" claiming eps 0.1 before the genuine one: json.loads keeps the last value (the
+    audit passed at eps 1), while a person or a tool reading the stored text meets the first. Every text must be
+    the one form the writer writes."""
+    from mepf.artifacts.format import content_checksum
+
+    r = read_raw(releases / "eps1.h5")
+    decoy = '{"achieved":{"delta":1e-05,"epsilon":0.1,"epsilon_closed_form":0.1},' + r._texts["ledger"][1:]
+    assert json.loads(decoy) == r.ledger  # the same ledger to json.loads
+    spaced = json.dumps(r.ledger, sort_keys=True)  # the same object, another spelling
+
+    for name, text in (("decoy", decoy), ("spaced", spaced)):
+        def replace(f, field, src, text=text):
+            if field != "ledger":
+                return False
+            f.create_dataset("ledger", data=text, dtype=h5py.string_dtype("utf-8"))
+            f.attrs["checksum_sha256"] = content_checksum(r.arrays, r.class_names, r._texts["feature_spec"],
+                                                          r._texts["data_spec"], text)
+            return True
+
+        path = _copy_with(tmp_path / f"{name}.h5", releases / "eps1.h5", replace)
+        for cmd in ("audit", "info"):
+            one_line_refusal(cli(cmd, path), "ledger is not the JSON text mepf writes")
 
 
 def test_a_baseline_and_every_temporary_release_file_are_owner_only(tmp_path, monkeypatch):
