@@ -153,12 +153,20 @@ def agree_on_plan(plan: dict) -> None:
 
 
 def files_disagreement(rows: list) -> str | None:
-    """Given every rank's (node, digest of its source's file identities), the one error all ranks raise when two
-    ranks of one node found different files, or None."""
+    """Given every rank's (node, local rank, digest of its source's file identities), the one error all ranks raise
+    when a node's ranks are not numbered 0..m-1 (a launcher's LOCAL_RANK wrong: a node without local rank 0
+    digests no data, so its data would never be compared with rank 0's), or when two ranks of one node found
+    different files; else None."""
     nodes: dict = {}
     for r, row in enumerate(rows):
-        nodes.setdefault(row[:8], []).append((r, row[8:]))
-    ranks = sorted(r for group in nodes.values() for r, d in group if d != group[0][1])
+        nodes.setdefault(row[:8], []).append((r, struct.unpack("<q", row[8:16])[0], row[16:]))
+    for group in nodes.values():
+        if sorted(local for _, local, _ in group) != list(range(len(group))):
+            said = ", ".join(f"rank {r}: {local}" for r, local, _ in group[:8]) + (", ..." if len(group) > 8 else "")
+            return (f"the ranks of one node are not numbered 0..{len(group) - 1} by LOCAL_RANK ({said}); nothing was "
+                    "read or released: launch with torchrun, or have the launcher set LOCAL_RANK (and GROUP_RANK) "
+                    "so that each node's ranks are 0, 1, ...")
+    ranks = sorted(r for group in nodes.values() for r, _, d in group if d != group[0][2])
     if not ranks:
         return None
     which = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
@@ -178,7 +186,7 @@ def agree_on_files(source) -> None:
     ident = hashlib.sha256(repr(source.file_identity()).encode()).digest()
     # torchrun's agent (node) number; else the node's first rank (torchrun numbers a node's ranks consecutively)
     node = int(os.environ.get("GROUP_RANK", r.rank - r.local_rank))
-    rows = distributed.all_gather_bytes(struct.pack("<q", node) + ident, 40)
+    rows = distributed.all_gather_bytes(struct.pack("<qq", node, r.local_rank) + ident, 48)
     error = files_disagreement(rows)
     if error:
         raise MepfError(error)

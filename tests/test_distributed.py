@@ -430,13 +430,36 @@ def test_ranks_of_one_node_must_find_the_same_data_files():
 
     from mepf.embed.plan import files_disagreement
 
-    def row(node, ident):
-        return struct.pack("<q", node) + ident * 32
+    def rows(*given):  # (node, ident) per rank; local ranks numbered within each node, in rank order
+        seen: dict = {}
+        out = []
+        for node, ident in given:
+            out.append(struct.pack("<qq", node, seen.setdefault(node, 0)) + ident * 32)
+            seen[node] += 1
+        return out
 
-    assert files_disagreement([row(0, b"a"), row(0, b"a"), row(2, b"b"), row(2, b"b")]) is None
-    error = files_disagreement([row(0, b"a"), row(0, b"a"), row(2, b"b"), row(2, b"c")])
+    assert files_disagreement(rows((0, b"a"), (0, b"a"), (2, b"b"), (2, b"b"))) is None
+    error = files_disagreement(rows((0, b"a"), (0, b"a"), (2, b"b"), (2, b"c")))
     assert error.startswith("rank 3 found other data files") and "nothing was read or released" in error
-    assert files_disagreement([row(0, b"a"), row(0, b"x"), row(0, b"y")]).startswith("ranks 1, 2 found")
+    assert files_disagreement(rows((0, b"a"), (0, b"x"), (0, b"y"))).startswith("ranks 1, 2 found")
+
+
+def test_a_node_whose_ranks_are_not_numbered_from_zero_is_refused():
+    """Review 23 F5: only a node's local rank 0 digests its data (plan_of), so under a launcher that numbers a
+    node's ranks otherwise (none 0, or two 0s) that node's data was never compared with rank 0's."""
+    import struct
+
+    from mepf.embed.plan import files_disagreement
+
+    def row(node, local):
+        return struct.pack("<qq", node, local) + b"a" * 32
+
+    assert files_disagreement([row(0, 0), row(0, 1), row(2, 0), row(2, 1)]) is None
+    for bad in ([row(0, 0), row(0, 1), row(2, 1), row(2, 2)],  # the second node has no local rank 0
+                [row(0, 0), row(0, 0)],  # two 0s, one node
+                [row(0, 1)]):
+        error = files_disagreement(bad)
+        assert error and "not numbered 0.." in error and "nothing was read or released" in error, error
 
 
 _AGREE = """
@@ -448,6 +471,9 @@ from mepf.embed.files import ArraySource
 from mepf.embed.plan import agree_on_files
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+if sys.argv[-1] == "shift":  # a launcher numbering the node's ranks 1, 2
+    import os
+    os.environ["LOCAL_RANK"] = str(rank + 1)
 try:
     agree_on_files(ArraySource(sys.argv[2 + rank], None))
     said = "agreed"
@@ -458,22 +484,24 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("same", [True, False])
+@pytest.mark.parametrize("same", [True, False, "shift"])
 def test_two_ranks_of_a_node_compare_the_files_they_opened(tmp_path, same):
     """Under torchrun, two ranks of one node given the same path, where the file was replaced between their starts
     (here: each rank opens a file of its own with the same bytes), are refused on both ranks; the same file
-    agrees."""
+    agrees, unless LOCAL_RANK numbers the node's ranks 1, 2 (no rank would digest the node's data)."""
     np.savez(tmp_path / "a.npz", images=make_images(8, seed=1))
     shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")
     script = tmp_path / "agree.py"
     script.write_text(_AGREE)
-    files = [tmp_path / "a.npz", tmp_path / ("a.npz" if same else "b.npz")]
+    files = [tmp_path / "a.npz", tmp_path / ("b.npz" if same is False else "a.npz")]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        str(script), str(tmp_path), *map(str, files)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        str(script), str(tmp_path), *map(str, files), str(same)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [(tmp_path / f"rank{i}.txt").read_text() for i in range(2)]
-    if same:
+    if same == "shift":
+        assert all(line.startswith("refused: the ranks of one node are not numbered 0..1") for line in lines), lines
+    elif same:
         assert lines == ["agreed", "agreed"]
     else:
         assert all(line.startswith("refused: rank 1 found other data files") for line in lines), lines
