@@ -32,9 +32,15 @@ def sklearn_accuracy(kind: str, x_train, y_train, x_test, y_test, seed: int = 0)
 
     model = (LogisticRegression(max_iter=200, random_state=seed) if kind == "logreg"
              else MLPClassifier(hidden_layer_sizes=(100,), max_iter=60, random_state=seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)  # checked first: the later filter goes in front
         model.fit(_flat(x_train), y_train)
+    # MLPClassifier.fit catches Ctrl-C, warns and returns a half-trained model, whose accuracy would be reported
+    if any("interrupted by user" in str(w.message) for w in said):
+        raise KeyboardInterrupt
+    for w in said:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return float((model.predict(_flat(x_test)) == y_test).mean())
 
 

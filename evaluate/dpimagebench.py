@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.staging import write_text_atomic
@@ -34,6 +32,7 @@ from .evaluation import (
     _late_warnings,
     _release_record,
     _run_options,
+    fid_pick,
     private_reference_warning,
 )
 from .report import write_report
@@ -280,8 +279,8 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
         state = _prepare_state(out, overwrite, meta)
         stats_dir = Path(cache_dir) if cache_dir else state / "fid-stats"
         # theirs draws THEIR_FID_N of the samples unseeded; here a draw fixed by the seed, so a rerun agrees
-        pick = np.sort(np.random.default_rng(seed).choice(k, k_fid, replace=False)) if k_fid < k else None
-        metrics_out.update(_fid(synth, ref, k_fid, inception_weights, stats_dir, device, progress, pick=pick))
+        pick = fid_pick(k, k_fid, seed)
+        metrics_out.update(_fid(synth, ref, inception_weights, stats_dir, device, progress, pick=pick))
         metrics_out["fid_drawn_with_seed"] = None if pick is None else seed
         metrics_out["fid_reference"] = fid_spec
         warnings.append(f"FID is against {fid_spec}, the private training images, as DPImageBench measures it: it is "

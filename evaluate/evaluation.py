@@ -172,16 +172,23 @@ def _metrics_wanted(metrics, labelled: bool, synth_unlabelled: bool, warnings: l
     return wanted
 
 
-def _fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress, pick=None) -> dict:
-    """FID of the first `fid_samples` synthetic images (or of those at the indices `pick`) against `ref`."""
+def fid_pick(n: int, fid_samples: int | None, seed: int):
+    """The indices of the `fid_samples` of n synthetic images that FID uses, drawn with `seed` (not the first ones:
+    a folder or an .npz may hold its images class by class); None: all of them."""
+    k = min(fid_samples or n, n)
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False)) if k < n else None
+
+
+def _fid(synth, ref, inception_weights, cache_dir, device, progress, pick=None) -> dict:
+    """FID of the synthetic images at the indices `pick` (None: all) against `ref`."""
     from .fid import frechet_distance, reference_statistics, statistics
     from .inception import activations, checked_probe_error, load_inception
 
     out = {}
     model = load_inception(inception_weights, device)
     out["fid_probe_error"] = checked_probe_error(model, inception_weights, device)
-    k = len(pick) if pick is not None else min(fid_samples or len(synth.images), len(synth.images))
-    images = synth.images[pick] if pick is not None else synth.images[:k]
+    images = synth.images[pick] if pick is not None else synth.images
+    k = len(images)
     mu_s, s_s = statistics(activations(model, images, device=device, progress=progress,
                                        desc="FID: synthetic images"))
     if isinstance(ref, FidStats):
@@ -266,7 +273,9 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
         given = {"sha256": rel.file_sha256, "path": str(rel.path), "epsilon": rel.epsilon, "delta": rel.delta}
     metrics_out = {}
     if "fid" in wanted:
-        metrics_out.update(_fid(synth, ref, fid_samples, inception_weights, cache_dir, device, progress))
+        pick = fid_pick(len(synth.images), fid_samples, seed)
+        metrics_out.update(_fid(synth, ref, inception_weights, cache_dir, device, progress, pick=pick))
+        metrics_out["fid_drawn_with_seed"] = None if pick is None else seed
     if "accuracy" in wanted:
         metrics_out.update(_accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device,
                                      cnn_epochs, progress))
