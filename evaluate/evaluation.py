@@ -96,8 +96,9 @@ def _check_release_fits(synth: ImageSet, rel, warnings: list) -> np.ndarray | No
         raise MepfError(f"these samples have labels up to {int(synth.labels.max())} and --release {rel.path} has "
                         f"{k} classes: pass the release they were generated from")
     if names is None and list(rel.class_names) != [str(i) for i in range(k)]:
-        warnings.append(f"the samples' labels (indices, no names) are paired by position with the release's classes "
-                        f"{', '.join(map(str, rel.class_names))}")
+        warnings.append(f"the samples' labels (indices, no names) are taken as indices into the release's classes "
+                        f"{', '.join(map(str, rel.class_names))} (label i is its class i), for the embedding distance "
+                        "and for accuracy, which matches those names to the reference's")
     return None
 
 
@@ -252,6 +253,17 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     warnings = []
     labelled = synth.labels is not None and isinstance(ref, ImageSet) and ref.labels is not None
     wanted = _metrics_wanted(metrics, labelled, synth.labels is None, warnings)
+    saved = _run_options(synth)
+    rel = _release_of(synth, release, saved)
+    release_rec = _release_record(synth, rel)  # before any metric: an altered generator stops here
+    given, rows = None, None  # images as files: the release is the user's word (the distance; unnamed labels' names)
+    if rel is not None and synth.generator is None:
+        rows = _check_release_fits(synth, rel, warnings)
+        given = {"sha256": rel.file_sha256, "path": str(rel.path), "epsilon": rel.epsilon, "delta": rel.delta}
+        if synth.by_index and synth.labels is not None and rel.labelled:
+            # unnamed labels of the release's samples index its classes: the distance pairs them so, and so must
+            # accuracy (matched to the reference by those names), not as the numbers "0".."K-1"
+            synth.class_names, synth.by_index = list(rel.class_names), False
     classes = None
     if "accuracy" in wanted:
         perm, mapping, how = match_classes(synth.class_names, synth.by_index, synth.sampled_names, ref.class_names,
@@ -264,13 +276,6 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     if warn:
         print(f"WARNING: {warn}", file=sys.stderr)
         warnings.append(warn)
-    saved = _run_options(synth)
-    rel = _release_of(synth, release, saved)
-    release_rec = _release_record(synth, rel)  # before any metric: an altered generator stops here
-    given, rows = None, None  # images as files: the release is the user's word, for the distance only
-    if rel is not None and synth.generator is None:
-        rows = _check_release_fits(synth, rel, warnings)
-        given = {"sha256": rel.file_sha256, "path": str(rel.path), "epsilon": rel.epsilon, "delta": rel.delta}
     metrics_out = {}
     if "fid" in wanted:
         pick = fid_pick(len(synth.images), fid_samples, seed)

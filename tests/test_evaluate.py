@@ -410,6 +410,54 @@ def test_sample_classes_in_another_order_than_the_releases_are_paired_by_name(tm
         assert distance(folder, "a") == pytest.approx(distance(tmp_path / "s.npz", "b"), rel=1e-6)
 
 
+def test_unnamed_labels_of_a_releases_samples_are_its_class_indices_for_accuracy_too(tmp_path, mnist):
+    """A release of folders "0".."10" lists its classes as text: 0, 1, 10, 2, ... An .npz of its samples with labels
+    but no names (`mepf sample --format dpimagebench`) was paired with the release by index for the distance, and
+    with the reference by the names "0".."10" for accuracy: label 2 (class "10") scored as "2" (a walkthrough:
+    13.8% against 66.0% for the same images with names). Now both take label i as the release's class i."""
+    train, test = mnist
+
+    def folder(root, images, labels):
+        for i, (img, c) in enumerate(zip(images, labels)):
+            (root / str(c)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[:, :, 0] if c < 10 else img[:, :, 0].T).save(root / str(c) / f"{i:05d}.png")
+
+    def eleven(images, labels, per):  # digits 0-9, and "10": transposed zeros
+        pick = np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(10)])
+        zeros = np.flatnonzero(labels == 0)[per:2 * per]
+        return np.concatenate([images[pick], images[zeros]]), np.concatenate([labels[pick], np.full(len(zeros), 10)])
+
+    x, y = eleven(train.images, train.labels, 20)
+    folder(tmp_path / "private", x, y)
+    xt, yt = eleven(test.images, test.labels, 20)
+    folder(tmp_path / "test", xt, yt)
+    r = CliRunner().invoke(main, ["embed", "--data", str(tmp_path / "private"), "--image-size", "28", "--channels", "1",
+                                  "--epsilon", "10", "--delta", "1e-3", "--out", str(tmp_path / "r.h5"),
+                                  "--release-log", str(tmp_path / "log.jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    from mepf.artifacts import load
+
+    order = list(load(tmp_path / "r.h5").class_names)
+    assert order[:4] == ["0", "1", "10", "2"]
+    xs, ys = eleven(train.images, train.labels, 60)  # "samples": other training digits, labelled as the release
+    index = np.array([order.index(str(c)) for c in ys])
+    np.savez(tmp_path / "named.npz", images=xs, labels=index, class_names=np.array(order))
+    np.savez(tmp_path / "gen.npz", x=xs, y=index)  # as --format dpimagebench writes them
+
+    def logreg(samples, out):
+        r = CliRunner().invoke(main, ["evaluate", str(tmp_path / samples), "--reference", str(tmp_path / "test"),
+                                      "--release", str(tmp_path / "r.h5"), "--metrics", "accuracy,embedding",
+                                      "--classifiers", "logreg", "--out", str(tmp_path / out), "--quiet"])
+        assert r.exit_code == 0, r.stderr
+        return json.loads((tmp_path / out / "report.json").read_text())
+
+    named, unnamed = logreg("named.npz", "a"), logreg("gen.npz", "b")
+    assert named["metrics"]["accuracy"]["logreg"] > 0.6
+    assert unnamed["metrics"]["accuracy"]["logreg"] == named["metrics"]["accuracy"]["logreg"]
+    assert unnamed["metrics"]["embedding_distance"] == named["metrics"]["embedding_distance"]
+    assert any("taken as indices into the release's classes" in w for w in unnamed["warnings"]), unnamed["warnings"]
+
+
 def test_a_sampled_folder_fits_its_release_whatever_its_class_names(tmp_path, mnist):
     """mepf sample names class folders INDEX_NAME made safe ("T-shirt/top" -> "0_T-shirt_top"): the release check
     refused the very release such a folder came from, and folders named as the release's classes ("0", "1")
