@@ -296,6 +296,7 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
               "synthetic": synth.description, "n_synthetic": k, "reference": reference, "reference_given": reference,
               "n_reference": None if test is None else int(len(test.images)), "generator": generator,
               "metrics": metrics_out, "release": _release_record(synth), "not_for_publication": bool(flagged),
+              "private_sets": [f.split(":", 1)[0] for f in flagged],
               "warnings": warnings, "seed": seed, "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid"), "wall_time_s": time.perf_counter() - t0}
     write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir), synth.class_names)

@@ -298,6 +298,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
               "reference_given": reference, "generator": generator,
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
               "release": release_rec, "release_given": given, "not_for_publication": bool(warn),
+              "private_sets": ["--reference"] if warn else [],
               "warnings": warnings, "seed": seed, "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid", "scikit-learn"),
               "wall_time_s": time.perf_counter() - t0}

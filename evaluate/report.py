@@ -90,8 +90,12 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     m = report["metrics"]
     lines = ["# mepf evaluation report", ""]
     if report["not_for_publication"]:
-        lines += ["> **NOT FOR PUBLICATION**: the reference set is the private training data (its fingerprint is in "
-                  "the owner's release log). Metrics against it are not private.", ""]
+        sets = report.get("private_sets") or ["--reference"]
+        said = " and the ".join(f"{s} set" for s in sets)
+        lines += [f"> **NOT FOR PUBLICATION**: the {said} {'is' if len(sets) == 1 else 'are'} the private training "
+                  "data (in the owner's release log). Metrics against it are not private."
+                  + (" The classifiers were selected on the generator's own training data, so their accuracy is not "
+                     "a held-out figure." if "--validation" in sets else ""), ""]
     lines += [privacy_in_words(report["release"]), "",
               f"- synthetic: {_md(report['synthetic'])} ({report['n_synthetic']} images)",
               f"- reference: {_md(report['reference'])} ({report['n_reference']} images)"]

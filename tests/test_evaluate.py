@@ -307,8 +307,29 @@ def test_private_reference_is_flagged(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output + r.stderr
     assert "NOT for publication" in r.stderr
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert rep["not_for_publication"]
-    assert "NOT FOR PUBLICATION" in (tmp_path / "rep" / "report.md").read_text()
+    assert rep["not_for_publication"] and rep["private_sets"] == ["--reference"]
+    assert "NOT FOR PUBLICATION**: the --reference set is the private" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_private_validation_set_is_named_in_the_dpimagebench_banner(tiny_run, tmp_path, mnist):
+    """The hold-out the protocol selects on being private training data (in the owner's log) was bannered as "the
+    reference set is the private training data" (the reference was not; a walkthrough): the banner names the set,
+    and says what a private validation set means."""
+    d = tiny_run
+    np.savez(tmp_path / "val.npz", images=mnist[0].images[::40], labels=mnist[0].labels[::40])
+    ex, spec = build_feature_map("efficientnet-lite0", "pretrained", image_size=(28, 28), channels=1)
+    embed_to_file(ArraySource(tmp_path / "val.npz", [str(i) for i in range(10)]), Transform((28, 28), 1), ex, spec,
+                  out=tmp_path / "v.h5", epsilon=10, delta=1e-5, release_log_path=tmp_path / "log.jsonl",
+                  progress=False)
+    r = CliRunner().invoke(main, ["evaluate", str(d / "run"), "--protocol", "dpimagebench", "--reference",
+                                  str(d / "heldout.npz"), "--validation", str(tmp_path / "val.npz"), "--out",
+                                  str(tmp_path / "rep"), "-n", "40", "--metrics", "accuracy", "--classifiers", "resnet",
+                                  "--epochs", "1", "--release-log", str(tmp_path / "log.jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.output + r.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["not_for_publication"] and rep["private_sets"] == ["--validation"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "the --validation set is the private training data" in md and "selected on the generator's own" in md, md
 
 
 def test_bad_input(tiny_run, tmp_path, mnist):
