@@ -24,7 +24,7 @@ from mepf.core.tensor_file import read_tensors, state_dict_of, stored_in_full_pr
 
 from .generators import GENERATORS, build_generator
 from .options import LABELS, SampleOptions
-from .run_folder import GENERATOR
+from .run_folder import GENERATOR, OPTIONS
 
 _D = SampleOptions  # the defaults, written once there
 
@@ -133,6 +133,8 @@ def load_generator(path) -> TrainedGenerator:
     """Load generator.pt, or the one in a run folder."""
     path = Path(path)
     if path.is_dir():
+        if (path / OPTIONS).is_file() and not (path / GENERATOR).exists():
+            raise MepfError(f"{path} has no {GENERATOR} yet; finish training (mepf synthesize --resume {path})")
         path = path / GENERATOR
     if not path.is_file():
         raise MepfError(f"{path} does not exist; train one with `mepf synthesize FILE --out RUN_DIR`")

@@ -110,9 +110,11 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
             np.savez(tmp, x=x, y=y.astype(np.int64))
         return out
     if npz:
-        names = {"class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled") else {}
+        # an unlabelled generator's samples carry no labels (all 0 read as one class, which evaluate refused)
+        named = ({"labels": y, "class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled")
+                 else {})
         with atomic_path(out, ".npz") as tmp:
-            np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, labels=y, **names)
+            np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, **named)
         return out
     names = class_folders(g.info["class_names"]) if g.info.get("labelled") else None
     with atomic_path(out) as tmp:

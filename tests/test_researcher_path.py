@@ -410,3 +410,30 @@ def test_an_npz_without_names_is_paired_by_index_only_with_a_map_or_index_names(
     ok(cli("evaluate", tmp_path / "s.npz", "--reference", study / "heldout", "--out", tmp_path / "rep2", "--metrics",
            "accuracy", "--classifiers", "logreg", "--quiet"))
     assert json.loads((tmp_path / "rep2" / "report.json").read_text())["classes"]["matched"] == "by name"
+
+
+def test_sampling_a_run_without_a_generator_says_resume_and_unlabelled_samples_carry_no_labels(study, tmp_path):
+    """A walkthrough: `mepf sample` of a run stopped before its first generator.pt said to start a new run (which
+    the folder then refused); and an unlabelled generator's .npz held labels, all 0, which evaluate read as one
+    labelled class and refused beside a 10-class reference."""
+    run = _copy_run(study, tmp_path)
+    (run / "generator.pt").unlink()
+    refused(cli("sample", run, "-n", "4", "--out", tmp_path / "s.npz"), "has no generator.pt yet",
+            f"mepf synthesize --resume {run}")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, img in enumerate(make_images(12, seed=4)):
+        Image.fromarray(img[:, :, 0]).save(flat / f"{i:03d}.png")
+    ok(cli("embed", "--data", flat, "--image-size", "28", "--channels", "1", "--out", tmp_path / "flat.h5",
+           "--epsilon", "10", "--delta", "1e-3", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY))
+    ok(cli("synthesize", tmp_path / "flat.h5", "--out", tmp_path / "frun", "--steps", "2", *TRAIN))
+    ok(cli("sample", tmp_path / "frun", "-n", "6", "--out", tmp_path / "f.npz"))
+    with np.load(tmp_path / "f.npz") as f:
+        assert sorted(f.files) == ["images"]
+    np.savez(tmp_path / "ref.npz", images=make_images(10, seed=5), labels=np.arange(10))
+    refused(cli("evaluate", tmp_path / "f.npz", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "rep",
+                "--metrics", "accuracy,embedding", "--release", tmp_path / "flat.h5", "--quiet"),
+            "accuracy needs labels, and the synthetic set has none")  # was: "1 class, the reference 10 classes"
+    ok(cli("evaluate", tmp_path / "f.npz", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "rep",
+           "--metrics", "embedding", "--release", tmp_path / "flat.h5", "--quiet"))
+    assert "embedding_distance" in json.loads((tmp_path / "rep" / "report.json").read_text())["metrics"]
