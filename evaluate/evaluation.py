@@ -118,10 +118,9 @@ def _generator_record(synth: ImageSet, saved: dict | None, z_scale: float = 1.0)
     if saved is not None:
         rec.update(run_steps=saved.get("steps"), seed=saved.get("seed"), lr=saved.get("lr"),
                    lr_schedule=saved.get("lr_schedule"))
-        snaps = run_folder.snapshots(synth.run_dir)
-        last = snaps[-1][0] if snaps else 0
-        if isinstance(rec["step"], int) and last > rec["step"]:
-            rec["behind"] = last
+        behind = run_folder.snapshots_past(synth.run_dir, rec["step"])
+        if behind:
+            rec["behind"] = behind
     return rec
 
 

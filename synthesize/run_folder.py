@@ -119,6 +119,12 @@ def snapshots(run) -> list:
     return sorted(found)
 
 
+def snapshots_past(run, step) -> int | None:
+    """The run's last snapshot step where it is past `step` (the generator.pt's: a run stopped after it), else None."""
+    snaps = snapshots(run) if run is not None and isinstance(step, int) else []
+    return snaps[-1][0] if snaps and snaps[-1][0] > step else None
+
+
 def snapshot_name(step: int) -> str:
     return f"snapshot-{step:07d}.pt"
 

@@ -3,6 +3,7 @@ gen.npz."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path, create_folder_of
 
+from . import run_folder
 from .checkpoint import check_z_scale, load_generator
 from .options import SAMPLE_FORMATS, SampleOptions
 
@@ -102,6 +104,12 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
                         "evaluates class-conditional sets)")
     _check_out(out, overwrite, npz)
+    run = Path(source) if Path(source).is_dir() else Path(source).parent
+    behind = run_folder.snapshots_past(run, g.info.get("step")) if (run / run_folder.OPTIONS).is_file() else None
+    if behind:
+        print(f"note: the run has snapshots past its generator.pt (step {behind} > {g.info.get('step')}): these are "
+              "samples of an older generator; finish the run (mepf synthesize --resume) and sample again",
+              file=sys.stderr)
     create_folder_of(out)
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale)
     if format == "dpimagebench":

@@ -413,10 +413,16 @@ def test_an_npz_without_names_is_paired_by_index_only_with_a_map_or_index_names(
 
 
 def test_sampling_a_run_without_a_generator_says_resume_and_unlabelled_samples_carry_no_labels(study, tmp_path):
-    """A walkthrough: `mepf sample` of a run stopped before its first generator.pt said to start a new run (which
-    the folder then refused); and an unlabelled generator's .npz held labels, all 0, which evaluate read as one
-    labelled class and refused beside a 10-class reference."""
+    """A walkthrough: `mepf sample` of a run stopped after its last generator.pt said nothing (evaluate says so);
+    of a run stopped before its first generator.pt it said to start a new run (which the folder then refused); and
+    an unlabelled generator's .npz held labels, all 0, which evaluate read as one labelled class and refused
+    beside a 10-class reference."""
     run = _copy_run(study, tmp_path)
+    quiet = ok(cli("sample", run, "-n", "4", "--out", tmp_path / "now.npz"))
+    assert "older generator" not in quiet.stderr
+    shutil.copy(run / "snapshot-0000004.pt", run / "snapshot-0000006.pt")  # stopped after a snapshot past it
+    behind = ok(cli("sample", run, "-n", "4", "--out", tmp_path / "old.npz"))  # said, as evaluate says it
+    assert "snapshots past its generator.pt (step 6 > 4)" in behind.stderr and "--resume" in behind.stderr
     (run / "generator.pt").unlink()
     refused(cli("sample", run, "-n", "4", "--out", tmp_path / "s.npz"), "has no generator.pt yet",
             f"mepf synthesize --resume {run}")
