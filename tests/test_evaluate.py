@@ -348,6 +348,18 @@ def test_bad_input(tiny_run, tmp_path, mnist):
         ([str(d / "heldout.npz"), "--reference", str(d / "heldout.npz"), "--z-scale", "1.2"], "holds images already"),
         ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "0"], "--z-scale 0.0: give a finite"),
         ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "nan"], "--z-scale nan: give a finite"),
+        # options that do nothing for the metrics asked were silently dropped (a walkthrough): refused, as
+        # --protocol dpimagebench refuses them
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--metrics", "accuracy", "--fid-samples", "50"],
+         "--fid-samples does nothing with --metrics accuracy; drop it"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--metrics", "fid", "--real-train", "mnist-5k:train",
+          "--classifiers", "cnn"], "--classifiers does nothing with --metrics fid"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--metrics", "accuracy", "--inception-weights",
+          "/etc/passwd"], "--inception-weights does nothing"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--metrics", "fid", "--release", str(d / "r.h5")],
+         "--release does nothing with --metrics fid"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--metrics", "accuracy", "--classifiers", "logreg",
+          "--cnn-epochs", "3"], "--cnn-epochs does nothing with --metrics accuracy and --classifiers logreg"),
     ]
     for args, message in cases:
         r = CliRunner().invoke(main, ["evaluate", *args, "--out", str(tmp_path / "rep"), "-n", "10", "--quiet"])
