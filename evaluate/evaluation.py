@@ -38,6 +38,12 @@ def _run_options(synth: ImageSet) -> dict | None:
         return {}
     if problem or not isinstance(saved.get("release_sha256", ""), str):  # (a run folder can come from elsewhere)
         return {}
+    ours, theirs = saved.get("release_sha256"), (synth.generator.info.get("release_sha256")
+                                                 if synth.generator is not None else None)
+    if ours and theirs and ours != theirs:  # a generator.pt copied in: the run's steps, seed and curves are not its
+        raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run (it was trained from the "
+                        f"release {theirs[:12]}..., the run from {ours[:12]}...): evaluate that generator.pt from a "
+                        "folder of its own, or put the run's back")
     return saved
 
 
@@ -269,6 +275,11 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
                                            ref.by_index, class_map)
         synth_labels = perm[synth.labels]
         classes = {"matched": how, "map": mapping}
+        numbers = [str(i) for i in range(len(ref.class_names or []))]
+        if synth.by_index and not class_map and list(ref.class_names or []) != numbers:
+            warnings.append("the synthetic labels (no class names) were paired with the reference classes named by "
+                            "those numbers; if they index a release's classes, which list as text (0, 1, 10, 2, ...), "
+                            "pass --release so that label i is its class i")
     elif class_map:
         raise MepfError("--class-map pairs classes for the accuracy metric, which this evaluation does not compute")
     warn = private_reference_warning(ref, release_log)

@@ -505,6 +505,10 @@ def _run_facts(run: Path) -> dict:
     if gen.is_file():
         g = _generator_facts(gen)
         facts["generator"], facts["classes"] = g["generator"], g["classes"]
+        theirs = g["release"].removeprefix("sha256 ")
+        if isinstance(o.get("release_sha256"), str) and not o["release_sha256"].startswith(theirs):
+            facts["generator"] += (f"; NOT this run's: trained from another release (sha256 {theirs}), "
+                                   f"{g['privacy']}")
     return facts
 
 

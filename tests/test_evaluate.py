@@ -308,7 +308,10 @@ def test_private_reference_is_flagged(tiny_run, tmp_path):
     assert "NOT for publication" in r.stderr
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["not_for_publication"] and rep["private_sets"] == ["--reference"]
-    assert "NOT FOR PUBLICATION**: the --reference set is the private" in (tmp_path / "rep" / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "NOT FOR PUBLICATION**: the --reference set is the private" in md
+    # the privacy paragraph said the whole evaluation was post-processing (a walkthrough)
+    assert "Not so: the metrics against the set named above, which read the private data" in md, md
 
 
 def test_a_private_validation_set_is_named_in_the_dpimagebench_banner(tiny_run, tmp_path, mnist):
@@ -489,6 +492,10 @@ def test_unnamed_labels_of_a_releases_samples_are_its_class_indices_for_accuracy
     assert unnamed["metrics"]["accuracy"]["logreg"] == named["metrics"]["accuracy"]["logreg"]
     assert unnamed["metrics"]["embedding_distance"] == named["metrics"]["embedding_distance"]
     assert any("taken as indices into the release's classes" in w for w in unnamed["warnings"]), unnamed["warnings"]
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "gen.npz"), "--reference", str(tmp_path / "test"),
+                                  "--metrics", "accuracy", "--classifiers", "logreg", "--out", str(tmp_path / "c"),
+                                  "--quiet"])  # without --release nothing says what label i is: said so
+    assert r.exit_code == 0 and "pass --release so that label i is its class i" in r.stderr, r.stderr
 
 
 def test_a_sampled_folder_fits_its_release_whatever_its_class_names(tmp_path, mnist):

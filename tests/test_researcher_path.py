@@ -434,6 +434,12 @@ def test_sampling_a_run_without_a_generator_says_resume_and_unlabelled_samples_c
            "--epsilon", "10", "--delta", "1e-3", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY))
     ok(cli("synthesize", tmp_path / "flat.h5", "--out", tmp_path / "frun", "--steps", "2", *TRAIN))
     ok(cli("sample", tmp_path / "frun", "-n", "6", "--out", tmp_path / "f.npz"))
+    mixed = tmp_path / "mixed"  # another release's generator.pt copied into a run: credited to the run before
+    shutil.copytree(study / "run", mixed)
+    shutil.copy(tmp_path / "frun" / "generator.pt", mixed / "generator.pt")
+    refused(cli("evaluate", mixed, "--reference", study / "heldout", "--out", tmp_path / "mixrep", "-n", "6",
+                "--metrics", "embedding", "--quiet"), "was not trained by this run")
+    assert "NOT this run's: trained from another release" in ok(cli("info", mixed)).output
     with np.load(tmp_path / "f.npz") as f:
         assert sorted(f.files) == ["images"]
     np.savez(tmp_path / "ref.npz", images=make_images(10, seed=5), labels=np.arange(10))
