@@ -68,8 +68,9 @@ def match_classes(synth_names: list, synth_index: bool, synth_sampled, ref_names
         for a, b in given.items():
             perm[index[a]] = ref_names.index(b)
         if ks != kr or (perm < 0).any() or len(set(perm.tolist())) != ks:
-            raise MepfError(f"--class-map must pair every synthetic class with a different reference class "
-                            f"(synthetic {_shown(synth_names)}, reference {_shown(ref_names)})")
+            raise MepfError(f"--class-map must pair every synthetic class with a different reference class, all "
+                            f"{ks} of them ({len(given)} pair{'s' if len(given) != 1 else ''} given; synthetic "
+                            f"{_shown(synth_names)}, reference {_shown(ref_names)})")
         how = "by --class-map"
     elif synth_index or ref_index:
         if ks != kr:

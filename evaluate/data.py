@@ -138,7 +138,7 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: floa
     if z_scale != 1:
         raise MepfError(f"--z-scale samples a generator; {spec} holds images already (give a run folder or "
                         "generator.pt, or drop --z-scale)")
-    if p.suffix == ".npz":
+    if p.suffix.lower() == ".npz":  # as mepf sample writes one (x.NPZ too)
         return read_npz(p)
     if p.is_dir():
         out = read_source(open_source(str(p), private=False))
@@ -154,7 +154,7 @@ def load_reference(spec: str, data_root=None, geometry: tuple | None = None, cro
     """A named split, a folder, an .npz of images, or an .npz of FID statistics (mu, sigma). With `geometry`
     (the synthetic images' H, W, C: the release's), images are converted and resized to it as stage 1 does."""
     p = Path(spec)
-    if p.suffix == ".npz" and p.is_file():
+    if p.suffix.lower() == ".npz" and p.is_file():
         from .fid import read_statistics
 
         stats = read_statistics(p, flag)

@@ -102,7 +102,8 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
                                                      "data: they are for the data owner, not differentially private."
                                                      if private_uses else ""), "",
               f"- synthetic: {_md(report['synthetic'])} ({report['n_synthetic']} images)",
-              f"- reference: {_md(report['reference'])} ({report['n_reference']} images)"]
+              f"- reference: {_md(report['reference'])} (" + (f"{report['n_reference']} images)"
+                                                               if report["n_reference"] is not None else "not read)")]
     g = report.get("generator")
     if g:
         lines.append(f"- generator: step {_md(g['step'])}" + (f" of the run's {_md(g['run_steps'])}"

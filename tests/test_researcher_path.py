@@ -114,6 +114,8 @@ def test_the_class_map_the_refusal_suggests_is_accepted(unnamed):
     first_synth, first_ref = (sides[0][0], sides[3][0])
     full = ",".join(f"{a}={b}" for a, b in zip(sides[0], sides[3]))
     assert pairs == {first_synth: first_ref} and match_classes(*sides, class_map=full)[2] == "by --class-map"
+    with pytest.raises(MepfError, match="all 3 of them \\(1 pair given"):  # that example alone is not enough: said so
+        match_classes(*sides, class_map=example)
 
 
 @pytest.mark.parametrize("unnamed", ["synthetic", "reference"])
@@ -446,6 +448,8 @@ def test_sampling_a_run_without_a_generator_says_resume_and_unlabelled_samples_c
     refused(cli("evaluate", tmp_path / "f.npz", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "rep",
                 "--metrics", "accuracy,embedding", "--release", tmp_path / "flat.h5", "--quiet"),
             "accuracy needs labels, and the synthetic set has none")  # was: "1 class, the reference 10 classes"
-    ok(cli("evaluate", tmp_path / "f.npz", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "rep",
-           "--metrics", "embedding", "--release", tmp_path / "flat.h5", "--quiet"))
-    assert "embedding_distance" in json.loads((tmp_path / "rep" / "report.json").read_text())["metrics"]
+    ok(cli("sample", tmp_path / "frun", "-n", "6", "--out", tmp_path / "F.NPZ"))  # written as .npz: read as one
+    for name in ("f.npz", "F.NPZ"):
+        ok(cli("evaluate", tmp_path / name, "--reference", tmp_path / "ref.npz", "--out", tmp_path / f"rep-{name}",
+               "--metrics", "embedding", "--release", tmp_path / "flat.h5", "--quiet"))
+        assert "embedding_distance" in json.loads((tmp_path / f"rep-{name}" / "report.json").read_text())["metrics"]
