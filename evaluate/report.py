@@ -96,7 +96,7 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
                   "data (in the owner's release log). Metrics against it are not private."
                   + (" The classifiers were selected on the generator's own training data, so their accuracy is not "
                      "a held-out figure." if "--validation" in sets else ""), ""]
-    private_uses = (["the metrics against the set named above"] if report["not_for_publication"] else []) + (
+    private_uses = (["the metrics against the set(s) named above"] if report["not_for_publication"] else []) + (
         ["FID, against the private training images"] if report.get("protocol") == "dpimagebench" and "fid" in m else [])
     lines += [privacy_in_words(report["release"]) + (f" Not so: {' and '.join(private_uses)}, which read the private "
                                                      "data: they are for the data owner, not differentially private."

@@ -784,14 +784,15 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
     if bad:
         raise MepfError(f"unknown classifier {bad[0]!r}; choose from {', '.join(CLASSIFIERS)}")
     asked = {m.strip() for m in metrics.split(",")} if metrics else set(vo.METRICS)
-    serves = {"--fid-samples": "fid", "--inception-weights": "fid", "--classifiers": "accuracy",
-              "--cnn-epochs": "accuracy", "--real-train": "accuracy", "--release": "embedding"}
-    idle = sorted(flag for flag in given & set(serves) if serves[flag] not in asked)
+    serves = {"--fid-samples": {"fid"}, "--inception-weights": {"fid"}, "--classifiers": {"accuracy"},
+              "--cnn-epochs": {"accuracy"}, "--real-train": {"accuracy"},
+              "--release": {"embedding", "accuracy"}}  # accuracy: the class names of samples' unnamed labels
+    idle = sorted(flag for flag in given & set(serves) if not serves[flag] & asked)
     idle += ["--cnn-epochs"] if "--cnn-epochs" in given and "cnn" not in which and not idle else []
     if idle:  # as --protocol dpimagebench refuses them: an option that does nothing was silently dropped
         raise MepfError(f"{idle[0]} does nothing with --metrics {','.join(sorted(asked))}"
                         + (f" and --classifiers {','.join(which)}" if idle[0] == "--cnn-epochs" and
-                           serves["--cnn-epochs"] in asked else "") + "; drop it")
+                           "accuracy" in asked else "") + "; drop it")
     report = run_evaluation(synthetic, reference, out, n=n or _vd("n"), fid_samples=fid_samples,
                             metrics=[m.strip() for m in metrics.split(",")] if metrics else None, classifiers=which,
                             real_train=real_train, release=release, inception_weights=inception_weights,

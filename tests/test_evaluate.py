@@ -311,7 +311,7 @@ def test_private_reference_is_flagged(tiny_run, tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "NOT FOR PUBLICATION**: the --reference set is the private" in md
     # the privacy paragraph said the whole evaluation was post-processing (a walkthrough)
-    assert "Not so: the metrics against the set named above, which read the private data" in md, md
+    assert "Not so: the metrics against the set(s) named above, which read the private data" in md, md
 
 
 def test_a_private_validation_set_is_named_in_the_dpimagebench_banner(tiny_run, tmp_path, mnist):
