@@ -180,6 +180,11 @@ def noise_floor(d: int, rows: int, alpha: float = NOISE_ALPHA) -> tuple:
     return float(chi2.ppf(a, d)) - z * z, z, float(chi2.isf(a, d))
 
 
+def _ulp32(x: float) -> float:
+    """The spacing of float32 numbers at |x|."""
+    return float(np.spacing(np.float32(min(abs(x), 3.0e38))))
+
+
 def _wrapped_density_bound(sigma: float) -> float:
     """The largest density, on the unit circle, of t + N(0, sigma^2) taken modulo 1, for any t: the wrapped normal's
     value at its mode, sum_j phi_sigma(j), summed directly where sigma < 1 and as its Fourier series
@@ -222,16 +227,24 @@ def _lattice_power(sigma_n: float, kappa: float, half_ulp: np.ndarray, threshold
     return lo
 
 
-def count_uniforms(counts: np.ndarray, sigma_n: float) -> tuple:
-    """For each stored count, two numbers each uniform on (0, 1] or stochastically larger whatever the true count
-    (a whole number) under noise of sigma_n: its distance to the nearest whole number, and its distance to zero,
-    each widened by half its float32 spacing and mapped through a bound on its distribution function."""
+def _count_statistics(counts: np.ndarray, sigma_n: float) -> tuple:
+    """(u_lattice, u_zero, lattice distances, half float32 spacings, wrapped density bound): see count_uniforms."""
     from scipy.special import erf
 
     counts = np.asarray(counts, dtype=np.float64)
     half_ulp = np.array([_ulp32(c) for c in counts]) / 2
-    u_lattice = np.minimum(1.0, 2 * _wrapped_density_bound(sigma_n) * (np.abs(counts - np.round(counts)) + half_ulp))
-    return u_lattice, np.minimum(1.0, erf((np.abs(counts) + half_ulp) / (sigma_n * math.sqrt(2))))
+    lattice = np.abs(counts - np.round(counts))
+    kappa = _wrapped_density_bound(sigma_n)
+    u_lattice = np.minimum(1.0, 2 * kappa * (lattice + half_ulp))
+    u_zero = np.minimum(1.0, erf((np.abs(counts) + half_ulp) / (sigma_n * math.sqrt(2))))
+    return u_lattice, u_zero, lattice, half_ulp, kappa
+
+
+def count_uniforms(counts: np.ndarray, sigma_n: float) -> tuple:
+    """For each stored count, two numbers each uniform on (0, 1] or stochastically larger whatever the true count
+    (a whole number) under noise of sigma_n: its distance to the nearest whole number, and its distance to zero,
+    each widened by half its float32 spacing and mapped through a bound on its distribution function."""
+    return _count_statistics(counts, sigma_n)[:2]
 
 
 def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
@@ -248,12 +261,10 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
     alpha = NOISE_ALPHA / 3  # split over the three tests
     z = float(norm.isf(alpha / k))
     low = [i for i in range(k) if counts[i] < -z * sigma_n]
-    half_ulp = np.array([_ulp32(c) for c in counts]) / 2
-    lattice = np.abs(counts - np.round(counts))
-    u_lattice, u_zero = count_uniforms(counts, sigma_n)
+    u_lattice, u_zero, lattice, half_ulp, kappa = _count_statistics(counts, sigma_n)
     p_lattice, p_zero = _fisher_tail(u_lattice), _fisher_tail(u_zero)
     ok = not low and p_lattice >= alpha and p_zero >= alpha
-    power = _lattice_power(sigma_n, _wrapped_density_bound(sigma_n), half_ulp, float(chi2.isf(alpha, 2 * k)))
+    power = _lattice_power(sigma_n, kappa, half_ulp, float(chi2.isf(alpha, 2 * k)))
     if low:
         detail = (f"{len(low)} noisy count(s) lie below -{z:.3g} sigma ({z * sigma_n:.4g}): no true count is negative, "
                   "so the file carries other counts than its ledger declares")
@@ -277,11 +288,6 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
         detail += (f"; counts with more noise than that but less than declared cannot be told from {k} numbers whose "
                    "true values may be large next to sigma: the counts' share of the guarantee rests on the ledger")
     rep.check("noise:counts", ok, detail, warn=warn)
-
-
-def _ulp32(x: float) -> float:
-    """The spacing of float32 numbers at |x|."""
-    return float(np.spacing(np.float32(min(abs(x), 3.0e38))))
 
 
 def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:

@@ -233,7 +233,7 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
             warn = private_reference_warning(s, release_log)
             if warn:
                 print(f"WARNING: {flag}: {warn}", file=sys.stderr)
-                flagged.append(f"{flag}: {warn}")
+                flagged.append((flag, warn))
         unverified = _unverified_holdout(synth, val_spec, release_log)
         if unverified:
             warnings.append(unverified)
@@ -291,12 +291,12 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     saved = _run_options(synth)
     generator = _generator_record(synth, saved, z_scale)
     warnings += _late_warnings(metrics_out, generator)
-    warnings += flagged
+    warnings += [f"{flag}: {warn}" for flag, warn in flagged]
     report = {"protocol": "dpimagebench", "protocol_reduced": reduced, "epochs": epochs, "real_limit": real_limit,
               "synthetic": synth.description, "n_synthetic": k, "reference": reference, "reference_given": reference,
               "n_reference": None if test is None else int(len(test.images)), "generator": generator,
               "metrics": metrics_out, "release": _release_record(synth), "not_for_publication": bool(flagged),
-              "private_sets": [f.split(":", 1)[0] for f in flagged],
+              "private_sets": [flag for flag, _ in flagged],
               "warnings": warnings, "seed": seed, "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid"), "wall_time_s": time.perf_counter() - t0}
     write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir), synth.class_names)

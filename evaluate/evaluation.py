@@ -325,9 +325,7 @@ def _late_warnings(metrics_out: dict, generator: dict | None) -> list:
         out.append(f"FID from {metrics_out['fid_samples']} samples is biased upwards (the usual is 10,000; below "
                    f"{FID_UNBIASED:,} it is not comparable with published figures)")
     if generator and generator.get("behind"):
-        out.append(f"the run has snapshots past its generator.pt (step {generator['behind']} > "
-                   f"{generator['step']}): this report is of an older generator; finish the run (mepf synthesize "
-                   "--resume) and evaluate again")
+        out.append(f"{run_folder.behind_note(generator['behind'], generator['step'], 'this report is')} evaluate again")
     return out
 
 

@@ -90,7 +90,7 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     m = report["metrics"]
     lines = ["# mepf evaluation report", ""]
     if report["not_for_publication"]:
-        sets = report.get("private_sets") or ["--reference"]
+        sets = report["private_sets"]
         said = " and the ".join(f"{s} set" for s in sets)
         lines += [f"> **NOT FOR PUBLICATION**: the {said} {'is' if len(sets) == 1 else 'are'} the private training "
                   "data (in the owner's release log). Metrics against it are not private."

@@ -503,12 +503,13 @@ def _run_facts(run: Path) -> dict:
              "changes": "; ".join(f"{c['option']} {c['from']} -> {c['to']} at step {c['step']}"
                                   for c in o.get("changes", [])) or None}
     if gen.is_file():
-        g = _generator_facts(gen)
+        from mepf.synthesize import load_generator
+
+        loaded = load_generator(gen)
+        g = _generator_facts(gen, loaded)
         facts["generator"], facts["classes"] = g["generator"], g["classes"]
-        theirs = g["release"].removeprefix("sha256 ")
-        if isinstance(o.get("release_sha256"), str) and not o["release_sha256"].startswith(theirs):
-            facts["generator"] += (f"; NOT this run's: trained from another release (sha256 {theirs}), "
-                                   f"{g['privacy']}")
+        if isinstance(o.get("release_sha256"), str) and loaded.info.get("release_sha256") != o["release_sha256"]:
+            facts["generator"] += f"; NOT this run's: trained from another release ({g['release']}), {g['privacy']}"
     return facts
 
 
@@ -783,7 +784,8 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
     bad = [c for c in which if c not in CLASSIFIERS]
     if bad:
         raise MepfError(f"unknown classifier {bad[0]!r}; choose from {', '.join(CLASSIFIERS)}")
-    asked = {m.strip() for m in metrics.split(",")} if metrics else set(vo.METRICS)
+    listed = [m.strip() for m in metrics.split(",")] if metrics else None
+    asked = set(listed or vo.METRICS)
     serves = {"--fid-samples": {"fid"}, "--inception-weights": {"fid"}, "--classifiers": {"accuracy"},
               "--cnn-epochs": {"accuracy"}, "--real-train": {"accuracy"},
               "--release": {"embedding", "accuracy"}}  # accuracy: the class names of samples' unnamed labels
@@ -794,7 +796,7 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
                         + (f" and --classifiers {','.join(which)}" if idle[0] == "--cnn-epochs" and
                            "accuracy" in asked else "") + "; drop it")
     report = run_evaluation(synthetic, reference, out, n=n or _vd("n"), fid_samples=fid_samples,
-                            metrics=[m.strip() for m in metrics.split(",")] if metrics else None, classifiers=which,
+                            metrics=listed, classifiers=which,
                             real_train=real_train, release=release, inception_weights=inception_weights,
                             data_root=data_root, release_log=release_log, seed=seed, device=resolve_device(device),
                             cnn_epochs=cnn_epochs, progress=not quiet, class_map=class_map, overwrite=overwrite,

@@ -125,6 +125,12 @@ def snapshots_past(run, step) -> int | None:
     return snaps[-1][0] if snaps and snaps[-1][0] > step else None
 
 
+def behind_note(behind: int, step, what: str) -> str:
+    """What evaluate and sample say of a generator.pt older than the run's last snapshot (snapshots_past)."""
+    return (f"the run has snapshots past its generator.pt (step {behind} > {step}): {what} of an older generator; "
+            "finish the run (mepf synthesize --resume) and")
+
+
 def snapshot_name(step: int) -> str:
     return f"snapshot-{step:07d}.pt"
 

@@ -107,8 +107,7 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     run = Path(source) if Path(source).is_dir() else Path(source).parent
     behind = run_folder.snapshots_past(run, g.info.get("step")) if (run / run_folder.OPTIONS).is_file() else None
     if behind:
-        print(f"note: the run has snapshots past its generator.pt (step {behind} > {g.info.get('step')}): these are "
-              "samples of an older generator; finish the run (mepf synthesize --resume) and sample again",
+        print(f"note: {run_folder.behind_note(behind, g.info.get('step'), 'these are samples')} sample again",
               file=sys.stderr)
     create_folder_of(out)
     images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale)
