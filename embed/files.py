@@ -477,7 +477,8 @@ class ArraySource(Source):
                 if bad.any():
                     if not zero:
                         raise MepfError(f"an image in {self.path.name} has NaN, inf or values outside [0,1]; "
-                                        "float images must be finite and in [0,1] (or store uint8, or embed with "
+                                        "float images must be finite and in [0,1]: rescale them (x / 255 from "
+                                        "0..255, (x + 1) / 2 from [-1,1]) or store uint8 (mepf embed: or "
                                         "--bad-records zero)")
                     # each such record as stored (its layout aside) identifies it; the pass embeds black
                     rows = x if x.ndim == 3 or not self._channels_first else x.transpose(0, 2, 3, 1)

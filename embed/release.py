@@ -286,7 +286,16 @@ def check_repeat(found: dict, log_path: Path, allow_repeat: bool) -> list:
     if earlier and not allow_repeat:
         what = "this dataset was already released" if found["same"] else "this dataset shares most of its records " \
             "with data already released"
-        raise MepfError(f"{what} ({len(earlier)} earlier release(s) in {log_path}, the last to "
+        baselines = sum(1 for e in earlier if e.get("epsilon") is None)  # eps = inf is logged as null
+        if baselines == len(earlier):
+            raise MepfError(f"{what}: {len(earlier)} non-private baseline(s) (--epsilon inf) in {log_path}, the last "
+                            f"to {earlier[-1].get('output')}; the log counts a baseline as a release (it cannot tell "
+                            "that the file stayed on the premises), so a private release of this data now composes to "
+                            "eps = inf. If no baseline left the premises, embed this release with a --release-log that "
+                            "holds the data's other releases but not its baselines, and give baselines their own "
+                            "--release-log from now on")
+        of = f", {baselines} of them non-private baselines" if baselines else ""
+        raise MepfError(f"{what} ({len(earlier)} earlier release(s) in {log_path}{of}, the last to "
                         f"{earlier[-1].get('output')}); a second release spends more privacy budget. Reuse the earlier "
                         "file, or pass --allow-repeat knowingly (`mepf audit FILE --release-log` then shows the "
                         "composed total)")

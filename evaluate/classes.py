@@ -34,7 +34,7 @@ def _key(name: str) -> str:
     return folder[2:].lower() if folder.startswith("0_") else ""
 
 
-def _shown(names) -> str:
+def shown_names(names) -> str:
     names = [printable(n, 30) for n in names]
     return "{" + ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") + "}"
 
@@ -63,14 +63,14 @@ def match_classes(synth_names: list, synth_index: bool, synth_sampled, ref_names
         unknown = [a for a in given if a not in index] + [b for b in given.values() if b not in ref_names]
         if unknown:
             raise MepfError(f"--class-map names {printable(unknown[0], 40)!r}, which is not a class of its side; "
-                            f"synthetic {_shown(synth_names)}, reference {_shown(ref_names)}")
+                            f"synthetic {shown_names(synth_names)}, reference {shown_names(ref_names)}")
         perm = np.full(ks, -1)
         for a, b in given.items():
             perm[index[a]] = ref_names.index(b)
         if ks != kr or (perm < 0).any() or len(set(perm.tolist())) != ks:
             raise MepfError(f"--class-map must pair every synthetic class with a different reference class, all "
                             f"{ks} of them ({len(given)} pair{'s' if len(given) != 1 else ''} given; synthetic "
-                            f"{_shown(synth_names)}, reference {_shown(ref_names)})")
+                            f"{shown_names(synth_names)}, reference {shown_names(ref_names)})")
         how = "by --class-map"
     elif synth_index or ref_index:
         if ks != kr:
@@ -83,7 +83,7 @@ def match_classes(synth_names: list, synth_index: bool, synth_sampled, ref_names
             named = printable(other[0], 30)
             example = f"0={named}" if synth_index else f"{named}=0"
             raise MepfError(f"the {side} has no class names (labels 0..{ks - 1}), the other side names its classes "
-                            f"{_shown(other)}; pass --class-map SYNTH=REF to pair them (e.g. '{example}'), as "
+                            f"{shown_names(other)}; pass --class-map SYNTH=REF to pair them (e.g. '{example}'), as "
                             "pairing by position could be silently wrong")
         # classes named "0".."K-1" pair with those labels, whatever their order (folders "10", "2" sort as text)
         perm = (np.arange(ks) if synth_index and ref_index else
@@ -97,9 +97,10 @@ def match_classes(synth_names: list, synth_index: bool, synth_sampled, ref_names
             s_keys = [n.lower() for n in synth_sampled] if synth_sampled is not None else [_key(n) for n in synth_names]
             r_keys = [_key(n) for n in ref_names]
             if not (len(set(s_keys)) == ks == kr == len(set(r_keys)) and set(s_keys) == set(r_keys) and all(s_keys)):
-                raise MepfError(f"class names do not match: synthetic {_shown(synth_names)}, reference "
-                                f"{_shown(ref_names)}; name the reference's class folders as the release's classes, "
-                                "or pass --class-map SYNTH=REF,... (accuracy with mismatched labels is meaningless)")
+                raise MepfError(f"class names do not match: synthetic {shown_names(synth_names)}, reference "
+                                f"{shown_names(ref_names)}; name the reference's class folders as the release's "
+                                "classes, or pass --class-map SYNTH=REF,... (accuracy with mismatched labels is "
+                                "meaningless)")
             perm = np.array([r_keys.index(k) for k in s_keys])
         how = "by name"
     mapping = {str(synth_names[i]): str(ref_names[int(perm[i])]) for i in range(ks)}

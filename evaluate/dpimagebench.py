@@ -35,10 +35,10 @@ from .evaluation import (
     fid_pick,
     private_reference_warning,
 )
+from .report import PROTOCOL_STATE as STATE
 from .report import write_report
 
 PROTOCOL_METRICS = ("accuracy", "fid")
-STATE = "protocol-state"
 META = "meta.json"
 #: the named splits their protocol uses, derived from a (Fashion-)MNIST test reference
 DERIVED = {"validation": "val-5k", "fid_reference": "train-55k"}

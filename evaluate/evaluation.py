@@ -12,12 +12,11 @@ import torch
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.versions import versions
-from mepf.embed.sources import open_source
 from mepf.synthesize import run_folder
 
-from .classes import match_classes
+from .classes import match_classes, shown_names
 from .classifiers import accuracies
-from .data import FidStats, ImageSet, load_reference, load_synthetic, read_source, run_stats
+from .data import FidStats, ImageSet, load_reference, load_synthetic, run_stats
 from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
 from .options import METRICS, EvaluateOptions
 from .report import write_report
@@ -214,10 +213,16 @@ def _accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers
     out = {"accuracy": accuracies(synth.images, synth_labels, ref.images, ref.labels, kk, classifiers, seed, device,
                                   cnn_epochs, progress)}
     if real_train:
-        real = read_source(open_source(real_train, data_root=data_root, private=False), geometry=synth.shape, crop=crop)
-        if real.labels is None or list(real.class_names or []) != list(ref.class_names or []):
-            raise MepfError("--real-train must be labelled with the reference's classes")
-        out["accuracy_real_train"] = accuracies(real.images, real.labels, ref.images, ref.labels, kk, classifiers,
+        real = load_reference(real_train, data_root, geometry=synth.shape, crop=crop, flag="--real-train")
+        if not isinstance(real, ImageSet):
+            raise MepfError(f"--real-train {printable(real_train, 60)} holds FID statistics; give labelled images")
+        names, ref_names = list(real.class_names or []), list(ref.class_names or [])
+        if real.labels is None or sorted(names) != sorted(ref_names):
+            raise MepfError(f"--real-train must be labelled with the reference's classes (by name, in any order): it "
+                            f"has {shown_names(names) if real.labels is not None else 'no labels'}, the reference "
+                            f"{shown_names(ref_names)}")
+        labels = np.array([ref_names.index(n) for n in names], dtype=np.int64)[real.labels]
+        out["accuracy_real_train"] = accuracies(real.images, labels, ref.images, ref.labels, kk, classifiers,
                                                 seed, device, cnn_epochs, progress)
     return out
 

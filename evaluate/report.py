@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from mepf.artifacts.staging import write_text_atomic
 from mepf.synthesize.grid import save_grid
 
 from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
+
+#: the folder beside a dpimagebench report that its evaluation resumes from
+PROTOCOL_STATE = "protocol-state"
 
 
 def privacy_in_words(release: dict | None) -> str:
@@ -31,18 +35,18 @@ def privacy_in_words(release: dict | None) -> str:
 
 def class_grid(images: np.ndarray, labels: np.ndarray | None, path: Path, per_class: int = 10,
                class_names: list | None = None) -> None:
-    """One row per class, labelled with its name where known."""
-    names = None
+    """One row per class present, labelled with its name where known, up to `per_class` images each (a class with
+    fewer has blank tiles); unlabelled images in rows of `per_class`, at most 10 rows."""
     if labels is None:
-        rows = [images[:per_class * 10]]
+        rows, names = [images[s:s + per_class] for s in range(0, min(len(images), per_class * 10), per_class)], None
     else:
-        present = [c for c in range(int(labels.max()) + 1) if (labels == c).sum() >= per_class]
+        present = [c for c in range(int(labels.max()) + 1) if (labels == c).any()]
         rows = [images[labels == c][:per_class] for c in present]
         names = [class_names[c] if class_names and c < len(class_names) else str(c) for c in present]
-    if not rows:
-        rows, names = [images[:per_class]], None
-    x = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 255
-    save_grid(x, len(rows) if labels is not None else max(1, len(x) // per_class), path, row_labels=names)
+    cols = max(len(r) for r in rows)
+    blank = np.full((cols, *images.shape[1:]), 255, np.uint8)  # white, as the grid's margins
+    x = np.concatenate([np.concatenate([r, blank[len(r):]]) for r in rows])
+    save_grid(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, len(rows), path, row_labels=names)
 
 
 def curves(stats: list, path: Path) -> bool:
@@ -83,9 +87,19 @@ def _md(value, longest: int = 1000) -> str:
 
 
 def write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None = None) -> None:
+    """report.json, report.md and the pictures in `out`; what an earlier report there (replaced with --overwrite)
+    wrote that this one does not (its run's curves, a dpimagebench state) goes."""
     out.mkdir(parents=True, exist_ok=True)
     class_grid(images, labels, out / "samples.png", class_names=class_names)
     has_curves = curves(stats, out / "curves.png")
+    if not has_curves:
+        (out / "curves.png").unlink(missing_ok=True)
+    state = out / PROTOCOL_STATE
+    if report.get("protocol") != "dpimagebench" and (state.is_symlink() or state.exists()):
+        if state.is_dir() and not state.is_symlink():
+            shutil.rmtree(state)
+        else:
+            state.unlink()
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
     m = report["metrics"]
     lines = ["# mepf evaluation report", ""]
@@ -143,7 +157,8 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
         lines.append(f"| accuracy, {k} trained on real (non-private reference point) | {100 * v:.2f}% |")
     for k, v in m.get("embedding_distance", {}).items():
         lines.append(f"| embedding distance to the release ({k}, privacy-free) | {v:.4g} |")
-    lines += ["", "## Samples (one row per class)", "", "![samples](samples.png)", ""]
+    lines += ["", f"## Samples{' (one row per class)' if labels is not None else ''}", "", "![samples](samples.png)",
+              ""]
     if has_curves:
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
     if report["warnings"]:

@@ -61,6 +61,7 @@ INTERRUPTED = {
              "overstates the spend, never understates it); run the same command again",
     "evaluate": "interrupted: no report was written; run the same command again",
     "sample": "interrupted: no samples were written; run the same command again",
+    "synthesize": "interrupted before training began; run the same command again",
 }
 #: what the other nodes of a multi-node embed say: rank 0, on the first node, writes the release and may
 #: already have logged it, so "nothing was released" would be false there
@@ -254,6 +255,10 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
     if math.isinf(epsilon) and _is_main_rank():
         click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
                    err=True)
+        if release_log is None:
+            click.echo("WARNING: it enters the default release log like any release of this data, so a later private "
+                       "release of the same data is a repeat that composes to eps = inf; give baselines their own "
+                       "--release-log", err=True)
     from mepf.core.distributed import teardown
 
     try:
@@ -595,15 +600,21 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
     if resume:
         if out:
             raise MepfError("--out and --resume name two run folders; give one (--resume RUN continues RUN)")
-        if dry_run:
-            saved = train._read_options(Path(resume))
+        ctx = click.get_current_context()
+        fields = {"compile_mode": "compile"}  # parameters named apart from their option field
+        given = {fields.get(name, name): value for name, value in ctx.params.items()
+                 if fields.get(name, name) in train.TrainOptions.__dataclass_fields__
+                 and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        if dry_run:  # what the resume would apply, refused as it would be (the release is not looked for)
+            saved, differ, _ = train.resume_plan(Path(resume), given)
+            saved = {**saved, **differ, "resume_changes": {k: {"from": saved.get(k), "to": v}
+                                                           for k, v in sorted(differ.items())}}
             if "precision_resolved" not in saved:  # a run from before the plan: show the one resume will use
                 from mepf.core.device import resolve_device
                 from mepf.synthesize.precision import legacy
 
                 ctx = click.get_current_context()
-                given = ctx.get_parameter_source("device") == click.core.ParameterSource.COMMANDLINE
-                dev = resolve_device(device if given else saved.get("device", "auto"))
+                dev = resolve_device(device if "device" in given else saved.get("device", "auto"))
                 saved["precision_resolved"] = legacy(saved.get("precision", "auto"), dev).to_json()
                 saved["precision_resolved_note"] = ("not in options.json (a run from before the plan): what resume "
                                                     f"will use on {dev}, the computation of the code that started it")
@@ -620,11 +631,6 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                         f"{k} is not in options.json (a plan recorded before it): {notes[k]}" for k in missing)
             click.echo(json.dumps(saved, indent=2, sort_keys=True))
             return
-        ctx = click.get_current_context()
-        fields = {"compile_mode": "compile"}  # parameters named apart from their option field
-        given = {fields.get(name, name): value for name, value in ctx.params.items()
-                 if fields.get(name, name) in train.TrainOptions.__dataclass_fields__
-                 and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
         try:
             t = train.resume(resume, given, release=file, progress=not quiet)
         finally:
@@ -638,6 +644,9 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
         return
     if not file or not out:
         raise MepfError("give the released FILE and --out RUN_DIR (or --resume RUN_DIR)")
+    if (Path(file) / run_folder.OPTIONS).is_file():
+        raise MepfError(f"{file} is a run folder, not a released file: continue it with mepf synthesize --resume "
+                        f"{file}, or start a new run from the release it was trained on")
     opts = train.TrainOptions(release=file, out=out, generator=generator, width=width, objective=objective, lr=lr,
                               lr_mavg=lr_mavg, lr_schedule=lr_schedule, ema=ema, batch_size=batch_size,
                               steps=steps or train.TrainOptions.steps, seed=seed, labels=labels,
@@ -680,15 +689,17 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 @click.option("--z-scale", type=float, default=_sd("z_scale"), show_default=True,
               help="Draw the latent from N(0, s^2 I): s > 1 spreads the samples wider, s < 1 narrows them "
                    "(post-processing: no privacy cost).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_scale):
+def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_scale, quiet):
     """Draw N images from a run folder or generator.pt, as .npz or a folder of PNGs (one subfolder per class)."""
     from mepf.core.device import resolve_device
     from mepf.synthesize.sampling import write_samples
 
     write_samples(source, n, out, seed=seed, labels=labels, batch_size=batch_size,
-                  device=resolve_device(device), overwrite=overwrite, format=fmt, z_scale=z_scale)
-    click.echo(f"wrote {n} images to {out}")
+                  device=resolve_device(device), overwrite=overwrite, format=fmt, z_scale=z_scale, progress=not quiet)
+    folder = "" if Path(out).suffix.lower() == ".npz" else " (a folder of PNGs)"
+    click.echo(f"wrote {n} images to {out}{folder}")
 
 
 @main.command()

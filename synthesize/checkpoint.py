@@ -91,9 +91,10 @@ class TrainedGenerator:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
-               device="cpu", z_scale: float = _D.z_scale):
+               device="cpu", z_scale: float = _D.z_scale, on_batch=None):
         """n images as uint8 (N, H, W, C) and labels (N,); deterministic given seed. z_scale: the latent is drawn
-        from N(0, z_scale^2 I) (the same draws times z_scale; 1: as trained). Post-processing: no privacy cost."""
+        from N(0, z_scale^2 I) (the same draws times z_scale; 1: as trained). Post-processing: no privacy cost.
+        on_batch(k) is called after each batch of k images (a progress bar)."""
         check_z_scale(z_scale)
         k = self.arch["num_classes"]
         g = torch.Generator().manual_seed(seed)
@@ -115,6 +116,8 @@ class TrainedGenerator:
             for s in range(0, n, batch_size):
                 x = self.module(z[s:s + batch_size].to(device), y[s:s + batch_size].to(device)).float()
                 images[s:s + batch_size] = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+                if on_batch:
+                    on_batch(len(x))
         except (MemoryError, RuntimeError) as e:  # CPU: "can't allocate memory"; CUDA: OutOfMemoryError
             if isinstance(e, RuntimeError) and "memory" not in str(e):
                 raise

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path, create_folder_of
+from mepf.progress import progress as progress_bar
 
 from . import run_folder
 from .checkpoint import check_z_scale, load_generator
@@ -80,10 +81,12 @@ _D = SampleOptions  # the defaults, written once there
 
 
 def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
-                  device="cpu", overwrite: bool = False, format: str = _D.format, z_scale: float = _D.z_scale) -> Path:
+                  device="cpu", overwrite: bool = False, format: str = _D.format, z_scale: float = _D.z_scale,
+                  progress: bool = False) -> Path:
     """n samples to `out`. format 'mepf': an .npz of uint8 images (N, H, W[, C]) and labels, or a folder of PNGs;
     'dpimagebench': an .npz as DPImageBench's eval.py loads its gen.npz: `x` float32 (N, C, H, W) in [0, 1] (the
-    same images as 'mepf' gives for the same seed, i.e. uint8 / 255) and `y` int64 labels, classes balanced."""
+    same images as 'mepf' gives for the same seed, i.e. uint8 / 255) and `y` int64 labels, classes balanced.
+    progress: a bar (or status lines) while the images are drawn and while PNGs are written."""
     out = Path(out)
     npz = out.suffix.lower() == ".npz"
     if format not in SAMPLE_FORMATS:
@@ -110,7 +113,9 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         print(f"note: {run_folder.behind_note(behind, g.info.get('step'), 'these are samples')} sample again",
               file=sys.stderr)
     create_folder_of(out)
-    images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale)
+    with progress_bar(total=n, desc="sample", unit="image", disable=not progress, leave=False) as bar:
+        images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale,
+                             on_batch=bar.update)
     if format == "dpimagebench":
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
         with atomic_path(out, ".npz") as tmp:
@@ -127,8 +132,10 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     with atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / MARKER).write_text("written by mepf sample: --overwrite may replace this folder\n")
-        for i, (img, label) in enumerate(zip(images, y)):
-            d = tmp / names[label] if names else tmp
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:06d}.png")
+        with progress_bar(total=n, desc="write PNGs", unit="image", disable=not progress, leave=False) as bar:
+            for i, (img, label) in enumerate(zip(images, y)):
+                d = tmp / names[label] if names else tmp
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:06d}.png")
+                bar.update(1)
     return out

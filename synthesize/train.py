@@ -411,11 +411,17 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
                     "release_checksum": release.checksum, "release_bytes": Path(opts.release).stat().st_size,
                     "epsilon": release.epsilon, "delta": release.delta,
                     "versions": versions("torch", "torchvision", "mepf", "h5py", "numpy")}
-        (run / run_folder.OPTIONS).write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        write_text_atomic(run / run_folder.OPTIONS, json.dumps(resolved, indent=2, sort_keys=True))
 
     distributed.on_main(create)
-    trainer = Trainer(opts, release, fmap, arch, device, precision)
-    trainer.fit(progress)
+    try:
+        trainer = Trainer(opts, release, fmap, arch, device, precision)
+        trainer.fit(progress)
+    except KeyboardInterrupt as e:  # one outside the steps (set-up, the last save): the folder exists, so resume it
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(f"interrupted; the run folder {run} was made: continue from its last snapshot (or its "
+                          f"start) with: mepf synthesize --resume {run}", getattr(e, "signum", None)) from None
     return trainer
 
 
@@ -522,15 +528,11 @@ def _check_changes(saved: dict, changes: dict) -> dict:
     return differ
 
 
-def resume(run_dir, changes: dict | None = None, release: str | None = None, progress: bool = True,
-           steps: int | None = None) -> Trainer:
-    """Continue a run from its latest snapshot, under torchrun too. `changes`: options given again (those in
-    RESUMABLE take effect from the resumed step, the others must equal the run's); `release`: the released
-    file, wherever it is now (any file with the run's SHA-256; else the run's recorded path or a release
-    beside the run folder)."""
+def resume_plan(run_dir, changes: dict) -> tuple:
+    """What resuming `run_dir` with `changes` would apply, refused as resume refuses it (what --dry-run shows):
+    (the run's saved options, the options that change, the run's TrainOptions before they change)."""
     run = Path(run_dir)
     saved = _read_options(run)
-    changes = {**(changes or {}), **({"steps": steps} if steps is not None else {})}
     differ = _check_changes(saved, changes)
     given = dataclasses.replace(TrainOptions(release="", out=""), **differ)  # options given again, from Python too
     plain_numbers(given)
@@ -544,6 +546,18 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     problem = options_problem(dataclasses.replace(opts, **differ))
     if problem:
         raise MepfError(f"option {problem}")
+    return saved, differ, opts
+
+
+def resume(run_dir, changes: dict | None = None, release: str | None = None, progress: bool = True,
+           steps: int | None = None) -> Trainer:
+    """Continue a run from its latest snapshot, under torchrun too. `changes`: options given again (those in
+    RESUMABLE take effect from the resumed step, the others must equal the run's); `release`: the released
+    file, wherever it is now (any file with the run's SHA-256; else the run's recorded path or a release
+    beside the run folder)."""
+    run = Path(run_dir)
+    changes = {**(changes or {}), **({"steps": steps} if steps is not None else {})}
+    saved, differ, opts = resume_plan(run, changes)
     size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     found = locate_release(saved["release_sha256"], run, saved.get("release"), release, size=size)
     opts.release = str(found)

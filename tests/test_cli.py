@@ -40,6 +40,18 @@ def test_embed_audit_info_on_mnist5k_with_vgg19_random(tmp_path):
     assert i.exit_code == 0 and "vgg19" in i.output and "32x32x1" in i.output and "D=303104" in i.output
 
 
+def test_a_baseline_into_the_default_log_is_warned_about(tmp_path, monkeypatch):
+    """eps = inf enters the release log like any release, so one made into the default log warns, before any
+    record is read, that a later private release of that data will be a repeat; with its own log it does not."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "home"))
+    args = ["embed", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x.h5", "--epsilon", "inf", "--delta",
+            "1e-3"]
+    r = cli(*args)
+    assert r.exit_code == 2 and "enters the default release log" in r.stderr and "own --release-log" in r.stderr
+    r = cli(*args, "--release-log", tmp_path / "baselines.jsonl")
+    assert r.exit_code == 2 and "NON-PRIVATE" in r.stderr and "default release log" not in r.stderr
+
+
 def test_embed_with_pixels_layer_records_and_shows_it(tmp_path, labelled_npz):
     out = tmp_path / "P.h5"
     r = cli(*embed_args(labelled_npz[0], out, tmp_path / "l.jsonl", "--classes", "3", "--backbone", "resnet18",

@@ -687,3 +687,28 @@ def test_hostile_npz_references_are_one_line_and_read_nothing_large(tmp_path):
         for name, why in cases.items():
             with pytest.raises(MepfError, match=why):
                 load_reference(str(tmp_path / f"{name}.npz"))
+
+
+def test_the_sample_grid_keeps_a_row_for_every_class_present(tmp_path):
+    """A class with fewer than 10 samples has its row, filled out with white tiles (it was dropped without a word);
+    unlabelled samples are rows of 10."""
+    from mepf.evaluate.report import class_grid
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 12 + [1] * 3 + [2] * 10)
+    images = rng.integers(0, 200, (len(labels), 8, 8, 1), dtype=np.uint8)
+    class_grid(images, labels, tmp_path / "g.png", class_names=["a", "b", "c"])
+    g = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    scale, pad, side = 16, 2, 8
+    assert g.shape[0] == (3 * (side + pad) + pad) * scale  # three rows
+    left = g.shape[1] - (10 * (side + pad) + pad) * scale  # the names' margin
+
+    def tile(r, k):
+        y, x = (pad + r * (side + pad)) * scale, left + (pad + k * (side + pad)) * scale
+        return g[y:y + side * scale, x:x + side * scale]
+
+    assert all((tile(1, k) < 255).any() for k in range(3)) and all((tile(1, k) == 255).all() for k in range(3, 10))
+    np.testing.assert_array_equal(tile(1, 2)[::scale, ::scale], images[14, :, :, 0])
+    np.testing.assert_array_equal(tile(2, 9)[::scale, ::scale], images[24, :, :, 0])
+    class_grid(images, None, tmp_path / "u.png")
+    assert np.asarray(Image.open(tmp_path / "u.png")).shape[0] == (3 * (side + pad) + pad) * scale  # 25 -> 3 rows

@@ -730,6 +730,19 @@ def test_non_private_baseline_is_exact_and_declared(tmp_path, labelled_npz, eff2
     assert "NONE" in CliRunner().invoke(main, ["info", str(out)]).output
 
 
+def test_repeat_of_a_baseline_says_it_is_one(tmp_path, labelled_npz, eff28):
+    """A private release of data whose only earlier release is an eps = inf baseline is refused as a repeat (the
+    log cannot tell the baseline stayed on the premises), and the refusal says it was a baseline and what to do."""
+    src = ArraySource(labelled_npz[0], ["a", "b", "c"])
+    log = tmp_path / "log.jsonl"
+    run(src, eff28, tmp_path / "np.h5", log, epsilon=float("inf"))
+    with pytest.raises(MepfError, match=r"already released: 1 non-private baseline\(s\) .*their own --release-log"):
+        run(src, eff28, tmp_path / "p.h5", log)
+    run(src, eff28, tmp_path / "p.h5", log, allow_repeat=True)
+    with pytest.raises(MepfError, match=r"\(2 earlier release\(s\) in .*, 1 of them non-private baselines, "):
+        run(src, eff28, tmp_path / "q.h5", log)
+
+
 def test_calibrate_refuses_infinite_epsilon():
     from mepf.artifacts.accounting import calibrate
 

@@ -96,6 +96,30 @@ def test_classes_are_matched_by_name_never_silently_by_position(study, tmp_path)
     assert json.loads((tmp_path / "rep2" / "report.json").read_text())["classes"]["matched"] == "by name"
 
 
+def test_real_train_classes_are_matched_by_name_in_any_order(study, tmp_path):
+    """--real-train with the reference's classes in another order is the same training set (it was refused);
+    other classes are refused with both sets named."""
+    names = sorted(CLASSES)
+    images, y = make_images(30, seed=5), np.arange(30) % 3
+    np.savez(tmp_path / "a.npz", images=images, labels=y, class_names=np.array(names))
+    np.savez(tmp_path / "b.npz", images=images, labels=2 - y, class_names=np.array(names[::-1]))
+    got = []
+    for name in ("a", "b"):
+        ok(accuracy(study / "run", study / "heldout", tmp_path / f"rep-{name}", "--real-train",
+                    tmp_path / f"{name}.npz"))
+        got.append(json.loads((tmp_path / f"rep-{name}" / "report.json").read_text())["metrics"]["accuracy_real_train"])
+    assert got[0] == got[1]
+    np.savez(tmp_path / "c.npz", images=images, labels=y, class_names=np.array(["x", "y", "z"]))
+    refused(accuracy(study / "run", study / "heldout", tmp_path / "rep-c", "--real-train", tmp_path / "c.npz"),
+            "--real-train must be labelled with the reference's classes", "{x, y, z}", "malignant lesion")
+
+
+def test_float_images_outside_the_unit_range_are_told_how_to_rescale(study, tmp_path):
+    np.savez(tmp_path / "pm1.npz", images=make_images(12).astype(np.float32) / 127.5 - 1, labels=np.arange(12) % 3,
+             class_names=np.array(sorted(CLASSES)))
+    refused(accuracy(tmp_path / "pm1.npz", study / "heldout", tmp_path / "rep"), "outside [0,1]", "(x + 1) / 2")
+
+
 @pytest.mark.parametrize("unnamed", ["synthetic", "reference"])
 def test_the_class_map_the_refusal_suggests_is_accepted(unnamed):
     """The example in the refusal was '0=NAME' whichever side had no names; --class-map is SYNTH=REF, so where the
@@ -171,6 +195,13 @@ def _copy_run(study, tmp_path):
 
 def test_resume_applies_changed_options_from_the_resumed_step_and_records_them(study, tmp_path):
     run = _copy_run(study, tmp_path)
+    before = (run / "options.json").read_text()
+    dry = json.loads(ok(cli("synthesize", "--resume", run, "--steps", "6", "--lr", "0.01", "--dry-run")).output)
+    assert dry["steps"] == 6 and dry["lr"] == 0.01 and dry["resume_changes"] == {
+        "lr": {"from": 0.001, "to": 0.01}, "steps": {"from": 4, "to": 6}}
+    refused(cli("synthesize", "--resume", run, "--steps", "6", "--width", "16", "--dry-run"), "--width",
+            "cannot change")
+    assert (run / "options.json").read_text() == before  # a dry run changes nothing
     r = ok(cli("synthesize", "--resume", run, "--steps", "6", "--lr", "0.01", "--quiet"))
     assert "resumed" in r.output and "step 6" in r.output
     o = json.loads((run / "options.json").read_text())
@@ -233,6 +264,14 @@ def test_output_folders_are_created_and_a_report_is_not_overwritten_silently(stu
     refused(cli("sample", study / "run", "-n", "4", "--out", tmp_path / "x.png"), "an .npz file, or a folder")
     ok(cli("sample", study / "run", "-n", "4", "--out", tmp_path / "samples" / "2026" / "s.npz"))
     assert (tmp_path / "samples" / "2026" / "s.npz").is_file() and not (tmp_path / "x.png").exists()
+    # a report replaced with --overwrite keeps nothing of the old one: the run's curves, a dpimagebench state
+    rep = tmp_path / "reports" / "2026" / "a"
+    assert (rep / "curves.png").is_file()
+    (rep / "protocol-state").mkdir()
+    (rep / "protocol-state" / "meta.json").write_text("{}")
+    ok(cli("evaluate", tmp_path / "samples" / "2026" / "s.npz", "--reference", study / "heldout", "--out", rep,
+           "--metrics", "embedding", "--release", study / "rel.h5", "--overwrite", "--quiet"))
+    assert sorted(p.name for p in rep.iterdir()) == ["report.json", "report.md", "samples.png"]
 
 
 # --------------------------------------------------------------------------- 6. progress in logs
@@ -272,6 +311,23 @@ def test_sigterm_and_ctrl_c_snapshot_the_step_and_say_how_to_resume(study, tmp_p
     assert f"step {step + 2}" in r.output
 
 
+def test_an_interrupt_before_the_first_step_says_to_resume_the_folder_it_made(study, tmp_path, monkeypatch):
+    """Ctrl-C during set-up, after the run folder was made (here injected where fit starts): the same command is
+    refused ('not empty'), so the message names --resume, which then trains the run from its start."""
+    import mepf.synthesize.train as train
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train, "keep_freed_memory", ctrl_c)
+    r = cli("synthesize", study / "rel.h5", "--out", run, "--steps", "3", *TRAIN)
+    assert r.exit_code == 130 and f"continue from its last snapshot (or its start) with: mepf synthesize --resume " \
+        f"{run}" in r.stderr, r.stderr
+    monkeypatch.undo()
+    assert "step 3" in ok(cli("synthesize", "--resume", run, "--quiet")).output
+
+
 # --------------------------------------------------------------------------- 10, 11, 12. messages, reports, help
 
 def test_info_describes_runs_and_generators_and_messages_say_what_is_wrong(study, tmp_path):
@@ -283,6 +339,11 @@ def test_info_describes_runs_and_generators_and_messages_say_what_is_wrong(study
     assert rel["kind"] == "release" and rel["classes"].startswith("3 classes")
     refused(cli("info", tmp_path), "not a run folder")
     refused(cli("sample", study / "rel.h5", "-n", "4", "--out", tmp_path / "s.npz"), "is a release", "mepf synthesize")
+    # mepf's other files where a release is expected are named, not called corrupt HDF5
+    refused(cli("synthesize", study / "run", "--out", tmp_path / "new"), "is a run folder", "--resume")
+    refused(cli("synthesize", study / "run" / "generator.pt", "--out", tmp_path / "new"), "a zip archive")
+    refused(cli("info", study / "run" / "stats.jsonl"), "a JSON text (a release log")
+    assert not (tmp_path / "new").exists()
     np.savez(tmp_path / "one.npz", images=make_images(6), labels=np.zeros(6, int))
     refused(cli("evaluate", study / "run", "--reference", tmp_path / "one.npz", "--out", tmp_path / "rep", "-n", "9",
                 "--metrics", "accuracy", "--quiet"), "the reference 1 class;")

@@ -225,7 +225,10 @@ def test_sample_outputs(release_file, tmp_path):
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
     assert sorted(np.bincount(a["labels"])) == [9] * 5 + [10] * 5
     res = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "20", "--out", str(tmp_path / "pngs"), "--seed", "4"])
-    assert res.exit_code == 0
+    assert res.exit_code == 0 and "(a folder of PNGs)" in res.output
+    assert "sample: done" in res.stderr and "write PNGs: done" in res.stderr  # progress, as lines off a terminal
+    quiet = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "20", "--out", str(tmp_path / "q.v2"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and (tmp_path / "q.v2" / ".mepf-samples").is_file()
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [".mepf-samples"] + [f"{i}_{i}" for i in range(10)]
     assert len(list((tmp_path / "pngs").rglob("*.png"))) == 20
     c = r.invoke(main, ["sample", str(tmp_path / "run"), "-n", "95", "--out", str(tmp_path / "c.npz"), "--seed", "4"])
