@@ -34,6 +34,7 @@ ARRAY_NAMES = ("S1", "S2", "counts")
 TEXT_NAMES = ("feature_spec", "data_spec", "ledger")
 ROOT_ATTRS = ("format", "schema_version", "checksum_sha256", "checksum_covers", "description")
 ALLOWED_FIELDS = set(ARRAY_NAMES) | set(TEXT_NAMES) | {"class_names"}
+DESCRIPTION = "DP-MEPF release: noisy feature sums and class counts; see docs/artifact-format.md"
 CHECKSUM_COVERS = ("SHA-256 over, in this order: for each of S1, S2, counts present: name, dtype, shape, "
                    "little-endian C-order bytes; then class_names, feature_spec, data_spec, ledger as UTF-8, "
                    "each prefixed by its name and byte length")
@@ -250,9 +251,12 @@ def inspect_structure(f, path: Path, size: int) -> dict:
     if missing or "checksum_sha256" not in attrs:
         raise MepfError(f"{path} lacks {', '.join(missing) or 'its checksum'}; the file is incomplete, re-run "
                         "`mepf embed`")
-    for name in ("description", "checksum_covers"):
-        if name in attrs:
-            _attr(f, name, path)
+    for name, text in (("description", DESCRIPTION), ("checksum_covers", CHECKSUM_COVERS)):
+        # outside the checksum, and what h5dump shows a person: only the one text mepf writes
+        if name not in attrs or _attr(f, name, path) != text:
+            raise MepfError(f"{path}: its {name} attribute is not the text mepf writes (edited, so that a person "
+                            "reading the file with HDF5 tools would read another claim than mepf checks); ask the "
+                            "data owner for the original file")
     for name in ARRAY_NAMES:
         if name in f:
             _dataset(f, name, path, size)
@@ -352,6 +356,15 @@ def no_hdf5_plugins() -> None:
         h5pl.remove(0)
 
 
+def _other_kind(head: bytes) -> str | None:
+    """What a file given where a release is expected is, from its first bytes, if it is one mepf writes."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a generator.pt or an .npz of images), not a release"
+    if head.lstrip()[:1] == b"{":
+        return "a JSON text (a release log, or a run's options or stats), not a release"
+    return None
+
+
 @contextlib.contextmanager
 def _h5(fd: int, path: Path):
     """h5py on the open file `fd` (never on its name), with no HDF5 plugin loadable."""
@@ -362,8 +375,9 @@ def _h5(fd: int, path: Path):
         try:
             f = h5py.File(fo, "r")
         except Exception as e:  # noqa: BLE001 - h5py raises OSError and others for non-HDF5 bytes
-            raise MepfError(f"{path} is not a readable HDF5 file (truncated or corrupt?) ({type(e).__name__}); "
-                            "pass the .h5 file written by `mepf embed`") from None
+            what = _other_kind(os.pread(fd, 8, 0)) or \
+                f"not a readable HDF5 file (truncated or corrupt?) ({type(e).__name__})"
+            raise MepfError(f"{path} is {what}; pass the .h5 file written by `mepf embed`") from None
         with f:
             yield f
 

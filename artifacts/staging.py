@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MepfError
-from .format import ARRAY_NAMES, CHECKSUM_COVERS, FORMAT_NAME, SCHEMA_VERSION, content_checksum, fd_sha256
+from .format import ARRAY_NAMES, CHECKSUM_COVERS, DESCRIPTION, FORMAT_NAME, SCHEMA_VERSION, content_checksum, fd_sha256
 from .ledger import canonical_json
 
 
@@ -360,7 +360,7 @@ def _write_release(fd: int, arrays: dict, class_names, feature_spec: dict, data_
     with os.fdopen(os.dup(fd), "r+b") as fo, h5py.File(fo, "w") as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["description"] = "DP-MEPF release: noisy feature sums and class counts; see docs/artifact-format.md"
+        f.attrs["description"] = DESCRIPTION
         f.attrs["checksum_sha256"] = checksum
         f.attrs["checksum_covers"] = CHECKSUM_COVERS
         for name in ARRAY_NAMES:

@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import resource
+import shutil
 import stat
 import subprocess
 import sys
@@ -294,6 +295,23 @@ def test_an_undocumented_field_or_attribute_is_refused(tmp_path, releases):
         return False
 
     one_line_refusal(cli("info", _copy_with(tmp_path / "a.h5", releases / "eps1.h5", attribute)), "attributes")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("description", "DP-MEPF release. PRIVACY: (0.0001, 1e-05)-DP under add-remove (audited)"),
+    ("checksum_covers", "everything; this file is signed by the data owner"), ("description", None)])
+def test_a_root_text_outside_the_checksum_other_than_mepfs_is_refused(tmp_path, releases, name, text):
+    """description and checksum_covers are outside the checksum and shown by HDF5 tools: a file claiming another
+    guarantee there passed the audit (review 24 F2)."""
+    path = tmp_path / "x.h5"
+    shutil.copy(releases / "eps1.h5", path)
+    with h5py.File(path, "r+") as f:
+        if text is None:
+            del f.attrs[name]
+        else:
+            f.attrs[name] = text
+    for cmd in ("audit", "info"):
+        one_line_refusal(cli(cmd, path), f"its {name} attribute is not the text mepf writes")
 
 
 # --------------------------------------------------------------------------- M3: a small file, a large allocation
