@@ -205,6 +205,49 @@ def _fisher_tail(u: np.ndarray) -> float:
     return float(chi2.sf(stat, 2 * len(u))) if math.isfinite(stat) else 0.0
 
 
+def folded_wrapped_cdf(d: np.ndarray, sigma: float) -> np.ndarray:
+    """P(|W| <= d), d in [0, 1/2], for W = N(0, sigma^2) wrapped onto [-1/2, 1/2): the law of t + N(0, sigma^2)'s
+    distance to the nearest whole number, the same for every whole t. Summed over the wraps where sigma < 1, as
+    the Fourier series of the wrapped density elsewhere (60 terms each: the next are below exp(-1800))."""
+    from scipy.special import erf, ndtr
+
+    d = np.clip(np.asarray(d, dtype=np.float64), 0.0, 0.5)
+    if sigma < 1:
+        out = erf(d / (sigma * math.sqrt(2)))
+        for m in range(1, 61):
+            out = out + 2 * (ndtr(-(m - d) / sigma) - ndtr(-(m + d) / sigma))
+    else:
+        out = 2 * d
+        for m in range(1, 61):
+            out = out + 2 * math.exp(-2 * math.pi ** 2 * m * m * sigma * sigma) * np.sin(2 * math.pi * m * d) / (
+                math.pi * m)
+    return np.clip(out, 0.0, 1.0)
+
+
+#: counts whose float32 spacing is above twice this (|count| of 2^18 and more) are left out of the lattice law's
+#: test: the test allows the largest rounding of those it takes, which would blur the law for every count
+LATTICE_ROUNDING = 1 / 64
+
+
+def lattice_law_p(lattice: np.ndarray, half_ulp: np.ndarray, sigma: float) -> tuple:
+    """(p, m): a two-sided Kolmogorov-Smirnov test of the counts' distances to whole numbers against their law
+    under noise of sigma (folded_wrapped_cdf), which holds whatever the true counts; m counts taken (those stored
+    finely enough). Conservative under rounding: every stored distance is within h of the true one, so the
+    statistic against the law shifted by h on each side is at most the true counts' statistic."""
+    from scipy.stats import kstwo
+
+    take = half_ulp <= LATTICE_ROUNDING
+    x = np.sort(lattice[take])
+    m = len(x)
+    if m == 0:
+        return 1.0, 0
+    h = float(half_ulp[take].max()) + 1e-9  # and the float64 sum's own error, far below
+    i = np.arange(1, m + 1)
+    stat = max(0.0, float(np.max(i / m - folded_wrapped_cdf(x + h, sigma))),
+               float(np.max(folded_wrapped_cdf(x - h, sigma) - (i - 1) / m)))
+    return float(kstwo.sf(stat, m)), m
+
+
 #: geometric mean of |Z| for Z ~ N(0, 1) (exp of E log|Z| = -(gamma + ln 2) / 2): a typical |noise| in a product
 _GEOMEAN_ABS_Z = math.exp(-(0.5772156649015329 + math.log(2)) / 2)
 
@@ -251,19 +294,21 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
     """The noisy counts against the declared noise, by tests that hold whatever the true counts are (whole numbers,
     at least 0): none far below zero; not nearer whole numbers than noise of sigma_n leaves them (exact or barely
     noised counts: the noise modulo 1 has a density of at most `_wrapped_density_bound`); not nearer zero than
-    noise alone leaves them (Anderson's inequality: P(|t + sigma Z| <= a) <= P(|sigma Z| <= a) for every t).
-    Each number is judged after widening by half its float32 spacing. Counts with some noise, but less than
-    declared, cannot be told from K numbers whose true values are large next to sigma: the check says how little
-    noise it would catch, and warns."""
+    noise alone leaves them (Anderson's inequality: P(|t + sigma Z| <= a) <= P(|sigma Z| <= a) for every t); their
+    distances to whole numbers following the law of sigma Z's (folded, wrapped), as for every whole t (noise of
+    another law: +-sigma, uniform, two-point). Each number is judged after widening by half its float32 spacing.
+    Counts with some noise, but less than declared, cannot be told from K numbers whose true values are large next
+    to sigma: the check says how little noise it would catch, and warns where that power is below half."""
     from scipy.stats import chi2, norm
 
     k = len(counts)
-    alpha = NOISE_ALPHA / 3  # split over the three tests
+    alpha = NOISE_ALPHA / 4  # split over the four tests
     z = float(norm.isf(alpha / k))
     low = [i for i in range(k) if counts[i] < -z * sigma_n]
     u_lattice, u_zero, lattice, half_ulp, kappa = _count_statistics(counts, sigma_n)
     p_lattice, p_zero = _fisher_tail(u_lattice), _fisher_tail(u_zero)
-    ok = not low and p_lattice >= alpha and p_zero >= alpha
+    p_law, taken = lattice_law_p(lattice, half_ulp, sigma_n)
+    ok = not low and p_lattice >= alpha and p_zero >= alpha and p_law >= alpha
     power = _lattice_power(sigma_n, kappa, half_ulp, float(chi2.isf(alpha, 2 * k)))
     if low:
         detail = (f"{len(low)} noisy count(s) lie below -{z:.3g} sigma ({z * sigma_n:.4g}): no true count is negative, "
@@ -273,20 +318,29 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
         detail = (f"the noisy counts lie nearer whole numbers than noise of sigma={sigma_n:.6g} leaves them ({near} of "
                   f"{k} within 0.001 of one; probability below {p_lattice:.1e} for a genuine file): they look exact or "
                   "barely noised")
+    elif p_law < alpha:
+        detail = (f"the noisy counts' distances to whole numbers do not follow their law under noise of "
+                  f"sigma={sigma_n:.6g}, which holds whatever the true counts (Kolmogorov-Smirnov over {taken} counts: "
+                  f"probability below {p_law:.1e} for a genuine file): the counts carry noise of another law or size "
+                  "than the ledger declares")
     elif p_zero < alpha:
         detail = (f"the noisy counts lie nearer zero than noise of sigma={sigma_n:.6g} alone leaves them whatever the "
                   f"true counts (probability below {p_zero:.1e} for a genuine file): they carry less noise than the "
                   "ledger declares")
     else:
-        reach = (f"power: counts with noise of less than {power:.2g} of the declared sigma (nearly exact) would fail"
-                 if power > 0 else
+        reach = (f"power: counts with noise of less than {power:.2g} of the declared sigma (nearly exact) would fail "
+                 "about half the time, more often with less" if power > 0 else
                  "NO POWER to tell exact counts here (too few classes, or counts too large for float32)")
+        law = (f"their distances to whole numbers follow the law noise of that sigma gives ({taken} of {k} counts "
+               "stored finely enough to test)" if taken else
+               "no count is stored finely enough (float32) to test the law of its distance to whole numbers")
         detail = (f"no count below -{z:.3g} sigma, none nearer whole numbers or zero than noise of sigma={sigma_n:.6g} "
-                  f"allows; {reach}")
+                  f"allows; {law}; {reach}")
     warn = power < 0.5  # as noise:shape: below half, a check that cannot vouch for the noise
     if ok and warn:
-        detail += (f"; counts with more noise than that but less than declared cannot be told from {k} numbers whose "
-                   "true values may be large next to sigma: the counts' share of the guarantee rests on the ledger")
+        detail += (f"; counts with more noise than that but less than declared, or continuous noise of another law "
+                   f"whose distances to whole numbers look alike, cannot be told from {k} numbers whose true values "
+                   "may be large next to sigma: the counts' share of the guarantee rests on the ledger")
     rep.check("noise:counts", ok, detail, warn=warn)
 
 

@@ -388,6 +388,10 @@ def inspect_fd(fd: int, path: Path) -> dict:
         return inspect_structure(f, path, os.fstat(fd).st_size)
 
 
+#: times a release is read whole while only its inode's change time moves, before it is refused
+READ_TRIES = 3
+
+
 def read_raw(path) -> Release:
     """Read every field without verifying the checksum (the audit reports that itself). The file's structure,
     types and bounds are enforced before any data is read (docs/artifact-format.md, "What a reader
@@ -397,16 +401,23 @@ def read_raw(path) -> Release:
     path = Path(path)
     fd = _open_regular(path)
     try:
-        before = os.fstat(fd)
-        size = before.st_size
-        meta = _inspect_in_child(fd, path)  # the strings, in a process of bounded memory
-        with _h5(fd, path) as f:
-            arrays, class_names, texts, specs, checksum = _read_checked(f, path, size, meta)
-        sha = fd_sha256(fd)  # the bytes just read, whatever the name points to now
-        after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns,
-                                                                       before.st_ctime_ns):  # utime cannot set ctime
-            raise MepfError(f"{path} was modified while it was read; read it again once nothing writes to it")
+        for _ in range(READ_TRIES):
+            before = os.fstat(fd)
+            size = before.st_size
+            meta = _inspect_in_child(fd, path)  # the strings, in a process of bounded memory
+            with _h5(fd, path) as f:
+                arrays, class_names, texts, specs, checksum = _read_checked(f, path, size, meta)
+            sha = fd_sha256(fd)  # the bytes just read, whatever the name points to now
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise MepfError(f"{path} was modified while it was read; read it again once nothing writes to it")
+            if after.st_ctime_ns == before.st_ctime_ns:  # utime cannot set ctime: nothing was rewritten
+                break
+            # only the inode changed (a link made or removed, a chmod: a backup tool) or a rewrite put its mtime
+            # back: what was parsed may not be what was hashed, so the whole read is done again
+        else:
+            raise MepfError(f"{path} changed (its inode: a link, a chmod, or a rewrite with its time put back) each of "
+                            f"{READ_TRIES} times it was read; read it again once nothing touches it")
     except MepfError:
         raise
     except Exception as e:  # noqa: BLE001 - any other failure of a reader on a hostile file is one line

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from mepf.artifacts.accounting import COUNTS_SHARE
-from mepf.artifacts.errors import Interrupted, MepfError
+from mepf.artifacts.errors import Interrupted, LaunchError, MepfError
 from mepf.core.names import BACKBONE_NAMES, DEFAULT_PIXEL_WEIGHT, DEVICES, POOLINGS
 from mepf.embed import options as eo  # the options modules import no torch: `mepf --help` stays light
 from mepf.evaluate import options as vo
@@ -27,7 +27,8 @@ def user_errors(fn):
         except MepfError as e:
             from mepf.artifacts.format import printable
 
-            if _is_node_lead():  # under torchrun every rank has the same error: one per node prints it
+            # under torchrun every rank has the same error: one per node prints it (a misnumbered launch: all)
+            if _is_node_lead() or isinstance(e, LaunchError):
                 click.echo(f"Error: {printable(str(e), 1 << 20)}", err=True)  # names from files may hold escapes
             sys.exit(2)
         except OSError as e:
@@ -97,7 +98,8 @@ def _is_node_lead() -> bool:
     """Local rank 0: under torchrun on several nodes, each node's terminal gets the error once."""
     import os
 
-    return not _launched() or os.environ.get("LOCAL_RANK", "0") == "0"
+    local = os.environ.get("LOCAL_RANK", "0").strip()
+    return not _launched() or (local.isascii() and local.isdigit() and int(local) == 0)
 
 
 def _image_size(ctx, param, value):

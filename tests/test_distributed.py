@@ -550,3 +550,52 @@ def test_mepf_embed_refuses_ranks_of_a_node_that_found_other_files(tmp_path, kin
     assert all("rank 1 found other data files" in e and "nothing was read or released" in e for e in errors), errors
     assert not (tmp_path / "other.h5").exists() and release_log.read_log(tmp_path / "other.jsonl") == []
     assert not list(tmp_path.glob(".other.h5.tmp*"))
+
+
+@pytest.mark.parametrize("value", ["x", "node1", str(2 ** 64), "-1", ""])
+def test_a_launchers_number_that_is_not_one_is_said_in_one_line(monkeypatch, value):
+    """LOCAL_RANK, LOCAL_WORLD_SIZE or GROUP_RANK that is not a whole number in range gave a ValueError or struct.error
+    traceback (review 24 F3); the parse used everywhere takes "00" as 0, as the check of the numbering does."""
+    from mepf.core.distributed import env_int, launch_problem
+
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        monkeypatch.setenv(name, value)
+        problem = launch_problem()
+        assert problem.startswith(f"{name}=") and "is not a whole number" in problem and "\n" not in problem
+        assert env_int(name, 7) == 7
+        monkeypatch.setenv(name, "00" if name != "LOCAL_WORLD_SIZE" else "02")
+    assert launch_problem() is None and env_int("LOCAL_RANK", 7) == 0 and env_int("LOCAL_WORLD_SIZE", 7) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "0")
+    assert launch_problem().startswith("LOCAL_WORLD_SIZE='0' is not a whole number from 1")
+
+
+_LAUNCHER = """import os
+mode, local = os.environ.get("MEPF_TEST_LAUNCHER"), os.environ.get("LOCAL_RANK")
+if mode == "shift" and local is not None:  # a launcher numbering the node's ranks 1, 2
+    os.environ["LOCAL_RANK"] = str(int(local) + 1)
+elif mode == "bad" and local == "1":
+    os.environ["LOCAL_RANK"] = "x"
+"""
+
+
+@pytest.mark.parametrize("mode, said", [
+    ("shift", "the ranks of one node are not numbered 0..1 by LOCAL_RANK"),
+    ("bad", "LOCAL_RANK='x' is not a whole number")])
+def test_a_misnumbered_launch_is_refused_in_one_line_on_every_rank(tmp_path, mode, said):
+    """A node whose ranks LOCAL_RANK numbers 1, 2 has no local rank 0, which alone printed errors: every rank exited
+    2 without a word (review 24 F3). Such errors now print on every rank; nothing is read or written."""
+    np.savez(tmp_path / "d.npz", images=make_images(8, seed=1), labels=np.arange(8) % 2)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_LAUNCHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEPF_TEST_LAUNCHER": mode,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "mepf", "embed", "--data", str(tmp_path / "d.npz"), "--classes", "2", "--out",
+                        str(tmp_path / "x.h5"), "--delta", "1e-5", "--release-log", str(tmp_path / "log.jsonl"),
+                        "--quiet", "--epsilon", "inf", *MAP], capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert r.returncode != 0 and len(errors) == 2 and all(said in e for e in errors), r.stderr
+    # torchrun's own report of a failed child is a traceback; mepf's ranks print none
+    assert not any(w in r.stderr for w in ("ValueError", "struct.error", "Connection closed")), r.stderr
+    assert not (tmp_path / "x.h5").exists()

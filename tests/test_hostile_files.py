@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from mepf.artifacts import load
 from mepf.artifacts.audit import audit
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import read_raw
+from mepf.artifacts.format import file_sha256, read_raw, recompute_checksum
 from mepf.artifacts.staging import write_release
 from mepf.cli import main
 from mepf.embed import release_log
@@ -187,6 +187,56 @@ def test_each_counts_statistic_is_at_least_uniform_whatever_the_true_count(sigma
         for u in count_uniforms(stored, sigma):
             for q in (1e-3, 1e-2, 0.1, 0.5):
                 assert (u <= q).mean() <= q + 5 * np.sqrt(q * (1 - q) / n), (sigma, t, q, (u <= q).mean())
+
+
+@pytest.mark.parametrize("sigma", [1e-3, 0.2, 0.7, 3.7, 4e3])
+def test_the_lattice_law_test_is_valid_whatever_the_true_counts(sigma):
+    """The counts' distances to whole numbers follow the folded wrapped normal whatever the (whole) true counts;
+    the KS test against it, allowing for float32 rounding, gives p at or below q with probability at most q (up to
+    sampling error), for counts up to where it stops taking them (2^18) and beyond."""
+    from mepf.artifacts.audit import _count_statistics, lattice_law_p
+
+    g = np.random.default_rng(int(sigma * 1000) + 7)
+    reps = 300
+    for t in (0, 3, 6000, 2 ** 17 + 1, 2 ** 18 - 3, 2 ** 24 + 1):
+        ps = []
+        for _ in range(reps):
+            stored = (t + g.integers(0, 3, 40) + sigma * g.standard_normal(40)).astype(np.float32)
+            _, _, lattice, half_ulp, _ = _count_statistics(stored, sigma)
+            ps.append(lattice_law_p(lattice, half_ulp, sigma)[0])
+        for q in (0.05, 0.2, 0.5):
+            assert (np.array(ps) <= q).mean() <= q + 5 * np.sqrt(q * (1 - q) / reps), (sigma, t, q)
+
+
+def _counts_check(counts, sigma) -> tuple:
+    from mepf.artifacts.audit import AuditReport, _check_counts
+
+    rep = AuditReport(path="x")
+    _check_counts(np.asarray(counts, dtype=np.float32).astype(np.float64), sigma, rep)
+    (name, ok, detail), = rep.checks
+    return ok, detail, "noise:counts" in rep.warnings
+
+
+def test_counts_noise_of_another_law_fails_the_audit(tmp_path, releases):
+    """Review 24 F1: with many classes and a small counts' sigma the check passed plainly (no warning) on counts
+    carrying +-sigma or uniform noise of the same variance (rounding gave back the exact counts), and with a large
+    sigma a two-point law of the declared variance got only the standing warning. The distances to whole numbers
+    follow a known law whatever the true counts; a two-sided test of it catches these."""
+    g = np.random.default_rng(3)
+    t, sigma = g.integers(400, 600, 1000), 0.2458
+    ok, detail, warned = _counts_check(t + sigma * g.standard_normal(1000), sigma)
+    assert ok and not warned and "follow the law noise of that sigma gives (1000 of 1000" in detail, detail
+    for noise in (sigma * g.choice([-1, 1], 1000), g.uniform(-np.sqrt(3) * sigma, np.sqrt(3) * sigma, 1000),
+                  0.8 * sigma * g.standard_normal(1000)):
+        ok, detail, _ = _counts_check(t + noise, sigma)
+        assert not ok and "do not follow their law under noise of sigma=0.2458" in detail, detail
+    r = read_raw(releases / "eps1.h5")
+    sigma = {e["name"]: e["sigma"] for e in r.ledger["releases"]}["counts"]
+    exact = read_raw(releases / "exact.h5").arrays["counts"].astype(np.float64)
+    two = exact + (np.floor(sigma) + 0.5) * g.choice([-1, 1], len(exact))  # the declared variance, two values
+    forged = forge(tmp_path / "two.h5", releases / "eps1.h5", arrays={**r.arrays, "counts": two.astype(np.float32)})
+    ok, detail, _ = _counts_detail(forged)
+    assert not ok and "do not follow their law" in detail and failed(forged) == {"noise:counts"}, detail
 
 
 def test_a_ledger_whose_delta_autodp_cannot_take_is_refused_in_one_line(tmp_path, releases):
@@ -681,8 +731,30 @@ def test_a_file_rewritten_while_read_with_its_mtime_put_back_is_refused(tmp_path
         return hash_of(fd)
 
     monkeypatch.setattr(format_module, "fd_sha256", rewritten_in_place)
-    with pytest.raises(MepfError, match="modified while it was read"):
+    with pytest.raises(MepfError, match=r"changed \(its inode: .*each of 3 times it was read"):
         read_raw(tmp_path / "r.h5")
+
+
+def test_a_release_whose_inode_changes_once_while_read_is_read_again(tmp_path, releases, monkeypatch):
+    """Review 24 F4: a link made or a chmod while a release was read (a backup tool) moved only its change time,
+    and the unchanged file was refused; it is now read again whole, and what was parsed is what was hashed."""
+    import shutil
+
+    import mepf.artifacts.format as format_module
+
+    shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
+    hash_of, calls = format_module.fd_sha256, []
+
+    def linked_once(fd):
+        if not calls:
+            os.link(tmp_path / "r.h5", tmp_path / "backup.h5")
+        calls.append(1)
+        return hash_of(fd)
+
+    monkeypatch.setattr(format_module, "fd_sha256", linked_once)
+    r = read_raw(tmp_path / "r.h5")
+    assert len(calls) == 2 and r.file_sha256 == file_sha256(releases / "eps1.h5")
+    assert recompute_checksum(r) == r.checksum
 
 
 def test_a_ledger_text_with_a_key_given_twice_is_refused(tmp_path, releases):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mepf.artifacts.errors import MepfError
+from mepf.artifacts.errors import LaunchError, MepfError
 
 #: a rank waits MEPF_DIST_TIMEOUT_HOURS (default 6) in a collective for the others (a shard may be slower than
 #: another), and MEPF_DIST_JOIN_MINUTES (default 10) for every rank to join: a node that stopped before it
@@ -48,6 +48,32 @@ class Ranks:
         return self.world > 1
 
 
+#: a launcher's numbers for this rank, each a whole number in 0..2^31-1 (LOCAL_WORLD_SIZE at least 1)
+RANK_ENV = ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def env_int(name: str, default: int) -> int:
+    """A launcher's number from the environment, or `default` where it is unset or not such a number (which
+    launch_problem says, on every rank)."""
+    text = os.environ.get(name, "").strip()
+    if not (text.isascii() and text.isdigit() and int(text) < 2 ** 31):
+        return default
+    return int(text)
+
+
+def launch_problem() -> str | None:
+    """What is wrong with this rank's LOCAL_RANK, LOCAL_WORLD_SIZE or GROUP_RANK, if anything (a traceback, or a
+    value out of range where it is packed, before)."""
+    for name in RANK_ENV:
+        text = os.environ.get(name)
+        if text is not None and env_int(name, -1) < (1 if name == "LOCAL_WORLD_SIZE" else 0):
+            shown = text[:20].encode("unicode_escape").decode("ascii")
+            return (f"{name}={shown!r} is not a whole number from {1 if name == 'LOCAL_WORLD_SIZE' else 0} to "
+                    f"2^31-1; nothing was read: launch with torchrun, or have the launcher set {name} to this "
+                    "rank's number")
+    return None
+
+
 def launched() -> bool:
     """Whether torchrun (or any launcher setting WORLD_SIZE > 1) started this process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -56,8 +82,7 @@ def launched() -> bool:
 def current() -> Ranks:
     if not (dist.is_available() and dist.is_initialized()):
         return Ranks()
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return Ranks(dist.get_rank(), dist.get_world_size(), env_int("LOCAL_RANK", 0), env_int("LOCAL_WORLD_SIZE", 1))
 
 
 def setup(device: torch.device) -> tuple:
@@ -69,7 +94,7 @@ def setup(device: torch.device) -> tuple:
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env_int("LOCAL_RANK", 0))
         join_timeout = _wait("MEPF_DIST_JOIN_MINUTES", 10, "minutes")
         _wait("MEPF_DIST_TIMEOUT_HOURS", 6, "hours")  # a bad value is said before joining
         try:
@@ -98,7 +123,11 @@ def join(device_option: str, resolve) -> tuple:
         device, error = resolve(device_option), None
     except MepfError as e:
         device, error = torch.device("cpu"), str(e)
+    misnumbered = launch_problem() if launched() else None
+    if misnumbered:
+        device = torch.device("cpu")  # LOCAL_RANK picks the GPU
     ranks, device = setup(device)
+    agree(misnumbered, LaunchError)
     agree(error)
     return ranks, device
 
@@ -169,12 +198,13 @@ def _decode_error(raw: bytes) -> str | None:
     return "".join(c if c.isprintable() else " " for c in text) or "another rank failed"  # one printable line
 
 
-def agree(error: str | None) -> None:
-    """Every rank states whether its step failed; if any did, every rank raises the first error (by rank)."""
+def agree(error: str | None, kind: type = MepfError) -> None:
+    """Every rank states whether its step failed; if any did, every rank raises the first error (by rank), as
+    `kind`."""
     errors = [_decode_error(raw) for raw in all_gather_bytes(_encode_error(error), MESSAGE_BYTES)]
     first = next((e for e in errors if e), None)
     if first:
-        raise MepfError(first)
+        raise kind(first)
 
 
 def on_main(fn):
