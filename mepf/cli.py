@@ -615,7 +615,6 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                 from mepf.core.device import resolve_device
                 from mepf.synthesize.precision import legacy
 
-                ctx = click.get_current_context()
                 dev = resolve_device(device if "device" in given else saved.get("device", "auto"))
                 saved["precision_resolved"] = legacy(saved.get("precision", "auto"), dev).to_json()
                 saved["precision_resolved_note"] = ("not in options.json (a run from before the plan): what resume "
