@@ -224,28 +224,22 @@ def folded_wrapped_cdf(d: np.ndarray, sigma: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-#: counts whose float32 spacing is above twice this (|count| of 2^18 and more) are left out of the lattice law's
-#: test: the test allows the largest rounding of those it takes, which would blur the law for every count
-LATTICE_ROUNDING = 1 / 64
-
-
-def lattice_law_p(lattice: np.ndarray, half_ulp: np.ndarray, sigma: float) -> tuple:
-    """(p, m): a two-sided Kolmogorov-Smirnov test of the counts' distances to whole numbers against their law
-    under noise of sigma (folded_wrapped_cdf), which holds whatever the true counts; m counts taken (those stored
-    finely enough). Conservative under rounding: every stored distance is within h of the true one, so the
-    statistic against the law shifted by h on each side is at most the true counts' statistic."""
+def lattice_law_p(lattice: np.ndarray, half_ulp: np.ndarray, sigma: float) -> float:
+    """A two-sided Kolmogorov-Smirnov test of the counts' distances to whole numbers against their law under noise
+    of sigma (folded_wrapped_cdf), which holds whatever the true counts: its p-value. Conservative under rounding:
+    each stored distance is within its own h of the true one, so the empirical law of the distances plus h lies
+    below the true distances' and that of the distances minus h above it; the statistic from the two is at most the
+    true distances' own. Every count is taken (a choice by stored value would bias the law)."""
     from scipy.stats import kstwo
 
-    take = half_ulp <= LATTICE_ROUNDING
-    x = np.sort(lattice[take])
-    m = len(x)
+    m = len(lattice)
     if m == 0:
-        return 1.0, 0
-    h = float(half_ulp[take].max()) + 1e-9  # and the float64 sum's own error, far below
+        return 1.0
+    h = half_ulp + 1e-9  # and the float64 sum's own error, far below
     i = np.arange(1, m + 1)
-    stat = max(0.0, float(np.max(i / m - folded_wrapped_cdf(x + h, sigma))),
-               float(np.max(folded_wrapped_cdf(x - h, sigma) - (i - 1) / m)))
-    return float(kstwo.sf(stat, m)), m
+    stat = max(0.0, float(np.max(i / m - folded_wrapped_cdf(np.sort(lattice + h), sigma))),
+               float(np.max(folded_wrapped_cdf(np.sort(lattice - h), sigma) - (i - 1) / m)))
+    return float(kstwo.sf(stat, m))
 
 
 #: geometric mean of |Z| for Z ~ N(0, 1) (exp of E log|Z| = -(gamma + ln 2) / 2): a typical |noise| in a product
@@ -298,7 +292,8 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
     distances to whole numbers following the law of sigma Z's (folded, wrapped), as for every whole t (noise of
     another law: +-sigma, uniform, two-point). Each number is judged after widening by half its float32 spacing.
     Counts with some noise, but less than declared, cannot be told from K numbers whose true values are large next
-    to sigma: the check says how little noise it would catch, and warns where that power is below half."""
+    to sigma, nor can noise bounded within 1/2 (rounding undoes it) from noise of the declared law: the check says
+    how little noise it would catch, and always warns."""
     from scipy.stats import chi2, norm
 
     k = len(counts)
@@ -307,7 +302,7 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
     low = [i for i in range(k) if counts[i] < -z * sigma_n]
     u_lattice, u_zero, lattice, half_ulp, kappa = _count_statistics(counts, sigma_n)
     p_lattice, p_zero = _fisher_tail(u_lattice), _fisher_tail(u_zero)
-    p_law, taken = lattice_law_p(lattice, half_ulp, sigma_n)
+    p_law = lattice_law_p(lattice, half_ulp, sigma_n)
     ok = not low and p_lattice >= alpha and p_zero >= alpha and p_law >= alpha
     power = _lattice_power(sigma_n, kappa, half_ulp, float(chi2.isf(alpha, 2 * k)))
     if low:
@@ -320,9 +315,9 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
                   "barely noised")
     elif p_law < alpha:
         detail = (f"the noisy counts' distances to whole numbers do not follow their law under noise of "
-                  f"sigma={sigma_n:.6g}, which holds whatever the true counts (Kolmogorov-Smirnov over {taken} counts: "
-                  f"probability below {p_law:.1e} for a genuine file): the counts carry noise of another law or size "
-                  "than the ledger declares")
+                  f"sigma={sigma_n:.6g}, which holds whatever the true counts (Kolmogorov-Smirnov: probability below "
+                  f"{p_law:.1e} for a genuine file): the counts carry noise of another law or size than the ledger "
+                  "declares")
     elif p_zero < alpha:
         detail = (f"the noisy counts lie nearer zero than noise of sigma={sigma_n:.6g} alone leaves them whatever the "
                   f"true counts (probability below {p_zero:.1e} for a genuine file): they carry less noise than the "
@@ -331,17 +326,15 @@ def _check_counts(counts: np.ndarray, sigma_n: float, rep: AuditReport) -> None:
         reach = (f"power: counts with noise of less than {power:.2g} of the declared sigma (nearly exact) would fail "
                  "about half the time, more often with less" if power > 0 else
                  "NO POWER to tell exact counts here (too few classes, or counts too large for float32)")
-        law = (f"their distances to whole numbers follow the law noise of that sigma gives ({taken} of {k} counts "
-               "stored finely enough to test)" if taken else
-               "no count is stored finely enough (float32) to test the law of its distance to whole numbers")
         detail = (f"no count below -{z:.3g} sigma, none nearer whole numbers or zero than noise of sigma={sigma_n:.6g} "
-                  f"allows; {law}; {reach}")
-    warn = power < 0.5  # as noise:shape: below half, a check that cannot vouch for the noise
-    if ok and warn:
-        detail += (f"; counts with more noise than that but less than declared, or continuous noise of another law "
-                   f"whose distances to whole numbers look alike, cannot be told from {k} numbers whose true values "
-                   "may be large next to sigma: the counts' share of the guarantee rests on the ledger")
-    rep.check("noise:counts", ok, detail, warn=warn)
+                  "allows, and their distances to whole numbers follow the law noise of that sigma gives; "
+                  f"{reach}")
+    if ok:
+        detail += ("; noise whose distances to whole numbers look like the declared noise's but which is smaller (less "
+                   "than declared, or bounded, e.g. the declared normal wrapped within 1/2 of zero, which rounding "
+                   f"undoes) cannot be told from {k} numbers whose true values may be large next to sigma: the counts' "
+                   "share of the guarantee rests on the ledger")
+    rep.check("noise:counts", ok, detail, warn=True)  # always: what no test of the counts alone can tell is left
 
 
 def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float) -> None:

@@ -88,18 +88,19 @@ def _md(value, longest: int = 1000) -> str:
 
 def write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None = None) -> None:
     """report.json, report.md and the pictures in `out`; what an earlier report there (replaced with --overwrite)
-    wrote that this one does not (its run's curves, a dpimagebench state) goes."""
+    wrote that this one does not (its run's curves, a dpimagebench state with its meta.json) goes, nothing else."""
     out.mkdir(parents=True, exist_ok=True)
+    replacing = (out / "report.json").is_file()
     class_grid(images, labels, out / "samples.png", class_names=class_names)
     has_curves = curves(stats, out / "curves.png")
-    if not has_curves:
+    if replacing and not has_curves:
         (out / "curves.png").unlink(missing_ok=True)
     state = out / PROTOCOL_STATE
-    if report.get("protocol") != "dpimagebench" and (state.is_symlink() or state.exists()):
-        if state.is_dir() and not state.is_symlink():
-            shutil.rmtree(state)
-        else:
+    if replacing and report.get("protocol") != "dpimagebench":
+        if state.is_symlink():
             state.unlink()
+        elif (state / "meta.json").is_file():
+            shutil.rmtree(state)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
     m = report["metrics"]
     lines = ["# mepf evaluation report", ""]

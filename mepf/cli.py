@@ -28,7 +28,7 @@ def user_errors(fn):
             from mepf.artifacts.format import printable
 
             # under torchrun every rank has the same error: one per node prints it (a misnumbered launch: all)
-            if _is_node_lead() or isinstance(e, LaunchError):
+            if _is_node_lead() or _is_main_rank() or isinstance(e, LaunchError):
                 click.echo(f"Error: {printable(str(e), 1 << 20)}", err=True)  # names from files may hold escapes
             sys.exit(2)
         except OSError as e:

@@ -546,7 +546,17 @@ def resume_plan(run_dir, changes: dict) -> tuple:
     problem = options_problem(dataclasses.replace(opts, **differ))
     if problem:
         raise MepfError(f"option {problem}")
+    done = run_folder.snapshots(run)
+    if "steps" in differ and done:  # by the snapshots' names; resume checks the step of the one it loads again
+        check_ahead(run, done[-1][0], differ["steps"])
     return saved, differ, opts
+
+
+def check_ahead(run: Path, step: int, steps: int) -> None:
+    """--steps given again may not be below the step the run is at."""
+    if steps < step:
+        raise MepfError(f"{run} is at step {step}; --steps {steps} would go back: give --steps above {step} to train "
+                        "further")
 
 
 def resume(run_dir, changes: dict | None = None, release: str | None = None, progress: bool = True,
@@ -594,9 +604,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     steps = differ.get("steps", opts.steps)
     distributed.agree_same("the training options (the run's, and those given again on resuming), or its step",
                            {**_shared_options(dataclasses.replace(opts, **differ), release_file), "at": step})
-    if steps < step:
-        raise MepfError(f"{run} is at step {step}; --steps {steps} would go back: give --steps above {step} to train "
-                        "further")
+    check_ahead(run, step, steps)
     trainer.complete = steps == step and (run / run_folder.GENERATOR).is_file()
     if trainer.complete:
         return trainer

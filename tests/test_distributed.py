@@ -565,8 +565,19 @@ def test_a_launchers_number_that_is_not_one_is_said_in_one_line(monkeypatch, val
         assert env_int(name, 7) == 7
         monkeypatch.setenv(name, "00" if name != "LOCAL_WORLD_SIZE" else "02")
     assert launch_problem() is None and env_int("LOCAL_RANK", 7) == 0 and env_int("LOCAL_WORLD_SIZE", 7) == 2
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "0")
-    assert launch_problem().startswith("LOCAL_WORLD_SIZE='0' is not a whole number from 1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "0")  # divided the cores by it (review 25)
+    monkeypatch.setenv("RANK", "1")
+    assert launch_problem().startswith("LOCAL_WORLD_SIZE='0' (rank 1) is not a whole number from 1")
+    assert env_int("LOCAL_WORLD_SIZE", 1, least=1) == 1
+    from mepf.artifacts.errors import MepfError
+    from mepf.core.distributed import launched
+
+    for size, several in (("", False), ("1", False), ("0", False), ("3", True)):
+        monkeypatch.setenv("WORLD_SIZE", size)
+        assert launched() is several
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    with pytest.raises(MepfError, match="WORLD_SIZE='x' is not a whole number"):
+        launched()
 
 
 _LAUNCHER = """import os
@@ -580,7 +591,7 @@ elif mode == "bad" and local == "1":
 
 @pytest.mark.parametrize("mode, said", [
     ("shift", "the ranks of one node are not numbered 0..1 by LOCAL_RANK"),
-    ("bad", "LOCAL_RANK='x' is not a whole number")])
+    ("bad", "LOCAL_RANK='x' (rank 1) is not a whole number")])
 def test_a_misnumbered_launch_is_refused_in_one_line_on_every_rank(tmp_path, mode, said):
     """A node whose ranks LOCAL_RANK numbers 1, 2 has no local rank 0, which alone printed errors: every rank exited
     2 without a word (review 24 F3). Such errors now print on every rank; nothing is read or written."""

@@ -201,6 +201,7 @@ def test_resume_applies_changed_options_from_the_resumed_step_and_records_them(s
         "lr": {"from": 0.001, "to": 0.01}, "steps": {"from": 4, "to": 6}}
     refused(cli("synthesize", "--resume", run, "--steps", "6", "--width", "16", "--dry-run"), "--width",
             "cannot change")
+    refused(cli("synthesize", "--resume", run, "--steps", "3", "--dry-run"), "at step 4", "would go back")
     assert (run / "options.json").read_text() == before  # a dry run changes nothing
     r = ok(cli("synthesize", "--resume", run, "--steps", "6", "--lr", "0.01", "--quiet"))
     assert "resumed" in r.output and "step 6" in r.output
@@ -272,6 +273,14 @@ def test_output_folders_are_created_and_a_report_is_not_overwritten_silently(stu
     ok(cli("evaluate", tmp_path / "samples" / "2026" / "s.npz", "--reference", study / "heldout", "--out", rep,
            "--metrics", "embedding", "--release", study / "rel.h5", "--overwrite", "--quiet"))
     assert sorted(p.name for p in rep.iterdir()) == ["report.json", "report.md", "samples.png"]
+    # a folder that held no report keeps what is in it: --overwrite replaces a report, not someone's files
+    mine = tmp_path / "mine"
+    (mine / "protocol-state").mkdir(parents=True)
+    (mine / "protocol-state" / "meta.json").write_text("{}")
+    (mine / "curves.png").write_bytes(b"not ours")
+    ok(cli("evaluate", tmp_path / "samples" / "2026" / "s.npz", "--reference", study / "heldout", "--out", mine,
+           "--metrics", "embedding", "--release", study / "rel.h5", "--overwrite", "--quiet"))
+    assert (mine / "curves.png").read_bytes() == b"not ours" and (mine / "protocol-state" / "meta.json").is_file()
 
 
 # --------------------------------------------------------------------------- 6. progress in logs

@@ -48,15 +48,15 @@ class Ranks:
         return self.world > 1
 
 
-#: a launcher's numbers for this rank, each a whole number in 0..2^31-1 (LOCAL_WORLD_SIZE at least 1)
-RANK_ENV = ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+#: a launcher's numbers for this rank and the least each may be (each at most 2^31-1)
+RANK_ENV = {"LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1, "GROUP_RANK": 0}
 
 
-def env_int(name: str, default: int) -> int:
-    """A launcher's number from the environment, or `default` where it is unset or not such a number (which
-    launch_problem says, on every rank)."""
+def env_int(name: str, default: int, least: int = 0) -> int:
+    """A launcher's number from the environment, or `default` where it is unset or not a whole number from `least`
+    to 2^31-1 (which launch_problem says, on every rank)."""
     text = os.environ.get(name, "").strip()
-    if not (text.isascii() and text.isdigit() and int(text) < 2 ** 31):
+    if not (text.isascii() and text.isdigit() and least <= int(text) < 2 ** 31):
         return default
     return int(text)
 
@@ -64,25 +64,32 @@ def env_int(name: str, default: int) -> int:
 def launch_problem() -> str | None:
     """What is wrong with this rank's LOCAL_RANK, LOCAL_WORLD_SIZE or GROUP_RANK, if anything (a traceback, or a
     value out of range where it is packed, before)."""
-    for name in RANK_ENV:
+    from mepf.artifacts.format import printable
+
+    for name, least in RANK_ENV.items():
         text = os.environ.get(name)
-        if text is not None and env_int(name, -1) < (1 if name == "LOCAL_WORLD_SIZE" else 0):
-            shown = text[:20].encode("unicode_escape").decode("ascii")
-            return (f"{name}={shown!r} is not a whole number from {1 if name == 'LOCAL_WORLD_SIZE' else 0} to "
-                    f"2^31-1; nothing was read: launch with torchrun, or have the launcher set {name} to this "
-                    "rank's number")
+        if text is not None and env_int(name, -1, least) < 0:
+            return (f"{name}='{printable(text, 20)}' (rank {printable(os.environ.get('RANK', '?'), 12)}) is not a "
+                    f"whole number from {least} to 2^31-1; nothing was read: launch with torchrun, or have the "
+                    f"launcher set {name} to this rank's number")
     return None
 
 
 def launched() -> bool:
     """Whether torchrun (or any launcher setting WORLD_SIZE > 1) started this process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if os.environ.get("WORLD_SIZE", "").strip() and env_int("WORLD_SIZE", -1) < 0:
+        from mepf.artifacts.format import printable
+
+        raise MepfError(f"WORLD_SIZE='{printable(os.environ['WORLD_SIZE'], 20)}' is not a whole number; nothing was "
+                        "read: unset it for one process, or launch with torchrun")
+    return env_int("WORLD_SIZE", 1) > 1
 
 
 def current() -> Ranks:
     if not (dist.is_available() and dist.is_initialized()):
         return Ranks()
-    return Ranks(dist.get_rank(), dist.get_world_size(), env_int("LOCAL_RANK", 0), env_int("LOCAL_WORLD_SIZE", 1))
+    return Ranks(dist.get_rank(), dist.get_world_size(), env_int("LOCAL_RANK", 0),
+                 env_int("LOCAL_WORLD_SIZE", 1, least=1))
 
 
 def setup(device: torch.device) -> tuple:
