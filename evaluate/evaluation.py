@@ -296,6 +296,9 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
         pick = fid_pick(len(synth.images), fid_samples, seed)
         metrics_out.update(_fid(synth, ref, inception_weights, cache_dir, device, progress, pick=pick))
         metrics_out["fid_drawn_with_seed"] = None if pick is None else seed
+        if fid_samples and fid_samples > len(synth.images):
+            warnings.append(f"--fid-samples {fid_samples}: the synthetic set has {len(synth.images)} images, so FID "
+                            "used them all" + (" (raise -n)" if synth.generator is not None else ""))
     if "accuracy" in wanted:
         metrics_out.update(_accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device,
                                      cnn_epochs, progress))

@@ -816,6 +816,9 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
     for w in report["warnings"]:
         if not w.startswith("the reference"):  # the private-reference warning was printed when it was found
             click.echo(f"note: {w}", err=True)
+    if n is not None and report["generator"] is None:
+        click.echo(f"note: -n samples a generator; all {report['n_synthetic']} images of {synthetic} were used",
+                   err=True)
     if as_json:
         click.echo(json.dumps(report["metrics"], indent=2, sort_keys=True))
     else:

@@ -283,6 +283,22 @@ def test_report_end_to_end(tiny_run, fid_weights, tmp_path):
         assert Image.open(tmp_path / "rep" / png).size[0] > 100
 
 
+def test_fid_samples_and_n_beyond_what_was_given_are_said(tiny_run, fid_weights, tmp_path):
+    """--fid-samples above the synthetic images there are used them all without a word, and -n given with images
+    (not a generator) did nothing without a word; both are said now."""
+    d = tiny_run
+    r = CliRunner().invoke(main, ["sample", str(d / "run"), "-n", "30", "--out", str(tmp_path / "s.npz"), "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "s.npz"), "--reference", str(d / "heldout.npz"), "--out",
+                                  str(tmp_path / "rep"), "-n", "99", "--metrics", "fid", "--fid-samples", "40",
+                                  "--inception-weights", str(fid_weights), "--quiet"])
+    assert r.exit_code == 0, r.output + r.stderr
+    m = json.loads((tmp_path / "rep" / "report.json").read_text())["metrics"]
+    assert m["fid_samples"] == 30
+    assert "note: --fid-samples 40: the synthetic set has 30 images, so FID used them all\n" in r.stderr, r.stderr
+    assert "note: -n samples a generator; all 30 images of" in r.stderr, r.stderr
+
+
 def test_report_records_the_z_scale_its_samples_were_drawn_at(tiny_run, tmp_path):
     """--z-scale s: the report's samples are the generator's at s * z (the same draws as `mepf sample --z-scale`),
     and report.json and report.md say so; the default records 1 and says nothing."""
