@@ -35,11 +35,11 @@ from .evaluation import (
     fid_pick,
     private_reference_warning,
 )
+from .report import PROTOCOL_META as META
 from .report import PROTOCOL_STATE as STATE
 from .report import write_report
 
 PROTOCOL_METRICS = ("accuracy", "fid")
-META = "meta.json"
 #: the named splits their protocol uses, derived from a (Fashion-)MNIST test reference
 DERIVED = {"validation": "val-5k", "fid_reference": "train-55k"}
 #: their evaluator's synthetic set, and the random part of it their FID uses (fld's FID draws 50,000, unseeded)

@@ -14,8 +14,8 @@ from mepf.synthesize.grid import save_grid
 
 from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
 
-#: the folder beside a dpimagebench report that its evaluation resumes from
-PROTOCOL_STATE = "protocol-state"
+#: the folder beside a dpimagebench report that its evaluation resumes from, and the file in it that makes it one
+PROTOCOL_STATE, PROTOCOL_META = "protocol-state", "meta.json"
 
 
 def privacy_in_words(release: dict | None) -> str:
@@ -99,7 +99,7 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     if replacing and report.get("protocol") != "dpimagebench":
         if state.is_symlink():
             state.unlink()
-        elif (state / "meta.json").is_file():
+        elif (state / PROTOCOL_META).is_file():
             shutil.rmtree(state)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
     m = report["metrics"]
