@@ -5,6 +5,7 @@ Documented field by field in docs/artifact-format.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -388,8 +389,60 @@ def inspect_fd(fd: int, path: Path) -> dict:
         return inspect_structure(f, path, os.fstat(fd).st_size)
 
 
-#: times a release is read whole while only its inode's change time moves, before it is refused
+#: times a release is copied whole while only its inode's change time moves, before it is refused
 READ_TRIES = 3
+
+
+def _private_file() -> int:
+    """A new file no name leads to (memory on Linux, an unlinked temporary file elsewhere), for reading from."""
+    if hasattr(os, "memfd_create"):
+        with contextlib.suppress(OSError):  # a kernel or sandbox without it
+            return os.memfd_create("mepf-release", getattr(os, "MFD_CLOEXEC", 0))
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="mepf-release-")
+    os.unlink(name)
+    return fd
+
+
+def _copy(src: int, dst: int) -> int:
+    """Every byte of `src` appended to `dst`; the number copied."""
+    offset = 0
+    while chunk := os.pread(src, 1 << 20, offset):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]
+        offset += len(chunk)
+    return offset
+
+
+def _snapshot(fd: int, path: Path) -> int:
+    """A private copy of the open release, which everything after reads (the child's strings, the arrays, the
+    hash): what is parsed is what is hashed, even where a rewrite leaves the file's times as they were (1 s
+    timestamps). A copy during which the file changed is refused, or made again where only its inode changed."""
+    for _ in range(READ_TRIES):
+        before = os.fstat(fd)
+        snap = _private_file()
+        try:
+            copied = _copy(fd, snap)
+        except OSError as e:
+            os.close(snap)
+            if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT):
+                raise MepfError(f"{path}: no room for the private copy it is read from ({before.st_size:,} bytes, in "
+                                "memory, or under $TMPDIR where memory files are missing); free some and try again"
+                                ) from None
+            raise
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or copied != after.st_size:
+            os.close(snap)
+            raise MepfError(f"{path} was modified while it was read; read it again once nothing writes to it")
+        if after.st_ctime_ns == before.st_ctime_ns:  # utime cannot set ctime: nothing was rewritten
+            return snap
+        # only the inode changed (a link made or removed, a chmod: a backup tool), or a rewrite put its mtime
+        # back: the copy may mix two versions, so it is made again
+        os.close(snap)
+    raise MepfError(f"{path} changed (its inode: a link, a chmod, or a rewrite with its time put back) each of "
+                    f"{READ_TRIES} times it was read; read it again once nothing touches it")
 
 
 def read_raw(path) -> Release:
@@ -400,31 +453,25 @@ def read_raw(path) -> Release:
 
     path = Path(path)
     fd = _open_regular(path)
+    snap = None
     try:
-        for _ in range(READ_TRIES):
-            before = os.fstat(fd)
-            size = before.st_size
-            meta = _inspect_in_child(fd, path)  # the strings, in a process of bounded memory
-            with _h5(fd, path) as f:
-                arrays, class_names, texts, specs, checksum = _read_checked(f, path, size, meta)
-            sha = fd_sha256(fd)  # the bytes just read, whatever the name points to now
-            after = os.fstat(fd)
-            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                raise MepfError(f"{path} was modified while it was read; read it again once nothing writes to it")
-            if after.st_ctime_ns == before.st_ctime_ns:  # utime cannot set ctime: nothing was rewritten
-                break
-            # only the inode changed (a link made or removed, a chmod: a backup tool) or a rewrite put its mtime
-            # back: what was parsed may not be what was hashed, so the whole read is done again
-        else:
-            raise MepfError(f"{path} changed (its inode: a link, a chmod, or a rewrite with its time put back) each of "
-                            f"{READ_TRIES} times it was read; read it again once nothing touches it")
+        snap = _snapshot(fd, path)
+        os.close(fd)
+        fd = None
+        size = os.fstat(snap).st_size
+        meta = _inspect_in_child(snap, path)  # the strings, in a process of bounded memory
+        with _h5(snap, path) as f:
+            arrays, class_names, texts, specs, checksum = _read_checked(f, path, size, meta)
+        sha = fd_sha256(snap)
     except MepfError:
         raise
     except Exception as e:  # noqa: BLE001 - any other failure of a reader on a hostile file is one line
         raise MepfError(f"{path} could not be read as an mepf release (truncated or corrupt?) ({type(e).__name__}); "
                         "ask the data owner for the original file") from None
     finally:
-        os.close(fd)
+        for d in (fd, snap):
+            if d is not None:
+                os.close(d)
     release = Release(path=path, arrays=arrays, class_names=class_names, feature_spec=specs["feature_spec"],
                       data_spec=specs["data_spec"], ledger=specs["ledger"], checksum=checksum, file_sha256=sha)
     release._texts = texts

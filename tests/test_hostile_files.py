@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import hashlib
 import json
 import os
 import resource
@@ -703,40 +704,46 @@ def test_audit_looks_up_the_bytes_it_audited_in_the_log(tmp_path, monkeypatch):
     assert json.loads(a.output)["composed"]["releases"] == 1
     monkeypatch.setattr(audit_module, "audit", real)
 
-    import mepf.artifacts.format as format_module  # rewritten in place while it is read: its hash would not be
-    hash_of = format_module.fd_sha256                # of the bytes audited
+    import mepf.artifacts.format as format_module  # rewritten in place while it is copied to be read: the copy
+    copy = format_module._copy                       # would mix two versions
 
-    def written_meanwhile(fd):
+    def written_meanwhile(src, dst):
         with open(tmp_path / "kept.h5", "r+b") as f:
             f.seek(0, 2)
             f.write(b"\0")
-        return hash_of(fd)
+        return copy(src, dst)
 
-    monkeypatch.setattr(format_module, "fd_sha256", written_meanwhile)
+    monkeypatch.setattr(format_module, "_copy", written_meanwhile)
     one_line_refusal(cli("audit", tmp_path / "kept.h5", "--release-log", log), "modified while it was read")
+
+
+def _rewrite_keeping_mtime(path):
+    """The last byte written again in place (the same size), its mtime put back with os.utime: only ctime moves."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(last)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_a_file_rewritten_while_read_with_its_mtime_put_back_is_refused(tmp_path, releases, monkeypatch):
     """Review 23 F6: the same size and a restored mtime (os.utime) hid a rewrite between the child's read of the
-    strings and the parent's of the arrays; the change time, which utime cannot set, shows it."""
+    strings and the parent's of the arrays; the change time, which utime cannot set, shows it (now: a rewrite
+    while the private copy that both read is made)."""
     import shutil
 
     import mepf.artifacts.format as format_module
 
     shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
-    hash_of = format_module.fd_sha256
+    copy = format_module._copy
 
-    def rewritten_in_place(fd):
-        st = os.stat(tmp_path / "r.h5")
-        with open(tmp_path / "r.h5", "r+b") as f:
-            f.seek(-1, 2)
-            last = f.read(1)
-            f.seek(-1, 2)
-            f.write(last)  # the same bytes, the same size: only the times move
-        os.utime(tmp_path / "r.h5", ns=(st.st_atime_ns, st.st_mtime_ns))
-        return hash_of(fd)
+    def rewritten_in_place(src, dst):
+        _rewrite_keeping_mtime(tmp_path / "r.h5")
+        return copy(src, dst)
 
-    monkeypatch.setattr(format_module, "fd_sha256", rewritten_in_place)
+    monkeypatch.setattr(format_module, "_copy", rewritten_in_place)
     with pytest.raises(MepfError, match=r"changed \(its inode: .*each of 3 times it was read"):
         read_raw(tmp_path / "r.h5")
 
@@ -749,18 +756,77 @@ def test_a_release_whose_inode_changes_once_while_read_is_read_again(tmp_path, r
     import mepf.artifacts.format as format_module
 
     shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
-    hash_of, calls = format_module.fd_sha256, []
+    copy, calls = format_module._copy, []
 
-    def linked_once(fd):
+    def linked_once(src, dst):
         if not calls:
             os.link(tmp_path / "r.h5", tmp_path / "backup.h5")
         calls.append(1)
-        return hash_of(fd)
+        return copy(src, dst)
 
-    monkeypatch.setattr(format_module, "fd_sha256", linked_once)
+    monkeypatch.setattr(format_module, "_copy", linked_once)
     r = read_raw(tmp_path / "r.h5")
     assert len(calls) == 2 and r.file_sha256 == file_sha256(releases / "eps1.h5")
     assert recompute_checksum(r) == r.checksum
+
+
+def test_what_is_parsed_and_hashed_is_one_copy_whatever_the_file_does_after(tmp_path, releases, monkeypatch):
+    """Reviews 24/25: where timestamps are coarse (1 s), two same-size writes in one second leave mtime and ctime as
+    they were, so the child (the strings), the parent (the arrays) and the hash could each read another version.
+    All three now read one private copy: the file rewritten with another release's bytes right after the child
+    read changes nothing that is returned."""
+    import shutil
+
+    import mepf.artifacts.format as format_module
+
+    a, b = (releases / "eps1.h5").read_bytes(), bytearray((releases / "eps1.h5").read_bytes())
+    b[len(b) // 2:] = bytes(len(b) - len(b) // 2)  # the same size, other bytes: a version the child never saw
+    shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
+    in_child, seen = format_module._inspect_in_child, []
+
+    def rewritten_after_the_strings(fd, path):
+        out = in_child(fd, path)
+        st = os.stat(tmp_path / "r.h5")
+        (tmp_path / "r.h5").write_bytes(bytes(b))
+        os.utime(tmp_path / "r.h5", ns=(st.st_atime_ns, st.st_mtime_ns))
+        seen.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "")
+        return out
+
+    monkeypatch.setattr(format_module, "_inspect_in_child", rewritten_after_the_strings)
+    r = read_raw(tmp_path / "r.h5")
+    expected = read_raw(releases / "eps1.h5")
+    assert (tmp_path / "r.h5").read_bytes() == bytes(b) != a
+    assert r.file_sha256 == hashlib.sha256(a).hexdigest() and recompute_checksum(r) == r.checksum
+    assert all(np.array_equal(r.arrays[n], expected.arrays[n]) for n in expected.arrays)
+    assert seen and "r.h5" not in seen[0]  # the child was given the copy, not the file
+
+
+def test_a_release_is_copied_to_an_unlinked_file_where_memory_files_are_missing(tmp_path, releases, monkeypatch):
+    """Without memfd_create (not Linux) the private copy is a temporary file no name leads to; nothing is left."""
+    import tempfile
+
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    mkstemp, made = tempfile.mkstemp, []
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: made.append(mkstemp(**kw)) or made[-1])
+    r = read_raw(releases / "eps1.h5")
+    assert r.file_sha256 == file_sha256(releases / "eps1.h5") and recompute_checksum(r) == r.checksum
+    assert len(made) == 1 and made[0][1].startswith(str(tmp_path / "tmp"))
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_no_room_for_the_private_copy_is_one_line(releases, monkeypatch):
+    """A full disk or memory while the copy is made (here /dev/full, whose writes fail with ENOSPC) names the
+    room needed and the fix."""
+    import mepf.artifacts.format as format_module
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    monkeypatch.setattr(format_module, "_private_file", lambda: os.open("/dev/full", os.O_RDWR))
+    size = os.path.getsize(releases / "eps1.h5")
+    with pytest.raises(MepfError, match=rf"no room for the private copy it is read from \({size:,} bytes.*free some"):
+        read_raw(releases / "eps1.h5")
 
 
 def test_a_ledger_text_with_a_key_given_twice_is_refused(tmp_path, releases):
