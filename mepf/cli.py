@@ -11,6 +11,7 @@ import click
 
 from mepf.artifacts.accounting import COUNTS_SHARE
 from mepf.artifacts.errors import Interrupted, LaunchError, MepfError
+from mepf.core.launch_env import is_main_rank, is_node_lead
 from mepf.core.names import BACKBONE_NAMES, DEFAULT_PIXEL_WEIGHT, DEVICES, POOLINGS
 from mepf.embed import options as eo  # the options modules import no torch: `mepf --help` stays light
 from mepf.evaluate import options as vo
@@ -28,7 +29,7 @@ def user_errors(fn):
             from mepf.artifacts.format import printable
 
             # under torchrun every rank has the same error: one per node prints it (a misnumbered launch: all)
-            if _is_node_lead() or _is_main_rank() or isinstance(e, LaunchError):
+            if is_node_lead() or is_main_rank() or isinstance(e, LaunchError):
                 click.echo(f"Error: {printable(str(e), 1 << 20)}", err=True)  # names from files may hold escapes
             sys.exit(2)
         except OSError as e:
@@ -39,7 +40,7 @@ def user_errors(fn):
             from mepf.artifacts.format import printable
 
             name = f": {printable(str(e.filename), 60)}" if e.filename else ""
-            if _is_node_lead():  # a path the user gave, wherever it is first touched; nothing was written under it
+            if is_node_lead():  # a path the user gave, wherever it is first touched; nothing was written under it
                 click.echo(f"Error: path too long{name} (a folder or file name may have at most 255 bytes, a "
                            "whole path 4,096); choose a shorter one", err=True)
             sys.exit(2)
@@ -47,9 +48,9 @@ def user_errors(fn):
             import signal
 
             what = str(e) if isinstance(e, Interrupted) and str(e) else INTERRUPTED.get(fn.__name__, "interrupted")
-            if fn.__name__ in ELSEWHERE and not _is_main_rank():  # rank 0 alone knows whether it wrote the file
+            if fn.__name__ in ELSEWHERE and not is_main_rank():  # rank 0 alone knows whether it wrote the file
                 what = ELSEWHERE[fn.__name__]
-            if _is_node_lead():
+            if is_node_lead():
                 click.echo(f"{what}", err=True)
             sys.exit(143 if getattr(e, "signum", None) == signal.SIGTERM or _TERMINATED else 130)
 
@@ -78,28 +79,6 @@ def _on_sigterm(signum, frame):
     global _TERMINATED
     _TERMINATED = True
     raise KeyboardInterrupt
-
-
-def _launched() -> bool:
-    """Started as one of several processes (WORLD_SIZE > 1, as torchrun sets): only then do RANK and LOCAL_RANK say
-    anything (a shell that happens to export RANK=3 must not silence a lone process)."""
-    import os
-
-    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
-
-
-def _is_main_rank() -> bool:
-    import os
-
-    return not _launched() or os.environ.get("RANK", "0") == "0"
-
-
-def _is_node_lead() -> bool:
-    """Local rank 0: under torchrun on several nodes, each node's terminal gets the error once."""
-    import os
-
-    local = os.environ.get("LOCAL_RANK", "0").strip()
-    return not _launched() or (local.isascii() and local.isdigit() and int(local) == 0)
 
 
 def _image_size(ctx, param, value):
@@ -254,7 +233,7 @@ def embed(data, out, epsilon, delta, relation, moments, budget_split, backbone, 
                            channels=int(channels) if channels else None, classes=classes, data_root=data_root,
                            batch_size=batch_size, device=device, workers=workers, release_log=release_log,
                            allow_repeat=allow_repeat, force=force, overwrite=overwrite, bad_records=bad_records)
-    if math.isinf(epsilon) and _is_main_rank():
+    if math.isinf(epsilon) and is_main_rank():
         click.echo("WARNING: --epsilon inf: a NON-PRIVATE baseline (exact sums, no noise). Never release this file.",
                    err=True)
         if release_log is None:
@@ -636,7 +615,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
             t = train.resume(resume, given, release=file, progress=not quiet)
         finally:
             teardown()
-        if _is_main_rank():
+        if is_main_rank():
             if t.complete:
                 click.echo(f"{resume} is already complete at step {t.step}; pass --steps N (more than {t.step}) to "
                            "train further")
@@ -667,7 +646,7 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
         t = train.start(opts, progress=not quiet)
     finally:
         teardown()
-    if not _is_main_rank():
+    if not is_main_rank():
         return
     guarantee = (f"inherits ({t.release.epsilon:.4g}, {t.release.delta:g})-DP" if t.release.private else
                  "NON-PRIVATE: trained on an eps=inf baseline, never release it")

@@ -288,3 +288,24 @@ def test_a_lone_process_with_rank_variables_in_its_shell_still_reports(monkeypat
     with pytest.raises(SystemExit):
         embed()
     assert capsys.readouterr().err == ""
+
+
+def test_a_world_size_that_is_not_a_number_is_said_whatever_rank_the_shell_claims(monkeypatch, capsys):
+    """The CLI decided who prints by its own reading of WORLD_SIZE, beside the collectives' (now one torch-free
+    module, core/launch_env): WORLD_SIZE=x counted as several processes there, so a process with RANK=1 and
+    LOCAL_RANK=1 in its shell exited 2 without printing that its WORLD_SIZE is not a number."""
+    from mepf.cli import user_errors
+    from mepf.core.launch_env import launched
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "x")
+
+    @user_errors
+    def embed():
+        launched()
+
+    with pytest.raises(SystemExit) as e:
+        embed()
+    said = capsys.readouterr().err
+    assert e.value.code == 2 and said.count("\n") == 1 and "WORLD_SIZE='x' is not a whole number" in said

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mepf.artifacts.errors import LaunchError, MepfError
+from mepf.core.launch_env import env_int, launch_problem, launched
 
 #: a rank waits MEPF_DIST_TIMEOUT_HOURS (default 6) in a collective for the others (a shard may be slower than
 #: another), and MEPF_DIST_JOIN_MINUTES (default 10) for every rank to join: a node that stopped before it
@@ -46,43 +47,6 @@ class Ranks:
     @property
     def active(self) -> bool:
         return self.world > 1
-
-
-#: a launcher's numbers for this rank and the least each may be (each at most 2^31-1)
-RANK_ENV = {"LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1, "GROUP_RANK": 0}
-
-
-def env_int(name: str, default: int, least: int = 0) -> int:
-    """A launcher's number from the environment, or `default` where it is unset or not a whole number from `least`
-    to 2^31-1 (which launch_problem says, on every rank)."""
-    text = os.environ.get(name, "").strip()
-    if not (text.isascii() and text.isdigit() and least <= int(text) < 2 ** 31):
-        return default
-    return int(text)
-
-
-def launch_problem() -> str | None:
-    """What is wrong with this rank's LOCAL_RANK, LOCAL_WORLD_SIZE or GROUP_RANK, if anything (a traceback, or a
-    value out of range where it is packed, before)."""
-    from mepf.artifacts.format import printable
-
-    for name, least in RANK_ENV.items():
-        text = os.environ.get(name)
-        if text is not None and env_int(name, -1, least) < 0:
-            return (f"{name}='{printable(text, 20)}' (rank {printable(os.environ.get('RANK', '?'), 12)}) is not a "
-                    f"whole number from {least} to 2^31-1; nothing was read: launch with torchrun, or have the "
-                    f"launcher set {name} to this rank's number")
-    return None
-
-
-def launched() -> bool:
-    """Whether torchrun (or any launcher setting WORLD_SIZE > 1) started this process."""
-    if os.environ.get("WORLD_SIZE", "").strip() and env_int("WORLD_SIZE", -1) < 0:
-        from mepf.artifacts.format import printable
-
-        raise MepfError(f"WORLD_SIZE='{printable(os.environ['WORLD_SIZE'], 20)}' is not a whole number; nothing was "
-                        "read: unset it for one process, or launch with torchrun")
-    return env_int("WORLD_SIZE", 1) > 1
 
 
 def current() -> Ranks:
