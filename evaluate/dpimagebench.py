@@ -110,9 +110,7 @@ def _identity(synth) -> str | None:
     may differ by a rounding between machines); None for images given as files (their bytes name them)."""
     if synth.generator_path is None:
         return None
-    from mepf.artifacts.format import file_sha256
-
-    return f"{file_sha256(synth.generator_path)}|{len(synth.images)}"
+    return f"{synth.generator.sha256}|{len(synth.images)}"
 
 
 def _read_meta(state: Path) -> dict:

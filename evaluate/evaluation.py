@@ -116,10 +116,8 @@ def _generator_record(synth: ImageSet, saved: dict | None, z_scale: float = 1.0)
     at, and the run's steps, seed and lr."""
     if synth.generator is None or synth.generator_path is None:
         return None
-    from mepf.artifacts.format import file_sha256
-
     rec = {"path": str(synth.generator_path), "step": synth.generator.info.get("step"),
-           "sha256": file_sha256(synth.generator_path), "z_scale": z_scale}
+           "sha256": synth.generator.sha256, "z_scale": z_scale}  # of the bytes sampled from, not the file now
     if saved is not None:
         rec.update(run_steps=saved.get("steps"), seed=saved.get("seed"), lr=saved.get("lr"),
                    lr_schedule=saved.get("lr_schedule"))

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import torch
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.ledger import RELATIONS
-from mepf.artifacts.plain_file import open_plain_file
+from mepf.artifacts.plain_file import open_plain_file, read_plain_file
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.artifacts.staging import atomic_path
 from mepf.core.tensor_file import read_tensors, state_dict_of, stored_in_full_problem
@@ -32,10 +34,11 @@ FORMAT = "mepf-generator"
 VERSION = 1
 
 
-def load_tensors(path: Path, what: str):
-    """torch.load restricted to tensors and plain containers (weights_only): a generator or snapshot from
-    someone else can carry no code, and declares no more tensor bytes than it holds. Anything else is refused
-    with one line."""
+def load_tensors(path: Path, what: str) -> tuple:
+    """(objects, SHA-256 of the bytes they came from): torch.load restricted to tensors and plain containers
+    (weights_only): a generator or snapshot from someone else can carry no code, and declares no more tensor bytes
+    than it holds. Anything else is refused with one line. The file is read once: what is hashed is what is
+    loaded, whatever is written to the file meanwhile."""
     def refuse(reason):
         return (f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only "
                 "tensors and metadata, never pickled objects: use a file written by mepf")
@@ -47,11 +50,14 @@ def load_tensors(path: Path, what: str):
         raise MepfError(f"cannot read {what} {path}: it has {size:,} bytes, more than a quarter of this machine's "
                         f"memory ({memory:,} bytes), and loading it takes about three times its size; load it on a "
                         "machine with more memory")
-    obj = read_tensors(path, require_zip=True, limit=limit, refuse=refuse)
+    problem, data = read_plain_file(path, limit=limit)
+    if problem:
+        raise MepfError(refuse(problem))
+    obj = read_tensors(io.BytesIO(data), require_zip=True, refuse=refuse)
     problem = stored_in_full_problem(obj)
     if problem:
         raise MepfError(f"cannot read {what} {path}: {problem}; use a file written by mepf")
-    return obj
+    return obj, hashlib.sha256(data).hexdigest()
 
 
 def _memory_bytes() -> int | None:
@@ -80,6 +86,8 @@ class TrainedGenerator:
     module: torch.nn.Module
     arch: dict
     info: dict
+    #: SHA-256 of the bytes this generator was loaded from (None where it was built in this process)
+    sha256: str | None = None
 
     @property
     def epsilon(self) -> float:
@@ -148,7 +156,7 @@ def load_generator(path) -> TrainedGenerator:
         if f.read(8) == b"\x89HDF\r\n\x1a\n":
             raise MepfError(f"{path} is a release (the embedding written by mepf embed), not a generator: train one "
                             f"with `mepf synthesize {path} --out RUN`, then sample RUN")
-    obj = load_tensors(path, "generator")
+    obj, sha = load_tensors(path, "generator")
     if isinstance(obj, dict) and "format" not in obj and {"step", "generator"} <= set(obj):
         where = f"the run folder {path.parent} or its {GENERATOR}" if path.name.startswith("snapshot-") else (
             "the run folder or its generator.pt")
@@ -167,7 +175,7 @@ def load_generator(path) -> TrainedGenerator:
                         f"of width {obj['arch']['width']} at {obj['arch']['image_size']} px (out of memory?)") from None
     module.eval()
     info = {k: v for k, v in obj.items() if k not in ("state_dict", "arch")}
-    return TrainedGenerator(module, obj["arch"], info)
+    return TrainedGenerator(module, obj["arch"], info, sha)
 
 
 #: bounds of a generator's architecture as read from a file (the CLI's --width goes up to 4096)

@@ -584,7 +584,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     snap = latest_snapshot(run)
     if snap is not None:
         def load_snapshot():
-            state = load_tensors(snap, "snapshot")
+            state, _ = load_tensors(snap, "snapshot")
             if not (isinstance(state, dict) and type(state.get("step")) is int
                     and state["step"] == run_folder.snapshots(run)[-1][0]):
                 raise MepfError(f"snapshot {snap} is not of the step its name gives; move it away to resume from "

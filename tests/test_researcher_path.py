@@ -3,6 +3,7 @@
 and a held-out folder of the same kind. Every test drives the real command line on real files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -358,12 +359,28 @@ def test_info_describes_runs_and_generators_and_messages_say_what_is_wrong(study
                 "--metrics", "accuracy", "--quiet"), "the reference 1 class;")
 
 
+def test_a_generator_is_hashed_from_the_bytes_it_was_loaded_from(study, tmp_path):
+    """The report and DPImageBench's saved state named a generator by hashing its file again after loading it: a
+    file replaced in between was named for what was not sampled. The hash is now of the bytes read, once."""
+    import shutil
+
+    from mepf.synthesize import load_generator
+
+    shutil.copy(study / "run" / "generator.pt", tmp_path / "g.pt")
+    before = (tmp_path / "g.pt").read_bytes()
+    g = load_generator(tmp_path / "g.pt")
+    (tmp_path / "g.pt").write_bytes(before[:-1] + bytes([before[-1] ^ 1]))
+    assert g.sha256 == hashlib.sha256(before).hexdigest() != hashlib.sha256((tmp_path / "g.pt").read_bytes()
+                                                                           ).hexdigest()
+
+
 def test_the_report_records_the_generator_and_run_and_labels_the_grid(study, tmp_path):
     ok(cli("evaluate", study / "run", "--reference", study / "heldout", "--out", tmp_path / "rep", "-n", "30",
            "--metrics", "accuracy,embedding", "--classifiers", "logreg", "--seed", "3", "--quiet"))
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     g = rep["generator"]
-    assert g["step"] == 4 and g["run_steps"] == 4 and len(g["sha256"]) == 64 and g["seed"] == 0 and g["lr"] == 1e-3
+    assert g["step"] == 4 and g["run_steps"] == 4 and g["seed"] == 0 and g["lr"] == 1e-3
+    assert g["sha256"] == hashlib.sha256((study / "run" / "generator.pt").read_bytes()).hexdigest()
     assert rep["reference_given"] == str(study / "heldout") and rep["seed"] == 3
     grid = Image.open(tmp_path / "rep" / "samples.png")
     assert grid.width > grid.height * 10 // 3 * 1.05  # 10 samples a row, 3 rows, and a margin of class names
