@@ -18,7 +18,7 @@ import numpy as np
 from .errors import MepfError
 from .feature_spec import FeatureSpec
 from .ledger import canonical_json
-from .plain_file import open_plain_file
+from .plain_file import memory_bytes, open_plain_file
 from .schema import (
     MAX_CLASSES,
     MAX_NAME,
@@ -405,10 +405,10 @@ def _private_file() -> int:
     return fd
 
 
-def _copy(src: int, dst: int) -> int:
-    """Every byte of `src` appended to `dst`; the number copied."""
+def _copy(src: int, dst: int, most: int) -> int:
+    """The bytes of `src`, at most `most` of them, appended to `dst`; the number copied."""
     offset = 0
-    while chunk := os.pread(src, 1 << 20, offset):
+    while offset < most and (chunk := os.pread(src, min(1 << 20, most - offset), offset)):
         view = memoryview(chunk)
         while view:
             view = view[os.write(dst, view):]
@@ -419,12 +419,18 @@ def _copy(src: int, dst: int) -> int:
 def _snapshot(fd: int, path: Path) -> int:
     """A private copy of the open release, which everything after reads (the child's strings, the arrays, the
     hash): what is parsed is what is hashed, even where a rewrite leaves the file's times as they were (1 s
-    timestamps). A copy during which the file changed is refused, or made again where only its inode changed."""
+    timestamps). A copy during which the file changed is refused, or made again where only its inode changed; a
+    file larger than a quarter of the memory is refused before a byte is copied."""
+    memory = memory_bytes()
     for _ in range(READ_TRIES):
         before = os.fstat(fd)
+        if memory and before.st_size > memory // 4:  # a sparse file of a few KB on disk can claim any size
+            raise MepfError(f"{path} has {before.st_size:,} bytes, more than a quarter of this machine's memory "
+                            f"({memory:,} bytes), and reading a release takes about twice its size; read it on a "
+                            "machine with more memory")
         snap = _private_file()
         try:
-            copied = _copy(fd, snap)
+            copied = _copy(fd, snap, before.st_size + 1)  # one byte more shows a file that grew
         except OSError as e:
             os.close(snap)
             if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT):

@@ -60,3 +60,12 @@ def read_plain_file(path, size: int | None = None, limit: int | None = None) -> 
     if len(data) != st.st_size:
         return "it changed while it was read", None
     return None, data
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory, where the platform says (a file of a few KB can claim to be any size: a
+    sparse file costs no disk, so the size alone cannot be trusted to fit)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -19,7 +19,7 @@ import torch
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.ledger import RELATIONS
-from mepf.artifacts.plain_file import open_plain_file, read_plain_file
+from mepf.artifacts.plain_file import memory_bytes, open_plain_file, read_plain_file
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
 from mepf.artifacts.staging import atomic_path
 from mepf.core.tensor_file import read_tensors, state_dict_of, stored_in_full_problem
@@ -43,7 +43,7 @@ def load_tensors(path: Path, what: str) -> tuple:
         return (f"cannot read {what} {path}: it is not a plain tensor checkpoint ({reason}); mepf loads only "
                 "tensors and metadata, never pickled objects: use a file written by mepf")
 
-    memory = _memory_bytes()
+    memory = memory_bytes()
     limit = memory // 4 if memory else None  # loading takes the file about three times over: read, rebuilt, built
     size = os.stat(path).st_size
     if limit is not None and size > limit:
@@ -58,15 +58,6 @@ def load_tensors(path: Path, what: str) -> tuple:
     if problem:
         raise MepfError(f"cannot read {what} {path}: {problem}; use a file written by mepf")
     return obj, hashlib.sha256(data).hexdigest()
-
-
-def _memory_bytes() -> int | None:
-    """This machine's physical memory, where the platform says (a file of a few KB can claim to be any size: a
-    sparse file costs no disk, so the size alone cannot be trusted to fit)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def save_generator(path: Path, generator, arch: dict, release, step: int) -> None:

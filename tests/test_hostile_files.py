@@ -707,11 +707,11 @@ def test_audit_looks_up_the_bytes_it_audited_in_the_log(tmp_path, monkeypatch):
     import mepf.artifacts.format as format_module  # rewritten in place while it is copied to be read: the copy
     copy = format_module._copy                       # would mix two versions
 
-    def written_meanwhile(src, dst):
+    def written_meanwhile(src, dst, most):
         with open(tmp_path / "kept.h5", "r+b") as f:
             f.seek(0, 2)
             f.write(b"\0")
-        return copy(src, dst)
+        return copy(src, dst, most)
 
     monkeypatch.setattr(format_module, "_copy", written_meanwhile)
     one_line_refusal(cli("audit", tmp_path / "kept.h5", "--release-log", log), "modified while it was read")
@@ -739,9 +739,9 @@ def test_a_file_rewritten_while_read_with_its_mtime_put_back_is_refused(tmp_path
     shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
     copy = format_module._copy
 
-    def rewritten_in_place(src, dst):
+    def rewritten_in_place(src, dst, most):
         _rewrite_keeping_mtime(tmp_path / "r.h5")
-        return copy(src, dst)
+        return copy(src, dst, most)
 
     monkeypatch.setattr(format_module, "_copy", rewritten_in_place)
     with pytest.raises(MepfError, match=r"changed \(its inode: .*each of 3 times it was read"):
@@ -758,11 +758,11 @@ def test_a_release_whose_inode_changes_once_while_read_is_read_again(tmp_path, r
     shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
     copy, calls = format_module._copy, []
 
-    def linked_once(src, dst):
+    def linked_once(src, dst, most):
         if not calls:
             os.link(tmp_path / "r.h5", tmp_path / "backup.h5")
         calls.append(1)
-        return copy(src, dst)
+        return copy(src, dst, most)
 
     monkeypatch.setattr(format_module, "_copy", linked_once)
     r = read_raw(tmp_path / "r.h5")
@@ -814,6 +814,24 @@ def test_a_release_is_copied_to_an_unlinked_file_where_memory_files_are_missing(
     assert r.file_sha256 == file_sha256(releases / "eps1.h5") and recompute_checksum(r) == r.checksum
     assert len(made) == 1 and made[0][1].startswith(str(tmp_path / "tmp"))
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_sparse_release_larger_than_memory_allows_is_refused_uncopied(tmp_path, releases):
+    """The private copy takes the file's size in memory: a release of a few KB on disk can claim any size (a
+    sparse file), so one over a quarter of the memory is refused before a byte is copied, as a generator is."""
+    import shutil
+
+    from mepf.artifacts.plain_file import memory_bytes
+
+    memory = memory_bytes()
+    assert memory and memory > 1 << 28
+    shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
+    with open(tmp_path / "r.h5", "r+b") as f:
+        f.truncate(memory // 4 + 1)  # the real release, then a hole
+    assert os.stat(tmp_path / "r.h5").st_blocks * 512 < 1 << 24
+    r = CliRunner().invoke(main, ["audit", str(tmp_path / "r.h5")])
+    assert r.exit_code == 2 and "more than a quarter of this machine's memory" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.output + r.stderr
 
 
 def test_no_room_for_the_private_copy_is_one_line(releases, monkeypatch):

@@ -293,9 +293,9 @@ def test_a_sparse_generator_larger_than_memory_allows_is_refused_unread(copied, 
     """A generator.pt of a few KB on disk can claim any size (a sparse file): it was read whole before any check,
     so a file of more than this machine's memory ended in an out-of-memory kill. Files over a quarter of the
     memory (loading takes about three times the file) are refused before a byte is read."""
-    from mepf.synthesize.checkpoint import _memory_bytes
+    from mepf.artifacts.plain_file import memory_bytes
 
-    memory = _memory_bytes()
+    memory = memory_bytes()
     assert memory and memory > 1 << 28
     with open(copied / "generator.pt", "r+b") as f:
         f.truncate(memory // 4 + 1)  # the real file, then a hole
