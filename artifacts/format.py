@@ -420,12 +420,12 @@ def _snapshot(fd: int, path: Path) -> int:
     """A private copy of the open release, which everything after reads (the child's strings, the arrays, the
     hash): what is parsed is what is hashed, even where a rewrite leaves the file's times as they were (1 s
     timestamps). A copy during which the file changed is refused, or made again where only its inode changed; a
-    file larger than a quarter of the memory is refused before a byte is copied."""
+    file larger than half the memory is refused before a byte is copied."""
     memory = memory_bytes()
     for _ in range(READ_TRIES):
         before = os.fstat(fd)
-        if memory and before.st_size > memory // 4:  # a sparse file of a few KB on disk can claim any size
-            raise MepfError(f"{path} has {before.st_size:,} bytes, more than a quarter of this machine's memory "
+        if memory and before.st_size > memory // 2:  # a sparse file of a few KB on disk can claim any size
+            raise MepfError(f"{path} has {before.st_size:,} bytes, more than half of this machine's memory "
                             f"({memory:,} bytes), and reading a release takes about twice its size; read it on a "
                             "machine with more memory")
         snap = _private_file()
