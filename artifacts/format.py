@@ -393,50 +393,86 @@ def inspect_fd(fd: int, path: Path) -> dict:
 READ_TRIES = 3
 
 
-def _private_file() -> int:
-    """A new file no name leads to (memory on Linux, an unlinked temporary file elsewhere), for reading from."""
+def _private_file(path: Path) -> int:
+    """A new file no name leads to (sealable memory on Linux, an unlinked temporary file elsewhere), to copy the
+    release at `path` into."""
     if hasattr(os, "memfd_create"):
         with contextlib.suppress(OSError):  # a kernel or sandbox without it
-            return os.memfd_create("mepf-release", getattr(os, "MFD_CLOEXEC", 0))
+            return os.memfd_create("mepf-release", getattr(os, "MFD_CLOEXEC", 0) | getattr(os, "MFD_ALLOW_SEALING", 0))
     import tempfile
 
-    fd, name = tempfile.mkstemp(prefix="mepf-release-")
-    os.unlink(name)
+    try:
+        fd, name = tempfile.mkstemp(prefix="mepf-release-")
+    except OSError as e:
+        raise MepfError(f"{path} could not be read: no private copy of it could be made under {tempfile.gettempdir()} "
+                        f"({e.strerror or type(e).__name__}); set TMPDIR to a writable folder") from None
+    try:
+        os.unlink(name)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
 def _copy(src: int, dst: int, most: int) -> int:
-    """The bytes of `src`, at most `most` of them, appended to `dst`; the number copied."""
-    offset = 0
+    """The bytes of `src`, at most `most` of them, written at the same offsets of the empty file `dst`; the number
+    copied. Blocks of zeros are left as holes (which read as zeros and take no memory): a sparse file of a few KB
+    on disk costs its data, not the size it claims."""
+    offset, zeros = 0, bytes(1 << 20)
     while offset < most and (chunk := os.pread(src, min(1 << 20, most - offset), offset)):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view):]
+        if chunk != zeros[:len(chunk)]:
+            view = memoryview(chunk)
+            at = offset
+            while view:
+                n = os.pwrite(dst, view, at)
+                view, at = view[n:], at + n
         offset += len(chunk)
+    os.ftruncate(dst, offset)
     return offset
 
 
+def _seal(snap: int) -> None:
+    """No process, this one's children or another of the same user (through /proc/PID/fd), can write the copy after
+    it was made: what is parsed is what is hashed."""
+    import fcntl
+
+    if hasattr(fcntl, "F_ADD_SEALS"):
+        with contextlib.suppress(OSError):  # not a memory file (the fallback): its mode below
+            fcntl.fcntl(snap, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+                        | fcntl.F_SEAL_SEAL)
+            return
+    os.fchmod(snap, 0o400)
+
+
+_ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT)
+
+
 def _snapshot(fd: int, path: Path) -> int:
-    """A private copy of the open release, which everything after reads (the child's strings, the arrays, the
-    hash): what is parsed is what is hashed, even where a rewrite leaves the file's times as they were (1 s
+    """A private copy of the open release, sealed, which everything after reads (the child's strings, the arrays,
+    the hash): what is parsed is what is hashed, even where a rewrite leaves the file's times as they were (1 s
     timestamps). A copy during which the file changed is refused, or made again where only its inode changed; a
     file larger than half the memory is refused before a byte is copied."""
     memory = memory_bytes()
     for _ in range(READ_TRIES):
         before = os.fstat(fd)
-        if memory and before.st_size > memory // 2:  # a sparse file of a few KB on disk can claim any size
-            raise MepfError(f"{path} has {before.st_size:,} bytes, more than half of this machine's memory "
+        if memory and before.st_size > memory // 2:
+            raise MepfError(f"{path} has {before.st_size:,} bytes, more than half of the memory this process may use "
                             f"({memory:,} bytes), and reading a release takes about twice its size; read it on a "
                             "machine with more memory")
-        snap = _private_file()
+        snap = _private_file(path)
         try:
             copied = _copy(fd, snap, before.st_size + 1)  # one byte more shows a file that grew
+            _seal(snap)
         except OSError as e:
             os.close(snap)
-            if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT):
+            if e.errno in _ROOM:
                 raise MepfError(f"{path}: no room for the private copy it is read from ({before.st_size:,} bytes, in "
                                 "memory, or under $TMPDIR where memory files are missing); free some and try again"
                                 ) from None
+            raise MepfError(f"{path} could not be read: copying it failed ({e.strerror or type(e).__name__}); read it "
+                            "again, or from another disk") from None
+        except BaseException:  # Ctrl-C, MemoryError: the copy, up to half the memory, must not outlive the read
+            os.close(snap)
             raise
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or copied != after.st_size:

@@ -62,10 +62,44 @@ def read_plain_file(path, size: int | None = None, limit: int | None = None) -> 
     return None, data
 
 
-def memory_bytes() -> int | None:
-    """This machine's physical memory, where the platform says (a file of a few KB can claim to be any size: a
-    sparse file costs no disk, so the size alone cannot be trusted to fit)."""
+def _cgroup_limits() -> list:
+    """The memory limits of this process's control groups (v2 memory.max, v1 memory.limit_in_bytes), each of its
+    group and of the groups above it, where /proc and /sys say: a container or a Slurm job may hold less than the
+    machine."""
+    found = []
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":
+            root, name = "/sys/fs/cgroup", "memory.max"
+        elif "memory" in parts[1].split(","):
+            root, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        rel = [p for p in parts[2].split("/") if p and p not in (".", "..")]
+        for depth in range(len(rel) + 1):
+            try:
+                with open(os.path.join(root, *rel[:depth], name)) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                found.append(int(text))
+    return found
+
+
+def memory_bytes() -> int | None:
+    """The memory this process may use: the machine's physical memory, or less where a control group (a container,
+    a Slurm job) limits it; None where the platform does not say. A file of a few KB can claim to be any size (a
+    sparse file costs no disk), so a size alone cannot be trusted to fit."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+    return min([physical, *(n for n in _cgroup_limits() if n > 0)])

@@ -831,8 +831,76 @@ def test_a_sparse_release_larger_than_memory_allows_is_refused_uncopied(tmp_path
         f.truncate(memory // 2 + 1)  # the real release, then a hole
     assert os.stat(tmp_path / "r.h5").st_blocks * 512 < 1 << 24
     r = CliRunner().invoke(main, ["audit", str(tmp_path / "r.h5")])
-    assert r.exit_code == 2 and "more than half of this machine's memory" in r.stderr
+    assert r.exit_code == 2 and "more than half of the memory this process may use" in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.output + r.stderr
+
+
+def test_a_sparse_release_costs_its_data_not_its_size(tmp_path, releases, monkeypatch):
+    """Review 26 F1: a release padded with a hole (72 KB on disk, 256 MiB long; HDF5 ignores bytes past its data)
+    was copied whole into memory. Blocks of zeros are now left as holes in the copy, and the copy is sealed: no
+    process can write it once made (F2: another process of the user rewrote it through /proc/PID/fd between the
+    parse and the hash)."""
+    import shutil
+
+    import mepf.artifacts.format as format_module
+
+    shutil.copy(releases / "eps1.h5", tmp_path / "r.h5")
+    with open(tmp_path / "r.h5", "r+b") as f:
+        f.truncate(256 << 20)
+    seal, seen = format_module._seal, {}
+
+    def measured(snap):
+        seal(snap)
+        st = os.fstat(snap)
+        seen.update(size=st.st_size, allocated=st.st_blocks * 512)
+        if os.path.exists(f"/proc/self/fd/{snap}"):
+            other = os.open(f"/proc/self/fd/{snap}", os.O_WRONLY)  # as another process of the user would
+            try:
+                with pytest.raises(PermissionError):
+                    os.pwrite(other, b"x", 0)
+            finally:
+                os.close(other)
+
+    monkeypatch.setattr(format_module, "_seal", measured)
+    r = read_raw(tmp_path / "r.h5")
+    assert seen["size"] == 256 << 20 and seen["allocated"] < 4 << 20
+    assert r.file_sha256 == file_sha256(tmp_path / "r.h5") and recompute_checksum(r) == r.checksum
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_interrupted_copy_is_not_left_open(releases, monkeypatch):
+    """Review 26 F4: a Ctrl-C or a MemoryError while the copy was made left it open (up to half the memory) in a
+    long-lived caller (a notebook, the Python API)."""
+    import mepf.artifacts.format as format_module
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc here")
+    copy = format_module._copy
+
+    def interrupted(src, dst, most):
+        copy(src, dst, most)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(format_module, "_copy", interrupted)
+    before = _open_fds()
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            read_raw(releases / "eps1.h5")
+    assert _open_fds() == before
+
+
+def test_no_folder_for_the_fallback_copy_names_tmpdir_not_the_release(tmp_path, releases, monkeypatch):
+    """Review 26 F4: without memfd_create and with $TMPDIR gone, a good release was called truncated or corrupt."""
+    import tempfile
+
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(MepfError, match=r"no private copy of it could be made under .*gone .*set TMPDIR") as e:
+        read_raw(releases / "eps1.h5")
+    assert "corrupt" not in str(e.value) and "data owner" not in str(e.value)
 
 
 def test_no_room_for_the_private_copy_is_one_line(releases, monkeypatch):
@@ -842,7 +910,7 @@ def test_no_room_for_the_private_copy_is_one_line(releases, monkeypatch):
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
-    monkeypatch.setattr(format_module, "_private_file", lambda: os.open("/dev/full", os.O_RDWR))
+    monkeypatch.setattr(format_module, "_private_file", lambda path: os.open("/dev/full", os.O_RDWR))
     size = os.path.getsize(releases / "eps1.h5")
     with pytest.raises(MepfError, match=rf"no room for the private copy it is read from \({size:,} bytes.*free some"):
         read_raw(releases / "eps1.h5")
