@@ -61,12 +61,24 @@ def _release_of(synth: ImageSet, release_path: str | None, saved: dict | None):
     if release_path:
         if sha is None:
             return load(release_path)
-        return load(locate_release(sha, Path("."), given=release_path, what="these samples"))
+        return _load_as(locate_release(sha, Path("."), given=release_path, what="these samples"), sha)
     if sha is None:
         return None
     near = synth.run_dir or (synth.generator_path.parent if synth.generator_path else None)
     found = locate_release(sha, near, recorded, required=False, size=size) if near is not None else None
-    return load(found) if found else None
+    return _load_as(found, sha) if found else None
+
+
+def _load_as(path: Path, sha: str):
+    """The release at `path`, found by its SHA-256 `sha`, loaded and checked to be still that file (locate_release
+    hashed one read of it; the loader reads it again)."""
+    from mepf.artifacts import load
+
+    rel = load(path)
+    if rel.file_sha256 != sha:
+        raise MepfError(f"{path} changed between the search for the release (SHA-256 {sha[:12]}...) and its reading "
+                        f"(now {rel.file_sha256[:12]}...); run again once nothing writes to it")
+    return rel
 
 
 def _check_release_fits(synth: ImageSet, rel, warnings: list) -> np.ndarray | None:

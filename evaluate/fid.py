@@ -38,8 +38,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "mepf" / "fid-stats"
 
 
-def content_key(images: np.ndarray, weights: str | None) -> str:
-    h = hashlib.sha256(f"{images.shape}|{images.dtype}|{weights_id(weights)}|".encode())
+def content_key(images: np.ndarray, weights: str) -> str:
+    """The cache key of reference statistics: the images' bytes and the weights' id."""
+    h = hashlib.sha256(f"{images.shape}|{images.dtype}|{weights}|".encode())
     h.update(np.ascontiguousarray(images).tobytes())
     return h.hexdigest()
 
@@ -81,7 +82,7 @@ def reference_statistics(model, images: np.ndarray, weights: str | None, cache_d
                          device="cpu", progress=False):
     """(mu, sigma, cached): computed once per content and weights, then read from the cache."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache / f"{content_key(images, weights)}.npz"
+    path = cache / f"{content_key(images, getattr(model, 'weights_id', None) or weights_id(weights))}.npz"
     if path.is_file():
         stats = read_statistics(path, "cached FID statistics")
         if stats is not None:

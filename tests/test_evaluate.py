@@ -186,6 +186,25 @@ def test_reference_statistics_are_cached(tmp_path, fid_weights, mnist):
     assert not other and len(calls) == 2
 
 
+def test_reference_statistics_are_keyed_by_the_weights_loaded_not_the_file_now(tmp_path, fid_weights, mnist):
+    """Review 26 F3: the cache key hashed the weights file again after the model was loaded from it; weights
+    replaced in between put one network's statistics under the other's key. The key is now of the bytes loaded."""
+    import hashlib
+    import shutil
+
+    from mepf.evaluate.fid import content_key, reference_statistics
+    from mepf.evaluate.inception import load_inception
+
+    shutil.copy(fid_weights, tmp_path / "w.pt")
+    loaded = (tmp_path / "w.pt").read_bytes()
+    model = load_inception(str(tmp_path / "w.pt"))
+    (tmp_path / "w.pt").write_bytes(b"other weights")
+    images = mnist[1].images[:4]
+    reference_statistics(model, images, str(tmp_path / "w.pt"), cache_dir=tmp_path / "cache")
+    key = content_key(images, f"{len(loaded)}-{hashlib.sha256(loaded).hexdigest()[:16]}")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{key}.npz"]
+
+
 def test_accuracy_real_vs_real_and_shuffled(mnist):
     train, test = mnist
     idx = np.random.default_rng(0).permutation(len(train.images))[:1000]

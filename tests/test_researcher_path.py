@@ -374,6 +374,29 @@ def test_a_generator_is_hashed_from_the_bytes_it_was_loaded_from(study, tmp_path
                                                                            ).hexdigest()
 
 
+def test_a_release_replaced_after_it_was_found_by_hash_is_refused(study, tmp_path, monkeypatch):
+    """Review 26 F3: evaluate found the run's release by SHA-256 in one read and loaded it in another, never
+    comparing: another release swapped in between (the same eps, delta and relation) was measured against, under
+    the first one's SHA-256 in the report."""
+    import mepf.synthesize.locate as locate
+
+    shutil.copy(study / "rel.h5", tmp_path / "rel.h5")
+    ok(cli("embed", "--data", study / "private", "--image-size", "28", "--channels", "1", "--out", tmp_path / "b.h5",
+           "--epsilon", "10", "--delta", "1e-3", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY))
+    real = locate.locate_release
+
+    def swapped_after(*args, **kwargs):
+        found = real(*args, **kwargs)
+        os.replace(tmp_path / "b.h5", found)
+        return found
+
+    monkeypatch.setattr(locate, "locate_release", swapped_after)
+    refused(cli("evaluate", study / "run", "--reference", study / "heldout", "--out", tmp_path / "rep", "-n", "20",
+                "--metrics", "embedding", "--release", tmp_path / "rel.h5", "--quiet"),
+            "changed between the search for the release", "run again once nothing writes to it")
+    assert not (tmp_path / "rep").exists()
+
+
 def test_the_report_records_the_generator_and_run_and_labels_the_grid(study, tmp_path):
     ok(cli("evaluate", study / "run", "--reference", study / "heldout", "--out", tmp_path / "rep", "-n", "30",
            "--metrics", "accuracy,embedding", "--classifiers", "logreg", "--seed", "3", "--quiet"))
