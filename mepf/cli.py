@@ -40,7 +40,7 @@ def user_errors(fn):
             from mepf.artifacts.format import printable
 
             name = f": {printable(str(e.filename), 60)}" if e.filename else ""
-            if is_node_lead():  # a path the user gave, wherever it is first touched; nothing was written under it
+            if is_node_lead() or is_main_rank():  # a path the user gave; nothing was written under it
                 click.echo(f"Error: path too long{name} (a folder or file name may have at most 255 bytes, a "
                            "whole path 4,096); choose a shorter one", err=True)
             sys.exit(2)
@@ -50,7 +50,7 @@ def user_errors(fn):
             what = str(e) if isinstance(e, Interrupted) and str(e) else INTERRUPTED.get(fn.__name__, "interrupted")
             if fn.__name__ in ELSEWHERE and not is_main_rank():  # rank 0 alone knows whether it wrote the file
                 what = ELSEWHERE[fn.__name__]
-            if is_node_lead():
+            if is_node_lead() or is_main_rank():  # rank 0 too: a launcher may number its node's ranks from 1
                 click.echo(f"{what}", err=True)
             sys.exit(143 if getattr(e, "signum", None) == signal.SIGTERM or _TERMINATED else 130)
 

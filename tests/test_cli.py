@@ -290,6 +290,30 @@ def test_a_lone_process_with_rank_variables_in_its_shell_still_reports(monkeypat
     assert capsys.readouterr().err == ""
 
 
+def test_rank_0_numbered_local_rank_1_still_says_interrupts_and_long_paths(monkeypatch, capsys):
+    """Review 26 F5: a launcher numbering a node's ranks from 1 gives rank 0 LOCAL_RANK=1; a MepfError was printed
+    there (rank 0 prints), but a path too long and a Ctrl-C were printed by the node lead alone: by no rank."""
+    import errno
+
+    from mepf.cli import user_errors
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    @user_errors
+    def sample(kind):
+        if kind == "path":
+            raise OSError(errno.ENAMETOOLONG, "File name too long", "x" * 300)
+        raise KeyboardInterrupt
+
+    for kind, code, words in (("path", 2, "path too long"), ("interrupt", 130, "interrupted")):
+        with pytest.raises(SystemExit) as e:
+            sample(kind)
+        said = capsys.readouterr().err
+        assert e.value.code == code and said.count("\n") == 1 and words in said
+
+
 def test_a_world_size_that_is_not_a_number_is_said_whatever_rank_the_shell_claims(monkeypatch, capsys):
     """The CLI decided who prints by its own reading of WORLD_SIZE, beside the collectives' (now one torch-free
     module, core/launch_env): WORLD_SIZE=x counted as several processes there, so a process with RANK=1 and

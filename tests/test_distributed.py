@@ -580,6 +580,42 @@ def test_a_launchers_number_that_is_not_one_is_said_in_one_line(monkeypatch, val
         launched()
 
 
+@pytest.mark.parametrize("rank", ["x", "+1", "1_0", "\u0663", str(2 ** 31), ""])
+def test_a_rank_that_is_not_a_number_is_one_line_before_joining(monkeypatch, rank):
+    """Review 26 F6: RANK reached torch's int() inside init_process_group, and the user read "not every rank joined
+    ... (ValueError)"; "+1", "1_0" and an Arabic-Indic three are ranks 1, 10 and 3 to Python's int() but rank 0 to
+    the CLI's printing rule, so rank-0 output was printed twice."""
+    from mepf.artifacts.errors import MepfError
+    from mepf.core.launch_env import is_main_rank, launched
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(MepfError, match=r"^RANK='.*' is not a whole number from 0 to 2\^31-1 \(WORLD_SIZE says") as e:
+        launched()
+    assert "\n" not in str(e.value) and is_main_rank()  # the process that cannot say its rank prints its error
+    monkeypatch.setenv("RANK", "01")
+    assert launched() and not is_main_rank()
+    monkeypatch.setenv("WORLD_SIZE", str(2 ** 31))
+    with pytest.raises(MepfError, match=r"WORLD_SIZE='2147483648' is not a whole number from 0 to 2\^31-1"):
+        launched()
+
+
+def test_a_cuda_rank_past_the_nodes_gpus_is_a_launch_error(monkeypatch):
+    """Review 26 F7 (read, not run: no GPU here): more processes per node than GPUs gave torch's "invalid device
+    ordinal" traceback on the ranks past them and a wait on the others; join now agrees this line on every rank."""
+    import torch
+
+    from mepf.core.distributed import gpu_problem
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    said = gpu_problem(torch.device("cuda"), count=2)
+    assert said.startswith("LOCAL_RANK 2 names a GPU this node does not have (it has 2)")
+    assert "--nproc-per-node 2" in said
+    assert gpu_problem(torch.device("cpu"), count=0) is None
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert gpu_problem(torch.device("cuda"), count=2) is None
+
+
 _LAUNCHER = """import os
 mode, local = os.environ.get("MEPF_TEST_LAUNCHER"), os.environ.get("LOCAL_RANK")
 if mode == "shift" and local is not None:  # a launcher numbering the node's ranks 1, 2

@@ -94,13 +94,27 @@ def join(device_option: str, resolve) -> tuple:
         device, error = resolve(device_option), None
     except MepfError as e:
         device, error = torch.device("cpu"), str(e)
-    misnumbered = launch_problem() if launched() else None
+    misnumbered = (launch_problem() or gpu_problem(device)) if launched() else None
     if misnumbered:
         device = torch.device("cpu")  # LOCAL_RANK picks the GPU
     ranks, device = setup(device)
     agree(misnumbered, LaunchError)
     agree(error)
     return ranks, device
+
+
+def gpu_problem(device: torch.device, count: int | None = None) -> str | None:
+    """Where a CUDA rank's LOCAL_RANK names a GPU this node does not have (more processes per node than GPUs), the
+    error every rank says, instead of torch's traceback on this rank and a wait on the others."""
+    if device.type != "cuda":
+        return None
+    count = torch.cuda.device_count() if count is None else count
+    local = env_int("LOCAL_RANK", 0)
+    if local < count:
+        return None
+    return (f"LOCAL_RANK {local} names a GPU this node does not have (it has {count}); nothing was read: start at "
+            f"most {count} process{'es' if count != 1 else ''} per node (torchrun --nproc-per-node {max(count, 1)}), "
+            "or run on the CPU (--device cpu)")
 
 
 def teardown() -> None:

@@ -35,13 +35,18 @@ def launch_problem() -> str | None:
 
 def launched() -> bool:
     """Whether torchrun (or any launcher setting WORLD_SIZE > 1) started this process; a WORLD_SIZE that is not a
-    number is one line."""
-    if os.environ.get("WORLD_SIZE", "").strip() and env_int("WORLD_SIZE", -1) < 0:
-        from mepf.artifacts.format import printable
+    number is one line, and so, where it is, a RANK that is not (torch would fail on it while joining)."""
+    from mepf.artifacts.format import printable
 
-        raise MepfError(f"WORLD_SIZE='{printable(os.environ['WORLD_SIZE'], 20)}' is not a whole number; nothing was "
-                        "read: unset it for one process, or launch with torchrun")
-    return env_int("WORLD_SIZE", 1) > 1
+    if os.environ.get("WORLD_SIZE", "").strip() and env_int("WORLD_SIZE", -1) < 0:
+        raise MepfError(f"WORLD_SIZE='{printable(os.environ['WORLD_SIZE'], 20)}' is not a whole number from 0 to "
+                        "2^31-1; nothing was read: unset it for one process, or launch with torchrun")
+    several = env_int("WORLD_SIZE", 1) > 1
+    if several and env_int("RANK", -1) < 0:
+        raise MepfError(f"RANK='{printable(os.environ.get('RANK', ''), 20)}' is not a whole number from 0 to 2^31-1 "
+                        "(WORLD_SIZE says several processes run); nothing was read: launch with torchrun, or have the "
+                        "launcher set RANK to this process's number")
+    return several
 
 
 def several() -> bool:
