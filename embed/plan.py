@@ -152,32 +152,13 @@ def agree_on_plan(plan: dict) -> None:
         raise MepfError(error)
 
 
-def _nodes(rows: list) -> dict:
-    """{node: [(rank, local rank, digest)]} from every rank's (node, local rank, digest) row."""
-    nodes: dict = {}
-    for r, row in enumerate(rows):
-        nodes.setdefault(row[:8], []).append((r, struct.unpack("<q", row[8:16])[0], row[16:]))
-    return nodes
-
-
-def numbering_problem(rows: list) -> str | None:
-    """The error when a node's ranks are not numbered 0..m-1 by LOCAL_RANK, else None."""
-    for group in _nodes(rows).values():
-        if sorted(local for _, local, _ in group) != list(range(len(group))):
-            said = ", ".join(f"rank {r}: {local}" for r, local, _ in group[:8]) + (", ..." if len(group) > 8 else "")
-            return (f"the ranks of one node are not numbered 0..{len(group) - 1} by LOCAL_RANK ({said}); nothing was "
-                    "read or released: launch with torchrun, or have the launcher set LOCAL_RANK (and GROUP_RANK) "
-                    "so that each node's ranks are 0, 1, ...")
-    return None
-
-
 def files_disagreement(rows: list) -> str | None:
     """Given every rank's (node, local rank, digest of its source's file identities), the one error all ranks raise
     when a node's ranks are not numbered 0..m-1 (a launcher's LOCAL_RANK wrong: a node without local rank 0
     digests no data, so its data would never be compared with rank 0's), or when two ranks of one node found
     different files; else None."""
-    nodes = _nodes(rows)
-    error = numbering_problem(rows)
+    nodes = distributed.nodes_of(rows)
+    error = distributed.numbering_problem(rows)
     if error:
         return error
     ranks = sorted(r for group in nodes.values() for r, _, d in group if d != group[0][2])
@@ -201,7 +182,7 @@ def agree_on_files(source) -> None:
     # torchrun's agent (node) number; else the node's first rank (torchrun numbers a node's ranks consecutively)
     node = distributed.env_int("GROUP_RANK", r.rank - r.local_rank)
     rows = distributed.all_gather_bytes(struct.pack("<qq", node, r.local_rank) + ident, 48)
-    misnumbered = numbering_problem(rows)
+    misnumbered = distributed.numbering_problem(rows)
     if misnumbered:
         raise LaunchError(misnumbered)
     error = files_disagreement(rows)

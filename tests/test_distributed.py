@@ -459,7 +459,7 @@ def test_a_node_whose_ranks_are_not_numbered_from_zero_is_refused():
                 [row(0, 0), row(0, 0)],  # two 0s, one node
                 [row(0, 1)]):
         error = files_disagreement(bad)
-        assert error and "not numbered 0.." in error and "nothing was read or released" in error, error
+        assert error and "not numbered 0.." in error and "nothing was read" in error, error
 
 
 _AGREE = """
@@ -646,3 +646,22 @@ def test_a_misnumbered_launch_is_refused_in_one_line_on_every_rank(tmp_path, mod
     # torchrun's own report of a failed child is a traceback; mepf's ranks print none
     assert not any(w in r.stderr for w in ("ValueError", "struct.error", "Connection closed")), r.stderr
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_misnumbered_node_is_refused_by_synthesize_too(tmp_path, release):
+    """Review 26 F5: only embed compared the ranks' numbering (before it reads data); synthesize under a launcher
+    numbering a node's ranks 1, 2 ran with no rank that prints for that node, and two ranks could share a GPU.
+    The check is now made where every stage joins the ranks (distributed.join)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_LAUNCHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEPF_TEST_LAUNCHER": "shift",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "mepf", "synthesize", str(release), "--out", str(tmp_path / "run"), "--steps", "2", "--width",
+                        "8", "--batch-size", "6", "--device", "cpu", "--quiet"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert r.returncode != 0 and len(errors) == 2, r.stderr
+    assert all("the ranks of one node are not numbered 0..1 by LOCAL_RANK" in e for e in errors), r.stderr
+    assert not (tmp_path / "run" / "generator.pt").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -98,9 +99,34 @@ def join(device_option: str, resolve) -> tuple:
     if misnumbered:
         device = torch.device("cpu")  # LOCAL_RANK picks the GPU
     ranks, device = setup(device)
-    agree(misnumbered, LaunchError)
+    agree(misnumbered, LaunchError)  # a number that is not one, said by its rank, before the numbering is compared
+    if ranks.active:  # where LOCAL_RANK is not each node's 0..m-1, a node may have no rank that prints, or a GPU twice
+        node = env_int("GROUP_RANK", ranks.rank - ranks.local_rank)
+        problem = numbering_problem(all_gather_bytes(struct.pack("<qq", node, ranks.local_rank), 16))
+        if problem:  # every rank has the same rows: the same decision
+            raise LaunchError(problem)
     agree(error)
     return ranks, device
+
+
+def nodes_of(rows: list) -> dict:
+    """{node: [(rank, local rank, rest of the row)]} from every rank's row (node, local rank as two int64, then
+    anything)."""
+    nodes: dict = {}
+    for r, row in enumerate(rows):
+        nodes.setdefault(row[:8], []).append((r, struct.unpack("<q", row[8:16])[0], row[16:]))
+    return nodes
+
+
+def numbering_problem(rows: list) -> str | None:
+    """The error when a node's ranks are not numbered 0..m-1 by LOCAL_RANK, else None."""
+    for group in nodes_of(rows).values():
+        if sorted(local for _, local, _ in group) != list(range(len(group))):
+            said = ", ".join(f"rank {r}: {local}" for r, local, _ in group[:8]) + (", ..." if len(group) > 8 else "")
+            return (f"the ranks of one node are not numbered 0..{len(group) - 1} by LOCAL_RANK ({said}); nothing was "
+                    "read: launch with torchrun, or have the launcher set LOCAL_RANK (and GROUP_RANK) so that each "
+                    "node's ranks are 0, 1, ...")
+    return None
 
 
 def gpu_problem(device: torch.device, count: int | None = None) -> str | None:
