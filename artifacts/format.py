@@ -53,6 +53,8 @@ class Release:
     ledger: dict
     checksum: str
     file_sha256: str
+    #: the size of the bytes read and hashed (the file may have changed since)
+    file_bytes: int = 0
 
     @property
     def features(self) -> FeatureSpec:
@@ -515,7 +517,8 @@ def read_raw(path) -> Release:
             if d is not None:
                 os.close(d)
     release = Release(path=path, arrays=arrays, class_names=class_names, feature_spec=specs["feature_spec"],
-                      data_spec=specs["data_spec"], ledger=specs["ledger"], checksum=checksum, file_sha256=sha)
+                      data_spec=specs["data_spec"], ledger=specs["ledger"], checksum=checksum, file_sha256=sha,
+                      file_bytes=size)
     release._texts = texts
     return release
 

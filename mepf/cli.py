@@ -440,7 +440,7 @@ def _release_facts(path: Path) -> dict:
     k = len(r.class_names)
     return {
         "kind": "release",
-        "file": f"{path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {r.file_sha256[:16]})",
+        "file": f"{path} ({r.file_bytes / 1e6:.1f} MB, sha256 {r.file_sha256[:16]})",
         "privacy": (f"({r.epsilon:.4g}, {r.delta:g})-DP, {r.ledger['relation']}" if r.private else
                     "NONE: a non-private baseline (eps = inf), exact statistics"),
         "data": f"{ds['dataset']}, {ds['transform']['image_size'][0]}x{ds['transform']['image_size'][1]}"

@@ -1,7 +1,9 @@
 """The command line: the done-when commands, and every bad input as one clear line, no file left."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -38,6 +40,8 @@ def test_embed_audit_info_on_mnist5k_with_vgg19_random(tmp_path):
     assert report["ok"] and report["composed"]["releases"] == 1
     i = cli("info", out)
     assert i.exit_code == 0 and "vgg19" in i.output and "32x32x1" in i.output and "D=303104" in i.output
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert f"({os.path.getsize(out) / 1e6:.1f} MB, sha256 {sha[:16]})" in i.output
 
 
 def test_a_baseline_into_the_default_log_is_warned_about(tmp_path, monkeypatch):
