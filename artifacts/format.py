@@ -395,12 +395,12 @@ def inspect_fd(fd: int, path: Path) -> dict:
 READ_TRIES = 3
 
 
-def _private_file(path: Path) -> int:
-    """A new file no name leads to (sealable memory on Linux, an unlinked temporary file elsewhere), to copy the
-    release at `path` into."""
-    if hasattr(os, "memfd_create"):
+def _private_file(path: Path) -> tuple:
+    """(descriptor, whether it is sealable memory): a new file no name leads to (sealable memory on Linux, an
+    unlinked temporary file elsewhere), to copy the release at `path` into."""
+    if hasattr(os, "memfd_create") and hasattr(os, "MFD_ALLOW_SEALING"):
         with contextlib.suppress(OSError):  # a kernel or sandbox without it
-            return os.memfd_create("mepf-release", getattr(os, "MFD_CLOEXEC", 0) | getattr(os, "MFD_ALLOW_SEALING", 0))
+            return os.memfd_create("mepf-release", getattr(os, "MFD_CLOEXEC", 0) | os.MFD_ALLOW_SEALING), True
     import tempfile
 
     try:
@@ -413,37 +413,58 @@ def _private_file(path: Path) -> int:
     except OSError:
         os.close(fd)
         raise
-    return fd
+    return fd, False
+
+
+#: the copy leaves out runs of zero bytes this long, aligned (a filesystem's block, a memory page)
+HOLE = 4096
 
 
 def _copy(src: int, dst: int, most: int) -> int:
     """The bytes of `src`, at most `most` of them, written at the same offsets of the empty file `dst`; the number
-    copied. Blocks of zeros are left as holes (which read as zeros and take no memory): a sparse file of a few KB
-    on disk costs its data, not the size it claims."""
-    offset, zeros = 0, bytes(1 << 20)
+    copied. Aligned blocks of HOLE zeros are left as holes (which read as zeros and take no memory): a file padded
+    with a hole, or with zeros, costs what it holds on disk at most, not the size it claims."""
+    offset = 0
     while offset < most and (chunk := os.pread(src, min(1 << 20, most - offset), offset)):
-        if chunk != zeros[:len(chunk)]:
-            view = memoryview(chunk)
-            at = offset
-            while view:
-                n = os.pwrite(dst, view, at)
-                view, at = view[n:], at + n
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        pages = -(-len(chunk) // HOLE)
+        padded = np.zeros(pages * HOLE, dtype=np.uint8)
+        padded[:len(chunk)] = data
+        kept = padded.reshape(pages, HOLE).any(axis=1)
+        # runs of kept blocks: [start, end) in blocks
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], kept, [False])).astype(np.int8)))
+        view = memoryview(chunk)
+        for start, end in zip(edges[::2], edges[1::2]):
+            part, at = view[start * HOLE:min(end * HOLE, len(chunk))], offset + start * HOLE
+            while part:
+                n = os.pwrite(dst, part, at)
+                part, at = part[n:], at + n
         offset += len(chunk)
     os.ftruncate(dst, offset)
     return offset
 
 
-def _seal(snap: int) -> None:
+def _seal(snap: int, sealable: bool, path: Path) -> None:
     """No process, this one's children or another of the same user (through /proc/PID/fd), can write the copy after
-    it was made: what is parsed is what is hashed."""
+    it was made: what is parsed is what is hashed. A memory file that cannot be sealed (another process mapped it
+    for writing, or sealed it, while it was made) is refused; the fallback's temporary file is made read-only,
+    which closes it to new openers only (where there is no memfd_create there is usually no /proc to open it
+    through either)."""
+    if not sealable:
+        os.fchmod(snap, 0o400)
+        return
     import fcntl
 
-    if hasattr(fcntl, "F_ADD_SEALS"):
-        with contextlib.suppress(OSError):  # not a memory file (the fallback): its mode below
-            fcntl.fcntl(snap, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
-                        | fcntl.F_SEAL_SEAL)
-            return
-    os.fchmod(snap, 0o400)
+    write = fcntl.F_SEAL_WRITE
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(snap, fcntl.F_ADD_SEALS, write | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    try:
+        seals = fcntl.fcntl(snap, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & write:
+        raise MepfError(f"{path}: the private copy it is read from could not be sealed (another process opened it "
+                        "while it was made); read it again, and find what opens mepf's files")
 
 
 _ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT)
@@ -461,10 +482,10 @@ def _snapshot(fd: int, path: Path) -> int:
             raise MepfError(f"{path} has {before.st_size:,} bytes, more than half of the memory this process may use "
                             f"({memory:,} bytes), and reading a release takes about twice its size; read it on a "
                             "machine with more memory")
-        snap = _private_file(path)
+        snap, sealable = _private_file(path)
         try:
             copied = _copy(fd, snap, before.st_size + 1)  # one byte more shows a file that grew
-            _seal(snap)
+            _seal(snap, sealable, path)
         except OSError as e:
             os.close(snap)
             if e.errno in _ROOM:

@@ -65,12 +65,12 @@ def read_plain_file(path, size: int | None = None, limit: int | None = None) -> 
 def _cgroup_limits() -> list:
     """The memory limits of this process's control groups (v2 memory.max, v1 memory.limit_in_bytes), each of its
     group and of the groups above it, where /proc and /sys say: a container or a Slurm job may hold less than the
-    machine."""
+    machine. Never raises: a group's name may hold any byte but '/', and what cannot be read sets no limit."""
     found = []
     try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
+        with open("/proc/self/cgroup", "rb") as f:
+            lines = os.fsdecode(f.read(1 << 16)).splitlines()
+    except Exception:  # noqa: BLE001 - no /proc, or anything odd in it: no limit known
         return found
     for line in lines:
         parts = line.split(":", 2)
@@ -85,9 +85,9 @@ def _cgroup_limits() -> list:
         rel = [p for p in parts[2].split("/") if p and p not in (".", "..")]
         for depth in range(len(rel) + 1):
             try:
-                with open(os.path.join(root, *rel[:depth], name)) as f:
-                    text = f.read().strip()
-            except OSError:
+                with open(os.path.join(root, *rel[:depth], name), "rb") as f:
+                    text = f.read(64).strip()
+            except Exception:  # noqa: BLE001 - not mounted, not readable, a name the filesystem refuses
                 continue
             if text.isdigit():
                 found.append(int(text))

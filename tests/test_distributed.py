@@ -609,7 +609,7 @@ def test_a_cuda_rank_past_the_nodes_gpus_is_a_launch_error(monkeypatch):
 
     monkeypatch.setenv("LOCAL_RANK", "2")
     said = gpu_problem(torch.device("cuda"), count=2)
-    assert said.startswith("LOCAL_RANK 2 names a GPU this node does not have (it has 2)")
+    assert said.startswith("LOCAL_RANK 2 names a GPU this process does not see (it sees 2")
     assert "--nproc-per-node 2" in said
     assert gpu_problem(torch.device("cpu"), count=0) is None
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -835,6 +835,10 @@ def test_a_sparse_release_larger_than_memory_allows_is_refused_uncopied(tmp_path
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.output + r.stderr
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def test_a_sparse_release_costs_its_data_not_its_size(tmp_path, releases, monkeypatch):
     """Review 26 F1: a release padded with a hole (72 KB on disk, 256 MiB long; HDF5 ignores bytes past its data)
     was copied whole into memory. Blocks of zeros are now left as holes in the copy, and the copy is sealed: no
@@ -849,8 +853,8 @@ def test_a_sparse_release_costs_its_data_not_its_size(tmp_path, releases, monkey
         f.truncate(256 << 20)
     seal, seen = format_module._seal, {}
 
-    def measured(snap):
-        seal(snap)
+    def measured(snap, sealable, path):
+        seal(snap, sealable, path)
         st = os.fstat(snap)
         seen.update(size=st.st_size, allocated=st.st_blocks * 512)
         if os.path.exists(f"/proc/self/fd/{snap}"):
@@ -865,10 +869,42 @@ def test_a_sparse_release_costs_its_data_not_its_size(tmp_path, releases, monkey
     r = read_raw(tmp_path / "r.h5")
     assert seen["size"] == 256 << 20 and seen["allocated"] < 4 << 20
     assert r.file_sha256 == file_sha256(tmp_path / "r.h5") and recompute_checksum(r) == r.checksum
+    # review 27 F2: one byte other than zero in each MiB made every MiB a block of the copy (64 MiB here)
+    with open(tmp_path / "r.h5", "r+b") as f:
+        f.truncate(64 << 20)
+        for mib in range(1, 64):
+            f.seek(mib << 20)
+            f.write(b"\1")
+    r = read_raw(tmp_path / "r.h5")
+    assert seen["size"] == 64 << 20 and seen["allocated"] < 2 << 20
+    assert r.file_sha256 == file_sha256(tmp_path / "r.h5") and recompute_checksum(r) == r.checksum
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def test_a_copy_another_process_opened_for_writing_is_refused(releases, monkeypatch):
+    """Review 27 F1: a writable shared mapping of the copy, made through /proc/PID/fd while it was copied, makes the
+    seal fail (EBUSY); the failure was swallowed and the copy stayed writable between the parse and the hash."""
+    import mmap
+
+    import mepf.artifacts.format as format_module
+
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("no memfd_create here")
+    copy, maps = format_module._copy, []
+
+    def mapped_meanwhile(src, dst, most):
+        n = copy(src, dst, most)
+        maps.append(mmap.mmap(dst, n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+        return n
+
+    monkeypatch.setattr(format_module, "_copy", mapped_meanwhile)
+    before = _open_fds()
+    try:
+        with pytest.raises(MepfError, match=r"private copy it is read from could not be sealed \(another process"):
+            read_raw(releases / "eps1.h5")
+    finally:
+        for m in maps:
+            m.close()
+    assert _open_fds() == before
 
 
 def test_an_interrupted_copy_is_not_left_open(releases, monkeypatch):
@@ -903,6 +939,26 @@ def test_no_folder_for_the_fallback_copy_names_tmpdir_not_the_release(tmp_path, 
     assert "corrupt" not in str(e.value) and "data owner" not in str(e.value)
 
 
+def test_a_control_group_name_that_is_not_text_sets_no_limit(monkeypatch):
+    """Review 27 F3: a cgroup's name may hold any byte but '/'; /proc/self/cgroup was read as UTF-8 text, and a name
+    with 0xff made every reader fail (audit called a good release corrupt, sample gave a traceback)."""
+    import io
+
+    import mepf.artifacts.plain_file as plain_file
+
+    real = open
+
+    def proc_with_odd_name(name, mode="r", *args, **kwargs):
+        if name == "/proc/self/cgroup":
+            data = b"0::/user.slice/\xff\xfe-job\n4:memory:/\xff\n"
+            return io.BytesIO(data) if "b" in mode else io.StringIO(data.decode("utf-8"))  # text: as before
+        return real(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(plain_file, "open", proc_with_odd_name, raising=False)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < plain_file.memory_bytes() <= physical
+
+
 def test_no_room_for_the_private_copy_is_one_line(releases, monkeypatch):
     """A full disk or memory while the copy is made (here /dev/full, whose writes fail with ENOSPC) names the
     room needed and the fix."""
@@ -910,7 +966,7 @@ def test_no_room_for_the_private_copy_is_one_line(releases, monkeypatch):
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
-    monkeypatch.setattr(format_module, "_private_file", lambda path: os.open("/dev/full", os.O_RDWR))
+    monkeypatch.setattr(format_module, "_private_file", lambda path: (os.open("/dev/full", os.O_RDWR), False))
     size = os.path.getsize(releases / "eps1.h5")
     with pytest.raises(MepfError, match=rf"no room for the private copy it is read from \({size:,} bytes.*free some"):
         read_raw(releases / "eps1.h5")

@@ -138,9 +138,11 @@ def gpu_problem(device: torch.device, count: int | None = None) -> str | None:
     local = env_int("LOCAL_RANK", 0)
     if local < count:
         return None
-    return (f"LOCAL_RANK {local} names a GPU this node does not have (it has {count}); nothing was read: start at "
-            f"most {count} process{'es' if count != 1 else ''} per node (torchrun --nproc-per-node {max(count, 1)}), "
-            "or run on the CPU (--device cpu)")
+    return (f"LOCAL_RANK {local} names a GPU this process does not see (it sees {count}; mepf uses GPU number "
+            f"LOCAL_RANK); nothing was read: start at most {count} process{'es' if count != 1 else ''} per node "
+            f"(torchrun --nproc-per-node {max(count, 1)}) with every GPU of the node visible to each (a launcher "
+            "binding one GPU per process through CUDA_VISIBLE_DEVICES hides the others), or run on the CPU "
+            "(--device cpu)")
 
 
 def teardown() -> None:
