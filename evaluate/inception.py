@@ -221,9 +221,9 @@ def load_inception(weights: str | None = None, device="cpu"):
     return model.eval().to(device)
 
 
-def _download_state(cache: Path) -> dict:
-    """pytorch-fid's published weights downloaded into a private folder, read as tensors, and cached at `cache`
-    (atomically, as a file of those tensors)."""
+def _download_state(cache: Path) -> tuple:
+    """(state, weights id): pytorch-fid's published weights downloaded into a private folder, read as tensors, and
+    cached at `cache` (atomically, as a file of those tensors, whose bytes the id names)."""
     from pytorch_fid.inception import FID_WEIGHTS_URL
 
     with tempfile.TemporaryDirectory() as private:
