@@ -399,8 +399,16 @@ def _private_file(path: Path) -> tuple:
     """(descriptor, whether it is sealable memory): a new file no name leads to (sealable memory on Linux, an
     unlinked temporary file elsewhere), to copy the release at `path` into."""
     if hasattr(os, "memfd_create") and hasattr(os, "MFD_ALLOW_SEALING"):
+        import fcntl
+
         with contextlib.suppress(OSError):  # a kernel or sandbox without it
-            return os.memfd_create("mepf-release", getattr(os, "MFD_CLOEXEC", 0) | os.MFD_ALLOW_SEALING), True
+            fd = os.memfd_create("mepf-release", getattr(os, "MFD_CLOEXEC", 0) | os.MFD_ALLOW_SEALING)
+            try:
+                if fcntl.fcntl(fd, fcntl.F_GET_SEALS) == 0:  # sealable: else the fallback below
+                    return fd, True
+            except OSError:
+                pass
+            os.close(fd)
     import tempfile
 
     try:
@@ -424,13 +432,17 @@ def _copy(src: int, dst: int, most: int) -> int:
     """The bytes of `src`, at most `most` of them, written at the same offsets of the empty file `dst`; the number
     copied. Aligned blocks of HOLE zeros are left as holes (which read as zeros and take no memory): a file padded
     with a hole, or with zeros, costs what it holds on disk at most, not the size it claims."""
-    offset = 0
+    offset, zeros = 0, bytes(1 << 20)
     while offset < most and (chunk := os.pread(src, min(1 << 20, most - offset), offset)):
+        if chunk == zeros[:len(chunk)]:  # a hole, or zeros: nothing written
+            offset += len(chunk)
+            continue
         data = np.frombuffer(chunk, dtype=np.uint8)
-        pages = -(-len(chunk) // HOLE)
-        padded = np.zeros(pages * HOLE, dtype=np.uint8)
-        padded[:len(chunk)] = data
-        kept = padded.reshape(pages, HOLE).any(axis=1)
+        pages, whole = -(-len(chunk) // HOLE), len(chunk) // HOLE
+        kept = np.empty(pages, dtype=bool)
+        kept[:whole] = data[:whole * HOLE].view(np.uint64).reshape(whole, HOLE // 8).any(axis=1)
+        if pages > whole:
+            kept[whole] = data[whole * HOLE:].any()
         # runs of kept blocks: [start, end) in blocks
         edges = np.flatnonzero(np.diff(np.concatenate(([False], kept, [False])).astype(np.int8)))
         view = memoryview(chunk)
@@ -455,16 +467,16 @@ def _seal(snap: int, sealable: bool, path: Path) -> None:
         return
     import fcntl
 
-    write = fcntl.F_SEAL_WRITE
+    needed = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
     with contextlib.suppress(OSError):
-        fcntl.fcntl(snap, fcntl.F_ADD_SEALS, write | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(snap, fcntl.F_ADD_SEALS, needed | fcntl.F_SEAL_SEAL)
     try:
         seals = fcntl.fcntl(snap, fcntl.F_GET_SEALS)
     except OSError:
         seals = 0
-    if not seals & write:
-        raise MepfError(f"{path}: the private copy it is read from could not be sealed (another process opened it "
-                        "while it was made); read it again, and find what opens mepf's files")
+    if seals & needed != needed:  # another process sealed it partly first (then it can still resize it), or mapped it
+        raise MepfError(f"{path}: the private copy it is read from could not be sealed (another process mapped or "
+                        "sealed it while it was made); read it again, and find what opens mepf's files")
 
 
 _ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT)

@@ -68,8 +68,8 @@ def _cgroup_limits() -> list:
     machine. Never raises: a group's name may hold any byte but '/', and what cannot be read sets no limit."""
     found = []
     try:
-        with open("/proc/self/cgroup", "rb") as f:
-            lines = os.fsdecode(f.read(1 << 16)).splitlines()
+        with open("/proc/self/cgroup", "rb") as f:  # split on newlines only: a name may hold \x0b, \x1c, U+2028
+            lines = [os.fsdecode(line) for line in f.read(1 << 16).split(b"\n")]
     except Exception:  # noqa: BLE001 - no /proc, or anything odd in it: no limit known
         return found
     for line in lines:
@@ -101,5 +101,7 @@ def memory_bytes() -> int | None:
     try:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
+        return None
+    if physical <= 0:  # -1 where the platform does not know
         return None
     return min([physical, *(n for n in _cgroup_limits() if n > 0)])

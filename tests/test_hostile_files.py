@@ -906,6 +906,34 @@ def test_a_copy_another_process_opened_for_writing_is_refused(releases, monkeypa
             m.close()
     assert _open_fds() == before
 
+    import fcntl
+
+    def sealed_partly_meanwhile(src, dst, most):  # review 28 F1: the write seal and the seal lock, no size seals
+        n = copy(src, dst, most)
+        fcntl.fcntl(dst, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        return n
+
+    monkeypatch.setattr(format_module, "_copy", sealed_partly_meanwhile)
+    with pytest.raises(MepfError, match=r"could not be sealed \(another process mapped or sealed it"):
+        read_raw(releases / "eps1.h5")
+    assert _open_fds() == before
+
+
+def test_a_memory_file_that_cannot_be_sealed_falls_back_to_a_temporary_file(tmp_path, releases, monkeypatch):
+    """Review 28 F2: where memfd_create works but sealing does not, every release was refused. A memfd made without
+    MFD_ALLOW_SEALING (the kernel's answer: F_SEAL_SEAL set) stands for it: the copy goes to a temporary file."""
+    import tempfile
+
+    if not hasattr(os, "MFD_ALLOW_SEALING"):
+        pytest.skip("no memfd sealing here")
+    monkeypatch.setattr(os, "MFD_ALLOW_SEALING", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mkstemp, made = tempfile.mkstemp, []
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: made.append(mkstemp(**kw)) or made[-1])
+    before = _open_fds()
+    r = read_raw(releases / "eps1.h5")
+    assert len(made) == 1 and r.file_sha256 == file_sha256(releases / "eps1.h5") and _open_fds() == before
+
 
 def test_an_interrupted_copy_is_not_left_open(releases, monkeypatch):
     """Review 26 F4: a Ctrl-C or a MemoryError while the copy was made left it open (up to half the memory) in a
@@ -957,6 +985,16 @@ def test_a_control_group_name_that_is_not_text_sets_no_limit(monkeypatch):
     monkeypatch.setattr(plain_file, "open", proc_with_odd_name, raising=False)
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert 0 < plain_file.memory_bytes() <= physical
+
+    def job_with_a_vertical_tab(name, mode="r", *args, **kwargs):  # review 28 F3: splitlines broke the name there
+        if name == "/proc/self/cgroup":
+            return io.BytesIO(b"0::/job\x0b1\n")
+        if name == os.path.join("/sys/fs/cgroup", "job\x0b1", "memory.max"):
+            return io.BytesIO(b"1073741824\n")
+        return real(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(plain_file, "open", job_with_a_vertical_tab, raising=False)
+    assert plain_file.memory_bytes() == min(physical, 1 << 30)
 
 
 def test_no_room_for_the_private_copy_is_one_line(releases, monkeypatch):
