@@ -7,9 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 
-from mepf.artifacts.errors import LaunchError, MepfError
+from mepf.artifacts.errors import MepfError
 from mepf.artifacts.versions import versions
 from mepf.core import distributed
 
@@ -179,12 +178,7 @@ def agree_on_files(source) -> None:
     if not r.active:
         return
     ident = hashlib.sha256(repr(source.file_identity()).encode()).digest()
-    # torchrun's agent (node) number; else the node's first rank (torchrun numbers a node's ranks consecutively)
-    node = distributed.env_int("GROUP_RANK", r.rank - r.local_rank)
-    rows = distributed.all_gather_bytes(struct.pack("<qq", node, r.local_rank) + ident, 48)
-    misnumbered = distributed.numbering_problem(rows)
-    if misnumbered:
-        raise LaunchError(misnumbered)
-    error = files_disagreement(rows)
+    rows = distributed.all_gather_bytes(distributed.node_row(r) + ident, 48)
+    error = files_disagreement(rows)  # the numbering too, though distributed.join has refused a misnumbered launch
     if error:
         raise MepfError(error)

@@ -209,8 +209,7 @@ def _fid(synth, ref, inception_weights, cache_dir, device, progress, pick=None) 
     if isinstance(ref, FidStats):
         mu_r, s_r = ref.mu, ref.sigma
     else:
-        mu_r, s_r, cached = reference_statistics(model, ref.images, inception_weights, cache_dir,
-                                                 device=device, progress=progress)
+        mu_r, s_r, cached = reference_statistics(model, ref.images, cache_dir, device=device, progress=progress)
         out["fid_reference_cached"] = cached
     out["fid"] = frechet_distance(mu_s, s_s, mu_r, s_r)
     out["fid_samples"] = k

@@ -10,7 +10,7 @@ import numpy as np
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path
 
-from .inception import activations, weights_id
+from .inception import activations
 
 DIMS = 2048  # pytorch-fid's pool3 features
 
@@ -78,11 +78,10 @@ def read_statistics(path: Path, what: str) -> tuple | None:
     return out[0], out[1]
 
 
-def reference_statistics(model, images: np.ndarray, weights: str | None, cache_dir=None, batch_size=100,
-                         device="cpu", progress=False):
+def reference_statistics(model, images: np.ndarray, cache_dir=None, batch_size=100, device="cpu", progress=False):
     """(mu, sigma, cached): computed once per content and weights, then read from the cache."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache / f"{content_key(images, getattr(model, 'weights_id', None) or weights_id(weights))}.npz"
+    path = cache / f"{content_key(images, model.weights_id)}.npz"  # load_inception's id of the bytes it loaded
     if path.is_file():
         stats = read_statistics(path, "cached FID statistics")
         if stats is not None:

@@ -244,20 +244,6 @@ def _download_state(cache: Path) -> tuple:
     return state, wid
 
 
-def weights_id(weights: str | None) -> str:
-    """What identifies the weights file in cache keys where no model loaded from it says (`model.weights_id`): its
-    size and SHA-256 (read without blocking)."""
-    from mepf.artifacts.plain_file import read_plain_file
-
-    path = Path(weights) if weights else default_weights_path()
-    if not path.exists():
-        return "pytorch-fid-default"
-    problem, data = read_plain_file(path, limit=MAX_BYTES)
-    if problem:
-        raise MepfError(f"FID Inception weights {path}: {problem}; {HOW_TO_GET}")
-    return _id_of(data)
-
-
 @torch.no_grad()
 def activations(model, images: np.ndarray, batch_size: int = 100, device="cpu", progress: bool = False,
                 desc: str = "inception") -> np.ndarray:

@@ -11,7 +11,7 @@ import click
 
 from mepf.artifacts.accounting import COUNTS_SHARE
 from mepf.artifacts.errors import Interrupted, LaunchError, MepfError
-from mepf.core.launch_env import is_main_rank, is_node_lead
+from mepf.core.launch_env import is_main_rank, speaks
 from mepf.core.names import BACKBONE_NAMES, DEFAULT_PIXEL_WEIGHT, DEVICES, POOLINGS
 from mepf.embed import options as eo  # the options modules import no torch: `mepf --help` stays light
 from mepf.evaluate import options as vo
@@ -29,7 +29,7 @@ def user_errors(fn):
             from mepf.artifacts.format import printable
 
             # under torchrun every rank has the same error: one per node prints it (a misnumbered launch: all)
-            if is_node_lead() or is_main_rank() or isinstance(e, LaunchError):
+            if speaks() or isinstance(e, LaunchError):
                 click.echo(f"Error: {printable(str(e), 1 << 20)}", err=True)  # names from files may hold escapes
             sys.exit(2)
         except OSError as e:
@@ -40,7 +40,7 @@ def user_errors(fn):
             from mepf.artifacts.format import printable
 
             name = f": {printable(str(e.filename), 60)}" if e.filename else ""
-            if is_node_lead() or is_main_rank():  # a path the user gave; nothing was written under it
+            if speaks():  # a path the user gave; nothing was written under it
                 click.echo(f"Error: path too long{name} (a folder or file name may have at most 255 bytes, a "
                            "whole path 4,096); choose a shorter one", err=True)
             sys.exit(2)
@@ -50,7 +50,7 @@ def user_errors(fn):
             what = str(e) if isinstance(e, Interrupted) and str(e) else INTERRUPTED.get(fn.__name__, "interrupted")
             if fn.__name__ in ELSEWHERE and not is_main_rank():  # rank 0 alone knows whether it wrote the file
                 what = ELSEWHERE[fn.__name__]
-            if is_node_lead() or is_main_rank():  # rank 0 too: a launcher may number its node's ranks from 1
+            if speaks():
                 click.echo(f"{what}", err=True)
             sys.exit(143 if getattr(e, "signum", None) == signal.SIGTERM or _TERMINATED else 130)
 

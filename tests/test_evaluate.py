@@ -178,11 +178,11 @@ def test_reference_statistics_are_cached(tmp_path, fid_weights, mnist):
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
     images = mnist[1].images[:10]
-    mu, s, cached = reference_statistics(model, images, str(fid_weights), cache_dir=tmp_path)
+    mu, s, cached = reference_statistics(model, images, cache_dir=tmp_path)
     assert not cached and len(calls) == 1
-    mu2, s2, cached2 = reference_statistics(model, images, str(fid_weights), cache_dir=tmp_path)
+    mu2, s2, cached2 = reference_statistics(model, images, cache_dir=tmp_path)
     assert cached2 and len(calls) == 1 and np.array_equal(mu, mu2) and np.array_equal(s, s2)
-    _, _, other = reference_statistics(model, mnist[1].images[10:20], str(fid_weights), cache_dir=tmp_path)
+    _, _, other = reference_statistics(model, mnist[1].images[10:20], cache_dir=tmp_path)
     assert not other and len(calls) == 2
 
 
@@ -200,7 +200,7 @@ def test_reference_statistics_are_keyed_by_the_weights_loaded_not_the_file_now(t
     model = load_inception(str(tmp_path / "w.pt"))
     (tmp_path / "w.pt").write_bytes(b"other weights")
     images = mnist[1].images[:4]
-    reference_statistics(model, images, str(tmp_path / "w.pt"), cache_dir=tmp_path / "cache")
+    reference_statistics(model, images, cache_dir=tmp_path / "cache")
     key = content_key(images, f"{len(loaded)}-{hashlib.sha256(loaded).hexdigest()[:16]}")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{key}.npz"]
 

@@ -101,12 +101,17 @@ def join(device_option: str, resolve) -> tuple:
     ranks, device = setup(device)
     agree(misnumbered, LaunchError)  # a number that is not one, said by its rank, before the numbering is compared
     if ranks.active:  # where LOCAL_RANK is not each node's 0..m-1, a node may have no rank that prints, or a GPU twice
-        node = env_int("GROUP_RANK", ranks.rank - ranks.local_rank)
-        problem = numbering_problem(all_gather_bytes(struct.pack("<qq", node, ranks.local_rank), 16))
+        problem = numbering_problem(all_gather_bytes(node_row(ranks), 16))
         if problem:  # every rank has the same rows: the same decision
             raise LaunchError(problem)
     agree(error)
     return ranks, device
+
+
+def node_row(ranks: Ranks) -> bytes:
+    """This rank's (node, local rank) as two int64: the node is torchrun's agent number, GROUP_RANK, else the node's
+    first rank (torchrun numbers a node's ranks consecutively)."""
+    return struct.pack("<qq", env_int("GROUP_RANK", ranks.rank - ranks.local_rank), ranks.local_rank)
 
 
 def nodes_of(rows: list) -> dict:

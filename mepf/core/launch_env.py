@@ -41,12 +41,11 @@ def launched() -> bool:
     if os.environ.get("WORLD_SIZE", "").strip() and env_int("WORLD_SIZE", -1) < 0:
         raise MepfError(f"WORLD_SIZE='{printable(os.environ['WORLD_SIZE'], 20)}' is not a whole number from 0 to "
                         "2^31-1; nothing was read: unset it for one process, or launch with torchrun")
-    several = env_int("WORLD_SIZE", 1) > 1
-    if several and env_int("RANK", -1) < 0:
+    if several() and env_int("RANK", -1) < 0:
         raise MepfError(f"RANK='{printable(os.environ.get('RANK', ''), 20)}' is not a whole number from 0 to 2^31-1 "
                         "(WORLD_SIZE says several processes run); nothing was read: launch with torchrun, or have the "
                         "launcher set RANK to this process's number")
-    return several
+    return several()
 
 
 def several() -> bool:
@@ -61,7 +60,8 @@ def is_main_rank() -> bool:
     return not several() or env_int("RANK", 0) == 0
 
 
-def is_node_lead() -> bool:
-    """Local rank 0, or not launched: under torchrun on several nodes, each node's terminal gets the error once.
-    A LOCAL_RANK that is not a number counts as 0 (launch_problem says what is wrong with it)."""
-    return not several() or env_int("LOCAL_RANK", 0) == 0
+def speaks() -> bool:
+    """Whether this process prints what every rank meets (an error, an interrupt): local rank 0, so that under
+    torchrun each node's terminal gets it once, and rank 0 too, whose LOCAL_RANK a launcher numbering from 1 makes
+    1; or not launched. A LOCAL_RANK that is not a number counts as 0 (launch_problem says what is wrong with it)."""
+    return not several() or env_int("LOCAL_RANK", 0) == 0 or is_main_rank()
