@@ -384,7 +384,8 @@ def _check_noise(release, rep: AuditReport, releases: dict, c1: float, c2: float
                       "ledger declares")
         elif not blind:
             detail = (f"every row's norm is consistent with sigma={sigma:.6g}; power: a row with Gaussian noise of "
-                      f"less than {power[weakest]:.0%} of the declared sigma would fail this check (the weakest row, "
+                      f"less than {power[weakest]:.0%} of the declared sigma in every coordinate (not noise removed "
+                      "along a few directions) would fail this check (the weakest row, "
                       f"{printable(release.class_names[weakest], 30)}); noise missing from part of the coordinates "
                       f"is sought in {len(blocks)} blocks")
         elif len(blind) < len(power):

@@ -44,6 +44,8 @@ PIL_FORMATS = ("PNG", "JPEG")
 #: one black pixel. A fixed rule in place of Pillow's decompression-bomb refusal, whose outcome (no release) a
 #: single record chose
 MAX_DECODED_PIXELS = 1 << 26
+#: an image is converted to its array in strips of rows of about this many bytes (_pixels)
+STRIP_BYTES = 1 << 24
 
 
 #: PNG chunks whose text or profile Pillow decompresses and stores, refusing one past MAX_TEXT_CHUNK (1 MB) or all
@@ -94,6 +96,27 @@ def _replaced(path: Path, file=None) -> Replaced:
         return Replaced(replaced_identity(file_bytes=bytes.fromhex(fd_sha256(fd))))
 
 
+def _pixels(im) -> np.ndarray:
+    """A loaded image's pixels as uint8 (H, W) grey (16-bit grey: its high byte) or (H, W, 3), converted a tile
+    at a time (every conversion used is per pixel), so that a large image costs the array and not also Pillow's
+    whole converted copy and its bytes (a 192 MB record took 900 MB above the array's size)."""
+    w, h = im.size
+    grey = im.mode in GREY_MODES
+    out = np.empty((h, w) if grey else (h, w, 3), np.uint8)
+    cols = min(w, max(1, STRIP_BYTES // 4))
+    rows = max(1, STRIP_BYTES // (4 * cols))
+    for top in range(0, h, rows):
+        for left in range(0, w, cols):
+            tile = im if rows >= h and cols >= w else im.crop((left, top, min(w, left + cols), min(h, top + rows)))
+            if im.mode in _WIDE_GREY:
+                wide = np.asarray(tile)  # uint16 as stored, or int32 for "I"
+                part = (wide if wide.dtype.kind == "u" else np.clip(wide, 0, 65535)) >> 8
+            else:
+                part = np.asarray(tile.convert("L" if grey else "RGB"))
+            out[top:top + rows, left:left + cols] = part
+    return out
+
+
 def decode_image(path: Path, file=None, zero: bool = False):
     """One image file (`path`, or `file` opened from it) as stored pixels: uint8 (H, W, 1) for grey modes (16-bit
     grey scaled to 8 bits), else uint8 (H, W, 3); above MAX_DECODED_PIXELS by its rule (a PNG: Replaced). An
@@ -121,11 +144,10 @@ def decode_image(path: Path, file=None, zero: bool = False):
                     if im.size[0] * im.size[1] > MAX_DECODED_PIXELS:
                         raise ValueError("not reduced")
                 im.load()
-                if im.mode in _WIDE_GREY:
-                    wide = np.asarray(im)  # uint16 as stored (no wider copy of a large record), or int32 for "I"
-                    arr = ((wide if wide.dtype.kind == "u" else np.clip(wide, 0, 65535)) >> 8).astype(np.uint8)
-                else:
-                    arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
+                arr = _pixels(im)
+    except MemoryError:  # the machine's, not the record's: never the black image of --bad-records zero
+        raise MepfError(f"out of memory while decoding {path}; an image may decode to 2^26 pixels (README, 'What "
+                        "can stop a run'): give the process more memory, or fewer --workers") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
         if zero:
             try:

@@ -65,6 +65,18 @@ class Sums:
 NOT_RELEASED = "interrupted before the release was logged: nothing was released; run the same command again"
 AGAIN = "interrupted again: stopped at once, before the release was logged: nothing was released"
 
+OUT_OF_MEMORY = ("the pass ran out of memory; nothing was released; one image may decode to 2^26 pixels, about 1 GB "
+                 "at its peak in each loader worker (README, 'What can stop a run'): give the process more memory, or "
+                 "fewer --workers")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether a failure of the pass is the machine's memory (a worker's MemoryError comes back as one; torch's CPU
+    allocator and a worker killed by the kernel raise RuntimeErrors), not a record's."""
+    said = str(e)
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+        m in said for m in ("can't allocate memory", "out of memory", "killed by signal: Killed")))
+
 
 def _complete(out, said=()) -> str:
     """What an interrupt says once the release is in place and logged, with what the run would have said besides."""
@@ -220,7 +232,8 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
             except MepfError as e:
                 error = str(e)
             except Exception as e:  # noqa: BLE001 - a reader's or loader's failure: one line on every rank
-                error = (f"reading the data failed ({type(e).__name__}); nothing was released; check that the data "
+                error = (OUT_OF_MEMORY if out_of_memory(e) else
+                         f"reading the data failed ({type(e).__name__}); nothing was released; check that the data "
                          "is readable (mepf embed --check lists unreadable images) and run again")
     if error is None and read != planned:  # each rank's own share, not only the total
         error = ("the data changed while it was read (a rank read other records than its planned share); nothing "
@@ -269,6 +282,19 @@ def check_class_names(source) -> None:
         raise MepfError(f"{source.description} declares {problem}; rename the class folder or fix --classes "
                         "(class names are printable, not '.' or '..', at most "
                         f"{MAX_NAME} characters, at most {MAX_CLASSES:,} classes)")
+
+
+#: more records than this could overflow a class's int64 exact sum (entries of at most 2**QUANT_BITS each), which
+#: would wrap and break the sensitivity bound
+MAX_RECORDS = 2 ** (63 - QUANT_BITS) - 1
+
+
+def check_size(n: int) -> None:
+    """Refuse, before any record is read, a source listing more records than ExactSums holds (2^31); --force does
+    not override it. At that size it reveals one bit about n, as the delta < 1/n rule does."""
+    if n > MAX_RECORDS:
+        raise MepfError("the data lists more than 2^31 records, more than the exact sums hold; split it into "
+                        "releases of fewer records (each a release of its own, composed in the release log)")
 
 
 def check_delta(delta: float, n: int, force: bool) -> None:
@@ -395,7 +421,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     agree_on_plan(plan)
     agree_on_files(source)
     listed = len(source)
-    distributed.on_main(lambda: check_delta(delta, listed, force))
+    distributed.on_main(lambda: (check_size(listed), check_delta(delta, listed, force)))
     key, narrowed, created = distributed.on_main(lambda: release_log.prepare(log_path, entries)) or (None, None, False)
     tkey = distributed.broadcast_bytes(tag_key(key) if key is not None else None, 32)  # never the log's own key
     legacy = bool(release_log.open_keyed(entries or []))

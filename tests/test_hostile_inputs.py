@@ -384,6 +384,87 @@ def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp
     assert shapes["D"] == shapes["D_png"] == shapes["D_jpg"]
 
 
+def test_pixels_converted_in_tiles_are_pillows_whole_conversion(tmp_path, monkeypatch):
+    """A record at the cap cost 900 MB above its array in Pillow's whole converted copy and its bytes (review 29);
+    images are converted in tiles now. Tiles of 4 x 4 pixels here (and a whole row wider than a tile) give what
+    Pillow's conversion of the whole image gives, for every mode PNG and JPEG decode to."""
+    from mepf.embed import files
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (13, 11, 3), np.uint8)
+    p = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=7)
+    p.info["transparency"] = 2
+    made = {"RGB": Image.fromarray(rgb), "RGBA": Image.fromarray(rgb).convert("RGBA"), "P": p,
+            "L": Image.fromarray(rgb[..., 0]), "LA": Image.fromarray(rgb).convert("LA"),
+            "1": Image.fromarray(rgb[..., 1]).convert("1"),
+            "I;16": Image.fromarray(rng.integers(0, 65536, (13, 11), np.uint16))}
+    for mode, im in made.items():
+        im.save(tmp_path / f"{mode.replace(';', '')}.png", **({"transparency": 2} if mode == "P" else {}))
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    Image.fromarray(rgb[..., 2]).save(tmp_path / "grey.jpg", quality=90)
+    whole = {}
+    for f in sorted(tmp_path.iterdir()):
+        with Image.open(f) as im:
+            im.load()
+            if im.mode == "I;16":
+                want = (np.asarray(im) >> 8).astype(np.uint8)
+            else:
+                want = np.asarray(im.convert("L" if im.mode in files.GREY_MODES else "RGB"))
+        whole[f.name] = (im.mode, want if want.ndim == 3 else want[:, :, None])
+    assert {m for m, _ in whole.values()} >= {"RGB", "RGBA", "P", "L", "LA", "1", "I;16", "CMYK"}
+    for strip in (64, 16):  # tiles of 16 pixels (rows of 11 then a tile of 4 rows); tiles of 4 x 1
+        monkeypatch.setattr(files, "STRIP_BYTES", strip)
+        for name, (mode, want) in whole.items():
+            got = files.decode_image(tmp_path / name)
+            assert got.dtype == np.uint8 and np.array_equal(got, want), (strip, mode)
+
+
+def test_a_machine_out_of_memory_is_said_not_a_black_record(tmp_path):
+    """Under --bad-records zero a MemoryError while decoding made the record the black image: a rule of the free
+    memory, not of the record (review 29). Now an error saying so, in a process whose memory a limit cuts."""
+    import subprocess
+    import sys
+
+    png_rgb = tmp_path / "cap.png"
+    import struct
+    import zlib
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (1 + 4096 * 3)
+    data = b"".join(comp.compress(row) for _ in range(4096)) + comp.flush()
+    png_rgb.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4096, 4096, 8, 2, 0, 0, 0))
+                        + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b""))
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from mepf.embed.files import decode_image\n"
+        "from mepf.artifacts.errors import MepfError\n"
+        "print(decode_image(Path(sys.argv[1]), zero=True).shape)  # fits\n"
+        "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (24 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "try:\n"
+        "    print(type(decode_image(Path(sys.argv[1]), zero=True)).__name__)\n"
+        "except MepfError as e:\n"
+        "    print('MepfError', e)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(png_rgb)], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0] == "(4096, 4096, 3)", r.stdout + r.stderr
+    assert lines[1].startswith("MepfError out of memory while decoding") and "Replaced" not in r.stdout, lines
+
+
+def test_a_failure_of_the_pass_is_told_out_of_memory_from_the_exceptions_the_machine_raises():
+    from mepf.embed.release import out_of_memory
+
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2 ** 50, dtype=torch.uint8)
+    with pytest.raises(MemoryError) as host:
+        np.empty(2 ** 50)
+    assert out_of_memory(cpu.value) and out_of_memory(host.value)
+    assert out_of_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed. "))
+    assert not out_of_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Segmentation fault."))
+    assert not out_of_memory(ValueError("out of memory")) and not out_of_memory(OSError("broken data stream"))
+
+
 def test_png_text_and_profiles_cannot_stop_the_release(tmp_path, monkeypatch):
     """Pillow refuses a PNG whose zTXt, iTXt or iCCP decompresses past 1 MB (MAX_TEXT_CHUNK) or whose text
     totals past MAX_TEXT_MEMORY: a valid 2 KB image stopped the release. Those chunks are skipped unread (before
@@ -579,6 +660,32 @@ def test_delta_refusal_reads_nothing_and_names_no_number(tmp_path, image_folder)
                       delta=0.25, release_log_path=tmp_path / "log.jsonl", progress=False)
     assert "not below 1/n" in str(e.value) and Counting.decoded == 0
     assert not re.search(r"\d", str(e.value).replace("0.25", "").replace("1/n", "").replace("1/(10 n)", ""))
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_source_listing_more_records_than_the_exact_sums_hold_is_refused_before_reading(tmp_path, image_folder):
+    """A class's exact sum is int64 and each record adds at most 2^QUANT_BITS to an entry: past 2^31 records it
+    could wrap, and one record could then move it by anything (review 29). Refused before any record is read."""
+    from mepf.core.features import QUANT_BITS
+    from mepf.embed.release import MAX_RECORDS, embed_to_file
+
+    assert MAX_RECORDS * 2 ** QUANT_BITS <= 2 ** 63 - 1 < (MAX_RECORDS + 1) * 2 ** QUANT_BITS
+
+    class Huge(FolderSource):
+        decoded = 0
+
+        def __len__(self):
+            return MAX_RECORDS + 1
+
+        def _read_image(self, path, *identity):
+            Huge.decoded += 1
+            return super()._read_image(path, *identity)
+
+    ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(28, 28), channels=1)
+    with pytest.raises(MepfError, match="more than 2\\^31 records") as e:
+        embed_to_file(Huge(image_folder), Transform((28, 28), 1), ex, spec, out=tmp_path / "x.h5", epsilon=1.0,
+                      delta=1e-12, release_log_path=tmp_path / "log.jsonl", progress=False, force=True)
+    assert Huge.decoded == 0 and not re.search(r"\d", str(e.value).replace("2^31", ""))
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "log.jsonl").exists()
 
 
