@@ -91,6 +91,7 @@ class Transform:
     def __call__(self, records) -> torch.Tensor:
         if isinstance(records, list):
             return torch.cat([self(a[None]) for a in records])
+        records = np.asarray(records)  # a CPU tensor too: its memory, not a copy
         if records.ndim != 4 or records.shape[3] not in (1, 3):
             raise MepfError(f"records have shape {records.shape[1:]}; expected (H, W, C) with C 1 or 3")
         if records[0].size * 4 > LEAN_BYTES:

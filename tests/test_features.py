@@ -241,6 +241,7 @@ def test_a_large_record_converted_a_plane_at_a_time_is_the_same_numbers(monkeypa
                     lean = t(x)
                     assert lean.shape == (len(x), channels, *size) and lean.is_contiguous()
                     assert torch.equal(lean, whole) and torch.equal(t(list(x)), ragged), (name, size, channels, crop)
+                    assert torch.equal(t(torch.from_numpy(x)), whole)  # a tensor as the records (evaluate's)
 
 
 def test_feature_size_upsamples_inside_the_map_and_round_trips():
