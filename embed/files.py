@@ -44,6 +44,11 @@ PIL_FORMATS = ("PNG", "JPEG")
 #: one black pixel. A fixed rule in place of Pillow's decompression-bomb refusal, whose outcome (no release) a
 #: single record chose
 MAX_DECODED_PIXELS = 1 << 26
+#: libjpeg's limit on its whole-image buffers (JPEGMEM, in MB): a progressive JPEG, or one whose first scan holds
+#: fewer than all its components, is decoded through the coefficients of the whole image at full size, whatever
+#: scale is asked (a 557-byte file declaring 32,768 x 32,768 took 3.3 GB). 560 MB holds them for any JPEG within
+#: MAX_DECODED_PIXELS (4 components); a larger one fails to decode: one black pixel under --bad-records zero
+JPEG_MEMORY_MB = 560
 #: an image is converted to its array in strips of rows of about this many bytes (_pixels)
 STRIP_BYTES = 1 << 24
 
@@ -124,8 +129,9 @@ def decode_image(path: Path, file=None, zero: bool = False):
     zero) is Replaced."""
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
+    limit, jpegmem = Image.MAX_IMAGE_PIXELS, os.environ.get("JPEGMEM")
     try:
+        os.environ["JPEGMEM"] = f"{JPEG_MEMORY_MB}M"  # read by libjpeg as each decoder is made
         with warnings.catch_warnings(), _metadata_skipped():
             # Pillow's warnings print numbers from the record (pixel counts, EXIF tag sizes) or tell that it is odd
             warnings.simplefilter("ignore")
@@ -158,6 +164,10 @@ def decode_image(path: Path, file=None, zero: bool = False):
                         "--bad-records zero)") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+        if jpegmem is None:
+            os.environ.pop("JPEGMEM", None)
+        else:
+            os.environ["JPEGMEM"] = jpegmem
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -384,6 +384,55 @@ def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp
     assert shapes["D"] == shapes["D_png"] == shapes["D_jpg"]
 
 
+def test_a_tiny_progressive_jpeg_declaring_a_huge_image_is_one_black_pixel(tmp_path, monkeypatch):
+    """libjpeg decodes a progressive JPEG through the coefficients of the whole image at full size, whatever scale
+    is asked: a 557-byte file declaring 32,768 x 32,768 took 3.3 GB, and 65,535 x 65,535 would take 13 (review 29's
+    cap-sized PNG, found again in JPEG). Its whole-image buffers are now capped (JPEGMEM), so such a file is one
+    black pixel under --bad-records zero, an undecodable image otherwise; every JPEG within the decoding cap,
+    progressive and four components included, still decodes, and the caller's JPEGMEM is left as it was."""
+    import io
+    import os
+    import struct
+
+    from mepf.embed.files import decode_image
+    from mepf.embed.fingerprint import replaced_identity
+    from mepf.embed.sources import Replaced
+
+    b = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(b, "JPEG", progressive=True, quality=80)
+    data = bytearray(b.getvalue())
+    sof = data.find(b"\xff\xc2")  # SOF2: length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = struct.pack(">HH", 32768, 32768)
+    (tmp_path / "huge.jpg").write_bytes(bytes(data))
+    monkeypatch.setenv("JPEGMEM", "99999M")  # the caller's own: not what decides
+    got = decode_image(tmp_path / "huge.jpg", zero=True)
+    assert isinstance(got, Replaced) and got.identity == replaced_identity(file_bytes=hashlib.sha256(data).digest())
+    with pytest.raises(MepfError, match="cannot read image"):
+        decode_image(tmp_path / "huge.jpg")
+    assert os.environ["JPEGMEM"] == "99999M"
+    monkeypatch.delenv("JPEGMEM")
+    for mode, colour in (("RGB", (1, 2, 3)), ("CMYK", (0, 50, 100, 150))):  # at the cap, 4:4:4, 4 components
+        Image.new(mode, (8192, 8192), colour).save(tmp_path / "cap.jpg", quality=95, progressive=True, subsampling=0)
+        got = decode_image(tmp_path / "cap.jpg")
+        with Image.open(tmp_path / "cap.jpg") as im:
+            want = np.asarray(im.convert("RGB").crop((0, 0, 64, 64)))
+        assert got.shape == (8192, 8192, 3) and np.array_equal(got[:64, :64], want), mode
+        del got
+    assert "JPEGMEM" not in os.environ
+    for name, extra in (("D", None), ("D_huge", "huge.jpg")):
+        root = tmp_path / name / "a"
+        root.mkdir(parents=True)
+        for i, im in enumerate(make_images(3, seed=4)):
+            Image.fromarray(im[:, :, 0]).save(root / f"{i}.png")
+        if extra:
+            shutil.copy(tmp_path / extra, root / "z.jpg")
+        r = embed(tmp_path / name, tmp_path / f"{name}.h5", tmp_path / f"{name}.jsonl", "--workers", "0", *TINY,
+                  "--force", "--image-size", "28", "--channels", "1", "--bad-records", "zero")
+        assert r.exit_code == 0, r.output + r.stderr
+    assert ({k: v.shape for k, v in load(tmp_path / "D.h5").arrays.items()}
+            == {k: v.shape for k, v in load(tmp_path / "D_huge.h5").arrays.items()})
+
+
 def test_pixels_converted_in_tiles_are_pillows_whole_conversion(tmp_path, monkeypatch):
     """A record at the cap cost 900 MB above its array in Pillow's whole converted copy and its bytes (review 29);
     images are converted in tiles now. Tiles of 4 x 4 pixels here (and a whole row wider than a tile) give what
