@@ -8,6 +8,7 @@ no message, progress display or result carries a number computed from the record
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import sys
@@ -305,6 +306,17 @@ def check_delta(delta: float, n: int, force: bool) -> None:
                         "smaller --delta, e.g. 1/(10 n), or pass --force if you know why")
 
 
+def files_identity(source) -> str | None:
+    """What fixes the records a source yields, from its files' identities alone (device, inode, size, mtime, ctime:
+    no one can set ctime back), with how it reads them (its kind, description, count, classes and --bad-records):
+    the same string is the same records. None for a source that states no identities."""
+    ids = source.file_identity()
+    if ids is None:
+        return None
+    what = (type(source).__name__, source.description, len(source), source.classes, source.bad_records, tuple(ids))
+    return hashlib.sha256(repr(what).encode()).hexdigest()
+
+
 def check_repeat(found: dict, log_path: Path, allow_repeat: bool) -> list:
     """Refuse a release of data that was released before (the same records, or mostly the same) unless
     allowed; return warnings for a smaller overlap. Decided before any noise is drawn."""
@@ -423,6 +435,10 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     listed = len(source)
     distributed.on_main(lambda: (check_size(listed), check_delta(delta, listed, force)))
     key, narrowed, created = distributed.on_main(lambda: release_log.prepare(log_path, entries)) or (None, None, False)
+    files = files_identity(source)
+    if files is not None and not allow_repeat:  # the plain re-run: refused now, not after the whole pass
+        distributed.on_main(lambda: check_repeat({"same": release_log.same_files(entries, key, files), "most": [],
+                                                  "some": []}, log_path, False))
     tkey = distributed.broadcast_bytes(tag_key(key) if key is not None else None, 32)  # never the log's own key
     legacy = bool(release_log.open_keyed(entries or []))
 
@@ -477,7 +493,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             sums.fingerprint, key, composes_with=[e.get("output_sha256") for e in repeats],
                             time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description, data=data_given,
                             output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
-                            delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats)), lock=lock)
+                            delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats),
+                            **({"files": release_log.files_key(key, files)} if files is not None else {})), lock=lock)
                     except OSError as e:  # checked writable before the pass
                         raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing "
                                         "was released; free space or fix the log's permissions and run again") from None

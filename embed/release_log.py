@@ -426,6 +426,20 @@ def mixed_note(entries: list, key: bytes | None = None) -> str | None:
     return None
 
 
+def files_key(key: bytes, identity: str) -> str:
+    """A source's `files_identity` as the log stores it (field `files`): under the log's key, so that whoever reads
+    the log without it cannot test a guess of the files."""
+    return "f1:" + hmac.new(key, b"mepf-files-identity-v1|" + identity.encode(), hashlib.sha256).hexdigest()
+
+
+def same_files(entries: list, key: bytes, identity: str) -> list:
+    """The entries released from these very files, unchanged and read the same way: found before any record is
+    read, they are the data's repeats that the pass's fingerprint would find (a copy, a re-encoding or a changed
+    file is left to the fingerprint). An entry's `files` can only add such a refusal, never take one away."""
+    mine = files_key(key, identity)
+    return [e for e in entries if isinstance(e.get("files"), str) and hmac.compare_digest(e["files"], mine)]
+
+
 def new_entry(fingerprint: Fingerprint, key: bytes, composes_with=(), **fields) -> dict:
     """A log entry: nothing in it tells, without the key, how many records the data had or which records two
     releases share; `composes_with` names (by output SHA-256) the earlier releases found to share records."""

@@ -790,6 +790,61 @@ def test_repeat_release_is_recognised_whatever_the_container_names_order_or_tran
                           log).output)["composed"]["releases"] == 3
 
 
+def test_the_same_unchanged_files_again_are_refused_before_any_record_is_read(tmp_path, image_folder, labelled_npz):
+    """A plain re-run (the same command, say) was refused only after the whole pass had read every record: hours on
+    a large folder. The log now keeps, under its key, what identifies the files read; the same files, unchanged and
+    read the same way, are refused before the pass. Anything else (a file rewritten with the same bytes, other
+    classes) is left to the pass's fingerprint, which still refuses it: the early check only ever refuses earlier."""
+    import json
+    import os
+
+    from mepf.embed.files import ArraySource
+    from mepf.embed.release import embed_to_file
+
+    class Counting(FolderSource):
+        decoded = 0
+
+        def _read_image(self, path, *identity):
+            Counting.decoded += 1
+            return super()._read_image(path, *identity)
+
+    ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(28, 28), channels=1)
+    log = tmp_path / "log.jsonl"
+
+    def run(source, name, **kw):
+        return embed_to_file(source, Transform((28, 28), 1), ex, spec, out=tmp_path / name, epsilon=1.0, delta=1e-3,
+                             release_log_path=log, progress=False, force=True, **kw)
+
+    run(Counting(image_folder), "first.h5")
+    assert Counting.decoded == 12 and json.loads(log.read_text())["files"].startswith("f1:")
+    Counting.decoded = 0
+    with pytest.raises(MepfError, match="this dataset was already released") as e:
+        run(Counting(image_folder), "again.h5")
+    assert Counting.decoded == 0 and not (tmp_path / "again.h5").exists() and len(release_log.read_log(log)) == 1
+    assert "1 earlier release(s)" in str(e.value) and "first.h5" in str(e.value)
+    one = next(image_folder.rglob("*.png"))
+    one.write_bytes(one.read_bytes())  # the same bytes, but no longer provably the same file
+    with pytest.raises(MepfError, match="this dataset was already released"):
+        run(Counting(image_folder), "again.h5")
+    assert Counting.decoded == 12  # found by the pass, as before
+    Counting.decoded = 0
+    run(Counting(image_folder), "allowed.h5", allow_repeat=True)
+    assert Counting.decoded == 12 and len(release_log.read_log(log)) == 2
+
+    path, x, y = labelled_npz
+    run(ArraySource(path, ["0", "1", "2"]), "npz.h5")
+    with pytest.raises(MepfError, match="this dataset was already released"):
+        run(ArraySource(path, ["0", "1", "2"]), "npz2.h5")
+    later = tmp_path / "later.npz"
+    os.link(path, later)  # the same file under a second name: the same identity
+    with pytest.raises(MepfError, match="this dataset was already released"):
+        run(ArraySource(later, ["0", "1", "2"]), "npz3.h5")
+    entries = release_log.read_log(log)
+    assert len(entries) == 3 and len({e["files"] for e in entries}) == 3  # the allowed run read a rewritten file
+    key = release_log.read_key(log)
+    assert release_log.files_key(key, "x") != release_log.files_key(bytes(32), "x")  # no guess without the key
+
+
 def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, labelled_npz):
     """The log and its key are readable by the owner alone; what the log holds cannot test an image for
     membership without the key; a log that cannot take the entry, or a lost key, stops the run before it reads."""
