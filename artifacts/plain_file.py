@@ -105,3 +105,19 @@ def memory_bytes() -> int | None:
     if physical <= 0:  # -1 where the platform does not know
         return None
     return min([physical, *(n for n in _cgroup_limits() if n > 0)])
+
+
+def address_space_left() -> int | None:
+    """Bytes this process may still map under its address-space limit (`ulimit -v`, RLIMIT_AS), where allocations
+    fail rather than being overcommitted; None where there is no such limit or the platform does not say."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status", "rb") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith(b"VmSize:"))
+    except (ImportError, OSError, ValueError, StopIteration, IndexError):
+        return None
+    return max(0, soft - used)

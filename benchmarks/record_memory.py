@@ -18,7 +18,7 @@ from pathlib import Path
 CASES = {  # name: (width, height, PNG colour type, bit depth), or a JPEG: (width, height, "progressive jpeg")
     "8192 x 8192 RGB": (8192, 8192, 2, 8),
     "8192 x 8192 grey 16-bit": (8192, 8192, 0, 16),
-    "2^26 x 1 RGB": (1 << 26, 1, 2, 8),
+    "2^24 x 4 RGB": (1 << 24, 4, 2, 8),
     "8192 x 8192 JPEG prog.": (8192, 8192, "progressive jpeg"),
     "32768 x 32768 JPEG prog.": (32768, 32768, "progressive jpeg"),
 }

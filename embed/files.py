@@ -16,6 +16,7 @@ import numpy as np
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import fd_sha256, no_hdf5_plugins
+from mepf.artifacts.plain_file import address_space_left
 
 from .fingerprint import replaced_identity
 from .sources import (
@@ -44,11 +45,20 @@ PIL_FORMATS = ("PNG", "JPEG")
 #: one black pixel. A fixed rule in place of Pillow's decompression-bomb refusal, whose outcome (no release) a
 #: single record chose
 MAX_DECODED_PIXELS = 1 << 26
+#: a PNG wider than this is one black pixel, as one above MAX_DECODED_PIXELS: Pillow refuses rows of more than
+#: 2^31 bits with a MemoryError before allocating anything (67,108,860 x 1 RGBA, 254 KB: review 30), which must
+#: not read as the machine's memory
+MAX_PNG_WIDTH = 1 << 24
 #: libjpeg's limit on its whole-image buffers (JPEGMEM, in MB): a progressive JPEG, or one whose first scan holds
 #: fewer than all its components, is decoded through the coefficients of the whole image at full size, whatever
 #: scale is asked (a 557-byte file declaring 32,768 x 32,768 took 3.3 GB). 560 MB holds them for any JPEG within
-#: MAX_DECODED_PIXELS (4 components); a larger one fails to decode: one black pixel under --bad-records zero
+#: MAX_DECODED_PIXELS (at worst 553 MB: 4 components at 4x4 sampling, review 30); one whose coefficients exceed it
+#: fails to decode: one black pixel under --bad-records zero
 JPEG_MEMORY_MB = 560
+JPEGMEM = f"{JPEG_MEMORY_MB}M"
+#: what decoding may take, besides the JPEG coefficients: per pixel decoded (Pillow's image, the array, tiles), and
+#: once (the decoders' own state); checked against the address space left where an allocation can fail
+DECODE_BYTES_PER_PIXEL, DECODE_BYTES_ONCE = 16, 32 << 20
 #: an image is converted to its array in strips of rows of about this many bytes (_pixels)
 STRIP_BYTES = 1 << 24
 
@@ -129,9 +139,10 @@ def decode_image(path: Path, file=None, zero: bool = False):
     zero) is Replaced."""
     from PIL import Image
 
-    limit, jpegmem = Image.MAX_IMAGE_PIXELS, os.environ.get("JPEGMEM")
+    limit = Image.MAX_IMAGE_PIXELS
+    if os.environ.get("JPEGMEM") != JPEGMEM:  # read by libjpeg as each decoder is made; set once per process
+        os.environ["JPEGMEM"] = JPEGMEM
     try:
-        os.environ["JPEGMEM"] = f"{JPEG_MEMORY_MB}M"  # read by libjpeg as each decoder is made
         with warnings.catch_warnings(), _metadata_skipped():
             # Pillow's warnings print numbers from the record (pixel counts, EXIF tag sizes) or tell that it is odd
             warnings.simplefilter("ignore")
@@ -141,20 +152,24 @@ def decode_image(path: Path, file=None, zero: bool = False):
                 if im.format not in (*PIL_FORMATS, "MPO"):
                     raise ValueError("not PNG or JPEG")
                 w, h = im.size
+                if im.format == "PNG" and (w * h > MAX_DECODED_PIXELS or w > MAX_PNG_WIDTH):
+                    return _replaced(path, file)
                 if w * h > MAX_DECODED_PIXELS:
-                    if im.format == "PNG":
-                        return _replaced(path, file)
                     k = next(k for k in (2, 4, 8) if _ceil_div(w, k) * _ceil_div(h, k) <= MAX_DECODED_PIXELS)
                     # Pillow takes the scale min(w // rw, h // rh) for a request (rw, rh): at least k for w // k
                     im.draft(im.mode, (w // k, h // k))
                     if im.size[0] * im.size[1] > MAX_DECODED_PIXELS:
                         raise ValueError("not reduced")
+                left = address_space_left()
+                if left is not None and left < _decode_bytes(im, w, h):
+                    raise MemoryError  # a failed allocation inside libjpeg reads as a corrupt file: not tried
                 im.load()
                 arr = _pixels(im)
     except MemoryError:  # the machine's, not the record's: never the black image of --bad-records zero
-        raise MepfError(f"out of memory while decoding {path}; an image may decode to 2^26 pixels (README, 'What "
-                        "can stop a run'): give the process more memory, or fewer --workers") from None
+        raise _out_of_memory(path) from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+        if isinstance(e, OSError) and str(e).startswith(Image.core.getcodecstatus(-9)):  # a decoder's allocation
+            raise _out_of_memory(path) from None
         if zero:
             try:
                 return _replaced(path, file)
@@ -164,11 +179,22 @@ def decode_image(path: Path, file=None, zero: bool = False):
                         "--bad-records zero)") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
-        if jpegmem is None:
-            os.environ.pop("JPEGMEM", None)
-        else:
-            os.environ["JPEGMEM"] = jpegmem
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _decode_bytes(im, w: int, h: int) -> int:
+    """At most what decoding `im` (declared w x h, drafted to im.size) takes: its pixels, and for a JPEG the
+    coefficients of the whole image at full size (each component padded to 32 px), up to libjpeg's limit."""
+    need = DECODE_BYTES_PER_PIXEL * im.size[0] * im.size[1] + DECODE_BYTES_ONCE
+    if im.format != "PNG":
+        components = len(getattr(im, "layer", None) or ()) or 4
+        need += min(JPEG_MEMORY_MB * 10 ** 6, 2 * components * -(-w // 32) * 32 * -(-h // 32) * 32)
+    return need
+
+
+def _out_of_memory(path) -> MepfError:
+    return MepfError(f"out of memory while decoding {path}; an image may decode to 2^26 pixels (README, 'What can "
+                     "stop a run'): give the process more memory (ulimit -v), or fewer --workers")
 
 
 def decode_listed(path: Path, identity, zero: bool = False) -> np.ndarray:

@@ -71,12 +71,19 @@ OUT_OF_MEMORY = ("the pass ran out of memory; nothing was released; one image ma
                  "fewer --workers")
 
 
-def out_of_memory(e: BaseException) -> bool:
-    """Whether a failure of the pass is the machine's memory (a worker's MemoryError comes back as one; torch's CPU
-    allocator and a worker killed by the kernel raise RuntimeErrors), not a record's."""
+GPU_OUT_OF_MEMORY = "the GPU ran out of memory; nothing was released; embed with a smaller --batch-size"
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What to say where a failure of the pass is the machine's memory, not a record's: a worker's MemoryError comes
+    back as one; torch's CPU allocator and a worker killed by the kernel raise RuntimeErrors, as CUDA does."""
     said = str(e)
-    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
-        m in said for m in ("can't allocate memory", "out of memory", "killed by signal: Killed")))
+    if isinstance(e, RuntimeError) and "CUDA out of memory" in said:
+        return GPU_OUT_OF_MEMORY
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+            m in said for m in ("can't allocate memory", "out of memory", "killed by signal: Killed"))):
+        return OUT_OF_MEMORY
+    return None
 
 
 def _complete(out, said=()) -> str:
@@ -233,7 +240,7 @@ def accumulate(source, transform, extractor, moments: str, c1: float, c2: float,
             except MepfError as e:
                 error = str(e)
             except Exception as e:  # noqa: BLE001 - a reader's or loader's failure: one line on every rank
-                error = (OUT_OF_MEMORY if out_of_memory(e) else
+                error = (out_of_memory(e) or
                          f"reading the data failed ({type(e).__name__}); nothing was released; check that the data "
                          "is readable (mepf embed --check lists unreadable images) and run again")
     if error is None and read != planned:  # each rank's own share, not only the total
@@ -294,7 +301,7 @@ def check_size(n: int) -> None:
     """Refuse, before any record is read, a source listing more records than ExactSums holds (2^31); --force does
     not override it. At that size it reveals one bit about n, as the delta < 1/n rule does."""
     if n > MAX_RECORDS:
-        raise MepfError("the data lists more than 2^31 records, more than the exact sums hold; split it into "
+        raise MepfError("the data lists 2^31 records or more, more than the exact sums hold; split it into "
                         "releases of fewer records (each a release of its own, composed in the release log)")
 
 

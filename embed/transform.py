@@ -1,6 +1,8 @@
 """The declared transform from stored records to the feature map's input: float (B, C, H, W) in [0, 1]."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,7 @@ class Transform:
 
     def _plane(self, record: np.ndarray, channel: int) -> torch.Tensor:
         """One channel of one stored record as float (1, 1, H, W), scaled as `__call__` scales it."""
-        x = torch.from_numpy(np.ascontiguousarray(record[:, :, channel], dtype=np.float32))[None, None]
+        x = torch.from_numpy(np.array(record[:, :, channel], dtype=np.float32, order="C"))[None, None]  # a copy
         return x.div_(255.0) if record.dtype == np.uint8 else x
 
     def _lean(self, record: np.ndarray) -> torch.Tensor:
@@ -94,7 +96,7 @@ class Transform:
         records = np.asarray(records)  # a CPU tensor too: its memory, not a copy
         if records.ndim != 4 or records.shape[3] not in (1, 3):
             raise MepfError(f"records have shape {records.shape[1:]}; expected (H, W, C) with C 1 or 3")
-        if records[0].size * 4 > LEAN_BYTES:
+        if math.prod(records.shape[1:]) * 4 > LEAN_BYTES:
             return torch.cat([self._lean(r) for r in records])
         x = torch.from_numpy(np.require(records, requirements=["C", "W"])).permute(0, 3, 1, 2)
         x = x.float() / 255.0 if records.dtype == np.uint8 else x.float()

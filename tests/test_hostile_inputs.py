@@ -389,7 +389,7 @@ def test_a_tiny_progressive_jpeg_declaring_a_huge_image_is_one_black_pixel(tmp_p
     is asked: a 557-byte file declaring 32,768 x 32,768 took 3.3 GB, and 65,535 x 65,535 would take 13 (review 29's
     cap-sized PNG, found again in JPEG). Its whole-image buffers are now capped (JPEGMEM), so such a file is one
     black pixel under --bad-records zero, an undecodable image otherwise; every JPEG within the decoding cap,
-    progressive and four components included, still decodes, and the caller's JPEGMEM is left as it was."""
+    progressive and four components included, still decodes; the caller's JPEGMEM does not decide."""
     import io
     import os
     import struct
@@ -409,8 +409,7 @@ def test_a_tiny_progressive_jpeg_declaring_a_huge_image_is_one_black_pixel(tmp_p
     assert isinstance(got, Replaced) and got.identity == replaced_identity(file_bytes=hashlib.sha256(data).digest())
     with pytest.raises(MepfError, match="cannot read image"):
         decode_image(tmp_path / "huge.jpg")
-    assert os.environ["JPEGMEM"] == "99999M"
-    monkeypatch.delenv("JPEGMEM")
+    assert os.environ["JPEGMEM"] == "560M"  # mepf's, for the rest of its process
     for mode, colour in (("RGB", (1, 2, 3)), ("CMYK", (0, 50, 100, 150))):  # at the cap, 4:4:4, 4 components
         Image.new(mode, (8192, 8192), colour).save(tmp_path / "cap.jpg", quality=95, progressive=True, subsampling=0)
         got = decode_image(tmp_path / "cap.jpg")
@@ -418,7 +417,6 @@ def test_a_tiny_progressive_jpeg_declaring_a_huge_image_is_one_black_pixel(tmp_p
             want = np.asarray(im.convert("RGB").crop((0, 0, 64, 64)))
         assert got.shape == (8192, 8192, 3) and np.array_equal(got[:64, :64], want), mode
         del got
-    assert "JPEGMEM" not in os.environ
     for name, extra in (("D", None), ("D_huge", "huge.jpg")):
         root = tmp_path / name / "a"
         root.mkdir(parents=True)
@@ -468,37 +466,83 @@ def test_pixels_converted_in_tiles_are_pillows_whole_conversion(tmp_path, monkey
             assert got.dtype == np.uint8 and np.array_equal(got, want), (strip, mode)
 
 
-def test_a_machine_out_of_memory_is_said_not_a_black_record(tmp_path):
-    """Under --bad-records zero a MemoryError while decoding made the record the black image: a rule of the free
-    memory, not of the record (review 29). Now an error saying so, in a process whose memory a limit cuts."""
-    import subprocess
-    import sys
-
-    png_rgb = tmp_path / "cap.png"
+def png_of_zeros(path, w, h, colour=2, depth=8):
+    """A valid PNG of w x h zero pixels (colour type 0, 2, 4 or 6), streamed through zlib: a few hundred KB at most."""
     import struct
     import zlib
 
     comp = zlib.compressobj(9)
-    row = b"\x00" * (1 + 4096 * 3)
-    data = b"".join(comp.compress(row) for _ in range(4096)) + comp.flush()
-    png_rgb.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4096, 4096, 8, 2, 0, 0, 0))
-                        + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b""))
+    row = b"\x00" * (1 + w * {0: 1, 2: 3, 4: 2, 6: 4}[colour] * depth // 8)
+    data = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0))
+                     + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b""))
+    return path
+
+
+def test_a_machine_out_of_memory_is_said_never_a_black_record(tmp_path):
+    """Under --bad-records zero a MemoryError while decoding made the record the black image, a rule of the free
+    memory (review 29); and where libjpeg's or zlib's own allocation failed (an OSError, as a corrupt file gives) it
+    still did (review 30: a valid progressive JPEG was black under `ulimit -v 4 GB`, decoded under 6). Now, under
+    address-space limits from too little to enough, each image is decoded or the run is told it is out of memory,
+    never the black image; an 8 x 8 image decodes under every one of them."""
+    import subprocess
+    import sys
+
+    png_of_zeros(tmp_path / "cap.png", 4096, 4096)
+    Image.new("CMYK", (2048, 2048), (0, 50, 100, 150)).save(tmp_path / "prog.jpg", quality=90, progressive=True,
+                                                           subsampling=0)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "small.png")
     script = (
         "import resource, sys\n"
         "from pathlib import Path\n"
         "from mepf.embed.files import decode_image\n"
         "from mepf.artifacts.errors import MepfError\n"
-        "print(decode_image(Path(sys.argv[1]), zero=True).shape)  # fits\n"
+        "import PIL.Image, PIL.PngImagePlugin, PIL.JpegImagePlugin  # imported before the limit\n"
         "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (vm + (24 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
-        "try:\n"
-        "    print(type(decode_image(Path(sys.argv[1]), zero=True)).__name__)\n"
-        "except MepfError as e:\n"
-        "    print('MepfError', e)\n")
-    r = subprocess.run([sys.executable, "-c", script, str(png_rgb)], capture_output=True, text=True, timeout=120)
-    lines = r.stdout.splitlines()
-    assert r.returncode == 0 and lines[0] == "(4096, 4096, 3)", r.stdout + r.stderr
-    assert lines[1].startswith("MepfError out of memory while decoding") and "Replaced" not in r.stdout, lines
+        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (int(sys.argv[2]) << 20), hard))\n"
+        "for name in (sys.argv[1], 'small.png'):\n"
+        "    try:\n"
+        "        print(type(decode_image(Path(name), zero=True)).__name__)\n"
+        "    except MepfError as e:\n"
+        "        print(str(e)[:36])\n")
+    for name in ("cap.png", "prog.jpg"):
+        seen = set()
+        for extra in (40, 80, 120, 160, 200, 250, 300, 400, 700):
+            r = subprocess.run([sys.executable, "-c", script, name, str(extra)], capture_output=True, text=True,
+                               timeout=120, cwd=tmp_path)
+            got, small = r.stdout.splitlines()
+            assert r.returncode == 0 and small == "ndarray", (name, extra, r.stdout + r.stderr)
+            assert got == "ndarray" or got.startswith("out of memory while decoding"), (name, extra, got)
+            seen.add(got)
+        assert len(seen) == 2, (name, seen)  # both sides of the limit were reached
+
+
+def test_a_png_wider_than_pillow_unpacks_is_one_black_pixel_whatever_the_memory(tmp_path):
+    """Pillow raises MemoryError, allocating nothing, for a PNG row of more than 2^31 bits: 67,108,860 x 1 RGBA (a
+    254 KB file, within 2^26 pixels) or 16-bit RGB over 44.7 M wide. Review 30: read as the machine's memory, D plus
+    that one record gave an error where D gave a file. A PNG wider than 2^24 is now one black pixel, by its header."""
+    from mepf.embed.files import MAX_PNG_WIDTH, decode_image
+    from mepf.embed.sources import Replaced
+
+    for w, colour, depth in ((67_108_860, 6, 8), (50_000_000, 2, 16), (MAX_PNG_WIDTH + 1, 0, 1)):
+        path = png_of_zeros(tmp_path / "wide.png", w, 1, colour, depth)
+        assert isinstance(decode_image(path), Replaced) and isinstance(decode_image(path, zero=True), Replaced)
+    assert decode_image(png_of_zeros(tmp_path / "ok.png", MAX_PNG_WIDTH, 1, 0, 8)).shape == (1, MAX_PNG_WIDTH, 1)
+    png_of_zeros(tmp_path / "wide.png", 67_108_860, 1, 6, 8)
+    shapes = {}
+    for name, extra in (("D", None), ("D_wide", "wide.png")):
+        root = tmp_path / name / "a"
+        root.mkdir(parents=True)
+        for i, im in enumerate(make_images(3, seed=4)):
+            Image.fromarray(im[:, :, 0]).save(root / f"{i}.png")
+        if extra:
+            shutil.copy(tmp_path / extra, root / "z.png")
+        r = embed(tmp_path / name, tmp_path / f"{name}.h5", tmp_path / f"{name}.jsonl", "--workers", "0", *TINY,
+                  "--force", "--image-size", "28", "--channels", "1")
+        assert r.exit_code == 0, r.output + r.stderr
+        shapes[name] = {k: v.shape for k, v in load(tmp_path / f"{name}.h5").arrays.items()}
+    assert shapes["D"] == shapes["D_wide"]
 
 
 def test_a_failure_of_the_pass_is_told_out_of_memory_from_the_exceptions_the_machine_raises():
@@ -508,10 +552,13 @@ def test_a_failure_of_the_pass_is_told_out_of_memory_from_the_exceptions_the_mac
         torch.empty(2 ** 50, dtype=torch.uint8)
     with pytest.raises(MemoryError) as host:
         np.empty(2 ** 50)
-    assert out_of_memory(cpu.value) and out_of_memory(host.value)
-    assert out_of_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed. "))
-    assert not out_of_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Segmentation fault."))
-    assert not out_of_memory(ValueError("out of memory")) and not out_of_memory(OSError("broken data stream"))
+    from mepf.embed.release import GPU_OUT_OF_MEMORY, OUT_OF_MEMORY
+
+    assert out_of_memory(cpu.value) == out_of_memory(host.value) == OUT_OF_MEMORY
+    assert out_of_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed. ")) == OUT_OF_MEMORY
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == GPU_OUT_OF_MEMORY
+    assert out_of_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Segmentation fault.")) is None
+    assert out_of_memory(ValueError("out of memory")) is None and out_of_memory(OSError("broken data stream")) is None
 
 
 def test_png_text_and_profiles_cannot_stop_the_release(tmp_path, monkeypatch):
@@ -731,7 +778,7 @@ def test_a_source_listing_more_records_than_the_exact_sums_hold_is_refused_befor
             return super()._read_image(path, *identity)
 
     ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(28, 28), channels=1)
-    with pytest.raises(MepfError, match="more than 2\\^31 records") as e:
+    with pytest.raises(MepfError, match="lists 2\\^31 records or more") as e:
         embed_to_file(Huge(image_folder), Transform((28, 28), 1), ex, spec, out=tmp_path / "x.h5", epsilon=1.0,
                       delta=1e-12, release_log_path=tmp_path / "log.jsonl", progress=False, force=True)
     assert Huge.decoded == 0 and not re.search(r"\d", str(e.value).replace("2^31", ""))
