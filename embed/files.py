@@ -41,14 +41,18 @@ _WIDE_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 #: the Pillow decoders an image file may reach; JPEG's may give an MPO (a JPEG with more frames, as cameras write)
 PIL_FORMATS = ("PNG", "JPEG")
 #: no image is decoded at more pixels than this (a 25 KB PNG can declare 200 M): a larger JPEG is decoded at 1/2,
-#: 1/4 or 1/8 scale by its own DCT (any JPEG, at most 65,535 px a side, then fits), a larger PNG is the record of
-#: one black pixel. A fixed rule in place of Pillow's decompression-bomb refusal, whose outcome (no release) a
-#: single record chose
+#: 1/4 or 1/8 scale by its own DCT (a JPEG has at most 65,535 px a side; libjpeg refuses sides over 65,500, which
+#: are then undecodable), a larger PNG is the record of one black pixel. A fixed rule in place of Pillow's
+#: decompression-bomb refusal, whose outcome (no release) a single record chose
 MAX_DECODED_PIXELS = 1 << 26
-#: a PNG wider than this is one black pixel, as one above MAX_DECODED_PIXELS: Pillow refuses rows of more than
-#: 2^31 bits with a MemoryError before allocating anything (67,108,860 x 1 RGBA, 254 KB: review 30), which must
-#: not read as the machine's memory
-MAX_PNG_WIDTH = 1 << 24
+#: a PNG with a side longer than this (a JPEG's longest) is one black pixel, as one above MAX_DECODED_PIXELS: Pillow
+#: refuses rows of more than 2^31 bits with a MemoryError before allocating anything (67,108,860 x 1 RGBA, 254 KB:
+#: review 30), which must not read as the machine's memory; and the resize's first pass holds height x target width
+#: floats (8 GB for a 489 KB PNG of 1 x 2^26 at 32 px: review 31)
+MAX_PNG_SIDE = 65_535
+#: the most bytes one read of an image file returns: Pillow skips the rest of a PNG's IDAT with one read of its
+#: declared length, which Python allocates before reading (4 GB asked by a 352-byte file: review 31)
+MAX_READ = 1 << 26
 #: libjpeg's limit on its whole-image buffers (JPEGMEM, in MB): a progressive JPEG, or one whose first scan holds
 #: fewer than all its components, is decoded through the coefficients of the whole image at full size, whatever
 #: scale is asked (a 557-byte file declaring 32,768 x 32,768 took 3.3 GB). 560 MB holds them for any JPEG within
@@ -104,6 +108,33 @@ def _metadata_skipped():
         markers.update(saved_markers)
 
 
+class _Bounded:
+    """An image file as Pillow reads it: no read asks for more than the file holds past the position (a read of n
+    bytes allocates n before reading), and none returns more than MAX_READ (an OSError: the file is undecodable)."""
+
+    def __init__(self, f):
+        self._f, self._size = f, os.fstat(f.fileno()).st_size
+
+    def read(self, n=-1) -> bytes:
+        left = max(0, self._size - self._f.tell())
+        n = left if n is None or n < 0 else min(n, left)
+        if n > MAX_READ:
+            raise OSError("a read of an image file longer than MAX_READ")
+        return self._f.read(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
 def _replaced(path: Path, file=None) -> Replaced:
     """A record the pass embeds as one black pixel, counted by the repeat check as its file's bytes."""
     with contextlib.ExitStack() as stack:
@@ -148,11 +179,13 @@ def decode_image(path: Path, file=None, zero: bool = False):
             warnings.simplefilter("ignore")
             Image.MAX_IMAGE_PIXELS = None  # its refusal of large images is replaced by MAX_DECODED_PIXELS' rule
             # by content Pillow would open ~40 formats, EPS through an external Ghostscript: PNG and JPEG only
-            with Image.open(path if file is None else file, formats=PIL_FORMATS) as im:
+            with contextlib.ExitStack() as stack:
+                f = file if file is not None else stack.enter_context(open(path, "rb"))
+                im = stack.enter_context(Image.open(_Bounded(f), formats=PIL_FORMATS))
                 if im.format not in (*PIL_FORMATS, "MPO"):
                     raise ValueError("not PNG or JPEG")
                 w, h = im.size
-                if im.format == "PNG" and (w * h > MAX_DECODED_PIXELS or w > MAX_PNG_WIDTH):
+                if im.format == "PNG" and (w * h > MAX_DECODED_PIXELS or max(w, h) > MAX_PNG_SIDE):
                     return _replaced(path, file)
                 if w * h > MAX_DECODED_PIXELS:
                     k = next(k for k in (2, 4, 8) if _ceil_div(w, k) * _ceil_div(h, k) <= MAX_DECODED_PIXELS)
@@ -185,7 +218,8 @@ def decode_image(path: Path, file=None, zero: bool = False):
 def _decode_bytes(im, w: int, h: int) -> int:
     """At most what decoding `im` (declared w x h, drafted to im.size) takes: its pixels, and for a JPEG the
     coefficients of the whole image at full size (each component padded to 32 px), up to libjpeg's limit."""
-    need = DECODE_BYTES_PER_PIXEL * im.size[0] * im.size[1] + DECODE_BYTES_ONCE
+    need = DECODE_BYTES_PER_PIXEL * im.size[0] * im.size[1] + DECODE_BYTES_ONCE + 8 * h + 32 * w  # rows: pointers,
+    # and the decoder's row buffers of up to 8 bytes a pixel
     if im.format != "PNG":
         components = len(getattr(im, "layer", None) or ()) or 4
         need += min(JPEG_MEMORY_MB * 10 ** 6, 2 * components * -(-w // 32) * 32 * -(-h // 32) * 32)
@@ -193,8 +227,9 @@ def _decode_bytes(im, w: int, h: int) -> int:
 
 
 def _out_of_memory(path) -> MepfError:
-    return MepfError(f"out of memory while decoding {path}; an image may decode to 2^26 pixels (README, 'What can "
-                     "stop a run'): give the process more memory (ulimit -v), or fewer --workers")
+    return MepfError(f"out of memory while decoding {path}; decoding one image may take up to 1.7 GB beside what "
+                     "mepf holds (README, 'What can stop a run'): give the process more memory (ulimit -v), or fewer "
+                     "--workers")
 
 
 def decode_listed(path: Path, identity, zero: bool = False) -> np.ndarray:

@@ -518,17 +518,20 @@ def test_a_machine_out_of_memory_is_said_never_a_black_record(tmp_path):
         assert len(seen) == 2, (name, seen)  # both sides of the limit were reached
 
 
-def test_a_png_wider_than_pillow_unpacks_is_one_black_pixel_whatever_the_memory(tmp_path):
+def test_a_png_with_a_side_past_a_jpegs_is_one_black_pixel_whatever_the_memory(tmp_path):
     """Pillow raises MemoryError, allocating nothing, for a PNG row of more than 2^31 bits: 67,108,860 x 1 RGBA (a
-    254 KB file, within 2^26 pixels) or 16-bit RGB over 44.7 M wide. Review 30: read as the machine's memory, D plus
-    that one record gave an error where D gave a file. A PNG wider than 2^24 is now one black pixel, by its header."""
-    from mepf.embed.files import MAX_PNG_WIDTH, decode_image
+    254 KB file, within 2^26 pixels) or 16-bit RGB over 44.7 M wide (review 30: read as the machine's memory, D plus
+    that one record gave an error where D gave a file); and a valid 489 KB PNG of 1 x 2^26 took 8 GB in the resize's
+    first pass (review 31). A PNG with a side over 65,535 (a JPEG's longest) is now one black pixel, by its header."""
+    from mepf.embed.files import MAX_PNG_SIDE, decode_image
     from mepf.embed.sources import Replaced
 
-    for w, colour, depth in ((67_108_860, 6, 8), (50_000_000, 2, 16), (MAX_PNG_WIDTH + 1, 0, 1)):
-        path = png_of_zeros(tmp_path / "wide.png", w, 1, colour, depth)
+    for w, h, colour, depth in ((67_108_860, 1, 6, 8), (50_000_000, 1, 2, 16), (MAX_PNG_SIDE + 1, 1, 0, 1),
+                                (1, MAX_PNG_SIDE + 1, 0, 1)):
+        path = png_of_zeros(tmp_path / "long.png", w, h, colour, depth)
         assert isinstance(decode_image(path), Replaced) and isinstance(decode_image(path, zero=True), Replaced)
-    assert decode_image(png_of_zeros(tmp_path / "ok.png", MAX_PNG_WIDTH, 1, 0, 8)).shape == (1, MAX_PNG_WIDTH, 1)
+    for w, h in ((MAX_PNG_SIDE, 1), (1, MAX_PNG_SIDE)):
+        assert decode_image(png_of_zeros(tmp_path / "ok.png", w, h, 0, 8)).shape == (h, w, 1)
     png_of_zeros(tmp_path / "wide.png", 67_108_860, 1, 6, 8)
     shapes = {}
     for name, extra in (("D", None), ("D_wide", "wide.png")):
@@ -543,6 +546,47 @@ def test_a_png_wider_than_pillow_unpacks_is_one_black_pixel_whatever_the_memory(
         assert r.exit_code == 0, r.output + r.stderr
         shapes[name] = {k: v.shape for k, v in load(tmp_path / f"{name}.h5").arrays.items()}
     assert shapes["D"] == shapes["D_wide"]
+
+
+def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
+    """Pillow skips the rest of a PNG's IDAT chunk with one read of its declared length, which Python allocates
+    before reading: a valid 28 x 28 PNG whose IDAT declares 4 GB asked for 4 GB, so under an address-space limit
+    it was 'out of memory' and the run stopped, D plus it an error (review 31). Reads are now bounded by the bytes
+    the file holds (it decodes, in a process with 1 GB to spare), and by MAX_READ, past which (a sparse 100 MB
+    tail) the file is undecodable, a rule of its bytes alone."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    pixels = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    stream = zlib.compress(b"".join(b"\x00" + pixels[r].tobytes() for r in range(28)))
+    crafted = tmp_path / "idat4g.png"
+    crafted.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0))
+                        + struct.pack(">I", 0xFFFFFFFF) + b"IDAT" + stream)
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "import PIL.Image, PIL.PngImagePlugin\n"
+        "from mepf.embed.files import decode_image\n"
+        "from mepf.artifacts.errors import MepfError\n"
+        "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "for zero in (False, True):\n"
+        "    try:\n"
+        "        a = decode_image(Path(sys.argv[1]), zero=zero)\n"
+        "        print(f'ndarray {a.shape} {int(a.sum())}' if isinstance(a, np.ndarray) else type(a).__name__)\n"
+        "    except MepfError as e:\n"
+        "        print(str(e)[:22])\n")
+    r = subprocess.run([sys.executable, "-c", script, str(crafted)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray (28, 28, 1) {int(pixels.sum())}"] * 2, (
+        r.stdout + r.stderr)
+    with open(crafted, "r+b") as f:  # a sparse tail the IDAT's declared length covers: 100 MB, no disk
+        f.truncate(100 << 20)
+    r = subprocess.run([sys.executable, "-c", script, str(crafted)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["cannot read image " + str(crafted)[:4], "Replaced"], (
+        r.stdout + r.stderr)
 
 
 def test_a_failure_of_the_pass_is_told_out_of_memory_from_the_exceptions_the_machine_raises():
