@@ -18,7 +18,9 @@ from pathlib import Path
 CASES = {  # name: (width, height, PNG colour type, bit depth), or a JPEG: (width, height, "progressive jpeg")
     "8192 x 8192 RGB": (8192, 8192, 2, 8),
     "8192 x 8192 grey 16-bit": (8192, 8192, 0, 16),
-    "2^24 x 4 RGB": (1 << 24, 4, 2, 8),
+    "65535 x 1024 RGB": (65535, 1024, 2, 8),
+    "1024 x 65535 RGB": (1024, 65535, 2, 8),
+    "65535 x 1024 RGBA 16-bit": (65535, 1024, 6, 16),
     "8192 x 8192 JPEG prog.": (8192, 8192, "progressive jpeg"),
     "32768 x 32768 JPEG prog.": (32768, 32768, "progressive jpeg"),
 }
@@ -41,7 +43,7 @@ print(f"{base:.0f} {decoded - base:.0f} {peak() - base:.0f} {type(a).__name__}")
 
 def png(path: Path, w: int, h: int, colour: int, depth: int) -> None:
     """A valid PNG of zero pixels, streamed through zlib (a few hundred KB at most)."""
-    row = b"\x00" * (1 + w * {0: 1, 2: 3}[colour] * depth // 8)
+    row = b"\x00" * (1 + w * {0: 1, 2: 3, 6: 4}[colour] * depth // 8)
     comp = zlib.compressobj(9)
     data = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
 
