@@ -340,6 +340,21 @@ def png_1bit(path, w, h):
                      + png_chunk(b"IEND", b""))
 
 
+def released_shapes(tmp_path, name, extra=None, *options) -> dict:
+    """The shapes of the release (--out tmp_path/name.h5) of a folder of 3 small images and, if given, the file
+    `extra` as one more image: D and D plus one record must give the same."""
+    root = tmp_path / name / "a"
+    root.mkdir(parents=True)
+    for i, im in enumerate(make_images(3, seed=4)):
+        Image.fromarray(im[:, :, 0]).save(root / f"{i}.png")
+    if extra is not None:
+        shutil.copy(extra, root / f"z{extra.suffix}")
+    r = embed(tmp_path / name, tmp_path / f"{name}.h5", tmp_path / f"{name}.jsonl", "--workers", "0", *TINY,
+              "--force", "--image-size", "28", "--channels", "1", *options)
+    assert r.exit_code == 0, r.output + r.stderr
+    return {k: v.shape for k, v in load(tmp_path / f"{name}.h5").arrays.items()}
+
+
 def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp_path):
     """A 25 KB PNG declaring 200 M pixels made Pillow refuse it (DecompressionBombError) and so stopped the
     release: D gave a file, D plus that one record an error. Now a fixed rule: a PNG above MAX_DECODED_PIXELS is
@@ -369,19 +384,8 @@ def test_a_record_larger_than_any_decoder_allows_does_not_choose_the_outcome(tmp
         got = decode_image(tmp_path / "odd.jpg")
         assert got.shape[:2] == want and got.size <= MAX_DECODED_PIXELS, (w, h, got.shape)
     assert PILImage.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is back for every other reader
-    shapes = {}
-    for name, extra in (("D", None), ("D_png", "huge.png"), ("D_jpg", "big.jpg")):
-        root = tmp_path / name / "a"
-        root.mkdir(parents=True)
-        for i, im in enumerate(make_images(3, seed=4)):
-            PILImage.fromarray(im[:, :, 0]).save(root / f"{i}.png")
-        if extra:
-            (tmp_path / extra).rename(root / f"z-{extra}")
-        r = embed(tmp_path / name, tmp_path / f"{name}.h5", tmp_path / f"{name}.jsonl", "--workers", "0", *TINY,
-                  "--force", "--image-size", "28", "--channels", "1")
-        assert r.exit_code == 0, r.output + r.stderr
-        shapes[name] = {k: v.shape for k, v in load(tmp_path / f"{name}.h5").arrays.items()}
-    assert shapes["D"] == shapes["D_png"] == shapes["D_jpg"]
+    assert (released_shapes(tmp_path, "D") == released_shapes(tmp_path, "D_png", tmp_path / "huge.png")
+            == released_shapes(tmp_path, "D_jpg", tmp_path / "big.jpg"))
 
 
 def test_a_tiny_progressive_jpeg_declaring_a_huge_image_is_one_black_pixel(tmp_path, monkeypatch):
@@ -417,18 +421,8 @@ def test_a_tiny_progressive_jpeg_declaring_a_huge_image_is_one_black_pixel(tmp_p
             want = np.asarray(im.convert("RGB").crop((0, 0, 64, 64)))
         assert got.shape == (8192, 8192, 3) and np.array_equal(got[:64, :64], want), mode
         del got
-    for name, extra in (("D", None), ("D_huge", "huge.jpg")):
-        root = tmp_path / name / "a"
-        root.mkdir(parents=True)
-        for i, im in enumerate(make_images(3, seed=4)):
-            Image.fromarray(im[:, :, 0]).save(root / f"{i}.png")
-        if extra:
-            shutil.copy(tmp_path / extra, root / "z.jpg")
-        r = embed(tmp_path / name, tmp_path / f"{name}.h5", tmp_path / f"{name}.jsonl", "--workers", "0", *TINY,
-                  "--force", "--image-size", "28", "--channels", "1", "--bad-records", "zero")
-        assert r.exit_code == 0, r.output + r.stderr
-    assert ({k: v.shape for k, v in load(tmp_path / "D.h5").arrays.items()}
-            == {k: v.shape for k, v in load(tmp_path / "D_huge.h5").arrays.items()})
+    assert (released_shapes(tmp_path, "D", None, "--bad-records", "zero")
+            == released_shapes(tmp_path, "D_huge", tmp_path / "huge.jpg", "--bad-records", "zero"))
 
 
 def test_pixels_converted_in_tiles_are_pillows_whole_conversion(tmp_path, monkeypatch):
@@ -533,19 +527,7 @@ def test_a_png_with_a_side_past_a_jpegs_is_one_black_pixel_whatever_the_memory(t
     for w, h in ((MAX_PNG_SIDE, 1), (1, MAX_PNG_SIDE)):
         assert decode_image(png_of_zeros(tmp_path / "ok.png", w, h, 0, 8)).shape == (h, w, 1)
     png_of_zeros(tmp_path / "wide.png", 67_108_860, 1, 6, 8)
-    shapes = {}
-    for name, extra in (("D", None), ("D_wide", "wide.png")):
-        root = tmp_path / name / "a"
-        root.mkdir(parents=True)
-        for i, im in enumerate(make_images(3, seed=4)):
-            Image.fromarray(im[:, :, 0]).save(root / f"{i}.png")
-        if extra:
-            shutil.copy(tmp_path / extra, root / "z.png")
-        r = embed(tmp_path / name, tmp_path / f"{name}.h5", tmp_path / f"{name}.jsonl", "--workers", "0", *TINY,
-                  "--force", "--image-size", "28", "--channels", "1")
-        assert r.exit_code == 0, r.output + r.stderr
-        shapes[name] = {k: v.shape for k, v in load(tmp_path / f"{name}.h5").arrays.items()}
-    assert shapes["D"] == shapes["D_wide"]
+    assert released_shapes(tmp_path, "D") == released_shapes(tmp_path, "D_wide", tmp_path / "wide.png")
 
 
 def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
@@ -784,13 +766,19 @@ def test_nothing_printed_is_computed_from_the_records(tmp_path):
     assert not re.search(r"\d", text), repr(text)  # no count, rate, percentage or statistic
 
 
-def test_delta_refusal_reads_nothing_and_names_no_number(tmp_path, image_folder):
+def counting_folder():
+    """A FolderSource class counting the images it decodes (`decoded`): what is refused before the pass reads none."""
     class Counting(FolderSource):
         decoded = 0
 
         def _read_image(self, path, *identity):
-            Counting.decoded += 1
+            type(self).decoded += 1
             return super()._read_image(path, *identity)
+    return Counting
+
+
+def test_delta_refusal_reads_nothing_and_names_no_number(tmp_path, image_folder):
+    Counting = counting_folder()
 
     from mepf.embed.release import embed_to_file
 
@@ -811,15 +799,9 @@ def test_a_source_listing_more_records_than_the_exact_sums_hold_is_refused_befor
 
     assert MAX_RECORDS * 2 ** QUANT_BITS <= 2 ** 63 - 1 < (MAX_RECORDS + 1) * 2 ** QUANT_BITS
 
-    class Huge(FolderSource):
-        decoded = 0
-
+    class Huge(counting_folder()):
         def __len__(self):
             return MAX_RECORDS + 1
-
-        def _read_image(self, path, *identity):
-            Huge.decoded += 1
-            return super()._read_image(path, *identity)
 
     ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(28, 28), channels=1)
     with pytest.raises(MepfError, match="lists 2\\^31 records or more") as e:
@@ -892,12 +874,7 @@ def test_the_same_unchanged_files_again_are_refused_before_any_record_is_read(tm
     from mepf.embed.files import ArraySource
     from mepf.embed.release import embed_to_file
 
-    class Counting(FolderSource):
-        decoded = 0
-
-        def _read_image(self, path, *identity):
-            Counting.decoded += 1
-            return super()._read_image(path, *identity)
+    Counting = counting_folder()
 
     ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(28, 28), channels=1)
     log = tmp_path / "log.jsonl"
