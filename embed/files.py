@@ -51,7 +51,8 @@ MAX_DECODED_PIXELS = 1 << 26
 #: floats (8 GB for a 489 KB PNG of 1 x 2^26 at 32 px: review 31)
 MAX_PNG_SIDE = 65_535
 #: the most bytes one read of an image file returns: Pillow skips the rest of a PNG's IDAT with one read of its
-#: declared length, which Python allocates before reading (4 GB asked by a 352-byte file: review 31)
+#: declared length, which Python allocates before reading (4 GB asked by a 352-byte file: review 31); a longer read
+#: is a seek (a valid PNG may hold 70 MB of empty deflate blocks past its rows: review 32)
 MAX_READ = 1 << 26
 #: libjpeg's limit on its whole-image buffers (JPEGMEM, in MB): a progressive JPEG, or one whose first scan holds
 #: fewer than all its components, is decoded through the coefficients of the whole image at full size, whatever
@@ -81,36 +82,76 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: the chunks Pillow's PNG reader handles whose data may be long: the image's own (read by its decoder) and those
+#: in PNG_SKIPPED_CHUNKS; every other chunk it handles is short by the PNG specification (PLTE at most 768 bytes)
+_PNG_LONG_CHUNKS = {"IDAT", "fdAT", "IEND", *PNG_SKIPPED_CHUNKS}
+#: a chunk of another kind Pillow handles that is longer than this makes the file undecodable
+PNG_SHORT_CHUNK = 4096
+
+
+class _Skipped(bytes):
+    """A skipped chunk's data as its handler returns it: nothing, and its CRC (read in blocks, never held)."""
+
+    crc = 0
+
+
+def _skip_chunk(fp, cid: bytes, length: int) -> _Skipped:
+    import zlib
+
+    crc, left = zlib.crc32(cid), length
+    while left > 0:
+        block = fp.read(min(left, 1 << 20))
+        if not block:
+            raise OSError("Truncated File Read")
+        crc, left = zlib.crc32(block, crc), left - len(block)
+    skipped = _Skipped()
+    skipped.crc = crc
+    return skipped
+
+
 @contextlib.contextmanager
 def _metadata_skipped():
-    """Pillow's PNG and JPEG readers skip PNG_SKIPPED_CHUNKS and JPEG_SKIPPED_MARKERS unparsed while this holds
-    (decoding runs in processes, never threads, so no other reader sees it)."""
-    from PIL import ImageFile, JpegImagePlugin, PngImagePlugin
-
-    def skip(self, pos, length):
-        return ImageFile._safe_read(self.fp, length)
+    """Pillow's PNG reader skips PNG_SKIPPED_CHUNKS and chunks it has no handler for in blocks, checking their CRC
+    but holding none of their data (it read each whole, twice over while joining its blocks, and kept private
+    chunks: an 8 x 8 PNG with a 1 GB chunk took 2 GB, review 32), and refuses a handled chunk past
+    PNG_SHORT_CHUNK; its JPEG reader skips JPEG_SKIPPED_MARKERS unparsed. All while this holds (decoding runs in
+    processes, never threads, so no other reader sees it)."""
+    from PIL import JpegImagePlugin, PngImagePlugin
 
     stream, markers = PngImagePlugin.PngStream, JpegImagePlugin.MARKER
-    saved = {c: stream.__dict__.get(f"chunk_{c}") for c in PNG_SKIPPED_CHUNKS}
+    call, crc = stream.call, stream.crc
+
+    def call_skipping(self, cid, pos, length):
+        kind = cid.decode("ascii")  # as Pillow's call: UnicodeDecodeError for a type that is not ASCII
+        if kind not in _PNG_LONG_CHUNKS and hasattr(self, f"chunk_{kind}"):
+            if length > PNG_SHORT_CHUNK:
+                raise SyntaxError("a PNG chunk longer than its kind allows")
+            return call(self, cid, pos, length)
+        if kind in PNG_SKIPPED_CHUNKS or not hasattr(self, f"chunk_{kind}"):
+            return _skip_chunk(self.fp, cid, length)
+        return call(self, cid, pos, length)
+
+    def crc_of_skipped(self, cid, data):
+        if not isinstance(data, _Skipped):
+            return crc(self, cid, data)
+        stored = self.fp.read(4)
+        if len(stored) < 4 or int.from_bytes(stored, "big") != data.crc:
+            raise SyntaxError(f"broken PNG file (bad checksum in {cid!r})")
+
     saved_markers = {m: markers[m] for m in JPEG_SKIPPED_MARKERS}
-    for c in PNG_SKIPPED_CHUNKS:
-        setattr(stream, f"chunk_{c}", skip)
+    stream.call, stream.crc = call_skipping, crc_of_skipped
     for m, (name, description, _) in saved_markers.items():
         markers[m] = (name, description, JpegImagePlugin.Skip)
     try:
         yield
     finally:
-        for c, handler in saved.items():
-            if handler is None:
-                delattr(stream, f"chunk_{c}")
-            else:
-                setattr(stream, f"chunk_{c}", handler)
+        stream.call, stream.crc = call, crc
         markers.update(saved_markers)
 
 
 class _Bounded:
     """An image file as Pillow reads it: no read asks for more than the file holds past the position (a read of n
-    bytes allocates n before reading), and none returns more than MAX_READ (an OSError: the file is undecodable)."""
+    bytes allocates n before reading), and one of more than MAX_READ bytes moves past them and returns none."""
 
     def __init__(self, f):
         self._f, self._size = f, os.fstat(f.fileno()).st_size
@@ -118,8 +159,9 @@ class _Bounded:
     def read(self, n=-1) -> bytes:
         left = max(0, self._size - self._f.tell())
         n = left if n is None or n < 0 else min(n, left)
-        if n > MAX_READ:
-            raise OSError("a read of an image file longer than MAX_READ")
+        if n > MAX_READ:  # Pillow's only such read skips the rest of a PNG's IDAT, past the image's rows
+            self._f.seek(n, os.SEEK_CUR)
+            return b""
         return self._f.read(n)
 
     def seek(self, offset: int, whence: int = 0) -> int:

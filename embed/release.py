@@ -66,9 +66,8 @@ class Sums:
 NOT_RELEASED = "interrupted before the release was logged: nothing was released; run the same command again"
 AGAIN = "interrupted again: stopped at once, before the release was logged: nothing was released"
 
-OUT_OF_MEMORY = ("the pass ran out of memory; nothing was released; one image may decode to 2^26 pixels, about 1 GB "
-                 "at its peak in each loader worker (README, 'What can stop a run'): give the process more memory, or "
-                 "fewer --workers")
+OUT_OF_MEMORY = ("the pass ran out of memory; nothing was released; decoding one image may take up to 1.7 GB in each "
+                 "loader worker (README, 'What can stop a run'): give the process more memory, or fewer --workers")
 
 
 GPU_OUT_OF_MEMORY = "the GPU ran out of memory; nothing was released; embed with a smaller --batch-size"
@@ -324,6 +323,17 @@ def files_identity(source) -> str | None:
     return hashlib.sha256(repr(what).encode()).hexdigest()
 
 
+def check_same_files(earlier: list, log_path: Path) -> None:
+    """Refuse, before the pass, data read from the very files of earlier private releases, unchanged. Baselines
+    are left to the pass's check, whose refusal says what to do about them."""
+    earlier = [e for e in earlier if e.get("epsilon") is not None]  # eps = inf is logged as null
+    if earlier:
+        raise MepfError(f"these files, unchanged, were released before ({len(earlier)} release(s) from them in "
+                        f"{log_path}, the last to {earlier[-1].get('output')}; releases of copies are counted after "
+                        "reading); a second release spends more privacy budget. Reuse the earlier file, or pass "
+                        "--allow-repeat knowingly (`mepf audit FILE --release-log` then shows the composed total)")
+
+
 def check_repeat(found: dict, log_path: Path, allow_repeat: bool) -> list:
     """Refuse a release of data that was released before (the same records, or mostly the same) unless
     allowed; return warnings for a smaller overlap. Decided before any noise is drawn."""
@@ -444,8 +454,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
     key, narrowed, created = distributed.on_main(lambda: release_log.prepare(log_path, entries)) or (None, None, False)
     files = files_identity(source)
     if files is not None and not allow_repeat:  # the plain re-run: refused now, not after the whole pass
-        distributed.on_main(lambda: check_repeat({"same": release_log.same_files(entries, key, files), "most": [],
-                                                  "some": []}, log_path, False))
+        distributed.on_main(lambda: check_same_files(release_log.same_files(entries, key, files), log_path))
     tkey = distributed.broadcast_bytes(tag_key(key) if key is not None else None, 32)  # never the log's own key
     legacy = bool(release_log.open_keyed(entries or []))
 
@@ -463,6 +472,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         release_log.check_not_lost(log_path, now, key)
         found = release_log.related(now, sums.fingerprint, key)
         warnings = check_repeat(found, log_path, allow_repeat)
+        empty = sums.fingerprint.hexdigest() == Fingerprint().hexdigest()  # no record: no one's data to repeat
         notes = []
         if created:
             notes.append(f"started the release log {log_path}, its secret key {release_log.key_path(log_path)} and "
@@ -501,7 +511,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dataset=source.description, data=data_given,
                             output=os.path.abspath(out), output_sha256=sha, epsilon=ledger["achieved"]["epsilon"],
                             delta=delta, mu=ledger["mu"], relation=relation, repeat=bool(repeats),
-                            **({"files": release_log.files_key(key, files)} if files is not None else {})), lock=lock)
+                            **({"files": release_log.files_key(key, files)} if files is not None and not empty
+                               else {})), lock=lock)
                     except OSError as e:  # checked writable before the pass
                         raise MepfError(f"release log {log_path} could not be written ({type(e).__name__}); nothing "
                                         "was released; free space or fix the log's permissions and run again") from None

@@ -436,8 +436,9 @@ def same_files(entries: list, key: bytes, identity: str) -> list:
     """The entries released from these very files, unchanged and read the same way: found before any record is
     read, they are the data's repeats that the pass's fingerprint would find (a copy, a re-encoding or a changed
     file is left to the fingerprint). An entry's `files` can only add such a refusal, never take one away."""
-    mine = files_key(key, identity)
-    return [e for e in entries if isinstance(e.get("files"), str) and hmac.compare_digest(e["files"], mine)]
+    mine = files_key(key, identity).encode()
+    return [e for e in entries if isinstance(e.get("files"), str)
+            and hmac.compare_digest(e["files"].encode("utf-8", "surrogatepass"), mine)]
 
 
 def new_entry(fingerprint: Fingerprint, key: bytes, composes_with=(), **fields) -> dict:

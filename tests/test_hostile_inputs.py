@@ -534,8 +534,8 @@ def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
     """Pillow skips the rest of a PNG's IDAT chunk with one read of its declared length, which Python allocates
     before reading: a valid 28 x 28 PNG whose IDAT declares 4 GB asked for 4 GB, so under an address-space limit
     it was 'out of memory' and the run stopped, D plus it an error (review 31). Reads are now bounded by the bytes
-    the file holds (it decodes, in a process with 1 GB to spare), and by MAX_READ, past which (a sparse 100 MB
-    tail) the file is undecodable, a rule of its bytes alone."""
+    the file holds (it decodes, in a process with 1 GB to spare), and one past MAX_READ (a 100 MB tail after the
+    rows, which a valid PNG may hold: review 32) moves past them instead of reading them."""
     import struct
     import subprocess
     import sys
@@ -566,8 +566,51 @@ def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
         r.stdout + r.stderr)
     with open(crafted, "r+b") as f:  # a sparse tail the IDAT's declared length covers: 100 MB, no disk
         f.truncate(100 << 20)
-    r = subprocess.run([sys.executable, "-c", script, str(crafted)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.splitlines() == ["cannot read image " + str(crafted)[:4], "Replaced"], (
+    r = subprocess.run([sys.executable, "-c", script.replace("1 << 30", "80 << 20"), str(crafted)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray (28, 28, 1) {int(pixels.sum())}"] * 2, (
+        r.stdout + r.stderr)
+
+
+def test_a_pngs_other_chunks_are_skipped_unheld_and_a_short_kind_cannot_be_long(tmp_path):
+    """Pillow read every chunk whole, and twice over while joining its blocks, and kept the private ones: an 8 x 8
+    PNG with a 1 GB chunk took 2 GB, so under a limit D released and D plus it was 'out of memory' (review 32).
+    Chunks mepf does not use are now read in blocks, their CRC checked, nothing held: a 300 MB text chunk and a
+    300 MB private one decode with 80 MB to spare; a bad CRC is still undecodable; so is a PLTE (at most 768 bytes
+    by the PNG specification) of 5,000."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    idat = png_chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + pixels[r].tobytes() for r in range(8))))
+
+    def png(path, *chunks):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + b"".join(chunks) + idat + png_chunk(b"IEND", b""))
+        return str(path)
+
+    big = b"\x00" * (300 << 20)
+    files = [png(tmp_path / "text.png", png_chunk(b"tEXt", big)),
+             png(tmp_path / "private.png", png_chunk(b"prVt", big))]
+    del big
+    bad = bytearray(png_chunk(b"prVt", b"x" * 100))
+    bad[-1] ^= 1
+    files += [png(tmp_path / "badcrc.png", bytes(bad)), png(tmp_path / "plte.png", png_chunk(b"PLTE", bytes(5000)))]
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "import PIL.Image, PIL.PngImagePlugin\n"
+        "from mepf.embed.files import decode_image\n"
+        "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (80 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "for name in sys.argv[1:]:\n"
+        "    a = decode_image(Path(name), zero=True)\n"
+        "    print(f'ndarray {int(a.sum())}' if isinstance(a, np.ndarray) else type(a).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray {int(pixels.sum())}"] * 2 + ["Replaced"] * 2, (
         r.stdout + r.stderr)
 
 
@@ -886,10 +929,10 @@ def test_the_same_unchanged_files_again_are_refused_before_any_record_is_read(tm
     run(Counting(image_folder), "first.h5")
     assert Counting.decoded == 12 and json.loads(log.read_text())["files"].startswith("f1:")
     Counting.decoded = 0
-    with pytest.raises(MepfError, match="this dataset was already released") as e:
+    with pytest.raises(MepfError, match="these files, unchanged, were released before") as e:
         run(Counting(image_folder), "again.h5")
     assert Counting.decoded == 0 and not (tmp_path / "again.h5").exists() and len(release_log.read_log(log)) == 1
-    assert "1 earlier release(s)" in str(e.value) and "first.h5" in str(e.value)
+    assert "1 release(s) from them" in str(e.value) and "first.h5" in str(e.value)
     one = next(image_folder.rglob("*.png"))
     one.write_bytes(one.read_bytes())  # the same bytes, but no longer provably the same file
     with pytest.raises(MepfError, match="this dataset was already released"):
@@ -901,16 +944,24 @@ def test_the_same_unchanged_files_again_are_refused_before_any_record_is_read(tm
 
     path, x, y = labelled_npz
     run(ArraySource(path, ["0", "1", "2"]), "npz.h5")
-    with pytest.raises(MepfError, match="this dataset was already released"):
+    with pytest.raises(MepfError, match="these files, unchanged, were released before"):
         run(ArraySource(path, ["0", "1", "2"]), "npz2.h5")
     later = tmp_path / "later.npz"
-    os.link(path, later)  # the same file under a second name: the same identity
+    os.link(path, later)  # a second name moves the file's ctime: left to the pass, which finds it
     with pytest.raises(MepfError, match="this dataset was already released"):
         run(ArraySource(later, ["0", "1", "2"]), "npz3.h5")
     entries = release_log.read_log(log)
     assert len(entries) == 3 and len({e["files"] for e in entries}) == 3  # the allowed run read a rewritten file
     key = release_log.read_key(log)
     assert release_log.files_key(key, "x") != release_log.files_key(bytes(32), "x")  # no guess without the key
+    # an edited entry holding another text is no match, not a traceback (review 32: compare_digest refused non-ASCII)
+    assert release_log.same_files([{"files": "f1:é"}, {"files": "f1:\udcff"}, {"files": 7}], key, "x") == []
+
+    # a release of no record repeats no one's data (review 32: the early check refused it again)
+    np.savez(tmp_path / "none.npz", images=x[:4], labels=np.full(4, 7))
+    for name in ("none1.h5", "none2.h5"):
+        run(ArraySource(tmp_path / "none.npz", ["0", "1", "2"]), name, bad_records="zero")
+    assert "files" not in release_log.read_log(log)[-1]
 
 
 def test_release_log_is_owner_only_keyed_and_checked_before_the_pass(tmp_path, labelled_npz):
