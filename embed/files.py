@@ -69,7 +69,8 @@ STRIP_BYTES = 1 << 24
 
 
 #: PNG chunks whose text or profile Pillow decompresses and stores, refusing one past MAX_TEXT_CHUNK (1 MB) or all
-#: past MAX_TEXT_MEMORY (64 MB): a valid 2 KB PNG stopped the release. mepf uses none of them; they are skipped
+#: past MAX_TEXT_MEMORY (64 MB): a valid 2 KB PNG stopped the release. mepf uses none of them; they are skipped, as
+#: every chunk but PNG_PARSED_CHUNKS is
 PNG_SKIPPED_CHUNKS = ("tEXt", "zTXt", "iTXt", "iCCP", "eXIf")
 #: JPEG application segments (APP0-APP15: JFIF, EXIF, ICC, Photoshop, Adobe, MPF) and comments, whose contents
 #: each application defines: Pillow's parsers of them refused valid JPEGs whose pixels libjpeg decodes (a short
@@ -82,10 +83,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-#: the chunks Pillow's PNG reader handles whose data may be long: the image's own (read by its decoder) and those
-#: in PNG_SKIPPED_CHUNKS; every other chunk it handles is short by the PNG specification (PLTE at most 768 bytes)
-_PNG_LONG_CHUNKS = {"IDAT", "fdAT", "IEND", *PNG_SKIPPED_CHUNKS}
-#: a chunk of another kind Pillow handles that is longer than this makes the file undecodable
+#: the PNG chunks Pillow parses before the image data (the image's own, IDAT and fdAT, go to its decoder): all short
+#: by the PNG specification (PLTE at most 768 bytes); every other kind is skipped unheld (_skip_chunk)
+PNG_PARSED_CHUNKS = ("IHDR", "PLTE", "tRNS", "gAMA", "cHRM", "sRGB", "pHYs", "acTL", "fcTL")
+#: a parsed chunk longer than this makes the file undecodable (an invalid file: libpng would drop the chunk)
 PNG_SHORT_CHUNK = 4096
 
 
@@ -111,25 +112,26 @@ def _skip_chunk(fp, cid: bytes, length: int) -> _Skipped:
 
 @contextlib.contextmanager
 def _metadata_skipped():
-    """Pillow's PNG reader skips PNG_SKIPPED_CHUNKS and chunks it has no handler for in blocks, checking their CRC
-    but holding none of their data (it read each whole, twice over while joining its blocks, and kept private
-    chunks: an 8 x 8 PNG with a 1 GB chunk took 2 GB, review 32), and refuses a handled chunk past
-    PNG_SHORT_CHUNK; its JPEG reader skips JPEG_SKIPPED_MARKERS unparsed. All while this holds (decoding runs in
-    processes, never threads, so no other reader sees it)."""
+    """While this holds (decoding runs in processes, never threads, so no other reader sees it), Pillow's PNG reader
+    parses PNG_PARSED_CHUNKS (refusing one past PNG_SHORT_CHUNK), skips every other chunk before the image data in
+    blocks, checking its CRC but holding none of it, and reads nothing after the image's rows; its JPEG reader skips
+    JPEG_SKIPPED_MARKERS unparsed. Pillow read each chunk whole, twice over while joining its blocks, kept private
+    ones, and read image data after the rows the same way: an 8 x 8 PNG with a 1 GB chunk took 2 GB (review 32), a
+    13 x 11 one with 1 GB of empty deflate blocks after its rows 1.9 GB (review 33)."""
     from PIL import JpegImagePlugin, PngImagePlugin
 
-    stream, markers = PngImagePlugin.PngStream, JpegImagePlugin.MARKER
-    call, crc = stream.call, stream.crc
+    stream, image, markers = PngImagePlugin.PngStream, PngImagePlugin.PngImageFile, JpegImagePlugin.MARKER
+    call, crc, load_end = stream.call, stream.crc, image.load_end
 
     def call_skipping(self, cid, pos, length):
         kind = cid.decode("ascii")  # as Pillow's call: UnicodeDecodeError for a type that is not ASCII
-        if kind not in _PNG_LONG_CHUNKS and hasattr(self, f"chunk_{kind}"):
+        if kind in ("IDAT", "fdAT", "IEND"):
+            return call(self, cid, pos, length)
+        if kind in PNG_PARSED_CHUNKS:
             if length > PNG_SHORT_CHUNK:
                 raise SyntaxError("a PNG chunk longer than its kind allows")
             return call(self, cid, pos, length)
-        if kind in PNG_SKIPPED_CHUNKS or not hasattr(self, f"chunk_{kind}"):
-            return _skip_chunk(self.fp, cid, length)
-        return call(self, cid, pos, length)
+        return _skip_chunk(self.fp, cid, length)
 
     def crc_of_skipped(self, cid, data):
         if not isinstance(data, _Skipped):
@@ -138,14 +140,20 @@ def _metadata_skipped():
         if len(stored) < 4 or int.from_bytes(stored, "big") != data.crc:
             raise SyntaxError(f"broken PNG file (bad checksum in {cid!r})")
 
+    def rows_only(self):  # mepf uses nothing after the rows, nor any later frame
+        self._text = {}
+        if self.png is not None:
+            self.png.close()
+            self.png = None
+
     saved_markers = {m: markers[m] for m in JPEG_SKIPPED_MARKERS}
-    stream.call, stream.crc = call_skipping, crc_of_skipped
+    stream.call, stream.crc, image.load_end = call_skipping, crc_of_skipped, rows_only
     for m, (name, description, _) in saved_markers.items():
         markers[m] = (name, description, JpegImagePlugin.Skip)
     try:
         yield
     finally:
-        stream.call, stream.crc = call, crc
+        stream.call, stream.crc, image.load_end = call, crc, load_end
         markers.update(saved_markers)
 
 
@@ -159,7 +167,7 @@ class _Bounded:
     def read(self, n=-1) -> bytes:
         left = max(0, self._size - self._f.tell())
         n = left if n is None or n < 0 else min(n, left)
-        if n > MAX_READ:  # Pillow's only such read skips the rest of a PNG's IDAT, past the image's rows
+        if n > MAX_READ:  # Pillow's only such read skipped the rest of a PNG's IDAT (load_end, now not run)
             self._f.seek(n, os.SEEK_CUR)
             return b""
         return self._f.read(n)

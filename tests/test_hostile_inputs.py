@@ -575,9 +575,9 @@ def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
 def test_a_pngs_other_chunks_are_skipped_unheld_and_a_short_kind_cannot_be_long(tmp_path):
     """Pillow read every chunk whole, and twice over while joining its blocks, and kept the private ones: an 8 x 8
     PNG with a 1 GB chunk took 2 GB, so under a limit D released and D plus it was 'out of memory' (review 32).
-    Chunks mepf does not use are now read in blocks, their CRC checked, nothing held: a 300 MB text chunk and a
-    300 MB private one decode with 80 MB to spare; a bad CRC is still undecodable; so is a PLTE (at most 768 bytes
-    by the PNG specification) of 5,000."""
+    Chunks mepf does not use are now read in blocks, their CRC checked, nothing held, and nothing after the rows is
+    read: a 300 MB text chunk, a 300 MB private one and 300 MB of image data after the rows decode with 80 MB to
+    spare; a bad CRC is still undecodable; so is a PLTE (at most 768 bytes by the PNG specification) of 5,000."""
     import struct
     import subprocess
     import sys
@@ -598,6 +598,11 @@ def test_a_pngs_other_chunks_are_skipped_unheld_and_a_short_kind_cannot_be_long(
     bad = bytearray(png_chunk(b"prVt", b"x" * 100))
     bad[-1] ^= 1
     files += [png(tmp_path / "badcrc.png", bytes(bad)), png(tmp_path / "plte.png", png_chunk(b"PLTE", bytes(5000)))]
+    trailing = tmp_path / "trailing.png"  # image data after the rows: a sparse 300 MB IDAT (review 33)
+    trailing.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + idat + struct.pack(">I", 300 << 20) + b"IDAT")
+    with open(trailing, "r+b") as f:
+        f.truncate(trailing.stat().st_size + (300 << 20) + 4)
+    files.insert(2, str(trailing))
     script = (
         "import resource, sys\n"
         "from pathlib import Path\n"
@@ -610,7 +615,7 @@ def test_a_pngs_other_chunks_are_skipped_unheld_and_a_short_kind_cannot_be_long(
         "    a = decode_image(Path(name), zero=True)\n"
         "    print(f'ndarray {int(a.sum())}' if isinstance(a, np.ndarray) else type(a).__name__)\n")
     r = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray {int(pixels.sum())}"] * 2 + ["Replaced"] * 2, (
+    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray {int(pixels.sum())}"] * 3 + ["Replaced"] * 2, (
         r.stdout + r.stderr)
 
 
@@ -651,14 +656,14 @@ def test_png_text_and_profiles_cannot_stop_the_release(tmp_path, monkeypatch):
               "itxt": chunk(b"iTXt", b"Comment\x00\x01\x00\x00\x00" + big),
               "iccp": chunk(b"iCCP", b"icc\x00\x00" + big), "text": chunk(b"tEXt", b"Comment\x00" + b"b" * 100)}
     monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_MEMORY", 50)  # the 100-byte tEXt stands for 64 MB of text
-    handlers = dict(vars(PngImagePlugin.PngStream))
+    handlers = dict(vars(PngImagePlugin.PngStream)), dict(vars(PngImagePlugin.PngImageFile))
     for name, extra in extras.items():
         for where, data in (("before", head + extra + idat + end), ("after", head + idat + extra + end)):
             (tmp_path / f"{name}-{where}.png").write_bytes(data)
             assert len(data) < 3000
             got = decode_image(tmp_path / f"{name}-{where}.png")
             assert np.array_equal(got[:, :, 0], pixels), (name, where)
-    assert dict(vars(PngImagePlugin.PngStream)) == handlers
+    assert (dict(vars(PngImagePlugin.PngStream)), dict(vars(PngImagePlugin.PngImageFile))) == handlers
 
 
 def test_jpeg_application_segments_cannot_stop_the_release(tmp_path):
