@@ -324,13 +324,12 @@ def files_identity(source) -> str | None:
 
 
 def check_same_files(earlier: list, log_path: Path) -> None:
-    """Refuse, before the pass, data read from the very files of earlier private releases, unchanged. Baselines
-    are left to the pass's check, whose refusal says what to do about them."""
-    earlier = [e for e in earlier if e.get("epsilon") is not None]  # eps = inf is logged as null
-    if earlier:
-        raise MepfError(f"these files, unchanged, were released before ({len(earlier)} release(s) from them in "
-                        f"{log_path}, the last to {earlier[-1].get('output')}; releases of copies are counted after "
-                        "reading); a second release spends more privacy budget. Reuse the earlier file, or pass "
+    """Refuse, before the pass, data read from the very files of earlier private releases, unchanged. Where any of
+    them is a baseline, the pass's check refuses it, saying what to do about baselines."""
+    if earlier and all(e.get("epsilon") is not None for e in earlier):  # eps = inf is logged as null
+        raise MepfError(f"this dataset was already released: these files, unchanged ({len(earlier)} release(s) from "
+                        f"them in {log_path}, the last to {earlier[-1].get('output')}; releases of copies are counted "
+                        "after reading); a second release spends more privacy budget. Reuse the earlier file, or pass "
                         "--allow-repeat knowingly (`mepf audit FILE --release-log` then shows the composed total)")
 
 

@@ -934,7 +934,7 @@ def test_the_same_unchanged_files_again_are_refused_before_any_record_is_read(tm
     run(Counting(image_folder), "first.h5")
     assert Counting.decoded == 12 and json.loads(log.read_text())["files"].startswith("f1:")
     Counting.decoded = 0
-    with pytest.raises(MepfError, match="these files, unchanged, were released before") as e:
+    with pytest.raises(MepfError, match="already released: these files, unchanged") as e:
         run(Counting(image_folder), "again.h5")
     assert Counting.decoded == 0 and not (tmp_path / "again.h5").exists() and len(release_log.read_log(log)) == 1
     assert "1 release(s) from them" in str(e.value) and "first.h5" in str(e.value)
@@ -949,7 +949,7 @@ def test_the_same_unchanged_files_again_are_refused_before_any_record_is_read(tm
 
     path, x, y = labelled_npz
     run(ArraySource(path, ["0", "1", "2"]), "npz.h5")
-    with pytest.raises(MepfError, match="these files, unchanged, were released before"):
+    with pytest.raises(MepfError, match="already released: these files, unchanged"):
         run(ArraySource(path, ["0", "1", "2"]), "npz2.h5")
     later = tmp_path / "later.npz"
     os.link(path, later)  # a second name moves the file's ctime: left to the pass, which finds it
