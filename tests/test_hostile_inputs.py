@@ -473,40 +473,51 @@ def png_of_zeros(path, w, h, colour=2, depth=8):
     return path
 
 
+def decode_under_limit(paths, spare_mb: int, zero: bool = True) -> list:
+    """decode_image of each file in a fresh process whose address space (RLIMIT_AS) leaves `spare_mb` MB beyond
+    what it holds after its imports: one line each, 'ndarray SHAPE SUM', the class of another result, or the
+    start of a MepfError's text."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "import PIL.Image, PIL.PngImagePlugin, PIL.JpegImagePlugin  # imported before the limit\n"
+        "from mepf.embed.files import decode_image\n"
+        "from mepf.artifacts.errors import MepfError\n"
+        "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
+        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (int(sys.argv[1]) << 20), hard))\n"
+        "for name in sys.argv[3:]:\n"
+        "    try:\n"
+        "        a = decode_image(Path(name), zero=sys.argv[2] == '1')\n"
+        "        print(f'ndarray {a.shape} {int(a.sum())}' if isinstance(a, np.ndarray) else type(a).__name__)\n"
+        "    except MepfError as e:\n"
+        "        print(str(e)[:28])\n")
+    r = subprocess.run([sys.executable, "-c", script, str(spare_mb), "1" if zero else "0", *map(str, paths)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.splitlines()
+
+
 def test_a_machine_out_of_memory_is_said_never_a_black_record(tmp_path):
     """Under --bad-records zero a MemoryError while decoding made the record the black image, a rule of the free
     memory (review 29); and where libjpeg's or zlib's own allocation failed (an OSError, as a corrupt file gives) it
     still did (review 30: a valid progressive JPEG was black under `ulimit -v 4 GB`, decoded under 6). Now, under
     address-space limits from too little to enough, each image is decoded or the run is told it is out of memory,
     never the black image; an 8 x 8 image decodes under every one of them."""
-    import subprocess
-    import sys
-
     png_of_zeros(tmp_path / "cap.png", 4096, 4096)
     Image.new("CMYK", (2048, 2048), (0, 50, 100, 150)).save(tmp_path / "prog.jpg", quality=90, progressive=True,
                                                            subsampling=0)
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "small.png")
-    script = (
-        "import resource, sys\n"
-        "from pathlib import Path\n"
-        "from mepf.embed.files import decode_image\n"
-        "from mepf.artifacts.errors import MepfError\n"
-        "import PIL.Image, PIL.PngImagePlugin, PIL.JpegImagePlugin  # imported before the limit\n"
-        "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
-        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (vm + (int(sys.argv[2]) << 20), hard))\n"
-        "for name in (sys.argv[1], 'small.png'):\n"
-        "    try:\n"
-        "        print(type(decode_image(Path(name), zero=True)).__name__)\n"
-        "    except MepfError as e:\n"
-        "        print(str(e)[:36])\n")
     for name in ("cap.png", "prog.jpg"):
         seen = set()
         for extra in (40, 80, 120, 160, 200, 250, 300, 400, 700):
-            r = subprocess.run([sys.executable, "-c", script, name, str(extra)], capture_output=True, text=True,
-                               timeout=120, cwd=tmp_path)
-            got, small = r.stdout.splitlines()
-            assert r.returncode == 0 and small == "ndarray", (name, extra, r.stdout + r.stderr)
+            got, small = decode_under_limit([tmp_path / name, tmp_path / "small.png"], extra)
+            assert small.startswith("ndarray"), (name, extra, small)
+            got = got.split(" (")[0]
             assert got == "ndarray" or got.startswith("out of memory while decoding"), (name, extra, got)
             seen.add(got)
         assert len(seen) == 2, (name, seen)  # both sides of the limit were reached
@@ -537,8 +548,6 @@ def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
     the file holds (it decodes, in a process with 1 GB to spare), and one past MAX_READ (a 100 MB tail after the
     rows, which a valid PNG may hold: review 32) moves past them instead of reading them."""
     import struct
-    import subprocess
-    import sys
     import zlib
 
     pixels = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
@@ -546,30 +555,11 @@ def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
     crafted = tmp_path / "idat4g.png"
     crafted.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0))
                         + struct.pack(">I", 0xFFFFFFFF) + b"IDAT" + stream)
-    script = (
-        "import resource, sys\n"
-        "from pathlib import Path\n"
-        "import numpy as np\n"
-        "import PIL.Image, PIL.PngImagePlugin\n"
-        "from mepf.embed.files import decode_image\n"
-        "from mepf.artifacts.errors import MepfError\n"
-        "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
-        "for zero in (False, True):\n"
-        "    try:\n"
-        "        a = decode_image(Path(sys.argv[1]), zero=zero)\n"
-        "        print(f'ndarray {a.shape} {int(a.sum())}' if isinstance(a, np.ndarray) else type(a).__name__)\n"
-        "    except MepfError as e:\n"
-        "        print(str(e)[:22])\n")
-    r = subprocess.run([sys.executable, "-c", script, str(crafted)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray (28, 28, 1) {int(pixels.sum())}"] * 2, (
-        r.stdout + r.stderr)
+    want = f"ndarray (28, 28, 1) {int(pixels.sum())}"
+    assert [*decode_under_limit([crafted], 1024, zero=False), *decode_under_limit([crafted], 1024)] == [want] * 2
     with open(crafted, "r+b") as f:  # a sparse tail the IDAT's declared length covers: 100 MB, no disk
         f.truncate(100 << 20)
-    r = subprocess.run([sys.executable, "-c", script.replace("1 << 30", "80 << 20"), str(crafted)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray (28, 28, 1) {int(pixels.sum())}"] * 2, (
-        r.stdout + r.stderr)
+    assert [*decode_under_limit([crafted], 80, zero=False), *decode_under_limit([crafted], 80)] == [want] * 2
 
 
 def test_a_pngs_other_chunks_are_skipped_unheld_and_a_short_kind_cannot_be_long(tmp_path):
@@ -579,8 +569,6 @@ def test_a_pngs_other_chunks_are_skipped_unheld_and_a_short_kind_cannot_be_long(
     read: a 300 MB text chunk, a 300 MB private one and 300 MB of image data after the rows decode with 80 MB to
     spare; a bad CRC is still undecodable; so is a PLTE (at most 768 bytes by the PNG specification) of 5,000."""
     import struct
-    import subprocess
-    import sys
     import zlib
 
     pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
@@ -603,20 +591,7 @@ def test_a_pngs_other_chunks_are_skipped_unheld_and_a_short_kind_cannot_be_long(
     with open(trailing, "r+b") as f:
         f.truncate(trailing.stat().st_size + (300 << 20) + 4)
     files.insert(2, str(trailing))
-    script = (
-        "import resource, sys\n"
-        "from pathlib import Path\n"
-        "import numpy as np\n"
-        "import PIL.Image, PIL.PngImagePlugin\n"
-        "from mepf.embed.files import decode_image\n"
-        "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')][0] * 1024\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (vm + (80 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
-        "for name in sys.argv[1:]:\n"
-        "    a = decode_image(Path(name), zero=True)\n"
-        "    print(f'ndarray {int(a.sum())}' if isinstance(a, np.ndarray) else type(a).__name__)\n")
-    r = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.splitlines() == [f"ndarray {int(pixels.sum())}"] * 3 + ["Replaced"] * 2, (
-        r.stdout + r.stderr)
+    assert decode_under_limit(files, 80) == [f"ndarray (8, 8, 1) {int(pixels.sum())}"] * 3 + ["Replaced"] * 2
 
 
 def test_a_failure_of_the_pass_is_told_out_of_memory_from_the_exceptions_the_machine_raises():
