@@ -50,10 +50,6 @@ MAX_DECODED_PIXELS = 1 << 26
 #: review 30), which must not read as the machine's memory; and the resize's first pass holds height x target width
 #: floats (8 GB for a 489 KB PNG of 1 x 2^26 at 32 px: review 31)
 MAX_PNG_SIDE = 65_535
-#: the most bytes one read of an image file returns: Pillow skips the rest of a PNG's IDAT with one read of its
-#: declared length, which Python allocates before reading (4 GB asked by a 352-byte file: review 31); a longer read
-#: is a seek (a valid PNG may hold 70 MB of empty deflate blocks past its rows: review 32)
-MAX_READ = 1 << 26
 #: libjpeg's limit on its whole-image buffers (JPEGMEM, in MB): a progressive JPEG, or one whose first scan holds
 #: fewer than all its components, is decoded through the coefficients of the whole image at full size, whatever
 #: scale is asked (a 557-byte file declaring 32,768 x 32,768 took 3.3 GB). 560 MB holds them for any JPEG within
@@ -68,10 +64,6 @@ DECODE_BYTES_PER_PIXEL, DECODE_BYTES_ONCE = 16, 32 << 20
 STRIP_BYTES = 1 << 24
 
 
-#: PNG chunks whose text or profile Pillow decompresses and stores, refusing one past MAX_TEXT_CHUNK (1 MB) or all
-#: past MAX_TEXT_MEMORY (64 MB): a valid 2 KB PNG stopped the release. mepf uses none of them; they are skipped, as
-#: every chunk but PNG_PARSED_CHUNKS is
-PNG_SKIPPED_CHUNKS = ("tEXt", "zTXt", "iTXt", "iCCP", "eXIf")
 #: JPEG application segments (APP0-APP15: JFIF, EXIF, ICC, Photoshop, Adobe, MPF) and comments, whose contents
 #: each application defines: Pillow's parsers of them refused valid JPEGs whose pixels libjpeg decodes (a short
 #: Adobe or JFIF block, a 1-byte EXIF resolution). Skipped by Pillow's header parse; libjpeg still reads the
@@ -84,7 +76,9 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 #: the PNG chunks Pillow parses before the image data (the image's own, IDAT and fdAT, go to its decoder): all short
-#: by the PNG specification (PLTE at most 768 bytes); every other kind is skipped unheld (_skip_chunk)
+#: by the PNG specification (PLTE at most 768 bytes); every other kind is skipped unheld (_skip_chunk), text and
+#: profiles included (Pillow refused a zTXt, iTXt or iCCP past MAX_TEXT_CHUNK, 1 MB, decompressed, or all text
+#: past MAX_TEXT_MEMORY: a valid 2 KB PNG stopped the release)
 PNG_PARSED_CHUNKS = ("IHDR", "PLTE", "tRNS", "gAMA", "cHRM", "sRGB", "pHYs", "acTL", "fcTL")
 #: a parsed chunk longer than this makes the file undecodable (an invalid file: libpng would drop the chunk)
 PNG_SHORT_CHUNK = 4096
@@ -159,18 +153,14 @@ def _metadata_skipped():
 
 class _Bounded:
     """An image file as Pillow reads it: no read asks for more than the file holds past the position (a read of n
-    bytes allocates n before reading), and one of more than MAX_READ bytes moves past them and returns none."""
+    bytes allocates n before reading: 4 GB asked by a 352-byte PNG whose IDAT declared them, review 31)."""
 
     def __init__(self, f):
         self._f, self._size = f, os.fstat(f.fileno()).st_size
 
     def read(self, n=-1) -> bytes:
         left = max(0, self._size - self._f.tell())
-        n = left if n is None or n < 0 else min(n, left)
-        if n > MAX_READ:  # Pillow's only such read skipped the rest of a PNG's IDAT (load_end, now not run)
-            self._f.seek(n, os.SEEK_CUR)
-            return b""
-        return self._f.read(n)
+        return self._f.read(left if n is None or n < 0 else min(n, left))
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._f.seek(offset, whence)

@@ -323,14 +323,17 @@ def files_identity(source) -> str | None:
     return hashlib.sha256(repr(what).encode()).hexdigest()
 
 
+AGAIN_COSTS = ("a second release spends more privacy budget. Reuse the earlier file, or pass --allow-repeat knowingly "
+               "(`mepf audit FILE --release-log` then shows the composed total)")
+
+
 def check_same_files(earlier: list, log_path: Path) -> None:
     """Refuse, before the pass, data read from the very files of earlier private releases, unchanged. Where any of
     them is a baseline, the pass's check refuses it, saying what to do about baselines."""
     if earlier and all(e.get("epsilon") is not None for e in earlier):  # eps = inf is logged as null
         raise MepfError(f"this dataset was already released: these files, unchanged ({len(earlier)} release(s) from "
                         f"them in {log_path}, the last to {earlier[-1].get('output')}; releases of copies are counted "
-                        "after reading); a second release spends more privacy budget. Reuse the earlier file, or pass "
-                        "--allow-repeat knowingly (`mepf audit FILE --release-log` then shows the composed total)")
+                        f"after reading); {AGAIN_COSTS}")
 
 
 def check_repeat(found: dict, log_path: Path, allow_repeat: bool) -> list:
@@ -350,9 +353,7 @@ def check_repeat(found: dict, log_path: Path, allow_repeat: bool) -> list:
                             "--release-log from now on")
         of = f", {baselines} of them non-private baselines" if baselines else ""
         raise MepfError(f"{what} ({len(earlier)} earlier release(s) in {log_path}{of}, the last to "
-                        f"{earlier[-1].get('output')}); a second release spends more privacy budget. Reuse the earlier "
-                        "file, or pass --allow-repeat knowingly (`mepf audit FILE --release-log` then shows the "
-                        "composed total)")
+                        f"{earlier[-1].get('output')}); {AGAIN_COSTS}")
     if found["some"]:
         return [f"some records of this dataset were in {len(found['some'])} earlier release(s) in {log_path}; for "
                 "them the guarantee is the composition: see `mepf audit FILE --release-log`"]

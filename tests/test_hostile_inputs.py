@@ -545,8 +545,8 @@ def test_no_read_of_an_image_asks_for_what_its_header_declares(tmp_path):
     """Pillow skips the rest of a PNG's IDAT chunk with one read of its declared length, which Python allocates
     before reading: a valid 28 x 28 PNG whose IDAT declares 4 GB asked for 4 GB, so under an address-space limit
     it was 'out of memory' and the run stopped, D plus it an error (review 31). Reads are now bounded by the bytes
-    the file holds (it decodes, in a process with 1 GB to spare), and one past MAX_READ (a 100 MB tail after the
-    rows, which a valid PNG may hold: review 32) moves past them instead of reading them."""
+    the file holds (it decodes, in a process with 1 GB to spare), and nothing after the rows is read (a 100 MB tail
+    there, which a valid PNG may hold: review 32)."""
     import struct
     import zlib
 
