@@ -18,6 +18,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import fd_sha256, no_hdf5_plugins
 from mepf.artifacts.plain_file import address_space_left
 
+from . import jpeg_scans
 from .fingerprint import replaced_identity
 from .sources import (
     Replaced,
@@ -221,6 +222,7 @@ def decode_image(path: Path, file=None, zero: bool = False):
             # by content Pillow would open ~40 formats, EPS through an external Ghostscript: PNG and JPEG only
             with contextlib.ExitStack() as stack:
                 f = file if file is not None else stack.enter_context(open(path, "rb"))
+                jpeg_scans.scans(f.fileno())  # a JPEG past its bounds: ValueError, before Pillow parses any of it
                 im = stack.enter_context(Image.open(_Bounded(f), formats=PIL_FORMATS))
                 if im.format not in (*PIL_FORMATS, "MPO"):
                     raise ValueError("not PNG or JPEG")

@@ -1,0 +1,216 @@
+"""A JPEG's scans are counted as libjpeg meets them, before it decodes any, and a file past the bounds is
+undecodable: a progressive JPEG may hold any number of scans, each a pass over the whole image, so 2.6 KB took 52 s
+(review 34). The walk must never miss a scan libjpeg decodes."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mepf.artifacts.errors import MepfError
+from mepf.embed import jpeg_scans
+from mepf.embed.files import decode_image
+from mepf.embed.fingerprint import replaced_identity
+from mepf.embed.sources import Replaced
+from tests.test_hostile_inputs import released_shapes
+
+SOI, EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def seg(code: int, body: bytes = b"") -> bytes:
+    return bytes([0xFF, code]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def frame(code: int, w: int, h: int, comps: int = 1) -> bytes:
+    return seg(code, bytes([8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes([comps])
+               + b"".join(bytes([i + 1, 0x11, 0]) for i in range(comps)))
+
+
+def scan(ids, ss: int, se: int, ah: int = 0, al: int = 0) -> bytes:
+    return seg(0xDA, bytes([len(ids)]) + b"".join(bytes([i, 0]) for i in ids) + bytes([ss, se, ah << 4 | al]))
+
+
+DQT = seg(0xDB, b"\x00" + b"\x01" * 64)
+
+
+def arithmetic(w: int, h: int, refinements: int) -> bytes:
+    """A flat grey progressive JPEG, arithmetic-coded (SOF10), whose scans hold no entropy bytes: libjpeg's
+    arithmetic decoder reads zeros past the data and still does each block's whole work (review 34's worst)."""
+    return (SOI + DQT + frame(0xCA, w, h) + scan([1], 0, 0) + scan([1], 1, 63, 0, 1)
+            + scan([1], 1, 63, 1, 0) * refinements + EOI)
+
+
+def walk(path, window=jpeg_scans.WINDOW) -> list:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return list(jpeg_scans.segments(fd, window))
+    finally:
+        os.close(fd)
+
+
+def pillow_alone(path) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im.convert("L" if im.mode == "L" else "RGB"))
+
+
+def is_black_pixel(got, data: bytes) -> bool:
+    return isinstance(got, Replaced) and got.identity == replaced_identity(file_bytes=hashlib.sha256(data).digest())
+
+
+def test_a_jpeg_whose_scans_pass_over_it_too_often_is_undecodable_before_any_is_decoded(tmp_path):
+    """2048 x 2048 grey: a DC scan, a first AC scan and 13 refinements of 63 coefficients each are 64 + 13 x 63 =
+    883 visits a block, within 14 passes (896); one more refinement is past them. Review 34's 2,606-byte file
+    (16,384 x 16,384, 250 refinements: 52 s) and a sequential one of 65,500 x 65,500 in four components (111
+    bytes, 13 s) are refused unread; the release of D and of D plus such a record have the same shapes."""
+    for n in (0, 13):
+        (tmp_path / "ok.jpg").write_bytes(arithmetic(2048, 2048, n))
+        got = decode_image(tmp_path / "ok.jpg")
+        assert got.shape == (2048, 2048, 1) and np.array_equal(got[:, :, 0], pillow_alone(tmp_path / "ok.jpg")), n
+    bombs = {"over.jpg": arithmetic(2048, 2048, 14), "review34.jpg": arithmetic(16384, 16384, 250),
+             "sequential.jpg": SOI + DQT + frame(0xC9, 65500, 65500, 4) + scan([1, 2, 3, 4], 0, 63) + EOI}
+    assert len(bombs["review34.jpg"]) == 2606
+    for name, data in bombs.items():
+        (tmp_path / name).write_bytes(data)
+        assert is_black_pixel(decode_image(tmp_path / name, zero=True), data), name
+        with pytest.raises(MepfError, match=f"cannot read image .*{name}"):
+            decode_image(tmp_path / name)
+    assert (released_shapes(tmp_path, "D", None, "--bad-records", "zero")
+            == released_shapes(tmp_path, "D_bomb", tmp_path / "review34.jpg", "--bad-records", "zero"))
+
+
+def test_more_scans_than_the_bound_is_undecodable_however_small_each(tmp_path):
+    """Four components of one block each: 1,000 DC scans decode as Pillow decodes them alone, 1,001 do not."""
+    head = SOI + DQT + frame(0xCA, 8, 8, comps=4)
+    for n, ok in ((jpeg_scans.MAX_SCANS, True), (jpeg_scans.MAX_SCANS + 1, False)):
+        data = head + b"".join(scan([1 + i % 4], 0, 0) for i in range(n)) + EOI
+        (tmp_path / "many.jpg").write_bytes(data)
+        got = decode_image(tmp_path / "many.jpg", zero=True)
+        if ok:
+            assert np.array_equal(got, pillow_alone(tmp_path / "many.jpg"))
+        else:
+            assert is_black_pixel(got, data)
+
+
+def test_visits_are_bounded_whatever_the_images_size(tmp_path):
+    """One sequential scan is one pass, but over 65,500 x 65,500 it was 13 s: MAX_VISITS bounds every file, here
+    at the last size of four full components within it and the next (counted, not decoded)."""
+    for side, ok in ((23168, True), (23176, False)):
+        (tmp_path / "seq.jpg").write_bytes(SOI + DQT + frame(0xC9, side, side, 4) + scan([1, 2, 3, 4], 0, 63) + EOI)
+        fd = os.open(tmp_path / "seq.jpg", os.O_RDONLY)
+        try:
+            if ok:
+                count, visits, allowed = jpeg_scans.scans(fd)
+                assert count == 1 and visits == 4 * 64 * (side // 8) ** 2 <= allowed == jpeg_scans.MAX_VISITS
+            else:
+                with pytest.raises(ValueError, match="pass over its image"):
+                    jpeg_scans.scans(fd)
+        finally:
+            os.close(fd)
+
+
+def test_a_jpeg_of_more_markers_than_the_bound_is_undecodable(tmp_path):
+    """Each marker is a step of the walk (and of Pillow's header parse): 1,000 comments decode as the image alone,
+    MAX_MARKERS of them make the file undecodable."""
+    Image.new("L", (16, 16), 90).save(tmp_path / "plain.jpg")
+    base = (tmp_path / "plain.jpg").read_bytes()
+    for n, ok in ((1000, True), (jpeg_scans.MAX_MARKERS, False)):
+        data = base[:2] + b"\xff\xfe\x00\x02" * n + base[2:]
+        (tmp_path / "notes.jpg").write_bytes(data)
+        got = decode_image(tmp_path / "notes.jpg", zero=True)
+        assert np.array_equal(got[:, :, 0], pillow_alone(tmp_path / "plain.jpg")) if ok else is_black_pixel(got, data)
+
+
+#: what libjpeg-turbo's own trace (djpeg -verbose -verbose) lists for this stream: three scans, Ss-Se 0-0, 1-63, 1-63
+TRICKY = (SOI + seg(0xE1, b"xx\xff\xda\x00\x08yy")  # an SOS inside an APP segment: its data, not a marker
+          + b"\xff\xfe\x00\x00"  # a comment of length 0: libjpeg skips its two length bytes only
+          + b"junk\x00\xff\x00"  # between segments: passed over (FF 00 is no marker)
+          + frame(0xCA, 16, 16) + DQT + b"\xff\xff\xff" + scan([1], 0, 0)  # fill bytes before a marker
+          + b"\x12\xff\x00\x34\xff\xff\x00\xff\xd3\xff\x01"  # stuffed, filled, RST3 and TEM: inside the scan
+          + scan([1], 1, 63, 0, 1) + b"\xab" + scan([1], 1, 63, 1, 0)
+          + EOI + scan([1], 1, 63, 1, 0))  # after the first EOI (a camera's next frame): not libjpeg's
+
+
+@pytest.mark.parametrize("window", [2, 3, 5, 64, jpeg_scans.WINDOW])
+def test_the_walk_meets_the_markers_libjpeg_meets_in_any_window(tmp_path, window):
+    (tmp_path / "t.jpg").write_bytes(TRICKY)
+    got = walk(tmp_path / "t.jpg", window)
+    assert [code for code, _ in got] == [0xE1, 0xFE, 0xCA, 0xDB, 0xDA, 0xDA, 0xDA]
+    assert [tuple(body[-3:-1]) for code, body in got if code == 0xDA] == [(0, 0), (1, 63), (1, 63)]
+
+
+def libjpeg_markers(data: bytes) -> list:
+    """libjpeg's marker reading a byte at a time (jdmarker.c: next_marker, each segment skipped by its length), to
+    hold the walk's windows and expressions to."""
+    out, i = [], 2
+    while True:
+        while i < len(data) and data[i] != 0xFF:
+            i += 1
+        while i < len(data) and data[i] == 0xFF:
+            i += 1
+        if i >= len(data):
+            return out
+        code, i = data[i], i + 1
+        if code == 0 or 0xD0 <= code <= 0xD7 or code < 0xC0:
+            continue
+        if code == 0xD9:
+            return out
+        if code == 0xD8:
+            out.append((code, None))
+            continue
+        length = int.from_bytes(data[i:i + 2], "big")
+        out.append((code, data[i + 2:i + length] if code == 0xDA or code in jpeg_scans.SOF else None))
+        i += max(2, length)
+
+
+PIECES = [b"\xff", b"\x00", b"\xd0", b"\xd7", b"\xd8", b"\xd9", b"\xda", b"\xc2", b"\xe1", b"\x02", b"\x01", b"\x05",
+          b"\x13", b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x10"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.lists(st.sampled_from(PIECES), max_size=60), window=st.integers(2, 9))
+def test_property_the_walk_is_libjpegs_marker_reading(tmp_path_factory, body, window):
+    data = SOI + b"".join(body)
+    path = tmp_path_factory.mktemp("w") / "f.jpg"
+    path.write_bytes(data)
+    assert walk(path, window) == walk(path) == libjpeg_markers(data)
+
+
+def test_bytes_between_segments_before_the_first_scan_are_bounded(tmp_path):
+    """Pillow's header parse steps through bytes outside segments one at a time in Python (2 MB of 0xFF fill took
+    2.6 s): up to MAX_BETWEEN of them the file decodes as without them, one more and it is undecodable."""
+    Image.new("L", (16, 16), 90).save(tmp_path / "plain.jpg")
+    base = (tmp_path / "plain.jpg").read_bytes()
+    plain = pillow_alone(tmp_path / "plain.jpg")
+    for fill, n, ok in ((b"\xff", jpeg_scans.MAX_BETWEEN, True), (b"\xff", jpeg_scans.MAX_BETWEEN + 1, False),
+                        (b"\xff\x00", jpeg_scans.MAX_BETWEEN // 2, True), (b"\x00", jpeg_scans.MAX_BETWEEN + 1, False)):
+        data = base[:2] + fill * n + base[2:]
+        (tmp_path / "filled.jpg").write_bytes(data)
+        got = decode_image(tmp_path / "filled.jpg", zero=True)
+        assert np.array_equal(got[:, :, 0], plain) if ok else is_black_pixel(got, data), (fill, n)
+
+
+def test_a_long_run_of_fill_bytes_costs_the_walk_one_pass(tmp_path):
+    """Inside a scan's data libjpeg skips 0xFF fill bytes in C, however many; an expression that backtracked over
+    them was quadratic (100 KB took 52 s). 4 MB of them between two scans, in a process allowed 60 s of CPU (the
+    walk needs well under one): the file decodes as Pillow decodes it without them."""
+    import subprocess
+    import sys
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "prog.jpg", progressive=True)
+    data = (tmp_path / "prog.jpg").read_bytes()
+    cut = data.index(b"\xff\xda", 4 + data.index(b"\xff\xda"))  # the second scan
+    (tmp_path / "fill.jpg").write_bytes(data[:cut] + b"\xff" * (4 << 20) + data[cut:])
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_CPU, (60, 60))\nimport numpy as np\n"
+            "from pathlib import Path\nfrom PIL import Image\nfrom mepf.embed.files import decode_image\n"
+            "got = decode_image(Path(sys.argv[1]))\nwant = np.asarray(Image.open(sys.argv[2]))\n"
+            "print(got.shape, np.array_equal(got, want))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fill.jpg"), str(tmp_path / "prog.jpg")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "(40, 48, 3) True", r.stdout + r.stderr[-500:]
