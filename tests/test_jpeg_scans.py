@@ -63,17 +63,23 @@ def is_black_pixel(got, data: bytes) -> bool:
     return isinstance(got, Replaced) and got.identity == replaced_identity(file_bytes=hashlib.sha256(data).digest())
 
 
-def test_a_jpeg_whose_scans_pass_over_it_too_often_is_undecodable_before_any_is_decoded(tmp_path):
-    """2048 x 2048 grey: a DC scan, a first AC scan and 13 refinements of 63 coefficients each are 64 + 13 x 63 =
-    883 visits a block, within 14 passes (896); one more refinement is past them. Review 34's 2,606-byte file
-    (16,384 x 16,384, 250 refinements: 52 s) and a sequential one of 65,500 x 65,500 in four components (111
-    bytes, 13 s) are refused unread; the release of D and of D plus such a record have the same shapes."""
-    for n in (0, 13):
+def test_a_jpeg_whose_scans_hold_too_many_blocks_is_undecodable_before_any_is_decoded(tmp_path):
+    """2048 x 2048 grey, arithmetic-coded: 65,536 blocks a scan, counted 16 times each, so 64 scans are 2^26 and
+    decode as Pillow decodes them alone; one more is past the bound. Refused unread: review 34's 2,606-byte file
+    (16,384^2, 250 refinements: 52 s), a sequential one of 65,500^2 in four components (111 bytes, 13 s), and review
+    35's 9 KB files of 894 scans of one coefficient (88 s) or of DC refinements (Huffman: 14 s), which a bound on
+    coefficients let through; the release of D and of D plus such a record have the same shapes."""
+    for n in (0, 62):
         (tmp_path / "ok.jpg").write_bytes(arithmetic(2048, 2048, n))
         got = decode_image(tmp_path / "ok.jpg")
         assert got.shape == (2048, 2048, 1) and np.array_equal(got[:, :, 0], pillow_alone(tmp_path / "ok.jpg")), n
-    bombs = {"over.jpg": arithmetic(2048, 2048, 14), "review34.jpg": arithmetic(16384, 16384, 250),
-             "sequential.jpg": SOI + DQT + frame(0xC9, 65500, 65500, 4) + scan([1, 2, 3, 4], 0, 63) + EOI}
+    huffman = b"".join(seg(0xC4, bytes([table, 1]) + bytes(15) + b"\x00") for table in (0x00, 0x10))
+    bombs = {"over.jpg": arithmetic(2048, 2048, 63), "review34.jpg": arithmetic(16384, 16384, 250),
+             "sequential.jpg": SOI + DQT + frame(0xC9, 65500, 65500, 4) + scan([1, 2, 3, 4], 0, 63) + EOI,
+             "band63.jpg": SOI + DQT + frame(0xCA, 12392, 12392) + scan([1], 0, 0) + scan([1], 63, 63, 1, 0) * 894
+             + EOI,
+             "dc.jpg": SOI + DQT + frame(0xC2, 12392, 12392) + huffman + scan([1], 0, 0, 0, 1)
+             + scan([1], 0, 0, 1, 0) * 894 + EOI}
     assert len(bombs["review34.jpg"]) == 2606
     for name, data in bombs.items():
         (tmp_path / name).write_bytes(data)
@@ -97,21 +103,35 @@ def test_more_scans_than_the_bound_is_undecodable_however_small_each(tmp_path):
             assert is_black_pixel(got, data)
 
 
-def test_visits_are_bounded_whatever_the_images_size(tmp_path):
-    """One sequential scan is one pass, but over 65,500 x 65,500 it was 13 s: MAX_VISITS bounds every file, here
-    at the last size of four full components within it and the next (counted, not decoded)."""
-    for side, ok in ((23168, True), (23176, False)):
-        (tmp_path / "seq.jpg").write_bytes(SOI + DQT + frame(0xC9, side, side, 4) + scan([1, 2, 3, 4], 0, 63) + EOI)
-        fd = os.open(tmp_path / "seq.jpg", os.O_RDONLY)
-        try:
-            if ok:
-                count, visits, allowed = jpeg_scans.scans(fd)
-                assert count == 1 and visits == 4 * 64 * (side // 8) ** 2 <= allowed == jpeg_scans.MAX_VISITS
-            else:
-                with pytest.raises(ValueError, match="pass over its image"):
-                    jpeg_scans.scans(fd)
-        finally:
-            os.close(fd)
+def count(tmp_path, data: bytes) -> tuple:
+    (tmp_path / "counted.jpg").write_bytes(data)
+    fd = os.open(tmp_path / "counted.jpg", os.O_RDONLY)
+    try:
+        return jpeg_scans.scans(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_scan_counts_its_blocks_whatever_its_band_and_coding(tmp_path):
+    """libjpeg's time goes by the block: a scan of one coefficient costs as much as one of 63 (review 35), an
+    arithmetic-coded block up to 16 Huffman ones, a lossless sample 1/16 of one. Each pair: the largest at 2^26
+    blocks and the next past it (counted, not decoded)."""
+    def sequential(code, side):
+        return SOI + DQT + frame(code, side, side, 4) + scan([1, 2, 3, 4], 0, 63) + EOI
+
+    def one_coefficient(bands):
+        return SOI + DQT + frame(0xC2, 8192, 8192) + b"".join(scan([1], k, k) for k in range(bands)) + EOI
+
+    def lossless(passes):
+        return SOI + frame(0xC3, 8192, 8192, 4) + b"".join(scan([c], 1, 0) for c in (1, 2, 3, 4)) * passes + EOI
+
+    edge = jpeg_scans.MAX_BLOCKS
+    for within, past, scans in ((sequential(0xC0, 32768), sequential(0xC0, 32776), 1),
+                                (sequential(0xC9, 8192), sequential(0xC9, 8200), 1),
+                                (one_coefficient(64), one_coefficient(65), 64), (lossless(4), lossless(5), 16)):
+        assert count(tmp_path, within) == (scans, edge)
+        with pytest.raises(ValueError, match="more blocks"):
+            count(tmp_path, past)
 
 
 def test_a_jpeg_of_more_markers_than_the_bound_is_undecodable(tmp_path):
@@ -147,7 +167,7 @@ def test_the_walk_meets_the_markers_libjpeg_meets_in_any_window(tmp_path, window
 def libjpeg_markers(data: bytes) -> list:
     """libjpeg's marker reading a byte at a time (jdmarker.c: next_marker, each segment skipped by its length), to
     hold the walk's windows and expressions to."""
-    out, i = [], 2
+    out, i, scanned = [], 2, False
     while True:
         while i < len(data) and data[i] != 0xFF:
             i += 1
@@ -158,6 +178,10 @@ def libjpeg_markers(data: bytes) -> list:
         code, i = data[i], i + 1
         if code == 0 or 0xD0 <= code <= 0xD7 or code < 0xC0:
             continue
+        if not scanned and (code in (0xD8, 0xD9, 0xC8, 0xDE, 0xDF) or 0xF0 <= code <= 0xFD or code & 0xF7 in (0xC5,
+                                                                                                           0xC6, 0xC7)):
+            return "refused"  # libjpeg's errors before a scan: a second SOI, no image, codes it does not know
+        scanned = scanned or code == 0xDA
         if code == 0xD9:
             return out
         if code == 0xD8:
@@ -169,7 +193,7 @@ def libjpeg_markers(data: bytes) -> list:
 
 
 PIECES = [b"\xff", b"\x00", b"\xd0", b"\xd7", b"\xd8", b"\xd9", b"\xda", b"\xc2", b"\xe1", b"\x02", b"\x01", b"\x05",
-          b"\x13", b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x10"]
+          b"\x13", b"\xc7", b"\xf3", b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x10"]
 
 
 @settings(max_examples=400, deadline=None)
@@ -178,27 +202,39 @@ def test_property_the_walk_is_libjpegs_marker_reading(tmp_path_factory, body, wi
     data = SOI + b"".join(body)
     path = tmp_path_factory.mktemp("w") / "f.jpg"
     path.write_bytes(data)
-    assert walk(path, window) == walk(path) == libjpeg_markers(data)
+    assert outcome(path, window) == outcome(path) == libjpeg_markers(data)
+
+
+def outcome(path, window=jpeg_scans.WINDOW):
+    try:
+        return walk(path, window)
+    except ValueError:
+        return "refused"
 
 
 def test_bytes_between_segments_before_the_first_scan_are_bounded(tmp_path):
     """Pillow's header parse steps through bytes outside segments one at a time in Python (2 MB of 0xFF fill took
-    2.6 s): up to MAX_BETWEEN of them the file decodes as without them, one more and it is undecodable."""
+    2.6 s): up to MAX_BETWEEN of them (junk, stuffed 0xFF, restart markers) the file decodes as without them, one
+    more and it is undecodable."""
     Image.new("L", (16, 16), 90).save(tmp_path / "plain.jpg")
     base = (tmp_path / "plain.jpg").read_bytes()
     plain = pillow_alone(tmp_path / "plain.jpg")
-    for fill, n, ok in ((b"\xff", jpeg_scans.MAX_BETWEEN, True), (b"\xff", jpeg_scans.MAX_BETWEEN + 1, False),
-                        (b"\xff\x00", jpeg_scans.MAX_BETWEEN // 2, True), (b"\x00", jpeg_scans.MAX_BETWEEN + 1, False)):
-        data = base[:2] + fill * n + base[2:]
+    at = base.index(b"\xff\xdb")  # after the first segment (Pillow takes a JPEG by its first three bytes)
+    half = jpeg_scans.MAX_BETWEEN // 2
+    for fill, n, ok in ((b"\x00", 2 * half, True), (b"\x00", 2 * half + 1, False), (b"\xff\x00", half, True),
+                        (b"\xff\x00", half + 1, False), (b"\xd0\xff\xd7", 1000, True)):
+        data = base[:at] + fill * n + base[at:]
         (tmp_path / "filled.jpg").write_bytes(data)
         got = decode_image(tmp_path / "filled.jpg", zero=True)
         assert np.array_equal(got[:, :, 0], plain) if ok else is_black_pixel(got, data), (fill, n)
 
 
-def test_a_long_run_of_fill_bytes_costs_the_walk_one_pass(tmp_path):
-    """Inside a scan's data libjpeg skips 0xFF fill bytes in C, however many; an expression that backtracked over
-    them was quadratic (100 KB took 52 s). 4 MB of them between two scans, in a process allowed 60 s of CPU (the
-    walk needs well under one): the file decodes as Pillow decodes it without them."""
+def test_a_run_of_fill_bytes_is_bounded_and_the_walk_over_runs_is_linear(tmp_path):
+    """libjpeg passes over 0xFF fill without moving its read position and Pillow feeds it again from the run's start,
+    so the time went as the square of the run (64 MB before an EOI took 32 s: review 35): a run of MAX_FILL between
+    two scans decodes as Pillow decodes the file without it, one byte more is undecodable, in windows of any size.
+    And an expression that backtracked over runs was quadratic too (100 KB took 52 s): 16 MB of runs just within
+    the bound are walked in a process allowed 60 s of CPU (it needs well under one)."""
     import subprocess
     import sys
 
@@ -206,11 +242,31 @@ def test_a_long_run_of_fill_bytes_costs_the_walk_one_pass(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "prog.jpg", progressive=True)
     data = (tmp_path / "prog.jpg").read_bytes()
     cut = data.index(b"\xff\xda", 4 + data.index(b"\xff\xda"))  # the second scan
-    (tmp_path / "fill.jpg").write_bytes(data[:cut] + b"\xff" * (4 << 20) + data[cut:])
-    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_CPU, (60, 60))\nimport numpy as np\n"
-            "from pathlib import Path\nfrom PIL import Image\nfrom mepf.embed.files import decode_image\n"
-            "got = decode_image(Path(sys.argv[1]))\nwant = np.asarray(Image.open(sys.argv[2]))\n"
-            "print(got.shape, np.array_equal(got, want))\n")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fill.jpg"), str(tmp_path / "prog.jpg")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "(40, 48, 3) True", r.stdout + r.stderr[-500:]
+    for n, ok in ((jpeg_scans.MAX_FILL - 1, True), (jpeg_scans.MAX_FILL, False)):  # the marker's own 0xFF: one more
+        filled = data[:cut] + b"\xff" * n + data[cut:]
+        (tmp_path / "fill.jpg").write_bytes(filled)
+        got = decode_image(tmp_path / "fill.jpg", zero=True)
+        assert np.array_equal(got, pillow_alone(tmp_path / "prog.jpg")) if ok else is_black_pixel(got, filled), n
+        for window in (2, 7, 4096):
+            assert (outcome(tmp_path / "fill.jpg", window) == "refused") is not ok, (n, window)
+    runs = (b"\xff" * jpeg_scans.MAX_FILL + b"\x00") * ((16 << 20) // jpeg_scans.MAX_FILL)  # each ends stuffed
+    (tmp_path / "runs.jpg").write_bytes(data[:cut] + runs + data[cut:])
+    code = ("import os, resource, sys\nresource.setrlimit(resource.RLIMIT_CPU, (60, 60))\n"
+            "from mepf.embed.jpeg_scans import scans\nprint(scans(os.open(sys.argv[1], os.O_RDONLY))[0])\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs.jpg")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == str(data.count(b"\xff\xda")), r.stdout + r.stderr[-500:]
+
+
+def test_a_marker_libjpeg_refuses_before_the_first_scan_is_undecodable_unparsed(tmp_path):
+    """Pillow's header parse goes on past an EOI and through the contents of JPG segments a byte at a time (16 MB
+    took 13 s: review 35) where libjpeg refuses the file anyway: refused before Pillow parses it."""
+    Image.new("L", (16, 16), 90).save(tmp_path / "plain.jpg")
+    base = (tmp_path / "plain.jpg").read_bytes()
+    for data in (SOI + EOI + bytes(1 << 20), base[:2] + seg(0xF0, bytes(60000)) * 20 + base[2:],
+                 base[:2] + b"\xff\xd8" + base[2:]):
+        (tmp_path / "refused.jpg").write_bytes(data)
+        with pytest.raises(ValueError, match="refuses before its first scan"):
+            walk(tmp_path / "refused.jpg")
+        assert is_black_pixel(decode_image(tmp_path / "refused.jpg", zero=True), data)
+        with pytest.raises(Exception):  # noqa: B017 - whatever Pillow raises: it cannot decode the file either
+            pillow_alone(tmp_path / "refused.jpg")
