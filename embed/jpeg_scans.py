@@ -14,8 +14,9 @@ MAX_SCANS = 1000
 #: blocks decoded in all, each block counted in every scan that holds its component, whatever the scan's band:
 #: libjpeg's time goes by the block, not the coefficient (with no entropy data, 41 ns a block in an arithmetic scan
 #: of one coefficient, 47 in one of 63: review 35, whose 9 KB file of 895 one-coefficient scans took 88 s within a
-#: bound on coefficients). 2^25 of them take up to 2 s here; a sequential JPEG of 1.4 G pixels at 4:2:0, or a
-#: progressive one at libjpeg's 560 MB of coefficients (190 M pixels) in 7 scans of each component, still decodes
+#: bound on coefficients). 2^25 of them took 1.6 s here (2.6 s with the colour conversion of an image at the cap);
+#: a sequential JPEG of 1.4 G pixels at 4:2:0, or a progressive one at libjpeg's 560 MB of coefficients (190 M
+#: pixels) in 7 scans of each component, still decodes
 MAX_BLOCKS = 1 << 25
 #: an arithmetic-coded block counts as this many: its decoder makes ~126 adaptive decisions a block at most that are
 #: paid for by no bit (once adapted they cost a fraction of one: 995 refinement scans of a 512 x 512 image, 142 KB,
@@ -26,7 +27,8 @@ ARITHMETIC_BLOCK = 16
 MAX_ARITHMETIC_DATA = 1 << 20
 #: a lossless JPEG (no blocks) counts a block for this many samples (1.5 ns a sample with no entropy data)
 SAMPLES_PER_BLOCK = 16
-#: markers (restarts aside) past this many: undecodable; each costs a step of this walk (and of Pillow's parse)
+#: markers (restarts aside; the first SOI and a final EOI included) past this many: undecodable; each costs a step
+#: of this walk (and of Pillow's parse)
 MAX_MARKERS = 1 << 16
 #: bytes outside segments (fill, padding, restart markers) before the first scan past this many: undecodable; Pillow's
 #: header parse steps through them one at a time in Python (2 MB of 0xFF took 2.6 s)
@@ -36,9 +38,10 @@ MAX_BETWEEN = 1 << 16
 #: square of a run (64 MB before an EOI took 32 s: review 35) or of an MCU padded with fill (42 MB, 15 s: review 36);
 #: encoders write none
 MAX_FILL = 1 << 16
-#: markers that libjpeg refuses before the first scan (a second SOI, an EOI, hierarchical and extension codes), which
-#: Pillow's header parse, meeting them first, would step through byte by byte (16 MB took 13 s: review 35); so is a
-#: second frame (SOF), which Pillow would parse in Python (51 MB of them took 5 s and 1.4 GB: review 36)
+#: markers that libjpeg (as Pillow drives it) refuses before the first scan: an SOI but right after a stream of
+#: tables alone (SOI tables EOI), an EOI but one ending such a stream, hierarchical and extension codes; Pillow's
+#: header parse, meeting them first, would step through what follows byte by byte (16 MB took 13 s: review 35). So
+#: is a second frame (SOF), which Pillow would parse in Python (51 MB of them took 5 s and 1.4 GB: review 36)
 REFUSED_BEFORE_SCAN = {0xD8, 0xD9, 0xC5, 0xC6, 0xC7, 0xC8, 0xCD, 0xCE, 0xCF, 0xDE, 0xDF, *range(0xF0, 0xFE)}
 #: the file is read in windows of this many bytes
 WINDOW = 1 << 20
@@ -135,7 +138,7 @@ class _Frame:
 
 
 def segments(fd: int, window: int = WINDOW):
-    """The markers libjpeg acts on in the JPEG open at `fd`, in order up to its first EOI (or the file's end, given
+    """The markers libjpeg acts on in the JPEG open at `fd`, in order up to its image's EOI (or the file's end, given
     as an EOI): (code, body, the bytes passed over before it), the body read for SOF and SOS only (None otherwise).
     Each segment is skipped by its length, anything between segments passed over; ValueError past MAX_MARKERS,
     MAX_BETWEEN or MAX_FILL, or before the first scan at a marker of REFUSED_BEFORE_SCAN or a second frame. Nothing
@@ -143,14 +146,22 @@ def segments(fd: int, window: int = WINDOW):
     r = _Reader(fd, window)
     if r.read(0, 2) != b"\xff\xd8":
         return
-    pos, between, scanned, framed = 2, 0, False, False
-    for _ in range(MAX_MARKERS):
+    pos, between, scanned, framed, markers = 2, 0, False, False, 1
+    while True:
         found = r.marker(pos)
         code, at, after = found if found is not None else (None, r.size, r.size)
+        markers += found is not None
+        if markers > MAX_MARKERS:
+            raise ValueError("a JPEG with more markers than mepf decodes")
         if not scanned:
             between += at - pos
             if between > MAX_BETWEEN:
                 raise ValueError("a JPEG with more bytes between its segments than mepf decodes")
+            if code == EOI and not framed and r.read(after, 2) == b"\xff\xd8":
+                # a stream of tables alone (SOI tables EOI): Pillow asks libjpeg for a header again while it returns
+                # JPEG_HEADER_TABLES_ONLY, and libjpeg then takes exactly FF D8 and reads the image's stream
+                pos, markers = after + 2, markers + 1
+                continue
             if code in REFUSED_BEFORE_SCAN or (framed and code in SOF):
                 raise ValueError("a JPEG with a marker libjpeg refuses before its first scan")
         gap, pos, scanned, framed = at - pos, after, scanned or code == SOS, framed or code in SOF
@@ -163,7 +174,6 @@ def segments(fd: int, window: int = WINDOW):
         length = int.from_bytes(r.read(pos, 2), "big")
         yield code, r.read(pos + 2, length - 2) if code == SOS or code in SOF else None, gap
         pos += max(2, length)
-    raise ValueError("a JPEG with more markers than mepf decodes")
 
 
 def scans(fd: int, window: int = WINDOW) -> tuple:

@@ -141,15 +141,47 @@ def test_a_scan_counts_its_blocks_whatever_its_band_and_coding(tmp_path):
 
 
 def test_a_jpeg_of_more_markers_than_the_bound_is_undecodable(tmp_path):
-    """Each marker is a step of the walk (and of Pillow's header parse): 1,000 comments decode as the image alone,
-    MAX_MARKERS of them make the file undecodable."""
+    """Each marker is a step of the walk (and of Pillow's header parse): with comments added up to MAX_MARKERS
+    markers in all (its SOI and EOI included) the file decodes as the image alone, one more is undecodable."""
     Image.new("L", (16, 16), 90).save(tmp_path / "plain.jpg")
     base = (tmp_path / "plain.jpg").read_bytes()
-    for n, ok in ((1000, True), (jpeg_scans.MAX_MARKERS, False)):
+    own = 2 + len(walk(tmp_path / "plain.jpg"))  # its SOI and EOI, and the markers between
+    for n, ok in ((jpeg_scans.MAX_MARKERS - own, True), (jpeg_scans.MAX_MARKERS - own + 1, False)):
         data = base[:2] + b"\xff\xfe\x00\x02" * n + base[2:]
         (tmp_path / "notes.jpg").write_bytes(data)
         got = decode_image(tmp_path / "notes.jpg", zero=True)
         assert np.array_equal(got[:, :, 0], pillow_alone(tmp_path / "plain.jpg")) if ok else is_black_pixel(got, data)
+
+
+def test_a_stream_of_tables_alone_then_the_image_decodes_as_pillow_decodes_it(tmp_path):
+    """SOI tables EOI, then SOI frame scans EOI (libjpeg's jpeg_write_tables, a TIFF's JPEGTables joined to a tile):
+    Pillow asks libjpeg for a header again while it returns tables only, so plain Pillow decodes it to the pixels of
+    the one-stream file; its scans are counted, after the first EOI. Anything but FF D8 right after that EOI, or an
+    EOI after a frame, libjpeg refuses, and so does the walk (review 37)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for kw in ({}, {"progressive": True}):
+        Image.fromarray(rgb).save(tmp_path / "full.jpg", quality=90, **kw)
+        full = (tmp_path / "full.jpg").read_bytes()
+        pos, tables, rest = 2, b"", b""
+        while full[pos + 1] != 0xDA:  # the tables' segments (DQT, DHT) to the first stream, the rest to the image's
+            end = pos + 2 + int.from_bytes(full[pos + 2:pos + 4], "big")
+            if full[pos + 1] in (0xDB, 0xC4):
+                tables += full[pos:end]
+            else:
+                rest += full[pos:end]
+            pos = end
+        rest += full[pos:]
+        (tmp_path / "two.jpg").write_bytes(SOI + tables + EOI + SOI + rest)
+        assert np.array_equal(decode_image(tmp_path / "two.jpg"), pillow_alone(tmp_path / "full.jpg")), kw
+        assert np.array_equal(pillow_alone(tmp_path / "two.jpg"), pillow_alone(tmp_path / "full.jpg")), kw
+        assert count(tmp_path, SOI + tables + EOI + SOI + rest)[0] == full.count(b"\xff\xda") > 0
+        frame_first = SOI + rest[:rest.index(b"\xff\xda")] + EOI + SOI + tables + rest  # an EOI after a frame
+        for data in (SOI + tables + EOI + b"\x00" + SOI + rest, SOI + tables + EOI + b"\xff" + SOI + rest, frame_first):
+            (tmp_path / "bad.jpg").write_bytes(data)
+            with pytest.raises(ValueError, match="refuses before its first scan"):
+                walk(tmp_path / "bad.jpg")
+            with pytest.raises(Exception):  # noqa: B017 - whatever Pillow raises: it cannot decode the file either
+                pillow_alone(tmp_path / "bad.jpg")
 
 
 #: what libjpeg-turbo's own trace (djpeg -verbose -verbose) lists for this stream: three scans, Ss-Se 0-0, 1-63, 1-63
@@ -171,8 +203,8 @@ def test_the_walk_meets_the_markers_libjpeg_meets_in_any_window(tmp_path, window
 
 
 def libjpeg_markers(data: bytes) -> list:
-    """libjpeg's marker reading a byte at a time (jdmarker.c: next_marker, each segment skipped by its length), to
-    hold the walk's windows and expressions to."""
+    """libjpeg's marker reading a byte at a time (jdmarker.c: next_marker, each segment skipped by its length; a
+    stream of tables alone passed as Pillow's decoder does), to hold the walk's windows and expressions to."""
     out, i, scanned, framed = [], 2, False, False
     while True:
         while i < len(data) and data[i] != 0xFF:
@@ -183,6 +215,9 @@ def libjpeg_markers(data: bytes) -> list:
             return out
         code, i = data[i], i + 1
         if code == 0 or 0xD0 <= code <= 0xD7 or code < 0xC0:
+            continue
+        if not scanned and code == 0xD9 and not framed and data[i:i + 2] == b"\xff\xd8":
+            i += 2  # a stream of tables alone, then the image's
             continue
         if not scanned and (code in (0xD8, 0xD9, 0xC8, 0xDE, 0xDF) or 0xF0 <= code <= 0xFD or code & 0xF7 in (0xC5,
                                                                                                            0xC6, 0xC7)
@@ -199,8 +234,8 @@ def libjpeg_markers(data: bytes) -> list:
         i += max(2, length)
 
 
-PIECES = [b"\xff", b"\x00", b"\xd0", b"\xd7", b"\xd8", b"\xd9", b"\xda", b"\xc2", b"\xe1", b"\x02", b"\x01", b"\x05",
-          b"\x13", b"\xc7", b"\xf3", b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x10",
+PIECES = [b"\xff", b"\x00", b"\xd0", b"\xd7", b"\xd8", b"\xd9", b"\xda", b"\xff\xd9\xff\xd8", b"\xc2", b"\xe1", b"\x02",
+          b"\x01", b"\x05", b"\x13", b"\xc7", b"\xf3", b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x10",
           b"\xff\xc0\x00\x0b\x08\x00\x10\x00\x10\x01\x01\x11\x00"]
 
 
