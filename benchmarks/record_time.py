@@ -19,41 +19,8 @@ from pathlib import Path
 
 from record_memory import png
 
-SOI, EOI = b"\xff\xd8", b"\xff\xd9"
-
-
-def seg(code: int, body: bytes) -> bytes:
-    return bytes([0xFF, code]) + (len(body) + 2).to_bytes(2, "big") + body
-
-
-def frame(code: int, w: int, h: int, comps: int) -> bytes:
-    return seg(code, bytes([8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes([comps])
-               + b"".join(bytes([i + 1, 0x11, 0]) for i in range(comps)))
-
-
-def scan(ids, ss: int, se: int, ah: int = 0, al: int = 0) -> bytes:
-    return seg(0xDA, bytes([len(ids)]) + b"".join(bytes([i, 0]) for i in ids) + bytes([ss, se, ah << 4 | al]))
-
-
-DQT = seg(0xDB, b"\x00" + b"\x01" * 64)
-DHT = seg(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # one code of one bit, for difference 0
-EOB_RUNS = seg(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0")  # AC: one code of one bit, for a run of 2^14+ EOBs
-
-
-def eob_runs(blocks: int) -> bytes:
-    """Huffman entropy data ending every block of a scan in runs of 32,767 EOBs: 15 bits a run."""
-    bits = "".join("0" + "1" * 14 for _ in range(-(-blocks // 32767)))
-    bits += "1" * (-len(bits) % 8)
-    data = int(bits, 2).to_bytes(len(bits) // 8, "big")
-    return data.replace(b"\xff", b"\xff\x00")
-
-
-def progressive(side: int, comps: int, refinements: int) -> bytes:
-    """Arithmetic-coded (SOF10): a DC scan, a first AC scan of each component, then `refinements` of each."""
-    ids = range(1, comps + 1)
-    return (SOI + DQT + frame(0xCA, side, side, comps) + scan(list(ids), 0, 0)
-            + b"".join(scan([c], 1, 63, 0, 1) for c in ids)
-            + b"".join(scan([c], 1, 63, 1, 0) for c in ids) * refinements + EOI)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for its crafted-JPEG writer
+from tests.jpeg_writer import DHT, DQT, EOB_RUNS, EOI, SOI, eob_runs, frame, progressive, scan  # noqa: E402
 
 
 def huffman_refinements(side: int, comps: int, refinements: int) -> bytes:
@@ -89,12 +56,12 @@ CASES = [  # (name, the file's bytes, or None for a PNG of zero pixels at the de
     ("  31 refinements (past)", lambda: huffman_refinements(8192, 1, 31)),
     ("Huffman prog. 8192^2 RGB, 8 EOB-run ref.", lambda: huffman_refinements(8192, 3, 8)),
     ("Huffman 8192^2, 31 scans of coef. 63", lambda: narrow(8192, 31, False)),
-    ("arith. prog. 2048^2 grey, 30 ref.", lambda: progressive(2048, 1, 30)),
-    ("  31 refinements (past)", lambda: progressive(2048, 1, 31)),
-    ("  review 34's: 16384^2, 250 ref.", lambda: progressive(16384, 1, 250)),
+    ("arith. prog. 2048^2 grey, 30 ref.", lambda: progressive(2048, 2048, 30)),
+    ("  31 refinements (past)", lambda: progressive(2048, 2048, 31)),
+    ("  review 34's: 16384^2, 250 ref.", lambda: progressive(16384, 16384, 250)),
     ("arith. 2048^2, 31 scans of coef. 63", lambda: narrow(2048, 31, True)),
     ("  review 35's: 12392^2, 894 (past)", lambda: narrow(12392, 894, True)),
-    ("arith. prog. 2048^2 CMYK, 6 ref.", lambda: progressive(2048, 4, 6)),
+    ("arith. prog. 2048^2 CMYK, 6 ref.", lambda: progressive(2048, 2048, 6, 4)),
     ("Huffman seq. 23168^2 CMYK", lambda: sequential(23168, 0xC0)),
     ("arith. seq. 5792^2 CMYK", lambda: sequential(5792)),
     ("  65500^2 (past; was 13 s)", lambda: sequential(65500)),

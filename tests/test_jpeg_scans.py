@@ -17,32 +17,8 @@ from mepf.embed import jpeg_scans
 from mepf.embed.files import decode_image
 from mepf.embed.fingerprint import replaced_identity
 from mepf.embed.sources import Replaced
+from tests.jpeg_writer import DHT, DQT, EOB_RUNS, EOI, SOI, frame, progressive, scan, seg
 from tests.test_hostile_inputs import released_shapes
-
-SOI, EOI = b"\xff\xd8", b"\xff\xd9"
-
-
-def seg(code: int, body: bytes = b"") -> bytes:
-    return bytes([0xFF, code]) + (len(body) + 2).to_bytes(2, "big") + body
-
-
-def frame(code: int, w: int, h: int, comps: int = 1) -> bytes:
-    return seg(code, bytes([8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes([comps])
-               + b"".join(bytes([i + 1, 0x11, 0]) for i in range(comps)))
-
-
-def scan(ids, ss: int, se: int, ah: int = 0, al: int = 0) -> bytes:
-    return seg(0xDA, bytes([len(ids)]) + b"".join(bytes([i, 0]) for i in ids) + bytes([ss, se, ah << 4 | al]))
-
-
-DQT = seg(0xDB, b"\x00" + b"\x01" * 64)
-
-
-def arithmetic(w: int, h: int, refinements: int) -> bytes:
-    """A flat grey progressive JPEG, arithmetic-coded (SOF10), whose scans hold no entropy bytes: libjpeg's
-    arithmetic decoder reads zeros past the data and still does each block's whole work (review 34's worst)."""
-    return (SOI + DQT + frame(0xCA, w, h) + scan([1], 0, 0) + scan([1], 1, 63, 0, 1)
-            + scan([1], 1, 63, 1, 0) * refinements + EOI)
 
 
 def walk(path, window=jpeg_scans.WINDOW) -> list:
@@ -71,15 +47,14 @@ def test_a_jpeg_whose_scans_hold_too_many_blocks_is_undecodable_before_any_is_de
     35's 9 KB files of 894 scans of one coefficient (88 s) or of DC refinements (Huffman: 14 s), which a bound on
     coefficients let through; the release of D and of D plus such a record have the same shapes."""
     for n in (0, 30):
-        (tmp_path / "ok.jpg").write_bytes(arithmetic(2048, 2048, n))
+        (tmp_path / "ok.jpg").write_bytes(progressive(2048, 2048, n))
         got = decode_image(tmp_path / "ok.jpg")
         assert got.shape == (2048, 2048, 1) and np.array_equal(got[:, :, 0], pillow_alone(tmp_path / "ok.jpg")), n
-    huffman = b"".join(seg(0xC4, bytes([table, 1]) + bytes(15) + b"\x00") for table in (0x00, 0x10))
-    bombs = {"over.jpg": arithmetic(2048, 2048, 31), "review34.jpg": arithmetic(16384, 16384, 250),
+    bombs = {"over.jpg": progressive(2048, 2048, 31), "review34.jpg": progressive(16384, 16384, 250),
              "sequential.jpg": SOI + DQT + frame(0xC9, 65500, 65500, 4) + scan([1, 2, 3, 4], 0, 63) + EOI,
              "band63.jpg": SOI + DQT + frame(0xCA, 12392, 12392) + scan([1], 0, 0) + scan([1], 63, 63, 1, 0) * 894
              + EOI,
-             "dc.jpg": SOI + DQT + frame(0xC2, 12392, 12392) + huffman + scan([1], 0, 0, 0, 1)
+             "dc.jpg": SOI + DQT + frame(0xC2, 12392, 12392) + DHT + EOB_RUNS + scan([1], 0, 0, 0, 1)
              + scan([1], 0, 0, 1, 0) * 894 + EOI}
     assert len(bombs["review34.jpg"]) == 2606
     for name, data in bombs.items():
