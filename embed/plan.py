@@ -24,7 +24,7 @@ _KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", 
 
 #: the plan's fields, in order, named as the user knows them; what differs is said in these words
 FIELDS = (
-    ("version", "the mepf and torch versions"),
+    ("version", "the versions of mepf, torch, numpy and Pillow (with its libjpeg-turbo and zlib)"),
     ("device", "the device (its kind; on CUDA the GPU model, compute capability, SM count, CUDA and cuDNN versions)"),
     ("cpu", "the CPU (its model and instruction-set flags, and ATen's choice among them)"),
     ("kernel_env", "the variables that choose kernels (" + ", ".join(_KERNEL_ENV[:3]) + ", ...)"),
@@ -50,7 +50,7 @@ def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: 
     other ranks share its files and command line, and state no digest)."""
     ranks = distributed.current()
     return {
-        "version": versions("mepf", "torch"),
+        "version": {**versions("mepf", "torch", "numpy", "Pillow"), **decoders()},
         **kernels(device),
         "n": len(source),
         "block": int(batch_size),
@@ -65,6 +65,15 @@ def plan_of(source, transform, feature_spec: dict, *, batch_size: int, moments: 
         "force": bool(force),
         "bad_records": bad_records,
     }
+
+
+def decoders() -> dict:
+    """The libraries Pillow turns a stored record into pixels with (mepf decodes PNG and JPEG only): as for the
+    kernels below, nodes that decode one file to other pixels would move other records' rows when a record is
+    added (review 38). Pillow's wheels bundle their own, so its version alone does not say which a build has."""
+    from PIL import features
+
+    return {name: features.version(name) for name in ("libjpeg_turbo", "zlib", "zlib_ng")}
 
 
 def kernels(device) -> dict:

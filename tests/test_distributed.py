@@ -240,6 +240,25 @@ def test_two_nodes_whose_kernels_differ_are_refused_before_reading(tmp_path):
     assert "on machines of one kind" in results[0][2]
 
 
+def test_two_nodes_whose_image_decoders_differ_are_refused_before_reading(tmp_path):
+    """Pillow's wheels bundle their own libjpeg-turbo and zlib: a node with another build may turn the same file
+    into other pixels, and a record added at the start moves other records between the nodes (review 38). The
+    versions of the decoders are in the plan; node 1 here reports another libjpeg-turbo, as another wheel would."""
+    nodes = _nodes(tmp_path)
+    for n in nodes:
+        np.savez(n / "d.npz", images=make_images(20, seed=3), labels=np.arange(20) % 2)
+    other = tmp_path / "other_pillow"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text(
+        "from PIL import features\n"
+        "real = features.version\n"
+        "features.version = lambda name: '2.1.5' if name == 'libjpeg_turbo' else real(name)\n")
+    args = [node_embed(n, n / "d.npz", "--classes", "2", "--batch-size", "5") for n in nodes]
+    path = os.pathsep.join(p for p in (str(other), os.environ.get("PYTHONPATH")) if p)
+    results = two_nodes(args, node_env=[{}, {"PYTHONPATH": path}])
+    _assert_refused_on_both(results, nodes, "Pillow (with its libjpeg-turbo and zlib)")
+
+
 def test_kernels_name_what_rounds_a_records_features():
     """The plan's kernel field differs where the kernel path does (an override of the instruction set, another
     device kind) and not with what leaves rounding alone (the number of threads)."""
