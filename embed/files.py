@@ -629,7 +629,7 @@ class ArraySource(Source):
             if y is not None:
                 y = y.astype(np.int64)
                 if not zero and ((y < 0) | (y >= k)).any():  # under zero, the pass drops such records
-                    raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes that "
-                                    "--classes declares; declare the full label set or fix the labels (or embed "
-                                    "with --bad-records zero, which drops such records)")
+                    raise MepfError(f"a label in {self.path.name} is outside 0..{k - 1}, the {k} classes declared "
+                                    "(by --classes, or the file's class_names); declare the full label set or fix "
+                                    "the labels (mepf embed: or --bad-records zero, which drops such records)")
             yield b, (x if replaced is None else [replaced.get(i, r) for i, r in enumerate(x)]), y

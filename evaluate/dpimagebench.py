@@ -30,6 +30,7 @@ from .evaluation import (
     _fid,
     _generator_record,
     _late_warnings,
+    _release_of,
     _release_record,
     _run_options,
     fid_pick,
@@ -196,6 +197,8 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
         _check_geometry((arch["image_size"], arch["image_size"], arch["channels"]))
     synth = load_synthetic(synthetic, n, seed, device, z_scale, generator)
     _check_geometry(tuple(synth.shape))
+    saved = _run_options(synth)
+    release = _release_record(synth, _release_of(synth, None, saved))  # before any metric: an altered generator stops
     ident = _identity(synth)
     # what the saved state belongs to: a generator by its SHA-256 (wherever it lies now), images by their path
     drawn = "" if z_scale == 1 else f" at z scale {z_scale!r}"  # a saved state belongs to these samples only
@@ -286,14 +289,13 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
                         f"statistics are kept in {stats_dir}")
     if reduced:
         warnings.append("REDUCED protocol, not comparable with DPImageBench's tables: " + "; ".join(reduced))
-    saved = _run_options(synth)
     generator = _generator_record(synth, saved, z_scale)
     warnings += _late_warnings(metrics_out, generator)
     warnings += [f"{flag}: {warn}" for flag, warn in flagged]
     report = {"protocol": "dpimagebench", "protocol_reduced": reduced, "epochs": epochs, "real_limit": real_limit,
               "synthetic": synth.description, "n_synthetic": k, "reference": reference, "reference_given": reference,
               "n_reference": None if test is None else int(len(test.images)), "generator": generator,
-              "metrics": metrics_out, "release": _release_record(synth), "not_for_publication": bool(flagged),
+              "metrics": metrics_out, "release": release, "not_for_publication": bool(flagged),
               "private_sets": [flag for flag, _ in flagged],
               "warnings": warnings, "seed": seed, "classes": classes,
               "versions": versions("mepf", "torch", "pytorch-fid"), "wall_time_s": time.perf_counter() - t0}

@@ -43,6 +43,10 @@ def _run_options(synth: ImageSet) -> dict | None:
         raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run (it was trained from the "
                         f"release {theirs[:12]}..., the run from {ours[:12]}...): evaluate that generator.pt from a "
                         "folder of its own, or put the run's back")
+    ours, theirs = saved.get("run_id"), synth.generator.info.get("run_id") if synth.generator is not None else None
+    if ours and theirs and ours != theirs:  # another run of the same release (another seed, say)
+        raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run (it is another run's, by "
+                        "its run id): evaluate that generator.pt from a folder of its own, or put the run's back")
     return saved
 
 
@@ -358,4 +362,21 @@ def _release_record(synth, rel=None) -> dict | None:
                         f"the release it was trained from says ({rel.epsilon:g}, {rel.delta:g})-DP under "
                         f"{printable(rel.ledger.get('relation'))}: the generator file was altered; use the one its "
                         "run wrote")
-    return {"sha256": info["release_sha256"], "epsilon": claimed[0], "delta": claimed[1], "relation": claimed[2]}
+    if rel is not None:  # made for other images or classes than those of the release it names (review 39)
+        a, f, names = synth.generator.arch, rel.features, list(info.get("class_names", []))
+        mine = (a["image_size"], a["image_size"], a["channels"])
+        if mine != (f.height, f.width, f.channels):
+            why = f"it makes {mine[0]} x {mine[1]} x {mine[2]} images, the release's are {f.height} x {f.width} x " \
+                  f"{f.channels}"
+        elif names != list(rel.class_names):
+            why = (f"its classes are {{{', '.join(map(printable, names))}}}, the release's "
+                   f"{{{', '.join(map(printable, rel.class_names))}}}" + (" (the same, in another order)"
+                                                                            if sorted(names) == sorted(rel.class_names)
+                                                                            else ""))
+        else:
+            why = None
+        if why:
+            raise MepfError(f"the generator does not fit the release it names ({why}): the generator file was "
+                            "altered; use the one its run wrote")
+    return {"sha256": info["release_sha256"], "epsilon": claimed[0], "delta": claimed[1], "relation": claimed[2],
+            "verified": rel is not None}

@@ -30,7 +30,27 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # scipy's LinAlgWarning
         warnings.simplefilter("ignore", category=DeprecationWarning)  # sqrtm's disp, in pytorch-fid
-        return float(calculate_frechet_distance(mu1, s1, mu2, s2))
+        try:
+            return float(calculate_frechet_distance(mu1, s1, mu2, s2))
+        except ValueError as e:  # pytorch-fid's "Imaginary component": covariances no data has
+            raise MepfError(f"the FID cannot be computed ({e}); the statistics are not of images: compute them "
+                            "again") from None
+
+
+#: how far from symmetric and positive semi-definite a covariance may be (relative to its largest entry/eigenvalue):
+#: np.cov's own rounding is about 1e-15
+COVARIANCE_TOLERANCE = 1e-6
+
+
+def covariance_problem(sigma: np.ndarray) -> str | None:
+    """Why `sigma` is no covariance (not symmetric, or a negative eigenvalue), or None."""
+    scale = float(np.abs(sigma).max()) or 1.0
+    if float(np.abs(sigma - sigma.T).max()) > COVARIANCE_TOLERANCE * scale:
+        return "its sigma is not symmetric"
+    lowest = float(np.linalg.eigvalsh(sigma)[0])
+    if lowest < -COVARIANCE_TOLERANCE * scale:
+        return f"its sigma has a negative eigenvalue ({lowest:.3g})"
+    return None
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +95,9 @@ def read_statistics(path: Path, what: str) -> tuple | None:
                         "np.savez") from None
     if not all(np.isfinite(a).all() for a in out):
         raise MepfError(f"{what} {path} holds NaN or infinite statistics; compute them again")
+    problem = covariance_problem(out[1])
+    if problem:
+        raise MepfError(f"{what} {path} holds no covariance ({problem}); compute the statistics again")
     return out[0], out[1]
 
 

@@ -25,12 +25,17 @@ def privacy_in_words(release: dict | None) -> str:
     if release["epsilon"] == float("inf"):
         return ("NOT PRIVATE: the generator was trained on a non-private baseline release (eps = inf), for "
                 "comparison only.")
+    if not release.get("verified", True):  # reports from before "verified" were written only where it was found
+        return (f"UNCHECKED: the generator file claims to be trained only on a released embedding that is "
+                f"({release['epsilon']:.4g}, {release['delta']:g})-differentially private, but that release (SHA-256 "
+                f"{release['sha256'][:12]}...) was not found, so nothing checked the claim: pass it with --release.")
     rel = "adding or removing" if release["relation"] == "add-remove" else "replacing"
     return (f"The generator was trained only on a released embedding that is ({release['epsilon']:.4g}, "
-            f"{release['delta']:g})-differentially private: {rel} any one person's image changes the probability "
-            f"of any outcome by at most a factor e^{release['epsilon']:.4g}, except with probability "
-            f"{release['delta']:g}. Training, sampling and this evaluation are post-processing and cost no "
-            "further privacy.")
+            f"{release['delta']:g})-differentially private (the release was found and its ledger checked; that "
+            f"the generator's weights came from it alone is the word of whoever trained it): {rel} any one person's "
+            f"image changes the probability of any outcome by at most a factor e^{release['epsilon']:.4g}, except "
+            f"with probability {release['delta']:g}. Training, sampling and this evaluation are post-processing and "
+            "cost no further privacy.")
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray | None, path: Path, per_class: int = 10,

@@ -462,7 +462,8 @@ def _generator_facts(path: Path, g=None) -> dict:
         "kind": "generator",
         "generator": f"{path} ({a['name']}, width {a['width']}, {a['image_size']}x{a['image_size']}x{a['channels']},"
                      f" step {i.get('step')})",
-        "privacy": _guarantee(i.get("epsilon"), i.get("delta"), i.get("relation")),
+        "privacy": _guarantee(i.get("epsilon"), i.get("delta"), i.get("relation")) + " (as the generator file says;"
+                   " `mepf evaluate` checks it against its release where it finds it)",
         "classes": (f"{len(names)} class{'es' if len(names) != 1 else ''}: {', '.join(names)}" if i.get("labelled")
                     else "unlabelled"),
         "release": f"sha256 {str(i.get('release_sha256'))[:16]}",
@@ -470,7 +471,7 @@ def _generator_facts(path: Path, g=None) -> dict:
 
 
 def _run_facts(run: Path) -> dict:
-    from mepf.synthesize import run_folder
+    from mepf.synthesize import load_generator, run_folder
     from mepf.synthesize.train import _read_options
 
     o = _read_options(run)
@@ -479,23 +480,28 @@ def _run_facts(run: Path) -> dict:
     snaps = run_folder.snapshots(run)
     gen = run / run_folder.GENERATOR
     step = snaps[-1][0] if snaps else 0
+    loaded = load_generator(gen) if gen.is_file() else None
+    done = loaded is not None and loaded.info.get("step") == step and step >= steps
     facts = {"kind": "run", "run": str(run),
-             "progress": f"step {step} of {steps}" + (" (complete)" if gen.is_file() and step >= steps else
+             "progress": f"step {step} of {steps}" + (" (complete)" if done else
                                                       "; continue with: mepf synthesize --resume " + str(run)),
-             "privacy": _guarantee(eps, o.get("delta")),
+             "privacy": _guarantee(eps, o.get("delta")) + " (as the run's options.json says)",
              "release": f"{o.get('release')} (sha256 {str(o.get('release_sha256'))[:16]})",
              "options": ", ".join(f"{k}={o[k]}" for k in ("generator", "width", "objective", "lr", "lr_schedule",
                                                           "batch_size", "seed", "labels") if k in o),
              "changes": "; ".join(f"{c['option']} {c['from']} -> {c['to']} at step {c['step']}"
                                   for c in o.get("changes", [])) or None}
-    if gen.is_file():
-        from mepf.synthesize import load_generator
-
-        loaded = load_generator(gen)
+    if loaded is not None:
         g = _generator_facts(gen, loaded)
         facts["generator"], facts["classes"] = g["generator"], g["classes"]
-        if isinstance(o.get("release_sha256"), str) and loaded.info.get("release_sha256") != o["release_sha256"]:
-            facts["generator"] += f"; NOT this run's: trained from another release ({g['release']}), {g['privacy']}"
+        i = loaded.info
+        claim = _guarantee(i.get("epsilon"), i.get("delta"), i.get("relation"))
+        if isinstance(o.get("release_sha256"), str) and i.get("release_sha256") != o["release_sha256"]:
+            facts["generator"] += f"; NOT this run's: trained from another release ({g['release']}), {claim}"
+        elif o.get("run_id") and i.get("run_id") and i["run_id"] != o["run_id"]:
+            facts["generator"] += "; NOT this run's: another run's, by its run id"
+        elif (i.get("epsilon"), i.get("delta")) != (eps, o.get("delta")):
+            facts["privacy"] += f"; NOT the generator's, which claims {claim}: one of the two was altered"
     return facts
 
 

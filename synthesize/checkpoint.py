@@ -60,13 +60,13 @@ def load_tensors(path: Path, what: str) -> tuple:
     return obj, hashlib.sha256(data).hexdigest()
 
 
-def save_generator(path: Path, generator, arch: dict, release, step: int) -> None:
+def save_generator(path: Path, generator, arch: dict, release, step: int, run_id: str | None = None) -> None:
     obj = {"format": FORMAT, "schema_version": VERSION, "arch": arch,
            "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
            "release_sha256": release.file_sha256, "release_checksum": release.checksum,
            "epsilon": release.epsilon, "delta": release.delta, "relation": release.ledger["relation"],
            "class_names": list(release.class_names), "labelled": release.labelled,
-           "label_prior": release.label_prior().tolist(), "step": step,
+           "label_prior": release.label_prior().tolist(), "step": step, "run_id": run_id,
            "transform": {"crop": "center"} if release.data_spec.get("transform", {}).get("crop") else {}}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -224,6 +224,10 @@ def generator_problem(obj: dict) -> str | None:
             and obj.get("relation", "add-remove") in RELATIONS
             and isinstance(obj.get("release_sha256"), str) and len(obj["release_sha256"]) == 64):
         return "its guarantee (epsilon, delta, relation), labelled, step or release is missing or out of bounds"
+    run_id = obj.get("run_id")
+    if not (run_id is None or (isinstance(run_id, str) and len(run_id) == 32
+                               and all(c in "0123456789abcdef" for c in run_id))):
+        return "its run id is not one mepf writes (32 hex digits)"
     t = obj.get("transform", {})
     if not (isinstance(t, dict) and set(t) <= {"crop"} and t.get("crop") in (None, "center")):
         return "its transform is not one mepf writes ({} or {'crop': 'center'})"

@@ -108,13 +108,13 @@ def iter_stats(run):
 
 
 def snapshots(run) -> list:
-    """(step, path) of the run's snapshots, by step."""
+    """(step, path) of the run's snapshots, by step: plain files only (a folder or link of that name is none)."""
     from pathlib import Path
 
     found = []
     for p in Path(run).glob(SNAPSHOT_GLOB):
         m = SNAPSHOT_NAME.fullmatch(p.name)
-        if m:
+        if m and p.is_file() and not p.is_symlink():
             found.append((int(m.group(1)), p))
     return sorted(found)
 

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import secrets
 import shutil
 import time
 from dataclasses import asdict
@@ -140,6 +141,7 @@ class Trainer:
                                                                                       fmap.spec.width), device)
                               if opts.layer_weights else None)
         self.step = 0
+        self.run_id = None  # options.json's (start and resume set it); None in a run from before run ids
         self.complete = False  # set by resume: the run was already at its last step
         self.precision = precision or resolve(opts.precision, device)
         if self.precision.fast_paths:  # not in a run from before the plan: it resumes on the very same map
@@ -160,7 +162,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
-        return {"step": self.step, "generator": self.G.state_dict(),
+        return {"step": self.step, "run_id": self.run_id, "release_sha256": self.release.file_sha256,
+                "generator": self.G.state_dict(),
                 "generator_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
                 "opt_g": self.opt_g.state_dict(),
                 "opt_m": self.opt_m.state_dict(), "mavg": {m: t.detach().cpu() for m, t in self.mavg.items()},
@@ -315,7 +318,8 @@ class Trainer:
             return
         _atomic_torch_save(state, self.run / run_folder.snapshot_name(self.step))
         for _, old in run_folder.snapshots(self.run)[:-2]:
-            old.unlink()
+            with contextlib.suppress(OSError):  # one that cannot be removed is left: the newest two are what counts
+                old.unlink()
 
     def stop(self, signum: int, log) -> None:
         """Ctrl-C or SIGTERM, taken between two steps: a snapshot of this step (so --resume continues exactly),
@@ -341,7 +345,7 @@ class Trainer:
             self.snapshot()
             if main:
                 save_generator(self.run / run_folder.GENERATOR, self.output_generator, self.arch, self.release,
-                               self.step)
+                               self.step, self.run_id)
                 log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done at step {self.step}\n")
 
     def _loop(self, log, sf, progress: bool):
@@ -395,6 +399,7 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
                            "--precision explicitly on mixed nodes)",
                            {**_shared_options(opts, release), "precision_resolved": precision.to_json()})
     run = Path(opts.out)
+    run_id = secrets.token_hex(16)  # snapshots and generator.pt carry it: a file of another run is told apart
 
     def create():
         if run.exists() and any(run.iterdir()):
@@ -409,13 +414,14 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
                     "device_resolved": str(device), "precision_resolved": precision.to_json(),
                     "ranks": ranks.world, "release_sha256": release.file_sha256,
                     "release_checksum": release.checksum, "release_bytes": Path(opts.release).stat().st_size,
-                    "epsilon": release.epsilon, "delta": release.delta,
+                    "epsilon": release.epsilon, "delta": release.delta, "run_id": run_id,
                     "versions": versions("torch", "torchvision", "mepf", "h5py", "numpy")}
         write_text_atomic(run / run_folder.OPTIONS, json.dumps(resolved, indent=2, sort_keys=True))
 
     distributed.on_main(create)
     try:
         trainer = Trainer(opts, release, fmap, arch, device, precision)
+        trainer.run_id = run_id
         trainer.fit(progress)
     except KeyboardInterrupt as e:  # one outside the steps (set-up, the last save): the folder exists, so resume it
         if isinstance(e, Interrupted):
@@ -552,6 +558,31 @@ def resume_plan(run_dir, changes: dict) -> tuple:
     return saved, differ, opts
 
 
+def snapshot_of_another_run(state: dict, saved: dict) -> str | None:
+    """Why a snapshot cannot be of the run whose options.json is `saved`, or None: another run id or release, or a
+    step past the run's --steps (options.json records the steps before any is trained). A run from before run ids
+    (none in options.json) takes only snapshots without one."""
+    if state.get("run_id") != (saved.get("run_id") if isinstance(saved.get("run_id"), str) else None):
+        return "it is another run's, by its run id"
+    if "release_sha256" in state and state["release_sha256"] != saved["release_sha256"]:
+        return f"it was trained from another release, {str(state['release_sha256'])[:12]}..."
+    if type(saved.get("steps")) is int and state["step"] > saved["steps"]:
+        return f"its step {state['step']} is past the run's --steps {saved['steps']}"
+    return None
+
+
+def generator_step(run: Path) -> int | None:
+    """The step of the run's generator.pt, or None where there is none or it cannot be read (a run stopped
+    between its last snapshot and generator.pt, or with a damaged one: resume writes it from the snapshot)."""
+    if not (run / run_folder.GENERATOR).is_file():
+        return None
+    try:
+        obj, _ = load_tensors(run / run_folder.GENERATOR, "generator")
+    except (MepfError, OSError):
+        return None
+    return obj.get("step") if isinstance(obj, dict) and type(obj.get("step")) is int else None
+
+
 def check_ahead(run: Path, step: int, steps: int) -> None:
     """--steps given again may not be below the step the run is at."""
     if steps < step:
@@ -581,6 +612,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     precision = (Precision.from_json(saved["precision_resolved"]) if "precision_resolved" in saved
                  else legacy(opts.precision, device))
     trainer = Trainer(opts, release_file, fmap, arch, device, precision)
+    trainer.run_id = saved.get("run_id") if isinstance(saved.get("run_id"), str) else None
     snap = latest_snapshot(run)
     if snap is not None:
         def load_snapshot():
@@ -589,6 +621,10 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
                     and state["step"] == run_folder.snapshots(run)[-1][0]):
                 raise MepfError(f"snapshot {snap} is not of the step its name gives; move it away to resume from "
                                 "the one before")
+            problem = snapshot_of_another_run(state, saved)
+            if problem:
+                raise MepfError(f"snapshot {snap} is not of this run ({problem}): resumed, its weights would be "
+                                "credited to this run and its release; move it away to resume from the one before")
             problem = optimiser_problem(trainer, state)
             if problem:
                 raise MepfError(f"snapshot {snap} holds optimiser settings or state this run does not make "
@@ -605,7 +641,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     distributed.agree_same("the training options (the run's, and those given again on resuming), or its step",
                            {**_shared_options(dataclasses.replace(opts, **differ), release_file), "at": step})
     check_ahead(run, step, steps)
-    trainer.complete = steps == step and (run / run_folder.GENERATOR).is_file()
+    trainer.complete = steps == step and generator_step(run) == step  # else generator.pt is written from the snapshot
     if trainer.complete:
         return trainer
     for k, v in differ.items():

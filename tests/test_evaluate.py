@@ -705,6 +705,11 @@ def test_hostile_npz_references_are_one_line_and_read_nothing_large(tmp_path):
     np.savez(tmp_path / "short.npz", images=images, labels=np.array([0, 1]))
     np.savez(tmp_path / "shape.npz", mu=np.zeros(2048), sigma=np.zeros((2048, 2047)))
     np.savez(tmp_path / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    np.savez(tmp_path / "notcov.npz", mu=np.zeros(2048), sigma=-np.eye(2048))  # review 39 F6: a traceback after
+    asym = np.eye(2048)  # the Inception pass, or an FID no covariance gives
+    asym[0, 1] = 0.5
+    np.savez(tmp_path / "asym.npz", mu=np.zeros(2048), sigma=asym)
+    np.savez(tmp_path / "names.npz", images=images, labels=np.array([0, 1, 2]), class_names=np.array(["a", "b"]))
     with open(tmp_path / "huge.npy", "wb") as f:  # a header declaring 2^40 float64s, and no data
         np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (2 ** 40,)})
     import zipfile
@@ -715,13 +720,24 @@ def test_hostile_npz_references_are_one_line_and_read_nothing_large(tmp_path):
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
     os.mkfifo(tmp_path / "fifo.npz")
     cases = {"labels": "labels must be 0 to", "negative": "labels must be 0 to", "short": "expected one label per",
-             "shape": "not floats of shape", "nan": "NaN or infinite", "huge": "not a readable .npz|another length",
+             "shape": "not floats of shape", "nan": "NaN or infinite", "notcov": "negative eigenvalue",
+             "asym": "not symmetric", "names": "the file's class_names", "huge": "not a readable .npz|another length",
              "garbage": "not a readable .npz", "fifo": "not a plain file|no such"}
 
     with fails_if_blocked(30):
         for name, why in cases.items():
             with pytest.raises(MepfError, match=why):
                 load_reference(str(tmp_path / f"{name}.npz"))
+
+
+def test_statistics_no_images_give_are_one_line_not_a_traceback():
+    """pytorch-fid's ValueError (an imaginary square root: covariances no data has) is said in one line."""
+    from mepf.artifacts.errors import MepfError
+    from mepf.evaluate.fid import frechet_distance
+
+    mu = np.zeros(64)
+    with pytest.raises(MepfError, match="FID cannot be computed"):
+        frechet_distance(mu, -np.eye(64), mu, np.eye(64))
 
 
 def test_the_sample_grid_keeps_a_row_for_every_class_present(tmp_path):

@@ -304,3 +304,125 @@ def test_a_sparse_generator_larger_than_memory_allows_is_refused_unread(copied, 
                      "machine's memory")
     one_line_refusal(evaluate(copied, tmp_path / "x.npz", tmp_path / "rep"), "more than a quarter")
     assert not (tmp_path / "s").exists()
+
+
+def _other_run(base_run, tmp_path, release, *extra):
+    r = cli("synthesize", release, "--out", tmp_path / "other", "--steps", "3", "--width", "8", "--grid-every", "0",
+            "--snapshot-every", "1", "--device", "cpu", "--quiet", *extra)
+    assert r.exit_code == 0, r.output + r.stderr
+    return tmp_path / "other"
+
+
+def test_a_snapshot_of_another_run_is_not_resumed(copied, base_run, tmp_path):
+    """Snapshots said nothing of their run: one from a non-private baseline of other data, copied into a run of an
+    eps = 1 release, was resumed and its generator.pt credited with (1, 1e-5)-DP (review 39 F1); one of another
+    seed of the same release mixed two runs. Each is refused by its run id, and any past the run's --steps."""
+    np.savez(tmp_path / "o.npz", images=make_images(40, seed=9), labels=np.arange(40) % 10)
+    r = cli("embed", "--data", tmp_path / "o.npz", "--classes", "10", "--out", tmp_path / "base.h5", "--epsilon",
+            "inf", "--delta", "1e-5", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY)
+    assert r.exit_code == 0, r.output + r.stderr
+    baseline = _other_run(base_run, tmp_path, tmp_path / "base.h5")
+    before = (copied / "generator.pt").read_bytes()
+    shutil.copy(baseline / "snapshot-0000003.pt", copied / "snapshot-0000003.pt")
+    one_line_refusal(resume(copied, steps=4), "snapshot-0000003.pt", "not of this run", "run id")
+    assert (copied / "generator.pt").read_bytes() == before
+    shutil.rmtree(baseline)
+    sibling = _other_run(base_run, tmp_path, copied.parent / "r.h5", "--seed", "5")
+    shutil.copy(sibling / "snapshot-0000003.pt", copied / "snapshot-0000003.pt")
+    one_line_refusal(resume(copied, steps=4), "not of this run", "run id")
+    ours = torch.load(copied / "snapshot-0000002.pt", weights_only=True)
+    ours["step"] = 3
+    torch.save(ours, copied / "snapshot-0000003.pt")  # this run's, but past the steps options.json records
+    one_line_refusal(resume(copied, steps=4), "not of this run", "past the run's --steps 2")
+    (copied / "snapshot-0000003.pt").unlink()
+    assert resume(copied, steps=4).exit_code == 0
+    g = torch.load(copied / "generator.pt", weights_only=True)
+    assert g["step"] == 4 and g["run_id"] == json.loads((copied / "options.json").read_text())["run_id"]
+    shutil.copy(sibling / "generator.pt", copied / "generator.pt")  # the same release, another run
+    one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "not trained by this run", "run id")
+    assert "NOT this run's" in cli("info", copied).output
+
+
+def test_a_run_stopped_before_its_generator_is_finished_by_resume(copied):
+    """A kill between the last snapshot and generator.pt (or a folder named like an old snapshot, which ended the
+    run with a traceback there) left a run that resume called complete and sample told to finish with resume
+    (review 39 F5). A folder of a snapshot's name is no snapshot; resume writes generator.pt from the snapshot."""
+    (copied / "snapshot-0000000.pt").mkdir()
+    assert resume(copied, steps=3).exit_code == 0
+    assert (copied / "snapshot-0000000.pt").is_dir() and (copied / "snapshot-0000003.pt").is_file()
+    g = torch.load(copied / "generator.pt", weights_only=True)
+    assert g["step"] == 3
+    (copied / "generator.pt").unlink()
+    assert "continue with" in cli("info", copied).output
+    r = resume(copied, steps=3)
+    assert r.exit_code == 0 and torch.load(copied / "generator.pt", weights_only=True)["step"] == 3, r.output
+    old = torch.load(copied / "snapshot-0000002.pt", weights_only=True)
+    torch.save({**g, "step": 2}, copied / "generator.pt")  # an older generator.pt: written before the last steps
+    assert "continue with" in cli("info", copied).output
+    assert resume(copied, steps=3).exit_code == 0
+    again = torch.load(copied / "generator.pt", weights_only=True)
+    assert again["step"] == 3 and all(torch.equal(again["state_dict"][k], g["state_dict"][k]) for k in g["state_dict"])
+    assert "(complete)" in cli("info", copied).output
+    assert old["step"] == 2
+
+
+def test_the_release_a_run_folder_names_is_hashed_only_where_it_could_be_one(copied, base_run, tmp_path):
+    """options.json may name any file: a 1 TiB sparse one kept evaluate hashing it for as long as it liked (review
+    39 F3). A file of another size than the run recorded, or larger than a release this machine could read, is not
+    read; the release beside the run is still found."""
+    from mepf.artifacts.plain_file import memory_bytes
+    from mepf.synthesize.locate import _sha
+
+    huge = tmp_path / "huge.h5"
+    with open(huge, "wb") as f:
+        f.truncate(memory_bytes() // 2 + 1)  # sparse: no disk
+    real = copied.parent / "r.h5"
+    assert _sha(huge) is None and _sha(real, size=real.stat().st_size + 1) is None
+    assert _sha(real) == _sha(real, size=real.stat().st_size) is not None
+    opts = json.loads((copied / "options.json").read_text())
+    opts["release"] = str(huge)
+    del opts["release_bytes"]  # no size to filter by: the memory bound alone keeps the decoy unread
+    (copied / "options.json").write_text(json.dumps(opts))
+    r = evaluate(copied, base_run / "d.npz", tmp_path / "rep")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["release"]["verified"] is True
+
+
+def test_the_report_says_when_a_generators_claim_was_not_checked(copied, base_run, tmp_path):
+    """A generator whose release was not found had its claim written into report.md as a fact (review 39 F2);
+    info on a run folder showed options.json's guarantee beside a generator claiming another."""
+    (tmp_path / "away").mkdir()
+    shutil.move(copied.parent / "r.h5", tmp_path / "away" / "r.h5")  # not beside the run, nor where it was
+    opts = json.loads((copied / "options.json").read_text())
+    opts["release"] = str(tmp_path / "gone.h5")
+    (copied / "options.json").write_text(json.dumps(opts))
+    r = cli("evaluate", copied, "--reference", base_run / "d.npz", "--metrics", "accuracy", "--classifiers", "logreg",
+            "--out", tmp_path / "rep", "-n", "20", "--quiet", "--release-log", tmp_path / "none.jsonl")
+    assert r.exit_code == 0, r.output + r.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["release"]["verified"] is False and rep["release"]["epsilon"] == pytest.approx(1)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "UNCHECKED" in md and "was not found" in md and "--release" in md
+    r = cli("evaluate", copied, "--reference", base_run / "d.npz", "--metrics", "embedding", "--out",
+            tmp_path / "rep2", "-n", "20", "--quiet", "--release-log", tmp_path / "none.jsonl",
+            "--release", tmp_path / "away" / "r.h5")
+    assert r.exit_code == 0, r.output + r.stderr
+    md = (tmp_path / "rep2" / "report.md").read_text()
+    assert "UNCHECKED" not in md and "ledger checked" in md
+    opts["epsilon"] = 0.01
+    (copied / "options.json").write_text(json.dumps(opts))
+    said = cli("info", copied).output
+    assert "NOT the generator's, which claims (1, 1e-05)-DP" in said, said
+
+
+def test_a_generator_must_fit_the_release_it_names(copied, base_run, tmp_path):
+    """A generator naming a found release but made for other images or classes ended in a traceback, and one
+    with the release's classes in another order paired them by position for the distance and by name for the
+    accuracy (review 39 F4): refused in one line."""
+    g = torch.load(copied / "generator.pt", weights_only=True)
+    names = list(g["class_names"])
+    g["class_names"] = names[1:] + names[:1]
+    torch.save(g, copied / "generator.pt")
+    one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "does not fit the release",
+                     "another order")
+    assert not (tmp_path / "rep").exists()
