@@ -35,6 +35,7 @@ from .evaluation import (
     _run_options,
     fid_pick,
     private_reference_warning,
+    unchecked_warning,
 )
 from .report import PROTOCOL_META as META
 from .report import PROTOCOL_STATE as STATE
@@ -206,7 +207,8 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
                           f"limit {real_limit}, {'+'.join(sorted(wanted))}, {'+'.join(sorted(classifiers))}"}
     crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
     schedule = BenchSchedule(epochs=epochs)
-    metrics_out, warnings, flagged = {}, [], []
+    metrics_out, flagged = {}, []
+    warnings = unchecked_warning(release, "put it beside the generator (this protocol takes no --release)")
     k = len(synth.images)
     k_fid = min(fid_samples or THEIR_FID_N, k)
     reduced = [w for w, on in ((f"{k:,} synthetic images (theirs: {THEIR_N:,})", k != THEIR_N),

@@ -44,7 +44,7 @@ def _run_options(synth: ImageSet) -> dict | None:
                         f"release {theirs[:12]}..., the run from {ours[:12]}...): evaluate that generator.pt from a "
                         "folder of its own, or put the run's back")
     ours, theirs = saved.get("run_id"), synth.generator.info.get("run_id") if synth.generator is not None else None
-    if ours and theirs and ours != theirs:  # another run of the same release (another seed, say)
+    if ours and synth.generator is not None and theirs != ours:  # another run of the same release (another seed)
         raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run (it is another run's, by "
                         "its run id): evaluate that generator.pt from a folder of its own, or put the run's back")
     return saved
@@ -279,6 +279,7 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     saved = _run_options(synth)
     rel = _release_of(synth, release, saved)
     release_rec = _release_record(synth, rel)  # before any metric: an altered generator stops here
+    warnings += unchecked_warning(release_rec, "pass it with --release")
     given, rows = None, None  # images as files: the release is the user's word (the distance; unnamed labels' names)
     if rel is not None and synth.generator is None:
         rows = _check_release_fits(synth, rel, warnings)
@@ -348,6 +349,14 @@ def _late_warnings(metrics_out: dict, generator: dict | None) -> list:
     if generator and generator.get("behind"):
         out.append(f"{run_folder.behind_note(generator['behind'], generator['step'], 'this report is')} evaluate again")
     return out
+
+
+def unchecked_warning(release: dict | None, fix: str) -> list:
+    """The warning, for the console and the report, that a generator's claimed guarantee went unchecked."""
+    if release is None or release["verified"] or release["epsilon"] == float("inf"):
+        return []
+    return [f"the release the generator names (SHA-256 {release['sha256'][:12]}...) was not found, so its claim of "
+            f"({release['epsilon']:.4g}, {release['delta']:g})-DP is UNCHECKED: {fix}"]
 
 
 def _release_record(synth, rel=None) -> dict | None:

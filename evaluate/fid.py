@@ -33,8 +33,9 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
         try:
             return float(calculate_frechet_distance(mu1, s1, mu2, s2))
         except ValueError as e:  # pytorch-fid's "Imaginary component": covariances no data has
-            raise MepfError(f"the FID cannot be computed ({e}); the statistics are not of images: compute them "
-                            "again") from None
+            raise MepfError(f"the FID cannot be computed ({e}): the covariances are singular (fewer than 2,048 "
+                            "samples on either side; draw more with --fid-samples) or not of images (compute the "
+                            "statistics again)") from None
 
 
 #: how far from symmetric and positive semi-definite a covariance may be (relative to its largest entry/eigenvalue):

@@ -28,7 +28,8 @@ def privacy_in_words(release: dict | None) -> str:
     if not release.get("verified", True):  # reports from before "verified" were written only where it was found
         return (f"UNCHECKED: the generator file claims to be trained only on a released embedding that is "
                 f"({release['epsilon']:.4g}, {release['delta']:g})-differentially private, but that release (SHA-256 "
-                f"{release['sha256'][:12]}...) was not found, so nothing checked the claim: pass it with --release.")
+                f"{release['sha256'][:12]}...) was not found, so nothing checked the claim: put it beside the "
+                "generator or pass it with --release (--protocol mepf), and evaluate again.")
     rel = "adding or removing" if release["relation"] == "add-remove" else "replacing"
     return (f"The generator was trained only on a released embedding that is ({release['epsilon']:.4g}, "
             f"{release['delta']:g})-differentially private (the release was found and its ledger checked; that "

@@ -479,12 +479,18 @@ def _run_facts(run: Path) -> dict:
     eps = o.get("epsilon") if type(o.get("epsilon")) in (int, float) else None
     snaps = run_folder.snapshots(run)
     gen = run / run_folder.GENERATOR
-    step = snaps[-1][0] if snaps else 0
     loaded = load_generator(gen) if gen.is_file() else None
-    done = loaded is not None and loaded.info.get("step") == step and step >= steps
-    facts = {"kind": "run", "run": str(run),
-             "progress": f"step {step} of {steps}" + (" (complete)" if done else
-                                                      "; continue with: mepf synthesize --resume " + str(run)),
+    i = loaded.info if loaded is not None else {}
+    ours = loaded is not None and i.get("release_sha256") == o.get("release_sha256") and (
+        not o.get("run_id") or i.get("run_id") == o["run_id"])
+    step = snaps[-1][0] if snaps else i.get("step", 0) if ours else 0
+    if ours and not snaps:  # a run kept for its result alone (docs/results/generators): nothing to resume from
+        progress = f"step {step} of {steps} (its generator.pt alone: no snapshot to resume from)"
+    elif ours and i.get("step") == step and step >= steps:
+        progress = f"step {step} of {steps} (complete)"
+    else:
+        progress = f"step {step} of {steps}; continue with: mepf synthesize --resume {run}"
+    facts = {"kind": "run", "run": str(run), "progress": progress,
              "privacy": _guarantee(eps, o.get("delta")) + " (as the run's options.json says)",
              "release": f"{o.get('release')} (sha256 {str(o.get('release_sha256'))[:16]})",
              "options": ", ".join(f"{k}={o[k]}" for k in ("generator", "width", "objective", "lr", "lr_schedule",
@@ -494,11 +500,10 @@ def _run_facts(run: Path) -> dict:
     if loaded is not None:
         g = _generator_facts(gen, loaded)
         facts["generator"], facts["classes"] = g["generator"], g["classes"]
-        i = loaded.info
         claim = _guarantee(i.get("epsilon"), i.get("delta"), i.get("relation"))
         if isinstance(o.get("release_sha256"), str) and i.get("release_sha256") != o["release_sha256"]:
             facts["generator"] += f"; NOT this run's: trained from another release ({g['release']}), {claim}"
-        elif o.get("run_id") and i.get("run_id") and i["run_id"] != o["run_id"]:
+        elif o.get("run_id") and i.get("run_id") != o["run_id"]:
             facts["generator"] += "; NOT this run's: another run's, by its run id"
         elif (i.get("epsilon"), i.get("delta")) != (eps, o.get("delta")):
             facts["privacy"] += f"; NOT the generator's, which claims {claim}: one of the two was altered"

@@ -25,6 +25,7 @@ from mepf.artifacts.staging import atomic_path
 from mepf.core.tensor_file import read_tensors, state_dict_of, stored_in_full_problem
 
 from .generators import GENERATORS, build_generator
+from .locate import HDF5_SIGNATURE
 from .options import LABELS, SampleOptions
 from .run_folder import GENERATOR, OPTIONS
 
@@ -144,7 +145,7 @@ def load_generator(path) -> TrainedGenerator:
     if problem:
         raise MepfError(f"cannot read generator {path}: {problem}; use a generator.pt written by mepf")
     with f:
-        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+        if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
             raise MepfError(f"{path} is a release (the embedding written by mepf embed), not a generator: train one "
                             f"with `mepf synthesize {path} --out RUN`, then sample RUN")
     obj, sha = load_tensors(path, "generator")

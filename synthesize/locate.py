@@ -13,11 +13,16 @@ from mepf.artifacts.plain_file import memory_bytes, open_plain_file
 MAX_CANDIDATES = 32
 
 
-def _sha(path: Path, size: int | None = None) -> str | None:
-    """The SHA-256 of a plain file that could be the release: of `size` bytes where the run recorded it, and
-    never more than the release reader takes (half the memory), read only that far. A run folder may come from
-    someone else and name any file on the machine (review 39: a 1 TiB sparse file named in options.json kept
-    evaluate hashing for as long as it liked)."""
+#: what every release starts with (mepf writes no user block)
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _sha(path: Path, size: int | None = None, budget: list | None = None) -> str | None:
+    """The SHA-256 of a plain file that could be the release: an HDF5 file of `size` bytes where the run recorded
+    it, and never more than the release reader takes (half the memory), nor more than is left of `budget` (a
+    one-item list of bytes, spent here: one search hashes at most that much in all). A run folder may come from
+    someone else and name any file on the machine (reviews 39, 40: a 1 TiB sparse file named in options.json kept
+    evaluate hashing for as long as it liked; 65 files of the recorded size, each within the bound, would too)."""
     import hashlib
     import os
 
@@ -33,6 +38,12 @@ def _sha(path: Path, size: int | None = None) -> str | None:
             n = os.fstat(f.fileno()).st_size
             if (size is not None and n != size) or (limit is not None and n > limit):
                 return None
+            if os.pread(f.fileno(), len(HDF5_SIGNATURE), 0) != HDF5_SIGNATURE:
+                return None
+            if budget is not None:
+                if n > budget[0]:
+                    return None
+                budget[0] -= n
             h, offset = hashlib.sha256(), 0
             while chunk := os.pread(f.fileno(), 1 << 20, offset):
                 offset += len(chunk)
@@ -81,8 +92,10 @@ def locate_release(sha256: str, near: Path, recorded: str | None = None, given: 
                             f"trained from (its SHA-256 starts "
                             f"{got[:12]}, the run's {sha256[:12]}); pass that release")
         return Path(given)
+    memory = memory_bytes()
+    budget = [memory // 2 if memory else 1 << 40]
     for p in candidates(near, recorded, size):
-        if _sha(p, size) == sha256:
+        if _sha(p, size, budget) == sha256:
             return p
     if required:
         where = f" (recorded at {recorded})" if recorded else ""

@@ -571,16 +571,20 @@ def snapshot_of_another_run(state: dict, saved: dict) -> str | None:
     return None
 
 
-def generator_step(run: Path) -> int | None:
-    """The step of the run's generator.pt, or None where there is none or it cannot be read (a run stopped
-    between its last snapshot and generator.pt, or with a damaged one: resume writes it from the snapshot)."""
+def generator_step(run: Path, saved: dict) -> int | None:
+    """The step of the run's generator.pt where it is this run's (its run id and release), else None: none, one
+    that cannot be read, or another run's (a run stopped between its last snapshot and generator.pt, or one whose
+    generator.pt was replaced: resume writes it again from the snapshot)."""
     if not (run / run_folder.GENERATOR).is_file():
         return None
     try:
         obj, _ = load_tensors(run / run_folder.GENERATOR, "generator")
     except (MepfError, OSError):
         return None
-    return obj.get("step") if isinstance(obj, dict) and type(obj.get("step")) is int else None
+    if not (isinstance(obj, dict) and type(obj.get("step")) is int):
+        return None
+    ours = {"step": 0, "run_id": obj.get("run_id"), "release_sha256": obj.get("release_sha256")}
+    return obj["step"] if snapshot_of_another_run(ours, saved) is None else None
 
 
 def check_ahead(run: Path, step: int, steps: int) -> None:
@@ -614,6 +618,9 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     trainer = Trainer(opts, release_file, fmap, arch, device, precision)
     trainer.run_id = saved.get("run_id") if isinstance(saved.get("run_id"), str) else None
     snap = latest_snapshot(run)
+    if snap is None and generator_step(run, saved):  # a published run keeps its result alone: never trained over
+        raise MepfError(f"{run} holds a generator.pt at step {generator_step(run, saved)} but no snapshot to continue "
+                        f"from; start a new run with `mepf synthesize FILE --out NEW_DIR`")
     if snap is not None:
         def load_snapshot():
             state, _ = load_tensors(snap, "snapshot")
@@ -641,7 +648,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     distributed.agree_same("the training options (the run's, and those given again on resuming), or its step",
                            {**_shared_options(dataclasses.replace(opts, **differ), release_file), "at": step})
     check_ahead(run, step, steps)
-    trainer.complete = steps == step and generator_step(run) == step  # else generator.pt is written from the snapshot
+    trainer.complete = steps == step and generator_step(run, saved) == step  # else written from the snapshot
     if trainer.complete:
         return trainer
     for k, v in differ.items():

@@ -338,9 +338,21 @@ def test_a_snapshot_of_another_run_is_not_resumed(copied, base_run, tmp_path):
     assert resume(copied, steps=4).exit_code == 0
     g = torch.load(copied / "generator.pt", weights_only=True)
     assert g["step"] == 4 and g["run_id"] == json.loads((copied / "options.json").read_text())["run_id"]
+    ours = torch.load(copied / "generator.pt", weights_only=True)
     shutil.copy(sibling / "generator.pt", copied / "generator.pt")  # the same release, another run
     one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "not trained by this run", "run id")
     assert "NOT this run's" in cli("info", copied).output
+    g = torch.load(sibling / "generator.pt", weights_only=True)
+    del g["run_id"]  # as every mepf before run ids wrote it (review 40 R3)
+    torch.save(g, copied / "generator.pt")
+    one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "not trained by this run", "run id")
+    assert "NOT this run's" in cli("info", copied).output
+    r = resume(copied, steps=4)  # at the last step with another run's generator.pt: written again (review 40 R4)
+    assert r.exit_code == 0 and "already complete" not in r.output, r.output
+    mine = torch.load(copied / "generator.pt", weights_only=True)
+    assert mine["run_id"] == json.loads((copied / "options.json").read_text())["run_id"] and mine["step"] == 4
+    assert all(torch.equal(mine["state_dict"][k], ours["state_dict"][k]) for k in ours["state_dict"])
+    assert "(complete)" in cli("info", copied).output
 
 
 def test_a_run_stopped_before_its_generator_is_finished_by_resume(copied):
@@ -403,6 +415,7 @@ def test_the_report_says_when_a_generators_claim_was_not_checked(copied, base_ru
     assert rep["release"]["verified"] is False and rep["release"]["epsilon"] == pytest.approx(1)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "UNCHECKED" in md and "was not found" in md and "--release" in md
+    assert "is UNCHECKED: pass it with --release" in r.stderr, r.stderr  # on the console too (review 40 R2)
     r = cli("evaluate", copied, "--reference", base_run / "d.npz", "--metrics", "embedding", "--out",
             tmp_path / "rep2", "-n", "20", "--quiet", "--release-log", tmp_path / "none.jsonl",
             "--release", tmp_path / "away" / "r.h5")
@@ -426,3 +439,32 @@ def test_a_generator_must_fit_the_release_it_names(copied, base_run, tmp_path):
     one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "does not fit the release",
                      "another order")
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_run_kept_for_its_result_alone_is_not_trained_over(copied):
+    """A run folder kept with options.json and generator.pt only (docs/results/generators) was shown as "step 0 of
+    N; continue with resume", and resume trained it again from step 0 over the published generator (review 40)."""
+    before = (copied / "generator.pt").read_bytes()
+    for p in copied.glob("snapshot-*.pt"):
+        p.unlink()
+    said = cli("info", copied).output
+    assert "step 2 of 2 (its generator.pt alone: no snapshot to resume from)" in said, said
+    one_line_refusal(resume(copied, steps=4), "no snapshot to continue from", "--out NEW_DIR")
+    assert (copied / "generator.pt").read_bytes() == before
+
+
+def test_a_search_for_the_release_hashes_hdf5_files_only_and_a_bounded_total(copied, tmp_path):
+    """Each candidate within the size the run recorded was hashed, 65 of them each up to half the memory (review 40
+    R1): a file that is no HDF5 file is not hashed, and one search hashes at most half the memory in all."""
+    from mepf.synthesize.locate import _sha
+
+    real = copied.parent / "r.h5"
+    n = real.stat().st_size
+    decoy = tmp_path / "decoy.h5"
+    with open(decoy, "wb") as f:
+        f.truncate(n)  # the recorded size, all zeros
+    assert _sha(decoy, n) is None and _sha(real, n) is not None
+    budget = [n - 1]
+    assert _sha(real, n, budget) is None and budget == [n - 1]  # past what is left: not read
+    budget = [2 * n]
+    assert _sha(real, n, budget) == _sha(real, n) and budget == [n]
