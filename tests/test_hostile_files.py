@@ -1349,7 +1349,7 @@ def test_a_release_is_looked_for_only_among_files_of_its_size(tmp_path, releases
     shutil_copy(releases / "eps1.h5", tmp_path / "copy.h5")
     hashed = []
     real = locate._sha
-    monkeypatch.setattr(locate, "_sha", lambda p: hashed.append(p.name) or real(p))
+    monkeypatch.setattr(locate, "_sha", lambda p, *rest: hashed.append(p.name) or real(p, *rest))
     found = locate.locate_release(o["release_sha256"], run, str(tmp_path / "gone.h5"), size=o["release_bytes"])
     assert found.name == "copy.h5" and "big.h5" not in hashed
 
