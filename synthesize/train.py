@@ -618,9 +618,10 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     trainer = Trainer(opts, release_file, fmap, arch, device, precision)
     trainer.run_id = saved.get("run_id") if isinstance(saved.get("run_id"), str) else None
     snap = latest_snapshot(run)
-    if snap is None and generator_step(run, saved):  # a published run keeps its result alone: never trained over
-        raise MepfError(f"{run} holds a generator.pt at step {generator_step(run, saved)} but no snapshot to continue "
-                        f"from; start a new run with `mepf synthesize FILE --out NEW_DIR`")
+    kept = generator_step(run, saved) if snap is None else None
+    if kept:  # a run kept for its result alone (docs/results/generators): never trained over from step 0
+        raise MepfError(f"{run} holds a generator.pt at step {kept} but no snapshot to continue from; start a new "
+                        "run with `mepf synthesize FILE --out NEW_DIR`")
     if snap is not None:
         def load_snapshot():
             state, _ = load_tensors(snap, "snapshot")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -368,6 +369,18 @@ def test_a_private_validation_set_is_named_in_the_dpimagebench_banner(tiny_run, 
     assert rep["not_for_publication"] and rep["private_sets"] == ["--validation"]
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "the --validation set is the private training data" in md and "selected on the generator's own" in md, md
+    assert rep["release"]["verified"] is True and "UNCHECKED" not in md  # the release beside the run was found
+    (tmp_path / "lone").mkdir()  # the generator alone, its release nowhere near: the claim is said to be unchecked
+    shutil.copy(d / "run" / "generator.pt", tmp_path / "lone" / "generator.pt")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "lone" / "generator.pt"), "--protocol", "dpimagebench",
+                                  "--reference", str(d / "heldout.npz"), "--validation", str(tmp_path / "val.npz"),
+                                  "--out", str(tmp_path / "rep2"), "-n", "40", "--metrics", "accuracy",
+                                  "--classifiers", "resnet", "--epochs", "1", "--release-log",
+                                  str(tmp_path / "log.jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "is UNCHECKED: put it beside the generator (this protocol takes no --release)" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "rep2" / "report.json").read_text())["release"]["verified"] is False
+    assert "UNCHECKED" in (tmp_path / "rep2" / "report.md").read_text()
 
 
 def test_bad_input(tiny_run, tmp_path, mnist):
