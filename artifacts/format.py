@@ -120,12 +120,15 @@ def file_sha256(path) -> str:
         return fd_sha256(f.fileno())
 
 
-def fd_sha256(fd: int) -> str:
-    """SHA-256 of the open file itself, whatever its name now points to."""
+def fd_sha256(fd: int, limit: int | None = None) -> str:
+    """SHA-256 of the open file itself, whatever its name now points to; OSError where it holds more than `limit`
+    bytes (one that grew while it was read)."""
     h, offset = hashlib.sha256(), 0
     while chunk := os.pread(fd, 1 << 20, offset):
         h.update(chunk)
         offset += len(chunk)
+        if limit is not None and offset > limit:
+            raise OSError(f"the file grew past {limit:,} bytes while it was read")
     return h.hexdigest()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mepf.artifacts.errors import MepfError
-from mepf.artifacts.format import file_sha256
+from mepf.artifacts.format import fd_sha256, file_sha256
 from mepf.artifacts.plain_file import memory_bytes, open_plain_file
 
 #: at most this many .h5 files of each folder searched are hashed (those of the release's size, where known)
@@ -17,13 +17,19 @@ MAX_CANDIDATES = 32
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
+def _search_budget() -> list:
+    """The bytes one search may hash in all, as a one-item list that _sha spends: what the release reader takes of
+    one file (half the memory)."""
+    memory = memory_bytes()
+    return [memory // 2 if memory else 1 << 40]
+
+
 def _sha(path: Path, size: int | None = None, budget: list | None = None) -> str | None:
     """The SHA-256 of a plain file that could be the release: an HDF5 file of `size` bytes where the run recorded
-    it, and never more than the release reader takes (half the memory), nor more than is left of `budget` (a
-    one-item list of bytes, spent here: one search hashes at most that much in all). A run folder may come from
-    someone else and name any file on the machine (reviews 39, 40: a 1 TiB sparse file named in options.json kept
-    evaluate hashing for as long as it liked; 65 files of the recorded size, each within the bound, would too)."""
-    import hashlib
+    it, of no more than is left of `budget` (a fresh _search_budget by default: never more than the release reader
+    takes), read only that far. A run folder may come from someone else and name any file on the machine (reviews
+    39, 40: a 1 TiB sparse file named in options.json kept evaluate hashing for as long as it liked; 65 files of the
+    recorded size, each within the bound, would too)."""
     import os
 
     if not path.is_file() or path.is_symlink():
@@ -31,28 +37,18 @@ def _sha(path: Path, size: int | None = None, budget: list | None = None) -> str
     problem, f = open_plain_file(path)
     if problem:
         return None
-    memory = memory_bytes()
-    limit = memory // 2 if memory else None
+    budget = budget if budget is not None else _search_budget()
     with f:
         try:
             n = os.fstat(f.fileno()).st_size
-            if (size is not None and n != size) or (limit is not None and n > limit):
+            if (size is not None and n != size) or n > budget[0]:
                 return None
             if os.pread(f.fileno(), len(HDF5_SIGNATURE), 0) != HDF5_SIGNATURE:
                 return None
-            if budget is not None:
-                if n > budget[0]:
-                    return None
-                budget[0] -= n
-            h, offset = hashlib.sha256(), 0
-            while chunk := os.pread(f.fileno(), 1 << 20, offset):
-                offset += len(chunk)
-                if offset > n:  # grew while it was read: not a release to take
-                    return None
-                h.update(chunk)
+            budget[0] -= n
+            return fd_sha256(f.fileno(), limit=n)  # one that grows while it is read is not a release to take
         except OSError:
             return None
-    return h.hexdigest()
 
 
 def candidates(near: Path, recorded: str | None, size: int | None = None) -> list:
@@ -92,8 +88,7 @@ def locate_release(sha256: str, near: Path, recorded: str | None = None, given: 
                             f"trained from (its SHA-256 starts "
                             f"{got[:12]}, the run's {sha256[:12]}); pass that release")
         return Path(given)
-    memory = memory_bytes()
-    budget = [memory // 2 if memory else 1 << 40]
+    budget = _search_budget()
     for p in candidates(near, recorded, size):
         if _sha(p, size, budget) == sha256:
             return p
