@@ -35,18 +35,12 @@ def _run_options(synth: ImageSet) -> dict | None:
                                                   if k in TrainOptions.__dataclass_fields__}))
     except (MepfError, ValueError, RecursionError, TypeError, AttributeError):  # not a dict, or a field missing
         return {}
-    if problem or not isinstance(saved.get("release_sha256", ""), str):  # (a run folder can come from elsewhere)
+    if problem or not isinstance(saved.get("release_sha256"), str):  # (a run folder can come from elsewhere)
         return {}
-    ours, theirs = saved.get("release_sha256"), (synth.generator.info.get("release_sha256")
-                                                 if synth.generator is not None else None)
-    if ours and theirs and ours != theirs:  # a generator.pt copied in: the run's steps, seed and curves are not its
-        raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run (it was trained from the "
-                        f"release {theirs[:12]}..., the run from {ours[:12]}...): evaluate that generator.pt from a "
-                        "folder of its own, or put the run's back")
-    ours, theirs = saved.get("run_id"), synth.generator.info.get("run_id") if synth.generator is not None else None
-    if ours and synth.generator is not None and theirs != ours:  # another run of the same release (another seed)
-        raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run (it is another run's, by "
-                        "its run id): evaluate that generator.pt from a folder of its own, or put the run's back")
+    why = run_folder.of_another_run(synth.generator.info, saved) if synth.generator is not None else None
+    if why is not None:  # a generator.pt copied in: the run's steps, seed and curves are not its
+        raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run ({why}): evaluate that "
+                        "generator.pt from a folder of its own, or put the run's back")
     return saved
 
 

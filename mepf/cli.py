@@ -481,8 +481,8 @@ def _run_facts(run: Path) -> dict:
     gen = run / run_folder.GENERATOR
     loaded = load_generator(gen) if gen.is_file() else None
     i = loaded.info if loaded is not None else {}
-    ours = loaded is not None and i.get("release_sha256") == o.get("release_sha256") and (
-        not o.get("run_id") or i.get("run_id") == o["run_id"])
+    why = run_folder.of_another_run(i, o) if loaded is not None else None
+    ours = loaded is not None and why is None
     step = snaps[-1][0] if snaps else i.get("step", 0) if ours else 0
     if ours and not snaps:  # a run kept for its result alone (docs/results/generators): nothing to resume from
         progress = f"step {step} of {steps} (its generator.pt alone: no snapshot to resume from)"
@@ -501,10 +501,10 @@ def _run_facts(run: Path) -> dict:
         g = _generator_facts(gen, loaded)
         facts["generator"], facts["classes"] = g["generator"], g["classes"]
         claim = _guarantee(i.get("epsilon"), i.get("delta"), i.get("relation"))
-        if isinstance(o.get("release_sha256"), str) and i.get("release_sha256") != o["release_sha256"]:
+        if why is not None and i.get("release_sha256") != o.get("release_sha256"):
             facts["generator"] += f"; NOT this run's: trained from another release ({g['release']}), {claim}"
-        elif o.get("run_id") and i.get("run_id") != o["run_id"]:
-            facts["generator"] += "; NOT this run's: another run's, by its run id"
+        elif why is not None:
+            facts["generator"] += f"; NOT this run's: {why}"
         elif (i.get("epsilon"), i.get("delta")) != (eps, o.get("delta")):
             facts["privacy"] += f"; NOT the generator's, which claims {claim}: one of the two was altered"
     return facts

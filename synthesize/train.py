@@ -559,13 +559,10 @@ def resume_plan(run_dir, changes: dict) -> tuple:
 
 
 def snapshot_of_another_run(state: dict, saved: dict) -> str | None:
-    """Why a snapshot cannot be of the run whose options.json is `saved`, or None: another run id or release, or a
-    step past the run's --steps (options.json records the steps before any is trained). A run from before run ids
-    (none in options.json) takes only snapshots without one."""
-    if state.get("run_id") != (saved.get("run_id") if isinstance(saved.get("run_id"), str) else None):
-        return "it is another run's, by its run id"
-    if "release_sha256" in state and state["release_sha256"] != saved["release_sha256"]:
-        return f"it was trained from another release, {str(state['release_sha256'])[:12]}..."
+    """Why a snapshot cannot be of the run whose options.json is `saved`, or None: another run's or release's
+    (run_folder.of_another_run), or a step past the run's --steps (options.json records them before any is trained)."""
+    if (why := run_folder.of_another_run(state, saved)) is not None:
+        return why
     if type(saved.get("steps")) is int and state["step"] > saved["steps"]:
         return f"its step {state['step']} is past the run's --steps {saved['steps']}"
     return None
@@ -583,8 +580,8 @@ def generator_step(run: Path, saved: dict) -> int | None:
         return None
     if not (isinstance(obj, dict) and type(obj.get("step")) is int):
         return None
-    ours = {"step": 0, "run_id": obj.get("run_id"), "release_sha256": obj.get("release_sha256")}
-    return obj["step"] if snapshot_of_another_run(ours, saved) is None else None
+    ours = {"run_id": obj.get("run_id"), "release_sha256": obj.get("release_sha256")}  # a generator names its release
+    return obj["step"] if run_folder.of_another_run(ours, saved) is None else None
 
 
 def check_ahead(run: Path, step: int, steps: int) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mepf.synthesize import run_folder
 from tests.conftest import make_images
 from tests.test_hostile_files import TINY, cli, one_line_refusal
 
@@ -316,7 +317,8 @@ def _other_run(base_run, tmp_path, release, *extra):
 def test_a_snapshot_of_another_run_is_not_resumed(copied, base_run, tmp_path):
     """Snapshots said nothing of their run: one from a non-private baseline of other data, copied into a run of an
     eps = 1 release, was resumed and its generator.pt credited with (1, 1e-5)-DP (review 39 F1); one of another
-    seed of the same release mixed two runs. Each is refused by its run id, and any past the run's --steps."""
+    seed of the same release mixed two runs. Each is refused, by its release or run id, and any past the run's
+    --steps."""
     np.savez(tmp_path / "o.npz", images=make_images(40, seed=9), labels=np.arange(40) % 10)
     r = cli("embed", "--data", tmp_path / "o.npz", "--classes", "10", "--out", tmp_path / "base.h5", "--epsilon",
             "inf", "--delta", "1e-5", "--release-log", tmp_path / "log.jsonl", "--quiet", *TINY)
@@ -324,7 +326,7 @@ def test_a_snapshot_of_another_run_is_not_resumed(copied, base_run, tmp_path):
     baseline = _other_run(base_run, tmp_path, tmp_path / "base.h5")
     before = (copied / "generator.pt").read_bytes()
     shutil.copy(baseline / "snapshot-0000003.pt", copied / "snapshot-0000003.pt")
-    one_line_refusal(resume(copied, steps=4), "snapshot-0000003.pt", "not of this run", "run id")
+    one_line_refusal(resume(copied, steps=4), "snapshot-0000003.pt", "not of this run", "another release")
     assert (copied / "generator.pt").read_bytes() == before
     shutil.rmtree(baseline)
     sibling = _other_run(base_run, tmp_path, copied.parent / "r.h5", "--seed", "5")
@@ -353,6 +355,31 @@ def test_a_snapshot_of_another_run_is_not_resumed(copied, base_run, tmp_path):
     assert mine["run_id"] == json.loads((copied / "options.json").read_text())["run_id"] and mine["step"] == 4
     assert all(torch.equal(mine["state_dict"][k], ours["state_dict"][k]) for k in ours["state_dict"])
     assert "(complete)" in cli("info", copied).output
+
+
+def test_a_run_from_before_run_ids_owns_no_generator_with_one(copied, base_run, tmp_path):
+    """resume, info and evaluate each decided whether a generator.pt was the run's, and differed in one case: a run
+    from before run ids (none in options.json or its snapshots) holding a generator.pt with one (a newer run's of
+    the same release, copied in). Resume wrote it again; info called it complete and evaluate took it as the run's.
+    One rule (run_folder.of_another_run) now serves all three: it is another run's."""
+    options = json.loads((copied / "options.json").read_text())
+    del options["run_id"]
+    (copied / "options.json").write_text(json.dumps(options))
+    for _, snap in run_folder.snapshots(copied):  # as every mepf before run ids wrote them
+        state = torch.load(snap, weights_only=True)
+        del state["run_id"]
+        torch.save(state, snap)
+    newer = torch.load(copied / "generator.pt", weights_only=True)
+    assert newer["run_id"] is not None and newer["step"] == 2
+    one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "not trained by this run", "run id")
+    out = cli("info", copied).output
+    assert "NOT this run's: it is another run's, by its run id" in out and "(complete)" not in out, out
+    r = resume(copied, steps=2)  # at its last step: the run's generator.pt is written again from its snapshot
+    assert r.exit_code == 0 and "already complete" not in r.output, r.output
+    mine = torch.load(copied / "generator.pt", weights_only=True)
+    assert mine["run_id"] is None and mine["step"] == 2
+    assert "(complete)" in cli("info", copied).output
+    assert evaluate(copied, base_run / "d.npz", tmp_path / "rep").exit_code == 0
 
 
 def test_a_run_stopped_before_its_generator_is_finished_by_resume(copied):
