@@ -25,6 +25,16 @@ RELEASE_NAMES = ("S1", "S2", "counts")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def trainable_geometry_problem(height: int, width: int) -> str | None:
+    """Why no mepf generator can be trained at height x width images, or None. Stage 2 draws square images of a side
+    divisible by 4 (conv; resnet at powers of two); embed refuses another geometry before it spends the budget."""
+    if height != width:
+        return f"mepf's generators draw square images, not {height}x{width}"
+    if height % 4:
+        return f"mepf's generators draw images of a side divisible by 4, not {height}"
+    return None
+
+
 def name_problem(name) -> str | None:
     """Why `name` cannot be a class name: it must be a non-empty string of printable characters, not `.` or
     `..`, and not too long. (A '/' is allowed, as in Fashion-MNIST's 'T-shirt/top': mepf never uses a class

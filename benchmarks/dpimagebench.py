@@ -26,19 +26,38 @@ ROOT = Path(__file__).resolve().parent.parent
 PRIVATE_SET = "fashion-mnist:train-55k"
 
 
+def _committed_rows() -> list[dict]:
+    """The results rows of docs/results/*.json that name a generator evaluated under mepf's protocol."""
+    return [r for path in sorted((ROOT / "docs" / "results").glob("*.json"))
+            for r in json.loads(path.read_text())["results"]
+            if r.get("generator") and r.get("protocol", "mepf") == "mepf"]
+
+
+def _private_set_ok(r: dict) -> bool:
+    if r.get("data") != PRIVATE_SET:
+        print(f"skipped {r['generator']}: its release is of {r.get('data', 'fashion-mnist:train')}, which holds the "
+              f"validation hold-out (the protocol needs {PRIVATE_SET})", file=sys.stderr)
+    return r.get("data") == PRIVATE_SET
+
+
 def committed_generators() -> list[tuple[Path, dict]]:
     """(generator.pt, its results row) for every row of docs/results/*.json that names one and whose release
     was made from the 55,000 images (a release of all 60,000 has seen the validation hold-out)."""
+    return [(ROOT / r["generator"], r) for r in _committed_rows() if _private_set_ok(r)]
+
+
+def named_generators(paths: list[str]) -> list[tuple[Path, dict]]:
+    """(generator.pt, its results row) for generators named on the command line (scripts/gpu_offline.sh names them
+    by path): a committed one takes its row (data, eps, seed, setting) and the same 55k rule; another has no row."""
+    rows = {(ROOT / r["generator"]).resolve(): r for r in _committed_rows()}
     out = []
-    for path in sorted((ROOT / "docs" / "results").glob("*.json")):
-        for r in json.loads(path.read_text())["results"]:
-            if not r.get("generator") or r.get("protocol", "mepf") != "mepf":
-                continue
-            if r.get("data") != PRIVATE_SET:
-                print(f"skipped {r['generator']}: its release is of {r.get('data', 'fashion-mnist:train')}, which "
-                      f"holds the validation hold-out (the protocol needs {PRIVATE_SET})", file=sys.stderr)
-                continue
-            out.append((ROOT / r["generator"], r))
+    for g in map(Path, paths):
+        row = rows.get(g.resolve())
+        if row is None:
+            print(f"note: {g} is in no results row of docs/results: its row here lacks data, eps, seed and setting, "
+                  f"and whether its release was made from {PRIVATE_SET} is not checked", file=sys.stderr)
+        if row is None or _private_set_ok(row):
+            out.append((g, row or {}))
     return out
 
 
@@ -99,7 +118,7 @@ def main() -> int:
     deadline = t_start + a.budget
     device = resolve_device(a.device)
     out = Path(a.out)
-    gens = [(Path(g), {}) for g in a.generators] or committed_generators()
+    gens = named_generators(a.generators) if a.generators else committed_generators()
     if not gens:
         print("no generators: name some, or commit results rows that name theirs", file=sys.stderr)
         return 2

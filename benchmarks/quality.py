@@ -15,6 +15,7 @@ Data: torchvision's download where a network exists, else the Debian package dat
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import math
 import shutil
@@ -99,17 +100,26 @@ def record_samples(gen_path: Path, n: int, seed: int, z_scale: float = 1.0) -> d
     return {"n": n, "seed": seed, "sha256": h.hexdigest(), **({"z_scale": z_scale} if z_scale != 1 else {})}
 
 
-def keep_generator(run: Path, dest: Path, n: int, seed: int, z_scale: float = 1.0) -> dict:
+def keep_generator(run: Path, dest: Path, n: int, seed: int, z_scale: float = 1.0, release: Path | None = None) -> dict:
     """Copy the run's generator.pt and options.json to dest (committed beside the results), with the first 100
     of its n samples of `seed` (the evaluation's draw) as an .npz: a check that the committed generator is the
-    one behind the row. Returns the row's fields that name it."""
+    one behind the row; and its release (public by design), which `mepf evaluate` finds beside the generator, so
+    that a reader's evaluation checks the generator's guarantee. Returns the row's fields that name it."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("generator.pt", "options.json"):
         shutil.copyfile(run / name, dest / name)
+    if release is not None:
+        shutil.copyfile(release, dest / "release.h5")
     samples = record_samples(dest / "generator.pt", n, seed, z_scale)
     root = Path(__file__).resolve().parent.parent
     where = dest.resolve().relative_to(root) if dest.resolve().is_relative_to(root) else dest
     return {"generator": str(where / "generator.pt"), "samples": samples}
+
+
+def kept_elsewhere(dest: Path, run: Path) -> bool:
+    """dest holds a kept generator that is not this run's (e.g. a committed one behind a published row)."""
+    kept, ours = dest / "generator.pt", run / "generator.pt"
+    return kept.exists() and not (ours.is_file() and filecmp.cmp(kept, ours, shallow=False))
 
 
 def commit() -> str:
@@ -173,10 +183,17 @@ def main() -> None:
             check_weight("--layer-weights", key, w)
     except (ValueError, MepfError) as e:
         ap.error(f"--layer-weights {a.layer_weights}: give finite NAME=WEIGHT pairs >= 0, e.g. stem=3 ({e})")
+    done = {(r["epsilon"], r.get("seed"), r.get("setting")) for r in rows}
+    tags = ["inf" if math.isinf(float(e)) else f"{float(e):g}" for e in a.eps.split(",")]
+    for seed, tag in [(s, t) for s in seeds for t in tags if (t, s, a.setting) not in done] * bool(a.keep_generators):
+        dest = Path(a.keep_generators) / f"{a.setting}-eps{tag}-seed{seed}"  # checked before hours of training
+        if kept_elsewhere(dest, out / f"run-eps{tag}-seed{seed}"):
+            raise SystemExit(f"{dest} already holds a kept generator (a committed one is behind a published row): "
+                             "give --keep-generators another folder (or '' to keep none), or another --setting")
     for seed in seeds:
         for eps in [float(e) for e in a.eps.split(",")]:
             tag = "inf" if math.isinf(eps) else f"{eps:g}"
-            if any(r["epsilon"] == tag and r.get("seed") == seed and r.get("setting") == a.setting for r in rows):
+            if (tag, seed, a.setting) in done:
                 continue
             name = f"eps{tag}-seed{seed}"
             rel, run = out / f"release-{name}.h5", out / f"run-{name}"
@@ -241,7 +258,7 @@ def main() -> None:
                          "protocol": "mepf", "commit": commit()})
             if a.keep_generators:
                 rows[-1].update(keep_generator(run, Path(a.keep_generators) / f"{a.setting}-{name}", a.n_synthetic,
-                                               seed, a.z_scale))
+                                               seed, a.z_scale, release=rel))
             results.write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
             lines = write_table(out, rows)
     print("\n".join(lines))

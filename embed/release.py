@@ -36,6 +36,7 @@ from .fingerprint import Fingerprint, tag_key
 from .loader import Failed, loader, shard_size
 from .options import BAD_RECORDS
 from .plan import agree_on_files, agree_on_plan, plan_of
+from .sources import refuse_untrainable
 
 MOMENTS = {"mean": ("S1",), "mean+second": ("S1", "S2")}
 #: the progress display shows how far the pass is and for how long, never a count or a rate of records
@@ -412,6 +413,7 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
             raise MepfError(f"--bad-records must be one of {', '.join(BAD_RECORDS)}")
         source.bad_records = bad_records
         check_class_names(source)
+        refuse_untrainable(transform.image_size)
         names = release_names(moments)
         weights = parse_budget_split(budget_split, names)
         calib = calibration_for(relation, names, c1, c2, weights, epsilon, delta)

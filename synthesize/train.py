@@ -17,6 +17,7 @@ import torch
 
 from mepf.artifacts import load
 from mepf.artifacts.errors import Interrupted, MepfError
+from mepf.artifacts.schema import trainable_geometry_problem
 from mepf.artifacts.staging import atomic_path, write_text_atomic
 from mepf.artifacts.versions import versions
 from mepf.core import distributed
@@ -83,8 +84,8 @@ def prepare(opts: TrainOptions, device=None):
     fmap = feature_map_from_spec(spec, opts.weights).to(device)
     if opts.layer_weights:  # names and values valid before anything is built
         layer_weight_vector(opts.layer_weights, fmap.layer_dims(spec.height, spec.width))
-    if spec.height != spec.width:
-        raise MepfError("generators need square images; this file's geometry is not square")
+    if (problem := trainable_geometry_problem(spec.height, spec.width)) is not None:  # a file of another producer
+        raise MepfError(f"{problem}; this file's images are {spec.height}x{spec.width}, so no generator trains from it")
     name = default_generator(spec.height) if opts.generator == "auto" else opts.generator
     arch = {"name": name, "image_size": spec.height, "channels": spec.channels,
             "num_classes": len(release.class_names), "z_dim": Z_DIM,

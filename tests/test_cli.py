@@ -146,6 +146,11 @@ BAD = {
                                         "cannot be calibrated"),
     "feature size below image": (lambda t: ["--data", "mnist-5k", "--feature-size", "16"], "only upsamples"),
     "pixel weight without pixels": (lambda t: ["--data", "mnist-5k", "--pixel-weight", "2"], "add pixels to --layers"),
+    # geometries no mepf generator draws: the once-only budget would go to a file no one can train from (review 42)
+    "not square": (lambda t: ["--data", "mnist-5k", "--image-size", "16x12", "--backbone", "resnet18", "--weights",
+                              "random"], "draw square images, not 16x12"),
+    "array of 30 px": (lambda t: ["--data", _npz(t, "odd.npz", make_images(5, size=30))],
+                       "a side divisible by 4, not 30"),
 }
 
 

@@ -62,3 +62,43 @@ def test_dpimagebench_rows_have_their_own_table_beside_the_published(tmp_path):
     assert "| 86.5 | 85.2 | 85.00 / 86.50 / 84.00 | 9.9 |" in ours
     assert any(line.startswith("| FETA-Pro | 1 / 10 | 83.4 / 88.2 |") for line in lines)
     assert next(line for line in lines if line.startswith("| s | 10 | 1 |"))  # the mepf row: one seed, not two
+
+
+def _benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_generator_named_by_path_takes_its_committed_row(tmp_path, capsys):
+    """scripts/gpu_offline.sh names generators by path, and benchmarks/dpimagebench.py gave those rows no data, eps,
+    seed or setting ("mepf None seed None" in the README's table) and skipped the train-55k rule (review 42 F4)."""
+    bench = _benchmark("dpimagebench")
+    root = Path(__file__).parents[1]
+    committed = dict(bench.committed_generators())
+    gen = root / "docs/results/generators/r3-55k-lite0-conv64-32k-cooldown-eps10-seed0/generator.pt"
+    [(path, row)] = bench.named_generators([str(gen)])
+    assert path == gen and row == committed[gen]
+    assert (row["data"], row["epsilon"], row["seed"]) == ("fashion-mnist:train-55k", "10", 0) and row["setting"]
+    elsewhere = tmp_path / "generator.pt"
+    elsewhere.write_bytes(gen.read_bytes())
+    assert bench.named_generators([str(elsewhere)]) == [(elsewhere, {})]
+    assert "is in no results row" in capsys.readouterr().err
+
+
+def test_quality_refuses_to_overwrite_a_kept_generator(tmp_path):
+    """benchmarks/quality.py copies each run's generator under --keep-generators (default docs/results/generators):
+    the README's reproduction command, with the committed setting's name, replaced the generators behind the
+    published rows (review 42 F12). A kept generator that is not the run's is now refused before training."""
+    quality = _benchmark("quality")
+    kept, run = tmp_path / "kept", tmp_path / "run"
+    kept.mkdir()
+    run.mkdir()
+    assert not quality.kept_elsewhere(kept, run)  # nothing kept there yet
+    (kept / "generator.pt").write_bytes(b"committed")
+    assert quality.kept_elsewhere(kept, run)  # the run has none yet
+    (run / "generator.pt").write_bytes(b"another")
+    assert quality.kept_elsewhere(kept, run)
+    (run / "generator.pt").write_bytes(b"committed")  # an interrupted call that kept it, then stopped
+    assert not quality.kept_elsewhere(kept, run)

@@ -1,6 +1,7 @@
 """Stage 2: training from the released file alone, resume, refusals, feature-map parity, sampling."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -371,6 +372,25 @@ def test_resnet_generator_on_rgb_32(tmp_path):
     assert t.arch["name"] == "resnet"
     images, labels = load_generator(tmp_path / "run").sample(6, seed=1)
     assert images.shape == (6, 32, 32, 3) and list(labels) == [0, 1, 0, 1, 0, 1]
+
+
+def test_every_release_embed_writes_is_one_a_generator_trains_from(tmp_path):
+    """embed wrote 48 px releases that `--generator auto` (resnet above 32 px, powers of two only) refused, with no
+    word of conv; and a 16x12 one no generator draws (review 42 F3). auto now takes conv there; embed refuses a
+    geometry no generator draws, through the library too, before any record is read."""
+    ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(48, 48), channels=1)
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (12, 48, 48), dtype=np.uint8))
+    embed_to_file(ArraySource(tmp_path / "d.npz", None), Transform((48, 48), 1), ex, spec, out=tmp_path / "r48.h5",
+                  epsilon=10, delta=1e-3, release_log_path=tmp_path / "l.jsonl", progress=False)
+    opts = TrainOptions(release=str(tmp_path / "r48.h5"), out=str(tmp_path / "run"), steps=1, **FAST)
+    assert prepare(opts)[2]["name"] == "conv"
+    with pytest.raises(MepfError, match="needs a power-of-two size >= 8 .got 48.; --generator conv takes"):
+        prepare(dataclasses.replace(opts, generator="resnet"))
+    ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(16, 12), channels=1)
+    with pytest.raises(MepfError, match="draw square images, not 16x12: no generator could be trained"):
+        embed_to_file(ArraySource(tmp_path / "d.npz", None), Transform((16, 12), 1), ex, spec, out=tmp_path / "r.h5",
+                      epsilon=10, delta=1e-3, release_log_path=tmp_path / "l2.jsonl", progress=False)
+    assert not (tmp_path / "r.h5").exists() and not (tmp_path / "l2.jsonl").exists()
 
 
 def test_class_conditional_norm_generator(release_file, tmp_path):
