@@ -58,8 +58,13 @@ def read_source(source, geometry: tuple | None = None, crop: str | None = None) 
         if transform is not None:
             x = transform(images).permute(0, 2, 3, 1).numpy()
             images = np.round(x * 255).clip(0, 255).astype(np.uint8)
-        elif isinstance(images, list):
-            raise MepfError(f"{source.description}: images have different sizes; resize them to one size first")
+        else:
+            shapes = ({tuple(np.shape(x)) for x in images} if isinstance(images, list) else
+                      {tuple(np.shape(images)[1:])}) | ({xs[0].shape[1:]} if xs else set())
+            if isinstance(images, list) or len(shapes) > 1:  # (one mode in one batch, another in the next)
+                raise MepfError(f"{source.description}: images of more than one size or mode ("
+                                + ", ".join("x".join(map(str, sh)) for sh in sorted(shapes)[:4])
+                                + "); convert them to one size and mode first")
         xs.append(np.asarray(images))
         if labels is not None:
             ys.append(labels)

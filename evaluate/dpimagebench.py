@@ -19,13 +19,13 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.staging import write_text_atomic
 from mepf.artifacts.versions import versions
-from mepf.embed.fingerprint import record_hash
 
 from .bench_protocol import BenchSchedule, summarise, train_classifier, training_subset
 from .benchnets import BENCH_CLASSIFIERS, EPOCH_COST
 from .classes import match_classes
 from .data import ImageSet, load_reference, load_synthetic, run_stats
 from .evaluation import (
+    OVERLAP_REFUSED,
     _check_out,
     _fid,
     _generator_record,
@@ -35,6 +35,7 @@ from .evaluation import (
     _run_options,
     fid_pick,
     private_reference_warning,
+    shared_with,
     unchecked_warning,
 )
 from .report import PROTOCOL_META as META
@@ -48,9 +49,6 @@ DERIVED = {"validation": "val-5k", "fid_reference": "train-55k"}
 THEIR_N, THEIR_FID_N = 60000, 50000
 #: the image geometry (H, W, C) of the recipe implemented here, theirs for (Fashion-)MNIST
 THEIR_GEOMETRY = (28, 28, 1)
-#: a validation set sharing more than this share of its records with the test set is the test set
-OVERLAP_REFUSED = 0.1
-
 
 def derived_split(reference: str, which: str) -> str:
     base, _, split = reference.partition(":")
@@ -71,13 +69,9 @@ def _labelled(spec: str, flag: str, data_root, geometry, crop, limit) -> ImageSe
     return ref
 
 
-def _records(s: ImageSet) -> set:
-    return {(record_hash(x), int(y)) for x, y in zip(s.images, s.labels)}
-
-
 def _check_not_test(val: ImageSet, test: ImageSet, val_spec: str, reference: str) -> None:
     """Selecting on the test set is what DPImageBench was built to stop: refuse a validation set that is it."""
-    shared = len(_records(val) & _records(test)) / max(1, len(val.images))
+    shared = shared_with(val, test)
     if val_spec == reference or shared > OVERLAP_REFUSED:
         raise MepfError(f"--validation {val_spec} is (or shares {shared:.0%} of its records with) --reference "
                         f"{reference}: the classifiers would be selected on the test set; pass a held-out set such "
@@ -295,7 +289,8 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
     warnings += _late_warnings(metrics_out, generator)
     warnings += [f"{flag}: {warn}" for flag, warn in flagged]
     report = {"protocol": "dpimagebench", "protocol_reduced": reduced, "epochs": epochs, "real_limit": real_limit,
-              "synthetic": synth.description, "n_synthetic": k, "reference": reference, "reference_given": reference,
+              "synthetic": synth.description, "synthetic_given": synthetic, "n_synthetic": k, "reference": reference,
+              "reference_given": reference,
               "n_reference": None if test is None else int(len(test.images)), "generator": generator,
               "metrics": metrics_out, "release": release, "not_for_publication": bool(flagged),
               "private_sets": [flag for flag, _ in flagged],

@@ -198,10 +198,15 @@ def _fid(synth, ref, inception_weights, cache_dir, device, progress, pick=None) 
     from .inception import activations, checked_probe_error, load_inception
 
     out = {}
-    model = load_inception(inception_weights, device)
-    out["fid_probe_error"] = checked_probe_error(model, inception_weights, device)
     images = synth.images[pick] if pick is not None else synth.images
     k = len(images)
+    for what, count in (("synthetic", k), ("reference", len(ref.images) if isinstance(ref, ImageSet) else 2)):
+        if count < 2:  # one image has no covariance: NaN, on which scipy's sqrtm ran for hours past SIGTERM
+            raise MepfError(f"FID needs at least 2 {what} images (it compares covariances), and there "
+                            f"{'is' if count == 1 else 'are'} {count}: give more (FID is biased upwards below 2,048)"
+                            + (", e.g. -n 2048" if what == "synthetic" and synth.generator is not None else ""))
+    model = load_inception(inception_weights, device)
+    out["fid_probe_error"] = checked_probe_error(model, inception_weights, device)
     mu_s, s_s = statistics(activations(model, images, device=device, progress=progress,
                                        desc="FID: synthetic images"))
     if isinstance(ref, FidStats):
@@ -214,24 +219,61 @@ def _fid(synth, ref, inception_weights, cache_dir, device, progress, pick=None) 
     return out
 
 
-def _accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device, cnn_epochs,
-              progress) -> dict:
+#: a training or selection set sharing more than this share of its images with the test set is refused
+OVERLAP_REFUSED = 0.1
+
+
+def shared_with(a: ImageSet, b: ImageSet) -> float:
+    """The share of a's images that are also b's (by their pixels, whatever their labels)."""
+    from mepf.embed.fingerprint import record_hash
+
+    theirs = {record_hash(x) for x in b.images}
+    return sum(record_hash(x) in theirs for x in a.images) / max(1, len(a.images))
+
+
+def _real_train(real_train, reference, ref, data_root, crop, shape):
+    """--real-train read and checked before any classifier trains: labelled with the reference's classes, and not
+    the test set (a reference point trained on its own test images would read 100%)."""
+    real = load_reference(real_train, data_root, geometry=shape, crop=crop, flag="--real-train")
+    if not isinstance(real, ImageSet):
+        raise MepfError(f"--real-train {printable(real_train, 60)} holds FID statistics; give labelled images")
+    names, ref_names = list(real.class_names or []), list(ref.class_names or [])
+    if real.labels is None or sorted(names) != sorted(ref_names):
+        raise MepfError(f"--real-train must be labelled with the reference's classes (by name, in any order): it "
+                        f"has {shown_names(names) if real.labels is not None else 'no labels'}, the reference "
+                        f"{shown_names(ref_names)}")
+    shared = shared_with(real, ref)
+    if real_train == reference or shared > OVERLAP_REFUSED:
+        raise MepfError(f"--real-train {printable(real_train, 60)} is (or shares {shared:.0%} of its images with) "
+                        f"--reference {printable(reference, 60)}: the real reference point would be tested on its "
+                        "own training images; pass real images the reference does not hold, such as "
+                        "fashion-mnist:train")
+    real.labels = np.array([ref_names.index(n) for n in names], dtype=np.int64)[real.labels]
+    return real
+
+
+def _accuracy(synth, synth_labels, ref, real, classifiers, seed, device, cnn_epochs, progress) -> dict:
     kk = len(ref.class_names)
     out = {"accuracy": accuracies(synth.images, synth_labels, ref.images, ref.labels, kk, classifiers, seed, device,
                                   cnn_epochs, progress)}
-    if real_train:
-        real = load_reference(real_train, data_root, geometry=synth.shape, crop=crop, flag="--real-train")
-        if not isinstance(real, ImageSet):
-            raise MepfError(f"--real-train {printable(real_train, 60)} holds FID statistics; give labelled images")
-        names, ref_names = list(real.class_names or []), list(ref.class_names or [])
-        if real.labels is None or sorted(names) != sorted(ref_names):
-            raise MepfError(f"--real-train must be labelled with the reference's classes (by name, in any order): it "
-                            f"has {shown_names(names) if real.labels is not None else 'no labels'}, the reference "
-                            f"{shown_names(ref_names)}")
-        labels = np.array([ref_names.index(n) for n in names], dtype=np.int64)[real.labels]
-        out["accuracy_real_train"] = accuracies(real.images, labels, ref.images, ref.labels, kk, classifiers,
+    if real is not None:
+        out["accuracy_real_train"] = accuracies(real.images, real.labels, ref.images, ref.labels, kk, classifiers,
                                                 seed, device, cnn_epochs, progress)
     return out
+
+
+def _missing_classes(synth, rel, rows: np.ndarray | None) -> str | None:
+    """Why the samples cannot be measured against a labelled release: a class of it with no sample (the distance is
+    a mean over the release's classes; over the classes present only, leaving hard ones out would lower it)."""
+    if not rel.labelled:
+        return None
+    labels = rows[synth.labels] if rows is not None else synth.labels
+    missing = sorted(set(range(len(rel.class_names))) - set(np.unique(labels).tolist()))
+    if not missing:
+        return None
+    return (f"the samples hold no image of {len(missing)} of the release's {len(rel.class_names)} classes "
+            f"({shown_names([rel.class_names[i] for i in missing])}), and the distance is a mean over every class: "
+            "give samples of each class (mepf sample draws them balanced), or leave embedding out of --metrics")
 
 
 def _embedding_distance(synth, rel, device, rows: np.ndarray | None = None) -> dict:
@@ -295,6 +337,17 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
                             "pass --release so that label i is its class i")
     elif class_map:
         raise MepfError("--class-map pairs classes for the accuracy metric, which this evaluation does not compute")
+    real = (_real_train(real_train, reference, ref, data_root, crop, synth.shape) if real_train and "accuracy" in wanted
+            else None)
+    emb_why = None
+    if "embedding" in wanted:  # decided before the minutes of FID and accuracy
+        emb_why = ("the released file behind these samples is unknown (pass --release FILE)" if rel is None else
+                   "it needs labelled samples for a labelled release" if synth.labels is None and rel.labelled else
+                   _missing_classes(synth, rel, rows))
+        if emb_why is not None and metrics:  # named by the user: say why it cannot be had
+            raise MepfError(f"the embedding distance cannot be computed: {emb_why}")
+        if emb_why is not None:
+            warnings.append(f"embedding distance skipped: {emb_why}")
     warn = private_reference_warning(ref, release_log)
     if warn:
         print(f"WARNING: {warn}", file=sys.stderr)
@@ -308,20 +361,15 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
             warnings.append(f"--fid-samples {fid_samples}: the synthetic set has {len(synth.images)} images, so FID "
                             "used them all" + (" (raise -n)" if synth.generator is not None else ""))
     if "accuracy" in wanted:
-        metrics_out.update(_accuracy(synth, synth_labels, ref, real_train, data_root, crop, classifiers, seed, device,
-                                     cnn_epochs, progress))
-    if "embedding" in wanted and rel is not None and (synth.labels is not None or not rel.labelled):
+        metrics_out.update(_accuracy(synth, synth_labels, ref, real, classifiers, seed, device, cnn_epochs,
+                                     progress))
+    if "embedding" in wanted and emb_why is None:
         metrics_out["embedding_distance"] = _embedding_distance(synth, rel, device, rows)
-    elif "embedding" in wanted:
-        why = ("the released file behind these samples is unknown (pass --release FILE)" if rel is None else
-               "it needs labelled samples for a labelled release")
-        if metrics:  # named by the user: say why it cannot be had
-            raise MepfError(f"the embedding distance cannot be computed: {why}")
-        warnings.append(f"embedding distance skipped: {why}")
     generator = _generator_record(synth, saved, z_scale)
     warnings += _late_warnings(metrics_out, generator)
-    report = {"synthetic": synth.description, "n_synthetic": int(len(synth.images)), "reference": ref.description,
-              "reference_given": reference, "generator": generator,
+    report = {"synthetic": synth.description, "synthetic_given": synthetic, "n_synthetic": int(len(synth.images)),
+              "reference": ref.description, "reference_given": reference, "generator": generator,
+              **({"real_train_given": real_train, "n_real_train": int(len(real.images))} if real is not None else {}),
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
               "release": release_rec, "release_given": given, "not_for_publication": bool(warn),
               "private_sets": ["--reference"] if warn else [],

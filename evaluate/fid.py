@@ -32,7 +32,7 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
         warnings.simplefilter("ignore", category=DeprecationWarning)  # sqrtm's disp, in pytorch-fid
         try:
             return float(calculate_frechet_distance(mu1, s1, mu2, s2))
-        except ValueError as e:  # pytorch-fid's "Imaginary component": covariances no data has
+        except (ValueError, np.linalg.LinAlgError) as e:  # pytorch-fid's "Imaginary component"; scipy's sqrtm
             raise MepfError(f"the FID cannot be computed ({e}): the covariances are singular (fewer than 2,048 "
                             "samples on either side; draw more with --fid-samples) or not of images (compute the "
                             "statistics again)") from None

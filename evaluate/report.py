@@ -18,6 +18,13 @@ from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
 PROTOCOL_STATE, PROTOCOL_META = "protocol-state", "meta.json"
 
 
+def _given(report: dict, side: str) -> str:
+    """What a side of the evaluation was, as given on the command line and as read (reports before 2026-12-07 hold
+    no synthetic_given)."""
+    given = report.get(f"{side}_given")
+    return f"{_md(given)}, {_md(report[side])}" if given and given != report[side] else _md(report[side])
+
+
 def privacy_in_words(release: dict | None) -> str:
     if release is None:
         return ("Privacy guarantee unknown: the synthetic images were given as files, not as a generator "
@@ -122,9 +129,12 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     lines += [privacy_in_words(report["release"]) + (f" Not so: {' and '.join(private_uses)}, which read the private "
                                                      "data: they are for the data owner, not differentially private."
                                                      if private_uses else ""), "",
-              f"- synthetic: {_md(report['synthetic'])} ({report['n_synthetic']} images)",
-              f"- reference: {_md(report['reference'])} (" + (f"{report['n_reference']} images)"
-                                                               if report["n_reference"] is not None else "not read)")]
+              f"- synthetic: {_given(report, 'synthetic')} ({report['n_synthetic']} images)",
+              f"- reference: {_given(report, 'reference')} (" + (f"{report['n_reference']} images)"
+                                                                 if report["n_reference"] is not None else "not read)")]
+    if report.get("real_train_given"):
+        lines.append(f"- real training images (the reference point): {_md(report['real_train_given'])} "
+                     f"({report['n_real_train']} images)")
     g = report.get("generator")
     if g:
         lines.append(f"- generator: step {_md(g['step'])}" + (f" of the run's {_md(g['run_steps'])}"
@@ -155,9 +165,11 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
             lines.append(f"| accuracy, {k} ({r['params'] / 1e6:.2f} M parameters), test at best validation epoch "
                          + (f"{r['best_epoch']} | {r['test_at_best_val']:.2f}% |" if r["finished"] else
                             f"| not finished ({r['epochs_done']} epochs) |"))
+        reduced = " (REDUCED protocol: not comparable with their tables)" if report.get("protocol_reduced") else ""
         if bench.get("complete"):
-            lines += [f"| accuracy, maximum of the classifiers (DPImageBench's table figure) | {bench['max']:.2f}% |",
-                      f"| accuracy, mean of the classifiers | {bench['mean']:.2f}% |"]
+            figure = reduced or " (DPImageBench's table figure)"
+            lines += [f"| accuracy, maximum of the classifiers{figure} | {bench['max']:.2f}% |",
+                      f"| accuracy, mean of the classifiers{reduced} | {bench['mean']:.2f}% |"]
     for k, v in ({} if bench else m.get("accuracy", {})).items():
         lines.append(f"| accuracy, {k} trained on synthetic | {100 * v:.2f}% |")
     for k, v in m.get("accuracy_real_train", {}).items():

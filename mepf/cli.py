@@ -779,7 +779,8 @@ def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, class
             m = report["metrics"]
             b = m.get("dpimagebench", {})
             parts = [f"FID {m['fid']:.2f} ({m['fid_samples']} samples vs {m['fid_reference']})"] if "fid" in m else []
-            parts += [f"accuracy max {b['max']:.2f}%, mean {b['mean']:.2f}%"] if b.get("complete") else []
+            parts += [f"accuracy max {b['max']:.2f}%, mean {b['mean']:.2f}%"
+                      + (" (REDUCED protocol)" if report.get("protocol_reduced") else "")] if b.get("complete") else []
             click.echo(f"report: {Path(out) / 'report.md'}" + (("; " + ", ".join(parts)) if parts else ""))
         return
     which = which or list(_vd("classifiers"))

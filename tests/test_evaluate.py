@@ -461,6 +461,64 @@ def test_a_release_given_for_sample_files_must_fit_them(tiny_run, tmp_path):
         "S1", "S2"}
 
 
+def test_numbers_that_would_not_be_what_they_claim_are_refused_or_named(tiny_run, tmp_path, mnist):
+    """Review 41: (F1) the embedding distance averaged over the classes the samples hold, so samples without the
+    hard classes scored better; (F2) --real-train could be the test set itself (LogReg 100%); (F7) FID of one image
+    ran scipy's sqrtm on a NaN covariance for hours past SIGTERM; (F3) report.md did not name the files measured;
+    (F5) a sample folder of grey and RGB images was "of different sizes", or a traceback across batches."""
+    d = tiny_run
+    r = CliRunner().invoke(main, ["sample", str(d / "run"), "-n", "40", "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code == 0, r.stderr
+    s = np.load(tmp_path / "s.npz")
+    keep = s["labels"] != 9
+    np.savez(tmp_path / "no9.npz", images=s["images"][keep], labels=s["labels"][keep])
+
+    def evaluate(samples, out, *extra):
+        return CliRunner().invoke(main, ["evaluate", str(tmp_path / samples), "--reference", str(d / "heldout.npz"),
+                                         "--out", str(tmp_path / out), "--release", str(d / "r.h5"), "--quiet",
+                                         "--release-log", str(tmp_path / "none.jsonl"), *extra])
+
+    r = evaluate("no9.npz", "e1", "--metrics", "embedding")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "no image of 1 of the release's 10 classes ({9})" in r.stderr and not (tmp_path / "e1").exists()
+    r = evaluate("no9.npz", "e2", "--metrics", "embedding,accuracy", "--classifiers", "logreg")
+    assert r.exit_code == 2 and "no image of 1" in r.stderr  # asked for: refused before any classifier trains
+    r = evaluate("s.npz", "e3", "--metrics", "embedding")  # every class: measured
+    assert r.exit_code == 0 and "embedding distance S1" in r.output, r.output + r.stderr
+    np.savez(tmp_path / "overlap.npz", images=mnist[1].images[::20], labels=mnist[1].labels[::20])  # in heldout
+    for real, what in ((str(d / "heldout.npz"), "is (or shares 100%"), (str(tmp_path / "overlap.npz"), "shares 100%")):
+        r = evaluate("s.npz", "a1", "--metrics", "accuracy", "--classifiers", "logreg", "--real-train", real)
+        assert r.exit_code == 2 and what in r.stderr and "tested on its own training images" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "a1").exists()
+    np.savez(tmp_path / "real.npz", images=mnist[0].images[::40], labels=mnist[0].labels[::40])
+    r = evaluate("s.npz", "a2", "--metrics", "accuracy", "--classifiers", "logreg", "--real-train",
+                 str(tmp_path / "real.npz"))
+    assert r.exit_code == 0, r.output + r.stderr
+    rep = json.loads((tmp_path / "a2" / "report.json").read_text())
+    assert rep["real_train_given"] == str(tmp_path / "real.npz") and rep["n_real_train"] == 100
+    assert rep["synthetic_given"] == str(tmp_path / "s.npz")
+    md = (tmp_path / "a2" / "report.md").read_text()
+    assert "s.npz" in md and "heldout.npz" in md and "real.npz" in md and "(100 images)" in md
+    np.savez(tmp_path / "one.npz", images=s["images"][:1], labels=s["labels"][:1])
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "one.npz"), "--reference", str(d / "heldout.npz"),
+                                  "--out", str(tmp_path / "f1"), "--metrics", "fid", "--inception-weights",
+                                  str(tmp_path / "never-read.pt"), "--quiet"])
+    assert r.exit_code == 2 and "FID needs at least 2 synthetic images" in r.stderr, r.stderr  # before Inception
+    r = CliRunner().invoke(main, ["evaluate", str(d / "run"), "-n", "1", "--reference", str(d / "heldout.npz"),
+                                  "--out", str(tmp_path / "f2"), "--metrics", "fid", "--quiet"])
+    assert r.exit_code == 2 and "there is 1: give more" in r.stderr and "-n 2048" in r.stderr, r.stderr
+    grey = s["images"][0]  # (H, W): the .npz holds grey images without a channel axis
+    for name, n_grey in (("mixed1", 1), ("mixed2", 1000)):  # grey and RGB in one batch of 1,000, or in two
+        (tmp_path / name).mkdir()
+        for i in range(n_grey):
+            Image.fromarray(grey).save(tmp_path / name / f"{i:04d}.png")
+        Image.fromarray(np.repeat(grey[..., None], 3, axis=2) // 2).save(tmp_path / name / "9999.png")
+        r = CliRunner().invoke(main, ["evaluate", str(tmp_path / name), "--reference", str(d / "heldout.npz"),
+                                      "--out", str(tmp_path / "m"), "--metrics", "fid", "--quiet"])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, (name, r.stderr, r.exception)
+        assert "more than one size or mode (28x28x1, 28x28x3)" in r.stderr, r.stderr
+
+
 def test_sample_classes_in_another_order_than_the_releases_are_paired_by_name(tmp_path):
     """Class folders "0".."11" sort as text ("10" before "2") where a release's classes are 0..11: refused as "not
     the release's" although the same; classes named in another order (a release declared "zebra,apple") the same.
@@ -609,6 +667,9 @@ def test_dpimagebench_protocol_end_to_end(tiny_run, fid_weights, tmp_path, mnist
     assert any(w.startswith("REDUCED protocol") and "2 epochs" in w for w in rep["warnings"])
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "DPImageBench's protocol" in md and "1.73 M parameters" in md
+    # a reduced run's figures carry REDUCED where they are copied from: the table rows and the console (review 41)
+    assert "| accuracy, maximum of the classifiers (REDUCED protocol" in md and "table figure" not in md
+    assert "(REDUCED protocol)" in r.output
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output + again.stderr
     rep2 = json.loads((tmp_path / "rep" / "report.json").read_text())
