@@ -185,9 +185,9 @@ def main() -> None:
         ap.error(f"--layer-weights {a.layer_weights}: give finite NAME=WEIGHT pairs >= 0, e.g. stem=3 ({e})")
     done = {(r["epsilon"], r.get("seed"), r.get("setting")) for r in rows}
     tags = ["inf" if math.isinf(float(e)) else f"{float(e):g}" for e in a.eps.split(",")]
-    for seed, tag in [(s, t) for s in seeds for t in tags if (t, s, a.setting) not in done] * bool(a.keep_generators):
+    for seed, tag in [(s, t) for s in seeds for t in tags if (t, s, a.setting) not in done]:
         dest = Path(a.keep_generators) / f"{a.setting}-eps{tag}-seed{seed}"  # checked before hours of training
-        if kept_elsewhere(dest, out / f"run-eps{tag}-seed{seed}"):
+        if a.keep_generators and kept_elsewhere(dest, out / f"run-eps{tag}-seed{seed}"):
             raise SystemExit(f"{dest} already holds a kept generator (a committed one is behind a published row): "
                              "give --keep-generators another folder (or '' to keep none), or another --setting")
     for seed in seeds:

@@ -50,6 +50,7 @@ THEIR_N, THEIR_FID_N = 60000, 50000
 #: the image geometry (H, W, C) of the recipe implemented here, theirs for (Fashion-)MNIST
 THEIR_GEOMETRY = (28, 28, 1)
 
+
 def derived_split(reference: str, which: str) -> str:
     base, _, split = reference.partition(":")
     if base in ("mnist", "fashion-mnist") and split == "test":
