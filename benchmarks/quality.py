@@ -108,7 +108,7 @@ def keep_generator(run: Path, dest: Path, n: int, seed: int, z_scale: float = 1.
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("generator.pt", "options.json"):
         shutil.copyfile(run / name, dest / name)
-    if release is not None:
+    if release is not None:  # (never a baseline's: its sums are exact, which nothing may release)
         shutil.copyfile(release, dest / "release.h5")
     samples = record_samples(dest / "generator.pt", n, seed, z_scale)
     root = Path(__file__).resolve().parent.parent
@@ -258,7 +258,7 @@ def main() -> None:
                          "protocol": "mepf", "commit": commit()})
             if a.keep_generators:
                 rows[-1].update(keep_generator(run, Path(a.keep_generators) / f"{a.setting}-{name}", a.n_synthetic,
-                                               seed, a.z_scale, release=rel))
+                                               seed, a.z_scale, release=rel if math.isfinite(eps) else None))
             results.write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
             lines = write_table(out, rows)
     print("\n".join(lines))

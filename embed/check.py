@@ -7,7 +7,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.progress import progress
 
 from .files import FolderSource
-from .sources import declared_geometry, open_source, parse_classes
+from .sources import declared_geometry, open_source, parse_classes, refuse_untrainable
 
 
 def check_data(data: str, classes: str | None = None, data_root=None, show_progress: bool = True,
@@ -18,6 +18,11 @@ def check_data(data: str, classes: str | None = None, data_root=None, show_progr
     problems = [f"{p}: {'a folder inside a class folder (not read)' if p.is_dir() else 'not a PNG or JPEG image'}"
                 for p in getattr(source, "not_images", [])]
     if isinstance(source, FolderSource):
+        try:  # the folder's geometry is the options' (the pass reads none from an image)
+            if image_size is not None:
+                refuse_untrainable(image_size)
+        except MepfError as e:
+            problems.insert(0, str(e))
         with progress(total=len(source), desc="check", disable=not show_progress, counts=False) as bar:
             for i in range(len(source)):
                 try:

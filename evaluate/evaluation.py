@@ -23,25 +23,31 @@ from .report import write_report
 
 
 def _run_options(synth: ImageSet) -> dict | None:
-    """The run's options.json, read once for the report: None where the samples come from no run, {} where it
-    cannot be read (the report then lacks what it would have told)."""
+    """The run's options.json, read once for the report: None where the samples come from no run, {} where an
+    option is out of range (the report then lacks what it would have told). One that cannot say whether the
+    generator.pt is the run's (unreadable, or no release SHA-256) is refused, as `info` and resume refuse it."""
     if synth.run_dir is None or not (synth.run_dir / run_folder.OPTIONS).is_file():
         return None
     from mepf.synthesize.options import TrainOptions, options_problem
 
+    path = synth.run_dir / run_folder.OPTIONS
     try:
-        saved = json.loads(run_folder.read_text(synth.run_dir / run_folder.OPTIONS, run_folder.MAX_OPTIONS_BYTES))
-        problem = options_problem(TrainOptions(**{k: v for k, v in saved.items()
-                                                  if k in TrainOptions.__dataclass_fields__}))
-    except (MepfError, ValueError, RecursionError, TypeError, AttributeError):  # not a dict, or a field missing
-        return {}
-    if problem or not isinstance(saved.get("release_sha256"), str):  # (a run folder can come from elsewhere)
-        return {}
+        saved = json.loads(run_folder.read_text(path, run_folder.MAX_OPTIONS_BYTES))
+    except (ValueError, RecursionError):
+        saved = None
+    if not (isinstance(saved, dict) and isinstance(saved.get("release_sha256"), str)):
+        raise MepfError(f"{path} is not a run's options (it cannot be read, or names no release); the run folder is "
+                        "damaged: evaluate its generator.pt from a folder of its own")
     why = run_folder.of_another_run(synth.generator.info, saved) if synth.generator is not None else None
     if why is not None:  # a generator.pt copied in: the run's steps, seed and curves are not its
-        raise MepfError(f"{synth.run_dir / run_folder.GENERATOR} was not trained by this run ({why}): evaluate that "
-                        "generator.pt from a folder of its own, or put the run's back")
-    return saved
+        raise MepfError(f"{synth.generator_path} was not trained by this run ({why}): evaluate that generator.pt from "
+                        "a folder of its own, or put the run's back")
+    try:
+        problem = options_problem(TrainOptions(**{k: v for k, v in saved.items()
+                                                  if k in TrainOptions.__dataclass_fields__}))
+    except (MepfError, ValueError, RecursionError, TypeError, AttributeError):  # a field missing or of another type
+        return {}
+    return {} if problem else saved
 
 
 def _release_of(synth: ImageSet, release_path: str | None, saved: dict | None):
@@ -224,11 +230,13 @@ OVERLAP_REFUSED = 0.1
 
 
 def shared_with(a: ImageSet, b: ImageSet) -> float:
-    """The share of a's images that are also b's (by their pixels, whatever their labels)."""
+    """The larger of the share of a's images that are b's and of b's that are a's (by their pixels, whatever their
+    labels): a training set ten times the test set's size holds all of it at a 10% share of its own."""
     from mepf.embed.fingerprint import record_hash
 
-    theirs = {record_hash(x) for x in b.images}
-    return sum(record_hash(x) in theirs for x in a.images) / max(1, len(a.images))
+    ours, theirs = [record_hash(x) for x in a.images], [record_hash(x) for x in b.images]
+    both = set(ours) & set(theirs)
+    return max(sum(h in both for h in ours) / max(1, len(ours)), sum(h in both for h in theirs) / max(1, len(theirs)))
 
 
 def _real_train(real_train, reference, ref, data_root, crop, shape):
@@ -273,7 +281,9 @@ def _missing_classes(synth, rel, rows: np.ndarray | None) -> str | None:
         return None
     return (f"the samples hold no image of {len(missing)} of the release's {len(rel.class_names)} classes "
             f"({shown_names([rel.class_names[i] for i in missing])}), and the distance is a mean over every class: "
-            "give samples of each class (mepf sample draws them balanced), or leave embedding out of --metrics")
+            + ("draw at least one per class (raise -n)" if synth.generator is not None else
+               "give samples of each class (mepf sample draws them balanced)")
+            + ", or leave embedding out of --metrics")
 
 
 def _embedding_distance(synth, rel, device, rows: np.ndarray | None = None) -> dict:

@@ -197,6 +197,8 @@ def test_a_failed_embed_leaves_no_folders_it_made(tmp_path, labelled_npz):
     c = cli("embed", "--check", "--data", tmp_path / "tiny.npz")
     assert c.exit_code == 2 and "the images are 7 x 7 and mepf embeds 8 to 1024 px" in c.output, c.output
     assert cli("embed", "--check", "--data", tmp_path / "tiny.npz", "--image-size", "8").exit_code == 0
+    c = cli("embed", "--check", "--data", _folder(tmp_path, "f30"), "--image-size", "30", "--channels", "1")
+    assert c.exit_code == 2 and "a side divisible by 4, not 30" in c.output, c.output  # embed would refuse it (r. 43)
     missing = cli("info", tmp_path / "missing.npz")
     assert missing.exit_code == 2 and "images" not in missing.stderr, missing.stderr
 

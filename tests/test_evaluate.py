@@ -490,6 +490,12 @@ def test_numbers_that_would_not_be_what_they_claim_are_refused_or_named(tiny_run
         r = evaluate("s.npz", "a1", "--metrics", "accuracy", "--classifiers", "logreg", "--real-train", real)
         assert r.exit_code == 2 and what in r.stderr and "tested on its own training images" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and not (tmp_path / "a1").exists()
+    big = (np.concatenate([mnist[0].images[::4], mnist[1].images[::10]]),  # all 100 reference images, 9% of it
+           np.concatenate([mnist[0].labels[::4], mnist[1].labels[::10]]))
+    np.savez(tmp_path / "big.npz", images=big[0], labels=big[1])
+    r = evaluate("s.npz", "a1", "--metrics", "accuracy", "--classifiers", "logreg", "--real-train",
+                 str(tmp_path / "big.npz"))
+    assert r.exit_code == 2 and "shares 100%" in r.stderr, r.stderr  # review 43: measured from both sides
     np.savez(tmp_path / "real.npz", images=mnist[0].images[::40], labels=mnist[0].labels[::40])
     r = evaluate("s.npz", "a2", "--metrics", "accuracy", "--classifiers", "logreg", "--real-train",
                  str(tmp_path / "real.npz"))

@@ -382,6 +382,27 @@ def test_a_run_from_before_run_ids_owns_no_generator_with_one(copied, base_run, 
     assert evaluate(copied, base_run / "d.npz", tmp_path / "rep").exit_code == 0
 
 
+def test_evaluate_decides_a_generators_run_as_info_and_resume_do(copied, base_run, tmp_path):
+    """Review 43: evaluate took options.json without a release SHA-256 (or with an option out of range) as "cannot be
+    read" and then evaluated another run's generator.pt with this run's curves, where info and resume refused the
+    folder; and it named generator.pt when refusing another file of the folder."""
+    sibling = _other_run(base_run, tmp_path, copied.parent / "r.h5", "--seed", "5")
+    good = json.loads((copied / "options.json").read_text())
+    shutil.copy(sibling / "generator.pt", copied / "b.pt")
+    one_line_refusal(evaluate(copied / "b.pt", base_run / "d.npz", tmp_path / "rep"), "b.pt was not trained by this "
+                     "run", "run id")
+    shutil.copy(sibling / "generator.pt", copied / "generator.pt")
+    (copied / "options.json").write_text(json.dumps({**good, "lr": -1}))  # out of range: the rest still read
+    one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "not trained by this run", "run id")
+    for damaged in ({k: v for k, v in good.items() if k != "release_sha256"}, {**good, "release_sha256": 7}, [1]):
+        (copied / "options.json").write_text(json.dumps(damaged))
+        one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "options.json is not a run's",
+                         "damaged")
+        info = cli("info", copied)  # refused as damaged, or (a release SHA-256 not a string) the generator flagged
+        assert (info.exit_code == 2 and "options.json" in info.stderr) or "NOT this run's" in info.output, info.output
+    assert not (tmp_path / "rep").exists()
+
+
 def test_a_run_stopped_before_its_generator_is_finished_by_resume(copied):
     """A kill between the last snapshot and generator.pt (or a folder named like an old snapshot, which ended the
     run with a traceback there) left a run that resume called complete and sample told to finish with resume

@@ -77,6 +77,8 @@ def test_a_generator_named_by_path_takes_its_committed_row(tmp_path, capsys):
     bench = _benchmark("dpimagebench")
     root = Path(__file__).parents[1]
     committed = dict(bench.committed_generators())
+    paths = [p for p, _ in bench.committed_generators()]
+    assert len(paths) == len(set(paths)) >= 8  # one row each: the protocol samples at z = 1, not a z0.9 row's z
     gen = root / "docs/results/generators/r3-55k-lite0-conv64-32k-cooldown-eps10-seed0/generator.pt"
     [(path, row)] = bench.named_generators([str(gen)])
     assert path == gen and row == committed[gen]
