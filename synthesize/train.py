@@ -453,8 +453,12 @@ def _read_options(run: Path) -> dict:
     except (ValueError, RecursionError) as e:
         raise MepfError(f"{run / run_folder.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
                         ) from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("release_sha256"), str):
+    if not isinstance(saved, dict) or "release_sha256" not in saved:
         raise MepfError(f"{run / run_folder.OPTIONS} is not a run's options; the run folder is damaged")
+    if not isinstance(saved["release_sha256"], str):  # it says whose generator the folder holds (info, evaluate)
+        kind = type(saved["release_sha256"]).__name__
+        raise MepfError(f"{run / run_folder.OPTIONS} holds release_sha256 of type {kind}, not a release's SHA-256; the "
+                        "run folder is damaged")
     changes = saved.get("changes", [])
     if not (isinstance(changes, list) and all(isinstance(c, dict) and {"step", "option", "from", "to"} <= set(c)
                                               for c in changes)):
