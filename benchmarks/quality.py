@@ -184,83 +184,79 @@ def main() -> None:
     except (ValueError, MepfError) as e:
         ap.error(f"--layer-weights {a.layer_weights}: give finite NAME=WEIGHT pairs >= 0, e.g. stem=3 ({e})")
     done = {(r["epsilon"], r.get("seed"), r.get("setting")) for r in rows}
-    tags = ["inf" if math.isinf(float(e)) else f"{float(e):g}" for e in a.eps.split(",")]
-    for seed, tag in [(s, t) for s in seeds for t in tags if (t, s, a.setting) not in done]:
-        dest = Path(a.keep_generators) / f"{a.setting}-eps{tag}-seed{seed}"  # checked before hours of training
-        if a.keep_generators and kept_elsewhere(dest, out / f"run-eps{tag}-seed{seed}"):
+    pending = [(seed, eps, tag, f"eps{tag}-seed{seed}") for seed in seeds for eps in map(float, a.eps.split(","))
+               for tag in ["inf" if math.isinf(eps) else f"{eps:g}"] if (tag, seed, a.setting) not in done]
+    for *_, name in pending if a.keep_generators else []:  # checked before hours of training
+        dest = Path(a.keep_generators) / f"{a.setting}-{name}"
+        if kept_elsewhere(dest, out / f"run-{name}"):
             raise SystemExit(f"{dest} already holds a kept generator (a committed one is behind a published row): "
                              "give --keep-generators another folder (or '' to keep none), or another --setting")
-    for seed in seeds:
-        for eps in [float(e) for e in a.eps.split(",")]:
-            tag = "inf" if math.isinf(eps) else f"{eps:g}"
-            if (tag, seed, a.setting) in done:
-                continue
-            name = f"eps{tag}-seed{seed}"
-            rel, run = out / f"release-{name}.h5", out / f"run-{name}"
-            embed_s = None  # made by an earlier, interrupted invocation: not timed here
-            if rel.exists():
-                from mepf.artifacts import load
+    for seed, eps, tag, name in pending:
+        rel, run = out / f"release-{name}.h5", out / f"run-{name}"
+        embed_s = None  # made by an earlier, interrupted invocation: not timed here
+        if rel.exists():
+            from mepf.artifacts import load
 
-                made_of = load(rel).data_spec.get("dataset")
-                if made_of != a.data:
-                    raise SystemExit(f"{rel} is a release of {made_of}, not of --data {a.data}: use another --out")
-            else:
-                t0 = time.perf_counter()
-                run_embed(EmbedOptions(data=a.data, data_root=a.data_root, out=str(rel), epsilon=eps,
-                                       delta=a.delta, backbone=a.backbone, device=a.device, allow_repeat=True,
-                                       release_log=str(out / "releases.jsonl")))
-                embed_s = time.perf_counter() - t0
+            made_of = load(rel).data_spec.get("dataset")
+            if made_of != a.data:
+                raise SystemExit(f"{rel} is a release of {made_of}, not of --data {a.data}: use another --out")
+        else:
             t0 = time.perf_counter()
-            if (run / "options.json").exists() and not (run / "generator.pt").exists():
-                # continue the interrupted run from its last snapshot; also how a finished run is extended: copy
-                # its release-*.h5, releases.jsonl(.key) and run-* folder into a new --out (else a fresh release is
-                # embedded, spending budget), delete the copy's generator.pt, give a larger --steps and e.g.
-                # --lr-schedule cooldown (given again on every later invocation: resume applies it)
-                resume(str(run), {"lr_schedule": a.lr_schedule}, steps=a.steps)
-            elif not (run / "generator.pt").exists():
-                shutil.rmtree(run, ignore_errors=True)
-                start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                                   lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, generator=a.generator,
-                                   width=a.width, layer_weights=layer_weights, device=a.device, seed=seed,
-                                   grid_every=max(1, a.steps // 4),
-                                   snapshot_every=max(1, a.steps // 8)))
-            train_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            with_fid = not a.skip_fid and seed == seeds[0]
-            full_fid = with_fid and a.fid_reference >= 10000
-            rep = evaluate(str(run), "fashion-mnist:test", out / f"report-{name}", n=a.n_synthetic,
-                           fid_samples=a.fid_samples, data_root=a.data_root, device=dev, cnn_epochs=a.cnn_epochs,
-                           release_log=out / "releases.jsonl", seed=seed, z_scale=a.z_scale,
-                           metrics=None if full_fid else ["accuracy", "embedding"])
-            m = rep["metrics"]
-            if with_fid and not full_fid:
-                fid_rep = evaluate(str(run), str(fid_reference_subset(out, a.fid_reference, a.data_root)),
-                                   out / f"report-{name}-fid", n=a.fid_samples, data_root=a.data_root, device=dev,
-                                   release_log=out / "releases.jsonl", metrics=["fid"], z_scale=a.z_scale)
-                m.update({k: v for k, v in fid_rep["metrics"].items() if k.startswith("fid")})
-            eval_s = time.perf_counter() - t0
-            stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
-            # training time from the run's own record (steps between records / their rate, and any compiling
-            # beyond its steps, compile_s): right across resumes
-            train_s = sum((b["step"] - a_["step"]) / b["steps_per_s"] + b.get("compile_s", 0.0)
-                          for a_, b in zip([{"step": 0}] + stats, stats))
-            rows.append({"epsilon": tag, "seed": seed, "setting": a.setting, "data": a.data, "delta": a.delta,
-                         "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"], "mlp": m["accuracy"]["mlp"],
-                         "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),
-                         "fid_reference": min(a.fid_reference, 10000) if with_fid else None,
-                         "embedding_distance": m.get("embedding_distance"), "n_synthetic": a.n_synthetic,
-                         "embed_s": embed_s,
-                         "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
-                         "eval_s": eval_s, "steps": a.steps, "lr": a.lr, "lr_schedule": a.lr_schedule,
-                         "layer_weights": layer_weights or None, "z_scale": a.z_scale,
-                         "generator_arch": json.loads((run / "options.json").read_text()).get("generator_arch"),
-                         "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
-                         "protocol": "mepf", "commit": commit()})
-            if a.keep_generators:
-                rows[-1].update(keep_generator(run, Path(a.keep_generators) / f"{a.setting}-{name}", a.n_synthetic,
-                                               seed, a.z_scale, release=rel if math.isfinite(eps) else None))
-            results.write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
-            lines = write_table(out, rows)
+            run_embed(EmbedOptions(data=a.data, data_root=a.data_root, out=str(rel), epsilon=eps,
+                                   delta=a.delta, backbone=a.backbone, device=a.device, allow_repeat=True,
+                                   release_log=str(out / "releases.jsonl")))
+            embed_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if (run / "options.json").exists() and not (run / "generator.pt").exists():
+            # continue the interrupted run from its last snapshot; also how a finished run is extended: copy
+            # its release-*.h5, releases.jsonl(.key) and run-* folder into a new --out (else a fresh release is
+            # embedded, spending budget), delete the copy's generator.pt, give a larger --steps and e.g.
+            # --lr-schedule cooldown (given again on every later invocation: resume applies it)
+            resume(str(run), {"lr_schedule": a.lr_schedule}, steps=a.steps)
+        elif not (run / "generator.pt").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            start(TrainOptions(release=str(rel), out=str(run), steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                               lr_mavg=a.lr_mavg, lr_schedule=a.lr_schedule, ema=a.ema, generator=a.generator,
+                               width=a.width, layer_weights=layer_weights, device=a.device, seed=seed,
+                               grid_every=max(1, a.steps // 4),
+                               snapshot_every=max(1, a.steps // 8)))
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with_fid = not a.skip_fid and seed == seeds[0]
+        full_fid = with_fid and a.fid_reference >= 10000
+        rep = evaluate(str(run), "fashion-mnist:test", out / f"report-{name}", n=a.n_synthetic,
+                       fid_samples=a.fid_samples, data_root=a.data_root, device=dev, cnn_epochs=a.cnn_epochs,
+                       release_log=out / "releases.jsonl", seed=seed, z_scale=a.z_scale,
+                       metrics=None if full_fid else ["accuracy", "embedding"])
+        m = rep["metrics"]
+        if with_fid and not full_fid:
+            fid_rep = evaluate(str(run), str(fid_reference_subset(out, a.fid_reference, a.data_root)),
+                               out / f"report-{name}-fid", n=a.fid_samples, data_root=a.data_root, device=dev,
+                               release_log=out / "releases.jsonl", metrics=["fid"], z_scale=a.z_scale)
+            m.update({k: v for k, v in fid_rep["metrics"].items() if k.startswith("fid")})
+        eval_s = time.perf_counter() - t0
+        stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
+        # training time from the run's own record (steps between records / their rate, and any compiling
+        # beyond its steps, compile_s): right across resumes
+        train_s = sum((b["step"] - a_["step"]) / b["steps_per_s"] + b.get("compile_s", 0.0)
+                      for a_, b in zip([{"step": 0}] + stats, stats))
+        rows.append({"epsilon": tag, "seed": seed, "setting": a.setting, "data": a.data, "delta": a.delta,
+                     "cnn": m["accuracy"]["cnn"], "logreg": m["accuracy"]["logreg"], "mlp": m["accuracy"]["mlp"],
+                     "fid": m.get("fid"), "fid_samples": m.get("fid_samples"),
+                     "fid_reference": min(a.fid_reference, 10000) if with_fid else None,
+                     "embedding_distance": m.get("embedding_distance"), "n_synthetic": a.n_synthetic,
+                     "embed_s": embed_s,
+                     "train_s": train_s, "train_steps_per_s": float(np.median([s["steps_per_s"] for s in stats])),
+                     "eval_s": eval_s, "steps": a.steps, "lr": a.lr, "lr_schedule": a.lr_schedule,
+                     "layer_weights": layer_weights or None, "z_scale": a.z_scale,
+                     "generator_arch": json.loads((run / "options.json").read_text()).get("generator_arch"),
+                     "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
+                     "protocol": "mepf", "commit": commit()})
+        if a.keep_generators:
+            rows[-1].update(keep_generator(run, Path(a.keep_generators) / f"{a.setting}-{name}", a.n_synthetic,
+                                           seed, a.z_scale, release=rel if math.isfinite(eps) else None))
+        results.write_text(json.dumps({"settings": vars(a), "results": rows}, indent=2))
+        lines = write_table(out, rows)
     print("\n".join(lines))
 
 

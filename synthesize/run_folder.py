@@ -131,13 +131,18 @@ def behind_note(behind: int, step, what: str) -> str:
             "finish the run (mepf synthesize --resume) and")
 
 
+def run_id_of(saved: dict) -> str | None:
+    """The run id an options.json records (None in a run from before run ids)."""
+    return saved.get("run_id") if isinstance(saved.get("run_id"), str) else None
+
+
 def of_another_run(record: dict, saved: dict) -> str | None:
     """Why a snapshot or generator.pt whose record is `record` is not of the run whose options.json is `saved`, or
     None: another release, or another run id (a run from before run ids, none in its options.json, owns only files
     without one). Resume, `mepf info` and `mepf evaluate` decide by this one rule."""
     if "release_sha256" in record and record["release_sha256"] != saved.get("release_sha256"):
         return f"it was trained from another release, {str(record['release_sha256'])[:12]}..."
-    if record.get("run_id") != (saved.get("run_id") if isinstance(saved.get("run_id"), str) else None):
+    if record.get("run_id") != run_id_of(saved):
         return "it is another run's, by its run id"
     return None
 

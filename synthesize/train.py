@@ -618,7 +618,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     precision = (Precision.from_json(saved["precision_resolved"]) if "precision_resolved" in saved
                  else legacy(opts.precision, device))
     trainer = Trainer(opts, release_file, fmap, arch, device, precision)
-    trainer.run_id = saved.get("run_id") if isinstance(saved.get("run_id"), str) else None
+    trainer.run_id = run_folder.run_id_of(saved)
     snap = latest_snapshot(run)
     kept = generator_step(run, saved) if snap is None else None
     if kept:  # a run kept for its result alone (docs/results/generators): never trained over from step 0
