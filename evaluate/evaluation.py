@@ -1,7 +1,6 @@
 """`mepf evaluate`: FID, downstream accuracy and the privacy-free embedding distance, into a report."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from mepf.artifacts.errors import MepfError
 from mepf.artifacts.format import printable
 from mepf.artifacts.versions import versions
 from mepf.synthesize import run_folder
+from mepf.synthesize.checkpoint import resumable_past
 
 from .classes import match_classes, shown_names
 from .classifiers import accuracies
@@ -30,14 +30,10 @@ def _run_options(synth: ImageSet) -> dict | None:
         return None
     from mepf.synthesize.options import TrainOptions, options_problem
 
-    path = synth.run_dir / run_folder.OPTIONS
     try:
-        saved = json.loads(run_folder.read_text(path, run_folder.MAX_OPTIONS_BYTES))
-    except (ValueError, RecursionError):
-        saved = None
-    if not (isinstance(saved, dict) and isinstance(saved.get("release_sha256"), str)):
-        raise MepfError(f"{path} is not a run's options (it cannot be read, or names no release); the run folder is "
-                        "damaged: evaluate its generator.pt from a folder of its own")
+        saved = run_folder.read_options(synth.run_dir)
+    except MepfError as e:
+        raise MepfError(f"{e}: evaluate its generator.pt from a folder of its own") from None
     why = run_folder.of_another_run(synth.generator.info, saved) if synth.generator is not None else None
     if why is not None:  # a generator.pt copied in: the run's steps, seed and curves are not its
         raise MepfError(f"{synth.generator_path} was not trained by this run ({why}): evaluate that generator.pt from "
@@ -137,7 +133,7 @@ def _generator_record(synth: ImageSet, saved: dict | None, z_scale: float = 1.0)
     if saved is not None:
         rec.update(run_steps=saved.get("steps"), seed=saved.get("seed"), lr=saved.get("lr"),
                    lr_schedule=saved.get("lr_schedule"))
-        behind = run_folder.snapshots_past(synth.run_dir, rec["step"])
+        behind = resumable_past(synth.run_dir, rec["step"], saved)
         if behind:
             rec["behind"] = behind
     return rec

@@ -472,9 +472,9 @@ def _generator_facts(path: Path, g=None) -> dict:
 
 def _run_facts(run: Path) -> dict:
     from mepf.synthesize import load_generator, run_folder
-    from mepf.synthesize.train import _read_options
+    from mepf.synthesize.checkpoint import snapshot_problem
 
-    o = _read_options(run)
+    o = run_folder.read_options(run)
     steps = o.get("steps") if type(o.get("steps")) is int else 0
     eps = o.get("epsilon") if type(o.get("epsilon")) in (int, float) else None
     snaps = run_folder.snapshots(run)
@@ -484,7 +484,10 @@ def _run_facts(run: Path) -> dict:
     why = run_folder.of_another_run(i, o) if loaded is not None else None
     ours = loaded is not None and why is None
     step = snaps[-1][0] if snaps else i.get("step", 0) if ours else 0
-    if ours and not snaps:  # a run kept for its result alone (docs/results/generators): nothing to resume from
+    refused = snapshot_problem(snaps[-1][1], step, o)[1] if snaps else None  # as resume would judge it
+    if refused:
+        progress = f"resume refuses its latest snapshot: {refused}"
+    elif ours and not snaps:  # a run kept for its result alone (docs/results/generators): nothing to resume from
         progress = f"step {step} of {steps} (its generator.pt alone: no snapshot to resume from)"
     elif ours and i.get("step") == step and step >= steps:
         progress = f"step {step} of {steps} (complete)"

@@ -27,7 +27,7 @@ from mepf.core.tensor_file import read_tensors, state_dict_of, stored_in_full_pr
 from .generators import GENERATORS, build_generator
 from .locate import HDF5_SIGNATURE
 from .options import LABELS, SampleOptions
-from .run_folder import GENERATOR, OPTIONS
+from .run_folder import GENERATOR, OPTIONS, of_another_run, snapshots
 
 _D = SampleOptions  # the defaults, written once there
 
@@ -59,6 +59,42 @@ def load_tensors(path: Path, what: str) -> tuple:
     if problem:
         raise MepfError(f"cannot read {what} {path}: {problem}; use a file written by mepf")
     return obj, hashlib.sha256(data).hexdigest()
+
+
+def snapshot_of_another_run(state: dict, saved: dict) -> str | None:
+    """Why a snapshot cannot be of the run whose options.json is `saved`, or None: another run's or release's
+    (run_folder.of_another_run), or a step past the run's --steps (options.json records them before any is trained)."""
+    if (why := of_another_run(state, saved)) is not None:
+        return why
+    if type(saved.get("steps")) is int and state["step"] > saved["steps"]:
+        return f"its step {state['step']} is past the run's --steps {saved['steps']}"
+    return None
+
+
+def snapshot_problem(path: Path, step: int, saved: dict) -> tuple:
+    """(a snapshot's state or None, why resume cannot continue the run whose options.json is `saved` from it or
+    None): unreadable, not of the `step` its name gives, another run's or release's, or past the run's --steps.
+    Resume refuses by it, and `mepf info`, sample and evaluate count a run's latest snapshot only where it passes."""
+    try:
+        state, _ = load_tensors(path, "snapshot")
+    except (MepfError, OSError) as e:
+        return None, str(e) if isinstance(e, MepfError) else f"cannot read snapshot {path} ({type(e).__name__})"
+    if not (isinstance(state, dict) and type(state.get("step")) is int and state["step"] == step):
+        return None, f"snapshot {path} is not of the step its name gives; move it away to resume from the one before"
+    problem = snapshot_of_another_run(state, saved)
+    if problem:
+        return None, (f"snapshot {path} is not of this run ({problem}): resumed, its weights would be credited to "
+                      "this run and its release; move it away to resume from the one before")
+    return state, None
+
+
+def resumable_past(run: Path, step, saved: dict) -> int | None:
+    """The step of the run's latest snapshot where it is past `step` (a generator.pt's: a run stopped after that
+    snapshot) and resume would continue from it (snapshot_problem), else None."""
+    snaps = snapshots(run) if isinstance(step, int) else []
+    if not snaps or snaps[-1][0] <= step:
+        return None
+    return snaps[-1][0] if snapshot_problem(snaps[-1][1], snaps[-1][0], saved)[1] is None else None
 
 
 def save_generator(path: Path, generator, arch: dict, release, step: int, run_id: str | None = None) -> None:

@@ -55,6 +55,35 @@ def open_append(path):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
+def read_options(run) -> dict:
+    """A run's options.json, refused in one line where it cannot say whose generator the folder holds: missing,
+    unreadable, not a dict, without a release SHA-256 that is a string, or with changes that are not records."""
+    import json
+    from pathlib import Path
+
+    from mepf.artifacts.errors import MepfError
+
+    run = Path(run)
+    if not (run / OPTIONS).is_file():
+        raise MepfError(f"{run} is not a run folder (no {OPTIONS}); start one with `mepf synthesize FILE --out {run}`")
+    try:
+        saved = json.loads(read_text(run / OPTIONS, MAX_OPTIONS_BYTES))
+    except (ValueError, RecursionError) as e:
+        raise MepfError(f"{run / OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged") from None
+    if not isinstance(saved, dict) or "release_sha256" not in saved:
+        raise MepfError(f"{run / OPTIONS} is not a run's options; the run folder is damaged")
+    if not isinstance(saved["release_sha256"], str):  # it says whose generator the folder holds (info, evaluate)
+        kind = type(saved["release_sha256"]).__name__
+        raise MepfError(f"{run / OPTIONS} holds release_sha256 of type {kind}, not a release's SHA-256; the run folder "
+                        "is damaged")
+    changes = saved.get("changes", [])
+    if not (isinstance(changes, list) and all(isinstance(c, dict) and {"step", "option", "from", "to"} <= set(c)
+                                              for c in changes)):
+        raise MepfError(f"{run / OPTIONS} holds changes that are not a run's records of changed options; the run "
+                        "folder is damaged")
+    return saved
+
+
 def iter_stats(run):
     """(line, record) of each of the run's stats.jsonl records (dicts with an integer 'step'), read a line at a
     time: a file of MAX_STATS_BYTES from someone else costs its parsed records only where the caller keeps them
@@ -119,14 +148,8 @@ def snapshots(run) -> list:
     return sorted(found)
 
 
-def snapshots_past(run, step) -> int | None:
-    """The run's last snapshot step where it is past `step` (the generator.pt's: a run stopped after it), else None."""
-    snaps = snapshots(run) if run is not None and isinstance(step, int) else []
-    return snaps[-1][0] if snaps and snaps[-1][0] > step else None
-
-
 def behind_note(behind: int, step, what: str) -> str:
-    """What evaluate and sample say of a generator.pt older than the run's last snapshot (snapshots_past)."""
+    """What evaluate and sample say of a generator.pt older than the run's last snapshot (checkpoint.resumable_past)."""
     return (f"the run has snapshots past its generator.pt (step {behind} > {step}): {what} of an older generator; "
             "finish the run (mepf synthesize --resume) and")
 

@@ -14,7 +14,7 @@ from mepf.artifacts.staging import atomic_path, create_folder_of
 from mepf.progress import progress as progress_bar
 
 from . import run_folder
-from .checkpoint import check_z_scale, load_generator
+from .checkpoint import check_z_scale, load_generator, resumable_past
 from .options import SAMPLE_FORMATS, SampleOptions
 
 #: suffixes --out cannot mean: an image or another file type, where a folder of PNGs would be made
@@ -80,6 +80,18 @@ def _check_out(out: Path, overwrite: bool, npz: bool) -> None:
 _D = SampleOptions  # the defaults, written once there
 
 
+def _behind(run: Path, step) -> int | None:
+    """The step of the run's last snapshot where it is past its generator.pt's and resume would continue from it;
+    None otherwise, or where the folder has no readable options.json (a generator.pt samples without a run)."""
+    if not (run / run_folder.OPTIONS).is_file():
+        return None
+    try:
+        saved = run_folder.read_options(run)
+    except MepfError:
+        return None
+    return resumable_past(run, step, saved)
+
+
 def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
                   device="cpu", overwrite: bool = False, format: str = _D.format, z_scale: float = _D.z_scale,
                   progress: bool = False) -> Path:
@@ -108,7 +120,7 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
                         "evaluates class-conditional sets)")
     _check_out(out, overwrite, npz)
     run = Path(source) if Path(source).is_dir() else Path(source).parent
-    behind = run_folder.snapshots_past(run, g.info.get("step")) if (run / run_folder.OPTIONS).is_file() else None
+    behind = _behind(run, g.info.get("step"))
     if behind:
         print(f"note: {run_folder.behind_note(behind, g.info.get('step'), 'these are samples')} sample again",
               file=sys.stderr)

@@ -28,7 +28,7 @@ from mepf.core.signals import deferred_interrupts
 from mepf.progress import progress as progress_bar
 
 from . import run_folder
-from .checkpoint import load_tensors, save_generator
+from .checkpoint import load_tensors, save_generator, snapshot_problem
 from .generators import Z_DIM, build_generator, default_generator, fold_upsampling
 from .grid import save_grid
 from .locate import locate_release
@@ -444,29 +444,6 @@ def _shared_options(opts: TrainOptions, release) -> dict:
             "release": release.file_sha256}
 
 
-def _read_options(run: Path) -> dict:
-    if not (run / run_folder.OPTIONS).is_file():
-        raise MepfError(f"{run} is not a run folder (no {run_folder.OPTIONS}); start one with `mepf synthesize "
-                        f"FILE --out {run}`")
-    try:
-        saved = json.loads(run_folder.read_text(run / run_folder.OPTIONS, run_folder.MAX_OPTIONS_BYTES))
-    except (ValueError, RecursionError) as e:
-        raise MepfError(f"{run / run_folder.OPTIONS} cannot be read ({type(e).__name__}); the run folder is damaged"
-                        ) from None
-    if not isinstance(saved, dict) or "release_sha256" not in saved:
-        raise MepfError(f"{run / run_folder.OPTIONS} is not a run's options; the run folder is damaged")
-    if not isinstance(saved["release_sha256"], str):  # it says whose generator the folder holds (info, evaluate)
-        kind = type(saved["release_sha256"]).__name__
-        raise MepfError(f"{run / run_folder.OPTIONS} holds release_sha256 of type {kind}, not a release's SHA-256; the "
-                        "run folder is damaged")
-    changes = saved.get("changes", [])
-    if not (isinstance(changes, list) and all(isinstance(c, dict) and {"step", "option", "from", "to"} <= set(c)
-                                              for c in changes)):
-        raise MepfError(f"{run / run_folder.OPTIONS} holds changes that are not a run's records of changed options; "
-                        "the run folder is damaged")
-    return saved
-
-
 def _is_sha256(v) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
@@ -543,7 +520,7 @@ def resume_plan(run_dir, changes: dict) -> tuple:
     """What resuming `run_dir` with `changes` would apply, refused as resume refuses it (what --dry-run shows):
     (the run's saved options, the options that change, the run's TrainOptions before they change)."""
     run = Path(run_dir)
-    saved = _read_options(run)
+    saved = run_folder.read_options(run)
     differ = _check_changes(saved, changes)
     given = dataclasses.replace(TrainOptions(release="", out=""), **differ)  # options given again, from Python too
     plain_numbers(given)
@@ -561,16 +538,6 @@ def resume_plan(run_dir, changes: dict) -> tuple:
     if "steps" in differ and done:  # by the snapshots' names; resume checks the step of the one it loads again
         check_ahead(run, done[-1][0], differ["steps"])
     return saved, differ, opts
-
-
-def snapshot_of_another_run(state: dict, saved: dict) -> str | None:
-    """Why a snapshot cannot be of the run whose options.json is `saved`, or None: another run's or release's
-    (run_folder.of_another_run), or a step past the run's --steps (options.json records them before any is trained)."""
-    if (why := run_folder.of_another_run(state, saved)) is not None:
-        return why
-    if type(saved.get("steps")) is int and state["step"] > saved["steps"]:
-        return f"its step {state['step']} is past the run's --steps {saved['steps']}"
-    return None
 
 
 def generator_step(run: Path, saved: dict) -> int | None:
@@ -626,15 +593,9 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
                         "run with `mepf synthesize FILE --out NEW_DIR`")
     if snap is not None:
         def load_snapshot():
-            state, _ = load_tensors(snap, "snapshot")
-            if not (isinstance(state, dict) and type(state.get("step")) is int
-                    and state["step"] == run_folder.snapshots(run)[-1][0]):
-                raise MepfError(f"snapshot {snap} is not of the step its name gives; move it away to resume from "
-                                "the one before")
-            problem = snapshot_of_another_run(state, saved)
+            state, problem = snapshot_problem(snap, run_folder.snapshots(run)[-1][0], saved)
             if problem:
-                raise MepfError(f"snapshot {snap} is not of this run ({problem}): resumed, its weights would be "
-                                "credited to this run and its release; move it away to resume from the one before")
+                raise MepfError(problem)
             problem = optimiser_problem(trainer, state)
             if problem:
                 raise MepfError(f"snapshot {snap} holds optimiser settings or state this run does not make "

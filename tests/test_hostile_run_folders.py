@@ -327,6 +327,10 @@ def test_a_snapshot_of_another_run_is_not_resumed(copied, base_run, tmp_path):
     before = (copied / "generator.pt").read_bytes()
     shutil.copy(baseline / "snapshot-0000003.pt", copied / "snapshot-0000003.pt")
     one_line_refusal(resume(copied, steps=4), "snapshot-0000003.pt", "not of this run", "another release")
+    info = cli("info", copied).output  # info and sample counted it: "step 3 of 2; continue with --resume" (R43 F6)
+    assert "resume refuses its latest snapshot" in info and "another release" in info and "step 3" not in info, info
+    r = cli("sample", copied, "-n", "4", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 0 and "snapshots past" not in r.stderr, r.stderr
     assert (copied / "generator.pt").read_bytes() == before
     shutil.rmtree(baseline)
     sibling = _other_run(base_run, tmp_path, copied.parent / "r.h5", "--seed", "5")
@@ -396,8 +400,8 @@ def test_evaluate_decides_a_generators_run_as_info_and_resume_do(copied, base_ru
     one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "not trained by this run", "run id")
     for damaged in ({k: v for k, v in good.items() if k != "release_sha256"}, {**good, "release_sha256": 7}, [1]):
         (copied / "options.json").write_text(json.dumps(damaged))
-        one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "options.json is not a run's",
-                         "damaged")
+        one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "options.json", "damaged",
+                         "a folder of its own")
         one_line_refusal(cli("info", copied), "options.json", "damaged")
         one_line_refusal(resume(copied), "options.json", "damaged")
     assert not (tmp_path / "rep").exists()

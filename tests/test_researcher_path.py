@@ -532,9 +532,20 @@ def test_sampling_a_run_without_a_generator_says_resume_and_unlabelled_samples_c
     run = _copy_run(study, tmp_path)
     quiet = ok(cli("sample", run, "-n", "4", "--out", tmp_path / "now.npz"))
     assert "older generator" not in quiet.stderr
-    shutil.copy(run / "snapshot-0000004.pt", run / "snapshot-0000006.pt")  # stopped after a snapshot past it
+    shutil.copy(run / "snapshot-0000004.pt", run / "snapshot-0000006.pt")  # named past it, of step 4: refused
+    assert "older generator" not in ok(cli("sample", run, "-n", "4", "--out", tmp_path / "named.npz")).stderr
+    info = ok(cli("info", run)).output  # it advised "--resume", which then refused the snapshot (review 43 F6)
+    assert "resume refuses its latest snapshot" in info and "not of the step its name gives" in info, info
+    import torch
+
+    state = torch.load(run / "snapshot-0000004.pt", weights_only=True)
+    state["step"] = 6
+    torch.save(state, run / "snapshot-0000006.pt")
+    options = json.loads((run / "options.json").read_text())
+    (run / "options.json").write_text(json.dumps({**options, "steps": 8}))  # stopped after a snapshot past it
     behind = ok(cli("sample", run, "-n", "4", "--out", tmp_path / "old.npz"))  # said, as evaluate says it
     assert "snapshots past its generator.pt (step 6 > 4)" in behind.stderr and "--resume" in behind.stderr
+    assert "step 6 of 8; continue with: mepf synthesize --resume" in ok(cli("info", run)).output
     (run / "generator.pt").unlink()
     refused(cli("sample", run, "-n", "4", "--out", tmp_path / "s.npz"), "has no generator.pt yet",
             f"mepf synthesize --resume {run}")
