@@ -25,13 +25,33 @@ RELEASE_NAMES = ("S1", "S2", "counts")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+#: the conv generators start at a quarter of the side: beyond this side their first layer (about 0.2 x 10^9
+#: weights at 512 px) is more than a generator needs; larger sides are resnet's
+CONV_MAX_SIDE = 512
+#: the largest start the resnet generator upsamples from (its sides are start x 2^k, k >= 1)
+RESNET_MAX_START = 15
+
+
+def resnet_start(side: int) -> tuple | None:
+    """(start, doublings) of the resnet generator at `side` = start x 2^doublings, the start the smallest such of at
+    least 4 and at most RESNET_MAX_START, doublings at least 1 (4 x 2^k at powers of two); None where it draws none."""
+    start, ups = side, 0
+    while start % 2 == 0 and start // 2 >= 4:
+        start, ups = start // 2, ups + 1
+    return (start, ups) if ups >= 1 and start <= RESNET_MAX_START else None
+
+
 def trainable_geometry_problem(height: int, width: int) -> str | None:
     """Why no mepf generator can be trained at height x width images, or None. Stage 2 draws square images of a side
-    divisible by 4 (conv; resnet at powers of two); embed refuses another geometry before it spends the budget."""
+    divisible by 4 (conv up to CONV_MAX_SIDE; resnet at start x 2^k, see resnet_start); embed refuses another
+    geometry before it spends the budget."""
     if height != width:
         return f"mepf's generators draw square images, not {height}x{width}"
     if height % 4:
         return f"mepf's generators draw images of a side divisible by 4, not {height}"
+    if height > CONV_MAX_SIDE and resnet_start(height) is None:
+        return (f"mepf's generators draw sides above {CONV_MAX_SIDE} px only as s x 2^k with s at most "
+                f"{RESNET_MAX_START} (resnet: e.g. 640, 768, 896, 1024), not {height}")
     return None
 
 

@@ -1,13 +1,12 @@
 """Generators: images in [0, 1] from z (100 dims) and, when labelled, a one-hot label concatenated to z."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.schema import CONV_MAX_SIDE, RESNET_MAX_START, resnet_start
 
 from .options import GENERATOR_WIDTHS as WIDTHS
 
@@ -55,6 +54,9 @@ def _conv_geometry(g: nn.Module, image_size: int, num_classes: int, z_dim: int, 
     """Sets the conv generators' shared attributes; returns the width of the label appended to z."""
     if image_size % 4:
         raise MepfError(f"the conv generator needs a size divisible by 4 (got {image_size})")
+    if image_size > CONV_MAX_SIDE:  # its first layer alone would be (image_size / 4)^2 x 2 x width x (z + classes)
+        raise MepfError(f"the conv generators draw up to {CONV_MAX_SIDE} px (got {image_size}); --generator resnet "
+                        "draws larger images")
     g.s0 = image_size // 4
     g.num_classes, g.z_dim, g.width = num_classes, z_dim, width
     return num_classes if num_classes > 1 else 0
@@ -144,20 +146,21 @@ class _UpBlock(nn.Module):
 
 
 class ResNetGenerator(nn.Module):
-    """GFMN-style ResNet generator for 32x32/64x64: 4x4 transposed conv start, one residual up-block
-    per doubling, BN-ReLU-conv3x3 to the output channels, sigmoid."""
+    """GFMN-style ResNet generator: a transposed conv from z to a start x start map (4 x 4 at powers of two; the
+    smallest start of at least 4 whose doublings reach the size, e.g. 6 for 48 and 96 px, 7 for 224 px), one
+    residual up-block per doubling, BN-ReLU-conv3x3 to the output channels, sigmoid."""
 
     def __init__(self, image_size: int, channels: int, num_classes: int, z_dim: int = Z_DIM,
                  width: int = WIDTHS["resnet"]):
         super().__init__()
-        ups = math.log2(image_size / 4)
-        if ups != int(ups) or ups < 1:
-            raise MepfError(f"the resnet generator needs a power-of-two size >= 8 (got {image_size}); --generator conv "
-                            "takes any size divisible by 4")
+        if (geometry := resnet_start(image_size)) is None:
+            raise MepfError(f"the resnet generator draws sizes s x 2^k with 4 <= s <= {RESNET_MAX_START} and k >= 1 "
+                            f"(got {image_size}); --generator conv takes any size divisible by 4 up to {CONV_MAX_SIDE}")
+        start, ups = geometry
         self.num_classes, self.z_dim, self.width = num_classes, z_dim, width
         cond = num_classes if num_classes > 1 else 0
-        self.start = nn.ConvTranspose2d(z_dim + cond, width, 4)
-        self.blocks = nn.Sequential(*[_UpBlock(width, width) for _ in range(int(ups))])
+        self.start = nn.ConvTranspose2d(z_dim + cond, width, start)
+        self.blocks = nn.Sequential(*[_UpBlock(width, width) for _ in range(ups)])
         self.out = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(True), nn.Conv2d(width, channels, 3, padding=1),
                                  nn.Sigmoid())
 
@@ -185,8 +188,9 @@ GENERATORS = {"conv": ConvGenerator, "conv-cbn": ConvCBNGenerator, "resnet": Res
 
 
 def default_generator(image_size: int) -> str:
-    """conv for small images (28/32 px) and sizes no resnet draws (48, 96), resnet for 64, 128, ... px."""
-    return "resnet" if image_size > 32 and image_size & (image_size - 1) == 0 else "conv"
+    """conv for small images (up to 32 px) and sizes no resnet draws (e.g. 68 or 136 px: 17 x 2^k), resnet above
+    32 px wherever it draws (64, 128, ... px, and 48, 96, 224 ...)."""
+    return "resnet" if image_size > 32 and resnet_start(image_size) is not None else "conv"
 
 
 def build_generator(arch: dict) -> nn.Module:

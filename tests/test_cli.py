@@ -151,6 +151,8 @@ BAD = {
                               "random"], "draw square images, not 16x12"),
     "array of 30 px": (lambda t: ["--data", _npz(t, "odd.npz", make_images(5, size=30))],
                        "a side divisible by 4, not 30"),
+    "array of 516 px": (lambda t: ["--data", _npz(t, "big.npz", make_images(2, size=516)), "--backbone", "resnet18",
+                                   "--weights", "random"], "sides above 512 px only as s x 2^k"),  # 4 x 129: conv's
 }
 
 

@@ -383,14 +383,44 @@ def test_every_release_embed_writes_is_one_a_generator_trains_from(tmp_path):
     embed_to_file(ArraySource(tmp_path / "d.npz", None), Transform((48, 48), 1), ex, spec, out=tmp_path / "r48.h5",
                   epsilon=10, delta=1e-3, release_log_path=tmp_path / "l.jsonl", progress=False)
     opts = TrainOptions(release=str(tmp_path / "r48.h5"), out=str(tmp_path / "run"), steps=1, **FAST)
-    assert prepare(opts)[2]["name"] == "conv"
-    with pytest.raises(MepfError, match="needs a power-of-two size >= 8 .got 48.; --generator conv takes"):
-        prepare(dataclasses.replace(opts, generator="resnet"))
+    assert prepare(opts)[2]["name"] == "resnet"  # 6 x 2^3: see test_every_trainable_side_builds_its_generator
+    assert prepare(dataclasses.replace(opts, generator="conv"))[2]["name"] == "conv"
     ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(16, 12), channels=1)
     with pytest.raises(MepfError, match="draw square images, not 16x12: no generator could be trained"):
         embed_to_file(ArraySource(tmp_path / "d.npz", None), Transform((16, 12), 1), ex, spec, out=tmp_path / "r.h5",
                       epsilon=10, delta=1e-3, release_log_path=tmp_path / "l2.jsonl", progress=False)
     assert not (tmp_path / "r.h5").exists() and not (tmp_path / "l2.jsonl").exists()
+
+
+def test_every_trainable_side_builds_its_generator():
+    """resnet drew powers of two only, so `auto` took conv at 224 px (two upsamplings from a 56 x 56 start) and at
+    1020 px (a first layer of about 0.9 x 10^9 weights, review 43 F10). resnet now draws start x 2^k (start 4..15);
+    conv draws up to 512 px; a side neither draws is refused at embed (trainable_geometry_problem)."""
+    from mepf.artifacts.schema import CONV_MAX_SIDE, resnet_start, trainable_geometry_problem
+    from mepf.synthesize.generators import build_generator, default_generator
+
+    for side in range(8, 1025, 4):
+        geometry = resnet_start(side)
+        if geometry is not None:
+            start, ups = geometry
+            assert start * 2 ** ups == side and 4 <= start <= 15 and ups >= 1
+            assert start < 8 or start % 2  # the smallest start: one more doubling would start below 4
+        assert (trainable_geometry_problem(side, side) is None) == (side <= CONV_MAX_SIDE or geometry is not None)
+        if trainable_geometry_problem(side, side) is None and side > 32:
+            assert default_generator(side) == ("conv" if geometry is None else "resnet")
+    assert [resnet_start(s) for s in (8, 64, 1024)] == [(4, 1), (4, 4), (4, 8)]  # committed generators' shapes
+    assert "not 1020" in trainable_geometry_problem(1020, 1020)
+    for side, name in ((12, "resnet"), (48, "resnet"), (96, "resnet"), (144, "resnet"), (224, "resnet"),
+                       (260, "conv"), (28, "conv"), (48, "conv"), (20, "conv-cbn")):
+        g = build_generator({"name": name, "image_size": side, "channels": 3, "num_classes": 2, "z_dim": 100,
+                             "width": 8}).eval()
+        assert g(torch.randn(2, 100), torch.tensor([0, 1])).shape == (2, 3, side, side), (side, name)
+    with pytest.raises(MepfError, match="draw up to 512 px .got 516.; --generator resnet draws larger"):
+        build_generator({"name": "conv", "image_size": 516, "channels": 1, "num_classes": 1, "z_dim": 100,
+                         "width": 8})
+    with pytest.raises(MepfError, match=r"resnet generator draws sizes s x 2\^k .* \(got 68\); --generator conv"):
+        build_generator({"name": "resnet", "image_size": 68, "channels": 1, "num_classes": 1, "z_dim": 100,
+                         "width": 8})
 
 
 def test_class_conditional_norm_generator(release_file, tmp_path):
