@@ -239,8 +239,8 @@ def kept(keep, b: int) -> bool:
 def refuse_untrainable(size) -> None:
     """A once-only release at a geometry no mepf generator draws would spend the budget on nothing: refused."""
     if (problem := trainable_geometry_problem(*size)) is not None:
-        raise MepfError(f"{problem}: no generator could be trained from this release; pass --image-size N with N "
-                        "divisible by 4 (e.g. 28, 32 or 64) to resize the images")
+        raise MepfError(f"{problem}: no generator could be trained from this release; pass --image-size N of a size "
+                        "one draws (e.g. 28, 32, 64 or 256) to resize the images")
 
 
 def declared_geometry(source: Source, image_size, channels) -> tuple:
