@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -69,14 +70,44 @@ def test_an_old_run_samples_the_same_images_and_resumes(tmp_path):
     assert (run / "snapshot-0000006.pt").is_file()
     info = cli("info", run).output
     assert "step 6 of 6 (complete)" in info and "steps 4 -> 6 at step 4" in info and "(conv, width 8," in info
-    # the same weights and moving averages, bit for bit, as ec2b872 resuming the same run (resumed6.json)
-    state = torch.load(run / "snapshot-0000006.pt", weights_only=True)
+    # the same weights and moving averages, bit for bit, as ec2b872 resuming the same run: recorded in resumed6.json
+    # for the CPUs it was run on (float kernels differ by CPU); on another, ec2b872 itself is run here
+    known = json.loads((DATA / "resumed6.json").read_text())
+    got = _state_sha256(run / "snapshot-0000006.pt")
+    if got not in (known["sha256"], known["also"]["sha256"]):
+        assert got == _resumed_by_ec2b872(tmp_path / "old"), "resume departs from ec2b872's on this CPU"
+
+
+def _state_sha256(path) -> str:
+    state = torch.load(path, weights_only=True)
     h = hashlib.sha256()
     for part in ("generator", "mavg"):
         for k, t in sorted(state[part].items()):
             h.update(k.encode())
             h.update(t.contiguous().numpy().tobytes())
-    assert h.hexdigest() == json.loads((DATA / "resumed6.json").read_text())["sha256"]
+    return h.hexdigest()
+
+
+def _resumed_by_ec2b872(work: Path) -> str:
+    """The hash of ec2b872's own resume of the compat run on this machine (its source from this clone's history)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    work.mkdir()
+    src = subprocess.run(["git", "-C", str(repo), "archive", "ec2b872"], capture_output=True)
+    if src.returncode:
+        pytest.skip("no reference for this kind of CPU, and this clone lacks commit ec2b872 to compute one")
+    (work / "src").mkdir()
+    subprocess.run(["tar", "-x", "-C", str(work / "src")], input=src.stdout, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(work / "lib"), str(work / "src")], check=True, capture_output=True)
+    shutil.copytree(DATA / "run", work / "r" / "run")
+    shutil.copy(DATA / "release.h5", work / "r" / "release.h5")
+    subprocess.run([sys.executable, "-m", "mepf", "synthesize", "release.h5", "--resume", "run", "--steps", "6",
+                    "--quiet"], cwd=work / "r", env={**os.environ, "PYTHONPATH": str(work / "lib")}, check=True,
+                   capture_output=True)
+    return _state_sha256(work / "r" / "run" / "snapshot-0000006.pt")
 
 
 @pytest.mark.parametrize("name", ["release.h5", "exact.h5"])
