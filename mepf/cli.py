@@ -648,13 +648,17 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                               snapshot_every=snapshot_every,
                               log_every=log_every, device=device, weights=weights, precision=precision,
                               compile=compile_mode)
-    if dry_run:
+    if dry_run:  # under torchrun: what rank 0 would resolve, printed once (review 44 L4)
         release, _, arch, dev = train.prepare(opts)
+        from mepf.core.launch_env import env_int, several
         from mepf.synthesize.precision import resolve
 
-        click.echo(json.dumps({**asdict(opts), "generator_arch": arch, "device_resolved": str(dev),
-                               "precision_resolved": resolve(opts.precision, dev).to_json(),
-                               "epsilon": release.epsilon, "delta": release.delta}, indent=2, sort_keys=True))
+        ranks = env_int("WORLD_SIZE", 1) if several() else 1
+        if is_main_rank():
+            click.echo(json.dumps({**asdict(opts), "generator_arch": arch, "device_resolved": str(dev),
+                                   "precision_resolved": resolve(opts.precision, dev).to_json(), "ranks": ranks,
+                                   "global_batch": ranks * opts.batch_size, "epsilon": release.epsilon,
+                                   "delta": release.delta}, indent=2, sort_keys=True))
         return
     try:
         t = train.start(opts, progress=not quiet)

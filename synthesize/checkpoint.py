@@ -133,21 +133,21 @@ class TrainedGenerator:
         on_batch(k) is called after each batch of k images (a progress bar)."""
         check_z_scale(z_scale)
         k = self.arch["num_classes"]
-        g = torch.Generator().manual_seed(seed)
-        if labels == "prior":
-            y = torch.multinomial(torch.tensor(self.info["label_prior"]), n, replacement=True, generator=g)
-        elif labels == "balanced":
-            y = torch.arange(n) % k
-        else:
+        if labels not in LABELS:
             raise MepfError(f"labels must be one of {', '.join(LABELS)}")
-        z = torch.randn(n, self.arch["z_dim"], generator=g)
-        if z_scale != 1:
-            z = z * z_scale
         self.module.to(device).eval()
         size, c = self.arch["image_size"], self.arch["channels"]
         # at most 256 MB of float32 images per batch: a small file may declare large images (1024 x 1024 x 3)
         batch_size = min(batch_size, max(1, (1 << 26) // (size * size * c)))
-        try:
+        try:  # the labels and latents too: -n sets their size (review 44 L3)
+            g = torch.Generator().manual_seed(seed)
+            if labels == "prior":
+                y = torch.multinomial(torch.tensor(self.info["label_prior"]), n, replacement=True, generator=g)
+            else:
+                y = torch.arange(n) % k
+            z = torch.randn(n, self.arch["z_dim"], generator=g)
+            if z_scale != 1:
+                z = z * z_scale
             images = np.empty((n, size, size, c), np.uint8)
             for s in range(0, n, batch_size):
                 x = self.module(z[s:s + batch_size].to(device), y[s:s + batch_size].to(device)).float()

@@ -40,10 +40,10 @@ def class_means(feats: torch.Tensor, y: torch.Tensor, k: int, sums_by: str = "in
 def means_of_sums(sums: torch.Tensor, cnt: torch.Tensor):
     """(means (K, D), present mask (K,)) of this rank's per-class sums and counts. Under torchrun both are summed
     over ranks: the value is the mean of every rank's samples, the gradient flows to this rank's own
-    (S + (S_all - S).detach()); with one process it is exactly the local mean."""
+    (S_all + S - S.detach()); with one process it is exactly the local mean."""
     if distributed.current().active:
         total = distributed.all_sum_(torch.cat([sums.detach(), cnt[:, None].to(sums.dtype)], dim=1))
-        sums = sums + (total[:, :-1] - sums.detach())
+        sums = total[:, :-1] + (sums - sums.detach())  # the value bitwise the same on every rank (review 44 H3)
         cnt = total[:, -1]
     return sums / cnt.clamp_min(1)[:, None], cnt > 0
 

@@ -30,6 +30,9 @@ class Precision:
     #: the generator's nearest-upsample -> 3x3 convolutions computed as one stride-2 transposed convolution each
     #: (generators.up_conv: the same function up to rounding, faster); False for runs recorded before it
     upsample_folded: bool = False
+    #: under torchrun, the generator's batch norms normalise over the global batch (global_norm.py), so N ranks of
+    #: B train as one process of N x B; False for runs recorded before it (each rank's batch), so they resume as ran
+    bn_global: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -41,13 +44,14 @@ class Precision:
                 and type(d.get("channels_last")) is bool and type(d.get("fast_paths")) is bool
                 and d.get("class_sums", "matmul") in CLASS_SUMS
                 and type(d.get("bn_folded", False)) is bool and type(d.get("upsample_folded", False)) is bool
+                and type(d.get("bn_global", False)) is bool
                 and (d["fast_paths"] or (d.get("class_sums", "matmul") == "matmul" and not d.get("bn_folded")
                                          and not d.get("upsample_folded")))):
             raise MepfError("the run's options.json holds no valid precision_resolved; the run folder is damaged")
         # a plan recorded before class_sums was chosen summed by the one-hot product, before bn_folded or
         # upsample_folded did not fold
         return cls(d["generator"], d["extractor"], d["channels_last"], d["fast_paths"], d.get("class_sums", "matmul"),
-                   d.get("bn_folded", False), d.get("upsample_folded", False))
+                   d.get("bn_folded", False), d.get("upsample_folded", False), d.get("bn_global", False))
 
     def __str__(self) -> str:
         if self.generator == self.extractor:
@@ -83,7 +87,7 @@ def resolve(precision: str, device: torch.device) -> Precision:
     EfficientNet's depthwise convolutions is slower; fp32 elsewhere.
     Channels-last always: it is faster for both networks on CPU and CUDA alike. Class sums by index_add on CPU, by
     the one-hot product elsewhere. The extractor's batch norms folded into its convolutions, and the generator's
-    upsampling into the convolutions after it."""
+    upsampling into the convolutions after it; its batch norms over the global batch under torchrun."""
     if precision not in PRECISIONS:
         raise MepfError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -91,7 +95,7 @@ def resolve(precision: str, device: torch.device) -> Precision:
     # index_add accumulates with atomics on GPUs (not bit-reproducible), where the product costs little anyway
     sums = "index_add" if device.type == "cpu" else "matmul"
     g, e = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "bf16-generator": ("bf16", "fp32")}[precision]
-    return Precision(g, e, True, True, sums, True, True)
+    return Precision(g, e, True, True, sums, True, True, True)
 
 
 def legacy(precision: str, device: torch.device) -> Precision:

@@ -7,6 +7,7 @@ LOG = "log.txt"
 GENERATOR = "generator.pt"  # the result: architecture, weights, the guarantee it inherits
 SNAPSHOT_GLOB = "snapshot-*.pt"
 SNAPSHOT_NAME = re.compile(r"snapshot-(\d{7})\.pt")  # what snapshot_name writes; any other file is not one
+GRID_NAME = re.compile(r"grid-(\d{7})\.png")  # what grid_name writes
 
 
 #: the most bytes read of a run's options.json and stats.jsonl (a run folder can come from someone else)
@@ -172,6 +173,14 @@ def of_another_run(record: dict, saved: dict) -> str | None:
 
 def snapshot_name(step: int) -> str:
     return f"snapshot-{step:07d}.pt"
+
+
+def grids_past(run, step: int) -> list:
+    """The run's grid PNGs (plain files named as grid_name writes) of steps past `step`."""
+    from pathlib import Path
+
+    return [p for p in Path(run).glob("grid-*.png") if (m := GRID_NAME.fullmatch(p.name)) and int(m.group(1)) > step
+            and p.is_file() and not p.is_symlink()]
 
 
 def grid_name(step: int) -> str:

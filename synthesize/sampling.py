@@ -80,16 +80,26 @@ def _check_out(out: Path, overwrite: bool, npz: bool) -> None:
 _D = SampleOptions  # the defaults, written once there
 
 
-def _behind(run: Path, step) -> int | None:
-    """The step of the run's last snapshot where it is past its generator.pt's and resume would continue from it;
-    None otherwise, or where the folder has no readable options.json (a generator.pt samples without a run)."""
+def _run_note(run: Path, g, path: Path) -> str | None:
+    """What sample says of a run folder's generator: another run's (review 44 M2: sampled without a word, even a
+    non-private one), or one behind a snapshot resume would continue from; None otherwise, or where the folder has
+    no readable options.json (a generator.pt samples without a run)."""
     if not (run / run_folder.OPTIONS).is_file():
         return None
     try:
         saved = run_folder.read_options(run)
     except MepfError:
         return None
-    return resumable_past(run, step, saved)
+    step = g.info.get("step")
+    if (why := run_folder.of_another_run(g.info, saved)) is not None:
+        eps = g.info.get("epsilon")
+        claim = ("NONE: trained on a non-private baseline (eps = inf)" if eps == float("inf")
+                 else f"eps = {eps:.4g} as it says" if isinstance(eps, (int, float)) else "no guarantee it states")
+        return (f"{path} is NOT this run's ({why}); these are samples of that generator ({claim}), not of the "
+                f"run's: `mepf info {run}` says more")
+    if (behind := resumable_past(run, step, saved)) is not None:
+        return f"{run_folder.behind_note(behind, step, 'these are samples')} sample again"
+    return None
 
 
 def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.labels, batch_size: int = _D.batch_size,
@@ -120,10 +130,9 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
                         "evaluates class-conditional sets)")
     _check_out(out, overwrite, npz)
     run = Path(source) if Path(source).is_dir() else Path(source).parent
-    behind = _behind(run, g.info.get("step"))
-    if behind:
-        print(f"note: {run_folder.behind_note(behind, g.info.get('step'), 'these are samples')} sample again",
-              file=sys.stderr)
+    note = _run_note(run, g, Path(source) / run_folder.GENERATOR if Path(source).is_dir() else Path(source))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     create_folder_of(out)
     with progress_bar(total=n, desc="sample", unit="image", disable=not progress, leave=False) as bar:
         images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale,

@@ -9,6 +9,7 @@ import json
 import math
 import secrets
 import shutil
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +31,7 @@ from mepf.progress import progress as progress_bar
 from . import run_folder
 from .checkpoint import load_tensors, save_generator, snapshot_problem
 from .generators import Z_DIM, build_generator, default_generator, fold_upsampling
+from .global_norm import global_batch_norms
 from .grid import save_grid
 from .locate import locate_release
 from .objective import Target, check_weight, fake_embeddings, layer_weight_vector, present, squared_distance
@@ -151,6 +153,8 @@ class Trainer:
             fold_batch_norm(self.fmap)
         if self.precision.upsample_folded:  # the weights are unchanged: G_ema and generator.pt compute as written
             fold_upsampling(self.G)
+        if self.precision.bn_global:  # under torchrun only; G_ema, grids and samples are in eval mode anyway
+            global_batch_norms(self.G)
         if self.precision.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.fmap = self.fmap.to(memory_format=torch.channels_last)
@@ -194,17 +198,27 @@ class Trainer:
         if ranks is not None and len(ranks) == self.ranks.world:
             self.rng.set_state(ranks[self.ranks.rank])
         elif self.ranks.main:
-            self.rng.set_state(s["rng"])  # other ranks keep fresh streams when the number of ranks changed
+            self.rng.set_state(s["rng"])
+        else:  # the number of ranks changed: a stream of this rank and step, none drawn from before (review 44 H4)
+            self.rng.manual_seed((self.opts.seed + 1 + 7919 * self.ranks.rank + 104_729 * (self.step + 1)) % (1 << 63))
         torch.set_rng_state(s["torch_rng"])
         if s["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda_rng"])
 
     # ---------------------------------------------------------------- training
     def sample_labels(self, b: int) -> torch.Tensor:
+        """This rank's b training labels: class-balanced over the global batch, or drawn from the noisy prior."""
         k = self.arch["num_classes"]
         if self.opts.labels == "prior":
             return torch.multinomial(self.target.prior, b, replacement=True, generator=self.rng)
-        return (torch.arange(b) % k)[torch.randperm(b, generator=self.rng)]
+        if b % k == 0:  # every class b / k times, on every rank
+            return (torch.arange(b) % k)[torch.randperm(b, generator=self.rng)]
+        # the batch held classes 0 .. b-1 on every step, so a batch below K never trained the others (review 44 H1):
+        # the global batch's classes run on from a start drawn each step, the same on every rank (from the seed and
+        # the step: nothing to snapshot), each rank taking the next b; every class equally often on average
+        start = int(torch.randint(k, (1,), generator=torch.Generator().manual_seed(
+            (self.opts.seed * 1_000_003 + self.step) % (1 << 63))))
+        return ((torch.arange(b) + start + self.ranks.rank * b) % k)[torch.randperm(b, generator=self.rng)]
 
     def train_step(self) -> dict:
         """One step; returns its statistics as detached 0-dim tensors (read them only when logging: reading
@@ -259,15 +273,16 @@ class Trainer:
     @torch.no_grad()
     def sync_replicas(self):
         """Under torchrun: every rank's loss is the global objective's share of its own samples, so the
-        gradients are summed over ranks; BN statistics (per-rank batches) are averaged. Each rank then takes
-        the same step and the replicas stay equal."""
+        gradients are summed over ranks. Batch norms over the global batch leave every rank the same running
+        statistics; a run recorded before them (per-rank batches) averages them. Each rank then takes the same step
+        and the replicas stay equal."""
         if not self.ranks.active:
             return
         params = [p for p in self.G.parameters() if p.grad is not None]
         flat = distributed.all_sum_(torch.cat([p.grad.reshape(-1) for p in params]))
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p.grad))
-        bufs = [b for b in self.G.buffers() if b.is_floating_point()]
+        bufs = [b for b in self.G.buffers() if b.is_floating_point()] if not self.precision.bn_global else []
         if bufs:
             flat = distributed.all_sum_(torch.cat([b.reshape(-1) for b in bufs])) / self.ranks.world
             for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
@@ -322,6 +337,17 @@ class Trainer:
             with contextlib.suppress(OSError):  # one that cannot be removed is left: the newest two are what counts
                 old.unlink()
 
+    def agreed_stop(self, hits: list) -> int | None:
+        """The signal to stop on at this step boundary, or None: this process's first Ctrl-C or SIGTERM; under
+        torchrun any rank's, agreed by all (one small all-reduce per step, on the CPU), so that every rank stops at
+        the same step and they write its snapshot together (review 44 M1: each rank stopped at once, mid-step)."""
+        if not self.ranks.active:
+            return hits[0] if hits else None
+        seen = distributed.all_sum_(torch.tensor([hits.count(signal.SIGINT), hits.count(signal.SIGTERM)]))
+        if not bool(seen.any()):
+            return None
+        return signal.SIGTERM if int(seen[1]) else signal.SIGINT
+
     def stop(self, signum: int, log) -> None:
         """Ctrl-C or SIGTERM, taken between two steps: a snapshot of this step (so --resume continues exactly),
         then Interrupted with how far the run got and the command that goes on."""
@@ -360,10 +386,10 @@ class Trainer:
         t_start, compiled = t_last, None
         with (progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
                            disable=not (progress and main)) as bar,
-              deferred_interrupts(not self.ranks.active, AGAIN) as hits):
+              deferred_interrupts(True, None if self.ranks.active else AGAIN) as hits):
             while self.step < o.steps:
-                if hits:
-                    self.stop(hits[0], log)
+                if signum := self.agreed_stop(hits):
+                    self.stop(signum, log)
                 stats = self.train_step()
                 bar.update(1)
                 if main and (self.step % o.log_every == 0 or self.step == o.steps):
@@ -420,16 +446,34 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
         write_text_atomic(run / run_folder.OPTIONS, json.dumps(resolved, indent=2, sort_keys=True))
 
     distributed.on_main(create)
-    try:
+    with _resumable_when_interrupted(run, "was made"):
         trainer = Trainer(opts, release, fmap, arch, device, precision)
         trainer.run_id = run_id
         trainer.fit(progress)
-    except KeyboardInterrupt as e:  # one outside the steps (set-up, the last save): the folder exists, so resume it
+    return trainer
+
+
+@contextlib.contextmanager
+def _resumable_when_interrupted(run: Path, what: str):
+    """Ctrl-C or SIGTERM outside the steps (set-up, the last save), or a peer lost under torchrun (a rank killed, a
+    node down: torch's own traceback on every other rank, review 44 L2): the folder exists, so the message says to
+    resume it."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
         if isinstance(e, Interrupted):
             raise
-        raise Interrupted(f"interrupted; the run folder {run} was made: continue from its last snapshot (or its "
-                          f"start) with: mepf synthesize --resume {run}", getattr(e, "signum", None)) from None
-    return trainer
+        raise Interrupted(f"interrupted; the run folder {run} {what}: continue from its last snapshot (or its start) "
+                          f"with: mepf synthesize --resume {run}", getattr(e, "signum", None)) from None
+    except RuntimeError as e:
+        ranks = distributed.current()
+        lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
+            w in str(e) for w in ("gloo", "NCCL", "Connection reset", "Connection closed"))
+        if not (ranks.active and lost):
+            raise
+        raise MepfError(f"rank {ranks.rank} lost its peers ({type(e).__name__}): another rank stopped or its node "
+                        f"failed, and its own output says why; the run folder {run} {what}: continue from its last "
+                        f"snapshot with: mepf synthesize --resume {run}") from None
 
 
 #: options that may change when a run resumes: they take effect from the resumed step (recorded in options.json)
@@ -620,12 +664,16 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     for group in trainer.opt_m.param_groups:  # the snapshot's optimiser state carries the old rate
         group["lr"] = opts.lr_mavg
 
+    # another number of ranks is another global batch (ranks x --batch-size) from here on: recorded as a change
+    moved = {"ranks": trainer.ranks.world} if saved.get("ranks", 1) != trainer.ranks.world else {}
+
     def record():  # options.json: the values now in force, and what changed at which step
-        if not differ:
+        changed = {**differ, **moved}
+        if not changed:
             return
         log = list(saved.get("changes", []))
-        log += [{"step": step, "option": k, "from": saved.get(k), "to": v} for k, v in sorted(differ.items())]
-        updated = {**saved, **differ, "release": str(Path(found).resolve()), "changes": log}
+        log += [{"step": step, "option": k, "from": saved.get(k), "to": v} for k, v in sorted(changed.items())]
+        updated = {**saved, **changed, "release": str(Path(found).resolve()), "changes": log}
         write_text_atomic(run / run_folder.OPTIONS, json.dumps(updated, indent=2, sort_keys=True))
 
     def trim_stats():  # drop records past the snapshot: they will be written again
@@ -635,6 +683,12 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
             write_text_atomic(stats, "".join(line + "\n" for line in keep))
 
     distributed.on_main(record)
+    def trim_grids():  # grids past the snapshot show a generator the run no longer has (review 44 L1)
+        for p in run_folder.grids_past(run, trainer.step):
+            p.unlink()
+
     distributed.on_main(trim_stats)
-    trainer.fit(progress)
+    distributed.on_main(trim_grids)
+    with _resumable_when_interrupted(run, "holds its snapshots"):
+        trainer.fit(progress)
     return trainer

@@ -341,11 +341,16 @@ def test_a_snapshot_of_another_run_is_not_resumed(copied, base_run, tmp_path):
     torch.save(ours, copied / "snapshot-0000003.pt")  # this run's, but past the steps options.json records
     one_line_refusal(resume(copied, steps=4), "not of this run", "past the run's --steps 2")
     (copied / "snapshot-0000003.pt").unlink()
+    for name in ("grid-0000001.png", "grid-0000009.png"):  # a grid past the snapshot stayed (review 44 L1)
+        (copied / name).write_bytes(b"drawn")
     assert resume(copied, steps=4).exit_code == 0
+    assert (copied / "grid-0000001.png").read_bytes() == b"drawn" and not (copied / "grid-0000009.png").exists()
     g = torch.load(copied / "generator.pt", weights_only=True)
     assert g["step"] == 4 and g["run_id"] == json.loads((copied / "options.json").read_text())["run_id"]
     ours = torch.load(copied / "generator.pt", weights_only=True)
     shutil.copy(sibling / "generator.pt", copied / "generator.pt")  # the same release, another run
+    r = cli("sample", copied, "-n", "4", "--out", tmp_path / "other.npz")  # sampled without a word (review 44 M2)
+    assert r.exit_code == 0 and "generator.pt is NOT this run's (it is another run's, by its run id)" in r.stderr
     one_line_refusal(evaluate(copied, base_run / "d.npz", tmp_path / "rep"), "not trained by this run", "run id")
     assert "NOT this run's" in cli("info", copied).output
     g = torch.load(sibling / "generator.pt", weights_only=True)

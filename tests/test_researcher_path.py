@@ -336,6 +336,10 @@ def test_an_interrupt_before_the_first_step_says_to_resume_the_folder_it_made(st
         f"{run}" in r.stderr, r.stderr
     monkeypatch.undo()
     assert "step 3" in ok(cli("synthesize", "--resume", run, "--quiet")).output
+    monkeypatch.setattr(train, "keep_freed_memory", ctrl_c)  # in a resumed run's fit: it said "before training
+    r = cli("synthesize", "--resume", run, "--steps", "4", "--quiet")  # began" (under torchrun, mid-step: review 44)
+    assert r.exit_code == 130 and "before training began" not in r.stderr, r.stderr
+    assert f"continue from its last snapshot (or its start) with: mepf synthesize --resume {run}" in r.stderr
 
 
 # --------------------------------------------------------------------------- 10, 11, 12. messages, reports, help

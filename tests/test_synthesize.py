@@ -22,7 +22,7 @@ from mepf.embed.release import accumulate, embed_to_file
 from mepf.embed.transform import Transform
 from mepf.synthesize import load_generator
 from mepf.synthesize.objective import Target, embedding_distance
-from mepf.synthesize.train import TrainOptions, prepare, resume, start
+from mepf.synthesize.train import Trainer, TrainOptions, prepare, resume, start
 from tests.conftest import Payload, fails_if_blocked
 
 FAST = {"width": 32, "batch_size": 40, "grid_every": 0, "snapshot_every": 0, "log_every": 5, "device": "cpu"}
@@ -719,3 +719,38 @@ def test_options_given_in_python_may_be_numpy_numbers(release_file, tmp_path):
         resume(tmp_path / "w", changes={"lr": float("nan")}, steps=4, progress=False)
     for bad in ({"lr": True}, {"steps": 2.0}, {"steps": True}, {"lr": "1e-3"}, {"lr": float("nan")}):
         assert options_problem(TrainOptions(release="r", out="o", **{**FAST, **bad})) is not None, bad
+
+
+def test_balanced_labels_cover_every_class_at_any_batch_size(release_file, tmp_path):
+    """Each batch held classes 0 .. b-1 (shuffled): at --batch-size 4 on 10 classes, 6 were never trained, and at
+    14 classes 0-3 were drawn twice as often, on every step and rank, without a word (review 44 H1). A batch that
+    is a multiple of K is drawn as before (so runs resume as they ran); others start each step at a class drawn from
+    the seed and the step, ranks taking the next b each, so the global batch is balanced and no class left out."""
+    from mepf.core.distributed import Ranks
+
+    opts = TrainOptions(release=str(release_file), out=str(tmp_path / "run"), **FAST)
+    t = Trainer(opts, *prepare(opts))
+    for b in (4, 14):
+        counts = torch.zeros(10)
+        for step in range(500):
+            t.step = step
+            counts += torch.bincount(t.sample_labels(b), minlength=10)
+        assert counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean(), (b, counts)
+    t.step = 7
+    ranks = []
+    for r in range(3):  # three ranks of 4: one global batch of 12 from one start, each class at least once
+        t.ranks = Ranks(rank=r, world=3)
+        ranks.append(t.sample_labels(4))
+    assert sorted(torch.bincount(torch.cat(ranks), minlength=10).tolist()) == [1] * 8 + [2] * 2
+    t.ranks = Ranks()
+    t.rng.manual_seed(opts.seed + 1)
+    g = torch.Generator().manual_seed(opts.seed + 1)
+    assert torch.equal(t.sample_labels(20), (torch.arange(20) % 10)[torch.randperm(20, generator=g)])
+
+
+def test_sampling_more_images_than_memory_holds_is_one_line(release_file, tmp_path):
+    """-n sets the size of the labels and latents, drawn before the out-of-memory guard: a traceback (review 44 L3)."""
+    t = start(TrainOptions(release=str(release_file), out=str(tmp_path / "run"), steps=1, **FAST), progress=False)
+    with pytest.raises(MepfError, match="do not fit in this machine's memory"):
+        load_generator(tmp_path / "run").sample(10 ** 12)
+    assert t.step == 1
