@@ -538,7 +538,8 @@ def _named_weights(example: str):
               "--compile given again take effect from the resumed step (recorded in options.json); others must equal "
               "the run's. FILE, if given, is the release wherever it is now (checked by SHA-256).")
 @click.option("--generator", type=_choices(so.GENERATOR_NAMES, "auto"), default=_td("generator"),
-              help="auto: conv up to 32 px, resnet above; conv-cbn: conv with class-conditional batch norm.")
+              help="auto: conv up to 32 px, resnet above wherever it draws (s x 2^k, 4 <= s <= 15), else conv; "
+                   "conv-cbn: conv with class-conditional batch norm.")
 @click.option("--width", type=click.IntRange(0, 4096), default=_td("width"), show_default=False,
               help="Generator width; 0: the generator's own.  [default: 0 = "
               + ", ".join(f"{w} for {g}" for g, w in so.GENERATOR_WIDTHS.items()) + "]")
@@ -617,13 +618,25 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
 
                 notes = {"class_sums": "resume sums by the one-hot product, as the run did",
                          "bn_folded": "resume keeps the extractor's batch norms unfolded, as the run did",
-                         "upsample_folded": "resume upsamples, then convolves, as the run did"}
+                         "upsample_folded": "resume upsamples, then convolves, as the run did",
+                         "bn_global": "under torchrun the generator's batch norms see each rank's batch, as the run's "
+                                      "did",
+                         "labels_rotated": "balanced labels at a batch not a multiple of K are classes 0 .. b-1, as "
+                                           "the run drew them"}
                 missing = [k for k in notes if k not in saved["precision_resolved"]]
                 if missing:
                     saved["precision_resolved"] = Precision.from_json(saved["precision_resolved"]).to_json()
                     saved["precision_resolved_note"] = "; ".join(
                         f"{k} is not in options.json (a plan recorded before it): {notes[k]}" for k in missing)
-            click.echo(json.dumps(saved, indent=2, sort_keys=True))
+            from mepf.core.launch_env import env_int, several
+
+            ranks = env_int("WORLD_SIZE", 1) if several() else 1
+            if ranks != saved.get("ranks", 1):  # another global batch from the resumed step (review 45)
+                saved["resume_changes"]["ranks"] = {"from": saved.get("ranks", 1), "to": ranks}
+            saved.update(ranks=ranks, global_batch=ranks * saved["batch_size"] if type(saved.get("batch_size")) is int
+                         else None)
+            if is_main_rank():  # under torchrun: printed once
+                click.echo(json.dumps(saved, indent=2, sort_keys=True))
             return
         try:
             t = train.resume(resume, given, release=file, progress=not quiet)

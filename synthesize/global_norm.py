@@ -28,7 +28,7 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     dims = [0] + list(range(2, x.dim()))
     view = (1, c) + (1,) * (x.dim() - 2)
     xf = x.float()
-    shift = bn.running_mean.detach().float().view(view)  # equal on every rank: sums about it lose fewer digits
+    shift = bn.running_mean.detach().float().clone().view(view)  # equal on every rank; a copy: updated below
     d = xf - shift
     count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
     total = _AllSum.apply(torch.cat([d.sum(dims), (d * d).sum(dims), count]))

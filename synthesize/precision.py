@@ -33,6 +33,9 @@ class Precision:
     #: under torchrun, the generator's batch norms normalise over the global batch (global_norm.py), so N ranks of
     #: B train as one process of N x B; False for runs recorded before it (each rank's batch), so they resume as ran
     bn_global: bool = False
+    #: balanced labels at a batch that is not a multiple of K start at a class drawn each step (train.sample_labels);
+    #: False for runs recorded before it (classes 0 .. b-1 on every step), so they resume as they ran
+    labels_rotated: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,14 +47,15 @@ class Precision:
                 and type(d.get("channels_last")) is bool and type(d.get("fast_paths")) is bool
                 and d.get("class_sums", "matmul") in CLASS_SUMS
                 and type(d.get("bn_folded", False)) is bool and type(d.get("upsample_folded", False)) is bool
-                and type(d.get("bn_global", False)) is bool
+                and type(d.get("bn_global", False)) is bool and type(d.get("labels_rotated", False)) is bool
                 and (d["fast_paths"] or (d.get("class_sums", "matmul") == "matmul" and not d.get("bn_folded")
                                          and not d.get("upsample_folded")))):
             raise MepfError("the run's options.json holds no valid precision_resolved; the run folder is damaged")
         # a plan recorded before class_sums was chosen summed by the one-hot product, before bn_folded or
         # upsample_folded did not fold
         return cls(d["generator"], d["extractor"], d["channels_last"], d["fast_paths"], d.get("class_sums", "matmul"),
-                   d.get("bn_folded", False), d.get("upsample_folded", False), d.get("bn_global", False))
+                   d.get("bn_folded", False), d.get("upsample_folded", False), d.get("bn_global", False),
+                   d.get("labels_rotated", False))
 
     def __str__(self) -> str:
         if self.generator == self.extractor:
@@ -95,7 +99,7 @@ def resolve(precision: str, device: torch.device) -> Precision:
     # index_add accumulates with atomics on GPUs (not bit-reproducible), where the product costs little anyway
     sums = "index_add" if device.type == "cpu" else "matmul"
     g, e = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "bf16-generator": ("bf16", "fp32")}[precision]
-    return Precision(g, e, True, True, sums, True, True, True)
+    return Precision(g, e, True, True, sums, True, True, True, True)
 
 
 def legacy(precision: str, device: torch.device) -> Precision:

@@ -30,7 +30,7 @@ from mepf.progress import progress as progress_bar
 
 from . import run_folder
 from .checkpoint import load_tensors, save_generator, snapshot_problem
-from .generators import Z_DIM, build_generator, default_generator, fold_upsampling
+from .generators import GENERATORS, Z_DIM, build_generator, default_generator, fold_upsampling
 from .global_norm import global_batch_norms
 from .grid import save_grid
 from .locate import locate_release
@@ -211,7 +211,7 @@ class Trainer:
         k = self.arch["num_classes"]
         if self.opts.labels == "prior":
             return torch.multinomial(self.target.prior, b, replacement=True, generator=self.rng)
-        if b % k == 0:  # every class b / k times, on every rank
+        if b % k == 0 or not self.precision.labels_rotated:  # every class b / k times; or as a run recorded before
             return (torch.arange(b) % k)[torch.randperm(b, generator=self.rng)]
         # the batch held classes 0 .. b-1 on every step, so a batch below K never trained the others (review 44 H1):
         # the global batch's classes run on from a start drawn each step, the same on every rank (from the seed and
@@ -471,9 +471,10 @@ def _resumable_when_interrupted(run: Path, what: str):
             w in str(e) for w in ("gloo", "NCCL", "Connection reset", "Connection closed"))
         if not (ranks.active and lost):
             raise
-        raise MepfError(f"rank {ranks.rank} lost its peers ({type(e).__name__}): another rank stopped or its node "
-                        f"failed, and its own output says why; the run folder {run} {what}: continue from its last "
-                        f"snapshot with: mepf synthesize --resume {run}") from None
+        said = " ".join(str(e).split())[:160]
+        raise MepfError(f"rank {ranks.rank}'s collective failed ({type(e).__name__}: {said}): another rank stopped or "
+                        f"its node failed, or this rank's own device (the words above say which); the run folder {run} "
+                        f"{what}: continue from its last snapshot with: mepf synthesize --resume {run}") from None
 
 
 #: options that may change when a run resumes: they take effect from the resumed step (recorded in options.json)
@@ -619,6 +620,9 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     found = locate_release(saved["release_sha256"], run, saved.get("release"), release, size=size)
     opts.release = str(found)
+    recorded = saved.get("generator_arch")
+    if opts.generator == "auto" and isinstance(recorded, dict) and recorded.get("name") in GENERATORS:
+        opts.generator = recorded["name"]  # auto as it resolved when the run started: its choice may differ since
     for k in ("device", "weights", "compile"):  # the trainer is built with them
         if k in differ:
             setattr(opts, k, differ[k])

@@ -107,6 +107,10 @@ def test_two_rank_training_writes_one_run_that_resumes_and_samples(tmp_path, rel
     images, labels = load_generator(run).sample(6, seed=1)
     assert images.shape == (6, 28, 28, 1) and list(labels) == [0, 1, 2, 0, 1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    shown = json.loads(mepf("synthesize", "--resume", run, "--dry-run", ranks=2).stdout)  # once (review 45)
+    assert shown["ranks"] == 2 and shown["global_batch"] == 20 and "ranks" not in shown["resume_changes"]
+    shown = json.loads(mepf("synthesize", "--resume", run, "--dry-run").stdout)
+    assert shown["resume_changes"]["ranks"] == {"from": 2, "to": 1} and shown["global_batch"] == 10
     r = mepf("synthesize", "--resume", run, "--steps", "9", "--quiet")  # one process: half the global batch
     assert r.returncode == 0, r.stderr
     options = json.loads((run / "options.json").read_text())  # said nothing of it (review 44 H4)
@@ -204,7 +208,8 @@ def test_a_rank_killed_leaves_the_others_one_line_and_a_folder_that_resumes(tmp_
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
     _, err = p.communicate(timeout=120)
-    assert "lost its peers" in err and f"mepf synthesize --resume {run}" in err and "pair.cc" not in err, err
+    assert "collective failed" in err and f"mepf synthesize --resume {run}" in err, err
+    assert not any(line.startswith(("[rank0]: Traceback", "[rank1]: Traceback")) for line in err.splitlines()), err
     r = mepf("synthesize", "--resume", run, "--steps", str(run_folder.snapshots(run)[-1][0] + 2), "--quiet")
     assert r.returncode == 0, r.stderr
 
@@ -249,6 +254,11 @@ def _generator_grads(rank, world, store, out, release):
                         precision="fp32", objective="plain")
     t = Trainer(opts, *prepare(opts))
     g = torch.Generator().manual_seed(123)
+    with torch.no_grad():  # running statistics as after some steps (the update read a buffer it had scaled: review 45)
+        for m in t.G.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     z, y = torch.randn(20, 100, generator=g), torch.arange(20) % 3
     part = slice(rank * 20 // world, (rank + 1) * 20 // world)
     x = t.g_train(z[part], y[part])

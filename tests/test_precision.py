@@ -33,18 +33,19 @@ def release(tmp_path):
 def test_auto_resolves_by_hardware(monkeypatch):
     # the generator's batch norms over the global batch under torchrun, in every new plan (review 44 H2)
     # a bf16 extractor did not train as well on the proxy (docs/results.md): auto keeps it fp32, on CUDA too
-    assert resolve("auto", CUDA) == Precision("bf16", "fp32", True, True, "matmul", True, True, True)
+    assert resolve("auto", CUDA) == Precision("bf16", "fp32", True, True, "matmul", True, True, True, True)
     monkeypatch.setattr(prec, "native_bf16", lambda device: True)
-    assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add", True, True, True)
+    assert resolve("auto", CPU) == Precision("bf16", "fp32", True, True, "index_add", True, True, True, True)
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)
     assert resolve("auto", CPU) == Precision("fp32", "fp32", True, bn_folded=True, upsample_folded=True,
-                                                bn_global=True)
-    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True, True, "matmul", True, True, True)
+                                                bn_global=True, labels_rotated=True)
+    assert resolve("auto", torch.device("mps")) == Precision("fp32", "fp32", True, True, "matmul", True, True, True,
+                                                             True)
     for device in (CPU, CUDA):  # an explicit choice is taken as given; class sums by device (CUDA: no atomics)
         sums = "matmul" if device.type == "cuda" else "index_add"
-        assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums, True, True, True)
-        assert resolve("bf16", device) == Precision("bf16", "bf16", True, True, sums, True, True, True)
-        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True, True, sums, True, True, True)
+        assert resolve("fp32", device) == Precision("fp32", "fp32", True, True, sums, True, True, True, True)
+        assert resolve("bf16", device) == Precision("bf16", "bf16", True, True, sums, True, True, True, True)
+        assert resolve("bf16-generator", device) == Precision("bf16", "fp32", True, True, sums, True, True, True, True)
     with pytest.raises(MepfError, match="--precision must be one of"):
         resolve("fp16", CPU)
 
@@ -60,7 +61,8 @@ def test_plan_round_trips_and_a_damaged_one_is_refused():
               Precision("bf16", "bf16", True, True, "matmul"), Precision("bf16", "fp32", True, True, "fused"),
               Precision("fp32", "fp32", True, True, "index_add", True),
               Precision("bf16", "fp32", True, True, "index_add", True, True),
-              Precision("bf16", "fp32", True, True, "index_add", True, True, True)):
+              Precision("bf16", "fp32", True, True, "index_add", True, True, True),
+              Precision("bf16", "fp32", True, True, "index_add", True, True, True, True)):
         assert Precision.from_json(json.loads(json.dumps(p.to_json()))) == p
     # a plan recorded before class_sums existed summed by the one-hot product, and resumes so
     old = {"generator": "bf16", "extractor": "fp32", "channels_last": True, "fast_paths": True}
@@ -68,6 +70,7 @@ def test_plan_round_trips_and_a_damaged_one_is_refused():
     assert not Precision.from_json(old).bn_folded  # and, before bn_folded, did not fold
     assert not Precision.from_json(old).upsample_folded
     assert not Precision.from_json(old).bn_global  # and, before bn_global, normalised each rank's batch
+    assert not Precision.from_json(old).labels_rotated
     for bad in (None, [], {"generator": "fp16", "extractor": "fp32", "channels_last": True},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": 1}, {"generator": "bf16"},
                 {"generator": "bf16", "extractor": "fp32", "channels_last": True},  # no fast_paths
@@ -77,6 +80,7 @@ def test_plan_round_trips_and_a_damaged_one_is_refused():
                 {**old, "bn_folded": 1}, {**old, "bn_folded": None},
                 {**old, "fast_paths": False, "class_sums": "matmul", "bn_folded": True},
                 {**old, "upsample_folded": 1}, {**old, "upsample_folded": "true"}, {**old, "bn_global": 1},
+                {**old, "labels_rotated": 0},
                 {**old, "fast_paths": False, "class_sums": "matmul", "upsample_folded": True}):
         with pytest.raises(MepfError, match="precision_resolved"):
             Precision.from_json(bad)
@@ -90,10 +94,12 @@ def test_a_run_records_its_plan_and_resumes_under_it(release, tmp_path, monkeypa
     assert saved["precision"] == "auto"
     assert saved["precision_resolved"] == {"generator": "bf16", "extractor": "fp32", "channels_last": True,
                                           "fast_paths": True, "class_sums": "index_add", "bn_folded": True,
-                                          "upsample_folded": True, "bn_global": True}
+                                          "upsample_folded": True, "bn_global": True,
+                                          "labels_rotated": True}
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)  # e.g. resumed on another machine
     assert resume(run, steps=10, progress=False).precision == Precision("bf16", "fp32", True, bn_folded=True,
-                                                                        upsample_folded=True, bn_global=True)
+                                                                        upsample_folded=True, bn_global=True,
+                                                                        labels_rotated=True)
     for bad in ({"generator": "x"}, None):
         (run / "options.json").write_text(json.dumps({**saved, "precision_resolved": bad}))
         with pytest.raises(MepfError, match="no valid precision_resolved"):
@@ -142,7 +148,8 @@ def test_dry_run_shows_the_plan(release, tmp_path):
     assert json.loads(r.output)["precision_resolved"] == {"generator": "bf16", "extractor": "fp32",
                                                            "channels_last": True, "fast_paths": True,
                                                            "class_sums": "index_add", "bn_folded": True,
-                                                           "upsample_folded": True, "bn_global": True}
+                                                           "upsample_folded": True, "bn_global": True,
+                                          "labels_rotated": True}
 
 
 def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
@@ -159,7 +166,8 @@ def test_resume_dry_run_shows_the_legacy_plan_of_a_run_from_before_it(tmp_path):
     shown = json.loads(r.output)
     assert shown["precision_resolved"] == {"generator": "fp32", "extractor": "fp32", "channels_last": False,
                                            "fast_paths": False, "class_sums": "matmul", "bn_folded": False,
-                                           "upsample_folded": False, "bn_global": False}
+                                           "upsample_folded": False, "bn_global": False,
+                                           "labels_rotated": False}
     assert "before the plan" in shown["precision_resolved_note"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 

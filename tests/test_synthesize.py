@@ -385,6 +385,10 @@ def test_every_release_embed_writes_is_one_a_generator_trains_from(tmp_path):
     opts = TrainOptions(release=str(tmp_path / "r48.h5"), out=str(tmp_path / "run"), steps=1, **FAST)
     assert prepare(opts)[2]["name"] == "resnet"  # 6 x 2^3: see test_every_trainable_side_builds_its_generator
     assert prepare(dataclasses.replace(opts, generator="conv"))[2]["name"] == "conv"
+    start(dataclasses.replace(opts, generator="conv"), progress=False)  # as auto resolved at 48 px before 6a122d9
+    saved = json.loads((tmp_path / "run" / "options.json").read_text())
+    (tmp_path / "run" / "options.json").write_text(json.dumps({**saved, "generator": "auto"}))
+    assert resume(tmp_path / "run", steps=2, progress=False).arch["name"] == "conv"  # not re-resolved (review 45)
     ex, spec = build_feature_map("resnet18", "random", ["pixels"], image_size=(16, 12), channels=1)
     with pytest.raises(MepfError, match="draw square images, not 16x12: no generator could be trained"):
         embed_to_file(ArraySource(tmp_path / "d.npz", None), Transform((16, 12), 1), ex, spec, out=tmp_path / "r.h5",
@@ -743,6 +747,8 @@ def test_balanced_labels_cover_every_class_at_any_batch_size(release_file, tmp_p
         ranks.append(t.sample_labels(4))
     assert sorted(torch.bincount(torch.cat(ranks), minlength=10).tolist()) == [1] * 8 + [2] * 2
     t.ranks = Ranks()
+    t.precision = dataclasses.replace(t.precision, labels_rotated=False)  # a run recorded before: as it drew them
+    assert set(t.sample_labels(4).tolist()) == {0, 1, 2, 3}
     t.rng.manual_seed(opts.seed + 1)
     g = torch.Generator().manual_seed(opts.seed + 1)
     assert torch.equal(t.sample_labels(20), (torch.arange(20) % 10)[torch.randperm(20, generator=g)])
