@@ -628,9 +628,9 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                     saved["precision_resolved"] = Precision.from_json(saved["precision_resolved"]).to_json()
                     saved["precision_resolved_note"] = "; ".join(
                         f"{k} is not in options.json (a plan recorded before it): {notes[k]}" for k in missing)
-            from mepf.core.launch_env import env_int, several
+            from mepf.core.launch_env import world
 
-            ranks = env_int("WORLD_SIZE", 1) if several() else 1
+            ranks = world()
             if ranks != saved.get("ranks", 1):  # another global batch from the resumed step (review 45)
                 saved["resume_changes"]["ranks"] = {"from": saved.get("ranks", 1), "to": ranks}
             saved.update(ranks=ranks, global_batch=ranks * saved["batch_size"] if type(saved.get("batch_size")) is int
@@ -663,10 +663,10 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
                               compile=compile_mode)
     if dry_run:  # under torchrun: what rank 0 would resolve, printed once (review 44 L4)
         release, _, arch, dev = train.prepare(opts)
-        from mepf.core.launch_env import env_int, several
+        from mepf.core.launch_env import world
         from mepf.synthesize.precision import resolve
 
-        ranks = env_int("WORLD_SIZE", 1) if several() else 1
+        ranks = world()
         if is_main_rank():
             click.echo(json.dumps({**asdict(opts), "generator_arch": arch, "device_resolved": str(dev),
                                    "precision_resolved": resolve(opts.precision, dev).to_json(), "ranks": ranks,

@@ -129,8 +129,8 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         raise MepfError("--format dpimagebench needs a generator trained on a labelled release (DPImageBench "
                         "evaluates class-conditional sets)")
     _check_out(out, overwrite, npz)
-    run = Path(source) if Path(source).is_dir() else Path(source).parent
-    note = _run_note(run, g, Path(source) / run_folder.GENERATOR if Path(source).is_dir() else Path(source))
+    path = Path(source) / run_folder.GENERATOR if Path(source).is_dir() else Path(source)
+    note = _run_note(path.parent, g, path)
     if note:
         print(f"note: {note}", file=sys.stderr)
     create_folder_of(out)

@@ -52,7 +52,12 @@ def several() -> bool:
     """launched(), never raising: where only who prints is asked (a bad WORLD_SIZE is one process's error, which
     that process prints). Only then do RANK and LOCAL_RANK say anything: a shell that happens to export RANK=3
     must not silence a lone process."""
-    return env_int("WORLD_SIZE", 1) > 1
+    return world() > 1
+
+
+def world() -> int:
+    """The number of processes the launcher says run (WORLD_SIZE), never raising: 1 where it says none or one."""
+    return max(env_int("WORLD_SIZE", 1), 1)
 
 
 def is_main_rank() -> bool:
