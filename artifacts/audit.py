@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .accounting import autodp_eps, eps_for_delta, gdp_mu
+from . import guarantee
+from .accounting import eps_for_delta
 from .errors import MepfError
-from .format import moments_match, printable, read_raw, recompute_checksum
-from .ledger import RELATIONS, SENSITIVITY_RULES
+from .format import printable, read_raw, recompute_checksum
+from .ledger import RELATIONS
 
-REL_TOL = 1e-6
 #: false-alarm probability of the noise check for a genuine file (all rows and moments together)
 NOISE_ALPHA = 1e-9
 
@@ -44,10 +44,6 @@ class AuditReport:
                            for n, o, d in self.checks]}
 
 
-def _close(a: float, b: float, tol: float = REL_TOL) -> bool:
-    return abs(a - b) <= tol * max(abs(a), abs(b))
-
-
 def audit(path) -> AuditReport:
     """Run every check; never raises for an inconsistent file (the report says what failed)."""
     release = read_raw(path)  # unreadable or foreign files raise MepfError
@@ -77,59 +73,20 @@ def _check_ledger(release, rep: AuditReport, noise: bool = True) -> None:
     relation = led["relation"]
     if not rep.check("relation", relation in RELATIONS, f"relation {relation!r}"):
         return
-    c1, c2 = spec.C1, spec.C2
+    results, values = guarantee.checks(release, autodp=True)
+    for name, ok, detail in results:
+        rep.check(name, ok, detail)
     releases = led["releases"]
     names = [r["name"] for r in releases]
-    rep.check("releases-match-arrays", sorted(names) == sorted(release.arrays),
-              f"ledger releases {names}, file arrays {sorted(release.arrays)}")
-    rep.check("moments-match-arrays", moments_match(release),
-              f"data spec moments {printable(release.data_spec.get('moments'))}, file arrays {sorted(release.arrays)}")
-    k, d = len(release.class_names), spec.dim
-    for r in releases:
-        arr = release.arrays.get(r["name"])
-        want = [k] if r["name"] == "counts" else [k, d]
-        rep.check(f"shape:{r['name']}", arr is not None and list(arr.shape) == want == list(r["shape"]),
-                  f"expected {want} (K={k} classes, D={d}), array {None if arr is None else list(arr.shape)}, "
-                  f"ledger {r['shape']}")
-        formula, fn = SENSITIVITY_RULES[relation][r["name"]]
-        expected = fn(c1, c2)
-        same = r["sensitivity_formula"] == formula and _close(r["sensitivity"], expected, 1e-12)
-        rep.check(f"sensitivity:{r['name']}", same,
-                  f"{r['sensitivity']} ({r['sensitivity_formula']}); {relation} with C1={c1}, C2={c2} requires "
-                  f"{expected} ({formula})")
-        rep.check(f"mechanism:{r['name']}", r["mechanism"] == "gaussian" and r["sigma"] > 0,
-                  f"{r['mechanism']}, sigma={r['sigma']}")
-    sens = [r["sensitivity"] for r in releases]
-    sigmas = [r["sigma"] for r in releases]
-    weights = [r["weight"] for r in releases]
-    mu = gdp_mu(sens, sigmas)
-    rep.check("mu", _close(mu, led["mu"], 1e-9), f"recomputed mu {mu:.12g}, ledger {led['mu']:.12g}")
-    rep.check("weights", _close(sum(weights), 1.0, 1e-9) and all(w > 0 for w in weights),
-              f"weights {weights} sum to {sum(weights):.12g}")
-    for r in releases:
-        implied = r["sensitivity"] / (mu * math.sqrt(r["weight"]))
-        rep.check(f"sigma:{r['name']}", _close(r["sigma"], implied, 1e-9),
-                  f"sigma {r['sigma']:.12g}; sensitivity/(mu*sqrt(weight)) = {implied:.12g}")
-    delta = float(led["achieved"]["delta"])
-    target_eps, target_delta = float(led["target"]["epsilon"]), float(led["target"]["delta"])
-    eps_autodp = autodp_eps(sens, sigmas, delta)
-    eps_closed = eps_for_delta(delta, mu)
-    ledger_eps = float(led["achieved"]["epsilon"])
-    rep.check("eps:autodp", _close(eps_autodp, ledger_eps),
-              f"autodp {eps_autodp:.9g} vs ledger {ledger_eps:.9g} at delta={delta:g}")
-    rep.check("eps:closed-form", _close(eps_closed, ledger_eps),
-              f"closed form {eps_closed:.9g} vs ledger {ledger_eps:.9g}")
-    rep.check("target", delta == target_delta and max(eps_autodp, eps_closed) <= target_eps * (1 + 1e-12),
-              f"achieved ({max(eps_autodp, eps_closed):.6g}, {delta:g}) within target ({target_eps:g}, "
-              f"{target_delta:g})")
+    delta = values["delta"]
     by_name = {r["name"]: r for r in releases}
     _check_delta(release, rep, by_name, delta)
     if noise:
-        _check_noise(release, rep, by_name, c1, c2)
+        _check_noise(release, rep, by_name, spec.C1, spec.C2)
         _check_noise_shape(release, rep, by_name)
-    rep.summary = {"epsilon": ledger_eps, "epsilon_autodp": eps_autodp, "epsilon_closed_form": eps_closed,
-                   "delta": delta, "mu": mu, "relation": relation, "releases": names,
-                   "target": {"epsilon": target_eps, "delta": target_delta}}
+    rep.summary = {"epsilon": values["epsilon"], "epsilon_autodp": values["epsilon_autodp"],
+                   "epsilon_closed_form": values["epsilon_closed_form"], "delta": delta, "mu": values["mu"],
+                   "relation": relation, "releases": names, "target": values["target"]}
 
 
 def _check_delta(release, rep: AuditReport, releases: dict, delta: float) -> None:

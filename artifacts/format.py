@@ -587,4 +587,10 @@ def load(path, verify: bool = True) -> Release:
                         "the ledger does not cover "
                         "has no guarantee; do not use this file, ask the data owner for the original (mepf audit "
                         "shows the mismatch)")
+    from .guarantee import problem  # here: guarantee imports this module
+
+    wrong = problem(release)
+    if wrong:
+        raise MepfError(f"{path}: its ledger states a guarantee its own numbers do not give ({printable(wrong, 300)}); "
+                        "do not use this file, ask the data owner for the original (mepf audit shows every check)")
     return release

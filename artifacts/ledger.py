@@ -32,6 +32,24 @@ RELATION_TEXT = {
     "replace-one": "neighbouring datasets differ by replacing one record, its label included (n is public)",
 }
 
+#: the ledger's fixed words, written once: a reader refuses a ledger whose words differ (a person reading the
+#: file with HDF5 tools sees them, and one saying "replace-one" over add-remove noise claims half the eps)
+MECHANISM = {True: "gaussian", False: "none (non-private: exact value, no noise)"}
+COMPOSITION = ("exact: independent Gaussian releases form one Gaussian mechanism, "
+               "mu = sqrt(sum (sensitivity/sigma)^2); "
+               "delta(eps) = Phi(-eps/mu + mu/2) - exp(eps) Phi(-eps/mu - mu/2)")
+ACCOUNTANT = {"name": "autodp ComposeGaussian of ExactGaussianMechanism", "library": "autodp"}
+NOISE = {"source": "OS entropy: secrets.randbits(128) seeds numpy PCG64DXSM; float64 noise added to float64 sums, "
+                   "stored as float32",
+         "seed_stored": False}
+POST_PROCESSING = "per-class mean S/max(counts,1); label prior proportional to max(counts,0)"
+#: the keys of the ledger, of each of its releases, and of its target and achieved guarantee
+KEYS = {"ledger": {"private", "relation", "relation_text", "releases", "composition", "mu", "accountant", "target",
+                   "achieved", "noise", "post_processing"},
+        "release": {"name", "mechanism", "shape", "sensitivity", "sensitivity_formula", "sigma", "weight"},
+        "accountant": {"name", "library", "version"}, "target": {"epsilon", "delta"},
+        "achieved": {"epsilon", "delta", "epsilon_closed_form"}}
+
 
 def sensitivity(relation: str, name: str, c1: float, c2: float) -> tuple[float, str]:
     """L2 sensitivity of release `name` under `relation`, and its formula."""
@@ -60,7 +78,7 @@ def build_ledger(relation, shapes, calibration: Calibration, eps, delta) -> dict
     for name, value in calibration.sensitivities.items():
         releases.append({
             "name": name,
-            "mechanism": "gaussian" if private else "none (non-private: exact value, no noise)",
+            "mechanism": MECHANISM[private],
             "shape": list(shapes[name]),
             "sensitivity": value,
             "sensitivity_formula": SENSITIVITY_RULES[relation][name][0],
@@ -72,17 +90,12 @@ def build_ledger(relation, shapes, calibration: Calibration, eps, delta) -> dict
         "relation": relation,
         "relation_text": RELATION_TEXT[relation],
         "releases": releases,
-        "composition": "exact: independent Gaussian releases form one Gaussian mechanism, "
-                       "mu = sqrt(sum (sensitivity/sigma)^2); "
-                       "delta(eps) = Phi(-eps/mu + mu/2) - exp(eps) Phi(-eps/mu - mu/2)",
+        "composition": COMPOSITION,
         "mu": calibration.mu if private else None,
-        "accountant": {"name": "autodp ComposeGaussian of ExactGaussianMechanism", "library": "autodp",
-                       "version": autodp_version()},
+        "accountant": {**ACCOUNTANT, "version": autodp_version()},
         "target": {"epsilon": eps if private else None, "delta": delta},
         "achieved": {"epsilon": calibration.achieved_eps if private else None, "delta": delta,
                      "epsilon_closed_form": calibration.closed_form_eps if private else None},
-        "noise": {"source": "OS entropy: secrets.randbits(128) seeds numpy PCG64DXSM; float64 noise added "
-                            "to float64 sums, stored as float32",
-                  "seed_stored": False},
-        "post_processing": "per-class mean S/max(counts,1); label prior proportional to max(counts,0)",
+        "noise": dict(NOISE),
+        "post_processing": POST_PROCESSING,
     }

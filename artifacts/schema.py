@@ -8,7 +8,17 @@ import math
 import re
 
 from .accounting import MIN_DELTA
-from .ledger import RELATIONS
+from .ledger import (
+    ACCOUNTANT,
+    COMPOSITION,
+    KEYS,
+    MECHANISM,
+    NOISE,
+    POST_PROCESSING,
+    RELATION_TEXT,
+    RELATIONS,
+    SENSITIVITY_RULES,
+)
 
 #: at most this many classes (the K of every array); the release's shapes are bounded by it
 MAX_CLASSES = 10_000
@@ -171,12 +181,40 @@ def ledger_problem(led) -> str | None:
     target, achieved = led.get("target"), led.get("achieved")
     if not (isinstance(target, dict) and isinstance(achieved, dict)):
         return "a ledger without its target and achieved guarantee"
+    words = ledger_words_problem(led)
+    if words:
+        return words
     if not all(_num(d.get("delta"), MIN_DELTA, 1) and d["delta"] < 1 for d in (target, achieved)):
         return f"a ledger whose delta is not a number in [{MIN_DELTA:g}, 1), what mepf calibrates"
     if private:
         if not (_num(led.get("mu"), 0, 1e6, open_lo=True) and _num(target.get("epsilon"), 0, 1e6, open_lo=True)
                 and _num(achieved.get("epsilon"), 0, 1e6)):
             return "a ledger whose mu or epsilon is not a finite positive number"
-    elif not (led.get("mu") is None and target.get("epsilon") is None and achieved.get("epsilon") is None):
+        if not _num(achieved.get("epsilon_closed_form"), 0, 1e6):
+            return "a ledger whose closed-form epsilon is not a finite number"
+    elif not (led.get("mu") is None and target.get("epsilon") is None and achieved.get("epsilon") is None
+              and achieved.get("epsilon_closed_form") is None):
         return "a non-private ledger that states a guarantee"
+    return None
+
+
+def ledger_words_problem(led: dict) -> str | None:
+    """The ledger's keys and fixed words as mepf writes them for its relation (what a person reading the file sees
+    must be what the numbers mean); only the accountant's version may differ. For a ledger whose structure was
+    checked up to its target and achieved."""
+    relation, private = led["relation"], led["private"]
+    if set(led) != KEYS["ledger"] or any(set(r) != KEYS["release"] for r in led["releases"]) or any(
+            not isinstance(led[k], dict) or set(led[k]) != KEYS[k] for k in ("accountant", "target", "achieved")):
+        return "a ledger whose keys are not those mepf writes"
+    wrong = [k for k, v in (("relation_text", RELATION_TEXT[relation]), ("composition", COMPOSITION),
+                            ("noise", NOISE), ("post_processing", POST_PROCESSING)) if led[k] != v]
+    if any(led["accountant"][k] != v for k, v in ACCOUNTANT.items()) or not _str(led["accountant"]["version"], 64):
+        wrong.append("accountant")
+    for r in led["releases"]:
+        formula = SENSITIVITY_RULES[relation][r["name"]][0]
+        if r["mechanism"] != MECHANISM[private] or r["sensitivity_formula"] != formula:
+            wrong.append(f"{r['name']}'s mechanism or sensitivity formula")
+    if wrong:
+        return (f"a ledger whose {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not what mepf writes for a "
+                f"{'private' if private else 'non-private'} {relation} release")
     return None

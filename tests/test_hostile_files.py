@@ -1355,16 +1355,124 @@ def test_a_release_is_looked_for_only_among_files_of_its_size(tmp_path, releases
 
 
 def test_an_audit_line_from_a_hostile_ledger_cannot_forge_a_pass(tmp_path, releases):
-    """The ledger's mechanism string is printed in a check line: a carriage return, an OSC sequence and a newline
-    in it would rewrite the FAIL line and print AUDIT PASSED; the audit's lines show them inert."""
+    """A carriage return, an OSC sequence and a newline in the ledger's mechanism would rewrite the audit's lines
+    and print AUDIT PASSED where shown: the mechanism is one of mepf's words (review 46 L1), so the file is refused
+    in one line that does not echo it."""
     led = read_raw(releases / "eps1.h5").ledger
     hostile = "\r  [ok] x\nAUDIT PASSED\x1b]0;t\x07\x1b[8m"
     forged = forge(tmp_path / "f.h5", releases / "eps1.h5", ledger={
         **led, "releases": [{**x, "mechanism": hostile} if x["name"] == "S1" else x for x in led["releases"]]})
     a = cli("audit", forged)
-    assert a.exit_code == 1 and "x?AUDIT PASSED?" in a.output  # shown, inert, inside its own FAIL line
-    assert not any(c in a.output for c in "\r\x1b\x07")
-    assert [line for line in a.output.splitlines() if line.startswith("AUDIT")] == ["AUDIT FAILED"]
+    one_line_refusal(a, "S1's mechanism or sensitivity formula is not what mepf writes")
+    assert not any(c in a.output for c in "\r\x1b\x07") and "AUDIT PASSED" not in a.output
+
+
+def _edit_ledger(led: dict, what: str) -> dict:
+    """A copy of `led` with one number of its guarantee changed, the rest as written."""
+    led = json.loads(json.dumps(led))
+    if what == "sigmas/50":  # every sigma 50 x too small: the file's own numbers give eps of about 50
+        for r in led["releases"]:
+            r["sigma"] /= 50
+    elif what == "sigmas and mu/50":  # consistent with each other, not with the stated eps
+        for r in led["releases"]:
+            r["sigma"] /= 50
+        led["mu"] *= 50
+    elif what == "eps/2":  # the stated eps halved, the noise as released
+        led["achieved"]["epsilon"] /= 2
+        led["achieved"]["epsilon_closed_form"] /= 2
+    elif what == "target below achieved":
+        led["target"]["epsilon"] = led["achieved"]["epsilon"] / 2
+    elif what == "sensitivity/2":  # half the rule's sensitivity, the sigmas recomputed to match
+        for r in led["releases"]:
+            r["sensitivity"] /= 2
+            r["sigma"] /= 2
+    return led
+
+
+@pytest.mark.parametrize("what,check", [("sigmas/50", "mu"), ("sigmas and mu/50", "eps:closed-form"),
+                                        ("eps/2", "eps:closed-form"), ("target below achieved", "target"),
+                                        ("sensitivity/2", "sensitivity:S1")])
+def test_a_guarantee_its_own_ledger_contradicts_is_refused_by_every_reader(tmp_path, releases, what, check):
+    """info, synthesize and evaluate took the ledger's stated eps on trust: a file whose sigmas were 50 x too small
+    (its own numbers give eps ~ 50) was shown as (1, 1e-5)-DP and its generators inherited that (review 46 M1).
+    Every reader now recomputes the guarantee from the ledger's numbers (no noise statistics: deterministic) and
+    refuses a file that does not add up, naming the first check; the audit still reports every check."""
+    led = read_raw(releases / "eps1.h5").ledger
+    path = forge(tmp_path / "f.h5", releases / "eps1.h5", ledger=_edit_ledger(led, what))
+    with pytest.raises(MepfError, match=f"states a guarantee its own numbers do not give \\({check}: "):
+        load(path)
+    one_line_refusal(cli("info", path), "its ledger states a guarantee", "mepf audit")
+    one_line_refusal(cli("synthesize", path, "--out", tmp_path / "run", "--dry-run"), f"({check}: ")
+    assert check in failed(path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_genuine_ledger_adds_up_in_every_check(releases):
+    """The recomputation every reader runs passes mepf's own files (private and the baseline, which states no
+    guarantee), and the audit's version of it, with autodp, too."""
+    from mepf.artifacts import guarantee
+
+    for name in ("eps1.h5", "exact.h5"):
+        assert guarantee.problem(load(releases / name)) is None
+    results, values = guarantee.checks(read_raw(releases / "eps1.h5"), autodp=True)
+    assert all(ok for _, ok, _ in results) and {"eps:autodp", "eps:closed-form", "target"} <= {n for n, _, _ in results}
+    assert values["epsilon_autodp"] <= 1 and values["epsilon_closed_form"] <= 1
+
+
+def test_a_recomputed_value_that_is_infinite_matches_no_finite_one():
+    """The audit's tolerance took |inf - x| <= tol * inf as close: a recomputed eps of inf showed [ok] beside a
+    ledger's finite one (review 46 L2)."""
+    from mepf.artifacts.guarantee import close
+
+    assert not close(float("inf"), 1.0) and not close(1.0, float("inf")) and not close(float("nan"), 1.0)
+    assert close(float("inf"), float("inf")) and close(1.0, 1.0 + 1e-9) and not close(1.0, 1.001)
+
+
+def _reword(led: dict, what: str) -> dict:
+    led = json.loads(json.dumps(led))
+    if what == "relation_text":  # the words of replace-one (about twice the eps for this noise) over add-remove
+        led["relation_text"] = ("neighbouring datasets differ by replacing one record, its label included "
+                                "(n is public)")
+    elif what == "seed_stored":
+        led["noise"]["seed_stored"] = True
+    elif what == "noise source":
+        led["noise"]["source"] = "none"
+    elif what == "composition":
+        led["composition"] = "basic composition"
+    elif what == "post_processing":
+        led["post_processing"] = "none"
+    elif what == "accountant":
+        led["accountant"]["name"] = "my own accountant"
+    elif what == "formula":
+        led["releases"][0]["sensitivity_formula"] = "C1/2"
+    elif what == "a key added":
+        led["note"] = "this release is replace-one"
+    elif what == "a release key added":
+        led["releases"][0]["clipping"] = "none"
+    elif what == "a key dropped":
+        del led["noise"]
+    return led
+
+
+@pytest.mark.parametrize("what", ["relation_text", "seed_stored", "noise source", "composition", "post_processing",
+                                  "accountant", "formula", "a key added", "a release key added", "a key dropped"])
+def test_a_ledger_whose_words_are_not_mepfs_is_refused(tmp_path, releases, what):
+    """The audit never compared the ledger's words with what mepf writes: a file whose relation_text claimed
+    replace-one over add-remove noise, with "seed_stored": true and "noise": "none", passed it (review 46 L1).
+    Those are what a person reading the file with HDF5 tools sees: every reader, the audit's included, refuses
+    a ledger whose keys or fixed words differ from mepf's for its relation."""
+    path = forge(tmp_path / "f.h5", releases / "eps1.h5", ledger=_reword(read_raw(releases / "eps1.h5").ledger, what))
+    with pytest.raises(MepfError, match="not what mepf writes|keys are not those mepf writes"):
+        read_raw(path)
+    one_line_refusal(cli("audit", path), "is not a valid mepf release")
+
+
+def test_another_autodp_version_in_the_ledger_is_read(tmp_path, releases):
+    """The one word of a ledger that may differ: the accountant's version (files made with another autodp)."""
+    led = read_raw(releases / "eps1.h5").ledger
+    path = forge(tmp_path / "f.h5", releases / "eps1.h5",
+                 ledger={**led, "accountant": {**led["accountant"], "version": "0.2.4"}})
+    assert load(path).epsilon == led["achieved"]["epsilon"] and audit(path).ok
 
 
 @pytest.mark.parametrize("drop,moments", [("S2", "mean"), ("S2", None), ("counts", None), (None, "mean")])
