@@ -1,6 +1,8 @@
 """The one exception type for user errors: the CLI prints its message on one line, no traceback."""
 from __future__ import annotations
 
+import errno
+
 
 class MepfError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
@@ -18,3 +20,17 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, signum: int | None = None):
         super().__init__(message)
         self.signum = signum
+
+
+#: errno values that are the machine's storage, not a bug: full, over quota, read-only, a file too large, access
+#: denied, failing
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
+                            errno.EIO})
+
+
+def storage_error(e: OSError) -> str:
+    """An OSError in words: 'No space left on device: PATH' (the path shown inert), for one-line messages."""
+    from .format import printable
+
+    said = e.strerror or type(e).__name__
+    return f"{said}: {printable(str(e.filename), 200)}" if e.filename else said

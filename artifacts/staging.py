@@ -11,11 +11,12 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import MepfError
+from .errors import MepfError, storage_error
 from .format import ARRAY_NAMES, CHECKSUM_COVERS, DESCRIPTION, FORMAT_NAME, SCHEMA_VERSION, content_checksum, fd_sha256
 from .ledger import canonical_json
 
@@ -37,9 +38,10 @@ def create_folder_of(path: Path) -> None:
                             "--out") from None
 
 
-def check_output_path(path, overwrite: bool) -> Path:
-    """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite,
-    before any work."""
+def check_output_path(path, overwrite: bool, need: int = 0) -> Path:
+    """Create the output's folder (and its parents) where missing; refuse an existing output without overwrite, a
+    folder no file can be made in, or one with less than `need` bytes free, before any work (review 47 M3: embed
+    read the whole dataset first)."""
     path = Path(path)
     create_folder_of(path)
     try:
@@ -55,7 +57,28 @@ def check_output_path(path, overwrite: bool) -> Path:
     if len(os.fsencode(path.name)) + TEMP_EXTRA > longest:
         raise MepfError(f"output name {path.name[:40]}... is too long for this folder (at most "
                         f"{longest - TEMP_EXTRA} bytes, to leave room for its temporary name); choose a shorter --out")
+    _check_room(path.parent, need)
     return path
+
+
+def _check_room(folder: Path, need: int) -> None:
+    """A file can be made in `folder` (tried: permissions, a read-only mount, no inode left) and its filesystem has
+    `need` bytes free for this user."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mepf-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MepfError(f"no file can be written in {folder} ({storage_error(e)}); fix its permissions, free space "
+                        "or choose another --out") from None
+    try:
+        st = os.statvfs(folder)
+    except OSError:  # a filesystem that does not say: the write will tell
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise MepfError(f"{folder} has {free / 1e6:,.1f} MB free and the output needs about {need / 1e6:,.1f} MB; "
+                        "free space or choose another --out") from None
 
 
 def _longest_name(folder) -> int:

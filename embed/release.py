@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.accounting import parse_budget_split, validate_target
-from mepf.artifacts.errors import Interrupted, MepfError
+from mepf.artifacts.errors import Interrupted, MepfError, storage_error
 from mepf.artifacts.format import fd_sha256, printable
 from mepf.artifacts.ledger import RELATIONS, build_ledger, calibration_for
 from mepf.artifacts.schema import MAX_CLASSES, MAX_NAME, class_names_problem, ledger_problem
@@ -437,7 +437,10 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
                             "or start a new log with --release-log NEW (budgets in the old log then no longer "
                             "compose with new releases)")
         sweep_output(out, log_path, entries)
-        check_output_path(out, overwrite)
+        k = len(source.classes) if source.classes else 1
+        # the arrays' float32 bytes and a margin for the strings and HDF5's own: known before a record is read
+        check_output_path(out, overwrite, need=sum(4 * k * (1 if n == "counts" else feature_spec["dim"])
+                                                   for n in names) + (1 << 20))
         for p in (log_path, release_log.key_path(log_path), release_log.head_path(log_path)):
             if os.path.abspath(out) == os.path.abspath(p) or (out.exists() and p.exists() and os.path.samefile(out, p)):
                 raise MepfError(f"--out {out} is the release log, its key or its head; choose another --out")
@@ -476,9 +479,9 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         warnings = check_repeat(found, log_path, allow_repeat)
         empty = sums.fingerprint.hexdigest() == Fingerprint().hexdigest()  # no record: no one's data to repeat
         notes = []
-        if created:
+        if created or not now:  # the log's first release (its key may stand from a run that released nothing)
             notes.append(f"started the release log {log_path}, its secret key {release_log.key_path(log_path)} and "
-                         f"its head {release_log.head_path(log_path).name}; back up all three, together: without the "
+                         f"its head {release_log.head_path(log_path)}; back up all three, together: without the "
                          "key later embeds refuse to use the log, and the log is how a repeat release of the same "
                          "data is refused")
         if source.classes is not None and len(source.classes) == 1:
@@ -537,7 +540,8 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
             except (OSError, RuntimeError) as e:  # h5py reports a full disk as RuntimeError
                 spent = ("; its log entry stands, so the budget counts as spent and a new run is a repeat "
                          "(--allow-repeat)") if logged else ""
-                raise MepfError(f"the release could not be written to {out} ({type(e).__name__}){spent}; free space "
+                said = storage_error(e) if isinstance(e, OSError) else type(e).__name__
+                raise MepfError(f"the release could not be written to {out} ({said}){spent}; free space "
                                 "or fix the folder's permissions") from None
         if hits:  # what the run would have said besides, so that no note or warning is lost
             raise Interrupted(_complete(out, notes + warnings), hits[0])

@@ -24,6 +24,10 @@ def prepare_embed(opts: EmbedOptions):
     """Everything that can fail on the options alone, before any record is read: (source, transform,
     extractor, feature spec, device). Under torchrun, this rank's device."""
     validate_target(opts.epsilon, opts.delta, allow_inf=True)
+    out = Path(opts.out)
+    if out.suffix.lower() not in (".h5", ".hdf5"):  # other commands tell files apart by it
+        raise MepfError(f"--out {out}: a release is an HDF5 file, named .h5 (or .hdf5), e.g. "
+                        f"{out.with_suffix('.h5') if out.name and out.name != '..' else 'release.h5'}")
     outside_data(opts.data, {"--out": opts.out, "--release-log": opts.release_log})
     if distributed.current().main:
         sweep_output(opts.out, opts.release_log)  # a stale one is dealt with even where the output is taken

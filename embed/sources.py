@@ -249,8 +249,11 @@ def declared_geometry(source: Source, image_size, channels) -> tuple:
     decide the release's shape."""
     fixed = source.geometry
     if fixed is None and (image_size is None or channels is None):
-        raise MepfError("an image folder needs its geometry declared: pass --image-size (N or HxW) and --channels "
-                        "(1 or 3); every image is converted and resized to it, whatever its own size and mode")
+        given = [v is not None for v in (image_size, channels)]
+        missing = [w for w, g in zip(("--image-size (N or HxW)", "--channels (1 or 3)"), given) if not g]
+        raise MepfError(f"an image folder needs its geometry declared: pass {' and '.join(missing)}"
+                        f"{' too' if any(given) else ''}; every image is converted and resized to it, whatever its "
+                        "own size and mode")
     size = tuple(image_size) if image_size is not None else tuple(fixed[:2])
     if min(size) < 8 or max(size) > 1024:  # --image-size is ranged so; an array's own size is not
         raise MepfError(f"the images are {size[0]} x {size[1]} and mepf embeds 8 to 1024 px a side; pass "

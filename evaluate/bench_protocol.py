@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path
+from mepf.core.tensor_file import save
 from mepf.progress import progress as progress_bar
 
 from .benchnets import bench_classifier
@@ -232,10 +233,11 @@ def _train(kind, train, val, test, num_classes, schedule, seed, device, state_pa
         if state_path is not None:
             Path(state_path).parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(Path(state_path), ".pt") as tmp:
-                torch.save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "ema": ema.state_dict(), "shuffle": shuffle.get_state(),
-                            "torch_rng": torch.get_rng_state(), "state": state,
-                            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, tmp)
+                save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
+                      "sched": sched.state_dict(), "ema": ema.state_dict(), "shuffle": shuffle.get_state(),
+                      "torch_rng": torch.get_rng_state(), "state": state,
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, tmp,
+                     shown=state_path)
     bar.close()
     best = state["best"] or {}
     return {"finished": state["epoch"] >= schedule.epochs, "epochs_done": state["epoch"],

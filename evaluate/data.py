@@ -139,7 +139,7 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: floa
         return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g,
                         generator_path=p if p.is_file() else p / run_folder.GENERATOR)
     if p.is_dir() and (p / run_folder.OPTIONS).is_file():
-        raise MepfError(f"{p} has no generator.pt yet; finish training (mepf synthesize --resume {p})")
+        raise MepfError(f"{p} has no generator.pt yet; finish training ({run_folder.resume_command(p)})")
     if z_scale != 1:
         raise MepfError(f"--z-scale samples a generator; {spec} holds images already (give a run folder or "
                         "generator.pt, or drop --z-scale)")
@@ -151,6 +151,16 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: floa
         if sampled is not None:  # a folder written by `mepf sample`: INDEX_NAME, in label order
             out.sampled_names = sampled
         return out
+    if p.is_file():
+        from mepf.synthesize.locate import HDF5_SIGNATURE
+
+        problem, f = open_plain_file(p)  # without blocking
+        if not problem:
+            with f:
+                if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    raise MepfError(f"{spec} is a release (the embedding written by mepf embed), not images or a "
+                                    f"generator: train one with `mepf synthesize {spec} --out RUN`, then evaluate RUN "
+                                    "(pass the release as --release for the embedding distance)")
     raise MepfError(f"{spec}: expected a run folder, generator.pt, .npz or a folder of PNGs")
 
 

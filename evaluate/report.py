@@ -1,6 +1,7 @@
 """The evaluation report: report.json (every number) and report.md with a sample grid and curves."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.format import printable
-from mepf.artifacts.staging import write_text_atomic
+from mepf.artifacts.staging import atomic_path, write_text_atomic
 from mepf.synthesize.grid import save_grid
 
 from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
@@ -86,7 +87,8 @@ def curves(stats: list, path: Path) -> bool:
     ax.set_ylabel("squared distance (batch)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return True
 
@@ -99,9 +101,30 @@ def _md(value, longest: int = 1000) -> str:
                    "&amp;" if c == "&" else c for c in text)
 
 
+#: the files of a report (beside a dpimagebench protocol's state)
+REPORT_FILES = ("samples.png", "curves.png", "report.json", "report.md")
+
+
 def write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None = None) -> None:
     """report.json, report.md and the pictures in `out`; what an earlier report there (replaced with --overwrite)
-    wrote that this one does not (its run's curves, a dpimagebench state with its meta.json) goes, nothing else."""
+    wrote that this one does not (its run's curves, a dpimagebench state with its meta.json) goes, nothing else.
+    A write that fails (a full disk, Ctrl-C) leaves none of these files that were not there before, nor a folder
+    it made: the same command runs again (review 47 H1: a samples.png left behind refused it)."""
+    made = not out.exists()
+    before = {n for n in REPORT_FILES if (out / n).exists()}
+    try:
+        _write_report(out, report, images, labels, stats, class_names)
+    except BaseException:
+        for n in REPORT_FILES:
+            if n not in before:
+                (out / n).unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     replacing = (out / "report.json").is_file()
     class_grid(images, labels, out / "samples.png", class_names=class_names)
@@ -183,4 +206,4 @@ def write_report(out: Path, report: dict, images, labels, stats: list, class_nam
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- {_md(w, 1 << 16)}" for w in report["warnings"]] + [""]
     lines += [f"Wall time {report['wall_time_s']:.0f} s; versions {report['versions']}."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

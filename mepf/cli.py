@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from mepf.artifacts.accounting import COUNTS_SHARE
-from mepf.artifacts.errors import Interrupted, LaunchError, MepfError
+from mepf.artifacts.errors import STORAGE_ERRORS, Interrupted, LaunchError, MepfError, storage_error
 from mepf.core.launch_env import is_main_rank, speaks
 from mepf.core.names import BACKBONE_NAMES, DEFAULT_PIXEL_WEIGHT, DEVICES, POOLINGS
 from mepf.embed import options as eo  # the options modules import no torch: `mepf --help` stays light
@@ -35,14 +35,19 @@ def user_errors(fn):
         except OSError as e:
             import errno
 
-            if e.errno != errno.ENAMETOOLONG:
-                raise
             from mepf.artifacts.format import printable
 
-            name = f": {printable(str(e.filename), 60)}" if e.filename else ""
-            if speaks():  # a path the user gave; nothing was written under it
-                click.echo(f"Error: path too long{name} (a folder or file name may have at most 255 bytes, a "
-                           "whole path 4,096); choose a shorter one", err=True)
+            if e.errno == errno.ENAMETOOLONG:
+                name = f": {printable(str(e.filename), 60)}" if e.filename else ""
+                if speaks():  # a path the user gave; nothing was written under it
+                    click.echo(f"Error: path too long{name} (a folder or file name may have at most 255 bytes, a "
+                               "whole path 4,096); choose a shorter one", err=True)
+                sys.exit(2)
+            if e.errno not in STORAGE_ERRORS:
+                raise
+            if speaks():  # the machine's storage, not a bug: every file mepf writes is whole or absent
+                click.echo(f"Error: {storage_error(e)}; free space (or fix the permissions) and run the same command "
+                           "again", err=True)
             sys.exit(2)
         except KeyboardInterrupt as e:
             import signal
@@ -75,8 +80,11 @@ _TERMINATED = False
 
 
 def _on_sigterm(signum, frame):
-    """SIGTERM (what Slurm sends on preemption) is taken as Ctrl-C is, and exits 143."""
+    """SIGTERM (what Slurm sends on preemption) is taken as Ctrl-C is, and exits 143. Once: a second one (a signal
+    sent to the process and to its group) raised again while the first unwound, a traceback (review 47 L2)."""
     global _TERMINATED
+    if _TERMINATED:
+        return
     _TERMINATED = True
     raise KeyboardInterrupt
 
@@ -273,17 +281,21 @@ def audit(file, as_json, release_log):
     from mepf.artifacts.format import printable
 
     rep = run_audit(file)
-    out = rep.to_dict()
     if release_log:
         from mepf.embed.release_log import composable, entry_of, lost_note, mixed_note, read_key, read_log
 
         entries = read_log(release_log)
         mine = entry_of(entries, rep.sha256)  # the file audited, not whatever its name points to now
-        if mine is None:
-            if not Path(release_log).exists():  # a mistyped path is not the finding that the file was never logged
-                raise MepfError(f"no release log at {release_log}; pass the log {file} was written with (its embed's "
-                                "--release-log)")
-            raise MepfError(f"{file} is not in the release log {release_log}; pass the log it was written with")
+        if mine is None and not Path(release_log).exists():  # a mistyped path, not the finding that it was never logged
+            raise MepfError(f"no release log at {release_log}; pass the log {file} was written with (its embed's "
+                            "--release-log)")
+        # a finding for an auditor (review 47 L7): the owner's log does not vouch for this file
+        logged = mine is not None
+        rep.check("release-log", logged, f"its SHA-256 {'is' if logged else 'is NOT'} in the release log {release_log}"
+                  + ("" if logged else ": the owner's log does not vouch for this file (or it is not the log the file "
+                                       "was written with)"))
+    out = rep.to_dict()
+    if release_log and logged:
         key = read_key(release_log)
         found = composable(entries, mine, key)
         if rep.summary:  # the audited file's own mu from its verified ledger, not from the log's copy of it
@@ -492,7 +504,7 @@ def _run_facts(run: Path) -> dict:
     elif ours and i.get("step") == step and step >= steps:
         progress = f"step {step} of {steps} (complete)"
     else:
-        progress = f"step {step} of {steps}; continue with: mepf synthesize --resume {run}"
+        progress = f"step {step} of {steps}; continue with: {run_folder.resume_command(run)}"
     facts = {"kind": "run", "run": str(run), "progress": progress,
              "privacy": _guarantee(eps, o.get("delta")) + " (as the run's options.json says)",
              "release": f"{o.get('release')} (sha256 {str(o.get('release_sha256'))[:16]})",
@@ -569,7 +581,9 @@ def _named_weights(example: str):
                    "release is unchanged.  [default: 1 each]")
 @click.option("--grid-every", type=click.IntRange(0), default=_td("grid_every"),
               help="Sample grid PNG every N steps (0: end only).")
-@click.option("--snapshot-every", type=click.IntRange(0), default=_td("snapshot_every"), help="Snapshot every N steps.")
+@click.option("--snapshot-every", type=click.IntRange(0), default=_td("snapshot_every"),
+              help="Snapshot (what --resume continues from) every N steps (0: end only; Ctrl-C and SIGTERM write one "
+                   "too).")
 @click.option("--log-every", type=click.IntRange(1), default=_td("log_every"), help="stats.jsonl record every N steps.")
 @click.option("--device", type=_choices(DEVICES), default=_td("device"))
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
@@ -698,8 +712,8 @@ def synthesize(file, out, resume, generator, width, objective, lr, lr_mavg, lr_s
               help="mepf: uint8 .npz or PNG folders; dpimagebench: the gen.npz DPImageBench's eval.py loads (x float32 "
                    "(N, C, H, W) in [0, 1], y labels, classes balanced).")
 @click.option("--z-scale", type=float, default=_sd("z_scale"), show_default=True,
-              help="Draw the latent from N(0, s^2 I): s > 1 spreads the samples wider, s < 1 narrows them "
-                   "(post-processing: no privacy cost).")
+              help="Draw the latent from N(0, s^2 I), 0 < s <= 100: s > 1 spreads the samples wider, s < 1 narrows "
+                   "them (post-processing: no privacy cost).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_scale, quiet):
@@ -756,10 +770,10 @@ def sample(source, n, out, seed, labels, batch_size, device, overwrite, fmt, z_s
 @click.option("--seed", type=click.IntRange(0), default=_vd("seed"))
 @click.option("--device", type=_choices(DEVICES), default=_vd("device"))
 @click.option("--z-scale", type=float, default=_vd("z_scale"), show_default=True,
-              help="Sample a run or generator at z ~ N(0, s^2 I) (as `mepf sample --z-scale`).")
+              help="Sample a run or generator at z ~ N(0, s^2 I), 0 < s <= 100 (as `mepf sample --z-scale`).")
 @click.option("--overwrite", is_flag=True, help="Replace the report in an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def evaluate(synthetic, reference, out, protocol, n, fid_samples, metrics, classifiers, validation, fid_reference,
              epochs, real_limit, time_budget, cnn_epochs, real_train, release, inception_weights, data_root,

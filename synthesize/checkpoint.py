@@ -21,13 +21,12 @@ from mepf.artifacts.format import printable
 from mepf.artifacts.ledger import RELATIONS
 from mepf.artifacts.plain_file import memory_bytes, open_plain_file, read_plain_file
 from mepf.artifacts.schema import GEOMETRY, MAX_CLASSES, class_names_problem
-from mepf.artifacts.staging import atomic_path
-from mepf.core.tensor_file import read_tensors, state_dict_of, stored_in_full_problem
+from mepf.core.tensor_file import read_tensors, save_atomic, state_dict_of, stored_in_full_problem
 
 from .generators import GENERATORS, build_generator
 from .locate import HDF5_SIGNATURE
 from .options import LABELS, SampleOptions
-from .run_folder import GENERATOR, OPTIONS, of_another_run, snapshots
+from .run_folder import GENERATOR, OPTIONS, of_another_run, resume_command, snapshots
 
 _D = SampleOptions  # the defaults, written once there
 
@@ -105,8 +104,7 @@ def save_generator(path: Path, generator, arch: dict, release, step: int, run_id
            "class_names": list(release.class_names), "labelled": release.labelled,
            "label_prior": release.label_prior().tolist(), "step": step, "run_id": run_id,
            "transform": {"crop": "center"} if release.data_spec.get("transform", {}).get("crop") else {}}
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_atomic(obj, path)
 
 
 @dataclass
@@ -162,10 +160,16 @@ class TrainedGenerator:
         return images, y.numpy()
 
 
+#: the widest latent --z-scale draws: far past any useful spread, and below float32's overflow of z * s (1e39
+#: sampled all-black images, review 47 L5)
+Z_SCALE_MAX = 100.0
+
+
 def check_z_scale(z_scale) -> None:
-    """--z-scale is a finite number above 0."""
-    if isinstance(z_scale, bool) or not (isinstance(z_scale, (int, float)) and math.isfinite(z_scale) and z_scale > 0):
-        raise MepfError(f"--z-scale {z_scale}: give a finite number above 0 (1 samples as the generator was trained)")
+    """--z-scale is a number in (0, Z_SCALE_MAX]."""
+    if isinstance(z_scale, bool) or not (isinstance(z_scale, (int, float)) and 0 < z_scale <= Z_SCALE_MAX):
+        raise MepfError(f"--z-scale {z_scale}: give a number above 0 and at most {Z_SCALE_MAX:g} (1 samples as the "
+                        "generator was trained)")
 
 
 def load_generator(path) -> TrainedGenerator:
@@ -173,7 +177,7 @@ def load_generator(path) -> TrainedGenerator:
     path = Path(path)
     if path.is_dir():
         if (path / OPTIONS).is_file() and not (path / GENERATOR).exists():
-            raise MepfError(f"{path} has no {GENERATOR} yet; finish training (mepf synthesize --resume {path})")
+            raise MepfError(f"{path} has no {GENERATOR} yet; finish training ({resume_command(path)})")
         path = path / GENERATOR
     if not path.is_file():
         raise MepfError(f"{path} does not exist; train one with `mepf synthesize FILE --out RUN_DIR`")

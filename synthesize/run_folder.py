@@ -1,5 +1,6 @@
 """The names of the files in a training run folder, in one place (stage 2 writes them, stage 3 reads them)."""
 import re
+import shlex
 
 OPTIONS = "options.json"  # every resolved option, the release's SHA-256, eps and delta, versions
 STATS = "stats.jsonl"  # one JSON record every --log-every steps
@@ -14,6 +15,43 @@ GRID_NAME = re.compile(r"grid-(\d{7})\.png")  # what grid_name writes
 MAX_OPTIONS_BYTES, MAX_STATS_BYTES = 16 << 20, 512 << 20
 #: the longest stats.jsonl line read (mepf writes a few hundred bytes)
 MAX_STATS_LINE = 1 << 20
+
+
+def resume_command(run) -> str:
+    """The command that continues `run`, quoted for a POSIX shell: a path with spaces works pasted as printed."""
+    return f"mepf synthesize --resume {shlex.quote(str(run))}"
+
+
+def hold(run) -> int:
+    """This process's hold on the run folder while it trains it: an exclusive lock on the folder itself (a file in
+    it would be replaced by a rename), released when the returned descriptor is closed or the process ends. A
+    second mepf synthesize on the same folder (a requeued job while the first still runs, a command started twice)
+    is refused: both wrote its log, stats, snapshots and options.json (review 47 M2). A filesystem without locks
+    holds nothing (-1)."""
+    import errno
+    import fcntl
+    import os
+
+    from mepf.artifacts.errors import MepfError
+
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise MepfError(f"run folder {run} is being trained by another process (mepf synthesize or its --resume); "
+                            "wait for it to end or stop it, then continue with: " + resume_command(run)) from None
+        return -1
+    return fd
+
+
+def release(fd: int | None) -> None:
+    """Let go of hold()'s lock."""
+    import os
+
+    if fd is not None and fd >= 0:
+        os.close(fd)
 
 
 def read_text(path, limit: int) -> str:
@@ -66,7 +104,8 @@ def read_options(run) -> dict:
 
     run = Path(run)
     if not (run / OPTIONS).is_file():
-        raise MepfError(f"{run} is not a run folder (no {OPTIONS}); start one with `mepf synthesize FILE --out {run}`")
+        raise MepfError(f"{run} is not a run folder (no {OPTIONS}); start one with `mepf synthesize FILE --out "
+                        f"{shlex.quote(str(run))}`")
     try:
         saved = json.loads(read_text(run / OPTIONS, MAX_OPTIONS_BYTES))
     except (ValueError, RecursionError) as e:

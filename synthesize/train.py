@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 
 from mepf.artifacts import load
-from mepf.artifacts.errors import Interrupted, MepfError
+from mepf.artifacts.errors import STORAGE_ERRORS, Interrupted, MepfError, storage_error
 from mepf.artifacts.schema import trainable_geometry_problem
-from mepf.artifacts.staging import atomic_path, write_text_atomic
+from mepf.artifacts.staging import write_text_atomic
 from mepf.artifacts.versions import versions
 from mepf.core import distributed
 from mepf.core.device import resolve_device
 from mepf.core.features import feature_map_from_spec, fold_batch_norm, fold_same_padding
 from mepf.core.memory import keep_freed_memory
 from mepf.core.signals import deferred_interrupts
+from mepf.core.tensor_file import save_atomic
 from mepf.progress import progress as progress_bar
 
 from . import run_folder
@@ -95,15 +96,6 @@ def prepare(opts: TrainOptions, device=None):
     build_generator(arch)  # validates the geometry for this generator
     return release, fmap, arch, device
 
-
-def _atomic_torch_save(obj, path: Path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-#: what a second Ctrl-C during a step says
-AGAIN = ("interrupted again: stopped at once, without a snapshot of this step; continue from the last one with mepf "
-         "synthesize --resume")
 
 #: the steps that compile with --compile (reduce-overhead records its CUDA graphs on the second)
 COMPILE_STEPS = 2
@@ -332,7 +324,7 @@ class Trainer:
         state = self.state()  # a collective under torchrun: every rank takes part, rank 0 writes
         if not self.ranks.main:
             return
-        _atomic_torch_save(state, self.run / run_folder.snapshot_name(self.step))
+        save_atomic(state, self.run / run_folder.snapshot_name(self.step))
         for _, old in run_folder.snapshots(self.run)[:-2]:
             with contextlib.suppress(OSError):  # one that cannot be removed is left: the newest two are what counts
                 old.unlink()
@@ -355,7 +347,7 @@ class Trainer:
         if log is not None:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} interrupted at step {self.step}; snapshot written\n")
         raise Interrupted(f"interrupted at step {self.step} of {self.opts.steps}; a snapshot of this step was "
-                          f"written; continue with: mepf synthesize --resume {self.run}", signum)
+                          f"written; continue with: {run_folder.resume_command(self.run)}", signum)
 
     def fit(self, progress: bool = True):
         keep_freed_memory()  # per-step tensors reuse the same heap blocks instead of fresh pages
@@ -386,7 +378,7 @@ class Trainer:
         t_start, compiled = t_last, None
         with (progress_bar(total=o.steps, initial=self.step, desc="synthesize", unit="step",
                            disable=not (progress and main)) as bar,
-              deferred_interrupts(True, None if self.ranks.active else AGAIN) as hits):
+              deferred_interrupts(True, None if self.ranks.active else again(self.run)) as hits):
             while self.step < o.steps:
                 if signum := self.agreed_stop(hits):
                     self.stop(signum, log)
@@ -428,43 +420,69 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     run = Path(opts.out)
     run_id = secrets.token_hex(16)  # snapshots and generator.pt carry it: a file of another run is told apart
 
-    def create():
-        if run.exists() and any(run.iterdir()):
-            raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with --resume {run}")
+    def create() -> int:
         if run.exists() and not run.is_dir():
             raise MepfError(f"--out {run} is a file; give a folder for the run")
+        if run.is_dir() and any(run.iterdir()):  # said before the lock too: a finished run is the usual case
+            raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with: "
+                            f"{run_folder.resume_command(run)}")
         try:
             run.mkdir(parents=True, exist_ok=True)  # and its parents, as edm does
         except OSError as e:
-            raise MepfError(f"run folder {run} cannot be created ({type(e).__name__}); choose another --out") from None
+            raise MepfError(f"run folder {run} cannot be created ({storage_error(e)}); choose another --out") from None
+        held = run_folder.hold(run)
+        if any(run.iterdir()):  # another start on the same --out got there first
+            run_folder.release(held)
+            raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with: "
+                            f"{run_folder.resume_command(run)}")
         resolved = {**asdict(opts), "release": str(Path(opts.release).resolve()), "generator_arch": arch,
                     "device_resolved": str(device), "precision_resolved": precision.to_json(),
                     "ranks": ranks.world, "release_sha256": release.file_sha256,
                     "release_checksum": release.checksum, "release_bytes": Path(opts.release).stat().st_size,
                     "epsilon": release.epsilon, "delta": release.delta, "run_id": run_id,
                     "versions": versions("torch", "torchvision", "mepf", "h5py", "numpy")}
-        write_text_atomic(run / run_folder.OPTIONS, json.dumps(resolved, indent=2, sort_keys=True))
+        try:
+            write_text_atomic(run / run_folder.OPTIONS, json.dumps(resolved, indent=2, sort_keys=True))
+        except BaseException:
+            run_folder.release(held)
+            raise
+        return held
 
-    distributed.on_main(create)
-    with _resumable_when_interrupted(run, "was made"):
-        trainer = Trainer(opts, release, fmap, arch, device, precision)
-        trainer.run_id = run_id
-        trainer.fit(progress)
+    held = distributed.on_main(create)
+    try:
+        with _resumable_when_interrupted(run, "was made"):
+            trainer = Trainer(opts, release, fmap, arch, device, precision)
+            trainer.run_id = run_id
+            trainer.fit(progress)
+    finally:
+        run_folder.release(held)
     return trainer
+
+
+def again(run: Path) -> str:
+    """What a second Ctrl-C during a step says."""
+    return ("interrupted again: stopped at once, without a snapshot of this step; continue from the last one (or the "
+            f"run's start, if none was written) with: {run_folder.resume_command(run)}")
 
 
 @contextlib.contextmanager
 def _resumable_when_interrupted(run: Path, what: str):
-    """Ctrl-C or SIGTERM outside the steps (set-up, the last save), or a peer lost under torchrun (a rank killed, a
-    node down: torch's own traceback on every other rank, review 44 L2): the folder exists, so the message says to
-    resume it."""
+    """Ctrl-C or SIGTERM outside the steps (set-up, the last save), a peer lost under torchrun (a rank killed, a
+    node down: torch's own traceback on every other rank, review 44 L2), or a full disk (review 47 H1): the folder
+    exists, so the message says to resume it."""
     try:
         yield
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        raise MepfError(f"{storage_error(e)}; the run folder {run} {what}: free space (or fix the permissions) and "
+                        f"continue from its last snapshot (or its start) with: {run_folder.resume_command(run)}"
+                        ) from None
     except KeyboardInterrupt as e:
         if isinstance(e, Interrupted):
             raise
         raise Interrupted(f"interrupted; the run folder {run} {what}: continue from its last snapshot (or its start) "
-                          f"with: mepf synthesize --resume {run}", getattr(e, "signum", None)) from None
+                          f"with: {run_folder.resume_command(run)}", getattr(e, "signum", None)) from None
     except RuntimeError as e:
         ranks = distributed.current()
         lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
@@ -474,7 +492,7 @@ def _resumable_when_interrupted(run: Path, what: str):
         said = " ".join(str(e).split())[:160]
         raise MepfError(f"rank {ranks.rank}'s collective failed ({type(e).__name__}: {said}): another rank stopped or "
                         f"its node failed, or this rank's own device (the words above say which); the run folder {run} "
-                        f"{what}: continue from its last snapshot with: mepf synthesize --resume {run}") from None
+                        f"{what}: continue from its last snapshot with: {run_folder.resume_command(run)}") from None
 
 
 #: options that may change when a run resumes: they take effect from the resumed step (recorded in options.json)
@@ -617,6 +635,13 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
     run = Path(run_dir)
     changes = {**(changes or {}), **({"steps": steps} if steps is not None else {})}
     saved, differ, opts = resume_plan(run, changes)
+    with contextlib.ExitStack() as holds:
+        return _resumed(run, saved, differ, opts, release, progress, holds)
+
+
+def _resumed(run: Path, saved: dict, differ: dict, opts: TrainOptions, release: str | None, progress: bool,
+             holds: contextlib.ExitStack) -> Trainer:
+    """resume() from its plan; the run folder held (in `holds`) from the ranks' joining until it returns."""
     size = saved.get("release_bytes") if type(saved.get("release_bytes")) is int else None
     found = locate_release(saved["release_sha256"], run, saved.get("release"), release, size=size)
     opts.release = str(found)
@@ -627,6 +652,7 @@ def resume(run_dir, changes: dict | None = None, release: str | None = None, pro
         if k in differ:
             setattr(opts, k, differ[k])
     ranks, device = distributed.join(opts.device, resolve_device)
+    holds.callback(run_folder.release, distributed.on_main(lambda: run_folder.hold(run)))  # rank 0's, once joined
     release_file, fmap, arch, device = distributed.guarded(lambda: prepare(opts, device))
     if release_file.file_sha256 != saved["release_sha256"]:
         raise MepfError(f"the released file {opts.release} changed while it was read; resume needs the same file")

@@ -400,7 +400,7 @@ def test_a_release_that_cannot_be_written_fails_before_its_entry(tmp_path, label
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(staging, "_write_release", full)
-    with pytest.raises(MepfError, match=r"could not be written to .*\(OSError\); free space") as e:
+    with pytest.raises(MepfError, match=r"could not be written to .*\(No space left on device\); free space") as e:
         run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
     assert "log entry stands" not in str(e.value) and release_log.read_log(tmp_path / "log.jsonl") == []
     assert not (tmp_path / "a.h5").exists() and not list(tmp_path.glob(".a.h5.tmp*"))
@@ -423,7 +423,7 @@ def test_a_disk_without_room_for_the_copy_fails_before_the_entry(tmp_path, label
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", no_room)
-    with pytest.raises(MepfError, match=r"could not be written to .*\(OSError\); free space") as e:
+    with pytest.raises(MepfError, match=r"could not be written to .*\(No space left on device\); free space") as e:
         run(ArraySource(labelled_npz[0], ["a", "b", "c"]), eff28, tmp_path / "a.h5", tmp_path / "log.jsonl")
     assert seen and "log entry stands" not in str(e.value) and release_log.read_log(tmp_path / "log.jsonl") == []
     assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob(".a.h5.tmp*"))
@@ -621,6 +621,21 @@ def test_an_output_name_too_long_for_its_temporary_is_refused_before_the_pass(tm
     check_output_path(tmp_path / ("a" * 200 + ".h5"), False)
     with pytest.raises(MepfError, match="too long for this folder .* choose a shorter --out"):
         check_output_path(tmp_path / ("a" * 230 + ".h5"), False)
+
+
+def test_an_output_folder_without_room_is_refused_before_the_pass(tmp_path):
+    """embed read the whole private dataset before it found that --out's folder could not take the release (review
+    47 M3): the folder is tried (a file made and removed) and its free space compared with the release's size."""
+    from mepf.artifacts.staging import check_output_path
+
+    check_output_path(tmp_path / "r.h5", False, need=1 << 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the trial file is gone
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    with pytest.raises(MepfError, match="MB free and the output needs about .* MB; free space or choose another"):
+        check_output_path(tmp_path / "r.h5", False, need=free + (1 << 30))
+    if os.path.isdir("/proc/self/fd"):  # a folder no file can be made in, whoever runs the test (root included)
+        with pytest.raises(MepfError, match="no file can be written in /proc/self/fd"):
+            check_output_path("/proc/self/fd/r.h5", False)
 
 
 def test_a_log_entry_is_whole_or_absent(tmp_path, monkeypatch):

@@ -428,6 +428,19 @@ def test_help_states_each_default_once():
 
 # --------------------------------------------------------------------------- 7, 8, 10, 12. the owner's side of the same
 
+def test_the_backup_note_comes_with_the_logs_first_release_even_after_a_run_that_released_nothing(tmp_path):
+    """A first embed to a new log that stopped after making the log's key (Ctrl-C, a bad record) released nothing;
+    the run that then released said nothing of the key to back up (review 47 L1)."""
+    from mepf.embed import release_log
+
+    log = tmp_path / "logs" / "log.jsonl"
+    release_log.prepare(log, release_log.read_log(log))  # what the stopped run left: the log and its key, no entry
+    assert release_log.key_path(log).is_file() and not release_log.read_log(log)
+    np.savez(tmp_path / "d.npz", images=make_images(6))
+    r = ok(cli("embed", "--data", tmp_path / "d.npz", "--out", tmp_path / "r.h5", "--epsilon", "10", "--delta", "1e-3",
+               "--quiet", "--release-log", log, *TINY))
+    assert f"its secret key {log}.key and its head {log}.head; back up all three" in r.stderr
+
 def test_the_first_release_says_where_the_log_and_key_are_and_releases_lists_them(tmp_path):
     home = tmp_path / "xdg"
     np.savez(tmp_path / "d.npz", images=make_images(6))
@@ -437,7 +450,7 @@ def test_the_first_release_says_where_the_log_and_key_are_and_releases_lists_the
                                          "--quiet", *TINY])
     ok(r)
     log = home / "mepf" / "releases.jsonl"
-    assert (f"started the release log {log}, its secret key {log}.key and its head {log.name}.head; back up all three"
+    assert (f"started the release log {log}, its secret key {log}.key and its head {log}.head; back up all three"
             in r.stderr)
     assert (tmp_path / "a" / "r.h5").is_file()  # --out's folder was created
     entry = json.loads(log.read_text())
@@ -578,3 +591,117 @@ def test_sampling_a_run_without_a_generator_says_resume_and_unlabelled_samples_c
         ok(cli("evaluate", tmp_path / name, "--reference", tmp_path / "ref.npz", "--out", tmp_path / f"rep-{name}",
                "--metrics", "embedding", "--release", tmp_path / "flat.h5", "--quiet"))
         assert "embedding_distance" in json.loads((tmp_path / f"rep-{name}" / "report.json").read_text())["metrics"]
+
+
+# ------------------------------------------------------------------ 13. the machine's storage, one trainer a run
+
+def _file_size_capped(limit: int):
+    """For a child process: files written past `limit` bytes fail with EFBIG, as a full disk fails with ENOSPC (a
+    real failed write; SIGXFSZ ignored so that the write returns the error rather than killing the process)."""
+    import resource
+
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return cap
+
+
+def test_a_full_disk_while_training_is_one_line_naming_the_resume_command_quoted(study, tmp_path):
+    """A snapshot that could not be written ended in three tracebacks (torch's writer hides the OSError), and the
+    resume command printed for a run path with spaces failed when pasted (review 47 H1, M1). Now one line, the
+    command quoted for the shell, and that very command continues the run."""
+    import shlex
+
+    run = tmp_path / "my runs" / "r 1"
+    p = subprocess.run([sys.executable, "-m", "mepf", "synthesize", str(study / "rel.h5"), "--out", str(run), "--steps",
+                        "4", *TRAIN], capture_output=True, text=True, timeout=600,
+                       preexec_fn=_file_size_capped(200_000))  # the release's private copy fits, a snapshot does not
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    line = [x for x in p.stderr.splitlines() if x.startswith("Error: ")]
+    assert len(line) == 1 and "File too large" in line[0] and "snapshot-0000002.pt" in line[0], p.stderr
+    said = line[0].split("with: ")[-1]
+    assert said == f"mepf synthesize --resume {shlex.quote(str(run))}"
+    assert not list(run.glob("snapshot-*.pt")) and not list(run.glob(".*tmp*"))  # nothing half-written
+    ok(cli(*shlex.split(said)[1:], "--quiet"))  # pasted as printed
+    assert (run / "generator.pt").is_file() and "step 4 of 4 (complete)" in ok(cli("info", run)).output
+
+
+def test_evaluate_on_a_full_disk_leaves_no_report_behind(study, tmp_path):
+    """samples.png was written before the write that failed, and the folder it left refused the same command run
+    again ("not empty", review 47 H1): a failed report removes what it wrote, so the command runs again."""
+    run = tmp_path / "run"  # 150 steps logged: curves.png larger than the release read and samples.png
+    ok(cli("synthesize", study / "rel.h5", "--out", run, "--steps", "150", *TRAIN, "--snapshot-every", "0"))
+    args = ["-m", "mepf", "evaluate", str(run), "--reference", str(study / "heldout"), "-n", "6",
+            "--metrics", "accuracy", "--classifiers", "logreg", "--quiet", "--out"]
+    ok(cli(*args[2:], tmp_path / "whole"))
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "whole").iterdir()}
+    cap = (sizes["curves.png"] + (study / "rel.h5").stat().st_size) // 2  # the release's private copy fits under it
+    assert max(sizes["samples.png"], (study / "rel.h5").stat().st_size) < cap < sizes["curves.png"], sizes
+    p = subprocess.run([sys.executable, *args, str(tmp_path / "rep")], capture_output=True, text=True, timeout=600,
+                       preexec_fn=_file_size_capped(cap))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "File too large" in p.stderr, p.stderr
+    assert not (tmp_path / "rep").exists()
+    ok(cli(*args[2:], tmp_path / "rep"))
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(sizes)
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(study, tmp_path):
+    """Two resumes of one folder (a requeued job while the first still runs) both trained it, interleaving its log and
+    stats and recording changes it never had (review 47 M2): the folder is held (flock on the folder itself) while
+    a process trains it; another start or resume is refused in one line that names the command for afterwards."""
+    from mepf.synthesize import run_folder
+
+    run = tmp_path / "run"
+    ok(cli("synthesize", study / "rel.h5", "--out", run, "--steps", "2", *TRAIN))
+    options = (run / "options.json").read_text()
+    held = run_folder.hold(run)  # another process's hold, as far as flock is concerned: its own open of the folder
+    try:
+        refused(cli("synthesize", "--resume", run, "--steps", "4", "--quiet"), "is being trained by another process",
+                f"mepf synthesize --resume {run}")
+        assert (run / "options.json").read_text() == options and not (run / "snapshot-0000004.pt").exists()
+    finally:
+        run_folder.release(held)
+    ok(cli("synthesize", "--resume", run, "--steps", "4", "--quiet"))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    held = run_folder.hold(fresh)
+    try:  # two starts on one empty --out
+        refused(cli("synthesize", study / "rel.h5", "--out", fresh, "--steps", "2", *TRAIN), "another process")
+        assert not any(fresh.iterdir())
+    finally:
+        run_folder.release(held)
+
+
+def test_a_second_sigterm_while_the_first_unwinds_is_not_a_second_interrupt(monkeypatch):
+    """timeout and batch schedulers signal the process and its group: the second SIGTERM raised KeyboardInterrupt
+    again while embed unwound from the first (a traceback, and at times exit 130 for SIGTERM; review 47 L2)."""
+    from mepf import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_TERMINATED", False)
+    with pytest.raises(KeyboardInterrupt):
+        cli_module._on_sigterm(signal.SIGTERM, None)
+    assert cli_module._TERMINATED and cli_module._on_sigterm(signal.SIGTERM, None) is None
+
+
+def test_the_owners_and_auditors_small_frictions(study, tmp_path):
+    """Review 47 L3, L6, L7: embed --out x.npz wrote a release that info called images; the help left 0 of
+    --snapshot-every and evaluate's --quiet unsaid; evaluate given a release said only what it expected; a folder
+    given --image-size alone was told to pass both; a file not in the log given to audit stopped as a usage error,
+    where for an auditor it is a finding."""
+    np.savez(tmp_path / "d.npz", images=make_images(6))
+    refused(cli("embed", "--data", tmp_path / "d.npz", "--out", tmp_path / "x.npz", "--epsilon", "10", "--delta",
+                "1e-3", "--quiet", *TINY), "a release is an HDF5 file", f"{tmp_path / 'x.h5'}")
+    assert not (tmp_path / "x.npz").exists()
+    assert "0: end only" in ok(cli("synthesize", "--help")).output
+    assert "--quiet No progress bars." in " ".join(ok(cli("evaluate", "--help")).output.split())
+    refused(cli("evaluate", study / "rel.h5", "--reference", study / "heldout", "--out", tmp_path / "r"),
+            "is a release", "mepf synthesize")
+    refused(cli("embed", "--data", study / "private", "--image-size", "28", "--out", tmp_path / "y.h5", "--epsilon",
+                "10", "--delta", "1e-3", "--quiet", *TINY), "pass --channels (1 or 3) too")
+    other = tmp_path / "other.jsonl"
+    ok(cli("embed", "--data", tmp_path / "d.npz", "--out", tmp_path / "z.h5", "--epsilon", "10", "--delta", "1e-3",
+           "--release-log", other, "--quiet", *TINY))
+    a = cli("audit", study / "rel.h5", "--release-log", other)
+    assert a.exit_code == 1 and "[FAIL] release-log: its SHA-256 is NOT in the release log" in a.output, a.output
+    a = cli("audit", study / "rel.h5", "--release-log", study / "log.jsonl")
+    assert a.exit_code == 0 and "[ok] release-log: its SHA-256 is in the release log" in a.output, a.output

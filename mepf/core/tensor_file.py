@@ -228,3 +228,26 @@ def stored_in_full_problem(obj) -> str | None:
             return "two tensors in it share one storage (mepf writes every tensor whole)"
         seen.add(st.data_ptr())
     return None
+
+
+def save(obj, path, shown=None) -> None:
+    """torch.save to `path` through a Python file, so that a failed write (a full disk, a quota) raises its own
+    OSError naming `shown` (default `path`): torch's writer says only "unexpected pos" or "iostream error"."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except (RuntimeError, OSError) as e:
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None or cause.errno is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(shown or path)) from e
+
+
+def save_atomic(obj, path) -> None:
+    """save() to a temporary beside `path`, then renamed over it: `path` holds the old file or the whole new one."""
+    from mepf.artifacts.staging import atomic_path
+
+    with atomic_path(path) as tmp:
+        save(obj, tmp, shown=path)
