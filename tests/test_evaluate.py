@@ -397,8 +397,10 @@ def test_bad_input(tiny_run, tmp_path, mnist):
         ([str(tmp_path / "empty"), "--reference", str(d / "heldout.npz")], "holds no images"),
         ([str(tmp_path / "nothing"), "--reference", str(d / "heldout.npz")], "no such run folder"),
         ([str(d / "heldout.npz"), "--reference", str(d / "heldout.npz"), "--z-scale", "1.2"], "holds images already"),
-        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "0"], "--z-scale 0.0: give a number above 0"),
-        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "nan"], "--z-scale nan: give a number above 0"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "0"],
+         "--z-scale 0.0: give a number above 0"),
+        ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--z-scale", "nan"],
+         "--z-scale nan: give a number above 0"),
         # options that do nothing for the metrics asked were silently dropped (a walkthrough): refused, as
         # --protocol dpimagebench refuses them
         ([str(d / "run"), "--reference", str(d / "heldout.npz"), "--metrics", "accuracy", "--fid-samples", "50"],
