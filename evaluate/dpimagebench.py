@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from mepf.artifacts.errors import MepfError
+from mepf.artifacts.errors import STORAGE_ERRORS, Interrupted, MepfError, storage_error
 from mepf.artifacts.format import printable
 from mepf.artifacts.staging import write_text_atomic
 from mepf.artifacts.versions import versions
@@ -153,15 +153,38 @@ def _record_rate(state: Path, kind: str, result: dict) -> None:
     write_text_atomic(state / META, json.dumps(meta, indent=2))
 
 
-def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N, fid_samples: int | None = None,
-                          metrics=None, classifiers=BENCH_CLASSIFIERS, validation: str | None = None,
-                          fid_reference: str | None = None, real_limit: int | None = None, epochs: int = 50,
-                          time_budget: float | None = None, inception_weights: str | None = None, data_root=None,
-                          release_log=None, seed: int = 0, device="cpu", cache_dir=None, progress: bool = True,
-                          class_map: str | None = None, overwrite: bool = False, z_scale: float = 1.0) -> dict:
+def evaluate_dpimagebench(synthetic: str, reference: str, out, *args, overwrite: bool = False, **kwargs) -> dict:
     """DPImageBench's protocol on SYNTHETIC, testing on REFERENCE; resumes the classifiers' training from `out`
-    (the same command again continues a run cut short by `time_budget`). z_scale: a generator's samples drawn at
-    N(0, z_scale^2 I)."""
+    (the same command again continues a run cut short by `time_budget`). Once this call has made the state
+    afresh (--overwrite), a full disk or Ctrl-C says to run again WITHOUT --overwrite, which continues from the
+    saved epoch: "the same command" would discard it (review 48 M2)."""
+    prepared = []
+    try:
+        return _evaluate_dpimagebench(synthetic, reference, out, *args, overwrite=overwrite, prepared=prepared,
+                                      **kwargs)
+    except KeyboardInterrupt as e:
+        if not (overwrite and prepared) or isinstance(e, Interrupted):
+            raise
+        raise Interrupted(f"interrupted; the classifiers' progress is saved in {prepared[0]}: run the same command "
+                          "again WITHOUT --overwrite to continue from the saved epoch", getattr(e, "signum", None)
+                          ) from None
+    except OSError as e:
+        if not (overwrite and prepared) or e.errno not in STORAGE_ERRORS:
+            raise
+        raise MepfError(f"{storage_error(e)}; the classifiers' progress is saved in {prepared[0]}: free space (or fix "
+                        "the permissions) and run the same command again WITHOUT --overwrite to continue from the "
+                        "saved epoch") from None
+
+
+def _evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N, fid_samples: int | None = None,
+                           metrics=None, classifiers=BENCH_CLASSIFIERS, validation: str | None = None,
+                           fid_reference: str | None = None, real_limit: int | None = None, epochs: int = 50,
+                           time_budget: float | None = None, inception_weights: str | None = None, data_root=None,
+                           release_log=None, seed: int = 0, device="cpu", cache_dir=None, progress: bool = True,
+                           class_map: str | None = None, overwrite: bool = False, z_scale: float = 1.0,
+                           prepared: list | None = None) -> dict:
+    """evaluate_dpimagebench's work; `prepared` gets the state folder once this call has made or taken it."""
+    prepared = [] if prepared is None else prepared
     t0 = time.perf_counter()
     deadline = time.time() + time_budget if time_budget else None
     out = Path(out)
@@ -240,6 +263,7 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
         classes = {"matched": how, "map": mapping}
         train = training_subset(synth.images, perm[synth.labels], schedule.n_train)
         state = _prepare_state(out, overwrite, meta)  # the inputs are good: from here the folder can resume
+        prepared.append(state)
         overwrite = False  # replaced once, not again by the FID below
         results = {}
         for kind in classifiers:
@@ -275,6 +299,7 @@ def evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N,
         if real_limit and isinstance(ref, ImageSet):
             ref.images = ref.images[:real_limit]
         state = _prepare_state(out, overwrite, meta)
+        prepared.append(state)
         stats_dir = Path(cache_dir) if cache_dir else state / "fid-stats"
         # theirs draws THEIR_FID_N of the samples unseeded; here a draw fixed by the seed, so a rerun agrees
         pick = fid_pick(k, k_fid, seed)

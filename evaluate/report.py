@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mepf.artifacts.format import printable
-from mepf.artifacts.staging import atomic_path, write_text_atomic
+from mepf.artifacts.staging import atomic_path
 from mepf.synthesize.grid import save_grid
 
 from .inception import PROBE_TOLERANCE as FID_PROBE_TOLERANCE
@@ -106,29 +106,29 @@ REPORT_FILES = ("samples.png", "curves.png", "report.json", "report.md")
 
 
 def write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None = None) -> None:
-    """report.json, report.md and the pictures in `out`; what an earlier report there (replaced with --overwrite)
-    wrote that this one does not (its run's curves, a dpimagebench state with its meta.json) goes, nothing else.
-    A write that fails (a full disk, Ctrl-C) leaves none of these files that were not there before, nor a folder
-    it made: the same command runs again (review 47 H1: a samples.png left behind refused it)."""
+    """report.json, report.md and the pictures in `out`, written whole or not at all: each to a temporary name, all
+    renamed into place once every one is written, and only then goes what an earlier report there (replaced with
+    --overwrite) wrote that this one does not (its run's curves, a dpimagebench state with its meta.json), nothing
+    else. A write that fails (a full disk, Ctrl-C) leaves the folder as it was, and none that it made: the same
+    command runs again (review 47 H1: a samples.png left refused it; review 48 M3: --overwrite mixed two reports)."""
     made = not out.exists()
-    before = {n for n in REPORT_FILES if (out / n).exists()}
+    out.mkdir(parents=True, exist_ok=True)
+    replacing = (out / "report.json").is_file()
+    has_curves = bool(stats)
     try:
-        _write_report(out, report, images, labels, stats, class_names)
+        with contextlib.ExitStack() as stack:
+            tmp = {n: stack.enter_context(atomic_path(out / n, Path(n).suffix)) for n in REPORT_FILES
+                   if has_curves or n != "curves.png"}
+            class_grid(images, labels, tmp["samples.png"], class_names=class_names)
+            if has_curves:
+                curves(stats, tmp["curves.png"])
+            tmp["report.json"].write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+            tmp["report.md"].write_text(_markdown(report, labels, has_curves), encoding="utf-8")
     except BaseException:
-        for n in REPORT_FILES:
-            if n not in before:
-                (out / n).unlink(missing_ok=True)
         if made:
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
-
-
-def _write_report(out: Path, report: dict, images, labels, stats: list, class_names: list | None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    replacing = (out / "report.json").is_file()
-    class_grid(images, labels, out / "samples.png", class_names=class_names)
-    has_curves = curves(stats, out / "curves.png")
     if replacing and not has_curves:
         (out / "curves.png").unlink(missing_ok=True)
     state = out / PROTOCOL_STATE
@@ -137,7 +137,10 @@ def _write_report(out: Path, report: dict, images, labels, stats: list, class_na
             state.unlink()
         elif (state / PROTOCOL_META).is_file():
             shutil.rmtree(state)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
+
+
+def _markdown(report: dict, labels, has_curves: bool) -> str:
+    """report.md: what was measured against what, the metrics table, the pictures and the warnings."""
     m = report["metrics"]
     lines = ["# mepf evaluation report", ""]
     if report["not_for_publication"]:
@@ -206,4 +209,4 @@ def _write_report(out: Path, report: dict, images, labels, stats: list, class_na
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- {_md(w, 1 << 16)}" for w in report["warnings"]] + [""]
     lines += [f"Wall time {report['wall_time_s']:.0f} s; versions {report['versions']}."]
-    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

@@ -127,8 +127,9 @@ def read_options(run) -> dict:
 def iter_stats(run):
     """(line, record) of each of the run's stats.jsonl records (dicts with an integer 'step'), read a line at a
     time: a file of MAX_STATS_BYTES from someone else costs its parsed records only where the caller keeps them
-    (all of them as dicts took about 30 times its size). Nothing where there is no file; a damaged line, or a
-    file that is not plain, too large or not UTF-8, is one MepfError."""
+    (all of them as dicts took about 30 times its size). Nothing where there is no file; a last line without its
+    newline is a record whose write was cut short, skipped; a damaged line, or a file that is not plain, too large
+    or not UTF-8, is one MepfError."""
     import json
     import os
     from pathlib import Path
@@ -161,6 +162,8 @@ def iter_stats(run):
                                 "damaged")
             if len(raw) > MAX_STATS_LINE:
                 raise MepfError(f"{path} line {i} is longer than any stats record; the run folder is damaged")
+            if not raw.endswith(b"\n"):  # the last, unfinished (a write cut short by a full disk or a kill): no record;
+                break  # resume rewrites the file without it (review 48)
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:

@@ -198,3 +198,34 @@ def test_the_protocol_script_gives_the_same_rows_with_classifiers_in_parallel(tm
         rows[jobs] = row
     assert rows[2]["complete"] and set(rows[2]["per_classifier"]) == {"resnet", "wrn"}
     assert rows[1]["per_classifier"] == rows[2]["per_classifier"]
+
+
+@pytest.mark.skipif(not any(Path(d).is_dir() for d in DEBIAN_FASHION_DIRS),
+                    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.parametrize("failure", ["full disk", "ctrl-c"])
+def test_a_protocol_run_started_afresh_says_to_continue_without_overwrite(tmp_path, monkeypatch, failure):
+    """A full disk or Ctrl-C after --overwrite had made the protocol's state said "run the same command again", which
+    (--overwrite included) discarded the epochs it had saved (review 48 M2): it says to run again without it. The
+    failure is injected where a classifier's state is saved (what a full disk does there)."""
+    import errno
+
+    from mepf.artifacts.errors import Interrupted
+    from mepf.evaluate import dpimagebench
+
+    root = Path(__file__).resolve().parent.parent
+    gen = root / "docs/results/generators/r3-55k-lite0-conv64-32k-cooldown-eps10-seed0/generator.pt"
+
+    def fails(*args, **kwargs):
+        if failure == "ctrl-c":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "rep" / "protocol-state" / "resnet.pt"))
+
+    monkeypatch.setattr(dpimagebench, "train_classifier", fails)
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "old.txt").write_text("an earlier report's folder")
+    kind = Interrupted if failure == "ctrl-c" else MepfError
+    with pytest.raises(kind, match="run the same command again WITHOUT --overwrite to continue from the saved epoch"):
+        dpimagebench.evaluate_dpimagebench(str(gen), "fashion-mnist:test", tmp_path / "rep", n=120, real_limit=120,
+                                           epochs=1, metrics=["accuracy"], classifiers=("resnet",), progress=False,
+                                           overwrite=True)
+    assert (tmp_path / "rep" / "protocol-state" / "meta.json").is_file()

@@ -643,6 +643,14 @@ def test_evaluate_on_a_full_disk_leaves_no_report_behind(study, tmp_path):
     assert not (tmp_path / "rep").exists()
     ok(cli(*args[2:], tmp_path / "rep"))
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(sizes)
+    # --overwrite of a report with another one that fails: the old report stays whole (it mixed the new samples.png
+    # with the old report.json and had removed the old curves.png, review 48 M3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()}
+    again = [a if a != "6" else "9" for a in args]  # other samples: another samples.png
+    p = subprocess.run([sys.executable, *again, str(tmp_path / "rep"), "--overwrite"], capture_output=True, text=True,
+                       timeout=600, preexec_fn=_file_size_capped(cap))
+    assert p.returncode == 2 and "File too large" in p.stderr, p.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()} == before
 
 
 def test_a_run_folder_is_trained_by_one_process_at_a_time(study, tmp_path):

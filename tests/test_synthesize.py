@@ -632,6 +632,10 @@ def test_run_folder_files_from_someone_else_are_read_bounded_and_without_waiting
         list(run_folder.iter_stats(run))
     (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n\n{"step": 100}\n')
     assert [r["step"] for _, r in run_folder.iter_stats(run)] == [50, 100]
+    # a last record whose write a full disk or a kill cut short (no newline): no record, not a damaged folder, so
+    # the resume the failure's message names works (review 48)
+    (run / run_folder.STATS).write_text('{"step": 50, "dist_S1": 0.1}\n{"step": 100, "dist_S1": 0.0')
+    assert [r["step"] for _, r in run_folder.iter_stats(run)] == [50]
 
 
 def test_an_extra_term_enters_the_generators_loss(release_file, tmp_path, monkeypatch):
