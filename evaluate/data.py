@@ -2,7 +2,6 @@
 reference (a named split, a folder, an .npz, or precomputed FID statistics). Never the private data."""
 from __future__ import annotations
 
-import shlex
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,9 +158,9 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: floa
         if not problem:
             with f:
                 if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    word = run_folder.shell_word(spec)
                     raise MepfError(f"{spec} is a release (the embedding written by mepf embed), not images or a "
-                                    f"generator: train one with `mepf synthesize {shlex.quote(str(spec))} --out RUN`, "
-                                    "then evaluate RUN "
+                                    f"generator: train one with `mepf synthesize {word} --out RUN`, then evaluate RUN "
                                     "(pass the release as --release for the embedding distance)")
     raise MepfError(f"{spec}: expected a run folder, generator.pt, .npz or a folder of PNGs")
 

@@ -17,9 +17,22 @@ MAX_OPTIONS_BYTES, MAX_STATS_BYTES = 16 << 20, 512 << 20
 MAX_STATS_LINE = 1 << 20
 
 
+def shell_word(path) -> str:
+    """`path` as one word of a command to paste: shlex.quote'd (a path with spaces works pasted as printed), or
+    where it holds what a terminal must not be sent (control characters, bytes that are not UTF-8) bash's $'...'
+    with each such byte as \\xHH: inert on screen and the very path when pasted (review 48 L1)."""
+    import os
+
+    text = str(path)
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(chr(c) if 32 <= c < 127 and chr(c) not in "\\'" else f"\\x{c:02x}"
+                          for c in os.fsencode(text)) + "'"
+
+
 def resume_command(run) -> str:
-    """The command that continues `run`, quoted for a POSIX shell: a path with spaces works pasted as printed."""
-    return f"mepf synthesize --resume {shlex.quote(str(run))}"
+    """The command that continues `run`, ready to paste."""
+    return f"mepf synthesize --resume {shell_word(run)}"
 
 
 def hold(run) -> int:
@@ -105,7 +118,7 @@ def read_options(run) -> dict:
     run = Path(run)
     if not (run / OPTIONS).is_file():
         raise MepfError(f"{run} is not a run folder (no {OPTIONS}); start one with `mepf synthesize FILE --out "
-                        f"{shlex.quote(str(run))}`")
+                        f"{shell_word(run)}`")
     try:
         saved = json.loads(read_text(run / OPTIONS, MAX_OPTIONS_BYTES))
     except (ValueError, RecursionError) as e:

@@ -3,7 +3,6 @@ gen.npz."""
 from __future__ import annotations
 
 import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def _run_note(run: Path, g, path: Path) -> str | None:
         claim = ("NONE: trained on a non-private baseline (eps = inf)" if eps == float("inf")
                  else f"eps = {eps:.4g} as it says" if isinstance(eps, (int, float)) else "no guarantee it states")
         return (f"{path} is NOT this run's ({why}); these are samples of that generator ({claim}), not of the "
-                f"run's: `mepf info {shlex.quote(str(run))}` says more")
+                f"run's: `mepf info {run_folder.shell_word(run)}` says more")
     if (behind := resumable_past(run, step, saved)) is not None:
         return f"{run_folder.behind_note(behind, step, 'these are samples')} sample again"
     return None

@@ -713,3 +713,19 @@ def test_the_owners_and_auditors_small_frictions(study, tmp_path):
     assert a.exit_code == 1 and "[FAIL] release-log: its SHA-256 is NOT in the release log" in a.output, a.output
     a = cli("audit", study / "rel.h5", "--release-log", study / "log.jsonl")
     assert a.exit_code == 0 and "[ok] release-log: its SHA-256 is in the release log" in a.output, a.output
+
+
+def test_a_printed_command_names_the_very_folder_when_pasted_and_is_inert_on_screen():
+    """Commands mepf prints for pasting (--resume RUN, ...): a run folder with spaces failed pasted (review 47 M1);
+    one with control characters or bytes that are not UTF-8 was shown with '?' for them, naming another folder
+    (review 48 L1). Each name pasted into bash gives back its very bytes, and the word holds nothing a terminal
+    acts on."""
+    from mepf.artifacts.format import printable
+    from mepf.synthesize.run_folder import resume_command, shell_word
+
+    for name in ("plain", "my runs/r 1", "it's", "a\x1b[31mred\x1b[0m", "tab\there", "new\nline", "ü ß",
+                 os.fsdecode(b"not utf-8 \xff\xfe"), "-dash", "back\\slash'q"):
+        word = shell_word(name)
+        pasted = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, check=True).stdout
+        assert pasted == os.fsencode(name) and printable(word, 1000) == word, (name, word)
+    assert resume_command("my runs/r 1") == "mepf synthesize --resume 'my runs/r 1'"
