@@ -423,15 +423,12 @@ def start(opts: TrainOptions, progress: bool = True) -> Trainer:
     def create() -> int:
         if run.exists() and not run.is_dir():
             raise MepfError(f"--out {run} is a file; give a folder for the run")
-        if run.is_dir() and any(run.iterdir()):  # said before the lock too: a finished run is the usual case
-            raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with: "
-                            f"{run_folder.resume_command(run)}")
         try:
             run.mkdir(parents=True, exist_ok=True)  # and its parents, as edm does
         except OSError as e:
             raise MepfError(f"run folder {run} cannot be created ({storage_error(e)}); choose another --out") from None
         held = run_folder.hold(run)
-        if any(run.iterdir()):  # another start on the same --out got there first
+        if any(run.iterdir()):  # a run's folder (or another start on the same --out got there first)
             run_folder.release(held)
             raise MepfError(f"run folder {run} is not empty; choose a new --out or continue it with: "
                             f"{run_folder.resume_command(run)}")

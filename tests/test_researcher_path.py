@@ -670,6 +670,9 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(study, tmp_path):
     finally:
         run_folder.release(held)
     ok(cli("synthesize", "--resume", run, "--steps", "4", "--quiet"))
+    refused(cli("synthesize", study / "rel.h5", "--out", run, "--steps", "2", *TRAIN), f"run folder {run} is not empty",
+            f"continue it with: mepf synthesize --resume {run}")
+    assert (run / "options.json").read_text() != options  # the resume's changes, not a new run's options
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     held = run_folder.hold(fresh)
