@@ -57,8 +57,19 @@ def check_output_path(path, overwrite: bool, need: int = 0) -> Path:
     if len(os.fsencode(path.name)) + TEMP_EXTRA > longest:
         raise MepfError(f"output name {path.name[:40]}... is too long for this folder (at most "
                         f"{longest - TEMP_EXTRA} bytes, to leave room for its temporary name); choose a shorter --out")
-    _check_room(path.parent, need)
+    _check_room(path.parent, 2 * need if need and _copied(path.parent) else need)
     return path
+
+
+def _copied(folder: Path) -> bool:
+    """Whether a file written here is copied into place (unnamed files that cannot be linked in: EXDEV), so that
+    it takes twice its size until it is in place (review 49)."""
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except (OSError, AttributeError):
+        return False
+    os.close(fd)
+    return not _links(folder)
 
 
 def _check_room(folder: Path, need: int) -> None:

@@ -8,6 +8,7 @@ no message, progress display or result carries a number computed from the record
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import secrets
@@ -552,4 +553,12 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         with release_log.locked(log_path) as lock:
             return release(lock)
 
-    return distributed.on_main(locked_release)
+    def heard_by_none(result: EmbedResult, said: str) -> EmbedResult:  # review 49 M1: the release stands
+        return dataclasses.replace(result, warnings=[*result.warnings, (
+            f"another rank stopped after the sums were exchanged ({said}): this release is complete and logged; that "
+            "rank's own output says why it stopped")])
+
+    # rank 0 alone writes: a rank that loses it here cannot tell whether it did
+    with distributed.peers_lost("rank 0 was releasing: its output (or `mepf releases` on its release log) says "
+                                "whether the release was written; run again only if it was not"):
+        return distributed.on_main(locked_release, on_lost=heard_by_none)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from mepf.artifacts.accounting import validate_target
@@ -42,10 +43,23 @@ def prepare_embed(opts: EmbedOptions):
 
 def outside_data(data, outputs: dict) -> None:
     """Refuse an output inside the image folder being read: made before the folder is listed, it would be read as
-    a record or a class of it, and the next embed of that folder would read the release."""
-    if not data or not os.path.isdir(data):
+    a record or a class of it, and the next embed of that folder would read the release. An output that is the
+    .npz/.h5 file being read (--overwrite would have replaced the data with the release: review 49 M2) likewise."""
+    if not data:
         return
-    root = os.stat(data)
+    try:
+        root = os.stat(data)
+    except OSError:  # open_source says what is wrong with it
+        return
+    if not stat.S_ISDIR(root.st_mode):
+        for flag, path in outputs.items():
+            try:
+                st = os.stat(path) if path else None
+            except OSError:  # not there yet: it cannot be the data
+                continue
+            if st is not None and (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino):
+                raise MepfError(f"{flag} {path} is the data file being read (--data {data}); write it to another file")
+        return
     for flag, path in outputs.items():
         if not path:
             continue
@@ -95,14 +109,15 @@ def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     # folders --out needs that do not exist yet: made early (to fail before the pass), removed if left empty
     made = _missing_folders(opts.out) if ranks.main else []
     try:
-        source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
-        workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers
-        return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon,
-                             delta=opts.delta, relation=opts.relation, moments=opts.moments,
-                             budget_split=opts.budget_split, batch_size=opts.batch_size, device=device,
-                             overwrite=opts.overwrite, force=opts.force, release_log_path=opts.release_log,
-                             allow_repeat=opts.allow_repeat, progress=progress, workers=workers, data_given=opts.data,
-                             bad_records=opts.bad_records)
+        with distributed.peers_lost("nothing was released; run again once every node can take part"):
+            source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
+            workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers
+            return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon,
+                                 delta=opts.delta, relation=opts.relation, moments=opts.moments,
+                                 budget_split=opts.budget_split, batch_size=opts.batch_size, device=device,
+                                 overwrite=opts.overwrite, force=opts.force, release_log_path=opts.release_log,
+                                 allow_repeat=opts.allow_repeat, progress=progress, workers=workers,
+                                 data_given=opts.data, bad_records=opts.bad_records)
     except BaseException:
         for p in made:  # deepest first; a folder holding anything (a log, a release) stays
             with contextlib.suppress(OSError):

@@ -468,7 +468,9 @@ def _resumable_when_interrupted(run: Path, what: str):
     node down: torch's own traceback on every other rank, review 44 L2), or a full disk (review 47 H1): the folder
     exists, so the message says to resume it."""
     try:
-        yield
+        with distributed.peers_lost(f"the run folder {run} {what}: continue from its last snapshot with: "
+                                    f"{run_folder.resume_command(run)}"):
+            yield
     except OSError as e:
         if e.errno not in STORAGE_ERRORS:
             raise
@@ -480,16 +482,6 @@ def _resumable_when_interrupted(run: Path, what: str):
             raise
         raise Interrupted(f"interrupted; the run folder {run} {what}: continue from its last snapshot (or its start) "
                           f"with: {run_folder.resume_command(run)}", getattr(e, "signum", None)) from None
-    except RuntimeError as e:
-        ranks = distributed.current()
-        lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
-            w in str(e) for w in ("gloo", "NCCL", "Connection reset", "Connection closed"))
-        if not (ranks.active and lost):
-            raise
-        said = " ".join(str(e).split())[:160]
-        raise MepfError(f"rank {ranks.rank}'s collective failed ({type(e).__name__}: {said}): another rank stopped or "
-                        f"its node failed, or this rank's own device (the words above say which); the run folder {run} "
-                        f"{what}: continue from its last snapshot with: {run_folder.resume_command(run)}") from None
 
 
 #: options that may change when a run resumes: they take effect from the resumed step (recorded in options.json)

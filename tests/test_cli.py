@@ -245,6 +245,28 @@ def test_an_output_inside_the_data_folder_is_refused_before_it_is_made(tmp_path,
     assert r.exit_code == 0, r.stderr
 
 
+def test_an_output_that_is_the_data_file_is_refused_and_the_data_kept(tmp_path, labelled_npz):
+    """--out naming the .h5 being read, with --overwrite (which "already exists; pass --overwrite" suggested),
+    replaced the owner's data with the release (review 49 M2); through a link or as the log, likewise."""
+    import h5py
+
+    _, x, y = labelled_npz
+    data = tmp_path / "private.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", data=x)
+        f.create_dataset("labels", data=y)
+    before = data.read_bytes()
+    (tmp_path / "link.h5").symlink_to(data)
+    for out, log, flag in ((data, tmp_path / "log.jsonl", "--out"), (tmp_path / "link.h5", tmp_path / "log.jsonl",
+                                                                       "--out"),
+                           (tmp_path / "r.h5", data, "--release-log")):
+        r = cli(*embed_args(data, out, log, "--classes", "3", "--overwrite"))
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{flag} " in r.stderr and "is the data file being read" in r.stderr, r.stderr
+    assert data.read_bytes() == before and not (tmp_path / "log.jsonl").exists()
+    assert cli(*embed_args(data, tmp_path / "r.h5", tmp_path / "log.jsonl", "--classes", "3")).exit_code == 0
+
+
 def test_audit_with_a_log_that_does_not_exist_says_so(tmp_path, labelled_npz):
     """A mistyped --release-log read as the alarming "not in the release log" (review 15)."""
     r = cli(*embed_args(labelled_npz[0], tmp_path / "x.h5", tmp_path / "log.jsonl", "--classes", "3"))

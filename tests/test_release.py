@@ -615,6 +615,24 @@ def test_a_logged_release_left_under_its_temporary_name_is_put_in_place(tmp_path
     assert file_sha256(out) != file_sha256(tmp_path / "elsewhere")  # a fresh release, not the planted file
 
 
+def test_a_folder_that_copies_the_release_into_place_needs_room_for_two(tmp_path, monkeypatch):
+    """Where the kernel will not link an unnamed file into the folder (EXDEV, as on some sandboxes' /proc: this
+    development machine's), the release is written unnamed and copied into a reserved temporary: twice its size
+    until it is in place, which the check before the pass asked only once (review 49). Where the kernel links
+    them, its refusal is taken as given."""
+    from mepf.artifacts import staging
+
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    if staging._links(tmp_path):
+        staging.check_output_path(tmp_path / "r.h5", False, need=free * 6 // 10)  # written in place: room for one
+        monkeypatch.setattr(staging, "_links", lambda folder: False)
+    if not staging._copied(tmp_path):
+        pytest.skip("this filesystem has no unnamed files: a release is written by its temporary name")
+    with pytest.raises(MepfError, match="MB free and the output needs about"):
+        staging.check_output_path(tmp_path / "r.h5", False, need=free * 6 // 10)
+    staging.check_output_path(tmp_path / "r.h5", False, need=free * 4 // 10)
+
+
 def test_an_output_name_too_long_for_its_temporary_is_refused_before_the_pass(tmp_path):
     from mepf.artifacts.staging import check_output_path
 

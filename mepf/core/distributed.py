@@ -6,6 +6,7 @@ every rank raises the same one-line error and none is left waiting in a collecti
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import struct
@@ -225,9 +226,10 @@ def agree(error: str | None, kind: type = MepfError) -> None:
         raise kind(first)
 
 
-def on_main(fn):
+def on_main(fn, on_lost=None):
     """Run fn() on rank 0 only and share its outcome: its return value on rank 0 (None elsewhere), or the
-    same one-line error raised on every rank."""
+    same one-line error raised on every rank. A rank lost while rank 0 tells the others: rank 0 raises its own
+    error, or, where fn() succeeded, returns on_lost(result, said) (with no on_lost, the collective's error)."""
     r = current()
     result, error, crash = None, None, None
     if r.main:
@@ -238,12 +240,42 @@ def on_main(fn):
         except Exception as e:  # a bug: the others must not wait for rank 0 in the next collective
             error, crash = f"rank 0 failed ({type(e).__name__}); see its traceback", e
     if r.active:
-        error = _decode_error(broadcast_bytes(_encode_error(error), MESSAGE_BYTES))
+        try:
+            error = _decode_error(broadcast_bytes(_encode_error(error), MESSAGE_BYTES))
+        except RuntimeError as e:
+            if not (r.main and lost_peer(e)) or (crash is None and error is None and on_lost is None):
+                raise
+            if crash is None and error is None:  # fn()'s work is done: a peer that went away must not hide it
+                return on_lost(result, _said(e))
     if crash is not None:
         raise crash
     if error:
         raise MepfError(error)
     return result
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective's failure because another rank stopped or its node failed (torch's own
+    error, a traceback on every other rank, unless caught; review 44 L2, review 49)."""
+    return isinstance(e, RuntimeError) and (isinstance(e, getattr(dist, "DistError", ())) or any(
+        w in str(e) for w in ("gloo", "NCCL", "Connection reset", "Connection closed")))
+
+
+def _said(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
+@contextlib.contextmanager
+def peers_lost(consequence: str):
+    """A collective that fails because another rank or node went away becomes one line on this rank, ending in
+    `consequence` (what became of the work and the way on); any other error passes."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (current().active and lost_peer(e)):
+            raise
+        raise MepfError(f"rank {current().rank}'s collective failed ({_said(e)}): another rank stopped or its node "
+                        f"failed, or this rank's own device (the words above say which); {consequence}") from None
 
 
 def agree_same(what: str, value) -> None:
