@@ -16,6 +16,7 @@ from mepf.embed.fingerprint import Fingerprint
 from mepf.embed.sources import open_source, pixels_of
 from mepf.embed.transform import Transform
 from mepf.synthesize import run_folder
+from mepf.synthesize.sampling import CROPS, samples_crop
 
 from .classes import sampled_names
 
@@ -32,6 +33,8 @@ class ImageSet:
     by_index: bool = False  # labels are indices without names (an .npz): classes match by position
     sampled_names: list | None = None  # a folder from `mepf sample`: the class names behind INDEX_NAME
     generator_path: Path | None = None
+    crop: str | None = None  # samples: the crop of the release they were drawn for ("center", "none"); None unknown
+    native: dict | None = None  # a reference: how many records were converted to the geometry, and how
 
     @property
     def shape(self):
@@ -52,10 +55,13 @@ def read_source(source, geometry: tuple | None = None, crop: str | None = None) 
     fp = Fingerprint(keep_hashes=True)  # in memory anyway; compared under the release log's key later
     transform = Transform(geometry[:2], geometry[2], crop) if geometry is not None else None
     xs, ys = [], []
-    for images, labels in source.batches(1000):
+    native = {"records": 0, "other_aspect": 0, "upsampled": 0, "other_channels": 0}
+    # blocks of 64: decoded at their own size first (3000 x 2000 photos took 35 MB each, review 50 M4)
+    for images, labels in source.batches(64 if transform is not None else 1000):
         fp.update(images, labels)
         images = pixels_of(images)  # a PNG above the decoding cap is one black pixel, as stage 1 embeds it
         if transform is not None:
+            _count_conversions(images, geometry, native)
             x = transform(images).permute(0, 2, 3, 1).numpy()
             images = np.round(x * 255).clip(0, 255).astype(np.uint8)
         else:
@@ -71,7 +77,22 @@ def read_source(source, geometry: tuple | None = None, crop: str | None = None) 
     images = np.concatenate(xs)
     if images.dtype != np.uint8:
         images = np.round(images * 255).astype(np.uint8)
-    return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp)
+    return ImageSet(images, np.concatenate(ys) if ys else None, source.classes, source.description, fp,
+                    native=native if transform is not None else None)
+
+
+def _count_conversions(images, geometry: tuple, native: dict) -> None:
+    """Add to `native` the records of `images` (an array or a list of them, as a source yields) that the transform
+    to `geometry` stretches (another aspect ratio), upsamples or converts between grey and colour."""
+    h, w, c = geometry
+    shapes = [np.shape(x) for x in images] if isinstance(images, list) else [np.shape(images)[1:]] * len(images)
+    for shape in shapes:
+        rh, rw = shape[:2]
+        rc = shape[2] if len(shape) > 2 else 1
+        native["records"] += 1
+        native["other_aspect"] += rh * w != rw * h
+        native["upsampled"] += rh < h or rw < w
+        native["other_channels"] += (rc >= 3) != (c >= 3)
 
 
 def _header(d, key: str, path: Path) -> tuple:
@@ -110,6 +131,10 @@ def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None)
                 names = _small(d, "class_names", None, "U", path)
                 if names.ndim == 1 and len(names) <= MAX_CLASSES:
                     named = [str(n) for n in names]  # written by mepf sample
+            recorded = None  # the release's --crop, as mepf sample records it (another tool's member: unknown)
+            if "crop" in d:
+                shape, dtype = _header(d, "crop", path)
+                recorded = str(d["crop"]) if shape == () and dtype.kind == "U" and dtype.itemsize <= 64 else None
             if y is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= MAX_CLASSES):
                 raise MepfError(f"{path}: labels must be 0 to {MAX_CLASSES - 1:,}; relabel the images")
             classes = named or ([str(i) for i in range(int(y.max()) + 1)] if y is not None and len(y) else None)
@@ -120,6 +145,7 @@ def read_npz(path: Path, geometry: tuple | None = None, crop: str | None = None)
         raise MepfError(f"{path}: its class_names hold {class_names_problem(named)}; fix or drop them")
     out = read_source(ArraySource(path, classes), geometry, crop)
     out.by_index = classes is not None and named is None
+    out.crop = recorded if recorded in CROPS else None
     return out
 
 
@@ -137,7 +163,8 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: floa
         run = p if p.is_dir() else (p.parent if (p.parent / run_folder.OPTIONS).is_file() else None)
         names = g.info["class_names"] if g.info.get("labelled") else None
         return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g,
-                        generator_path=p if p.is_file() else p / run_folder.GENERATOR)
+                        generator_path=p if p.is_file() else p / run_folder.GENERATOR,
+                        crop=(g.info.get("transform") or {}).get("crop") or "none")
     if p.is_dir() and (p / run_folder.OPTIONS).is_file():
         raise MepfError(f"{p} has no generator.pt yet; finish training ({run_folder.resume_command(p)})")
     if z_scale != 1:
@@ -150,6 +177,7 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: floa
         sampled = sampled_names(out.class_names)
         if sampled is not None:  # a folder written by `mepf sample`: INDEX_NAME, in label order
             out.sampled_names = sampled
+        out.crop = samples_crop(p)
         return out
     if p.is_file():
         from mepf.synthesize.locate import HDF5_SIGNATURE

@@ -223,7 +223,7 @@ def _evaluate_dpimagebench(synthetic: str, reference: str, out, n: int = THEIR_N
     drawn = "" if z_scale == 1 else f" at z scale {z_scale!r}"  # a saved state belongs to these samples only
     meta = {"evaluation": f"{'generator ' + ident + drawn if ident else synthetic}, seed {seed}, {epochs} epochs, real "
                           f"limit {real_limit}, {'+'.join(sorted(wanted))}, {'+'.join(sorted(classifiers))}"}
-    crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
+    crop = None if synth.crop in (None, "none") else synth.crop  # the generator's, or as mepf sample recorded it
     schedule = BenchSchedule(epochs=epochs)
     metrics_out, flagged = {}, []
     warnings = unchecked_warning(release, "put it beside the generator (this protocol takes no --release)")

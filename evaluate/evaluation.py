@@ -312,14 +312,14 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     if bad:
         raise MepfError(f"unknown metric {sorted(bad)[0]!r}; choose from {', '.join(METRICS)}")
     synth = load_synthetic(synthetic, n, seed, device, z_scale)
-    # the reference as stage 1 reads data: converted and resized to the synthetic images' (the release's) geometry
-    crop = (synth.generator.info.get("transform") or {}).get("crop") if synth.generator is not None else None
-    ref = load_reference(reference, data_root, geometry=synth.shape, crop=crop)
-    warnings = []
-    labelled = synth.labels is not None and isinstance(ref, ImageSet) and ref.labels is not None
-    wanted = _metrics_wanted(metrics, labelled, synth.labels is None, warnings)
     saved = _run_options(synth)
     rel = _release_of(synth, release, saved)
+    # the reference as stage 1 read the data: converted, cropped as the release's and resized to its geometry
+    crop, crop_from = reference_crop(synth, rel)
+    ref = load_reference(reference, data_root, geometry=synth.shape, crop=crop)
+    warnings = conversion_warnings(ref, synth.shape, crop_from)
+    labelled = synth.labels is not None and isinstance(ref, ImageSet) and ref.labels is not None
+    wanted = _metrics_wanted(metrics, labelled, synth.labels is None, warnings)
     release_rec = _release_record(synth, rel)  # before any metric: an altered generator stops here
     warnings += unchecked_warning(release_rec, "pass it with --release")
     given, rows = None, None  # images as files: the release is the user's word (the distance; unnamed labels' names)
@@ -375,6 +375,8 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
     warnings += _late_warnings(metrics_out, generator)
     report = {"synthetic": synth.description, "synthetic_given": synthetic, "n_synthetic": int(len(synth.images)),
               "reference": ref.description, "reference_given": reference, "generator": generator,
+              "reference_read": {"geometry": list(synth.shape), "crop": crop, "crop_from": crop_from,
+                                 "converted": getattr(ref, "native", None)},
               **({"real_train_given": real_train, "n_real_train": int(len(real.images))} if real is not None else {}),
               "n_reference": int(len(ref.images)) if isinstance(ref, ImageSet) else None, "metrics": metrics_out,
               "release": release_rec, "release_given": given, "not_for_publication": bool(warn),
@@ -384,6 +386,44 @@ def evaluate(synthetic: str, reference: str, out, n: int = _D.n, fid_samples: in
               "wall_time_s": time.perf_counter() - t0}
     write_report(out, report, synth.images, synth.labels, run_stats(synth.run_dir), synth.class_names)
     return report
+
+
+def reference_crop(synth, rel) -> tuple:
+    """(crop, where it was learnt) for reading the reference as the release's data were read: the generator's,
+    what the samples record (mepf sample), else the release given; (None, None) where none says (review 50 H1:
+    files were compared with a stretched reference where the run's evaluation cropped it)."""
+    release = None
+    if rel is not None:
+        release = "center" if (rel.data_spec.get("transform") or {}).get("crop") else "none"  # as a run records it
+    if synth.crop is not None:
+        if release is not None and release != synth.crop:
+            raise MepfError(f"the samples were drawn for a release read with crop {synth.crop}, the release given "
+                            f"was read with crop {release}: they are not this release's samples")
+        return (None if synth.crop == "none" else synth.crop), ("generator" if synth.generator else "samples")
+    if release is not None:
+        return (None if release == "none" else release), "release"
+    return None, None
+
+
+def conversion_warnings(ref, geometry: tuple, crop_from: str | None) -> list:
+    """What reading the reference at the synthetic images' geometry did to its records that a reader of the
+    numbers should know (review 50 M1): stretched without a known crop, upsampled, grey and colour converted."""
+    native = getattr(ref, "native", None)
+    if not native or not native["records"]:
+        return []
+    h, w, c = geometry
+    total, out = native["records"], []
+    if native["other_aspect"] and crop_from is None:
+        out.append(f"{native['other_aspect']:,} of {total:,} reference images have another aspect ratio than "
+                   f"{h} x {w} and were stretched to it: whether the release cropped its data is unknown (these "
+                   "images do not say); pass --release FILE so that the reference is read as its data were")
+    if native["upsampled"]:
+        out.append(f"{native['upsampled']:,} of {total:,} reference images are smaller than {h} x {w} and were "
+                   "upsampled to it: a reference at the release's size (or larger) is the one to compare with")
+    if native["other_channels"] and c >= 3:  # colour to grey is what the release did to its own data
+        out.append(f"{native['other_channels']:,} of {total:,} reference images are grey and were repeated to the "
+                   "synthetic images' three channels: a colour reference is the one to compare with")
+    return out
 
 
 def _late_warnings(metrics_out: dict, generator: dict | None) -> list:

@@ -135,8 +135,10 @@ class TrainedGenerator:
             raise MepfError(f"labels must be one of {', '.join(LABELS)}")
         self.module.to(device).eval()
         size, c = self.arch["image_size"], self.arch["channels"]
-        # at most 256 MB of float32 images per batch: a small file may declare large images (1024 x 1024 x 3)
-        batch_size = min(batch_size, max(1, (1 << 26) // (size * size * c)))
+        # at most 256 MB of float32 images per batch: a small file may declare large images (1024 x 1024 x 3); and
+        # about 1 GiB of activations, some `width` channels at the image's size (review 50 M2: 7.6 GB at 128 px)
+        batch_size = min(batch_size, max(1, (1 << 26) // (size * size * c)),
+                         max(1, (1 << 30) // (32 * size * size * max(c, self.arch["width"]))))
         try:  # the labels and latents too: -n sets their size (review 44 L3)
             g = torch.Generator().manual_seed(seed)
             if labels == "prior":
@@ -156,7 +158,8 @@ class TrainedGenerator:
             if isinstance(e, RuntimeError) and "memory" not in str(e):
                 raise
             raise MepfError(f"{n} images of {size} x {size} x {c} do not fit in this machine's memory "
-                            f"({type(e).__name__}); sample fewer (-n) or with a smaller --batch-size") from None
+                            f"({type(e).__name__}); free memory, or draw them in smaller batches with `mepf sample "
+                            "--batch-size` and evaluate that file") from None
         return images, y.numpy()
 
 

@@ -34,6 +34,20 @@ def class_folders(names: list) -> list:
 #: what `mepf sample` writes in a folder: its marker, class folders (index, then the safe name) of numbered PNGs,
 #: or the PNGs (ASCII digits: Python's \d takes any script's)
 MARKER = ".mepf-samples"
+#: what the samples record of the release's --crop (an .npz member `crop`, a line `crop: ...` in the marker), so
+#: that evaluate reads the reference as the release's data were read (review 50 H1)
+CROPS = ("center", "none")
+
+
+def samples_crop(folder: Path) -> str | None:
+    """The crop a folder of samples records in its marker; None where it records none (or is not mepf's)."""
+    try:
+        with open(folder / MARKER, "rb") as f:
+            text = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return None
+    said = [line[len("crop: "):].strip() for line in text.splitlines() if line.startswith("crop: ")]
+    return said[0] if len(said) == 1 and said[0] in CROPS else None
 _CLASS_FOLDER, _PNG = re.compile(r"[0-9]+(_[A-Za-z0-9._-]*)?"), re.compile(r"[0-9]{6,}\.png")
 
 
@@ -137,6 +151,7 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     with progress_bar(total=n, desc="sample", unit="image", disable=not progress, leave=False) as bar:
         images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale,
                              on_batch=bar.update)
+    crop = (g.info.get("transform") or {}).get("crop") or "none"
     if format == "dpimagebench":
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
         with atomic_path(out, ".npz") as tmp:
@@ -147,12 +162,12 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         named = ({"labels": y, "class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled")
                  else {})
         with atomic_path(out, ".npz") as tmp:
-            np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, **named)
+            np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, crop=np.array(crop), **named)
         return out
     names = class_folders(g.info["class_names"]) if g.info.get("labelled") else None
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / MARKER).write_text("written by mepf sample: --overwrite may replace this folder\n")
+        (tmp / MARKER).write_text(f"written by mepf sample: --overwrite may replace this folder\ncrop: {crop}\n")
         with progress_bar(total=n, desc="write PNGs", unit="image", disable=not progress, leave=False) as bar:
             for i, (img, label) in enumerate(zip(images, y)):
                 d = tmp / names[label] if names else tmp

@@ -525,6 +525,58 @@ def test_crop_center_keeps_the_middle_of_non_square_records_and_evaluate_applies
     assert ref.images.max() == 0 and load_reference(str(tmp_path / "wide"), geometry=(28, 28, 1)).images.max() > 0
 
 
+def test_samples_as_files_are_scored_against_the_reference_cropped_as_the_run_is(tmp_path):
+    """A --crop center release: evaluating the run cropped the reference, evaluating the very same samples as an .npz
+    or PNG folder (even with --release) stretched it, and said nothing (review 50 H1). The samples record the crop,
+    the release gives it, and where neither does a stretched reference is a warning."""
+    for name, sides in (("a", True), ("b", False)):
+        (tmp_path / "wide" / name).mkdir(parents=True)
+        for i in range(6):
+            img = np.zeros((28, 56), np.uint8)
+            img[:, :14] = img[:, 42:] = 255 * sides
+            img[:, 14:42] = 0 if sides else 160 + 10 * i
+            Image.fromarray(img).save(tmp_path / "wide" / name / f"{i}.png")
+    ok(cli("embed", "--data", tmp_path / "wide", "--image-size", "28", "--channels", "1", "--crop", "center",
+           "--out", tmp_path / "r.h5", "--epsilon", "inf", "--delta", "1e-3", "--release-log", tmp_path / "log.jsonl",
+           "--quiet", *TINY))
+    ok(cli("synthesize", tmp_path / "r.h5", "--out", tmp_path / "run", "--steps", "2", *TRAIN))
+    ok(cli("sample", tmp_path / "run", "-n", "30", "--out", tmp_path / "s.npz"))
+    ok(cli("sample", tmp_path / "run", "-n", "30", "--out", tmp_path / "pngs"))
+    with np.load(tmp_path / "s.npz") as d:
+        np.savez(tmp_path / "bare.npz", **{k: d[k] for k in d.files if k != "crop"})  # another tool's, say
+
+    def read(synthetic, *extra):
+        out = tmp_path / f"rep{len(list(tmp_path.glob('rep*')))}"
+        ok(accuracy(synthetic, tmp_path / "wide", out, *extra))
+        return json.loads((out / "report.json").read_text())
+
+    run, npz, pngs = read(tmp_path / "run"), read(tmp_path / "s.npz"), read(tmp_path / "pngs")
+    given, bare = read(tmp_path / "bare.npz", "--release", tmp_path / "r.h5"), read(tmp_path / "bare.npz")
+    for rep, said in ((run, "generator"), (npz, "samples"), (pngs, "samples"), (given, "release")):
+        assert rep["reference_read"]["crop"] == "center" and rep["reference_read"]["crop_from"] == said, rep
+        assert not any("stretched" in w for w in rep["warnings"]), rep["warnings"]
+    assert npz["metrics"] == run["metrics"] == given["metrics"]  # the same images against the same reference
+    assert bare["reference_read"]["crop"] is None and bare["reference_read"]["converted"]["other_aspect"] == 12
+    assert any("12 of 12 reference images have another aspect ratio" in w and "--release" in w
+               for w in bare["warnings"]), bare["warnings"]
+
+
+def test_a_reference_smaller_or_greyer_than_the_samples_is_said(study, tmp_path):
+    """A 24 px grey reference for 28 px colour samples was upsampled and repeated to RGB without a word (review 50
+    M1): the report says what was done, and warns."""
+    rgb = make_images(12, seed=5, size=28, channels=3)
+    np.savez(tmp_path / "samples.npz", images=rgb, labels=np.arange(12) % 3)
+    np.savez(tmp_path / "ref.npz", images=make_images(9, seed=6, size=24), labels=np.arange(9) % 3)
+    r = ok(cli("evaluate", tmp_path / "samples.npz", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "rep",
+               "--metrics", "accuracy", "--classifiers", "logreg", "--quiet"))
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["reference_read"]["converted"] == {"records": 9, "other_aspect": 0, "upsampled": 9,
+                                                  "other_channels": 9}, rep
+    assert any("9 of 9 reference images are smaller than 28 x 28" in w for w in rep["warnings"]), rep["warnings"]
+    assert any("9 of 9 reference images are grey" in w for w in rep["warnings"]), rep["warnings"]
+    assert r.exit_code == 0
+
+
 def test_an_npz_without_names_is_paired_by_index_only_with_a_map_or_index_names(study, tmp_path):
     """An .npz reference has labels but no names: pairing them with "benign"... by position could be silently
     wrong, so it needs --class-map; samples written by `mepf sample --out x.npz` carry their names."""
