@@ -549,9 +549,12 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
         return EmbedResult(path=out, sha256=sha, ledger=ledger, repeat_of=len(repeats), warnings=warnings,
                            notes=notes)
 
+    done = []
+
     def locked_release() -> EmbedResult:
         with release_log.locked(log_path) as lock:
-            return release(lock)
+            done.append(release(lock))
+        return done[0]
 
     def heard_by_none(result: EmbedResult, said: str) -> EmbedResult:  # review 49 M1: the release stands
         return dataclasses.replace(result, warnings=[*result.warnings, (
@@ -559,6 +562,11 @@ def embed_to_file(source, transform, extractor, feature_spec: dict, *, out, epsi
             "rank's own output says why it stopped")])
 
     # rank 0 alone writes: a rank that loses it here cannot tell whether it did
-    with distributed.peers_lost("rank 0 was releasing: its output (or `mepf releases` on its release log) says "
-                                "whether the release was written; run again only if it was not"):
-        return distributed.on_main(locked_release, on_lost=heard_by_none)
+    try:
+        with distributed.peers_lost("rank 0 was releasing: its output (or `mepf releases` on its release log) says "
+                                    "whether the release was written; run again only if it was not"):
+            return distributed.on_main(locked_release, on_lost=heard_by_none)
+    except KeyboardInterrupt as e:  # while rank 0 told the others (review 51 M1): not "nothing was released"
+        if not done or isinstance(e, Interrupted):
+            raise
+        raise Interrupted(_complete(out, done[0].notes + done[0].warnings), getattr(e, "signum", None)) from None

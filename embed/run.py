@@ -109,7 +109,9 @@ def run_embed(opts: EmbedOptions, progress: bool = True) -> EmbedResult | None:
     # folders --out needs that do not exist yet: made early (to fail before the pass), removed if left empty
     made = _missing_folders(opts.out) if ranks.main else []
     try:
-        with distributed.peers_lost("nothing was released; run again once every node can take part"):
+        with distributed.peers_lost("nothing was released; run again once every node can take part" if ranks.main
+                                    else "rank 0 alone releases, normally not after this: its output (or `mepf "
+                                    "releases` on its release log) says whether it did; run again only if not"):
             source, transform, extractor, spec, _ = distributed.guarded(lambda: prepare_embed(opts))
             workers = default_workers(device, ranks.local_world) if opts.workers is None else opts.workers
             return embed_to_file(source, transform, extractor, spec, out=opts.out, epsilon=opts.epsilon,

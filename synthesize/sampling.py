@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from mepf.artifacts.errors import MepfError
+from mepf.artifacts.plain_file import open_plain_file
 from mepf.artifacts.staging import atomic_path, create_folder_of
 from mepf.progress import progress as progress_bar
 
@@ -41,8 +42,11 @@ CROPS = ("center", "none")
 
 def samples_crop(folder: Path) -> str | None:
     """The crop a folder of samples records in its marker; None where it records none (or is not mepf's)."""
+    problem, f = open_plain_file(folder / MARKER)  # never waits on a FIFO (review 51 M2)
+    if problem:
+        return None
     try:
-        with open(folder / MARKER, "rb") as f:
+        with f:
             text = f.read(4096).decode("utf-8", "replace")
     except OSError:
         return None

@@ -368,3 +368,25 @@ def test_a_world_size_that_is_not_a_number_is_said_whatever_rank_the_shell_claim
         embed()
     said = capsys.readouterr().err
     assert e.value.code == 2 and said.count("\n") == 1 and "WORLD_SIZE='x' is not a whole number" in said
+
+
+def test_an_interrupt_while_rank_0_tells_the_others_says_the_release_is_complete(tmp_path, labelled_npz, monkeypatch):
+    """A Ctrl-C or SIGTERM (torchrun's agent, Slurm: typically when a node was lost) that lands while rank 0 tells
+    the other ranks the outcome, after the release was written and logged, said "nothing was released ... run the
+    same command again" (review 51 M1). Simulated: the signal taken as the broadcast after the release returns."""
+    from mepf.core import distributed
+
+    real = distributed.on_main
+
+    def on_main(fn, on_lost=None):
+        result = real(fn, on_lost)
+        if on_lost is not None:  # the release's: the signal lands in its broadcast
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(distributed, "on_main", on_main)
+    r = cli(*embed_args(labelled_npz[0], tmp_path / "r.h5", tmp_path / "log.jsonl", "--classes", "3"))
+    assert r.exit_code == 130 and "nothing was released" not in r.stderr, r.stderr
+    assert "the release was written to" in r.stderr and "it is complete; do not run again" in r.stderr, r.stderr
+    assert load(tmp_path / "r.h5").epsilon == pytest.approx(10)
+    assert len(release_log.read_log(tmp_path / "log.jsonl")) == 1

@@ -168,7 +168,8 @@ def test_a_sampled_folder_maps_back_to_the_release_names(study, tmp_path):
                "--metrics", "accuracy", "--classifiers", "logreg", "--quiet"))
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["classes"]["matched"] == "by name" and rep["classes"]["map"]["1_malignant_lesion"] == "malignant lesion"
-    assert r.output.startswith("report:")
+    assert r.output.splitlines()[-1].startswith("report:")  # after the notes (24 px images among the reference's)
+    assert rep["reference_read"]["crop_from"] == "samples" and rep["reference_read"]["converted"]["upsampled"] > 0
 
 
 # --------------------------------------------------------------------------- 2. a reference like the owner's data
@@ -559,6 +560,13 @@ def test_samples_as_files_are_scored_against_the_reference_cropped_as_the_run_is
     assert bare["reference_read"]["crop"] is None and bare["reference_read"]["converted"]["other_aspect"] == 12
     assert any("12 of 12 reference images have another aspect ratio" in w and "--release" in w
                for w in bare["warnings"]), bare["warnings"]
+    from mepf.evaluate.data import load_synthetic
+    from tests.conftest import fails_if_blocked
+
+    (tmp_path / "pngs" / ".mepf-samples").unlink()
+    os.mkfifo(tmp_path / "pngs" / ".mepf-samples")  # someone else's folder: read as one that records no crop
+    with fails_if_blocked():
+        assert load_synthetic(str(tmp_path / "pngs"), 30).crop is None
 
 
 def test_a_reference_smaller_or_greyer_than_the_samples_is_said(study, tmp_path):
@@ -633,7 +641,7 @@ def test_sampling_a_run_without_a_generator_says_resume_and_unlabelled_samples_c
                 "--metrics", "embedding", "--quiet"), "was not trained by this run")
     assert "NOT this run's: trained from another release" in ok(cli("info", mixed)).output
     with np.load(tmp_path / "f.npz") as f:
-        assert sorted(f.files) == ["images"]
+        assert sorted(f.files) == ["crop", "images"]  # no labels; the release's crop (review 50 H1)
     np.savez(tmp_path / "ref.npz", images=make_images(10, seed=5), labels=np.arange(10))
     refused(cli("evaluate", tmp_path / "f.npz", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "rep",
                 "--metrics", "accuracy,embedding", "--release", tmp_path / "flat.h5", "--quiet"),
