@@ -164,7 +164,7 @@ def load_synthetic(spec: str, n: int, seed: int = 0, device="cpu", z_scale: floa
         names = g.info["class_names"] if g.info.get("labelled") else None
         return ImageSet(images, labels if names else None, names, f"{n} samples from {p}", run_dir=run, generator=g,
                         generator_path=p if p.is_file() else p / run_folder.GENERATOR,
-                        crop=(g.info.get("transform") or {}).get("crop") or "none")
+                        crop=g.crop)
     if p.is_dir() and (p / run_folder.OPTIONS).is_file():
         raise MepfError(f"{p} has no generator.pt yet; finish training ({run_folder.resume_command(p)})")
     if z_scale != 1:

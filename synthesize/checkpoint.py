@@ -120,6 +120,12 @@ class TrainedGenerator:
         return self.info["epsilon"]
 
     @property
+    def crop(self) -> str:
+        """The crop its release's data were read with ("center" or "none"), which samples record and evaluate
+        applies to a reference."""
+        return (self.info.get("transform") or {}).get("crop") or "none"
+
+    @property
     def delta(self) -> float:
         return self.info["delta"]
 

@@ -155,7 +155,6 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
     with progress_bar(total=n, desc="sample", unit="image", disable=not progress, leave=False) as bar:
         images, y = g.sample(n, seed=seed, labels=labels, batch_size=batch_size, device=device, z_scale=z_scale,
                              on_batch=bar.update)
-    crop = (g.info.get("transform") or {}).get("crop") or "none"
     if format == "dpimagebench":
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
         with atomic_path(out, ".npz") as tmp:
@@ -166,12 +165,12 @@ def write_samples(source, n: int, out, seed: int = _D.seed, labels: str = _D.lab
         named = ({"labels": y, "class_names": np.array(g.info["class_names"], dtype=str)} if g.info.get("labelled")
                  else {})
         with atomic_path(out, ".npz") as tmp:
-            np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, crop=np.array(crop), **named)
+            np.savez(tmp, images=images[..., 0] if images.shape[-1] == 1 else images, crop=np.array(g.crop), **named)
         return out
     names = class_folders(g.info["class_names"]) if g.info.get("labelled") else None
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / MARKER).write_text(f"written by mepf sample: --overwrite may replace this folder\ncrop: {crop}\n")
+        (tmp / MARKER).write_text(f"written by mepf sample: --overwrite may replace this folder\ncrop: {g.crop}\n")
         with progress_bar(total=n, desc="write PNGs", unit="image", disable=not progress, leave=False) as bar:
             for i, (img, label) in enumerate(zip(images, y)):
                 d = tmp / names[label] if names else tmp
